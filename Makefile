@@ -1,0 +1,42 @@
+# Everyday verbs. Every target creates the virtualenv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run dev test test-fast lint format clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+## run: serve on 0.0.0.0:$PORT (5001) with gunicorn + uvicorn workers; settings from the environment
+run: $(STAMP)
+	$(BIN)/gunicorn main:app -c gunicorn_config.py
+
+## dev: auto-reloading development server on port 5001
+dev: $(STAMP)
+	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001}
+
+## test: the whole suite (random weights, no network needed)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## test-fast: the suite without the tests that start server processes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+## lint: ruff (lint + format check) and mypy
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

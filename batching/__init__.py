@@ -1,0 +1,27 @@
+"""Generic asyncio micro-batching. Standard library only: no model, no web framework."""
+
+from batching.errors import BatchFailed, BatchingError, DeadlineExceeded, QueueFull, Stopped
+from batching.processor import (
+    BatchConfig,
+    BatchHandler,
+    BatchObserver,
+    BatchPolicy,
+    BatchProcessor,
+    NullObserver,
+    Outcome,
+)
+
+__all__ = [
+    "BatchConfig",
+    "BatchFailed",
+    "BatchHandler",
+    "BatchObserver",
+    "BatchPolicy",
+    "BatchProcessor",
+    "BatchingError",
+    "DeadlineExceeded",
+    "NullObserver",
+    "Outcome",
+    "QueueFull",
+    "Stopped",
+]

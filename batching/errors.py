@@ -1,0 +1,23 @@
+"""Errors raised to callers of ``BatchProcessor.submit``."""
+
+from __future__ import annotations
+
+
+class BatchingError(Exception):
+    """Base class for every error the batch processor raises to a caller."""
+
+
+class QueueFull(BatchingError):
+    """The queue already holds ``max_queue`` items; try again later."""
+
+
+class DeadlineExceeded(BatchingError):
+    """The caller's deadline passed before its output was ready."""
+
+
+class Stopped(BatchingError):
+    """The processor is not accepting work (not started, or shutting down)."""
+
+
+class BatchFailed(BatchingError):
+    """The handler failed on the batch that held this item."""

@@ -1,0 +1,367 @@
+"""A generic asyncio micro-batcher: many awaiting callers, one handler call per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from batching.errors import BatchFailed, DeadlineExceeded, QueueFull, Stopped
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+BatchHandler = Callable[[list[In]], Awaitable[Sequence[Out]]]
+
+logger = logging.getLogger(__name__)
+
+
+class BatchPolicy(enum.StrEnum):
+    """How a batch is formed once the handler has capacity.
+
+    ADAPTIVE dispatches whatever is waiting as soon as a batch slot is free, so a lone
+    request never waits out a timer; while a batch runs, arrivals accumulate into the
+    next one. TIMEOUT waits until the batch is full or its oldest item has waited
+    ``max_wait_s`` (the classic size-or-timeout batcher, kept for comparison).
+    """
+
+    ADAPTIVE = "adaptive"
+    TIMEOUT = "timeout"
+
+
+class Outcome(enum.StrEnum):
+    """How one submitted item ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """The batcher's knobs, validated on creation."""
+
+    max_batch_size: int = 32
+    max_wait_s: float = 0.005
+    max_queue: int = 256
+    policy: BatchPolicy = BatchPolicy.ADAPTIVE
+    max_concurrent_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_concurrent_batches < 1:
+            raise ValueError(
+                f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}"
+            )
+        # Accept plain strings from configuration.
+        object.__setattr__(self, "policy", BatchPolicy(self.policy))
+
+
+class BatchObserver(Protocol):
+    """Receives the processor's events, for metrics. Calls must be cheap and not raise."""
+
+    def queue_depth_changed(self, depth: int) -> None: ...
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+
+    def batch_finished(self, size: int, run_s: float, ok: bool) -> None: ...
+
+    def item_finished(self, outcome: Outcome) -> None: ...
+
+
+class NullObserver:
+    """An observer that ignores every event."""
+
+    def queue_depth_changed(self, depth: int) -> None:
+        pass
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        pass
+
+    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+        pass
+
+    def item_finished(self, outcome: Outcome) -> None:
+        pass
+
+
+@dataclass(slots=True, eq=False)
+class _Pending(Generic[In, Out]):
+    """One submitted item: its payload, its caller's future and when it arrived."""
+
+    item: In
+    future: asyncio.Future[Out]
+    enqueued_at: float
+    deadline: float | None
+
+
+@dataclass(slots=True, eq=False)
+class _RunningBatch(Generic[In, Out]):
+    entries: list[_Pending[In, Out]]
+    started_at: float
+    task: asyncio.Task[None] | None = field(default=None)
+
+
+def _resolve(future: asyncio.Future[Out], result: Out) -> None:
+    # The caller may have gone away (cancelled, timed out) while the batch ran.
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Out], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class BatchProcessor(Generic[In, Out]):
+    """Groups concurrent ``submit`` calls into batches for one async handler.
+
+    The handler receives a list of items and must return one output per item, in order.
+    A handler error, or an output list of the wrong length, fails only that batch.
+    Callers that are cancelled or whose deadline passes are dropped before their batch
+    forms, and a late result for them is discarded.
+    """
+
+    def __init__(
+        self,
+        handler: BatchHandler[In, Out],
+        config: BatchConfig,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._handler = handler
+        self._config = config
+        self._observer: BatchObserver = observer or NullObserver()
+        self._queue: deque[_Pending[In, Out]] = deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_concurrent_batches)
+        self._running: set[_RunningBatch[In, Out]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._accepting = False
+
+    @property
+    def config(self) -> BatchConfig:
+        """The configuration this processor was built with."""
+        return self._config
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (cancelled and expired ones are not counted)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Items inside batches that the handler is running now."""
+        return sum(len(batch.entries) for batch in self._running)
+
+    @property
+    def accepting(self) -> bool:
+        """True between ``start`` and ``stop``."""
+        return self._accepting
+
+    def oldest_batch_age_s(self) -> float:
+        """Seconds the longest-running batch has been running; 0 when idle."""
+        if not self._running:
+            return 0.0
+        return time.monotonic() - min(batch.started_at for batch in self._running)
+
+    def start(self) -> None:
+        """Start the background batching task on the running event loop."""
+        if self._loop_task is not None:
+            raise RuntimeError("BatchProcessor.start() called twice")
+        self._accepting = True
+        self._loop_task = asyncio.create_task(self._run_forever(), name="batch-processor")
+
+    async def submit(self, item: In, *, deadline: float | None = None) -> Out:
+        """Queue ``item`` and wait for its output.
+
+        Args:
+            item: The payload handed to the handler inside a batch.
+            deadline: Absolute ``time.monotonic()`` time after which the caller gives up.
+
+        Raises:
+            QueueFull: ``max_queue`` items are already waiting.
+            Stopped: The processor is not accepting work.
+            DeadlineExceeded: The deadline passed before the output was ready.
+            BatchFailed: The handler failed on this item's batch.
+        """
+        if not self._accepting:
+            self._observer.item_finished(Outcome.STOPPED)
+            raise Stopped("the batch processor is not accepting work")
+        if len(self._queue) >= self._config.max_queue:
+            self._observer.item_finished(Outcome.REJECTED)
+            raise QueueFull(
+                f"{len(self._queue)} requests are already waiting; "
+                f"MAX_QUEUE allows {self._config.max_queue}"
+            )
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._observer.item_finished(Outcome.EXPIRED)
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+
+        entry: _Pending[In, Out] = _Pending(
+            item=item,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued_at=now,
+            deadline=deadline,
+        )
+        self._queue.append(entry)
+        self._arrived.set()
+        self._observer.queue_depth_changed(len(self._queue))
+
+        outcome = Outcome.FAILED
+        try:
+            # The timeout runs in the caller's own task, so it fires on time even while
+            # a long batch holds the handler.
+            async with asyncio.timeout(None if deadline is None else deadline - now):
+                result = await entry.future
+            outcome = Outcome.OK
+            return result
+        except TimeoutError:
+            outcome = Outcome.EXPIRED
+            raise DeadlineExceeded("the request's deadline passed before it was served") from None
+        except DeadlineExceeded:
+            outcome = Outcome.EXPIRED
+            raise
+        except asyncio.CancelledError:
+            outcome = Outcome.CANCELLED
+            raise
+        except Stopped:
+            outcome = Outcome.STOPPED
+            raise
+        finally:
+            if not entry.future.done():
+                entry.future.cancel()
+            self._discard(entry)
+            self._observer.item_finished(outcome)
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Stop accepting, finish queued and running work, then fail what remains.
+
+        Args:
+            drain_timeout_s: Upper bound on the time spent finishing outstanding work.
+        """
+        self._accepting = False
+        # Wake a collector waiting on a timer so the timeout policy dispatches at once.
+        self._arrived.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                await self._wait_until_drained()
+
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        stopped = Stopped("the server is shutting down")
+        while self._queue:
+            _fail(self._queue.popleft().future, stopped)
+        self._observer.queue_depth_changed(0)
+        for batch in list(self._running):
+            for entry in batch.entries:
+                _fail(entry.future, stopped)
+            if batch.task is not None:
+                batch.task.cancel()
+        tasks = [batch.task for batch in self._running if batch.task is not None]
+        if tasks:
+            # A handler stuck in a thread cannot be interrupted; do not wait on it forever.
+            await asyncio.wait(tasks, timeout=1.0)
+
+    async def _wait_until_drained(self) -> None:
+        while self._queue or self._running:
+            tasks = [batch.task for batch in self._running if batch.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                # Items are queued and a slot is free: the collector is about to take them.
+                await asyncio.sleep(0.001)
+
+    def _discard(self, entry: _Pending[In, Out]) -> None:
+        try:
+            self._queue.remove(entry)
+        except ValueError:
+            return  # already taken into a batch
+        self._observer.queue_depth_changed(len(self._queue))
+
+    async def _run_forever(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                entries = await self._collect_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            batch: _RunningBatch[In, Out] = _RunningBatch(entries, time.monotonic())
+            self._running.add(batch)
+            batch.task = asyncio.create_task(self._run_batch(batch))
+
+    async def _collect_batch(self) -> list[_Pending[In, Out]]:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self._config.policy is BatchPolicy.TIMEOUT and self._accepting:
+                waited_s = time.monotonic() - self._queue[0].enqueued_at
+                remaining_s = self._config.max_wait_s - waited_s
+                if len(self._queue) < self._config.max_batch_size and remaining_s > 0:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining_s):
+                            await self._arrived.wait()
+                    continue
+            entries = self._take(self._config.max_batch_size)
+            if entries:
+                return entries
+
+    def _take(self, limit: int) -> list[_Pending[In, Out]]:
+        now = time.monotonic()
+        entries: list[_Pending[In, Out]] = []
+        while self._queue and len(entries) < limit:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                continue
+            if entry.deadline is not None and entry.deadline <= now:
+                _fail(entry.future, DeadlineExceeded("the request's deadline passed in the queue"))
+                continue
+            entries.append(entry)
+        self._observer.queue_depth_changed(len(self._queue))
+        return entries
+
+    async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
+        entries = batch.entries
+        size = len(entries)
+        self._observer.batch_started(size, [batch.started_at - e.enqueued_at for e in entries])
+        ok = False
+        try:
+            outputs = await self._handler([entry.item for entry in entries])
+            if len(outputs) != size:
+                raise RuntimeError(
+                    f"batch handler returned {len(outputs)} outputs for {size} inputs"
+                )
+            for entry, output in zip(entries, outputs, strict=True):
+                _resolve(entry.future, output)
+            ok = True
+        except asyncio.CancelledError:
+            for entry in entries:
+                _fail(entry.future, Stopped("the server is shutting down"))
+            raise
+        except Exception:
+            logger.exception("batch of %d failed", size)
+            for entry in entries:
+                _fail(entry.future, BatchFailed("inference failed"))
+        finally:
+            self._running.discard(batch)
+            self._slots.release()
+            self._observer.batch_finished(size, time.monotonic() - batch.started_at, ok)

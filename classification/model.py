@@ -1,0 +1,249 @@
+"""ResNet18 loading and batched top-k classification."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from classification.preprocess import CROP_SIZE
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+IMAGENET_WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be built as configured; the message says which setting to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One class of a top-k answer."""
+
+    index: int
+    label: str
+    score: float
+
+
+def load_labels(path: Path) -> list[str]:
+    """Read one label per line, in class-index order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read LABELS_FILE {path}: {exc.strerror}") from None
+    labels = [line.strip() for line in lines if line.strip()]
+    if not labels:
+        raise ModelLoadError(f"LABELS_FILE {path} holds no labels")
+    return labels
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into an available device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"DEVICE={name!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"DEVICE={name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"DEVICE={name} but no CUDA device is available; use DEVICE=cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"DEVICE={name} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return device
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+    try:
+        return IMAGENET_WEIGHTS.get_state_dict(progress=False, check_hash=True)
+    except OSError as exc:  # URLError and socket errors are OSErrors
+        reason = getattr(exc, "reason", exc)
+        raise ModelLoadError(
+            f"ResNet18 ImageNet weights are not cached at {cached} and cannot be downloaded "
+            f"({reason}); set WEIGHTS=/path/to/state_dict.pth to load a local file, "
+            "or WEIGHTS=random for offline smoke tests"
+        ) from None
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"WEIGHTS={path} is not a loadable state dict: {exc}") from None
+    # Training checkpoints often wrap the weights.
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or "fc.weight" not in loaded:
+        raise ModelLoadError(f"WEIGHTS={path} is not a ResNet18 state dict (no 'fc.weight')")
+    return loaded
+
+
+def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Module, str]:
+    """Build ResNet18 from ``imagenet``, ``random`` (seeded) or a state-dict path.
+
+    Returns:
+        The network on the CPU in eval mode, and a short description of its weights.
+    """
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = resnet18(num_classes=num_labels)
+        return network.eval(), f"random(seed={seed})"
+
+    if weights == "imagenet":
+        state, description = _imagenet_state_dict(), "imagenet"
+    else:
+        path = Path(weights).expanduser()
+        state, description = _file_state_dict(path), path.name
+    num_classes = int(state["fc.weight"].shape[0])
+    if num_classes != num_labels:
+        raise ModelLoadError(
+            f"WEIGHTS={weights} has {num_classes} classes but LABELS_FILE has {num_labels} "
+            "labels; point LABELS_FILE at the matching label list"
+        )
+    network = resnet18(num_classes=num_classes)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ModelLoadError(f"WEIGHTS={weights} does not fit ResNet18: {first_line}") from None
+    return network.eval(), description
+
+
+class Classifier:
+    """ResNet18 in inference mode on one device, answering top-k for batches of images.
+
+    Not thread-safe for concurrent ``classify`` calls on CUDA streams; call it from one
+    worker thread at a time.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        labels: Sequence[str],
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        weights_description: str = "",
+    ) -> None:
+        if dtype != torch.float32 and device.type != "cuda":
+            raise ModelLoadError(
+                f"DTYPE={_dtype_name(dtype)} needs a CUDA device; use DTYPE=float32 on {device}"
+            )
+        self.labels = list(labels)
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.weights_description = weights_description
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._network = network.to(device=device, dtype=dtype, memory_format=self._memory_format)
+        self._network.eval()
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the model scores."""
+        return len(self.labels)
+
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype, as configured (``float32``, ``float16``, ``bfloat16``)."""
+        return _dtype_name(self.dtype)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run throwaway forwards so the first real request pays no one-off costs."""
+        for size in batch_sizes:
+            dummy = [torch.zeros(3, CROP_SIZE, CROP_SIZE) for _ in range(size)]
+            self.classify(dummy, [1] * size)
+
+    @torch.inference_mode()
+    def classify(
+        self, images: Sequence[torch.Tensor], top_k: Sequence[int]
+    ) -> list[list[Prediction]]:
+        """Classify preprocessed images in one forward pass.
+
+        Args:
+            images: Float tensors of shape (3, 224, 224), as made by ``preprocess``.
+            top_k: How many classes to return for each image.
+
+        Returns:
+            For each image, its ``top_k`` predictions sorted by descending score.
+        """
+        if len(images) != len(top_k):
+            raise ValueError(f"{len(images)} images but {len(top_k)} top_k values")
+        batch = torch.stack(list(images))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = batch.to(dtype=self.dtype, memory_format=self._memory_format)
+        probabilities = self._network(batch).float().softmax(dim=1)
+        scores, indices = probabilities.topk(max(top_k), dim=1)
+        score_rows, index_rows = scores.cpu().tolist(), indices.cpu().tolist()
+        return [
+            [
+                Prediction(index, self.labels[index], score)
+                for index, score in zip(index_row[:k], score_row[:k], strict=True)
+            ]
+            for index_row, score_row, k in zip(index_rows, score_rows, top_k, strict=True)
+        ]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def load_classifier(
+    *,
+    weights: str,
+    labels_file: Path,
+    device: str = "auto",
+    dtype: str = "float32",
+    channels_last: bool = True,
+    seed: int = 0,
+) -> Classifier:
+    """Build a ready ``Classifier`` from configuration values.
+
+    Raises:
+        ModelLoadError: A setting cannot be honoured; the message names the setting.
+    """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}")
+    labels = load_labels(labels_file)
+    target = resolve_device(device)
+    network, description = build_network(weights, len(labels), seed)
+    classifier = Classifier(
+        network,
+        labels,
+        device=target,
+        dtype=DTYPES[dtype],
+        channels_last=channels_last,
+        weights_description=description,
+    )
+    logger.info(
+        "model ready: resnet18 weights=%s device=%s dtype=%s channels_last=%s",
+        description,
+        target,
+        dtype,
+        channels_last,
+    )
+    return classifier

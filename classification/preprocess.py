@@ -1,0 +1,111 @@
+"""Upload bytes to a normalised model input: decode, validate, orient, convert, resize, crop."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as tvf
+
+RESIZE_SIZE = 256
+CROP_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Formats with well-exercised decoders. Pillow can open more (EPS, for one, shells out to
+# Ghostscript); none of those is worth the attack surface for a classifier.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+# Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
+# (Multi-picture JPEGs open through the JPEG plugin.)
+Image.init()
+
+
+class InvalidImage(ValueError):
+    """The upload is not a decodable image in a supported format."""
+
+
+class ImageTooLarge(ValueError):
+    """The image declares more pixels than the configured limit."""
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode an upload into an RGB image, refusing oversized images before decoding pixels.
+
+    Only the first frame of an animated image is used. EXIF orientation is applied, and
+    transparent areas are composited onto white, as an image viewer shows them.
+
+    Raises:
+        InvalidImage: Empty, unrecognised, unsupported or corrupt data.
+        ImageTooLarge: The header declares more than ``max_pixels`` pixels.
+    """
+    if not data:
+        raise InvalidImage("the uploaded file is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage(f"the upload is not a {_FORMAT_NAMES} image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(
+            f"the image declares too many pixels; MAX_IMAGE_PIXELS allows {max_pixels}"
+        ) from None
+    except Exception:
+        raise InvalidImage("the image header is corrupt") from None
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; "
+            f"MAX_IMAGE_PIXELS allows {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except Exception:
+        # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
+        raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _high_depth_to_l(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
+    pixels = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+    scaled = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def to_model_input(image: Image.Image) -> torch.Tensor:
+    """Resize the shorter side to 256, centre-crop 224 and normalise, as torchvision does.
+
+    Returns:
+        A float32 tensor of shape (3, 224, 224).
+    """
+    image = tvf.resize(image, [RESIZE_SIZE], InterpolationMode.BILINEAR, antialias=True)
+    image = tvf.center_crop(image, [CROP_SIZE])
+    pixels = tvf.convert_image_dtype(tvf.pil_to_tensor(image), torch.float32)
+    return tvf.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def preprocess(data: bytes, *, max_pixels: int) -> torch.Tensor:
+    """Decode and transform one upload: the whole per-request path before the model."""
+    return to_model_input(decode_image(data, max_pixels=max_pixels))

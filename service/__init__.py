@@ -1,0 +1,1 @@
+"""HTTP-side helpers for main.py: settings, metrics and middleware."""

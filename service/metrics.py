@@ -1,0 +1,101 @@
+"""Prometheus metrics: each defined once here, fed by the batch observer and the HTTP middleware.
+
+With several gunicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` must be set before this module
+is imported (gunicorn_config.py does it), so every worker writes its samples to files that
+``render`` merges.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from batching import Outcome
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "HTTP requests by route, method and status",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from request start to response end",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+QUEUE_DEPTH = Gauge(
+    "batch_queue_depth", "Requests waiting for a batch", multiprocess_mode="livesum"
+)
+BATCH_SIZE = Histogram("batch_size", "Requests per model forward pass", buckets=BATCH_SIZE_BUCKETS)
+QUEUE_WAIT = Histogram(
+    "batch_queue_wait_seconds",
+    "Time a request waited in the queue before its batch started",
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_RUN = Histogram(
+    "batch_inference_seconds",
+    "Time one batch spent in the model, including host-device copies",
+    ["outcome"],
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_ITEMS = Counter(
+    "batch_requests_total", "Requests leaving the batch processor, by outcome", ["outcome"]
+)
+MODEL_INFO = Gauge(
+    "model_info",
+    "The loaded model (value is always 1)",
+    ["model", "device", "dtype", "weights"],
+    multiprocess_mode="livemax",
+)
+
+
+class PrometheusObserver:
+    """Feeds the batch processor's events into the metrics above."""
+
+    def queue_depth_changed(self, depth: int) -> None:
+        QUEUE_DEPTH.set(depth)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        BATCH_SIZE.observe(size)
+        for wait_s in queue_waits_s:
+            QUEUE_WAIT.observe(wait_s)
+
+    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+        BATCH_RUN.labels(outcome="ok" if ok else "failed").observe(run_s)
+
+    def item_finished(self, outcome: Outcome) -> None:
+        BATCH_ITEMS.labels(outcome=outcome.value).inc()
+
+
+def record_model(model: str, device: str, dtype: str, weights: str) -> None:
+    """Publish which model this worker serves."""
+    MODEL_INFO.labels(model=model, device=device, dtype=dtype, weights=weights).set(1)
+
+
+def record_request(route: str, method: str, status: int, duration_s: float) -> None:
+    """Count one finished HTTP request."""
+    HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+    HTTP_LATENCY.labels(route=route, method=method).observe(duration_s)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` and its content type, merged across workers."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,73 @@
+"""ASGI middleware: request ids and per-request metrics, without touching the body."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+
+REQUEST_ID_HEADER = "x-request-id"
+# Echo a caller's id only when it is safe to put into headers and logs.
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``request_id`` to every log record, so formats can include it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class RequestContextMiddleware:
+    """Assigns each request an id (``X-Request-ID``) and records its status and latency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        supplied = _header(scope, REQUEST_ID_HEADER.encode())
+        request_id = (
+            supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        )
+        token = request_id_var.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+            route = scope.get("route")
+            # Unmatched paths share one label so scanners cannot blow up cardinality.
+            route_label = getattr(route, "path", None) or "unmatched"
+            metrics.record_request(
+                route_label, scope["method"], status, time.perf_counter() - started
+            )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,87 @@
+"""Service configuration: read once from the environment into one typed, validated object."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batching import BatchConfig, BatchPolicy
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Every setting, with its environment variable (upper-case field name) and default."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    port: int = Field(5001, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    weights: str = Field("imagenet", min_length=1)
+    labels_file: Path = PROJECT_ROOT / "imagenet_classes.txt"
+    seed: int = 0
+    channels_last: bool = True
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000)
+    batch_policy: BatchPolicy = BatchPolicy.ADAPTIVE
+    max_queue: int = Field(256, ge=1)
+    request_timeout_ms: float = Field(10_000, gt=0)
+    drain_timeout_s: float = Field(20.0, ge=0)
+    stall_timeout_s: float = Field(60.0, gt=0)
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_batch_files: int = Field(32, ge=1, le=1000)
+
+    torch_threads: int | None = Field(None, ge=1)
+    decode_threads: int | None = Field(None, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def effective_torch_threads(self) -> int:
+        """Intra-op threads per worker: the cores shared evenly among workers."""
+        return self.torch_threads or max(1, available_cores() // self.workers)
+
+    @property
+    def effective_decode_threads(self) -> int:
+        """Threads decoding uploads; decoding overlaps inference, so one per core."""
+        return self.decode_threads or max(1, available_cores() // self.workers)
+
+    def batch_config(self) -> BatchConfig:
+        """The batch processor's knobs."""
+        return BatchConfig(
+            max_batch_size=self.max_batch_size,
+            max_wait_s=self.max_wait_ms / 1000,
+            max_queue=self.max_queue,
+            policy=self.batch_policy,
+        )
+
+
+def load_settings() -> Settings:
+    """Read the environment, or exit with one line per invalid setting."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']).upper()}={error.get('input')!r}: "
+            f"{error['msg']}"
+            for error in exc.errors()
+        ]
+        raise SystemExit("invalid configuration: " + "; ".join(problems)) from None
