@@ -18,9 +18,9 @@ settings = load_settings()
 
 # Workers write metric samples here and /metrics merges them. It must be set before any
 # worker imports prometheus_client, which is why it is set at config-load time.
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="prometheus-multiproc-")
-)
+# gunicorn may read this file more than once, so the default is derived, not random.
+_DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{os.getpid()}"
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_DEFAULT_METRICS_DIR))
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 bind = os.environ.get("BIND", f"0.0.0.0:{settings.port}")
@@ -32,8 +32,10 @@ preload_app = False
 # The worker's heartbeat starts only after the model is loaded and warmed up.
 timeout = 120
 # SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), then exit.
-graceful_timeout = settings.drain_timeout_s + 10
+graceful_timeout = int(settings.drain_timeout_s) + 10
 keepalive = 5
+# The control socket (gunicornc) is not used; without it, several servers can share a host.
+control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = settings.log_level
@@ -51,3 +53,9 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory if it is the default one, made for this run."""
+    if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
+        shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)

@@ -36,13 +36,18 @@ from classification import (
     preprocess,
 )
 from service import metrics
-from service.middleware import RequestContextMiddleware, RequestIdLogFilter
+from service.middleware import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    RequestIdLogFilter,
+)
 from service.settings import Settings, load_settings
 
 logger = logging.getLogger("service")
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_OTHER_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = "1"
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
 
@@ -299,11 +304,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    detail = exc.detail
-    if exc.status_code == 413:
-        limit = _service(request).settings.max_upload_bytes
-        detail = f"request body too large; MAX_UPLOAD_BYTES allows {limit} bytes per file"
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -346,13 +347,11 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_api_route(
         "/cls",
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
-        max_body_size=upload_limit,
         form_limits={"max_files": 1, "max_fields": 8},
         tags=["classification"],
     )
@@ -362,7 +361,6 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
-        max_body_size=upload_limit * settings.max_batch_files,
         form_limits={"max_files": settings.max_batch_files, "max_fields": 8},
         tags=["classification"],
     )
@@ -381,6 +379,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        limits_by_path={
+            "/cls": upload_limit,
+            "/cls/batch": upload_limit * settings.max_batch_files,
+        },
+        default_limit=MAX_OTHER_BODY_BYTES,
+        describe=lambda limit: (
+            f"request body is over {limit} bytes; "
+            f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+        ),
+    )
+    # Added last, so outermost: 413s from the body limit get request ids and metrics too.
     app.add_middleware(RequestContextMiddleware)
     return app
 

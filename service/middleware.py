@@ -7,8 +7,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Mapping
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -71,3 +74,49 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return str(value.decode("latin-1"))
     return None
+
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over a per-path limit with 413, while they are received.
+
+    A declared ``Content-Length`` over the limit is refused before any body is read; a
+    body that grows past it (chunked, or lying about its length) is cut off mid-stream.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits_by_path: Mapping[str, int],
+        default_limit: int,
+        describe: Callable[[int], str],
+    ) -> None:
+        self.app = app
+        self.limits_by_path = limits_by_path
+        self.default_limit = default_limit
+        self.describe = describe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits_by_path.get(scope["path"], self.default_limit)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": self.describe(limit)}, status_code=413)
+            await response(scope, receive, send)
+            return
+
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Raised inside the route's body parsing, so the app's error handler
+                    # answers it like any other HTTP error.
+                    raise HTTPException(413, self.describe(limit))
+            return message
+
+        await self.app(scope, receive_within_limit, send)

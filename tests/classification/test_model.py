@@ -1,0 +1,198 @@
+"""The model: weights sources, devices, and answers equal to torchvision's own pipeline."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification import (
+    Classifier,
+    ModelLoadError,
+    build_network,
+    load_classifier,
+    load_labels,
+    preprocess,
+    resolve_device,
+)
+from service.settings import PROJECT_ROOT
+from tests import images
+from tests.support import SEED, Reference
+
+LABELS_FILE = PROJECT_ROOT / "imagenet_classes.txt"
+MAX_PIXELS = 40_000_000
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu", seed=SEED)
+
+
+def test_labels_file_has_the_imagenet_classes_in_index_order() -> None:
+    labels = load_labels(LABELS_FILE)
+    assert len(labels) == 1000
+    assert labels[0] == "tench"
+    assert labels[281] == "tabby"
+    assert labels[999] == "toilet tissue"
+
+
+def test_top5_matches_reference_on_photos(
+    classifier: Classifier, reference: Reference, photos: list[Path]
+) -> None:
+    """One batch of all photos gives each photo the reference top-5 indices and scores."""
+    inputs = [preprocess(path.read_bytes(), max_pixels=MAX_PIXELS) for path in photos]
+    answers = classifier.classify(inputs, [5] * len(inputs))
+    for path, answer in zip(photos, answers, strict=True):
+        indices, scores = reference.top_k(images.photo(path), 5)
+        assert [p.index for p in answer] == indices
+        assert [p.score for p in answer] == pytest.approx(scores, rel=1e-3, abs=1e-6)
+        assert [p.label for p in answer] == [classifier.labels[i] for i in indices]
+
+
+def test_top_k_per_item_sorted_and_sized(classifier: Classifier, photos: list[Path]) -> None:
+    pixels = preprocess(photos[0].read_bytes(), max_pixels=MAX_PIXELS)
+    answers = classifier.classify([pixels, pixels, pixels], [1, 7, 1000])
+    assert [len(a) for a in answers] == [1, 7, 1000]
+    scores = [p.score for p in answers[2]]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(scores) == pytest.approx(1.0, abs=1e-4)
+    assert answers[0][0] == answers[1][0]
+
+
+def test_random_weights_are_seeded() -> None:
+    first, _ = build_network("random", 1000, seed=3)
+    second, _ = build_network("random", 1000, seed=3)
+    third, _ = build_network("random", 1000, seed=4)
+    assert torch.equal(first.fc.weight, second.fc.weight)
+    assert not torch.equal(first.fc.weight, third.fc.weight)
+
+
+def test_state_dict_file_loads(tmp_path: Path, classifier: Classifier, photos: list[Path]) -> None:
+    network, _ = build_network("random", 1000, seed=SEED)
+    path = tmp_path / "resnet18.pth"
+    torch.save(network.state_dict(), path)
+    from_file = load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+    assert from_file.weights_description == "resnet18.pth"
+    pixels = preprocess(photos[0].read_bytes(), max_pixels=MAX_PIXELS)
+    assert from_file.classify([pixels], [5]) == classifier.classify([pixels], [5])
+
+
+def test_wrapped_checkpoint_and_custom_class_count(tmp_path: Path) -> None:
+    network, _ = build_network("random", 3, seed=1)
+    path = tmp_path / "three.pth"
+    torch.save({"state_dict": network.state_dict(), "epoch": 7}, path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    three = load_classifier(weights=str(path), labels_file=labels, device="cpu")
+    answer = three.classify([torch.zeros(3, 224, 224)], [3])[0]
+    assert sorted(p.label for p in answer) == ["bird", "cat", "dog"]
+
+
+def test_label_count_must_match_weights(tmp_path: Path) -> None:
+    network, _ = build_network("random", 10, seed=1)
+    path = tmp_path / "ten.pth"
+    torch.save(network.state_dict(), path)
+    with pytest.raises(ModelLoadError, match="10 classes but LABELS_FILE has 1000 labels"):
+        load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "does not exist"), (b"not a checkpoint", "not a loadable state dict")],
+)
+def test_bad_weights_files(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "weights.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+
+
+def test_imagenet_weights_offline_name_both_alternatives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not cached and not downloadable: one line that says how to fix it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ModelLoadError) as error:
+        load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(tmp_path) in message
+    assert "WEIGHTS=/path/to/state_dict.pth" in message
+    assert "WEIGHTS=random" in message
+
+
+def test_imagenet_weights_load_from_the_torch_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    network, _ = build_network("random", 1000, seed=5)
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(network.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    loaded = load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    assert loaded.weights_description == "imagenet"
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "tpu"])
+def test_unknown_devices_are_refused(name: str) -> None:
+    with pytest.raises(ModelLoadError, match="DEVICE"):
+        resolve_device(name)
+
+
+def test_auto_device_picks_what_exists() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_half_precision_needs_cuda() -> None:
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu", dtype="float16")
+
+
+def test_channels_last_gives_the_same_answers(classifier: Classifier, photos: list[Path]) -> None:
+    plain, _ = build_network("random", 1000, seed=SEED)
+    contiguous = Classifier(plain, classifier.labels, device=torch.device("cpu"))
+    pixels = [preprocess(p.read_bytes(), max_pixels=MAX_PIXELS) for p in photos]
+    for ours, theirs in zip(
+        classifier.classify(pixels, [5] * len(pixels)),
+        contiguous.classify(pixels, [5] * len(pixels)),
+        strict=True,
+    ):
+        assert [p.index for p in ours] == [p.index for p in theirs]
+        assert [p.score for p in ours] == pytest.approx([p.score for p in theirs], rel=1e-3)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_matches_cpu(dtype: str, classifier: Classifier, photos: list[Path]) -> None:
+    on_gpu = load_classifier(
+        weights="random", labels_file=LABELS_FILE, device="cuda", dtype=dtype, seed=SEED
+    )
+    assert on_gpu.device.type == "cuda"
+    pixels = [preprocess(p.read_bytes(), max_pixels=MAX_PIXELS) for p in photos]
+    tolerance = 1e-3 if dtype == "float32" else 5e-2
+    for gpu_answer, cpu_answer in zip(
+        on_gpu.classify(pixels, [5] * len(pixels)),
+        classifier.classify(pixels, [5] * len(pixels)),
+        strict=True,
+    ):
+        assert gpu_answer[0].score == pytest.approx(cpu_answer[0].score, rel=tolerance)
+        if dtype == "float32":
+            assert [p.index for p in gpu_answer] == [p.index for p in cpu_answer]

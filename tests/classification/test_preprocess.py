@@ -1,0 +1,183 @@
+"""Decoding and preprocessing: every supported kind of upload becomes the reference tensor."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classification import ImageTooLarge, InvalidImage, decode_image, preprocess
+from tests import images
+from tests.support import Reference
+
+MAX_PIXELS = 40_000_000
+
+
+# One 8-bit level after normalisation.
+ONE_LEVEL = 1 / 255 / min(0.229, 0.224, 0.225) + 1e-6
+
+
+def assert_matches_reference(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_matches_torchvision_reference_on_photos(photos: list[Path], reference: Reference) -> None:
+    """The served input tensor equals torchvision's transform of the same photo."""
+    for path in photos:
+        ours = preprocess(path.read_bytes(), max_pixels=MAX_PIXELS)
+        assert_matches_reference(ours, reference.input_for(images.photo(path)))
+
+
+@pytest.mark.parametrize(
+    "size", [(37, 29), (224, 224), (256, 256), (300, 1200), (1501, 999), (1023, 257), (3, 12)]
+)
+def test_matches_torchvision_reference_at_many_sizes(
+    photos: list[Path], reference: Reference, size: tuple[int, int]
+) -> None:
+    """Up- and downscaling, either orientation, odd sizes: still the reference tensor."""
+    image = images.photo(photos[0]).resize(size)
+    assert_matches_reference(
+        preprocess(images.encode(image, "PNG"), max_pixels=MAX_PIXELS),
+        reference.input_for(image),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "WEBP"),
+        ("RGB", "TIFF"),
+        ("RGB", "BMP"),
+        ("L", "JPEG"),
+        ("1", "PNG"),
+    ],
+)
+def test_modes_and_formats_decode_to_rgb(mode: str, fmt: str) -> None:
+    source = images.gradient().convert(mode)
+    decoded = decode_image(images.encode(source, fmt), max_pixels=MAX_PIXELS)
+    assert decoded.mode == "RGB"
+    assert decoded.size == source.size
+
+
+def test_transparency_is_composited_on_white() -> None:
+    """Fully transparent pixels show as white, whatever colour they hide."""
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    decoded = decode_image(images.encode(rgba, "PNG"), max_pixels=MAX_PIXELS)
+    assert decoded.getpixel((5, 5)) == (255, 255, 255)
+
+    half = Image.new("LA", (32, 32), (0, 128))
+    grey = decode_image(images.encode(half, "PNG"), max_pixels=MAX_PIXELS).getpixel((1, 1))
+    assert all(120 <= channel <= 135 for channel in grey)
+
+
+def test_palette_with_transparency() -> None:
+    palette_image = Image.new("P", (16, 16), 0)
+    palette_image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    data = images.encode(palette_image, "PNG", transparency=0)
+    assert decode_image(data, max_pixels=MAX_PIXELS).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_greyscale_keeps_its_range() -> None:
+    """16-bit values are scaled to 8 bits, not clipped at 255."""
+    decoded = np.asarray(decode_image(images.sixteen_bit_grey_png(), max_pixels=MAX_PIXELS))
+    assert decoded.min() == 0
+    assert decoded.max() == 255
+    assert 100 < decoded.mean() < 155
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = images.gradient(320, 240)
+    decoded = decode_image(images.exif_rotated_jpeg(upright, 6), max_pixels=MAX_PIXELS)
+    assert decoded.size == (240, 320)
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    decoded = decode_image(images.animated_gif(), max_pixels=MAX_PIXELS)
+    assert decoded.size == (40, 30)
+    assert decoded.getpixel((0, 0)) == decoded.getpixel((10, 10))
+
+
+@pytest.mark.parametrize("size", [(2000, 257), (97, 3000), (10_000, 7), (5, 4000)])
+def test_extreme_aspect_ratios_stay_within_one_level_of_reference(
+    photos: list[Path], reference: Reference, size: tuple[int, int]
+) -> None:
+    """Past 4:1 only the cropped region is resampled: bounded work, same picture."""
+    image = images.photo(photos[1]).resize(size)
+    ours = preprocess(images.encode(image, "PNG"), max_pixels=MAX_PIXELS)
+    difference = (ours - reference.input_for(image)).abs()
+    assert difference.max().item() <= ONE_LEVEL
+    assert (difference > 1e-6).float().mean().item() < 0.1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10_000, 1), (1, 10_000), (64, 4000)])
+def test_degenerate_sizes_give_model_input_quickly(size: tuple[int, int]) -> None:
+    data = images.encode(Image.new("RGB", size, (10, 200, 30)), "PNG")
+    started = time.perf_counter()
+    pixels = preprocess(data, max_pixels=MAX_PIXELS)
+    assert pixels.shape == (3, 224, 224)
+    # A full resize of 10000x1 takes seconds and gigabytes; the bounded path milliseconds.
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"hello, I am text", "not a JPEG"),
+        (b"<html><body>hi</body></html>", "not a JPEG"),
+        (bytes(range(256)) * 20, "not a JPEG"),
+    ],
+)
+def test_non_images_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(data, max_pixels=MAX_PIXELS)
+
+
+def test_truncated_jpeg_is_refused(photos: list[Path]) -> None:
+    data = photos[0].read_bytes()
+    with pytest.raises(InvalidImage, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 3], max_pixels=MAX_PIXELS)
+
+
+def test_corrupt_jpeg_header_is_refused(photos: list[Path]) -> None:
+    data = bytearray(photos[0].read_bytes())
+    data[2:40] = b"\x00" * 38
+    with pytest.raises(InvalidImage):
+        decode_image(bytes(data), max_pixels=MAX_PIXELS)
+
+
+def test_unsupported_format_is_refused() -> None:
+    with pytest.raises(InvalidImage, match="not a JPEG"):
+        decode_image(images.encode(images.gradient(), "PPM"), max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("bomb", [images.png_bomb, images.gif_bomb])
+def test_decompression_bombs_are_refused_before_pixels_are_allocated(bomb: object) -> None:
+    assert callable(bomb)
+    data = bomb()
+    assert len(data) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLarge, match="30000x30000"):
+            decode_image(data, max_pixels=MAX_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = images.encode(images.gradient(320, 240), "PNG")
+    with pytest.raises(ImageTooLarge, match="MAX_IMAGE_PIXELS allows 1000"):
+        decode_image(data, max_pixels=1000)
+    assert decode_image(data, max_pixels=320 * 240).size == (320, 240)

@@ -1,0 +1,73 @@
+"""Images made in code for tests: odd modes, formats, EXIF rotation and decompression bombs."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def gradient(width: int = 320, height: int = 240) -> Image.Image:
+    """A deterministic colourful RGB image with structure at several scales."""
+    y, x = np.mgrid[0:height, 0:width]
+    red = (x * 255 // max(width - 1, 1)).astype(np.uint8)
+    green = (y * 255 // max(height - 1, 1)).astype(np.uint8)
+    blue = (((x // 16 + y // 16) % 2) * 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([red, green, blue]))
+
+
+def sixteen_bit_grey_png(width: int = 64, height: int = 48) -> bytes:
+    ramp = np.linspace(0, 65535, width * height, dtype=np.uint16).reshape(height, width)
+    return encode(Image.fromarray(ramp), "PNG")
+
+
+def exif_rotated_jpeg(image: Image.Image, orientation: int = 6) -> bytes:
+    """A JPEG whose pixels are stored unrotated, with an EXIF orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def animated_gif(frames: int = 3, size: tuple[int, int] = (40, 30)) -> bytes:
+    images = [Image.new("P", size, color=i * 40) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small PNG whose header declares a huge greyscale image (its data is one short row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * (width + 1), 9)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def gif_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny GIF whose logical screen and single frame declare a huge size."""
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0)
+    palette = b"\x00\x00\x00\xff\xff\xff"
+    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    pixels = b"\x02\x02\x4c\x01\x00"  # LZW minimum code size 2, one small sub-block
+    return b"GIF89a" + screen + palette + frame + pixels + b";"

@@ -1,0 +1,101 @@
+"""Start the real server (gunicorn or uvicorn) as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from service.settings import PROJECT_ROOT
+from tests.support import SEED
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a test server: random weights; gunicorn makes its metrics folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(WEIGHTS="random", SEED=str(SEED), TORCH_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def gunicorn_command(port: int) -> list[str]:
+    return [
+        str(BIN / "gunicorn"),
+        "main:app",
+        "-c",
+        "gunicorn_config.py",
+        "--bind",
+        f"127.0.0.1:{port}",
+    ]
+
+
+@contextmanager
+def running_server(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> Iterator[ServerProcess]:
+    """Start ``command``, wait until /readyz answers 200, stop it with SIGTERM afterwards."""
+    port = int(command[-1].rsplit(":", 1)[-1]) if "--bind" in command else int(env["PORT"])
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_ready(server)
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_until_ready(server: ServerProcess) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready after {START_TIMEOUT_S} s:\n{server.log()}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 40) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

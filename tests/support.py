@@ -1,0 +1,77 @@
+"""Test helpers: the photos, an in-process torchvision reference and a running app."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from fastapi import FastAPI
+from PIL import Image
+from torchvision.models import ResNet18_Weights, resnet18
+
+from main import Service, create_app
+from service.settings import PROJECT_ROOT, Settings
+
+IMAGES_DIR = Path(os.environ.get("TEST_IMAGES_DIR", PROJECT_ROOT.parent / "shared" / "images"))
+SEED = 0
+
+
+def photo_paths() -> list[Path]:
+    """The real photos beside the checkout; the suite needs them, so their absence fails."""
+    paths = sorted(IMAGES_DIR.glob("*.jpg"))
+    assert paths, f"no test photos in {IMAGES_DIR}; set TEST_IMAGES_DIR"
+    return paths
+
+
+class Reference:
+    """torchvision's own pipeline: PIL convert, the weights' transforms, a seeded ResNet18."""
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            self.network = resnet18(num_classes=1000).eval()
+        self.transform = ResNet18_Weights.IMAGENET1K_V1.transforms()
+
+    def input_for(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))
+
+    @torch.inference_mode()
+    def top_k(self, image: Image.Image, k: int = 5) -> tuple[list[int], list[float]]:
+        probabilities = self.network(self.input_for(image).unsqueeze(0)).softmax(dim=1)[0]
+        scores, indices = probabilities.topk(k)
+        return indices.tolist(), scores.tolist()
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings for in-process tests: random weights, small limits where a test needs them."""
+    values: dict[str, object] = {"weights": "random", "seed": SEED, "torch_threads": 2}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunningApp:
+    """An app with its lifespan running, and an httpx client wired to it in-process."""
+
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def service(self) -> Service:
+        service: Service = self.app.state.service
+        return service
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[RunningApp]:
+    """Start the app's lifespan (model load, batcher) and talk to it through ASGITransport."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield RunningApp(app, client)

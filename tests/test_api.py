@@ -1,0 +1,314 @@
+"""The HTTP API in-process (httpx + ASGITransport, lifespan running)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification import Prediction
+from tests import images
+from tests.support import Reference, RunningApp, make_settings, running_app
+
+
+class GatedModel:
+    """Wraps the real classify: records batch sizes and holds each call until released."""
+
+    def __init__(self, served: RunningApp) -> None:
+        classifier = served.service.classifier
+        assert classifier is not None
+        self._real = classifier.classify
+        self.batch_sizes: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_next = False
+        classifier.classify = self.classify  # type: ignore[method-assign]
+
+    def classify(
+        self, pixels: Sequence[torch.Tensor], top_k: Sequence[int]
+    ) -> list[list[Prediction]]:
+        self.batch_sizes.append(len(pixels))
+        self.entered.set()
+        if not self.release.wait(timeout=30):
+            raise RuntimeError("test never released the model")
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected failure in /secret/path/model.py")
+        return self._real(pixels, top_k)
+
+
+async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    assert callable(condition)
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def upload(data: bytes, name: str = "image.jpg") -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (name, data, "application/octet-stream")}
+
+
+async def test_predictions_match_torchvision_reference(
+    served: RunningApp, photos: list[Path], reference: Reference
+) -> None:
+    for path in photos:
+        response = await served.client.post("/cls", files=upload(path.read_bytes()))
+        assert response.status_code == 200
+        prediction = response.json()["prediction"]
+        indices, scores = reference.top_k(images.photo(path), 5)
+        assert [p["index"] for p in prediction] == indices
+        assert [p["score"] for p in prediction] == pytest.approx(scores, rel=1e-3, abs=1e-6)
+        assert all(isinstance(p["label"], str) and p["label"] for p in prediction)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 1000])
+async def test_top_k_sets_the_answer_length(
+    served: RunningApp, photos: list[Path], top_k: int
+) -> None:
+    response = await served.client.post(
+        "/cls", params={"top_k": top_k}, files=upload(photos[0].read_bytes())
+    )
+    prediction = response.json()["prediction"]
+    assert len(prediction) == top_k
+    scores = [p["score"] for p in prediction]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1", "1001", "x", "2.5"])
+async def test_bad_top_k_is_422(served: RunningApp, photos: list[Path], top_k: str) -> None:
+    response = await served.client.post(
+        "/cls", params={"top_k": top_k}, files=upload(photos[0].read_bytes())
+    )
+    assert response.status_code == 422
+    assert "top_k" in response.json()["detail"]
+
+
+async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) -> None:
+    missing = await served.client.post("/cls")
+    wrong_name = await served.client.post("/cls", files={"image": ("a.jpg", b"x", "image/jpeg")})
+    as_json = await served.client.post("/cls", json={"file": "abc"})
+    for response in (missing, wrong_name, as_json):
+        assert response.status_code == 422
+        assert response.json() == {"detail": "file: Field required"}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"", "empty"),
+        (b"GIF89a but not really", "not a JPEG"),
+        (b"just some text", "not a JPEG, PNG, GIF, WebP, BMP or TIFF image"),
+        (images.png_bomb(), "30000x30000"),
+        (images.encode(images.gradient(), "PPM"), "not a JPEG"),
+    ],
+)
+async def test_bad_images_are_400_with_a_clear_message(
+    served: RunningApp, data: bytes, fragment: str
+) -> None:
+    response = await served.client.post("/cls", files=upload(data, "../../etc/pass\x01wd.jpg"))
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert fragment in detail
+    assert "Traceback" not in detail
+    assert "/" not in detail
+
+
+async def test_truncated_jpeg_is_400(served: RunningApp, photos: list[Path]) -> None:
+    data = photos[0].read_bytes()
+    response = await served.client.post("/cls", files=upload(data[: len(data) // 2]))
+    assert response.status_code == 400
+    assert response.json()["detail"] == "the image data is corrupt or truncated"
+
+
+async def test_uploads_over_the_limit_are_413() -> None:
+    """Just over the limit (caught per file) and far over it (caught while reading)."""
+    async with running_app(make_settings(max_upload_bytes=50_000)) as served:
+        for size in (50_001, 2_000_000):
+            response = await served.client.post("/cls", files=upload(b"\xff" * size))
+            assert response.status_code == 413
+            assert "MAX_UPLOAD_BYTES allows 50000" in response.json()["detail"]
+        small = images.encode(images.gradient(64, 64), "PNG")
+        assert (await served.client.post("/cls", files=upload(small))).status_code == 200
+
+
+async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list[Path]) -> None:
+    good = photos[0].read_bytes()
+    files = [
+        ("file", ("a.jpg", good, "image/jpeg")),
+        ("file", ("b.txt", b"not an image", "text/plain")),
+        ("file", ("c.png", images.png_bomb(), "image/png")),
+        ("file", ("d.jpg", photos[1].read_bytes(), "image/jpeg")),
+    ]
+    response = await served.client.post("/cls/batch", params={"top_k": 2}, files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert [r["status"] for r in results] == [200, 400, 400, 200]
+    assert "prediction" not in results[1]
+    assert "not a JPEG" in results[1]["detail"]
+    assert "MAX_IMAGE_PIXELS" in results[2]["detail"]
+    single = await served.client.post("/cls", params={"top_k": 2}, files=upload(good))
+    expected = single.json()["prediction"]
+    assert [p["index"] for p in results[0]["prediction"]] == [p["index"] for p in expected]
+    assert [p["score"] for p in results[0]["prediction"]] == pytest.approx(
+        [p["score"] for p in expected], rel=1e-4
+    )
+
+
+async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
+    async with running_app(make_settings(max_batch_files=2)) as served:
+        data = photos[0].read_bytes()
+        files = [("file", (f"{i}.jpg", data, "image/jpeg")) for i in range(3)]
+        response = await served.client.post("/cls/batch", files=files)
+        assert response.status_code == 400
+        assert "Too many files" in response.json()["detail"]
+
+
+async def test_concurrent_requests_share_batches(photos: list[Path]) -> None:
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        data = [p.read_bytes() for p in photos]
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
+        await asyncio.to_thread(model.entered.wait, 10)
+        rest = [
+            asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
+            for i in range(12)
+        ]
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 12)
+        model.release.set()
+        responses = await asyncio.gather(first, *rest)
+        assert all(r.status_code == 200 for r in responses)
+        assert model.batch_sizes[0] == 1
+        assert max(model.batch_sizes) > 1
+        assert sum(model.batch_sizes) == 13
+
+
+async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
+    async with running_app(make_settings(max_queue=2, drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = [
+            asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(2)
+        ]
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 2)
+        refused = await served.client.post("/cls", files=upload(data))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "MAX_QUEUE allows 2" in refused.json()["detail"]
+        model.release.set()
+        assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
+
+
+async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> None:
+    async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        try:
+            started = asyncio.get_running_loop().time()
+            response = await served.client.post("/cls", files=upload(data))
+            elapsed = asyncio.get_running_loop().time() - started
+            assert response.status_code == 504
+            assert "REQUEST_TIMEOUT_MS" in response.json()["detail"]
+            assert 0.25 < elapsed < 5
+        finally:
+            model.release.set()
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
+async def test_model_failure_is_500_for_that_batch_only(photos: list[Path]) -> None:
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        model.release.set()
+        model.fail_next = True
+        data = photos[0].read_bytes()
+        failed = await served.client.post("/cls", files=upload(data))
+        assert failed.status_code == 500
+        assert failed.json() == {"detail": "inference failed; the error is logged on the server"}
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
+async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:
+    settings = make_settings(stall_timeout_s=0.2, request_timeout_ms=10_000, drain_timeout_s=1)
+    async with running_app(settings) as served:
+        model = GatedModel(served)
+        request = asyncio.create_task(
+            served.client.post("/cls", files=upload(photos[0].read_bytes()))
+        )
+        try:
+            await asyncio.to_thread(model.entered.wait, 10)
+            await asyncio.sleep(0.3)
+            assert (await served.client.get("/healthz")).status_code == 503
+        finally:
+            model.release.set()
+        assert (await request).status_code == 200
+        assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_draining_server_refuses_with_503(served: RunningApp, photos: list[Path]) -> None:
+    assert (await served.client.get("/readyz")).status_code == 200
+    await served.service.stop()
+    ready = await served.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["retry-after"] == "1"
+    response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+    assert response.status_code == 503
+    assert (await served.client.get("/healthz")).status_code == 200
+
+
+async def test_request_ids_are_echoed_or_generated(served: RunningApp) -> None:
+    echoed = await served.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = await served.client.get("/healthz")
+    assert len(generated.headers["x-request-id"]) == 32
+    unsafe = await served.client.get("/healthz", headers={"X-Request-ID": "a b\tc"})
+    assert unsafe.headers["x-request-id"] != "a b\tc"
+
+
+async def test_metrics_report_requests_batches_and_model(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+    await served.client.post("/cls", files=upload(b"nope"))
+    text = (await served.client.get("/metrics")).text
+    for name in (
+        'http_requests_total{method="POST",route="/cls",status="200"}',
+        'http_requests_total{method="POST",route="/cls",status="400"}',
+        "http_request_duration_seconds_bucket",
+        "batch_queue_depth",
+        "batch_size_bucket",
+        "batch_queue_wait_seconds_bucket",
+        'batch_inference_seconds_bucket{le="0.005",outcome="ok"}',
+        'batch_requests_total{outcome="ok"}',
+        'model_info{device="cpu",dtype="float32",model="resnet18",weights="random(seed=0)"} 1.0',
+    ):
+        assert name in text
+
+
+async def test_unknown_paths_are_json_404_with_one_metrics_label(served: RunningApp) -> None:
+    response = await served.client.get("/no/such/path")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+    text = (await served.client.get("/metrics")).text
+    assert 'route="unmatched"' in text
+    assert "/no/such/path" not in text
+
+
+async def test_openapi_documents_the_routes(served: RunningApp) -> None:
+    assert (await served.client.get("/docs")).status_code == 200
+    schema = (await served.client.get("/openapi.json")).json()
+    assert {"/cls", "/cls/batch", "/healthz", "/readyz"} <= set(schema["paths"])
+
+
+async def test_health_and_readiness(served: RunningApp) -> None:
+    assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+    assert (await served.client.get("/readyz")).json() == {"status": "ready"}

@@ -1,0 +1,111 @@
+"""The real server processes: gunicorn with uvicorn workers, and start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import images
+from tests.server import (
+    BIN,
+    PROJECT_ROOT,
+    free_port,
+    gunicorn_command,
+    running_server,
+    server_env,
+)
+from tests.support import Reference
+
+pytestmark = pytest.mark.slow
+
+
+def metric_value(text: str, sample: str) -> float:
+    """The value of one exposition line, e.g. ``batch_size_count``; 0 if absent."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_gunicorn_serves_concurrent_requests_in_batches(
+    tmp_path: Path, photos: list[Path], reference: Reference
+) -> None:
+    """Two workers, 48 concurrent real JPEGs: reference answers, shared batches, merged metrics."""
+    env = server_env(tmp_path, WORKERS="2")
+    expected = {path.name: reference.top_k(images.photo(path), 5) for path in photos}
+    requests = [photos[i % len(photos)] for i in range(48)]
+
+    async def send_all(url: str) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=48)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/cls", files={"file": (p.name, p.read_bytes(), "image/jpeg")})
+                    for p in requests
+                )
+            )
+
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        responses = asyncio.run(send_all(server.url))
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+
+    for path, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        prediction = response.json()["prediction"]
+        indices, scores = expected[path.name]
+        assert [p["index"] for p in prediction] == indices
+        assert [p["score"] for p in prediction] == pytest.approx(scores, rel=1e-3, abs=1e-6)
+
+    served = metric_value(metrics, 'http_requests_total{method="POST",route="/cls",status="200"}')
+    assert served == 48, "metrics must add up across both workers"
+    batches = metric_value(metrics, "batch_size_count")
+    batched_requests = metric_value(metrics, "batch_size_sum")
+    assert batched_requests == 48
+    assert batches < batched_requests, "some batch must have held more than one request"
+    assert metrics.count("model_info{") == 1
+
+
+def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    env = server_env(
+        tmp_path,
+        WEIGHTS="imagenet",
+        TORCH_HOME=str(tmp_path / "torch"),
+        # A proxy that refuses connections makes the download fail the same way everywhere.
+        HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
+        https_proxy=f"http://127.0.0.1:{free_port()}",
+    )
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(errors) == 1
+    assert "WEIGHTS=/path/to/state_dict.pth" in errors[0]
+    assert "WEIGHTS=random" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
+    env = server_env(tmp_path, MAX_BATCH_SIZE="0", DEVICE="gpu")
+    result = subprocess.run(
+        gunicorn_command(free_port()),
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "invalid configuration" in result.stderr
+    assert "MAX_BATCH_SIZE='0'" in result.stderr
+    assert "DEVICE='gpu'" in result.stderr
+    assert "Traceback" not in result.stderr
