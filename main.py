@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -44,6 +44,7 @@ from service.middleware import (
 from service.settings import Settings, load_settings
 
 logger = logging.getLogger("service")
+T = TypeVar("T")
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -54,6 +55,10 @@ EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that ex
 
 class UploadTooLarge(Exception):
     """One uploaded file is larger than ``MAX_UPLOAD_BYTES``."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request waited; nobody will read the answer."""
 
 
 class NotReady(Exception):
@@ -206,6 +211,33 @@ def _deadline(service: Service) -> float:
     return time.monotonic() + service.settings.request_timeout_ms / 1000
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first.
+
+    The body has been read by now, so the next ASGI message is the disconnect (or nothing,
+    until the response is sent). Cancelling drops the request from the queue before its
+    batch forms, so no model time is spent on an answer nobody will read.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def cancel_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected(
+                "the client disconnected before the answer was ready"
+            ) from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 def _prediction_out(predictions: list[Prediction]) -> list[PredictionOut]:
     return [PredictionOut(index=p.index, label=p.label, score=p.score) for p in predictions]
 
@@ -221,7 +253,9 @@ async def classify(
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
     service.check_top_k(top_k)
-    predictions = await service.classify(file, top_k, _deadline(service))
+    predictions = await _unless_disconnected(
+        request, service.classify(file, top_k, _deadline(service))
+    )
     return ClassifyResponse(prediction=_prediction_out(predictions))
 
 
@@ -234,8 +268,12 @@ async def classify_batch(
     service = _service(request)
     service.check_top_k(top_k)
     deadline = _deadline(service)
-    outcomes = await asyncio.gather(
-        *(service.classify(upload, top_k, deadline) for upload in file), return_exceptions=True
+    outcomes = await _unless_disconnected(
+        request,
+        asyncio.gather(
+            *(service.classify(upload, top_k, deadline) for upload in file),
+            return_exceptions=True,
+        ),
     )
     results = []
     for index, outcome in enumerate(outcomes):
@@ -281,6 +319,8 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     Stopped: 503,
     DeadlineExceeded: 504,
     BatchFailed: 500,
+    # nginx's convention for "client closed request"; only metrics and logs see it.
+    ClientDisconnected: 499,
 }
 _PUBLIC_DETAIL = {
     BatchFailed: "inference failed; the error is logged on the server",

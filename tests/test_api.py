@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -312,3 +313,61 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
 async def test_health_and_readiness(served: RunningApp) -> None:
     assert (await served.client.get("/healthz")).json() == {"status": "ok"}
     assert (await served.client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_client_that_disconnects_while_queued_never_reaches_the_model(
+    photos: list[Path],
+) -> None:
+    """Driven at the ASGI level, to disconnect at a moment the test chooses."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        busy = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(model.entered.wait, 10)
+
+        encoded = httpx.Request("POST", "http://test/cls", files=upload(data))
+        body = encoded.read()
+        disconnect = asyncio.Event()
+        body_sent = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/cls",
+            "raw_path": b"/cls",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in encoded.headers.items()],
+            "client": ("127.0.0.1", 1234),
+            "server": ("test", 80),
+            "state": {},
+        }
+        gone = asyncio.create_task(served.app(scope, receive, send))
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 1)
+        disconnect.set()
+        await asyncio.wait_for(gone, 10)
+        assert processor.queue_depth == 0
+        assert sent[0]["status"] == 499
+
+        model.release.set()
+        assert (await busy).status_code == 200
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        assert model.batch_sizes == [1, 1]

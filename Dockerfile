@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# Production image: gunicorn + uvicorn workers serving ResNet18 with the ImageNet weights
+# baked in, so the container starts without network access.
+#   docker build -t resnet-service .                          # CPU PyTorch (default)
+#   docker build --build-arg TORCH_VARIANT=cuda -t resnet-service:cuda .
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+COPY requirements.txt /tmp/requirements.txt
+# The CPU wheels come from PyTorch's CPU index and are a tenth of the size of the default
+# CUDA build; requirements.txt then finds torch and torchvision already satisfied.
+RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
+        pip install --index-url https://download.pytorch.org/whl/cpu \
+            torch==2.14.1 torchvision==0.29.1; \
+    fi \
+    && pip install -r /tmp/requirements.txt
+ENV TORCH_HOME=/opt/torch
+RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"
+
+FROM python:${PYTHON_VERSION}-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/torch /opt/torch
+WORKDIR /app
+COPY main.py gunicorn_config.py imagenet_classes.txt ./
+COPY batching/ batching/
+COPY classification/ classification/
+COPY service/ service/
+ENV PATH=/opt/venv/bin:$PATH \
+    TORCH_HOME=/opt/torch \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus-multiproc \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PORT=5001
+USER app
+EXPOSE 5001
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '5001') + '/healthz', timeout=2)"]
+CMD ["gunicorn", "main:app", "-c", "gunicorn_config.py"]
