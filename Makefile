@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast lint format clean
+.PHONY: run dev test test-fast lint format bench bench-full clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## bench: quick end-to-end benchmark (a minute or two); results in docs/benchmarks/
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+## bench-full: the full sweep (several minutes)
+bench-full: $(STAMP)
+	$(BIN)/python -m bench --full
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

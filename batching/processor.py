@@ -99,6 +99,37 @@ class NullObserver:
         pass
 
 
+class _GuardedObserver:
+    """Forwards events to an observer; a failing observer is logged, never fatal.
+
+    Metrics must not be able to stop the batching loop or strand a batch's callers.
+    """
+
+    def __init__(self, inner: BatchObserver) -> None:
+        self._inner = inner
+        self._failed = False
+
+    def queue_depth_changed(self, depth: int) -> None:
+        self._call(self._inner.queue_depth_changed, depth)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self._call(self._inner.batch_started, size, queue_waits_s)
+
+    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+        self._call(self._inner.batch_finished, size, run_s, ok)
+
+    def item_finished(self, outcome: Outcome) -> None:
+        self._call(self._inner.item_finished, outcome)
+
+    def _call(self, method: Callable[..., None], *args: object) -> None:
+        try:
+            method(*args)
+        except Exception:
+            if not self._failed:  # once: a broken observer fails on every event
+                self._failed = True
+                logger.exception("batch observer failed; its later failures are not logged")
+
+
 @dataclass(slots=True, eq=False)
 class _Pending(Generic[In, Out]):
     """One submitted item: its payload, its caller's future and when it arrived."""
@@ -144,7 +175,7 @@ class BatchProcessor(Generic[In, Out]):
     ) -> None:
         self._handler = handler
         self._config = config
-        self._observer: BatchObserver = observer or NullObserver()
+        self._observer = _GuardedObserver(observer or NullObserver())
         self._queue: deque[_Pending[In, Out]] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
@@ -354,9 +385,16 @@ class BatchProcessor(Generic[In, Out]):
                 _resolve(entry.future, output)
             ok = True
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                for entry in entries:
+                    _fail(entry.future, Stopped("the server is shutting down"))
+                raise
+            # The handler itself raised CancelledError (e.g. its executor future was
+            # cancelled): a failed batch, not a shutdown.
+            logger.exception("batch of %d was cancelled inside the handler", size)
             for entry in entries:
-                _fail(entry.future, Stopped("the server is shutting down"))
-            raise
+                _fail(entry.future, BatchFailed("inference failed"))
         except Exception:
             logger.exception("batch of %d failed", size)
             for entry in entries:

@@ -1,0 +1,252 @@
+"""Benchmark the service end to end against its in-process limits.
+
+    python -m bench                 # quick mode, a minute or two
+    python -m bench --full          # every step, a few minutes
+    python -m bench --url http://host:5001   # drive a running server (no CPU/RSS figures)
+
+Writes JSON, Markdown and PNG plots to docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from bench import limits, report
+from bench.load import StepResult, closed_loop, encode_payloads, open_loop
+from bench.server import Server, start
+from service.settings import PROJECT_ROOT, available_cores
+
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "clients": [1, 4, 16, 64],
+        "step_s": 4.0,
+        "warmup_s": 1.0,
+        "open_fractions": [0.5, 0.75],
+        "open_s": 8.0,
+        "limit_s": 2.0,
+    },
+    "full": {
+        "clients": [1, 2, 4, 8, 16, 32, 64],
+        "step_s": 12.0,
+        "warmup_s": 2.0,
+        "open_fractions": [0.25, 0.5, 0.75, 0.9],
+        "open_s": 20.0,
+        "limit_s": 5.0,
+    },
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "device": "cpu",
+        "cpu": cpu,
+        "cores": available_cores(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "os": platform.platform(),
+    }
+
+
+def bare_rss_bytes(max_batch_size: int, threads: int) -> int:
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.bare", str(max_batch_size), str(threads)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(output.stdout.strip().splitlines()[-1])
+
+
+def run_sweep(
+    server: Server, payloads: list[Any], mode: dict[str, Any], progress: tqdm
+) -> list[StepResult]:
+    steps = []
+    for clients in mode["clients"]:
+        progress.set_description(f"closed loop, {clients} clients")
+        steps.append(
+            asyncio.run(closed_loop(server, payloads, clients, mode["step_s"], mode["warmup_s"]))
+        )
+        progress.update()
+    capacity = max(step.throughput_per_s for step in steps)
+    for fraction in mode["open_fractions"]:
+        progress.set_description(f"open loop, {fraction:.0%} of capacity")
+        label = f"{fraction:.0%}"
+        steps.append(
+            asyncio.run(
+                open_loop(
+                    server, payloads, capacity * fraction, mode["open_s"], seed=1, label=label
+                )
+            )
+        )
+        progress.update()
+    return steps
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    lim = results["limits"]
+    steps = results["steps"]
+    closed = [s for s in steps if s["kind"] == "closed"]
+    saturated = max(s["throughput_per_s"] for s in closed)
+    idle_p50 = closed[0]["latency_ms"]["p50"]
+    found: list[dict[str, Any]] = [
+        {
+            "name": "1. saturated throughput / forward-only limit",
+            "value": saturated / lim["forward_limit_images_per_s"],
+            "bound": ">= 0.90",
+        },
+        {
+            "name": "2. lone request p50 / in-process single-image pipeline",
+            "value": idle_p50 / lim["single_image_pipeline_ms"],
+            "bound": "<= 1.10",
+        },
+    ]
+    if results.get("baseline"):
+        baseline = max(s["throughput_per_s"] for s in results["baseline"])
+        found.append(
+            {
+                "name": "3. saturated throughput / batching-off throughput",
+                "value": saturated / baseline,
+                "bound": ">= 1.15",
+            }
+        )
+    at_75 = [s for s in steps if s["name"] == "open-75%"]
+    if at_75:
+        found.append(
+            {
+                "name": "4. open-loop p99 at 75% capacity / idle p50",
+                "value": at_75[0]["latency_ms"]["p99"] / idle_p50,
+                "bound": "<= 4",
+            }
+        )
+    memory = results["memory"]
+    if memory.get("worker_rss_at_rest_after_load"):
+        found.append(
+            {
+                "name": "5. worker RSS at rest / bare model process",
+                "value": memory["worker_rss_at_rest_after_load"] / memory["bare_model_process_rss"],
+                "bound": "<= 1.3",
+            }
+        )
+    for target in found:
+        bound = target["bound"]
+        limit = float(bound.split()[1])
+        target["met"] = (
+            target["value"] >= limit if bound.startswith(">=") else target["value"] <= limit
+        )
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--full", action="store_true", help="every step, longer (default: quick)")
+    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    parser.add_argument("--url", help="benchmark a running server instead of starting one")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    mode_name = "full" if args.full else "quick"
+    mode = MODES[mode_name]
+    images = sorted(
+        p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    if not images:
+        parser.error(f"no images in {args.images}")
+    threads = max(1, available_cores() // args.workers)
+    settings = {
+        "WEIGHTS": "random",
+        "WORKERS": str(args.workers),
+        "MAX_BATCH_SIZE": str(args.max_batch_size),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    payloads = encode_payloads(images)
+    total_steps = 2 + len(mode["clients"]) + len(mode["open_fractions"]) + (0 if args.url else 2)
+    results: dict[str, Any] = {
+        "mode": mode_name,
+        "command": "python -m bench " + shlex.join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "server_settings": settings if not args.url else {"url": args.url},
+        "images": [p.name for p in images],
+    }
+    with tqdm(total=total_steps, unit="step") as progress:
+        progress.set_description("in-process limits")
+        results["limits"] = limits.measure(images, args.max_batch_size, threads, mode["limit_s"])
+        progress.update()
+        progress.set_description("bare model process")
+        memory: dict[str, float] = {
+            "bare_model_process_rss": bare_rss_bytes(args.max_batch_size, threads)
+        }
+        progress.update()
+
+        server = Server(args.url) if args.url else start(settings, args.out / "logs")
+        try:
+            if not args.url:
+                memory["worker_rss_at_rest_after_start"] = server.worker_rss_bytes()
+            results["steps"] = [asdict(s) for s in run_sweep(server, payloads, mode, progress)]
+            if not args.url:
+                memory["worker_rss_at_rest_after_load"] = server.worker_rss_bytes()
+        finally:
+            server.stop()
+
+        if not args.url:
+            progress.set_description("batching off (MAX_BATCH_SIZE=1)")
+            baseline_server = start({**settings, "MAX_BATCH_SIZE": "1"}, args.out / "logs")
+            try:
+                saturating = max(
+                    results["steps"],
+                    key=lambda s: s["throughput_per_s"] if s["kind"] == "closed" else 0,
+                )
+                clients = int(saturating["offered"])
+                step = asyncio.run(
+                    closed_loop(
+                        baseline_server, payloads, clients, mode["step_s"], mode["warmup_s"]
+                    )
+                )
+                step.name = f"batch-off-{clients}"
+                results["baseline"] = [asdict(step)]
+            finally:
+                baseline_server.stop()
+            progress.update()
+    results["memory"] = memory
+    results["targets"] = targets(results)
+
+    prefix = args.out / f"{results['machine']['device']}-{mode_name}"
+    report.write_json(prefix.with_suffix(".json"), results)
+    plots = report.write_plots(prefix, results)
+    report.write_markdown(prefix.with_suffix(".md"), results, plots)
+    for target in results["targets"]:
+        verdict = "ok" if target["met"] else "NO"
+        print(f"{verdict:3} {target['name']}: {target['value']:.3f} ({target['bound']})")
+    print(f"wrote {prefix}.json, {prefix}.md and plots")
+
+
+if __name__ == "__main__":
+    main()

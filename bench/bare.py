@@ -1,0 +1,29 @@
+"""A bare process that just holds the model: the baseline for a worker's resident memory.
+
+Prints its resident set size in bytes after loading and warming up the model, the same
+steps a server worker takes before it reports ready.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import psutil
+import torch
+
+from classification import load_classifier
+from service.settings import PROJECT_ROOT
+
+
+def main() -> None:
+    max_batch_size, threads = int(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(threads)
+    classifier = load_classifier(
+        weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cpu"
+    )
+    classifier.warm_up(sorted({1, max_batch_size}))
+    print(psutil.Process().memory_info().rss)
+
+
+if __name__ == "__main__":
+    main()

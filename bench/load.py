@@ -1,0 +1,189 @@
+"""Load generation over loopback: closed loop (fixed clients) and open loop (Poisson arrivals)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from bench.server import Server, scrape
+
+Payload = tuple[bytes, dict[str, str]]
+
+
+def encode_payloads(images: list[Path]) -> list[Payload]:
+    """Multipart bodies built once, so the load generator spends no CPU encoding them."""
+    payloads = []
+    for path in images:
+        request = httpx.Request(
+            "POST", "http://bench/cls", files={"file": (path.name, path.read_bytes(), "image/jpeg")}
+        )
+        payloads.append((request.read(), {"content-type": request.headers["content-type"]}))
+    return payloads
+
+
+@dataclass
+class StepResult:
+    """What one load step measured."""
+
+    name: str
+    kind: str
+    offered: float
+    duration_s: float
+    sent: int
+    ok: int
+    statuses: dict[str, int]
+    throughput_per_s: float
+    latency_ms: dict[str, float]
+    mean_batch_size: float
+    server_cpu_cores: float
+    loadgen_cpu_cores: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class _Recorder:
+    def __init__(self, measure_from: float) -> None:
+        self.measure_from = measure_from
+        self.latencies_s: list[float] = []
+        self.statuses: Counter[str] = Counter()
+        self.last_end = measure_from
+
+    def record(self, started: float, ended: float, status: int) -> None:
+        if started < self.measure_from:
+            return
+        self.statuses[str(status)] += 1
+        self.last_end = max(self.last_end, ended)
+        if status == 200:
+            self.latencies_s.append(ended - started)
+
+
+async def _post(client: httpx.AsyncClient, payload: Payload) -> int:
+    body, headers = payload
+    try:
+        response = await client.post("/cls", content=body, headers=headers)
+        return response.status_code
+    except httpx.HTTPError:
+        return 0
+
+
+class _Snapshot:
+    """Server metrics and CPU of both sides at the start of the measured window."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.metrics: dict[str, float] = {}
+        self.server_cpu = 0.0
+        self.loadgen_cpu = 0.0
+        self.wall = 0.0
+
+    def take(self) -> None:
+        self.metrics = scrape(self.server.url)
+        self.server_cpu = self.server.cpu_seconds()
+        times = psutil.Process().cpu_times()
+        self.loadgen_cpu = times.user + times.system
+        self.wall = time.perf_counter()
+
+
+def _result(
+    name: str, kind: str, offered: float, recorder: _Recorder, before: _Snapshot
+) -> StepResult:
+    after = _Snapshot(before.server)
+    after.take()
+    window_s = max(recorder.last_end - recorder.measure_from, 1e-9)
+    wall_s = after.wall - before.wall
+    batches = after.metrics.get("batch_size_count", 0) - before.metrics.get("batch_size_count", 0)
+    batched = after.metrics.get("batch_size_sum", 0) - before.metrics.get("batch_size_sum", 0)
+    latencies = np.array(recorder.latencies_s) * 1000 if recorder.latencies_s else np.array([0.0])
+    ok = recorder.statuses.get("200", 0)
+    return StepResult(
+        name=name,
+        kind=kind,
+        offered=offered,
+        duration_s=window_s,
+        sent=sum(recorder.statuses.values()),
+        ok=ok,
+        statuses=dict(recorder.statuses),
+        throughput_per_s=ok / window_s,
+        latency_ms={
+            "p50": float(np.percentile(latencies, 50)),
+            "p90": float(np.percentile(latencies, 90)),
+            "p99": float(np.percentile(latencies, 99)),
+            "max": float(latencies.max()),
+        },
+        mean_batch_size=batched / batches if batches else 0.0,
+        server_cpu_cores=(after.server_cpu - before.server_cpu) / wall_s,
+        loadgen_cpu_cores=(after.loadgen_cpu - before.loadgen_cpu) / wall_s,
+    )
+
+
+async def closed_loop(
+    server: Server, payloads: list[Payload], clients: int, duration_s: float, warmup_s: float
+) -> StepResult:
+    """``clients`` callers, each sending its next request as soon as the last one returns."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        recorder = _Recorder(start + warmup_s)
+        stop_at = recorder.measure_from + duration_s
+        snapshot = _Snapshot(server)
+
+        async def take_snapshot() -> None:
+            await asyncio.sleep(warmup_s)
+            await asyncio.to_thread(snapshot.take)
+
+        async def caller(index: int) -> None:
+            sent = index
+            while (started := time.perf_counter()) < stop_at:
+                status = await _post(client, payloads[sent % len(payloads)])
+                recorder.record(started, time.perf_counter(), status)
+                sent += clients
+
+        await asyncio.gather(take_snapshot(), *(caller(i) for i in range(clients)))
+    return _result(f"closed-{clients}", "closed", clients, recorder, snapshot)
+
+
+async def open_loop(
+    server: Server,
+    payloads: list[Payload],
+    rate_per_s: float,
+    duration_s: float,
+    seed: int,
+    label: str,
+) -> StepResult:
+    """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+        snapshot = _Snapshot(server)
+        await asyncio.to_thread(snapshot.take)
+        start = time.perf_counter()
+        recorder = _Recorder(start)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(scheduled: float, payload: Payload) -> None:
+            status = await _post(client, payload)
+            recorder.record(scheduled, time.perf_counter(), status)
+
+        scheduled = start
+        sent = 0
+        while True:
+            scheduled += rng.expovariate(rate_per_s)
+            if scheduled > start + duration_s:
+                break
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            task = asyncio.create_task(one(scheduled, payloads[sent % len(payloads)]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            sent += 1
+        if pending:
+            await asyncio.wait(pending)
+    result = _result(f"open-{label}", "open", rate_per_s, recorder, snapshot)
+    result.extra["offered_per_s"] = rate_per_s
+    return result

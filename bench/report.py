@@ -1,0 +1,132 @@
+"""Benchmark outputs: JSON, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _step_rows(steps: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        "| step | offered | throughput/s | p50 ms | p90 ms | p99 ms | max ms | mean batch "
+        "| errors | server CPU cores | load-gen CPU cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for step in steps:
+        latency = step["latency_ms"]
+        errors = {k: v for k, v in step["statuses"].items() if k != "200"}
+        offered = (
+            f"{step['offered']:.0f} clients"
+            if step["kind"] == "closed"
+            else f"{step['offered']:.1f}/s"
+        )
+        rows.append(
+            f"| {step['name']} | {offered} | {step['throughput_per_s']:.1f} "
+            f"| {latency['p50']:.1f} | {latency['p90']:.1f} | {latency['p99']:.1f} "
+            f"| {latency['max']:.1f} | {step['mean_batch_size']:.2f} "
+            f"| {errors or 'none'} | {step['server_cpu_cores']:.2f} "
+            f"| {step['loadgen_cpu_cores']:.2f} |"
+        )
+    return rows
+
+
+def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> None:
+    machine = results["machine"]
+    limits = results["limits"]
+    lines = [
+        f"# Benchmark: {results['mode']} run, {machine['device']}",
+        "",
+        f"- command: `{results['command']}`",
+        f"- date: {results['date']}",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
+        f"Python {machine['python']}, torch {machine['torch']}",
+        f"- server: {results['server_settings']}",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | required | met |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for target in results["targets"]:
+        lines.append(
+            f"| {target['name']} | {target['value']:.3f} | {target['bound']} "
+            f"| {'yes' if target['met'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "## In-process limits",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {name} | {value:.2f} |" for name, value in limits.items()]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        "| measure | MiB |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {name} | {value / 2**20:.0f} |" for name, value in results["memory"].items()]
+    lines += ["", "## Load steps", "", *_step_rows(results["steps"]), ""]
+    if results.get("baseline"):
+        lines += ["## Batching off (MAX_BATCH_SIZE=1)", "", *_step_rows(results["baseline"]), ""]
+    lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(prefix: Path, results: dict[str, Any]) -> list[Path]:
+    closed = [s for s in results["steps"] if s["kind"] == "closed"]
+    opened = [s for s in results["steps"] if s["kind"] == "open"]
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for steps, label, marker in ((closed, "closed loop", "o"), (opened, "open loop", "s")):
+        if steps:
+            throughput = [s["throughput_per_s"] for s in steps]
+            axis.plot(
+                throughput,
+                [s["latency_ms"]["p50"] for s in steps],
+                marker,
+                ls="-",
+                label=f"{label} p50",
+            )
+            axis.plot(
+                throughput,
+                [s["latency_ms"]["p99"] for s in steps],
+                marker,
+                ls="--",
+                label=f"{label} p99",
+            )
+    axis.set_xlabel("throughput (images/s)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.set_title("Latency versus throughput")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    latency_plot = prefix.with_name(prefix.name + "-latency.png")
+    figure.tight_layout()
+    figure.savefig(latency_plot, dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.plot([s["offered"] for s in closed], [s["mean_batch_size"] for s in closed], "o-")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("concurrent clients (closed loop)")
+    axis.set_ylabel("mean batch size")
+    axis.set_title("Batch size versus load")
+    axis.grid(True, alpha=0.3)
+    batch_plot = prefix.with_name(prefix.name + "-batch.png")
+    figure.tight_layout()
+    figure.savefig(batch_plot, dpi=100)
+    plt.close(figure)
+    return [latency_plot, batch_plot]

@@ -1,0 +1,720 @@
+"""Behaviour of ``BatchProcessor``: how batches form, how callers get outputs, how it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from batching import (
+    BatchConfig,
+    BatchFailed,
+    BatchPolicy,
+    BatchProcessor,
+    DeadlineExceeded,
+    Outcome,
+    QueueFull,
+    Stopped,
+)
+from tests.batching.fakes import (
+    GUARD_S,
+    FakeHandler,
+    RecordingObserver,
+    bounded,
+    loop_turns,
+    results,
+    running,
+    spawn,
+    wait_until,
+)
+
+ADAPTIVE = BatchPolicy.ADAPTIVE
+TIMEOUT = BatchPolicy.TIMEOUT
+
+
+def fail_on_negative(items: list[int]) -> list[int]:
+    """A fake model that fails any batch holding a negative item."""
+    if any(item < 0 for item in items):
+        raise RuntimeError("the fake model rejects negative items")
+    return [item * 2 for item in items]
+
+
+def drop_one_on_negative(items: list[int]) -> list[int]:
+    """A fake model that returns one output too few for any batch holding a negative item."""
+    outputs = [item * 2 for item in items]
+    return outputs[:-1] if any(item < 0 for item in items) else outputs
+
+
+# --- How batches form -----------------------------------------------------------------------
+
+
+async def test_timeout_policy_dispatches_a_full_batch_at_once() -> None:
+    """A full batch goes to the handler at once, without waiting out ``max_wait_s``."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=4, max_wait_s=10.0, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        outputs = await results(spawn(processor, 1, 2, 3, 4))
+        elapsed_s = time.monotonic() - began
+
+    assert outputs == [2, 4, 6, 8]
+    assert handler.batches == [[1, 2, 3, 4]]
+    assert elapsed_s < 1.0  # max_wait_s is 10 s
+
+
+async def test_timeout_policy_flushes_a_lone_item_after_max_wait() -> None:
+    """Under TIMEOUT a lone item waits about ``max_wait_s``, then goes out alone."""
+    max_wait_s = 0.3
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=8, max_wait_s=max_wait_s, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        output = await bounded(processor.submit(7))
+        elapsed_s = time.monotonic() - began
+
+    assert output == 14
+    assert handler.batches == [[7]]
+    assert 0.8 * max_wait_s <= elapsed_s < max_wait_s + 1.0
+
+
+async def test_adaptive_policy_serves_a_lone_item_without_waiting() -> None:
+    """Under ADAPTIVE a lone item is dispatched at once, however large ``max_wait_s`` is."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=8, max_wait_s=5.0, policy=ADAPTIVE)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        output = await bounded(processor.submit(7))
+        elapsed_s = time.monotonic() - began
+
+    assert output == 14
+    assert handler.batches == [[7]]
+    assert elapsed_s < 1.0  # max_wait_s is 5 s
+
+
+async def test_adaptive_policy_accumulates_arrivals_into_the_next_batch() -> None:
+    """Items that arrive while a batch runs all go into the next batch together."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=8)) as processor:
+        first = spawn(processor, 0)
+        assert await handler.next_started() == [0]
+        rest = spawn(processor, 1, 2, 3, 4, 5)
+        await wait_until(lambda: processor.queue_depth == 5)
+
+        handler.release_all()
+        assert await results(first + rest) == [0, 2, 4, 6, 8, 10]
+
+    assert handler.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_adaptive_policy_splits_a_long_queue_into_full_batches() -> None:
+    """A queue longer than ``max_batch_size`` is served in FIFO batches no larger than it."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        rest = spawn(processor, *range(1, 11))
+        await wait_until(lambda: processor.queue_depth == 10)
+
+        handler.release_all()
+        await results(first + rest)
+
+    assert handler.sizes == [1, 4, 4, 2]
+    assert handler.seen == list(range(11))
+
+
+async def test_each_caller_gets_its_own_output_in_order() -> None:
+    """Outputs map back to their own callers, in the order the handler returned them."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=8)) as processor:
+        first = spawn(processor, 100)
+        await handler.next_started()
+        items = random.Random(7).sample(range(1000), 20)
+        rest = spawn(processor, *items)
+        await wait_until(lambda: processor.queue_depth == len(items))
+
+        handler.release_all()
+        outputs = await results(rest)
+        assert await results(first) == [200]
+
+    assert outputs == [item * 2 for item in items]
+    assert handler.sizes == [1, 8, 8, 4]
+
+
+async def test_two_concurrent_batches_run_at_once() -> None:
+    """With ``max_concurrent_batches=2`` a second batch starts while the first still runs."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=1, max_concurrent_batches=2)
+    async with running(handler, config) as processor:
+        tasks = spawn(processor, 1, 2, 3)
+        assert await handler.next_started() == [1]
+        assert await handler.next_started() == [2]
+        # Both slots are taken, so the third item waits in the queue.
+        await wait_until(lambda: processor.queue_depth == 1)
+        assert processor.in_flight == 2
+        assert handler.finished == 0
+
+        handler.release_all()
+        assert await results(tasks) == [2, 4, 6]
+
+    assert handler.batches == [[1], [2], [3]]
+
+
+async def test_in_flight_and_batch_age_follow_the_running_batch() -> None:
+    """``in_flight`` and ``oldest_batch_age_s`` describe the running batch and reset after it."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        assert processor.oldest_batch_age_s() == 0.0
+        task = spawn(processor, 1)
+        await handler.next_started()
+        assert processor.in_flight == 1
+        assert processor.queue_depth == 0
+        assert processor.oldest_batch_age_s() > 0.0
+
+        handler.release_all()
+        await results(task)
+        assert processor.in_flight == 0
+        assert processor.oldest_batch_age_s() == 0.0
+
+
+# --- Deadlines and cancellation -------------------------------------------------------------
+
+
+async def test_deadline_fires_while_a_batch_runs() -> None:
+    """A queued item's deadline fires on time even while a long batch holds the handler."""
+    deadline_in_s = 0.2
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 1)
+        await handler.next_started()
+
+        began = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await bounded(processor.submit(2, deadline=began + deadline_in_s))
+        elapsed_s = time.monotonic() - began
+
+        assert 0.8 * deadline_in_s <= elapsed_s < deadline_in_s + 1.0
+        assert not first[0].done()  # the batch is still held: the deadline did not wait for it
+        assert processor.queue_depth == 0
+
+        handler.release_all()
+        assert await results(first) == [2]
+        assert await results(spawn(processor, 3)) == [6]
+
+    assert handler.batches == [[1], [3]]  # the expired item never reached the handler
+
+
+async def test_a_past_deadline_raises_at_once() -> None:
+    """An item whose deadline has already passed is refused without being queued."""
+    handler = FakeHandler()
+    async with running(handler, BatchConfig()) as processor:
+        with pytest.raises(DeadlineExceeded):
+            await bounded(processor.submit(1, deadline=time.monotonic() - 1.0), limit_s=1.0)
+        assert processor.queue_depth == 0
+
+    assert handler.batches == []
+
+
+async def test_a_cancelled_queued_caller_is_skipped() -> None:
+    """A caller cancelled while queued never reaches the handler; the others are served."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        a, b, c = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(b)
+        assert processor.queue_depth == 2
+
+        handler.release_all()
+        assert await results([*first, a, c]) == [0, 2, 6]
+        assert processor.queue_depth == 0
+
+    assert handler.batches == [[0], [1, 3]]
+
+
+async def test_a_caller_cancelled_as_its_batch_forms_is_skipped() -> None:
+    """A caller cancelled in the same loop turn that frees the handler is left out of the batch.
+
+    The cancel runs after the running batch finishes but before the cancelled caller's own
+    task has had a turn to withdraw its item, so only the processor can leave it out.
+    """
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        a, b, c = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+
+        handler.release_next()
+        # Runs on the next loop turn, right after the released batch completes.
+        asyncio.get_running_loop().call_soon(b.cancel)
+        assert await handler.next_started() == [1, 3]
+
+        handler.release_all()
+        assert await results([*first, a, c]) == [0, 2, 6]
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(b)
+
+    assert handler.batches == [[0], [1, 3]]
+
+
+async def test_cancelling_a_caller_inside_a_running_batch_spares_the_others() -> None:
+    """Cancelling one caller of a running batch leaves the batch intact for its other callers."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        a, b, c = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_next()
+        assert await handler.next_started() == [1, 2, 3]
+
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(b)
+        assert processor.in_flight == 3  # the batch keeps running with all its items
+
+        handler.release_all()
+        assert await results([*first, a, c]) == [0, 2, 6]
+        assert processor.in_flight == 0
+
+
+# --- Failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outputs", [fail_on_negative, drop_one_on_negative])
+async def test_a_failing_batch_fails_only_its_own_callers(
+    outputs: Callable[[list[int]], Sequence[int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler error, or a wrong number of outputs, fails that batch alone with BatchFailed."""
+    handler = FakeHandler(held=True, outputs=outputs)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        doomed = spawn(processor, 1, -1, 2)
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_next()
+        assert await handler.next_started() == [1, -1, 2]
+        after = spawn(processor, 3, 4)
+        await wait_until(lambda: processor.queue_depth == 2)
+
+        with caplog.at_level(logging.ERROR, logger="batching.processor"):
+            handler.release_next()
+            outcomes = await bounded(asyncio.gather(*doomed, return_exceptions=True))
+        assert all(isinstance(outcome, BatchFailed) for outcome in outcomes)
+        assert "batch of 3 failed" in caplog.text
+
+        handler.release_all()
+        assert await results(first + after) == [0, 6, 8]
+        # The loop is still alive after the failure.
+        assert await results(spawn(processor, 5)) == [10]
+
+    assert handler.sizes == [1, 3, 2, 1]
+
+
+async def test_a_full_queue_rejects_at_once() -> None:
+    """With ``max_queue`` items waiting, one more submit raises QueueFull without waiting."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=1, max_queue=3)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        queued = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+
+        began = time.monotonic()
+        with pytest.raises(QueueFull, match="MAX_QUEUE allows 3"):
+            await bounded(processor.submit(4), limit_s=1.0)
+        assert time.monotonic() - began < 0.5
+        assert processor.queue_depth == 3
+
+        handler.release_all()
+        assert await results(first + queued) == [0, 2, 4, 6]
+        # Once the queue has drained, new work is accepted again.
+        assert await results(spawn(processor, 5)) == [10]
+
+    assert 4 not in handler.seen
+
+
+# --- Lifecycle -------------------------------------------------------------------------------
+
+
+async def test_submit_before_start_raises_stopped() -> None:
+    """A processor that was never started refuses work."""
+    handler = FakeHandler()
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig())
+    assert not processor.accepting
+    with pytest.raises(Stopped):
+        await bounded(processor.submit(1))
+    assert handler.batches == []
+
+
+async def test_submit_after_stop_raises_stopped() -> None:
+    """A stopped processor refuses work."""
+    handler = FakeHandler()
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig())
+    processor.start()
+    assert processor.accepting
+    assert await results(spawn(processor, 1)) == [2]
+    await bounded(processor.stop(drain_timeout_s=1.0))
+
+    assert not processor.accepting
+    with pytest.raises(Stopped):
+        await bounded(processor.submit(2))
+    assert handler.batches == [[1]]
+
+
+async def test_start_twice_is_an_error() -> None:
+    """Starting a running processor again is a programming error, not a silent no-op."""
+    async with running(FakeHandler(), BatchConfig()) as processor:
+        with pytest.raises(RuntimeError, match="twice"):
+            processor.start()
+
+
+async def test_stop_drains_queued_and_in_flight_work() -> None:
+    """``stop`` refuses new work but finishes what is queued and running when it can."""
+    handler = FakeHandler(held=True)
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig(max_batch_size=2))
+    processor.start()
+    first = spawn(processor, 0)
+    await handler.next_started()
+    queued = spawn(processor, 1, 2, 3)
+    await wait_until(lambda: processor.queue_depth == 3)
+
+    began = time.monotonic()
+    stopping = asyncio.create_task(processor.stop(drain_timeout_s=GUARD_S))
+    await wait_until(lambda: not processor.accepting)
+    with pytest.raises(Stopped):
+        await bounded(processor.submit(4))
+
+    handler.release_all()
+    assert await results(first + queued) == [0, 2, 4, 6]
+    await bounded(stopping)
+    assert time.monotonic() - began < GUARD_S - 1.0  # it did not wait out the drain timeout
+    assert handler.batches == [[0], [1, 2], [3]]
+    assert processor.queue_depth == 0
+    assert processor.in_flight == 0
+
+
+async def test_stop_fails_outstanding_callers_when_the_handler_never_finishes() -> None:
+    """After ``drain_timeout_s`` every queued and in-flight caller gets Stopped; none hangs."""
+    drain_timeout_s = 0.3
+    handler = FakeHandler(held=True)  # never released
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig())
+    processor.start()
+    in_flight = spawn(processor, 0)
+    await handler.next_started()
+    queued = spawn(processor, 1, 2)
+    await wait_until(lambda: processor.queue_depth == 2)
+
+    began = time.monotonic()
+    await bounded(processor.stop(drain_timeout_s=drain_timeout_s))
+    elapsed_s = time.monotonic() - began
+
+    assert 0.8 * drain_timeout_s <= elapsed_s < drain_timeout_s + 1.5
+    outcomes = await bounded(asyncio.gather(*in_flight, *queued, return_exceptions=True))
+    assert all(isinstance(outcome, Stopped) for outcome in outcomes), outcomes
+    assert handler.cancelled == 1  # the stuck batch was cancelled, not left running
+    assert processor.queue_depth == 0
+    assert processor.in_flight == 0
+
+
+async def test_stop_does_not_wait_on_a_handler_that_ignores_cancellation() -> None:
+    """A handler that cannot be interrupted (stuck in a thread) does not hold ``stop`` or its
+    callers hostage: they get Stopped, and ``stop`` returns after a bounded extra wait.
+    """
+    drain_timeout_s = 0.2
+    release = asyncio.Event()
+    returned = asyncio.Event()
+
+    async def stubborn(items: list[int]) -> list[int]:
+        while not release.is_set():
+            # Swallowing cancellation is what a handler blocked in a worker thread amounts to.
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        returned.set()
+        return [item * 2 for item in items]
+
+    processor: BatchProcessor[int, int] = BatchProcessor(stubborn, BatchConfig())
+    processor.start()
+    in_flight = spawn(processor, 0)
+    await wait_until(lambda: processor.in_flight == 1)
+    queued = spawn(processor, 1)
+    await wait_until(lambda: processor.queue_depth == 1)
+
+    try:
+        began = time.monotonic()
+        await bounded(processor.stop(drain_timeout_s=drain_timeout_s))
+        assert time.monotonic() - began < drain_timeout_s + 2.5
+
+        callers = in_flight + queued
+        assert all(task.done() for task in callers)  # none waits for the handler to give up
+        for task in callers:
+            with pytest.raises(Stopped):
+                task.result()
+    finally:
+        release.set()  # let the stuck handler end, so no task outlives the test
+        await bounded(returned.wait())
+        await bounded(asyncio.gather(*in_flight, *queued, return_exceptions=True))
+    await wait_until(lambda: processor.in_flight == 0)
+
+
+async def test_timeout_policy_dispatches_queued_items_at_stop() -> None:
+    """Under TIMEOUT, ``stop`` sends a partial batch at once instead of waiting out the timer."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=8, max_wait_s=10.0, policy=TIMEOUT)
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, config)
+    processor.start()
+    tasks = spawn(processor, 1, 2)
+    await wait_until(lambda: processor.queue_depth == 2)
+    await loop_turns(3)  # the collector is now waiting on its max_wait timer
+
+    began = time.monotonic()
+    await bounded(processor.stop(drain_timeout_s=GUARD_S))
+    assert time.monotonic() - began < 1.0  # max_wait_s is 10 s
+
+    assert await results(tasks) == [2, 4]
+    assert handler.batches == [[1, 2]]
+
+
+# --- Observer ---------------------------------------------------------------------------------
+
+
+async def test_observer_sees_queue_depth_and_batches() -> None:
+    """The observer gets every depth change, each batch's size and queue waits, and its result."""
+    observer = RecordingObserver()
+    handler = FakeHandler(held=True, outputs=fail_on_negative)
+    async with running(handler, BatchConfig(), observer) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        queued = spawn(processor, 1, 2)
+        await wait_until(lambda: processor.queue_depth == 2)
+        # Let the queued items wait a measurable time before they are taken.
+        await asyncio.sleep(0.05)
+        handler.release_all()
+        assert await results(first + queued) == [0, 2, 4]
+        with pytest.raises(BatchFailed):
+            await bounded(processor.submit(-1))
+
+    assert [size for size, _ in observer.started] == [1, 2, 1]
+    for size, waits_s in observer.started:
+        assert len(waits_s) == size
+        assert all(wait_s >= 0.0 for wait_s in waits_s)
+    assert min(observer.started[1][1]) >= 0.04
+    assert [(size, ok) for size, _, ok in observer.finished] == [(1, True), (2, True), (1, False)]
+    assert all(run_s >= 0.0 for _, run_s, _ in observer.finished)
+    assert 2 in observer.depths
+    assert observer.depths[-1] == 0
+    assert all(depth >= 0 for depth in observer.depths)
+
+
+async def test_observer_counts_each_outcome() -> None:
+    """Each submitted item is reported exactly once, with the outcome it actually had."""
+    observer = RecordingObserver()
+    handler = FakeHandler(held=True, outputs=fail_on_negative)
+    processor: BatchProcessor[int, int] = BatchProcessor(
+        handler, BatchConfig(max_queue=3), observer
+    )
+    processor.start()
+    first = spawn(processor, 0)
+    await handler.next_started()
+
+    with pytest.raises(DeadlineExceeded):  # expires in the queue
+        await bounded(processor.submit(1, deadline=time.monotonic() + 0.05))
+    with pytest.raises(DeadlineExceeded):  # already expired
+        await bounded(processor.submit(1, deadline=time.monotonic() - 1.0))
+
+    doomed, cancelled, also_doomed = spawn(processor, 2, 3, -1)
+    await wait_until(lambda: processor.queue_depth == 3)
+    with pytest.raises(QueueFull):
+        await bounded(processor.submit(4))
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await bounded(cancelled)
+
+    handler.release_next()
+    assert await results(first) == [0]
+    assert await handler.next_started() == [2, -1]
+    handler.release_next()
+    failed = await bounded(asyncio.gather(doomed, also_doomed, return_exceptions=True))
+    assert all(isinstance(outcome, BatchFailed) for outcome in failed)
+
+    stranded = spawn(processor, 5)
+    await handler.next_started()
+    await bounded(processor.stop(drain_timeout_s=0.05))
+    with pytest.raises(Stopped):
+        await results(stranded)
+    with pytest.raises(Stopped):
+        await bounded(processor.submit(6))
+
+    assert Counter(observer.outcomes) == {
+        Outcome.OK: 1,
+        Outcome.EXPIRED: 2,
+        Outcome.REJECTED: 1,
+        Outcome.CANCELLED: 1,
+        Outcome.FAILED: 2,
+        Outcome.STOPPED: 2,
+    }
+    assert [ok for _, _, ok in observer.finished] == [True, False, False]
+
+
+class ExplodingObserver(RecordingObserver):
+    """An observer whose every event raises, as a buggy metrics backend would."""
+
+    def queue_depth_changed(self, depth: int) -> None:
+        raise RuntimeError("metrics backend down")
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        raise RuntimeError("metrics backend down")
+
+    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+        raise RuntimeError("metrics backend down")
+
+    def item_finished(self, outcome: Outcome) -> None:
+        raise RuntimeError("metrics backend down")
+
+
+async def test_a_failing_observer_never_breaks_batching(caplog: pytest.LogCaptureFixture) -> None:
+    """Every observer call raising changes nothing for callers; the failure is logged once."""
+    handler = FakeHandler()
+    with caplog.at_level(logging.ERROR, logger="batching.processor"):
+        async with running(handler, BatchConfig(max_batch_size=4), ExplodingObserver()) as p:
+            assert await results(spawn(p, 1, 2, 3)) == [2, 4, 6]
+            assert await bounded(p.submit(4)) == 8
+            assert p.queue_depth == 0
+            assert p.in_flight == 0
+    assert sum("observer failed" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_handler_raising_cancelled_error_fails_only_its_batch() -> None:
+    """CancelledError from inside the handler (not a shutdown) is a failed batch: 500, not 503."""
+
+    def cancelled_on_negative(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise asyncio.CancelledError
+        return [item * 2 for item in items]
+
+    handler = FakeHandler(outputs=cancelled_on_negative)
+    async with running(handler, BatchConfig()) as processor:
+        with pytest.raises(BatchFailed):
+            await bounded(processor.submit(-1))
+        assert await bounded(processor.submit(3)) == 6
+        assert processor.accepting
+
+
+# --- Configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_batch_size": 0},
+        {"max_wait_s": -0.001},
+        {"max_queue": 0},
+        {"max_concurrent_batches": 0},
+        {"policy": "sometimes"},
+    ],
+    ids=lambda bad: ",".join(f"{key}={value}" for key, value in bad.items()),
+)
+def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
+    """Out-of-range knobs and unknown policies fail when the config is built."""
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        BatchConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_config_accepts_the_policy_as_a_string() -> None:
+    """A policy read from configuration as plain text becomes the enum member."""
+    config = BatchConfig(policy="timeout")  # type: ignore[arg-type]
+    assert config.policy is BatchPolicy.TIMEOUT
+    assert BatchConfig().policy is BatchPolicy.ADAPTIVE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_queue = 1  # type: ignore[misc]
+
+
+def test_config_names_the_bad_value() -> None:
+    """A validation error says which knob is wrong and what it got."""
+    with pytest.raises(ValueError, match=r"max_batch_size must be >= 1, got 0"):
+        BatchConfig(max_batch_size=0)
+
+
+# --- Randomised stress -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "concurrency"),
+    [(ADAPTIVE, 1), (ADAPTIVE, 3), (TIMEOUT, 1)],
+)
+async def test_random_submits_and_cancellations_keep_every_caller_consistent(
+    policy: BatchPolicy, concurrency: int
+) -> None:
+    """Thousands of callers, a fifth of them cancelled at random moments: every survivor gets
+    its own output, no item reaches the handler twice, and nothing is left queued or running.
+    """
+    count = 3000
+    spawn_rng = random.Random(1234)
+    handler_rng = random.Random(5678)
+    seen: list[int] = []
+    calls = {"entered": 0, "finished": 0}
+
+    async def handler(items: list[int]) -> Sequence[int]:
+        calls["entered"] += 1
+        seen.extend(items)
+        if handler_rng.random() < 0.5:
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(handler_rng.uniform(0.0, 0.002))
+        calls["finished"] += 1
+        return [item * 2 for item in items]
+
+    config = BatchConfig(
+        max_batch_size=16,
+        max_wait_s=0.002,
+        max_queue=count,
+        policy=policy,
+        max_concurrent_batches=concurrency,
+    )
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, config)
+    processor.start()
+    loop = asyncio.get_running_loop()
+
+    tasks: list[asyncio.Task[int]] = []
+    for item in range(count):
+        task = asyncio.create_task(processor.submit(item))
+        tasks.append(task)
+        if spawn_rng.random() < 0.2:
+            # Cancel before it starts, while queued, mid-batch, or after it is done.
+            loop.call_later(spawn_rng.choice([0.0, spawn_rng.uniform(0.0, 0.005)]), task.cancel)
+        pause = spawn_rng.random()
+        if pause < 0.5:
+            await asyncio.sleep(0)
+        elif pause < 0.55:
+            await asyncio.sleep(spawn_rng.uniform(0.0, 0.001))
+
+    async with asyncio.timeout(20.0):
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Let any cancel still on a timer fire, so no callback outlives the test.
+        await asyncio.sleep(0.01)
+    assert processor.queue_depth == 0
+
+    cancelled = {item for item, task in enumerate(tasks) if task.cancelled()}
+    assert len(cancelled) > count // 20  # the test really exercised cancellation
+    for item, task in enumerate(tasks):
+        if item not in cancelled:
+            assert task.result() == item * 2
+    assert len(seen) == len(set(seen)), "an item reached the handler twice"
+    assert set(range(count)) - cancelled <= set(seen)
+
+    await bounded(processor.stop(drain_timeout_s=GUARD_S))
+    assert calls["entered"] == calls["finished"]  # every batch ran to completion
+    assert processor.queue_depth == 0
+    assert processor.in_flight == 0
