@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
+import numpy as np
 import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -69,7 +70,7 @@ class NotReady(Exception):
 class ClassifyJob:
     """One preprocessed image waiting for a batch."""
 
-    pixels: torch.Tensor
+    pixels: np.ndarray
     top_k: int
 
 
@@ -198,7 +199,7 @@ class Service:
         )
 
 
-def _preprocess(data: bytes, max_pixels: int) -> torch.Tensor:
+def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:
     return preprocess(data, max_pixels=max_pixels)
 
 

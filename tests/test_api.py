@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-import torch
 
 from classification import Prediction
 from tests import images
@@ -30,7 +30,7 @@ class GatedModel:
         classifier.classify = self.classify  # type: ignore[method-assign]
 
     def classify(
-        self, pixels: Sequence[torch.Tensor], top_k: Sequence[int]
+        self, pixels: Sequence[np.ndarray], top_k: Sequence[int]
     ) -> list[list[Prediction]]:
         self.batch_sizes.append(len(pixels))
         self.entered.set()

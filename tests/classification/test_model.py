@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,8 +13,10 @@ from classification import (
     Classifier,
     ModelLoadError,
     build_network,
+    fold_batchnorm,
     load_classifier,
     load_labels,
+    normalize_batch,
     preprocess,
     resolve_device,
 )
@@ -86,7 +89,7 @@ def test_wrapped_checkpoint_and_custom_class_count(tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\n")
     three = load_classifier(weights=str(path), labels_file=labels, device="cpu")
-    answer = three.classify([torch.zeros(3, 224, 224)], [3])[0]
+    answer = three.classify([np.zeros((224, 224, 3), np.uint8)], [3])[0]
     assert sorted(p.label for p in answer) == ["bird", "cat", "dog"]
 
 
@@ -174,6 +177,27 @@ def test_channels_last_gives_the_same_answers(classifier: Classifier, photos: li
     ):
         assert [p.index for p in ours] == [p.index for p in theirs]
         assert [p.score for p in ours] == pytest.approx([p.score for p in theirs], rel=1e-3)
+
+
+def test_folding_batchnorm_keeps_the_function(photos: list[Path]) -> None:
+    """The served network has no BatchNorm left and computes the same logits."""
+    network, _ = build_network("random", 1000, seed=SEED)
+    # Non-trivial statistics, so a wrong fold shows (fresh BatchNorms are identities).
+    generator = torch.Generator().manual_seed(1)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(size, generator=generator) * 0.1)
+    crops = np.stack([preprocess(p.read_bytes(), max_pixels=MAX_PIXELS) for p in photos])
+    batch = normalize_batch(torch.from_numpy(crops))
+    with torch.inference_mode():
+        expected = network(batch)
+        folded = fold_batchnorm(network)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(batch), expected, rtol=1e-4, atol=1e-4)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

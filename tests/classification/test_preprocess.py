@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from classification import ImageTooLarge, InvalidImage, decode_image, preprocess
+from classification import (
+    ImageTooLarge,
+    InvalidImage,
+    decode_image,
+    normalize_batch,
+    preprocess,
+)
 from tests import images
 from tests.support import Reference
 
@@ -20,6 +26,14 @@ MAX_PIXELS = 40_000_000
 
 # One 8-bit level after normalisation.
 ONE_LEVEL = 1 / 255 / min(0.229, 0.224, 0.225) + 1e-6
+
+
+def model_input(data: bytes) -> torch.Tensor:
+    """What the network receives for one upload: its crop, normalised as part of a batch."""
+    crop = preprocess(data, max_pixels=MAX_PIXELS)
+    assert crop.shape == (224, 224, 3)
+    assert crop.dtype == np.uint8
+    return normalize_batch(torch.from_numpy(np.stack([crop])))[0]
 
 
 def assert_matches_reference(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -31,7 +45,7 @@ def assert_matches_reference(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_matches_torchvision_reference_on_photos(photos: list[Path], reference: Reference) -> None:
     """The served input tensor equals torchvision's transform of the same photo."""
     for path in photos:
-        ours = preprocess(path.read_bytes(), max_pixels=MAX_PIXELS)
+        ours = model_input(path.read_bytes())
         assert_matches_reference(ours, reference.input_for(images.photo(path)))
 
 
@@ -44,7 +58,7 @@ def test_matches_torchvision_reference_at_many_sizes(
     """Up- and downscaling, either orientation, odd sizes: still the reference tensor."""
     image = images.photo(photos[0]).resize(size)
     assert_matches_reference(
-        preprocess(images.encode(image, "PNG"), max_pixels=MAX_PIXELS),
+        model_input(images.encode(image, "PNG")),
         reference.input_for(image),
     )
 
@@ -113,7 +127,7 @@ def test_extreme_aspect_ratios_stay_within_one_level_of_reference(
 ) -> None:
     """Past 4:1 only the cropped region is resampled: bounded work, same picture."""
     image = images.photo(photos[1]).resize(size)
-    ours = preprocess(images.encode(image, "PNG"), max_pixels=MAX_PIXELS)
+    ours = model_input(images.encode(image, "PNG"))
     difference = (ours - reference.input_for(image)).abs()
     assert difference.max().item() <= ONE_LEVEL
     assert (difference > 1e-6).float().mean().item() < 0.1
@@ -124,7 +138,8 @@ def test_degenerate_sizes_give_model_input_quickly(size: tuple[int, int]) -> Non
     data = images.encode(Image.new("RGB", size, (10, 200, 30)), "PNG")
     started = time.perf_counter()
     pixels = preprocess(data, max_pixels=MAX_PIXELS)
-    assert pixels.shape == (3, 224, 224)
+    assert pixels.shape == (224, 224, 3)
+    assert (pixels == (10, 200, 30)).all()
     # A full resize of 10000x1 takes seconds and gigabytes; the bounded path milliseconds.
     assert time.perf_counter() - started < 1.0
 

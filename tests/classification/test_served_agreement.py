@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -273,7 +274,7 @@ async def test_served_answers_match_torchvision_reference(
         classify = classifier.classify
 
         def recording_classify(
-            pixels: Sequence[torch.Tensor], top_k: Sequence[int]
+            pixels: Sequence[np.ndarray], top_k: Sequence[int]
         ) -> list[list[Prediction]]:
             batch_sizes.append(len(pixels))
             return classify(pixels, top_k)
