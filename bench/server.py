@@ -70,6 +70,12 @@ class Server:
         sizes = [w.memory_info().rss for w in self.workers()]
         return max(sizes) if sizes else 0
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
