@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast lint format bench bench-full clean
+.PHONY: run dev test test-fast lint format audit bench bench-full clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## audit: look the pinned requirements up in the PyPI vulnerability database (needs network)
+audit: $(STAMP)
+	$(BIN)/pip-audit --no-deps --disable-pip --strict -r requirements.txt
 
 ## bench: quick end-to-end benchmark (a minute or two); results in docs/benchmarks/
 bench: $(STAMP)

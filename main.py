@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +39,7 @@ from classification import (
 )
 from service import metrics
 from service.middleware import (
+    ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
     RequestIdLogFilter,
@@ -51,6 +53,8 @@ T = TypeVar("T")
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = "1"
+# Probes and scrapers reach these without the API key.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
 
 
@@ -433,7 +437,22 @@ def create_app(settings: Settings) -> FastAPI:
             f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
         ),
     )
-    # Added last, so outermost: 413s from the body limit get request ids and metrics too.
+    if settings.api_key is not None:
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            open_paths=OPEN_PATHS,
+        )
+    if settings.cors_origin_list:
+        # Outside the key check: browsers send preflight requests without credentials.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    # Added last, so outermost: 401s and 413s get request ids and metrics too.
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -1,8 +1,9 @@
-"""ASGI middleware: request ids and per-request metrics, without touching the body."""
+"""ASGI middleware: request ids and metrics, API keys, body size limits."""
 
 from __future__ import annotations
 
 import contextvars
+import hmac
 import logging
 import re
 import time
@@ -120,3 +121,32 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, receive_within_limit, send)
+
+
+class ApiKeyMiddleware:
+    """Requires the API key on every path but the open ones, before any body is read.
+
+    The key is accepted as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and
+    compared in constant time, so response timing does not reveal how much of it matched.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        detail = "missing or wrong API key; send 'Authorization: Bearer <key>' or X-API-Key"
+        response = JSONResponse(
+            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        headers = Headers(scope=scope)
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        offered = bearer.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        return hmac.compare_digest(offered.encode(), self.api_key)

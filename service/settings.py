@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(None, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Unset or empty: no authentication. Never echoed in errors or logs.
+    api_key: SecretStr | None = None
+    # Comma-separated origins allowed to call the API from a browser; empty: CORS off.
+    cors_origins: str = ""
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_api_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
@@ -63,6 +73,11 @@ class Settings(BaseSettings):
     def effective_decode_threads(self) -> int:
         """Threads decoding uploads; decoding overlaps inference, so one per core."""
         return self.decode_threads or max(1, available_cores() // self.workers)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``CORS_ORIGINS`` split on commas, blanks dropped."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def batch_config(self) -> BatchConfig:
         """The batch processor's knobs."""

@@ -1,0 +1,139 @@
+"""Optional API key authentication and CORS, both off unless configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.support import make_settings, running_app
+
+API_KEY = "s3cret-key-for-tests"
+ORIGIN = "https://app.example.com"
+
+
+async def served_so_far(client: httpx.AsyncClient) -> float:
+    """Requests the batcher has finished, in any outcome, according to /metrics."""
+    text = (await client.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("batch_requests_total{")
+    )
+
+
+def upload(photo: Path) -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
+
+
+async def test_without_api_key_setting_no_key_is_needed(photos: list[Path]) -> None:
+    async with running_app(make_settings()) as served:
+        response = await served.client.post("/cls", files=upload(photos[0]))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"X-API-Key": API_KEY[:-1]},
+        {"X-API-Key": API_KEY + "x"},
+    ],
+    ids=["none", "wrong-bearer", "wrong-scheme", "prefix", "longer"],
+)
+async def test_a_missing_or_wrong_key_gets_401_before_the_body_is_read(
+    headers: dict[str, str], photos: list[Path]
+) -> None:
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        before = await served_so_far(served.client)
+        response = await served.client.post("/cls", files=upload(photos[0]), headers=headers)
+        after = await served_so_far(served.client)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "API key" in response.json()["detail"]
+    assert API_KEY not in response.text
+    assert response.headers["x-request-id"]
+    assert after == before  # refused at the door: nothing reached the batcher
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": API_KEY}],
+    ids=["bearer", "x-api-key"],
+)
+async def test_the_right_key_is_accepted_either_way(
+    headers: dict[str, str], photos: list[Path]
+) -> None:
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        single = await served.client.post("/cls", files=upload(photos[0]), headers=headers)
+        batch = await served.client.post(
+            "/cls/batch",
+            files=[("file", (p.name, p.read_bytes())) for p in photos],
+            headers=headers,
+        )
+    assert single.status_code == 200
+    assert batch.status_code == 200
+    assert all(entry["status"] == 200 for entry in batch.json()["results"])
+
+
+async def test_probes_and_metrics_stay_open_and_docs_need_the_key() -> None:
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        client = served.client
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(path)).status_code == 200, path
+        assert (await client.get("/docs")).status_code == 401
+        assert (await client.get("/openapi.json")).status_code == 401
+        assert (await client.get("/nowhere")).status_code == 401
+        opened = await client.get("/openapi.json", headers={"X-API-Key": API_KEY})
+        assert opened.status_code == 200
+
+
+def test_an_empty_api_key_means_no_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEY", "")
+    assert Settings().api_key is None
+    monkeypatch.setenv("API_KEY", API_KEY)
+    settings = Settings()
+    assert settings.api_key is not None
+    assert API_KEY not in repr(settings)
+
+
+async def test_cors_is_off_by_default() -> None:
+    async with running_app(make_settings()) as served:
+        simple = await served.client.get("/healthz", headers={"Origin": ORIGIN})
+        preflight = await served.client.options(
+            "/cls", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+        )
+    assert "access-control-allow-origin" not in simple.headers
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_configured_origins_pass_cors_even_with_an_api_key(photos: list[Path]) -> None:
+    settings = make_settings(cors_origins=f"{ORIGIN}, https://other.example.com", api_key=API_KEY)
+    async with running_app(settings) as served:
+        client = served.client
+        preflight = await client.options(
+            "/cls",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key",
+            },
+        )
+        allowed = await client.post(
+            "/cls", files=upload(photos[0]), headers={"Origin": ORIGIN, "X-API-Key": API_KEY}
+        )
+        foreign = await client.post(
+            "/cls",
+            files=upload(photos[0]),
+            headers={"Origin": "https://evil.example.net", "X-API-Key": API_KEY},
+        )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
+    assert "access-control-allow-origin" not in foreign.headers
