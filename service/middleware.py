@@ -22,6 +22,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+logger = logging.getLogger("service.requests")
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -61,13 +62,22 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed_s = time.perf_counter() - started
+            # Server-side failures get a line carrying the request id, for the caller's
+            # report to be found; 503 refusals are expected under load and only counted.
+            if status >= 500 and status != 503:
+                logger.warning(
+                    "%s %s answered %d after %.0f ms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed_s * 1000,
+                )
             request_id_var.reset(token)
             route = scope.get("route")
             # Unmatched paths share one label so scanners cannot blow up cardinality.
             route_label = getattr(route, "path", None) or "unmatched"
-            metrics.record_request(
-                route_label, scope["method"], status, time.perf_counter() - started
-            )
+            metrics.record_request(route_label, scope["method"], status, elapsed_s)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,6 +274,22 @@ async def test_request_ids_are_echoed_or_generated(served: RunningApp) -> None:
     assert len(generated.headers["x-request-id"]) == 32
     unsafe = await served.client.get("/healthz", headers={"X-Request-ID": "a b\tc"})
     assert unsafe.headers["x-request-id"] != "a b\tc"
+
+
+async def test_server_errors_are_logged_with_the_request_id(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        model.release.set()
+        model.fail_next = True
+        with caplog.at_level(logging.WARNING, logger="service"):
+            failed = await served.client.post(
+                "/cls", files=upload(photos[0].read_bytes()), headers={"X-Request-ID": "trace-77"}
+            )
+    assert failed.status_code == 500
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == "trace-77"]
+    assert any("answered 500" in r.getMessage() for r in lines)
 
 
 async def test_metrics_report_requests_batches_and_model(
