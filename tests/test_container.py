@@ -1,0 +1,43 @@
+"""Static checks of the container files (no Docker engine runs in CI)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from service.settings import PROJECT_ROOT, Settings
+
+DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+
+
+def final_stage() -> list[str]:
+    """The instructions of the Dockerfile's last stage, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    return instructions[last_from:]
+
+
+def test_the_image_runs_as_a_non_root_user() -> None:
+    users = [line.split()[1] for line in final_stage() if line.upper().startswith("USER ")]
+    assert users, "the final stage never switches away from root"
+    assert users[-1] not in ("root", "0", "0:0")
+
+
+def test_gunicorn_is_the_exec_form_command_and_health_is_checked() -> None:
+    stage = final_stage()
+    command = [line for line in stage if line.upper().startswith("CMD ")][-1]
+    assert json.loads(command[4:])[:2] == ["gunicorn", "main:app"]
+    healthcheck = [line for line in stage if line.upper().startswith("HEALTHCHECK ")]
+    assert healthcheck
+    assert "/healthz" in healthcheck[-1]
+
+
+def test_compose_leaves_time_for_the_drain() -> None:
+    compose = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    grace = re.search(r"stop_grace_period:\s*(\d+)s", compose)
+    drain = re.search(r'DRAIN_TIMEOUT_S:\s*"(\d+)"', compose)
+    assert grace is not None
+    drain_s = int(drain.group(1)) if drain else Settings().drain_timeout_s
+    assert int(grace.group(1)) >= drain_s + 10
