@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -357,8 +357,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        problems.append(f"{where}: {_public_validation_message(error)}")
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+def _public_validation_message(error: Mapping[str, object]) -> str:
+    message = str(error.get("msg", "invalid"))
+    # FastAPI's UploadFile check names the Python type it got ("<class 'str'>") when a
+    # plain form field stands where a file should be.
+    if "Expected UploadFile" in message:
+        return "expected a file part (with a filename), received a plain form field"
+    return message
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

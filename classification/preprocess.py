@@ -88,7 +88,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
-    pixels = np.asarray(image, dtype=np.float64)
+    # Float images may mark no-data pixels NaN, which no integer cast can represent.
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
     peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
     scaled = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
     return Image.fromarray(scaled)

@@ -1,0 +1,284 @@
+"""A corpus of hostile and odd uploads to ``POST /cls``, built in code, with the documented answer.
+
+Each :class:`Case` is one request (multipart files, or raw bytes and headers, plus a query)
+and the status the README's error table promises for it. ``build_corpus`` makes them all
+from one real photo, so nothing is downloaded and the corpus is the same on every run.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests import images
+
+# The upload limit the corpus is sent under: small, so the over-limit case stays small too.
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+BOUNDARY = "corpus-boundary-7d1f"
+MANY_PARTS = 5000
+
+Files = list[tuple[str, tuple[str, bytes, str]]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and the answer the service documents for it.
+
+    Attributes:
+        name: Test id.
+        status: The documented status code.
+        detail: Words the ``detail`` of an error must contain (case-insensitive), so the
+            message names the problem; empty for 200s.
+        files: Multipart parts, encoded by httpx; ``None`` when ``content`` is sent as is.
+        content: A raw body, for requests httpx would not encode itself.
+        headers: Extra or overriding headers (Content-Type, Content-Length).
+        params: The query string.
+    """
+
+    name: str
+    status: int
+    detail: str = ""
+    files: Files | None = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def request(self, base_url: str = "http://test") -> httpx.Request:
+        """The request to send; a caller's headers win over the ones httpx derives."""
+        return httpx.Request(
+            "POST",
+            f"{base_url}/cls",
+            params=self.params,
+            files=self.files,
+            content=self.content,
+            headers=self.headers,
+        )
+
+
+def upload(data: bytes, name: str = "upload.bin", content_type: str = "image/jpeg") -> Files:
+    return [("file", (name, data, content_type))]
+
+
+def multipart(parts: list[tuple[str, str | None, bytes, str | None]]) -> bytes:
+    """A multipart/form-data body with ``BOUNDARY``: (field, filename, data, content type)."""
+    body = io.BytesIO()
+    for name, filename, data, content_type in parts:
+        body.write(f"--{BOUNDARY}\r\n".encode())
+        disposition = f'Content-Disposition: form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        body.write(disposition.encode() + b"\r\n")
+        if content_type is not None:
+            body.write(f"Content-Type: {content_type}\r\n".encode())
+        body.write(b"\r\n" + data + b"\r\n")
+    body.write(f"--{BOUNDARY}--\r\n".encode())
+    return body.getvalue()
+
+
+def multipart_headers(body: bytes, boundary: str = BOUNDARY) -> dict[str, str]:
+    return {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(body)),
+    }
+
+
+def raw_multipart(
+    name: str, status: int, detail: str, parts: list[tuple[str, str | None, bytes, str | None]]
+) -> Case:
+    body = multipart(parts)
+    return Case(name, status, detail, content=body, headers=multipart_headers(body))
+
+
+def float_tiff_with_nan() -> bytes:
+    """A 32-bit float TIFF whose no-data pixels are NaN, as GIS tools write them."""
+    pixels = np.linspace(0, 255, 64 * 48, dtype=np.float32).reshape(48, 64)
+    pixels[10:20, 10:40] = np.nan
+    return images.encode(Image.fromarray(pixels, "F"), "TIFF")
+
+
+def valid_images(photo: Image.Image) -> dict[str, bytes]:
+    """Every valid oddity the service must classify (200): modes, formats, shapes, EXIF."""
+    small = photo.resize((160, 120))
+    rgba = small.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(small.size))
+    return {
+        "one-pixel": images.encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"),
+        "strip-10000x1": images.encode(images.gradient(10_000, 1), "PNG"),
+        "greyscale": images.encode(small.convert("L"), "JPEG"),
+        "palette": images.encode(small.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "cmyk": images.encode(small.convert("CMYK"), "JPEG"),
+        "rgba": images.encode(rgba, "PNG"),
+        "sixteen-bit-png": images.sixteen_bit_grey_png(),
+        "animated-gif": images.animated_gif(),
+        "webp": images.encode(small, "WEBP"),
+        "tiff": images.encode(small, "TIFF"),
+        "bmp": images.encode(small, "BMP"),
+        "exif-rotated-jpeg": images.exif_rotated_jpeg(small),
+        # Regression: the NaN pixels made the 8-bit cast warn (an error under pytest).
+        "float-tiff-with-nan": float_tiff_with_nan(),
+    }
+
+
+def corrupt_header_jpeg(jpeg: bytes) -> bytes:
+    """The photo with its first frame header (SOF) overwritten: JPEG magic, nonsense after."""
+    start = jpeg.index(b"\xff\xc0") if b"\xff\xc0" in jpeg else jpeg.index(b"\xff\xc2")
+    length = struct.unpack(">H", jpeg[start + 2 : start + 4])[0]
+    return jpeg[: start + 4] + b"\x00" * (length - 2) + jpeg[start + 2 + length :]
+
+
+def build_corpus(photo_path: Path) -> list[Case]:
+    """Every case, built from one real JPEG photo."""
+    jpeg = photo_path.read_bytes()
+    photo = images.photo(photo_path)
+    not_image = "not a JPEG, PNG, GIF, WebP, BMP or TIFF image"
+    cases = [
+        Case("empty-file", 400, "empty", upload(b"")),
+        Case("random-bytes", 400, not_image, upload(np.random.default_rng(0).bytes(4096))),
+        Case("text", 400, not_image, upload(b"hello, I am a cat\n" * 20, "cat.txt", "text/plain")),
+        Case(
+            "html",
+            400,
+            not_image,
+            upload(b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"),
+        ),
+        Case("truncated-jpeg", 400, "corrupt or truncated", upload(jpeg[: len(jpeg) // 2])),
+        # Pillow reports a JPEG whose frame header does not parse as no JPEG at all.
+        Case("corrupt-header-jpeg", 400, not_image, upload(corrupt_header_jpeg(jpeg))),
+        Case("png-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.png_bomb())),
+        Case("gif-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.gif_bomb())),
+        Case(
+            "over-max-upload-bytes",
+            413,
+            "MAX_UPLOAD_BYTES",
+            upload(jpeg + b"\x00" * (MAX_UPLOAD_BYTES + 1 - len(jpeg))),
+        ),
+        Case("no-file-field", 422, "file: Field required", content=b"", headers={}),
+        Case(
+            "wrong-field-name",
+            422,
+            "file: Field required",
+            [("image", ("photo.jpg", jpeg, "image/jpeg"))],
+        ),
+        Case(
+            "json-body",
+            422,
+            "file: Field required",
+            content=b'{"file": "aGVsbG8="}',
+            headers={"Content-Type": "application/json"},
+        ),
+        Case(
+            "urlencoded-body",
+            422,
+            "plain form field",
+            content=b"file=hello",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        Case(
+            "text-declared-as-png",
+            400,
+            not_image,
+            upload(b"definitely not a PNG", "image.png", "image/png"),
+        ),
+        Case(
+            "photo-declared-as-text",
+            200,
+            files=upload(jpeg, "notes.txt", "text/plain"),
+        ),
+    ]
+    body = multipart([("file", "photo.jpg", jpeg, "image/jpeg")])
+    cases += [
+        # Framing that does not parse is corrupt data (400), not a missing field.
+        Case(
+            "boundary-mismatch",
+            400,
+            "multipart",
+            content=body,
+            headers=multipart_headers(body, boundary="some-other-boundary"),
+        ),
+        Case(
+            "multipart-without-boundary",
+            400,
+            "boundary",
+            content=body,
+            headers={"Content-Type": "multipart/form-data"},
+        ),
+        # ASGITransport hands the app the whole body whatever Content-Length says; the
+        # service never trusts the header for sizes (only for an early 413), so the body
+        # decides. tests/test_hostile_inputs.py also sends these to a real server.
+        Case(
+            "content-length-shorter",
+            200,
+            content=body,
+            headers={**multipart_headers(body), "Content-Length": str(len(body) // 2)},
+        ),
+        Case(
+            "content-length-longer",
+            200,
+            content=body,
+            headers={**multipart_headers(body), "Content-Length": str(len(body) + 1000)},
+        ),
+        Case(
+            "content-length-over-limit",
+            413,
+            "MAX_UPLOAD_BYTES",
+            content=body,
+            headers={**multipart_headers(body), "Content-Length": str(50 * MAX_UPLOAD_BYTES)},
+        ),
+    ]
+    cases += [
+        raw_multipart(
+            f"{MANY_PARTS}-fields",
+            400,
+            "Too many fields",
+            [("file", "photo.jpg", jpeg, "image/jpeg")]
+            + [(f"field{i}", None, b"x", None) for i in range(MANY_PARTS)],
+        ),
+        raw_multipart(
+            f"{MANY_PARTS}-files",
+            400,
+            "Too many files",
+            [("file", f"{i}.jpg", b"x", "image/jpeg") for i in range(MANY_PARTS)],
+        ),
+        raw_multipart("no-parts", 422, "file: Field required", []),
+        # Regression: FastAPI's message here named a Python type ("<class 'str'>").
+        raw_multipart(
+            "file-as-plain-field", 422, "plain form field", [("file", None, b"hi", None)]
+        ),
+        raw_multipart(
+            "oversized-plain-field", 400, "maximum size", [("file", None, b"x" * 1_500_000, None)]
+        ),
+        # httpx percent-encodes control characters in filenames; these go on the wire raw.
+        raw_multipart(
+            "control-characters-in-raw-filename",
+            200,
+            "",
+            [("file", "../../etc/passwd\x00\x01\x1b[31m/..\\..\\boot.ini.jpg", jpeg, "image/jpeg")],
+        ),
+        # A CRLF in the filename injects a header and a blank line: the file's data then
+        # starts with the rest of the filename, so it is no longer an image.
+        raw_multipart(
+            "crlf-injection-in-filename",
+            400,
+            not_image,
+            [("file", 'a.jpg"\r\nX-Injected: 1\r\n\r\n', jpeg, "image/jpeg")],
+        ),
+        Case(
+            "hostile-filename",
+            200,
+            files=upload(jpeg, "../../etc/passwd\x00\x01\r\n\x1b[31m/..\\..\\boot.ini.jpg"),
+        ),
+        Case("unicode-filename", 200, files=upload(jpeg, "k\u00e4tzchen \U0001f431.jpg")),
+    ]
+    for top_k in ("0", "-1", "1001", "x"):
+        cases.append(
+            Case(f"top_k={top_k}", 422, "top_k", upload(jpeg, "photo.jpg"), params={"top_k": top_k})
+        )
+    for name, data in valid_images(photo).items():
+        cases.append(Case(name, 200, files=upload(data, f"{name}.img")))
+    return cases

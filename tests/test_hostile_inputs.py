@@ -1,0 +1,295 @@
+"""Hostile and odd uploads (tests/corpus.py) each get their documented answer, cleanly.
+
+Cleanly means: the documented status (never a 5xx), a JSON ``{"detail": ...}`` that names
+the problem and nothing of the server's insides, no hang, and a service that still answers
+a valid photo correctly afterwards, one at a time, all at once, and under fuzzed JPEGs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import resource
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import ImageFile
+
+from service.settings import Settings
+from tests import images
+from tests.corpus import MAX_UPLOAD_BYTES, Case, build_corpus, multipart, multipart_headers
+from tests.server import BIN, free_port, running_server, server_env
+from tests.support import Reference, RunningApp, make_settings, photo_paths, running_app
+
+PHOTO = photo_paths()[0]
+CORPUS = build_corpus(PHOTO)
+CASE_TIMEOUT_S = 10
+# What an answer must never show: tracebacks, paths, module files, exception or type names.
+LEAKS = re.compile(
+    r"Traceback|/work|site-packages|\.py\b|<class|\b[A-Z]\w*(Error|Exception)\b|passwd|boot\.ini"
+)
+# One app for the whole module: model load and warm-up once, not once per case.
+module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+def corpus_settings(**overrides: object) -> Settings:
+    return make_settings(max_upload_bytes=MAX_UPLOAD_BYTES, **overrides)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def served() -> AsyncIterator[RunningApp]:
+    # A generous deadline: the concurrency test queues every case behind 40 photos.
+    async with running_app(corpus_settings(request_timeout_ms=60_000)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def expected_top5(reference: Reference, photos: list[Path]) -> dict[Path, list[int]]:
+    return {path: reference.top_k(images.photo(path), 5)[0] for path in photos}
+
+
+def photo_upload(path: Path) -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (path.name, path.read_bytes(), "image/jpeg")}
+
+
+def assert_clean(case: Case, response: httpx.Response) -> None:
+    """The documented status; an error's detail names the problem and leaks nothing."""
+    assert response.status_code == case.status, (case.name, response.text)
+    assert LEAKS.search(response.text) is None, (case.name, response.text)
+    body = response.json()
+    if case.status == 200:
+        assert len(body["prediction"]) == int(case.params.get("top_k", 5))
+        return
+    assert set(body) == {"detail"}, body
+    assert isinstance(body["detail"], str)
+    assert case.detail.lower() in body["detail"].lower(), (case.name, body["detail"])
+
+
+async def send(client: httpx.AsyncClient, case: Case) -> httpx.Response:
+    async with asyncio.timeout(CASE_TIMEOUT_S):
+        return await client.send(case.request())
+
+
+@module_loop
+@pytest.mark.parametrize("case", CORPUS, ids=[case.name for case in CORPUS])
+async def test_each_case_gets_its_documented_answer(
+    served: RunningApp, case: Case, expected_top5: dict[Path, list[int]]
+) -> None:
+    assert_clean(case, await send(served.client, case))
+    after = await served.client.post("/cls", files=photo_upload(PHOTO))
+    assert after.status_code == 200
+    assert after.json()["prediction"][0]["index"] == expected_top5[PHOTO][0]
+
+
+@contextmanager
+def pixel_allocations() -> Iterator[list[tuple[int, int]]]:
+    """Records the size of every pixel buffer Pillow prepares for a decode, in any thread."""
+    sizes: list[tuple[int, int]] = []
+    original = ImageFile.ImageFile.load_prepare
+
+    def recording(self: ImageFile.ImageFile) -> None:
+        sizes.append(self.size)
+        original(self)
+
+    ImageFile.ImageFile.load_prepare = recording  # type: ignore[method-assign]
+    try:
+        yield sizes
+    finally:
+        ImageFile.ImageFile.load_prepare = original  # type: ignore[method-assign]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@module_loop
+@pytest.mark.parametrize("name", ["png-bomb-30000x30000", "gif-bomb-30000x30000"])
+async def test_bombs_are_refused_before_pixels_are_allocated(served: RunningApp, name: str) -> None:
+    """30000x30000 pixels would take 0.9 GB as greyscale, 2.7 GB as RGB; none is allocated."""
+    case = next(case for case in CORPUS if case.name == name)
+    control = images.encode(images.gradient(64, 48), "PNG")
+    rss_before = peak_rss_bytes()
+    tracemalloc.start()
+    try:
+        with pixel_allocations() as sizes:
+            response = await send(served.client, case)
+            refused_sizes = list(sizes)
+            accepted = await served.client.post("/cls", files={"file": ("c.png", control)})
+        _, traced_peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_clean(case, response)
+    assert refused_sizes == []
+    # The spy does see real decodes, so its silence above means something.
+    assert accepted.status_code == 200
+    assert sizes == [(64, 48)]
+    assert traced_peak_bytes < 50 * 2**20
+    assert peak_rss_bytes() - rss_before < 200 * 2**20
+
+
+@module_loop
+async def test_the_whole_corpus_at_once_among_valid_requests(
+    served: RunningApp, photos: list[Path], expected_top5: dict[Path, list[int]]
+) -> None:
+    """Every case and 40 photo requests, shuffled and concurrent: each gets its own answer."""
+    valid = [photos[i % len(photos)] for i in range(40)]
+    jobs: list[Case | Path] = [*CORPUS, *valid]
+    random.Random(0).shuffle(jobs)
+
+    async def one(job: Case | Path) -> httpx.Response:
+        if isinstance(job, Case):
+            return await send(served.client, job)
+        return await served.client.post("/cls", files=photo_upload(job))
+
+    async with asyncio.timeout(120):
+        responses = await asyncio.gather(*(one(job) for job in jobs))
+    for job, response in zip(jobs, responses, strict=True):
+        if isinstance(job, Case):
+            assert_clean(job, response)
+        else:
+            assert response.status_code == 200, response.text
+            indices = [p["index"] for p in response.json()["prediction"]]
+            assert indices == expected_top5[job], job.name
+
+
+# Ways to damage a JPEG, applied in sequence: (kind, position as a fraction, value).
+MUTATION = st.tuples(
+    st.sampled_from(["flip", "truncate", "insert", "delete", "header"]),
+    st.floats(0, 1),
+    st.integers(0, 255),
+)
+
+
+def mutate(data: bytes, mutations: list[tuple[str, float, int]]) -> bytes:
+    buffer = bytearray(data)
+    for kind, where, value in mutations:
+        if not buffer:
+            break
+        at = min(int(where * len(buffer)), len(buffer) - 1)
+        if kind == "flip":
+            buffer[at] ^= 1 << (value % 8)
+        elif kind == "truncate":
+            del buffer[at:]
+        elif kind == "insert":
+            buffer[at:at] = bytes([value]) * (1 + value % 16)
+        elif kind == "delete":
+            del buffer[at : at + 1 + value % 64]
+        else:
+            # Markers, frame and Huffman tables sit in the first few hundred bytes.
+            buffer[int(where * min(len(buffer), 600)) % len(buffer)] = value
+    return bytes(buffer)
+
+
+@pytest.fixture(scope="module")
+def small_jpeg() -> bytes:
+    """A small JPEG of a real photo: fuzzing hits its headers more often than a large one's."""
+    return images.encode(images.photo(PHOTO).resize((192, 128)), "JPEG", quality=85)
+
+
+@pytest.fixture(scope="module")
+def fuzz_client() -> Iterator[tuple[asyncio.Runner, httpx.AsyncClient]]:
+    """One app on one event loop for every Hypothesis example (Hypothesis calls sync tests).
+
+    The loop factory keeps the runner from replacing the thread's current event loop,
+    which pytest-asyncio's module loop relies on.
+    """
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        stack = AsyncExitStack()
+        running = runner.run(stack.enter_async_context(running_app(corpus_settings())))
+        try:
+            yield runner, running.client
+        finally:
+            runner.run(stack.aclose())
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=4))
+def test_mutated_jpegs_are_answered_200_or_4xx_quickly(
+    fuzz_client: tuple[asyncio.Runner, httpx.AsyncClient],
+    small_jpeg: bytes,
+    mutations: list[tuple[str, float, int]],
+) -> None:
+    runner, client = fuzz_client
+    data = mutate(small_jpeg, mutations)
+
+    async def classify() -> httpx.Response:
+        async with asyncio.timeout(CASE_TIMEOUT_S):
+            return await client.post("/cls", files={"file": ("fuzz.jpg", data, "image/jpeg")})
+
+    response = runner.run(classify())
+    event(f"status {response.status_code}")  # --hypothesis-show-statistics shows the mix
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    assert LEAKS.search(response.text) is None, response.text
+    if response.status_code != 200:
+        assert set(response.json()) == {"detail"}
+
+
+def test_fuzzed_service_still_answers_a_photo(
+    fuzz_client: tuple[asyncio.Runner, httpx.AsyncClient],
+    reference: Reference,
+) -> None:
+    runner, client = fuzz_client
+    response = runner.run(client.post("/cls", files=photo_upload(PHOTO)))
+    assert response.status_code == 200
+    assert [p["index"] for p in response.json()["prediction"]] == reference.top_k(
+        images.photo(PHOTO), 5
+    )[0]
+
+
+def exchange(port: int, body: bytes, declared_length: int, half_close: bool) -> bytes:
+    """Send one raw request with a chosen Content-Length; what comes back before the close."""
+    headers = {**multipart_headers(body), "Content-Length": str(declared_length)}
+    head = "POST /cls HTTP/1.1\r\nHost: test\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=CASE_TIMEOUT_S) as connection:
+        connection.sendall(head.encode() + b"\r\n" + body)
+        if half_close:
+            connection.shutdown(socket.SHUT_WR)
+        received = b""
+        started = time.monotonic()
+        while chunk := connection.recv(65536):
+            received += chunk
+        assert time.monotonic() - started < CASE_TIMEOUT_S
+        return received
+
+
+@pytest.mark.slow
+def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) -> None:
+    """What the real stack (uvicorn's parser, as under gunicorn) does with a lying length.
+
+    Shorter: the rest of the body is read as the next request, which does not parse, so
+    the server answers 400 and closes. Longer: the server waits for the promised bytes, as
+    HTTP says it must; when the client stops sending, the connection closes, with no 5xx.
+    """
+    port = free_port()
+    command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    env = server_env(tmp_path, PORT=str(port), MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES))
+    body = multipart([("file", "photo.jpg", PHOTO.read_bytes(), "image/jpeg")])
+    with running_server(tmp_path, command, env) as server:
+        for declared in (len(body) // 2, len(body) - 10, 0):
+            answer = exchange(port, body, declared, half_close=False)
+            assert re.match(rb"HTTP/1\.1 4\d\d ", answer), (declared, answer[:200])
+        longer = exchange(port, body, len(body) + 1000, half_close=True)
+        assert longer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", longer), longer[:200]
+        valid = httpx.post(f"{server.url}/cls", files=photo_upload(photos[0]), timeout=30)
+        assert valid.status_code == 200
+        log = server.log()
+    assert "Traceback" not in log
+    assert " 500 " not in log
+    assert "answered 5" not in log
