@@ -40,7 +40,7 @@ from classification import (
 from service import metrics
 from service.middleware import (
     ApiKeyMiddleware,
-    BodySizeLimitMiddleware,
+    BodyLimitsMiddleware,
     RequestContextMiddleware,
     RequestIdLogFilter,
 )
@@ -435,7 +435,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        BodyLimitsMiddleware,
         limits_by_path={
             "/cls": upload_limit,
             "/cls/batch": upload_limit * settings.max_batch_files,
@@ -445,6 +445,7 @@ def create_app(settings: Settings) -> FastAPI:
             f"request body is over {limit} bytes; "
             f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
         ),
+        idle_timeout_s=settings.body_idle_timeout_s,
     )
     if settings.api_key is not None:
         app.add_middleware(

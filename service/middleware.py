@@ -1,7 +1,8 @@
-"""ASGI middleware: request ids and metrics, API keys, body size limits."""
+"""ASGI middleware: request ids and metrics, API keys, body size and time limits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
@@ -87,11 +88,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over a per-path limit with 413, while they are received.
+class BodyLimitsMiddleware:
+    """Refuses request bodies over a per-path size limit (413) or that stall (408).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream.
+    A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
+    slow or lying client cannot hold a connection and its buffers for ever.
     """
 
     def __init__(
@@ -100,11 +103,13 @@ class BodySizeLimitMiddleware:
         limits_by_path: Mapping[str, int],
         default_limit: int,
         describe: Callable[[int], str],
+        idle_timeout_s: float,
     ) -> None:
         self.app = app
         self.limits_by_path = limits_by_path
         self.default_limit = default_limit
         self.describe = describe
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,19 +123,32 @@ class BodySizeLimitMiddleware:
             return
 
         received = 0
+        body_complete = False
 
-        async def receive_within_limit() -> Message:
-            nonlocal received
-            message = await receive()
+        async def receive_within_limits() -> Message:
+            nonlocal received, body_complete
+            if body_complete:
+                # Past the body, receive() waits for the disconnect: no deadline applies.
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                # Raised inside the route's body parsing, so the app's error handler
+                # answers it like any other HTTP error.
+                raise HTTPException(
+                    408,
+                    f"the request body stalled for {self.idle_timeout_s:g} s; "
+                    "BODY_IDLE_TIMEOUT_S allows that long between chunks",
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > limit:
-                    # Raised inside the route's body parsing, so the app's error handler
-                    # answers it like any other HTTP error.
                     raise HTTPException(413, self.describe(limit))
             return message
 
-        await self.app(scope, receive_within_limit, send)
+        await self.app(scope, receive_within_limits, send)
 
 
 class ApiKeyMiddleware:

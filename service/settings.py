@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_batch_files: int = Field(32, ge=1, le=1000)
+    body_idle_timeout_s: float = Field(30.0, gt=0)
 
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)

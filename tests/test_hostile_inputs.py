@@ -275,11 +275,14 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
 
     Shorter: the rest of the body is read as the next request, which does not parse, so
     the server answers 400 and closes. Longer: the server waits for the promised bytes, as
-    HTTP says it must; when the client stops sending, the connection closes, with no 5xx.
+    HTTP says it must, for at most BODY_IDLE_TIMEOUT_S, then answers 408; a client that
+    half-closes instead gets its connection closed. Never a 5xx.
     """
     port = free_port()
     command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
-    env = server_env(tmp_path, PORT=str(port), MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES))
+    env = server_env(
+        tmp_path, PORT=str(port), MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), BODY_IDLE_TIMEOUT_S="1"
+    )
     body = multipart([("file", "photo.jpg", PHOTO.read_bytes(), "image/jpeg")])
     with running_server(tmp_path, command, env) as server:
         for declared in (len(body) // 2, len(body) - 10, 0):
@@ -287,6 +290,11 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
             assert re.match(rb"HTTP/1\.1 4\d\d ", answer), (declared, answer[:200])
         longer = exchange(port, body, len(body) + 1000, half_close=True)
         assert longer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", longer), longer[:200]
+        started = time.monotonic()
+        stalled = exchange(port, body, len(body) + 1000, half_close=False)
+        assert stalled.startswith(b"HTTP/1.1 408 "), stalled[:200]
+        assert b"BODY_IDLE_TIMEOUT_S" in stalled
+        assert 0.9 < time.monotonic() - started < CASE_TIMEOUT_S
         valid = httpx.post(f"{server.url}/cls", files=photo_upload(photos[0]), timeout=30)
         assert valid.status_code == 200
         log = server.log()
