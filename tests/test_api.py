@@ -50,6 +50,25 @@ async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
             await asyncio.sleep(0.005)
 
 
+def http_scope(request: httpx.Request) -> dict[str, object]:
+    """The ASGI scope of ``request`` sent to /cls, for tests that drive the app directly."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/cls",
+        "raw_path": b"/cls",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+        "state": {},
+    }
+
+
 def upload(data: bytes, name: str = "image.jpg") -> dict[str, tuple[str, bytes, str]]:
     return {"file": (name, data, "application/octet-stream")}
 
@@ -360,21 +379,7 @@ async def test_client_that_disconnects_while_queued_never_reaches_the_model(
         async def send(message: dict[str, object]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/cls",
-            "raw_path": b"/cls",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in encoded.headers.items()],
-            "client": ("127.0.0.1", 1234),
-            "server": ("test", 80),
-            "state": {},
-        }
+        scope = http_scope(encoded)
         gone = asyncio.create_task(served.app(scope, receive, send))
         processor = served.service.processor
         assert processor is not None
@@ -388,3 +393,33 @@ async def test_client_that_disconnects_while_queued_never_reaches_the_model(
         assert (await busy).status_code == 200
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
         assert model.batch_sizes == [1, 1]
+
+
+async def test_client_that_disconnects_mid_upload_costs_nothing(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half a body, then the client is gone: no decode, no queue entry, no error logged."""
+    async with running_app(make_settings()) as served:
+        encoded = httpx.Request("POST", "http://test/cls", files=upload(photos[0].read_bytes()))
+        body = encoded.read()
+        messages = [
+            {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+
+        async def receive() -> dict[str, object]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            pass
+
+        scope = http_scope(encoded)
+        processor = served.service.processor
+        assert processor is not None
+        with caplog.at_level(logging.ERROR):
+            await asyncio.wait_for(served.app(scope, receive, send), 10)
+        assert processor.queue_depth == 0
+        assert processor.in_flight == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+        assert response.status_code == 200
