@@ -117,20 +117,9 @@ def write_plots(prefix: Path, results: dict[str, Any]) -> list[Path]:
     for steps, label, marker in ((closed, "closed loop", "o"), (opened, "open loop", "s")):
         if steps:
             throughput = [s["throughput_per_s"] for s in steps]
-            axis.plot(
-                throughput,
-                [s["latency_ms"]["p50"] for s in steps],
-                marker,
-                ls="-",
-                label=f"{label} p50",
-            )
-            axis.plot(
-                throughput,
-                [s["latency_ms"]["p99"] for s in steps],
-                marker,
-                ls="--",
-                label=f"{label} p99",
-            )
+            for quantile, line in (("p50", "-"), ("p99", "--")):
+                latency = [s["latency_ms"][quantile] for s in steps]
+                axis.plot(throughput, latency, marker, ls=line, label=f"{label} {quantile}")
     axis.set_xlabel("throughput (images/s)")
     axis.set_ylabel("latency (ms)")
     axis.set_yscale("log")
