@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast lint format audit bench bench-full clean
+.PHONY: run dev test test-fast soak lint format audit bench bench-full clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 ## test-fast: the suite without the tests that start server processes
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+## soak: minutes of 10x overload against real gunicorn, watching memory (SOAK_S, default 300)
+soak: $(STAMP)
+	$(BIN)/python -m pytest -m soak -s tests/test_resilience.py
 
 ## lint: ruff (lint + format check) and mypy
 lint: $(STAMP)

@@ -27,7 +27,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batching import BatchFailed, BatchProcessor, DeadlineExceeded, QueueFull, Stopped
+from batching import (
+    BatchFailed,
+    BatchProcessor,
+    DeadlineExceeded,
+    Outcome,
+    QueueFull,
+    Stopped,
+)
 from classification import (
     Classifier,
     ImageTooLarge,
@@ -110,6 +117,7 @@ class Service:
         self.processor: BatchProcessor[ClassifyJob, list[Prediction]] | None = None
         self.ready = False
         self._decoding = 0
+        self._observer = metrics.PrometheusObserver()
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode"
         )
@@ -142,9 +150,7 @@ class Service:
             classifier.dtype_name,
             classifier.weights_description,
         )
-        self.processor = BatchProcessor(
-            self._run_batch, settings.batch_config(), metrics.PrometheusObserver()
-        )
+        self.processor = BatchProcessor(self._run_batch, settings.batch_config(), self._observer)
         self.processor.start()
         self.ready = True
 
@@ -163,6 +169,8 @@ class Service:
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
         if processor.queue_depth + self._decoding >= processor.config.max_queue:
+            # Counted like the batcher's own refusals, so the metric sees every one.
+            self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
         if upload.size is not None and upload.size > self.settings.max_upload_bytes:
             raise UploadTooLarge(self._too_large_message(upload.size))

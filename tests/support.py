@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -75,3 +76,9 @@ async def running_app(settings: Settings) -> AsyncIterator[RunningApp]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield RunningApp(app, client)
+
+
+def metric_value(text: str, sample: str) -> float:
+    """The value of one exposition line, e.g. ``batch_size_count``; 0 if absent."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

@@ -14,7 +14,7 @@ import pytest
 
 from classification import Prediction
 from tests import images
-from tests.support import Reference, RunningApp, make_settings, running_app
+from tests.support import Reference, RunningApp, make_settings, metric_value, running_app
 
 
 class GatedModel:
@@ -222,10 +222,14 @@ async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
         processor = served.service.processor
         assert processor is not None
         await wait_for(lambda: processor.queue_depth == 2)
+        rejected = 'batch_requests_total{outcome="rejected"}'
+        before = metric_value((await served.client.get("/metrics")).text, rejected)
         refused = await served.client.post("/cls", files=upload(data))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "MAX_QUEUE allows 2" in refused.json()["detail"]
+        after = metric_value((await served.client.get("/metrics")).text, rejected)
+        assert after == before + 1
         model.release.set()
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
 

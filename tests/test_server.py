@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 from pathlib import Path
 
@@ -19,15 +18,9 @@ from tests.server import (
     running_server,
     server_env,
 )
-from tests.support import Reference
+from tests.support import Reference, metric_value
 
 pytestmark = pytest.mark.slow
-
-
-def metric_value(text: str, sample: str) -> float:
-    """The value of one exposition line, e.g. ``batch_size_count``; 0 if absent."""
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_gunicorn_serves_concurrent_requests_in_batches(
