@@ -183,6 +183,17 @@ async def test_in_flight_and_batch_age_follow_the_running_batch() -> None:
         assert processor.oldest_batch_age_s() == 0.0
 
 
+async def three_queued_behind_a_running_batch(
+    processor: BatchProcessor[int, int], handler: FakeHandler
+) -> tuple[list[asyncio.Task[int]], list[asyncio.Task[int]]]:
+    """Item 0 parked in the handler, items 1, 2 and 3 waiting in the queue behind it."""
+    first = spawn(processor, 0)
+    await handler.next_started()
+    queued = spawn(processor, 1, 2, 3)
+    await wait_until(lambda: processor.queue_depth == 3)
+    return first, queued
+
+
 # --- Deadlines and cancellation -------------------------------------------------------------
 
 
@@ -225,10 +236,7 @@ async def test_a_cancelled_queued_caller_is_skipped() -> None:
     """A caller cancelled while queued never reaches the handler; the others are served."""
     handler = FakeHandler(held=True)
     async with running(handler, BatchConfig()) as processor:
-        first = spawn(processor, 0)
-        await handler.next_started()
-        a, b, c = spawn(processor, 1, 2, 3)
-        await wait_until(lambda: processor.queue_depth == 3)
+        first, (a, b, c) = await three_queued_behind_a_running_batch(processor, handler)
 
         b.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -250,10 +258,7 @@ async def test_a_caller_cancelled_as_its_batch_forms_is_skipped() -> None:
     """
     handler = FakeHandler(held=True)
     async with running(handler, BatchConfig()) as processor:
-        first = spawn(processor, 0)
-        await handler.next_started()
-        a, b, c = spawn(processor, 1, 2, 3)
-        await wait_until(lambda: processor.queue_depth == 3)
+        first, (a, b, c) = await three_queued_behind_a_running_batch(processor, handler)
 
         handler.release_next()
         # Runs on the next loop turn, right after the released batch completes.
@@ -272,10 +277,7 @@ async def test_cancelling_a_caller_inside_a_running_batch_spares_the_others() ->
     """Cancelling one caller of a running batch leaves the batch intact for its other callers."""
     handler = FakeHandler(held=True)
     async with running(handler, BatchConfig()) as processor:
-        first = spawn(processor, 0)
-        await handler.next_started()
-        a, b, c = spawn(processor, 1, 2, 3)
-        await wait_until(lambda: processor.queue_depth == 3)
+        first, (a, b, c) = await three_queued_behind_a_running_batch(processor, handler)
         handler.release_next()
         assert await handler.next_started() == [1, 2, 3]
 
