@@ -8,19 +8,22 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +35,7 @@ from batching import (
     BatchProcessor,
     DeadlineExceeded,
     Outcome,
+    Priority,
     QueueFull,
     Stopped,
 )
@@ -52,6 +56,9 @@ from service.middleware import (
     RequestIdLogFilter,
 )
 from service.settings import Settings, load_settings
+from service.task_runner import RunnerConfig, TaskRunner
+from service.tasks import TaskNotCancellable, TaskQueueFull, TaskRecord, TaskStatus
+from service.webhooks import InvalidCallbackUrl, WebhookConfig, WebhookSender, check_callback_url
 
 logger = logging.getLogger("service")
 T = TypeVar("T")
@@ -63,6 +70,9 @@ RETRY_AFTER_S = "1"
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
+# After the batcher drained, how long running tasks get to store their results.
+TASK_STOP_GRACE_S = 5.0
+MAX_CALLBACK_URL_CHARS = 2048
 
 
 class UploadTooLarge(Exception):
@@ -75,6 +85,14 @@ class ClientDisconnected(Exception):
 
 class NotReady(Exception):
     """The model is not loaded yet, or the server is draining."""
+
+
+class InvalidTaskField(Exception):
+    """A form field of ``POST /tasks`` other than the image is malformed."""
+
+
+class TaskNotFound(Exception):
+    """No task has this id (never submitted, malformed, or expired after ``TASK_TTL``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +126,35 @@ class BatchResponse(BaseModel):
     results: list[BatchEntry]
 
 
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: TaskStatus
+    status_url: str
+
+
+class WebhookOut(BaseModel):
+    """Where the delivery of a task's callback stands: waiting (for the task to finish),
+    pending, delivered or failed."""
+
+    status: str
+    attempts: int
+    last_error: str | None
+
+
+class TaskOut(BaseModel):
+    """A task's state; ``prediction`` once it succeeded, ``error`` once it failed."""
+
+    task_id: str
+    status: TaskStatus
+    prediction: list[PredictionOut] | None = None
+    error: str | None = None
+    metadata: dict[str, object] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    webhook: WebhookOut | None
+
+
 class Service:
     """Everything one worker holds while serving: the model, the batcher and their threads."""
 
@@ -118,9 +165,13 @@ class Service:
         self.ready = False
         self._decoding = 0
         self._observer = metrics.PrometheusObserver()
+        self.tasks: TaskRunner | None = None
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode"
         )
+        # Tasks decode on their own thread, so a burst of them never queues ahead of an
+        # interactive request's decode.
+        self._task_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="task-decode")
         # One thread: batches reach the model one at a time, in order.
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
 
@@ -152,15 +203,59 @@ class Service:
         )
         self.processor = BatchProcessor(self._run_batch, settings.batch_config(), self._observer)
         self.processor.start()
+        self.tasks = self._task_runner()
+        await self.tasks.start()
         self.ready = True
 
+    def _task_runner(self) -> TaskRunner:
+        settings = self.settings
+        secret = settings.webhook_secret
+        sender = WebhookSender(
+            WebhookConfig(
+                secret=None if secret is None else secret.get_secret_value(),
+                max_attempts=settings.webhook_max_attempts,
+                timeout_s=settings.webhook_timeout_s,
+                backoff_initial_s=settings.webhook_backoff_s,
+                backoff_max_s=settings.webhook_backoff_max_s,
+                allow_private=settings.webhook_allow_private,
+            )
+        )
+        config = RunnerConfig(
+            data_dir=settings.data_dir,
+            # One batch waiting in the background lane while another runs keeps spare
+            # batch slots filled without hoarding tasks other workers could run.
+            capacity=2 * settings.max_batch_size,
+            max_queued=settings.task_max_queued,
+            max_attempts=settings.task_max_attempts,
+            lease_s=settings.task_lease_s,
+            poll_interval_s=settings.task_poll_interval_s,
+            cleanup_interval_s=settings.task_cleanup_interval_s,
+            ttl_s=settings.task_ttl.total_seconds(),
+        )
+        return TaskRunner(
+            config,
+            execute=self.run_task,
+            describe_error=lambda error: _status_and_detail(error)[1],
+            requeue_on=(Stopped, QueueFull, NotReady),
+            sender=sender,
+            observer=metrics.PrometheusTaskObserver(),
+        )
+
     async def stop(self) -> None:
-        """Stop taking requests, finish the queued ones (bounded), release the threads."""
+        """Stop taking requests, finish the queued ones (bounded), release the threads.
+
+        Tasks still queued in the batcher finish with it; whatever is left goes back to the
+        task store for another worker or the next start.
+        """
         self.ready = False
+        if self.tasks is not None:
+            await self.tasks.stop_claiming()
         if self.processor is not None:
             await self.processor.stop(self.settings.drain_timeout_s)
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._inference_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tasks is not None:
+            await self.tasks.stop(grace_s=TASK_STOP_GRACE_S)
+        for pool in (self._decode_pool, self._task_decode_pool, self._inference_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def classify(self, upload: UploadFile, top_k: int, deadline: float) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
@@ -168,16 +263,11 @@ class Service:
             raise NotReady("the model is not ready")
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
-        if processor.queue_depth + self._decoding >= processor.config.max_queue:
+        if processor.waiting(Priority.INTERACTIVE) + self._decoding >= processor.config.max_queue:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
-        if upload.size is not None and upload.size > self.settings.max_upload_bytes:
-            raise UploadTooLarge(self._too_large_message(upload.size))
-        data = await upload.read()
-        if len(data) > self.settings.max_upload_bytes:
-            raise UploadTooLarge(self._too_large_message(len(data)))
-
+        data = await self._read_upload(upload)
         self._decoding += 1
         try:
             pixels = await asyncio.get_running_loop().run_in_executor(
@@ -186,6 +276,41 @@ class Service:
         finally:
             self._decoding -= 1
         return await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)
+
+    async def validate_task_image(self, upload: UploadFile) -> bytes:
+        """The upload's bytes, once they decode as an image the model accepts."""
+        if not self.ready:
+            raise NotReady("the model is not ready")
+        data = await self._read_upload(upload)
+        await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, _preprocess, data, self.settings.max_image_pixels
+        )
+        return data
+
+    async def run_task(self, image: bytes, top_k: int) -> object:
+        """Classify a stored task's image in the batcher's background lane."""
+        if self.processor is None:
+            raise NotReady("the model is not ready")
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            self._task_decode_pool, _preprocess, image, self.settings.max_image_pixels
+        )
+        predictions = await self.processor.submit(
+            ClassifyJob(pixels, top_k), priority=Priority.BACKGROUND
+        )
+        return [p.model_dump() for p in _prediction_out(predictions)]
+
+    def running_tasks(self) -> TaskRunner:
+        if self.tasks is None:
+            raise NotReady("the model is not ready")
+        return self.tasks
+
+    async def _read_upload(self, upload: UploadFile) -> bytes:
+        if upload.size is not None and upload.size > self.settings.max_upload_bytes:
+            raise UploadTooLarge(self._too_large_message(upload.size))
+        data = await upload.read()
+        if len(data) > self.settings.max_upload_bytes:
+            raise UploadTooLarge(self._too_large_message(len(data)))
+        return data
 
     def check_top_k(self, top_k: int) -> None:
         if self.classifier is not None and top_k > self.classifier.num_classes:
@@ -298,6 +423,127 @@ async def classify_batch(
     return BatchResponse(results=results)
 
 
+async def submit_task(
+    request: Request,
+    file: Annotated[UploadFile, File(description="The image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
+    callback_url: Annotated[
+        str | None,
+        Form(description="http(s) URL to POST the result to when the task finishes"),
+    ] = None,
+    metadata: Annotated[
+        str | None,
+        Form(description="A JSON object, returned with the result and in the webhook"),
+    ] = None,
+    top_k: TopK = 5,
+) -> JSONResponse:
+    """Queue an image for classification; answers at once with the task's id.
+
+    The image is validated first: a bad one gets its 4xx now, not a failed task later.
+    """
+    service = _service(request)
+    settings = service.settings
+    service.check_top_k(top_k)
+    parsed_metadata = _parse_metadata(metadata, settings.task_metadata_max_bytes)
+    if callback_url is not None:
+        callback_url = callback_url.strip() or None
+    if callback_url is not None:
+        # Resolves the host name: off the event loop.
+        await asyncio.to_thread(
+            check_callback_url, callback_url, allow_private=settings.webhook_allow_private
+        )
+    image = await service.validate_task_image(file)
+    record = await service.running_tasks().submit(
+        image, top_k=top_k, metadata=parsed_metadata, callback_url=callback_url
+    )
+    status_url = str(request.url_for("task_status", task_id=record.id))
+    accepted = TaskAccepted(task_id=record.id, status=record.status, status_url=status_url)
+    return JSONResponse(
+        accepted.model_dump(mode="json"), status_code=202, headers={"Location": status_url}
+    )
+
+
+async def task_status(request: Request, task_id: str) -> JSONResponse:
+    """A task's state, and its prediction or error once it has finished."""
+    record = await _service(request).running_tasks().get(_valid_task_id(task_id))
+    if record is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return _task_response(record)
+
+
+async def cancel_task(request: Request, task_id: str) -> JSONResponse:
+    """Cancel a task that has not started; 409 once it is running or finished."""
+    record = await _service(request).running_tasks().cancel(_valid_task_id(task_id))
+    if record is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return _task_response(record)
+
+
+def _valid_task_id(task_id: str) -> str:
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        raise TaskNotFound(f"no task {task_id[:64]}") from None
+
+
+def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | None:
+    if text is None:
+        return None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise InvalidTaskField(
+            f"metadata is {size} bytes; TASK_METADATA_MAX_BYTES allows {max_bytes}"
+        )
+    try:
+        parsed = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise InvalidTaskField('metadata must be a JSON object, e.g. {"order": 17}') from None
+    if not isinstance(parsed, dict):
+        kind = _JSON_KINDS.get(type(parsed), "value")
+        raise InvalidTaskField(f"metadata must be a JSON object, received a JSON {kind}")
+    return parsed
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _refuse_constant(name: str) -> object:
+    # NaN and Infinity are not JSON; echoing them back would break strict clients.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _task_response(record: TaskRecord) -> JSONResponse:
+    fields: dict[str, object] = {}
+    if record.status is TaskStatus.SUCCEEDED:
+        fields["prediction"] = record.prediction
+    elif record.error is not None:
+        fields["error"] = record.error
+    webhook = None
+    if record.webhook_status is not None or record.callback_url is not None:
+        webhook = WebhookOut(
+            status=record.webhook_status or "waiting",  # for the task to finish
+            attempts=record.webhook_attempts,
+            last_error=record.webhook_last_error,
+        )
+    task = TaskOut.model_validate(
+        {
+            "task_id": record.id,
+            "status": record.status,
+            **fields,
+            "metadata": record.metadata,
+            "created_at": _utc(record.created_at),
+            "started_at": _utc(record.started_at),
+            "finished_at": _utc(record.finished_at),
+            "webhook": webhook,
+        }
+    )
+    # Only the one of prediction and error that applies.
+    return JSONResponse(task.model_dump(mode="json", exclude_unset=True))
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
 async def healthz(request: Request) -> JSONResponse:
     """Liveness: the process serves HTTP and the model is not stuck on a batch."""
     service = _service(request)
@@ -326,8 +572,13 @@ async def prometheus_metrics() -> Response:
 _ERROR_STATUS: dict[type[Exception], int] = {
     InvalidImage: 400,
     ImageTooLarge: 400,
+    TaskNotFound: 404,
+    TaskNotCancellable: 409,
     UploadTooLarge: 413,
+    InvalidTaskField: 422,
+    InvalidCallbackUrl: 422,
     QueueFull: 503,
+    TaskQueueFull: 503,
     NotReady: 503,
     Stopped: 503,
     DeadlineExceeded: 504,
@@ -335,7 +586,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     # nginx's convention for "client closed request"; only metrics and logs see it.
     ClientDisconnected: 499,
 }
-_PUBLIC_DETAIL = {
+_PUBLIC_DETAIL: dict[type[Exception], str] = {
     BatchFailed: "inference failed; the error is logged on the server",
     DeadlineExceeded: "the request was not served within REQUEST_TIMEOUT_MS",
 }
@@ -426,6 +677,26 @@ def create_app(settings: Settings) -> FastAPI:
         form_limits={"max_files": settings.max_batch_files, "max_fields": 8},
         tags=["classification"],
     )
+    app.add_api_route(
+        "/tasks",
+        submit_task,
+        methods=["POST"],
+        status_code=202,
+        response_model=TaskAccepted,
+        form_limits={"max_files": 1, "max_fields": 8},
+        tags=["tasks"],
+    )
+    app.add_api_route(
+        "/task-status/{task_id}",
+        task_status,
+        methods=["GET"],
+        response_model=TaskOut,
+        name="task_status",
+        tags=["tasks"],
+    )
+    app.add_api_route(
+        "/tasks/{task_id}", cancel_task, methods=["DELETE"], response_model=TaskOut, tags=["tasks"]
+    )
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["operations"])
     app.add_api_route(
@@ -447,6 +718,7 @@ def create_app(settings: Settings) -> FastAPI:
         limits_by_path={
             "/cls": upload_limit,
             "/cls/batch": upload_limit * settings.max_batch_files,
+            "/tasks": upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS,
         },
         default_limit=MAX_OTHER_BODY_BYTES,
         describe=lambda limit: (

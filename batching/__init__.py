@@ -9,6 +9,7 @@ from batching.processor import (
     BatchProcessor,
     NullObserver,
     Outcome,
+    Priority,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DeadlineExceeded",
     "NullObserver",
     "Outcome",
+    "Priority",
     "QueueFull",
     "Stopped",
 ]

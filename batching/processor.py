@@ -35,6 +35,15 @@ class BatchPolicy(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
+class Priority(enum.IntEnum):
+    """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first and
+    fills its spare slots with BACKGROUND items, so background work never delays
+    interactive work by more than the batch already running."""
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
+
+
 class Outcome(enum.StrEnum):
     """How one submitted item ended."""
 
@@ -138,6 +147,7 @@ class _Pending(Generic[In, Out]):
     future: asyncio.Future[Out]
     enqueued_at: float
     deadline: float | None
+    priority: Priority
     queued: bool = True
 
 
@@ -177,7 +187,8 @@ class BatchProcessor(Generic[In, Out]):
         self._handler = handler
         self._config = config
         self._observer = _GuardedObserver(observer or NullObserver())
-        self._queue: deque[_Pending[In, Out]] = deque()
+        # One FIFO lane per priority, indexed by ``Priority``.
+        self._lanes: tuple[deque[_Pending[In, Out]], ...] = tuple(deque() for _ in Priority)
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -191,8 +202,12 @@ class BatchProcessor(Generic[In, Out]):
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (cancelled and expired ones are not counted)."""
-        return len(self._queue)
+        """Items waiting for a batch, in every lane (cancelled and expired ones are not counted)."""
+        return sum(len(lane) for lane in self._lanes)
+
+    def waiting(self, priority: Priority) -> int:
+        """Items waiting for a batch in one priority lane."""
+        return len(self._lanes[priority])
 
     @property
     def in_flight(self) -> int:
@@ -217,15 +232,22 @@ class BatchProcessor(Generic[In, Out]):
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run_forever(), name="batch-processor")
 
-    async def submit(self, item: In, *, deadline: float | None = None) -> Out:
+    async def submit(
+        self,
+        item: In,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Out:
         """Queue ``item`` and wait for its output.
 
         Args:
             item: The payload handed to the handler inside a batch.
             deadline: Absolute ``time.monotonic()`` time after which the caller gives up.
+            priority: The lane to wait in; each lane holds at most ``max_queue`` items.
 
         Raises:
-            QueueFull: ``max_queue`` items are already waiting.
+            QueueFull: ``max_queue`` items are already waiting in the item's lane.
             Stopped: The processor is not accepting work.
             DeadlineExceeded: The deadline passed before the output was ready.
             BatchFailed: The handler failed on this item's batch.
@@ -233,10 +255,11 @@ class BatchProcessor(Generic[In, Out]):
         if not self._accepting:
             self._observer.item_finished(Outcome.STOPPED)
             raise Stopped("the batch processor is not accepting work")
-        if len(self._queue) >= self._config.max_queue:
+        lane = self._lanes[priority]
+        if len(lane) >= self._config.max_queue:
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(
-                f"{len(self._queue)} requests are already waiting; "
+                f"{len(lane)} requests are already waiting; "
                 f"MAX_QUEUE allows {self._config.max_queue}"
             )
         now = time.monotonic()
@@ -249,10 +272,11 @@ class BatchProcessor(Generic[In, Out]):
             future=asyncio.get_running_loop().create_future(),
             enqueued_at=now,
             deadline=deadline,
+            priority=priority,
         )
-        self._queue.append(entry)
+        lane.append(entry)
         self._arrived.set()
-        self._observer.queue_depth_changed(len(self._queue))
+        self._observer.queue_depth_changed(self.queue_depth)
 
         outcome = Outcome.FAILED
         try:
@@ -298,10 +322,11 @@ class BatchProcessor(Generic[In, Out]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         stopped = Stopped("the server is shutting down")
-        while self._queue:
-            entry = self._queue.popleft()
-            entry.queued = False
-            _fail(entry.future, stopped)
+        for lane in self._lanes:
+            while lane:
+                entry = lane.popleft()
+                entry.queued = False
+                _fail(entry.future, stopped)
         self._observer.queue_depth_changed(0)
         for batch in list(self._running):
             for entry in batch.entries:
@@ -314,7 +339,7 @@ class BatchProcessor(Generic[In, Out]):
             await asyncio.wait(tasks, timeout=1.0)
 
     async def _wait_until_drained(self) -> None:
-        while self._queue or self._running:
+        while self.queue_depth or self._running:
             tasks = [batch.task for batch in self._running if batch.task is not None]
             if tasks:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -326,8 +351,8 @@ class BatchProcessor(Generic[In, Out]):
         if not entry.queued:
             return  # already taken into a batch
         entry.queued = False
-        self._queue.remove(entry)
-        self._observer.queue_depth_changed(len(self._queue))
+        self._lanes[entry.priority].remove(entry)
+        self._observer.queue_depth_changed(self.queue_depth)
 
     async def _run_forever(self) -> None:
         while True:
@@ -343,13 +368,13 @@ class BatchProcessor(Generic[In, Out]):
 
     async def _collect_batch(self) -> list[_Pending[In, Out]]:
         while True:
-            while not self._queue:
+            while not self.queue_depth:
                 self._arrived.clear()
                 await self._arrived.wait()
             if self._config.policy is BatchPolicy.TIMEOUT and self._accepting:
-                waited_s = time.monotonic() - self._queue[0].enqueued_at
-                remaining_s = self._config.max_wait_s - waited_s
-                if len(self._queue) < self._config.max_batch_size and remaining_s > 0:
+                oldest_s = min(lane[0].enqueued_at for lane in self._lanes if lane)
+                remaining_s = self._config.max_wait_s - (time.monotonic() - oldest_s)
+                if self.queue_depth < self._config.max_batch_size and remaining_s > 0:
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining_s):
@@ -362,16 +387,19 @@ class BatchProcessor(Generic[In, Out]):
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()
         entries: list[_Pending[In, Out]] = []
-        while self._queue and len(entries) < limit:
-            entry = self._queue.popleft()
-            entry.queued = False
-            if entry.future.done():
-                continue
-            if entry.deadline is not None and entry.deadline <= now:
-                _fail(entry.future, DeadlineExceeded("the request's deadline passed in the queue"))
-                continue
-            entries.append(entry)
-        self._observer.queue_depth_changed(len(self._queue))
+        for lane in self._lanes:  # in priority order
+            while lane and len(entries) < limit:
+                entry = lane.popleft()
+                entry.queued = False
+                if entry.future.done():
+                    continue
+                if entry.deadline is not None and entry.deadline <= now:
+                    _fail(
+                        entry.future, DeadlineExceeded("the request's deadline passed in the queue")
+                    )
+                    continue
+                entries.append(entry)
+        self._observer.queue_depth_changed(self.queue_depth)
         return entries
 
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:

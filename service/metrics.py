@@ -55,6 +55,29 @@ BATCH_RUN = Histogram(
 BATCH_ITEMS = Counter(
     "batch_requests_total", "Requests leaving the batch processor, by outcome", ["outcome"]
 )
+TASK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
+TASKS_SUCCEEDED = Counter(
+    "image_task_success", "Asynchronous tasks that finished with a prediction"
+)
+TASKS_FAILED = Counter("image_task_failure", "Asynchronous tasks that finished with an error")
+TASK_LATENCY = Histogram(
+    "image_task_latency_seconds",
+    "Time from a task's submission to its result being stored",
+    buckets=TASK_LATENCY_BUCKETS_S,
+)
+# Read from the shared database, so every worker sets the same value; show the latest.
+TASK_QUEUE_DEPTH = Gauge(
+    "task_queue_depth",
+    "Tasks waiting to start (queued, not running), across all workers",
+    multiprocess_mode="mostrecent",
+)
+WEBHOOKS_DELIVERED = Counter("webhook_success", "Webhook deliveries the receiver accepted")
+WEBHOOKS_FAILED = Counter("webhook_failure", "Webhook deliveries given up after their last attempt")
+WEBHOOK_LATENCY = Histogram(
+    "webhook_latency_seconds",
+    "Time of one webhook HTTP attempt, successful or not",
+    buckets=LATENCY_BUCKETS_S,
+)
 MODEL_INFO = Gauge(
     "model_info",
     "The loaded model (value is always 1)",
@@ -79,6 +102,23 @@ class PrometheusObserver:
 
     def item_finished(self, outcome: Outcome) -> None:
         BATCH_ITEMS.labels(outcome=outcome.value).inc()
+
+
+class PrometheusTaskObserver:
+    """Feeds the task runner's events into the task and webhook metrics."""
+
+    def task_finished(self, succeeded: bool, latency_s: float) -> None:
+        (TASKS_SUCCEEDED if succeeded else TASKS_FAILED).inc()
+        TASK_LATENCY.observe(latency_s)
+
+    def task_queue_depth_changed(self, depth: int) -> None:
+        TASK_QUEUE_DEPTH.set(depth)
+
+    def webhook_attempted(self, duration_s: float) -> None:
+        WEBHOOK_LATENCY.observe(duration_s)
+
+    def webhook_finished(self, delivered: bool) -> None:
+        (WEBHOOKS_DELIVERED if delivered else WEBHOOKS_FAILED).inc()
 
 
 def record_model(model: str, device: str, dtype: str, weights: str) -> None:

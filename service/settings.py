@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
@@ -50,20 +51,45 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(None, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Asynchronous tasks (POST /tasks) and their webhooks.
+    data_dir: Path = Path("data")
+    task_ttl: timedelta = Field(timedelta(days=7), gt=timedelta(0))
+    task_max_queued: int = Field(10_000, ge=1)
+    task_max_attempts: int = Field(3, ge=1)
+    task_lease_s: float = Field(30.0, gt=0)
+    task_poll_interval_s: float = Field(1.0, gt=0)
+    task_cleanup_interval_s: float = Field(600.0, gt=0)
+    task_metadata_max_bytes: int = Field(16 * 1024, ge=2)
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: int = Field(5, ge=1, le=100)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+    webhook_backoff_max_s: float = Field(300.0, ge=0)
+    webhook_allow_private: bool = False
+
     # Unset or empty: no authentication. Never echoed in errors or logs.
     api_key: SecretStr | None = None
     # Comma-separated origins allowed to call the API from a browser; empty: CORS off.
     cors_origins: str = ""
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "webhook_secret", mode="before")
     @classmethod
-    def _empty_api_key_is_none(cls, value: object) -> object:
+    def _empty_secret_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _backoff_cap_covers_the_first_wait(self) -> Settings:
+        if self.webhook_backoff_max_s < self.webhook_backoff_s:
+            raise ValueError(
+                f"WEBHOOK_BACKOFF_MAX_S ({self.webhook_backoff_max_s}) must be at least "
+                f"WEBHOOK_BACKOFF_S ({self.webhook_backoff_s})"
+            )
+        return self
 
     @property
     def effective_torch_threads(self) -> int:
@@ -95,9 +121,10 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc']).upper()}={error.get('input')!r}: "
-            f"{error['msg']}"
-            for error in exc.errors()
-        ]
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            # Errors about a combination of settings name them in the message itself.
+            problems.append(f"{name}={error.get('input')!r}: {message}" if name else message)
         raise SystemExit("invalid configuration: " + "; ".join(problems)) from None

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from fastapi import FastAPI
 from PIL import Image
 from torchvision.models import ResNet18_Weights, resnet18
 
+from classification import Prediction
 from main import Service, create_app
 from service.settings import PROJECT_ROOT, Settings
 
@@ -49,8 +54,14 @@ class Reference:
 
 
 def make_settings(**overrides: object) -> Settings:
-    """Settings for in-process tests: random weights, small limits where a test needs them."""
-    values: dict[str, object] = {"weights": "random", "seed": SEED, "torch_threads": 2}
+    """Settings for in-process tests: random weights, a fresh task store, small limits where a
+    test needs them."""
+    values: dict[str, object] = {
+        "weights": "random",
+        "seed": SEED,
+        "torch_threads": 2,
+        "data_dir": tempfile.mkdtemp(prefix="tasks-"),
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -82,3 +93,36 @@ def metric_value(text: str, sample: str) -> float:
     """The value of one exposition line, e.g. ``batch_size_count``; 0 if absent."""
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+class GatedModel:
+    """Wraps the real classify: records batch sizes and holds each call until released."""
+
+    def __init__(self, served: RunningApp) -> None:
+        classifier = served.service.classifier
+        assert classifier is not None
+        self._real = classifier.classify
+        self.batch_sizes: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_next = False
+        classifier.classify = self.classify  # type: ignore[method-assign]
+
+    def classify(
+        self, pixels: Sequence[np.ndarray], top_k: Sequence[int]
+    ) -> list[list[Prediction]]:
+        self.batch_sizes.append(len(pixels))
+        self.entered.set()
+        if not self.release.wait(timeout=30):
+            raise RuntimeError("test never released the model")
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected failure in /secret/path/model.py")
+        return self._real(pixels, top_k)
+
+
+async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    assert callable(condition)
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)

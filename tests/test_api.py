@@ -4,50 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
-from classification import Prediction
 from tests import images
-from tests.support import Reference, RunningApp, make_settings, metric_value, running_app
-
-
-class GatedModel:
-    """Wraps the real classify: records batch sizes and holds each call until released."""
-
-    def __init__(self, served: RunningApp) -> None:
-        classifier = served.service.classifier
-        assert classifier is not None
-        self._real = classifier.classify
-        self.batch_sizes: list[int] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.fail_next = False
-        classifier.classify = self.classify  # type: ignore[method-assign]
-
-    def classify(
-        self, pixels: Sequence[np.ndarray], top_k: Sequence[int]
-    ) -> list[list[Prediction]]:
-        self.batch_sizes.append(len(pixels))
-        self.entered.set()
-        if not self.release.wait(timeout=30):
-            raise RuntimeError("test never released the model")
-        if self.fail_next:
-            self.fail_next = False
-            raise RuntimeError("injected failure in /secret/path/model.py")
-        return self._real(pixels, top_k)
-
-
-async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
-    assert callable(condition)
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.005)
+from tests.support import (
+    GatedModel,
+    Reference,
+    RunningApp,
+    make_settings,
+    metric_value,
+    running_app,
+    wait_for,
+)
 
 
 def http_scope(request: httpx.Request) -> dict[str, object]:

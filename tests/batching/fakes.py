@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from batching import BatchConfig, BatchObserver, BatchProcessor, Outcome
+from batching import BatchConfig, BatchObserver, BatchProcessor, Outcome, Priority
 
 T = TypeVar("T")
 
@@ -143,9 +143,13 @@ async def loop_turns(count: int) -> None:
         await asyncio.sleep(0)
 
 
-def spawn(processor: BatchProcessor[int, int], *items: int) -> list[asyncio.Task[int]]:
+def spawn(
+    processor: BatchProcessor[int, int],
+    *items: int,
+    priority: Priority = Priority.INTERACTIVE,
+) -> list[asyncio.Task[int]]:
     """Start one caller task per item."""
-    return [asyncio.create_task(processor.submit(item)) for item in items]
+    return [asyncio.create_task(processor.submit(item, priority=priority)) for item in items]
 
 
 async def results(tasks: Sequence[asyncio.Task[int]]) -> list[int]:

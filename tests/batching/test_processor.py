@@ -20,6 +20,7 @@ from batching import (
     BatchProcessor,
     DeadlineExceeded,
     Outcome,
+    Priority,
     QueueFull,
     Stopped,
 )
@@ -192,6 +193,102 @@ async def three_queued_behind_a_running_batch(
     queued = spawn(processor, 1, 2, 3)
     await wait_until(lambda: processor.queue_depth == 3)
     return first, queued
+
+
+# --- Priority lanes --------------------------------------------------------------------------
+
+BACKGROUND = Priority.BACKGROUND
+
+
+async def test_interactive_items_go_first_and_background_fills_spare_slots() -> None:
+    """A batch takes every waiting interactive item, then background items in FIFO order."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        background = spawn(processor, 100, 101, 102, 103, 104, priority=BACKGROUND)
+        interactive = spawn(processor, 1, 2)
+        await wait_until(lambda: processor.queue_depth == 7)
+        assert processor.waiting(Priority.INTERACTIVE) == 2
+        assert processor.waiting(BACKGROUND) == 5
+
+        handler.release_all()
+        await results(first + background + interactive)
+
+    assert handler.batches == [[0], [1, 2, 100, 101], [102, 103, 104]]
+
+
+async def test_interactive_work_waits_at_most_the_running_batch_behind_background_work() -> None:
+    """However much background work is queued, an interactive item rides the very next batch."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4, max_queue=64)) as processor:
+        background = spawn(processor, *range(100, 140), priority=BACKGROUND)
+        assert await handler.next_started() == [100, 101, 102, 103]
+        await wait_until(lambda: processor.waiting(BACKGROUND) == 36)
+
+        interactive = spawn(processor, 7)
+        await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        handler.release_next()
+        assert await handler.next_started() == [7, 104, 105, 106]
+        handler.release_next()
+        assert await results(interactive) == [14]
+
+        handler.release_all()
+        await results(background)
+
+
+async def test_timeout_policy_counts_background_items_towards_a_full_batch() -> None:
+    """Under TIMEOUT, interactive and background items together fill a batch at once."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=4, max_wait_s=10.0, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        tasks = spawn(processor, 100, 101, priority=BACKGROUND) + spawn(processor, 1, 2)
+        began = time.monotonic()
+        await results(tasks)
+        elapsed_s = time.monotonic() - began
+
+    assert handler.batches == [[1, 2, 100, 101]]
+    assert elapsed_s < 1.0  # max_wait_s is 10 s
+
+
+async def test_each_lane_has_its_own_queue_limit() -> None:
+    """A full background lane does not refuse interactive work, nor the other way round."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=1, max_queue=2)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        background = spawn(processor, 100, 101, priority=BACKGROUND)
+        await wait_until(lambda: processor.waiting(BACKGROUND) == 2)
+        with pytest.raises(QueueFull):
+            await bounded(processor.submit(102, priority=BACKGROUND), limit_s=1.0)
+
+        interactive = spawn(processor, 1, 2)
+        await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 2)
+        with pytest.raises(QueueFull):
+            await bounded(processor.submit(3), limit_s=1.0)
+
+        handler.release_all()
+        await results(first + background + interactive)
+
+    assert handler.seen == [0, 1, 2, 100, 101]
+
+
+async def test_a_cancelled_background_item_is_skipped() -> None:
+    """Cancelling a queued background caller removes it from its lane before it runs."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        background = spawn(processor, 100, 101, priority=BACKGROUND)
+        await wait_until(lambda: processor.waiting(BACKGROUND) == 2)
+        background[0].cancel()
+        await wait_until(lambda: processor.waiting(BACKGROUND) == 1)
+
+        handler.release_all()
+        assert await results(first + background[1:]) == [0, 202]
+
+    assert 100 not in handler.seen
 
 
 # --- Deadlines and cancellation -------------------------------------------------------------

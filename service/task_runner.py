@@ -1,0 +1,365 @@
+"""Runs persisted tasks through the model and delivers their webhooks, in every worker.
+
+Each worker claims queued tasks from the shared store, a few at a time, and hands them to
+``execute`` (the model, through the batcher's background lane). Leases, renewed while the
+worker lives, let another worker (or the next start) take over what a dead one held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore, WebhookStatus
+from service.webhooks import WebhookSender
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+# Runs one task's image through the model: (image bytes, top_k) -> JSON-ready prediction.
+Execute = Callable[[bytes, int], Awaitable[object]]
+
+
+class TaskObserver(Protocol):
+    """Receives the runner's events, for metrics. Calls must be cheap and not raise."""
+
+    def task_finished(self, succeeded: bool, latency_s: float) -> None: ...
+
+    def task_queue_depth_changed(self, depth: int) -> None: ...
+
+    def webhook_attempted(self, duration_s: float) -> None: ...
+
+    def webhook_finished(self, delivered: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """The runner's knobs; see the ``TASK_*`` settings."""
+
+    data_dir: Path
+    capacity: int
+    max_queued: int
+    max_attempts: int
+    lease_s: float
+    poll_interval_s: float
+    cleanup_interval_s: float
+    ttl_s: float
+    webhook_capacity: int = 64
+
+
+class TaskRunner:
+    """The task subsystem of one worker process: submit, read, cancel, run, deliver.
+
+    Args:
+        config: Where the store lives and how the runner paces itself.
+        execute: Runs one task's image through the model.
+        describe_error: The public text of an error ``execute`` raised.
+        requeue_on: Errors that mean "not now" (the server is stopping, the lane is full):
+            the task goes back to the queue instead of failing.
+        sender: Delivers webhooks; closed by ``stop``.
+        observer: Receives events for metrics.
+    """
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        *,
+        execute: Execute,
+        describe_error: Callable[[BaseException], str],
+        requeue_on: tuple[type[BaseException], ...],
+        sender: WebhookSender,
+        observer: TaskObserver,
+    ) -> None:
+        self._config = config
+        self._execute = execute
+        self._describe_error = describe_error
+        self._requeue_on = requeue_on
+        self._sender = sender
+        self._observer = observer
+        # Unique per process start: a restarted worker never mistakes old leases for its own.
+        self.owner = f"{uuid.uuid4().hex[:12]}"
+        # SQLite calls block (fsync, another process's write lock): keep them off the loop,
+        # on one thread, which owns the connection.
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store")
+        self._store: TaskStore | None = None
+        self._wake = asyncio.Event()
+        self._runs: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._claim_loop_task: asyncio.Task[None] | None = None
+        self._housekeeping: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the store and start claiming tasks and deliveries."""
+        self._store = await self._db(TaskStore, self._config.data_dir)
+        self._claim_loop_task = asyncio.create_task(self._claim_forever(), name="task-claims")
+        self._housekeeping = [
+            asyncio.create_task(self._renew_leases_forever(), name="task-leases"),
+            asyncio.create_task(self._clean_up_forever(), name="task-clean-up"),
+        ]
+
+    # --- What the routes call -----------------------------------------------------------------
+
+    async def submit(
+        self,
+        image: bytes,
+        *,
+        top_k: int,
+        metadata: dict[str, object] | None,
+        callback_url: str | None,
+    ) -> TaskRecord:
+        """Store a validated image as a queued task.
+
+        Raises:
+            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
+        """
+        record = await self._db(
+            self.store.create,
+            str(uuid.uuid4()),
+            image,
+            top_k=top_k,
+            metadata=metadata,
+            callback_url=callback_url,
+            now=time.time(),
+            max_queued=self._config.max_queued,
+        )
+        self._wake.set()  # claim it here and now rather than at the next poll
+        return record
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task, or None if it does not exist (or has expired)."""
+        return await self._db(self.store.get, task_id)
+
+    async def cancel(self, task_id: str) -> TaskRecord | None:
+        """Cancel a queued task.
+
+        Raises:
+            TaskNotCancellable: It is running or finished.
+        """
+        record = await self._db(self.store.cancel, task_id, now=time.time())
+        self._wake.set()  # the queue depth changed
+        return record
+
+    @property
+    def store(self) -> TaskStore:
+        if self._store is None:
+            raise RuntimeError("TaskRunner.start() has not been called")
+        return self._store
+
+    # --- Lifecycle ----------------------------------------------------------------------------
+
+    async def stop_claiming(self) -> None:
+        """Take no more tasks; what this worker holds keeps running."""
+        if self._claim_loop_task is not None:
+            self._claim_loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._claim_loop_task
+
+    async def stop(self, grace_s: float) -> None:
+        """Let running tasks record their results (bounded), then hand back the rest.
+
+        Tasks still running and deliveries still pending go back to the store for another
+        worker or the next start; nothing this worker holds is left leased to it.
+        """
+        await self.stop_claiming()
+        if self._runs:
+            await asyncio.wait(self._runs, timeout=grace_s)
+        leftovers = [*self._runs, *self._deliveries, *self._housekeeping]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        if self._store is not None:
+            released = await self._db(self._store.release, self.owner)
+            if released:
+                logger.info("handed back %d tasks and deliveries at shutdown", released)
+            await self._db(self._store.close)
+        await self._sender.aclose()
+        self._db_thread.shutdown(wait=True)
+
+    # --- Background loops ---------------------------------------------------------------------
+
+    async def _claim_forever(self) -> None:
+        config = self._config
+        while True:
+            self._wake.clear()
+            try:
+                claimed = await self._db(
+                    self.store.claim,
+                    self.owner,
+                    config.capacity - len(self._runs),
+                    lease_s=config.lease_s,
+                    max_attempts=config.max_attempts,
+                    now=time.time(),
+                )
+                for task in claimed:
+                    self._spawn(self._runs, self._run(task))
+                pending = await self._db(
+                    self.store.claim_webhooks,
+                    self.owner,
+                    config.webhook_capacity - len(self._deliveries),
+                    lease_s=config.lease_s,
+                    now=time.time(),
+                )
+                for record in pending:
+                    self._spawn(self._deliveries, self._deliver(record))
+                self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
+            except Exception:
+                # A locked or full disk must not end task processing for good; retry.
+                logger.exception("claiming tasks failed; retrying in %s s", config.poll_interval_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.poll_interval_s):
+                    await self._wake.wait()
+
+    async def _renew_leases_forever(self) -> None:
+        config = self._config
+        while True:
+            await asyncio.sleep(config.lease_s / 3)
+            try:
+                await self._db(
+                    self.store.renew_leases, self.owner, lease_s=config.lease_s, now=time.time()
+                )
+                abandoned = await self._db(
+                    self.store.fail_abandoned, config.max_attempts, now=time.time()
+                )
+                for record in abandoned:
+                    logger.error("task %s failed: %s", record.id, record.error)
+                    self._record_finished(record)
+                if abandoned:
+                    self._wake.set()  # their webhooks are now pending
+            except Exception:
+                logger.exception("renewing task leases failed")
+
+    async def _clean_up_forever(self) -> None:
+        config = self._config
+        while True:
+            try:
+                deleted = await self._db(self.store.delete_expired, time.time() - config.ttl_s)
+                if deleted:
+                    logger.info("deleted %d tasks older than TASK_TTL", deleted)
+            except Exception:
+                logger.exception("deleting expired tasks failed")
+            await asyncio.sleep(config.cleanup_interval_s)
+
+    # --- One task, one delivery ---------------------------------------------------------------
+
+    async def _run(self, task: ClaimedTask) -> None:
+        try:
+            await self._run_once(task)
+        except Exception:
+            # Renewed leases would keep the task "running" forever: hand it back instead.
+            logger.exception("running task %s failed unexpectedly; requeueing it", task.id)
+            await self._db(self.store.requeue, task.id, self.owner)
+
+    async def _run_once(self, task: ClaimedTask) -> None:
+        prediction: object = None
+        error: str | None = None
+        try:
+            prediction = await self._execute(task.image, task.top_k)
+        except self._requeue_on:
+            await self._db(self.store.requeue, task.id, self.owner)
+            return
+        except Exception as exc:
+            error = self._describe_error(exc)
+        record = await self._db(
+            self.store.finish,
+            task.id,
+            self.owner,
+            prediction=prediction,
+            error=error,
+            now=time.time(),
+        )
+        if record is None:
+            logger.warning("task %s was taken over by another worker; result dropped", task.id)
+            return
+        self._record_finished(record)
+        if record.webhook_status is WebhookStatus.PENDING:
+            self._spawn(self._deliveries, self._deliver(record))
+
+    def _record_finished(self, record: TaskRecord) -> None:
+        assert record.finished_at is not None
+        self._observer.task_finished(
+            record.status is TaskStatus.SUCCEEDED, record.finished_at - record.created_at
+        )
+
+    async def _deliver(self, record: TaskRecord) -> None:
+        try:
+            await self._deliver_once(record)
+        except Exception:
+            logger.exception("webhook for task %s failed unexpectedly", record.id)
+            await self._db(
+                self.store.finish_webhook,
+                record.id,
+                self.owner,
+                delivered=False,
+                attempts=record.webhook_attempts,
+                error="internal error; the server log has the details",
+            )
+            self._observer.webhook_finished(False)
+
+    async def _deliver_once(self, record: TaskRecord) -> None:
+        assert record.callback_url is not None
+        payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
+        if record.status is TaskStatus.SUCCEEDED:
+            payload["prediction"] = record.prediction
+        else:
+            payload["error"] = record.error
+        payload["metadata"] = record.metadata
+
+        async def on_attempt(attempt: int, error: str | None, duration_s: float) -> None:
+            self._observer.webhook_attempted(duration_s)
+            await self._db(
+                self.store.record_webhook_attempt,
+                record.id,
+                self.owner,
+                attempts=attempt,
+                error=error,
+            )
+
+        result = await self._sender.deliver(
+            record.callback_url,
+            payload,
+            attempts_done=record.webhook_attempts,
+            on_attempt=on_attempt,
+        )
+        await self._db(
+            self.store.finish_webhook,
+            record.id,
+            self.owner,
+            delivered=result.delivered,
+            attempts=result.attempts,
+            error=result.last_error,
+        )
+        self._observer.webhook_finished(result.delivered)
+        if not result.delivered:
+            logger.warning(
+                "webhook for task %s given up after %d attempts: %s",
+                record.id,
+                result.attempts,
+                result.last_error,
+            )
+
+    # --- Plumbing -----------------------------------------------------------------------------
+
+    def _spawn(self, group: set[asyncio.Task[None]], work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        group.add(task)
+        task.add_done_callback(partial(self._finished, group))
+
+    def _finished(self, group: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        group.discard(task)
+        self._wake.set()  # capacity is free again
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task work failed unexpectedly", exc_info=task.exception())
+
+    async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, partial(function, *args, **kwargs))

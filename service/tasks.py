@@ -1,0 +1,486 @@
+"""Persistent asynchronous tasks: an SQLite store that several worker processes share.
+
+Every state change is one short transaction, so the database is the only coordination
+between workers. A worker claims tasks by writing its id and a lease expiry on them in one
+``BEGIN IMMEDIATE`` transaction, which SQLite serialises across processes: each task is
+claimed by exactly one worker. A worker that dies stops renewing its leases, and when they
+expire its tasks (and its pending webhook deliveries) are claimed again by whoever is alive.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+DATABASE_NAME = "tasks.sqlite3"
+# Waits for another process's write transaction instead of failing at once.
+BUSY_TIMEOUT_MS = 10_000
+
+# Image bytes live apart from the rows, so status reads never page through them.
+_SCHEMA = """
+CREATE TABLE tasks (
+    id                  TEXT PRIMARY KEY,
+    status              TEXT NOT NULL,
+    top_k               INTEGER NOT NULL,
+    metadata            TEXT,
+    callback_url        TEXT,
+    prediction          TEXT,
+    error               TEXT,
+    created_at          REAL NOT NULL,
+    started_at          REAL,
+    finished_at         REAL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    lease_owner         TEXT,
+    lease_until         REAL,
+    webhook_status      TEXT,
+    webhook_attempts    INTEGER NOT NULL DEFAULT 0,
+    webhook_last_error  TEXT
+);
+CREATE TABLE task_images (
+    task_id  TEXT PRIMARY KEY REFERENCES tasks (id) ON DELETE CASCADE,
+    data     BLOB NOT NULL
+);
+CREATE INDEX tasks_by_status ON tasks (status, created_at);
+CREATE INDEX tasks_by_finish ON tasks (finished_at);
+CREATE INDEX tasks_webhooks_pending ON tasks (lease_until) WHERE webhook_status = 'pending';
+"""
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WebhookStatus(enum.StrEnum):
+    """Where a task's callback delivery is; tasks without a callback have none."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class TaskQueueFull(Exception):
+    """``TASK_MAX_QUEUED`` tasks are already waiting."""
+
+
+class TaskNotCancellable(Exception):
+    """The task has started or finished, so it can no longer be cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One task as stored, without its image."""
+
+    id: str
+    status: TaskStatus
+    top_k: int
+    metadata: dict[str, object] | None
+    callback_url: str | None
+    prediction: object
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    webhook_status: WebhookStatus | None
+    webhook_attempts: int
+    webhook_last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TaskRecord:
+        return cls(
+            id=row["id"],
+            status=TaskStatus(row["status"]),
+            top_k=row["top_k"],
+            metadata=None if row["metadata"] is None else json.loads(row["metadata"]),
+            callback_url=row["callback_url"],
+            prediction=None if row["prediction"] is None else json.loads(row["prediction"]),
+            error=row["error"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            attempts=row["attempts"],
+            webhook_status=(
+                None if row["webhook_status"] is None else WebhookStatus(row["webhook_status"])
+            ),
+            webhook_attempts=row["webhook_attempts"],
+            webhook_last_error=row["webhook_last_error"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A task this worker now runs: what the model needs, and when it was submitted."""
+
+    id: str
+    top_k: int
+    image: bytes
+    created_at: float
+    attempts: int
+
+
+class TaskStore:
+    """The task table in ``<data_dir>/tasks.sqlite3``, in WAL mode.
+
+    Not thread-safe: use one store per thread (the service keeps one per worker process,
+    used from a single thread). All times are wall-clock ``time.time()`` seconds, because
+    they are compared across processes and restarts.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / DATABASE_NAME
+        # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
+        self._db = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._db.row_factory = sqlite3.Row
+        # Before anything creates the file: freed pages (deleted images) go back to the
+        # file system on clean-up. A no-op on an existing database.
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a task acknowledged with 202 survives a power cut, not only a crash.
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        with self._transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
+            if version != 0:
+                raise RuntimeError(
+                    f"{self.path} has task schema version {version}; this server knows "
+                    f"{SCHEMA_VERSION}. Point DATA_DIR at a new directory or upgrade the server."
+                )
+            # Statement by statement: executescript would commit the open transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two workers never both read "queued"
+        # and then both write "running".
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- Submitting, reading, cancelling ------------------------------------------------------
+
+    def create(
+        self,
+        task_id: str,
+        image: bytes,
+        *,
+        top_k: int,
+        metadata: dict[str, object] | None,
+        callback_url: str | None,
+        now: float,
+        max_queued: int,
+    ) -> TaskRecord:
+        """Store a new queued task with its image.
+
+        Raises:
+            TaskQueueFull: ``max_queued`` tasks are already waiting.
+        """
+        with self._transaction() as db:
+            (queued,) = db.execute(
+                "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
+            ).fetchone()
+            if queued >= max_queued:
+                raise TaskQueueFull(
+                    f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
+                )
+            db.execute(
+                "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    TaskStatus.QUEUED,
+                    top_k,
+                    None if metadata is None else json.dumps(metadata),
+                    callback_url,
+                    now,
+                ),
+            )
+            db.execute("INSERT INTO task_images (task_id, data) VALUES (?, ?)", (task_id, image))
+            return self._get(task_id)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The task, or None if there is no such task (never submitted, or expired)."""
+        row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else TaskRecord.from_row(row)
+
+    def _get(self, task_id: str) -> TaskRecord:
+        record = self.get(task_id)
+        assert record is not None, task_id
+        return record
+
+    def cancel(self, task_id: str, *, now: float) -> TaskRecord | None:
+        """Cancel a queued task; None if there is no such task.
+
+        Cancelling a cancelled task again is a no-op that returns it.
+
+        Raises:
+            TaskNotCancellable: The task is running or finished.
+        """
+        with self._transaction() as db:
+            record = self.get(task_id)
+            if record is None or record.status is TaskStatus.CANCELLED:
+                return record
+            if record.status is not TaskStatus.QUEUED:
+                raise TaskNotCancellable(f"the task is {record.status}; only queued tasks cancel")
+            db.execute(
+                "UPDATE tasks SET status = ?, finished_at = ? WHERE id = ?",
+                (TaskStatus.CANCELLED, now, task_id),
+            )
+            db.execute("DELETE FROM task_images WHERE task_id = ?", (task_id,))
+            return self._get(task_id)
+
+    def count_queued(self) -> int:
+        """Tasks waiting to be claimed (not the running ones)."""
+        (count,) = self._db.execute(
+            "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
+        ).fetchone()
+        return int(count)
+
+    # --- Running ------------------------------------------------------------------------------
+
+    def claim(
+        self, owner: str, limit: int, *, lease_s: float, max_attempts: int, now: float
+    ) -> list[ClaimedTask]:
+        """Take up to ``limit`` tasks, oldest first: queued ones, and running ones whose
+        owner's lease has expired (the owner died) with attempts left. Each claim counts as
+        an attempt."""
+        if limit < 1:
+            return []
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE tasks SET status = ?, started_at = ?, attempts = attempts + 1, "
+                "lease_owner = ?, lease_until = ? "
+                "WHERE id IN (SELECT id FROM tasks WHERE status = ? "
+                "  OR (status = ? AND lease_until < ? AND attempts < ?) "
+                "  ORDER BY created_at LIMIT ?) "
+                "RETURNING id, top_k, created_at, attempts",
+                (
+                    TaskStatus.RUNNING,
+                    now,
+                    owner,
+                    now + lease_s,
+                    TaskStatus.QUEUED,
+                    TaskStatus.RUNNING,
+                    now,
+                    max_attempts,
+                    limit,
+                ),
+            ).fetchall()
+            claimed = []
+            for row in sorted(rows, key=lambda row: row["created_at"]):
+                (image,) = db.execute(
+                    "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
+                ).fetchone()
+                claimed.append(
+                    ClaimedTask(
+                        id=row["id"],
+                        top_k=row["top_k"],
+                        image=bytes(image),
+                        created_at=row["created_at"],
+                        attempts=row["attempts"],
+                    )
+                )
+            return claimed
+
+    def fail_abandoned(self, max_attempts: int, *, now: float) -> list[TaskRecord]:
+        """Fail running tasks whose lease expired after ``max_attempts`` claims.
+
+        A task that takes its worker down every time it runs must not take down every
+        worker in turn, forever.
+        """
+        error = (
+            f"the task was interrupted {max_attempts} times (its worker stopped while "
+            "running it); TASK_MAX_ATTEMPTS allows that many"
+        )
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id FROM tasks WHERE status = ? AND lease_until < ? AND attempts >= ?",
+                (TaskStatus.RUNNING, now, max_attempts),
+            ).fetchall()
+            for row in rows:
+                self._finish(db, row["id"], TaskStatus.FAILED, None, error, now)
+            return [self._get(row["id"]) for row in rows]
+
+    def renew_leases(self, owner: str, *, lease_s: float, now: float) -> int:
+        """Extend every lease ``owner`` holds (running tasks and pending deliveries)."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE tasks SET lease_until = ? WHERE lease_owner = ? "
+                "AND (status = ? OR webhook_status = ?)",
+                (now + lease_s, owner, TaskStatus.RUNNING, WebhookStatus.PENDING),
+            ).rowcount
+
+    def finish(
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        prediction: object = None,
+        error: str | None = None,
+        now: float,
+    ) -> TaskRecord | None:
+        """Record a running task's result (a prediction, or an error) and drop its image.
+
+        The owner keeps the lease for the webhook delivery, if the task has a callback.
+        Returns None if ``owner`` no longer holds the task (its lease expired and another
+        worker claimed it); that worker's result is the one that counts.
+        """
+        status = TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
+        with self._transaction() as db:
+            held = db.execute(
+                "SELECT 1 FROM tasks WHERE id = ? AND status = ? AND lease_owner = ?",
+                (task_id, TaskStatus.RUNNING, owner),
+            ).fetchone()
+            if held is None:
+                return None
+            self._finish(db, task_id, status, prediction, error, now)
+            return self._get(task_id)
+
+    @staticmethod
+    def _finish(
+        db: sqlite3.Connection,
+        task_id: str,
+        status: TaskStatus,
+        prediction: object,
+        error: str | None,
+        now: float,
+    ) -> None:
+        db.execute(
+            "UPDATE tasks SET status = ?, prediction = ?, error = ?, finished_at = ?, "
+            "webhook_status = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END, "
+            "lease_owner = CASE WHEN callback_url IS NULL THEN NULL ELSE lease_owner END "
+            "WHERE id = ?",
+            (
+                status,
+                None if prediction is None else json.dumps(prediction),
+                error,
+                now,
+                WebhookStatus.PENDING,
+                task_id,
+            ),
+        )
+        db.execute("DELETE FROM task_images WHERE task_id = ?", (task_id,))
+
+    def requeue(self, task_id: str, owner: str) -> None:
+        """Put a task ``owner`` holds back in the queue, as if this claim never happened."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE tasks SET status = ?, attempts = attempts - 1, started_at = NULL, "
+                "lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ? AND status = ?",
+                (TaskStatus.QUEUED, task_id, owner, TaskStatus.RUNNING),
+            )
+
+    def release(self, owner: str) -> int:
+        """Hand back everything ``owner`` holds, at a graceful shutdown: its running tasks
+        go back to the queue (the claim does not count as an attempt) and its pending
+        deliveries become free to claim at once."""
+        with self._transaction() as db:
+            requeued = db.execute(
+                "UPDATE tasks SET status = ?, attempts = attempts - 1, started_at = NULL, "
+                "lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND status = ?",
+                (TaskStatus.QUEUED, owner, TaskStatus.RUNNING),
+            ).rowcount
+            released = db.execute(
+                "UPDATE tasks SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = ? AND webhook_status = ?",
+                (owner, WebhookStatus.PENDING),
+            ).rowcount
+            return requeued + released
+
+    # --- Webhooks -----------------------------------------------------------------------------
+
+    def claim_webhooks(
+        self, owner: str, limit: int, *, lease_s: float, now: float
+    ) -> list[TaskRecord]:
+        """Take up to ``limit`` pending deliveries nobody holds (or whose holder died)."""
+        if limit < 1:
+            return []
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE tasks SET lease_owner = ?, lease_until = ? "
+                "WHERE id IN (SELECT id FROM tasks WHERE webhook_status = ? "
+                "  AND (lease_until IS NULL OR lease_until < ?) LIMIT ?) RETURNING id",
+                (owner, now + lease_s, WebhookStatus.PENDING, now, limit),
+            ).fetchall()
+            return [self._get(row["id"]) for row in rows]
+
+    def record_webhook_attempt(
+        self, task_id: str, owner: str, *, attempts: int, error: str | None
+    ) -> None:
+        """Store the delivery's progress after each attempt, so a restart resumes the count."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ? "
+                "WHERE id = ? AND lease_owner = ?",
+                (attempts, error, task_id, owner),
+            )
+
+    def finish_webhook(
+        self, task_id: str, owner: str, *, delivered: bool, attempts: int, error: str | None
+    ) -> None:
+        """Record the delivery's end and give up its lease."""
+        status = WebhookStatus.DELIVERED if delivered else WebhookStatus.FAILED
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE tasks SET webhook_status = ?, webhook_attempts = ?, "
+                "webhook_last_error = ?, lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ?",
+                (status, attempts, error, task_id, owner),
+            )
+
+    # --- Housekeeping -------------------------------------------------------------------------
+
+    def delete_expired(self, finished_before: float) -> int:
+        """Delete tasks that finished before ``finished_before`` (their results expired),
+        except those whose webhook is still being delivered."""
+        with self._transaction() as db:
+            deleted = db.execute(
+                "DELETE FROM tasks WHERE finished_at < ? "
+                "AND (webhook_status IS NULL OR webhook_status != ?)",
+                (finished_before, WebhookStatus.PENDING),
+            ).rowcount
+        if deleted:
+            self._db.execute("PRAGMA incremental_vacuum")
+        return deleted
+
+    def ids(self, statuses: Sequence[TaskStatus]) -> list[str]:
+        """The ids of every task in one of ``statuses``, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        rows = self._db.execute(
+            f"SELECT id FROM tasks WHERE status IN ({marks}) ORDER BY created_at",
+            tuple(statuses),
+        ).fetchall()
+        return [row["id"] for row in rows]

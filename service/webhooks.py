@@ -1,0 +1,459 @@
+"""Webhook delivery: POST a task's result to its callback URL, signed, with retries.
+
+Knows nothing of the database or of metrics: the caller persists delivery state and learns
+of each attempt through an `on_attempt` callback. Unless private targets are allowed, a
+callback may only reach globally routable addresses, checked when the URL is submitted and
+again when each connection is opened (so a DNS answer that changes in between, as in DNS
+rebinding, cannot turn the server against its own network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeAlias
+from urllib.parse import urlsplit
+
+import anyio
+import httpcore
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+__all__ = [
+    "AttemptCallback",
+    "DeliveryResult",
+    "InvalidCallbackUrl",
+    "WebhookConfig",
+    "WebhookSender",
+    "check_callback_url",
+    "sign",
+]
+
+MAX_URL_CHARS = 2048
+USER_AGENT = "resnet18-service-webhook/1"
+SIGNATURE_HEADER = "X-Signature-256"
+
+_IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+# RFC 6052 NAT64 prefix: `ipaddress` calls it global, yet a NAT64 gateway forwards it to the
+# IPv4 address in its last 32 bits, which may be private.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+_ALLOW_PRIVATE_HINT = (
+    "only globally routable addresses are accepted; set WEBHOOK_ALLOW_PRIVATE=true to "
+    "allow private targets (trusted networks only)"
+)
+
+AttemptCallback: TypeAlias = Callable[[int, str | None, float], Awaitable[None]]
+"""Called after every attempt with (attempt number from 1, error or None, seconds taken)."""
+
+
+class InvalidCallbackUrl(ValueError):
+    """The callback URL is refused; the message says why."""
+
+
+def _refusal_reason(ip: _IPAddress) -> str | None:
+    """Why `ip` may not be a callback target, or None when it is globally routable."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An address that embeds an IPv4 one reaches that IPv4 address: judge that instead.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _refusal_reason(embedded)
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local (cloud metadata lives here)"
+    if ip.is_unspecified:
+        return "unspecified"
+    # Multicast is checked explicitly: `is_global` is true for some multicast ranges.
+    if ip.is_multicast:
+        return "multicast"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
+        return "carrier-grade NAT"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:
+        return "not globally routable"
+    return None
+
+
+def _parse_ip(text: str) -> _IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def check_callback_url(url: str, *, allow_private: bool) -> None:
+    """Refuse a callback URL that is malformed or, unless allowed, points at a private address.
+
+    Blocking (resolves the host name): call it in a thread from async code.
+
+    Args:
+        url: The callback URL as submitted.
+        allow_private: Skip the address checks (and so DNS), for trusted networks.
+
+    Raises:
+        InvalidCallbackUrl: With a message saying what is wrong.
+    """
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidCallbackUrl(
+            f"callback_url is {len(url)} characters; at most {MAX_URL_CHARS} are accepted"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidCallbackUrl(
+            f"callback_url scheme is {parts.scheme or 'missing'!r}; expected http or https"
+        )
+    host = parts.hostname
+    if not host:
+        raise InvalidCallbackUrl("callback_url has no host; expected http(s)://host/path")
+    if "@" in parts.netloc:
+        raise InvalidCallbackUrl(
+            "callback_url contains credentials (user:password@); put secrets elsewhere"
+        )
+    if allow_private:
+        return
+
+    literal = _parse_ip(host)
+    if literal is not None:
+        reason = _refusal_reason(literal)
+        if reason is not None:
+            raise InvalidCallbackUrl(
+                f"callback_url host {host} is a {reason} address; {_ALLOW_PRIVATE_HINT}"
+            )
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
+    # Every answer must pass: the connection may use any of them.
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0])
+        reason = _refusal_reason(ip)
+        if reason is not None:
+            raise InvalidCallbackUrl(
+                f"callback_url host {host!r} resolves to {ip}, a {reason} address; "
+                f"{_ALLOW_PRIVATE_HINT}"
+            )
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The X-Signature-256 header value: 'sha256=' and the hex HMAC-SHA256 of `body`."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+class _AddressRefused(httpcore.ConnectError):
+    """The connect-time check refused the address a host name resolved to."""
+
+
+class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
+    """Resolves each host itself and connects only to globally routable addresses.
+
+    Connecting to the vetted IP rather than the name closes the gap between check and use
+    that DNS rebinding exploits. TLS is unaffected: httpcore passes the URL's host name to
+    `start_tls`, so SNI and certificate checks still use the name.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Connect to the first usable address of `host`, after vetting all of them."""
+        addresses = await self._resolve(host, port, timeout)
+        for ip in addresses:
+            reason = _refusal_reason(ip)
+            if reason is not None:
+                shown = host if _parse_ip(host) is not None else f"{host} ({ip})"
+                raise _AddressRefused(
+                    f"refused to connect to {shown}: a {reason} address; {_ALLOW_PRIVATE_HINT}"
+                )
+        last_error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for ip in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(ip), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last_error = exc
+        assert last_error is not None  # _resolve never returns an empty list
+        raise last_error
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Refused: a callback never goes to a local socket."""
+        raise _AddressRefused(f"refused to connect to unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep through the wrapped backend."""
+        await self._inner.sleep(seconds)
+
+    @staticmethod
+    async def _resolve(host: str, port: int, limit_s: float | None) -> list[_IPAddress]:
+        literal = _parse_ip(host)
+        if literal is not None:
+            return [literal]
+        try:
+            with anyio.fail_after(limit_s):
+                infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except (OSError, UnicodeError):
+            raise httpcore.ConnectError(f"{host} does not resolve") from None
+        addresses: list[_IPAddress] = []
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0])
+            if ip not in addresses:
+                addresses.append(ip)
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} does not resolve")
+        return addresses
+
+
+class _GlobalOnlyTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool that may only reach global addresses."""
+
+    def __init__(self) -> None:
+        super().__init__(trust_env=False)
+        # httpx 0.28 offers no way to pass a network backend, so the pool it built is
+        # replaced with one that has ours (it has opened no connection yet).
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            network_backend=_GlobalOnlyBackend(httpcore.AnyIOBackend()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """How callbacks are sent; validated on creation.
+
+    Attributes:
+        secret: Key for the X-Signature-256 header; None sends callbacks unsigned.
+        max_attempts: Attempts per delivery, counting earlier ones across restarts.
+        timeout_s: Limit on one attempt, from connecting to the response headers.
+        backoff_initial_s: Scale of the exponential backoff between attempts.
+        backoff_max_s: Cap on one wait between attempts.
+        allow_private: Allow callbacks to loopback and private networks.
+    """
+
+    secret: str | None = None
+    max_attempts: int = 5
+    timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    allow_private: bool = False
+
+    def __post_init__(self) -> None:
+        # The settings behind each field are named so that a startup error says what to fix.
+        if self.secret is not None and not self.secret:
+            raise ValueError(
+                "webhook secret is empty; set WEBHOOK_SECRET to a key, or unset it "
+                "to send unsigned callbacks"
+            )
+        if self.max_attempts < 1:
+            raise ValueError(
+                f"max_attempts is {self.max_attempts}; WEBHOOK_MAX_ATTEMPTS must be at least 1"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(
+                f"timeout_s is {self.timeout_s}; WEBHOOK_TIMEOUT_S must be more than 0"
+            )
+        if self.backoff_initial_s < 0:
+            raise ValueError(
+                f"backoff_initial_s is {self.backoff_initial_s}; WEBHOOK_BACKOFF_S must be 0 "
+                "or more"
+            )
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s is {self.backoff_max_s}, below backoff_initial_s "
+                f"({self.backoff_initial_s}); raise WEBHOOK_BACKOFF_MAX_S or lower "
+                "WEBHOOK_BACKOFF_S"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """How a delivery ended.
+
+    Attributes:
+        delivered: The callback answered 2xx.
+        attempts: Attempts made in all, including those made before this call.
+        last_error: Why the last attempt failed; None when delivered.
+    """
+
+    delivered: bool
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    error: str | None
+    retryable: bool
+
+
+def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
+    """Short readable text for a failed request; never a traceback."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out after {timeout_s} s"
+    message = str(exc)
+    if _is_refused_address(exc):
+        return message
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound only guards against a cycle
+        if cause is None:
+            break
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "host name does not resolve"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _is_refused_address(exc: BaseException) -> bool:
+    # httpx re-raises httpcore's errors as its own, `from` the original.
+    return isinstance(exc.__cause__, _AddressRefused)
+
+
+class WebhookSender:
+    """Sends callbacks over one shared HTTP client; close it with `aclose`."""
+
+    def __init__(self, config: WebhookConfig) -> None:
+        self._config = config
+        self._client = httpx.AsyncClient(
+            transport=None if config.allow_private else _GlobalOnlyTransport(),
+            trust_env=False,
+            follow_redirects=False,
+            timeout=config.timeout_s,
+        )
+
+    async def deliver(
+        self,
+        url: str,
+        payload: Mapping[str, object],
+        *,
+        attempts_done: int = 0,
+        on_attempt: AttemptCallback | None = None,
+    ) -> DeliveryResult:
+        """POST `payload` as JSON to `url`, retrying transient failures with backoff.
+
+        Args:
+            url: The callback URL; checked again here, as the check may have changed.
+            payload: The JSON body.
+            attempts_done: Attempts made before (say, before a restart); they count
+                against `max_attempts` and number the next attempt.
+            on_attempt: Awaited after each HTTP attempt (not for a refused URL).
+
+        Returns:
+            Whether it was delivered, the attempts made in all, and the last error.
+
+        Raises:
+            asyncio.CancelledError: When cancelled; nothing is retried after that.
+        """
+        config = self._config
+        if attempts_done >= config.max_attempts:
+            return DeliveryResult(
+                False,
+                attempts_done,
+                f"no attempts left: {attempts_done} made, max_attempts is "
+                f"{config.max_attempts} (WEBHOOK_MAX_ATTEMPTS)",
+            )
+        try:
+            await asyncio.to_thread(check_callback_url, url, allow_private=config.allow_private)
+        except InvalidCallbackUrl as exc:
+            return DeliveryResult(False, attempts_done, str(exc))
+
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if config.secret is not None:
+            headers[SIGNATURE_HEADER] = sign(body, config.secret)
+        attempt_number = attempts_done
+
+        async def attempt() -> _Outcome:
+            nonlocal attempt_number
+            attempt_number += 1
+            started = time.perf_counter()
+            outcome = await self._post(url, body, headers)
+            if on_attempt is not None:
+                await on_attempt(attempt_number, outcome.error, time.perf_counter() - started)
+            return outcome
+
+        def last_outcome(state: RetryCallState) -> _Outcome:
+            assert state.outcome is not None  # called only after an attempt
+            result: _Outcome = state.outcome.result()
+            return result
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(config.max_attempts - attempts_done),
+            wait=wait_random_exponential(
+                multiplier=config.backoff_initial_s, max=config.backoff_max_s
+            ),
+            retry=retry_if_result(lambda outcome: outcome.retryable),
+            # Exceptions (cancellation, a failing on_attempt) are not retried but re-raised;
+            # running out of attempts returns the last outcome instead of raising RetryError.
+            retry_error_callback=last_outcome,
+        )
+        final: _Outcome = await retrying(attempt)
+        return DeliveryResult(final.error is None, attempt_number, final.error)
+
+    async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Outcome:
+        timeout_s = self._config.timeout_s
+        try:
+            # httpx's timeout is per read; this one bounds the whole attempt, so a receiver
+            # trickling its headers cannot hold a delivery for longer.
+            async with asyncio.timeout(timeout_s):
+                # Streamed and never read: only the status matters, and a receiver must not
+                # make us download a large body.
+                async with self._client.stream(
+                    "POST", url, content=body, headers=headers
+                ) as response:
+                    status = response.status_code
+        except TimeoutError:
+            return _Outcome(f"timed out after {timeout_s} s", retryable=True)
+        except httpx.TransportError as exc:
+            transient = httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
+            retryable = isinstance(exc, transient) and not _is_refused_address(exc)
+            return _Outcome(_describe(exc, timeout_s), retryable=retryable)
+        except httpx.InvalidURL as exc:
+            return _Outcome(f"callback_url is not a valid URL: {exc}", retryable=False)
+        if 200 <= status < 300:
+            return _Outcome(None, retryable=False)
+        retryable = status >= 500 or status in (408, 429)
+        return _Outcome(f"callback answered {status}", retryable=retryable)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its connections."""
+        await self._client.aclose()

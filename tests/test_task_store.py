@@ -1,0 +1,740 @@
+"""The SQLite task store: its state changes, its leases, and claims shared by processes.
+
+Every call takes ``now`` explicitly, so these tests move time by passing it, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from service.tasks import (
+    TaskNotCancellable,
+    TaskQueueFull,
+    TaskRecord,
+    TaskStatus,
+    TaskStore,
+    WebhookStatus,
+)
+
+T0 = 1_700_000_000.0
+LEASE_S = 10.0
+MAX_ATTEMPTS = 3
+CALLBACK = "https://hooks.example.com/done"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TaskStore]:
+    opened = TaskStore(tmp_path)
+    yield opened
+    opened.close()
+
+
+def image_of(task_id: str) -> bytes:
+    return f"jpeg bytes of {task_id}".encode()
+
+
+def add(
+    store: TaskStore,
+    task_id: str,
+    *,
+    at: float = T0,
+    callback_url: str | None = None,
+    max_queued: int = 1_000,
+) -> TaskRecord:
+    """A queued task created at ``at``; its image is ``image_of(task_id)``."""
+    return store.create(
+        task_id,
+        image_of(task_id),
+        top_k=5,
+        metadata=None,
+        callback_url=callback_url,
+        now=at,
+        max_queued=max_queued,
+    )
+
+
+def add_many(store: TaskStore, count: int, *, prefix: str = "t") -> list[str]:
+    """``count`` queued tasks, one second apart, so "oldest first" has one answer."""
+    ids = [f"{prefix}{i:03d}" for i in range(count)]
+    for i, task_id in enumerate(ids):
+        add(store, task_id, at=T0 + i)
+    return ids
+
+
+def claim(store: TaskStore, owner: str, *, limit: int = 1, at: float = T0) -> list[str]:
+    """The ids ``owner`` claims at ``at``."""
+    claimed = store.claim(owner, limit, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=at)
+    return [task.id for task in claimed]
+
+
+def running(store: TaskStore, task_id: str, owner: str, *, at: float = T0) -> None:
+    """Make ``owner`` hold ``task_id`` (the only queued task) from ``at``."""
+    assert claim(store, owner, at=at) == [task_id]
+
+
+def has_image(store: TaskStore, task_id: str) -> bool:
+    with closing(sqlite3.connect(store.path)) as db:
+        row = db.execute("SELECT 1 FROM task_images WHERE task_id = ?", (task_id,)).fetchone()
+    return row is not None
+
+
+def get(store: TaskStore, task_id: str) -> TaskRecord:
+    record = store.get(task_id)
+    assert record is not None, task_id
+    return record
+
+
+# --- Creating and reading ---------------------------------------------------------------------
+
+
+def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
+    """What create stores, get returns: metadata as a dict, the callback, top_k, the time."""
+    metadata: dict[str, object] = {"user": "ada", "tags": ["a", "b"], "n": 3, "note": "ünï"}
+    created = store.create(
+        "t1",
+        b"\x89PNG...",
+        top_k=3,
+        metadata=metadata,
+        callback_url=CALLBACK,
+        now=T0 + 0.25,
+        max_queued=10,
+    )
+
+    fetched = get(store, "t1")
+    assert fetched == created
+    assert fetched.id == "t1"
+    assert fetched.status is TaskStatus.QUEUED
+    assert fetched.top_k == 3
+    assert fetched.metadata == metadata
+    assert fetched.callback_url == CALLBACK
+    assert fetched.created_at == T0 + 0.25
+    assert fetched.prediction is None
+    assert fetched.error is None
+    assert fetched.started_at is None
+    assert fetched.finished_at is None
+    assert fetched.attempts == 0
+    assert fetched.webhook_status is None
+    assert fetched.webhook_attempts == 0
+    assert fetched.webhook_last_error is None
+    assert has_image(store, "t1")
+
+
+def test_create_without_metadata_or_callback_stores_none(store: TaskStore) -> None:
+    """Optional fields left out come back as None."""
+    add(store, "t1")
+
+    fetched = get(store, "t1")
+    assert fetched.metadata is None
+    assert fetched.callback_url is None
+
+
+def test_get_of_unknown_id_is_none(store: TaskStore) -> None:
+    """A task never submitted reads as None, not as an error."""
+    add(store, "t1")
+
+    assert store.get("nope") is None
+
+
+def test_database_is_wal_with_incremental_auto_vacuum(store: TaskStore) -> None:
+    """The file is in WAL mode and gives freed pages back incrementally, for any reader."""
+    with closing(sqlite3.connect(store.path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+def test_create_refuses_once_max_queued_tasks_wait(store: TaskStore) -> None:
+    """The queued limit is enforced, and the error names the setting to change."""
+    add(store, "t1", max_queued=2)
+    add(store, "t2", max_queued=2)
+
+    with pytest.raises(TaskQueueFull, match="TASK_MAX_QUEUED"):
+        add(store, "t3", max_queued=2)
+    assert store.get("t3") is None
+    assert store.count_queued() == 2
+
+
+def test_running_and_finished_tasks_do_not_count_toward_max_queued(store: TaskStore) -> None:
+    """Only waiting tasks fill the queue: claimed and finished ones leave room."""
+    add(store, "done", at=T0)
+    add(store, "busy", at=T0 + 1)
+    claim(store, "A", limit=2, at=T0 + 2)
+    assert store.finish("done", "A", prediction=[], now=T0 + 3) is not None
+
+    add(store, "q1", at=T0 + 4, max_queued=2)
+    add(store, "q2", at=T0 + 5, max_queued=2)
+    with pytest.raises(TaskQueueFull):
+        add(store, "q3", at=T0 + 6, max_queued=2)
+
+
+# --- Claiming ---------------------------------------------------------------------------------
+
+
+def test_claim_takes_oldest_first_up_to_limit(store: TaskStore) -> None:
+    """A claim returns the oldest queued tasks, at most ``limit``, with their images, and
+    marks them running as a first attempt."""
+    # Created out of order, so the order claimed comes from created_at, not insertion.
+    add(store, "second", at=T0 + 2)
+    add(store, "first", at=T0 + 1)
+    add(store, "third", at=T0 + 3)
+
+    claimed = store.claim("A", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 10)
+
+    assert [task.id for task in claimed] == ["first", "second"]
+    assert [task.image for task in claimed] == [image_of("first"), image_of("second")]
+    assert [task.attempts for task in claimed] == [1, 1]
+    assert [task.top_k for task in claimed] == [5, 5]
+    assert [task.created_at for task in claimed] == [T0 + 1, T0 + 2]
+    for task_id in ("first", "second"):
+        record = get(store, task_id)
+        assert record.status is TaskStatus.RUNNING
+        assert record.started_at == T0 + 10
+        assert record.attempts == 1
+    assert get(store, "third").status is TaskStatus.QUEUED
+
+
+def test_second_owner_claims_the_next_tasks_never_the_same(store: TaskStore) -> None:
+    """Tasks one owner holds are not handed to another while the lease lasts."""
+    ids = add_many(store, 5)
+
+    first = claim(store, "A", limit=2, at=T0 + 10)
+    second = claim(store, "B", limit=2, at=T0 + 10)
+    third = claim(store, "C", limit=5, at=T0 + 10)
+
+    assert first == ids[0:2]
+    assert second == ids[2:4]
+    assert third == ids[4:5]
+    assert claim(store, "D", limit=5, at=T0 + 10) == []
+
+
+def test_claim_with_limit_zero_takes_nothing(store: TaskStore) -> None:
+    """A worker with no free capacity claims nothing, and the queue is untouched."""
+    add(store, "t1")
+
+    assert store.claim("A", 0, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0) == []
+    assert get(store, "t1").status is TaskStatus.QUEUED
+
+
+def _claim_until_empty(
+    data_dir: Path,
+    owner: str,
+    start: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.queues.Queue[tuple[str, list[str]]],
+) -> None:
+    """One worker process: its own store, claiming until nothing is left (spawn target)."""
+    store = TaskStore(data_dir)
+    got: list[str] = []
+    try:
+        start.wait(timeout=30)
+        while claimed := store.claim(owner, 7, lease_s=60, max_attempts=3, now=time.time()):
+            got.extend(task.id for task in claimed)
+    finally:
+        store.close()
+        results.put((owner, got))
+
+
+def test_each_task_is_claimed_exactly_once_across_processes(tmp_path: Path) -> None:
+    """Four processes claiming from one database at the same time share the tasks out:
+    every task is claimed, and none twice."""
+    with closing(TaskStore(tmp_path)) as store:
+        for i in range(200):
+            store.create(
+                f"t{i:03d}",
+                image_of(f"t{i:03d}"),
+                top_k=1,
+                metadata=None,
+                callback_url=None,
+                now=time.time(),
+                max_queued=1_000,
+            )
+        expected = set(store.ids([TaskStatus.QUEUED]))
+    assert len(expected) == 200
+
+    context = multiprocessing.get_context("spawn")
+    owners = [f"worker-{n}" for n in range(4)]
+    start = context.Barrier(len(owners))
+    results = context.Queue()
+    processes = [
+        context.Process(target=_claim_until_empty, args=(tmp_path, owner, start, results))
+        for owner in owners
+    ]
+    for process in processes:
+        process.start()
+    try:
+        claimed_by = dict(results.get(timeout=60) for _ in owners)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+    assert [process.exitcode for process in processes] == [0] * len(owners)
+
+    all_claimed = [task_id for got in claimed_by.values() for task_id in got]
+    assert len(all_claimed) == len(set(all_claimed)), "a task was claimed twice"
+    assert set(all_claimed) == expected
+    with closing(TaskStore(tmp_path)) as store:
+        assert store.count_queued() == 0
+        assert len(store.ids([TaskStatus.RUNNING])) == 200
+
+
+# --- Leases -----------------------------------------------------------------------------------
+
+
+def test_expired_lease_lets_another_owner_take_the_task(store: TaskStore) -> None:
+    """While A's lease lasts B cannot claim the task; once it expires B can, as a second
+    attempt."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    assert claim(store, "B", at=T0 + 5) == []
+    claimed = store.claim("B", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
+
+    assert [task.id for task in claimed] == ["t1"]
+    assert claimed[0].attempts == 2
+    assert claimed[0].image == image_of("t1")
+    assert get(store, "t1").started_at == T0 + 11
+
+
+def test_renewed_lease_keeps_the_task(store: TaskStore) -> None:
+    """A worker that renews its leases keeps its tasks past the first expiry."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
+
+    assert claim(store, "B", at=T0 + 11) == []
+    assert claim(store, "B", at=T0 + 16) == ["t1"]
+
+
+def test_renew_leases_touches_only_the_owners_tasks(store: TaskStore) -> None:
+    """Renewing A's leases does not keep B's tasks alive."""
+    add(store, "a", at=T0)
+    add(store, "b", at=T0 + 1)
+    running(store, "a", "A", at=T0)
+    running(store, "b", "B", at=T0)
+
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
+
+    assert claim(store, "C", limit=2, at=T0 + 11) == ["b"]
+
+
+def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
+    """A task whose worker died on its last attempt is not run again: fail_abandoned fails
+    it, naming TASK_MAX_ATTEMPTS, and drops its image."""
+    add(store, "t1")
+    store.claim("A", 1, lease_s=LEASE_S, max_attempts=1, now=T0)
+
+    assert store.claim("B", 1, lease_s=LEASE_S, max_attempts=1, now=T0 + 11) == []
+    assert store.fail_abandoned(1, now=T0 + 5) == [], "the lease has not expired yet"
+    failed = store.fail_abandoned(1, now=T0 + 11)
+
+    assert [record.id for record in failed] == ["t1"]
+    assert failed[0] == get(store, "t1")
+    assert failed[0].status is TaskStatus.FAILED
+    assert failed[0].error is not None
+    assert "TASK_MAX_ATTEMPTS" in failed[0].error
+    assert failed[0].finished_at == T0 + 11
+    assert failed[0].webhook_status is None
+    assert not has_image(store, "t1")
+    assert store.fail_abandoned(1, now=T0 + 12) == []
+
+
+def test_fail_abandoned_leaves_tasks_with_attempts_left(store: TaskStore) -> None:
+    """An expired task with attempts left is for claim to retry, not for fail_abandoned."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    assert store.fail_abandoned(MAX_ATTEMPTS, now=T0 + 11) == []
+    assert get(store, "t1").status is TaskStatus.RUNNING
+
+
+def test_abandoned_task_with_callback_gets_its_webhook(store: TaskStore) -> None:
+    """A task failed for running out of attempts still tells its callback: its delivery is
+    pending and free for any live worker at once (its holder is dead)."""
+    add(store, "t1", callback_url=CALLBACK)
+    store.claim("A", 1, lease_s=LEASE_S, max_attempts=1, now=T0)
+
+    [failed] = store.fail_abandoned(1, now=T0 + 11)
+
+    assert failed.status is TaskStatus.FAILED
+    assert failed.webhook_status is WebhookStatus.PENDING
+    deliveries = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 11)
+    assert [record.id for record in deliveries] == ["t1"]
+
+
+# --- Finishing --------------------------------------------------------------------------------
+
+
+def test_finish_stores_the_prediction_and_drops_the_image(store: TaskStore) -> None:
+    """The owner's result is stored as JSON and read back equal; the task is done."""
+    prediction = [{"label": "tabby cat", "score": 0.875}, {"label": "tiger cat", "score": 0.1}]
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    finished = store.finish("t1", "A", prediction=prediction, now=T0 + 2)
+
+    assert finished is not None
+    assert finished == get(store, "t1")
+    assert finished.status is TaskStatus.SUCCEEDED
+    assert finished.prediction == prediction
+    assert finished.error is None
+    assert finished.finished_at == T0 + 2
+    assert finished.webhook_status is None
+    assert not has_image(store, "t1")
+
+
+def test_finish_with_error_fails_the_task(store: TaskStore) -> None:
+    """An error instead of a prediction makes the task failed, with that error."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    finished = store.finish("t1", "A", error="the image could not be decoded", now=T0 + 2)
+
+    assert finished is not None
+    assert finished.status is TaskStatus.FAILED
+    assert finished.error == "the image could not be decoded"
+    assert finished.prediction is None
+    assert finished.finished_at == T0 + 2
+    assert not has_image(store, "t1")
+
+
+def test_finish_without_callback_clears_the_lease(store: TaskStore) -> None:
+    """A finished task without a callback holds no lease, so renewing it finds nothing."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+    assert store.finish("t1", "A", prediction=[], now=T0 + 2) is not None
+
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 3) == 0
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
+
+
+def test_finish_by_a_worker_that_lost_the_task_changes_nothing(store: TaskStore) -> None:
+    """After B took over A's expired task, A's late result is refused: B's counts."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+    assert claim(store, "B", at=T0 + 11) == ["t1"]
+    before = get(store, "t1")
+
+    assert store.finish("t1", "A", prediction=["late"], now=T0 + 12) is None
+
+    assert get(store, "t1") == before
+    assert before.status is TaskStatus.RUNNING
+    assert has_image(store, "t1")
+    finished = store.finish("t1", "B", prediction=["on time"], now=T0 + 13)
+    assert finished is not None
+    assert finished.prediction == ["on time"]
+
+
+def test_finish_with_callback_keeps_the_lease_for_delivery(store: TaskStore) -> None:
+    """With a callback the delivery becomes pending and stays with the owner until its
+    lease expires; only then can another worker claim the delivery."""
+    add(store, "t1", callback_url=CALLBACK)
+    running(store, "t1", "A", at=T0)
+
+    finished = store.finish("t1", "A", prediction=[], now=T0 + 2)
+
+    assert finished is not None
+    assert finished.status is TaskStatus.SUCCEEDED
+    assert finished.webhook_status is WebhookStatus.PENDING
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 5) == []
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 11) == []
+    deliveries = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 16)
+    assert [record.id for record in deliveries] == ["t1"]
+
+
+# --- Handing back -----------------------------------------------------------------------------
+
+
+def test_requeue_undoes_the_claim(store: TaskStore) -> None:
+    """A requeued task is queued again and the claim does not count as an attempt."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    store.requeue("t1", "A")
+
+    record = get(store, "t1")
+    assert record.status is TaskStatus.QUEUED
+    assert record.attempts == 0
+    assert record.started_at is None
+    assert store.count_queued() == 1
+    assert claim(store, "B", at=T0 + 1) == ["t1"]
+    assert get(store, "t1").attempts == 1
+
+
+def test_requeue_by_a_non_owner_changes_nothing(store: TaskStore) -> None:
+    """Only the worker holding a task can put it back."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+    before = get(store, "t1")
+
+    store.requeue("t1", "B")
+
+    assert get(store, "t1") == before
+
+
+def test_release_hands_back_everything_the_owner_holds(store: TaskStore) -> None:
+    """At shutdown, A's running tasks return to the queue and its pending deliveries are
+    free for another worker at once; B's tasks are untouched."""
+    add(store, "a-delivery", at=T0, callback_url=CALLBACK)
+    add(store, "a-running", at=T0 + 1)
+    add(store, "b-running", at=T0 + 2)
+    assert claim(store, "A", limit=2, at=T0 + 3) == ["a-delivery", "a-running"]
+    assert claim(store, "B", limit=1, at=T0 + 3) == ["b-running"]
+    assert store.finish("a-delivery", "A", prediction=[], now=T0 + 4) is not None
+    b_before = get(store, "b-running")
+
+    assert store.release("A") == 2
+
+    requeued = get(store, "a-running")
+    assert requeued.status is TaskStatus.QUEUED
+    assert requeued.attempts == 0
+    assert get(store, "b-running") == b_before
+    deliveries = store.claim_webhooks("C", 10, lease_s=LEASE_S, now=T0 + 5)
+    assert [record.id for record in deliveries] == ["a-delivery"]
+    assert claim(store, "C", limit=10, at=T0 + 5) == ["a-running"]
+
+
+# --- Cancelling -------------------------------------------------------------------------------
+
+
+def test_cancel_of_a_queued_task(store: TaskStore) -> None:
+    """A queued task cancels: it is finished, its image is dropped, nobody claims it."""
+    add(store, "t1")
+
+    cancelled = store.cancel("t1", now=T0 + 3)
+
+    assert cancelled is not None
+    assert cancelled == get(store, "t1")
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.finished_at == T0 + 3
+    assert not has_image(store, "t1")
+    assert store.count_queued() == 0
+    assert claim(store, "A", limit=10, at=T0 + 4) == []
+
+
+def test_cancel_again_returns_the_cancelled_task(store: TaskStore) -> None:
+    """Cancelling twice is not an error, and the first cancellation's time stays."""
+    add(store, "t1")
+    first = store.cancel("t1", now=T0 + 3)
+
+    again = store.cancel("t1", now=T0 + 9)
+
+    assert again == first
+
+
+def test_cancel_of_a_running_task_is_refused(store: TaskStore) -> None:
+    """A task that has started can no longer be cancelled, and is left running."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+
+    with pytest.raises(TaskNotCancellable):
+        store.cancel("t1", now=T0 + 1)
+    assert get(store, "t1").status is TaskStatus.RUNNING
+    assert has_image(store, "t1")
+
+
+def test_cancel_of_a_succeeded_task_is_refused(store: TaskStore) -> None:
+    """A finished task keeps its result when someone tries to cancel it."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+    store.finish("t1", "A", prediction=["cat"], now=T0 + 1)
+
+    with pytest.raises(TaskNotCancellable):
+        store.cancel("t1", now=T0 + 2)
+    record = get(store, "t1")
+    assert record.status is TaskStatus.SUCCEEDED
+    assert record.prediction == ["cat"]
+
+
+def test_cancel_of_an_unknown_task_is_none(store: TaskStore) -> None:
+    """Cancelling a task that does not exist reports it as missing."""
+    assert store.cancel("nope", now=T0) is None
+
+
+# --- Webhook deliveries -----------------------------------------------------------------------
+
+
+def delivery(store: TaskStore, task_id: str, owner: str) -> None:
+    """A finished ``task_id`` whose pending delivery ``owner`` holds (from T0, for LEASE_S)."""
+    add(store, task_id, callback_url=CALLBACK)
+    running(store, task_id, owner, at=T0)
+    assert store.finish(task_id, owner, prediction=["cat"], now=T0) is not None
+
+
+def test_delivery_attempts_persist(store: TaskStore) -> None:
+    """Each attempt's count and error are stored, so a restart resumes the count."""
+    delivery(store, "t1", "A")
+
+    store.record_webhook_attempt("t1", "A", attempts=1, error="HTTP 503")
+    record = get(store, "t1")
+    assert (record.webhook_attempts, record.webhook_last_error) == (1, "HTTP 503")
+
+    store.record_webhook_attempt("t1", "A", attempts=2, error="timed out")
+    record = get(store, "t1")
+    assert (record.webhook_attempts, record.webhook_last_error) == (2, "timed out")
+    assert record.webhook_status is WebhookStatus.PENDING
+
+
+def test_delivered_webhook_ends_and_frees_the_lease(store: TaskStore) -> None:
+    """A delivered webhook is marked so, keeps its count, and is never claimed again."""
+    delivery(store, "t1", "A")
+
+    store.finish_webhook("t1", "A", delivered=True, attempts=3, error=None)
+
+    record = get(store, "t1")
+    assert record.webhook_status is WebhookStatus.DELIVERED
+    assert record.webhook_attempts == 3
+    assert record.webhook_last_error is None
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 1) == 0
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
+
+
+def test_failed_webhook_ends_with_its_last_error(store: TaskStore) -> None:
+    """A delivery that gives up is marked failed with its last error, and not retried."""
+    delivery(store, "t1", "A")
+
+    store.finish_webhook("t1", "A", delivered=False, attempts=5, error="HTTP 500")
+
+    record = get(store, "t1")
+    assert record.webhook_status is WebhookStatus.FAILED
+    assert (record.webhook_attempts, record.webhook_last_error) == (5, "HTTP 500")
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
+
+
+def test_non_owner_cannot_record_or_finish_a_delivery(store: TaskStore) -> None:
+    """A worker that does not hold the delivery changes nothing about it."""
+    delivery(store, "t1", "A")
+    before = get(store, "t1")
+
+    store.record_webhook_attempt("t1", "B", attempts=4, error="HTTP 503")
+    store.finish_webhook("t1", "B", delivered=True, attempts=4, error=None)
+
+    assert get(store, "t1") == before
+    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 1) == 1
+
+
+def test_claim_webhooks_takes_at_most_limit(store: TaskStore) -> None:
+    """Deliveries are shared out like tasks: at most ``limit``, never to two owners."""
+    for task_id in ("t1", "t2", "t3"):
+        add(store, task_id, callback_url=CALLBACK)
+    claim(store, "A", limit=3, at=T0)
+    for task_id in ("t1", "t2", "t3"):
+        store.finish(task_id, "A", prediction=[], now=T0)
+    store.release("A")
+
+    first = store.claim_webhooks("B", 2, lease_s=LEASE_S, now=T0 + 1)
+    second = store.claim_webhooks("C", 2, lease_s=LEASE_S, now=T0 + 1)
+
+    assert len(first) == 2
+    assert len(second) == 1
+    assert {record.id for record in first + second} == {"t1", "t2", "t3"}
+    assert store.claim_webhooks("D", 0, lease_s=LEASE_S, now=T0 + 100) == []
+
+
+# --- Housekeeping -----------------------------------------------------------------------------
+
+
+def test_delete_expired_removes_only_old_finished_tasks(store: TaskStore) -> None:
+    """Old succeeded, failed and cancelled tasks go; queued, running, recent ones, and those
+    still delivering a webhook stay."""
+    add(store, "old-succeeded", at=T0)
+    add(store, "old-failed", at=T0 + 1)
+    add(store, "old-pending-webhook", at=T0 + 2, callback_url=CALLBACK)
+    add(store, "old-delivered", at=T0 + 3, callback_url=CALLBACK)
+    add(store, "recent", at=T0 + 4)
+    add(store, "old-running", at=T0 + 5)
+    add(store, "old-cancelled", at=T0 + 6)
+    add(store, "old-queued", at=T0 + 7)
+    assert store.cancel("old-cancelled", now=T0 + 10) is not None
+    # All within A's lease (until T0 + 20), so nothing is taken over meanwhile.
+    assert len(claim(store, "A", limit=6, at=T0 + 10)) == 6
+    store.finish("old-succeeded", "A", prediction=[], now=T0 + 10)
+    store.finish("old-failed", "A", error="boom", now=T0 + 10)
+    store.finish("old-pending-webhook", "A", prediction=[], now=T0 + 10)
+    store.finish("old-delivered", "A", prediction=[], now=T0 + 10)
+    store.finish_webhook("old-delivered", "A", delivered=True, attempts=1, error=None)
+    store.finish("recent", "A", prediction=[], now=T0 + 15)
+
+    assert store.delete_expired(T0 + 12) == 4
+
+    for gone in ("old-succeeded", "old-failed", "old-delivered", "old-cancelled"):
+        assert store.get(gone) is None, gone
+    for kept in ("old-pending-webhook", "old-running", "old-queued", "recent"):
+        assert store.get(kept) is not None, kept
+    assert store.delete_expired(T0 + 12) == 0
+
+
+def test_count_queued_counts_only_waiting_tasks(store: TaskStore) -> None:
+    """Running, finished and cancelled tasks are not queued."""
+    add_many(store, 5)
+    claim(store, "A", limit=2, at=T0 + 10)
+    store.finish("t000", "A", prediction=[], now=T0 + 11)
+    store.cancel("t004", now=T0 + 11)
+
+    assert store.count_queued() == 2
+
+
+# --- Opening ----------------------------------------------------------------------------------
+
+
+def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
+    """A database written by another server version is not touched; the error says to
+    point DATA_DIR elsewhere."""
+    TaskStore(tmp_path).close()
+    with closing(sqlite3.connect(tmp_path / "tasks.sqlite3")) as db:
+        db.execute("PRAGMA user_version = 7")
+
+    with pytest.raises(RuntimeError, match="DATA_DIR"):
+        TaskStore(tmp_path)
+
+
+def test_reopening_keeps_the_tasks(tmp_path: Path) -> None:
+    """A restarted worker finds the tasks a previous one stored."""
+    with closing(TaskStore(tmp_path)) as store:
+        add(store, "t1")
+
+    with closing(TaskStore(tmp_path)) as store:
+        assert get(store, "t1").status is TaskStatus.QUEUED
+
+
+def test_two_stores_opened_together_on_one_directory_both_work(tmp_path: Path) -> None:
+    """Two workers starting at the same moment on a fresh directory both open the store,
+    and each sees what the other writes."""
+    start = threading.Barrier(2)
+    opened: list[TaskStore] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        start.wait(timeout=10)
+        try:
+            opened.append(TaskStore(tmp_path))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert errors == []
+        first, second = opened
+
+        add(first, "t1", at=T0)
+        add(second, "t2", at=T0 + 1)
+
+        assert claim(second, "B", at=T0 + 2) == ["t1"]
+        assert get(first, "t1").status is TaskStatus.RUNNING
+        assert claim(first, "A", at=T0 + 2) == ["t2"]
+        assert second.count_queued() == 0
+    finally:
+        for store in opened:
+            store.close()

@@ -1,0 +1,428 @@
+"""Asynchronous tasks in-process: submit, poll, cancel, errors, metrics and expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import sqlite3
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.tasks import DATABASE_NAME
+from tests import images
+from tests.support import (
+    GatedModel,
+    Reference,
+    RunningApp,
+    make_settings,
+    metric_value,
+    running_app,
+    wait_for,
+)
+from tests.webhook_receiver import STALL, receiving
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def upload(data: bytes, name: str = "image.jpg") -> dict[str, tuple[str, bytes, str]]:
+    return {"file": (name, data, "application/octet-stream")}
+
+
+async def submit(client: httpx.AsyncClient, data: bytes, **fields: str) -> dict[str, str]:
+    response = await client.post("/tasks", files=upload(data), data=fields)
+    assert response.status_code == 202, response.text
+    body: dict[str, str] = response.json()
+    return body
+
+
+async def finished(client: httpx.AsyncClient, task_id: str, timeout_s: float = 30) -> dict:
+    """Poll the task's status until it has finished."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            response = await client.get(f"/task-status/{task_id}")
+            assert response.status_code == 200, response.text
+            body: dict = response.json()
+            if body["status"] in FINISHED:
+                return body
+            await asyncio.sleep(0.02)
+
+
+def stored_rows(served: RunningApp, table: str) -> int:
+    with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
+        (count,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(count)
+
+
+async def test_submit_answers_202_and_the_task_gets_the_reference_prediction(
+    served: RunningApp, photos: list[Path], reference: Reference
+) -> None:
+    """The task's prediction is the same as /cls's and torchvision's for the same photo."""
+    data = photos[0].read_bytes()
+    response = await served.client.post(
+        "/tasks", files=upload(data), data={"metadata": '{"order": 17, "tags": ["a"]}'}
+    )
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "queued"
+    assert accepted["status_url"] == f"http://test/task-status/{accepted['task_id']}"
+    assert response.headers["location"] == accepted["status_url"]
+    uuid.UUID(accepted["task_id"])
+
+    task = await finished(served.client, accepted["task_id"])
+    assert task["status"] == "succeeded", task
+    assert "error" not in task
+    assert task["metadata"] == {"order": 17, "tags": ["a"]}
+    assert task["webhook"] is None
+    assert task["created_at"] <= task["started_at"] <= task["finished_at"]
+
+    interactive = (await served.client.post("/cls", files=upload(data))).json()["prediction"]
+    assert task["prediction"] == interactive
+    indices, _ = reference.top_k(images.photo(photos[0]), 5)
+    assert [p["index"] for p in task["prediction"]] == indices
+
+
+async def test_top_k_applies_to_tasks(served: RunningApp, photos: list[Path]) -> None:
+    response = await served.client.post(
+        "/tasks", params={"top_k": 3}, files=upload(photos[1].read_bytes())
+    )
+    task = await finished(served.client, response.json()["task_id"])
+    assert len(task["prediction"]) == 3
+
+
+async def test_the_image_is_deleted_once_the_task_finishes(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    accepted = await submit(served.client, photos[0].read_bytes())
+    await finished(served.client, accepted["task_id"])
+    assert stored_rows(served, "tasks") == 1
+    assert stored_rows(served, "task_images") == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "detail"),
+    [
+        ({"metadata": "[1, 2]"}, 422, "metadata must be a JSON object, received a JSON array"),
+        ({"metadata": "{not json"}, 422, "metadata must be a JSON object"),
+        ({"metadata": '{"x": NaN}'}, 422, "metadata must be a JSON object"),
+        ({"metadata": "[" * 5000 + "]" * 5000}, 422, "metadata must be a JSON object"),
+        ({"metadata": '{"x": "' + "y" * 20_000 + '"}'}, 422, "TASK_METADATA_MAX_BYTES allows"),
+        ({"callback_url": "ftp://example.com/hook"}, 422, "http"),
+        ({"callback_url": "http://127.0.0.1:8080/hook"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
+        ({"callback_url": "http://169.254.169.254/latest"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
+    ],
+)
+async def test_bad_fields_are_refused_before_anything_is_stored(
+    served: RunningApp, photos: list[Path], fields: dict[str, str], status: int, detail: str
+) -> None:
+    response = await served.client.post("/tasks", files=upload(photos[0].read_bytes()), data=fields)
+    assert response.status_code == status, response.text
+    assert detail in response.json()["detail"]
+    assert stored_rows(served, "tasks") == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"", 400),
+        (b"not an image at all", 400),
+        (images.encode(images.gradient(), "JPEG")[:300], 400),
+        (images.png_bomb(), 400),
+    ],
+)
+async def test_a_bad_image_gets_its_4xx_at_once_and_is_not_stored(
+    served: RunningApp, data: bytes, status: int
+) -> None:
+    response = await served.client.post("/tasks", files=upload(data))
+    assert response.status_code == status, response.text
+    assert "detail" in response.json()
+    assert stored_rows(served, "tasks") == 0
+
+
+async def test_an_oversized_upload_is_413(photos: list[Path]) -> None:
+    async with running_app(make_settings(max_upload_bytes=1000)) as served:
+        response = await served.client.post("/tasks", files=upload(photos[0].read_bytes()))
+        assert response.status_code == 413, response.text
+        assert stored_rows(served, "tasks") == 0
+
+
+async def test_missing_file_is_422(served: RunningApp) -> None:
+    response = await served.client.post("/tasks", data={"metadata": "{}"})
+    assert response.status_code == 422
+    assert "file" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("task_id", [str(uuid.uuid4()), "not-a-uuid", "1' OR '1'='1", "x" * 500])
+async def test_unknown_or_malformed_ids_are_404(served: RunningApp, task_id: str) -> None:
+    for response in (
+        await served.client.get(f"/task-status/{task_id}"),
+        await served.client.delete(f"/tasks/{task_id}"),
+    ):
+        assert response.status_code == 404, response.text
+        assert response.json()["detail"].startswith("no task")
+
+
+async def test_only_a_task_that_has_not_started_can_be_cancelled(photos: list[Path]) -> None:
+    """With the model held, a worker holds two tasks (max batch 1); later ones stay queued."""
+    async with running_app(make_settings(max_batch_size=1)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        tasks = [(await submit(served.client, data))["task_id"] for _ in range(5)]
+        await wait_for(model.entered.is_set)
+
+        statuses = {
+            task_id: (await served.client.get(f"/task-status/{task_id}")).json()["status"]
+            for task_id in tasks
+        }
+        assert list(statuses.values()) == ["running", "running", "queued", "queued", "queued"]
+        queued_id, running_id = tasks[3], tasks[0]
+
+        cancelled = await served.client.delete(f"/tasks/{queued_id}")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        assert cancelled.json()["finished_at"] is not None
+        again = await served.client.delete(f"/tasks/{queued_id}")
+        assert again.status_code == 200
+        assert again.json()["status"] == "cancelled"
+        refused = await served.client.delete(f"/tasks/{running_id}")
+        assert refused.status_code == 409
+        assert "running" in refused.json()["detail"]
+
+        model.release.set()
+        results = {task_id: await finished(served.client, task_id) for task_id in tasks}
+        assert results[queued_id]["status"] == "cancelled"
+        assert "prediction" not in results[queued_id]
+        assert all(results[t]["status"] == "succeeded" for t in tasks if t != queued_id)
+        assert sum(model.batch_sizes) == 4, "the cancelled task never reached the model"
+
+        finished_again = await served.client.delete(f"/tasks/{tasks[0]}")
+        assert finished_again.status_code == 409
+        assert "succeeded" in finished_again.json()["detail"]
+
+
+async def test_a_failing_batch_fails_the_task_with_a_public_error(photos: list[Path]) -> None:
+    async with running_app(make_settings()) as served:
+        before = (await served.client.get("/metrics")).text
+        model = GatedModel(served)
+        model.fail_next = True
+        model.release.set()
+        accepted = await submit(served.client, photos[0].read_bytes())
+        task = await finished(served.client, accepted["task_id"])
+
+        assert task["status"] == "failed"
+        assert task["error"] == "inference failed; the error is logged on the server"
+        assert "prediction" not in task
+        assert stored_rows(served, "task_images") == 0
+        after = (await served.client.get("/metrics")).text
+        for sample, growth in (("image_task_failure_total", 1), ("image_task_success_total", 0)):
+            assert metric_value(after, sample) - metric_value(before, sample) == growth
+
+
+async def test_task_metrics_count_successes_latency_and_the_waiting_queue(
+    photos: list[Path],
+) -> None:
+    """task_queue_depth counts tasks waiting, not running ones; counters count finishes."""
+    settings = make_settings(max_batch_size=1, task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        before = (await served.client.get("/metrics")).text
+        tasks = [(await submit(served.client, data))["task_id"] for _ in range(5)]
+        await wait_for(model.entered.is_set)
+
+        async def queue_depth() -> float:
+            text = (await served.client.get("/metrics")).text
+            return metric_value(text, "task_queue_depth")
+
+        async with asyncio.timeout(10):
+            while await queue_depth() != 3:  # 2 of 5 are running
+                await asyncio.sleep(0.02)
+
+        model.release.set()
+        for task_id in tasks:
+            await finished(served.client, task_id)
+        async with asyncio.timeout(10):
+            while await queue_depth() != 0:
+                await asyncio.sleep(0.02)
+        after = (await served.client.get("/metrics")).text
+
+    def grew(sample: str) -> float:
+        return metric_value(after, sample) - metric_value(before, sample)
+
+    assert grew("image_task_success_total") == 5
+    assert grew("image_task_failure_total") == 0
+    assert grew("image_task_latency_seconds_count") == 5
+    assert grew("image_task_latency_seconds_sum") > 0
+
+
+async def test_finished_tasks_expire_after_the_ttl(photos: list[Path]) -> None:
+    settings = make_settings(task_ttl=1, task_cleanup_interval_s=0.1)
+    async with running_app(settings) as served:
+        accepted = await submit(served.client, photos[0].read_bytes())
+        await finished(served.client, accepted["task_id"])
+        async with asyncio.timeout(10):
+            while (await served.client.get(accepted["status_url"])).status_code != 404:
+                await asyncio.sleep(0.05)
+        assert stored_rows(served, "tasks") == 0
+
+
+async def test_the_task_queue_limit_is_503_with_retry_after(photos: list[Path]) -> None:
+    async with running_app(make_settings(max_batch_size=1, task_max_queued=2)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        # Two are held by the worker (running), two more fill the queue.
+        for _ in range(2):
+            await submit(served.client, data)
+        await wait_for(model.entered.is_set)
+        await wait_for_running(served, 2)
+        for _ in range(2):
+            await submit(served.client, data)
+        refused = await served.client.post("/tasks", files=upload(data))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "TASK_MAX_QUEUED allows 2" in refused.json()["detail"]
+        model.release.set()
+
+
+async def wait_for_running(served: RunningApp, count: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
+                (running,) = db.execute(
+                    "SELECT count(*) FROM tasks WHERE status = 'running'"
+                ).fetchone()
+            if running == count:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_tasks_survive_a_restart_of_the_app(photos: list[Path]) -> None:
+    """Queued tasks and finished results are still there when the app starts again."""
+    settings = make_settings(max_batch_size=1)
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        done = await submit(served.client, data)
+        await finished(served.client, done["task_id"])
+        model = GatedModel(served)
+        pending = [(await submit(served.client, data))["task_id"] for _ in range(4)]
+        await wait_for(model.entered.is_set)
+        model.release.set()  # the drain at shutdown finishes what the batcher holds
+
+    async with running_app(settings) as served:
+        first = await finished(served.client, done["task_id"])
+        assert first["status"] == "succeeded"
+        for task_id in pending:
+            assert (await finished(served.client, task_id))["status"] == "succeeded"
+
+
+# --- Webhooks -------------------------------------------------------------------------------
+
+WEBHOOK_SETTINGS = {
+    "webhook_allow_private": True,
+    "webhook_backoff_s": 0.01,
+    "webhook_backoff_max_s": 0.05,
+    "webhook_timeout_s": 0.5,
+    "task_poll_interval_s": 0.05,
+}
+
+
+async def webhook_done(client: httpx.AsyncClient, task_id: str) -> dict:
+    """Poll until the task's webhook is delivered or given up."""
+    async with asyncio.timeout(30):
+        while True:
+            task: dict = (await client.get(f"/task-status/{task_id}")).json()
+            if task["webhook"] and task["webhook"]["status"] in {"delivered", "failed"}:
+                return task
+            await asyncio.sleep(0.02)
+
+
+async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
+    settings = make_settings(webhook_secret="s3cret", **WEBHOOK_SETTINGS)
+    async with receiving() as receiver, running_app(settings) as served:
+        before = (await served.client.get("/metrics")).text
+        accepted = await submit(
+            served.client,
+            photos[0].read_bytes(),
+            callback_url=receiver.url,
+            metadata='{"batch": "nightly"}',
+        )
+        waiting = (await served.client.get(accepted["status_url"])).json()["webhook"]
+        assert waiting["status"] in {"waiting", "pending", "delivered"}
+        task = await webhook_done(served.client, accepted["task_id"])
+        after = (await served.client.get("/metrics")).text
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
+    assert len(receiver.received) == 1
+    delivery = receiver.received[0]
+    assert delivery.headers["Content-Type"] == "application/json"
+    expected = "sha256=" + hmac.new(b"s3cret", delivery.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(delivery.headers["X-Signature-256"], expected)
+    assert json.loads(delivery.body) == {
+        "task_id": accepted["task_id"],
+        "status": "succeeded",
+        "prediction": task["prediction"],
+        "metadata": {"batch": "nightly"},
+    }
+    assert (
+        metric_value(after, "webhook_success_total") - metric_value(before, "webhook_success_total")
+        == 1
+    )
+    assert (
+        metric_value(after, "webhook_latency_seconds_count")
+        - metric_value(before, "webhook_latency_seconds_count")
+        == 1
+    )
+
+
+async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
+        model = GatedModel(served)
+        model.fail_next = True
+        model.release.set()
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["status"] == "failed"
+    body = json.loads(receiver.received[0].body)
+    assert body == {
+        "task_id": accepted["task_id"],
+        "status": "failed",
+        "error": task["error"],
+        "metadata": None,
+    }
+    assert "X-Signature-256" not in receiver.received[0].headers  # no WEBHOOK_SECRET
+
+
+async def test_webhook_retries_through_errors_and_timeouts(photos: list[Path]) -> None:
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
+        receiver.script = [500, STALL, 503]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 4, "last_error": None}
+    assert len(receiver.received) == 4
+    assert len({r.body for r in receiver.received}) == 1, "every attempt sends the same body"
+
+
+async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> None:
+    settings = make_settings(webhook_max_attempts=3, **WEBHOOK_SETTINGS)
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.then = 500
+        before = (await served.client.get("/metrics")).text
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        task = await webhook_done(served.client, accepted["task_id"])
+        after = (await served.client.get("/metrics")).text
+
+    assert task["status"] == "succeeded", "a failed delivery does not fail the task"
+    assert task["webhook"] == {
+        "status": "failed",
+        "attempts": 3,
+        "last_error": "callback answered 500",
+    }
+    assert len(receiver.received) == 3
+    for sample, growth in (("webhook_failure_total", 1), ("webhook_success_total", 0)):
+        assert metric_value(after, sample) - metric_value(before, sample) == growth

@@ -1,0 +1,492 @@
+"""Webhook delivery against a real HTTP receiver on loopback, and the callback URL checks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import httpcore
+import pytest
+
+from service import webhooks
+from service.webhooks import (
+    DeliveryResult,
+    InvalidCallbackUrl,
+    WebhookConfig,
+    WebhookSender,
+    _GlobalOnlyBackend,
+    check_callback_url,
+    sign,
+)
+from tests.webhook_receiver import STALL, Receiver, receiving
+
+SECRET = "test-webhook-secret"
+PAYLOAD: dict[str, object] = {
+    "task_id": "7f3c",
+    "status": "done",
+    "result": {"label": "tabby cat", "score": 0.875},
+    "note": "ünïcødé",
+}
+TIMEOUT_S = 0.3
+# Tiny backoff and timeout keep the suite fast; loopback answers well within them.
+FAST = {"timeout_s": TIMEOUT_S, "backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+
+
+@dataclass
+class AttemptLog:
+    """An on_attempt callback that records what it is told."""
+
+    calls: list[tuple[int, str | None, float]] = field(default_factory=list)
+    attempted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, number: int, error: str | None, seconds: float) -> None:
+        self.calls.append((number, error, seconds))
+        self.attempted.set()
+
+    @property
+    def numbers(self) -> list[int]:
+        return [number for number, _, _ in self.calls]
+
+    @property
+    def errors(self) -> list[str | None]:
+        return [error for _, error, _ in self.calls]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving() as running:
+        yield running
+
+
+@pytest.fixture
+async def make_sender() -> AsyncIterator[Callable[..., WebhookSender]]:
+    """Builds senders (private targets allowed, fast timings unless overridden), closed after."""
+    senders: list[WebhookSender] = []
+
+    def make(**overrides: object) -> WebhookSender:
+        options: dict[str, object] = {"allow_private": True, **FAST, **overrides}
+        sender = WebhookSender(WebhookConfig(**options))  # type: ignore[arg-type]
+        senders.append(sender)
+        return sender
+
+    yield make
+    for sender in senders:
+        await sender.aclose()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, so no one else takes it, never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# Delivery
+
+
+async def test_the_receiver_gets_the_exact_json_body_signed(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    result = await make_sender(secret=SECRET).deliver(receiver.url, PAYLOAD)
+
+    assert result == DeliveryResult(delivered=True, attempts=1, last_error=None)
+    [request] = receiver.received
+    assert request.body == json.dumps(PAYLOAD, separators=(",", ":")).encode()
+    assert json.loads(request.body) == PAYLOAD
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["User-Agent"] == "resnet18-service-webhook/1"
+    expected = "sha256=" + hmac.new(SECRET.encode(), request.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(request.headers["X-Signature-256"], expected)
+
+
+async def test_without_a_secret_there_is_no_signature_header(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    result = await make_sender().deliver(receiver.url, PAYLOAD)
+
+    assert result.delivered
+    [request] = receiver.received
+    assert "X-Signature-256" not in request.headers
+
+
+def test_sign_matches_githubs_documented_example() -> None:
+    # From GitHub's "Validating webhook deliveries" documentation.
+    assert sign(b"Hello, World!", "It's a Secret to Everybody") == (
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    )
+
+
+async def test_5xx_answers_are_retried_until_success(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.script = [500, 503, 200]
+    log = AttemptLog()
+
+    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
+
+    assert result == DeliveryResult(delivered=True, attempts=3, last_error=None)
+    assert len(receiver.received) == 3
+    assert log.numbers == [1, 2, 3]
+    assert log.errors == ["callback answered 500", "callback answered 503", None]
+    assert all(0 <= seconds < 5 for _, _, seconds in log.calls)
+
+
+@pytest.mark.parametrize("status", [408, 429, 502])
+async def test_other_transient_statuses_are_retried(
+    status: int, receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.script = [status, 200]
+
+    result = await make_sender().deliver(receiver.url, PAYLOAD)
+
+    assert result == DeliveryResult(delivered=True, attempts=2, last_error=None)
+    assert len(receiver.received) == 2
+
+
+async def test_a_receiver_slower_than_the_timeout_is_retried(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.script = [STALL, 200]
+    log = AttemptLog()
+
+    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
+
+    assert result == DeliveryResult(delivered=True, attempts=2, last_error=None)
+    assert len(receiver.received) == 2
+    assert log.errors == [f"timed out after {TIMEOUT_S} s", None]
+    first_seconds = log.calls[0][2]
+    assert TIMEOUT_S * 0.8 <= first_seconds < TIMEOUT_S * 10
+
+
+async def test_it_gives_up_after_max_attempts(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 500
+    log = AttemptLog()
+
+    result = await make_sender(max_attempts=4).deliver(receiver.url, PAYLOAD, on_attempt=log)
+
+    assert result == DeliveryResult(delivered=False, attempts=4, last_error="callback answered 500")
+    assert len(receiver.received) == 4
+    assert log.numbers == [1, 2, 3, 4]
+
+
+async def test_attempts_done_earlier_count_against_the_limit(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 500
+    log = AttemptLog()
+
+    result = await make_sender(max_attempts=5).deliver(
+        receiver.url, PAYLOAD, attempts_done=3, on_attempt=log
+    )
+
+    assert result == DeliveryResult(delivered=False, attempts=5, last_error="callback answered 500")
+    assert len(receiver.received) == 2
+    assert log.numbers == [4, 5]
+
+
+async def test_a_resumed_delivery_that_succeeds_counts_all_attempts(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    result = await make_sender(max_attempts=5).deliver(receiver.url, PAYLOAD, attempts_done=3)
+
+    assert result == DeliveryResult(delivered=True, attempts=4, last_error=None)
+    assert len(receiver.received) == 1
+
+
+async def test_no_attempt_is_made_once_the_limit_is_spent(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    log = AttemptLog()
+
+    result = await make_sender(max_attempts=5).deliver(
+        receiver.url, PAYLOAD, attempts_done=5, on_attempt=log
+    )
+
+    assert not result.delivered
+    assert result.attempts == 5
+    assert result.last_error is not None
+    assert "no attempts left" in result.last_error
+    assert receiver.received == []
+    assert log.calls == []
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 302])
+async def test_other_statuses_are_not_retried(
+    status: int, receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = status
+    log = AttemptLog()
+
+    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
+
+    assert result == DeliveryResult(
+        delivered=False, attempts=1, last_error=f"callback answered {status}"
+    )
+    assert len(receiver.received) == 1  # a redirect is not followed either
+    assert log.numbers == [1]
+
+
+async def test_a_refused_connection_is_retried_and_reported(
+    closed_port: int, make_sender: Callable[..., WebhookSender]
+) -> None:
+    log = AttemptLog()
+
+    result = await make_sender(max_attempts=3).deliver(
+        f"http://127.0.0.1:{closed_port}/hook", PAYLOAD, on_attempt=log
+    )
+
+    assert result == DeliveryResult(delivered=False, attempts=3, last_error="connection refused")
+    assert log.numbers == [1, 2, 3]
+    assert log.errors == ["connection refused"] * 3
+
+
+async def test_cancelling_a_delivery_waiting_for_an_answer_propagates(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.script = [STALL]
+    task = asyncio.create_task(make_sender(timeout_s=30).deliver(receiver.url, PAYLOAD))
+    await receiver.arrived.wait()
+
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_cancelling_a_delivery_waiting_to_retry_propagates(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 500
+    log = AttemptLog()
+    sender = make_sender(backoff_initial_s=30, backoff_max_s=30)
+    task = asyncio.create_task(sender.deliver(receiver.url, PAYLOAD, on_attempt=log))
+    await log.attempted.wait()
+
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(receiver.received) == 1
+
+
+async def test_an_error_in_on_attempt_propagates_without_retry(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 500
+
+    async def failing(number: int, error: str | None, seconds: float) -> None:
+        raise RuntimeError("database is down")
+
+    with pytest.raises(RuntimeError, match="database is down"):
+        await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=failing)
+    assert len(receiver.received) == 1
+
+
+# Configuration
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"secret": ""}, "WEBHOOK_SECRET"),
+        ({"max_attempts": 0}, "max_attempts is 0"),
+        ({"timeout_s": 0}, "timeout_s is 0"),
+        ({"backoff_initial_s": -1}, "backoff_initial_s is -1"),
+        ({"backoff_initial_s": 5, "backoff_max_s": 1}, "backoff_max_s is 1"),
+    ],
+    ids=["empty-secret", "no-attempts", "no-timeout", "negative-backoff", "max-below-initial"],
+)
+def test_a_bad_config_is_refused_on_creation(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WebhookConfig(**overrides)  # type: ignore[arg-type]
+
+
+# Callback URL checks
+
+LOOPBACK_URLS = [
+    "http://127.0.0.1/",
+    "http://localhost/",
+    "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/",
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://x", "scheme"),
+        ("javascript:alert(1)", "scheme"),
+        ("http:///nohost", "no host"),
+        ("http://user:pw@example.com/", "credentials"),
+        ("http://example.com:99999/", "not a valid URL"),
+        ("http://example.com/" + "a" * 2048, "at most 2048"),
+        ("http://127.0.0.1/", "loopback"),
+        ("http://localhost/", "loopback"),
+        ("http://10.1.2.3/", "private"),
+        ("http://172.16.0.1/", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://[::1]/", "loopback"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://[fd00::1]/", "private"),
+        ("http://[::ffff:127.0.0.1]/", "loopback"),
+        ("http://[::ffff:10.0.0.1]/", "private"),
+        ("http://[64:ff9b::a00:1]/", "private"),  # NAT64 of 10.0.0.1
+        ("http://[2002:7f00:1::]/", "loopback"),  # 6to4 of 127.0.0.1
+        ("http://100.64.0.1/", "carrier-grade NAT"),
+        ("http://0.0.0.0/", "unspecified"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://240.0.0.1/", "private"),
+        ("http://no-such-host.invalid/", "does not resolve"),
+    ],
+)
+def test_unsafe_callback_urls_are_refused(url: str, why: str) -> None:
+    with pytest.raises(InvalidCallbackUrl, match=why):
+        check_callback_url(url, allow_private=False)
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3/", "http://localhost/", "http://[::1]/"])
+def test_an_address_refusal_names_the_setting_that_allows_it(url: str) -> None:
+    with pytest.raises(InvalidCallbackUrl, match="WEBHOOK_ALLOW_PRIVATE"):
+        check_callback_url(url, allow_private=False)
+
+
+@pytest.mark.parametrize("url", [*LOOPBACK_URLS, "http://10.1.2.3:8080/hook"])
+def test_private_targets_are_accepted_when_allowed(url: str) -> None:
+    check_callback_url(url, allow_private=True)
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "http:///nohost", "http://user:pw@localhost/"], ids=str)
+def test_allowing_private_targets_still_refuses_malformed_urls(url: str) -> None:
+    with pytest.raises(InvalidCallbackUrl):
+        check_callback_url(url, allow_private=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://93.184.215.14/",
+        "https://93.184.215.14:8443/hook?task=1",
+        "http://[2606:4700:4700::1111]/",
+        "http://[::ffff:93.184.215.14]/",
+    ],
+)
+def test_public_ip_literals_are_accepted(url: str) -> None:
+    check_callback_url(url, allow_private=False)
+
+
+def test_a_name_is_refused_if_any_of_its_addresses_is_private(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def resolve(host: str, port: object, *args: object, **kwargs: object) -> list[object]:
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 80)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 80)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with pytest.raises(InvalidCallbackUrl, match=r"resolves to 10\.0\.0\.7, a private"):
+        check_callback_url("http://mixed.example/", allow_private=False)
+
+
+# Server-side request forgery at delivery and connect time
+
+
+async def test_delivery_to_loopback_is_refused_before_any_request(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    log = AttemptLog()
+
+    result = await make_sender(allow_private=False).deliver(receiver.url, PAYLOAD, on_attempt=log)
+
+    assert not result.delivered
+    assert result.attempts == 0
+    assert result.last_error is not None
+    assert "loopback" in result.last_error
+    assert receiver.received == []
+    assert log.calls == []
+
+
+async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As in DNS rebinding: the name looked public when checked, then resolves to loopback.
+    monkeypatch.setattr(webhooks, "check_callback_url", lambda url, *, allow_private: None)
+    log = AttemptLog()
+
+    result = await make_sender(allow_private=False).deliver(
+        f"http://localhost:{receiver.port}/hook", PAYLOAD, on_attempt=log
+    )
+
+    assert not result.delivered
+    assert result.attempts == 1  # refusing again would change nothing
+    assert result.last_error is not None
+    assert result.last_error.startswith("refused to connect to localhost (")
+    assert "loopback" in result.last_error
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::ffff:127.0.0.1"])
+async def test_the_network_backend_refuses_loopback_itself(host: str, receiver: Receiver) -> None:
+    backend = _GlobalOnlyBackend(httpcore.AnyIOBackend())
+
+    with pytest.raises(httpcore.ConnectError, match=r"refused to connect.*loopback"):
+        await backend.connect_tcp(host, receiver.port, timeout=TIMEOUT_S)
+
+
+class RecordingBackend(httpcore.AsyncNetworkBackend):
+    """Stands in for the real backend: records where it is asked to connect."""
+
+    def __init__(self) -> None:
+        self.connects: list[tuple[str, int]] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.connects.append((host, port))
+        return httpcore.AsyncNetworkStream()
+
+
+def answer_with(*addresses: str) -> Callable[..., object]:
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list[object]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+
+    return getaddrinfo
+
+
+async def test_the_backend_connects_to_the_address_it_vetted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(anyio, "getaddrinfo", answer_with("93.184.215.14"))
+    inner = RecordingBackend()
+
+    await _GlobalOnlyBackend(inner).connect_tcp("hooks.example", 443)
+
+    assert inner.connects == [("93.184.215.14", 443)]
+
+
+async def test_the_backend_refuses_a_name_with_any_private_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(anyio, "getaddrinfo", answer_with("93.184.215.14", "10.0.0.7"))
+    inner = RecordingBackend()
+
+    with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
+        await _GlobalOnlyBackend(inner).connect_tcp("hooks.example", 443)
+    assert inner.connects == []
