@@ -21,7 +21,9 @@ ENV TORCH_HOME=/opt/torch
 RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"
 
 FROM python:${PYTHON_VERSION}-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+# /data holds the task database (DATA_DIR): the one place the service writes.
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && install -d -o app -g app /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/torch /opt/torch
 WORKDIR /app
@@ -34,7 +36,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus-multiproc \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    DATA_DIR=/data \
     PORT=5001
+VOLUME ["/data"]
 USER app
 EXPOSE 5001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \

@@ -248,12 +248,13 @@ class Service:
         task store for another worker or the next start.
         """
         self.ready = False
-        if self.tasks is not None:
-            await self.tasks.stop_claiming()
+        tasks, self.tasks = self.tasks, None  # stopping twice is harmless
+        if tasks is not None:
+            await tasks.stop_claiming()
         if self.processor is not None:
             await self.processor.stop(self.settings.drain_timeout_s)
-        if self.tasks is not None:
-            await self.tasks.stop(grace_s=TASK_STOP_GRACE_S)
+        if tasks is not None:
+            await tasks.stop(grace_s=TASK_STOP_GRACE_S)
         for pool in (self._decode_pool, self._task_decode_pool, self._inference_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +156,11 @@ class TaskStore:
         # FULL: a task acknowledged with 202 survives a power cut, not only a crash.
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -284,7 +288,7 @@ class TaskStore:
                 "lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE status = ? "
                 "  OR (status = ? AND lease_until < ? AND attempts < ?) "
-                "  ORDER BY created_at LIMIT ?) "
+                "  ORDER BY created_at, rowid LIMIT ?) "
                 "RETURNING id, top_k, created_at, attempts",
                 (
                     TaskStatus.RUNNING,
@@ -473,14 +477,6 @@ class TaskStore:
                 (finished_before, WebhookStatus.PENDING),
             ).rowcount
         if deleted:
-            self._db.execute("PRAGMA incremental_vacuum")
+            # Run to completion: a plain execute() would free a single page.
+            self._db.executescript("PRAGMA incremental_vacuum;")
         return deleted
-
-    def ids(self, statuses: Sequence[TaskStatus]) -> list[str]:
-        """The ids of every task in one of ``statuses``, oldest first."""
-        marks = ",".join("?" * len(statuses))
-        rows = self._db.execute(
-            f"SELECT id FROM tasks WHERE status IN ({marks}) ORDER BY created_at",
-            tuple(statuses),
-        ).fetchall()
-        return [row["id"] for row in rows]

@@ -41,3 +41,19 @@ def test_compose_leaves_time_for_the_drain() -> None:
     assert grace is not None
     drain_s = int(drain.group(1)) if drain else Settings().drain_timeout_s
     assert int(grace.group(1)) >= drain_s + 10
+
+
+def test_the_task_store_has_a_writable_persistent_home() -> None:
+    """DATA_DIR points at a directory the non-root user owns, and compose keeps it in a
+    volume, so queued tasks survive a container restart."""
+    stage = final_stage()
+    env = " ".join(line for line in stage if line.upper().startswith("ENV "))
+    data_dir = re.search(r"DATA_DIR=(\S+)", env)
+    assert data_dir is not None, "the image sets no DATA_DIR"
+    user = [line.split()[1] for line in stage if line.upper().startswith("USER ")][-1]
+    assert any(
+        line.upper().startswith("RUN ") and f"-o {user}" in line and data_dir.group(1) in line
+        for line in stage
+    ), f"{data_dir.group(1)} is not created for {user}"
+    compose = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    assert re.search(rf"-\s*\w+:{re.escape(data_dir.group(1))}\s*$", compose, re.MULTILINE)

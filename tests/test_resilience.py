@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from tests.server import (
     PROJECT_ROOT,
@@ -272,6 +273,14 @@ def connections_to(pid: int, port: int) -> int:
     )
 
 
+def counted_a_request(counter_file: Path) -> bool:
+    """Whether one worker's multiprocess counter file holds an ``http_requests_total`` sample."""
+    if not counter_file.exists():
+        return False
+    samples = MmapedDict.read_all_values_from_file(str(counter_file))
+    return any('"http_requests_total"' in key for key, *_ in samples)
+
+
 def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
     tmp_path: Path, photos: list[Path]
 ) -> None:
@@ -304,12 +313,12 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
         await second
 
     async def until_the_replacement_serves(url: str, replacement: int) -> None:
-        # Fresh connections spread over both workers; the replacement's first answered
-        # request creates its counter file.
+        # Fresh connections spread over both workers until the replacement's own metrics
+        # file has counted an HTTP request.
         limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
             async with asyncio.timeout(60):
-                while not (metrics_dir / f"counter_{replacement}.db").exists():
+                while not counted_a_request(metrics_dir / f"counter_{replacement}.db"):
                     await asyncio.gather(*(post_photo(client, photo, after) for _ in range(8)))
 
     def wait_for_replacement(server: ServerProcess, original: set[int]) -> int:

@@ -92,6 +92,21 @@ async def test_probes_and_metrics_stay_open_and_docs_need_the_key() -> None:
         assert opened.status_code == 200
 
 
+async def test_task_routes_need_the_key(photos: list[Path]) -> None:
+    """Submitting, polling and cancelling tasks are all behind the key."""
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        client = served.client
+        key = {"X-API-Key": API_KEY}
+        assert (await client.post("/tasks", files=upload(photos[0]))).status_code == 401
+        accepted = await client.post("/tasks", files=upload(photos[0]), headers=key)
+        assert accepted.status_code == 202
+        status_url = accepted.json()["status_url"]
+        task_path = f"/tasks/{accepted.json()['task_id']}"
+        assert (await client.get(status_url)).status_code == 401
+        assert (await client.delete(task_path)).status_code == 401
+        assert (await client.get(status_url, headers=key)).status_code == 200
+
+
 def test_an_empty_api_key_means_no_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_KEY", "")
     assert Settings().api_key is None

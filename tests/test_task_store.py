@@ -227,16 +227,27 @@ def test_claim_with_limit_zero_takes_nothing(store: TaskStore) -> None:
 def _claim_until_empty(
     data_dir: Path,
     owner: str,
-    start: multiprocessing.synchronize.Barrier,
+    rounds: multiprocessing.synchronize.Barrier,
     results: multiprocessing.queues.Queue[tuple[str, list[str]]],
 ) -> None:
-    """One worker process: its own store, claiming until nothing is left (spawn target)."""
+    """One worker process with its own store (a spawn target), claiming until the queue is
+    empty.
+
+    The workers claim in lockstep rounds: left to run freely, the first one started takes
+    all 200 tasks before the others wake, and no two claims ever overlap.
+    """
     store = TaskStore(data_dir)
     got: list[str] = []
     try:
-        start.wait(timeout=30)
-        while claimed := store.claim(owner, 7, lease_s=60, max_attempts=3, now=time.time()):
+        while True:
+            rounds.wait(timeout=30)
+            claimed = store.claim(owner, 7, lease_s=60, max_attempts=3, now=time.time())
             got.extend(task.id for task in claimed)
+            # Every claim of this round has committed, so all workers see the same count
+            # and stop together.
+            rounds.wait(timeout=30)
+            if store.count_queued() == 0:
+                break
     finally:
         store.close()
         results.put((owner, got))
@@ -256,15 +267,14 @@ def test_each_task_is_claimed_exactly_once_across_processes(tmp_path: Path) -> N
                 now=time.time(),
                 max_queued=1_000,
             )
-        expected = set(store.ids([TaskStatus.QUEUED]))
-    assert len(expected) == 200
+    expected = {f"t{i:03d}" for i in range(200)}
 
     context = multiprocessing.get_context("spawn")
     owners = [f"worker-{n}" for n in range(4)]
-    start = context.Barrier(len(owners))
+    rounds = context.Barrier(len(owners))
     results = context.Queue()
     processes = [
-        context.Process(target=_claim_until_empty, args=(tmp_path, owner, start, results))
+        context.Process(target=_claim_until_empty, args=(tmp_path, owner, rounds, results))
         for owner in owners
     ]
     for process in processes:
@@ -279,9 +289,11 @@ def test_each_task_is_claimed_exactly_once_across_processes(tmp_path: Path) -> N
     all_claimed = [task_id for got in claimed_by.values() for task_id in got]
     assert len(all_claimed) == len(set(all_claimed)), "a task was claimed twice"
     assert set(all_claimed) == expected
+    # 7 each per round while 28 or more wait, so every worker claimed in the early rounds.
+    assert all(len(got) >= 7 for got in claimed_by.values()), claimed_by
     with closing(TaskStore(tmp_path)) as store:
         assert store.count_queued() == 0
-        assert len(store.ids([TaskStatus.RUNNING])) == 200
+        assert all(store.get(task_id).status is TaskStatus.RUNNING for task_id in expected)
 
 
 # --- Leases -----------------------------------------------------------------------------------

@@ -426,3 +426,26 @@ async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> N
     assert len(receiver.received) == 3
     for sample, growth in (("webhook_failure_total", 1), ("webhook_success_total", 0)):
         assert metric_value(after, sample) - metric_value(before, sample) == growth
+
+
+async def test_shutdown_hands_unfinished_tasks_back_to_the_queue(photos: list[Path]) -> None:
+    """A shutdown that cannot wait (no drain time, the model stuck) leaves the tasks it held
+    queued again, unclaimed, their attempt not counted; the next start runs them all once."""
+    settings = make_settings(max_batch_size=1, drain_timeout_s=0)
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        model = GatedModel(served)
+        task_ids = [(await submit(served.client, data))["task_id"] for _ in range(4)]
+        await wait_for(model.entered.is_set)
+        await wait_for_running(served, 2)
+    model.release.set()  # let the stuck inference thread go
+
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        rows = db.execute("SELECT status, attempts, lease_owner FROM tasks").fetchall()
+    assert rows == [("queued", 0, None)] * 4
+
+    async with running_app(settings) as served:
+        for task_id in task_ids:
+            assert (await finished(served.client, task_id))["status"] == "succeeded"
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        assert db.execute("SELECT DISTINCT attempts FROM tasks").fetchall() == [(1,)]
