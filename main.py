@@ -201,7 +201,9 @@ class Service:
             classifier.dtype_name,
             classifier.weights_description,
         )
-        self.processor = BatchProcessor(self._run_batch, settings.batch_config(), self._observer)
+        self.processor = BatchProcessor(
+            self._run_batch, settings.batch_config(classifier.device.type), self._observer
+        )
         self.processor.start()
         self.tasks = self._task_runner()
         await self.tasks.start()

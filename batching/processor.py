@@ -36,9 +36,10 @@ class BatchPolicy(enum.StrEnum):
 
 
 class Priority(enum.IntEnum):
-    """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first and
-    fills its spare slots with BACKGROUND items, so background work never delays
-    interactive work by more than the batch already running."""
+    """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first, so
+    background work never delays interactive work by more than the batch already running.
+    Whether BACKGROUND items also fill the spare slots of a batch that holds interactive
+    items is ``BatchConfig.fill_with_background``."""
 
     INTERACTIVE = 0
     BACKGROUND = 1
@@ -64,6 +65,9 @@ class BatchConfig:
     max_queue: int = 256
     policy: BatchPolicy = BatchPolicy.ADAPTIVE
     max_concurrent_batches: int = 1
+    # Where a fuller batch costs about what a small one does (GPUs), filling is free
+    # throughput; where cost grows with size (CPUs), it slows the interactive items' batch.
+    fill_with_background: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -388,6 +392,8 @@ class BatchProcessor(Generic[In, Out]):
         now = time.monotonic()
         entries: list[_Pending[In, Out]] = []
         for lane in self._lanes:  # in priority order
+            if entries and not self._config.fill_with_background:
+                break
             while lane and len(entries) < limit:
                 entry = lane.popleft()
                 entry.queued = False

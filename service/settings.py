@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     task_poll_interval_s: float = Field(1.0, gt=0)
     task_cleanup_interval_s: float = Field(600.0, gt=0)
     task_metadata_max_bytes: int = Field(16 * 1024, ge=2)
+    # Whether tasks fill the spare slots of batches that hold /cls requests; unset: on CUDA.
+    task_fill_spare_slots: bool | None = None
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(5, ge=1, le=100)
     webhook_timeout_s: float = Field(10.0, gt=0)
@@ -72,9 +74,9 @@ class Settings(BaseSettings):
     # Comma-separated origins allowed to call the API from a browser; empty: CORS off.
     cors_origins: str = ""
 
-    @field_validator("api_key", "webhook_secret", mode="before")
+    @field_validator("api_key", "webhook_secret", "task_fill_spare_slots", mode="before")
     @classmethod
-    def _empty_secret_is_none(cls, value: object) -> object:
+    def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator("log_level", mode="before")
@@ -106,13 +108,17 @@ class Settings(BaseSettings):
         """``CORS_ORIGINS`` split on commas, blanks dropped."""
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
-    def batch_config(self) -> BatchConfig:
-        """The batch processor's knobs."""
+    def batch_config(self, device_type: str) -> BatchConfig:
+        """The batch processor's knobs, for a model on ``device_type`` ("cpu", "cuda")."""
+        fill = self.task_fill_spare_slots
         return BatchConfig(
             max_batch_size=self.max_batch_size,
             max_wait_s=self.max_wait_ms / 1000,
             max_queue=self.max_queue,
             policy=self.batch_policy,
+            # On a GPU a fuller batch costs about what a small one does; on a CPU it costs
+            # in proportion, and the /cls requests in the batch would pay for the tasks.
+            fill_with_background=device_type == "cuda" if fill is None else fill,
         )
 
 

@@ -49,11 +49,11 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
 
-    def request(self, base_url: str = "http://test") -> httpx.Request:
+    def request(self, base_url: str = "http://test", path: str = "/cls") -> httpx.Request:
         """The request to send; a caller's headers win over the ones httpx derives."""
         return httpx.Request(
             "POST",
-            f"{base_url}/cls",
+            f"{base_url}{path}",
             params=self.params,
             files=self.files,
             content=self.content,

@@ -12,6 +12,7 @@ import random
 import re
 import resource
 import socket
+import sqlite3
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from PIL import ImageFile
 
 from service.settings import Settings
+from service.tasks import DATABASE_NAME
 from tests import images
 from tests.corpus import MAX_UPLOAD_BYTES, Case, build_corpus, multipart, multipart_headers
 from tests.server import BIN, free_port, running_server, server_env
@@ -89,6 +91,38 @@ async def test_each_case_gets_its_documented_answer(
     after = await served.client.post("/cls", files=photo_upload(PHOTO))
     assert after.status_code == 200
     assert after.json()["prediction"][0]["index"] == expected_top5[PHOTO][0]
+
+
+@module_loop
+async def test_task_submission_refuses_the_corpus_as_cls_does_and_stores_nothing_bad(
+    served: RunningApp,
+) -> None:
+    """POST /tasks validates like /cls: each bad case gets the same 4xx at once and leaves no
+    task behind; each good one is accepted (202) and stored."""
+    store = served.service.settings.data_dir / DATABASE_NAME
+    with sqlite3.connect(store) as db:
+        (before,) = db.execute("SELECT count(*) FROM tasks").fetchone()
+    for case in CORPUS:
+        async with asyncio.timeout(CASE_TIMEOUT_S):
+            response = await served.client.send(case.request(path="/tasks"))
+        if case.status == 200:
+            assert response.status_code == 202, (case.name, response.text)
+        else:
+            assert_clean(case, response)
+    with sqlite3.connect(store) as db:
+        (after,) = db.execute("SELECT count(*) FROM tasks").fetchone()
+    assert after - before == sum(case.status == 200 for case in CORPUS)
+
+    # Let the accepted tasks finish, so they do not run during the module's later tests.
+    async with asyncio.timeout(60):
+        while True:
+            with sqlite3.connect(store) as db:
+                (unfinished,) = db.execute(
+                    "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')"
+                ).fetchone()
+            if not unfinished:
+                break
+            await asyncio.sleep(0.05)
 
 
 @contextmanager

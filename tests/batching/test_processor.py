@@ -218,6 +218,24 @@ async def test_interactive_items_go_first_and_background_fills_spare_slots() -> 
     assert handler.batches == [[0], [1, 2, 100, 101], [102, 103, 104]]
 
 
+async def test_without_filling_interactive_batches_take_no_background_items() -> None:
+    """With ``fill_with_background=False`` a batch holding interactive items holds only them;
+    background items go in batches of their own when no interactive item waits."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4, fill_with_background=False)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 100, priority=BACKGROUND)
+        await handler.next_started()
+        background = spawn(processor, 101, 102, 103, 104, 105, priority=BACKGROUND)
+        interactive = spawn(processor, 1, 2)
+        await wait_until(lambda: processor.queue_depth == 7)
+
+        handler.release_all()
+        await results(first + background + interactive)
+
+    assert handler.batches == [[100], [1, 2], [101, 102, 103, 104], [105]]
+
+
 async def test_interactive_work_waits_at_most_the_running_batch_behind_background_work() -> None:
     """However much background work is queued, an interactive item rides the very next batch."""
     handler = FakeHandler(held=True)
