@@ -179,6 +179,7 @@ def test_sigkill_mid_work_loses_nothing_and_leaves_nothing_running(
         kill_everything(server)
 
     at_kill = {row["id"]: row["status"] for row in task_rows(data_dir)}
+    counts_at_kill = statuses(data_dir)
     interrupted = {task_id for task_id, status in at_kill.items() if status == "running"}
     assert interrupted, f"no task was running at the kill: {statuses(data_dir)}"
     assert "queued" in at_kill.values()
@@ -190,6 +191,7 @@ def test_sigkill_mid_work_loses_nothing_and_leaves_nothing_running(
         answers = {json.dumps(top_classes(server.url, task_id)) for task_id in task_ids}
 
     rows = task_rows(data_dir)
+    print(f"\nat the SIGKILL: {counts_at_kill}; after the restart: {statuses(data_dir)}")
     assert statuses(data_dir) == {"succeeded": count}
     assert len(answers) == 1, "the same photo got the same answer before and after the kill"
     for row in rows:
@@ -244,6 +246,10 @@ def test_webhook_deliveries_resume_after_a_sigkill(tmp_path: Path) -> None:
             }
         accepted = [r for r in receiver.received if json.loads(r.body)["task_id"] in task_ids]
 
+    print(
+        f"\nwebhook attempts at the SIGKILL {sorted(before.values())}, when delivered "
+        f"{sorted(r['attempts'] for r in reported.values())}"
+    )
     for task_id in task_ids:
         assert reported[task_id]["status"] == "delivered"
         assert reported[task_id]["attempts"] > before[task_id], "the count was resumed"
