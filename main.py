@@ -48,13 +48,8 @@ from classification import (
     load_classifier,
     preprocess,
 )
-from service import metrics
-from service.middleware import (
-    ApiKeyMiddleware,
-    BodyLimitsMiddleware,
-    RequestContextMiddleware,
-    RequestIdLogFilter,
-)
+from service import logs, metrics
+from service.middleware import ApiKeyMiddleware, BodyLimitsMiddleware, RequestContextMiddleware
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
 from service.tasks import TaskNotCancellable, TaskQueueFull, TaskRecord, TaskStatus
@@ -101,6 +96,14 @@ class ClassifyJob:
 
     pixels: np.ndarray
     top_k: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    """One image's predictions, and the size of the batch that computed them."""
+
+    predictions: list[Prediction]
+    batch_size: int
 
 
 class PredictionOut(BaseModel):
@@ -161,7 +164,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.classifier: Classifier | None = None
-        self.processor: BatchProcessor[ClassifyJob, list[Prediction]] | None = None
+        self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False
         self._decoding = 0
         self._observer = metrics.PrometheusObserver()
@@ -278,7 +281,9 @@ class Service:
             )
         finally:
             self._decoding -= 1
-        return await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)
+        result = await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)
+        logs.record_batch_size(result.batch_size)
+        return result.predictions
 
     async def validate_task_image(self, upload: UploadFile) -> bytes:
         """The upload's bytes, once they decode as an image the model accepts."""
@@ -297,10 +302,10 @@ class Service:
         pixels = await asyncio.get_running_loop().run_in_executor(
             self._task_decode_pool, _preprocess, image, self.settings.max_image_pixels
         )
-        predictions = await self.processor.submit(
+        result = await self.processor.submit(
             ClassifyJob(pixels, top_k), priority=Priority.BACKGROUND
         )
-        return [p.model_dump() for p in _prediction_out(predictions)]
+        return [p.model_dump() for p in _prediction_out(result.predictions)]
 
     def running_tasks(self) -> TaskRunner:
         if self.tasks is None:
@@ -329,14 +334,15 @@ class Service:
     def _too_large_message(self, size: int) -> str:
         return f"upload is {size} bytes; MAX_UPLOAD_BYTES allows {self.settings.max_upload_bytes}"
 
-    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[list[Prediction]]:
+    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
-        return await asyncio.get_running_loop().run_in_executor(
+        predictions = await asyncio.get_running_loop().run_in_executor(
             self._inference_pool,
             self.classifier.classify,
             [job.pixels for job in jobs],
             [job.top_k for job in jobs],
         )
+        return [ClassifyResult(each, len(jobs)) for each in predictions]
 
 
 def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:
@@ -750,20 +756,6 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def configure_logging(level: str) -> None:
-    """Log lines carry the request id; uvicorn and gunicorn keep their own handlers."""
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
-    for name in ("service", "batching", "classification"):
-        named = logging.getLogger(name)
-        named.handlers = [handler]
-        named.setLevel(level.upper())
-        named.propagate = False
-
-
 settings = load_settings()
-configure_logging(settings.log_level)
+logs.configure_logging(settings.log_level, settings.log_format, settings.access_log)
 app = create_app(settings)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
-import logging
 import re
 import time
 import uuid
@@ -16,26 +14,16 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import logs, metrics
 
 REQUEST_ID_HEADER = "x-request-id"
 # Echo a caller's id only when it is safe to put into headers and logs.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-logger = logging.getLogger("service.requests")
-
-
-class RequestIdLogFilter(logging.Filter):
-    """Adds ``request_id`` to every log record, so formats can include it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
-
 
 class RequestContextMiddleware:
-    """Assigns each request an id (``X-Request-ID``) and records its status and latency."""
+    """Assigns each request an id (``X-Request-ID``), records its status and latency in the
+    metrics, and writes its access line."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -50,7 +38,7 @@ class RequestContextMiddleware:
         request_id = (
             supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         )
-        token = request_id_var.set(request_id)
+        token, access_fields = logs.begin_request(request_id)
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -64,17 +52,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed_s = time.perf_counter() - started
-            # Server-side failures get a line carrying the request id, for the caller's
-            # report to be found; 503 refusals are expected under load and only counted.
-            if status >= 500 and status != 503:
-                logger.warning(
-                    "%s %s answered %d after %.0f ms",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    elapsed_s * 1000,
-                )
-            request_id_var.reset(token)
+            logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)
+            logs.end_request(token)
             route = scope.get("route")
             # Unmatched paths share one label so scanners cannot blow up cardinality.
             route_label = getattr(route, "path", None) or "unmatched"

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
 
     # Asynchronous tasks (POST /tasks) and their webhooks.
     data_dir: Path = Path("data")
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -1,0 +1,140 @@
+"""Logging: the service's messages and one access line per request, as text or JSON.
+
+Records are handed to a queue and written by a background thread, so the event loop never
+waits on a slow terminal or log collector. Every record carries the request id of the
+request it belongs to ("-" outside requests).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import logging
+import queue
+import sys
+from logging.handlers import QueueHandler, QueueListener
+
+from pythonjsonlogger.json import JsonFormatter
+
+ACCESS_LOGGER = "service.access"
+# The service's own loggers; uvicorn and gunicorn keep their handlers.
+SERVICE_LOGGERS = ("service", "batching", "classification")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# Fields the handling of the current request adds to its access line (e.g. batch sizes).
+_access_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "access_fields", default=None
+)
+_listener: QueueListener | None = None
+_access_log_on = True
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``request_id`` to every log record, so formats can include it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def begin_request(request_id: str) -> tuple[contextvars.Token[str], dict[str, object]]:
+    """Bind a request id and a fresh set of access-line fields to the current context."""
+    fields: dict[str, object] = {}
+    _access_fields.set(fields)
+    return request_id_var.set(request_id), fields
+
+
+def end_request(token: contextvars.Token[str]) -> None:
+    request_id_var.reset(token)
+    _access_fields.set(None)
+
+
+def record_batch_size(size: int) -> None:
+    """Note, on the current request's access line, the size of a batch it rode in."""
+    fields = _access_fields.get()
+    if fields is not None:
+        sizes = fields.setdefault("batch_sizes", [])
+        assert isinstance(sizes, list)
+        sizes.append(size)
+
+
+def log_access(
+    method: str, path: str, status: int, duration_s: float, fields: dict[str, object]
+) -> None:
+    """Write one request's access line on ``service.access``.
+
+    Server-side failures (5xx other than 503 refusals, which are expected under load) are
+    WARNING lines, written even with the access log off, so a caller's report can be found.
+    """
+    server_error = status >= 500 and status != 503
+    if not (server_error or _access_log_on):
+        return
+    extra: dict[str, object] = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_s * 1000, 2),
+    }
+    sizes = fields.get("batch_sizes")
+    if isinstance(sizes, list) and sizes:
+        if len(sizes) == 1:
+            extra["batch_size"] = sizes[0]
+        else:
+            extra["batch_sizes"] = sizes
+    shown = "".join(f" {key}={value}" for key, value in extra.items() if key.startswith("batch"))
+    logging.getLogger(ACCESS_LOGGER).log(
+        logging.WARNING if server_error else logging.INFO,
+        "%s %s answered %d after %.1f ms%s",
+        method,
+        path,
+        status,
+        duration_s * 1000,
+        shown,
+        extra=extra,
+    )
+
+
+def configure_logging(level: str, log_format: str, access_log: bool) -> None:
+    """Route the service's loggers through one background writer, as text or JSON lines."""
+    global _access_log_on
+    _stop_writer()
+    formatter: logging.Formatter
+    if log_format == "json":
+        formatter = JsonFormatter(
+            JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}
+        )
+    else:
+        formatter = logging.Formatter(TEXT_FORMAT)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = QueueHandler(records)
+    handler.addFilter(RequestIdLogFilter())  # in the caller's context, where the id is bound
+    _start_writer(QueueListener(records, stream))
+    for name in SERVICE_LOGGERS:
+        named = logging.getLogger(name)
+        named.handlers = [handler]
+        named.setLevel(level.upper())
+        named.propagate = False
+    # Independent of LOG_LEVEL: ACCESS_LOG alone turns the access lines off.
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    _access_log_on = access_log
+
+
+def _start_writer(listener: QueueListener) -> None:
+    global _listener
+    listener.start()
+    _listener = listener
+
+
+def _stop_writer() -> None:
+    """Write out what is queued and stop the writer thread (at reconfiguration and exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(_stop_writer)

@@ -1,0 +1,134 @@
+"""Logs: one access line per request with its id, status, latency and batch size, as text
+or JSON, and server errors logged even with the access log off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service import logs
+from tests.server import free_port, gunicorn_command, running_server, server_env
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[logging.LogRecord]]:
+    recorder = Recorder()
+    access = logging.getLogger(logs.ACCESS_LOGGER)
+    access.addHandler(recorder)
+    try:
+        yield recorder.records
+    finally:
+        access.removeHandler(recorder)
+        logs.configure_logging("info", "text", access_log=True)
+
+
+def test_an_access_line_carries_the_request_and_its_batch(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    token, fields = logs.begin_request("req-1")
+    logs.record_batch_size(6)
+    logs.log_access("POST", "/cls", 200, 0.0123, fields)
+    logs.end_request(token)
+
+    (line,) = access_lines
+    assert line.levelno == logging.INFO
+    assert line.getMessage() == "POST /cls answered 200 after 12.3 ms batch_size=6"
+    fields = vars(line)
+    assert [fields[key] for key in ("method", "path", "status", "duration_ms", "batch_size")] == [
+        "POST",
+        "/cls",
+        200,
+        12.3,
+        6,
+    ]
+
+
+def test_with_the_access_log_off_only_server_errors_are_logged(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    logs.configure_logging("info", "text", access_log=False)
+    for status in (200, 400, 503, 500):
+        token, fields = logs.begin_request(f"req-{status}")
+        logs.log_access("POST", "/cls", status, 0.01, fields)
+        logs.end_request(token)
+
+    assert [(vars(r)["status"], r.levelno) for r in access_lines] == [(500, logging.WARNING)]
+
+
+def test_batch_sizes_outside_a_request_are_ignored() -> None:
+    logs.record_batch_size(3)  # a task's batch: no request, no access line, no error
+
+
+@pytest.mark.slow
+def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> None:
+    """``LOG_FORMAT=json``: the service's lines are JSON objects; each request's access line
+    has its id, method, path, status, latency and the size of the batch it rode in."""
+    env = server_env(tmp_path, LOG_FORMAT="json")
+    photo = photos[0].read_bytes()
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        single = httpx.post(
+            f"{server.url}/cls",
+            files={"file": ("p.jpg", photo)},
+            headers={"X-Request-ID": "json-single"},
+            timeout=30,
+        )
+        several = httpx.post(
+            f"{server.url}/cls/batch",
+            files=[("file", ("p.jpg", photo)), ("file", ("q.jpg", photo))],
+            headers={"X-Request-ID": "json-batch"},
+            timeout=30,
+        )
+        bad = httpx.post(
+            f"{server.url}/cls",
+            files={"file": ("x.jpg", b"not an image")},
+            headers={"X-Request-ID": "json-bad"},
+            timeout=30,
+        )
+        assert (single.status_code, several.status_code, bad.status_code) == (200, 200, 400)
+        # The writer thread runs behind the response; wait for the last line to appear.
+        lines = wait_for_json_lines(server.log, "json-bad")
+
+    by_id = {line["request_id"]: line for line in lines if line["logger"] == logs.ACCESS_LOGGER}
+    first = by_id["json-single"]
+    assert first["method"] == "POST"
+    assert first["path"] == "/cls"
+    assert first["status"] == 200
+    assert first["level"] == "INFO"
+    assert first["batch_size"] == 1
+    assert 0 < first["duration_ms"] < 30_000
+    assert "time" in first
+    batch_line = by_id["json-batch"]
+    sizes = batch_line.get("batch_sizes") or [batch_line["batch_size"]] * 2
+    assert len(sizes) == 2
+    assert all(size in (1, 2) for size in sizes)
+    assert by_id["json-bad"]["status"] == 400
+    assert "batch_size" not in by_id["json-bad"]
+    startup = [line for line in lines if line["logger"] == "classification.model"]
+    assert startup, "the service's own messages are JSON too"
+
+
+def wait_for_json_lines(read_log: Callable[[], str], request_id: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in read_log().splitlines() if line.startswith("{")]
+        if any(line.get("request_id") == request_id for line in lines):
+            return lines
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no JSON line for {request_id}:\n{read_log()}")
+        time.sleep(0.05)
