@@ -22,8 +22,9 @@ RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1
 
 FROM python:${PYTHON_VERSION}-slim
 # /data holds the task database (DATA_DIR): the one place the service writes.
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
-    && install -d -o app -g app /data
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && install -d -o 10001 -g 10001 /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/torch /opt/torch
 WORKDIR /app
@@ -39,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     DATA_DIR=/data \
     PORT=5001
 VOLUME ["/data"]
-USER app
+# Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+USER 10001:10001
 EXPOSE 5001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '5001') + '/healthz', timeout=2)"]

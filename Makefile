@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast soak lint format audit bench bench-full clean
+.PHONY: run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ test-fast: $(STAMP)
 ## soak: minutes of 10x overload against real gunicorn, watching memory (SOAK_S, default 300)
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m soak -s tests/test_resilience.py
+
+## check-deploy: compose schema, Prometheus config and a real scrape, Grafana queries,
+## Kubernetes manifests, two replicas behind a real nginx (needs `make deploy-tools`)
+check-deploy: $(STAMP)
+	$(BIN)/python -m pytest -m deploy tests/deploy
+
+## deploy-tools: Debian's prometheus (with promtool) and nginx, for check-deploy (needs root)
+deploy-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		&& command -v nginx >/dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus nginx >/dev/null; }
 
 ## lint: ruff (lint + format check) and mypy
 lint: $(STAMP)

@@ -24,16 +24,22 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_DEFAULT_METRICS_DIR))
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 bind = os.environ.get("BIND", f"0.0.0.0:{settings.port}")
+# Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
+# never oversubscribe the cores; see Settings.effective_torch_threads.
 workers = settings.workers
 worker_class = "uvicorn_worker.UvicornWorker"
 # Each worker loads its own model after the fork; a torch runtime forked from a parent
 # that already used it is unsafe (OpenMP pools, CUDA contexts).
 preload_app = False
+# uvicorn workers serve requests on an event loop: gunicorn's `threads` does not apply.
 # The worker's heartbeat starts only after the model is loaded and warmed up.
-timeout = 120
-# SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), then exit.
+timeout = settings.worker_timeout_s
+# SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), hand running
+# tasks back (up to 5 s), then exit; the margin covers that and the worker's own exit.
 graceful_timeout = int(settings.drain_timeout_s) + 10
-keepalive = 5
+# A reverse proxy's upstream keepalive timeout must be shorter than this, so the proxy
+# never sends a request on a connection the service is closing.
+keepalive = settings.keepalive_s
 # The control socket (gunicornc) is not used; without it, several servers can share a host.
 control_socket_disable = True
 accesslog = None

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1)
     request_timeout_ms: float = Field(10_000, gt=0)
     drain_timeout_s: float = Field(20.0, ge=0)
+    # gunicorn: a worker silent for this long is restarted (model load and warm-up included).
+    worker_timeout_s: int = Field(120, ge=10)
+    keepalive_s: int = Field(5, ge=0)
     stall_timeout_s: float = Field(60.0, gt=0)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)

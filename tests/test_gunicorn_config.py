@@ -1,0 +1,75 @@
+"""gunicorn_config.py: every production setting comes from the environment, validated."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from service.settings import PROJECT_ROOT
+
+CONFIG = PROJECT_ROOT / "gunicorn_config.py"
+
+
+def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[str, object]:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(str(CONFIG))
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = load(monkeypatch, tmp_path)
+    assert config["bind"] == "0.0.0.0:5001"
+    assert config["workers"] == 1
+    assert config["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert config["preload_app"] is False  # each worker loads its model after the fork
+    assert config["timeout"] == 120
+    assert config["keepalive"] == 5
+    assert config["graceful_timeout"] == 20 + 10  # covers DRAIN_TIMEOUT_S
+    assert config["accesslog"] is None  # the service writes its own access lines
+
+
+def test_everything_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = load(
+        monkeypatch,
+        tmp_path,
+        PORT="8080",
+        WORKERS="3",
+        WORKER_TIMEOUT_S="300",
+        KEEPALIVE_S="20",
+        DRAIN_TIMEOUT_S="45",
+        LOG_LEVEL="warning",
+    )
+    assert config["bind"] == "0.0.0.0:8080"
+    assert config["workers"] == 3
+    assert config["timeout"] == 300
+    assert config["keepalive"] == 20
+    assert config["graceful_timeout"] == 55
+    assert config["loglevel"] == "warning"
+    assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
+
+
+def test_an_invalid_value_stops_start_up_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit, match="WORKER_TIMEOUT_S='5'"):
+        load(monkeypatch, tmp_path, WORKER_TIMEOUT_S="5")
+
+
+def test_metrics_hooks_start_clean_and_forget_dead_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = load(monkeypatch, tmp_path)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_123.db").write_bytes(b"stale")
+    on_starting = config["on_starting"]
+    assert callable(on_starting)
+    on_starting(None)
+    assert metrics_dir.is_dir()
+    assert list(metrics_dir.iterdir()) == []
+    assert callable(config["child_exit"])
