@@ -23,7 +23,27 @@ from prometheus_client import (
 
 from batching import Outcome
 
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
+# Up to a minute, so requests cut off by REQUEST_TIMEOUT_MS or BODY_IDLE_TIMEOUT_S still
+# land in a bucket below +Inf.
+LATENCY_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    10,
+    15,
+    30,
+    60,
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 HTTP_REQUESTS = Counter(
