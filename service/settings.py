@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +16,38 @@ from batching import BatchConfig, BatchPolicy
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks, unlike os.cpu_count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPU cores this process may use: its affinity mask (unlike os.cpu_count), capped by a
+    container's CPU quota, which the mask does not show (a pod limited to 2 CPUs on a
+    32-core node would otherwise start 32 threads and be throttled)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is None:
+        return cores or 1
+    return max(1, min(cores or 1, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time the cgroup may use (cgroup v2 ``cpu.max`` or v1 CFS quota);
+    None when unlimited or unknown."""
+    try:
+        quota_text, period_text = (cgroup_root / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota_text = (cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period_text = (cgroup_root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota_text in ("max", "-1"):
+        return None
+    try:
+        quota, period = int(quota_text), int(period_text)
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 class Settings(BaseSettings):
