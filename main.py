@@ -656,6 +656,7 @@ def create_app(settings: Settings) -> FastAPI:
             # One line that says what to change, not a traceback; exit code 3 tells
             # gunicorn not to restart the worker in a loop.
             logger.critical("cannot start: %s", exc)
+            logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             os._exit(EXIT_STARTUP_FAILED)
         try:

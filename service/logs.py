@@ -99,7 +99,7 @@ def log_access(
 def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     """Route the service's loggers through one background writer, as text or JSON lines."""
     global _access_log_on
-    _stop_writer()
+    stop_writer()
     formatter: logging.Formatter
     if log_format == "json":
         formatter = JsonFormatter(
@@ -129,7 +129,7 @@ def _start_writer(listener: QueueListener) -> None:
     _listener = listener
 
 
-def _stop_writer() -> None:
+def stop_writer() -> None:
     """Write out what is queued and stop the writer thread (at reconfiguration and exit)."""
     global _listener
     if _listener is not None:
@@ -137,4 +137,4 @@ def _stop_writer() -> None:
         _listener = None
 
 
-atexit.register(_stop_writer)
+atexit.register(stop_writer)
