@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -52,7 +53,13 @@ from service import logs, metrics
 from service.middleware import ApiKeyMiddleware, BodyLimitsMiddleware, RequestContextMiddleware
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
-from service.tasks import TaskNotCancellable, TaskQueueFull, TaskRecord, TaskStatus
+from service.tasks import (
+    IdempotencyKeyReused,
+    TaskNotCancellable,
+    TaskQueueFull,
+    TaskRecord,
+    TaskStatus,
+)
 from service.webhooks import InvalidCallbackUrl, WebhookConfig, WebhookSender, check_callback_url
 
 logger = logging.getLogger("service")
@@ -444,6 +451,13 @@ async def submit_task(
         Form(description="A JSON object, returned with the result and in the webhook"),
     ] = None,
     top_k: TopK = 5,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Any unique string (a UUID): resending a request with the same key "
+            "returns the task it created instead of creating another"
+        ),
+    ] = None,
 ) -> JSONResponse:
     """Queue an image for classification; answers at once with the task's id.
 
@@ -460,15 +474,24 @@ async def submit_task(
         await asyncio.to_thread(
             check_callback_url, callback_url, allow_private=settings.webhook_allow_private
         )
+    if idempotency_key is not None and not _VALID_IDEMPOTENCY_KEY.match(idempotency_key):
+        raise InvalidTaskField(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
+        )
     image = await service.validate_task_image(file)
-    record = await service.running_tasks().submit(
-        image, top_k=top_k, metadata=parsed_metadata, callback_url=callback_url
+    record, created = await service.running_tasks().submit(
+        image,
+        top_k=top_k,
+        metadata=parsed_metadata,
+        callback_url=callback_url,
+        idempotency_key=idempotency_key,
     )
     status_url = str(request.url_for("task_status", task_id=record.id))
     accepted = TaskAccepted(task_id=record.id, status=record.status, status_url=status_url)
-    return JSONResponse(
-        accepted.model_dump(mode="json"), status_code=202, headers={"Location": status_url}
-    )
+    headers = {"Location": status_url}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
 
 
 async def task_status(request: Request, task_id: str) -> JSONResponse:
@@ -512,6 +535,7 @@ def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | Non
     return parsed
 
 
+_VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
@@ -586,6 +610,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     UploadTooLarge: 413,
     InvalidTaskField: 422,
     InvalidCallbackUrl: 422,
+    IdempotencyKeyReused: 422,
     QueueFull: 503,
     TaskQueueFull: 503,
     NotReady: 503,
@@ -749,7 +774,7 @@ def create_app(settings: Settings) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Idempotency-Key"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     # Added last, so outermost: 401s and 413s get request ids and metrics too.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -55,6 +57,15 @@ class RunnerConfig:
     cleanup_interval_s: float
     ttl_s: float
     webhook_capacity: int = 64
+
+
+def _request_hash(
+    image: bytes, top_k: int, metadata: dict[str, object] | None, callback_url: str | None
+) -> str:
+    """What makes two submissions the same request, for Idempotency-Key replays."""
+    digest = hashlib.sha256(image)
+    digest.update(json.dumps([top_k, metadata, callback_url], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 class TaskRunner:
@@ -116,24 +127,35 @@ class TaskRunner:
         top_k: int,
         metadata: dict[str, object] | None,
         callback_url: str | None,
-    ) -> TaskRecord:
-        """Store a validated image as a queued task.
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskRecord, bool]:
+        """Store a validated image as a queued task; the task, and whether it is new (False:
+        the ``idempotency_key`` names a task submitted before, which is returned instead).
 
         Raises:
             TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
+            IdempotencyKeyReused: The key was used for a different request.
         """
+        task_id = str(uuid.uuid4())
+        request_hash = None
+        if idempotency_key is not None:
+            request_hash = await asyncio.to_thread(
+                _request_hash, image, top_k, metadata, callback_url
+            )
         record = await self._db(
             self.store.create,
-            str(uuid.uuid4()),
+            task_id,
             image,
             top_k=top_k,
             metadata=metadata,
             callback_url=callback_url,
             now=time.time(),
             max_queued=self._config.max_queued,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
         )
         self._wake.set()  # claim it here and now rather than at the next poll
-        return record
+        return record, record.id == task_id
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""

@@ -40,7 +40,9 @@ CREATE TABLE tasks (
     lease_until         REAL,
     webhook_status      TEXT,
     webhook_attempts    INTEGER NOT NULL DEFAULT 0,
-    webhook_last_error  TEXT
+    webhook_last_error  TEXT,
+    idempotency_key     TEXT,
+    request_hash        TEXT
 );
 CREATE TABLE task_images (
     task_id  TEXT PRIMARY KEY REFERENCES tasks (id) ON DELETE CASCADE,
@@ -49,6 +51,8 @@ CREATE TABLE task_images (
 CREATE INDEX tasks_by_status ON tasks (status, created_at);
 CREATE INDEX tasks_by_finish ON tasks (finished_at);
 CREATE INDEX tasks_webhooks_pending ON tasks (lease_until) WHERE webhook_status = 'pending';
+CREATE UNIQUE INDEX tasks_by_idempotency_key ON tasks (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 """
 
 
@@ -72,6 +76,10 @@ class WebhookStatus(enum.StrEnum):
 
 class TaskQueueFull(Exception):
     """``TASK_MAX_QUEUED`` tasks are already waiting."""
+
+
+class IdempotencyKeyReused(Exception):
+    """An ``Idempotency-Key`` already names a task submitted with a different request."""
 
 
 class TaskNotCancellable(Exception):
@@ -205,13 +213,33 @@ class TaskStore:
         callback_url: str | None,
         now: float,
         max_queued: int,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
     ) -> TaskRecord:
         """Store a new queued task with its image.
 
+        With an ``idempotency_key`` that names an existing task, that task is returned and
+        nothing is stored (its id differs from ``task_id``): a client may resend a request
+        whose answer it never got without creating the task twice.
+
         Raises:
             TaskQueueFull: ``max_queued`` tasks are already waiting.
+            IdempotencyKeyReused: The key names a task made from a different request
+                (``request_hash`` differs).
         """
         with self._transaction() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT id, request_hash FROM tasks WHERE idempotency_key = ?",
+                    (idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    if row["request_hash"] != request_hash:
+                        raise IdempotencyKeyReused(
+                            "this Idempotency-Key was used for a different request; "
+                            "use a new key for a new task"
+                        )
+                    return self._get(row["id"])
             (queued,) = db.execute(
                 "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
             ).fetchone()
@@ -220,8 +248,8 @@ class TaskStore:
                     f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
                 )
             db.execute(
-                "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at, "
+                "idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     TaskStatus.QUEUED,
@@ -229,6 +257,8 @@ class TaskStore:
                     None if metadata is None else json.dumps(metadata),
                     callback_url,
                     now,
+                    idempotency_key,
+                    request_hash,
                 ),
             )
             db.execute("INSERT INTO task_images (task_id, data) VALUES (?, ?)", (task_id, image))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.tasks import (
+    IdempotencyKeyReused,
     TaskNotCancellable,
     TaskQueueFull,
     TaskRecord,
@@ -750,3 +751,22 @@ def test_two_stores_opened_together_on_one_directory_both_work(tmp_path: Path) -
     finally:
         for store in opened:
             store.close()
+
+
+def test_an_idempotency_key_returns_the_task_it_created(tmp_path: Path) -> None:
+    """The same key and request hash give back the first task; nothing new is stored."""
+    with closing(TaskStore(tmp_path)) as store:
+        options = {"top_k": 5, "metadata": None, "callback_url": None, "max_queued": 10}
+        first = store.create(
+            "a", b"img", now=1.0, idempotency_key="k1", request_hash="h", **options
+        )
+        again = store.create(
+            "b", b"img", now=2.0, idempotency_key="k1", request_hash="h", **options
+        )
+        assert again.id == first.id == "a"
+        assert store.get("b") is None
+        with pytest.raises(IdempotencyKeyReused, match="different request"):
+            store.create("c", b"other", now=3.0, idempotency_key="k1", request_hash="h2", **options)
+        assert store.get("c") is None
+        unkeyed = [store.create(f"u{i}", b"img", now=4.0, **options).id for i in range(2)]
+        assert unkeyed == ["u0", "u1"], "without a key every submission is a new task"

@@ -449,3 +449,55 @@ async def test_shutdown_hands_unfinished_tasks_back_to_the_queue(photos: list[Pa
             assert (await finished(served.client, task_id))["status"] == "succeeded"
     with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
         assert db.execute("SELECT DISTINCT attempts FROM tasks").fetchall() == [(1,)]
+
+
+# --- Idempotency keys -------------------------------------------------------------------------
+
+
+async def test_a_resent_request_with_its_idempotency_key_returns_the_same_task(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    """A client that never got its answer sends again with the same key: one task, not two."""
+    data = photos[0].read_bytes()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = await served.client.post("/tasks", files=upload(data), headers=key)
+    again = await served.client.post("/tasks", files=upload(data), headers=key)
+    other = await served.client.post(
+        "/tasks", files=upload(data), headers={"Idempotency-Key": str(uuid.uuid4())}
+    )
+
+    assert (first.status_code, again.status_code, other.status_code) == (202, 202, 202)
+    assert again.json()["task_id"] == first.json()["task_id"]
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert other.json()["task_id"] != first.json()["task_id"]
+    assert stored_rows(served, "tasks") == 2
+
+
+async def test_an_idempotency_key_reused_for_another_request_is_422(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    key = {"Idempotency-Key": "order-17"}
+    first = await served.client.post("/tasks", files=upload(photos[0].read_bytes()), headers=key)
+    assert first.status_code == 202
+    for files, data in (
+        (upload(photos[1].read_bytes()), {}),  # another image
+        (upload(photos[0].read_bytes()), {"metadata": '{"x": 1}'}),  # other fields
+    ):
+        response = await served.client.post("/tasks", files=files, data=data, headers=key)
+        assert response.status_code == 422, response.text
+        assert "different request" in response.json()["detail"]
+    assert stored_rows(served, "tasks") == 1
+
+
+@pytest.mark.parametrize("key", [b"has space", b"x" * 256, b"tab\there", "ünï".encode()])
+async def test_a_malformed_idempotency_key_is_422(
+    served: RunningApp, photos: list[Path], key: bytes
+) -> None:
+    response = await served.client.post(
+        "/tasks", files=upload(photos[0].read_bytes()), headers={"Idempotency-Key": key}
+    )
+    assert response.status_code == 422, response.text
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert stored_rows(served, "tasks") == 0

@@ -76,7 +76,9 @@ def render(directory: Path, listen_port: int, replicas: list[str]) -> Path:
     }
     text = CONFIG.read_text()
     for old, new in replacements.items():
-        assert text.count(old) == 1, f"{CONFIG} must hold {old!r} exactly once to be tested"
+        # Each replica is listed in both upstreams; every other line exists once.
+        expected = 2 if old in REPLICA_ADDRESSES else 1
+        assert text.count(old) == expected, f"{CONFIG} must hold {old!r} {expected} times"
         text = text.replace(old, new)
     rendered = directory / "nginx.conf"
     rendered.write_text(text)
@@ -216,10 +218,11 @@ def test_the_shipped_limits_match_the_service() -> None:
     assert body_limit_kib("= /cls") == upload_kib
     assert body_limit_kib("= /cls/batch") == upload_kib * settings.max_batch_files
     assert body_limit_kib("= /tasks") >= upload_kib + settings.task_metadata_max_bytes // 1024
-    (keepalive,) = re.findall(
+    upstream_keepalives = re.findall(
         r"^\s+keepalive_timeout (\d+)s;", text[: text.index("server {")], re.M
     )
-    assert int(keepalive) < settings.keepalive_s
+    assert upstream_keepalives, "no upstream keepalive_timeout"
+    assert all(int(seconds) < settings.keepalive_s for seconds in upstream_keepalives)
 
 
 # A stand-in replica's answer to a POST path: a status, or None to read the request and
@@ -352,6 +355,15 @@ def test_requests_reach_both_replicas(stack: Stack, photos: list[Path]) -> None:
         assert accepted.status_code == 202, accepted.text
         status_url = accepted.json()["status_url"]
         lookups = [client.get(status_url.removeprefix(stack.proxy.url)) for _ in range(6)]
+        # A task resent with its Idempotency-Key reaches the replica that stored it.
+        resent = {}
+        for n in range(6):
+            key = {"Idempotency-Key": f"nginx-test-{n}"}
+            first, again = (
+                client.post("/tasks", files=photo_files(photo), headers=key) for _ in range(2)
+            )
+            resent[n] = (first.json()["task_id"], again.json()["task_id"])
+            assert again.headers.get("idempotent-replayed") == "true", again.text
 
     def served_now() -> list[int]:
         return [cls_answered(r) - b for r, b in zip(replicas, before, strict=True)]
@@ -367,6 +379,7 @@ def test_requests_reach_both_replicas(stack: Stack, photos: list[Path]) -> None:
         f"{served[0]}, replica 2 {served[1]}; {len(lookups)} task lookups, {fell_back} "
         f"answered by the second replica asked"
     )
+    assert all(first == again for first, again in resent.values()), resent
     assert statuses == Counter({200: sent})
     assert sum(served) == sent
     # Round robin: each replica gets about half; a quarter is a generous floor.
