@@ -59,6 +59,7 @@ from service.tasks import (
     TaskQueueFull,
     TaskRecord,
     TaskStatus,
+    TaskStoreUnavailable,
 )
 from service.webhooks import InvalidCallbackUrl, WebhookConfig, WebhookSender, check_callback_url
 
@@ -677,7 +678,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.service = service
         try:
             await service.start()
-        except ModelLoadError as exc:
+        except (ModelLoadError, TaskStoreUnavailable) as exc:
             # One line that says what to change, not a traceback; exit code 3 tells
             # gunicorn not to restart the worker in a loop.
             logger.critical("cannot start: %s", exc)

@@ -98,7 +98,7 @@ class TaskRunner:
         self._sender = sender
         self._observer = observer
         # Unique per process start: a restarted worker never mistakes old leases for its own.
-        self.owner = f"{uuid.uuid4().hex[:12]}"
+        self.owner = uuid.uuid4().hex[:12]
         # SQLite calls block (fsync, another process's write lock): keep them off the loop,
         # on one thread, which owns the connection.
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store")

@@ -74,6 +74,10 @@ class WebhookStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class TaskStoreUnavailable(RuntimeError):
+    """The task database cannot be opened; the message names the file and what to change."""
+
+
 class TaskQueueFull(Exception):
     """``TASK_MAX_QUEUED`` tasks are already waiting."""
 
@@ -147,15 +151,35 @@ class TaskStore:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / DATABASE_NAME
-        # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
-        self._db = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unavailable(exc) from None
+        try:
+            self._configure()
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            raise self._unavailable(exc) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _unavailable(self, cause: BaseException) -> TaskStoreUnavailable:
+        return TaskStoreUnavailable(
+            f"cannot open the task store {self.path}: {cause}; set DATA_DIR to a writable "
+            "directory on a local disk"
         )
+
+    def _configure(self) -> None:
         self._db.row_factory = sqlite3.Row
         # Before anything creates the file: freed pages (deleted images) go back to the
         # file system on clean-up. A no-op on an existing database.
@@ -164,11 +188,6 @@ class TaskStore:
         # FULL: a task acknowledged with 202 survives a power cut, not only a crash.
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
-        try:
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
 
     def close(self) -> None:
         self._db.close()
@@ -179,7 +198,7 @@ class TaskStore:
             if version == SCHEMA_VERSION:
                 return
             if version != 0:
-                raise RuntimeError(
+                raise TaskStoreUnavailable(
                     f"{self.path} has task schema version {version}; this server knows "
                     f"{SCHEMA_VERSION}. Point DATA_DIR at a new directory or upgrade the server."
                 )

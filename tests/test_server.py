@@ -87,6 +87,29 @@ def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) ->
     assert "Traceback" not in result.stderr
 
 
+def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """DATA_DIR that cannot hold the task store (here, a file) stops the worker with one
+    line naming the setting, not a traceback and not a restart loop."""
+    not_a_directory = tmp_path / "data"
+    not_a_directory.write_text("a file, not a directory")
+    port = free_port()
+    env = server_env(tmp_path, DATA_DIR=str(not_a_directory))
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(errors) == 1, result.stderr
+    assert "DATA_DIR" in errors[0]
+    assert str(not_a_directory) in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
     env = server_env(tmp_path, MAX_BATCH_SIZE="0", DEVICE="gpu")
     result = subprocess.run(
