@@ -235,9 +235,10 @@ class Service:
         )
         config = RunnerConfig(
             data_dir=settings.data_dir,
-            # One batch waiting in the background lane while another runs keeps spare
-            # batch slots filled without hoarding tasks other workers could run.
-            capacity=2 * settings.max_batch_size,
+            # One batch waiting in the background lane while another runs keeps the model
+            # busy without hoarding tasks other workers could run; never more than the
+            # lane holds (MAX_QUEUE), or the excess would bounce off it.
+            capacity=min(2 * settings.max_batch_size, settings.max_queue),
             max_queued=settings.task_max_queued,
             max_attempts=settings.task_max_attempts,
             lease_s=settings.task_lease_s,
@@ -298,8 +299,10 @@ class Service:
         if not self.ready:
             raise NotReady("the model is not ready")
         data = await self._read_upload(upload)
+        # On the tasks' own decode thread: a burst of submissions must not queue ahead of
+        # /cls decodes.
         await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, _preprocess, data, self.settings.max_image_pixels
+            self._task_decode_pool, _preprocess, data, self.settings.max_image_pixels
         )
         return data
 
@@ -552,7 +555,10 @@ def _task_response(record: TaskRecord) -> JSONResponse:
     elif record.error is not None:
         fields["error"] = record.error
     webhook = None
-    if record.webhook_status is not None or record.callback_url is not None:
+    # A cancelled task sends no webhook, so it has no delivery to report.
+    if record.webhook_status is not None or (
+        record.callback_url is not None and record.status is not TaskStatus.CANCELLED
+    ):
         webhook = WebhookOut(
             status=record.webhook_status or "waiting",  # for the task to finish
             attempts=record.webhook_attempts,
@@ -774,7 +780,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Idempotency-Key"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore, WebhookStatus
+from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore
 from service.webhooks import WebhookSender
 
 T = TypeVar("T")
@@ -106,6 +106,8 @@ class TaskRunner:
         self._wake = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        # The task id each run or delivery works on: the leases to keep alive.
+        self._holding: dict[asyncio.Task[None], str] = {}
         self._claim_loop_task: asyncio.Task[None] | None = None
         self._housekeeping: list[asyncio.Task[None]] = []
 
@@ -223,7 +225,7 @@ class TaskRunner:
                     now=time.time(),
                 )
                 for task in claimed:
-                    self._spawn(self._runs, self._run(task))
+                    self._spawn(self._runs, self._run(task), task.id)
                 pending = await self._db(
                     self.store.claim_webhooks,
                     self.owner,
@@ -232,7 +234,7 @@ class TaskRunner:
                     now=time.time(),
                 )
                 for record in pending:
-                    self._spawn(self._deliveries, self._deliver(record))
+                    self._spawn(self._deliveries, self._deliver(record), record.id)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
             except Exception:
                 # A locked or full disk must not end task processing for good; retry.
@@ -247,7 +249,11 @@ class TaskRunner:
             await asyncio.sleep(config.lease_s / 3)
             try:
                 await self._db(
-                    self.store.renew_leases, self.owner, lease_s=config.lease_s, now=time.time()
+                    self.store.renew_leases,
+                    self.owner,
+                    list(self._holding.values()),
+                    lease_s=config.lease_s,
+                    now=time.time(),
                 )
                 abandoned = await self._db(
                     self.store.fail_abandoned, config.max_attempts, now=time.time()
@@ -277,9 +283,9 @@ class TaskRunner:
         try:
             await self._run_once(task)
         except Exception:
-            # Renewed leases would keep the task "running" forever: hand it back instead.
-            logger.exception("running task %s failed unexpectedly; requeueing it", task.id)
-            await self._db(self.store.requeue, task.id, self.owner)
+            # Its lease is no longer renewed: it runs out, and the task is run again (up
+            # to TASK_MAX_ATTEMPTS), after a pause that a persistent fault cannot spin.
+            logger.exception("running task %s failed unexpectedly; it will be retried", task.id)
 
     async def _run_once(self, task: ClaimedTask) -> None:
         prediction: object = None
@@ -303,8 +309,8 @@ class TaskRunner:
             logger.warning("task %s was taken over by another worker; result dropped", task.id)
             return
         self._record_finished(record)
-        if record.webhook_status is WebhookStatus.PENDING:
-            self._spawn(self._deliveries, self._deliver(record))
+        # A pending webhook is claimed by the claim loop, which this run's end wakes, so
+        # deliveries in flight stay within webhook_capacity.
 
     def _record_finished(self, record: TaskRecord) -> None:
         assert record.finished_at is not None
@@ -316,16 +322,8 @@ class TaskRunner:
         try:
             await self._deliver_once(record)
         except Exception:
-            logger.exception("webhook for task %s failed unexpectedly", record.id)
-            await self._db(
-                self.store.finish_webhook,
-                record.id,
-                self.owner,
-                delivered=False,
-                attempts=record.webhook_attempts,
-                error="internal error; the server log has the details",
-            )
-            self._observer.webhook_finished(False)
+            # Its lease is no longer renewed: it runs out and the delivery is resumed.
+            logger.exception("webhook for task %s failed unexpectedly; it will resume", record.id)
 
     async def _deliver_once(self, record: TaskRecord) -> None:
         assert record.callback_url is not None
@@ -338,13 +336,20 @@ class TaskRunner:
 
         async def on_attempt(attempt: int, error: str | None, duration_s: float) -> None:
             self._observer.webhook_attempted(duration_s)
-            await self._db(
-                self.store.record_webhook_attempt,
-                record.id,
-                self.owner,
-                attempts=attempt,
-                error=error,
-            )
+            try:
+                await self._db(
+                    self.store.record_webhook_attempt,
+                    record.id,
+                    self.owner,
+                    attempts=attempt,
+                    error=error,
+                )
+            except Exception:
+                # Progress is a hint for a restart; the delivery goes on and its end is
+                # recorded with the full count.
+                logger.warning(
+                    "could not record attempt %d of task %s's webhook", attempt, record.id
+                )
 
         result = await self._sender.deliver(
             record.callback_url,
@@ -371,13 +376,17 @@ class TaskRunner:
 
     # --- Plumbing -----------------------------------------------------------------------------
 
-    def _spawn(self, group: set[asyncio.Task[None]], work: Coroutine[None, None, None]) -> None:
+    def _spawn(
+        self, group: set[asyncio.Task[None]], work: Coroutine[None, None, None], task_id: str
+    ) -> None:
         task = asyncio.create_task(work)
         group.add(task)
+        self._holding[task] = task_id
         task.add_done_callback(partial(self._finished, group))
 
     def _finished(self, group: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
         group.discard(task)
+        self._holding.pop(task, None)
         self._wake.set()  # capacity is free again
         if not task.cancelled() and task.exception() is not None:
             logger.error("task work failed unexpectedly", exc_info=task.exception())

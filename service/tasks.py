@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,13 +386,18 @@ class TaskStore:
                 self._finish(db, row["id"], TaskStatus.FAILED, None, error, now)
             return [self._get(row["id"]) for row in rows]
 
-    def renew_leases(self, owner: str, *, lease_s: float, now: float) -> int:
-        """Extend every lease ``owner`` holds (running tasks and pending deliveries)."""
+    def renew_leases(
+        self, owner: str, task_ids: Collection[str], *, lease_s: float, now: float
+    ) -> int:
+        """Extend ``owner``'s leases on ``task_ids``: the runs and deliveries it is working
+        on. A lease it holds on anything else runs out, and others take that work over."""
+        if not task_ids:
+            return 0
+        marks = ",".join("?" * len(task_ids))
         with self._transaction() as db:
             return db.execute(
-                "UPDATE tasks SET lease_until = ? WHERE lease_owner = ? "
-                "AND (status = ? OR webhook_status = ?)",
-                (now + lease_s, owner, TaskStatus.RUNNING, WebhookStatus.PENDING),
+                f"UPDATE tasks SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks})",
+                (now + lease_s, owner, *task_ids),
             ).rowcount
 
     def finish(
@@ -406,7 +411,7 @@ class TaskStore:
     ) -> TaskRecord | None:
         """Record a running task's result (a prediction, or an error) and drop its image.
 
-        The owner keeps the lease for the webhook delivery, if the task has a callback.
+        A callback's delivery becomes pending, free for any worker to claim.
         Returns None if ``owner`` no longer holds the task (its lease expired and another
         worker claimed it); that worker's result is the one that counts.
         """
@@ -433,8 +438,7 @@ class TaskStore:
         db.execute(
             "UPDATE tasks SET status = ?, prediction = ?, error = ?, finished_at = ?, "
             "webhook_status = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END, "
-            "lease_owner = CASE WHEN callback_url IS NULL THEN NULL ELSE lease_owner END "
-            "WHERE id = ?",
+            "lease_owner = NULL, lease_until = NULL WHERE id = ?",
             (
                 status,
                 None if prediction is None else json.dumps(prediction),

@@ -249,8 +249,14 @@ class _GlobalOnlyTransport(httpx.AsyncHTTPTransport):
         super().__init__(trust_env=False)
         # httpx 0.28 offers no way to pass a network backend, so the pool it built is
         # replaced with one that has ours (it has opened no connection yet).
+        # httpx's own limits, not httpcore's smaller defaults (10 connections, kept open
+        # for ever): deliveries must not queue for a connection while their timeout runs.
+        limits = httpx.Limits()
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
             network_backend=_GlobalOnlyBackend(httpcore.AnyIOBackend()),
         )
 
@@ -371,7 +377,7 @@ class WebhookSender:
         """POST `payload` as JSON to `url`, retrying transient failures with backoff.
 
         Args:
-            url: The callback URL; checked again here, as the check may have changed.
+            url: The callback URL; its form is checked here, its addresses on connecting.
             payload: The JSON body.
             attempts_done: Attempts made before (say, before a restart); they count
                 against `max_attempts` and number the next attempt.
@@ -392,7 +398,9 @@ class WebhookSender:
                 f"{config.max_attempts} (WEBHOOK_MAX_ATTEMPTS)",
             )
         try:
-            await asyncio.to_thread(check_callback_url, url, allow_private=config.allow_private)
+            # The form only: the addresses are checked when each connection opens, where a
+            # name that does not resolve for now is a failed attempt to retry, not the end.
+            check_callback_url(url, allow_private=True)
         except InvalidCallbackUrl as exc:
             return DeliveryResult(False, attempts_done, str(exc))
 

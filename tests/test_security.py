@@ -152,3 +152,23 @@ async def test_configured_origins_pass_cors_even_with_an_api_key(photos: list[Pa
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
     assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
     assert "access-control-allow-origin" not in foreign.headers
+
+
+async def test_cors_preflight_allows_cancelling_tasks_with_an_idempotency_key() -> None:
+    settings = make_settings(cors_origins=ORIGIN)
+    async with running_app(settings) as served:
+        cancel = await served.client.options(
+            "/tasks/00000000-0000-0000-0000-000000000000",
+            headers={"Origin": ORIGIN, "Access-Control-Request-Method": "DELETE"},
+        )
+        submit = await served.client.options(
+            "/tasks",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "idempotency-key",
+            },
+        )
+    assert cancel.status_code == 200, cancel.text
+    assert "DELETE" in cancel.headers["access-control-allow-methods"]
+    assert submit.status_code == 200, submit.text

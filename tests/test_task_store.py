@@ -320,10 +320,23 @@ def test_renewed_lease_keeps_the_task(store: TaskStore) -> None:
     add(store, "t1")
     running(store, "t1", "A", at=T0)
 
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
+    assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 5) == 1
 
     assert claim(store, "B", at=T0 + 11) == []
     assert claim(store, "B", at=T0 + 16) == ["t1"]
+
+
+def test_renew_leases_keeps_only_the_work_named(store: TaskStore) -> None:
+    """A lease the owner holds but no longer works on (its run ended without a result) is
+    not renewed, so it runs out and another worker takes the task over."""
+    add(store, "working", at=T0)
+    add(store, "orphaned", at=T0 + 1)
+    claim(store, "A", limit=2, at=T0)
+
+    assert store.renew_leases("A", ["working"], lease_s=LEASE_S, now=T0 + 5) == 1
+    assert store.renew_leases("A", [], lease_s=LEASE_S, now=T0 + 5) == 0
+
+    assert claim(store, "B", limit=2, at=T0 + 11) == ["orphaned"]
 
 
 def test_renew_leases_touches_only_the_owners_tasks(store: TaskStore) -> None:
@@ -333,7 +346,7 @@ def test_renew_leases_touches_only_the_owners_tasks(store: TaskStore) -> None:
     running(store, "a", "A", at=T0)
     running(store, "b", "B", at=T0)
 
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
+    assert store.renew_leases("A", ["a", "b"], lease_s=LEASE_S, now=T0 + 5) == 1
 
     assert claim(store, "C", limit=2, at=T0 + 11) == ["b"]
 
@@ -424,7 +437,7 @@ def test_finish_without_callback_clears_the_lease(store: TaskStore) -> None:
     running(store, "t1", "A", at=T0)
     assert store.finish("t1", "A", prediction=[], now=T0 + 2) is not None
 
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 3) == 0
+    assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 3) == 0
     assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
 
 
@@ -445,9 +458,9 @@ def test_finish_by_a_worker_that_lost_the_task_changes_nothing(store: TaskStore)
     assert finished.prediction == ["on time"]
 
 
-def test_finish_with_callback_keeps_the_lease_for_delivery(store: TaskStore) -> None:
-    """With a callback the delivery becomes pending and stays with the owner until its
-    lease expires; only then can another worker claim the delivery."""
+def test_finish_with_callback_makes_the_delivery_claimable(store: TaskStore) -> None:
+    """With a callback the delivery becomes pending and free: any worker may claim it at
+    once; once claimed, it is held like a task until its lease runs out."""
     add(store, "t1", callback_url=CALLBACK)
     running(store, "t1", "A", at=T0)
 
@@ -456,10 +469,11 @@ def test_finish_with_callback_keeps_the_lease_for_delivery(store: TaskStore) -> 
     assert finished is not None
     assert finished.status is TaskStatus.SUCCEEDED
     assert finished.webhook_status is WebhookStatus.PENDING
-    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 5) == []
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 5) == 1
-    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 11) == []
-    deliveries = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 16)
+    assert [r.id for r in store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 3)] == ["t1"]
+    assert store.claim_webhooks("C", 10, lease_s=LEASE_S, now=T0 + 5) == []
+    assert store.renew_leases("B", ["t1"], lease_s=LEASE_S, now=T0 + 5) == 1
+    assert store.claim_webhooks("C", 10, lease_s=LEASE_S, now=T0 + 14) == []
+    deliveries = store.claim_webhooks("C", 10, lease_s=LEASE_S, now=T0 + 16)
     assert [record.id for record in deliveries] == ["t1"]
 
 
@@ -502,6 +516,9 @@ def test_release_hands_back_everything_the_owner_holds(store: TaskStore) -> None
     assert claim(store, "A", limit=2, at=T0 + 3) == ["a-delivery", "a-running"]
     assert claim(store, "B", limit=1, at=T0 + 3) == ["b-running"]
     assert store.finish("a-delivery", "A", prediction=[], now=T0 + 4) is not None
+    assert [r.id for r in store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 4)] == [
+        "a-delivery"
+    ]
     b_before = get(store, "b-running")
 
     assert store.release("A") == 2
@@ -580,6 +597,8 @@ def delivery(store: TaskStore, task_id: str, owner: str) -> None:
     add(store, task_id, callback_url=CALLBACK)
     running(store, task_id, owner, at=T0)
     assert store.finish(task_id, owner, prediction=["cat"], now=T0) is not None
+    claimed = store.claim_webhooks(owner, 1, lease_s=LEASE_S, now=T0)
+    assert [record.id for record in claimed] == [task_id]
 
 
 def test_delivery_attempts_persist(store: TaskStore) -> None:
@@ -606,7 +625,7 @@ def test_delivered_webhook_ends_and_frees_the_lease(store: TaskStore) -> None:
     assert record.webhook_status is WebhookStatus.DELIVERED
     assert record.webhook_attempts == 3
     assert record.webhook_last_error is None
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 1) == 0
+    assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 0
     assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
 
 
@@ -631,7 +650,7 @@ def test_non_owner_cannot_record_or_finish_a_delivery(store: TaskStore) -> None:
     store.finish_webhook("t1", "B", delivered=True, attempts=4, error=None)
 
     assert get(store, "t1") == before
-    assert store.renew_leases("A", lease_s=LEASE_S, now=T0 + 1) == 1
+    assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 1
 
 
 def test_claim_webhooks_takes_at_most_limit(store: TaskStore) -> None:
@@ -673,6 +692,7 @@ def test_delete_expired_removes_only_old_finished_tasks(store: TaskStore) -> Non
     store.finish("old-failed", "A", error="boom", now=T0 + 10)
     store.finish("old-pending-webhook", "A", prediction=[], now=T0 + 10)
     store.finish("old-delivered", "A", prediction=[], now=T0 + 10)
+    store.claim_webhooks("A", 2, lease_s=LEASE_S, now=T0 + 10)
     store.finish_webhook("old-delivered", "A", delivered=True, attempts=1, error=None)
     store.finish("recent", "A", prediction=[], now=T0 + 15)
 

@@ -501,3 +501,82 @@ async def test_a_malformed_idempotency_key_is_422(
     assert response.status_code == 422, response.text
     assert "Idempotency-Key" in response.json()["detail"]
     assert stored_rows(served, "tasks") == 0
+
+
+# --- Store faults -----------------------------------------------------------------------------
+
+
+async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lease(
+    photos: list[Path],
+) -> None:
+    """If storing a result fails (a locked or full disk), the task is not left "running"
+    for ever: its lease is no longer renewed, runs out, and the task runs again."""
+    settings = make_settings(task_lease_s=0.6, task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        store = served.service.running_tasks().store
+        real_finish = store.finish
+        failures = []
+
+        def finish_failing_once(*args: object, **kwargs: object) -> object:
+            if not failures:
+                failures.append(args[0])
+                raise sqlite3.OperationalError("database is locked")
+            return real_finish(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.finish = finish_failing_once  # type: ignore[method-assign]
+        accepted = await submit(served.client, photos[0].read_bytes())
+        task = await finished(served.client, accepted["task_id"])
+
+    assert failures == [accepted["task_id"]]
+    assert task["status"] == "succeeded"
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        assert db.execute("SELECT attempts FROM tasks").fetchall() == [(2,)]
+
+
+async def test_a_progress_write_that_fails_does_not_end_a_delivery(photos: list[Path]) -> None:
+    """Recording an attempt is best effort: the delivery goes on through its retries and
+    its end is stored with the full count."""
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
+        receiver.script = [503, 503]
+        store = served.service.running_tasks().store
+
+        def record_failing(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store.record_webhook_attempt = record_failing  # type: ignore[method-assign]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 3, "last_error": None}
+    assert len(receiver.received) == 3
+
+
+async def test_a_cancelled_task_reports_no_webhook(photos: list[Path]) -> None:
+    async with running_app(make_settings(max_batch_size=1, **WEBHOOK_SETTINGS)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        tasks = [
+            (await submit(served.client, data, callback_url="http://127.0.0.1:9/hook"))["task_id"]
+            for _ in range(3)
+        ]
+        await wait_for_running(served, 2)
+        cancelled = await served.client.delete(f"/tasks/{tasks[2]}")
+        model.release.set()
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["webhook"] is None
+
+
+async def test_a_short_queue_limits_how_many_tasks_a_worker_holds(photos: list[Path]) -> None:
+    """With MAX_QUEUE below two batches, a worker claims no more tasks than the background
+    lane holds, so none bounces off it (no refusals) and all finish."""
+    settings = make_settings(max_batch_size=4, max_queue=2)
+    async with running_app(settings) as served:
+        before = (await served.client.get("/metrics")).text
+        data = photos[0].read_bytes()
+        task_ids = [(await submit(served.client, data))["task_id"] for _ in range(6)]
+        results = [await finished(served.client, task_id) for task_id in task_ids]
+        after = (await served.client.get("/metrics")).text
+
+    assert [task["status"] for task in results] == ["succeeded"] * 6
+    sample = 'batch_requests_total{outcome="rejected"}'
+    assert metric_value(after, sample) - metric_value(before, sample) == 0

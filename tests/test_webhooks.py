@@ -401,7 +401,7 @@ def test_a_name_is_refused_if_any_of_its_addresses_is_private(
 # Server-side request forgery at delivery and connect time
 
 
-async def test_delivery_to_loopback_is_refused_before_any_request(
+async def test_delivery_to_loopback_is_refused_without_any_request_and_not_retried(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
     log = AttemptLog()
@@ -409,11 +409,53 @@ async def test_delivery_to_loopback_is_refused_before_any_request(
     result = await make_sender(allow_private=False).deliver(receiver.url, PAYLOAD, on_attempt=log)
 
     assert not result.delivered
-    assert result.attempts == 0
+    assert result.attempts == 1
     assert result.last_error is not None
     assert "loopback" in result.last_error
     assert receiver.received == []
-    assert log.calls == []
+    assert log.numbers == [1]
+
+
+async def test_a_name_that_does_not_resolve_for_now_is_retried(
+    make_sender: Callable[..., WebhookSender], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS failing at delivery time is a failed attempt, retried like a network error; it
+    does not end the delivery."""
+
+    async def no_dns(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(anyio, "getaddrinfo", no_dns)
+    log = AttemptLog()
+
+    result = await make_sender(allow_private=False, max_attempts=3).deliver(
+        "https://hooks.example.com/done", PAYLOAD, on_attempt=log
+    )
+
+    assert not result.delivered
+    assert result.attempts == 3
+    assert log.numbers == [1, 2, 3]
+    assert result.last_error is not None
+    assert "resolve" in result.last_error
+
+
+async def test_many_slow_deliveries_at_once_each_get_a_connection(
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The address-checking transport has httpx's connection limits (100), not httpcore's
+    (10): 30 deliveries to a slow receiver all go out at once, none times out waiting."""
+    monkeypatch.setattr(webhooks, "_refusal_reason", lambda ip: None)  # let loopback through
+    receiver.script = [STALL] * 30
+    sender = make_sender(allow_private=False, timeout_s=5.0)
+    deliveries = [asyncio.create_task(sender.deliver(receiver.url, PAYLOAD)) for _ in range(30)]
+    async with asyncio.timeout(5):
+        while len(receiver.received) < 30:
+            await asyncio.sleep(0.01)
+    receiver.release.set()
+    results = await asyncio.gather(*deliveries)
+    assert all(result.delivered and result.attempts == 1 for result in results)
 
 
 async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
