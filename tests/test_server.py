@@ -61,8 +61,24 @@ def test_gunicorn_serves_concurrent_requests_in_batches(
     assert metrics.count("model_info{") == 1
 
 
+def start_up_failure_line(env: dict[str, str]) -> str:
+    """Start uvicorn, expect it to stop with exit code 3, and return its one error line."""
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
 def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) -> None:
-    port = free_port()
     env = server_env(
         tmp_path,
         WEIGHTS="imagenet",
@@ -71,20 +87,9 @@ def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) ->
         HTTPS_PROXY=f"http://127.0.0.1:{free_port()}",
         https_proxy=f"http://127.0.0.1:{free_port()}",
     )
-    result = subprocess.run(
-        [str(BIN / "uvicorn"), "main:app", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 3
-    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert len(errors) == 1
-    assert "WEIGHTS=/path/to/state_dict.pth" in errors[0]
-    assert "WEIGHTS=random" in errors[0]
-    assert "Traceback" not in result.stderr
+    error = start_up_failure_line(env)
+    assert "WEIGHTS=/path/to/state_dict.pth" in error
+    assert "WEIGHTS=random" in error
 
 
 def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> None:
@@ -92,22 +97,9 @@ def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> No
     line naming the setting, not a traceback and not a restart loop."""
     not_a_directory = tmp_path / "data"
     not_a_directory.write_text("a file, not a directory")
-    port = free_port()
-    env = server_env(tmp_path, DATA_DIR=str(not_a_directory))
-    result = subprocess.run(
-        [str(BIN / "uvicorn"), "main:app", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 3
-    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert len(errors) == 1, result.stderr
-    assert "DATA_DIR" in errors[0]
-    assert str(not_a_directory) in errors[0]
-    assert "Traceback" not in result.stderr
+    error = start_up_failure_line(server_env(tmp_path, DATA_DIR=str(not_a_directory)))
+    assert "DATA_DIR" in error
+    assert str(not_a_directory) in error
 
 
 def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
