@@ -44,9 +44,6 @@ class Receiver:
         location = {"Location": "http://127.0.0.1:9/elsewhere"} if 300 <= step < 400 else {}
         return web.Response(status=step, headers=location)
 
-    def signatures_and_bodies(self) -> list[tuple[str | None, bytes]]:
-        return [(r.headers.get("X-Signature-256"), r.body) for r in self.received]
-
 
 @asynccontextmanager
 async def receiving() -> AsyncIterator[Receiver]:
