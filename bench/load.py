@@ -50,19 +50,33 @@ class StepResult:
 
 
 class _Recorder:
-    def __init__(self, measure_from: float) -> None:
+    """Latencies of the requests sent inside the window; throughput from those that ended in it.
+
+    Counting completions inside the window, not the requests sent in it, keeps the tail
+    out of the throughput: requests sent at the window's end finish up to one latency
+    later, which with a latency of a second would stretch a four-second window by a
+    quarter.
+    """
+
+    def __init__(self, measure_from: float, measure_until: float) -> None:
         self.measure_from = measure_from
+        self.measure_until = measure_until
         self.latencies_s: list[float] = []
         self.statuses: Counter[str] = Counter()
-        self.last_end = measure_from
+        self.completed = 0
 
     def record(self, started: float, ended: float, status: int) -> None:
-        if started < self.measure_from:
+        if status == 200 and self.measure_from <= ended <= self.measure_until:
+            self.completed += 1
+        if not self.measure_from <= started < self.measure_until:
             return
         self.statuses[str(status)] += 1
-        self.last_end = max(self.last_end, ended)
         if status == 200:
             self.latencies_s.append(ended - started)
+
+    @property
+    def window_s(self) -> float:
+        return self.measure_until - self.measure_from
 
 
 def _session(server: Server, connections: int) -> aiohttp.ClientSession:
@@ -86,7 +100,7 @@ async def _post(session: aiohttp.ClientSession, payload: Payload) -> int:
 
 
 class _Snapshot:
-    """Server metrics and CPU of both sides at the start of the measured window."""
+    """Server metrics and the CPU time of both sides, at one moment."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -104,11 +118,13 @@ class _Snapshot:
 
 
 def _result(
-    name: str, kind: str, offered: float, recorder: _Recorder, before: _Snapshot
+    name: str,
+    kind: str,
+    offered: float,
+    recorder: _Recorder,
+    before: _Snapshot,
+    after: _Snapshot,
 ) -> StepResult:
-    after = _Snapshot(before.server)
-    after.take()
-    window_s = max(recorder.last_end - recorder.measure_from, 1e-9)
     wall_s = after.wall - before.wall
     batches = after.metrics.get("batch_size_count", 0) - before.metrics.get("batch_size_count", 0)
     batched = after.metrics.get("batch_size_sum", 0) - before.metrics.get("batch_size_sum", 0)
@@ -118,11 +134,11 @@ def _result(
         name=name,
         kind=kind,
         offered=offered,
-        duration_s=window_s,
+        duration_s=recorder.window_s,
         sent=sum(recorder.statuses.values()),
         ok=ok,
         statuses=dict(recorder.statuses),
-        throughput_per_s=ok / window_s,
+        throughput_per_s=recorder.completed / recorder.window_s,
         latency_ms={
             "p50": float(np.percentile(latencies, 50)),
             "p90": float(np.percentile(latencies, 90)),
@@ -141,23 +157,25 @@ async def closed_loop(
     """``clients`` callers, each sending its next request as soon as the last one returns."""
     async with _session(server, clients) as client:
         start = time.perf_counter()
-        recorder = _Recorder(start + warmup_s)
-        stop_at = recorder.measure_from + duration_s
-        snapshot = _Snapshot(server)
+        recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
+        before, after = _Snapshot(server), _Snapshot(server)
 
-        async def take_snapshot() -> None:
+        async def take_snapshots() -> None:
+            # Server metrics and CPU over the same window as the throughput.
             await asyncio.sleep(warmup_s)
-            await asyncio.to_thread(snapshot.take)
+            await asyncio.to_thread(before.take)
+            await asyncio.sleep(max(0.0, recorder.measure_until - time.perf_counter()))
+            await asyncio.to_thread(after.take)
 
         async def caller(index: int) -> None:
             sent = index
-            while (started := time.perf_counter()) < stop_at:
+            while (started := time.perf_counter()) < recorder.measure_until:
                 status = await _post(client, payloads[sent % len(payloads)])
                 recorder.record(started, time.perf_counter(), status)
                 sent += clients
 
-        await asyncio.gather(take_snapshot(), *(caller(i) for i in range(clients)))
-    return _result(f"closed-{clients}", "closed", clients, recorder, snapshot)
+        await asyncio.gather(take_snapshots(), *(caller(i) for i in range(clients)))
+    return _result(f"closed-{clients}", "closed", clients, recorder, before, after)
 
 
 async def open_loop(
@@ -171,10 +189,10 @@ async def open_loop(
     """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
     rng = random.Random(seed)
     async with _session(server, 512) as client:
-        snapshot = _Snapshot(server)
-        await asyncio.to_thread(snapshot.take)
+        before = _Snapshot(server)
+        await asyncio.to_thread(before.take)
         start = time.perf_counter()
-        recorder = _Recorder(start)
+        recorder = _Recorder(start, start + duration_s)
         pending: set[asyncio.Task[None]] = set()
 
         async def one(scheduled: float, payload: Payload) -> None:
@@ -194,6 +212,8 @@ async def open_loop(
             sent += 1
         if pending:
             await asyncio.wait(pending)
-    result = _result(f"open-{label}", "open", rate_per_s, recorder, snapshot)
+    after = _Snapshot(server)
+    await asyncio.to_thread(after.take)
+    result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after)
     result.extra["offered_per_s"] = rate_per_s
     return result

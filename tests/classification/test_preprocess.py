@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 import tracemalloc
 from pathlib import Path
@@ -113,6 +114,48 @@ def test_exif_orientation_is_applied() -> None:
     upright = images.gradient(320, 240)
     decoded = decode_image(images.exif_rotated_jpeg(upright, 6), max_pixels=MAX_PIXELS)
     assert decoded.size == (240, 320)
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((4096, 3072), (2048, 1536)),  # shorter side 3072: half size keeps it >= 1024
+        ((8000, 4100), (2000, 1025)),
+        ((2047, 3000), (2047, 3000)),  # halving would leave the shorter side below 1024
+    ],
+)
+def test_large_jpegs_decode_at_reduced_scale(
+    size: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    """libjpeg scales in the DCT domain while the shorter side stays at least 4 x 256."""
+    data = images.encode(images.gradient(*size), "JPEG", quality=85)
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == decoded
+
+
+def test_other_formats_decode_at_full_size() -> None:
+    data = images.encode(images.gradient(2200, 2100), "PNG")
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == (2200, 2100)
+
+
+def test_a_reduced_decode_keeps_exif_orientation() -> None:
+    stored = images.gradient(2100, 4200)
+    decoded = decode_image(images.exif_rotated_jpeg(stored, 6), max_pixels=MAX_PIXELS)
+    assert decoded.size == (4200 // 2, 2100 // 2)  # halved, then turned a quarter
+
+
+def test_a_reduced_decode_stays_within_a_level_of_reference_on_average(
+    photos: list[Path], reference: Reference
+) -> None:
+    """The DCT-domain reduction is an area filter, not the antialiased bilinear one: pixels
+    differ, on average by less than one 8-bit level. (Served answers are checked against
+    torchvision's, large photos included, in ``test_served_agreement``.)"""
+    for path in photos:
+        image = images.photo(path).resize((4096, 2731), Image.Resampling.BICUBIC)
+        data = images.encode(image, "JPEG", quality=90)
+        with Image.open(io.BytesIO(data)) as full:
+            theirs = reference.input_for(full)
+        difference = (model_input(data) - theirs).abs()
+        assert difference.mean().item() < ONE_LEVEL
 
 
 def test_animated_gif_uses_first_frame() -> None:

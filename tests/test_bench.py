@@ -1,0 +1,54 @@
+"""The benchmark's load generator measures what the server does, not its own timing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from bench.load import closed_loop
+from bench.server import Server
+
+SERVICE_S = 0.25
+CLIENTS = 4
+
+
+@pytest.fixture
+async def slow_server() -> AsyncIterator[Server]:
+    """Answers every /cls after SERVICE_S, however many arrive at once."""
+
+    async def classify(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(SERVICE_S)
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
+
+    app = web.Application()
+    app.router.add_post("/cls", classify)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield Server(f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
+async def test_closed_loop_throughput_leaves_out_the_tail(slow_server: Server) -> None:
+    """CLIENTS callers with SERVICE_S per answer complete CLIENTS / SERVICE_S per second.
+
+    Counting the requests sent in the window over the time until the last one returned
+    would stretch the one-second window by a whole service time: 13 per second, not 16.
+    """
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    # Answers arrive every SERVICE_S; the window's edges fall half-way between two of them.
+    result = await closed_loop(slow_server, [payload], CLIENTS, duration_s=1.0, warmup_s=0.375)
+
+    assert result.statuses == {"200": 4 * CLIENTS}
+    assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.1)
+    assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
