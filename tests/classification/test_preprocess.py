@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from classification import (
     ImageTooLarge,
@@ -19,6 +20,7 @@ from classification import (
     normalize_batch,
     preprocess,
 )
+from classification.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tests import images
 from tests.support import Reference
 
@@ -48,6 +50,21 @@ def test_matches_torchvision_reference_on_photos(photos: list[Path], reference: 
     for path in photos:
         ours = model_input(path.read_bytes())
         assert_matches_reference(ours, reference.input_for(images.photo(path)))
+
+
+def test_a_batch_normalises_each_crop_as_torchvision_does(photos: list[Path]) -> None:
+    crops = [preprocess(path.read_bytes(), max_pixels=MAX_PIXELS) for path in photos]
+    batch = normalize_batch(torch.from_numpy(np.stack(crops)))
+    expected = torch.stack(
+        [
+            transforms.functional.normalize(
+                transforms.functional.to_tensor(crop.copy()), IMAGENET_MEAN, IMAGENET_STD
+            )
+            for crop in crops
+        ]
+    )
+    assert torch.equal(batch, expected)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(
