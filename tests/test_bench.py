@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from bench.load import closed_loop
+from bench.__main__ import _saturating_clients
+from bench.load import StepResult, closed_loop
 from bench.server import Server
 
 SERVICE_S = 0.25
@@ -52,3 +53,33 @@ async def test_closed_loop_throughput_leaves_out_the_tail(slow_server: Server) -
     assert result.statuses == {"200": 4 * CLIENTS}
     assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.1)
     assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+
+
+def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResult:
+    return StepResult(
+        name=f"closed-{clients}",
+        kind="closed",
+        offered=clients,
+        duration_s=1.0,
+        sent=1,
+        ok=1,
+        statuses={"200": 1},
+        throughput_per_s=throughput,
+        latency_ms={},
+        mean_batch_size=mean_batch,
+        server_cpu_cores=0.0,
+        loadgen_cpu_cores=0.0,
+    )
+
+
+def test_saturation_is_measured_with_full_batches() -> None:
+    """The paired saturated step uses the fewest clients that filled every batch, even when
+    half-full batches happened to run faster during the sweep."""
+    sweep = [
+        _closed_step(1, 40.0, 1.0),
+        _closed_step(16, 64.0, 8.0),
+        _closed_step(32, 63.0, 16.0),
+        _closed_step(64, 62.0, 16.0),
+    ]
+    assert _saturating_clients(sweep, max_batch_size=16) == 32
+    assert _saturating_clients(sweep[:2], max_batch_size=16) == 16
