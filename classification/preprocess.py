@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import numpy as np
 import torch
@@ -16,11 +17,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Longest resized side (aspect ratio 4:1) up to which the full image is resized exactly as
 # torchvision does; beyond it, only the cropped region is resampled.
 MAX_EXACT_RESIZE = 4 * RESIZE_SIZE
-# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT domain, four
-# times faster for a 12-megapixel photo) while its shorter side stays at least this long, so
-# the antialiased resize still does most of the reduction. At twice the resize target
-# instead of four times, served answers drifted from torchvision's on large photos.
+# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT domain, three
+# to four times faster for a 12-megapixel photo) while its shorter side stays at least this
+# long, so the antialiased resize still does most of the reduction: the model's input then
+# stays within two 8-bit levels of a full decode's (at twice the resize target, eight).
 MIN_DRAFT_SIDE = 4 * RESIZE_SIZE
+DRAFT_SCALES = (8, 4, 2)
 
 # Formats with well-exercised decoders. Pillow can open more (EPS, for one, shells out to
 # Ghostscript); none of those is worth the attack surface for a classifier.
@@ -70,13 +72,30 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
     try:
-        image.draft(None, (MIN_DRAFT_SIDE, MIN_DRAFT_SIDE))  # a no-op for other formats
+        scale = _draft_scale(width, height)
+        if scale > 1:
+            image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _draft_scale(width: int, height: int) -> int:
+    """The largest reduction a JPEG may be decoded at: one that keeps the shorter side at
+    least MIN_DRAFT_SIDE and divides both sides. (libjpeg rounds a reduced size up; the
+    partial last row and column would shift every later sample by a fraction of a pixel.)
+    Camera sizes (4032x3024, 6000x4000, ...) divide by 8."""
+    for scale in DRAFT_SCALES:
+        if (
+            width % scale == 0
+            and height % scale == 0
+            and min(width, height) // scale >= MIN_DRAFT_SIDE
+        ):
+            return scale
+    return 1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -147,8 +166,9 @@ def normalize_batch(crops: torch.Tensor) -> torch.Tensor:
         permute is a view, so no pixel is moved to reorder it.
     """
     batch = crops.contiguous().to(torch.float32)
-    mean, std = _per_value_mean_std(batch.device, batch[0].numel())
-    batch.view(len(batch), -1).div_(255).sub_(mean).div_(std)
+    values = math.prod(batch.shape[1:])
+    mean, std = _per_value_mean_std(batch.device, values)
+    batch.view(len(batch), values).div_(255).sub_(mean).div_(std)
     return batch.permute(0, 3, 1, 2)
 
 

@@ -136,15 +136,19 @@ def test_exif_orientation_is_applied() -> None:
 @pytest.mark.parametrize(
     ("size", "decoded"),
     [
-        ((4096, 3072), (2048, 1536)),  # shorter side 3072: half size keeps it >= 1024
+        ((4032, 3024), (2016, 1512)),  # a phone camera's size
+        ((8192, 4096), (2048, 1024)),
         ((8000, 4100), (2000, 1025)),
-        ((2047, 3000), (2047, 3000)),  # halving would leave the shorter side below 1024
+        ((8190, 4098), (4095, 2049)),  # halves evenly, quarters not
+        ((4097, 3072), (4097, 3072)),  # an odd side: libjpeg would round it up
+        ((2046, 3000), (2046, 3000)),  # halving would leave the shorter side below 1024
     ],
 )
 def test_large_jpegs_decode_at_reduced_scale(
     size: tuple[int, int], decoded: tuple[int, int]
 ) -> None:
-    """libjpeg scales in the DCT domain while the shorter side stays at least 4 x 256."""
+    """libjpeg scales in the DCT domain by the largest of 1/8, 1/4, 1/2 that divides both
+    sides and keeps the shorter one at least 4 x 256."""
     data = images.encode(images.gradient(*size), "JPEG", quality=85)
     assert decode_image(data, max_pixels=MAX_PIXELS).size == decoded
 
@@ -160,19 +164,22 @@ def test_a_reduced_decode_keeps_exif_orientation() -> None:
     assert decoded.size == (4200 // 2, 2100 // 2)  # halved, then turned a quarter
 
 
-def test_a_reduced_decode_stays_within_a_level_of_reference_on_average(
+def test_a_reduced_decode_stays_close_to_reference(
     photos: list[Path], reference: Reference
 ) -> None:
-    """The DCT-domain reduction is an area filter, not the antialiased bilinear one: pixels
-    differ, on average by less than one 8-bit level. (Served answers are checked against
-    torchvision's, large photos included, in ``test_served_agreement``.)"""
+    """The DCT-domain reduction is an area filter, not the antialiased bilinear one: some
+    values differ, by a fraction of an 8-bit level on average and a few levels at most; a
+    sampling grid shifted by part of a pixel would differ by tens of levels. (Served
+    answers are checked against torchvision's, large photos included, in
+    ``test_served_agreement``.)"""
     for path in photos:
-        image = images.photo(path).resize((4096, 2731), Image.Resampling.BICUBIC)
+        image = images.photo(path).resize((4032, 3024), Image.Resampling.BICUBIC)
         data = images.encode(image, "JPEG", quality=90)
         with Image.open(io.BytesIO(data)) as full:
             theirs = reference.input_for(full)
         difference = (model_input(data) - theirs).abs()
-        assert difference.mean().item() < ONE_LEVEL
+        assert difference.mean().item() < 0.25 * ONE_LEVEL
+        assert difference.max().item() < 4 * ONE_LEVEL
 
 
 def test_animated_gif_uses_first_frame() -> None:

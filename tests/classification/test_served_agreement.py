@@ -39,8 +39,9 @@ MIN_DISTINCT_CLASSES = 20
 MAX_CLASS_SHARE = 0.30
 
 JPEG_QUALITIES = (30, 40, 50, 60, 70, 80, 90, 95)
-LONGER_SIDES = (64, 100, 160, 224, 320, 480, 720, 1080, 2000, 4000, 5000, 6000)
-EXACT_SIZES = ((64, 48), (48, 64), (4000, 2667))
+LONGER_SIDES = (64, 100, 160, 224, 320, 480, 720, 1080, 2000, 4000, 6000)
+# Camera sizes (and one more) divide by 2 or 4: those large JPEGs decode at reduced scale.
+EXACT_SIZES = ((64, 48), (48, 64), (4000, 2667), (4032, 3024), (3024, 4032), (8192, 4096))
 # PNG and WebP encodes of multi-megapixel images are slow and large; JPEG covers those.
 MAX_LOSSLESS_SIDE = 1600
 
