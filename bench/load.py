@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ import psutil
 from bench.server import Server, scrape
 
 Payload = tuple[bytes, dict[str, str]]
+RSS_SAMPLE_S = 0.1
 
 
 def encode_payloads(images: list[Path]) -> list[Payload]:
@@ -46,6 +48,9 @@ class StepResult:
     mean_batch_size: float
     server_cpu_cores: float
     loadgen_cpu_cores: float
+    # The largest worker's resident memory, sampled every RSS_SAMPLE_S while the step ran;
+    # 0 for a server given by URL.
+    peak_worker_rss_bytes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -117,6 +122,28 @@ class _Snapshot:
         self.wall = time.perf_counter()
 
 
+class _PeakRss:
+    """Samples the server's largest worker RSS until stopped, keeping the maximum."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.peak_bytes = 0
+        self._stopped = asyncio.Event()
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while not self._stopped.is_set():
+            rss = await asyncio.to_thread(self.server.worker_rss_bytes)
+            self.peak_bytes = max(self.peak_bytes, rss)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), RSS_SAMPLE_S)
+
+    async def stop(self) -> int:
+        self._stopped.set()
+        await self._task
+        return self.peak_bytes
+
+
 def _result(
     name: str,
     kind: str,
@@ -124,6 +151,7 @@ def _result(
     recorder: _Recorder,
     before: _Snapshot,
     after: _Snapshot,
+    peak_worker_rss_bytes: int,
 ) -> StepResult:
     wall_s = after.wall - before.wall
     batches = after.metrics.get("batch_size_count", 0) - before.metrics.get("batch_size_count", 0)
@@ -148,6 +176,7 @@ def _result(
         mean_batch_size=batched / batches if batches else 0.0,
         server_cpu_cores=(after.server_cpu - before.server_cpu) / wall_s,
         loadgen_cpu_cores=(after.loadgen_cpu - before.loadgen_cpu) / wall_s,
+        peak_worker_rss_bytes=peak_worker_rss_bytes,
     )
 
 
@@ -174,8 +203,10 @@ async def closed_loop(
                 recorder.record(started, time.perf_counter(), status)
                 sent += clients
 
+        peak_rss = _PeakRss(server)
         await asyncio.gather(take_snapshots(), *(caller(i) for i in range(clients)))
-    return _result(f"closed-{clients}", "closed", clients, recorder, before, after)
+        peak_bytes = await peak_rss.stop()
+    return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
 
 
 async def open_loop(
@@ -191,6 +222,7 @@ async def open_loop(
     async with _session(server, 512) as client:
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
+        peak_rss = _PeakRss(server)
         start = time.perf_counter()
         recorder = _Recorder(start, start + duration_s)
         pending: set[asyncio.Task[None]] = set()
@@ -212,8 +244,9 @@ async def open_loop(
             sent += 1
         if pending:
             await asyncio.wait(pending)
+        peak_bytes = await peak_rss.stop()
     after = _Snapshot(server)
     await asyncio.to_thread(after.take)
-    result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after)
+    result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after, peak_bytes)
     result.extra["offered_per_s"] = rate_per_s
     return result

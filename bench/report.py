@@ -19,8 +19,8 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
 def _step_rows(steps: list[dict[str, Any]]) -> list[str]:
     rows = [
         "| step | offered | throughput/s | p50 ms | p90 ms | p99 ms | max ms | mean batch "
-        "| errors | server CPU cores | load-gen CPU cores |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| errors | server CPU cores | peak worker RSS MiB | load-gen CPU cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for step in steps:
         latency = step["latency_ms"]
@@ -35,6 +35,7 @@ def _step_rows(steps: list[dict[str, Any]]) -> list[str]:
             f"| {latency['p50']:.1f} | {latency['p90']:.1f} | {latency['p99']:.1f} "
             f"| {latency['max']:.1f} | {step['mean_batch_size']:.2f} "
             f"| {errors or 'none'} | {step['server_cpu_cores']:.2f} "
+            f"| {step['peak_worker_rss_bytes'] / 2**20:.0f} "
             f"| {step['loadgen_cpu_cores']:.2f} |"
         )
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
@@ -36,23 +37,35 @@ async def slow_server() -> AsyncIterator[Server]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Server(f"http://127.0.0.1:{port}")
+    yield RssSeries(f"http://127.0.0.1:{port}")
     await runner.cleanup()
 
 
-async def test_closed_loop_throughput_leaves_out_the_tail(slow_server: Server) -> None:
+@dataclass
+class RssSeries(Server):
+    """A server whose worker RSS reads 1, 2 and 7 MiB, then 3 from then on."""
+
+    readings: list[int] = field(default_factory=lambda: [1, 2, 7])
+
+    def worker_rss_bytes(self) -> int:
+        return (self.readings.pop(0) if self.readings else 3) * 2**20
+
+
+async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Server) -> None:
     """CLIENTS callers with SERVICE_S per answer complete CLIENTS / SERVICE_S per second.
 
-    Counting the requests sent in the window over the time until the last one returned
-    would stretch the one-second window by a whole service time: 13 per second, not 16.
+    Dividing the requests sent in the window by the time until the last one returned would
+    stretch the window to that answer: 14 per second, not 16. The step also reports the
+    largest worker RSS sampled while it ran.
     """
     payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
     # Answers arrive every SERVICE_S; the window's edges fall half-way between two of them.
     result = await closed_loop(slow_server, [payload], CLIENTS, duration_s=1.0, warmup_s=0.375)
 
     assert result.statuses == {"200": 4 * CLIENTS}
-    assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.1)
+    assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
     assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+    assert result.peak_worker_rss_bytes == 7 * 2**20
 
 
 def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResult:
