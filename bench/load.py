@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections import Counter
@@ -18,7 +17,6 @@ import psutil
 from bench.server import Server, scrape
 
 Payload = tuple[bytes, dict[str, str]]
-RSS_SAMPLE_S = 0.1
 
 
 def encode_payloads(images: list[Path]) -> list[Payload]:
@@ -48,8 +46,7 @@ class StepResult:
     mean_batch_size: float
     server_cpu_cores: float
     loadgen_cpu_cores: float
-    # The largest worker's resident memory, sampled every RSS_SAMPLE_S while the step ran;
-    # 0 for a server given by URL.
+    # The largest worker's peak resident memory during the step; 0 for a server given by URL.
     peak_worker_rss_bytes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -122,28 +119,6 @@ class _Snapshot:
         self.wall = time.perf_counter()
 
 
-class _PeakRss:
-    """Samples the server's largest worker RSS until stopped, keeping the maximum."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.peak_bytes = 0
-        self._stopped = asyncio.Event()
-        self._task = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        while not self._stopped.is_set():
-            rss = await asyncio.to_thread(self.server.worker_rss_bytes)
-            self.peak_bytes = max(self.peak_bytes, rss)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), RSS_SAMPLE_S)
-
-    async def stop(self) -> int:
-        self._stopped.set()
-        await self._task
-        return self.peak_bytes
-
-
 def _result(
     name: str,
     kind: str,
@@ -203,9 +178,9 @@ async def closed_loop(
                 recorder.record(started, time.perf_counter(), status)
                 sent += clients
 
-        peak_rss = _PeakRss(server)
+        await asyncio.to_thread(server.reset_peak_rss)
         await asyncio.gather(take_snapshots(), *(caller(i) for i in range(clients)))
-        peak_bytes = await peak_rss.stop()
+    peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
     return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
 
 
@@ -222,7 +197,7 @@ async def open_loop(
     async with _session(server, 512) as client:
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
-        peak_rss = _PeakRss(server)
+        await asyncio.to_thread(server.reset_peak_rss)
         start = time.perf_counter()
         recorder = _Recorder(start, start + duration_s)
         pending: set[asyncio.Task[None]] = set()
@@ -244,7 +219,7 @@ async def open_loop(
             sent += 1
         if pending:
             await asyncio.wait(pending)
-        peak_bytes = await peak_rss.stop()
+    peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
     after = _Snapshot(server)
     await asyncio.to_thread(after.take)
     result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after, peak_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -69,6 +70,28 @@ class Server:
         """The largest resident set among the workers."""
         sizes = [w.memory_info().rss for w in self.workers()]
         return max(sizes) if sizes else 0
+
+    def reset_peak_rss(self) -> None:
+        """Start a new peak-RSS window for every worker (Linux: ``/proc/PID/clear_refs``)."""
+        for worker in self.workers():
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{worker.pid}/clear_refs").write_text("5")
+
+    def peak_worker_rss_bytes(self) -> int:
+        """The largest worker's peak RSS since ``reset_peak_rss`` (the kernel's VmHWM), or
+        its current RSS where the kernel keeps no peak."""
+        peaks = []
+        for worker in self.workers():
+            try:
+                status = Path(f"/proc/{worker.pid}/status").read_text()
+            except OSError:
+                status = ""
+            if match := re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE):
+                peaks.append(int(match.group(1)) * 1024)
+            else:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    peaks.append(worker.memory_info().rss)
+        return max(peaks, default=0)
 
     def __enter__(self) -> Server:
         return self

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
@@ -43,12 +45,15 @@ async def slow_server() -> AsyncIterator[Server]:
 
 @dataclass
 class RssSeries(Server):
-    """A server whose worker RSS reads 1, 2 and 7 MiB, then 3 from then on."""
+    """A server whose workers' peak RSS is 7 MiB after a reset, and 0 before one."""
 
-    readings: list[int] = field(default_factory=lambda: [1, 2, 7])
+    resets: int = 0
 
-    def worker_rss_bytes(self) -> int:
-        return (self.readings.pop(0) if self.readings else 3) * 2**20
+    def reset_peak_rss(self) -> None:
+        self.resets += 1
+
+    def peak_worker_rss_bytes(self) -> int:
+        return 7 * 2**20 if self.resets else 0
 
 
 async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Server) -> None:
@@ -56,7 +61,7 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
 
     Dividing the requests sent in the window by the time until the last one returned would
     stretch the window to that answer: 14 per second, not 16. The step also reports the
-    largest worker RSS sampled while it ran.
+    workers' peak RSS, measured from its start.
     """
     payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
     # Answers arrive every SERVICE_S; the window's edges fall half-way between two of them.
@@ -96,3 +101,23 @@ def test_saturation_is_measured_with_full_batches() -> None:
     ]
     assert _saturating_clients(sweep, max_batch_size=16) == 32
     assert _saturating_clients(sweep[:2], max_batch_size=16) == 16
+
+
+def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
+    """A worker that touched 64 MiB and let it go shows that peak until the window is reset."""
+    script = "import sys, time; b = b'x' * 64 * 2**20; del b; print(flush=True); time.sleep(30)"
+    parent = subprocess.Popen(
+        ["sh", "-c", f'{sys.executable} -c "{script}"; true'], stdout=subprocess.PIPE
+    )
+    server = Server("http://unused", parent)
+    try:
+        assert parent.stdout is not None
+        parent.stdout.readline()  # the worker has freed its 64 MiB
+        assert server.peak_worker_rss_bytes() > 64 * 2**20
+        server.reset_peak_rss()
+        assert server.peak_worker_rss_bytes() < 48 * 2**20
+    finally:
+        for worker in server.workers():
+            worker.kill()
+        parent.wait(10)
+        parent.stdout.close()
