@@ -31,6 +31,10 @@ from bench.load import StepResult, closed_loop, encode_payloads, open_loop
 from bench.server import Server, start
 from service.settings import PROJECT_ROOT, available_cores
 
+# The in-process measurements either side of a served one may differ by this much before
+# the ratio between them is flagged as unreliable.
+MAX_PAIR_DRIFT = 0.05
+
 MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "clients": [1, 4, 16, 64],
@@ -153,13 +157,26 @@ def run_paired(
     }
 
 
+def _drift(before: float, after: float) -> float:
+    """How far the machine drifted across an A-B-A pair, as a fraction of the mean of A."""
+    return abs(before - after) / statistics.mean([before, after])
+
+
+def _drift_note(drift: float) -> str:
+    verdict = "; unreliable, run again" if drift > MAX_PAIR_DRIFT else ""
+    return f"; A drifted {drift:.0%} across the pair{verdict}"
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     steps = results["steps"]
     paired = results["paired"]
     saturated = paired["saturated"]["throughput_per_s"]
-    forward_limit = statistics.mean(f["forward_limit_images_per_s"] for f in paired["forward"])
+    forward_limits = [f["forward_limit_images_per_s"] for f in paired["forward"]]
+    forward_limit = statistics.mean(forward_limits)
     forward_served = statistics.mean(f["forward_served_images_per_s"] for f in paired["forward"])
     pipeline_ms = statistics.mean(paired["single_image_pipeline_ms"])
+    forward_drift = _drift(*forward_limits)
+    pipeline_drift = _drift(*paired["single_image_pipeline_ms"])
     found: list[dict[str, Any]] = [
         {
             "name": "1. saturated throughput / forward-only limit",
@@ -167,13 +184,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "bound": ">= 0.90",
             "note": f"{saturated:.1f} / {forward_limit:.1f} images/s; "
             f"{saturated / forward_served:.2f} of the served network's own forward-only "
-            f"{forward_served:.1f} images/s",
+            f"{forward_served:.1f} images/s" + _drift_note(forward_drift),
+            "pair_drift": forward_drift,
         },
         {
             "name": "2. lone request p50 / in-process single-image pipeline",
             "value": paired["lone_request"]["latency_ms"]["p50"] / pipeline_ms,
             "bound": "<= 1.10",
-            "note": f"{paired['lone_request']['latency_ms']['p50']:.1f} / {pipeline_ms:.1f} ms",
+            "note": f"{paired['lone_request']['latency_ms']['p50']:.1f} / {pipeline_ms:.1f} ms"
+            + _drift_note(pipeline_drift),
+            "pair_drift": pipeline_drift,
         },
     ]
     if results.get("baseline"):
@@ -316,7 +336,11 @@ def main() -> None:
     report.write_markdown(prefix.with_suffix(".md"), results, plots)
     for target in results["targets"]:
         verdict = "ok" if target["met"] else "NO"
-        print(f"{verdict:3} {target['name']}: {target['value']:.3f} ({target['bound']})")
+        unreliable = target.get("pair_drift", 0) > MAX_PAIR_DRIFT
+        print(
+            f"{verdict:3} {target['name']}: {target['value']:.3f} ({target['bound']})"
+            + (f"; unreliable, A drifted {target['pair_drift']:.0%}" if unreliable else "")
+        )
     print(f"wrote {prefix}.json, {prefix}.md and plots")
 
 

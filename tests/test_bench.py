@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
-from bench.__main__ import _saturating_clients
+from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop
 from bench.server import Server
 
@@ -121,3 +121,24 @@ def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
             worker.kill()
         parent.wait(10)
         parent.stdout.close()
+
+
+def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
+    """Targets 1 and 2 divide by the mean of two in-process measurements taken either side
+    of the served one; when those two differ by more than 5 %, the ratio says so."""
+    forward = {"forward_limit_images_per_s": 70.0, "forward_served_images_per_s": 77.0}
+    results = {
+        "steps": [],
+        "memory": {},
+        "paired": {
+            "forward": [forward, {**forward, "forward_limit_images_per_s": 71.0}],
+            "saturated": {"throughput_per_s": 64.0},
+            "lone_request": {"latency_ms": {"p50": 24.2}},
+            "single_image_pipeline_ms": [23.8, 21.7],
+        },
+    }
+    throughput, lone = targets(results)
+    assert throughput["pair_drift"] == pytest.approx(1 / 70.5)
+    assert "unreliable" not in throughput["note"]
+    assert lone["pair_drift"] == pytest.approx(2.1 / 22.75)
+    assert lone["note"].endswith("A drifted 9% across the pair; unreliable, run again")
