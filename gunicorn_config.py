@@ -23,6 +23,12 @@ _DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{os.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_DEFAULT_METRICS_DIR))
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
+# libgomp, torch's OpenMP runtime on CPU, reads this as a worker imports torch. Its threads
+# then spin for about 20 ms after a forward pass before they sleep, instead of about 6, so
+# a request arriving in that time does not wait for them to wake: a lone request's latency
+# fell 3-10 % on a 2-core VM, with no change under load (docs/benchmarks/README.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+
 bind = os.environ.get("BIND", f"0.0.0.0:{settings.port}")
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
 # never oversubscribe the cores; see Settings.effective_torch_threads.

@@ -8,10 +8,12 @@ request it belongs to ("-" outside requests).
 from __future__ import annotations
 
 import atexit
+import collections
 import contextvars
 import logging
-import queue
 import sys
+import threading
+import time
 from logging.handlers import QueueHandler, QueueListener
 
 from pythonjsonlogger.json import JsonFormatter
@@ -29,6 +31,45 @@ _access_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.C
 )
 _listener: QueueListener | None = None
 _access_log_on = True
+# How long the writer waits for more records once it has written all it had.
+WRITER_LINGER_S = 0.1
+
+
+class LingeringQueue:
+    """The records between ``QueueHandler`` and the writer thread, handed over without a
+    wake-up per record.
+
+    Waking a sleeping writer for each access line cost the event loop about 0.2 ms per
+    request. The writer instead sleeps ``linger_s`` each time it runs out of records and
+    only then waits to be woken, so under steady traffic records are appended to a deque
+    that the writer finds on its next round, and only a record that finds it waiting wakes
+    it.
+    """
+
+    def __init__(self, linger_s: float = WRITER_LINGER_S) -> None:
+        self._records: collections.deque[logging.LogRecord | None] = collections.deque()
+        self._linger_s = linger_s
+        self._wake = threading.Event()
+        self._linger = False
+
+    def put_nowait(self, record: logging.LogRecord | None) -> None:
+        self._records.append(record)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def get(self, block: bool = True) -> logging.LogRecord | None:
+        """The oldest record, waiting for one (``QueueListener`` always blocks)."""
+        while not self._records:
+            if self._linger:
+                self._linger = False
+                time.sleep(self._linger_s)
+                continue
+            self._wake.clear()
+            # A record appended before the clear would otherwise wait for the next one.
+            if not self._records:
+                self._wake.wait()
+        self._linger = True
+        return self._records.popleft()
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -109,7 +150,7 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
         formatter = logging.Formatter(TEXT_FORMAT)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    records = LingeringQueue()
     handler = QueueHandler(records)
     handler.addFilter(RequestIdLogFilter())  # in the caller's context, where the id is bound
     _start_writer(QueueListener(records, stream))

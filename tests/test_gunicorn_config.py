@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert config["keepalive"] == 5
     assert config["graceful_timeout"] == 20 + 10  # covers DRAIN_TIMEOUT_S
     assert config["accesslog"] is None  # the service writes its own access lines
+
+
+def test_openmp_threads_spin_longer_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    load(monkeypatch, tmp_path)
+    assert os.environ["GOMP_SPINCOUNT"] == "1000000"  # inherited by the workers
+    load(monkeypatch, tmp_path, GOMP_SPINCOUNT="300000")
+    assert os.environ["GOMP_SPINCOUNT"] == "300000"
 
 
 def test_everything_comes_from_the_environment(

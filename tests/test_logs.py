@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from logging.handlers import QueueListener
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,68 @@ def test_with_the_access_log_off_only_server_errors_are_logged(
 
 def test_batch_sizes_outside_a_request_are_ignored() -> None:
     logs.record_batch_size(3)  # a task's batch: no request, no access line, no error
+
+
+class CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("test", logging.INFO, __file__, 0, message, None, None)
+
+
+def test_the_writer_gets_every_record_in_order_from_many_threads() -> None:
+    records = logs.LingeringQueue(linger_s=0.01)
+    written = Recorder()
+    listener = QueueListener(records, written)
+    listener.start()
+
+    def produce(thread: int) -> None:
+        for index in range(500):
+            records.put_nowait(_record(f"{thread}:{index}"))
+            if index % 100 == 0:
+                time.sleep(0.02)  # let the writer run dry and wait, so wake-ups happen too
+
+    producers = [threading.Thread(target=produce, args=(thread,)) for thread in range(4)]
+    for producer in producers:
+        producer.start()
+    for producer in producers:
+        producer.join()
+    listener.stop()  # writes out what is queued first
+
+    messages = [record.getMessage() for record in written.records]
+    assert len(messages) == 2000
+    for thread in range(4):
+        mine = [m for m in messages if m.startswith(f"{thread}:")]
+        assert mine == [f"{thread}:{index}" for index in range(500)]
+
+
+def test_records_in_steady_traffic_do_not_wake_the_writer() -> None:
+    records = logs.LingeringQueue(linger_s=0.2)
+    records._wake = wake = CountingEvent()
+    written = Recorder()
+    listener = QueueListener(records, written)
+    listener.start()
+    records.put_nowait(_record("first"))  # finds the writer waiting: wakes it
+    deadline = time.monotonic() + 5
+    while not written.records and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert wake.sets == 1
+
+    for index in range(50):  # one every 2 ms, while the writer lingers after "first"
+        records.put_nowait(_record(f"steady {index}"))
+        time.sleep(0.002)
+    assert wake.sets == 1
+    started = time.monotonic()
+    listener.stop()
+    assert time.monotonic() - started < 2
+    assert len(written.records) == 51
 
 
 @pytest.mark.slow
