@@ -16,6 +16,8 @@ from service.settings import PROJECT_ROOT
 
 LABELS_FILE = PROJECT_ROOT / "imagenet_classes.txt"
 MAX_PIXELS = 40_000_000
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FORWARD_MS_PREFIX = "forward_served_ms_batch_"
 
 
 def _timed_runs(work: Callable[[], object], min_seconds: float, min_runs: int = 3) -> list[float]:
@@ -95,11 +97,19 @@ class Limits:
 
     def measure(self, max_batch_size: int, seconds: float) -> dict[str, float]:
         """Every in-process limit, once."""
+        batch_sizes = [size for size in BATCH_SIZES if size < max_batch_size] + [max_batch_size]
         return {
             **self.forward_limit(max_batch_size, seconds),
             "forward_batch1_served_images_per_s": self.forward_images_per_s(
                 "served", 1, seconds / 2
             ),
+            # What an ideal server's batches would cost (target 4, bench/queueing.py).
+            **{
+                f"{FORWARD_MS_PREFIX}{size}": size
+                * 1000
+                / self.forward_images_per_s("served", size, seconds / 4)
+                for size in batch_sizes
+            },
             "preprocess_ms_per_image": self.preprocess_ms(seconds),
             "single_image_pipeline_ms": self.pipeline_ms(seconds),
         }

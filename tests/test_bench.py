@@ -1,8 +1,10 @@
-"""The benchmark's load generator measures what the server does, not its own timing."""
+"""The benchmark's load generator measures what the server does, not its own timing, and
+its ideal-server simulation queues as queueing theory says."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +15,7 @@ from aiohttp import web
 
 from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop
+from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
 
 SERVICE_S = 0.25
@@ -137,8 +140,37 @@ def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
             "single_image_pipeline_ms": [23.8, 21.7],
         },
     }
-    throughput, lone = targets(results)
+    throughput, lone = targets(results, max_batch_size=16)
     assert throughput["pair_drift"] == pytest.approx(1 / 70.5)
     assert "unreliable" not in throughput["note"]
     assert lone["pair_drift"] == pytest.approx(2.1 / 22.75)
     assert lone["note"].endswith("A drifted 9% across the pair; unreliable, run again")
+
+
+def test_the_ideal_server_without_batching_queues_as_queueing_theory_says() -> None:
+    """With batches of one and a constant forward time, the simulation is an M/D/1 queue:
+    its mean wait is rho * D / (2 * (1 - rho)) (Pollaczek-Khinchine)."""
+    forward_ms, rate_per_s = 10.0, 70.0
+    rho = rate_per_s * forward_ms / 1000
+    latencies = ideal_latencies_ms(
+        rate_per_s, {1: forward_ms}, decode_ms=0.0, max_batch_size=1, requests=200_000
+    )
+    mean_wait_ms = statistics.mean(latencies) - forward_ms
+    assert mean_wait_ms == pytest.approx(rho * forward_ms / (2 * (1 - rho)), rel=0.05)
+
+
+def test_the_ideal_server_batches_what_waits_and_adds_the_decode() -> None:
+    # Rare arrivals: each alone, decode then a batch of one.
+    alone = ideal_latencies_ms(1.0, {1: 10.0, 16: 100.0}, 3.0, 16, requests=1000)
+    assert statistics.median(alone) == pytest.approx(13.0)
+    # Arrivals far faster than batches of one can serve: full batches keep up.
+    busy = ideal_latencies_ms(150.0, {1: 10.0, 16: 100.0}, 3.0, 16, requests=20_000)
+    assert max(busy) < 400  # a batch-of-one server (at most 100/s) would fall behind for good
+
+
+def test_forward_times_between_and_beyond_measured_batch_sizes() -> None:
+    measured = {1: 16.0, 2: 30.0, 16: 200.0}
+    assert forward_ms(measured, 2) == 30.0
+    assert forward_ms(measured, 9) == pytest.approx(30.0 + 7 * 170 / 14)
+    assert forward_ms(measured, 32) == pytest.approx(200.0 + 16 * 170 / 14)
+    assert forward_ms({4: 40.0}, 2) == 20.0
