@@ -49,7 +49,7 @@ from classification import (
     load_classifier,
     preprocess,
 )
-from service import logs, metrics
+from service import logs, memory, metrics
 from service.middleware import ApiKeyMiddleware, BodyLimitsMiddleware, RequestContextMiddleware
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
@@ -175,6 +175,8 @@ class Service:
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False
         self._decoding = 0
+        self._last_batch_end = time.monotonic()
+        self._trimmer: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
         self._decode_pool = ThreadPoolExecutor(
@@ -218,6 +220,9 @@ class Service:
         self.processor.start()
         self.tasks = self._task_runner()
         await self.tasks.start()
+        trim = memory.malloc_trim()
+        if trim is not None:
+            self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
         self.ready = True
 
     def _task_runner(self) -> TaskRunner:
@@ -262,6 +267,8 @@ class Service:
         task store for another worker or the next start.
         """
         self.ready = False
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         tasks, self.tasks = self.tasks, None  # stopping twice is harmless
         if tasks is not None:
             await tasks.stop_claiming()
@@ -347,13 +354,23 @@ class Service:
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
-        predictions = await asyncio.get_running_loop().run_in_executor(
-            self._inference_pool,
-            self.classifier.classify,
-            [job.pixels for job in jobs],
-            [job.top_k for job in jobs],
-        )
+        try:
+            predictions = await asyncio.get_running_loop().run_in_executor(
+                self._inference_pool,
+                self.classifier.classify,
+                [job.pixels for job in jobs],
+                [job.top_k for job in jobs],
+            )
+        finally:
+            self._last_batch_end = time.monotonic()
         return [ClassifyResult(each, len(jobs)) for each in predictions]
+
+    def _idle_for(self) -> float:
+        """Seconds since the model last ran, or 0 while requests are decoding or queued."""
+        processor = self.processor
+        if processor is None or self._decoding or processor.queue_depth or processor.in_flight:
+            return 0.0
+        return time.monotonic() - self._last_batch_end
 
 
 def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from bench import limits, queueing, report
 from bench.load import StepResult, closed_loop, encode_payloads, open_loop
 from bench.server import Server, start
+from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, available_cores
 
 # The in-process measurements either side of a served one may differ by this much before
@@ -293,7 +295,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     payloads = encode_payloads(images)
-    total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 3
+    # Start-up 3, the sweep (closed, open, idle again), paired 2, batching off 1.
+    total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 1 + 3
     results: dict[str, Any] = {
         "mode": mode_name,
         "command": "python -m bench " + shlex.join(sys.argv[1:]),
@@ -329,6 +332,8 @@ def main() -> None:
         sweep = run_sweep(server, payloads, mode, progress)
         results["steps"] = [asdict(s) for s in sweep]
         if not args.url:
+            # At rest: idle long enough for the worker to return a burst's freed memory.
+            time.sleep(worker_memory.IDLE_S + 2)
             memory["worker_rss_at_rest_after_load"] = server.worker_rss_bytes()
         saturating_clients = _saturating_clients(sweep, args.max_batch_size)
         results["paired"] = run_paired(

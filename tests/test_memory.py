@@ -1,0 +1,118 @@
+"""A worker gives a burst's freed memory back once it is idle, and only then."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from service import memory
+from tests.server import free_port, gunicorn_command, running_server, server_env
+
+MiB = 2**20
+
+
+class FakeWorker:
+    """A worker whose idleness and resident size the test sets."""
+
+    def __init__(self) -> None:
+        self.idle_for = 0.0
+        self.resident = 800 * MiB
+        self.trims: list[int] = []
+
+    def trim(self) -> None:
+        self.trims.append(self.resident)
+        self.resident = 800 * MiB
+
+
+async def _watch(worker: FakeWorker, seconds: float) -> None:
+    trimmer = memory.IdleTrimmer(
+        lambda: worker.idle_for,
+        worker.trim,
+        lambda: worker.resident,
+        idle_s=0.02,
+        min_growth_bytes=64 * MiB,
+    )
+    task = asyncio.create_task(trimmer.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+
+
+async def test_trims_once_after_a_burst_when_idle() -> None:
+    worker = FakeWorker()
+    watching = asyncio.create_task(_watch(worker, 0.5))
+    await asyncio.sleep(0.05)
+    worker.resident = 1000 * MiB  # a burst, still running
+    await asyncio.sleep(0.1)
+    assert worker.trims == []
+    worker.idle_for = 1.0
+    await watching
+    assert worker.trims == [1000 * MiB]  # once: nothing grew after it
+
+
+async def test_small_growth_is_left_alone() -> None:
+    """Trimming costs the next request page faults; a few MiB are not worth it."""
+    worker = FakeWorker()
+    worker.idle_for = 1.0
+    worker.resident = 850 * MiB
+    await _watch(worker, 0.2)
+    assert worker.trims == []
+
+
+def test_malloc_trim_returns_memory_freed_by_another_thread() -> None:
+    """Memory a thread freed, with live chunks between the holes, stays resident until
+    ``malloc_trim``; this is the glibc behaviour the trimmer relies on."""
+    if memory.malloc_trim() is None:
+        pytest.skip("the C library has no malloc_trim")
+    script = """
+import threading
+from service import memory
+kept = []
+def churn():
+    chunks = [b"x" * 100_000 for _ in range(3000)]
+    kept.extend(chunks[::10])
+t = threading.Thread(target=churn); t.start(); t.join()
+before = memory.resident_bytes()
+memory.malloc_trim()()
+print(before, memory.resident_bytes())
+"""
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    before, after = map(int, output.split())
+    assert before - after > 150 * MiB
+
+
+@pytest.mark.slow
+def test_the_worker_shrinks_back_after_a_burst(tmp_path: Path, photos: list[Path]) -> None:
+    """Two bursts of 128 concurrent photos grow the worker by 54-70 MiB, which stays
+    resident until the worker has been idle for a second."""
+
+    async def burst(url: str) -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            uploads = [photos[i % len(photos)] for i in range(128)]
+            responses = await asyncio.gather(
+                *(client.post("/cls", files={"file": (p.name, p.read_bytes())}) for p in uploads)
+            )
+        assert all(r.status_code == 200 for r in responses)
+
+    env = server_env(tmp_path, TORCH_THREADS="2")
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        (worker,) = psutil.Process(server.process.pid).children()
+        at_start = worker.memory_info().rss
+        for _ in range(2):
+            asyncio.run(burst(server.url))
+        after_burst = worker.memory_info().rss
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and worker.memory_info().rss > at_start + 16 * MiB:
+            time.sleep(0.1)
+        at_rest = worker.memory_info().rss
+    assert after_burst - at_start > memory.MIN_GROWTH_BYTES, "the burst must grow the worker"
+    assert at_rest < at_start + 16 * MiB
