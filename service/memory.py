@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 IDLE_S = 1.0
-MIN_GROWTH_BYTES = 32 * 2**20
+MIN_GROWTH_BYTES = 16 * 2**20
 _STATM = Path("/proc/self/statm")
 
 
