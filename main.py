@@ -223,6 +223,7 @@ class Service:
         trim = memory.malloc_trim()
         if trim is not None:
             self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
+            self._trimmer.add_done_callback(_log_failure)
         self.ready = True
 
     def _task_runner(self) -> TaskRunner:
@@ -366,11 +367,18 @@ class Service:
         return [ClassifyResult(each, len(jobs)) for each in predictions]
 
     def _idle_for(self) -> float:
-        """Seconds since the model last ran, or 0 while requests are decoding or queued."""
+        """Seconds since the model last ran, or 0 while uploads to /cls decode or requests
+        wait or run in the batcher (a task's image decoding is not counted: a trim beside it
+        only delays it a few milliseconds)."""
         processor = self.processor
         if processor is None or self._decoding or processor.queue_depth or processor.in_flight:
             return 0.0
         return time.monotonic() - self._last_batch_end
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
 def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """A bare process that just holds the model: the baseline for a worker's resident memory.
 
 Prints its resident set size in bytes after loading and warming up the model, the same
-steps a server worker takes before it reports ready.
+steps a server worker takes before it reports ready, and returning freed memory as a
+worker at rest does (``service.memory``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import psutil
 import torch
 
 from classification import load_classifier
+from service import memory
 from service.settings import PROJECT_ROOT
 
 
@@ -22,6 +24,9 @@ def main() -> None:
         weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cpu"
     )
     classifier.warm_up(sorted({1, max_batch_size}))
+    trim = memory.malloc_trim()
+    if trim is not None:
+        trim()
     print(psutil.Process().memory_info().rss)
 
 

@@ -71,6 +71,8 @@ class IdleTrimmer:
             if self._idle_for() < self._idle_s:
                 continue
             before = self._resident()
+            # Growth counts from the smallest size seen since the last trim.
+            baseline = min(baseline, before)
             if before - baseline < self._min_growth_bytes:
                 continue
             await asyncio.to_thread(self._trim)

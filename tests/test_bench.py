@@ -140,7 +140,7 @@ def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
             "single_image_pipeline_ms": [23.8, 21.7],
         },
     }
-    throughput, lone = targets(results, max_batch_size=16)
+    throughput, lone = targets(results, max_batch_size=16, workers=1)
     assert throughput["pair_drift"] == pytest.approx(1 / 70.5)
     assert "unreliable" not in throughput["note"]
     assert lone["pair_drift"] == pytest.approx(2.1 / 22.75)
@@ -150,13 +150,13 @@ def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
 def test_the_ideal_server_without_batching_queues_as_queueing_theory_says() -> None:
     """With batches of one and a constant forward time, the simulation is an M/D/1 queue:
     its mean wait is rho * D / (2 * (1 - rho)) (Pollaczek-Khinchine)."""
-    forward_ms, rate_per_s = 10.0, 70.0
-    rho = rate_per_s * forward_ms / 1000
+    service_ms, rate_per_s = 10.0, 70.0
+    rho = rate_per_s * service_ms / 1000
     latencies = ideal_latencies_ms(
-        rate_per_s, {1: forward_ms}, decode_ms=0.0, max_batch_size=1, requests=200_000
+        rate_per_s, {1: service_ms}, decode_ms=0.0, max_batch_size=1, requests=200_000
     )
-    mean_wait_ms = statistics.mean(latencies) - forward_ms
-    assert mean_wait_ms == pytest.approx(rho * forward_ms / (2 * (1 - rho)), rel=0.05)
+    mean_wait_ms = statistics.mean(latencies) - service_ms
+    assert mean_wait_ms == pytest.approx(rho * service_ms / (2 * (1 - rho)), rel=0.05)
 
 
 def test_the_ideal_server_batches_what_waits_and_adds_the_decode() -> None:
@@ -174,3 +174,32 @@ def test_forward_times_between_and_beyond_measured_batch_sizes() -> None:
     assert forward_ms(measured, 9) == pytest.approx(30.0 + 7 * 170 / 14)
     assert forward_ms(measured, 32) == pytest.approx(200.0 + 16 * 170 / 14)
     assert forward_ms({4: 40.0}, 2) == 20.0
+
+
+def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
+    """Each worker's model, measured in process, sees its share of the offered rate; for
+    a server given by URL nothing here describes its model, so no figure is given."""
+    results = {
+        "steps": [
+            {"name": "closed-1", "latency_ms": {"p50": 20.0}},
+            {"name": "open-75%", "offered": 90.0, "latency_ms": {"p99": 200.0}},
+        ],
+        "memory": {},
+        "paired": {
+            "forward": [{"forward_limit_images_per_s": 70.0, "forward_served_images_per_s": 77.0}]
+            * 2,
+            "saturated": {"throughput_per_s": 64.0},
+            "lone_request": {"latency_ms": {"p50": 24.0}},
+            "single_image_pipeline_ms": [22.0, 22.0],
+        },
+        "limits": {
+            "preprocess_ms_per_image": 3.0,
+            "forward_served_ms_batch_1": 16.0,
+            "forward_served_ms_batch_16": 200.0,
+        },
+    }
+    one = targets(results, max_batch_size=16, workers=1)[2]
+    two = targets(results, max_batch_size=16, workers=2)[2]
+    assert one["value"] == two["value"] == 10.0
+    assert two["ideal_server_value"] < one["ideal_server_value"]
+    assert "ideal_server_value" not in targets(results, max_batch_size=16, workers=None)[2]

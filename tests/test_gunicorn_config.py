@@ -15,6 +15,9 @@ CONFIG = PROJECT_ROOT / "gunicorn_config.py"
 
 def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[str, object]:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    # The config sets GOMP_SPINCOUNT by default: have the test's teardown remove it again.
+    monkeypatch.setenv("GOMP_SPINCOUNT", "")
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return runpy.run_path(str(CONFIG))
@@ -35,7 +38,6 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_openmp_threads_spin_longer_unless_told_otherwise(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     load(monkeypatch, tmp_path)
     assert os.environ["GOMP_SPINCOUNT"] == "1000000"  # inherited by the workers
     load(monkeypatch, tmp_path, GOMP_SPINCOUNT="300000")

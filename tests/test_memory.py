@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from service import memory
-from tests.server import free_port, gunicorn_command, running_server, server_env
+from tests.server import PROJECT_ROOT, free_port, gunicorn_command, running_server, server_env
 
 MiB = 2**20
 
@@ -83,7 +83,7 @@ memory.malloc_trim()()
 print(before, memory.resident_bytes())
 """
     output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     ).stdout
     before, after = map(int, output.split())
     assert before - after > 150 * MiB
