@@ -186,6 +186,18 @@ class Classifier:
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._network = network.to(device=device, dtype=dtype, memory_format=self._memory_format)
         self._network.eval()
+        # Large enough that adding to it runs on every intra-op thread (wake_threads).
+        self._wake_buffer = torch.empty(1 << 17) if device.type == "cpu" else None
+
+    def wake_threads(self) -> None:
+        """Start the CPU's OpenMP threads ahead of a forward pass that is about to come.
+
+        After an idle spell they sleep, and a forward that has to wake them is slower.
+        Call it from the thread that runs ``classify`` (a second thread using torch would
+        start OpenMP threads of its own); on CUDA it does nothing.
+        """
+        if self._wake_buffer is not None:
+            self._wake_buffer.add_(0)
 
     @property
     def num_classes(self) -> int:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from classification import Prediction
 from tests import images
 from tests.support import (
     GatedModel,
@@ -179,6 +183,50 @@ async def test_concurrent_requests_share_batches(photos: list[Path]) -> None:
         assert model.batch_sizes[0] == 1
         assert max(model.batch_sizes) > 1
         assert sum(model.batch_sizes) == 13
+
+
+async def test_an_idle_model_has_its_threads_woken_on_its_own_thread_first(
+    photos: list[Path],
+) -> None:
+    """A request to an idle model wakes the model's OpenMP threads while its image decodes,
+    on the model's thread (a torch call on any other thread would start a second set of
+    threads); requests that find the model busy do not."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        calls: list[tuple[str, str]] = []
+        real_classify = classifier.classify
+
+        def wake_threads() -> None:
+            calls.append(("wake", threading.current_thread().name))
+
+        def classify(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
+            calls.append(("classify", threading.current_thread().name))
+            return real_classify(pixels, top_k)
+
+        classifier.wake_threads = wake_threads  # type: ignore[method-assign]
+        classifier.classify = classify  # type: ignore[method-assign]
+        data = [p.read_bytes() for p in photos]
+        response = await served.client.post("/cls", files=upload(data[0]))
+        assert response.status_code == 200
+        assert [call for call, _ in calls] == ["wake", "classify"]
+        assert calls[0][1] == calls[1][1]
+        assert calls[0][1].startswith("inference")
+
+        calls.clear()
+        model = GatedModel(served)
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
+        await asyncio.to_thread(model.entered.wait, 10)
+        rest = [
+            asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
+            for i in range(3)
+        ]
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 3)
+        model.release.set()
+        assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
+        assert [call for call, _ in calls].count("wake") == 1  # the first request's only
 
 
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
