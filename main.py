@@ -291,7 +291,7 @@ class Service:
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
         data = await self._read_upload(upload)
-        if not self._decoding and not processor.queue_depth and not processor.in_flight:
+        if self._idle_for():
             # The model is idle: have its threads running by the time this image is decoded.
             assert self.classifier is not None
             self._inference_pool.submit(self.classifier.wake_threads)

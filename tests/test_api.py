@@ -164,21 +164,29 @@ async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
         assert "Too many files" in response.json()["detail"]
 
 
+async def send_while_the_model_is_held(
+    served: RunningApp, data: list[bytes], queued: int
+) -> tuple[GatedModel, list[httpx.Response]]:
+    """Hold the model on a first request, queue ``queued`` more behind it, then release it;
+    the responses of all of them, first first."""
+    model = GatedModel(served)
+    first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
+    await asyncio.to_thread(model.entered.wait, 10)
+    rest = [
+        asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
+        for i in range(queued)
+    ]
+    processor = served.service.processor
+    assert processor is not None
+    await wait_for(lambda: processor.queue_depth == queued)
+    model.release.set()
+    return model, list(await asyncio.gather(first, *rest))
+
+
 async def test_concurrent_requests_share_batches(photos: list[Path]) -> None:
     async with running_app(make_settings(drain_timeout_s=2)) as served:
-        model = GatedModel(served)
         data = [p.read_bytes() for p in photos]
-        first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
-        await asyncio.to_thread(model.entered.wait, 10)
-        rest = [
-            asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
-            for i in range(12)
-        ]
-        processor = served.service.processor
-        assert processor is not None
-        await wait_for(lambda: processor.queue_depth == 12)
-        model.release.set()
-        responses = await asyncio.gather(first, *rest)
+        model, responses = await send_while_the_model_is_held(served, data, queued=12)
         assert all(r.status_code == 200 for r in responses)
         assert model.batch_sizes[0] == 1
         assert max(model.batch_sizes) > 1
@@ -214,18 +222,8 @@ async def test_an_idle_model_has_its_threads_woken_on_its_own_thread_first(
         assert calls[0][1].startswith("inference")
 
         calls.clear()
-        model = GatedModel(served)
-        first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
-        await asyncio.to_thread(model.entered.wait, 10)
-        rest = [
-            asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
-            for i in range(3)
-        ]
-        processor = served.service.processor
-        assert processor is not None
-        await wait_for(lambda: processor.queue_depth == 3)
-        model.release.set()
-        assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
+        _, responses = await send_while_the_model_is_held(served, data, queued=3)
+        assert all(r.status_code == 200 for r in responses)
         assert [call for call, _ in calls].count("wake") == 1  # the first request's only
 
 
