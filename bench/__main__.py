@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from bench import limits, queueing, report
-from bench.load import StepResult, closed_loop, encode_payloads, open_loop
+from bench.load import StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.server import Server, start
 from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, available_cores
@@ -38,6 +38,11 @@ from service.settings import PROJECT_ROOT, available_cores
 # the ratio between them is flagged as unreliable.
 MAX_PAIR_DRIFT = 0.05
 
+# Requests this far apart find the model idle: its OpenMP threads sleep about 20 ms after a
+# forward pass (GOMP_SPINCOUNT in gunicorn_config.py), and the worker returns freed memory
+# only after a second (service/memory.py).
+SPACED_GAP_S = 0.5
+
 MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "clients": [1, 4, 16, 64],
@@ -45,6 +50,7 @@ MODES: dict[str, dict[str, Any]] = {
         "warmup_s": 1.0,
         "open_fractions": [0.5, 0.75],
         "open_s": 8.0,
+        "spaced_requests": 12,
         "limit_s": 2.0,
     },
     "full": {
@@ -53,6 +59,7 @@ MODES: dict[str, dict[str, Any]] = {
         "warmup_s": 2.0,
         "open_fractions": [0.25, 0.5, 0.75, 0.9],
         "open_s": 20.0,
+        "spaced_requests": 40,
         "limit_s": 5.0,
     },
 }
@@ -115,6 +122,9 @@ def run_sweep(
     idle = asyncio.run(closed_loop(server, payloads, 1, mode["step_s"], mode["warmup_s"]))
     idle.name = "closed-1-after"
     steps.append(idle)
+    progress.update()
+    progress.set_description(f"one request every {SPACED_GAP_S:g} s after the last answer")
+    steps.append(asyncio.run(spaced(server, payloads, SPACED_GAP_S, mode["spaced_requests"])))
     progress.update()
     return steps
 
@@ -305,8 +315,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     payloads = encode_payloads(images)
-    # Start-up 3, the sweep (closed, open, idle again), paired 2, batching off 1.
-    total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 1 + 3
+    # Start-up 3, the sweep (closed, open, idle again, spaced), paired 2, batching off 1.
+    total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 2 + 3
     results: dict[str, Any] = {
         "mode": mode_name,
         "command": "python -m bench " + shlex.join(sys.argv[1:]),

@@ -184,6 +184,28 @@ async def closed_loop(
     return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
 
 
+async def spaced(
+    server: Server, payloads: list[Payload], gap_s: float, requests: int
+) -> StepResult:
+    """One request at a time, each sent ``gap_s`` after the previous answer: what a request
+    meets at low traffic, after the model has sat idle (its threads asleep)."""
+    async with _session(server, 1) as client:
+        before = _Snapshot(server)
+        await asyncio.to_thread(before.take)
+        await asyncio.to_thread(server.reset_peak_rss)
+        recorder = _Recorder(time.perf_counter(), float("inf"))
+        for sent in range(requests):
+            await asyncio.sleep(gap_s)
+            started = time.perf_counter()
+            status = await _post(client, payloads[sent % len(payloads)])
+            recorder.record(started, time.perf_counter(), status)
+        recorder.measure_until = time.perf_counter()
+    peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
+    after = _Snapshot(server)
+    await asyncio.to_thread(after.take)
+    return _result(f"spaced-{gap_s:g}s", "spaced", gap_s, recorder, before, after, peak_bytes)
+
+
 async def open_loop(
     server: Server,
     payloads: list[Payload],

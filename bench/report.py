@@ -25,11 +25,10 @@ def _step_rows(steps: list[dict[str, Any]]) -> list[str]:
     for step in steps:
         latency = step["latency_ms"]
         errors = {k: v for k, v in step["statuses"].items() if k != "200"}
-        offered = (
-            f"{step['offered']:.0f} clients"
-            if step["kind"] == "closed"
-            else f"{step['offered']:.1f}/s"
-        )
+        offered = {
+            "closed": f"{step['offered']:.0f} clients",
+            "spaced": f"{step['offered'] * 1000:.0f} ms apart",
+        }.get(step["kind"], f"{step['offered']:.1f}/s")
         rows.append(
             f"| {step['name']} | {offered} | {step['throughput_per_s']:.1f} "
             f"| {latency['p50']:.1f} | {latency['p90']:.1f} | {latency['p99']:.1f} "

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from bench.__main__ import _saturating_clients, targets
-from bench.load import StepResult, closed_loop
+from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
 
@@ -74,6 +74,19 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
     assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
     assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
     assert result.peak_worker_rss_bytes == 7 * 2**20
+
+
+async def test_spaced_requests_go_one_at_a_time_after_a_gap(slow_server: Server) -> None:
+    """Each request waits for the previous answer, then for the gap: three of them take
+    three answers and three gaps, and each latency is one answer's."""
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    result = await spaced(slow_server, [payload], gap_s=0.1, requests=3)
+
+    assert result.name == "spaced-0.1s"
+    assert result.statuses == {"200": 3}
+    assert result.duration_s == pytest.approx(3 * (0.1 + SERVICE_S), rel=0.1)
+    assert result.latency_ms["max"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+    assert result.throughput_per_s == pytest.approx(1 / (0.1 + SERVICE_S), rel=0.1)
 
 
 def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResult:
