@@ -351,6 +351,10 @@ def main() -> None:
 
         sweep = run_sweep(server, payloads, mode, progress)
         results["steps"] = [asdict(s) for s in sweep]
+        # The spaced step's floor, right after it: what the model alone takes after a gap.
+        results["limits"]["spaced_pipeline_ms"] = lim.spaced_pipeline_ms(
+            SPACED_GAP_S, mode["spaced_requests"]
+        )
         if not args.url:
             # At rest: idle long enough for the worker to return a burst's freed memory.
             time.sleep(worker_memory.IDLE_S + 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -80,19 +81,29 @@ class Limits:
             per_image.append(statistics.median(durations))
         return statistics.mean(per_image) * 1000
 
+    def _classify_upload(self, index: int) -> None:
+        data = self.payloads[index % len(self.payloads)]
+        crop: np.ndarray = preprocess(data, max_pixels=MAX_PIXELS)
+        self.classifier.classify([crop], [5])
+
     def pipeline_ms(self, seconds: float) -> float:
         """Median time of decode, preprocess and a batch-of-one forward: the idle floor."""
-        index = 0
+        runs = itertools.count()
+        self._classify_upload(next(runs))
+        durations = _timed_runs(
+            lambda: self._classify_upload(next(runs)), seconds, min_runs=len(self.payloads) * 3
+        )
+        return statistics.median(durations) * 1000
 
-        def one() -> None:
-            nonlocal index
-            data = self.payloads[index % len(self.payloads)]
-            index += 1
-            crop: np.ndarray = preprocess(data, max_pixels=MAX_PIXELS)
-            self.classifier.classify([crop], [5])
-
-        one()
-        durations = _timed_runs(one, seconds, min_runs=len(self.payloads) * 3)
+    def spaced_pipeline_ms(self, gap_s: float, runs: int) -> float:
+        """The same pipeline, each image ``gap_s`` after the last answer: the floor for
+        requests that find the model idle, whose threads and caches have gone cold."""
+        durations = []
+        for index in range(runs):
+            time.sleep(gap_s)
+            begin = time.perf_counter()
+            self._classify_upload(index)
+            durations.append(time.perf_counter() - begin)
         return statistics.median(durations) * 1000
 
     def measure(self, max_batch_size: int, seconds: float) -> dict[str, float]:

@@ -82,6 +82,7 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
     ]
     lines += [f"| {name} | {value / 2**20:.0f} |" for name, value in results["memory"].items()]
     lines += ["", "## Load steps", "", *_step_rows(results["steps"]), ""]
+    lines += _low_traffic_lines(results)
     paired = results["paired"]
     pipeline_ms = paired["single_image_pipeline_ms"]
     forward = [f["forward_limit_images_per_s"] for f in paired["forward"]]
@@ -105,6 +106,26 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         lines += ["## Batching off (MAX_BATCH_SIZE=1)", "", *_step_rows(results["baseline"]), ""]
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _low_traffic_lines(results: dict[str, Any]) -> list[str]:
+    steps = {step["name"]: step for step in results["steps"]}
+    spaced = next((s for s in results["steps"] if s["kind"] == "spaced"), None)
+    if spaced is None or "closed-1" not in steps:
+        return []
+    limits = results["limits"]
+    return [
+        "## Low traffic",
+        "",
+        f"One request at a time, each {spaced['offered'] * 1000:.0f} ms after the previous "
+        "answer, finds the model idle.",
+        "",
+        f"- served p50: {spaced['latency_ms']['p50']:.1f} ms "
+        f"(back to back: {steps['closed-1']['latency_ms']['p50']:.1f} ms)",
+        f"- in-process pipeline after the same gap: {limits['spaced_pipeline_ms']:.1f} ms "
+        f"(back to back: {limits['single_image_pipeline_ms']:.1f} ms)",
+        "",
+    ]
 
 
 def write_plots(prefix: Path, results: dict[str, Any]) -> list[Path]:
