@@ -351,12 +351,15 @@ def main() -> None:
 
         sweep = run_sweep(server, payloads, mode, progress)
         results["steps"] = [asdict(s) for s in sweep]
-        # The spaced step's floor, right after it: what the model alone takes after a gap.
-        results["limits"]["spaced_pipeline_ms"] = lim.spaced_pipeline_ms(
-            SPACED_GAP_S, mode["spaced_requests"]
-        )
+        # Right after the spaced step, the same in process: back to back, then with its gap.
+        progress.set_description("in-process pipeline, back to back and spaced")
+        results["low_traffic"] = {
+            "pipeline_ms": lim.pipeline_ms(mode["limit_s"]),
+            "spaced_pipeline_ms": lim.spaced_pipeline_ms(SPACED_GAP_S, mode["spaced_requests"]),
+        }
         if not args.url:
             # At rest: idle long enough for the worker to return a burst's freed memory.
+            progress.set_description("worker at rest")
             time.sleep(worker_memory.IDLE_S + 2)
             memory["worker_rss_at_rest_after_load"] = server.worker_rss_bytes()
         saturating_clients = _saturating_clients(sweep, args.max_batch_size)

@@ -88,17 +88,18 @@ class Limits:
 
     def pipeline_ms(self, seconds: float) -> float:
         """Median time of decode, preprocess and a batch-of-one forward: the idle floor."""
-        runs = itertools.count()
-        self._classify_upload(next(runs))
+        indices = itertools.count()
+        self._classify_upload(next(indices))
         durations = _timed_runs(
-            lambda: self._classify_upload(next(runs)), seconds, min_runs=len(self.payloads) * 3
+            lambda: self._classify_upload(next(indices)), seconds, min_runs=len(self.payloads) * 3
         )
         return statistics.median(durations) * 1000
 
     def spaced_pipeline_ms(self, gap_s: float, runs: int) -> float:
-        """The same pipeline, each image ``gap_s`` after the last answer: the floor for
-        requests that find the model idle, whose threads and caches have gone cold."""
-        durations = []
+        """The same pipeline, each image ``gap_s`` after the last answer: what the model
+        itself takes for a request that finds it idle, its OpenMP threads asleep and its
+        caches cold (the server wakes the threads while the image decodes; this does not)."""
+        durations: list[float] = []
         for index in range(runs):
             time.sleep(gap_s)
             begin = time.perf_counter()

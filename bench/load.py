@@ -193,6 +193,7 @@ async def spaced(
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
         await asyncio.to_thread(server.reset_peak_rss)
+        # The window is the whole step, closed after the last answer: every request counts.
         recorder = _Recorder(time.perf_counter(), float("inf"))
         for sent in range(requests):
             await asyncio.sleep(gap_s)
