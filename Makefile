@@ -54,7 +54,7 @@ lint: $(STAMP)
 audit: $(STAMP)
 	$(BIN)/pip-audit --no-deps --disable-pip --strict -r requirements.txt
 
-## bench: quick end-to-end benchmark (a minute or two); results in docs/benchmarks/
+## bench: quick end-to-end benchmark (about two minutes); results in docs/benchmarks/
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

@@ -1,6 +1,6 @@
 """Benchmark the service end to end against its in-process limits.
 
-    python -m bench                 # quick mode, a minute or two
+    python -m bench                 # quick mode, about two minutes
     python -m bench --full          # every step, a few minutes
     python -m bench --url http://host:5001   # drive a running server (no CPU/RSS figures)
 
