@@ -8,11 +8,12 @@ import statistics
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pytest
 from aiohttp import web
 
+from bench import report
 from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
@@ -106,6 +107,59 @@ def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResu
         server_cpu_cores=0.0,
         loadgen_cpu_cores=0.0,
     )
+
+
+def _lone_steps(spaced_statuses: dict[str, int]) -> list[dict[str, object]]:
+    lone = asdict(_closed_step(1, 40.0, 1.0)) | {
+        "name": "closed-1-after",
+        "latency_ms": {"p50": 25.8, "p90": 28.0, "p99": 30.0, "max": 31.0},
+    }
+    ok = spaced_statuses.get("200", 0)
+    latency = (
+        {"p50": 42.6, "p90": 50.0, "p99": 55.0, "max": 56.0}
+        if ok
+        else dict.fromkeys(("p50", "p90", "p99", "max"), 0.0)
+    )
+    return [
+        lone,
+        lone
+        | {
+            "name": "spaced-0.5s",
+            "kind": "spaced",
+            "offered": 0.5,
+            "ok": ok,
+            "statuses": spaced_statuses,
+            "latency_ms": latency,
+        },
+    ]
+
+
+def test_the_low_traffic_report_sets_the_spaced_step_beside_its_neighbours() -> None:
+    """The lone step just before it, and the in-process pipeline just after it."""
+    in_process = {"pipeline_ms": 22.0, "spaced_pipeline_ms": 35.4}
+    results = {"steps": _lone_steps({"200": 40}), "low_traffic": in_process}
+
+    lines = report._low_traffic_lines(results)
+
+    assert "- served p50: 42.6 ms (back to back, the step before: 25.8 ms)" in lines
+    assert (
+        "- in-process pipeline after the same gap: 35.4 ms (back to back, just before: 22.0 ms)"
+        in lines
+    )
+    assert "| spaced-0.5s | 500 ms apart |" in "\n".join(report._step_rows(results["steps"]))
+
+
+def test_a_spaced_step_without_answers_is_reported_as_such() -> None:
+    """Not as a latency of 0 ms; and results without the in-process figures get no section."""
+    results = {
+        "steps": _lone_steps({"503": 40}),
+        "low_traffic": {"pipeline_ms": 22.0, "spaced_pipeline_ms": 35.4},
+    }
+
+    lines = report._low_traffic_lines(results)
+
+    assert "- served p50: no answer ({'503': 40}) (back to back, the step before: 25.8 ms)" in lines
+    assert report._low_traffic_lines({"steps": results["steps"]}) == []
 
 
 def test_saturation_is_measured_with_full_batches() -> None:
