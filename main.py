@@ -291,14 +291,18 @@ class Service:
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
         data = await self._read_upload(upload)
+        decode_pool = self._decode_pool
         if self._idle_for():
-            # The model is idle: have its threads running by the time this image is decoded.
+            # The model is idle: have its threads running by the time this image is decoded,
+            # and decode it on the model's own thread, which then finds the pixels in its
+            # core's cache and needs no hand-off from another thread.
             assert self.classifier is not None
             self._inference_pool.submit(self.classifier.wake_threads)
+            decode_pool = self._inference_pool
         self._decoding += 1
         try:
             pixels = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, _preprocess, data, self.settings.max_image_pixels
+                decode_pool, _preprocess, data, self.settings.max_image_pixels
             )
         finally:
             self._decoding -= 1

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+import main
 from classification import Prediction
 from tests import images
 from tests.support import (
@@ -193,20 +194,26 @@ async def test_concurrent_requests_share_batches(photos: list[Path]) -> None:
         assert sum(model.batch_sizes) == 13
 
 
-async def test_an_idle_model_has_its_threads_woken_on_its_own_thread_first(
-    photos: list[Path],
+async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request to an idle model wakes the model's OpenMP threads while its image decodes,
-    on the model's thread (a torch call on any other thread would start a second set of
-    threads); requests that find the model busy do not."""
+    """A request to an idle model wakes the model's OpenMP threads and decodes its image on
+    the model's thread (a torch call on any other thread would start a second set of
+    threads); requests that find the model busy decode on the decode threads and wake
+    nothing."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         classifier = served.service.classifier
         assert classifier is not None
         calls: list[tuple[str, str]] = []
         real_classify = classifier.classify
+        real_preprocess = main._preprocess
 
         def wake_threads() -> None:
             calls.append(("wake", threading.current_thread().name))
+
+        def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+            calls.append(("decode", threading.current_thread().name))
+            return real_preprocess(data, max_pixels)
 
         def classify(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
             calls.append(("classify", threading.current_thread().name))
@@ -214,17 +221,22 @@ async def test_an_idle_model_has_its_threads_woken_on_its_own_thread_first(
 
         classifier.wake_threads = wake_threads  # type: ignore[method-assign]
         classifier.classify = classify  # type: ignore[method-assign]
+        monkeypatch.setattr(main, "_preprocess", preprocess)
         data = [p.read_bytes() for p in photos]
         response = await served.client.post("/cls", files=upload(data[0]))
         assert response.status_code == 200
-        assert [call for call, _ in calls] == ["wake", "classify"]
-        assert calls[0][1] == calls[1][1]
+        assert [call for call, _ in calls] == ["wake", "decode", "classify"]
+        assert len({thread for _, thread in calls}) == 1
         assert calls[0][1].startswith("inference")
 
         calls.clear()
         _, responses = await send_while_the_model_is_held(served, data, queued=3)
         assert all(r.status_code == 200 for r in responses)
         assert [call for call, _ in calls].count("wake") == 1  # the first request's only
+        decodes = [thread for call, thread in calls if call == "decode"]
+        assert len(decodes) == 4
+        assert decodes[0].startswith("inference")
+        assert all(thread.startswith("decode") for thread in decodes[1:])
 
 
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
