@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import main
-from classification import Prediction
+from classification import ImageTooLarge, Prediction
 from tests import images
 from tests.support import (
     GatedModel,
@@ -237,6 +238,39 @@ async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
         assert len(decodes) == 4
         assert decodes[0].startswith("inference")
         assert all(thread.startswith("decode") for thread in decodes[1:])
+
+
+async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
+    served: RunningApp, photos: list[Path], reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding an image over MODEL_THREAD_DECODE_MAX_PIXELS would hold the model from the
+    requests arriving meanwhile: only its header is read on the model's thread, and it
+    decodes on a decode thread with the configured limit, answered as any other."""
+    side = math.isqrt(main.MODEL_THREAD_DECODE_MAX_PIXELS) + 1
+    large = images.photo(photos[0]).resize((side, side))
+    decodes: list[tuple[str, int, bool]] = []
+    real_preprocess = main._preprocess
+
+    def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        try:
+            pixels = real_preprocess(data, max_pixels)
+        except ImageTooLarge:
+            decodes.append((threading.current_thread().name, max_pixels, False))
+            raise
+        decodes.append((threading.current_thread().name, max_pixels, True))
+        return pixels
+
+    monkeypatch.setattr(main, "_preprocess", preprocess)
+    data = images.encode(large, "PNG")
+    response = await served.client.post("/cls", files=upload(data))
+    assert response.status_code == 200
+    limit = served.service.settings.max_image_pixels
+    assert [(thread.split("_")[0], pixels, ok) for thread, pixels, ok in decodes] == [
+        ("inference", main.MODEL_THREAD_DECODE_MAX_PIXELS, False),
+        ("decode", limit, True),
+    ]
+    indices, _ = reference.top_k(large, 5)
+    assert [p["index"] for p in response.json()["prediction"]] == indices
 
 
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
