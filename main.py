@@ -8,6 +8,7 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -745,9 +746,15 @@ def create_app(settings: Settings) -> FastAPI:
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             os._exit(EXIT_STARTUP_FAILED)
+        # What exists now (libraries, app, model) lives as long as the worker. Frozen, it
+        # drops out of the collector's full passes, each of which would otherwise hold the
+        # GIL, and so every request, for about 0.2 s.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await service.stop()
 
     app = FastAPI(
