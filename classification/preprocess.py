@@ -116,7 +116,11 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
     # Float images may mark no-data pixels NaN, which no integer cast can represent.
     pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-    peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+    if image.mode.startswith("I;16"):
+        peak = 65535.0
+    else:
+        # 32-bit integer and float modes do not say what range their values span.
+        peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
     scaled = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
     return Image.fromarray(scaled)
 

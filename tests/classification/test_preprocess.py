@@ -127,6 +127,15 @@ def test_sixteen_bit_greyscale_keeps_its_range() -> None:
     assert 100 < decoded.mean() < 155
 
 
+def test_a_dark_sixteen_bit_image_stays_dark() -> None:
+    """The scale comes from the bit depth, not the content: 16-bit values up to 254 are
+    near black, not read as 8-bit levels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(255, dtype=np.uint16).reshape(15, 17)).save(buffer, "PNG")
+    decoded = np.asarray(decode_image(buffer.getvalue(), max_pixels=MAX_PIXELS))
+    assert decoded.max() == 1
+
+
 def test_exif_orientation_is_applied() -> None:
     upright = images.gradient(320, 240)
     decoded = decode_image(images.exif_rotated_jpeg(upright, 6), max_pixels=MAX_PIXELS)
