@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -81,6 +82,8 @@ TASK_STOP_GRACE_S = 5.0
 # A larger image would hold the model from the requests arriving meanwhile.
 MODEL_THREAD_DECODE_MAX_PIXELS = 500_000
 MAX_CALLBACK_URL_CHARS = 2048
+# Far below the nesting at which a task's answer could no longer be serialised.
+MAX_METADATA_DEPTH = 32
 
 
 class UploadTooLarge(Exception):
@@ -299,7 +302,13 @@ class Service:
         model_idle = self._idle_for() > 0
         self._decoding += 1
         try:
-            pixels = await self._decode(data, model_idle)
+            # A decompression-heavy image must not outlive its deadline either; its thread
+            # finishes the decode, but nobody waits for it.
+            async with asyncio.timeout(deadline - time.monotonic()):
+                pixels = await self._decode(data, model_idle)
+        except TimeoutError:
+            self._observer.item_finished(Outcome.EXPIRED)
+            raise DeadlineExceeded("the deadline passed while the image decoded") from None
         finally:
             self._decoding -= 1
         result = await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)
@@ -585,22 +594,57 @@ def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | Non
             f"metadata is {size} bytes; TASK_METADATA_MAX_BYTES allows {max_bytes}"
         )
     try:
-        parsed = json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+        parsed = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except NotPlainJson as exc:
+        raise InvalidTaskField(f"metadata: {exc}") from None
+    except RecursionError:
+        raise InvalidTaskField(_too_deep_message()) from None
+    except ValueError:
         raise InvalidTaskField('metadata must be a JSON object, e.g. {"order": 17}') from None
     if not isinstance(parsed, dict):
         kind = _JSON_KINDS.get(type(parsed), "value")
         raise InvalidTaskField(f"metadata must be a JSON object, received a JSON {kind}")
+    if _nesting_depth(parsed) > MAX_METADATA_DEPTH:
+        raise InvalidTaskField(_too_deep_message())
     return parsed
 
 
-_VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+class NotPlainJson(ValueError):
+    """Metadata that parses, but could not be echoed back as standard JSON."""
 
 
 def _refuse_constant(name: str) -> object:
     # NaN and Infinity are not JSON; echoing them back would break strict clients.
-    raise ValueError(f"{name} is not valid JSON")
+    raise NotPlainJson(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python reads it as infinity
+        raise NotPlainJson(f"{text} is out of the range of a 64-bit float")
+    return value
+
+
+def _nesting_depth(value: object) -> int:
+    """How many arrays and objects deep ``value`` goes (an object of scalars is 1)."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, dict):
+            current = list(current.values())
+        if isinstance(current, list):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in current)
+    return deepest
+
+
+def _too_deep_message() -> str:
+    return f"metadata nests arrays and objects more than {MAX_METADATA_DEPTH} levels deep"
+
+
+_VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 def _task_response(record: TaskRecord) -> JSONResponse:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
@@ -54,10 +55,21 @@ class RequestContextMiddleware:
             elapsed_s = time.perf_counter() - started
             logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)
             logs.end_request(token)
-            route = scope.get("route")
-            # Unmatched paths share one label so scanners cannot blow up cardinality.
-            route_label = getattr(route, "path", None) or "unmatched"
-            metrics.record_request(route_label, scope["method"], status, elapsed_s)
+            metrics.record_request(_route_label(scope), scope["method"], status, elapsed_s)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route template of the request's path; "unmatched" for paths no route serves,
+    so scanners cannot blow up the metrics' cardinality."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        # Refused before routing (a 401 or 413 from a middleware), or routed by a plain
+        # Starlette route that does not record itself (the docs pages).
+        route = next(
+            (each for each in scope["app"].router.routes if each.matches(scope)[0] != Match.NONE),
+            None,
+        )
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -94,7 +106,8 @@ class BodyLimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits_by_path.get(scope["path"], self.default_limit)
+        # "/cls/" is redirected to "/cls" only after its body is read: same limit.
+        limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             response = JSONResponse({"detail": self.describe(limit)}, status_code=413)
@@ -120,6 +133,9 @@ class BodyLimitsMiddleware:
                     f"the request body stalled for {self.idle_timeout_s:g} s; "
                     "BODY_IDLE_TIMEOUT_S allows that long between chunks",
                 ) from None
+            if message["type"] == "http.disconnect":
+                # nginx's "client closed request": metrics and logs tell it from a bad body.
+                raise HTTPException(499, "the client disconnected during the upload")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_complete = not message.get("more_body", False)

@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("task_ttl", mode="before")
+    @classmethod
+    def _plain_number_is_seconds(cls, value: object) -> object:
+        # pydantic reads a string of digits as a clock time ("invalid character in hour").
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        return value
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:

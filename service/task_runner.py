@@ -155,13 +155,14 @@ class TaskRunner:
             max_queued=self._config.max_queued,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            expired_before=self._expired_before(),
         )
         self._wake.set()  # claim it here and now rather than at the next poll
         return record, record.id == task_id
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""
-        return await self._db(self.store.get, task_id)
+        return await self._db(self.store.get, task_id, expired_before=self._expired_before())
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued task.
@@ -169,9 +170,15 @@ class TaskRunner:
         Raises:
             TaskNotCancellable: It is running or finished.
         """
-        record = await self._db(self.store.cancel, task_id, now=time.time())
+        record = await self._db(
+            self.store.cancel, task_id, now=time.time(), expired_before=self._expired_before()
+        )
         self._wake.set()  # the queue depth changed
         return record
+
+    def _expired_before(self) -> float:
+        """Tasks that finished before this time have expired, deleted yet or not."""
+        return time.time() - self._config.ttl_s
 
     @property
     def store(self) -> TaskStore:
@@ -270,7 +277,7 @@ class TaskRunner:
         config = self._config
         while True:
             try:
-                deleted = await self._db(self.store.delete_expired, time.time() - config.ttl_s)
+                deleted = await self._db(self.store.delete_expired, self._expired_before())
                 if deleted:
                     logger.info("deleted %d tasks older than TASK_TTL", deleted)
             except Exception:

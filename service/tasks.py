@@ -234,12 +234,14 @@ class TaskStore:
         max_queued: int,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        expired_before: float | None = None,
     ) -> TaskRecord:
         """Store a new queued task with its image.
 
         With an ``idempotency_key`` that names an existing task, that task is returned and
         nothing is stored (its id differs from ``task_id``): a client may resend a request
-        whose answer it never got without creating the task twice.
+        whose answer it never got without creating the task twice. A task that finished
+        before ``expired_before`` no longer holds its key.
 
         Raises:
             TaskQueueFull: ``max_queued`` tasks are already waiting.
@@ -249,9 +251,13 @@ class TaskStore:
         with self._transaction() as db:
             if idempotency_key is not None:
                 row = db.execute(
-                    "SELECT id, request_hash FROM tasks WHERE idempotency_key = ?",
+                    "SELECT id, request_hash, finished_at FROM tasks WHERE idempotency_key = ?",
                     (idempotency_key,),
                 ).fetchone()
+                if row is not None and _expired(row["finished_at"], expired_before):
+                    # Kept until the clean-up deletes it (its webhook may still be due).
+                    db.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (row["id"],))
+                    row = None
                 if row is not None:
                     if row["request_hash"] != request_hash:
                         raise IdempotencyKeyReused(
@@ -283,18 +289,23 @@ class TaskStore:
             db.execute("INSERT INTO task_images (task_id, data) VALUES (?, ?)", (task_id, image))
             return self._get(task_id)
 
-    def get(self, task_id: str) -> TaskRecord | None:
-        """The task, or None if there is no such task (never submitted, or expired)."""
+    def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
+        """The task, or None if there is no such task (never submitted, deleted, or finished
+        before ``expired_before``: expired, though the clean-up has not deleted it yet)."""
         row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return None if row is None else TaskRecord.from_row(row)
+        if row is None or _expired(row["finished_at"], expired_before):
+            return None
+        return TaskRecord.from_row(row)
 
     def _get(self, task_id: str) -> TaskRecord:
         record = self.get(task_id)
         assert record is not None, task_id
         return record
 
-    def cancel(self, task_id: str, *, now: float) -> TaskRecord | None:
-        """Cancel a queued task; None if there is no such task.
+    def cancel(
+        self, task_id: str, *, now: float, expired_before: float | None = None
+    ) -> TaskRecord | None:
+        """Cancel a queued task; None if there is no such task (see ``get``).
 
         Cancelling a cancelled task again is a no-op that returns it.
 
@@ -302,7 +313,7 @@ class TaskStore:
             TaskNotCancellable: The task is running or finished.
         """
         with self._transaction() as db:
-            record = self.get(task_id)
+            record = self.get(task_id, expired_before=expired_before)
             if record is None or record.status is TaskStatus.CANCELLED:
                 return record
             if record.status is not TaskStatus.QUEUED:
@@ -533,3 +544,7 @@ class TaskStore:
             # Run to completion: a plain execute() would free a single page.
             self._db.executescript("PRAGMA incremental_vacuum;")
         return deleted
+
+
+def _expired(finished_at: float | None, expired_before: float | None) -> bool:
+    return finished_at is not None and expired_before is not None and finished_at < expired_before

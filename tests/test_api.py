@@ -313,6 +313,39 @@ async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> No
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+async def test_deadline_covers_a_slow_decode(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image that takes longer to decode than the deadline gets its 504 on time."""
+    decoding = threading.Event()
+    finish_decode = threading.Event()
+    real_preprocess = main.preprocess
+
+    def slow_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        decoding.set()
+        finish_decode.wait(10)
+        return real_preprocess(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(main, "preprocess", slow_preprocess)
+    async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
+        data = photos[0].read_bytes()
+        try:
+            started = asyncio.get_running_loop().time()
+            response = await served.client.post("/cls", files=upload(data))
+            elapsed = asyncio.get_running_loop().time() - started
+            assert decoding.is_set()
+            assert response.status_code == 504
+            assert "REQUEST_TIMEOUT_MS" in response.json()["detail"]
+            assert 0.25 < elapsed < 5
+        finally:
+            finish_decode.set()
+        processor = served.service.processor
+        assert processor is not None
+        assert processor.queue_depth == 0
+        monkeypatch.setattr(main, "preprocess", real_preprocess)
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
 async def test_model_failure_is_500_for_that_batch_only(photos: list[Path]) -> None:
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         model = GatedModel(served)
@@ -407,6 +440,34 @@ async def test_unknown_paths_are_json_404_with_one_metrics_label(served: Running
     assert "/no/such/path" not in text
 
 
+async def test_requests_refused_before_routing_are_counted_under_their_route() -> None:
+    """A 413 from a declared length never reaches the router; it is still a /cls request."""
+    samples = (
+        'http_requests_total{method="POST",route="/cls",status="413"}',
+        'http_requests_total{method="GET",route="/docs",status="200"}',
+    )
+    async with running_app(make_settings(max_upload_bytes=50_000)) as served:
+        text = (await served.client.get("/metrics")).text
+        before = [metric_value(text, sample) for sample in samples]
+        response = await served.client.post(
+            "/cls", content=b"x" * 10, headers={"content-length": "5000000"}
+        )
+        assert response.status_code == 413
+        assert (await served.client.get("/docs")).status_code == 200
+        text = (await served.client.get("/metrics")).text
+        assert [metric_value(text, sample) for sample in samples] == [n + 1 for n in before]
+
+
+async def test_a_trailing_slash_gets_the_routes_upload_limit(photos: list[Path]) -> None:
+    """/cls/ is redirected to /cls, not refused as an oversized body for an unknown path."""
+    async with running_app(make_settings()) as served:
+        data = max((photo.read_bytes() for photo in photos), key=len)
+        assert len(data) > main.MAX_OTHER_BODY_BYTES
+        response = await served.client.post("/cls/", files=upload(data))
+        assert response.status_code == 307
+        assert response.headers["location"].endswith("/cls")
+
+
 async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert (await served.client.get("/docs")).status_code == 200
     schema = (await served.client.get("/openapi.json")).json()
@@ -465,7 +526,8 @@ async def test_client_that_disconnects_while_queued_never_reaches_the_model(
 async def test_client_that_disconnects_mid_upload_costs_nothing(
     photos: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Half a body, then the client is gone: no decode, no queue entry, no error logged."""
+    """Half a body, then the client is gone: no decode, no queue entry, no error logged,
+    and it is counted as a disconnect (499), not as a malformed body (400)."""
     async with running_app(make_settings()) as served:
         encoded = httpx.Request("POST", "http://test/cls", files=upload(photos[0].read_bytes()))
         body = encoded.read()
@@ -477,16 +539,23 @@ async def test_client_that_disconnects_mid_upload_costs_nothing(
         async def receive() -> dict[str, object]:
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
+        sent: list[dict[str, object]] = []
+
         async def send(message: dict[str, object]) -> None:
-            pass
+            sent.append(message)
 
         scope = http_scope(encoded)
         processor = served.service.processor
         assert processor is not None
+        counted = 'http_requests_total{method="POST",route="/cls",status="499"}'
+        before = metric_value((await served.client.get("/metrics")).text, counted)
         with caplog.at_level(logging.ERROR):
             await asyncio.wait_for(served.app(scope, receive, send), 10)
         assert processor.queue_depth == 0
         assert processor.in_flight == 0
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert sent[0]["status"] == 499
+        after = metric_value((await served.client.get("/metrics")).text, counted)
+        assert after == before + 1
         response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
         assert response.status_code == 200

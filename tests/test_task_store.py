@@ -790,3 +790,56 @@ def test_an_idempotency_key_returns_the_task_it_created(tmp_path: Path) -> None:
         assert store.get("c") is None
         unkeyed = [store.create(f"u{i}", b"img", now=4.0, **options).id for i in range(2)]
         assert unkeyed == ["u0", "u1"], "without a key every submission is a new task"
+
+
+def test_an_expired_task_is_gone_before_the_clean_up_deletes_it(store: TaskStore) -> None:
+    """Past its TTL a finished task reads as absent; unfinished tasks never expire."""
+    add(store, "done", at=T0)
+    add(store, "running", at=T0 + 1)
+    add(store, "queued", at=T0 + 2)
+    claim(store, "A", limit=2, at=T0 + 3)
+    store.finish("done", "A", prediction=[], now=T0 + 5)
+    assert store.get("done", expired_before=T0 + 5) is not None
+    assert store.get("done", expired_before=T0 + 6) is None
+    assert store.cancel("done", now=T0 + 7, expired_before=T0 + 6) is None
+    for unfinished in ("running", "queued"):
+        assert store.get(unfinished, expired_before=T0 + 100) is not None, unfinished
+    assert store.get("done") is not None, "still stored until the clean-up runs"
+
+
+def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:
+    """Reusing the key of a task past its TTL makes a new task, even for the same request."""
+    options = {"top_k": 5, "metadata": None, "callback_url": None, "max_queued": 10}
+    store.create("a", b"img", now=T0, idempotency_key="k1", request_hash="h", **options)
+    claim(store, "A", at=T0 + 1)
+    store.finish("a", "A", prediction=[], now=T0 + 2)
+    replayed = store.create(
+        "b",
+        b"img",
+        now=T0 + 3,
+        idempotency_key="k1",
+        request_hash="h",
+        expired_before=T0 + 1,
+        **options,
+    )
+    assert replayed.id == "a"
+    fresh = store.create(
+        "c",
+        b"img",
+        now=T0 + 4,
+        idempotency_key="k1",
+        request_hash="h2",
+        expired_before=T0 + 3,
+        **options,
+    )
+    assert fresh.id == "c"
+    again = store.create(
+        "d",
+        b"img",
+        now=T0 + 5,
+        idempotency_key="k1",
+        request_hash="h2",
+        expired_before=T0 + 3,
+        **options,
+    )
+    assert again.id == "c"

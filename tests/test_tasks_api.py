@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.settings import load_settings
 from service.tasks import DATABASE_NAME
 from tests import images
 from tests.support import (
@@ -103,13 +104,26 @@ async def test_the_image_is_deleted_once_the_task_finishes(
     assert stored_rows(served, "task_images") == 0
 
 
+async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    deep: object = 1e300
+    for _ in range(31):
+        deep = [deep]
+    accepted = await submit(served.client, photos[0].read_bytes(), metadata=json.dumps({"x": deep}))
+    task = await finished(served.client, accepted["task_id"])
+    assert task["metadata"] == {"x": deep}
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "detail"),
     [
         ({"metadata": "[1, 2]"}, 422, "metadata must be a JSON object, received a JSON array"),
         ({"metadata": "{not json"}, 422, "metadata must be a JSON object"),
-        ({"metadata": '{"x": NaN}'}, 422, "metadata must be a JSON object"),
-        ({"metadata": "[" * 5000 + "]" * 5000}, 422, "metadata must be a JSON object"),
+        ({"metadata": '{"x": NaN}'}, 422, "metadata: NaN is not valid JSON"),
+        ({"metadata": '{"x": 1e400}'}, 422, "metadata: 1e400 is out of the range"),
+        ({"metadata": '{"x": ' + "[" * 32 + "]" * 32 + "}"}, 422, "more than 32 levels deep"),
+        ({"metadata": "[" * 5000 + "]" * 5000}, 422, "more than 32 levels deep"),
         ({"metadata": '{"x": "' + "y" * 20_000 + '"}'}, 422, "TASK_METADATA_MAX_BYTES allows"),
         ({"callback_url": "ftp://example.com/hook"}, 422, "http"),
         ({"callback_url": "http://127.0.0.1:8080/hook"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
@@ -267,7 +281,39 @@ async def test_finished_tasks_expire_after_the_ttl(photos: list[Path]) -> None:
         async with asyncio.timeout(10):
             while (await served.client.get(accepted["status_url"])).status_code != 404:
                 await asyncio.sleep(0.05)
-        assert stored_rows(served, "tasks") == 0
+            while stored_rows(served, "tasks"):  # the clean-up deletes it
+                await asyncio.sleep(0.05)
+
+
+async def test_an_expired_task_is_gone_at_once_not_at_the_next_clean_up(
+    photos: list[Path],
+) -> None:
+    """Past TASK_TTL a task reads as 404 and its Idempotency-Key makes a new task, though
+    the hourly clean-up has not deleted it yet."""
+    settings = make_settings(task_ttl=0.5, task_cleanup_interval_s=3600)
+    async with running_app(settings) as served:
+        data = photos[0].read_bytes()
+        key = {"Idempotency-Key": "expiring"}
+        first = await served.client.post("/tasks", files=upload(data), headers=key)
+        task_id = first.json()["task_id"]
+        await finished(served.client, task_id)
+        async with asyncio.timeout(10):
+            while (await served.client.get(f"/task-status/{task_id}")).status_code != 404:
+                await asyncio.sleep(0.05)
+        assert (await served.client.delete(f"/tasks/{task_id}")).status_code == 404
+        assert stored_rows(served, "tasks") == 1, "the clean-up has not run"
+        again = await served.client.post("/tasks", files=upload(data), headers=key)
+        assert again.status_code == 202
+        assert again.json()["task_id"] != task_id
+        assert "idempotent-replayed" not in again.headers
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("604800", 604800), ("P7D", 604800), ("2.5", 2.5)])
+def test_task_ttl_reads_seconds_or_iso_8601(
+    monkeypatch: pytest.MonkeyPatch, value: str, seconds: float
+) -> None:
+    monkeypatch.setenv("TASK_TTL", value)
+    assert load_settings().task_ttl.total_seconds() == seconds
 
 
 async def test_the_task_queue_limit_is_503_with_retry_after(photos: list[Path]) -> None:
