@@ -6,8 +6,11 @@ settings are validated here, in the master, so a bad value stops start-up once, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,20 @@ def on_starting(server: Any) -> None:
     if PROMETHEUS_DIR.exists():
         shutil.rmtree(PROMETHEUS_DIR)
     PROMETHEUS_DIR.mkdir(parents=True)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Have the kernel send the worker SIGTERM when the master dies, even by SIGKILL.
+
+    uvicorn's worker does not watch its parent: orphaned, it would keep the port and serve
+    unsupervised, and a restarted server could not bind. SIGTERM lets it drain first.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != server.pid:  # the master died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def child_exit(server: Any, worker: Any) -> None:

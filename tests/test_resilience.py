@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -279,6 +280,17 @@ def counted_a_request(counter_file: Path) -> bool:
         return False
     samples = MmapedDict.read_all_values_from_file(str(counter_file))
     return any('"http_requests_total"' in key for key, *_ in samples)
+
+
+def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the master alone: its worker exits too, so the port is free for a restart."""
+    port = free_port()
+    with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
+        (worker,) = [psutil.Process(pid) for pid in worker_pids(server)]
+        os.kill(server.process.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
 
 
 def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
