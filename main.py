@@ -844,8 +844,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route(
         "/tasks/{task_id}", cancel_task, methods=["DELETE"], response_model=TaskOut, tags=["tasks"]
     )
-    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["operations"])
-    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["operations"])
+    # HEAD too: some load balancers probe with it.
+    app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"], tags=["operations"])
+    app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"], tags=["operations"])
     app.add_api_route(
         "/metrics",
         prometheus_metrics,
@@ -870,7 +871,11 @@ def create_app(settings: Settings) -> FastAPI:
         default_limit=MAX_OTHER_BODY_BYTES,
         describe=lambda limit: (
             f"request body is over {limit} bytes; "
-            f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+            + (
+                "this route takes no upload"
+                if limit == MAX_OTHER_BODY_BYTES
+                else f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+            )
         ),
         idle_timeout_s=settings.body_idle_timeout_s,
     )

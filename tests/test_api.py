@@ -477,6 +477,18 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
 async def test_health_and_readiness(served: RunningApp) -> None:
     assert (await served.client.get("/healthz")).json() == {"status": "ok"}
     assert (await served.client.get("/readyz")).json() == {"status": "ready"}
+    for path in ("/healthz", "/readyz"):
+        assert (await served.client.head(path)).status_code == 200, path
+
+
+async def test_a_large_body_to_a_route_without_uploads_is_413_saying_so(
+    served: RunningApp,
+) -> None:
+    response = await served.client.post("/healthz", content=b"x" * (main.MAX_OTHER_BODY_BYTES + 1))
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        f"request body is over {main.MAX_OTHER_BODY_BYTES} bytes; this route takes no upload"
+    )
 
 
 async def test_client_that_disconnects_while_queued_never_reaches_the_model(
