@@ -844,9 +844,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route(
         "/tasks/{task_id}", cancel_task, methods=["DELETE"], response_model=TaskOut, tags=["tasks"]
     )
-    # HEAD too: some load balancers probe with it.
-    app.add_api_route("/healthz", healthz, methods=["GET", "HEAD"], tags=["operations"])
-    app.add_api_route("/readyz", readyz, methods=["GET", "HEAD"], tags=["operations"])
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+        app.add_api_route(path, probe, methods=["GET"], tags=["operations"])
+        # Some load balancers probe with HEAD; one documented operation is enough.
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
     app.add_api_route(
         "/metrics",
         prometheus_metrics,
