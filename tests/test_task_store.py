@@ -809,37 +809,24 @@ def test_an_expired_task_is_gone_before_the_clean_up_deletes_it(store: TaskStore
 
 def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:
     """Reusing the key of a task past its TTL makes a new task, even for the same request."""
-    options = {"top_k": 5, "metadata": None, "callback_url": None, "max_queued": 10}
-    store.create("a", b"img", now=T0, idempotency_key="k1", request_hash="h", **options)
+
+    def submit(task_id: str, request_hash: str, at: float, expired_before: float) -> str:
+        return store.create(
+            task_id,
+            b"img",
+            top_k=5,
+            metadata=None,
+            callback_url=None,
+            now=at,
+            max_queued=10,
+            idempotency_key="k1",
+            request_hash=request_hash,
+            expired_before=expired_before,
+        ).id
+
+    assert submit("a", "h", at=T0, expired_before=T0 - 1) == "a"
     claim(store, "A", at=T0 + 1)
     store.finish("a", "A", prediction=[], now=T0 + 2)
-    replayed = store.create(
-        "b",
-        b"img",
-        now=T0 + 3,
-        idempotency_key="k1",
-        request_hash="h",
-        expired_before=T0 + 1,
-        **options,
-    )
-    assert replayed.id == "a"
-    fresh = store.create(
-        "c",
-        b"img",
-        now=T0 + 4,
-        idempotency_key="k1",
-        request_hash="h2",
-        expired_before=T0 + 3,
-        **options,
-    )
-    assert fresh.id == "c"
-    again = store.create(
-        "d",
-        b"img",
-        now=T0 + 5,
-        idempotency_key="k1",
-        request_hash="h2",
-        expired_before=T0 + 3,
-        **options,
-    )
-    assert again.id == "c"
+    assert submit("b", "h", at=T0 + 3, expired_before=T0 + 1) == "a", "not expired: replayed"
+    assert submit("c", "h2", at=T0 + 4, expired_before=T0 + 3) == "c", "expired: a new task"
+    assert submit("d", "h2", at=T0 + 5, expired_before=T0 + 3) == "c", "the key is now c's"
