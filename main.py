@@ -56,6 +56,7 @@ from service.middleware import ApiKeyMiddleware, BodyLimitsMiddleware, RequestCo
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
 from service.tasks import (
+    ClaimedTask,
     IdempotencyKeyReused,
     TaskNotCancellable,
     TaskQueueFull,
@@ -112,6 +113,7 @@ class ClassifyJob:
 
     pixels: np.ndarray
     top_k: int
+    task_id: str | None = None  # for a stored task, not a /cls request
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,15 +345,15 @@ class Service:
         )
         return data
 
-    async def run_task(self, image: bytes, top_k: int) -> object:
+    async def run_task(self, task: ClaimedTask) -> object:
         """Classify a stored task's image in the batcher's background lane."""
         if self.processor is None:
             raise NotReady("the model is not ready")
         pixels = await asyncio.get_running_loop().run_in_executor(
-            self._task_decode_pool, _preprocess, image, self.settings.max_image_pixels
+            self._task_decode_pool, _preprocess, task.image, self.settings.max_image_pixels
         )
         result = await self.processor.submit(
-            ClassifyJob(pixels, top_k), priority=Priority.BACKGROUND
+            ClassifyJob(pixels, task.top_k, task.id), priority=Priority.BACKGROUND
         )
         return [p.model_dump() for p in _prediction_out(result.predictions)]
 
@@ -384,6 +386,12 @@ class Service:
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
+        task_ids = [job.task_id for job in jobs if job.task_id is not None]
+        if task_ids and self.tasks is not None:
+            try:
+                await self.tasks.count_attempts(task_ids)
+            except Exception:
+                logger.exception("counting the attempts of tasks %s failed", task_ids)
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,

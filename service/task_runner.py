@@ -29,7 +29,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 # Runs one task's image through the model: (image bytes, top_k) -> JSON-ready prediction.
-Execute = Callable[[bytes, int], Awaitable[object]]
+Execute = Callable[[ClaimedTask], Awaitable[object]]
 
 
 class TaskObserver(Protocol):
@@ -73,7 +73,8 @@ class TaskRunner:
 
     Args:
         config: Where the store lives and how the runner paces itself.
-        execute: Runs one task's image through the model.
+        execute: Runs one claimed task through the model, calling ``count_attempts`` as
+            the task enters it.
         describe_error: The public text of an error ``execute`` raised.
         requeue_on: Errors that mean "not now" (the server is stopping, the lane is full):
             the task goes back to the queue instead of failing.
@@ -175,6 +176,11 @@ class TaskRunner:
         )
         self._wake.set()  # the queue depth changed
         return record
+
+    async def count_attempts(self, task_ids: list[str]) -> None:
+        """Charge an attempt to these tasks, which are entering the model: if the worker
+        dies while it runs them, they, and not the tasks only waiting, were running."""
+        await self._db(self.store.count_attempts, self.owner, task_ids)
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""
@@ -298,7 +304,7 @@ class TaskRunner:
         prediction: object = None
         error: str | None = None
         try:
-            prediction = await self._execute(task.image, task.top_k)
+            prediction = await self._execute(task)
         except self._requeue_on:
             await self._db(self.store.requeue, task.id, self.owner)
             return

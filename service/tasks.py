@@ -338,14 +338,13 @@ class TaskStore:
         self, owner: str, limit: int, *, lease_s: float, max_attempts: int, now: float
     ) -> list[ClaimedTask]:
         """Take up to ``limit`` tasks, oldest first: queued ones, and running ones whose
-        owner's lease has expired (the owner died) with attempts left. Each claim counts as
-        an attempt."""
+        owner's lease has expired (the owner died) with attempts left. A claim is not an
+        attempt: ``count_attempts`` is, as the task enters the model."""
         if limit < 1:
             return []
         with self._transaction() as db:
             rows = db.execute(
-                "UPDATE tasks SET status = ?, started_at = ?, attempts = attempts + 1, "
-                "lease_owner = ?, lease_until = ? "
+                "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE status = ? "
                 "  OR (status = ? AND lease_until < ? AND attempts < ?) "
                 "  ORDER BY created_at, rowid LIMIT ?) "
@@ -378,15 +377,29 @@ class TaskStore:
                 )
             return claimed
 
+    def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:
+        """Count an attempt for each of ``task_ids`` that ``owner`` holds: they are entering
+        the model. Should the worker die now, these are the tasks that may have killed it;
+        the others it holds were only waiting, and go back without a charge."""
+        if not task_ids:
+            return
+        marks = ",".join("?" * len(task_ids))
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE tasks SET attempts = attempts + 1 "
+                f"WHERE lease_owner = ? AND status = ? AND id IN ({marks})",
+                (owner, TaskStatus.RUNNING, *task_ids),
+            )
+
     def fail_abandoned(self, max_attempts: int, *, now: float) -> list[TaskRecord]:
-        """Fail running tasks whose lease expired after ``max_attempts`` claims.
+        """Fail running tasks whose lease expired after ``max_attempts`` attempts.
 
         A task that takes its worker down every time it runs must not take down every
         worker in turn, forever.
         """
         error = (
-            f"the task was interrupted {max_attempts} times (its worker stopped while "
-            "running it); TASK_MAX_ATTEMPTS allows that many"
+            f"the task was interrupted {max_attempts} times (its worker stopped while the "
+            "model ran it); TASK_MAX_ATTEMPTS allows that many"
         )
         with self._transaction() as db:
             rows = db.execute(
@@ -465,7 +478,7 @@ class TaskStore:
         """Put a task ``owner`` holds back in the queue, as if this claim never happened."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE tasks SET status = ?, attempts = attempts - 1, started_at = NULL, "
+                "UPDATE tasks SET status = ?, started_at = NULL, "
                 "lease_owner = NULL, lease_until = NULL "
                 "WHERE id = ? AND lease_owner = ? AND status = ?",
                 (TaskStatus.QUEUED, task_id, owner, TaskStatus.RUNNING),
@@ -473,11 +486,10 @@ class TaskStore:
 
     def release(self, owner: str) -> int:
         """Hand back everything ``owner`` holds, at a graceful shutdown: its running tasks
-        go back to the queue (the claim does not count as an attempt) and its pending
-        deliveries become free to claim at once."""
+        go back to the queue and its pending deliveries become free to claim at once."""
         with self._transaction() as db:
             requeued = db.execute(
-                "UPDATE tasks SET status = ?, attempts = attempts - 1, started_at = NULL, "
+                "UPDATE tasks SET status = ?, started_at = NULL, "
                 "lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND status = ?",
                 (TaskStatus.QUEUED, owner, TaskStatus.RUNNING),
             ).rowcount

@@ -182,7 +182,7 @@ def test_running_and_finished_tasks_do_not_count_toward_max_queued(store: TaskSt
 
 def test_claim_takes_oldest_first_up_to_limit(store: TaskStore) -> None:
     """A claim returns the oldest queued tasks, at most ``limit``, with their images, and
-    marks them running as a first attempt."""
+    marks them running."""
     # Created out of order, so the order claimed comes from created_at, not insertion.
     add(store, "second", at=T0 + 2)
     add(store, "first", at=T0 + 1)
@@ -192,14 +192,14 @@ def test_claim_takes_oldest_first_up_to_limit(store: TaskStore) -> None:
 
     assert [task.id for task in claimed] == ["first", "second"]
     assert [task.image for task in claimed] == [image_of("first"), image_of("second")]
-    assert [task.attempts for task in claimed] == [1, 1]
+    assert [task.attempts for task in claimed] == [0, 0], "a claim is not an attempt"
     assert [task.top_k for task in claimed] == [5, 5]
     assert [task.created_at for task in claimed] == [T0 + 1, T0 + 2]
     for task_id in ("first", "second"):
         record = get(store, task_id)
         assert record.status is TaskStatus.RUNNING
         assert record.started_at == T0 + 10
-        assert record.attempts == 1
+        assert record.attempts == 0
     assert get(store, "third").status is TaskStatus.QUEUED
 
 
@@ -301,16 +301,17 @@ def test_each_task_is_claimed_exactly_once_across_processes(tmp_path: Path) -> N
 
 
 def test_expired_lease_lets_another_owner_take_the_task(store: TaskStore) -> None:
-    """While A's lease lasts B cannot claim the task; once it expires B can, as a second
-    attempt."""
+    """While A's lease lasts B cannot claim the task; once it expires B can, with the
+    attempt A's model made counted."""
     add(store, "t1")
     running(store, "t1", "A", at=T0)
+    store.count_attempts("A", ["t1"])
 
     assert claim(store, "B", at=T0 + 5) == []
     claimed = store.claim("B", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
 
     assert [task.id for task in claimed] == ["t1"]
-    assert claimed[0].attempts == 2
+    assert claimed[0].attempts == 1
     assert claimed[0].image == image_of("t1")
     assert get(store, "t1").started_at == T0 + 11
 
@@ -356,6 +357,7 @@ def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
     it, naming TASK_MAX_ATTEMPTS, and drops its image."""
     add(store, "t1")
     store.claim("A", 1, lease_s=LEASE_S, max_attempts=1, now=T0)
+    store.count_attempts("A", ["t1"])
 
     assert store.claim("B", 1, lease_s=LEASE_S, max_attempts=1, now=T0 + 11) == []
     assert store.fail_abandoned(1, now=T0 + 5) == [], "the lease has not expired yet"
@@ -372,6 +374,21 @@ def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
     assert store.fail_abandoned(1, now=T0 + 12) == []
 
 
+def test_a_dead_worker_charges_only_the_tasks_its_model_was_running(store: TaskStore) -> None:
+    """Of the tasks a worker held when it died, only those that had entered the model use up
+    an attempt; the ones still waiting are taken over as they were, and never fail for it."""
+    add_many(store, 4)
+    claim(store, "A", limit=4, at=T0 + 10)
+    store.count_attempts("A", ["t000", "t001"])
+    store.count_attempts("B", ["t002"])  # not B's: no charge
+
+    failed = store.fail_abandoned(1, now=T0 + 21)
+    assert sorted(record.id for record in failed) == ["t000", "t001"]
+    assert [get(store, task_id).status for task_id in ("t002", "t003")] == [TaskStatus.RUNNING] * 2
+    assert claim(store, "C", limit=4, at=T0 + 21) == ["t002", "t003"]
+    assert [get(store, task_id).attempts for task_id in ("t002", "t003")] == [0, 0]
+
+
 def test_fail_abandoned_leaves_tasks_with_attempts_left(store: TaskStore) -> None:
     """An expired task with attempts left is for claim to retry, not for fail_abandoned."""
     add(store, "t1")
@@ -386,6 +403,7 @@ def test_abandoned_task_with_callback_gets_its_webhook(store: TaskStore) -> None
     pending and free for any live worker at once (its holder is dead)."""
     add(store, "t1", callback_url=CALLBACK)
     store.claim("A", 1, lease_s=LEASE_S, max_attempts=1, now=T0)
+    store.count_attempts("A", ["t1"])
 
     [failed] = store.fail_abandoned(1, now=T0 + 11)
 
@@ -481,15 +499,16 @@ def test_finish_with_callback_makes_the_delivery_claimable(store: TaskStore) -> 
 
 
 def test_requeue_undoes_the_claim(store: TaskStore) -> None:
-    """A requeued task is queued again and the claim does not count as an attempt."""
+    """A requeued task is queued again, with the attempts its model runs made."""
     add(store, "t1")
     running(store, "t1", "A", at=T0)
+    store.count_attempts("A", ["t1"])
 
     store.requeue("t1", "A")
 
     record = get(store, "t1")
     assert record.status is TaskStatus.QUEUED
-    assert record.attempts == 0
+    assert record.attempts == 1
     assert record.started_at is None
     assert store.count_queued() == 1
     assert claim(store, "B", at=T0 + 1) == ["t1"]
