@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-# Runs one task's image through the model: (image bytes, top_k) -> JSON-ready prediction.
+# Runs one claimed task through the model -> its JSON-ready prediction.
 Execute = Callable[[ClaimedTask], Awaitable[object]]
 
 
