@@ -290,7 +290,7 @@ async def test_an_expired_task_is_gone_at_once_not_at_the_next_clean_up(
 ) -> None:
     """Past TASK_TTL a task reads as 404 and its Idempotency-Key makes a new task, though
     the hourly clean-up has not deleted it yet."""
-    settings = make_settings(task_ttl=0.5, task_cleanup_interval_s=3600)
+    settings = make_settings(task_ttl=1, task_cleanup_interval_s=3600)
     async with running_app(settings) as served:
         data = photos[0].read_bytes()
         key = {"Idempotency-Key": "expiring"}
