@@ -184,8 +184,10 @@ class Service:
         self.classifier: Classifier | None = None
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False
+        self._reading = 0
         self._decoding = 0
         self._last_batch_end = time.monotonic()
+        self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
@@ -280,11 +282,13 @@ class Service:
         self.ready = False
         if self._trimmer is not None:
             self._trimmer.cancel()
-        tasks, self.tasks = self.tasks, None  # stopping twice is harmless
+        tasks = self.tasks
         if tasks is not None:
             await tasks.stop_claiming()
         if self.processor is not None:
             await self.processor.stop(self.settings.drain_timeout_s)
+        # Only now: the tasks that the drain runs count their attempts too.
+        self.tasks = None  # stopping twice is harmless
         if tasks is not None:
             await tasks.stop(grace_s=TASK_STOP_GRACE_S)
         for pool in (self._decode_pool, self._task_decode_pool, self._inference_pool):
@@ -296,11 +300,18 @@ class Service:
             raise NotReady("the model is not ready")
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
-        if processor.waiting(Priority.INTERACTIVE) + self._decoding >= processor.config.max_queue:
+        admitted = processor.waiting(Priority.INTERACTIVE) + self._reading + self._decoding
+        if admitted >= processor.config.max_queue:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
-        data = await self._read_upload(upload)
+        # Counted while it reads: an upload over 1 MiB is spooled to disk, and reading it
+        # back lets other requests reach the check above.
+        self._reading += 1
+        try:
+            data = await self._read_upload(upload)
+        finally:
+            self._reading -= 1
         model_idle = self._idle_for() > 0
         self._decoding += 1
         try:
@@ -352,9 +363,12 @@ class Service:
         pixels = await asyncio.get_running_loop().run_in_executor(
             self._task_decode_pool, _preprocess, task.image, self.settings.max_image_pixels
         )
-        result = await self.processor.submit(
-            ClassifyJob(pixels, task.top_k, task.id), priority=Priority.BACKGROUND
-        )
+        try:
+            result = await self.processor.submit(
+                ClassifyJob(pixels, task.top_k, task.id), priority=Priority.BACKGROUND
+            )
+        finally:
+            self._tasks_in_model.discard(task.id)
         return [p.model_dump() for p in _prediction_out(result.predictions)]
 
     def running_tasks(self) -> TaskRunner:
@@ -386,11 +400,17 @@ class Service:
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
-        task_ids = [job.task_id for job in jobs if job.task_id is not None]
+        # Once per run of a task: a failed batch's halves come back here.
+        task_ids = [
+            job.task_id
+            for job in jobs
+            if job.task_id is not None and job.task_id not in self._tasks_in_model
+        ]
         if task_ids and self.tasks is not None:
+            self._tasks_in_model.update(task_ids)
             try:
-                await self.tasks.count_attempts(task_ids)
-            except Exception:
+                self.tasks.count_attempts(task_ids)
+            except RuntimeError:  # the store's thread has shut down
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(

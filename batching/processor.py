@@ -177,7 +177,9 @@ class BatchProcessor(Generic[In, Out]):
     """Groups concurrent ``submit`` calls into batches for one async handler.
 
     The handler receives a list of items and must return one output per item, in order.
-    A handler error, or an output list of the wrong length, fails only that batch.
+    When it raises, or returns an output list of the wrong length, the batch's halves are
+    handed to it again apart, down to single items, so only the items it fails on alone
+    fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
     Callers that are cancelled or whose deadline passes are dropped before their batch
     forms, and a late result for them is discarded.
     """
@@ -414,30 +416,73 @@ class BatchProcessor(Generic[In, Out]):
         self._observer.batch_started(size, [batch.started_at - e.enqueued_at for e in entries])
         ok = False
         try:
-            outputs = await self._handler([entry.item for entry in entries])
-            if len(outputs) != size:
-                raise RuntimeError(
-                    f"batch handler returned {len(outputs)} outputs for {size} inputs"
-                )
-            for entry, output in zip(entries, outputs, strict=True):
-                _resolve(entry.future, output)
-            ok = True
+            ok = await self._run_isolating_failures(entries)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                for entry in entries:
-                    _fail(entry.future, Stopped("the server is shutting down"))
-                raise
-            # The handler itself raised CancelledError (e.g. its executor future was
-            # cancelled): a failed batch, not a shutdown.
-            logger.exception("batch of %d was cancelled inside the handler", size)
             for entry in entries:
-                _fail(entry.future, BatchFailed("inference failed"))
-        except Exception:
-            logger.exception("batch of %d failed", size)
-            for entry in entries:
-                _fail(entry.future, BatchFailed("inference failed"))
+                _fail(entry.future, Stopped("the server is shutting down"))
+            raise
         finally:
             self._running.discard(batch)
             self._slots.release()
             self._observer.batch_finished(size, time.monotonic() - batch.started_at, ok)
+
+    async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> bool:
+        """Run ``entries`` in one handler call. If it fails, run each half again on its own,
+        down to single items, so that an item the handler cannot take fails alone rather
+        than with everything batched beside it. True if the first call succeeded."""
+        error = await self._call_handler(entries)
+        if error is None:
+            return True
+        if len(entries) == 1:
+            logger.error("batch of 1 failed", exc_info=error)
+            _fail(entries[0].future, BatchFailed("inference failed"))
+            return False
+        logger.warning(
+            "batch of %d failed (%r); running its halves apart to find the item at fault",
+            len(entries),
+            error,
+        )
+        wanted = self._still_wanted(entries)
+        half = (len(wanted) + 1) // 2
+        for part in (wanted[:half], wanted[half:]):
+            if part:
+                await self._run_isolating_failures(self._still_wanted(part))
+        return False
+
+    async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
+        """Hand ``entries`` to the handler and resolve their futures; the handler's error."""
+        try:
+            outputs = await self._handler([entry.item for entry in entries])
+            if len(outputs) != len(entries):
+                raise RuntimeError(
+                    f"batch handler returned {len(outputs)} outputs for {len(entries)} inputs"
+                )
+        except asyncio.CancelledError as error:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The handler itself raised CancelledError (e.g. its executor future was
+            # cancelled): a failed batch, not a shutdown.
+            return error
+        except GeneratorExit:
+            raise
+        except BaseException as error:
+            # Even SystemExit or KeyboardInterrupt from a model's thread would otherwise
+            # stop the event loop, and with it every request of this worker.
+            return error
+        for entry, output in zip(entries, outputs, strict=True):
+            _resolve(entry.future, output)
+        return None
+
+    def _still_wanted(self, entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
+        """The entries whose callers still wait; those whose deadline passed are failed."""
+        now = time.monotonic()
+        wanted = []
+        for entry in entries:
+            if entry.future.done():
+                continue
+            if entry.deadline is not None and entry.deadline <= now:
+                _fail(entry.future, DeadlineExceeded("the request's deadline passed"))
+                continue
+            wanted.append(entry)
+        return wanted

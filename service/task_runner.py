@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,6 +66,12 @@ def _request_hash(
     digest = hashlib.sha256(image)
     digest.update(json.dumps([top_k, metadata, callback_url], sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _log_count_failure(task_ids: list[str], counted: Future[None]) -> None:
+    error = None if counted.cancelled() else counted.exception()
+    if error is not None:
+        logger.error("counting the attempts of tasks %s failed", task_ids, exc_info=error)
 
 
 class TaskRunner:
@@ -177,10 +183,17 @@ class TaskRunner:
         self._wake.set()  # the queue depth changed
         return record
 
-    async def count_attempts(self, task_ids: list[str]) -> None:
+    def count_attempts(self, task_ids: list[str]) -> None:
         """Charge an attempt to these tasks, which are entering the model: if the worker
-        dies while it runs them, they, and not the tasks only waiting, were running."""
-        await self._db(self.store.count_attempts, self.owner, task_ids)
+        dies while it runs them, they, and not the tasks only waiting, were running.
+
+        Queued on the store's thread, not awaited: a database locked by another process
+        must not hold up the batch, nor the interactive requests waiting behind it. The
+        store's later writes for these tasks run after it, on the same thread.
+        """
+        self._db_thread.submit(self.store.count_attempts, self.owner, task_ids).add_done_callback(
+            partial(_log_count_failure, task_ids)
+        )
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""

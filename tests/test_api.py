@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 import main
 from classification import ImageTooLarge, Prediction
@@ -297,6 +298,29 @@ async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
 
 
+async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: list[Path]) -> None:
+    """An upload over 1 MiB is spooled to disk, and reading it back yields to other requests;
+    they must still find it counted, and be refused before they decode."""
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    large = images.encode(Image.fromarray(noise), "PNG")
+    assert len(large) > 1024 * 1024
+    async with running_app(make_settings(max_queue=2)) as served:
+        model = GatedModel(served)
+        running = asyncio.create_task(
+            served.client.post("/cls", files=upload(photos[0].read_bytes()))
+        )
+        await asyncio.to_thread(model.entered.wait, 10)
+        burst = [
+            asyncio.create_task(served.client.post("/cls", files=upload(large))) for _ in range(8)
+        ]
+        await wait_for(lambda: sum(task.done() for task in burst) == 6)
+        refusals = [task.result().json()["detail"] for task in burst if task.done()]
+        assert all(detail.startswith("the queue is full") for detail in refusals), refusals
+        model.release.set()
+        statuses = [r.status_code for r in await asyncio.gather(running, *burst)]
+        assert sorted(statuses) == [200] * 3 + [503] * 6
+
+
 async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> None:
     async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
         model = GatedModel(served)
@@ -356,6 +380,36 @@ async def test_model_failure_is_500_for_that_batch_only(photos: list[Path]) -> N
         assert failed.status_code == 500
         assert failed.json() == {"detail": "inference failed; the error is logged on the server"}
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
+async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list[Path]) -> None:
+    """One image in a batch makes the model raise: it alone gets the 500, and the photos
+    batched with it get the answers they get alone."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        real_classify = classifier.classify
+
+        def fail_on_black(
+            pixels: Sequence[np.ndarray], top_k: Sequence[int]
+        ) -> list[list[Prediction]]:
+            if any(not crop.any() for crop in pixels):
+                raise RuntimeError("the model cannot take a black image")
+            return real_classify(pixels, top_k)
+
+        classifier.classify = fail_on_black  # type: ignore[method-assign]
+        black = images.encode(Image.new("RGB", (64, 64)), "PNG")
+        first, second = (p.read_bytes() for p in photos[:2])
+        # The held request, then the same photo, the black image and another photo queued.
+        model, responses = await send_while_the_model_is_held(
+            served, [first, black, second], queued=3
+        )
+        assert model.batch_sizes[:2] == [1, 3]
+        assert sum(model.batch_sizes) > 4, "the failed batch's halves ran again"
+        assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        for image, response in ((first, responses[1]), (second, responses[3])):
+            alone = await served.client.post("/cls", files=upload(image))
+            assert response.json() == alone.json()
 
 
 async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:

@@ -499,6 +499,31 @@ async def test_shutdown_hands_unfinished_tasks_back_to_the_queue(photos: list[Pa
     assert attempts == [1, 1, 1, 2]
 
 
+async def test_tasks_that_the_drain_runs_count_their_attempt(photos: list[Path]) -> None:
+    settings = make_settings(max_batch_size=1, drain_timeout_s=10)
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        model = GatedModel(served)
+        for _ in range(2):
+            await submit(served.client, data)
+        await wait_for(model.entered.is_set)
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 1)  # the second, in the batcher
+        drain = processor.stop
+
+        async def release_the_model_then_drain(drain_timeout_s: float) -> None:
+            model.release.set()  # the second task enters the model during the drain
+            await drain(drain_timeout_s)
+
+        processor.stop = release_the_model_then_drain  # type: ignore[method-assign]
+
+    assert model.batch_sizes == [1, 1]
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        rows = db.execute("SELECT status, attempts FROM tasks").fetchall()
+    assert rows == [("succeeded", 1)] * 2
+
+
 # --- Idempotency keys -------------------------------------------------------------------------
 
 
@@ -628,3 +653,37 @@ async def test_a_short_queue_limits_how_many_tasks_a_worker_holds(photos: list[P
     assert [task["status"] for task in results] == ["succeeded"] * 6
     sample = 'batch_requests_total{outcome="rejected"}'
     assert metric_value(after, sample) - metric_value(before, sample) == 0
+
+
+async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:
+    """A task's batch charges its attempt without waiting on the database, so while another
+    process holds the store's write lock, /cls requests behind that batch are served."""
+    async with running_app(make_settings()) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        accepted = await submit(served.client, data)
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 1)  # the task, waiting behind /cls
+
+        lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            model.release.set()
+            assert (await first).status_code == 200
+            # The task's batch is the one running or done now; /cls comes after it.
+            async with asyncio.timeout(5):
+                behind = await served.client.post("/cls", files=upload(data))
+            assert behind.status_code == 200, behind.text
+            assert model.batch_sizes == [1, 1, 1]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+
+        task = await finished(served.client, accepted["task_id"])
+        assert task["status"] == "succeeded"
+    with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
+        assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]

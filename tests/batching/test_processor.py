@@ -410,33 +410,112 @@ async def test_cancelling_a_caller_inside_a_running_batch_spares_the_others() ->
 
 
 @pytest.mark.parametrize("outputs", [fail_on_negative, drop_one_on_negative])
-async def test_a_failing_batch_fails_only_its_own_callers(
+async def test_an_item_the_handler_fails_on_fails_alone(
     outputs: Callable[[list[int]], Sequence[int]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A handler error, or a wrong number of outputs, fails that batch alone with BatchFailed."""
+    """A handler error, or a wrong number of outputs, sends the batch's halves back to the
+    handler apart, down to single items: only the item at fault fails, with BatchFailed."""
     handler = FakeHandler(held=True, outputs=outputs)
     async with running(handler, BatchConfig()) as processor:
         first = spawn(processor, 0)
         await handler.next_started()
-        doomed = spawn(processor, 1, -1, 2)
-        await wait_until(lambda: processor.queue_depth == 3)
+        batch = spawn(processor, 1, -1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 4)
         handler.release_next()
-        assert await handler.next_started() == [1, -1, 2]
-        after = spawn(processor, 3, 4)
+        assert await handler.next_started() == [1, -1, 2, 3]
+        after = spawn(processor, 4, 5)
         await wait_until(lambda: processor.queue_depth == 2)
 
-        with caplog.at_level(logging.ERROR, logger="batching.processor"):
-            handler.release_next()
-            outcomes = await bounded(asyncio.gather(*doomed, return_exceptions=True))
-        assert all(isinstance(outcome, BatchFailed) for outcome in outcomes)
-        assert "batch of 3 failed" in caplog.text
+        with caplog.at_level(logging.WARNING, logger="batching.processor"):
+            handler.release_all()
+            outcomes = await bounded(asyncio.gather(*batch, return_exceptions=True))
+        assert [outcomes[0], *outcomes[2:]] == [2, 4, 6]
+        assert isinstance(outcomes[1], BatchFailed)
+        assert "batch of 4 failed" in caplog.text
+        assert "batch of 1 failed" in caplog.text
 
-        handler.release_all()
-        assert await results(first + after) == [0, 6, 8]
+        assert await results(first + after) == [0, 8, 10]
         # The loop is still alive after the failure.
-        assert await results(spawn(processor, 5)) == [10]
+        assert await results(spawn(processor, 6)) == [12]
 
-    assert handler.sizes == [1, 3, 2, 1]
+    assert handler.batches == [[0], [1, -1, 2, 3], [1, -1], [1], [-1], [2, 3], [4, 5], [6]]
+
+
+async def test_a_handler_that_always_fails_fails_every_caller_and_keeps_the_loop() -> None:
+    def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("the fake model is broken")
+
+    handler = FakeHandler(held=True, outputs=broken)
+    observer = RecordingObserver()
+    async with running(handler, BatchConfig(), observer) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
+        assert all(isinstance(outcome, BatchFailed) for outcome in outcomes), outcomes
+        assert processor.accepting
+        assert processor.in_flight == 0
+
+    assert handler.batches == [[0], [1, 2, 3], [1, 2], [1], [2], [3]]
+    # Metrics see the two batches that formed, not the handler calls that narrowed them down.
+    assert [(size, ok) for size, _, ok in observer.finished] == [(1, False), (3, False)]
+    assert Counter(observer.outcomes) == {Outcome.FAILED: 4}
+
+
+async def test_a_failed_batch_is_not_run_again_for_callers_that_left() -> None:
+    """Callers cancelled, or past their deadline, while their batch failed are not retried."""
+    handler = FakeHandler(held=True, outputs=fail_on_negative)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        leaving = spawn(processor, 1)
+        expiring = asyncio.create_task(processor.submit(2, deadline=time.monotonic() + 0.2))
+        staying = spawn(processor, -3, 4)
+        await wait_until(lambda: processor.queue_depth == 4)
+        handler.release_next()
+        assert await handler.next_started() == [1, 2, -3, 4]
+        leaving[0].cancel()
+        with pytest.raises(DeadlineExceeded):
+            await bounded(expiring)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*staying, return_exceptions=True))
+        assert isinstance(outcomes[0], BatchFailed)
+        assert outcomes[1] == 8
+        assert await results(first) == [0]
+
+    assert handler.batches == [[0], [1, 2, -3, 4], [-3], [4]]
+
+
+class ModelThreadExit(BaseException):
+    """Stands in for an error no ``except Exception`` catches."""
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, ModelThreadExit])
+async def test_a_handler_raising_a_base_exception_fails_its_item_and_the_loop_goes_on(
+    error: type[BaseException],
+) -> None:
+    """Not even SystemExit or KeyboardInterrupt from a model's thread stops the event loop,
+    which would end every request of the worker; the callers are answered."""
+
+    def exit_on_negative(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise error
+        return [item * 2 for item in items]
+
+    handler = FakeHandler(held=True, outputs=exit_on_negative)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, -1, 2)
+        await wait_until(lambda: processor.queue_depth == 2)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
+        assert outcomes[0] == 0
+        assert isinstance(outcomes[1], BatchFailed)
+        assert outcomes[2] == 4
+        assert await bounded(processor.submit(3)) == 6
 
 
 async def test_a_full_queue_rejects_at_once() -> None:
@@ -651,7 +730,7 @@ async def test_observer_counts_each_outcome() -> None:
     with pytest.raises(DeadlineExceeded):  # already expired
         await bounded(processor.submit(1, deadline=time.monotonic() - 1.0))
 
-    doomed, cancelled, also_doomed = spawn(processor, 2, 3, -1)
+    spared, cancelled, doomed = spawn(processor, 2, 3, -1)
     await wait_until(lambda: processor.queue_depth == 3)
     with pytest.raises(QueueFull):
         await bounded(processor.submit(4))
@@ -661,10 +740,12 @@ async def test_observer_counts_each_outcome() -> None:
 
     handler.release_next()
     assert await results(first) == [0]
-    assert await handler.next_started() == [2, -1]
-    handler.release_next()
-    failed = await bounded(asyncio.gather(doomed, also_doomed, return_exceptions=True))
-    assert all(isinstance(outcome, BatchFailed) for outcome in failed)
+    for expected in ([2, -1], [2], [-1]):  # the failed batch, then its halves apart
+        assert await handler.next_started() == expected
+        handler.release_next()
+    assert await results([spared]) == [4]
+    with pytest.raises(BatchFailed):
+        await bounded(doomed)
 
     stranded = spawn(processor, 5)
     await handler.next_started()
@@ -675,11 +756,11 @@ async def test_observer_counts_each_outcome() -> None:
         await bounded(processor.submit(6))
 
     assert Counter(observer.outcomes) == {
-        Outcome.OK: 1,
+        Outcome.OK: 2,
         Outcome.EXPIRED: 2,
         Outcome.REJECTED: 1,
         Outcome.CANCELLED: 1,
-        Outcome.FAILED: 2,
+        Outcome.FAILED: 1,
         Outcome.STOPPED: 2,
     }
     assert [ok for _, _, ok in observer.finished] == [True, False, False]
