@@ -82,6 +82,9 @@ TASK_STOP_GRACE_S = 5.0
 # most about 20 ms for a PNG, 6 for a JPEG, on a 2-core VM, no longer than a batch of one.
 # A larger image would hold the model from the requests arriving meanwhile.
 MODEL_THREAD_DECODE_MAX_PIXELS = 500_000
+# ... and up to this many bytes: reading a file's structure (PNG chunks, TIFF strip tables)
+# costs time per byte whatever pixels it declares, up to seconds for a few megabytes.
+MODEL_THREAD_DECODE_MAX_BYTES = 128 * 1024
 MAX_CALLBACK_URL_CHARS = 2048
 # Far below the nesting at which a task's answer could no longer be serialised.
 MAX_METADATA_DEPTH = 32
@@ -337,11 +340,12 @@ class Service:
             # core's cache and needs no hand-off from another thread.
             assert self.classifier is not None
             self._inference_pool.submit(self.classifier.wake_threads)
-            pixels = await loop.run_in_executor(
-                self._inference_pool, _preprocess_if_small, data, max_pixels
-            )
-            if pixels is not None:
-                return pixels
+            if len(data) <= MODEL_THREAD_DECODE_MAX_BYTES:
+                pixels = await loop.run_in_executor(
+                    self._inference_pool, _preprocess_if_small, data, max_pixels
+                )
+                if pixels is not None:
+                    return pixels
         return await loop.run_in_executor(self._decode_pool, _preprocess, data, max_pixels)
 
     async def validate_task_image(self, upload: UploadFile) -> bytes:

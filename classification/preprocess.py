@@ -28,6 +28,7 @@ DRAFT_SCALES = (8, 4, 2)
 # Ghostscript); none of those is worth the attack surface for a classifier.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
@@ -71,6 +72,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if image.format == "TIFF":
+        _check_tiff_tiles(image, max_pixels)
     try:
         scale = _draft_scale(width, height)
         if scale > 1:
@@ -81,6 +84,24 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _check_tiff_tiles(image: Image.Image, max_pixels: int) -> None:
+    """libtiff allocates whole tiles, whose size a TIFF states apart from the image's: a few
+    bytes can declare a 4x4 image stored in one tile of two billion pixels."""
+    tags = image.tag_v2  # type: ignore[attr-defined]
+    tile_width, tile_length = tags.get(TIFF_TILE_WIDTH), tags.get(TIFF_TILE_LENGTH)
+    if tile_width is None and tile_length is None:
+        return
+    if not tile_width or not tile_length:
+        raise InvalidImage("the TIFF's tile size is corrupt")
+    width, height = image.size
+    covered = -(-width // tile_width) * tile_width * -(-height // tile_length) * tile_length
+    if covered > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height}, stored in {tile_width}x{tile_length} tiles that "
+            f"cover {covered} pixels; MAX_IMAGE_PIXELS allows {max_pixels}"
+        )
 
 
 def _draft_scale(width: int, height: int) -> int:

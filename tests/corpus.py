@@ -153,6 +153,12 @@ def build_corpus(photo_path: Path) -> list[Case]:
         Case("png-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.png_bomb())),
         Case("gif-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.gif_bomb())),
         Case(
+            "tiff-4x4-in-one-46336-pixel-tile",
+            400,
+            "MAX_IMAGE_PIXELS",
+            upload(images.tiled_tiff(4, 4, tile=46336)),
+        ),
+        Case(
             "over-max-upload-bytes",
             413,
             "MAX_UPLOAD_BYTES",

@@ -71,3 +71,26 @@ def gif_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
     pixels = b"\x02\x02\x4c\x01\x00"  # LZW minimum code size 2, one small sub-block
     return b"GIF89a" + screen + palette + frame + pixels + b";"
+
+
+def tiled_tiff(width: int, height: int, tile: int, pixels: bytes | None = None) -> bytes:
+    """An 8-bit greyscale TIFF stored in one square tile of ``tile`` pixels a side, deflated
+    (``pixels``, tile-sized, default all black)."""
+    data = zlib.compress(pixels if pixels is not None else bytes(min(tile * tile, 1 << 20)))
+    tags = [  # (tag, type: 3 short or 4 long, value), in tag order
+        (256, 3, width),
+        (257, 3, height),
+        (258, 3, 8),
+        (259, 3, 8),  # deflate
+        (262, 3, 1),  # black is zero
+        (277, 3, 1),
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8),  # the tile's data follows the 8-byte header
+        (325, 4, len(data)),
+    ]
+    directory = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        directory += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + directory + bytes(4)

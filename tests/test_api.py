@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import main
 from classification import ImageTooLarge, Prediction
@@ -241,6 +242,30 @@ async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
         assert all(thread.startswith("decode") for thread in decodes[1:])
 
 
+async def test_an_idle_model_leaves_a_long_file_to_the_decode_threads(
+    served: RunningApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file over MODEL_THREAD_DECODE_MAX_BYTES may declare few pixels and still take long
+    to read (thousands of PNG chunks, a TIFF strip table): the model's thread never opens it."""
+    padding = [(f"note{i}", "x" * 100) for i in range(main.MODEL_THREAD_DECODE_MAX_BYTES // 100)]
+    info = PngImagePlugin.PngInfo()
+    for key, value in padding:
+        info.add_text(key, value)
+    data = images.encode(images.gradient(64, 48), "PNG", pnginfo=info)
+    assert len(data) > main.MODEL_THREAD_DECODE_MAX_BYTES
+    threads: list[str] = []
+    real_preprocess = main._preprocess
+
+    def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        threads.append(threading.current_thread().name.split("_")[0])
+        return real_preprocess(data, max_pixels)
+
+    monkeypatch.setattr(main, "_preprocess", preprocess)
+    response = await served.client.post("/cls", files=upload(data))
+    assert response.status_code == 200, response.text
+    assert threads == ["decode"]
+
+
 async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     served: RunningApp, photos: list[Path], reference: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,7 +273,8 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     requests arriving meanwhile: only its header is read on the model's thread, and it
     decodes on a decode thread with the configured limit, answered as any other."""
     side = math.isqrt(main.MODEL_THREAD_DECODE_MAX_PIXELS) + 1
-    large = images.photo(photos[0]).resize((side, side))
+    data = images.encode(images.photo(photos[0]).resize((side, side)), "JPEG", quality=80)
+    assert len(data) <= main.MODEL_THREAD_DECODE_MAX_BYTES
     decodes: list[tuple[str, int, bool]] = []
     real_preprocess = main._preprocess
 
@@ -262,7 +288,6 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
         return pixels
 
     monkeypatch.setattr(main, "_preprocess", preprocess)
-    data = images.encode(large, "PNG")
     response = await served.client.post("/cls", files=upload(data))
     assert response.status_code == 200
     limit = served.service.settings.max_image_pixels
@@ -270,7 +295,7 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
         ("inference", main.MODEL_THREAD_DECODE_MAX_PIXELS, False),
         ("decode", limit, True),
     ]
-    indices, _ = reference.top_k(large, 5)
+    indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
     assert [p["index"] for p in response.json()["prediction"]] == indices
 
 

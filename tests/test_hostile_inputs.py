@@ -147,9 +147,12 @@ def peak_rss_bytes() -> int:
 
 
 @module_loop
-@pytest.mark.parametrize("name", ["png-bomb-30000x30000", "gif-bomb-30000x30000"])
+@pytest.mark.parametrize(
+    "name", ["png-bomb-30000x30000", "gif-bomb-30000x30000", "tiff-4x4-in-one-46336-pixel-tile"]
+)
 async def test_bombs_are_refused_before_pixels_are_allocated(served: RunningApp, name: str) -> None:
-    """30000x30000 pixels would take 0.9 GB as greyscale, 2.7 GB as RGB; none is allocated."""
+    """30000x30000 pixels would take 0.9 GB as greyscale, 2.7 GB as RGB, a 46336-pixel
+    square tile 2 GB; none is allocated."""
     case = next(case for case in CORPUS if case.name == name)
     control = images.encode(images.gradient(64, 48), "PNG")
     rss_before = peak_rss_bytes()

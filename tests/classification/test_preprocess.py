@@ -267,6 +267,17 @@ def test_decompression_bombs_are_refused_before_pixels_are_allocated(bomb: objec
     assert peak < 5_000_000
 
 
+def test_a_tiff_is_limited_by_its_tiles_not_only_its_declared_size() -> None:
+    """libtiff allocates whole tiles: a 4x4 image in one 46336-pixel tile would take 2 GB."""
+    with pytest.raises(ImageTooLarge, match="46336x46336 tiles"):
+        decode_image(images.tiled_tiff(4, 4, tile=46336), max_pixels=MAX_PIXELS)
+    # An ordinary tiled TIFF, its one tile larger than the image, decodes.
+    pixels = bytes(range(256)) * 4
+    image = decode_image(images.tiled_tiff(20, 10, tile=32, pixels=pixels), max_pixels=MAX_PIXELS)
+    assert image.size == (20, 10)
+    assert np.asarray(image)[1, :3, 0].tolist() == [32, 33, 34]  # row 1 starts at byte 32
+
+
 def test_pixel_limit_is_configurable() -> None:
     data = images.encode(images.gradient(320, 240), "PNG")
     with pytest.raises(ImageTooLarge, match="MAX_IMAGE_PIXELS allows 1000"):
