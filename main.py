@@ -626,7 +626,12 @@ def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | Non
             f"metadata is {size} bytes; TASK_METADATA_MAX_BYTES allows {max_bytes}"
         )
     try:
-        parsed = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        parsed = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_float_sized_int,
+        )
     except NotPlainJson as exc:
         raise InvalidTaskField(f"metadata: {exc}") from None
     except RecursionError:
@@ -638,6 +643,14 @@ def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | Non
         raise InvalidTaskField(f"metadata must be a JSON object, received a JSON {kind}")
     if _nesting_depth(parsed) > MAX_METADATA_DEPTH:
         raise InvalidTaskField(_too_deep_message())
+    try:
+        # "\ud800" is valid JSON but not Unicode: the task's status could never be sent.
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidTaskField(
+            "metadata holds an unpaired surrogate escape (\\ud800 to \\udfff), which is not "
+            "a character"
+        ) from None
     return parsed
 
 
@@ -653,8 +666,23 @@ def _refuse_constant(name: str) -> object:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: Python reads it as infinity
-        raise NotPlainJson(f"{text} is out of the range of a 64-bit float")
+        raise NotPlainJson(_out_of_range(text))
     return value
+
+
+def _float_sized_int(text: str) -> int:
+    """An integer that other JSON readers, which hold numbers as 64-bit floats, can read."""
+    try:
+        value = int(text)
+        float(value)
+    except (ValueError, OverflowError):  # over 4300 digits, or past a float's range
+        raise NotPlainJson(_out_of_range(text)) from None
+    return value
+
+
+def _out_of_range(number: str) -> str:
+    shown = number if len(number) <= 24 else f"{number[:20]}... ({len(number)} characters)"
+    return f"{shown} is out of the range of a 64-bit float"
 
 
 def _nesting_depth(value: object) -> int:

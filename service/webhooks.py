@@ -75,6 +75,8 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
             return _refusal_reason(embedded)
     if ip.is_loopback:
         return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated
+        return "site-local"
     if ip.is_link_local:
         return "link-local (cloud metadata lives here)"
     if ip.is_unspecified:
@@ -115,6 +117,12 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
     if len(url) > MAX_URL_CHARS:
         raise InvalidCallbackUrl(
             f"callback_url is {len(url)} characters; at most {MAX_URL_CHARS} are accepted"
+        )
+    # urlsplit drops tabs and newlines silently, so the host checked below would not be
+    # the URL stored; the HTTP client refuses such a URL at delivery.
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise InvalidCallbackUrl(
+            "callback_url contains whitespace or control characters; percent-encode them"
         )
     try:
         parts = urlsplit(url)

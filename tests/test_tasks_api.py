@@ -122,12 +122,18 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
         ({"metadata": "{not json"}, 422, "metadata must be a JSON object"),
         ({"metadata": '{"x": NaN}'}, 422, "metadata: NaN is not valid JSON"),
         ({"metadata": '{"x": 1e400}'}, 422, "metadata: 1e400 is out of the range"),
+        ({"metadata": '{"x": ' + "9" * 400 + "}"}, 422, "(400 characters) is out of the range"),
+        ({"metadata": '{"x": ' + "9" * 5000 + "}"}, 422, "(5000 characters) is out of the range"),
+        ({"metadata": '{"x": "\\ud800"}'}, 422, "unpaired surrogate"),
+        ({"metadata": '{"\\udfff": 1}'}, 422, "unpaired surrogate"),
         ({"metadata": '{"x": ' + "[" * 32 + "]" * 32 + "}"}, 422, "more than 32 levels deep"),
         ({"metadata": "[" * 5000 + "]" * 5000}, 422, "more than 32 levels deep"),
         ({"metadata": '{"x": "' + "y" * 20_000 + '"}'}, 422, "TASK_METADATA_MAX_BYTES allows"),
         ({"callback_url": "ftp://example.com/hook"}, 422, "http"),
         ({"callback_url": "http://127.0.0.1:8080/hook"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
         ({"callback_url": "http://169.254.169.254/latest"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
+        ({"callback_url": "http://93.184.215.14\t/hook"}, 422, "control characters"),
+        ({"callback_url": "http://example.com/\r\nX-Injected: 1"}, 422, "control characters"),
     ],
 )
 async def test_bad_fields_are_refused_before_anything_is_stored(

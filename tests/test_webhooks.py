@@ -338,6 +338,10 @@ LOOPBACK_URLS = [
         ("http://[::1]/", "loopback"),
         ("http://[fe80::1]/", "link-local"),
         ("http://[fd00::1]/", "private"),
+        ("http://[fec0::1]/", "site-local"),
+        ("http://93.184.215.14\t/hook", "control characters"),
+        ("http://example.com\n.evil/", "control characters"),
+        ("http://example.com/a b", "whitespace"),
         ("http://[::ffff:127.0.0.1]/", "loopback"),
         ("http://[::ffff:10.0.0.1]/", "private"),
         ("http://[64:ff9b::a00:1]/", "private"),  # NAT64 of 10.0.0.1
