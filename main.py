@@ -890,7 +890,13 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
-        form_limits={"max_files": 1, "max_fields": 8},
+        # Starlette caps a form field at 1 MiB: room for the metadata the settings allow,
+        # and for twice as much, so that a little too much gets the answer naming the setting.
+        form_limits={
+            "max_files": 1,
+            "max_fields": 8,
+            "max_part_size": max(1024 * 1024, 2 * settings.task_metadata_max_bytes),
+        },
         tags=["tasks"],
     )
     app.add_api_route(

@@ -145,6 +145,22 @@ async def test_bad_fields_are_refused_before_anything_is_stored(
     assert stored_rows(served, "tasks") == 0
 
 
+async def test_metadata_over_a_mebibyte_is_accepted_when_the_setting_allows_it(
+    photos: list[Path],
+) -> None:
+    async with running_app(make_settings(task_metadata_max_bytes=1_500_000)) as served:
+        data = photos[0].read_bytes()
+        within = json.dumps({"notes": "x" * 1_400_000})
+        accepted = await submit(served.client, data, metadata=within)
+        task = await finished(served.client, accepted["task_id"])
+        assert task["metadata"] == json.loads(within)
+
+        over = json.dumps({"notes": "x" * 1_600_000})
+        response = await served.client.post("/tasks", files=upload(data), data={"metadata": over})
+        assert response.status_code == 422, response.text
+        assert "TASK_METADATA_MAX_BYTES allows 1500000" in response.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [
