@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ def load_labels(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ModelLoadError(f"cannot read LABELS_FILE {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"LABELS_FILE {path} is not UTF-8 text") from None
     labels = [line.strip() for line in lines if line.strip()]
     if not labels:
         raise ModelLoadError(f"LABELS_FILE {path} holds no labels")
@@ -76,8 +79,14 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
     try:
         return IMAGENET_WEIGHTS.get_state_dict(progress=False, check_hash=True)
-    except OSError as exc:  # URLError and socket errors are OSErrors
-        reason = getattr(exc, "reason", exc)
+    except Exception as exc:
+        if cached.is_file():  # torch hub loads a cached file without checking it
+            raise ModelLoadError(
+                f"the ResNet18 ImageNet weights cached at {cached} cannot be loaded "
+                f"({_first_line(exc)}); delete that file to download them again, or set "
+                "WEIGHTS=/path/to/state_dict.pth to load a local file"
+            ) from None
+        reason = getattr(exc, "reason", None) or _first_line(exc)  # URLError has a reason
         raise ModelLoadError(
             f"ResNet18 ImageNet weights are not cached at {cached} and cannot be downloaded "
             f"({reason}); set WEIGHTS=/path/to/state_dict.pth to load a local file, "
@@ -92,14 +101,39 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
         ) from None
+    except pickle.UnpicklingError as exc:
+        # torch's own message goes on for lines, and suggests weights_only=False, which
+        # would run whatever code the file holds.
+        if "Unsupported global" in str(exc):
+            raise ModelLoadError(
+                f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
+                "model?); save its state_dict() and point WEIGHTS at that file"
+            ) from None
+        raise ModelLoadError(
+            f"WEIGHTS={path} is not a loadable state dict; expected a file written by "
+            "torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as exc:
-        raise ModelLoadError(f"WEIGHTS={path} is not a loadable state dict: {exc}") from None
+        raise ModelLoadError(
+            f"WEIGHTS={path} is not a loadable state dict: {_first_line(exc)}"
+        ) from None
     # Training checkpoints often wrap the weights.
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or "fc.weight" not in loaded:
         raise ModelLoadError(f"WEIGHTS={path} is not a ResNet18 state dict (no 'fc.weight')")
+    not_tensors = [name for name, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ModelLoadError(
+            f"WEIGHTS={path} is not a ResNet18 state dict ({not_tensors[0]!r} is not a tensor)"
+        )
     return loaded
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's message cut to one line, for start-up errors that must fit on one."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:300]
 
 
 def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Module, str]:

@@ -53,7 +53,10 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
 class Settings(BaseSettings):
     """Every setting, with its environment variable (upper-case field name) and default."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # allow_inf_nan: "inf" would pass every lower bound below, then break what uses it.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     port: int = Field(5001, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
@@ -61,27 +64,27 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     weights: str = Field("imagenet", min_length=1)
     labels_file: Path = PROJECT_ROOT / "imagenet_classes.txt"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     channels_last: bool = True
 
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=60_000)
     batch_policy: BatchPolicy = BatchPolicy.ADAPTIVE
-    max_queue: int = Field(256, ge=1)
-    request_timeout_ms: float = Field(10_000, gt=0)
-    drain_timeout_s: float = Field(20.0, ge=0)
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    request_timeout_ms: float = Field(10_000, gt=0, le=86_400_000)
+    drain_timeout_s: float = Field(20.0, ge=0, le=86_400)
     # gunicorn: a worker silent for this long is restarted (model load and warm-up included).
-    worker_timeout_s: int = Field(120, ge=10)
-    keepalive_s: int = Field(5, ge=0)
-    stall_timeout_s: float = Field(60.0, gt=0)
+    worker_timeout_s: int = Field(120, ge=10, le=86_400)
+    keepalive_s: int = Field(5, ge=0, le=86_400)
+    stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_batch_files: int = Field(32, ge=1, le=1000)
     body_idle_timeout_s: float = Field(30.0, gt=0)
 
-    torch_threads: int | None = Field(None, ge=1)
-    decode_threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+    decode_threads: int | None = Field(None, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     access_log: bool = True

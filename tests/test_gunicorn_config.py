@@ -66,11 +66,25 @@ def test_everything_comes_from_the_environment(
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKER_TIMEOUT_S", "5"),
+        ("DRAIN_TIMEOUT_S", "inf"),
+        ("DRAIN_TIMEOUT_S", "1e400"),
+        ("REQUEST_TIMEOUT_MS", "nan"),
+        ("SEED", "99999999999999999999999"),
+        ("SEED", "-1"),
+        ("TORCH_THREADS", "99999999999999999999999"),
+        ("DECODE_THREADS", "100000"),
+    ],
+)
 def test_an_invalid_value_stops_start_up_with_one_line(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
 ) -> None:
-    with pytest.raises(SystemExit, match="WORKER_TIMEOUT_S='5'"):
-        load(monkeypatch, tmp_path, WORKER_TIMEOUT_S="5")
+    with pytest.raises(SystemExit, match=f"{name}='{value}'") as stopped:
+        load(monkeypatch, tmp_path, **{name: value})
+    assert "\n" not in str(stopped.value)
 
 
 def test_metrics_hooks_start_clean_and_forget_dead_workers(

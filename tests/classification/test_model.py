@@ -101,16 +101,57 @@ def test_label_count_must_match_weights(tmp_path: Path) -> None:
         load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
 
 
+def save(value: object, path: Path) -> bytes:
+    torch.save(value, path)
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "does not exist"), (b"not a checkpoint", "not a loadable state dict")],
+    [
+        (None, "does not exist"),
+        (b"not a checkpoint", "not a loadable state dict; expected a file written by"),
+        ("whole model", "holds Python objects besides tensors"),
+        ({"fc.weight": [1.0, 2.0]}, "'fc.weight' is not a tensor"),
+        ("truncated", "not a loadable state dict"),
+    ],
 )
-def test_bad_weights_files(tmp_path: Path, content: bytes | None, message: str) -> None:
+def test_bad_weights_files_stop_start_up_with_one_line(
+    tmp_path: Path, content: object, message: str
+) -> None:
     path = tmp_path / "weights.pth"
-    if content is not None:
+    network, _ = build_network("random", 1000)
+    if content == "whole model":
+        save(network, path)
+    elif content == "truncated":
+        path.write_bytes(save(network.state_dict(), path)[:100_000])
+    elif isinstance(content, bytes):
         path.write_bytes(content)
-    with pytest.raises(ModelLoadError, match=message):
+    elif content is not None:
+        save(content, path)
+    with pytest.raises(ModelLoadError, match=message) as error:
         load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+    assert "\n" not in str(error.value)
+    assert "weights_only=False" not in str(error.value)
+
+
+def test_labels_that_are_not_utf8_are_a_clear_error(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ModelLoadError, match="is not UTF-8 text"):
+        load_classifier(weights="random", labels_file=labels, device="cpu")
+
+
+def test_a_corrupt_cached_imagenet_file_says_to_delete_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="delete that file to download them again") as error:
+        load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    assert "\n" not in str(error.value)
 
 
 def test_imagenet_weights_offline_name_both_alternatives(
