@@ -959,7 +959,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Idempotency-Key"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location", "Idempotent-Replayed"],
         )
     # Added last, so outermost: 401s and 413s get request ids and metrics too.
     app.add_middleware(RequestContextMiddleware)

@@ -129,12 +129,20 @@ def log_access(
         logging.WARNING if server_error else logging.INFO,
         "%s %s answered %d after %.1f ms%s",
         method,
-        path,
+        _escape_unprintable(path),
         status,
         duration_s * 1000,
         shown,
         extra=extra,
     )
+
+
+def _escape_unprintable(text: str) -> str:
+    """``text`` with newlines and other unprintable characters escaped: a path is
+    percent-decoded, and "/x%0aFORGED" must not start a line of its own in a text log."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def configure_logging(level: str, log_format: str, access_log: bool) -> None:

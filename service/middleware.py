@@ -172,4 +172,6 @@ class ApiKeyMiddleware:
         headers = Headers(scope=scope)
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
         offered = bearer.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
-        return hmac.compare_digest(offered.encode(), self.api_key)
+        # Header values arrive decoded as latin-1: encoded back, they are the bytes sent,
+        # which for a non-ASCII key are its UTF-8.
+        return hmac.compare_digest(offered.encode("latin-1"), self.api_key)

@@ -61,6 +61,21 @@ def test_an_access_line_carries_the_request_and_its_batch(
     ]
 
 
+def test_a_path_cannot_forge_a_line_of_the_text_log(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    """Paths arrive percent-decoded: "/x%0aFORGED LINE" holds a real newline."""
+    token, fields = logs.begin_request("req-1")
+    logs.log_access("GET", "/x\nFORGED LINE\r\u2028\x1b[31m", 404, 0.001, fields)
+    logs.end_request(token)
+
+    (line,) = access_lines
+    message = line.getMessage()
+    assert message.startswith("GET /x\\nFORGED LINE\\r\\u2028\\x1b[31m answered 404")
+    assert message.isprintable()
+    assert vars(line)["path"] == "/x\nFORGED LINE\r\u2028\x1b[31m"  # JSON escapes it itself
+
+
 def test_with_the_access_log_off_only_server_errors_are_logged(
     access_lines: list[logging.LogRecord],
 ) -> None:

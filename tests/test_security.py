@@ -80,6 +80,23 @@ async def test_the_right_key_is_accepted_either_way(
     assert all(entry["status"] == 200 for entry in batch.json()["results"])
 
 
+async def test_a_non_ascii_key_is_accepted_as_utf8(photos: list[Path]) -> None:
+    key = "cl\u00e9-\u00fcber-\u5bc6"
+    async with running_app(make_settings(api_key=key)) as served:
+        right = await served.client.post(
+            "/cls", files=upload(photos[0]), headers={"X-API-Key": key.encode()}
+        )
+        bearer = await served.client.post(
+            "/cls", files=upload(photos[0]), headers={"Authorization": b"Bearer " + key.encode()}
+        )
+        wrong = await served.client.post(
+            "/cls", files=upload(photos[0]), headers={"X-API-Key": key.encode("utf-16")}
+        )
+    assert right.status_code == 200, right.text
+    assert bearer.status_code == 200, bearer.text
+    assert wrong.status_code == 401
+
+
 async def test_probes_and_metrics_stay_open_and_docs_need_the_key() -> None:
     async with running_app(make_settings(api_key=API_KEY)) as served:
         client = served.client
@@ -150,7 +167,9 @@ async def test_configured_origins_pass_cors_even_with_an_api_key(photos: list[Pa
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
-    assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
+    exposed = allowed.headers["access-control-expose-headers"].lower()
+    for header in ("x-request-id", "retry-after", "location", "idempotent-replayed"):
+        assert header in exposed
     assert "access-control-allow-origin" not in foreign.headers
 
 
