@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
+
 SCHEMA_VERSION = 1
 DATABASE_NAME = "tasks.sqlite3"
 # Waits for another process's write transaction instead of failing at once.
@@ -142,6 +144,10 @@ class ClaimedTask:
     attempts: int
 
 
+def _is_locked(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
+
 class TaskStore:
     """The task table in ``<data_dir>/tasks.sqlite3``, in WAL mode.
 
@@ -184,7 +190,17 @@ class TaskStore:
         # Before anything creates the file: freed pages (deleted images) go back to the
         # file system on clean-up. A no-op on an existing database.
         self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        # Workers opening a new file at once may each hold a read lock that the switch to WAL
+        # must upgrade: SQLite answers "database is locked" at once, not after its busy
+        # timeout, to the one it cannot wait for.
+        for attempt in Retrying(
+            retry=retry_if_exception(_is_locked),
+            wait=wait_random(0.005, 0.05),
+            stop=stop_after_delay(BUSY_TIMEOUT_MS / 1000),
+            reraise=True,
+        ):
+            with attempt:
+                self._db.execute("PRAGMA journal_mode = WAL")
         # FULL: a task acknowledged with 202 survives a power cut, not only a crash.
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.tasks import (
+    DATABASE_NAME,
     IdempotencyKeyReused,
     TaskNotCancellable,
     TaskQueueFull,
@@ -151,6 +152,35 @@ def test_database_is_wal_with_incremental_auto_vacuum(store: TaskStore) -> None:
     with closing(sqlite3.connect(store.path)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+class LockedForTheFirstSwitches(sqlite3.Connection):
+    """Answers the first two switches to WAL as SQLite does when another worker opening the
+    same new file holds the read lock the switch needs."""
+
+    refusals = 2
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA journal_mode") and LockedForTheFirstSwitches.refusals:
+            LockedForTheFirstSwitches.refusals -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return super().execute(sql, *args)  # type: ignore[arg-type]
+
+
+def test_a_new_store_opened_by_several_workers_at_once_waits_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connect = sqlite3.connect
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        return real_connect(*args, factory=LockedForTheFirstSwitches, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with closing(TaskStore(tmp_path)) as store:
+        assert LockedForTheFirstSwitches.refusals == 0
+        assert store.count_queued() == 0
+    with closing(real_connect(tmp_path / DATABASE_NAME)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_create_refuses_once_max_queued_tasks_wait(store: TaskStore) -> None:
