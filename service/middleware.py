@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -80,12 +81,15 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class BodyLimitsMiddleware:
-    """Refuses request bodies over a per-path size limit (413) or that stall (408).
+    """Refuses request bodies over a per-path size limit (413), that stall (408), or that
+    are multipart and end before their closing boundary (400).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream.
     A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
-    slow or lying client cannot hold a connection and its buffers for ever.
+    slow or lying client cannot hold a connection and its buffers for ever. (The multipart
+    parser takes a cut-off body for a complete one without its last part, which would be
+    answered as a missing field.)
     """
 
     def __init__(
@@ -116,9 +120,12 @@ class BodyLimitsMiddleware:
 
         received = 0
         body_complete = False
+        closing = _closing_delimiter(scope)
+        closed = closing is None
+        tail = b""
 
         async def receive_within_limits() -> Message:
-            nonlocal received, body_complete
+            nonlocal received, body_complete, closed, tail
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
@@ -137,13 +144,35 @@ class BodyLimitsMiddleware:
                 # nginx's "client closed request": metrics and logs tell it from a bad body.
                 raise HTTPException(499, "the client disconnected during the upload")
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 body_complete = not message.get("more_body", False)
                 if received > limit:
                     raise HTTPException(413, self.describe(limit))
+                if not closed:
+                    assert closing is not None
+                    window = tail + chunk  # the delimiter may straddle two chunks
+                    closed = closing in window
+                    tail = window[-len(closing) :]
+                    if body_complete and received and not closed:
+                        raise HTTPException(
+                            400,
+                            f"the multipart body does not end with its closing boundary "
+                            f"({closing.decode('latin-1')}): it was cut off, or its parts "
+                            "use another boundary",
+                        )
             return message
 
         await self.app(scope, receive_within_limits, send)
+
+
+def _closing_delimiter(scope: Scope) -> bytes | None:
+    """The line that ends a multipart body, or None for other bodies."""
+    content_type, options = parse_options_header(_header(scope, b"content-type") or "")
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        return None
+    return b"--" + boundary + b"--"
 
 
 class ApiKeyMiddleware:

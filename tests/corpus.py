@@ -214,6 +214,23 @@ def build_corpus(photo_path: Path) -> list[Case]:
             content=body,
             headers={"Content-Type": "multipart/form-data"},
         ),
+        # A body cut off (a client or proxy that gave up) parses as one without its last
+        # part: without the check it was answered as a missing "file" field.
+        *(
+            Case(
+                f"multipart-cut-off-{where}",
+                400,
+                "does not end with its closing boundary",
+                content=body[:cut],
+                headers=multipart_headers(body[:cut]),
+            )
+            for where, cut in (
+                ("after-the-part-headers", body.index(jpeg)),
+                ("mid-file", body.index(jpeg) + len(jpeg) // 2),
+                ("before-the-closing-boundary", body.rindex(f"--{BOUNDARY}--".encode())),
+                ("inside-the-closing-boundary", len(body) - 4),
+            )
+        ),
         # ASGITransport hands the app the whole body whatever Content-Length says; the
         # service never trusts the header for sizes (only for an early 413), so the body
         # decides. tests/test_hostile_inputs.py also sends these to a real server.

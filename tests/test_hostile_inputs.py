@@ -25,11 +25,21 @@ import pytest_asyncio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import ImageFile
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 
+from service.middleware import BodyLimitsMiddleware
 from service.settings import Settings
 from service.tasks import DATABASE_NAME
 from tests import images
-from tests.corpus import MAX_UPLOAD_BYTES, Case, build_corpus, multipart, multipart_headers
+from tests.corpus import (
+    BOUNDARY,
+    MAX_UPLOAD_BYTES,
+    Case,
+    build_corpus,
+    multipart,
+    multipart_headers,
+)
 from tests.server import BIN, free_port, running_server, server_env
 from tests.support import Reference, RunningApp, make_settings, photo_paths, running_app
 
@@ -338,3 +348,40 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
     assert "Traceback" not in log
     assert " 500 " not in log
     assert "answered 5" not in log
+
+
+async def read_in_two_chunks(body: bytes, cut: int) -> list[Message]:
+    """What an app reading ``body`` through BodyLimitsMiddleware receives, when the body
+    arrives in two chunks split at ``cut``."""
+    arriving = iter(
+        [
+            {"type": "http.request", "body": body[:cut], "more_body": True},
+            {"type": "http.request", "body": body[cut:], "more_body": False},
+        ]
+    )
+    received: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while not received or received[-1].get("more_body"):
+            received.append(await receive())
+
+    async def receive() -> Message:
+        return next(arriving)
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is answered while the body is read")
+
+    content_type = f"multipart/form-data; boundary={BOUNDARY}".encode()
+    scope = {"type": "http", "path": "/cls", "headers": [(b"content-type", content_type)]}
+    limits = BodyLimitsMiddleware(app, {}, default_limit=1 << 20, describe=str, idle_timeout_s=5.0)
+    await limits(scope, receive, send)
+    return received
+
+
+@pytest.mark.parametrize("offset", range(len(BOUNDARY) + 6))
+async def test_a_closing_boundary_split_between_chunks_is_found(offset: int) -> None:
+    body = multipart([("file", "a.jpg", b"x" * 100, "image/jpeg")])
+    cut = body.rindex(f"--{BOUNDARY}--".encode()) + offset
+    assert len(await read_in_two_chunks(body, cut)) == 2
+    with pytest.raises(HTTPException, match="does not end with its closing boundary"):
+        await read_in_two_chunks(body[: len(body) - 5], min(cut, len(body) - 6))
