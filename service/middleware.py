@@ -151,9 +151,9 @@ class BodyLimitsMiddleware:
                     raise HTTPException(413, self.describe(limit))
                 if not closed:
                     assert closing is not None
-                    window = tail + chunk  # the delimiter may straddle two chunks
-                    closed = closing in window
-                    tail = window[-len(closing) :]
+                    # The delimiter may straddle two chunks; a chunk is not copied.
+                    closed = closing in tail + chunk[: len(closing)] or closing in chunk
+                    tail = (tail + chunk[-len(closing) :])[-len(closing) :]
                     if body_complete and received and not closed:
                         raise HTTPException(
                             400,
