@@ -127,9 +127,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        # Pasted through its own alpha onto white: the same values as alpha_composite, and
+        # no RGBA copies (160 MB each at 40 megapixels).
+        composited = Image.new("RGB", rgba.size, (255, 255, 255))
+        composited.paste(rgba, (0, 0), rgba)
+        return composited
     return image.convert("RGB")
 
 

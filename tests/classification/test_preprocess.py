@@ -112,6 +112,16 @@ def test_transparency_is_composited_on_white() -> None:
     assert all(120 <= channel <= 135 for channel in grey)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_partial_transparency_blends_as_alpha_compositing_over_white(mode: str) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    source = Image.fromarray(pixels, "RGBA").convert(mode)
+    white = Image.new("RGBA", source.size, (255, 255, 255, 255))
+    expected = Image.alpha_composite(white, source.convert("RGBA")).convert("RGB")
+    decoded = decode_image(images.encode(source, "PNG"), max_pixels=MAX_PIXELS)
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
 def test_palette_with_transparency() -> None:
     palette_image = Image.new("P", (16, 16), 0)
     palette_image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)

@@ -35,6 +35,9 @@ SERVER_ENV = {"PROMETHEUS_MULTIPROC_DIR", "FORWARDED_ALLOW_IPS"}
 GIB = 2**30
 # Beyond the workers: the gunicorn master and uploads in flight.
 MEMORY_HEADROOM_BYTES = 256 * 2**20
+# A worker's peak growth while it decodes and preprocesses one image, per pixel: +305 MiB
+# for an 8000x5000 RGBA PNG (2026-12-01), the costliest kind at the default pixel limit.
+DECODE_BYTES_PER_PIXEL = 8
 DRAIN_MARGIN_S = 5
 # The idle timeout of the usual proxies in front of pods: ingress-nginx's
 # upstream-keepalive-timeout, AWS and GCP load balancers.
@@ -194,9 +197,15 @@ def test_resources_fit_the_workers(server_config: dict[str, Any]) -> None:
         request = quantity(resources["requests"][kind])
         limit = quantity(resources["limits"][kind])
         assert 0 < request <= limit, f"{kind}: request {request} above limit {limit}"
-    # About 1 GiB per worker: ResNet18, the torch runtime and the images it holds.
+    # About 1 GiB per worker at rest (ResNet18, the torch runtime), and the largest images
+    # the settings allow decoding at once: on every decode thread, the tasks' decode thread
+    # and the model's.
+    assert settings.decode_threads is not None, "DECODE_THREADS must be set to the CPU limit"
+    decoding_bytes = (
+        (settings.decode_threads + 2) * settings.max_image_pixels * DECODE_BYTES_PER_PIXEL
+    )
     memory_limit = quantity(resources["limits"]["memory"])
-    assert memory_limit >= settings.workers * GIB + MEMORY_HEADROOM_BYTES
+    assert memory_limit >= settings.workers * (GIB + decoding_bytes) + MEMORY_HEADROOM_BYTES
     # The cores a container may use are not visible to os.sched_getaffinity, so the thread
     # counts are set explicitly and must fit the CPU limit.
     cpu_limit = quantity(resources["limits"]["cpu"])
