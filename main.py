@@ -78,6 +78,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
 # After the batcher drained, how long running tasks get to store their results.
 TASK_STOP_GRACE_S = 5.0
+# How long a batch of tasks waits for their attempts to be on disk before the model runs
+# them: a few milliseconds normally (one fsync); bounded, for a store locked by another
+# process, since /cls requests queue behind the batch.
+ATTEMPT_RECORD_WAIT_S = 0.25
 # An idle model's thread decodes an arriving image itself up to this size (800x625): at
 # most about 20 ms for a PNG, 6 for a JPEG, on a 2-core VM, no longer than a batch of one.
 # A larger image would hold the model from the requests arriving meanwhile.
@@ -413,8 +417,8 @@ class Service:
         if task_ids and self.tasks is not None:
             self._tasks_in_model.update(task_ids)
             try:
-                self.tasks.count_attempts(task_ids)
-            except RuntimeError:  # the store's thread has shut down
+                await self.tasks.count_attempts(task_ids, wait_s=ATTEMPT_RECORD_WAIT_S)
+            except Exception:
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
@@ -620,7 +624,10 @@ def _valid_task_id(task_id: str) -> str:
 def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | None:
     if text is None:
         return None
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # a raw surrogate, from a form field in charset=utf-7
+        raise InvalidTaskField(_SURROGATE_MESSAGE) from None
     if size > max_bytes:
         raise InvalidTaskField(
             f"metadata is {size} bytes; TASK_METADATA_MAX_BYTES allows {max_bytes}"
@@ -647,11 +654,13 @@ def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | Non
         # "\ud800" is valid JSON but not Unicode: the task's status could never be sent.
         json.dumps(parsed, ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        raise InvalidTaskField(
-            "metadata holds an unpaired surrogate escape (\\ud800 to \\udfff), which is not "
-            "a character"
-        ) from None
+        raise InvalidTaskField(_SURROGATE_MESSAGE) from None
     return parsed
+
+
+_SURROGATE_MESSAGE = (
+    "metadata holds an unpaired surrogate (\\ud800 to \\udfff), which is not a character"
+)
 
 
 class NotPlainJson(ValueError):

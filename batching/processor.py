@@ -421,6 +421,10 @@ class BatchProcessor(Generic[In, Out]):
             for entry in entries:
                 _fail(entry.future, Stopped("the server is shutting down"))
             raise
+        except BaseException:  # GeneratorExit: this coroutine is being closed
+            for entry in entries:
+                _fail(entry.future, BatchFailed("inference failed"))
+            raise
         finally:
             self._running.discard(batch)
             self._slots.release()
@@ -445,8 +449,10 @@ class BatchProcessor(Generic[In, Out]):
         wanted = self._still_wanted(entries)
         half = (len(wanted) + 1) // 2
         for part in (wanted[:half], wanted[half:]):
-            if part:
-                await self._run_isolating_failures(self._still_wanted(part))
+            # Callers may have left while the first half ran.
+            still_wanted = self._still_wanted(part)
+            if still_wanted:
+                await self._run_isolating_failures(still_wanted)
         return False
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:

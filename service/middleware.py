@@ -200,7 +200,11 @@ class ApiKeyMiddleware:
     def _allowed(self, scope: Scope) -> bool:
         headers = Headers(scope=scope)
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
-        offered = bearer.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        # Only spaces and tabs: str.strip() would also take latin-1's 0x85 and 0xA0, the
+        # last byte of some UTF-8 characters.
+        offered = (
+            bearer.strip(" \t") if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        )
         # Header values arrive decoded as latin-1: encoded back, they are the bytes sent,
         # which for a non-ASCII key are its UTF-8.
         return hmac.compare_digest(offered.encode("latin-1"), self.api_key)

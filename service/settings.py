@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     # Asynchronous tasks (POST /tasks) and their webhooks.
     data_dir: Path = Path("data")
     task_ttl: timedelta = Field(timedelta(days=7), gt=timedelta(0))
-    task_max_queued: int = Field(10_000, ge=1)
-    task_max_attempts: int = Field(3, ge=1)
+    task_max_queued: int = Field(10_000, ge=1, le=1_000_000_000)
+    task_max_attempts: int = Field(3, ge=1, le=1000)
     task_lease_s: float = Field(30.0, gt=0)
     task_poll_interval_s: float = Field(1.0, gt=0)
     task_cleanup_interval_s: float = Field(600.0, gt=0)

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,7 +68,7 @@ def _request_hash(
     return digest.hexdigest()
 
 
-def _log_count_failure(task_ids: list[str], counted: Future[None]) -> None:
+def _log_count_failure(task_ids: list[str], counted: asyncio.Future[None]) -> None:
     error = None if counted.cancelled() else counted.exception()
     if error is not None:
         logger.error("counting the attempts of tasks %s failed", task_ids, exc_info=error)
@@ -183,17 +183,28 @@ class TaskRunner:
         self._wake.set()  # the queue depth changed
         return record
 
-    def count_attempts(self, task_ids: list[str]) -> None:
+    async def count_attempts(self, task_ids: list[str], *, wait_s: float) -> None:
         """Charge an attempt to these tasks, which are entering the model: if the worker
         dies while it runs them, they, and not the tasks only waiting, were running.
 
-        Queued on the store's thread, not awaited: a database locked by another process
-        must not hold up the batch, nor the interactive requests waiting behind it. The
-        store's later writes for these tasks run after it, on the same thread.
+        Waits at most ``wait_s`` for the write: a database locked by another process must
+        not hold up the batch, nor the interactive requests waiting behind it, for long.
+        The write then lands late (a crash meanwhile would not be charged); the store's
+        later writes for these tasks run after it, on the same thread.
         """
-        self._db_thread.submit(self.store.count_attempts, self.owner, task_ids).add_done_callback(
-            partial(_log_count_failure, task_ids)
+        written = asyncio.get_running_loop().run_in_executor(
+            self._db_thread, partial(self.store.count_attempts, self.owner, task_ids)
         )
+        try:
+            await asyncio.wait_for(asyncio.shield(written), wait_s)
+        except TimeoutError:
+            logger.warning(
+                "the task store has not recorded the attempts of tasks %s after %s s; "
+                "the model runs them meanwhile",
+                task_ids,
+                wait_s,
+            )
+            written.add_done_callback(partial(_log_count_failure, task_ids))
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""

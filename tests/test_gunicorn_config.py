@@ -77,6 +77,8 @@ def test_everything_comes_from_the_environment(
         ("SEED", "-1"),
         ("TORCH_THREADS", "99999999999999999999999"),
         ("DECODE_THREADS", "100000"),
+        ("TASK_MAX_ATTEMPTS", str(10**19)),
+        ("TASK_MAX_QUEUED", str(10**19)),
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(

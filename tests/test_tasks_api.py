@@ -145,6 +145,31 @@ async def test_bad_fields_are_refused_before_anything_is_stored(
     assert stored_rows(served, "tasks") == 0
 
 
+async def test_a_raw_surrogate_in_a_utf7_form_is_refused_too(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    """Form fields are decoded with the body's charset: in UTF-7, "+2AA-" is a lone
+    surrogate before the JSON is even parsed."""
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n'
+            '{"x": "+2AA-"}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + photos[0].read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    content_type = f"multipart/form-data; boundary={boundary}; charset=utf-7"
+    response = await served.client.post(
+        "/tasks", content=body, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 422, response.text
+    assert "unpaired surrogate" in response.json()["detail"]
+    assert stored_rows(served, "tasks") == 0
+
+
 async def test_metadata_over_a_mebibyte_is_accepted_when_the_setting_allows_it(
     photos: list[Path],
 ) -> None:
@@ -675,6 +700,17 @@ async def test_a_short_queue_limits_how_many_tasks_a_worker_holds(photos: list[P
     assert [task["status"] for task in results] == ["succeeded"] * 6
     sample = 'batch_requests_total{outcome="rejected"}'
     assert metric_value(after, sample) - metric_value(before, sample) == 0
+
+
+async def test_a_tasks_attempt_is_on_disk_before_the_model_runs_it(photos: list[Path]) -> None:
+    """So that a task that kills its worker is charged even though nothing after that runs."""
+    async with running_app(make_settings()) as served:
+        model = GatedModel(served)
+        await submit(served.client, photos[0].read_bytes())
+        await asyncio.to_thread(model.entered.wait, 10)
+        with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
+            assert db.execute("SELECT status, attempts FROM tasks").fetchall() == [("running", 1)]
+        model.release.set()
 
 
 async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:

@@ -488,6 +488,52 @@ async def test_a_failed_batch_is_not_run_again_for_callers_that_left() -> None:
     assert handler.batches == [[0], [1, 2, -3, 4], [-3], [4]]
 
 
+async def test_a_half_whose_callers_all_left_is_not_run() -> None:
+    handler = FakeHandler(held=True, outputs=fail_on_negative)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        staying = spawn(processor, 1, -2)
+        expiring = asyncio.create_task(processor.submit(3, deadline=time.monotonic() + 0.2))
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_next()
+        assert await handler.next_started() == [1, -2, 3]
+        handler.release_next()
+        assert await handler.next_started() == [1, -2]  # held while 3's deadline passes
+        with pytest.raises(DeadlineExceeded):
+            await bounded(expiring)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*staying, return_exceptions=True))
+        assert outcomes[0] == 2
+        assert isinstance(outcomes[1], BatchFailed)
+        assert await results(first) == [0]
+
+    assert handler.batches == [[0], [1, -2, 3], [1, -2], [1], [-2]]
+
+
+async def test_a_handler_raising_generator_exit_still_answers_its_callers() -> None:
+    """GeneratorExit is how a coroutine is closed, so it is not swallowed; the batch's
+    callers get their error all the same, and batching goes on."""
+
+    def generator_exit_on_negative(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise GeneratorExit
+        return [item * 2 for item in items]
+
+    handler = FakeHandler(held=True, outputs=generator_exit_on_negative)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, -1, 2)
+        await wait_until(lambda: processor.queue_depth == 2)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
+        assert outcomes[0] == 0
+        assert all(isinstance(outcome, BatchFailed) for outcome in outcomes[1:]), outcomes
+        assert await bounded(processor.submit(3)) == 6
+        assert processor.in_flight == 0
+
+
 class ModelThreadExit(BaseException):
     """Stands in for an error no ``except Exception`` catches."""
 
