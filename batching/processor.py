@@ -173,6 +173,12 @@ def _fail(future: asyncio.Future[Out], error: BaseException) -> None:
         future.set_exception(error)
 
 
+def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
+    # Only GeneratorExit from a handler gets this far; its callers have their answer.
+    if not batch_task.cancelled() and batch_task.exception() is not None:
+        logger.error("a batch ended with %r", batch_task.exception())
+
+
 class BatchProcessor(Generic[In, Out]):
     """Groups concurrent ``submit`` calls into batches for one async handler.
 
@@ -180,6 +186,7 @@ class BatchProcessor(Generic[In, Out]):
     When it raises, or returns an output list of the wrong length, the batch's halves are
     handed to it again apart, down to single items, so only the items it fails on alone
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
+    (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
     Callers that are cancelled or whose deadline passes are dropped before their batch
     forms, and a late result for them is discarded.
     """
@@ -371,6 +378,7 @@ class BatchProcessor(Generic[In, Out]):
             batch: _RunningBatch[In, Out] = _RunningBatch(entries, time.monotonic())
             self._running.add(batch)
             batch.task = asyncio.create_task(self._run_batch(batch))
+            batch.task.add_done_callback(_log_unexpected_end)
 
     async def _collect_batch(self) -> list[_Pending[In, Out]]:
         while True:

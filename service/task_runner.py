@@ -195,8 +195,11 @@ class TaskRunner:
         written = asyncio.get_running_loop().run_in_executor(
             self._db_thread, partial(self.store.count_attempts, self.owner, task_ids)
         )
+        # Logs a failure whether or not anyone still waits for it (timeout, shutdown).
+        written.add_done_callback(partial(_log_count_failure, task_ids))
         try:
-            await asyncio.wait_for(asyncio.shield(written), wait_s)
+            async with asyncio.timeout(wait_s):  # not wait_for: 3.11's can swallow a cancel
+                await asyncio.shield(written)
         except TimeoutError:
             logger.warning(
                 "the task store has not recorded the attempts of tasks %s after %s s; "
@@ -204,7 +207,8 @@ class TaskRunner:
                 task_ids,
                 wait_s,
             )
-            written.add_done_callback(partial(_log_count_failure, task_ids))
+        except Exception:  # logged by _log_count_failure
+            pass
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""

@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -745,3 +747,27 @@ async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> Non
         assert task["status"] == "succeeded"
     with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]
+
+
+async def test_an_attempt_write_that_outlasts_its_wait_is_still_reported(
+    served: RunningApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch goes on after the wait; the write's failure, when it comes, is logged
+    with the task ids once."""
+    runner = served.service.running_tasks()
+    released = threading.Event()
+
+    def slow_then_failing(*args: object) -> None:
+        released.wait(5)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    runner.store.count_attempts = slow_then_failing  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="service.task_runner"):
+        async with asyncio.timeout(2):
+            await runner.count_attempts(["t-1", "t-2"], wait_s=0.05)
+        assert "has not recorded the attempts of tasks ['t-1', 't-2']" in caplog.text
+        released.set()
+        await wait_for(lambda: "counting the attempts" in caplog.text)
+    failures = [r for r in caplog.records if r.getMessage().startswith("counting the attempts")]
+    assert len(failures) == 1
+    assert "['t-1', 't-2']" in failures[0].getMessage()

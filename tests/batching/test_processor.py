@@ -511,9 +511,11 @@ async def test_a_half_whose_callers_all_left_is_not_run() -> None:
     assert handler.batches == [[0], [1, -2, 3], [1, -2], [1], [-2]]
 
 
-async def test_a_handler_raising_generator_exit_still_answers_its_callers() -> None:
+async def test_a_handler_raising_generator_exit_still_answers_its_callers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """GeneratorExit is how a coroutine is closed, so it is not swallowed; the batch's
-    callers get their error all the same, and batching goes on."""
+    callers get their error all the same, it is logged, and batching goes on."""
 
     def generator_exit_on_negative(items: list[int]) -> list[int]:
         if any(item < 0 for item in items):
@@ -532,6 +534,7 @@ async def test_a_handler_raising_generator_exit_still_answers_its_callers() -> N
         assert all(isinstance(outcome, BatchFailed) for outcome in outcomes[1:]), outcomes
         assert await bounded(processor.submit(3)) == 6
         assert processor.in_flight == 0
+    assert "a batch ended with GeneratorExit()" in caplog.text
 
 
 class ModelThreadExit(BaseException):
