@@ -110,6 +110,10 @@ class TaskRunner:
         # on one thread, which owns the connection.
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store")
         self._store: TaskStore | None = None
+        # Status reads on a connection and thread of their own: in WAL mode a read never
+        # waits for a write, so polls are answered while writes wait for a lock.
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-reads")
+        self._reader: TaskStore | None = None
         self._wake = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -121,6 +125,9 @@ class TaskRunner:
     async def start(self) -> None:
         """Open the store and start claiming tasks and deliveries."""
         self._store = await self._db(TaskStore, self._config.data_dir)
+        self._reader = await asyncio.get_running_loop().run_in_executor(
+            self._read_thread, TaskStore, self._config.data_dir
+        )
         self._claim_loop_task = asyncio.create_task(self._claim_forever(), name="task-claims")
         self._housekeeping = [
             asyncio.create_task(self._renew_leases_forever(), name="task-leases"),
@@ -169,7 +176,12 @@ class TaskRunner:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""
-        return await self._db(self.store.get, task_id, expired_before=self._expired_before())
+        if self._reader is None:
+            raise RuntimeError("TaskRunner.start() has not been called")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_thread,
+            partial(self._reader.get, task_id, expired_before=self._expired_before()),
+        )
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued task.
@@ -247,8 +259,11 @@ class TaskRunner:
             if released:
                 logger.info("handed back %d tasks and deliveries at shutdown", released)
             await self._db(self._store.close)
+        if self._reader is not None:
+            await asyncio.get_running_loop().run_in_executor(self._read_thread, self._reader.close)
         await self._sender.aclose()
         self._db_thread.shutdown(wait=True)
+        self._read_thread.shutdown(wait=True)
 
     # --- Background loops ---------------------------------------------------------------------
 

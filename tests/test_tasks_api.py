@@ -771,3 +771,36 @@ async def test_an_attempt_write_that_outlasts_its_wait_is_still_reported(
     failures = [r for r in caplog.records if r.getMessage().startswith("counting the attempts")]
     assert len(failures) == 1
     assert "['t-1', 't-2']" in failures[0].getMessage()
+
+
+async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    """Another process holding the store's write lock holds up submissions, not polls."""
+    data = photos[0].read_bytes()
+    accepted = await submit(served.client, data)
+    await finished(served.client, accepted["task_id"])
+    store = served.service.running_tasks().store
+    real_create = store.create
+    creating = threading.Event()
+
+    def create(*args: object, **kwargs: object) -> object:
+        creating.set()
+        return real_create(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.create = create  # type: ignore[method-assign]
+    lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+    lock.isolation_level = None
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        waiting = asyncio.create_task(served.client.post("/tasks", files=upload(data)))
+        await asyncio.to_thread(creating.wait, 10)  # the writer's thread now waits for the lock
+        async with asyncio.timeout(2):
+            polled = await served.client.get(f"/task-status/{accepted['task_id']}")
+        assert polled.status_code == 200
+        assert polled.json()["status"] == "succeeded"
+        assert not waiting.done()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert (await waiting).status_code == 202
