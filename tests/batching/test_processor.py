@@ -511,29 +511,42 @@ async def test_a_half_whose_callers_all_left_is_not_run() -> None:
     assert handler.batches == [[0], [1, -2, 3], [1, -2], [1], [-2]]
 
 
-async def test_a_handler_raising_generator_exit_still_answers_its_callers(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """GeneratorExit is how a coroutine is closed, so it is not swallowed; the batch's
-    callers get their error all the same, it is logged, and batching goes on."""
+def raising_on_negative(error: type[BaseException]) -> Callable[[list[int]], list[int]]:
+    """A fake model that raises ``error`` for any batch holding a negative item."""
 
-    def generator_exit_on_negative(items: list[int]) -> list[int]:
+    def outputs(items: list[int]) -> list[int]:
         if any(item < 0 for item in items):
-            raise GeneratorExit
+            raise error
         return [item * 2 for item in items]
 
-    handler = FakeHandler(held=True, outputs=generator_exit_on_negative)
+    return outputs
+
+
+async def answers_around_a_failing_batch(outputs: Callable[[list[int]], list[int]]) -> list[object]:
+    """0 in a held batch, -1 and 2 queued behind it, everything released: what each caller
+    got, then what 3, submitted after them, gets."""
+    handler = FakeHandler(held=True, outputs=outputs)
     async with running(handler, BatchConfig()) as processor:
         first = spawn(processor, 0)
         await handler.next_started()
         batch = spawn(processor, -1, 2)
         await wait_until(lambda: processor.queue_depth == 2)
         handler.release_all()
-        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
-        assert outcomes[0] == 0
-        assert all(isinstance(outcome, BatchFailed) for outcome in outcomes[1:]), outcomes
-        assert await bounded(processor.submit(3)) == 6
+        answers = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
+        answers.append(await bounded(processor.submit(3)))
         assert processor.in_flight == 0
+    return answers
+
+
+async def test_a_handler_raising_generator_exit_still_answers_its_callers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GeneratorExit is how a coroutine is closed, so it is not swallowed; the batch's
+    callers get their error all the same, it is logged, and batching goes on."""
+    answers = await answers_around_a_failing_batch(raising_on_negative(GeneratorExit))
+    assert answers[0] == 0
+    assert all(isinstance(answer, BatchFailed) for answer in answers[1:3]), answers
+    assert answers[3] == 6
     assert "a batch ended with GeneratorExit()" in caplog.text
 
 
@@ -547,24 +560,10 @@ async def test_a_handler_raising_a_base_exception_fails_its_item_and_the_loop_go
 ) -> None:
     """Not even SystemExit or KeyboardInterrupt from a model's thread stops the event loop,
     which would end every request of the worker; the callers are answered."""
-
-    def exit_on_negative(items: list[int]) -> list[int]:
-        if any(item < 0 for item in items):
-            raise error
-        return [item * 2 for item in items]
-
-    handler = FakeHandler(held=True, outputs=exit_on_negative)
-    async with running(handler, BatchConfig()) as processor:
-        first = spawn(processor, 0)
-        await handler.next_started()
-        batch = spawn(processor, -1, 2)
-        await wait_until(lambda: processor.queue_depth == 2)
-        handler.release_all()
-        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
-        assert outcomes[0] == 0
-        assert isinstance(outcomes[1], BatchFailed)
-        assert outcomes[2] == 4
-        assert await bounded(processor.submit(3)) == 6
+    answers = await answers_around_a_failing_batch(raising_on_negative(error))
+    assert answers[0] == 0
+    assert isinstance(answers[1], BatchFailed)
+    assert answers[2:] == [4, 6]
 
 
 async def test_a_full_queue_rejects_at_once() -> None:
