@@ -51,6 +51,10 @@ _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 # IPv4 address in its last 32 bits, which may be private.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+# IETF protocol assignments, not globally reachable (IANA), but for two anycast services;
+# Python's is_global counts the rest of the range as global.
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+_GLOBAL_IETF_PROTOCOL = {ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")}
 _ALLOW_PRIVATE_HINT = (
     "only globally routable addresses are accepted; set WEBHOOK_ALLOW_PRIVATE=true to "
     "allow private targets (trusted networks only)"
@@ -86,6 +90,8 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
         return "multicast"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
         return "carrier-grade NAT"
+    if ip in _IETF_PROTOCOL and ip not in _GLOBAL_IETF_PROTOCOL:
+        return "IETF protocol assignment (not globally routable)"
     if ip.is_private:
         return "private"
     if ip.is_reserved:

@@ -347,6 +347,8 @@ LOOPBACK_URLS = [
         ("http://[64:ff9b::a00:1]/", "private"),  # NAT64 of 10.0.0.1
         ("http://[2002:7f00:1::]/", "loopback"),  # 6to4 of 127.0.0.1
         ("http://100.64.0.1/", "carrier-grade NAT"),
+        ("http://192.0.0.8/", "IETF protocol assignment"),
+        ("http://192.0.0.100/", "IETF protocol assignment"),
         ("http://0.0.0.0/", "unspecified"),
         ("http://224.0.0.1/", "multicast"),
         ("http://240.0.0.1/", "private"),
@@ -382,6 +384,8 @@ def test_allowing_private_targets_still_refuses_malformed_urls(url: str) -> None
         "https://93.184.215.14:8443/hook?task=1",
         "http://[2606:4700:4700::1111]/",
         "http://[::ffff:93.184.215.14]/",
+        "http://192.0.0.9/",  # the two anycast services in 192.0.0.0/24
+        "http://192.0.0.10/",
     ],
 )
 def test_public_ip_literals_are_accepted(url: str) -> None:
