@@ -94,3 +94,25 @@ def tiled_tiff(width: int, height: int, tile: int, pixels: bytes | None = None) 
         packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
         directory += struct.pack("<HHI", tag, kind, 1) + packed
     return b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + directory + bytes(4)
+
+
+def tiff_in_strips(strips: int) -> bytes:
+    """A 4x4 greyscale TIFF whose directory lists ``strips`` strips (all empty)."""
+    offsets_at, counts_at = 8, 8 + 4 * strips
+    directory_at = counts_at + 4 * strips
+    tags = [  # (tag, type: 3 short or 4 long, count, value or offset), in tag order
+        (256, 3, 1, 4),
+        (257, 3, 1, 4),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, strips, offsets_at),
+        (278, 3, 1, 1),
+        (279, 4, strips, counts_at),
+    ]
+    directory = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        directory += struct.pack("<HHI", tag, kind, count) + packed
+    header = b"II*\x00" + struct.pack("<I", directory_at)
+    return header + bytes(8 * strips) + directory + bytes(4)

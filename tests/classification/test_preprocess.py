@@ -288,6 +288,17 @@ def test_a_tiff_is_limited_by_its_tiles_not_only_its_declared_size() -> None:
     assert np.asarray(image)[1, :3, 0].tolist() == [32, 33, 34]  # row 1 starts at byte 32
 
 
+def test_a_tiff_listing_more_strips_than_any_real_image_is_refused_before_parsing() -> None:
+    """Pillow lists the strips in Python as it opens a TIFF: 1.2 million took seconds."""
+    data = images.tiff_in_strips(1_200_000)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="1200000 strips or tiles; at most 65536"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 1.0
+    # The same structure with four strips (one per row) is an image like any other.
+    assert decode_image(images.tiff_in_strips(4), max_pixels=MAX_PIXELS).size == (4, 4)
+
+
 def test_pixel_limit_is_configurable() -> None:
     data = images.encode(images.gradient(320, 240), "PNG")
     with pytest.raises(ImageTooLarge, match="MAX_IMAGE_PIXELS allows 1000"):
