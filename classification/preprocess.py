@@ -31,10 +31,12 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
 TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
 TIFF_STRIP_OFFSETS, TIFF_TILE_OFFSETS = 273, 324
-# Pillow lists a TIFF's strips or tiles in Python as it opens the file, about 4 µs each:
-# 1.2 million of them fit in 10 MB and hold the interpreter lock for seconds. A 40-megapixel
-# image stored in 8 KB strips has about 15,000.
+# Pillow walks a TIFF's strips or tiles, and a PNG's chunks, in Python, a few µs each:
+# a million of them fit in 10 MB and hold the interpreter lock for seconds. A 40-megapixel
+# image stored in 8 KB strips or chunks has about 15,000.
 TIFF_MAX_PARTS = 65_536
+PNG_MAX_CHUNKS = 65_536
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
@@ -63,11 +65,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise InvalidImage("the uploaded file is empty")
-    parts = _tiff_part_count(data)
-    if parts > TIFF_MAX_PARTS:
-        raise InvalidImage(
-            f"the TIFF is stored in {parts} strips or tiles; at most {TIFF_MAX_PARTS} are accepted"
-        )
+    _check_structure(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -95,6 +93,33 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _check_structure(data: bytes) -> None:
+    """Refuse a TIFF or PNG with more parts than any real image has, before Pillow walks
+    them."""
+    parts = _tiff_part_count(data)
+    if parts > TIFF_MAX_PARTS:
+        raise InvalidImage(
+            f"the TIFF is stored in {parts} strips or tiles; at most {TIFF_MAX_PARTS} are accepted"
+        )
+    if _png_chunk_count(data, stop_after=PNG_MAX_CHUNKS) > PNG_MAX_CHUNKS:
+        raise InvalidImage(f"the PNG holds more than {PNG_MAX_CHUNKS} chunks")
+
+
+def _png_chunk_count(data: bytes, stop_after: int) -> int:
+    """How many chunks a PNG holds, counted up to one more than ``stop_after``; 0 for
+    other formats."""
+    if not data.startswith(PNG_SIGNATURE):
+        return 0
+    position, count = len(PNG_SIGNATURE), 0
+    while position + 8 <= len(data) and count <= stop_after:
+        (length,) = struct.unpack_from(">I", data, position)
+        count += 1
+        if data[position + 4 : position + 8] == b"IEND":
+            break
+        position += 12 + length  # length, type, data, CRC
+    return count
 
 
 def _tiff_part_count(data: bytes) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torchvision import transforms
 
 from classification import (
@@ -20,7 +20,7 @@ from classification import (
     normalize_batch,
     preprocess,
 )
-from classification.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from classification.preprocess import IMAGENET_MEAN, IMAGENET_STD, PNG_MAX_CHUNKS
 from tests import images
 from tests.support import Reference
 
@@ -297,6 +297,24 @@ def test_a_tiff_listing_more_strips_than_any_real_image_is_refused_before_parsin
     assert time.perf_counter() - started < 1.0
     # The same structure with four strips (one per row) is an image like any other.
     assert decode_image(images.tiff_in_strips(4), max_pixels=MAX_PIXELS).size == (4, 4)
+
+
+def png_with_empty_chunks(count: int) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for _ in range(count):
+        info.add(b"noTe", b"")  # an ancillary chunk no reader knows
+    return images.encode(images.gradient(8, 8), "PNG", pnginfo=info)
+
+
+def test_a_png_of_more_chunks_than_any_real_image_is_refused_before_parsing() -> None:
+    """Pillow reads a PNG's chunks in Python: 800,000 empty ones took 2 s."""
+    crowded = png_with_empty_chunks(PNG_MAX_CHUNKS)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=f"more than {PNG_MAX_CHUNKS} chunks"):
+        decode_image(crowded, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 1.0
+    # A few hundred are an image like any other.
+    assert decode_image(png_with_empty_chunks(300), max_pixels=MAX_PIXELS).size == (8, 8)
 
 
 def test_pixel_limit_is_configurable() -> None:
