@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batching import (
@@ -526,10 +527,14 @@ async def classify_batch(
     service = _service(request)
     service.check_top_k(top_k)
     deadline = _deadline(service)
+    # ``file`` lacks the parts with an empty name and body (FastAPI drops them: a browser's
+    # file input with no file chosen); each part gets its entry, at its own index.
+    form = await request.form()  # parsed already, for ``file``
+    uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
     outcomes = await _unless_disconnected(
         request,
         asyncio.gather(
-            *(service.classify(upload, top_k, deadline) for upload in file),
+            *(service.classify(upload, top_k, deadline) for upload in uploads),
             return_exceptions=True,
         ),
     )

@@ -142,6 +142,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _a_batch_request_fits_the_queue(self) -> Settings:
+        # Each file of a /cls/batch request takes a place in the queue.
+        if self.max_batch_files > self.max_queue:
+            raise ValueError(
+                f"MAX_BATCH_FILES ({self.max_batch_files}) must be at most MAX_QUEUE "
+                f"({self.max_queue}), or a lone /cls/batch request could not queue all its files"
+            )
+        return self
+
     @property
     def effective_torch_threads(self) -> int:
         """Intra-op threads per worker: the cores shared evenly among workers."""

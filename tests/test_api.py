@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 import main
 from classification import ImageTooLarge, Prediction
 from tests import images
+from tests.corpus import multipart, multipart_headers
 from tests.support import (
     GatedModel,
     Reference,
@@ -137,20 +138,27 @@ async def test_uploads_over_the_limit_are_413() -> None:
 
 async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list[Path]) -> None:
     good = photos[0].read_bytes()
-    files = [
-        ("file", ("a.jpg", good, "image/jpeg")),
-        ("file", ("b.txt", b"not an image", "text/plain")),
-        ("file", ("c.png", images.png_bomb(), "image/png")),
-        ("file", ("d.jpg", photos[1].read_bytes(), "image/jpeg")),
-    ]
-    response = await served.client.post("/cls/batch", params={"top_k": 2}, files=files)
+    body = multipart(
+        [
+            ("file", "a.jpg", good, "image/jpeg"),
+            ("file", "b.txt", b"not an image", "text/plain"),
+            # What a browser sends for a file input left empty: it keeps its place.
+            ("file", "", b"", "application/octet-stream"),
+            ("file", "c.png", images.png_bomb(), "image/png"),
+            ("file", "d.jpg", photos[1].read_bytes(), "image/jpeg"),
+        ]
+    )
+    response = await served.client.post(
+        "/cls/batch", params={"top_k": 2}, content=body, headers=multipart_headers(body)
+    )
     assert response.status_code == 200
     results = response.json()["results"]
-    assert [r["index"] for r in results] == [0, 1, 2, 3]
-    assert [r["status"] for r in results] == [200, 400, 400, 200]
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["status"] for r in results] == [200, 400, 400, 400, 200]
     assert "prediction" not in results[1]
     assert "not a JPEG" in results[1]["detail"]
-    assert "MAX_IMAGE_PIXELS" in results[2]["detail"]
+    assert "empty" in results[2]["detail"]
+    assert "MAX_IMAGE_PIXELS" in results[3]["detail"]
     single = await served.client.post("/cls", params={"top_k": 2}, files=upload(good))
     expected = single.json()["prediction"]
     assert [p["index"] for p in results[0]["prediction"]] == [p["index"] for p in expected]
@@ -300,7 +308,9 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
 
 
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
-    async with running_app(make_settings(max_queue=2, drain_timeout_s=2)) as served:
+    async with running_app(
+        make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
+    ) as served:
         model = GatedModel(served)
         data = photos[0].read_bytes()
         running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
@@ -329,7 +339,7 @@ async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: l
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
     large = images.encode(Image.fromarray(noise), "PNG")
     assert len(large) > 1024 * 1024
-    async with running_app(make_settings(max_queue=2)) as served:
+    async with running_app(make_settings(max_queue=2, max_batch_files=2)) as served:
         model = GatedModel(served)
         running = asyncio.create_task(
             served.client.post("/cls", files=upload(photos[0].read_bytes()))

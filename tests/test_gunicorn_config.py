@@ -102,3 +102,13 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     assert metrics_dir.is_dir()
     assert list(metrics_dir.iterdir()) == []
     assert callable(config["child_exit"])
+
+
+def test_a_batch_request_must_fit_the_queue(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        SystemExit, match=r"MAX_BATCH_FILES \(32\) must be at most MAX_QUEUE \(16\)"
+    ):
+        load(monkeypatch, tmp_path, MAX_QUEUE="16")
+    assert load(monkeypatch, tmp_path, MAX_QUEUE="16", MAX_BATCH_FILES="16")["workers"] == 1

@@ -691,7 +691,7 @@ async def test_a_cancelled_task_reports_no_webhook(photos: list[Path]) -> None:
 async def test_a_short_queue_limits_how_many_tasks_a_worker_holds(photos: list[Path]) -> None:
     """With MAX_QUEUE below two batches, a worker claims no more tasks than the background
     lane holds, so none bounces off it (no refusals) and all finish."""
-    settings = make_settings(max_batch_size=4, max_queue=2)
+    settings = make_settings(max_batch_size=4, max_queue=2, max_batch_files=2)
     async with running_app(settings) as served:
         before = (await served.client.get("/metrics")).text
         data = photos[0].read_bytes()
