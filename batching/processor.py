@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -179,6 +181,54 @@ def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
         logger.error("a batch ended with %r", batch_task.exception())
 
 
+class _RunTimes:
+    """How long the handler takes per batch size, learnt from the batches it ran.
+
+    A moving average per size; a size not seen yet is interpolated between the nearest
+    sizes seen, or extrapolated from them. Nothing seen yet estimates zero: until the
+    handler has run, no entry is judged too late for it.
+    """
+
+    SMOOTHING = 0.2  # weight of the newest run: follows drift within a few batches
+    # A batch that runs long expires the members chosen by a close margin: plan with the
+    # mean plus twice the mean deviation, as TCP does for its retransmission timer.
+    DEVIATIONS = 2.0
+
+    def __init__(self) -> None:
+        self._mean_s: dict[int, float] = {}
+        self._deviation_s: dict[int, float] = {}
+        self._by_size: dict[int, float] = {}
+
+    def record(self, size: int, run_s: float) -> None:
+        mean_s = self._mean_s.get(size)
+        if mean_s is None:
+            self._mean_s[size] = run_s
+            self._deviation_s[size] = run_s / 2
+        else:
+            error_s = run_s - mean_s
+            self._mean_s[size] = mean_s + self.SMOOTHING * error_s
+            self._deviation_s[size] += self.SMOOTHING * (abs(error_s) - self._deviation_s[size])
+        self._by_size[size] = self._mean_s[size] + self.DEVIATIONS * self._deviation_s[size]
+
+    def estimate_s(self, size: int) -> float:
+        times = self._by_size
+        if size in times:
+            return times[size]
+        below = sorted(seen for seen in times if seen < size)
+        above = min((seen for seen in times if seen > size), default=None)
+        # Off the sizes seen, err low: an entry run in vain costs less than one left out.
+        if above is None:
+            if len(below) < 2:
+                return times[below[-1]] if below else 0.0
+            low, high = below[-2], below[-1]
+            per_item_s = max(0.0, (times[high] - times[low]) / (high - low))
+            return times[high] + per_item_s * (size - high)
+        if not below:
+            return times[above] * size / above
+        low = below[-1]
+        return times[low] + (size - low) / (above - low) * (times[above] - times[low])
+
+
 class BatchProcessor(Generic[In, Out]):
     """Groups concurrent ``submit`` calls into batches for one async handler.
 
@@ -188,7 +238,9 @@ class BatchProcessor(Generic[In, Out]):
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
     (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
     Callers that are cancelled or whose deadline passes are dropped before their batch
-    forms, and a late result for them is discarded.
+    forms, and a late result for them is discarded. A batch leaves out the callers whose
+    deadline falls before its expected end (from the handler's past run times at that
+    size), as long as others can use its places.
     """
 
     def __init__(
@@ -207,6 +259,7 @@ class BatchProcessor(Generic[In, Out]):
         self._running: set[_RunningBatch[In, Out]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._run_times = _RunTimes()
 
     @property
     def config(self) -> BatchConfig:
@@ -400,23 +453,68 @@ class BatchProcessor(Generic[In, Out]):
 
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()
-        entries: list[_Pending[In, Out]] = []
-        for lane in self._lanes:  # in priority order
-            if entries and not self._config.fill_with_background:
-                break
-            while lane and len(entries) < limit:
-                entry = lane.popleft()
-                entry.queued = False
-                if entry.future.done():
+        entries = list(itertools.islice(self._live_entries(now), limit))
+        if not self._all_in_time(entries, now):
+            entries = self._choose(list(self._live_entries(now)), limit, now)
+        for entry in entries:
+            entry.queued = False
+        for lane in self._lanes:
+            if any(not entry.queued for entry in lane):
+                kept = [entry for entry in lane if entry.queued]
+                lane.clear()
+                lane.extend(kept)
+        self._observer.queue_depth_changed(self.queue_depth)
+        return entries
+
+    def _live_entries(self, now: float) -> Iterator[_Pending[In, Out]]:
+        """The entries a batch may take, in priority then arrival order. Those whose caller
+        is gone or whose deadline has passed are failed and marked for removal."""
+        for lane in self._lanes:
+            found = False
+            for entry in lane:
+                if not entry.queued:
                     continue
-                if entry.deadline is not None and entry.deadline <= now:
+                if entry.future.done():
+                    entry.queued = False
+                elif entry.deadline is not None and entry.deadline <= now:
+                    entry.queued = False
                     _fail(
                         entry.future, DeadlineExceeded("the request's deadline passed in the queue")
                     )
-                    continue
-                entries.append(entry)
-        self._observer.queue_depth_changed(self.queue_depth)
-        return entries
+                else:
+                    found = True
+                    yield entry
+            if found and not self._config.fill_with_background:
+                return
+
+    def _all_in_time(self, entries: list[_Pending[In, Out]], now: float) -> bool:
+        expected_end = now + self._run_times.estimate_s(len(entries))
+        return all(entry.deadline is None or entry.deadline >= expected_end for entry in entries)
+
+    def _choose(
+        self, candidates: list[_Pending[In, Out]], limit: int, now: float
+    ) -> list[_Pending[In, Out]]:
+        """The largest batch, first come first served, whose members all have time left for
+        its expected run. Under overload the oldest entries have too little: running them
+        would spend the model on answers nobody waits for, and make the entries behind them
+        expire too. They are left to their own deadline's timer."""
+        # A batch of n fits when the entry with the n-th most time left has time for it.
+        time_left_s = sorted(
+            (math.inf if e.deadline is None else e.deadline - now for e in candidates),
+            reverse=True,
+        )
+        for size in range(min(limit, len(candidates)), 0, -1):
+            run_s = self._run_times.estimate_s(size)
+            if time_left_s[size - 1] >= run_s:
+                expected_end = now + run_s
+                in_time = (
+                    e for e in candidates if e.deadline is None or e.deadline >= expected_end
+                )
+                return list(itertools.islice(in_time, size))
+        if not candidates:
+            return []
+        # Not one is expected in time; the one with the most time left has the best chance.
+        return [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
 
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
         entries = batch.entries
@@ -465,6 +563,7 @@ class BatchProcessor(Generic[In, Out]):
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""
+        started_at = time.monotonic()
         try:
             outputs = await self._handler([entry.item for entry in entries])
             if len(outputs) != len(entries):
@@ -484,6 +583,7 @@ class BatchProcessor(Generic[In, Out]):
             # Even SystemExit or KeyboardInterrupt from a model's thread would otherwise
             # stop the event loop, and with it every request of this worker.
             return error
+        self._run_times.record(len(entries), time.monotonic() - started_at)
         for entry, output in zip(entries, outputs, strict=True):
             _resolve(entry.future, output)
         return None

@@ -81,7 +81,7 @@ class _Recorder:
         return self.measure_until - self.measure_from
 
 
-def _session(server: Server, connections: int) -> aiohttp.ClientSession:
+def open_session(server: Server, connections: int) -> aiohttp.ClientSession:
     # aiohttp parses HTTP in C: a third of httpx's CPU per request, so the load generator
     # takes as little as possible of the cores the server is measured on.
     return aiohttp.ClientSession(
@@ -91,7 +91,7 @@ def _session(server: Server, connections: int) -> aiohttp.ClientSession:
     )
 
 
-async def _post(session: aiohttp.ClientSession, payload: Payload) -> int:
+async def post_image(session: aiohttp.ClientSession, payload: Payload) -> int:
     body, headers = payload
     try:
         async with session.post("/cls", data=body, headers=headers) as response:
@@ -159,7 +159,7 @@ async def closed_loop(
     server: Server, payloads: list[Payload], clients: int, duration_s: float, warmup_s: float
 ) -> StepResult:
     """``clients`` callers, each sending its next request as soon as the last one returns."""
-    async with _session(server, clients) as client:
+    async with open_session(server, clients) as client:
         start = time.perf_counter()
         recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
         before, after = _Snapshot(server), _Snapshot(server)
@@ -174,7 +174,7 @@ async def closed_loop(
         async def caller(index: int) -> None:
             sent = index
             while (started := time.perf_counter()) < recorder.measure_until:
-                status = await _post(client, payloads[sent % len(payloads)])
+                status = await post_image(client, payloads[sent % len(payloads)])
                 recorder.record(started, time.perf_counter(), status)
                 sent += clients
 
@@ -189,7 +189,7 @@ async def spaced(
 ) -> StepResult:
     """One request at a time, each sent ``gap_s`` after the previous answer: what a request
     meets at low traffic, after the model has sat idle (its threads asleep)."""
-    async with _session(server, 1) as client:
+    async with open_session(server, 1) as client:
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
         await asyncio.to_thread(server.reset_peak_rss)
@@ -198,7 +198,7 @@ async def spaced(
         for sent in range(requests):
             await asyncio.sleep(gap_s)
             started = time.perf_counter()
-            status = await _post(client, payloads[sent % len(payloads)])
+            status = await post_image(client, payloads[sent % len(payloads)])
             recorder.record(started, time.perf_counter(), status)
         recorder.measure_until = time.perf_counter()
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
@@ -217,7 +217,7 @@ async def open_loop(
 ) -> StepResult:
     """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
     rng = random.Random(seed)
-    async with _session(server, 512) as client:
+    async with open_session(server, 512) as client:
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
         await asyncio.to_thread(server.reset_peak_rss)
@@ -226,7 +226,7 @@ async def open_loop(
         pending: set[asyncio.Task[None]] = set()
 
         async def one(scheduled: float, payload: Payload) -> None:
-            status = await _post(client, payload)
+            status = await post_image(client, payload)
             recorder.record(scheduled, time.perf_counter(), status)
 
         scheduled = start

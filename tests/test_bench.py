@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import pytest
 from aiohttp import web
 
-from bench import report
+from bench import overload, report
 from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
@@ -272,3 +272,44 @@ def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
     assert one["value"] == two["value"] == 10.0
     assert two["ideal_server_value"] < one["ideal_server_value"]
     assert "ideal_server_value" not in targets(results, max_batch_size=16, workers=None)[2]
+
+
+async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> None:
+    """Every other request is answered; the rest get 504 50 ms past a 100 ms deadline. The
+    model ran one request per answer plus one per 504: half of its work was answered."""
+    answered = ran = 0
+
+    async def classify(request: web.Request) -> web.Response:
+        nonlocal answered, ran
+        await request.read()
+        ran += 1
+        if ran % 2:
+            answered += 1
+            return web.json_response({"prediction": []})
+        await asyncio.sleep(0.15)
+        return web.json_response({"detail": "deadline"}, status=504)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=f"batch_size_count {ran}\nbatch_size_sum {ran}\n")
+
+    app = web.Application()
+    app.router.add_post("/cls", classify)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    try:
+        step = await overload.closed_loop(
+            Server(f"http://127.0.0.1:{port}"), [payload], 1, duration_s=1.0, timeout_ms=100
+        )
+    finally:
+        await runner.cleanup()
+
+    assert step["statuses"]["200"] == answered
+    assert step["statuses"]["504"] in (answered - 1, answered)
+    assert step["model_ran"] == ran
+    assert step["answered_share_of_model_work"] == pytest.approx(0.5, abs=0.1)
+    assert 40 <= step["late_504_ms"]["p99"] <= 150

@@ -84,6 +84,20 @@ class FakeHandler:
             gate.set()
 
 
+class TimedHandler(FakeHandler):
+    """A FakeHandler whose every batch sleeps ``run_s``, plus ``per_item_s`` per item,
+    as a model's forward pass takes time. Batches are recorded once they finish."""
+
+    def __init__(self, run_s: float, per_item_s: float = 0.0) -> None:
+        super().__init__()
+        self.run_s = run_s
+        self.per_item_s = per_item_s
+
+    async def __call__(self, items: list[int]) -> Sequence[int]:
+        await asyncio.sleep(self.run_s + self.per_item_s * len(items))
+        return await super().__call__(items)
+
+
 @dataclass
 class RecordingObserver:
     """An observer that keeps every event it receives."""

@@ -24,10 +24,12 @@ from batching import (
     QueueFull,
     Stopped,
 )
+from batching.processor import _RunTimes
 from tests.batching.fakes import (
     GUARD_S,
     FakeHandler,
     RecordingObserver,
+    TimedHandler,
     bounded,
     loop_turns,
     results,
@@ -336,6 +338,102 @@ async def test_deadline_fires_while_a_batch_runs() -> None:
     assert handler.batches == [[1], [3]]  # the expired item never reached the handler
 
 
+async def test_a_batch_leaves_out_an_item_without_time_for_it() -> None:
+    """An item whose deadline falls before the end its batch would have stays out of it
+    (and expires on time), so the model runs only work whose caller still gets it."""
+    handler = TimedHandler(run_s=0.05)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        await learn_run_times(processor)
+        blocker = spawn(processor, 1)
+        await wait_until(lambda: processor.in_flight == 1)
+        # When the blocker's 50 ms are over, ``late`` has at most 30 ms left: too little.
+        late = asyncio.create_task(processor.submit(2, deadline=time.monotonic() + 0.08))
+        fresh = spawn(processor, 3)
+
+        with pytest.raises(DeadlineExceeded):
+            await bounded(late)
+        assert await results(blocker + fresh) == [2, 6]
+
+    assert 2 not in handler.seen
+    assert handler.batches[-2:] == [[1], [3]]
+
+
+async def test_when_no_item_has_time_left_the_one_with_the_most_runs_alone() -> None:
+    """The model is not left idle on an estimate: with no item expected in time, the one
+    with the latest deadline runs alone, and the next items are served as usual."""
+    handler = TimedHandler(run_s=0.05)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        await learn_run_times(processor)
+        blocker = spawn(processor, 1)
+        await wait_until(lambda: processor.in_flight == 1)
+        now = time.monotonic()
+        sooner = asyncio.create_task(processor.submit(2, deadline=now + 0.07))
+        later = asyncio.create_task(processor.submit(3, deadline=now + 0.09))
+
+        for doomed in (sooner, later):
+            with pytest.raises(DeadlineExceeded):
+                await bounded(doomed)
+        assert await results(blocker + spawn(processor, 4)) == [2, 8]
+
+    assert 2 not in handler.seen
+    assert handler.batches[-3:] == [[1], [3], [4]]
+
+
+async def test_overload_with_deadlines_keeps_the_model_on_answers_callers_get() -> None:
+    """Closed-loop callers, far more than the handler can serve within their deadline: the
+    handler's capacity still goes to callers that get their answer in time. Serving the
+    queue in arrival order would run only items about to expire, and answer almost none."""
+    run_s, per_item_s, max_batch = 0.01, 0.01, 8
+    capacity_per_s = max_batch / (run_s + per_item_s * max_batch)  # about 89
+    duration_s, deadline_s = 2.0, 0.3
+    handler = TimedHandler(run_s=run_s, per_item_s=per_item_s)
+    answered = expired = 0
+
+    async def client(stop_at: float) -> None:
+        nonlocal answered, expired
+        while time.monotonic() < stop_at:
+            try:
+                await processor.submit(0, deadline=time.monotonic() + deadline_s)
+                answered += 1
+            except DeadlineExceeded:
+                expired += 1
+
+    async with running(handler, BatchConfig(max_batch_size=max_batch)) as processor:
+        stop_at = time.monotonic() + duration_s
+        await bounded(asyncio.gather(*(client(stop_at) for _ in range(48))))
+
+    run = len(handler.seen)
+    assert expired > 0  # the load was an overload
+    assert answered >= 0.5 * capacity_per_s * duration_s, (answered, expired, run)
+    assert answered >= 0.8 * run, (answered, expired, run)
+
+
+def test_run_times_fill_in_unseen_sizes_on_the_low_side() -> None:
+    """Sizes not seen yet are interpolated between seen ones, scaled down below them and
+    extended along the last slope above them; nothing seen estimates no time at all."""
+    times = _RunTimes()
+    assert times.estimate_s(4) == 0.0
+    for _ in range(60):
+        times.record(2, 0.2)
+        times.record(6, 0.6)
+
+    assert times.estimate_s(2) == pytest.approx(0.2, abs=1e-4)
+    assert times.estimate_s(4) == pytest.approx(0.4, abs=1e-4)
+    assert times.estimate_s(1) == pytest.approx(0.1, abs=1e-4)
+    assert times.estimate_s(10) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_run_times_that_vary_are_planned_for_their_long_side() -> None:
+    """A size whose run time varies is estimated above its mean, so members chosen by a
+    close margin are not lost to a batch that runs long."""
+    times = _RunTimes()
+    for _ in range(30):
+        times.record(3, 0.1)
+        times.record(3, 0.3)
+
+    assert times.estimate_s(3) > 0.3
+
+
 async def test_a_past_deadline_raises_at_once() -> None:
     """An item whose deadline has already passed is refused without being queued."""
     handler = FakeHandler()
@@ -404,6 +502,12 @@ async def test_cancelling_a_caller_inside_a_running_batch_spares_the_others() ->
         handler.release_all()
         assert await results([*first, a, c]) == [0, 2, 6]
         assert processor.in_flight == 0
+
+
+async def learn_run_times(processor: BatchProcessor[int, int]) -> None:
+    """Run enough batches of one that the processor knows their run time closely."""
+    for _ in range(20):
+        await bounded(processor.submit(0))
 
 
 # --- Failures ---------------------------------------------------------------------------------
