@@ -520,6 +520,7 @@ async def classify(
 
 async def classify_batch(
     request: Request,
+    response: Response,
     file: Annotated[list[UploadFile], File(description="One or more images, as repeated parts")],
     top_k: TopK = 5,
 ) -> BatchResponse:
@@ -545,6 +546,9 @@ async def classify_batch(
             results.append(BatchEntry(index=index, status=status, detail=detail))
         else:
             results.append(BatchEntry(index=index, status=200, prediction=_prediction_out(outcome)))
+    if any(entry.status == 503 for entry in results):
+        # The answer is 200 as a whole; a client retrying its refused entries needs the wait.
+        response.headers["Retry-After"] = RETRY_AFTER_S
     return BatchResponse(results=results)
 
 

@@ -333,6 +333,35 @@ async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
 
 
+async def test_a_batch_with_refused_entries_says_when_to_retry(photos: list[Path]) -> None:
+    """Entries refused because the queue is full get 503 inside a 200 answer, which then
+    carries ``Retry-After`` for them; an answer without such entries carries none."""
+    async with running_app(
+        make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
+    ) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        processor = served.service.processor
+        assert processor is not None
+        await wait_for(lambda: processor.queue_depth == 1)
+        files = [("file", ("a.jpg", data, "image/jpeg")), ("file", ("b.jpg", data, "image/jpeg"))]
+        crowded = asyncio.create_task(served.client.post("/cls/batch", files=files))
+        await wait_for(lambda: processor.queue_depth == 2)
+        model.release.set()
+        answer = await crowded
+        assert [r.status_code for r in await asyncio.gather(running, queued)] == [200, 200]
+
+        assert answer.status_code == 200
+        assert sorted(entry["status"] for entry in answer.json()["results"]) == [200, 503]
+        assert answer.headers["retry-after"] == "1"
+        calm = await served.client.post("/cls/batch", files=files)
+        assert [entry["status"] for entry in calm.json()["results"]] == [200, 200]
+        assert "retry-after" not in calm.headers
+
+
 async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: list[Path]) -> None:
     """An upload over 1 MiB is spooled to disk, and reading it back yields to other requests;
     they must still find it counted, and be refused before they decode."""
