@@ -175,6 +175,11 @@ def _fail(future: asyncio.Future[Out], error: BaseException) -> None:
         future.set_exception(error)
 
 
+def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
+    """Whether the entry's caller still waits at ``moment``."""
+    return entry.deadline is None or entry.deadline >= moment
+
+
 def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
     # Only GeneratorExit from a handler gets this far; its callers have their answer.
     if not batch_task.cancelled() and batch_task.exception() is not None:
@@ -184,34 +189,48 @@ def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
 class _RunTimes:
     """How long the handler takes per batch size, learnt from the batches it ran.
 
-    A moving average per size; a size not seen yet is interpolated between the nearest
-    sizes seen, or extrapolated from them. Nothing seen yet estimates zero: until the
-    handler has run, no entry is judged too late for it.
+    A moving average per size, planned with a margin for the variation seen lately (the
+    mean relative deviation, shared by all sizes, twice over, as TCP pads its
+    retransmission timer). A size not seen lately is interpolated between the nearest sizes
+    seen, or extrapolated from them on the low side; nothing seen estimates zero, so until
+    the handler has run no entry is judged too late for it.
     """
 
     SMOOTHING = 0.2  # weight of the newest run: follows drift within a few batches
-    # A batch that runs long expires the members chosen by a close margin: plan with the
-    # mean plus twice the mean deviation, as TCP does for its retransmission timer.
     DEVIATIONS = 2.0
+    # A size not run for this many batches is forgotten rather than trusted: otherwise an
+    # estimate too high to ever be chosen again would never be corrected.
+    FORGET_AFTER_RUNS = 64
+    # One outlier (a pause, a page-in) moves an estimate by at most this factor per run.
+    MAX_STEP = 2.0
 
     def __init__(self) -> None:
         self._mean_s: dict[int, float] = {}
-        self._deviation_s: dict[int, float] = {}
-        self._by_size: dict[int, float] = {}
+        self._last_run: dict[int, int] = {}
+        self._runs = 0
+        self._deviation = 0.0
 
     def record(self, size: int, run_s: float) -> None:
+        self._runs += 1
+        self._last_run[size] = self._runs
         mean_s = self._mean_s.get(size)
         if mean_s is None:
             self._mean_s[size] = run_s
-            self._deviation_s[size] = run_s / 2
         else:
-            error_s = run_s - mean_s
-            self._mean_s[size] = mean_s + self.SMOOTHING * error_s
-            self._deviation_s[size] += self.SMOOTHING * (abs(error_s) - self._deviation_s[size])
-        self._by_size[size] = self._mean_s[size] + self.DEVIATIONS * self._deviation_s[size]
+            error = min(abs(run_s - mean_s) / mean_s, self.MAX_STEP - 1) if mean_s > 0 else 0.0
+            self._deviation += self.SMOOTHING * (error - self._deviation)
+            run_s = min(run_s, self.MAX_STEP * mean_s) if mean_s > 0 else run_s
+            self._mean_s[size] = mean_s + self.SMOOTHING * (run_s - mean_s)
+        for stale in [
+            n for n, last in self._last_run.items() if self._runs - last > self.FORGET_AFTER_RUNS
+        ]:
+            del self._mean_s[stale], self._last_run[stale]
 
     def estimate_s(self, size: int) -> float:
-        times = self._by_size
+        return self._mean_estimate_s(size) * (1 + self.DEVIATIONS * self._deviation)
+
+    def _mean_estimate_s(self, size: int) -> float:
+        times = self._mean_s
         if size in times:
             return times[size]
         below = sorted(seen for seen in times if seen < size)
@@ -239,8 +258,8 @@ class BatchProcessor(Generic[In, Out]):
     (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
     Callers that are cancelled or whose deadline passes are dropped before their batch
     forms, and a late result for them is discarded. A batch leaves out the callers whose
-    deadline falls before its expected end (from the handler's past run times at that
-    size), as long as others can use its places.
+    deadline falls before its expected end (from the handler's recent run times at that
+    size); they wait on until their deadline, and run only when none is expected in time.
     """
 
     def __init__(
@@ -453,51 +472,102 @@ class BatchProcessor(Generic[In, Out]):
 
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()
-        entries = list(itertools.islice(self._live_entries(now), limit))
+        entries = self._take_first(limit, now)
         if not self._all_in_time(entries, now):
-            entries = self._choose(list(self._live_entries(now)), limit, now)
-        for entry in entries:
-            entry.queued = False
-        for lane in self._lanes:
-            if any(not entry.queued for entry in lane):
-                kept = [entry for entry in lane if entry.queued]
-                lane.clear()
-                lane.extend(kept)
+            for entry in reversed(entries):  # back where they were
+                entry.queued = True
+                self._lanes[entry.priority].appendleft(entry)
+            entries = self._take_in_time(limit, now)
         self._observer.queue_depth_changed(self.queue_depth)
         return entries
 
-    def _live_entries(self, now: float) -> Iterator[_Pending[In, Out]]:
-        """The entries a batch may take, in priority then arrival order. Those whose caller
-        is gone or whose deadline has passed are failed and marked for removal."""
+    def _take_first(self, limit: int, now: float) -> list[_Pending[In, Out]]:
+        """Up to ``limit`` entries in priority, then arrival, order."""
+        entries: list[_Pending[In, Out]] = []
         for lane in self._lanes:
-            found = False
-            for entry in lane:
-                if not entry.queued:
-                    continue
-                if entry.future.done():
-                    entry.queued = False
-                elif entry.deadline is not None and entry.deadline <= now:
-                    entry.queued = False
-                    _fail(
-                        entry.future, DeadlineExceeded("the request's deadline passed in the queue")
-                    )
-                else:
-                    found = True
-                    yield entry
-            if found and not self._config.fill_with_background:
-                return
+            if entries and not self._config.fill_with_background:
+                break
+            while lane and len(entries) < limit:
+                entry = lane.popleft()
+                entry.queued = False
+                if self._still_queued(entry, now):
+                    entries.append(entry)
+        return entries
+
+    def _still_queued(self, entry: _Pending[In, Out], now: float) -> bool:
+        """False for an entry whose caller is gone or whose deadline has passed (failed)."""
+        if entry.future.done():
+            return False
+        if entry.deadline is not None and entry.deadline <= now:
+            _fail(entry.future, DeadlineExceeded("the request's deadline passed in the queue"))
+            return False
+        return True
 
     def _all_in_time(self, entries: list[_Pending[In, Out]], now: float) -> bool:
         expected_end = now + self._run_times.estimate_s(len(entries))
         return all(entry.deadline is None or entry.deadline >= expected_end for entry in entries)
 
-    def _choose(
+    def _take_in_time(self, limit: int, now: float) -> list[_Pending[In, Out]]:
+        """The largest batch whose members all have time left for its expected run.
+
+        Under overload the oldest entries have too little: running them would spend the
+        model on answers nobody waits for, and make the entries behind them expire too.
+        They stay queued, to their own deadline's timer. The first lane with entries
+        decides the size, first come first served among those with time enough, so no
+        entry of it is left out for a lower lane's; entries of lower lanes then fill the
+        places that keep everyone in time (with ``fill_with_background``).
+        """
+        lanes = [lane for lane in self._lanes if any(self._live(lane, now))]
+        if not lanes:
+            return []
+        enough_s = now + self._run_times.estimate_s(limit)
+        # Stops once ``limit`` entries have time for a full batch: the scan passes only
+        # the entries too late for one, at the head of the lane.
+        candidates = list(
+            itertools.islice(
+                (e for e in self._live(lanes[0], now) if _ends_after(e, enough_s)), limit
+            )
+        )
+        if len(candidates) < limit:
+            candidates = list(self._live(lanes[0], now))
+        chosen = self._largest_in_time(candidates, limit, now)
+        if not chosen:
+            # Not one is expected in time: the one with the most time left has the best
+            # chance, and an estimate is no reason to leave the model idle.
+            chosen = [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
+        if self._config.fill_with_background:
+            self._fill(chosen, lanes[1:], limit, now)
+        for entry in chosen:
+            entry.queued = False
+            self._lanes[entry.priority].remove(entry)
+        return chosen
+
+    def _fill(
+        self,
+        chosen: list[_Pending[In, Out]],
+        lanes: list[deque[_Pending[In, Out]]],
+        limit: int,
+        now: float,
+    ) -> None:
+        """Add lower lanes' entries to ``chosen`` while everyone stays in time."""
+        fillers = itertools.chain.from_iterable(self._live(lane, now) for lane in lanes)
+        while len(chosen) < limit:
+            expected_end = now + self._run_times.estimate_s(len(chosen) + 1)
+            if not all(_ends_after(entry, expected_end) for entry in chosen):
+                return
+            filler = next((e for e in fillers if _ends_after(e, expected_end)), None)
+            if filler is None:
+                return
+            chosen.append(filler)
+
+    def _live(self, lane: deque[_Pending[In, Out]], now: float) -> Iterator[_Pending[In, Out]]:
+        """The lane's entries still wanted, in order. One whose deadline has passed is failed
+        here; its caller's task then takes it out of the lane."""
+        return (entry for entry in lane if self._still_queued(entry, now))
+
+    def _largest_in_time(
         self, candidates: list[_Pending[In, Out]], limit: int, now: float
     ) -> list[_Pending[In, Out]]:
-        """The largest batch, first come first served, whose members all have time left for
-        its expected run. Under overload the oldest entries have too little: running them
-        would spend the model on answers nobody waits for, and make the entries behind them
-        expire too. They are left to their own deadline's timer."""
         # A batch of n fits when the entry with the n-th most time left has time for it.
         time_left_s = sorted(
             (math.inf if e.deadline is None else e.deadline - now for e in candidates),
@@ -506,15 +576,9 @@ class BatchProcessor(Generic[In, Out]):
         for size in range(min(limit, len(candidates)), 0, -1):
             run_s = self._run_times.estimate_s(size)
             if time_left_s[size - 1] >= run_s:
-                expected_end = now + run_s
-                in_time = (
-                    e for e in candidates if e.deadline is None or e.deadline >= expected_end
-                )
+                in_time = (e for e in candidates if _ends_after(e, now + run_s))
                 return list(itertools.islice(in_time, size))
-        if not candidates:
-            return []
-        # Not one is expected in time; the one with the most time left has the best chance.
-        return [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
+        return []
 
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
         entries = batch.entries
