@@ -201,7 +201,8 @@ class _RunTimes:
     # A size not run for this many batches is forgotten rather than trusted: otherwise an
     # estimate too high to ever be chosen again would never be corrected.
     FORGET_AFTER_RUNS = 64
-    # One outlier (a pause, a page-in) moves an estimate by at most this factor per run.
+    # A run counts as at most this many times its size's mean, so one outlier (a pause, a
+    # page-in) raises the mean by at most a fifth.
     MAX_STEP = 2.0
 
     def __init__(self) -> None:
@@ -505,7 +506,7 @@ class BatchProcessor(Generic[In, Out]):
 
     def _all_in_time(self, entries: list[_Pending[In, Out]], now: float) -> bool:
         expected_end = now + self._run_times.estimate_s(len(entries))
-        return all(entry.deadline is None or entry.deadline >= expected_end for entry in entries)
+        return all(_ends_after(entry, expected_end) for entry in entries)
 
     def _take_in_time(self, limit: int, now: float) -> list[_Pending[In, Out]]:
         """The largest batch whose members all have time left for its expected run.
