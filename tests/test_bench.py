@@ -4,10 +4,11 @@ its ideal-server simulation queues as queueing theory says."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -18,6 +19,8 @@ from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 SERVICE_S = 0.25
 CLIENTS = 4
@@ -35,6 +38,13 @@ async def slow_server() -> AsyncIterator[Server]:
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
 
+    async with fake_service(classify, metrics) as url:
+        yield RssSeries(url)
+
+
+@contextlib.asynccontextmanager
+async def fake_service(classify: Handler, metrics: Handler) -> AsyncIterator[str]:
+    """A loopback HTTP server answering /cls and /metrics with these handlers; its URL."""
     app = web.Application()
     app.router.add_post("/cls", classify)
     app.router.add_get("/metrics", metrics)
@@ -43,8 +53,10 @@ async def slow_server() -> AsyncIterator[Server]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield RssSeries(f"http://127.0.0.1:{port}")
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass
@@ -292,21 +304,9 @@ async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=f"batch_size_count {ran}\nbatch_size_sum {ran}\n")
 
-    app = web.Application()
-    app.router.add_post("/cls", classify)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
-    try:
-        step = await overload.closed_loop(
-            Server(f"http://127.0.0.1:{port}"), [payload], 1, duration_s=1.0, timeout_ms=100
-        )
-    finally:
-        await runner.cleanup()
+    async with fake_service(classify, metrics) as url:
+        step = await overload.closed_loop(Server(url), [payload], 1, duration_s=1.0, timeout_ms=100)
 
     assert step["statuses"]["200"] == answered
     assert step["statuses"]["504"] in (answered - 1, answered)
