@@ -307,20 +307,28 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     assert [p["index"] for p in response.json()["prediction"]] == indices
 
 
+async def hold_model_with_queue(
+    served: RunningApp, data: bytes, queued: int
+) -> tuple[GatedModel, asyncio.Task[httpx.Response], list[asyncio.Task[httpx.Response]]]:
+    """One request inside the gated model and ``queued`` more waiting behind it."""
+    model = GatedModel(served)
+    running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+    await asyncio.to_thread(model.entered.wait, 10)
+    waiting = [
+        asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(queued)
+    ]
+    processor = served.service.processor
+    assert processor is not None
+    await wait_for(lambda: processor.queue_depth == queued)
+    return model, running, waiting
+
+
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
     async with running_app(
         make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
     ) as served:
-        model = GatedModel(served)
         data = photos[0].read_bytes()
-        running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
-        await asyncio.to_thread(model.entered.wait, 10)
-        queued = [
-            asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(2)
-        ]
-        processor = served.service.processor
-        assert processor is not None
-        await wait_for(lambda: processor.queue_depth == 2)
+        model, running, queued = await hold_model_with_queue(served, data, queued=2)
         rejected = 'batch_requests_total{outcome="rejected"}'
         before = metric_value((await served.client.get("/metrics")).text, rejected)
         refused = await served.client.post("/cls", files=upload(data))
@@ -339,20 +347,16 @@ async def test_a_batch_with_refused_entries_says_when_to_retry(photos: list[Path
     async with running_app(
         make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
     ) as served:
-        model = GatedModel(served)
         data = photos[0].read_bytes()
-        running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
-        await asyncio.to_thread(model.entered.wait, 10)
-        queued = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        model, running, queued = await hold_model_with_queue(served, data, queued=1)
         processor = served.service.processor
         assert processor is not None
-        await wait_for(lambda: processor.queue_depth == 1)
         files = [("file", ("a.jpg", data, "image/jpeg")), ("file", ("b.jpg", data, "image/jpeg"))]
         crowded = asyncio.create_task(served.client.post("/cls/batch", files=files))
         await wait_for(lambda: processor.queue_depth == 2)
         model.release.set()
         answer = await crowded
-        assert [r.status_code for r in await asyncio.gather(running, queued)] == [200, 200]
+        assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200, 200]
 
         assert answer.status_code == 200
         assert sorted(entry["status"] for entry in answer.json()["results"]) == [200, 503]
