@@ -36,7 +36,7 @@ bind = os.environ.get("BIND", f"0.0.0.0:{settings.port}")
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
 # never oversubscribe the cores; see Settings.effective_torch_threads.
 workers = settings.workers
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "service.protocol.JsonErrorsUvicornWorker"
 # Each worker loads its own model after the fork; a torch runtime forked from a parent
 # that already used it is unsafe (OpenMP pools, CUDA contexts).
 preload_app = False

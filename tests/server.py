@@ -64,6 +64,20 @@ def gunicorn_command(port: int) -> list[str]:
     ]
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """The development server, as ``make dev`` starts it (without reloading)."""
+    return [
+        str(BIN / "uvicorn"),
+        "main:app",
+        "--http",
+        "service.protocol:JsonErrorsHttpProtocol",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 @contextmanager
 def running_server(
     tmp_path: Path, command: list[str], env: dict[str, str]

@@ -27,7 +27,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = load(monkeypatch, tmp_path)
     assert config["bind"] == "0.0.0.0:5001"
     assert config["workers"] == 1
-    assert config["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert config["worker_class"] == "service.protocol.JsonErrorsUvicornWorker"
     assert config["preload_app"] is False  # each worker loads its model after the fork
     assert config["timeout"] == 120
     assert config["keepalive"] == 5

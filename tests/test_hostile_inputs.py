@@ -40,7 +40,7 @@ from tests.corpus import (
     multipart,
     multipart_headers,
 )
-from tests.server import BIN, free_port, running_server, server_env
+from tests.server import free_port, running_server, server_env, uvicorn_command
 from tests.support import Reference, RunningApp, make_settings, photo_paths, running_app
 
 PHOTO = photo_paths()[0]
@@ -326,7 +326,7 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
     half-closes instead gets its connection closed. Never a 5xx.
     """
     port = free_port()
-    command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    command = uvicorn_command(port)
     env = server_env(
         tmp_path, PORT=str(port), MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), BODY_IDLE_TIMEOUT_S="1"
     )
@@ -335,6 +335,7 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
         for declared in (len(body) // 2, len(body) - 10, 0):
             answer = exchange(port, body, declared, half_close=False)
             assert re.match(rb"HTTP/1\.1 4\d\d ", answer), (declared, answer[:200])
+            assert b"text/plain" not in answer, (declared, answer[:400])
         longer = exchange(port, body, len(body) + 1000, half_close=True)
         assert longer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", longer), longer[:200]
         started = time.monotonic()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,7 @@ from tests.server import (
     gunicorn_command,
     running_server,
     server_env,
+    uvicorn_command,
 )
 from tests.support import Reference, metric_value
 
@@ -59,6 +63,40 @@ def test_gunicorn_serves_concurrent_requests_in_batches(
     assert batched_requests == 48
     assert batches < batched_requests, "some batch must have held more than one request"
     assert metrics.count("model_info{") == 1
+
+
+NOT_HTTP = {
+    "a header line without a colon": b"GET /healthz HTTP/1.1\r\nHost: test\r\nno colon\r\n\r\n",
+    "a chunk size that is not hex": (
+        b"POST /cls HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ),
+    "a TLS hello on the plain port": bytes.fromhex("160301020001000001fc0303") + bytes(32),
+}
+
+
+@pytest.mark.parametrize("start", [gunicorn_command, uvicorn_command], ids=["gunicorn", "uvicorn"])
+def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
+    tmp_path: Path, photos: list[Path], start: Callable[[int], list[str]]
+) -> None:
+    """What uvicorn's parser refuses never reaches the app, yet is answered like the rest."""
+    port = free_port()
+    with running_server(tmp_path, start(port), server_env(tmp_path, PORT=str(port))) as server:
+        for name, request in NOT_HTTP.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(request)
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (name, answer)
+            assert b"content-type: application/json" in head.lower(), (name, head)
+            assert b"connection: close" in head.lower(), (name, head)
+            assert "not valid HTTP/1.1" in json.loads(body)["detail"], (name, body)
+        photo = photos[0].read_bytes()
+        response = httpx.post(
+            f"{server.url}/cls", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=30
+        )
+        assert response.status_code == 200, response.text
 
 
 def start_up_failure_line(env: dict[str, str]) -> str:

@@ -22,12 +22,12 @@ import pytest
 from service.tasks import DATABASE_NAME
 from tests import images
 from tests.server import (
-    BIN,
     ServerProcess,
     free_port,
     gunicorn_command,
     running_server,
     server_env,
+    uvicorn_command,
 )
 from tests.support import metric_value
 from tests.webhook_receiver import receiving_in_thread
@@ -111,8 +111,7 @@ def fresh(path: Path) -> Path:
 def uvicorn_server(tmp_path: Path, data_dir: Path) -> tuple[list[str], dict[str, str]]:
     port = free_port()
     env = server_env(tmp_path, DATA_DIR=str(data_dir), PORT=str(port), TASK_POLL_INTERVAL_S="0.2")
-    command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
-    return command, env
+    return uvicorn_command(port), env
 
 
 @contextmanager
