@@ -64,18 +64,33 @@ class IdleTrimmer:
         self.trims = 0
 
     async def run(self) -> None:
-        """Watch until cancelled."""
-        baseline = self._resident()
+        """Watch until cancelled.
+
+        A round that cannot read the resident size (a worker out of file descriptors
+        cannot open ``/proc``) is skipped, with one warning until a round succeeds again.
+        """
+        baseline: int | None = None
+        failing = False
         while True:
             await asyncio.sleep(self._idle_s / 2)
+            try:
+                resident = self._resident()
+            except OSError as exc:
+                if not failing:
+                    logger.warning("memory trimming skipped until the resident size reads: %s", exc)
+                failing = True
+                continue
+            failing = False
+            if baseline is None:
+                baseline = resident
             if self._idle_for() < self._idle_s:
                 continue
-            before = self._resident()
             # Growth counts from the smallest size seen since the last trim.
-            baseline = min(baseline, before)
-            if before - baseline < self._min_growth_bytes:
+            baseline = min(baseline, resident)
+            if resident - baseline < self._min_growth_bytes:
                 continue
             await asyncio.to_thread(self._trim)
             self.trims += 1
-            baseline = self._resident()
-            logger.debug("returned %d MiB of freed memory", (before - baseline) // 2**20)
+            # The next round measures the size the trim left.
+            baseline = None
+            logger.debug("returned freed memory from %d MiB", resident // 2**20)

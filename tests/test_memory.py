@@ -29,17 +29,23 @@ class FakeWorker:
         self.idle_for = 0.0
         self.resident = 800 * MiB
         self.trims: list[int] = []
+        self.out_of_files = False
 
     def trim(self) -> None:
         self.trims.append(self.resident)
         self.resident = 800 * MiB
+
+    def read_resident(self) -> int:
+        if self.out_of_files:
+            raise OSError(24, "Too many open files", "/proc/self/statm")
+        return self.resident
 
 
 async def _watch(worker: FakeWorker, seconds: float) -> None:
     trimmer = memory.IdleTrimmer(
         lambda: worker.idle_for,
         worker.trim,
-        lambda: worker.resident,
+        worker.read_resident,
         idle_s=0.02,
         min_growth_bytes=64 * MiB,
     )
@@ -67,6 +73,26 @@ async def test_small_growth_is_left_alone() -> None:
     worker.resident = 850 * MiB
     await _watch(worker, 0.2)
     assert worker.trims == []
+
+
+async def test_trimming_survives_a_spell_without_file_descriptors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker out of file descriptors cannot read /proc; once it can again, it trims."""
+    worker = FakeWorker()
+    watching = asyncio.create_task(_watch(worker, 0.6))
+    await asyncio.sleep(0.05)
+    worker.out_of_files = True
+    await asyncio.sleep(0.15)
+    worker.resident = 1000 * MiB
+    worker.idle_for = 1.0
+    await asyncio.sleep(0.1)
+    assert worker.trims == []
+    worker.out_of_files = False
+    await watching
+    assert worker.trims == [1000 * MiB]
+    warnings = [r for r in caplog.records if "Too many open files" in r.getMessage()]
+    assert len(warnings) == 1, "one warning for the whole spell, not one per round"
 
 
 async def test_what_exists_at_start_up_is_left_out_of_full_collections() -> None:
