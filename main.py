@@ -53,7 +53,13 @@ from classification import (
     preprocess,
 )
 from service import logs, memory, metrics
-from service.middleware import ApiKeyMiddleware, BodyLimitsMiddleware, RequestContextMiddleware
+from service.middleware import (
+    REQUEST_ID_HEADER,
+    REQUEST_ID_STATE,
+    ApiKeyMiddleware,
+    BodyLimitsMiddleware,
+    RequestContextMiddleware,
+)
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
 from service.tasks import (
@@ -63,6 +69,7 @@ from service.tasks import (
     TaskQueueFull,
     TaskRecord,
     TaskStatus,
+    TaskStoreBusy,
     TaskStoreUnavailable,
 )
 from service.webhooks import InvalidCallbackUrl, WebhookConfig, WebhookSender, check_callback_url
@@ -797,6 +804,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     IdempotencyKeyReused: 422,
     QueueFull: 503,
     TaskQueueFull: 503,
+    TaskStoreBusy: 503,
     NotReady: 503,
     Stopped: 503,
     DeadlineExceeded: 504,
@@ -848,8 +856,15 @@ def _public_validation_message(error: Mapping[str, object]) -> str:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # Starlette runs this outside the middleware that bound the request id: bind it again.
+    request_id = getattr(request.state, REQUEST_ID_STATE, None)
+    token, _ = logs.begin_request(request_id or "-")
+    try:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    finally:
+        logs.end_request(token)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import logs, metrics
 
 REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_STATE = "request_id"
 # Echo a caller's id only when it is safe to put into headers and logs.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -41,6 +42,8 @@ class RequestContextMiddleware:
             supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         )
         token, access_fields = logs.begin_request(request_id)
+        # For the handler of unexpected errors, which Starlette runs outside this middleware.
+        scope.setdefault("state", {})[REQUEST_ID_STATE] = request_id
         status = 500
 
         async def send_with_id(message: Message) -> None:

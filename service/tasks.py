@@ -92,6 +92,10 @@ class TaskNotCancellable(Exception):
     """The task has started or finished, so it can no longer be cancelled."""
 
 
+class TaskStoreBusy(Exception):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """One task as stored, without its image."""
@@ -172,7 +176,7 @@ class TaskStore:
         try:
             self._configure()
             self._migrate()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, TaskStoreBusy) as exc:
             self._db.close()
             raise self._unavailable(exc) from None
         except BaseException:
@@ -228,7 +232,15 @@ class TaskStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so two workers never both read "queued"
         # and then both write "running".
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise TaskStoreBusy(
+                    f"the task store is busy: another process held its write lock for "
+                    f"{BUSY_TIMEOUT_MS / 1000:g} s; retry shortly"
+                ) from None
+            raise
         try:
             yield self._db
         except BaseException:

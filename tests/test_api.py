@@ -533,6 +533,33 @@ async def test_server_errors_are_logged_with_the_request_id(
     assert any("answered 500" in r.getMessage() for r in lines)
 
 
+async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
+    served: RunningApp,
+    photos: list[Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug's 500 says nothing of it; the answer and the traceback's log line carry the
+    request's id, so a caller's report leads to the traceback."""
+
+    def fail(top_k: int) -> None:
+        raise RuntimeError("bug at /srv/secret/path.py")
+
+    monkeypatch.setattr(served.service, "check_top_k", fail)
+    # As a server does: Starlette re-raises after answering, for the server to log.
+    transport = httpx.ASGITransport(app=served.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with caplog.at_level(logging.ERROR, logger="service"):
+            response = await client.post(
+                "/cls", files=upload(photos[0].read_bytes()), headers={"X-Request-ID": "trace-88"}
+            )
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert response.headers["X-Request-ID"] == "trace-88"
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert [getattr(r, "request_id", None) for r in tracebacks] == ["trace-88"]
+
+
 async def test_metrics_report_requests_batches_and_model(
     served: RunningApp, photos: list[Path]
 ) -> None:

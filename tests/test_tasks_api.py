@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service import tasks
 from service.settings import load_settings
 from service.tasks import DATABASE_NAME
 from tests import images
@@ -771,6 +772,35 @@ async def test_an_attempt_write_that_outlasts_its_wait_is_still_reported(
     failures = [r for r in caplog.records if r.getMessage().startswith("counting the attempts")]
     assert len(failures) == 1
     assert "['t-1', 't-2']" in failures[0].getMessage()
+
+
+async def test_writes_that_outwait_another_process_lock_are_503_and_retryable(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write lock held elsewhere past the busy timeout refuses submissions and cancels
+    with 503 and Retry-After, not a 500; once it is released they succeed."""
+    monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 200)
+    data = photos[0].read_bytes()
+    async with running_app(make_settings()) as served:
+        accepted = await submit(served.client, data)
+        lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            refused = [
+                await served.client.post("/tasks", files=upload(data)),
+                await served.client.delete(f"/tasks/{accepted['task_id']}"),
+            ]
+            polled = await served.client.get(f"/task-status/{accepted['task_id']}")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "1"
+            assert "task store is busy" in response.json()["detail"]
+        assert polled.status_code == 200
+        await submit(served.client, data)
 
 
 async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
