@@ -20,7 +20,7 @@ from classification import (
     normalize_batch,
     preprocess,
 )
-from classification.preprocess import IMAGENET_MEAN, IMAGENET_STD, PNG_MAX_CHUNKS
+from classification.preprocess import IMAGENET_MEAN, IMAGENET_STD, MAX_SIDE, PNG_MAX_CHUNKS
 from tests import images
 from tests.support import Reference
 
@@ -275,6 +275,16 @@ def test_decompression_bombs_are_refused_before_pixels_are_allocated(bomb: objec
     finally:
         tracemalloc.stop()
     assert peak < 5_000_000
+
+
+@pytest.mark.parametrize("size", [(1, MAX_SIDE + 1), (MAX_SIDE + 1, 1)])
+def test_a_side_longer_than_any_camera_makes_is_refused(size: tuple[int, int]) -> None:
+    """A strip within the pixel limit would still cost Pillow memory per row."""
+    with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]}"):
+        decode_image(images.encode(Image.new("RGB", size), "PNG"), max_pixels=MAX_PIXELS)
+    at_the_limit = Image.new("RGB", (min(size[0], MAX_SIDE), min(size[1], MAX_SIDE)))
+    crop = preprocess(images.encode(at_the_limit, "PNG"), max_pixels=MAX_PIXELS)
+    assert crop.shape == (224, 224, 3)
 
 
 def test_a_tiff_is_limited_by_its_tiles_not_only_its_declared_size() -> None:

@@ -36,8 +36,9 @@ GIB = 2**30
 # Beyond the workers: the gunicorn master and uploads in flight.
 MEMORY_HEADROOM_BYTES = 256 * 2**20
 # A worker's peak growth while it decodes and preprocesses one image, per pixel: +305 MiB
-# for an 8000x5000 RGBA PNG (2026-12-01), the costliest kind at the default pixel limit.
-DECODE_BYTES_PER_PIXEL = 8
+# for a 40-megapixel JPEG, PNG, TIFF or BMP, and up to +636 MiB for a 16383x2441 WebP, the
+# costliest kind at the default pixel limit (2026-12-01).
+DECODE_BYTES_PER_PIXEL = 17
 DRAIN_MARGIN_S = 5
 # The idle timeout of the usual proxies in front of pods: ingress-nginx's
 # upstream-keepalive-timeout, AWS and GCP load balancers.
