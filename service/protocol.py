@@ -7,7 +7,7 @@ protocol answers what it refuses with the same ``{"detail": ...}`` body and
 ``X-Request-ID`` as every other error, and refuses a head over ``MAX_REQUEST_HEAD_BYTES``
 (431) or not complete within ``REQUEST_HEAD_TIMEOUT_S`` (408). ``gunicorn_config.py``
 uses the worker; under uvicorn, select the protocol with
-``--http service.protocol:JsonErrorsHttpProtocol``.
+``--http service.protocol:JsonErrorsHttpProtocol --ws none``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from service import logs
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # From the connection's opening, or the previous response's end, to the head's last byte.
 REQUEST_HEAD_TIMEOUT_S = 10.0
+UNPARSABLE = "the request could not be parsed: the bytes sent are not valid HTTP/1.1"
 
 logger = logging.getLogger("service")
 
@@ -42,6 +43,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._between_messages = True
         self._messages_begun = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._unparsable = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -54,7 +56,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         between_messages, begun = self._between_messages, self._messages_begun
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        if not self._in_head or self._unparsable or self.transport.is_closing():
             return
         # The chunk counts when all of it belongs to the head being read: it continued
         # that head, or began it with nothing before. One that also ended an earlier
@@ -89,12 +91,28 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         # A request queued behind this one (pipelined) has its head already.
         awaiting_head = not self.pipeline
         super().on_response_complete()
-        if awaiting_head and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._unparsable and self.cycle.response_complete:
+            self._refuse(400, UNPARSABLE)
+        elif awaiting_head:
             self._arm_head_timer()
 
     def send_400_response(self, msg: str) -> None:
-        # Reached only when the parser refuses the bytes, before the app sees a request.
-        self._refuse(400, "the request could not be parsed: the bytes sent are not valid HTTP/1.1")
+        # Reached when the parser refuses bytes, before the app sees them as a request.
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # They follow whole requests still being answered, which are answered first:
+            # bad bytes must not cost a client the answers it is owed. Nothing more can be
+            # parsed, so nothing more is read.
+            self._unparsable = True
+            self.flow.pause_reading()
+            return
+        self._refuse(400, UNPARSABLE)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn's warning would tell the operator to install a WebSocket library.
+        logger.debug("an Upgrade request is served as plain HTTP: there are no WebSocket routes")
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -145,7 +163,12 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class JsonErrorsUvicornWorker(UvicornWorker):
-    """The uvicorn worker for gunicorn, serving with ``JsonErrorsHttpProtocol``."""
+# What the service's uvicorn runs with. It has no WebSocket routes: an Upgrade request is
+# served as plain HTTP, with the app's own answer, rather than refused with an empty 403.
+UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol, "ws": "none"}
 
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": JsonErrorsHttpProtocol}
+
+class JsonErrorsUvicornWorker(UvicornWorker):
+    """The uvicorn worker for gunicorn, serving with ``UVICORN_CONFIG``."""
+
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", **UVICORN_CONFIG}

@@ -46,9 +46,9 @@ def port() -> Iterator[int]:
             echo_length,
             host="127.0.0.1",
             port=port,
-            http=protocol.JsonErrorsHttpProtocol,
             lifespan="off",
             log_level="error",
+            **protocol.UVICORN_CONFIG,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
@@ -107,6 +107,39 @@ def test_bytes_that_are_not_http_get_a_json_400(port: int) -> None:
         connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n")
         answer = read_to_close(connection)
     assert "not valid HTTP/1.1" in json_error(answer, 400)
+
+
+def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_answers(
+    port: int,
+) -> None:
+    """Pipelined requests are answered before the 400 for what follows them."""
+    with connect(port) as connection:
+        connection.sendall(request("/slow", b"ab") + request(body=b"abc") + b"GARBAGE\r\n\r\n")
+        answer = read_to_close(connection)
+    answers, _, refusal = answer.rpartition(b"HTTP/1.1 400 ")
+    assert ok_lengths(answers) == [2, 3]
+    assert "not valid HTTP/1.1" in json_error(b"HTTP/1.1 400 " + refusal, 400)
+
+
+def test_a_chunk_size_that_is_not_hex_is_refused_at_once(port: int) -> None:
+    """The bad bytes are inside the request being read: it can never be answered."""
+    started = time.monotonic()
+    with connect(port) as connection:
+        connection.sendall(
+            b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+        )
+        answer = read_to_close(connection)
+    assert "not valid HTTP/1.1" in json_error(answer, 400)
+    assert time.monotonic() - started < HEAD_TIMEOUT_S
+
+
+def test_an_upgrade_request_is_served_as_plain_http(port: int) -> None:
+    """No WebSocket routes: the app answers, not an empty 403 from the server."""
+    upgrade = "Connection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    upgrade += "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    with connect(port) as connection:
+        connection.sendall(request(body=b"", extra_headers=upgrade))
+        assert ok_lengths(read_to_close(connection)) == [0]
 
 
 def test_a_head_over_the_limit_is_refused_before_it_ends(port: int) -> None:
