@@ -345,7 +345,12 @@ class TaskStore:
             if record is None or record.status is TaskStatus.CANCELLED:
                 return record
             if record.status is not TaskStatus.QUEUED:
-                raise TaskNotCancellable(f"the task is {record.status}; only queued tasks cancel")
+                state = (
+                    "is running"
+                    if record.status == TaskStatus.RUNNING
+                    else f"has finished ({record.status})"
+                )
+                raise TaskNotCancellable(f"the task {state}; only queued tasks can be cancelled")
             db.execute(
                 "UPDATE tasks SET status = ?, finished_at = ? WHERE id = ?",
                 (TaskStatus.CANCELLED, now, task_id),
@@ -426,8 +431,8 @@ class TaskStore:
         worker in turn, forever.
         """
         error = (
-            f"the task was interrupted {max_attempts} times (its worker stopped while the "
-            "model ran it); TASK_MAX_ATTEMPTS allows that many"
+            f"the task was interrupted {max_attempts} time{'s' if max_attempts > 1 else ''} "
+            "(its worker stopped while the model ran it); TASK_MAX_ATTEMPTS allows that many"
         )
         with self._transaction() as db:
             rows = db.execute(
