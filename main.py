@@ -586,6 +586,12 @@ async def submit_task(
     service = _service(request)
     settings = service.settings
     service.check_top_k(top_k)
+    # The form is parsed already (and kept by the request); FastAPI takes the last of
+    # repeated fields, which would drop the others silently.
+    form = await request.form()
+    for name in ("callback_url", "metadata"):
+        if (sent := len(form.getlist(name))) > 1:
+            raise InvalidTaskField(f"{name} was sent {sent} times; send it at most once")
     parsed_metadata = _parse_metadata(metadata, settings.task_metadata_max_bytes)
     if callback_url is not None:
         callback_url = callback_url.strip() or None

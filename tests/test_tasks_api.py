@@ -137,10 +137,16 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
         ({"callback_url": "http://169.254.169.254/latest"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
         ({"callback_url": "http://93.184.215.14\t/hook"}, 422, "control characters"),
         ({"callback_url": "http://example.com/\r\nX-Injected: 1"}, 422, "control characters"),
+        ({"metadata": ['{"a": 1}', '{"b": 2}']}, 422, "metadata was sent 2 times"),
+        ({"callback_url": ["https://a.example/", "https://b.example/"]}, 422, "sent 2 times"),
     ],
 )
 async def test_bad_fields_are_refused_before_anything_is_stored(
-    served: RunningApp, photos: list[Path], fields: dict[str, str], status: int, detail: str
+    served: RunningApp,
+    photos: list[Path],
+    fields: dict[str, str | list[str]],
+    status: int,
+    detail: str,
 ) -> None:
     response = await served.client.post("/tasks", files=upload(photos[0].read_bytes()), data=fields)
     assert response.status_code == status, response.text
