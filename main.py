@@ -72,7 +72,13 @@ from service.tasks import (
     TaskStoreBusy,
     TaskStoreUnavailable,
 )
-from service.webhooks import InvalidCallbackUrl, WebhookConfig, WebhookSender, check_callback_url
+from service.webhooks import (
+    CallbackLookupFailed,
+    InvalidCallbackUrl,
+    WebhookConfig,
+    WebhookSender,
+    check_callback_url,
+)
 
 logger = logging.getLogger("service")
 T = TypeVar("T")
@@ -811,6 +817,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     QueueFull: 503,
     TaskQueueFull: 503,
     TaskStoreBusy: 503,
+    CallbackLookupFailed: 503,
     NotReady: 503,
     Stopped: 503,
     DeadlineExceeded: 504,

@@ -68,6 +68,11 @@ class InvalidCallbackUrl(ValueError):
     """The callback URL is refused; the message says why."""
 
 
+class CallbackLookupFailed(Exception):
+    """The callback URL's host could not be looked up for now: DNS failed to answer, which
+    says nothing of the URL (a name that does not exist is an ``InvalidCallbackUrl``)."""
+
+
 def _refusal_reason(ip: _IPAddress) -> str | None:
     """Why `ip` may not be a callback target, or None when it is globally routable."""
     if isinstance(ip, ipaddress.IPv6Address):
@@ -119,6 +124,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
 
     Raises:
         InvalidCallbackUrl: With a message saying what is wrong.
+        CallbackLookupFailed: DNS failed to answer for the host, for now.
     """
     if len(url) > MAX_URL_CHARS:
         raise InvalidCallbackUrl(
@@ -135,6 +141,8 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         port = parts.port
     except ValueError as exc:
         raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
+    if port == 0:
+        raise InvalidCallbackUrl("callback_url port is 0; expected 1 to 65535")
     if parts.scheme.lower() not in ("http", "https"):
         raise InvalidCallbackUrl(
             f"callback_url scheme is {parts.scheme or 'missing'!r}; expected http or https"
@@ -159,6 +167,13 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise CallbackLookupFailed(
+                f"callback_url host {host!r} could not be looked up just now (DNS did not "
+                "answer); retry shortly"
+            ) from None
+        raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
     except (OSError, UnicodeError):
         raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
     # Every answer must pass: the connection may use any of them.

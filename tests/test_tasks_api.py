@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import sqlite3
 import threading
 import uuid
@@ -151,6 +152,24 @@ async def test_bad_fields_are_refused_before_anything_is_stored(
     response = await served.client.post("/tasks", files=upload(photos[0].read_bytes()), data=fields)
     assert response.status_code == status, response.text
     assert detail in response.json()["detail"]
+    assert stored_rows(served, "tasks") == 0
+
+
+async def test_a_callback_host_dns_cannot_look_up_for_now_is_a_503(
+    served: RunningApp, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_answer(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
+    response = await served.client.post(
+        "/tasks",
+        files=upload(photos[0].read_bytes()),
+        data={"callback_url": "https://hooks.example/done"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert "could not be looked up just now" in response.json()["detail"]
     assert stored_rows(served, "tasks") == 0
 
 

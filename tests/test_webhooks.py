@@ -16,6 +16,7 @@ import pytest
 
 from service import webhooks
 from service.webhooks import (
+    CallbackLookupFailed,
     DeliveryResult,
     InvalidCallbackUrl,
     WebhookConfig,
@@ -353,6 +354,7 @@ LOOPBACK_URLS = [
         ("http://224.0.0.1/", "multicast"),
         ("http://240.0.0.1/", "private"),
         ("http://no-such-host.invalid/", "does not resolve"),
+        ("http://example.com:0/", "port is 0"),
     ],
 )
 def test_unsafe_callback_urls_are_refused(url: str, why: str) -> None:
@@ -404,6 +406,19 @@ def test_a_name_is_refused_if_any_of_its_addresses_is_private(
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     with pytest.raises(InvalidCallbackUrl, match=r"resolves to 10\.0\.0\.7, a private"):
         check_callback_url("http://mixed.example/", allow_private=False)
+
+
+def test_a_lookup_dns_fails_to_answer_is_not_taken_for_a_bad_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name that does not exist is the caller's mistake; DNS failing to answer is not."""
+
+    def no_answer(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
+    with pytest.raises(CallbackLookupFailed, match="retry shortly"):
+        check_callback_url("https://hooks.example/", allow_private=False)
 
 
 # Server-side request forgery at delivery and connect time
