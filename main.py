@@ -907,6 +907,8 @@ def create_app(settings: Settings) -> FastAPI:
             gc.unfreeze()
             await service.stop()
 
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    tasks_body_limit = upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS
     app = FastAPI(
         title="ResNet18 classification service",
         summary="Micro-batched ImageNet classification over HTTP",
@@ -936,12 +938,13 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
-        # Starlette caps a form field at 1 MiB: room for the metadata the settings allow,
-        # and for twice as much, so that a little too much gets the answer naming the setting.
+        # Starlette caps a form field at 1 MiB by default, with a message naming no setting.
+        # The body limit bounds a field already, so any field too long for its setting gets
+        # the answer that names it.
         form_limits={
             "max_files": 1,
             "max_fields": 8,
-            "max_part_size": max(1024 * 1024, 2 * settings.task_metadata_max_bytes),
+            "max_part_size": tasks_body_limit,
         },
         tags=["tasks"],
     )
@@ -973,13 +976,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         BodyLimitsMiddleware,
         limits_by_path={
             "/cls": upload_limit,
             "/cls/batch": upload_limit * settings.max_batch_files,
-            "/tasks": upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS,
+            "/tasks": tasks_body_limit,
         },
         default_limit=MAX_OTHER_BODY_BYTES,
         describe=lambda limit: (

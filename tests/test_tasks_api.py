@@ -133,6 +133,8 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
         ({"metadata": '{"x": ' + "[" * 32 + "]" * 32 + "}"}, 422, "more than 32 levels deep"),
         ({"metadata": "[" * 5000 + "]" * 5000}, 422, "more than 32 levels deep"),
         ({"metadata": '{"x": "' + "y" * 20_000 + '"}'}, 422, "TASK_METADATA_MAX_BYTES allows"),
+        ({"metadata": '{"x": "' + "y" * 1_200_000 + '"}'}, 422, "TASK_METADATA_MAX_BYTES allows"),
+        ({"callback_url": "https://a.example/" + "y" * 1_200_000}, 422, "at most 2048"),
         ({"callback_url": "ftp://example.com/hook"}, 422, "http"),
         ({"callback_url": "http://127.0.0.1:8080/hook"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
         ({"callback_url": "http://169.254.169.254/latest"}, 422, "WEBHOOK_ALLOW_PRIVATE"),
