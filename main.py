@@ -908,7 +908,15 @@ def create_app(settings: Settings) -> FastAPI:
             await service.stop()
 
     upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    tasks_body_limit = upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS
+    body_limits = {
+        "/cls": upload_limit,
+        "/cls/batch": upload_limit * settings.max_batch_files,
+        "/tasks": upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS,
+    }
+    # Starlette caps a plain form field at 1 MiB by default, answering 400 with a message
+    # that names no setting. The body limits bound a field already, so a field too long, or
+    # of the wrong kind, gets the answer that names what is wrong with it.
+    max_part_bytes = max(body_limits["/cls"], body_limits["/tasks"])
     app = FastAPI(
         title="ResNet18 classification service",
         summary="Micro-batched ImageNet classification over HTTP",
@@ -920,7 +928,7 @@ def create_app(settings: Settings) -> FastAPI:
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
-        form_limits={"max_files": 1, "max_fields": 8},
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
     app.add_api_route(
@@ -929,7 +937,11 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
-        form_limits={"max_files": settings.max_batch_files, "max_fields": 8},
+        form_limits={
+            "max_files": settings.max_batch_files,
+            "max_fields": 8,
+            "max_part_size": max_part_bytes,
+        },
         tags=["classification"],
     )
     app.add_api_route(
@@ -938,14 +950,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
-        # Starlette caps a form field at 1 MiB by default, with a message naming no setting.
-        # The body limit bounds a field already, so any field too long for its setting gets
-        # the answer that names it.
-        form_limits={
-            "max_files": 1,
-            "max_fields": 8,
-            "max_part_size": tasks_body_limit,
-        },
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )
     app.add_api_route(
@@ -978,11 +983,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(
         BodyLimitsMiddleware,
-        limits_by_path={
-            "/cls": upload_limit,
-            "/cls/batch": upload_limit * settings.max_batch_files,
-            "/tasks": tasks_body_limit,
-        },
+        limits_by_path=body_limits,
         default_limit=MAX_OTHER_BODY_BYTES,
         describe=lambda limit: (
             f"request body is over {limit} bytes; "

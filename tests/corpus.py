@@ -274,7 +274,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
             "file-as-plain-field", 422, "plain form field", [("file", None, b"hi", None)]
         ),
         raw_multipart(
-            "oversized-plain-field", 400, "maximum size", [("file", None, b"x" * 1_500_000, None)]
+            "large-plain-field", 422, "plain form field", [("file", None, b"x" * 1_500_000, None)]
         ),
         # httpx percent-encodes control characters in filenames; these go on the wire raw.
         raw_multipart(
