@@ -61,6 +61,7 @@ class IdleTrimmer:
         self._resident = resident
         self._idle_s = idle_s
         self._min_growth_bytes = min_growth_bytes
+        self._failing = False
         self.trims = 0
 
     async def run(self) -> None:
@@ -69,18 +70,12 @@ class IdleTrimmer:
         A round that cannot read the resident size (a worker out of file descriptors
         cannot open ``/proc``) is skipped, with one warning until a round succeeds again.
         """
-        baseline: int | None = None
-        failing = False
+        baseline = self._read_resident()
         while True:
             await asyncio.sleep(self._idle_s / 2)
-            try:
-                resident = self._resident()
-            except OSError as exc:
-                if not failing:
-                    logger.warning("memory trimming skipped until the resident size reads: %s", exc)
-                failing = True
+            resident = self._read_resident()
+            if resident is None:
                 continue
-            failing = False
             if baseline is None:
                 baseline = resident
             if self._idle_for() < self._idle_s:
@@ -91,6 +86,16 @@ class IdleTrimmer:
                 continue
             await asyncio.to_thread(self._trim)
             self.trims += 1
-            # The next round measures the size the trim left.
-            baseline = None
+            baseline = self._read_resident()
             logger.debug("returned freed memory from %d MiB", resident // 2**20)
+
+    def _read_resident(self) -> int | None:
+        try:
+            resident = self._resident()
+        except OSError as exc:
+            if not self._failing:
+                logger.warning("memory trimming skipped until the resident size reads: %s", exc)
+            self._failing = True
+            return None
+        self._failing = False
+        return resident

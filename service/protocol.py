@@ -4,10 +4,11 @@ A request uvicorn cannot parse never reaches the app, so the app's error handler
 shape its answer, and uvicorn writes a plain-text 400. Nor does uvicorn bound a request's
 head: it buffers header bytes for as long as they come, and waits for them for ever. This
 protocol answers what it refuses with the same ``{"detail": ...}`` body and
-``X-Request-ID`` as every other error, and refuses a head over ``MAX_REQUEST_HEAD_BYTES``
-(431) or not complete within ``REQUEST_HEAD_TIMEOUT_S`` (408). ``gunicorn_config.py``
-uses the worker; under uvicorn, select the protocol with
-``--http service.protocol:JsonErrorsHttpProtocol --ws none``.
+``X-Request-ID`` as every other error, after the answers owed to whole requests sent
+before it; it refuses a head over ``MAX_REQUEST_HEAD_BYTES`` (431) or not complete within
+``REQUEST_HEAD_TIMEOUT_S`` of its first byte (408), and closes a new connection that sends
+nothing within the keep-alive time. ``gunicorn_config.py`` uses the worker; under uvicorn,
+select the protocol with ``--http service.protocol:JsonErrorsHttpProtocol``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from service import logs
 # nginx's default (large_client_header_buffers) allows 32 KiB; twice that leaves room for
 # large cookies or tokens while bounding what one connection can make a worker buffer.
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
-# From the connection's opening, or the previous response's end, to the head's last byte.
+# From a head's first byte to its last. A connection with no request under way is closed
+# after KEEPALIVE_S, on a new connection as after an answer.
 REQUEST_HEAD_TIMEOUT_S = 10.0
 UNPARSABLE = "the request could not be parsed: the bytes sent are not valid HTTP/1.1"
 
@@ -40,32 +42,34 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = False
-        self._between_messages = True
         self._messages_begun = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        self._unparsable = False
+        self._pending_refusal: tuple[int, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
+        # uvicorn arms its keep-alive timer only once a response ends, so a connection that
+        # never sends a byte would stay open for good: it gets the same allowance.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        between_messages, begun = self._between_messages, self._messages_begun
+        begun = self._messages_begun
         super().data_received(data)
-        if not self._in_head or self._unparsable or self.transport.is_closing():
+        if not self._in_head or self._pending_refusal or self.transport.is_closing():
             return
-        # The chunk counts when all of it belongs to the head being read: it continued
-        # that head, or began it with nothing before. One that also ended an earlier
-        # message goes uncounted, so a head may exceed the limit by one chunk.
-        new_messages = self._messages_begun - begun
-        if new_messages == 0 or (new_messages == 1 and between_messages):
+        # A read counts when all of it continued the head being read. The read that began
+        # the head may also have ended an earlier request's body, so it goes uncounted: a
+        # head may pass the limit by one read (at most 256 KiB).
+        if self._messages_begun == begun:
             self._head_bytes += len(data)
         if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-            self._refuse(
+            self._refuse_in_turn(
                 431,
                 f"the request's line and headers are over {MAX_REQUEST_HEAD_BYTES} bytes, "
                 "the most this server reads",
@@ -75,48 +79,34 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._messages_begun += 1
         self._in_head = True
-        self._between_messages = False
         self._head_bytes = 0
+        # From a head's first byte, the rest of it must follow in time.
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
         super().on_headers_complete()
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._between_messages = True
-
     def on_response_complete(self) -> None:
-        # A request queued behind this one (pipelined) has its head already.
-        awaiting_head = not self.pipeline
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self._unparsable and self.cycle.response_complete:
-            self._refuse(400, UNPARSABLE)
-        elif awaiting_head:
-            self._arm_head_timer()
+        if self._pending_refusal is not None:
+            if self.cycle.response_complete:
+                self._refuse(*self._pending_refusal)
+            else:
+                # A request pipelined before the refused bytes runs now; read nothing more.
+                self.flow.pause_reading()
+        elif self._in_head:
+            # A head already begun has its own timer, which answers 408 when it runs out;
+            # keep-alive would close the connection without a word.
+            self._unset_keepalive_if_required()
 
     def send_400_response(self, msg: str) -> None:
         # Reached when the parser refuses bytes, before the app sees them as a request.
-        cycle = self.cycle
-        if cycle is not None and not cycle.more_body and not cycle.response_complete:
-            # They follow whole requests still being answered, which are answered first:
-            # bad bytes must not cost a client the answers it is owed. Nothing more can be
-            # parsed, so nothing more is read.
-            self._unparsable = True
-            self.flow.pause_reading()
-            return
-        self._refuse(400, UNPARSABLE)
-
-    def _unsupported_upgrade_warning(self) -> None:
-        # uvicorn's warning would tell the operator to install a WebSocket library.
-        logger.debug("an Upgrade request is served as plain HTTP: there are no WebSocket routes")
-
-    def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+        self._refuse_in_turn(400, UNPARSABLE)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -125,17 +115,26 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self._in_head:
-            self._refuse(
+        if self._in_head and not self.transport.is_closing():
+            self._refuse_in_turn(
                 408,
                 f"the request's line and headers did not arrive within "
                 f"{REQUEST_HEAD_TIMEOUT_S:g} s",
             )
-        else:
-            # Nothing of a request came: close quietly, as keep-alive does when it expires.
-            self.transport.close()
+
+    def _refuse_in_turn(self, status: int, detail: str) -> None:
+        """Refuse the request being read, once the whole requests before it are answered.
+
+        A client's bad request must not cost it the answers it is owed. Nothing more is
+        read meanwhile: the refused bytes cannot be parsed or must not be buffered.
+        """
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            if self._pending_refusal is None:
+                self._pending_refusal = (status, detail)
+            self.flow.pause_reading()
+            return
+        self._refuse(status, detail)
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer ``status`` with a JSON detail and close: the connection cannot go on."""
@@ -163,9 +162,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-# What the service's uvicorn runs with. It has no WebSocket routes: an Upgrade request is
-# served as plain HTTP, with the app's own answer, rather than refused with an empty 403.
-UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol, "ws": "none"}
+# What the service's uvicorn runs with.
+UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol}
 
 
 class JsonErrorsUvicornWorker(UvicornWorker):
