@@ -48,19 +48,21 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # uvicorn arms its keep-alive timer only once a response ends, so a connection that
-        # never sends a byte would stay open for good: it gets the same allowance.
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
+        self._keep_alive_if_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._pending_refusal is not None:
+            # Requests sent before are still being answered (their reads resume reading);
+            # what comes after the refused bytes is neither parsed nor kept.
+            self.flow.pause_reading()
+            return
         begun = self._messages_begun
         super().data_received(data)
+        self._keep_alive_if_idle()
         if not self._in_head or self._pending_refusal or self.transport.is_closing():
             return
         # A read counts when all of it continued the head being read. The read that began
@@ -108,6 +110,23 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         # Reached when the parser refuses bytes, before the app sees them as a request.
         self._refuse_in_turn(400, UNPARSABLE)
 
+    def _keep_alive_if_idle(self) -> None:
+        """Arm uvicorn's keep-alive timer when no request is under way. uvicorn arms it
+        only as a response ends and stops it at every read, so a new connection, or one
+        whose bytes begin no request (blank lines, the rest of a body answered early),
+        would otherwise stay open for good."""
+        idle = (
+            self.timeout_keep_alive_task is None
+            and not self._in_head
+            and not self.pipeline
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.transport.is_closing()
+        )
+        if idle:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -115,12 +134,17 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            self._refuse_in_turn(
-                408,
-                f"the request's line and headers did not arrive within "
-                f"{REQUEST_HEAD_TIMEOUT_S:g} s",
-            )
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self.flow.read_paused and self._pending_refusal is None:
+            # The server stopped reading while it answers the requests ahead: the rest of
+            # the head may be waiting unread. Its time runs again from here.
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+            return
+        self._refuse_in_turn(
+            408,
+            f"the request's line and headers did not arrive within {REQUEST_HEAD_TIMEOUT_S:g} s",
+        )
 
     def _refuse_in_turn(self, status: int, detail: str) -> None:
         """Refuse the request being read, once the whole requests before it are answered.

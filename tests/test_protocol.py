@@ -257,12 +257,59 @@ def test_a_head_that_stalls_gets_a_408(port: int) -> None:
 
 
 def test_a_head_that_stalls_behind_a_slow_answer_gets_it_then_a_408(port: int) -> None:
+    """What comes after the 408 is decided (the rest of that head, a request more) is not
+    served: one answer per request, in order."""
+    stalled = b"POST / HTTP/1.1\r\nHost: te"
     with connect(port) as connection:
-        connection.sendall(request("/slow", b"ab") + b"POST / HTTP/1.1\r\nHost: te")
+        connection.sendall(request("/slow", b"ab") + stalled)
+        time.sleep(HEAD_TIMEOUT_S * 1.5)
+        connection.sendall(b"st\r\nContent-Length: 0\r\n\r\n" + request(body=b"late"))
         answer = read_to_close(connection)
     answered, _, refusal = answer.rpartition(b"HTTP/1.1 408 ")
     assert ok_lengths(answered) == [2]
     json_error(b"HTTP/1.1 408 " + refusal, 408)
+
+
+def test_a_head_left_unread_while_the_server_answers_others_is_served(port: int) -> None:
+    """Behind a whole queued request the server stops reading; the head's time does not
+    run out while its bytes wait unread."""
+    following = request(body=b"cde", extra_headers="Connection: close\r\n")
+    with connect(port) as connection:
+        connection.sendall(request("/slow", b"a"))
+        time.sleep(0.2)
+        connection.sendall(request(body=b"b") + following[:10])
+        time.sleep(0.2)
+        connection.sendall(following[10:])
+        assert ok_lengths(read_to_close(connection)) == [1, 1, 3]
+
+
+def test_nothing_more_is_read_once_a_refusal_waits_for_the_answers_owed(port: int) -> None:
+    """A queued request reading its body resumes reading; the refused head must not."""
+    sent = 0
+    done = threading.Event()
+
+    def stream_header(connection: socket.socket) -> None:
+        nonlocal sent
+        try:
+            while not done.is_set() and sent < 256 * 2**20:
+                connection.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+
+    with connect(port) as connection:
+        first = request("/slow", b"a") + request("/slow", b"b")
+        connection.sendall(first + b"GET / HTTP/1.1\r\nHost: test\r\nX-F: ")
+        sender = threading.Thread(target=stream_header, args=(connection,))
+        sender.start()
+        answer = read_to_close(connection)
+        done.set()
+        sender.join(10)
+    answered, _, refusal = answer.rpartition(b"HTTP/1.1 431 ")
+    assert ok_lengths(answered) == [1, 1]
+    json_error(b"HTTP/1.1 431 " + refusal, 431)
+    # Socket buffers take a few MiB; a parser still reading takes tens.
+    assert sent < 16 * 2**20, f"{sent / 2**20:.0f} MiB of header taken in"
 
 
 def test_a_head_that_stalls_after_an_answer_gets_a_408_not_a_silent_close(
@@ -325,5 +372,18 @@ def test_a_body_still_arriving_after_an_early_answer_is_not_cut_off(port: int) -
         for piece in pieces:
             time.sleep(HEAD_TIMEOUT_S * 2 / len(pieces))
             connection.sendall(piece)
-        answer = connection.recv(65536)
+        started = time.monotonic()
+        answer = read_to_close(connection)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
+    # Then idle: the keep-alive time applies as after any answer.
+    assert time.monotonic() - started < KEEP_ALIVE_S + 5
+
+
+def test_a_connection_that_sends_only_blank_lines_is_closed_after_the_keep_alive(
+    port: int,
+) -> None:
+    started = time.monotonic()
+    with connect(port) as connection:
+        connection.sendall(b"\r\n")
+        assert read_to_close(connection) == b""
+    assert KEEP_ALIVE_S * 0.9 < time.monotonic() - started < KEEP_ALIVE_S + 5
