@@ -45,6 +45,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._messages_begun = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: tuple[int, str] | None = None
+        self._message_open = False
+        self._idle_deadline: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,6 +84,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._messages_begun += 1
         self._in_head = True
         self._head_bytes = 0
+        self._message_open = True
+        self._idle_deadline = None
         # From a head's first byte, the rest of it must follow in time.
         self._cancel_head_timer()
         self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
@@ -90,6 +94,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_open = False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -111,21 +119,30 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._refuse_in_turn(400, UNPARSABLE)
 
     def _keep_alive_if_idle(self) -> None:
-        """Arm uvicorn's keep-alive timer when no request is under way. uvicorn arms it
-        only as a response ends and stops it at every read, so a new connection, or one
-        whose bytes begin no request (blank lines, the rest of a body answered early),
-        would otherwise stay open for good."""
-        idle = (
-            self.timeout_keep_alive_task is None
-            and not self._in_head
-            and not self.pipeline
-            and (self.cycle is None or self.cycle.response_complete)
-            and not self.transport.is_closing()
-        )
-        if idle:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        """Arm uvicorn's keep-alive timer when no request is under way.
+
+        uvicorn arms it only as a response ends and stops it at every read, so a new
+        connection, or one sending bytes that begin no request (blank lines, the rest of
+        a body answered early), would otherwise stay open for good.
+        """
+        if (
+            self.timeout_keep_alive_task is not None
+            or self._in_head
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.transport.is_closing()
+        ):
+            return
+        if self._message_open:
+            # The rest of a body answered early: it may go on while it keeps coming.
+            delay = self.timeout_keep_alive
+        else:
+            # Between requests, bytes that begin none do not put the close off.
+            now = self.loop.time()
+            if self._idle_deadline is None:
+                self._idle_deadline = now + self.timeout_keep_alive
+            delay = max(0.0, self._idle_deadline - now)
+        self.timeout_keep_alive_task = self.loop.call_later(delay, self.timeout_keep_alive_handler)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
