@@ -871,11 +871,8 @@ def _public_validation_message(error: Mapping[str, object]) -> str:
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette runs this outside the middleware that bound the request id: bind it again.
     request_id = getattr(request.state, REQUEST_ID_STATE, None)
-    token, _ = logs.begin_request(request_id or "-")
-    try:
+    with logs.request_id_bound(request_id or "-"):
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    finally:
-        logs.end_request(token)
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)
 

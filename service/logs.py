@@ -14,6 +14,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging.handlers import QueueHandler, QueueListener
 
 from pythonjsonlogger.json import JsonFormatter
@@ -90,6 +92,17 @@ def begin_request(request_id: str) -> tuple[contextvars.Token[str], dict[str, ob
 def end_request(token: contextvars.Token[str]) -> None:
     request_id_var.reset(token)
     _access_fields.set(None)
+
+
+@contextmanager
+def request_id_bound(request_id: str) -> Iterator[None]:
+    """Bind ``request_id`` to the log lines written inside, where no request's context is
+    (an answer written by the server before the app, an error handler outside it)."""
+    token = request_id_var.set(request_id)
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
 
 
 def record_batch_size(size: int) -> None:

@@ -181,11 +181,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         """Answer ``status`` with a JSON detail and close: the connection cannot go on."""
         self._cancel_head_timer()
         request_id = uuid.uuid4().hex
-        token, _ = logs.begin_request(request_id)
-        try:
+        with logs.request_id_bound(request_id):
             logger.warning("answered %d before a request reached the app: %s", status, detail)
-        finally:
-            logs.end_request(token)
         body = json.dumps({"detail": detail}).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
