@@ -46,6 +46,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: tuple[int, str] | None = None
         self._message_open = False
+        self._body_read = False
         self._idle_deadline: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -54,6 +55,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        # uvicorn stops keep-alive only on a clean close; after a reset its timer would
+        # hold this connection's state until it ran out.
+        self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -63,20 +67,26 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         begun = self._messages_begun
+        self._body_read = False
         super().data_received(data)
         self._keep_alive_if_idle()
-        if not self._in_head or self._pending_refusal or self.transport.is_closing():
+        if self._pending_refusal or self.transport.is_closing():
             return
-        # A read counts when all of it continued the head being read. The read that began
-        # the head may also have ended an earlier request's body, so it goes uncounted: a
-        # head may pass the limit by one read (at most 256 KiB).
-        if self._messages_begun == begun:
+        if self._in_head:
+            # A read counts when all of it continued the head being read. The read that
+            # began the head may also have ended an earlier request's body, so it goes
+            # uncounted: a head may pass the limit by one read (at most 256 KiB).
+            if self._messages_begun == begun:
+                self._head_bytes += len(data)
+        elif self._message_open and not self._body_read:
+            # Past the head, reads that carry no body are chunk framing or trailers, which
+            # the parser would keep without limit too.
             self._head_bytes += len(data)
         if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
             self._refuse_in_turn(
                 431,
-                f"the request's line and headers are over {MAX_REQUEST_HEAD_BYTES} bytes, "
-                "the most this server reads",
+                f"the request's line, headers and trailers are over {MAX_REQUEST_HEAD_BYTES} "
+                "bytes, the most this server reads",
             )
 
     def on_message_begin(self) -> None:
@@ -87,28 +97,34 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._message_open = True
         self._idle_deadline = None
         # From a head's first byte, the rest of it must follow in time.
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+        self._start_head_timer()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_read = True
+        self._head_bytes = 0
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._message_open = False
 
     def on_response_complete(self) -> None:
+        owed = bool(self.pipeline)  # a request queued behind this one starts now
         super().on_response_complete()
         if self.transport.is_closing():
             return
         if self._pending_refusal is not None:
-            if self.cycle.response_complete:
-                self._refuse(*self._pending_refusal)
-            else:
-                # A request pipelined before the refused bytes runs now; read nothing more.
+            if owed:
+                # A request sent before the refused bytes runs now; read nothing more.
                 self.flow.pause_reading()
+            else:
+                self._refuse(*self._pending_refusal)
         elif self._in_head:
             # A head already begun has its own timer, which answers 408 when it runs out;
             # keep-alive would close the connection without a word.
@@ -144,6 +160,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             delay = max(0.0, self._idle_deadline - now)
         self.timeout_keep_alive_task = self.loop.call_later(delay, self.timeout_keep_alive_handler)
 
+    def _start_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -156,7 +176,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         if self.flow.read_paused and self._pending_refusal is None:
             # The server stopped reading while it answers the requests ahead: the rest of
             # the head may be waiting unread. Its time runs again from here.
-            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+            self._start_head_timer()
             return
         self._refuse_in_turn(
             408,
@@ -170,12 +190,18 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         read meanwhile: the refused bytes cannot be parsed or must not be buffered.
         """
         cycle = self.cycle
-        if cycle is not None and not cycle.more_body and not cycle.response_complete:
-            if self._pending_refusal is None:
-                self._pending_refusal = (status, detail)
-            self.flow.pause_reading()
+        # Refused bytes in a body belong to the request being read, which may be queued
+        # behind others: then it will not run, and they are answered first.
+        queued = [entry for entry in self.pipeline if entry[0] is cycle and cycle.more_body]
+        if queued:
+            self.pipeline.remove(queued[0])
+        elif cycle is None or cycle.more_body or cycle.response_complete:
+            # Nothing before the refused bytes is still being answered.
+            self._refuse(status, detail)
             return
-        self._refuse(status, detail)
+        if self._pending_refusal is None:
+            self._pending_refusal = (status, detail)
+        self.flow.pause_reading()
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer ``status`` with a JSON detail and close: the connection cannot go on."""

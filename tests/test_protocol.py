@@ -19,6 +19,8 @@ from service import protocol
 from tests.server import free_port
 
 HEAD_TIMEOUT_S = 1.0
+# The documented limit, not the module's constant: a change to the constant must show.
+HEAD_LIMIT_BYTES = 64 * 1024
 # Longer than the head timeout: how long a connection with no request under way stays open.
 KEEP_ALIVE_S = 2.5
 # Well past the head timeout: a request the app takes this long on must still be answered.
@@ -177,11 +179,45 @@ def test_a_head_over_the_limit_is_refused_before_it_ends(port: int) -> None:
 
 
 def test_a_head_just_under_the_limit_is_served(port: int) -> None:
-    filler = "a" * (protocol.MAX_REQUEST_HEAD_BYTES - 200)
+    """Sent in reads of its own after the first, so that they count."""
+    head = request(body=b"xyz", extra_headers=f"X-Filler: {'a' * (HEAD_LIMIT_BYTES - 200)}\r\n")
+    pieces = [head[:20]] + [head[start : start + 8192] for start in range(20, len(head), 8192)]
     with connect(port) as connection:
-        connection.sendall(request(body=b"xyz", extra_headers=f"X-Filler: {filler}\r\n"))
+        for piece in pieces:
+            connection.sendall(piece)
+            time.sleep(0.02)
         connection.shutdown(socket.SHUT_WR)
         assert ok_lengths(read_to_close(connection)) == [3]
+
+
+def test_trailers_that_never_end_are_refused_like_a_head(port: int) -> None:
+    """Trailer lines after a chunked body would be kept without limit by the parser."""
+    sent = 0
+    with connect(port) as connection:
+        connection.sendall(
+            b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+        )
+        try:
+            while sent < 64 * 2**20:
+                connection.sendall(b"X-T: " + b"a" * 8000 + b"\r\n")
+                sent += 8007
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_to_close(connection)
+    assert "over 65536 bytes" in json_error(answer, 431)
+    assert sent < 16 * 2**20
+
+
+def test_a_bad_chunk_in_a_queued_request_is_refused_after_the_answer_owed(port: int) -> None:
+    chunked = (
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+    )
+    with connect(port) as connection:
+        connection.sendall(request("/slow", b"ab") + chunked)
+        answer = read_to_close(connection)
+    answered, _, refusal = answer.rpartition(b"HTTP/1.1 400 ")
+    assert ok_lengths(answered) == [2]
+    json_error(b"HTTP/1.1 400 " + refusal, 400)
 
 
 class RecordingTransport(asyncio.Transport):
@@ -229,6 +265,17 @@ async def test_a_read_that_ends_a_body_and_begins_a_head_does_not_count_as_head(
     assert ok_lengths(transport.written) == [len(body), 0]
     assert not transport.closed
     http.connection_lost(None)
+
+
+async def test_a_reset_connection_leaves_no_keep_alive_timer() -> None:
+    """uvicorn stops keep-alive only on a clean close; a reset's timer would hold the
+    connection's state for the whole keep-alive time."""
+    config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
+    http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
+    http.connection_made(RecordingTransport())
+    assert http.timeout_keep_alive_task is not None
+    http.connection_lost(ConnectionResetError())
+    assert http.timeout_keep_alive_task is None
 
 
 def test_a_head_over_the_limit_after_a_request_is_refused_after_its_answer(port: int) -> None:
