@@ -69,6 +69,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         begun = self._messages_begun
         self._body_read = False
         super().data_received(data)
+        if self.transport.get_protocol() is not self:
+            return  # upgraded: the connection is the WebSocket protocol's now
         self._keep_alive_if_idle()
         if self._pending_refusal or self.transport.is_closing():
             return

@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
+from websockets.sync.client import connect as websockets_connect
 
 from service import protocol
 from tests.server import free_port
@@ -29,7 +30,14 @@ SLOW_APP_S = 2.5
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers 200 with the body's length, after SLOW_APP_S on /slow; on /early, 413 at once
-    without reading the body, as a limit or a missing API key is answered."""
+    without reading the body, as a limit or a missing API key is answered. Echoes
+    WebSocket messages."""
+    if scope["type"] == "websocket":
+        await receive()  # the connection request
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": message.get("text")})
+        return
     assert scope["type"] == "http"
     if scope["path"] == "/early":
         headers = [(b"content-length", b"0")]
@@ -223,10 +231,14 @@ def test_a_bad_chunk_in_a_queued_request_is_refused_after_the_answer_owed(port: 
 class RecordingTransport(asyncio.Transport):
     """What the protocol writes and whether it paused reading or closed; no socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
+        self.protocol = protocol
         self.written = b""
         self.paused = self.closed = False
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return ("127.0.0.1", 5001) if name in ("sockname", "peername") else default
@@ -252,7 +264,7 @@ async def test_a_read_that_ends_a_body_and_begins_a_head_does_not_count_as_head(
     which must not count that body against the head's limit (nor be refused for it)."""
     config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
     http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
-    transport = RecordingTransport()
+    transport = RecordingTransport(http)
     http.connection_made(transport)
     body = b"b" * 100_000
     first, second = request(body=body), b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -272,7 +284,7 @@ async def test_a_reset_connection_leaves_no_keep_alive_timer() -> None:
     connection's state for the whole keep-alive time."""
     config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
     http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
-    http.connection_made(RecordingTransport())
+    http.connection_made(RecordingTransport(http))
     assert http.timeout_keep_alive_task is not None
     http.connection_lost(ConnectionResetError())
     assert http.timeout_keep_alive_task is None
@@ -400,6 +412,16 @@ def test_a_head_trickled_within_the_timeout_is_served(port: int) -> None:
             time.sleep(HEAD_TIMEOUT_S / (4 * len(pieces)))
         connection.shutdown(socket.SHUT_WR)
         assert ok_lengths(read_to_close(connection)) == [5]
+
+
+def test_a_websocket_outlives_the_keep_alive(port: int) -> None:
+    """After an upgrade the connection is the WebSocket protocol's: no HTTP timer closes it."""
+    with websockets_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as websocket:
+        started = time.monotonic()
+        while time.monotonic() - started < KEEP_ALIVE_S + 1:
+            websocket.send("ping")
+            assert websocket.recv(timeout=5) == "ping"
+            time.sleep(0.5)
 
 
 def test_a_slow_answer_is_not_cut_off(port: int) -> None:
