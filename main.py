@@ -97,7 +97,8 @@ TASK_STOP_GRACE_S = 5.0
 # process, since /cls requests queue behind the batch.
 ATTEMPT_RECORD_WAIT_S = 0.25
 # An idle model's thread decodes an arriving image itself up to this size (800x625): at
-# most about 20 ms for a PNG, 6 for a JPEG, on a 2-core VM, no longer than a batch of one.
+# most about 20 ms for a PNG, 6 for a JPEG (28 for one of the most scans accepted), on a
+# 2-core VM, about as long as a batch of one.
 # A larger image would hold the model from the requests arriving meanwhile.
 MODEL_THREAD_DECODE_MAX_PIXELS = 500_000
 # ... and up to this many bytes: reading a file's structure (PNG chunks, TIFF strip tables)
@@ -343,6 +344,10 @@ class Service:
         except TimeoutError:
             self._observer.item_finished(Outcome.EXPIRED)
             raise DeadlineExceeded("the deadline passed while the image decoded") from None
+        except asyncio.CancelledError:
+            # The client left (or the server stops): counted as the queue counts it.
+            self._observer.item_finished(Outcome.CANCELLED)
+            raise
         finally:
             self._decoding -= 1
         result = await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)

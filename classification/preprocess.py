@@ -41,6 +41,11 @@ TIFF_MAX_PARTS = 65_536
 MAX_SIDE = 65_535
 PNG_MAX_CHUNKS = 65_536
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libjpeg decodes every scan of a progressive JPEG, each over the whole image: 62,000 scans
+# in 1 MB held a decode thread for 26 s. Encoders write about ten; 256 scans at 36
+# megapixels take twice a plain decode.
+JPEG_MAX_SCANS = 256
+JPEG_SIGNATURE = b"\xff\xd8"
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
@@ -104,8 +109,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
 
 
 def _check_structure(data: bytes) -> None:
-    """Refuse a TIFF or PNG with more parts than any real image has, before Pillow walks
-    them."""
+    """Refuse a TIFF, PNG or JPEG with more parts than any real image has, before Pillow
+    or libjpeg walks them."""
     parts = _tiff_part_count(data)
     if parts > TIFF_MAX_PARTS:
         raise InvalidImage(
@@ -113,6 +118,23 @@ def _check_structure(data: bytes) -> None:
         )
     if _png_chunk_count(data, stop_after=PNG_MAX_CHUNKS) > PNG_MAX_CHUNKS:
         raise InvalidImage(f"the PNG holds more than {PNG_MAX_CHUNKS} chunks")
+    scans = _jpeg_scan_count(data)
+    if scans > JPEG_MAX_SCANS:
+        raise InvalidImage(f"the JPEG holds {scans} scans; at most {JPEG_MAX_SCANS} are accepted")
+
+
+def _jpeg_scan_count(data: bytes) -> int:
+    """How many scans a JPEG holds, or a few more; 0 for other formats.
+
+    Entropy-coded data never holds the start-of-scan marker's bytes (an 0xFF there is
+    followed by 0x00 or a restart marker), so counting them finds every scan, plus any
+    that metadata such as an EXIF thumbnail happens to contain.
+    """
+    if not data.startswith(JPEG_SIGNATURE):
+        return 0
+    # Five times faster than bytes.count of the two bytes: 14 µs for a 70 KB photo.
+    values = np.frombuffer(data, np.uint8)
+    return int(np.count_nonzero((values[:-1] == 0xFF) & (values[1:] == 0xDA)))
 
 
 def _png_chunk_count(data: bytes, stop_after: int) -> int:

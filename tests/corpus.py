@@ -159,6 +159,12 @@ def build_corpus(photo_path: Path) -> list[Case]:
             upload(images.tiled_tiff(4, 4, tile=46336)),
         ),
         Case(
+            "jpeg-of-10010-scans",
+            400,
+            "at most 256 are accepted",
+            upload(images.progressive_jpeg_with_extra_scans(10_000)),
+        ),
+        Case(
             "over-max-upload-bytes",
             413,
             "MAX_UPLOAD_BYTES",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 from pathlib import Path
@@ -116,3 +117,23 @@ def tiff_in_strips(strips: int) -> bytes:
         directory += struct.pack("<HHI", tag, kind, count) + packed
     header = b"II*\x00" + struct.pack("<I", directory_at)
     return header + bytes(8 * strips) + directory + bytes(4)
+
+
+def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 625)) -> bytes:
+    """A progressive JPEG whose smallest refinement scan is repeated ``extra`` more times:
+    still a valid image, as libjpeg decodes every scan again over the whole image."""
+    jpeg = encode(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True, quality=50)
+    # A scan's entropy-coded data runs to the next marker: 0xFF followed by neither a
+    # stuffed 0x00 nor a restart marker (0xD0-0xD7).
+    markers = [
+        at
+        for at in range(2, len(jpeg) - 1)
+        if jpeg[at] == 0xFF
+        and jpeg[at + 1] not in (0x00, 0xFF)
+        and not 0xD0 <= jpeg[at + 1] <= 0xD7
+    ]
+    scans = [
+        jpeg[start:end] for start, end in itertools.pairwise(markers) if jpeg[start + 1] == 0xDA
+    ]
+    last_scan_end = jpeg.rindex(b"\xff\xd9")
+    return jpeg[:last_scan_end] + min(scans[1:], key=len) * extra + jpeg[last_scan_end:]

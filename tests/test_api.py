@@ -421,6 +421,8 @@ async def test_deadline_covers_a_slow_decode(
     monkeypatch.setattr(main, "preprocess", slow_preprocess)
     async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
         data = photos[0].read_bytes()
+        expired = 'batch_requests_total{outcome="expired"}'
+        before = metric_value((await served.client.get("/metrics")).text, expired)
         try:
             started = asyncio.get_running_loop().time()
             response = await served.client.post("/cls", files=upload(data))
@@ -434,6 +436,7 @@ async def test_deadline_covers_a_slow_decode(
         processor = served.service.processor
         assert processor is not None
         assert processor.queue_depth == 0
+        assert metric_value((await served.client.get("/metrics")).text, expired) == before + 1
         monkeypatch.setattr(main, "preprocess", real_preprocess)
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
@@ -682,6 +685,54 @@ async def test_client_that_disconnects_while_queued_never_reaches_the_model(
         assert (await busy).status_code == 200
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
         assert model.batch_sizes == [1, 1]
+
+
+async def test_a_client_gone_while_its_image_decodes_is_counted_as_cancelled(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request that reaches the decode leaves with an outcome: one whose client
+    disconnects meanwhile counts as cancelled, as it would in the queue."""
+    decoding = threading.Event()
+    finish_decode = threading.Event()
+    real_preprocess = main.preprocess
+
+    def slow_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        decoding.set()
+        finish_decode.wait(10)
+        return real_preprocess(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(main, "preprocess", slow_preprocess)
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        encoded = httpx.Request("POST", "http://test/cls", files=upload(photos[0].read_bytes()))
+        body = encoded.read()
+        disconnect = asyncio.Event()
+        body_sent = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        cancelled = 'batch_requests_total{outcome="cancelled"}'
+        before = metric_value((await served.client.get("/metrics")).text, cancelled)
+        gone = asyncio.create_task(served.app(http_scope(encoded), receive, send))
+        try:
+            await asyncio.to_thread(decoding.wait, 10)
+            disconnect.set()
+            await asyncio.wait_for(gone, 10)
+        finally:
+            finish_decode.set()
+        assert sent[0]["status"] == 499
+        after = metric_value((await served.client.get("/metrics")).text, cancelled)
+        assert after == before + 1
 
 
 async def test_client_that_disconnects_mid_upload_costs_nothing(
