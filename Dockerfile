@@ -18,7 +18,7 @@ RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
     fi \
     && pip install -r /tmp/requirements.txt
 ENV TORCH_HOME=/opt/torch
-RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"
+RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)"
 
 FROM python:${PYTHON_VERSION}-slim
 # /data holds the task database (DATA_DIR): the one place the service writes.

@@ -78,12 +78,16 @@ def resolve_device(name: str) -> torch.device:
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
     try:
-        return IMAGENET_WEIGHTS.get_state_dict(progress=False, check_hash=True)
+        # weights_only: torch hub would otherwise unpickle the cached file, running
+        # whatever code it holds.
+        loaded = IMAGENET_WEIGHTS.get_state_dict(
+            progress=False, check_hash=True, map_location="cpu", weights_only=True
+        )
     except Exception as exc:
-        if cached.is_file():  # torch hub loads a cached file without checking it
+        if cached.is_file():  # torch hub loads a cached file without checking its hash
             raise ModelLoadError(
                 f"the ResNet18 ImageNet weights cached at {cached} cannot be loaded "
-                f"({_first_line(exc)}); delete that file to download them again, or set "
+                f"({_load_failure(exc)}); delete that file to download them again, or set "
                 "WEIGHTS=/path/to/state_dict.pth to load a local file"
             ) from None
         reason = getattr(exc, "reason", None) or _first_line(exc)  # URLError has a reason
@@ -92,6 +96,10 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
             f"({reason}); set WEIGHTS=/path/to/state_dict.pth to load a local file, "
             "or WEIGHTS=random for offline smoke tests"
         ) from None
+    try:
+        return _checked_state_dict(loaded, f"the file cached at {cached}")
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}; delete it to download the weights again") from None
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -101,33 +109,39 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
         ) from None
-    except pickle.UnpicklingError as exc:
-        # torch's own message goes on for lines, and suggests weights_only=False, which
-        # would run whatever code the file holds.
-        if "Unsupported global" in str(exc):
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             raise ModelLoadError(
                 f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
                 "model?); save its state_dict() and point WEIGHTS at that file"
             ) from None
         raise ModelLoadError(
-            f"WEIGHTS={path} is not a loadable state dict; expected a file written by "
-            "torch.save(model.state_dict(), path)"
-        ) from None
-    except Exception as exc:
-        raise ModelLoadError(
-            f"WEIGHTS={path} is not a loadable state dict: {_first_line(exc)}"
+            f"WEIGHTS={path} is not a loadable state dict ({_load_failure(exc)}); expected a "
+            "file written by torch.save(model.state_dict(), path)"
         ) from None
     # Training checkpoints often wrap the weights.
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
+    return _checked_state_dict(loaded, f"WEIGHTS={path}")
+
+
+def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or "fc.weight" not in loaded:
-        raise ModelLoadError(f"WEIGHTS={path} is not a ResNet18 state dict (no 'fc.weight')")
+        raise ModelLoadError(f"{source} is not a ResNet18 state dict (no 'fc.weight')")
     not_tensors = [name for name, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ModelLoadError(
-            f"WEIGHTS={path} is not a ResNet18 state dict ({not_tensors[0]!r} is not a tensor)"
+            f"{source} is not a ResNet18 state dict ({not_tensors[0]!r} is not a tensor)"
         )
     return loaded
+
+
+def _load_failure(error: BaseException) -> str:
+    """Why torch.load failed, in a few words. Its own message for a file of Python objects
+    goes on for lines and suggests weights_only=False, which would run the code they hold."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors, or is not a torch file"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -163,8 +177,12 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise ModelLoadError(f"WEIGHTS={weights} does not fit ResNet18: {first_line}") from None
+        # torch lists the missing, unexpected and misshapen keys a line each, after a
+        # heading line.
+        problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:])
+        raise ModelLoadError(
+            f"WEIGHTS={weights} does not fit ResNet18: {problems[:400] or _first_line(exc)}"
+        ) from None
     return network.eval(), description
 
 

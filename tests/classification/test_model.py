@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 from pathlib import Path
 
@@ -110,10 +111,13 @@ def save(value: object, path: Path) -> bytes:
     ("content", "message"),
     [
         (None, "does not exist"),
-        (b"not a checkpoint", "not a loadable state dict; expected a file written by"),
+        (b"not a checkpoint", r"not a loadable state dict \(.+\); expected a file written by"),
+        (b"plain text\nof two lines\n", "not a loadable state dict"),
         ("whole model", "holds Python objects besides tensors"),
         ({"fc.weight": [1.0, 2.0]}, "'fc.weight' is not a tensor"),
         ("truncated", "not a loadable state dict"),
+        ("no layer4", r"does not fit ResNet18: Missing key\(s\) in state_dict: \"layer4"),
+        ("wide conv1", "does not fit ResNet18: size mismatch for conv1.weight"),
     ],
 )
 def test_bad_weights_files_stop_start_up_with_one_line(
@@ -125,6 +129,10 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save(network, path)
     elif content == "truncated":
         path.write_bytes(save(network.state_dict(), path)[:100_000])
+    elif content == "no layer4":
+        save({k: v for k, v in network.state_dict().items() if "layer4" not in k}, path)
+    elif content == "wide conv1":
+        save({**network.state_dict(), "conv1.weight": torch.zeros(64, 3, 9, 9)}, path)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     elif content is not None:
@@ -152,6 +160,41 @@ def test_a_corrupt_cached_imagenet_file_says_to_delete_it(
     with pytest.raises(ModelLoadError, match="delete that file to download them again") as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert "\n" not in str(error.value)
+
+
+class RunsCode:
+    """Unpickling this object runs a command: what a tampered checkpoint would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("code", "holds Python objects besides tensors"),
+        ([1, 2, 3], r"is not a ResNet18 state dict \(no 'fc.weight'\); delete it"),
+    ],
+)
+def test_the_cached_imagenet_file_is_loaded_as_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: object, message: str
+) -> None:
+    """The default weights come from torch hub's cache, which unpickles whatever it holds
+    unless told to load tensors only."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    cached = checkpoints / "resnet18-f37072fd.pth"
+    torch.save({"fc.weight": RunsCode(marker)} if content == "code" else content, cached)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    assert "\n" not in str(error.value)
+    assert "weights_only=False" not in str(error.value)
+    assert not marker.exists()
 
 
 def test_imagenet_weights_offline_name_both_alternatives(
