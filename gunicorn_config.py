@@ -41,7 +41,8 @@ worker_class = "service.protocol.JsonErrorsUvicornWorker"
 # that already used it is unsafe (OpenMP pools, CUDA contexts).
 preload_app = False
 # uvicorn workers serve requests on an event loop: gunicorn's `threads` does not apply.
-# The worker's heartbeat starts only after the model is loaded and warmed up.
+# A worker that does not report for this long is restarted, from its start on: loading and
+# warming up the model count (JsonErrorsUvicornWorker.init_process).
 timeout = settings.worker_timeout_s
 # SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), hand running
 # tasks back (up to 5 s), then exit; the margin covers that and the worker's own exit.
@@ -57,10 +58,22 @@ loglevel = settings.log_level
 
 
 def on_starting(server: Any) -> None:
-    """Start from an empty metrics directory so samples of an earlier run do not leak in."""
-    if PROMETHEUS_DIR.exists():
-        shutil.rmtree(PROMETHEUS_DIR)
-    PROMETHEUS_DIR.mkdir(parents=True)
+    """Remove the metric files of an earlier run, so their samples do not leak in.
+
+    Only prometheus_client's own files go: the directory may be a mount, or hold files of
+    others.
+    """
+    try:
+        PROMETHEUS_DIR.mkdir(parents=True, exist_ok=True)
+        for stale in PROMETHEUS_DIR.glob("*.db"):
+            stale.unlink()
+        # Workers create their files here; find out now, in one line, if they cannot.
+        tempfile.TemporaryFile(dir=PROMETHEUS_DIR).close()
+    except OSError as error:
+        raise SystemExit(
+            f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_DIR} cannot hold the workers' metrics: "
+            f"{error.strerror or error}"
+        ) from None
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import uuid
 from typing import Any, ClassVar
 
@@ -236,3 +237,19 @@ class JsonErrorsUvicornWorker(UvicornWorker):
     """The uvicorn worker for gunicorn, serving with ``UVICORN_CONFIG``."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", **UVICORN_CONFIG}
+
+    def init_process(self) -> None:
+        # Until a worker first reports, its heartbeat file holds the wall-clock time it was
+        # made at, which the master compares with its monotonic clock: a worker stuck
+        # loading its model would never time out. Reporting now starts the clock, so
+        # gunicorn's timeout (WORKER_TIMEOUT_S) covers loading and warming up the model.
+        self.notify()
+        super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGQUIT:
+            # The master sends SIGQUIT when it gets SIGINT or SIGQUIT itself. uvicorn stops
+            # only on SIGINT and SIGTERM: the worker would serve on until the master
+            # SIGKILLs it at graceful_timeout, without draining. Stop as on SIGTERM.
+            signal.raise_signal(signal.SIGTERM)

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0, le=86_400)
     # gunicorn: a worker silent for this long is restarted (model load and warm-up included).
     worker_timeout_s: int = Field(120, ge=10, le=86_400)
-    keepalive_s: int = Field(5, ge=0, le=86_400)
+    # At least 1: a new connection has this long to send its first request.
+    keepalive_s: int = Field(5, ge=1, le=86_400)
     stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)

@@ -79,6 +79,7 @@ def test_everything_comes_from_the_environment(
         ("DECODE_THREADS", "100000"),
         ("TASK_MAX_ATTEMPTS", str(10**19)),
         ("TASK_MAX_QUEUED", str(10**19)),
+        ("KEEPALIVE_S", "0"),
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(
@@ -96,12 +97,25 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_123.db").write_bytes(b"stale")
+    # The directory may be a mount, or shared: only the metric files go.
+    (metrics_dir / "notes.txt").write_text("not ours")
     on_starting = config["on_starting"]
     assert callable(on_starting)
     on_starting(None)
-    assert metrics_dir.is_dir()
-    assert list(metrics_dir.iterdir()) == []
+    assert [path.name for path in metrics_dir.iterdir()] == ["notes.txt"]
     assert callable(config["child_exit"])
+
+
+def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = load(monkeypatch, tmp_path)
+    (tmp_path / "metrics").write_text("a file where the directory should be")
+    on_starting = config["on_starting"]
+    assert callable(on_starting)
+    with pytest.raises(SystemExit, match=r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold") as stopped:
+        on_starting(None)
+    assert "\n" not in str(stopped.value)
 
 
 def test_a_batch_request_must_fit_the_queue(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +100,50 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
             f"{server.url}/cls", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=30
         )
         assert response.status_code == 200, response.text
+
+
+def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
+    tmp_path: Path,
+) -> None:
+    """gunicorn's master passes SIGINT (and SIGQUIT) on as SIGQUIT, which uvicorn's worker
+    ignored until the master SIGKILLed it at graceful_timeout (30 s), without its drain."""
+    with running_server(tmp_path, gunicorn_command(free_port()), server_env(tmp_path)) as server:
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    assert elapsed < 15, server.log()
+    assert "Application shutdown complete" in server.log()
+    assert "SIGKILL" not in server.log()
+
+
+def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
+    tmp_path: Path,
+) -> None:
+    """A weights file that never finishes reading (a FIFO nobody writes to) holds the worker
+    in start-up: WORKER_TIMEOUT_S counts from the worker's start, so the master restarts it."""
+    weights = tmp_path / "weights.pth"
+    os.mkfifo(weights)
+    env = server_env(tmp_path, WEIGHTS=str(weights), WORKER_TIMEOUT_S="10")
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            gunicorn_command(free_port()),
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "WORKER TIMEOUT" not in log_path.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()
+            time.sleep(0.5)
+        assert "WORKER TIMEOUT" in log_path.read_text()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def start_up_failure_line(env: dict[str, str]) -> str:
