@@ -45,16 +45,28 @@ class RequestContextMiddleware:
         # For the handler of unexpected errors, which Starlette runs outside this middleware.
         scope.setdefault("state", {})[REQUEST_ID_STATE] = request_id
         status = 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server cancels what still runs when its shutdown's drain time is up
+            # (DRAIN_TIMEOUT_S): answer that in JSON, where it would send a plain 500.
+            if not response_started:
+                await JSONResponse(
+                    {"detail": "the server shut down before this request finished; retry"},
+                    status_code=503,
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )(scope, receive, send_with_id)
+            raise
         finally:
             elapsed_s = time.perf_counter() - started
             logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)

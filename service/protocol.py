@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from service import logs
+from service.settings import load_settings
 
 # nginx's default (large_client_header_buffers) allows 32 KiB; twice that leaves room for
 # large cookies or tokens while bounding what one connection can make a worker buffer.
@@ -237,6 +238,14 @@ class JsonErrorsUvicornWorker(UvicornWorker):
     """The uvicorn worker for gunicorn, serving with ``UVICORN_CONFIG``."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", **UVICORN_CONFIG}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # On SIGTERM uvicorn waits for open requests without a bound, and gunicorn SIGKILLs
+        # the worker at graceful_timeout, before the app's own shutdown (handing running
+        # tasks back) has run. Requests still open after the drain time are cancelled
+        # instead, and answered 503 (RequestContextMiddleware).
+        self.config.timeout_graceful_shutdown = load_settings().drain_timeout_s
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,53 @@ def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
     assert elapsed < 15, server.log()
     assert "Application shutdown complete" in server.log()
     assert "SIGKILL" not in server.log()
+
+
+def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path: Path) -> None:
+    """An upload that trickles on past SIGTERM (within BODY_IDLE_TIMEOUT_S between chunks)
+    held the worker until the master SIGKILLed it, before the app's own shutdown ran. Once
+    DRAIN_TIMEOUT_S is up it is answered 503, and the worker shuts down cleanly."""
+    port = free_port()
+    env = server_env(tmp_path, DRAIN_TIMEOUT_S="2")
+    with running_server(tmp_path, gunicorn_command(port), env) as server:
+        head = (
+            "POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+            '--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(head.encode())
+            trickling = True
+
+            def trickle() -> None:
+                while trickling:
+                    try:
+                        connection.sendall(b"x" * 100)
+                    except OSError:
+                        return
+                    time.sleep(0.5)
+
+            sender = threading.Thread(target=trickle)
+            sender.start()
+            try:
+                time.sleep(1)
+                started = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                answered_after = time.monotonic() - started
+            finally:
+                trickling = False
+                sender.join()
+        server.process.wait(timeout=60)
+        exited_after = time.monotonic() - started
+    head_bytes, _, body = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 503 "), answer
+    assert "shut down before this request finished" in json.loads(body)["detail"]
+    assert 1.5 < answered_after < 8
+    assert exited_after < 11  # graceful_timeout is 12 s
+    assert "Application shutdown complete" in server.log()
 
 
 def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
