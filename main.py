@@ -71,6 +71,7 @@ from service.tasks import (
     TaskStatus,
     TaskStoreBusy,
     TaskStoreUnavailable,
+    TaskStoreUnwritable,
 )
 from service.webhooks import (
     CallbackLookupFailed,
@@ -822,6 +823,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     QueueFull: 503,
     TaskQueueFull: 503,
     TaskStoreBusy: 503,
+    TaskStoreUnwritable: 503,
     CallbackLookupFailed: 503,
     NotReady: 503,
     Stopped: 503,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore
-from service.webhooks import WebhookSender
+from service.webhooks import DeliveryResult, WebhookSender
 
 T = TypeVar("T")
 
@@ -383,6 +383,13 @@ class TaskRunner:
 
     async def _deliver_once(self, record: TaskRecord) -> None:
         assert record.callback_url is not None
+        if record.webhook_attempts and record.webhook_last_error is None:
+            # Only an accepted attempt is stored without an error: the receiver has it,
+            # and the process stopped before the delivery's end was stored.
+            await self._finish_delivery(
+                record.id, DeliveryResult(True, record.webhook_attempts, None)
+            )
+            return
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
             payload["prediction"] = record.prediction
@@ -413,9 +420,12 @@ class TaskRunner:
             attempts_done=record.webhook_attempts,
             on_attempt=on_attempt,
         )
+        await self._finish_delivery(record.id, result)
+
+    async def _finish_delivery(self, task_id: str, result: DeliveryResult) -> None:
         await self._db(
             self.store.finish_webhook,
-            record.id,
+            task_id,
             self.owner,
             delivered=result.delivered,
             attempts=result.attempts,
@@ -425,7 +435,7 @@ class TaskRunner:
         if not result.delivered:
             logger.warning(
                 "webhook for task %s given up after %d attempts: %s",
-                record.id,
+                task_id,
                 result.attempts,
                 result.last_error,
             )

@@ -96,6 +96,10 @@ class TaskStoreBusy(Exception):
     """Another process held the store's write lock for longer than the busy timeout."""
 
 
+class TaskStoreUnwritable(Exception):
+    """A write to the store failed: the disk is full, failing or read-only."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """One task as stored, without its image."""
@@ -146,6 +150,24 @@ class ClaimedTask:
     image: bytes
     created_at: float
     attempts: int
+
+
+# SQLite's primary result codes for a disk that is full, failing or read-only.
+_DISK_FAILURES = frozenset(
+    {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+)
+
+
+def _is_disk_failure(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in _DISK_FAILURES
+
+
+def _unwritable(error: BaseException) -> TaskStoreUnwritable:
+    return TaskStoreUnwritable(
+        f"the task store could not be written ({error}); the disk that holds DATA_DIR may "
+        "be full or failing"
+    )
 
 
 def _is_locked(error: BaseException) -> bool:
@@ -240,13 +262,18 @@ class TaskStore:
                     f"the task store is busy: another process held its write lock for "
                     f"{BUSY_TIMEOUT_MS / 1000:g} s; retry shortly"
                 ) from None
+            if _is_disk_failure(exc):
+                raise _unwritable(exc) from exc
             raise
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                self._db.execute("ROLLBACK")
+            if _is_disk_failure(exc):
+                raise _unwritable(exc) from exc
             raise
-        self._db.execute("COMMIT")
 
     # --- Submitting, reading, cancelling ------------------------------------------------------
 

@@ -139,7 +139,10 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
+        # The request the delivery sends, built once now: a host the HTTP client cannot
+        # decode (a malformed IDNA label such as "xn--") would fail every delivery.
+        httpx.Request("POST", url)
+    except (ValueError, httpx.InvalidURL) as exc:
         raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
     if port == 0:
         raise InvalidCallbackUrl("callback_url port is 0; expected 1 to 65535")

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -701,6 +702,34 @@ async def test_a_progress_write_that_fails_does_not_end_a_delivery(photos: list[
     assert len(receiver.received) == 3
 
 
+async def test_an_accepted_last_attempt_whose_end_was_not_stored_resumes_as_delivered(
+    photos: list[Path],
+) -> None:
+    """The receiver accepted the last allowed attempt, and the attempt was stored, but not
+    the delivery's end (the process died in between): resumed, it is delivered, not failed
+    for want of attempts, and not sent again."""
+    settings = make_settings(**{**WEBHOOK_SETTINGS, "webhook_max_attempts": 1, "task_lease_s": 0.3})
+    async with receiving() as receiver, running_app(settings) as served:
+        store = served.service.running_tasks().store
+        finish = store.finish_webhook
+        finishes = 0
+
+        def finish_failing_once(*args: Any, **kwargs: Any) -> None:
+            nonlocal finishes
+            finishes += 1
+            if finishes == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            finish(*args, **kwargs)
+
+        store.finish_webhook = finish_failing_once  # type: ignore[method-assign]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        task = await webhook_done(served.client, accepted["task_id"])
+
+    assert finishes == 2
+    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
+    assert len(receiver.received) == 1
+
+
 async def test_a_cancelled_task_reports_no_webhook(photos: list[Path]) -> None:
     async with running_app(make_settings(max_batch_size=1, **WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)
@@ -827,6 +856,27 @@ async def test_writes_that_outwait_another_process_lock_are_503_and_retryable(
             assert response.headers["Retry-After"] == "1"
             assert "task store is busy" in response.json()["detail"]
         assert polled.status_code == 200
+        await submit(served.client, data)
+
+
+async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: list[Path]) -> None:
+    """A full disk (here, SQLite's own page limit: the same "database or disk is full") makes
+    a submission 503 with Retry-After and a detail naming DATA_DIR, not a bare 500."""
+    data = photos[0].read_bytes()
+    async with running_app(make_settings()) as served:
+        store = served.service.running_tasks().store
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        try:
+            refused = await served.client.post("/tasks", files=upload(data))
+            assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        finally:
+            store._db.execute("PRAGMA max_page_count = 1073741823")
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        detail = refused.json()["detail"]
+        assert "could not be written (database or disk is full)" in detail
+        assert "DATA_DIR" in detail
         await submit(served.client, data)
 
 
