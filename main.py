@@ -540,17 +540,24 @@ async def classify(
 async def classify_batch(
     request: Request,
     response: Response,
-    file: Annotated[list[UploadFile], File(description="One or more images, as repeated parts")],
+    # Optional for FastAPI, which drops the parts with an empty name and body (a browser's
+    # file input with no file chosen) and would call a form of only those a form without
+    # files; each part gets its entry, at its own index, from the form itself.
+    file: Annotated[
+        list[UploadFile] | None, File(description="One or more images, as repeated parts")
+    ] = None,
     top_k: TopK = 5,
 ) -> BatchResponse:
     """Classify several images; one entry per file, in order, each with its own status."""
     service = _service(request)
     service.check_top_k(top_k)
     deadline = _deadline(service)
-    # ``file`` lacks the parts with an empty name and body (FastAPI drops them: a browser's
-    # file input with no file chosen); each part gets its entry, at its own index.
     form = await request.form()  # parsed already, for ``file``
     uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
+    if not uploads:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
+        )
     outcomes = await _unless_disconnected(
         request,
         asyncio.gather(

@@ -167,6 +167,21 @@ async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list
     )
 
 
+async def test_a_batch_of_only_an_empty_file_input_gets_its_entry(served: RunningApp) -> None:
+    """A form whose one file input was left empty is answered like any empty part, not as a
+    form without files; a form with no file part at all still is 422."""
+    body = multipart([("file", "", b"", "application/octet-stream")])
+    response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+    assert response.status_code == 200, response.text
+    [entry] = response.json()["results"]
+    assert (entry["index"], entry["status"]) == (0, 400)
+    assert "empty" in entry["detail"]
+    body = multipart([("other", "a.jpg", b"x", "image/jpeg")])
+    response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+    assert response.status_code == 422
+    assert response.json()["detail"] == "file: Field required"
+
+
 async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
     async with running_app(make_settings(max_batch_files=2)) as served:
         data = photos[0].read_bytes()
