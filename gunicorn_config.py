@@ -55,6 +55,24 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = settings.log_level
+if settings.log_format == "json":
+    # gunicorn's own lines, and uvicorn's (its worker writes them through gunicorn's
+    # handlers), in the service's JSON, so that a log collector reads every line.
+    # Given a logging configuration, gunicorn merges it over its defaults section by
+    # section: these loggers replace the defaults', which would also send every line to the
+    # root logger (twice) and turn the access log on.
+    logconfig_dict = {
+        "formatters": {"generic": {"()": "service.logs.json_formatter"}},
+        "loggers": {
+            "gunicorn.error": {
+                "level": loglevel.upper(),
+                "handlers": ["error_console"],
+                "propagate": False,
+                "qualname": "gunicorn.error",
+            },
+            "gunicorn.access": {"handlers": [], "propagate": False, "qualname": "gunicorn.access"},
+        },
+    }
 
 
 def on_starting(server: Any) -> None:

@@ -167,6 +167,20 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     else:
         path = Path(weights).expanduser()
         state, description = _file_state_dict(path), path.name
+    not_finite = next(
+        (
+            name
+            for name, value in state.items()
+            if value.is_floating_point() and not value.isfinite().all()
+        ),
+        None,
+    )
+    if not_finite is not None:
+        # Every answer would be NaN, served as a null score.
+        raise ModelLoadError(
+            f"WEIGHTS={weights} holds values that are not finite (NaN or infinite) in "
+            f"{not_finite!r}; the file is corrupt, or its training diverged"
+        )
     num_classes = int(state["fc.weight"].shape[0])
     if num_classes != num_labels:
         raise ModelLoadError(

@@ -158,17 +158,18 @@ def _escape_unprintable(text: str) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
+def json_formatter() -> logging.Formatter:
+    """One JSON object per line; gunicorn's configuration uses it for its own lines too."""
+    return JsonFormatter(
+        JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}
+    )
+
+
 def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     """Route the service's loggers through one background writer, as text or JSON lines."""
     global _access_log_on
     stop_writer()
-    formatter: logging.Formatter
-    if log_format == "json":
-        formatter = JsonFormatter(
-            JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}
-        )
-    else:
-        formatter = logging.Formatter(TEXT_FORMAT)
+    formatter = json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     records = LingeringQueue()

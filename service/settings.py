@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_clients_can_send(cls, value: SecretStr | None) -> SecretStr | None:
+        # HTTP drops the blanks around a header's value: no request could carry such a key.
+        secret = value.get_secret_value() if value is not None else None
+        if secret is not None and secret != secret.strip(" \t"):
+            raise ValueError("starts or ends with a blank, which no request can send")
+        return value
+
     @field_validator("task_ttl", mode="before")
     @classmethod
     def _plain_number_is_seconds(cls, value: object) -> object:
@@ -182,6 +191,10 @@ class Settings(BaseSettings):
         )
 
 
+# Never echoed, not even in the error that refuses them.
+SECRET_SETTINGS = frozenset({"API_KEY", "WEBHOOK_SECRET"})
+
+
 def load_settings() -> Settings:
     """Read the environment, or exit with one line per invalid setting."""
     try:
@@ -191,6 +204,11 @@ def load_settings() -> Settings:
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]).upper()
             message = error["msg"].removeprefix("Value error, ")
+            # As given: pydantic's input may be converted already (TASK_TTL's seconds), and
+            # a secret's is not shown.
+            given = os.environ.get(name, error.get("input"))
+            if name in SECRET_SETTINGS:
+                given = "***"
             # Errors about a combination of settings name them in the message itself.
-            problems.append(f"{name}={error.get('input')!r}: {message}" if name else message)
+            problems.append(f"{name}={given!r}: {message}" if name else message)
         raise SystemExit("invalid configuration: " + "; ".join(problems)) from None

@@ -80,6 +80,7 @@ def test_everything_comes_from_the_environment(
         ("TASK_MAX_ATTEMPTS", str(10**19)),
         ("TASK_MAX_QUEUED", str(10**19)),
         ("KEEPALIVE_S", "0"),
+        ("TASK_TTL", "-5"),  # named as given, not as the duration it was read as
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(
@@ -88,6 +89,15 @@ def test_an_invalid_value_stops_start_up_with_one_line(
     with pytest.raises(SystemExit, match=f"{name}='{value}'") as stopped:
         load(monkeypatch, tmp_path, **{name: value})
     assert "\n" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("key", [" ", "s3cret ", "\ts3cret"])
+def test_an_api_key_no_request_can_send_stops_start_up_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str
+) -> None:
+    with pytest.raises(SystemExit, match="API_KEY='\\*\\*\\*': starts or ends with a blank"):
+        load(monkeypatch, tmp_path, API_KEY=key)
+    assert load(monkeypatch, tmp_path, API_KEY="s3 cret")["workers"] == 1
 
 
 def test_metrics_hooks_start_clean_and_forget_dead_workers(

@@ -103,6 +103,19 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
         assert response.status_code == 200, response.text
 
 
+def test_with_json_logs_every_line_of_the_server_is_json(tmp_path: Path) -> None:
+    """gunicorn's and uvicorn's own lines too, once each, and no second access line."""
+    env = server_env(tmp_path, LOG_FORMAT="json")
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        assert httpx.get(f"{server.url}/nope", timeout=10).status_code == 404
+    records = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    loggers = {record["logger"] for record in records}
+    assert {"gunicorn.error", "uvicorn.error", "service.access"} <= loggers
+    assert "uvicorn.access" not in loggers
+    booting = [r for r in records if r["message"].startswith("Booting worker")]
+    assert len(booting) == 1
+
+
 def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
     tmp_path: Path,
 ) -> None:

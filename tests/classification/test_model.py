@@ -118,6 +118,7 @@ def save(value: object, path: Path) -> bytes:
         ("truncated", "not a loadable state dict"),
         ("no layer4", r"does not fit ResNet18: Missing key\(s\) in state_dict: \"layer4"),
         ("wide conv1", "does not fit ResNet18: size mismatch for conv1.weight"),
+        ("nan", "not finite \\(NaN or infinite\\) in 'layer2.0.bn1.running_var'"),
     ],
 )
 def test_bad_weights_files_stop_start_up_with_one_line(
@@ -131,6 +132,10 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         path.write_bytes(save(network.state_dict(), path)[:100_000])
     elif content == "no layer4":
         save({k: v for k, v in network.state_dict().items() if "layer4" not in k}, path)
+    elif content == "nan":
+        state = network.state_dict()
+        state["layer2.0.bn1.running_var"][3] = float("nan")
+        save(state, path)
     elif content == "wide conv1":
         save({**network.state_dict(), "conv1.weight": torch.zeros(64, 3, 9, 9)}, path)
     elif isinstance(content, bytes):
