@@ -59,10 +59,12 @@ if settings.log_format == "json":
     # gunicorn's own lines, and uvicorn's (its worker writes them through gunicorn's
     # handlers), in the service's JSON, so that a log collector reads every line.
     # Given a logging configuration, gunicorn merges it over its defaults section by
-    # section: these loggers replace the defaults', which would also send every line to the
-    # root logger (twice) and turn the access log on.
+    # section: these loggers and root replace the defaults', which would also send every
+    # line to the root logger (twice), turn the access log on, and let every library log
+    # at INFO (httpx would log each webhook's URL).
     logconfig_dict = {
         "formatters": {"generic": {"()": "service.logs.json_formatter"}},
+        "root": {"level": "WARNING", "handlers": ["error_console"]},
         "loggers": {
             "gunicorn.error": {
                 "level": loglevel.upper(),

@@ -45,7 +45,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # in 1 MB held a decode thread for 26 s. Encoders write about ten; 256 scans at 36
 # megapixels take twice a plain decode.
 JPEG_MAX_SCANS = 256
+# Pillow reads a JPEG's segments before its first scan in Python; real files have a few
+# dozen.
+JPEG_MAX_SEGMENTS = 65_536
 JPEG_SIGNATURE = b"\xff\xd8"
+JPEG_START_OF_SCAN, JPEG_END_OF_IMAGE = 0xDA, 0xD9
+JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM, SOI (restarts are not candidates)
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
@@ -124,17 +129,42 @@ def _check_structure(data: bytes) -> None:
 
 
 def _jpeg_scan_count(data: bytes) -> int:
-    """How many scans a JPEG holds, or a few more; 0 for other formats.
+    """How many scans a JPEG holds up to its end-of-image marker; 0 for other formats.
 
-    Entropy-coded data never holds the start-of-scan marker's bytes (an 0xFF there is
-    followed by 0x00 or a restart marker), so counting them finds every scan, plus any
-    that metadata such as an EXIF thumbnail happens to contain.
+    Markers are walked from the file's start, each segment skipped by its length, so bytes
+    inside metadata (an EXIF thumbnail, an ICC profile) or after the image (the video a
+    motion photo appends) are not taken for scans. Entropy-coded data holds no marker
+    bytes but restart markers and stuffed 0xFF 0x00 pairs, so every other 0xFF there
+    begins a marker.
     """
     if not data.startswith(JPEG_SIGNATURE):
         return 0
-    # Five times faster than bytes.count of the two bytes: 14 µs for a 70 KB photo.
+    # Marker candidates found in C (a byte loop over a 10 MB file would take a second):
+    # 0xFF followed by neither 0x00, 0xFF (fill) nor a restart marker.
     values = np.frombuffer(data, np.uint8)
-    return int(np.count_nonzero((values[:-1] == 0xFF) & (values[1:] == 0xDA)))
+    following = values[1:]
+    candidates = np.flatnonzero(
+        (values[:-1] == 0xFF)
+        & (following != 0x00)
+        & (following != 0xFF)
+        & ((following < 0xD0) | (following > 0xD7))
+    )
+    scans = segments = 0
+    segment_end = len(JPEG_SIGNATURE)
+    for position in candidates.tolist():
+        if position < segment_end:
+            continue  # inside a segment's own bytes
+        marker = data[position + 1]
+        if marker == JPEG_END_OF_IMAGE:
+            break
+        segments += 1
+        if segments > JPEG_MAX_SEGMENTS:
+            raise InvalidImage(f"the JPEG holds more than {JPEG_MAX_SEGMENTS} segments")
+        if marker == JPEG_START_OF_SCAN:
+            scans += 1
+        if marker not in JPEG_MARKERS_WITHOUT_LENGTH:
+            segment_end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return scans
 
 
 def _png_chunk_count(data: bytes, stop_after: int) -> int:

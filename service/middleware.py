@@ -61,8 +61,12 @@ class RequestContextMiddleware:
             # The server cancels what still runs when its shutdown's drain time is up
             # (DRAIN_TIMEOUT_S): answer that in JSON, where it would send a plain 500.
             if not response_started:
+                detail = (
+                    "the server shut down before this request finished; retry (a task "
+                    "submission may have been stored: resend it with its Idempotency-Key)"
+                )
                 await JSONResponse(
-                    {"detail": "the server shut down before this request finished; retry"},
+                    {"detail": detail},
                     status_code=503,
                     headers={"Retry-After": "1", "Connection": "close"},
                 )(scope, receive, send_with_id)

@@ -121,10 +121,16 @@ class Settings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _key_clients_can_send(cls, value: SecretStr | None) -> SecretStr | None:
-        # HTTP drops the blanks around a header's value: no request could carry such a key.
+        # HTTP drops the blanks around a header's value and allows no control characters
+        # (a key read from a file often ends in a newline): no request could carry such a key.
         secret = value.get_secret_value() if value is not None else None
-        if secret is not None and secret != secret.strip(" \t"):
-            raise ValueError("starts or ends with a blank, which no request can send")
+        if secret is not None and (
+            secret != secret.strip() or not all(char.isprintable() for char in secret)
+        ):
+            raise ValueError(
+                "starts or ends with a blank, or holds a control character such as a "
+                "newline, which no request can send"
+            )
         return value
 
     @field_validator("task_ttl", mode="before")

@@ -198,7 +198,7 @@ class TaskStore:
         try:
             self._configure()
             self._migrate()
-        except (OSError, sqlite3.Error, TaskStoreBusy) as exc:
+        except (OSError, sqlite3.Error, TaskStoreBusy, TaskStoreUnwritable) as exc:
             self._db.close()
             raise self._unavailable(exc) from None
         except BaseException:

@@ -91,7 +91,7 @@ def test_an_invalid_value_stops_start_up_with_one_line(
     assert "\n" not in str(stopped.value)
 
 
-@pytest.mark.parametrize("key", [" ", "s3cret ", "\ts3cret"])
+@pytest.mark.parametrize("key", [" ", "s3cret ", "\ts3cret", "s3cret\n", "s3\x1bcret"])
 def test_an_api_key_no_request_can_send_stops_start_up_without_showing_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -195,6 +196,8 @@ def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # The master stops the stuck worker with SIGABRT: no core file of a torch process.
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
         )
     try:
         deadline = time.monotonic() + 60

@@ -183,6 +183,34 @@ def test_a_new_store_opened_by_several_workers_at_once_waits_its_turn(
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def open_with_file_size_limit(data_dir: str, limit: int, answers: multiprocessing.Queue) -> None:
+    """In a child process: open a new store where no file may grow past ``limit`` bytes."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        TaskStore(Path(data_dir)).close()
+        answers.put("opened")
+    except Exception as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_disk_that_cannot_take_a_new_store_is_the_one_line_start_up_error(
+    tmp_path: Path,
+) -> None:
+    answers: multiprocessing.Queue[str] = multiprocessing.get_context("spawn").Queue()
+    child = multiprocessing.get_context("spawn").Process(
+        target=open_with_file_size_limit, args=(str(tmp_path), 16 * 1024, answers)
+    )
+    child.start()
+    child.join(60)
+    answer = answers.get(timeout=5)
+    assert answer.startswith("TaskStoreUnavailable: cannot open the task store"), answer
+    assert "set DATA_DIR" in answer
+
+
 def test_create_refuses_once_max_queued_tasks_wait(store: TaskStore) -> None:
     """The queued limit is enforced, and the error names the setting to change."""
     add(store, "t1", max_queued=2)

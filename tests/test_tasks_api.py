@@ -708,7 +708,7 @@ async def test_an_accepted_last_attempt_whose_end_was_not_stored_resumes_as_deli
     """The receiver accepted the last allowed attempt, and the attempt was stored, but not
     the delivery's end (the process died in between): resumed, it is delivered, not failed
     for want of attempts, and not sent again."""
-    settings = make_settings(**{**WEBHOOK_SETTINGS, "webhook_max_attempts": 1, "task_lease_s": 0.3})
+    settings = make_settings(**{**WEBHOOK_SETTINGS, "webhook_max_attempts": 1, "task_lease_s": 1.0})
     async with receiving() as receiver, running_app(settings) as served:
         store = served.service.running_tasks().store
         finish = store.finish_webhook
@@ -864,14 +864,19 @@ async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: lis
     a submission 503 with Retry-After and a detail naming DATA_DIR, not a bare 500."""
     data = photos[0].read_bytes()
     async with running_app(make_settings()) as served:
-        store = served.service.running_tasks().store
-        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        runner = served.service.running_tasks()
+
+        def limit_pages(pages: int | None) -> None:
+            # On the store's own thread, the only one that uses its connection.
+            current = runner.store._db.execute("PRAGMA page_count").fetchone()[0]
+            runner.store._db.execute(f"PRAGMA max_page_count = {pages or current}")
+
+        await runner._db(limit_pages, None)
         try:
             refused = await served.client.post("/tasks", files=upload(data))
             assert (await served.client.post("/cls", files=upload(data))).status_code == 200
         finally:
-            store._db.execute("PRAGMA max_page_count = 1073741823")
+            await runner._db(limit_pages, 1_073_741_823)
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "1"
         detail = refused.json()["detail"]

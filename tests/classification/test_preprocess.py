@@ -24,6 +24,7 @@ from classification.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JPEG_MAX_SCANS,
+    JPEG_MAX_SEGMENTS,
     MAX_SIDE,
     PNG_MAX_CHUNKS,
 )
@@ -347,6 +348,28 @@ def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_refused_before_decoding
     one_more = images.progressive_jpeg_with_extra_scans(JPEG_MAX_SCANS - 9)
     with pytest.raises(InvalidImage, match=f"{JPEG_MAX_SCANS + 1} scans"):
         decode_image(one_more, max_pixels=MAX_PIXELS)
+
+
+def test_scan_marker_bytes_in_metadata_or_after_the_image_are_not_scans(
+    photos: list[Path],
+) -> None:
+    """Only the image's own segments count: not comment bytes, nor a motion photo's video
+    after the end-of-image marker (random bytes hold a start-of-scan pair every 64 KiB)."""
+    jpeg = photos[0].read_bytes()
+    comment = b"\xff\xfe" + (2 + 600).to_bytes(2, "big") + b"\xff\xda" * 300
+    with_comments = jpeg[:2] + comment * 50 + jpeg[2:]
+    after_the_image = b"\xff\xda" * (JPEG_MAX_SCANS + 1)
+    for data in (with_comments, jpeg + after_the_image):
+        assert decode_image(data, max_pixels=MAX_PIXELS).size == images.photo(photos[0]).size
+
+
+def test_a_jpeg_of_more_segments_than_any_real_image_is_refused() -> None:
+    crowded = images.encode(images.gradient(8, 8), "JPEG")
+    crowded = crowded[:2] + b"\xff\xfe\x00\x02" * (JPEG_MAX_SEGMENTS + 1) + crowded[2:]
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=f"more than {JPEG_MAX_SEGMENTS} segments"):
+        decode_image(crowded, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 1.0
 
 
 def test_pixel_limit_is_configurable() -> None:
