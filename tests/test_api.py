@@ -639,6 +639,9 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert (await served.client.get("/docs")).status_code == 200
     schema = (await served.client.get("/openapi.json")).json()
     assert {"/cls", "/cls/batch", "/healthz", "/readyz"} <= set(schema["paths"])
+    batch_body = schema["paths"]["/cls/batch"]["post"]["requestBody"]
+    assert batch_body["required"] is True
+    assert batch_body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
 
 
 async def test_health_and_readiness(served: RunningApp) -> None:
