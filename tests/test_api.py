@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from starlette.types import ASGIApp
 
 import main
 from classification import ImageTooLarge, Prediction
@@ -661,6 +662,30 @@ async def test_a_large_body_to_a_route_without_uploads_is_413_saying_so(
     )
 
 
+class LeavingClient:
+    """A /cls request driven at the ASGI level: its whole upload, then a disconnect at a
+    moment the test chooses (``disconnect``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.request = httpx.Request("POST", "http://test/cls", files=upload(data))
+        self.disconnect = asyncio.Event()
+        self.sent: list[dict[str, object]] = []
+        self._body: bytes | None = self.request.read()
+
+    def send_to(self, app: ASGIApp) -> asyncio.Future[None]:
+        return asyncio.ensure_future(app(http_scope(self.request), self._receive, self._send))
+
+    async def _receive(self) -> dict[str, object]:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, object]) -> None:
+        self.sent.append(message)
+
+
 async def test_client_that_disconnects_while_queued_never_reaches_the_model(
     photos: list[Path],
 ) -> None:
@@ -671,33 +696,15 @@ async def test_client_that_disconnects_while_queued_never_reaches_the_model(
         busy = asyncio.create_task(served.client.post("/cls", files=upload(data)))
         await asyncio.to_thread(model.entered.wait, 10)
 
-        encoded = httpx.Request("POST", "http://test/cls", files=upload(data))
-        body = encoded.read()
-        disconnect = asyncio.Event()
-        body_sent = False
-
-        async def receive() -> dict[str, object]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnect.wait()
-            return {"type": "http.disconnect"}
-
-        sent: list[dict[str, object]] = []
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        scope = http_scope(encoded)
-        gone = asyncio.create_task(served.app(scope, receive, send))
+        client = LeavingClient(data)
+        gone = client.send_to(served.app)
         processor = served.service.processor
         assert processor is not None
         await wait_for(lambda: processor.queue_depth == 1)
-        disconnect.set()
+        client.disconnect.set()
         await asyncio.wait_for(gone, 10)
         assert processor.queue_depth == 0
-        assert sent[0]["status"] == 499
+        assert client.sent[0]["status"] == 499
 
         model.release.set()
         assert (await busy).status_code == 200
@@ -721,34 +728,17 @@ async def test_a_client_gone_while_its_image_decodes_is_counted_as_cancelled(
 
     monkeypatch.setattr(main, "preprocess", slow_preprocess)
     async with running_app(make_settings(drain_timeout_s=2)) as served:
-        encoded = httpx.Request("POST", "http://test/cls", files=upload(photos[0].read_bytes()))
-        body = encoded.read()
-        disconnect = asyncio.Event()
-        body_sent = False
-
-        async def receive() -> dict[str, object]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnect.wait()
-            return {"type": "http.disconnect"}
-
-        sent: list[dict[str, object]] = []
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
+        client = LeavingClient(photos[0].read_bytes())
         cancelled = 'batch_requests_total{outcome="cancelled"}'
         before = metric_value((await served.client.get("/metrics")).text, cancelled)
-        gone = asyncio.create_task(served.app(http_scope(encoded), receive, send))
+        gone = client.send_to(served.app)
         try:
             await asyncio.to_thread(decoding.wait, 10)
-            disconnect.set()
+            client.disconnect.set()
             await asyncio.wait_for(gone, 10)
         finally:
             finish_decode.set()
-        assert sent[0]["status"] == 499
+        assert client.sent[0]["status"] == 499
         after = metric_value((await served.client.get("/metrics")).text, cancelled)
         assert after == before + 1
 
