@@ -244,8 +244,9 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # On SIGTERM uvicorn waits for open requests without a bound, and gunicorn SIGKILLs
         # the worker at graceful_timeout, before the app's own shutdown (handing running
         # tasks back) has run. Requests still open after the drain time are cancelled
-        # instead, and answered 503 (RequestContextMiddleware).
-        self.config.timeout_graceful_shutdown = load_settings().drain_timeout_s
+        # instead, and answered 503 (RequestContextMiddleware). A bound of 0 would report
+        # a timeout even with nothing open (asyncio.wait_for gives the wait no turn).
+        self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

@@ -179,6 +179,15 @@ def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path
     assert "Application shutdown complete" in server.log()
 
 
+def test_a_shutdown_with_nothing_open_logs_no_error(tmp_path: Path) -> None:
+    """With DRAIN_TIMEOUT_S=0 too: no request was open, so none was cut off."""
+    env = server_env(tmp_path, DRAIN_TIMEOUT_S="0")
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        pass
+    assert "Application shutdown complete" in server.log()
+    assert "ERROR" not in server.log()
+
+
 def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
     tmp_path: Path,
 ) -> None:
