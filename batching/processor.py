@@ -23,6 +23,11 @@ BatchHandler = Callable[[list[In]], Awaitable[Sequence[Out]]]
 
 logger = logging.getLogger(__name__)
 
+# Under TIMEOUT, a batch that a waiting entry's deadline calls for starts this much before
+# its expected run would have to: time for the event loop to hand it over and the answers
+# back.
+DEADLINE_MARGIN_S = 0.02
+
 
 class BatchPolicy(enum.StrEnum):
     """How a batch is formed once the handler has capacity.
@@ -30,7 +35,8 @@ class BatchPolicy(enum.StrEnum):
     ADAPTIVE dispatches whatever is waiting as soon as a batch slot is free, so a lone
     request never waits out a timer; while a batch runs, arrivals accumulate into the
     next one. TIMEOUT waits until the batch is full or its oldest item has waited
-    ``max_wait_s`` (the classic size-or-timeout batcher, kept for comparison).
+    ``max_wait_s`` (the classic size-or-timeout batcher, kept for comparison), but not past
+    the moment a waiting item's deadline calls for its batch to start.
     """
 
     ADAPTIVE = "adaptive"
@@ -459,8 +465,12 @@ class BatchProcessor(Generic[In, Out]):
                 self._arrived.clear()
                 await self._arrived.wait()
             if self._config.policy is BatchPolicy.TIMEOUT and self._accepting:
+                now = time.monotonic()
                 oldest_s = min(lane[0].enqueued_at for lane in self._lanes if lane)
-                remaining_s = self._config.max_wait_s - (time.monotonic() - oldest_s)
+                # The timer gives way to the first deadline among the waiting entries.
+                remaining_s = min(
+                    self._config.max_wait_s - (now - oldest_s), self._latest_start(now) - now
+                )
                 if self.queue_depth < self._config.max_batch_size and remaining_s > 0:
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
@@ -470,6 +480,20 @@ class BatchProcessor(Generic[In, Out]):
             entries = self._take(self._config.max_batch_size)
             if entries:
                 return entries
+
+    def _latest_start(self, now: float) -> float:
+        """When a batch of what waits must start for its expected run to end before the
+        first of the waiting entries' deadlines."""
+        deadlines = [
+            entry.deadline
+            for lane in self._lanes
+            for entry in lane
+            if entry.deadline is not None and not entry.future.done()
+        ]
+        if not deadlines:
+            return math.inf
+        size = min(self.queue_depth, self._config.max_batch_size)
+        return min(deadlines) - self._run_times.estimate_s(size) - DEADLINE_MARGIN_S
 
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()

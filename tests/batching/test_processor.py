@@ -87,6 +87,23 @@ async def test_timeout_policy_flushes_a_lone_item_after_max_wait() -> None:
     assert 0.8 * max_wait_s <= elapsed_s < max_wait_s + 1.0
 
 
+async def test_timeout_policy_never_waits_past_a_waiting_items_deadline() -> None:
+    """The timer gives way to a deadline: an item that would expire while the batch fills
+    goes out in time, with whatever waits beside it, instead of getting its 504."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=8, max_wait_s=10.0, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        patient = asyncio.create_task(processor.submit(1))
+        output = await bounded(processor.submit(7, deadline=began + 0.3))
+        elapsed_s = time.monotonic() - began
+        assert await bounded(patient) == 2
+
+    assert output == 14
+    assert [sorted(batch) for batch in handler.batches] == [[1, 7]]
+    assert elapsed_s < 0.3
+
+
 async def test_adaptive_policy_serves_a_lone_item_without_waiting() -> None:
     """Under ADAPTIVE a lone item is dispatched at once, however large ``max_wait_s`` is."""
     handler = FakeHandler()
