@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from service.middleware import (
     BodyLimitsMiddleware,
     RequestContextMiddleware,
 )
+from service.protocol import SHUTDOWN_HOOK
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
 from service.tasks import (
@@ -214,6 +215,8 @@ class Service:
         self._trimmer: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
+        self._shutdown_began: float | None = None
+        self._stopping_claims: asyncio.Future[None] | None = None
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode"
         )
@@ -296,6 +299,16 @@ class Service:
             observer=metrics.PrometheusTaskObserver(),
         )
 
+    def begin_shutdown(self) -> None:
+        """The server has begun to shut down; it waits for open requests before ``stop``.
+        From now on no task is claimed, and the drain's time runs."""
+        if self._shutdown_began is not None:
+            return
+        self._shutdown_began = time.monotonic()
+        self.ready = False
+        if self.tasks is not None:
+            self._stopping_claims = asyncio.ensure_future(self.tasks.stop_claiming())
+
     async def stop(self) -> None:
         """Stop taking requests, finish the queued ones (bounded), release the threads.
 
@@ -308,8 +321,12 @@ class Service:
         tasks = self.tasks
         if tasks is not None:
             await tasks.stop_claiming()
+        drain_s = self.settings.drain_timeout_s
+        if self._shutdown_began is not None:
+            # What the server spent waiting for open requests counts against the drain.
+            drain_s = max(0.0, drain_s - (time.monotonic() - self._shutdown_began))
         if self.processor is not None:
-            await self.processor.stop(self.settings.drain_timeout_s)
+            await self.processor.stop(drain_s)
         # Only now: the tasks that the drain runs count their attempts too.
         self.tasks = None  # stopping twice is harmless
         if tasks is not None:
@@ -895,7 +912,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the application for the given settings; the model loads in its lifespan."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         service = Service(settings)
         app.state.service = service
         try:
@@ -913,7 +930,7 @@ def create_app(settings: Settings) -> FastAPI:
         gc.collect()
         gc.freeze()
         try:
-            yield
+            yield {SHUTDOWN_HOOK: service.begin_shutdown}
         finally:
             gc.unfreeze()
             await service.stop()

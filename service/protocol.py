@@ -33,6 +33,10 @@ MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # after KEEPALIVE_S, on a new connection as after an answer.
 REQUEST_HEAD_TIMEOUT_S = 10.0
 UNPARSABLE = "the request could not be parsed: the bytes sent are not valid HTTP/1.1"
+# Where the app's lifespan state may hold a callable, called once the server begins to shut
+# down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
+# own shutdown starts, and the app's drain counts from this moment.
+SHUTDOWN_HOOK = "on_server_shutdown"
 
 logger = logging.getLogger("service")
 
@@ -54,6 +58,13 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._keep_alive_if_idle()
+
+    def shutdown(self) -> None:
+        # Called on every open connection as the server's shutdown begins.
+        hook = self.app_state.get(SHUTDOWN_HOOK)
+        if hook is not None:
+            hook()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()

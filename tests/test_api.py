@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -525,6 +526,38 @@ async def test_draining_server_refuses_with_503(served: RunningApp, photos: list
     response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
     assert response.status_code == 503
     assert (await served.client.get("/healthz")).status_code == 200
+
+
+async def test_the_drain_counts_from_the_servers_shutdown_not_the_apps(
+    photos: list[Path],
+) -> None:
+    """The server waits for open requests (up to DRAIN_TIMEOUT_S) before the app's shutdown:
+    what it waited is taken from the drain, so the two together stay within one drain time
+    and gunicorn's graceful_timeout. Readiness turns 503 as the server's shutdown begins."""
+    app = running_app(make_settings(drain_timeout_s=2))
+    served = await app.__aenter__()
+    model = GatedModel(served)
+    data = photos[0].read_bytes()
+    running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+    await asyncio.to_thread(model.entered.wait, 10)
+    queued = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+    processor = served.service.processor
+    assert processor is not None
+    await wait_for(lambda: processor.queue_depth == 1)
+    served.service.begin_shutdown()
+    served.service.begin_shutdown()  # once per open connection: only the first counts
+    assert (await served.client.get("/readyz")).status_code == 503
+    await asyncio.sleep(2.0)  # the server's wait for open requests used the drain time
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(served.service.stop(), 10)
+        stopped_in_s = time.monotonic() - started
+    finally:
+        model.release.set()
+        await app.__aexit__(None, None, None)
+    assert stopped_in_s < 1.0  # not another DRAIN_TIMEOUT_S
+    assert (await queued).status_code == 503
+    await running
 
 
 async def test_request_ids_are_echoed_or_generated(served: RunningApp) -> None:

@@ -279,6 +279,19 @@ async def test_a_read_that_ends_a_body_and_begins_a_head_does_not_count_as_head(
     http.connection_lost(None)
 
 
+async def test_the_servers_shutdown_tells_the_app_through_its_lifespan_state() -> None:
+    config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
+    calls: list[str] = []
+    state = {protocol.SHUTDOWN_HOOK: lambda: calls.append("shutdown")}
+    http = protocol.JsonErrorsHttpProtocol(config, ServerState(), state)
+    transport = RecordingTransport(http)
+    http.connection_made(transport)
+    http.shutdown()
+    assert calls == ["shutdown"]
+    assert transport.closed  # idle: closed at once, as uvicorn does
+    http.connection_lost(None)
+
+
 async def test_a_reset_connection_leaves_no_keep_alive_timer() -> None:
     """uvicorn stops keep-alive only on a clean close; a reset's timer would hold the
     connection's state for the whole keep-alive time."""
