@@ -422,20 +422,27 @@ async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> No
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+class HeldDecode:
+    """Holds every decode until ``release`` is set; ``started`` is set as one begins."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._real = main.preprocess
+        monkeypatch.setattr(main, "preprocess", self._preprocess)
+
+    def _preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
+        self.started.set()
+        self.release.wait(10)
+        return self._real(data, max_pixels=max_pixels)
+
+
 async def test_deadline_covers_a_slow_decode(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An image that takes longer to decode than the deadline gets its 504 on time."""
-    decoding = threading.Event()
-    finish_decode = threading.Event()
-    real_preprocess = main.preprocess
-
-    def slow_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
-        decoding.set()
-        finish_decode.wait(10)
-        return real_preprocess(data, max_pixels=max_pixels)
-
-    monkeypatch.setattr(main, "preprocess", slow_preprocess)
+    held = HeldDecode(monkeypatch)
+    decoding, finish_decode = held.started, held.release
     async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
         data = photos[0].read_bytes()
         expired = 'batch_requests_total{outcome="expired"}'
@@ -454,7 +461,7 @@ async def test_deadline_covers_a_slow_decode(
         assert processor is not None
         assert processor.queue_depth == 0
         assert metric_value((await served.client.get("/metrics")).text, expired) == before + 1
-        monkeypatch.setattr(main, "preprocess", real_preprocess)
+        # Released: decodes pass again.
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
@@ -750,16 +757,8 @@ async def test_a_client_gone_while_its_image_decodes_is_counted_as_cancelled(
 ) -> None:
     """Every request that reaches the decode leaves with an outcome: one whose client
     disconnects meanwhile counts as cancelled, as it would in the queue."""
-    decoding = threading.Event()
-    finish_decode = threading.Event()
-    real_preprocess = main.preprocess
-
-    def slow_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
-        decoding.set()
-        finish_decode.wait(10)
-        return real_preprocess(data, max_pixels=max_pixels)
-
-    monkeypatch.setattr(main, "preprocess", slow_preprocess)
+    held = HeldDecode(monkeypatch)
+    decoding, finish_decode = held.started, held.release
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         client = LeavingClient(photos[0].read_bytes())
         cancelled = 'batch_requests_total{outcome="cancelled"}'
