@@ -307,6 +307,7 @@ class Service:
         self._shutdown_began = time.monotonic()
         self.ready = False
         if self.tasks is not None:
+            # Kept: the event loop holds a task only weakly. ``stop`` awaits the same end.
             self._stopping_claims = asyncio.ensure_future(self.tasks.stop_claiming())
 
     async def stop(self) -> None:
