@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -52,7 +53,7 @@ from classification import (
     load_classifier,
     preprocess,
 )
-from service import logs, memory, metrics
+from service import logs, memory, metrics, webhooks
 from service.middleware import (
     REQUEST_ID_HEADER,
     REQUEST_ID_STATE,
@@ -71,8 +72,8 @@ from service.tasks import (
     TaskRecord,
     TaskStatus,
     TaskStoreBusy,
+    TaskStoreFailed,
     TaskStoreUnavailable,
-    TaskStoreUnwritable,
 )
 from service.webhooks import (
     CallbackLookupFailed,
@@ -106,7 +107,8 @@ MODEL_THREAD_DECODE_MAX_PIXELS = 500_000
 # ... and up to this many bytes: reading a file's structure (PNG chunks, TIFF strip tables)
 # costs time per byte whatever pixels it declares, up to seconds for a few megabytes.
 MODEL_THREAD_DECODE_MAX_BYTES = 128 * 1024
-MAX_CALLBACK_URL_CHARS = 2048
+# Callback URLs resolved at once; more wait their turn, within their time limit.
+CALLBACK_LOOKUP_THREADS = 4
 # Far below the nesting at which a task's answer could no longer be serialised.
 MAX_METADATA_DEPTH = 32
 
@@ -210,6 +212,7 @@ class Service:
         self.ready = False
         self._reading = 0
         self._decoding = 0
+        self._validating_tasks = 0
         self._last_batch_end = time.monotonic()
         self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
@@ -225,6 +228,9 @@ class Service:
         self._task_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="task-decode")
         # One thread: batches reach the model one at a time, in order.
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._lookup_pool = ThreadPoolExecutor(
+            CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup"
+        )
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
@@ -326,14 +332,23 @@ class Service:
         if self._shutdown_began is not None:
             # What the server spent waiting for open requests counts against the drain.
             drain_s = max(0.0, drain_s - (time.monotonic() - self._shutdown_began))
-        if self.processor is not None:
-            await self.processor.stop(drain_s)
-        # Only now: the tasks that the drain runs count their attempts too.
-        self.tasks = None  # stopping twice is harmless
-        if tasks is not None:
-            await tasks.stop(grace_s=TASK_STOP_GRACE_S)
-        for pool in (self._decode_pool, self._task_decode_pool, self._inference_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            if self.processor is not None:
+                await self.processor.stop(drain_s)
+        finally:
+            # Only now: the tasks that the drain runs count their attempts too.
+            self.tasks = None  # stopping twice is harmless
+            try:
+                if tasks is not None:
+                    await tasks.stop(grace_s=TASK_STOP_GRACE_S)
+            finally:
+                for pool in (
+                    self._decode_pool,
+                    self._task_decode_pool,
+                    self._inference_pool,
+                    self._lookup_pool,
+                ):
+                    pool.shutdown(wait=False, cancel_futures=True)
 
     async def classify(self, upload: UploadFile, top_k: int, deadline: float) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
@@ -390,16 +405,32 @@ class Service:
                     return pixels
         return await loop.run_in_executor(self._decode_pool, _preprocess, data, max_pixels)
 
-    async def validate_task_image(self, upload: UploadFile) -> bytes:
-        """The upload's bytes, once they decode as an image the model accepts."""
+    async def validate_task_image(self, upload: UploadFile, tasks: TaskRunner) -> bytes:
+        """The upload's bytes, once they decode as an image the model accepts.
+
+        Refuses before decoding when ``MAX_QUEUE`` submissions are already being read or
+        decoded in this worker, or when the task queue is full: each one holds its upload
+        in memory while it waits for the tasks' decode thread.
+        """
         if not self.ready:
             raise NotReady("the model is not ready")
-        data = await self._read_upload(upload)
-        # On the tasks' own decode thread: a burst of submissions must not queue ahead of
-        # /cls decodes.
-        await asyncio.get_running_loop().run_in_executor(
-            self._task_decode_pool, _preprocess, data, self.settings.max_image_pixels
-        )
+        max_queue = self.settings.max_queue
+        if self._validating_tasks >= max_queue:
+            raise QueueFull(
+                f"{self._validating_tasks} task submissions are being validated; "
+                f"MAX_QUEUE allows {max_queue}"
+            )
+        self._validating_tasks += 1
+        try:
+            await tasks.check_room()
+            data = await self._read_upload(upload)
+            # On the tasks' own decode thread: a burst of submissions must not queue ahead
+            # of /cls decodes.
+            await asyncio.get_running_loop().run_in_executor(
+                self._task_decode_pool, _preprocess, data, self.settings.max_image_pixels
+            )
+        finally:
+            self._validating_tasks -= 1
         return data
 
     async def run_task(self, task: ClaimedTask) -> object:
@@ -416,6 +447,30 @@ class Service:
         finally:
             self._tasks_in_model.discard(task.id)
         return [p.model_dump() for p in _prediction_out(result.predictions)]
+
+    async def check_callback_url(self, url: str) -> None:
+        """Refuse a callback URL the webhooks could not or may not reach.
+
+        Raises:
+            InvalidCallbackUrl: The URL is malformed or, unless allowed, private.
+            CallbackLookupFailed: DNS did not answer, or not within ``WEBHOOK_TIMEOUT_S``.
+        """
+        limit_s = self.settings.webhook_timeout_s
+        try:
+            # On threads of their own: a resolver that hangs must not take the default
+            # executor's threads from everything else that uses them.
+            async with asyncio.timeout(limit_s):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._lookup_pool,
+                    partial(
+                        check_callback_url, url, allow_private=self.settings.webhook_allow_private
+                    ),
+                )
+        except TimeoutError:
+            raise CallbackLookupFailed(
+                f"callback_url host could not be looked up within {limit_s:g} s "
+                "(WEBHOOK_TIMEOUT_S); retry shortly"
+            ) from None
 
     def running_tasks(self) -> TaskRunner:
         if self.tasks is None:
@@ -633,16 +688,14 @@ async def submit_task(
     if callback_url is not None:
         callback_url = callback_url.strip() or None
     if callback_url is not None:
-        # Resolves the host name: off the event loop.
-        await asyncio.to_thread(
-            check_callback_url, callback_url, allow_private=settings.webhook_allow_private
-        )
+        await service.check_callback_url(callback_url)
     if idempotency_key is not None and not _VALID_IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidTaskField(
             "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
         )
-    image = await service.validate_task_image(file)
-    record, created = await service.running_tasks().submit(
+    tasks = service.running_tasks()
+    image = await service.validate_task_image(file, tasks)
+    record, created = await tasks.submit(
         image,
         top_k=top_k,
         metadata=parsed_metadata,
@@ -848,7 +901,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     QueueFull: 503,
     TaskQueueFull: 503,
     TaskStoreBusy: 503,
-    TaskStoreUnwritable: 503,
+    TaskStoreFailed: 503,
     CallbackLookupFailed: 503,
     NotReady: 503,
     Stopped: 503,
@@ -940,7 +993,7 @@ def create_app(settings: Settings) -> FastAPI:
     body_limits = {
         "/cls": upload_limit,
         "/cls/batch": upload_limit * settings.max_batch_files,
-        "/tasks": upload_limit + settings.task_metadata_max_bytes + MAX_CALLBACK_URL_CHARS,
+        "/tasks": upload_limit + settings.task_metadata_max_bytes + webhooks.MAX_URL_CHARS,
     }
     # Starlette caps a plain form field at 1 MiB by default, answering 400 with a message
     # that names no setting. The body limits bound a field already, so a field too long, or

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore
+from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore, check_room
 from service.webhooks import DeliveryResult, WebhookSender
 
 T = TypeVar("T")
@@ -174,13 +174,23 @@ class TaskRunner:
         self._wake.set()  # claim it here and now rather than at the next poll
         return record, record.id == task_id
 
+    async def check_room(self) -> None:
+        """Raise ``TaskQueueFull`` now if a submission would be refused for it: before its
+        image is decoded. The store checks again as it stores the task.
+
+        Raises:
+            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
+        """
+        queued = await asyncio.get_running_loop().run_in_executor(
+            self._read_thread, self.reader.count_queued
+        )
+        check_room(queued, self._config.max_queued)
+
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""
-        if self._reader is None:
-            raise RuntimeError("TaskRunner.start() has not been called")
         return await asyncio.get_running_loop().run_in_executor(
             self._read_thread,
-            partial(self._reader.get, task_id, expired_before=self._expired_before()),
+            partial(self.reader.get, task_id, expired_before=self._expired_before()),
         )
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
@@ -232,6 +242,13 @@ class TaskRunner:
             raise RuntimeError("TaskRunner.start() has not been called")
         return self._store
 
+    @property
+    def reader(self) -> TaskStore:
+        """The store's connection for reads, used on its own thread."""
+        if self._reader is None:
+            raise RuntimeError("TaskRunner.start() has not been called")
+        return self._reader
+
     # --- Lifecycle ----------------------------------------------------------------------------
 
     async def stop_claiming(self) -> None:
@@ -254,16 +271,35 @@ class TaskRunner:
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
-        if self._store is not None:
-            released = await self._db(self._store.release, self.owner)
-            if released:
-                logger.info("handed back %d tasks and deliveries at shutdown", released)
-            await self._db(self._store.close)
-        if self._reader is not None:
-            await asyncio.get_running_loop().run_in_executor(self._read_thread, self._reader.close)
-        await self._sender.aclose()
-        self._db_thread.shutdown(wait=True)
-        self._read_thread.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        # Each step runs whatever the one before it raised: a store that cannot be written
+        # at shutdown must not leave connections and threads open.
+        try:
+            if self._store is not None:
+                try:
+                    released = await self._db(self._store.release, self.owner)
+                except Exception:
+                    logger.exception(
+                        "could not hand back this worker's tasks at shutdown; others take "
+                        "them when their leases run out (TASK_LEASE_S)"
+                    )
+                else:
+                    if released:
+                        logger.info("handed back %d tasks and deliveries at shutdown", released)
+                finally:
+                    await self._db(self._store.close)
+        finally:
+            try:
+                if self._reader is not None:
+                    await loop.run_in_executor(self._read_thread, self._reader.close)
+            finally:
+                try:
+                    await self._sender.aclose()
+                finally:
+                    # Joined off the loop: a write still waiting for another process's
+                    # lock holds its thread for up to the busy timeout.
+                    await loop.run_in_executor(None, self._db_thread.shutdown)
+                    await loop.run_in_executor(None, self._read_thread.shutdown)
 
     # --- Background loops ---------------------------------------------------------------------
 

@@ -84,6 +84,14 @@ class TaskQueueFull(Exception):
     """``TASK_MAX_QUEUED`` tasks are already waiting."""
 
 
+def check_room(queued: int, max_queued: int) -> None:
+    """Raise ``TaskQueueFull`` when ``queued`` tasks leave no room for another."""
+    if queued >= max_queued:
+        raise TaskQueueFull(
+            f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
+        )
+
+
 class IdempotencyKeyReused(Exception):
     """An ``Idempotency-Key`` already names a task submitted with a different request."""
 
@@ -96,8 +104,8 @@ class TaskStoreBusy(Exception):
     """Another process held the store's write lock for longer than the busy timeout."""
 
 
-class TaskStoreUnwritable(Exception):
-    """A write to the store failed: the disk is full, failing or read-only."""
+class TaskStoreFailed(Exception):
+    """A read or write of the store failed: the disk is full, failing or read-only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +171,10 @@ def _is_disk_failure(error: BaseException) -> bool:
     return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in _DISK_FAILURES
 
 
-def _unwritable(error: BaseException) -> TaskStoreUnwritable:
-    return TaskStoreUnwritable(
-        f"the task store could not be written ({error}); the disk that holds DATA_DIR may "
+def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
+    action = "written" if writing else "read"
+    return TaskStoreFailed(
+        f"the task store could not be {action} ({error}); the disk that holds DATA_DIR may "
         "be full or failing"
     )
 
@@ -198,7 +207,7 @@ class TaskStore:
         try:
             self._configure()
             self._migrate()
-        except (OSError, sqlite3.Error, TaskStoreBusy, TaskStoreUnwritable) as exc:
+        except (OSError, sqlite3.Error, TaskStoreBusy, TaskStoreFailed) as exc:
             self._db.close()
             raise self._unavailable(exc) from None
         except BaseException:
@@ -263,7 +272,7 @@ class TaskStore:
                     f"{BUSY_TIMEOUT_MS / 1000:g} s; retry shortly"
                 ) from None
             if _is_disk_failure(exc):
-                raise _unwritable(exc) from exc
+                raise _failed(exc) from exc
             raise
         try:
             yield self._db
@@ -272,7 +281,19 @@ class TaskStore:
             if self._db.in_transaction:  # a failed COMMIT may have rolled back already
                 self._db.execute("ROLLBACK")
             if _is_disk_failure(exc):
-                raise _unwritable(exc) from exc
+                raise _failed(exc) from exc
+            raise
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read outside any transaction, its failures told apart as a write's are."""
+        try:
+            yield self._db
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise TaskStoreBusy(f"the task store is busy ({exc}); retry shortly") from None
+            if _is_disk_failure(exc):
+                raise _failed(exc, writing=False) from exc
             raise
 
     # --- Submitting, reading, cancelling ------------------------------------------------------
@@ -320,13 +341,7 @@ class TaskStore:
                             "use a new key for a new task"
                         )
                     return self._get(row["id"])
-            (queued,) = db.execute(
-                "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
-            ).fetchone()
-            if queued >= max_queued:
-                raise TaskQueueFull(
-                    f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
-                )
+            check_room(self.count_queued(), max_queued)
             db.execute(
                 "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at, "
                 "idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -347,7 +362,8 @@ class TaskStore:
     def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
         """The task, or None if there is no such task (never submitted, deleted, or finished
         before ``expired_before``: expired, though the clean-up has not deleted it yet)."""
-        row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None or _expired(row["finished_at"], expired_before):
             return None
         return TaskRecord.from_row(row)
@@ -387,9 +403,10 @@ class TaskStore:
 
     def count_queued(self) -> int:
         """Tasks waiting to be claimed (not the running ones)."""
-        (count,) = self._db.execute(
-            "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
-        ).fetchone()
+        with self._reading() as db:
+            (count,) = db.execute(
+                "SELECT count(*) FROM tasks WHERE status = ?", (TaskStatus.QUEUED,)
+            ).fetchone()
         return int(count)
 
     # --- Running ------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 # Python's is_global counts the rest of the range as global.
 _IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
 _GLOBAL_IETF_PROTOCOL = {ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")}
+# getaddrinfo's answers that the name has no address: the URL's fault, not DNS's.
+_NO_SUCH_NAME = frozenset({socket.EAI_NONAME, socket.EAI_NODATA, socket.EAI_ADDRFAMILY})
 _ALLOW_PRIVATE_HINT = (
     "only globally routable addresses are accepted; set WEBHOOK_ALLOW_PRIVATE=true to "
     "allow private targets (trusted networks only)"
@@ -171,14 +173,19 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        if exc.errno == socket.EAI_AGAIN:
-            raise CallbackLookupFailed(
-                f"callback_url host {host!r} could not be looked up just now (DNS did not "
-                "answer); retry shortly"
-            ) from None
+        if exc.errno in _NO_SUCH_NAME:
+            raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
+        # DNS failing to answer, or this host short of resources, says nothing of the URL.
+        raise CallbackLookupFailed(
+            f"callback_url host {host!r} could not be looked up just now ({exc.strerror}); "
+            "retry shortly"
+        ) from None
+    except UnicodeError:
         raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
-    except (OSError, UnicodeError):
-        raise InvalidCallbackUrl(f"callback_url host {host!r} does not resolve") from None
+    except OSError as exc:
+        raise CallbackLookupFailed(
+            f"callback_url host {host!r} could not be looked up just now ({exc}); retry shortly"
+        ) from None
     # Every answer must pass: the connection may use any of them.
     for *_, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0])

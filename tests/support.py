@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from fastapi import FastAPI
 from PIL import Image
 from torchvision.models import ResNet18_Weights, resnet18
 
+import main
 from classification import Prediction
 from main import Service, create_app
 from service.settings import PROJECT_ROOT, Settings
@@ -126,3 +128,21 @@ async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(0.005)
+
+
+class HeldDecode:
+    """Holds every decode until ``release`` is set; ``started`` is set as one begins and
+    ``calls`` counts them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self._real = main.preprocess
+        monkeypatch.setattr(main, "preprocess", self._preprocess)
+
+    def _preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        return self._real(data, max_pixels=max_pixels)

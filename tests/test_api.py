@@ -23,6 +23,7 @@ from tests import images
 from tests.corpus import multipart, multipart_headers
 from tests.support import (
     GatedModel,
+    HeldDecode,
     Reference,
     RunningApp,
     make_settings,
@@ -420,21 +421,6 @@ async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> No
         finally:
             model.release.set()
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
-
-
-class HeldDecode:
-    """Holds every decode until ``release`` is set; ``started`` is set as one begins."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self._real = main.preprocess
-        monkeypatch.setattr(main, "preprocess", self._preprocess)
-
-    def _preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
-        self.started.set()
-        self.release.wait(10)
-        return self._real(data, max_pixels=max_pixels)
 
 
 async def test_deadline_covers_a_slow_decode(

@@ -23,6 +23,7 @@ from service.tasks import DATABASE_NAME
 from tests import images
 from tests.support import (
     GatedModel,
+    HeldDecode,
     Reference,
     RunningApp,
     make_settings,
@@ -174,6 +175,34 @@ async def test_a_callback_host_dns_cannot_look_up_for_now_is_a_503(
     assert response.headers["Retry-After"] == "1"
     assert "could not be looked up just now" in response.json()["detail"]
     assert stored_rows(served, "tasks") == 0
+
+
+async def test_a_callback_lookup_that_hangs_is_a_503_within_the_webhook_timeout(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver_answers = threading.Event()
+
+    def hanging(*args: object, **kwargs: object) -> list[object]:
+        resolver_answers.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    async with running_app(make_settings(webhook_timeout_s=0.3)) as served:
+        try:
+            started = asyncio.get_running_loop().time()
+            response = await served.client.post(
+                "/tasks",
+                files=upload(photos[0].read_bytes()),
+                data={"callback_url": "https://hooks.example/done"},
+            )
+            elapsed = asyncio.get_running_loop().time() - started
+        finally:
+            resolver_answers.set()
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "1"
+        assert "within 0.3 s (WEBHOOK_TIMEOUT_S)" in response.json()["detail"]
+        assert 0.25 < elapsed < 5
+        assert stored_rows(served, "tasks") == 0
 
 
 async def test_a_raw_surrogate_in_a_utf7_form_is_refused_too(
@@ -394,7 +423,11 @@ def test_task_ttl_reads_seconds_or_iso_8601(
     assert load_settings().task_ttl.total_seconds() == seconds
 
 
-async def test_the_task_queue_limit_is_503_with_retry_after(photos: list[Path]) -> None:
+async def test_the_task_queue_limit_is_503_with_retry_after(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = HeldDecode(monkeypatch)
+    counted.release.set()
     async with running_app(make_settings(max_batch_size=1, task_max_queued=2)) as served:
         model = GatedModel(served)
         data = photos[0].read_bytes()
@@ -405,11 +438,41 @@ async def test_the_task_queue_limit_is_503_with_retry_after(photos: list[Path]) 
         await wait_for_running(served, 2)
         for _ in range(2):
             await submit(served.client, data)
+        decodes = counted.calls
         refused = await served.client.post("/tasks", files=upload(data))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "TASK_MAX_QUEUED allows 2" in refused.json()["detail"]
+        assert counted.calls == decodes, "refused only after decoding the image"
         model.release.set()
+
+
+async def test_submissions_beyond_max_queue_are_503_before_decoding(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submissions waiting for the tasks' decode thread hold their uploads: MAX_QUEUE
+    bounds them as it bounds /cls requests."""
+    held = HeldDecode(monkeypatch)
+    settings = make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
+    async with running_app(settings) as served:
+        data = photos[0].read_bytes()
+        try:
+            waiting = [
+                asyncio.create_task(served.client.post("/tasks", files=upload(data)))
+                for _ in range(2)
+            ]
+            await wait_for(held.started.is_set)
+            await wait_for(lambda: served.service._validating_tasks == 2)
+            refused = await served.client.post("/tasks", files=upload(data))
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert "MAX_QUEUE allows 2" in refused.json()["detail"]
+            assert held.calls == 1, "the refused submission was decoded"
+        finally:
+            held.release.set()
+        assert [(await response).status_code for response in waiting] == [202, 202]
+        # The places are free again.
+        assert (await served.client.post("/tasks", files=upload(data))).status_code == 202
 
 
 async def wait_for_running(served: RunningApp, count: int) -> None:
@@ -464,6 +527,17 @@ async def webhook_done(client: httpx.AsyncClient, task_id: str) -> dict:
             await asyncio.sleep(0.02)
 
 
+async def metrics_once_counted(client: httpx.AsyncClient, sample: str, value: float) -> str:
+    """The exposition once ``sample`` has reached ``value``: a delivery's end is stored (and
+    seen by polls) a moment before it is counted."""
+    async with asyncio.timeout(10):
+        while True:
+            text = (await client.get("/metrics")).text
+            if metric_value(text, sample) >= value:
+                return text
+            await asyncio.sleep(0.02)
+
+
 async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
     settings = make_settings(webhook_secret="s3cret", **WEBHOOK_SETTINGS)
     async with receiving() as receiver, running_app(settings) as served:
@@ -477,7 +551,11 @@ async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
         waiting = (await served.client.get(accepted["status_url"])).json()["webhook"]
         assert waiting["status"] in {"waiting", "pending", "delivered"}
         task = await webhook_done(served.client, accepted["task_id"])
-        after = (await served.client.get("/metrics")).text
+        after = await metrics_once_counted(
+            served.client,
+            "webhook_success_total",
+            metric_value(before, "webhook_success_total") + 1,
+        )
 
     assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
     assert len(receiver.received) == 1
@@ -539,7 +617,11 @@ async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> N
         before = (await served.client.get("/metrics")).text
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
         task = await webhook_done(served.client, accepted["task_id"])
-        after = (await served.client.get("/metrics")).text
+        after = await metrics_once_counted(
+            served.client,
+            "webhook_failure_total",
+            metric_value(before, "webhook_failure_total") + 1,
+        )
 
     assert task["status"] == "succeeded", "a failed delivery does not fail the task"
     assert task["webhook"] == {
@@ -550,6 +632,36 @@ async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> N
     assert len(receiver.received) == 3
     for sample, growth in (("webhook_failure_total", 1), ("webhook_success_total", 0)):
         assert metric_value(after, sample) - metric_value(before, sample) == growth
+
+
+async def test_a_store_that_fails_at_shutdown_still_releases_everything(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-back that fails (the store unwritable as the worker stops) is logged; the
+    shutdown goes on: connections, webhook client and threads are closed all the same,
+    and the tasks return when their leases run out."""
+    settings = make_settings(max_batch_size=1, drain_timeout_s=0)
+    async with running_app(settings) as served:
+        runner = served.service.tasks
+        assert runner is not None
+        model = GatedModel(served)
+        await submit(served.client, photos[0].read_bytes())
+        await wait_for(model.entered.is_set)
+
+        def release(owner: str) -> int:
+            raise tasks.TaskStoreFailed("disk I/O error")
+
+        store = runner.store
+        store.release = release  # type: ignore[method-assign]
+    model.release.set()
+    assert "could not hand back this worker's tasks" in caplog.text
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store.count_queued()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        runner.reader.count_queued()
+    assert runner._db_thread._shutdown
+    assert runner._read_thread._shutdown
+    assert served.service._inference_pool._shutdown
 
 
 async def test_shutdown_hands_unfinished_tasks_back_to_the_queue(photos: list[Path]) -> None:
@@ -883,6 +995,50 @@ async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: lis
         assert "could not be written (database or disk is full)" in detail
         assert "DATA_DIR" in detail
         await submit(served.client, data)
+
+
+class FailingConnection:
+    """Stands in for a store's connection: every statement fails with ``error``."""
+
+    def __init__(self, error: sqlite3.OperationalError) -> None:
+        self.error = error
+
+    def execute(self, *args: object) -> None:
+        raise self.error
+
+
+def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        (sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR_READ), "could not be read"),
+        (sqlite_error("database is locked", sqlite3.SQLITE_BUSY), "the task store is busy"),
+    ],
+)
+async def test_a_status_read_that_fails_is_503_not_500(
+    photos: list[Path], error: sqlite3.OperationalError, detail: str
+) -> None:
+    """Reads fail like writes: a failing disk or a lock is 503 with Retry-After, and a
+    submission's early queue check reports it the same way."""
+    async with running_app(make_settings()) as served:
+        task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
+        reader = served.service.running_tasks().reader
+        connection, reader._db = reader._db, FailingConnection(error)  # type: ignore[assignment]
+        try:
+            polled = await served.client.get(f"/task-status/{task_id}")
+            submitted = await served.client.post("/tasks", files=upload(b"not read"))
+        finally:
+            reader._db = connection
+        for refused in (polled, submitted):
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert detail in refused.json()["detail"]
+        assert (await served.client.get(f"/task-status/{task_id}")).status_code == 200
 
 
 async def test_status_reads_are_answered_while_writes_wait_for_a_lock(

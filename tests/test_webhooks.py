@@ -421,16 +421,36 @@ def test_a_name_is_refused_if_any_of_its_addresses_is_private(
         check_callback_url("http://mixed.example/", allow_private=False)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        socket.gaierror(socket.EAI_FAIL, "Non-recoverable failure in name resolution"),
+        OSError(24, "Too many open files"),
+    ],
+    ids=["no answer", "server failure", "no file descriptors"],
+)
 def test_a_lookup_dns_fails_to_answer_is_not_taken_for_a_bad_url(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, error: OSError
 ) -> None:
-    """A name that does not exist is the caller's mistake; DNS failing to answer is not."""
+    """A name that does not exist is the caller's mistake; DNS failing to answer, or this
+    host short of resources, is not."""
 
     def no_answer(*args: object, **kwargs: object) -> list[object]:
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        raise error
 
     monkeypatch.setattr(socket, "getaddrinfo", no_answer)
     with pytest.raises(CallbackLookupFailed, match="retry shortly"):
+        check_callback_url("https://hooks.example/", allow_private=False)
+
+
+@pytest.mark.parametrize("code", [socket.EAI_NONAME, socket.EAI_NODATA])
+def test_a_name_without_addresses_is_a_bad_url(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def no_such_name(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(code, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    with pytest.raises(InvalidCallbackUrl, match="does not resolve"):
         check_callback_url("https://hooks.example/", allow_private=False)
 
 
