@@ -23,7 +23,10 @@ settings = load_settings()
 # worker imports prometheus_client, which is why it is set at config-load time.
 # gunicorn may read this file more than once, so the default is derived, not random.
 _DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{os.getpid()}"
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_DEFAULT_METRICS_DIR))
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+    # Empty means unset: an empty path is the working directory, whose *.db files the
+    # clean-up below would delete.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_DEFAULT_METRICS_DIR)
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 # libgomp, torch's OpenMP runtime on CPU, reads this as a worker imports torch. Its threads
@@ -32,7 +35,7 @@ PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 # fell 3-10 % on a 2-core VM, with no change under load (docs/benchmarks/README.md).
 os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
-bind = os.environ.get("BIND", f"0.0.0.0:{settings.port}")
+bind = settings.bind or f"0.0.0.0:{settings.port}"
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
 # never oversubscribe the cores; see Settings.effective_torch_threads.
 workers = settings.workers

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -90,6 +90,7 @@ T = TypeVar("T")
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = "1"
+DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
@@ -210,7 +211,6 @@ class Service:
         self.classifier: Classifier | None = None
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False
-        self._reading = 0
         self._decoding = 0
         self._validating_tasks = 0
         self._last_batch_end = time.monotonic()
@@ -356,25 +356,19 @@ class Service:
             raise NotReady("the model is not ready")
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
-        admitted = processor.waiting(Priority.INTERACTIVE) + self._reading + self._decoding
+        admitted = processor.waiting(Priority.INTERACTIVE) + self._decoding
         if admitted >= processor.config.max_queue:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
-        # Counted while it reads: an upload over 1 MiB is spooled to disk, and reading it
-        # back lets other requests reach the check above.
-        self._reading += 1
-        try:
-            data = await self._read_upload(upload)
-        finally:
-            self._reading -= 1
+        self._check_size(upload)
         model_idle = self._idle_for() > 0
         self._decoding += 1
         try:
             # A decompression-heavy image must not outlive its deadline either; its thread
             # finishes the decode, but nobody waits for it.
             async with asyncio.timeout(deadline - time.monotonic()):
-                pixels = await self._decode(data, model_idle)
+                pixels = await self._decode(upload, model_idle)
         except TimeoutError:
             self._observer.item_finished(Outcome.EXPIRED)
             raise DeadlineExceeded("the deadline passed while the image decoded") from None
@@ -388,22 +382,29 @@ class Service:
         logs.record_batch_size(result.batch_size)
         return result.predictions
 
-    async def _decode(self, data: bytes, model_idle: bool) -> np.ndarray:
+    async def _decode(self, upload: UploadFile, model_idle: bool) -> np.ndarray:
+        # The upload is read on the thread that decodes it: until then its bytes stay in
+        # the request's spooled file (on disk past 1 MiB), so the requests waiting for a
+        # decode thread do not each hold a copy in memory.
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
+        limit_bytes = self.settings.max_upload_bytes
         if model_idle:
             # Have the model's threads running by the time this image is decoded, and decode
             # a small image on the model's own thread, which then finds the pixels in its
             # core's cache and needs no hand-off from another thread.
             assert self.classifier is not None
             self._inference_pool.submit(self.classifier.wake_threads)
-            if len(data) <= MODEL_THREAD_DECODE_MAX_BYTES:
+            if upload.size is not None and upload.size <= MODEL_THREAD_DECODE_MAX_BYTES:
                 pixels = await loop.run_in_executor(
-                    self._inference_pool, _preprocess_if_small, data, max_pixels
+                    self._inference_pool, _preprocess_if_small, upload.file, max_pixels
                 )
                 if pixels is not None:
                     return pixels
-        return await loop.run_in_executor(self._decode_pool, _preprocess, data, max_pixels)
+        _, pixels = await loop.run_in_executor(
+            self._decode_pool, _read_and_preprocess, upload.file, limit_bytes, max_pixels
+        )
+        return pixels
 
     async def validate_task_image(self, upload: UploadFile, tasks: TaskRunner) -> bytes:
         """The upload's bytes, once they decode as an image the model accepts.
@@ -420,14 +421,18 @@ class Service:
                 f"{self._validating_tasks} task submissions are being validated; "
                 f"MAX_QUEUE allows {max_queue}"
             )
+        self._check_size(upload)
         self._validating_tasks += 1
         try:
             await tasks.check_room()
-            data = await self._read_upload(upload)
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.
-            await asyncio.get_running_loop().run_in_executor(
-                self._task_decode_pool, _preprocess, data, self.settings.max_image_pixels
+            data, _ = await asyncio.get_running_loop().run_in_executor(
+                self._task_decode_pool,
+                _read_and_preprocess,
+                upload.file,
+                self.settings.max_upload_bytes,
+                self.settings.max_image_pixels,
             )
         finally:
             self._validating_tasks -= 1
@@ -477,27 +482,24 @@ class Service:
             raise NotReady("the model is not ready")
         return self.tasks
 
-    async def _read_upload(self, upload: UploadFile) -> bytes:
+    def _check_size(self, upload: UploadFile) -> None:
+        """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
         if upload.size is not None and upload.size > self.settings.max_upload_bytes:
-            raise UploadTooLarge(self._too_large_message(upload.size))
-        data = await upload.read()
-        if len(data) > self.settings.max_upload_bytes:
-            raise UploadTooLarge(self._too_large_message(len(data)))
-        return data
+            raise _too_large(upload.size, self.settings.max_upload_bytes)
 
-    def check_top_k(self, top_k: int) -> None:
-        if self.classifier is not None and top_k > self.classifier.num_classes:
+    def top_k(self, requested: int | None) -> int:
+        """How many classes to return: as requested, at most the model's class count;
+        DEFAULT_TOP_K (or every class of a model with fewer) when not asked."""
+        if self.classifier is None:
+            raise NotReady("the model is not ready")
+        classes = self.classifier.num_classes
+        if requested is None:
+            return min(DEFAULT_TOP_K, classes)
+        if requested > classes:
             raise RequestValidationError(
-                [
-                    {
-                        "loc": ("query", "top_k"),
-                        "msg": f"must be at most {self.classifier.num_classes}",
-                    }
-                ]
+                [{"loc": ("query", "top_k"), "msg": f"must be at most {classes}"}]
             )
-
-    def _too_large_message(self, size: int) -> str:
-        return f"upload is {size} bytes; MAX_UPLOAD_BYTES allows {self.settings.max_upload_bytes}"
+        return requested
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
@@ -543,14 +545,34 @@ def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:
     return preprocess(data, max_pixels=max_pixels)
 
 
-def _preprocess_if_small(data: bytes, max_pixels: int) -> np.ndarray | None:
-    """The model input, or None when the image has more than MODEL_THREAD_DECODE_MAX_PIXELS."""
+def _read_and_preprocess(
+    file: BinaryIO, limit_bytes: int, max_pixels: int
+) -> tuple[bytes, np.ndarray]:
+    """An upload's bytes, read from its spooled file, and its model input."""
+    file.seek(0)
+    data = file.read(limit_bytes + 1)
+    if len(data) > limit_bytes:
+        raise _too_large(len(data), limit_bytes)
+    return data, _preprocess(data, max_pixels)
+
+
+def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
+    """The model input of a small upload, or None when the image has more than
+    MODEL_THREAD_DECODE_MAX_PIXELS."""
+    file.seek(0)
+    data = file.read(MODEL_THREAD_DECODE_MAX_BYTES + 1)
+    if len(data) > MODEL_THREAD_DECODE_MAX_BYTES:
+        return None
     if max_pixels <= MODEL_THREAD_DECODE_MAX_PIXELS:
         return _preprocess(data, max_pixels)
     try:
         return _preprocess(data, MODEL_THREAD_DECODE_MAX_PIXELS)
     except ImageTooLarge:
         return None
+
+
+def _too_large(size: int, limit_bytes: int) -> UploadTooLarge:
+    return UploadTooLarge(f"upload is {size} bytes; MAX_UPLOAD_BYTES allows {limit_bytes}")
 
 
 def _service(request: Request) -> Service:
@@ -593,17 +615,24 @@ def _prediction_out(predictions: list[Prediction]) -> list[PredictionOut]:
     return [PredictionOut(index=p.index, label=p.label, score=p.score) for p in predictions]
 
 
-TopK = Annotated[int, Query(ge=1, le=1000, description="How many classes to return")]
+TopK = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        description=f"How many classes to return, at most the model's class count "
+        f"(default {DEFAULT_TOP_K})",
+    ),
+]
 
 
 async def classify(
     request: Request,
     file: Annotated[UploadFile, File(description="The image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
-    top_k: TopK = 5,
+    top_k: TopK = None,
 ) -> ClassifyResponse:
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
-    service.check_top_k(top_k)
+    top_k = service.top_k(top_k)
     predictions = await _unless_disconnected(
         request, service.classify(file, top_k, _deadline(service))
     )
@@ -619,11 +648,11 @@ async def classify_batch(
     file: Annotated[
         list[UploadFile] | None, File(description="One or more images, as repeated parts")
     ] = None,
-    top_k: TopK = 5,
+    top_k: TopK = None,
 ) -> BatchResponse:
     """Classify several images; one entry per file, in order, each with its own status."""
     service = _service(request)
-    service.check_top_k(top_k)
+    top_k = service.top_k(top_k)
     deadline = _deadline(service)
     form = await request.form()  # parsed already, for ``file``
     uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
@@ -662,7 +691,7 @@ async def submit_task(
         str | None,
         Form(description="A JSON object, returned with the result and in the webhook"),
     ] = None,
-    top_k: TopK = 5,
+    top_k: TopK = None,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -677,7 +706,7 @@ async def submit_task(
     """
     service = _service(request)
     settings = service.settings
-    service.check_top_k(top_k)
+    top_k = service.top_k(top_k)
     # The form is parsed already (and kept by the request); FastAPI takes the last of
     # repeated fields, which would drop the others silently.
     form = await request.form()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import itertools
 import logging
@@ -161,6 +162,9 @@ class _Pending(Generic[In, Out]):
     deadline: float | None
     priority: Priority
     queued: bool = True
+    # The caller's context variables (a request id, say): what is logged about this item
+    # alone is logged in them, so the line leads back to the caller.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 @dataclass(slots=True, eq=False)
@@ -633,7 +637,7 @@ class BatchProcessor(Generic[In, Out]):
         if error is None:
             return True
         if len(entries) == 1:
-            logger.error("batch of 1 failed", exc_info=error)
+            entries[0].context.run(logger.error, "batch of 1 failed", exc_info=error)
             _fail(entries[0].future, BatchFailed("inference failed"))
             return False
         logger.warning(

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     )
 
     port: int = Field(5001, ge=1, le=65535)
+    # gunicorn's whole listening address; unset or empty: 0.0.0.0:PORT.
+    bind: str | None = None
     workers: int = Field(1, ge=1, le=64)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -113,7 +115,26 @@ class Settings(BaseSettings):
     # Comma-separated origins allowed to call the API from a browser; empty: CORS off.
     cors_origins: str = ""
 
-    @field_validator("api_key", "webhook_secret", "task_fill_spare_slots", mode="before")
+    @field_validator("bind")
+    @classmethod
+    def _an_address_gunicorn_can_bind(cls, value: str | None) -> str | None:
+        # gunicorn would read a bare host as port 8000, and fail on a bad port with a
+        # traceback.
+        if value is None:
+            return None
+        expected = "expected HOST:PORT, [IPv6]:PORT or unix:PATH"
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").strip():
+                raise ValueError(f"names no socket path; {expected}")
+            return value
+        host, _, port = value.rpartition(":")
+        if not host.strip() or host != host.strip():
+            raise ValueError(f"names no host; {expected}")
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"has no port from 1 to 65535; {expected}")
+        return value
+
+    @field_validator("api_key", "webhook_secret", "task_fill_spare_slots", "bind", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,23 @@ async def test_bad_top_k_is_422(served: RunningApp, photos: list[Path], top_k: s
     )
     assert response.status_code == 422
     assert "top_k" in response.json()["detail"]
+
+
+async def test_a_model_with_fewer_classes_than_the_default_top_k_answers_them_all(
+    photos: list[Path], tmp_path: Path
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    async with running_app(make_settings(labels_file=labels)) as served:
+        data = photos[0].read_bytes()
+        response = await served.client.post("/cls", files=upload(data))
+        assert response.status_code == 200, response.text
+        assert sorted(p["label"] for p in response.json()["prediction"]) == ["bird", "cat", "dog"]
+        too_many = await served.client.post("/cls", params={"top_k": 4}, files=upload(data))
+        assert too_many.status_code == 422
+        assert "must be at most 3" in too_many.json()["detail"]
+        task = await served.client.post("/tasks", files=upload(data))
+        assert task.status_code == 202, task.text
 
 
 async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) -> None:
@@ -423,6 +441,38 @@ async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> No
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upload is read from its spooled file (on disk past 1 MiB) by the thread that
+    decodes it: requests queued behind a slow decode do not each hold a copy."""
+    noise = np.random.default_rng(0).integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    data = images.encode(Image.fromarray(noise), "PNG")
+    assert len(data) > 2**21
+    held = HeldDecode(monkeypatch)
+    settings = make_settings(decode_threads=1, drain_timeout_s=2)
+    async with running_app(settings) as served:
+        tracemalloc.start()
+        try:
+            waiting = [
+                asyncio.create_task(served.client.post("/cls", files=upload(data)))
+                for _ in range(8)
+            ]
+            await wait_for(held.started.is_set)
+            await wait_for(lambda: served.service._decoding == 8)
+            large = [
+                stat.size
+                for stat in tracemalloc.take_snapshot().statistics("lineno")
+                if stat.size >= len(data)
+            ]
+        finally:
+            tracemalloc.stop()
+            held.release.set()
+        assert [(await response).status_code for response in waiting] == [200] * 8
+    # The one being decoded; before, each of the eight held its bytes.
+    assert sum(large) < 2 * len(data), large
+
+
 async def test_deadline_covers_a_slow_decode(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -569,13 +619,18 @@ async def test_server_errors_are_logged_with_the_request_id(
         model = GatedModel(served)
         model.release.set()
         model.fail_next = True
-        with caplog.at_level(logging.WARNING, logger="service"):
+        with caplog.at_level(logging.WARNING):
             failed = await served.client.post(
                 "/cls", files=upload(photos[0].read_bytes()), headers={"X-Request-ID": "trace-77"}
             )
     assert failed.status_code == 500
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "trace-77"]
     assert any("answered 500" in r.getMessage() for r in lines)
+    # The model's traceback too, though the batch processor's task logs it.
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert [(r.getMessage(), getattr(r, "request_id", None)) for r in tracebacks] == [
+        ("batch of 1 failed", "trace-77")
+    ]
 
 
 async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
@@ -587,10 +642,10 @@ async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
     """A bug's 500 says nothing of it; the answer and the traceback's log line carry the
     request's id, so a caller's report leads to the traceback."""
 
-    def fail(top_k: int) -> None:
+    def fail(requested: int | None) -> int:
         raise RuntimeError("bug at /srv/secret/path.py")
 
-    monkeypatch.setattr(served.service, "check_top_k", fail)
+    monkeypatch.setattr(served.service, "top_k", fail)
     # As a server does: Starlette re-raises after answering, for the server to log.
     transport = httpx.ASGITransport(app=served.app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -64,6 +64,10 @@ def test_everything_comes_from_the_environment(
     assert config["graceful_timeout"] == 55
     assert config["loglevel"] == "warning"
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
+    for address in ("[::1]:9000", "unix:/run/service.sock", "localhost:1"):
+        assert load(monkeypatch, tmp_path, BIND=address)["bind"] == address
+    # Empty means unset, as for the other settings.
+    assert load(monkeypatch, tmp_path, BIND="", PORT="8080")["bind"] == "0.0.0.0:8080"
 
 
 @pytest.mark.parametrize(
@@ -81,6 +85,14 @@ def test_everything_comes_from_the_environment(
         ("TASK_MAX_QUEUED", str(10**19)),
         ("KEEPALIVE_S", "0"),
         ("TASK_TTL", "-5"),  # named as given, not as the duration it was read as
+        # gunicorn would bind port 8000 for a bare host, and fail with a traceback on
+        # a port out of range.
+        ("BIND", "nonsense"),
+        ("BIND", " "),
+        ("BIND", "127.0.0.1:99999"),
+        ("BIND", "127.0.0.1:"),
+        ("BIND", ":5001"),
+        ("BIND", "unix:"),
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(
@@ -114,6 +126,27 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     on_starting(None)
     assert [path.name for path in metrics_dir.iterdir()] == ["notes.txt"]
     assert callable(config["child_exit"])
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, empty: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "important.db").write_text("not a metric file")
+    load(monkeypatch, tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", empty)
+    config = runpy.run_path(str(CONFIG))
+    on_starting, on_exit = config["on_starting"], config["on_exit"]
+    assert callable(on_starting)
+    assert callable(on_exit)
+    on_starting(None)
+    try:
+        assert (tmp_path / "important.db").read_text() == "not a metric file"
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(config["PROMETHEUS_DIR"])
+        assert config["PROMETHEUS_DIR"] != Path(empty)
+    finally:
+        on_exit(None)
 
 
 def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(

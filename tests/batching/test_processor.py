@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import random
@@ -615,6 +616,51 @@ async def test_an_item_the_handler_fails_on_fails_alone(
         assert await results(spawn(processor, 6)) == [12]
 
     assert handler.batches == [[0], [1, -1, 2, 3], [1, -1], [1], [-1], [2, 3], [4, 5], [6]]
+
+
+CALLER = contextvars.ContextVar("caller", default="none")
+
+
+class CallerSeen(logging.Handler):
+    """Records, for each line logged, the CALLER variable seen as it was logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), CALLER.get()))
+
+
+async def test_the_failure_of_one_item_is_logged_in_its_callers_context() -> None:
+    """So that a log filter reading a context variable (a request id) ties the traceback
+    to the caller it belongs to, though the batch runs in the processor's own task."""
+
+    async def submit_as(processor: BatchProcessor[int, int], caller: str, item: int) -> int:
+        CALLER.set(caller)
+        return await processor.submit(item)
+
+    handler = FakeHandler(held=True, outputs=fail_on_negative)
+    seen = CallerSeen()
+    batching_logger = logging.getLogger("batching.processor")
+    batching_logger.addHandler(seen)
+    try:
+        async with running(handler, BatchConfig()) as processor:
+            first = asyncio.create_task(submit_as(processor, "first", 0))
+            await handler.next_started()
+            calls = [
+                asyncio.create_task(submit_as(processor, name, item))
+                for name, item in (("good", 1), ("bad", -1))
+            ]
+            await wait_until(lambda: processor.queue_depth == 2)
+            handler.release_all()
+            outcomes = await bounded(asyncio.gather(*calls, return_exceptions=True))
+            assert await bounded(first) == 0
+    finally:
+        batching_logger.removeHandler(seen)
+    assert outcomes[0] == 2
+    assert isinstance(outcomes[1], BatchFailed)
+    assert ("batch of 1 failed", "bad") in seen.lines
 
 
 async def test_a_handler_that_always_fails_fails_every_caller_and_keeps_the_loop() -> None:
