@@ -8,6 +8,7 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -17,7 +18,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from service.protocol import SHUTDOWN_HOOK
 from service.settings import Settings, load_settings
 from service.task_runner import RunnerConfig, TaskRunner
 from service.tasks import (
+    DATABASE_NAME,
     ClaimedTask,
     IdempotencyKeyReused,
     TaskNotCancellable,
@@ -100,14 +102,16 @@ TASK_STOP_GRACE_S = 5.0
 # them: a few milliseconds normally (one fsync); bounded, for a store locked by another
 # process, since /cls requests queue behind the batch.
 ATTEMPT_RECORD_WAIT_S = 0.25
-# An idle model's thread decodes an arriving image itself up to this size (800x625): at
-# most about 20 ms for a PNG, 6 for a JPEG (28 for one of the most scans accepted), on a
-# 2-core VM, about as long as a batch of one.
-# A larger image would hold the model from the requests arriving meanwhile.
-MODEL_THREAD_DECODE_MAX_PIXELS = 500_000
-# ... and up to this many bytes: reading a file's structure (PNG chunks, TIFF strip tables)
-# costs time per byte whatever pixels it declares, up to seconds for a few megabytes.
-MODEL_THREAD_DECODE_MAX_BYTES = 128 * 1024
+# A small image, decoded on threads apart from large ones (and by an idle model's own
+# thread), has at most this many pixels (800x625): at most about 20 ms for a PNG, 6 for a
+# JPEG (28 for one of the most scans accepted), on a 2-core VM, about as long as a batch
+# of one. A larger image would hold the model from the requests arriving meanwhile.
+SMALL_IMAGE_MAX_PIXELS = 500_000
+# ... and at most this many bytes: reading a file's structure (PNG chunks, TIFF strip
+# tables) costs time per byte whatever pixels it declares, up to seconds for a few MB.
+SMALL_UPLOAD_MAX_BYTES = 128 * 1024
+# How often a worker tries again to open a task store that failed for now (a full disk).
+TASK_STORE_RETRY_S = 5.0
 # Callback URLs resolved at once; more wait their turn, within their time limit.
 CALLBACK_LOOKUP_THREADS = 4
 # Far below the nesting at which a task's answer could no longer be serialised.
@@ -212,16 +216,23 @@ class Service:
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False
         self._decoding = 0
+        self._threads_working = 0  # decodes running or waiting for a thread
         self._validating_tasks = 0
         self._last_batch_end = time.monotonic()
         self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
+        # While the task store cannot be opened: what retries it, and why it failed.
+        self._opening_tasks: asyncio.Task[None] | None = None
+        self._task_store_problem = ""
         self._shutdown_began: float | None = None
         self._stopping_claims: asyncio.Future[None] | None = None
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode"
+        )
+        self._large_decode_pool = ThreadPoolExecutor(
+            settings.effective_decode_threads, thread_name_prefix="decode-large"
         )
         # Tasks decode on their own thread, so a burst of them never queues ahead of an
         # interactive request's decode.
@@ -262,8 +273,21 @@ class Service:
             self._run_batch, settings.batch_config(classifier.device.type), self._observer
         )
         self.processor.start()
-        self.tasks = self._task_runner()
-        await self.tasks.start()
+        runner = self._task_runner()
+        try:
+            await runner.start()
+        except TaskStoreUnavailable as exc:
+            # A store that opened before and fails for now (a full or read-only disk) must
+            # not stop this worker, nor, by its exit, the whole server: /cls goes on, and
+            # tasks come back once the store opens again. A first start stops instead.
+            if not (exc.for_now and (settings.data_dir / DATABASE_NAME).exists()):
+                await runner.stop(grace_s=0)
+                raise
+            logger.error("tasks are unavailable until the store opens again: %s", exc)
+            self._task_store_problem = str(exc)
+            self._opening_tasks = asyncio.create_task(self._open_tasks_later(runner))
+        else:
+            self.tasks = runner
         trim = memory.malloc_trim()
         if trim is not None:
             self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
@@ -312,6 +336,8 @@ class Service:
             return
         self._shutdown_began = time.monotonic()
         self.ready = False
+        if self._opening_tasks is not None:
+            self._opening_tasks.cancel()
         if self.tasks is not None:
             # Kept: the event loop holds a task only weakly. ``stop`` awaits the same end.
             self._stopping_claims = asyncio.ensure_future(self.tasks.stop_claiming())
@@ -325,6 +351,10 @@ class Service:
         self.ready = False
         if self._trimmer is not None:
             self._trimmer.cancel()
+        if self._opening_tasks is not None:
+            self._opening_tasks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._opening_tasks
         tasks = self.tasks
         if tasks is not None:
             await tasks.stop_claiming()
@@ -344,6 +374,7 @@ class Service:
             finally:
                 for pool in (
                     self._decode_pool,
+                    self._large_decode_pool,
                     self._task_decode_pool,
                     self._inference_pool,
                     self._lookup_pool,
@@ -386,25 +417,40 @@ class Service:
         # The upload is read on the thread that decodes it: until then its bytes stay in
         # the request's spooled file (on disk past 1 MiB), so the requests waiting for a
         # decode thread do not each hold a copy in memory.
-        loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
         limit_bytes = self.settings.max_upload_bytes
+        small = upload.size is not None and upload.size <= SMALL_UPLOAD_MAX_BYTES
         if model_idle:
             # Have the model's threads running by the time this image is decoded, and decode
             # a small image on the model's own thread, which then finds the pixels in its
             # core's cache and needs no hand-off from another thread.
             assert self.classifier is not None
             self._inference_pool.submit(self.classifier.wake_threads)
-            if upload.size is not None and upload.size <= MODEL_THREAD_DECODE_MAX_BYTES:
-                pixels = await loop.run_in_executor(
-                    self._inference_pool, _preprocess_if_small, upload.file, max_pixels
-                )
-                if pixels is not None:
-                    return pixels
-        _, pixels = await loop.run_in_executor(
-            self._decode_pool, _read_and_preprocess, upload.file, limit_bytes, max_pixels
+        if small:
+            # Small images have threads apart from large ones, which take up to a second
+            # each: a small image never waits behind them.
+            pool = self._inference_pool if model_idle else self._decode_pool
+            pixels = await self._in_thread(pool, _preprocess_if_small, upload.file, max_pixels)
+            if pixels is not None:
+                return pixels
+        _, pixels = await self._in_thread(
+            self._large_decode_pool, _read_and_preprocess, upload.file, limit_bytes, max_pixels
         )
         return pixels
+
+    async def _in_thread(
+        self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object
+    ) -> T:
+        """``work(*args)`` on ``pool``, counted as work in progress until its thread is done
+        with it, even once nobody waits for it: the memory trimmer must not run beside it."""
+        loop = asyncio.get_running_loop()
+        future = pool.submit(work, *args)
+        self._threads_working += 1
+        future.add_done_callback(partial(_call_soon, loop, self._thread_done))
+        return await asyncio.wrap_future(future, loop=loop)
+
+    def _thread_done(self) -> None:
+        self._threads_working -= 1
 
     async def validate_task_image(self, upload: UploadFile, tasks: TaskRunner) -> bytes:
         """The upload's bytes, once they decode as an image the model accepts.
@@ -427,7 +473,7 @@ class Service:
             await tasks.check_room()
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.
-            data, _ = await asyncio.get_running_loop().run_in_executor(
+            data, _ = await self._in_thread(
                 self._task_decode_pool,
                 _read_and_preprocess,
                 upload.file,
@@ -442,7 +488,7 @@ class Service:
         """Classify a stored task's image in the batcher's background lane."""
         if self.processor is None:
             raise NotReady("the model is not ready")
-        pixels = await asyncio.get_running_loop().run_in_executor(
+        pixels = await self._in_thread(
             self._task_decode_pool, _preprocess, task.image, self.settings.max_image_pixels
         )
         try:
@@ -479,8 +525,27 @@ class Service:
 
     def running_tasks(self) -> TaskRunner:
         if self.tasks is None:
+            if self._opening_tasks is not None:
+                raise TaskStoreFailed(f"tasks are unavailable for now: {self._task_store_problem}")
             raise NotReady("the model is not ready")
         return self.tasks
+
+    async def _open_tasks_later(self, runner: TaskRunner) -> None:
+        try:
+            while True:
+                await asyncio.sleep(TASK_STORE_RETRY_S)
+                try:
+                    await runner.start()
+                except TaskStoreUnavailable as exc:
+                    self._task_store_problem = str(exc)
+                    continue
+                break
+        except asyncio.CancelledError:
+            await runner.stop(grace_s=0)  # its threads and HTTP client
+            raise
+        self.tasks = runner
+        self._opening_tasks = None
+        logger.info("the task store opened again; tasks are served")
 
     def _check_size(self, upload: UploadFile) -> None:
         """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
@@ -527,11 +592,16 @@ class Service:
         return [ClassifyResult(each, len(jobs)) for each in predictions]
 
     def _idle_for(self) -> float:
-        """Seconds since the model last ran, or 0 while uploads to /cls decode or requests
-        wait or run in the batcher (a task's image decoding is not counted: a trim beside it
-        only delays it a few milliseconds)."""
+        """Seconds since the model last ran, or 0 while images decode (those of requests
+        that stopped waiting included) or requests wait or run in the batcher."""
         processor = self.processor
-        if processor is None or self._decoding or processor.queue_depth or processor.in_flight:
+        if (
+            processor is None
+            or self._decoding
+            or self._threads_working
+            or processor.queue_depth
+            or processor.in_flight
+        ):
             return 0.0
         return time.monotonic() - self._last_batch_end
 
@@ -558,17 +628,23 @@ def _read_and_preprocess(
 
 def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
     """The model input of a small upload, or None when the image has more than
-    MODEL_THREAD_DECODE_MAX_PIXELS."""
+    SMALL_IMAGE_MAX_PIXELS."""
     file.seek(0)
-    data = file.read(MODEL_THREAD_DECODE_MAX_BYTES + 1)
-    if len(data) > MODEL_THREAD_DECODE_MAX_BYTES:
+    data = file.read(SMALL_UPLOAD_MAX_BYTES + 1)
+    if len(data) > SMALL_UPLOAD_MAX_BYTES:
         return None
-    if max_pixels <= MODEL_THREAD_DECODE_MAX_PIXELS:
+    if max_pixels <= SMALL_IMAGE_MAX_PIXELS:
         return _preprocess(data, max_pixels)
     try:
-        return _preprocess(data, MODEL_THREAD_DECODE_MAX_PIXELS)
+        return _preprocess(data, SMALL_IMAGE_MAX_PIXELS)
     except ImageTooLarge:
         return None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None], _: object) -> None:
+    # From a pool's thread; the loop may have closed meanwhile, at shutdown.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def _too_large(size: int, limit_bytes: int) -> UploadTooLarge:

@@ -133,7 +133,9 @@ class BodyLimitsMiddleware:
         limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": self.describe(limit)}, status_code=413)
+            response = JSONResponse(
+                {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
+            )
             await response(scope, receive, send)
             return
 
@@ -158,6 +160,7 @@ class BodyLimitsMiddleware:
                     408,
                     f"the request body stalled for {self.idle_timeout_s:g} s; "
                     "BODY_IDLE_TIMEOUT_S allows that long between chunks",
+                    headers=_UNREAD_BODY,
                 ) from None
             if message["type"] == "http.disconnect":
                 # nginx's "client closed request": metrics and logs tell it from a bad body.
@@ -166,6 +169,8 @@ class BodyLimitsMiddleware:
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 body_complete = not message.get("more_body", False)
+                if received > limit and not body_complete:
+                    raise HTTPException(413, self.describe(limit), headers=_UNREAD_BODY)
                 if received > limit:
                     raise HTTPException(413, self.describe(limit))
                 if not closed:
@@ -183,6 +188,11 @@ class BodyLimitsMiddleware:
             return message
 
         await self.app(scope, receive_within_limits, send)
+
+
+# Sent with an answer given before the body was read to its end: the client may still be
+# sending it, and whatever it sends next on this connection would be read as more body.
+_UNREAD_BODY = {"Connection": "close"}
 
 
 def _closing_delimiter(scope: Scope) -> bytes | None:

@@ -77,7 +77,16 @@ class WebhookStatus(enum.StrEnum):
 
 
 class TaskStoreUnavailable(RuntimeError):
-    """The task database cannot be opened; the message names the file and what to change."""
+    """The task database cannot be opened; the message names the file and what to change.
+
+    ``for_now`` is true when the cause may pass (a disk full, read-only or failing, a lock
+    held too long) rather than lie in the setting (a path that is no directory, a file
+    that is no task store).
+    """
+
+    def __init__(self, message: str, *, for_now: bool = False) -> None:
+        super().__init__(message)
+        self.for_now = for_now
 
 
 class TaskQueueFull(Exception):
@@ -217,7 +226,10 @@ class TaskStore:
     def _unavailable(self, cause: BaseException) -> TaskStoreUnavailable:
         return TaskStoreUnavailable(
             f"cannot open the task store {self.path}: {cause}; set DATA_DIR to a writable "
-            "directory on a local disk"
+            "directory on a local disk",
+            for_now=isinstance(cause, TaskStoreBusy | TaskStoreFailed)
+            or _is_disk_failure(cause)
+            or _is_locked(cause),
         )
 
     def _configure(self) -> None:

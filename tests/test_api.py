@@ -147,14 +147,55 @@ async def test_truncated_jpeg_is_400(served: RunningApp, photos: list[Path]) -> 
 
 
 async def test_uploads_over_the_limit_are_413() -> None:
-    """Just over the limit (caught per file) and far over it (caught while reading)."""
+    """Just over the limit (caught per file) and far over it (refused from its declared
+    length, before the body is read, on a connection then closed)."""
     async with running_app(make_settings(max_upload_bytes=50_000)) as served:
         for size in (50_001, 2_000_000):
             response = await served.client.post("/cls", files=upload(b"\xff" * size))
             assert response.status_code == 413
             assert "MAX_UPLOAD_BYTES allows 50000" in response.json()["detail"]
+        assert response.headers["connection"] == "close"
         small = images.encode(images.gradient(64, 64), "PNG")
         assert (await served.client.post("/cls", files=upload(small))).status_code == 200
+
+
+async def test_an_upload_of_exactly_the_limit_is_accepted(photos: list[Path]) -> None:
+    data = photos[0].read_bytes()
+    async with running_app(make_settings(max_upload_bytes=len(data))) as served:
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        response = await served.client.post("/cls", files=upload(data + b"\0"))
+        assert response.status_code == 413
+
+
+async def test_a_streamed_body_is_cut_off_as_it_passes_the_limit() -> None:
+    """A body without a declared length (chunked) is refused as the chunk that passes the
+    route's limit arrives: the rest is never read, and the connection is closed."""
+    async with running_app(make_settings(max_upload_bytes=50_000)) as served:
+        # 400 KB, past the 50 KB + 64 KiB the route allows.
+        request = httpx.Request("POST", "http://test/cls", files=upload(b"\xff" * 400_000))
+        scope = http_scope(request)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        body = request.read()
+        chunks = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
+        assert len(chunks) == 11
+        read: list[int] = []
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            read.append(len(chunks))
+            if not chunks:
+                await asyncio.Event().wait()  # only a disconnect would come now
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": True}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(served.app(scope, receive, send), 10)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 413
+    assert (b"connection", b"close") in start["headers"]
+    assert len(read) < 5, "the body was read on past the limit"
 
 
 async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list[Path]) -> None:
@@ -289,14 +330,14 @@ async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
 async def test_an_idle_model_leaves_a_long_file_to_the_decode_threads(
     served: RunningApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file over MODEL_THREAD_DECODE_MAX_BYTES may declare few pixels and still take long
+    """A file over SMALL_UPLOAD_MAX_BYTES may declare few pixels and still take long
     to read (thousands of PNG chunks, a TIFF strip table): the model's thread never opens it."""
-    padding = [(f"note{i}", "x" * 100) for i in range(main.MODEL_THREAD_DECODE_MAX_BYTES // 100)]
+    padding = [(f"note{i}", "x" * 100) for i in range(main.SMALL_UPLOAD_MAX_BYTES // 100)]
     info = PngImagePlugin.PngInfo()
     for key, value in padding:
         info.add_text(key, value)
     data = images.encode(images.gradient(64, 48), "PNG", pnginfo=info)
-    assert len(data) > main.MODEL_THREAD_DECODE_MAX_BYTES
+    assert len(data) > main.SMALL_UPLOAD_MAX_BYTES
     threads: list[str] = []
     real_preprocess = main._preprocess
 
@@ -307,18 +348,18 @@ async def test_an_idle_model_leaves_a_long_file_to_the_decode_threads(
     monkeypatch.setattr(main, "_preprocess", preprocess)
     response = await served.client.post("/cls", files=upload(data))
     assert response.status_code == 200, response.text
-    assert threads == ["decode"]
+    assert threads == ["decode-large"]
 
 
 async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     served: RunningApp, photos: list[Path], reference: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Decoding an image over MODEL_THREAD_DECODE_MAX_PIXELS would hold the model from the
+    """Decoding an image over SMALL_IMAGE_MAX_PIXELS would hold the model from the
     requests arriving meanwhile: only its header is read on the model's thread, and it
     decodes on a decode thread with the configured limit, answered as any other."""
-    side = math.isqrt(main.MODEL_THREAD_DECODE_MAX_PIXELS) + 1
+    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
     data = images.encode(images.photo(photos[0]).resize((side, side)), "JPEG", quality=80)
-    assert len(data) <= main.MODEL_THREAD_DECODE_MAX_BYTES
+    assert len(data) <= main.SMALL_UPLOAD_MAX_BYTES
     decodes: list[tuple[str, int, bool]] = []
     real_preprocess = main._preprocess
 
@@ -336,8 +377,8 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     assert response.status_code == 200
     limit = served.service.settings.max_image_pixels
     assert [(thread.split("_")[0], pixels, ok) for thread, pixels, ok in decodes] == [
-        ("inference", main.MODEL_THREAD_DECODE_MAX_PIXELS, False),
-        ("decode", limit, True),
+        ("inference", main.SMALL_IMAGE_MAX_PIXELS, False),
+        ("decode-large", limit, True),
     ]
     indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
     assert [p["index"] for p in response.json()["prediction"]] == indices
@@ -471,6 +512,61 @@ async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
         assert [(await response).status_code for response in waiting] == [200] * 8
     # The one being decoded; before, each of the eight held its bytes.
     assert sum(large) < 2 * len(data), large
+
+
+async def test_a_small_image_never_waits_behind_large_decodes(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large images (a 40-megapixel decode takes up to a second) have decode threads of
+    their own: a small one arriving meanwhile is decoded at once."""
+    large_decoding = threading.Event()
+    release_large = threading.Event()
+    real_preprocess = main.preprocess
+
+    def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        if len(data) > main.SMALL_UPLOAD_MAX_BYTES:
+            large_decoding.set()
+            release_large.wait(10)
+        return real_preprocess(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(main, "preprocess", preprocess)
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    large = images.encode(Image.fromarray(noise), "PNG")
+    small = photos[0].read_bytes()
+    assert len(small) <= main.SMALL_UPLOAD_MAX_BYTES < len(large)
+    async with running_app(make_settings(decode_threads=1, drain_timeout_s=2)) as served:
+        try:
+            waiting = [
+                asyncio.create_task(served.client.post("/cls", files=upload(large)))
+                for _ in range(2)
+            ]
+            await wait_for(large_decoding.is_set)
+            answered = await asyncio.wait_for(
+                served.client.post("/cls", files=upload(small)), timeout=5
+            )
+            assert answered.status_code == 200
+            assert not any(response.done() for response in waiting)
+        finally:
+            release_large.set()
+        assert [(await response).status_code for response in waiting] == [200, 200]
+
+
+async def test_a_decode_that_outlives_its_request_keeps_the_worker_busy(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory trimmer runs once the worker is idle; a decode still running for a
+    request that got its 504 is work too, whose memory is freed only as it ends."""
+    held = HeldDecode(monkeypatch)
+    async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
+        service = served.service
+        try:
+            response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+            assert response.status_code == 504
+            assert held.started.is_set()
+            assert service._idle_for() == 0
+        finally:
+            held.release.set()
+        await wait_for(lambda: service._idle_for() > 0)
 
 
 async def test_deadline_covers_a_slow_decode(

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import tasks
+import main
+from service import task_runner, tasks
 from service.settings import load_settings
 from service.tasks import DATABASE_NAME
 from tests import images
@@ -1039,6 +1040,50 @@ async def test_a_status_read_that_fails_is_503_not_500(
             assert refused.headers["Retry-After"] == "1"
             assert detail in refused.json()["detail"]
         assert (await served.client.get(f"/task-status/{task_id}")).status_code == 200
+
+
+async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker restarting while the disk is full or read-only: its exit would stop the
+    whole server. It serves /cls instead, answers 503 for tasks, and opens the store
+    once it can."""
+    settings = make_settings()
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        task_id = (await submit(served.client, data))["task_id"]
+        await finished(served.client, task_id)
+
+    disk_full = [True]
+    real_store = task_runner.TaskStore
+
+    class StoreOnAFullDisk(real_store):  # type: ignore[valid-type,misc]
+        def __init__(self, data_dir: Path) -> None:
+            if disk_full[0]:
+                raise tasks.TaskStoreUnavailable(
+                    "cannot open the task store: database or disk is full", for_now=True
+                )
+            super().__init__(data_dir)
+
+    monkeypatch.setattr(task_runner, "TaskStore", StoreOnAFullDisk)
+    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    async with running_app(settings) as served:
+        assert (await served.client.get("/readyz")).status_code == 200
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        for refused in (
+            await served.client.post("/tasks", files=upload(data)),
+            await served.client.get(f"/task-status/{task_id}"),
+        ):
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert "database or disk is full" in refused.json()["detail"]
+
+        disk_full[0] = False
+        await wait_for(lambda: served.service.tasks is not None)
+        assert (await finished(served.client, task_id))["status"] == "succeeded"
+        assert (await finished(served.client, (await submit(served.client, data))["task_id"]))[
+            "status"
+        ] == "succeeded"
 
 
 async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
