@@ -23,6 +23,8 @@ SCHEMA_VERSION = 1
 DATABASE_NAME = "tasks.sqlite3"
 # Waits for another process's write transaction instead of failing at once.
 BUSY_TIMEOUT_MS = 10_000
+# Pages the clean-up returns to the file system per write (8 MiB of 4 KiB pages).
+VACUUM_STEP_PAGES = 2048
 
 # Image bytes live apart from the rows, so status reads never page through them.
 _SCHEMA = """
@@ -195,9 +197,9 @@ def _is_locked(error: BaseException) -> bool:
 class TaskStore:
     """The task table in ``<data_dir>/tasks.sqlite3``, in WAL mode.
 
-    Not thread-safe: use one store per thread (the service keeps one per worker process,
-    used from a single thread). All times are wall-clock ``time.time()`` seconds, because
-    they are compared across processes and restarts.
+    Not thread-safe: use one store per thread (a worker keeps two, each on a thread of
+    its own: one for writes, one for status reads). All times are wall-clock
+    ``time.time()`` seconds, because they are compared across processes and restarts.
     """
 
     def __init__(self, data_dir: Path) -> None:
@@ -641,10 +643,23 @@ class TaskStore:
                 "AND (webhook_status IS NULL OR webhook_status != ?)",
                 (finished_before, WebhookStatus.PENDING),
             ).rowcount
-        if deleted:
-            # Run to completion: a plain execute() would free a single page.
-            self._db.executescript("PRAGMA incremental_vacuum;")
+        self._return_free_pages()
         return deleted
+
+    def _return_free_pages(self) -> None:
+        """Give the pages that deleted images and tasks freed back to the file system, a
+        few MiB at a time: each step is a short write of its own, so other processes never
+        wait long for the lock, however much was freed since the last clean-up."""
+        free = self._free_pages()
+        while free:
+            # executescript runs the pragma to the end; execute() would free one page.
+            self._db.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
+            before, free = free, self._free_pages()
+            if free >= before:  # a store made without incremental auto-vacuum
+                return
+
+    def _free_pages(self) -> int:
+        return int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
 
 
 def _expired(finished_at: float | None, expired_before: float | None) -> bool:

@@ -90,6 +90,11 @@ def has_image(store: TaskStore, task_id: str) -> bool:
     return row is not None
 
 
+def free_pages(store: TaskStore) -> int:
+    with closing(sqlite3.connect(store.path)) as db:
+        return int(db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
 def get(store: TaskStore, task_id: str) -> TaskRecord:
     record = store.get(task_id)
     assert record is not None, task_id
@@ -780,6 +785,30 @@ def test_delete_expired_removes_only_old_finished_tasks(store: TaskStore) -> Non
     for kept in ("old-pending-webhook", "old-running", "old-queued", "recent"):
         assert store.get(kept) is not None, kept
     assert store.delete_expired(T0 + 12) == 0
+
+
+def test_the_clean_up_returns_the_space_of_finished_images_at_once(store: TaskStore) -> None:
+    """A task's image is deleted as it finishes; the clean-up gives its pages back to the
+    file system whether or not any task has expired yet, in steps."""
+    for i in range(6):
+        store.create(
+            f"big{i}",
+            bytes(3 * 2**20),
+            top_k=5,
+            metadata=None,
+            callback_url=None,
+            now=T0 + i,
+            max_queued=100,
+        )
+    grown = store.path.stat().st_size
+    assert len(claim(store, "A", limit=6, at=T0 + 10)) == 6
+    for i in range(6):
+        store.finish(f"big{i}", "A", prediction=[], now=T0 + 11)
+    assert free_pages(store) * 4096 > 5 * 3 * 2**20
+
+    assert store.delete_expired(T0) == 0  # nothing has expired
+    assert free_pages(store) == 0
+    assert store.path.stat().st_size < grown / 4
 
 
 def test_count_queued_counts_only_waiting_tasks(store: TaskStore) -> None:
