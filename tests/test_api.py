@@ -656,15 +656,20 @@ async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:
         assert (await served.client.get("/healthz")).json() == {"status": "ok"}
 
 
-async def test_draining_server_refuses_with_503(served: RunningApp, photos: list[Path]) -> None:
+async def test_draining_and_stopped_servers_refuse_with_503(
+    served: RunningApp, photos: list[Path]
+) -> None:
     assert (await served.client.get("/readyz")).status_code == 200
-    await served.service.stop()
-    ready = await served.client.get("/readyz")
-    assert ready.status_code == 503
-    assert ready.headers["retry-after"] == "1"
-    response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
-    assert response.status_code == 503
-    assert (await served.client.get("/healthz")).status_code == 200
+    data = photos[0].read_bytes()
+    served.service.begin_shutdown()  # as the server's shutdown begins: draining
+    for stage in ("draining", "stopped"):
+        ready = await served.client.get("/readyz")
+        assert ready.status_code == 503, stage
+        assert ready.headers["retry-after"] == "1"
+        response = await served.client.post("/cls", files=upload(data))
+        assert response.status_code == 503, stage
+        assert (await served.client.get("/healthz")).status_code == 200
+        await served.service.stop()
 
 
 async def test_the_drain_counts_from_the_servers_shutdown_not_the_apps(
@@ -759,21 +764,37 @@ async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
 async def test_metrics_report_requests_batches_and_model(
     served: RunningApp, photos: list[Path]
 ) -> None:
+    counted = (
+        'http_requests_total{method="POST",route="/cls",status="200"}',
+        'http_requests_total{method="POST",route="/cls",status="400"}',
+        'http_request_duration_seconds_count{method="POST",route="/cls"}',
+        "batch_size_count",
+        "batch_size_sum",
+        "batch_queue_wait_seconds_count",
+        'batch_inference_seconds_count{outcome="ok"}',
+        'batch_requests_total{outcome="ok"}',
+    )
+    before = (await served.client.get("/metrics")).text
     await served.client.post("/cls", files=upload(photos[0].read_bytes()))
     await served.client.post("/cls", files=upload(b"nope"))
     text = (await served.client.get("/metrics")).text
-    for name in (
-        'http_requests_total{method="POST",route="/cls",status="200"}',
-        'http_requests_total{method="POST",route="/cls",status="400"}',
-        "http_request_duration_seconds_bucket",
-        "batch_queue_depth",
-        "batch_size_bucket",
-        "batch_queue_wait_seconds_bucket",
-        'batch_inference_seconds_bucket{le="0.005",outcome="ok"}',
-        'batch_requests_total{outcome="ok"}',
-        'model_info{device="cpu",dtype="float32",model="resnet18",weights="random(seed=0)"} 1.0',
-    ):
-        assert name in text
+    # One request answered, one refused before the queue: one batch of one.
+    growth = {
+        sample: metric_value(text, sample) - metric_value(before, sample) for sample in counted
+    }
+    assert growth == {
+        'http_requests_total{method="POST",route="/cls",status="200"}': 1,
+        'http_requests_total{method="POST",route="/cls",status="400"}': 1,
+        'http_request_duration_seconds_count{method="POST",route="/cls"}': 2,
+        "batch_size_count": 1,
+        "batch_size_sum": 1,
+        "batch_queue_wait_seconds_count": 1,
+        'batch_inference_seconds_count{outcome="ok"}': 1,
+        'batch_requests_total{outcome="ok"}': 1,
+    }
+    assert "batch_queue_depth 0.0" in text
+    model = 'model_info{device="cpu",dtype="float32",model="resnet18",weights="random(seed=0)"}'
+    assert f"{model} 1.0" in text
 
 
 async def test_unknown_paths_are_json_404_with_one_metrics_label(served: RunningApp) -> None:

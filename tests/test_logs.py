@@ -88,8 +88,16 @@ def test_with_the_access_log_off_only_server_errors_are_logged(
     assert [(vars(r)["status"], r.levelno) for r in access_lines] == [(500, logging.WARNING)]
 
 
-def test_batch_sizes_outside_a_request_are_ignored() -> None:
+def test_batch_sizes_outside_a_request_are_ignored(
+    access_lines: list[logging.LogRecord],
+) -> None:
     logs.record_batch_size(3)  # a task's batch: no request, no access line, no error
+    token, fields = logs.begin_request("req-after")
+    logs.log_access("POST", "/cls", 200, 0.01, fields)
+    logs.end_request(token)
+
+    (line,) = access_lines
+    assert "batch_size" not in vars(line)  # the size noted outside did not carry over
 
 
 class CountingEvent(threading.Event):

@@ -46,5 +46,7 @@ def test_no_cgroup_files_means_no_quota(tmp_path: Path) -> None:
 def test_a_quota_caps_the_cores_and_rounds_up(tmp_path: Path) -> None:
     assert available_cores(cgroup_v2(tmp_path, "50000 100000")) == 1  # half a CPU: one thread
     assert available_cores(cgroup_v2(tmp_path, "100000 100000")) == 1
+    if AFFINITY >= 2:
+        assert available_cores(cgroup_v2(tmp_path, "150000 100000")) == 2
     # A quota above the affinity mask does not add cores.
     assert available_cores(cgroup_v2(tmp_path, f"{(AFFINITY + 8) * 100000} 100000")) == AFFINITY

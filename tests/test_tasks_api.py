@@ -490,7 +490,7 @@ async def wait_for_running(served: RunningApp, count: int) -> None:
 
 async def test_tasks_survive_a_restart_of_the_app(photos: list[Path]) -> None:
     """Queued tasks and finished results are still there when the app starts again."""
-    settings = make_settings(max_batch_size=1)
+    settings = make_settings(max_batch_size=1, drain_timeout_s=0)
     data = photos[0].read_bytes()
     async with running_app(settings) as served:
         done = await submit(served.client, data)
@@ -498,8 +498,11 @@ async def test_tasks_survive_a_restart_of_the_app(photos: list[Path]) -> None:
         model = GatedModel(served)
         pending = [(await submit(served.client, data))["task_id"] for _ in range(4)]
         await wait_for(model.entered.is_set)
-        model.release.set()  # the drain at shutdown finishes what the batcher holds
+    model.release.set()  # the model's thread, stuck as the app stopped, may go now
 
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        statuses = sorted(row[0] for row in db.execute("SELECT status FROM tasks"))
+    assert statuses == ["queued"] * 4 + ["succeeded"]
     async with running_app(settings) as served:
         first = await finished(served.client, done["task_id"])
         assert first["status"] == "succeeded"
