@@ -745,6 +745,10 @@ async def classify_batch(
     )
     results = []
     for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, asyncio.CancelledError):
+            # The file's own work was cancelled (its decode, as the server shut down); the
+            # request itself was not, or gather would have raised.
+            outcome = Stopped("the server is shutting down")
         if isinstance(outcome, BaseException):
             status, detail = _status_and_detail(outcome)
             results.append(BatchEntry(index=index, status=status, detail=detail))
@@ -930,7 +934,14 @@ def _too_deep_message() -> str:
 
 
 _VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+_JSON_KINDS = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def _task_response(record: TaskRecord) -> JSONResponse:
@@ -970,9 +981,11 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """Liveness: the process serves HTTP and the model is not stuck on a batch."""
+    """Liveness: the process serves HTTP, batches, and the model is not stuck on a batch."""
     service = _service(request)
     processor = service.processor
+    if processor is not None and processor.failure is not None:
+        return JSONResponse({"status": "batching stopped"}, status_code=503)
     if processor is not None and processor.oldest_batch_age_s() > service.settings.stall_timeout_s:
         return JSONResponse({"status": "stalled"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -1092,7 +1105,12 @@ def create_app(settings: Settings) -> FastAPI:
             yield {SHUTDOWN_HOOK: service.begin_shutdown}
         finally:
             gc.unfreeze()
-            await service.stop()
+            try:
+                await service.stop()
+            finally:
+                # uvicorn ends a worker stopped by a signal with that signal once the server
+                # is down, so no atexit hook writes out what is still queued.
+                logs.stop_writer()
 
     upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     body_limits = {

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from batching.errors import BatchFailed, DeadlineExceeded, QueueFull, Stopped
+from batching.errors import BatchFailed, BatchingError, DeadlineExceeded, QueueFull, Stopped
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -288,6 +288,7 @@ class BatchProcessor(Generic[In, Out]):
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._accepting = False
         self._run_times = _RunTimes()
 
@@ -298,7 +299,8 @@ class BatchProcessor(Generic[In, Out]):
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch, in every lane (cancelled and expired ones are not counted)."""
+        """Items waiting for a batch, in every lane (a cancelled or expired one until its
+        caller has left the queue)."""
         return sum(len(lane) for lane in self._lanes)
 
     def waiting(self, priority: Priority) -> int:
@@ -327,6 +329,30 @@ class BatchProcessor(Generic[In, Out]):
             raise RuntimeError("BatchProcessor.start() called twice")
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run_forever(), name="batch-processor")
+        self._loop_task.add_done_callback(self._loop_ended)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What ended the batching task other than ``stop``; None while it runs."""
+        return self._failure
+
+    def _loop_ended(self, loop_task: asyncio.Task[None]) -> None:
+        if loop_task.cancelled() or loop_task.exception() is None:
+            return
+        # A bug: nothing would ever run again. Callers get their answer now, not at their
+        # deadline, and ``failure`` tells a health check to have the process restarted.
+        self._failure = loop_task.exception()
+        logger.critical("the batch processor stopped", exc_info=self._failure)
+        self._accepting = False
+        self._fail_queued(Stopped("the batch processor stopped"))
+
+    def _fail_queued(self, error: BatchingError) -> None:
+        for lane in self._lanes:
+            while lane:
+                entry = lane.popleft()
+                entry.queued = False
+                _fail(entry.future, error)
+        self._observer.queue_depth_changed(0)
 
     async def submit(
         self,
@@ -413,17 +439,12 @@ class BatchProcessor(Generic[In, Out]):
             async with asyncio.timeout(drain_timeout_s):
                 await self._wait_until_drained()
 
-        if self._loop_task is not None:
+        if self._loop_task is not None and not self._loop_task.done():  # done: see failure
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         stopped = Stopped("the server is shutting down")
-        for lane in self._lanes:
-            while lane:
-                entry = lane.popleft()
-                entry.queued = False
-                _fail(entry.future, stopped)
-        self._observer.queue_depth_changed(0)
+        self._fail_queued(stopped)
         for batch in list(self._running):
             for entry in batch.entries:
                 _fail(entry.future, stopped)

@@ -32,6 +32,7 @@ _access_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.C
     "access_fields", default=None
 )
 _listener: QueueListener | None = None
+_direct: logging.Handler | None = None  # what the writer thread writes to
 _access_log_on = True
 # How long the writer waits for more records once it has written all it had.
 WRITER_LINGER_S = 0.1
@@ -78,7 +79,9 @@ class RequestIdLogFilter(logging.Filter):
     """Adds ``request_id`` to every log record, so formats can include it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        # Once only, where the line is logged: the writer thread knows no request.
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
         return True
 
 
@@ -170,8 +173,11 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     global _access_log_on
     stop_writer()
     formatter = json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    global _direct
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
+    stream.addFilter(RequestIdLogFilter())  # for the lines written once the writer stops
+    _direct = stream
     records = LingeringQueue()
     handler = QueueHandler(records)
     handler.addFilter(RequestIdLogFilter())  # in the caller's context, where the id is bound
@@ -193,11 +199,14 @@ def _start_writer(listener: QueueListener) -> None:
 
 
 def stop_writer() -> None:
-    """Write out what is queued and stop the writer thread (at reconfiguration and exit)."""
+    """Write out what is queued and stop the writer thread (at reconfiguration, shutdown and
+    exit); from then on the service's lines are written as they are logged."""
     global _listener
     if _listener is not None:
         _listener.stop()
         _listener = None
+        for name in SERVICE_LOGGERS:
+            logging.getLogger(name).handlers = [] if _direct is None else [_direct]
 
 
 atexit.register(stop_writer)

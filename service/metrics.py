@@ -1,4 +1,5 @@
-"""Prometheus metrics: each defined once here, fed by the batch observer and the HTTP middleware.
+"""Prometheus metrics: each defined once here, fed by the batch and task observers and the
+HTTP middleware.
 
 With several gunicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` must be set before this module
 is imported (gunicorn_config.py does it), so every worker writes its samples to files that
@@ -58,7 +59,9 @@ HTTP_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 QUEUE_DEPTH = Gauge(
-    "batch_queue_depth", "Requests waiting for a batch", multiprocess_mode="livesum"
+    "batch_queue_depth",
+    "Requests and claimed tasks waiting for a batch",
+    multiprocess_mode="livesum",
 )
 BATCH_SIZE = Histogram("batch_size", "Requests per model forward pass", buckets=BATCH_SIZE_BUCKETS)
 QUEUE_WAIT = Histogram(
@@ -150,6 +153,12 @@ def record_request(route: str, method: str, status: int, duration_s: float) -> N
     """Count one finished HTTP request."""
     HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
     HTTP_LATENCY.labels(route=route, method=method).observe(duration_s)
+
+
+def record_refused_by_server(status: int) -> None:
+    """Count an answer the HTTP protocol gave before a request reached the app (bytes that
+    are not HTTP, a head too large or too slow): route "unmatched", method "-"."""
+    HTTP_REQUESTS.labels(route="unmatched", method="-", status=str(status)).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -224,6 +224,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         request_id = uuid.uuid4().hex
         with logs.request_id_bound(request_id):
             logger.warning("answered %d before a request reached the app: %s", status, detail)
+        # Imported here: gunicorn's master imports this module to find the worker class,
+        # and metrics must be created only in workers (their multiprocess files).
+        from service import metrics
+
+        metrics.record_refused_by_server(status)
         body = json.dumps({"detail": detail}).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

@@ -21,10 +21,24 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from service.tasks import ClaimedTask, TaskRecord, TaskStatus, TaskStore, check_room
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
+from service.tasks import (
+    ClaimedTask,
+    TaskRecord,
+    TaskStatus,
+    TaskStore,
+    TaskStoreBusy,
+    TaskStoreFailed,
+    check_room,
+)
 from service.webhooks import DeliveryResult, WebhookSender
 
 T = TypeVar("T")
+
+# Waits between tries of a write that must not be lost, while the store is busy or failing.
+STORE_RETRY_FIRST_S = 0.1
+STORE_RETRY_MAX_S = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -259,14 +273,17 @@ class TaskRunner:
                 await self._claim_loop_task
 
     async def stop(self, grace_s: float) -> None:
-        """Let running tasks record their results (bounded), then hand back the rest.
+        """Let running tasks record their results and webhooks in flight finish (bounded),
+        then hand back the rest.
 
         Tasks still running and deliveries still pending go back to the store for another
         worker or the next start; nothing this worker holds is left leased to it.
         """
         await self.stop_claiming()
-        if self._runs:
-            await asyncio.wait(self._runs, timeout=grace_s)
+        # Deliveries too: one cut off after the receiver has it would be sent again at the
+        # next start.
+        if in_flight := self._runs | self._deliveries:
+            await asyncio.wait(in_flight, timeout=grace_s)
         leftovers = [*self._runs, *self._deliveries, *self._housekeeping]
         for task in leftovers:
             task.cancel()
@@ -385,11 +402,14 @@ class TaskRunner:
         try:
             prediction = await self._execute(task)
         except self._requeue_on:
-            await self._db(self.store.requeue, task.id, self.owner)
+            await self._until_stored(
+                f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
+            )
             return
         except Exception as exc:
             error = self._describe_error(exc)
-        record = await self._db(
+        record = await self._until_stored(
+            f"the result of task {task.id}",
             self.store.finish,
             task.id,
             self.owner,
@@ -459,7 +479,8 @@ class TaskRunner:
         await self._finish_delivery(record.id, result)
 
     async def _finish_delivery(self, task_id: str, result: DeliveryResult) -> None:
-        await self._db(
+        await self._until_stored(
+            f"the end of task {task_id}'s webhook",
             self.store.finish_webhook,
             task_id,
             self.owner,
@@ -492,6 +513,31 @@ class TaskRunner:
         self._wake.set()  # capacity is free again
         if not task.cancelled() and task.exception() is not None:
             logger.error("task work failed unexpectedly", exc_info=task.exception())
+
+    async def _until_stored(
+        self, what: str, function: Callable[..., T], *args: object, **kwargs: object
+    ) -> T:
+        """A write whose loss would redo work (a task's result, a delivery's end), retried
+        while the store is locked by another process or failing. The task stays held
+        meanwhile, so its lease is renewed as soon as the store can be written."""
+
+        def log_retry(state: RetryCallState) -> None:
+            assert state.outcome is not None
+            logger.warning(
+                "storing %s failed (%s); retrying in %.1f s",
+                what,
+                state.outcome.exception(),
+                state.upcoming_sleep,
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((TaskStoreBusy, TaskStoreFailed)),
+            wait=wait_exponential(multiplier=STORE_RETRY_FIRST_S, max=STORE_RETRY_MAX_S),
+            before_sleep=log_retry,
+        ):
+            with attempt:
+                written = await self._db(function, *args, **kwargs)
+        return written
 
     async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()

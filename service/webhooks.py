@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -29,7 +30,6 @@ from tenacity import (
     RetryCallState,
     retry_if_result,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
 __all__ = [
@@ -317,7 +317,7 @@ class WebhookConfig:
     max_attempts: int = 5
     timeout_s: float = 10.0
     backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
+    backoff_max_s: float = 300.0
     allow_private: bool = False
 
     def __post_init__(self) -> None:
@@ -463,11 +463,16 @@ class WebhookSender:
             result: _Outcome = state.outcome.result()
             return result
 
+        def backoff_s(state: RetryCallState) -> float:
+            # Numbered from the delivery's first attempt, before any restart: a resumed
+            # delivery goes on with the series instead of retrying at once.
+            return self._backoff_s(attempts_done + state.attempt_number)
+
+        if attempts_done:
+            await asyncio.sleep(self._backoff_s(attempts_done))
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.max_attempts - attempts_done),
-            wait=wait_random_exponential(
-                multiplier=config.backoff_initial_s, max=config.backoff_max_s
-            ),
+            wait=backoff_s,
             retry=retry_if_result(lambda outcome: outcome.retryable),
             # Exceptions (cancellation, a failing on_attempt) are not retried but re-raised;
             # running out of attempts returns the last outcome instead of raising RetryError.
@@ -475,6 +480,12 @@ class WebhookSender:
         )
         final: _Outcome = await retrying(attempt)
         return DeliveryResult(final.error is None, attempt_number, final.error)
+
+    def _backoff_s(self, attempts: int) -> float:
+        """The wait after the ``attempts``-th attempt: exponential, with full jitter."""
+        config = self._config
+        ceiling_s = min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempts - 1))
+        return random.uniform(0, ceiling_s)
 
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Outcome:
         timeout_s = self._config.timeout_s

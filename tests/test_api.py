@@ -569,6 +569,31 @@ async def test_a_decode_that_outlives_its_request_keeps_the_worker_busy(
         await wait_for(lambda: service._idle_for() > 0)
 
 
+async def test_a_batch_file_whose_decode_is_cancelled_is_503_not_500(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decode still waiting for its thread is cancelled as the server shuts its pools
+    down: that file's entry is a 503, as for a request refused while stopping, not a 500
+    with a logged "unexpected error"."""
+    held = HeldDecode(monkeypatch)
+    async with running_app(make_settings(decode_threads=1, drain_timeout_s=2)) as served:
+        data = photos[0].read_bytes()
+        body = multipart([("file", f"{i}.jpg", data, "image/jpeg") for i in range(3)])
+        answer = asyncio.create_task(
+            served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+        )
+        try:
+            await wait_for(lambda: served.service._threads_working == 3)
+            served.service._decode_pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            held.release.set()
+        with caplog.at_level(logging.ERROR):
+            response = await answer
+    assert response.status_code == 200
+    assert [entry["status"] for entry in response.json()["results"]] == [200, 200, 503]
+    assert "unexpected error" not in caplog.text
+
+
 async def test_deadline_covers_a_slow_decode(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -637,6 +662,30 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = await served.client.post("/cls", files=upload(image))
             assert response.json() == alone.json()
+
+
+async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing would be classified again: the orchestrator must restart the process, and
+    requests get a 503 at once rather than a 504 at their deadline."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        processor = served.service.processor
+        assert processor is not None
+
+        async def broken() -> list[object]:
+            raise RuntimeError("bug in collecting a batch")
+
+        # Called for the batch after the one the loop is collecting now.
+        processor._collect_batch = broken  # type: ignore[assignment,method-assign]
+        data = photos[0].read_bytes()
+        with caplog.at_level(logging.CRITICAL):
+            assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+            await wait_for(lambda: processor.failure is not None)
+        health = await served.client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "batching stopped"}
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 503
 
 
 async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:

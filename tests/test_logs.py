@@ -114,6 +114,24 @@ def _record(message: str) -> logging.LogRecord:
     return logging.LogRecord("test", logging.INFO, __file__, 0, message, None, None)
 
 
+def test_once_the_writer_stops_lines_are_written_as_they_are_logged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At shutdown: uvicorn ends a worker stopped by a signal with that signal, skipping
+    atexit, so the lines of requests cut off by the drain must not wait for a writer."""
+    logs.configure_logging("info", "text", access_log=True)
+    try:
+        logging.getLogger("service").info("queued before the stop")
+        logs.stop_writer()
+        assert "queued before the stop" in capsys.readouterr().err
+        token, fields = logs.begin_request("req-late")
+        logs.log_access("POST", "/cls", 503, 2.5, fields)
+        logs.end_request(token)
+        assert "[req-late] POST /cls answered 503" in capsys.readouterr().err
+    finally:
+        logs.configure_logging("info", "text", access_log=True)
+
+
 def test_the_writer_gets_every_record_in_order_from_many_threads() -> None:
     records = logs.LingeringQueue(linger_s=0.01)
     written = Recorder()

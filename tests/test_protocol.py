@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 from websockets.sync.client import connect as websockets_connect
@@ -137,11 +138,18 @@ def ok_lengths(answer: bytes) -> list[int]:
     return lengths
 
 
+def refused_by_server(status: int) -> float:
+    sample = {"route": "unmatched", "method": "-", "status": str(status)}
+    return REGISTRY.get_sample_value("http_requests_total", sample) or 0.0
+
+
 def test_bytes_that_are_not_http_get_a_json_400(port: int) -> None:
+    counted = refused_by_server(400)
     with connect(port) as connection:
         connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n")
         answer = read_to_close(connection)
     assert "not valid HTTP/1.1" in json_error(answer, 400)
+    assert refused_by_server(400) == counted + 1  # in the metrics, as app answers are
 
 
 def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_answers(

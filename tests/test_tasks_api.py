@@ -126,6 +126,7 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
     ("fields", "status", "detail"),
     [
         ({"metadata": "[1, 2]"}, 422, "metadata must be a JSON object, received a JSON array"),
+        ({"metadata": "null"}, 422, "metadata must be a JSON object, received a JSON null"),
         ({"metadata": "{not json"}, 422, "metadata must be a JSON object"),
         ({"metadata": '{"x": NaN}'}, 422, "metadata: NaN is not valid JSON"),
         ({"metadata": '{"x": 1e400}'}, 422, "metadata: 1e400 is out of the range"),
@@ -584,6 +585,22 @@ async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
     )
 
 
+async def test_a_shutdown_lets_a_webhook_in_flight_finish(photos: list[Path]) -> None:
+    """Cut off, a delivery the receiver may already have would be sent again at the next
+    start: shutdown waits for it (within the tasks' grace time)."""
+    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_timeout_s": 5.0})
+    async with receiving() as receiver:
+        receiver.script = [STALL]
+        async with running_app(settings) as served:
+            await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+            await asyncio.wait_for(receiver.arrived.wait(), 10)
+            asyncio.get_running_loop().call_later(0.5, receiver.release.set)
+        assert len(receiver.received) == 1
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        row = db.execute("SELECT webhook_status, webhook_attempts, lease_owner FROM tasks")
+        assert row.fetchall() == [("delivered", 1, None)]
+
+
 async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)
@@ -798,6 +815,45 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
     assert task["status"] == "succeeded"
     with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(2,)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        tasks.TaskStoreBusy("the task store is busy: another process held its write lock"),
+        tasks.TaskStoreFailed("the task store could not be written (database or disk is full)"),
+    ],
+)
+async def test_a_result_the_store_refuses_for_now_is_stored_once_it_can_be(
+    photos: list[Path], error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holding the lock past the busy timeout, or a full disk, does not
+    throw the model's answer away: the write is tried again (the lease kept meanwhile),
+    and the task runs once."""
+    async with running_app(make_settings(task_poll_interval_s=0.05)) as served:
+        store = served.service.running_tasks().store
+        real_finish = store.finish
+        refusals = []
+
+        def finish_refused_twice(*args: object, **kwargs: object) -> object:
+            if len(refusals) < 2:
+                refusals.append(args[0])
+                raise error
+            return real_finish(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.finish = finish_refused_twice  # type: ignore[method-assign]
+        model = GatedModel(served)
+        model.release.set()
+        accepted = await submit(served.client, photos[0].read_bytes())
+        with caplog.at_level(logging.WARNING):
+            task = await finished(served.client, accepted["task_id"])
+
+    assert refusals == [accepted["task_id"]] * 2
+    assert task["status"] == "succeeded"
+    assert model.batch_sizes == [1], "the model ran the task again"
+    assert f"storing the result of task {accepted['task_id']} failed" in caplog.text
+    with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
+        assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]
 
 
 async def test_a_progress_write_that_fails_does_not_end_a_delivery(photos: list[Path]) -> None:

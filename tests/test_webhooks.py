@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import random
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -261,6 +263,43 @@ async def test_cancelling_a_delivery_waiting_for_an_answer_propagates(
 
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.parametrize(
+    ("attempts_done", "waits_s"),
+    [(0, [0.1, 0.2]), (2, [0.2, 0.4, 0.8])],
+    ids=["fresh", "resumed after two attempts"],
+)
+async def test_the_waits_between_attempts_double_and_go_on_across_restarts(
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
+    monkeypatch: pytest.MonkeyPatch,
+    attempts_done: int,
+    waits_s: list[float],
+) -> None:
+    """Each wait is drawn up to the initial backoff times two to the attempts made (full
+    jitter; drawn at its ceiling here). A delivery resumed after a restart waits as after
+    its last attempt before sending again, and goes on doubling from there."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    receiver.script = [500, 500]
+    sender = make_sender(backoff_initial_s=0.1, backoff_max_s=10)
+    sent_at: list[float] = []
+    started = time.monotonic()
+
+    async def note(number: int, error: str | None, seconds: float) -> None:
+        sent_at.append(time.monotonic() - seconds)
+
+    result = await sender.deliver(
+        receiver.url, PAYLOAD, attempts_done=attempts_done, on_attempt=note
+    )
+    assert result.delivered
+    assert result.attempts == attempts_done + 3
+    gaps = [
+        later - earlier for earlier, later in zip([started, *sent_at[:-1]], sent_at, strict=True)
+    ]
+    expected = [0.0, *waits_s] if attempts_done == 0 else waits_s
+    for gap, wait in zip(gaps, expected, strict=True):
+        assert wait - 0.02 <= gap <= wait + 1.0, (gaps, expected)
 
 
 async def test_cancelling_a_delivery_waiting_to_retry_propagates(

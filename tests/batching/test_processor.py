@@ -618,6 +618,34 @@ async def test_an_item_the_handler_fails_on_fails_alone(
     assert handler.batches == [[0], [1, -1, 2, 3], [1, -1], [1], [-1], [2, 3], [4, 5], [6]]
 
 
+async def test_a_batching_task_that_dies_fails_its_callers_at_once_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug that ends the batching task would leave every caller waiting for its deadline
+    and the process looking alive: they get Stopped now, and ``failure`` says why."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 1)
+        await handler.next_started()
+        waiting = spawn(processor, 2)
+        await wait_until(lambda: processor.queue_depth == 1)
+        assert processor.failure is None
+
+        async def broken() -> list[int]:
+            raise RuntimeError("bug in collecting a batch")
+
+        processor._collect_batch = broken  # type: ignore[assignment,method-assign]
+        with caplog.at_level(logging.CRITICAL, logger="batching.processor"):
+            handler.release_all()
+            outcomes = await bounded(asyncio.gather(*waiting, return_exceptions=True))
+        assert isinstance(outcomes[0], Stopped)
+        assert await results(first) == [2]
+        assert isinstance(processor.failure, RuntimeError)
+        assert "the batch processor stopped" in caplog.text
+        with pytest.raises(Stopped):
+            await bounded(processor.submit(3))
+
+
 CALLER = contextvars.ContextVar("caller", default="none")
 
 
