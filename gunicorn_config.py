@@ -114,10 +114,19 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop the live gauges of a worker that exited, crashed or was killed."""
+    """Drop the live gauges of a worker that exited, crashed or was killed, and say which
+    setting applies when the master killed it for its silence."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    if worker.aborted:
+        server.log.critical(
+            "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "
+            "loading its model (raise WORKER_TIMEOUT_S where the first start downloads the "
+            "weights over a slow link), or its event loop was stuck",
+            worker.pid,
+            settings.worker_timeout_s,
+        )
 
 
 def on_exit(server: Any) -> None:

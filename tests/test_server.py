@@ -210,10 +210,13 @@ def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
         )
     try:
         deadline = time.monotonic() + 60
-        while "WORKER TIMEOUT" not in log_path.read_text() and time.monotonic() < deadline:
+        named = "was silent for WORKER_TIMEOUT_S=10 s and was restarted"
+        while named not in log_path.read_text() and time.monotonic() < deadline:
             assert process.poll() is None, log_path.read_text()
             time.sleep(0.5)
-        assert "WORKER TIMEOUT" in log_path.read_text()
+        log_text = log_path.read_text()
+        assert "WORKER TIMEOUT" in log_text
+        assert named in log_text, "the master did not say which setting applies"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
