@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging.handlers import QueueHandler, QueueListener
+from typing import Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 ACCESS_LOGGER = "service.access"
@@ -161,10 +163,27 @@ def _escape_unprintable(text: str) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
+class _JsonLines(JsonFormatter):
+    """JSON lines alike for every logger: "-" where no request is (gunicorn's and uvicorn's
+    lines carry no id), and without uvicorn's copy of each message in terminal colours."""
+
+    def add_fields(
+        self,
+        log_record: dict[str, Any],
+        record: logging.LogRecord,
+        message_dict: dict[str, Any],
+    ) -> None:
+        super().add_fields(log_record, record, message_dict)
+        if log_record.get("request_id") is None:
+            log_record["request_id"] = "-"
+
+
 def json_formatter() -> logging.Formatter:
     """One JSON object per line; gunicorn's configuration uses it for its own lines too."""
-    return JsonFormatter(
-        JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}
+    return _JsonLines(
+        JSON_FIELDS,
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],
     )
 
 

@@ -248,6 +248,11 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
     assert "batch_size" not in by_id["json-bad"]
     startup = [line for line in lines if line["logger"] == "classification.model"]
     assert startup, "the service's own messages are JSON too"
+    servers = [line for line in lines if line["logger"].startswith(("gunicorn.", "uvicorn."))]
+    assert servers, "gunicorn's and uvicorn's lines are JSON too"
+    # Alike: no null id, and no copy of the message in terminal colours.
+    assert all(line["request_id"] == "-" for line in servers), servers
+    assert not any("color_message" in line for line in lines)
 
 
 def wait_for_json_lines(read_log: Callable[[], str], request_id: str) -> list[dict[str, Any]]:
