@@ -60,17 +60,22 @@ class RequestContextMiddleware:
         except asyncio.CancelledError:
             # The server cancels what still runs when its shutdown's drain time is up
             # (DRAIN_TIMEOUT_S): answer that in JSON, where it would send a plain 500.
-            if not response_started:
-                detail = (
-                    "the server shut down before this request finished; retry (a task "
-                    "submission may have been stored: resend it with its Idempotency-Key)"
-                )
-                await JSONResponse(
-                    {"detail": detail},
-                    status_code=503,
-                    headers={"Retry-After": "1", "Connection": "close"},
-                )(scope, receive, send_with_id)
-            raise
+            if response_started:
+                raise
+            detail = (
+                "the server shut down before this request finished; retry (a task "
+                "submission may have been stored: resend it with its Idempotency-Key)"
+            )
+            await JSONResponse(
+                {"detail": detail},
+                status_code=503,
+                headers={"Retry-After": "1", "Connection": "close"},
+            )(scope, receive, send_with_id)
+            # Answered: the request ends here. Re-raised, uvicorn would log a traceback for
+            # each request cut off, beside its own line counting them.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             elapsed_s = time.perf_counter() - started
             logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)

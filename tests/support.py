@@ -55,6 +55,10 @@ class Reference:
         return indices.tolist(), scores.tolist()
 
 
+# Every in-process test's task store lives under this directory, removed as pytest exits.
+_TASK_STORES = tempfile.TemporaryDirectory(prefix="resnet18-service-tests-")
+
+
 def make_settings(**overrides: object) -> Settings:
     """Settings for in-process tests: random weights, a fresh task store, small limits where a
     test needs them."""
@@ -62,7 +66,7 @@ def make_settings(**overrides: object) -> Settings:
         "weights": "random",
         "seed": SEED,
         "torch_threads": 2,
-        "data_dir": tempfile.mkdtemp(prefix="tasks-"),
+        "data_dir": tempfile.mkdtemp(prefix="tasks-", dir=_TASK_STORES.name),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
