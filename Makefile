@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-overload clean
+.PHONY: run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-gpu bench-overload clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(STAMP)
 ## bench-full: the full sweep (several minutes)
 bench-full: $(STAMP)
 	$(BIN)/python -m bench --full
+
+## bench-gpu: the GPU benchmark (float16, batches up to 256, 4 workers on the GPU)
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.gpu
 
 ## bench-overload: closed-loop overload with a 300 ms deadline (about 30 s); how much is answered
 bench-overload: $(STAMP)

@@ -11,14 +11,18 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pytest
+import torch
 from aiohttp import web
 
-from bench import overload, report
+from bench import gpu, overload, report
 from bench.__main__ import _saturating_clients, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
+from classification import preprocess
+from tests.support import IMAGES_DIR
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -313,3 +317,54 @@ async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> 
     assert step["model_ran"] == ran
     assert step["answered_share_of_model_work"] == pytest.approx(0.5, abs=0.1)
     assert 40 <= step["late_504_ms"]["p99"] <= 150
+
+
+# The GPU benchmark's steps, run on the CPU here (and on CUDA where there is one).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _shared_jpegs() -> list[bytes]:
+    return [path.read_bytes() for path in sorted(IMAGES_DIR.glob("*.jpg"))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_decoding_on_the_device_makes_the_services_crops(device: str) -> None:
+    """The GPU decode limit times the same work as the service's preprocessing: its crops
+    are within two levels of ``preprocess``'s for every shared photo."""
+    jpegs = _shared_jpegs()
+    assert jpegs
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+
+    crops = gpu.decode_on_device(encoded, torch.device(device)).cpu().numpy()
+
+    for data, crop in zip(jpegs, crops, strict=True):
+        ours = preprocess(data, max_pixels=gpu.MAX_PIXELS)
+        assert crop.shape == ours.shape == (224, 224, 3)
+        assert np.abs(crop.astype(int) - ours.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", torch.float32), pytest.param("cuda", torch.float16, marks=cuda)],
+)
+def test_the_gpu_benchmarks_limits_are_measured(device: str, dtype: torch.dtype) -> None:
+    jpegs = _shared_jpegs()
+
+    forward = gpu.forward_images_per_s(torch.device(device), dtype, [1, 2], seconds=0.05)
+    decode = gpu.gpu_decode_images_per_s(jpegs, torch.device(device), 2, seconds=0.05)
+
+    assert list(forward) == [1, 2]
+    assert all(rate > 0 for rate in forward.values())
+    assert decode > 0
+
+
+def test_the_cpu_decode_limit_adds_up_the_processes() -> None:
+    """Two processes decode about twice what one does, less what the machine shares."""
+    jpegs = _shared_jpegs()
+
+    one = gpu.cpu_decode_images_per_s(jpegs, 1, seconds=0.5)
+    two = gpu.cpu_decode_images_per_s(jpegs, 2, seconds=0.5)
+
+    assert one > 0
+    assert two > 1.2 * one

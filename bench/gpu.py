@@ -1,0 +1,291 @@
+"""The GPU benchmark: what the model, the decoding and the served path reach on a GPU.
+
+    python -m bench.gpu                          # float16, batches up to 256, 4 workers
+    python -m bench.gpu --dtype bfloat16 --workers 8 --max-batch-size 128
+
+It measures, on this machine:
+
+1. the served network (BatchNorm folded, channels_last) forward-only in ``--dtype`` on the
+   GPU at batches 1, 2, 4, ... up to 256: the model limit is the best of them;
+2. decode + resize + crop of the images on every core, a process per core: the CPU decode
+   limit, which bounds a service that decodes on the CPU, as this one does;
+3. the same for JPEGs with torchvision's ``decode_jpeg`` on the GPU, batched, and the resize
+   and crop there too: what decoding on the GPU would allow;
+4. the service started with ``DEVICE``, ``DTYPE``, ``MAX_BATCH_SIZE`` and ``WORKERS`` (the
+   workers share the GPU), driven by closed-loop clients.
+
+Target: the best served throughput at least 0.8 of the smaller of the model limit and the
+CPU decode limit. Writes ``gpu.json`` and ``gpu.md`` to docs/benchmarks/.
+``--device cpu`` runs the same steps on the CPU, to try the benchmark where no GPU is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import itertools
+import multiprocessing
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as tv
+
+from bench import report
+from bench.__main__ import machine
+from bench.load import closed_loop, encode_payloads
+from bench.server import start
+from classification import build_network, fold_batchnorm, preprocess
+from classification.preprocess import CROP_SIZE, RESIZE_SIZE
+from service.settings import PROJECT_ROOT
+
+MAX_PIXELS = 40_000_000
+SERVED_TARGET = 0.8
+
+
+def _timed(work: Callable[[], object], device: torch.device, seconds: float) -> float:
+    """Median seconds of one call of ``work``, run for about ``seconds`` after a warm-up."""
+
+    def synchronised() -> None:
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        synchronised()
+    durations: list[float] = []
+    started = time.perf_counter()
+    while len(durations) < 3 or time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        synchronised()
+        durations.append(time.perf_counter() - begin)
+    return statistics.median(durations)
+
+
+def forward_images_per_s(
+    device: torch.device, dtype: torch.dtype, batch_sizes: list[int], seconds: float
+) -> dict[int, float]:
+    """The served network's forward-only throughput at each batch size."""
+    network, _ = build_network("random", 1000)
+    served = fold_batchnorm(network).to(device, dtype, memory_format=torch.channels_last)
+    served.eval()
+    found: dict[int, float] = {}
+    with torch.inference_mode():
+        for size in batch_sizes:
+            batch = torch.randn(size, 3, CROP_SIZE, CROP_SIZE, device=device, dtype=dtype)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            found[size] = size / _timed(lambda batch=batch: served(batch), device, seconds)
+    return found
+
+
+def _decode_for(payloads: list[bytes], seconds: float) -> tuple[int, float]:
+    """In one process: how many images it decoded, resized and cropped in how long."""
+    started = time.perf_counter()
+    for done, data in enumerate(itertools.cycle(payloads), start=1):
+        preprocess(data, max_pixels=MAX_PIXELS)
+        if time.perf_counter() - started >= seconds:
+            return done, time.perf_counter() - started
+    raise AssertionError("unreachable: the cycle is endless")
+
+
+def cpu_decode_images_per_s(payloads: list[bytes], processes: int, seconds: float) -> float:
+    """Decode + resize + crop on ``processes`` cores at once: their rates summed."""
+    # Spawned, not forked: the parent may hold a CUDA context, which a fork cannot share.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        # A short round first, so every process has imported its libraries before timing.
+        list(pool.map(_decode_for, [payloads] * processes, [0.2] * processes))
+        counts = list(pool.map(_decode_for, [payloads] * processes, [seconds] * processes))
+    return sum(done / elapsed for done, elapsed in counts)
+
+
+def decode_on_device(encoded: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """JPEGs decoded as one batch by ``decode_jpeg`` on ``device``, resized (shorter side
+    256, antialiased) and centre-cropped to 224 there: the service's crops, as (N, 224, 224,
+    3) uint8, within a level or two of what ``preprocess`` makes on the CPU."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; this measures
+        # torchvision's batched CUDA decoder, which the pinned release still ships.
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    crops = [
+        tv.center_crop(tv.resize(image, [RESIZE_SIZE], antialias=True), [CROP_SIZE])
+        for image in images
+    ]
+    return torch.stack(crops).permute(0, 2, 3, 1)
+
+
+def gpu_decode_images_per_s(
+    jpegs: list[bytes], device: torch.device, batch_size: int, seconds: float
+) -> float:
+    """``decode_on_device`` throughput, in batches of ``batch_size``."""
+    encoded = [
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        for data in itertools.islice(itertools.cycle(jpegs), batch_size)
+    ]
+    return batch_size / _timed(lambda: decode_on_device(encoded, device), device, seconds)
+
+
+def served_steps(
+    settings: dict[str, str], images: list[Path], clients: list[int], seconds: float, out: Path
+) -> list[dict[str, Any]]:
+    """The service under closed-loop load, one step per client count."""
+    payloads = encode_payloads(images)
+    steps = []
+    with start(settings, out / "logs") as server:
+        for count in clients:
+            step = asyncio.run(closed_loop(server, payloads, count, seconds, min(2.0, seconds)))
+            steps.append(asdict(step))
+            print(f"  {count} clients: {step.throughput_per_s:.0f} images/s", file=sys.stderr)
+    return steps
+
+
+def write_markdown(path: Path, results: dict[str, Any]) -> None:
+    machine_info = results["machine"]
+    limits = results["limits"]
+    forward_rows = [
+        f"| {size} | {rate:.0f} |" for size, rate in limits["forward_images_per_s"].items()
+    ]
+    target = results["target"]
+    lines = [
+        f"# GPU benchmark, {results['device']} ({results['dtype']})",
+        "",
+        f"- command: `{results['command']}`",
+        f"- date: {results['date']}",
+        f"- machine: {machine_info['gpu']}; {machine_info['cpu']}, {machine_info['cores']} "
+        f"cores, {machine_info['memory_gib']} GiB; Python {machine_info['python']}, torch "
+        f"{machine_info['torch']}",
+        f"- server: {results['server_settings']}",
+        "",
+        "## Target",
+        "",
+        f"Best served throughput {target['served_images_per_s']:.0f} images/s against "
+        f"{target['bound_images_per_s']:.0f} (the smaller of the model limit, "
+        f"{limits['model_limit_images_per_s']:.0f}, and the CPU decode limit, "
+        f"{limits['cpu_decode_images_per_s']:.0f}): {target['value']:.2f}, required >= "
+        f"{SERVED_TARGET}: {'met' if target['met'] else 'not met'}.",
+        "",
+        "## In-process limits",
+        "",
+        f"- CPU decode + resize + crop, {limits['cpu_decode_processes']} processes: "
+        f"{limits['cpu_decode_images_per_s']:.0f} images/s",
+        f"- GPU decode (`decode_jpeg`, batches of {limits['gpu_decode_batch']}) + resize + "
+        f"crop: {limits['gpu_decode_images_per_s']:.0f} images/s",
+        "",
+        "| batch | forward-only images/s |",
+        "| ---: | ---: |",
+        *forward_rows,
+        "",
+        "## Served",
+        "",
+        "A load generator near one core of CPU is itself the limit of its step.",
+        "",
+        *report._step_rows(results["steps"]),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to try it out")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--served-batch-size", type=int, default=64, help="MAX_BATCH_SIZE")
+    parser.add_argument("--workers", type=int, default=4, help="service workers on the GPU")
+    parser.add_argument("--clients", default="64,128,256,512", help="closed-loop steps")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each step")
+    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; --device cpu runs the steps on the CPU")
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu" and dtype is not torch.float32:
+        parser.error("the CPU serves in float32 only: add --dtype float32")
+    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not images:
+        parser.error(f"no JPEG images in {args.images}")
+    payloads = [path.read_bytes() for path in images]
+    processes = os.cpu_count() or 1
+    batch_sizes = [2**power for power in range(args.max_batch_size.bit_length())]
+    if batch_sizes[-1] != args.max_batch_size:
+        batch_sizes.append(args.max_batch_size)
+
+    print("CPU decode limit ...", file=sys.stderr)
+    cpu_decode = cpu_decode_images_per_s(payloads, processes, args.seconds)
+    print("forward-only limit ...", file=sys.stderr)
+    forward = forward_images_per_s(device, dtype, batch_sizes, args.seconds / 4)
+    print("GPU decode ...", file=sys.stderr)
+    gpu_decode_batch = min(64, args.max_batch_size)
+    gpu_decode = gpu_decode_images_per_s(payloads, device, gpu_decode_batch, args.seconds)
+    settings = {
+        "WEIGHTS": "random",
+        "DEVICE": args.device,
+        "DTYPE": args.dtype,
+        "MAX_BATCH_SIZE": str(args.served_batch_size),
+        "WORKERS": str(args.workers),
+        "MAX_QUEUE": str(max(256, 2 * max(int(c) for c in args.clients.split(",")))),
+    }
+    print("served ...", file=sys.stderr)
+    clients = [int(count) for count in args.clients.split(",")]
+    steps = served_steps(settings, images, clients, args.seconds, args.out)
+
+    model_limit = max(forward.values())
+    bound = min(model_limit, cpu_decode)
+    served = max(step["throughput_per_s"] for step in steps)
+    info = machine()
+    info["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    results: dict[str, Any] = {
+        "command": "python -m bench.gpu " + shlex.join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device),
+        "dtype": args.dtype,
+        "machine": info,
+        "server_settings": settings,
+        "limits": {
+            "forward_images_per_s": forward,
+            "model_limit_images_per_s": model_limit,
+            "cpu_decode_processes": processes,
+            "cpu_decode_images_per_s": cpu_decode,
+            "gpu_decode_batch": gpu_decode_batch,
+            "gpu_decode_images_per_s": gpu_decode,
+        },
+        "steps": steps,
+        "target": {
+            "served_images_per_s": served,
+            "bound_images_per_s": bound,
+            "value": served / bound,
+            "met": served / bound >= SERVED_TARGET,
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "gpu" if device.type == "cuda" else "gpu-bench-on-cpu"
+    report.write_json(args.out / f"{name}.json", results)
+    write_markdown(args.out / f"{name}.md", results)
+    verdict = "ok" if results["target"]["met"] else "NO"
+    print(f"{verdict} served / min(model, CPU decode): {served / bound:.2f} (>= {SERVED_TARGET})")
+    print(f"wrote {args.out / name}.json and .md")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
