@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests import images
@@ -115,6 +116,67 @@ def test_with_json_logs_every_line_of_the_server_is_json(tmp_path: Path) -> None
     assert "uvicorn.access" not in loggers
     booting = [r for r in records if r["message"].startswith("Booting worker")]
     assert len(booting) == 1
+
+
+def test_a_usr2_upgrade_answers_every_request_while_a_new_master_takes_over(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """gunicorn's upgrade, as the README gives it: USR2 starts a second master beside the
+    first, TERM drains the old one's workers and ends it. A client sending throughout gets
+    200 every time, and the new master serves on with its own metrics."""
+    upload = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    statuses: list[int | str] = []
+    sending = True
+
+    def send() -> None:
+        # A connection per request: closing an idle kept-alive connection races with a
+        # request sent on it at that moment, at any server's shutdown.
+        with httpx.Client(timeout=60, headers={"Connection": "close"}) as client:
+            while sending:
+                try:
+                    statuses.append(client.post(f"{server.url}/cls", files=upload).status_code)
+                except httpx.TransportError as error:
+                    statuses.append(repr(error))
+
+    with running_server(tmp_path, gunicorn_command(free_port()), server_env(tmp_path)) as server:
+        old_master = psutil.Process(server.process.pid)
+        (old_worker,) = old_master.children()
+        sender = threading.Thread(target=send)
+        sender.start()
+        new_master = None
+        try:
+            old_master.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                masters = [p for p in old_master.children() if p.pid != old_worker.pid]
+                if masters and (workers := masters[0].children()):
+                    new_master = masters[0]
+                    if f"[{workers[0].pid}] [INFO] Application startup complete" in server.log():
+                        break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"no new master ready: {server.log()[-3000:]}")
+            served_before = len(statuses)
+            old_master.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=60)
+            assert not old_worker.is_running()
+            time.sleep(1)
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10)
+        finally:
+            sending = False
+            sender.join()
+            if new_master is not None:
+                new_master.send_signal(signal.SIGTERM)
+                new_master.wait(timeout=60)
+
+    assert served_before > 0
+    assert len(statuses) > served_before  # answered after the old workers were gone too
+    assert set(statuses) == {200}, statuses
+    assert metrics.status_code == 200
+    assert (
+        metric_value(metrics.text, 'http_requests_total{method="POST",route="/cls",status="200"}')
+        > 0
+    )
 
 
 def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
