@@ -1048,9 +1048,25 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+# Starlette's refusal of a form with more file parts than a route's ``max_files``.
+_TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)\.")
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail
+    if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
+        # Starlette's message names neither the setting nor the route for several files.
+        if request.url.path == "/cls/batch":
+            detail = (
+                f"more than {match[1]} files; /cls/batch takes at most MAX_BATCH_FILES "
+                f"({match[1]}) per request"
+            )
+        elif request.url.path == "/tasks":
+            detail = "/tasks takes one file; submit a task for each image"
+        else:
+            detail = f"{request.url.path} takes one file; send several to /cls/batch"
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

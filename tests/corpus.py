@@ -271,7 +271,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
         raw_multipart(
             f"{MANY_PARTS}-files",
             400,
-            "Too many files",
+            "takes one file",
             [("file", f"{i}.jpg", b"x", "image/jpeg") for i in range(MANY_PARTS)],
         ),
         raw_multipart("no-parts", 422, "file: Field required", []),

@@ -250,7 +250,16 @@ async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
         files = [("file", (f"{i}.jpg", data, "image/jpeg")) for i in range(3)]
         response = await served.client.post("/cls/batch", files=files)
         assert response.status_code == 400
-        assert "Too many files" in response.json()["detail"]
+        assert response.json()["detail"] == (
+            "more than 2 files; /cls/batch takes at most MAX_BATCH_FILES (2) per request"
+        )
+        two = files[:2]
+        response = await served.client.post("/cls", files=two)
+        assert response.status_code == 400
+        assert response.json()["detail"] == "/cls takes one file; send several to /cls/batch"
+        response = await served.client.post("/tasks", files=two)
+        assert response.status_code == 400
+        assert response.json()["detail"] == "/tasks takes one file; submit a task for each image"
 
 
 async def send_while_the_model_is_held(
