@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from service import tasks
 from service.tasks import (
     ClaimedTask,
     TaskRecord,
@@ -128,6 +129,11 @@ class TaskRunner:
         # waits for a write, so polls are answered while writes wait for a lock.
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-reads")
         self._reader: TaskStore | None = None
+        # Submissions and cancels on a connection and thread of their own too: while
+        # another process holds the write lock, the claim loop's and results' writes each
+        # wait out the busy timeout, and a request queued behind them would wait for all.
+        self._request_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-requests")
+        self._request_writer: TaskStore | None = None
         self._wake = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -137,11 +143,24 @@ class TaskRunner:
         self._housekeeping: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Open the store and start claiming tasks and deliveries."""
-        self._store = await self._db(TaskStore, self._config.data_dir)
-        self._reader = await asyncio.get_running_loop().run_in_executor(
-            self._read_thread, TaskStore, self._config.data_dir
-        )
+        """Open the store and start claiming tasks and deliveries.
+
+        Raises:
+            TaskStoreUnavailable: The store cannot be opened; nothing is left open, and
+                ``start`` may be called again.
+        """
+        loop = asyncio.get_running_loop()
+        opened: list[tuple[ThreadPoolExecutor, TaskStore]] = []
+        try:
+            for thread in (self._db_thread, self._read_thread, self._request_thread):
+                opened.append(
+                    (thread, await loop.run_in_executor(thread, TaskStore, self._config.data_dir))
+                )
+        except BaseException:
+            for thread, store in opened:
+                await loop.run_in_executor(thread, store.close)
+            raise
+        self._store, self._reader, self._request_writer = (store for _, store in opened)
         self._claim_loop_task = asyncio.create_task(self._claim_forever(), name="task-claims")
         self._housekeeping = [
             asyncio.create_task(self._renew_leases_forever(), name="task-leases"),
@@ -172,8 +191,8 @@ class TaskRunner:
             request_hash = await asyncio.to_thread(
                 _request_hash, image, top_k, metadata, callback_url
             )
-        record = await self._db(
-            self.store.create,
+        record = await self._request_write(
+            self.request_writer.create,
             task_id,
             image,
             top_k=top_k,
@@ -213,8 +232,11 @@ class TaskRunner:
         Raises:
             TaskNotCancellable: It is running or finished.
         """
-        record = await self._db(
-            self.store.cancel, task_id, now=time.time(), expired_before=self._expired_before()
+        record = await self._request_write(
+            self.request_writer.cancel,
+            task_id,
+            now=time.time(),
+            expired_before=self._expired_before(),
         )
         self._wake.set()  # the queue depth changed
         return record
@@ -255,6 +277,13 @@ class TaskRunner:
         if self._store is None:
             raise RuntimeError("TaskRunner.start() has not been called")
         return self._store
+
+    @property
+    def request_writer(self) -> TaskStore:
+        """The store's connection for submissions and cancels, used on its own thread."""
+        if self._request_writer is None:
+            raise RuntimeError("TaskRunner.start() has not been called")
+        return self._request_writer
 
     @property
     def reader(self) -> TaskStore:
@@ -306,17 +335,19 @@ class TaskRunner:
                 finally:
                     await self._db(self._store.close)
         finally:
-            try:
-                if self._reader is not None:
-                    await loop.run_in_executor(self._read_thread, self._reader.close)
-            finally:
-                try:
-                    await self._sender.aclose()
-                finally:
+            # Last in, first out; each callback runs whatever the ones before it raised.
+            async with contextlib.AsyncExitStack() as closing:
+                for thread in (self._db_thread, self._read_thread, self._request_thread):
                     # Joined off the loop: a write still waiting for another process's
                     # lock holds its thread for up to the busy timeout.
-                    await loop.run_in_executor(None, self._db_thread.shutdown)
-                    await loop.run_in_executor(None, self._read_thread.shutdown)
+                    closing.push_async_callback(loop.run_in_executor, None, thread.shutdown)
+                closing.push_async_callback(self._sender.aclose)
+                for store, thread in (
+                    (self._request_writer, self._request_thread),
+                    (self._reader, self._read_thread),
+                ):
+                    if store is not None:
+                        closing.push_async_callback(loop.run_in_executor, thread, store.close)
 
     # --- Background loops ---------------------------------------------------------------------
 
@@ -538,6 +569,16 @@ class TaskRunner:
             with attempt:
                 written = await self._db(function, *args, **kwargs)
         return written
+
+    async def _request_write(
+        self, function: Callable[..., T], *args: object, **kwargs: object
+    ) -> T:
+        """A request's write: the write lock is waited for at most the busy timeout from
+        now, however long the writes queued before it wait."""
+        deadline = time.monotonic() + tasks.BUSY_TIMEOUT_MS / 1000
+        return await asyncio.get_running_loop().run_in_executor(
+            self._request_thread, partial(function, *args, lock_deadline=deadline, **kwargs)
+        )
 
     async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -274,17 +275,32 @@ class TaskStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, lock_deadline: float | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction. ``lock_deadline`` (``time.monotonic()``) bounds the wait for
+        the write lock when that is sooner than the busy timeout: a request's write that
+        queued behind others gets its answer in time, not after their waits too."""
+        busy = TaskStoreBusy(
+            f"the task store is busy: its write lock was not free within "
+            f"{BUSY_TIMEOUT_MS / 1000:g} s (another process holds it); retry shortly"
+        )
+        wait_ms = BUSY_TIMEOUT_MS
+        if lock_deadline is not None:
+            wait_ms = min(wait_ms, int((lock_deadline - time.monotonic()) * 1000))
+            if wait_ms <= 0:
+                raise busy
         # IMMEDIATE takes the write lock up front, so two workers never both read "queued"
         # and then both write "running".
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            if wait_ms != BUSY_TIMEOUT_MS:
+                self._db.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            finally:
+                if wait_ms != BUSY_TIMEOUT_MS:
+                    self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:
             if _is_locked(exc):
-                raise TaskStoreBusy(
-                    f"the task store is busy: another process held its write lock for "
-                    f"{BUSY_TIMEOUT_MS / 1000:g} s; retry shortly"
-                ) from None
+                raise busy from None
             if _is_disk_failure(exc):
                 raise _failed(exc) from exc
             raise
@@ -325,6 +341,7 @@ class TaskStore:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         expired_before: float | None = None,
+        lock_deadline: float | None = None,
     ) -> TaskRecord:
         """Store a new queued task with its image.
 
@@ -337,8 +354,10 @@ class TaskStore:
             TaskQueueFull: ``max_queued`` tasks are already waiting.
             IdempotencyKeyReused: The key names a task made from a different request
                 (``request_hash`` differs).
+            TaskStoreBusy: The write lock was not free by ``lock_deadline`` (see
+                ``_transaction``) or within the busy timeout.
         """
-        with self._transaction() as db:
+        with self._transaction(lock_deadline) as db:
             if idempotency_key is not None:
                 row = db.execute(
                     "SELECT id, request_hash, finished_at FROM tasks WHERE idempotency_key = ?",
@@ -388,7 +407,12 @@ class TaskStore:
         return record
 
     def cancel(
-        self, task_id: str, *, now: float, expired_before: float | None = None
+        self,
+        task_id: str,
+        *,
+        now: float,
+        expired_before: float | None = None,
+        lock_deadline: float | None = None,
     ) -> TaskRecord | None:
         """Cancel a queued task; None if there is no such task (see ``get``).
 
@@ -396,8 +420,9 @@ class TaskStore:
 
         Raises:
             TaskNotCancellable: The task is running or finished.
+            TaskStoreBusy: As for ``create``.
         """
-        with self._transaction() as db:
+        with self._transaction(lock_deadline) as db:
             record = self.get(task_id, expired_before=expired_before)
             if record is None or record.status is TaskStatus.CANCELLED:
                 return record

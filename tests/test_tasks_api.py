@@ -10,6 +10,7 @@ import logging
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -1031,6 +1032,37 @@ async def test_writes_that_outwait_another_process_lock_are_503_and_retryable(
         await submit(served.client, data)
 
 
+async def test_submissions_wait_for_a_held_lock_no_longer_than_the_busy_timeout(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds the write lock, the worker's own writes (claims, every
+    poll here) each wait out the busy timeout. Submissions sent together still each get
+    their 503 within about one busy timeout, not after the waits queued before them."""
+    monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 1000)
+    data = photos[0].read_bytes()
+    async with running_app(make_settings(task_poll_interval_s=0.05)) as served:
+        await submit(served.client, data)
+        lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            await asyncio.sleep(0.3)  # the claim loop is waiting for the lock by now
+
+            async def timed_submission() -> tuple[int, float]:
+                started = time.monotonic()
+                response = await served.client.post("/tasks", files=upload(data))
+                return response.status_code, time.monotonic() - started
+
+            answers = await asyncio.gather(*(timed_submission() for _ in range(3)))
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        await submit(served.client, data)
+    print(f"\nanswered after {sorted(round(seconds, 2) for _, seconds in answers)} s")
+    assert [status for status, _ in answers] == [503] * 3
+    assert max(seconds for _, seconds in answers) < 1.6, answers
+
+
 async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: list[Path]) -> None:
     """A full disk (here, SQLite's own page limit: the same "database or disk is full") makes
     a submission 503 with Retry-After and a detail naming DATA_DIR, not a bare 500."""
@@ -1038,17 +1070,23 @@ async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: lis
     async with running_app(make_settings()) as served:
         runner = served.service.running_tasks()
 
-        def limit_pages(pages: int | None) -> None:
-            # On the store's own thread, the only one that uses its connection.
-            current = runner.store._db.execute("PRAGMA page_count").fetchone()[0]
-            runner.store._db.execute(f"PRAGMA max_page_count = {pages or current}")
+        async def limit_pages(pages: int | None) -> None:
+            # The connection that stores submissions, on its own thread, the only one
+            # that uses it.
+            connection = runner.request_writer._db
 
-        await runner._db(limit_pages, None)
+            def limit() -> None:
+                current = connection.execute("PRAGMA page_count").fetchone()[0]
+                connection.execute(f"PRAGMA max_page_count = {pages or current}")
+
+            await asyncio.get_running_loop().run_in_executor(runner._request_thread, limit)
+
+        await limit_pages(None)
         try:
             refused = await served.client.post("/tasks", files=upload(data))
             assert (await served.client.post("/cls", files=upload(data))).status_code == 200
         finally:
-            await runner._db(limit_pages, 1_073_741_823)
+            await limit_pages(1_073_741_823)
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "1"
         detail = refused.json()["detail"]
@@ -1152,7 +1190,7 @@ async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
     data = photos[0].read_bytes()
     accepted = await submit(served.client, data)
     await finished(served.client, accepted["task_id"])
-    store = served.service.running_tasks().store
+    store = served.service.running_tasks().request_writer
     real_create = store.create
     creating = threading.Event()
 

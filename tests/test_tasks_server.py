@@ -346,6 +346,9 @@ def test_a_stream_of_tasks_delays_interactive_requests_by_at_most_a_batch(
         before, "image_task_success_total"
     )
     delay_s = statistics.median(streaming) - statistics.median(idle)
+    # Batches run slower while the machine is busier: the bound takes the slower of the
+    # time measured before and the time of the batches that ran meanwhile.
+    full_batch_s = max(full_batch_s, batch_run_s(before, after)[0])
     print(
         f"\nidle /cls p50 {statistics.median(idle) * 1000:.0f} ms; with tasks p50 "
         f"{statistics.median(streaming) * 1000:.0f} ms (+{delay_s * 1000:.0f} ms), max "
