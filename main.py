@@ -1088,7 +1088,8 @@ def _public_validation_message(error: Mapping[str, object]) -> str:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette runs this outside the middleware that bound the request id: bind it again.
+    # For errors of the request middleware itself, which answers every other one; Starlette
+    # runs this outside it, so the request id is bound again.
     request_id = getattr(request.state, REQUEST_ID_STATE, None)
     with logs.request_id_bound(request_id or "-"):
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -22,6 +23,8 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_STATE = "request_id"
 # Echo a caller's id only when it is safe to put into headers and logs.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+logger = logging.getLogger(__name__)
 
 
 class RequestContextMiddleware:
@@ -76,6 +79,16 @@ class RequestContextMiddleware:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+        except Exception:
+            # A bug: logged once, here, where the request's id is bound. Passed on,
+            # Starlette would answer it and raise it again for the server to log a
+            # second traceback, without the id.
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise  # the server closes the connection mid-response
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(
+                scope, receive, send_with_id
+            )
         finally:
             elapsed_s = time.perf_counter() - started
             logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)
