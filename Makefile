@@ -26,7 +26,7 @@ test: $(STAMP)
 
 ## test-fast: the suite without the tests that start server processes
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not soak and not deploy"
 
 ## soak: minutes of 10x overload against real gunicorn, watching memory (SOAK_S, default 300)
 soak: $(STAMP)

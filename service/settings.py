@@ -81,10 +81,10 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(5, ge=1, le=86_400)
     stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
 
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=2**40)
+    max_image_pixels: int = Field(40_000_000, ge=1, le=10**12)
     max_batch_files: int = Field(32, ge=1, le=1000)
-    body_idle_timeout_s: float = Field(30.0, gt=0)
+    body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
 
     torch_threads: int | None = Field(None, ge=1, le=1024)
     decode_threads: int | None = Field(None, ge=1, le=1024)
@@ -97,17 +97,18 @@ class Settings(BaseSettings):
     task_ttl: timedelta = Field(timedelta(days=7), gt=timedelta(0))
     task_max_queued: int = Field(10_000, ge=1, le=1_000_000_000)
     task_max_attempts: int = Field(3, ge=1, le=1000)
-    task_lease_s: float = Field(30.0, gt=0)
-    task_poll_interval_s: float = Field(1.0, gt=0)
-    task_cleanup_interval_s: float = Field(600.0, gt=0)
-    task_metadata_max_bytes: int = Field(16 * 1024, ge=2)
+    # A lease shorter than a write can stall hands a live worker's tasks to others.
+    task_lease_s: float = Field(30.0, ge=1, le=86_400)
+    task_poll_interval_s: float = Field(1.0, gt=0, le=3600)
+    task_cleanup_interval_s: float = Field(600.0, gt=0, le=86_400)
+    task_metadata_max_bytes: int = Field(16 * 1024, ge=2, le=2**30)
     # Whether tasks fill the spare slots of batches that hold /cls requests; unset: on CUDA.
     task_fill_spare_slots: bool | None = None
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(5, ge=1, le=100)
-    webhook_timeout_s: float = Field(10.0, gt=0)
-    webhook_backoff_s: float = Field(1.0, ge=0)
-    webhook_backoff_max_s: float = Field(300.0, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0, le=3600)
+    webhook_backoff_s: float = Field(1.0, ge=0, le=86_400)
+    webhook_backoff_max_s: float = Field(300.0, ge=0, le=86_400)
     webhook_allow_private: bool = False
 
     # Unset or empty: no authentication. Never echoed in errors or logs.
@@ -138,6 +139,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _empty_means_the_default(cls, value: object) -> object:
+        # An empty path is the working directory, which nobody asks for by leaving it empty.
+        return cls.model_fields["data_dir"].default if value == "" else value
 
     @field_validator("api_key")
     @classmethod

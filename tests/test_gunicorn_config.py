@@ -68,6 +68,7 @@ def test_everything_comes_from_the_environment(
         assert load(monkeypatch, tmp_path, BIND=address)["bind"] == address
     # Empty means unset, as for the other settings.
     assert load(monkeypatch, tmp_path, BIND="", PORT="8080")["bind"] == "0.0.0.0:8080"
+    assert load(monkeypatch, tmp_path, DATA_DIR="")["settings"].data_dir == Path("data")
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,11 @@ def test_everything_comes_from_the_environment(
         ("TASK_MAX_ATTEMPTS", str(10**19)),
         ("TASK_MAX_QUEUED", str(10**19)),
         ("KEEPALIVE_S", "0"),
+        # Accepted, this reached file.read() as an index too large: every /tasks was a 500.
+        ("MAX_UPLOAD_BYTES", str(2**63 - 1)),
+        ("WEBHOOK_TIMEOUT_S", "1e30"),
+        # A lease shorter than a write can stall hands a live worker's tasks to others.
+        ("TASK_LEASE_S", "0.2"),
         ("TASK_TTL", "-5"),  # named as given, not as the duration it was read as
         # gunicorn would bind port 8000 for a bare host, and fail with a traceback on
         # a port out of range.

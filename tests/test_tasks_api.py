@@ -796,7 +796,7 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
 ) -> None:
     """If storing a result fails (a locked or full disk), the task is not left "running"
     for ever: its lease is no longer renewed, runs out, and the task runs again."""
-    settings = make_settings(task_lease_s=0.6, task_poll_interval_s=0.05)
+    settings = make_settings(task_lease_s=1.0, task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         store = served.service.running_tasks().store
         real_finish = store.finish
