@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
@@ -60,6 +59,7 @@ from service.middleware import (
     REQUEST_ID_STATE,
     ApiKeyMiddleware,
     BodyLimitsMiddleware,
+    JsonCorsMiddleware,
     RequestContextMiddleware,
 )
 from service.protocol import SHUTDOWN_HOOK
@@ -1234,7 +1234,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.cors_origin_list:
         # Outside the key check: browsers send preflight requests without credentials.
         app.add_middleware(
-            CORSMiddleware,
+            JsonCorsMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Idempotency-Key"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextvars
+import datetime
 import logging
 import sys
 import threading
@@ -166,6 +167,11 @@ def _escape_unprintable(text: str) -> str:
 class _JsonLines(JsonFormatter):
     """JSON lines alike for every logger: "-" where no request is (gunicorn's and uvicorn's
     lines carry no id), and without uvicorn's copy of each message in terminal colours."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        """ISO 8601 in UTC, which log collectors read without a format of their own."""
+        created = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+        return created.isoformat(timespec="milliseconds")
 
     def add_fields(
         self,

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -255,3 +256,23 @@ class ApiKeyMiddleware:
         # Header values arrive decoded as latin-1: encoded back, they are the bytes sent,
         # which for a non-ASCII key are its UTF-8.
         return hmac.compare_digest(offered.encode("latin-1"), self.api_key)
+
+
+class JsonCorsMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, its refusal of a preflight request in JSON as every other
+    error is."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        # "Disallowed CORS origin, method": what the preflight asked for that is not allowed.
+        detail = bytes(response.body).decode()
+        if "origin" in detail:
+            detail += "; CORS_ORIGINS lists the allowed origins"
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-type", "content-length")
+        }
+        return JSONResponse({"detail": detail}, status_code=400, headers=headers)

@@ -3,6 +3,7 @@ or JSON, and server errors logged even with the access log off."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
@@ -239,7 +240,10 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
     assert first["level"] == "INFO"
     assert first["batch_size"] == 1
     assert 0 < first["duration_ms"] < 30_000
-    assert "time" in first
+    # ISO 8601 in UTC, as log collectors read it.
+    logged_at = datetime.datetime.fromisoformat(first["time"])
+    assert logged_at.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.UTC) - logged_at) < datetime.timedelta(minutes=5)
     batch_line = by_id["json-batch"]
     sizes = batch_line.get("batch_sizes") or [batch_line["batch_size"]] * 2
     assert len(sizes) == 2

@@ -195,3 +195,22 @@ async def test_cors_preflight_allows_cancelling_tasks_with_an_idempotency_key() 
     assert cancel.status_code == 200, cancel.text
     assert "DELETE" in cancel.headers["access-control-allow-methods"]
     assert submit.status_code == 200, submit.text
+
+
+async def test_a_refused_cors_preflight_is_a_json_error() -> None:
+    async with running_app(make_settings(cors_origins=ORIGIN)) as served:
+        foreign = await served.client.options(
+            "/cls",
+            headers={"Origin": "https://evil.example.net", "Access-Control-Request-Method": "POST"},
+        )
+        method = await served.client.options(
+            "/cls", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"}
+        )
+    assert foreign.status_code == 400
+    assert foreign.json() == {
+        "detail": "Disallowed CORS origin; CORS_ORIGINS lists the allowed origins"
+    }
+    assert "access-control-allow-origin" not in foreign.headers
+    assert method.status_code == 400
+    assert method.json() == {"detail": "Disallowed CORS method"}
+    assert method.headers["access-control-allow-origin"] == ORIGIN
