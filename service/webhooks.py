@@ -115,18 +115,11 @@ def _parse_ip(text: str) -> _IPAddress | None:
         return None
 
 
-def check_callback_url(url: str, *, allow_private: bool) -> None:
-    """Refuse a callback URL that is malformed or, unless allowed, points at a private address.
-
-    Blocking (resolves the host name): call it in a thread from async code.
-
-    Args:
-        url: The callback URL as submitted.
-        allow_private: Skip the address checks (and so DNS), for trusted networks.
+def _checked_form(url: str) -> tuple[str, int | None]:
+    """Refuse a callback URL that is malformed; its host and port. Looks nothing up.
 
     Raises:
         InvalidCallbackUrl: With a message saying what is wrong.
-        CallbackLookupFailed: DNS failed to answer for the host, for now.
     """
     if len(url) > MAX_URL_CHARS:
         raise InvalidCallbackUrl(
@@ -159,11 +152,29 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         raise InvalidCallbackUrl(
             "callback_url contains credentials (user:password@); put secrets elsewhere"
         )
-    if allow_private:
-        return
+    return host, port
 
+
+def check_callback_url(url: str, *, allow_private: bool) -> None:
+    """Refuse a callback URL that is malformed, names a host that does not resolve, or,
+    unless allowed, points at a private address.
+
+    Blocking (resolves the host name): call it in a thread from async code.
+
+    Args:
+        url: The callback URL as submitted.
+        allow_private: Skip the address checks, for trusted networks; a host name must
+            still resolve.
+
+    Raises:
+        InvalidCallbackUrl: With a message saying what is wrong.
+        CallbackLookupFailed: DNS failed to answer for the host, for now.
+    """
+    host, port = _checked_form(url)
     literal = _parse_ip(host)
     if literal is not None:
+        if allow_private:
+            return
         reason = _refusal_reason(literal)
         if reason is not None:
             raise InvalidCallbackUrl(
@@ -186,6 +197,8 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         raise CallbackLookupFailed(
             f"callback_url host {host!r} could not be looked up just now ({exc}); retry shortly"
         ) from None
+    if allow_private:
+        return
     # Every answer must pass: the connection may use any of them.
     for *_, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0])
@@ -439,7 +452,7 @@ class WebhookSender:
         try:
             # The form only: the addresses are checked when each connection opens, where a
             # name that does not resolve for now is a failed attempt to retry, not the end.
-            check_callback_url(url, allow_private=True)
+            _checked_form(url)
         except InvalidCallbackUrl as exc:
             return DeliveryResult(False, attempts_done, str(exc))
 

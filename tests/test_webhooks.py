@@ -431,6 +431,12 @@ def test_allowing_private_targets_still_refuses_malformed_urls(url: str) -> None
         check_callback_url(url, allow_private=True)
 
 
+def test_allowing_private_targets_still_refuses_a_name_that_does_not_resolve() -> None:
+    """Every delivery to it would fail: refused at submission, as without the setting."""
+    with pytest.raises(InvalidCallbackUrl, match="does not resolve"):
+        check_callback_url("http://no-such-host.invalid/hook", allow_private=True)
+
+
 @pytest.mark.parametrize(
     "url",
     [
