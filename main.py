@@ -207,6 +207,16 @@ class TaskOut(BaseModel):
     webhook: WebhookOut | None
 
 
+def _timed_runs(classifier: Classifier, sizes: list[int]) -> dict[int, float]:
+    """Seconds the warm classifier takes for a batch of each size."""
+    run_times = {}
+    for size in sizes:
+        started = time.perf_counter()
+        classifier.warm_up([size])
+        run_times[size] = time.perf_counter() - started
+    return run_times
+
+
 class Service:
     """Everything one worker holds while serving: the model, the batcher and their threads."""
 
@@ -259,8 +269,10 @@ class Service:
                 seed=settings.seed,
             ),
         )
-        await loop.run_in_executor(
-            self._inference_pool, classifier.warm_up, sorted({1, settings.max_batch_size})
+        warm_up_sizes = sorted({1, settings.max_batch_size})
+        await loop.run_in_executor(self._inference_pool, classifier.warm_up, warm_up_sizes)
+        run_times = await loop.run_in_executor(
+            self._inference_pool, _timed_runs, classifier, warm_up_sizes
         )
         self.classifier = classifier
         metrics.record_model(
@@ -272,6 +284,10 @@ class Service:
         self.processor = BatchProcessor(
             self._run_batch, settings.batch_config(classifier.device.type), self._observer
         )
+        # Without them, the first batches of each size would be expected to take no time:
+        # a deadline would be judged met, or a timer waited out, until too late.
+        for size, run_s in run_times.items():
+            self.processor.record_run_time(size, run_s)
         self.processor.start()
         runner = self._task_runner()
         try:

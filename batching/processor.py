@@ -323,6 +323,12 @@ class BatchProcessor(Generic[In, Out]):
             return 0.0
         return time.monotonic() - min(batch.started_at for batch in self._running)
 
+    def record_run_time(self, size: int, run_s: float) -> None:
+        """Tell the batcher how long the handler takes for a batch of ``size`` (timed at a
+        warm-up, say), so that deadlines are judged against it from the first batch on,
+        as against the run times it learns from then on."""
+        self._run_times.record(size, run_s)
+
     def start(self) -> None:
         """Start the background batching task on the running event loop."""
         if self._loop_task is not None:

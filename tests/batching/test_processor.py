@@ -105,6 +105,32 @@ async def test_timeout_policy_never_waits_past_a_waiting_items_deadline() -> Non
     assert elapsed_s < 0.3
 
 
+@pytest.mark.parametrize("told", [True, False], ids=["run time told", "nothing run yet"])
+async def test_a_run_time_told_before_any_batch_ran_starts_the_first_in_time(told: bool) -> None:
+    """Before its first batch the batcher knows no run time and takes it for none: under
+    TIMEOUT it would wait until just before a deadline and answer after it. Told the run
+    time (from a warm-up), it starts the batch early enough."""
+
+    async def slow(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.2)
+        return [item * 2 for item in items]
+
+    config = BatchConfig(max_batch_size=8, max_wait_s=10.0, policy=TIMEOUT)
+    processor = BatchProcessor(slow, config)
+    if told:
+        processor.record_run_time(1, 0.4)  # more than it takes: the test leaves a margin
+    processor.start()
+    try:
+        submitted = processor.submit(7, deadline=time.monotonic() + 0.8)
+        if told:
+            assert await bounded(submitted) == 14
+        else:
+            with pytest.raises(DeadlineExceeded):
+                await bounded(submitted)
+    finally:
+        await processor.stop(1.0)
+
+
 async def test_adaptive_policy_serves_a_lone_item_without_waiting() -> None:
     """Under ADAPTIVE a lone item is dispatched at once, however large ``max_wait_s`` is."""
     handler = FakeHandler()
