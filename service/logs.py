@@ -15,10 +15,11 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging.handlers import QueueHandler, QueueListener
-from typing import Any
+from typing import Any, TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -26,6 +27,10 @@ from pythonjsonlogger.json import JsonFormatter
 ACCESS_LOGGER = "service.access"
 # The service's own loggers; uvicorn and gunicorn keep their handlers.
 SERVICE_LOGGERS = ("service", "batching", "classification")
+# What libraries say while a request is served, in the same format and with its id: Python
+# warnings (Pillow's about a corrupt EXIF block) and python-multipart's about a malformed
+# body. Warnings and above only: their debug lines are of no use to an operator.
+LIBRARY_LOGGERS = ("py.warnings", "python_multipart")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"
 
@@ -193,6 +198,21 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` as one log line (logging's own hook adds the source line
+    on a line of its own)."""
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%d)", category.__name__, message, filename, lineno
+    )
+
+
 def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     """Route the service's loggers through one background writer, as text or JSON lines."""
     global _access_log_on
@@ -207,10 +227,14 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     handler = QueueHandler(records)
     handler.addFilter(RequestIdLogFilter())  # in the caller's context, where the id is bound
     _start_writer(QueueListener(records, stream))
-    for name in SERVICE_LOGGERS:
+    warnings.showwarning = _log_warning
+    for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
         named = logging.getLogger(name)
         named.handlers = [handler]
-        named.setLevel(level.upper())
+        service_level = logging.getLevelNamesMapping()[level.upper()]
+        named.setLevel(
+            service_level if name in SERVICE_LOGGERS else max(service_level, logging.WARNING)
+        )
         named.propagate = False
     # Independent of LOG_LEVEL: ACCESS_LOG alone turns the access lines off.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
@@ -230,7 +254,7 @@ def stop_writer() -> None:
     if _listener is not None:
         _listener.stop()
         _listener = None
-        for name in SERVICE_LOGGERS:
+        for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
             logging.getLogger(name).handlers = [] if _direct is None else [_direct]
 
 

@@ -4,10 +4,12 @@ or JSON, and server errors logged even with the access log off."""
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from logging.handlers import QueueListener
 from pathlib import Path
@@ -268,3 +270,35 @@ def wait_for_json_lines(read_log: Callable[[], str], request_id: str) -> list[di
         if time.monotonic() > deadline:
             raise AssertionError(f"no JSON line for {request_id}:\n{read_log()}")
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_library_warnings_are_lines_of_the_log_with_the_request_id(log_format: str) -> None:
+    """Pillow warns about a corrupt EXIF block, python-multipart logs a malformed body:
+    both are written as the service's own lines are, not bare on stderr."""
+    written = io.StringIO()
+    logs.configure_logging("info", log_format, access_log=True)
+    try:
+        assert logs._direct is not None
+        logs._direct.setStream(written)  # the writer thread's handler too
+        with logs.request_id_bound("req-7"), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(
+                "Corrupt EXIF data.  Expecting to read 4 bytes", UserWarning, stacklevel=1
+            )
+            multipart = logging.getLogger("python_multipart.multipart")
+            multipart.warning("Did not find CR at end of boundary (%d)", 40)
+            multipart.debug("a debug line nobody needs")
+        logs.stop_writer()
+    finally:
+        logs.configure_logging("info", "text", access_log=True)
+    lines = written.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]
+        assert [r["request_id"] for r in records] == ["req-7", "req-7"]
+        assert "Corrupt EXIF data" in records[0]["message"]
+        assert records[1]["message"] == "Did not find CR at end of boundary (40)"
+    else:
+        assert all("[req-7]" in line for line in lines)
+        assert "Corrupt EXIF data" in lines[0]
