@@ -29,6 +29,16 @@ DRAFT_SCALES = (8, 4, 2)
 # Ghostscript); none of those is worth the attack surface for a classifier.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+# The first bytes of each supported format but WebP (RIFF, then WEBP at offset 8).
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
 TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
 TIFF_STRIP_OFFSETS, TIFF_TILE_OFFSETS = 273, 324
 # Pillow walks a TIFF's strips or tiles, and a PNG's chunks, in Python, a few µs each:
@@ -83,6 +93,11 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
+        if (claimed := _claimed_format(data)) is not None:
+            raise InvalidImage(
+                f"the upload starts as a {claimed} image does, but its header is corrupt or "
+                "truncated"
+            ) from None
         raise InvalidImage(f"the upload is not a {_FORMAT_NAMES} image") from None
     except Exception:
         raise InvalidImage("the image header is corrupt") from None
@@ -111,6 +126,14 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The supported format whose signature ``data`` starts with, if any: what a file that
+    Pillow cannot open was meant to be."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _check_structure(data: bytes) -> None:

@@ -132,6 +132,13 @@ def corrupt_header_jpeg(jpeg: bytes) -> bytes:
     return jpeg[: start + 4] + b"\x00" * (length - 2) + jpeg[start + 2 + length :]
 
 
+def png_with_bad_header_crc(photo: Image.Image) -> bytes:
+    """A PNG whose header chunk's checksum is wrong: Pillow cannot open it at all."""
+    png = images.encode(photo.resize((32, 24)), "PNG")
+    crc_at = 8 + 8 + 13  # signature, IHDR's length and type, its 13 bytes of data
+    return png[:crc_at] + b"\x00\x00\x00\x00" + png[crc_at + 4 :]
+
+
 def build_corpus(photo_path: Path) -> list[Case]:
     """Every case, built from one real JPEG photo."""
     jpeg = photo_path.read_bytes()
@@ -148,8 +155,20 @@ def build_corpus(photo_path: Path) -> list[Case]:
             upload(b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"),
         ),
         Case("truncated-jpeg", 400, "corrupt or truncated", upload(jpeg[: len(jpeg) // 2])),
-        # Pillow reports a JPEG whose frame header does not parse as no JPEG at all.
-        Case("corrupt-header-jpeg", 400, not_image, upload(corrupt_header_jpeg(jpeg))),
+        # Pillow takes a JPEG whose frame header does not parse for no JPEG at all; the
+        # answer names what the file was meant to be.
+        Case(
+            "corrupt-header-jpeg",
+            400,
+            "starts as a JPEG image does, but its header is corrupt or truncated",
+            upload(corrupt_header_jpeg(jpeg)),
+        ),
+        Case(
+            "png-with-a-bad-header-crc",
+            400,
+            "starts as a PNG image does, but its header is corrupt or truncated",
+            upload(png_with_bad_header_crc(photo)),
+        ),
         Case("png-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.png_bomb())),
         Case("gif-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.gif_bomb())),
         Case(
