@@ -1217,7 +1217,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route(
         "/metrics",
         prometheus_metrics,
-        methods=["GET"],
+        methods=["GET", "HEAD"],
         tags=["operations"],
         include_in_schema=False,
     )

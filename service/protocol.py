@@ -41,6 +41,17 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 logger = logging.getLogger("service")
 
 
+class _OneLinePerRefusal(logging.Filter):
+    """Drops uvicorn's bare "Invalid HTTP request received.", logged just before it calls
+    ``send_400_response``, which logs the refusal with its request id and reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid HTTP request received."
+
+
+logging.getLogger("uvicorn.error").addFilter(_OneLinePerRefusal())
+
+
 class JsonErrorsHttpProtocol(HttpToolsProtocol):
     """httptools' protocol (uvicorn's default), bounding request heads, with JSON errors."""
 

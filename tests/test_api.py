@@ -903,7 +903,7 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
 async def test_health_and_readiness(served: RunningApp) -> None:
     assert (await served.client.get("/healthz")).json() == {"status": "ok"}
     assert (await served.client.get("/readyz")).json() == {"status": "ready"}
-    for path in ("/healthz", "/readyz"):
+    for path in ("/healthz", "/readyz", "/metrics"):
         assert (await served.client.head(path)).status_code == 200, path
 
 

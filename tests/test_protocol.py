@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -143,13 +144,17 @@ def refused_by_server(status: int) -> float:
     return REGISTRY.get_sample_value("http_requests_total", sample) or 0.0
 
 
-def test_bytes_that_are_not_http_get_a_json_400(port: int) -> None:
+def test_bytes_that_are_not_http_get_a_json_400(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
     counted = refused_by_server(400)
-    with connect(port) as connection:
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"), connect(port) as connection:
         connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n")
         answer = read_to_close(connection)
     assert "not valid HTTP/1.1" in json_error(answer, 400)
     assert refused_by_server(400) == counted + 1  # in the metrics, as app answers are
+    # One line per refusal, the service's, with its id and reason; not uvicorn's too.
+    assert not [r for r in caplog.records if r.name == "uvicorn.error"], caplog.records
 
 
 def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_answers(
