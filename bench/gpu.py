@@ -192,7 +192,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         "",
         "A load generator near one core of CPU is itself the limit of its step.",
         "",
-        *report._step_rows(results["steps"]),
+        *report.step_rows(results["steps"]),
         "",
     ]
     path.write_text("\n".join(lines))

@@ -16,7 +16,7 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _step_rows(steps: list[dict[str, Any]]) -> list[str]:
+def step_rows(steps: list[dict[str, Any]]) -> list[str]:
     rows = [
         "| step | offered | throughput/s | p50 ms | p90 ms | p99 ms | max ms | mean batch "
         "| errors | server CPU cores | peak worker RSS MiB | load-gen CPU cores |",
@@ -81,7 +81,7 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         "| --- | ---: |",
     ]
     lines += [f"| {name} | {value / 2**20:.0f} |" for name, value in results["memory"].items()]
-    lines += ["", "## Load steps", "", *_step_rows(results["steps"]), ""]
+    lines += ["", "## Load steps", "", *step_rows(results["steps"]), ""]
     lines += _low_traffic_lines(results)
     paired = results["paired"]
     pipeline_ms = paired["single_image_pipeline_ms"]
@@ -99,11 +99,11 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         f"{forward[1]:.1f} images/s (served network, BatchNorm folded: {served[0]:.1f} / "
         f"{served[1]:.1f})",
         "",
-        *_step_rows(paired_steps),
+        *step_rows(paired_steps),
         "",
     ]
     if results.get("baseline"):
-        lines += ["## Batching off (MAX_BATCH_SIZE=1)", "", *_step_rows(results["baseline"]), ""]
+        lines += ["## Batching off (MAX_BATCH_SIZE=1)", "", *step_rows(results["baseline"]), ""]
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
     path.write_text("\n".join(lines) + "\n")
 

@@ -162,7 +162,7 @@ def test_the_low_traffic_report_sets_the_spaced_step_beside_its_neighbours() -> 
         "- in-process pipeline after the same gap: 35.4 ms (back to back, just before: 22.0 ms)"
         in lines
     )
-    assert "| spaced-0.5s | 500 ms apart |" in "\n".join(report._step_rows(results["steps"]))
+    assert "| spaced-0.5s | 500 ms apart |" in "\n".join(report.step_rows(results["steps"]))
 
 
 def test_a_spaced_step_without_answers_is_reported_as_such() -> None:
