@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import logging
 import math
@@ -635,10 +636,12 @@ def _read_and_preprocess(
     file: BinaryIO, limit_bytes: int, max_pixels: int
 ) -> tuple[bytes, np.ndarray]:
     """An upload's bytes, read from its spooled file, and its model input."""
+    # Its size first: read(limit + 1) would set aside the whole limit in memory up front.
+    size = file.seek(0, io.SEEK_END)
+    if size > limit_bytes:
+        raise _too_large(size, limit_bytes)
     file.seek(0)
-    data = file.read(limit_bytes + 1)
-    if len(data) > limit_bytes:
-        raise _too_large(len(data), limit_bytes)
+    data = file.read(size)
     return data, _preprocess(data, max_pixels)
 
 

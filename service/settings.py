@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(5, ge=1, le=86_400)
     stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
 
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=2**40)
+    # At most SQLite's largest value: a task stores its image as one.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=1_000_000_000)
     max_image_pixels: int = Field(40_000_000, ge=1, le=10**12)
     max_batch_files: int = Field(32, ge=1, le=1000)
     body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)

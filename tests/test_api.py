@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import math
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -165,6 +166,26 @@ async def test_an_upload_of_exactly_the_limit_is_accepted(photos: list[Path]) ->
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
         response = await served.client.post("/cls", files=upload(data + b"\0"))
         assert response.status_code == 413
+
+
+def test_reading_an_upload_sets_aside_its_size_not_the_limit() -> None:
+    """An upload over 1 MiB is spooled to disk; read back with read(limit + 1), Python set
+    aside the whole limit first: with a large MAX_UPLOAD_BYTES, a MemoryError (500) for
+    every such upload."""
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    data = images.encode(Image.fromarray(noise), "PNG")
+    with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as spooled:
+        spooled.write(data)
+        assert spooled._rolled  # type: ignore[attr-defined]  # on disk, as a large upload is
+        tracemalloc.start()
+        try:
+            read, crop = main._read_and_preprocess(spooled, 1_000_000_000, 40_000_000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert read == data
+    assert crop.shape == (224, 224, 3)
+    assert peak < 100 * 2**20, peak
 
 
 async def test_a_streamed_body_is_cut_off_as_it_passes_the_limit() -> None:
