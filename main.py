@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import io
 import json
@@ -459,9 +460,11 @@ class Service:
         self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object
     ) -> T:
         """``work(*args)`` on ``pool``, counted as work in progress until its thread is done
-        with it, even once nobody waits for it: the memory trimmer must not run beside it."""
+        with it, even once nobody waits for it: the memory trimmer must not run beside it.
+        It runs in the caller's context, so what it logs (Pillow's warnings) carries the
+        request's id."""
         loop = asyncio.get_running_loop()
-        future = pool.submit(work, *args)
+        future = pool.submit(contextvars.copy_context().run, work, *args)
         self._threads_working += 1
         future.add_done_callback(partial(_call_soon, loop, self._thread_done))
         return await asyncio.wrap_future(future, loop=loop)

@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import logging
+import struct
 import threading
 import time
 import warnings
@@ -17,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from service import logs
 from tests.server import free_port, gunicorn_command, running_server, server_env
+from tests.support import make_settings, running_app
 
 
 class Recorder(logging.Handler):
@@ -272,33 +275,52 @@ def wait_for_json_lines(read_log: Callable[[], str], request_id: str) -> list[di
         time.sleep(0.05)
 
 
+def corrupt_exif_jpeg() -> bytes:
+    """A JPEG whose EXIF tag points past the block's end: Pillow warns as it reads it."""
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+    tiff += struct.pack("<HHII", 0x010F, 2, 100, 0x1000) + struct.pack("<I", 0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_library_warnings_are_lines_of_the_log_with_the_request_id(log_format: str) -> None:
-    """Pillow warns about a corrupt EXIF block, python-multipart logs a malformed body:
-    both are written as the service's own lines are, not bare on stderr."""
+async def test_library_warnings_are_lines_of_the_log_with_the_request_id(
+    log_format: str,
+) -> None:
+    """Pillow warns about a broken EXIF block (on a decode thread), python-multipart about
+    a malformed body (on the event loop): both are written as the service's own lines are,
+    with the request's id, not bare on stderr."""
     written = io.StringIO()
     logs.configure_logging("info", log_format, access_log=True)
     try:
         assert logs._direct is not None
         logs._direct.setStream(written)  # the writer thread's handler too
-        with logs.request_id_bound("req-7"), warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.warn(
-                "Corrupt EXIF data.  Expecting to read 4 bytes", UserWarning, stacklevel=1
-            )
-            multipart = logging.getLogger("python_multipart.multipart")
-            multipart.warning("Did not find CR at end of boundary (%d)", 40)
-            multipart.debug("a debug line nobody needs")
+        async with running_app(make_settings()) as served:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                response = await served.client.post(
+                    "/cls",
+                    files={"file": ("x.jpg", corrupt_exif_jpeg(), "image/jpeg")},
+                    headers={"X-Request-ID": "exif-7"},
+                )
+            with logs.request_id_bound("req-7"):
+                multipart = logging.getLogger("python_multipart.multipart")
+                multipart.warning("Did not find CR at end of boundary (%d)", 40)
+                multipart.debug("a debug line nobody needs")
         logs.stop_writer()
     finally:
         logs.configure_logging("info", "text", access_log=True)
+    assert response.status_code == 200, response.text
     lines = written.getvalue().splitlines()
-    assert len(lines) == 2, lines
+    exif = [line for line in lines if "Tag data larger than file" in line]
+    boundary = [line for line in lines if "end of boundary" in line]
+    assert exif, lines
+    assert len(boundary) == 1, lines
+    assert not [line for line in lines if "debug line" in line]
     if log_format == "json":
-        records = [json.loads(line) for line in lines]
-        assert [r["request_id"] for r in records] == ["req-7", "req-7"]
-        assert "Corrupt EXIF data" in records[0]["message"]
-        assert records[1]["message"] == "Did not find CR at end of boundary (40)"
+        assert all(json.loads(line)["request_id"] == "exif-7" for line in exif), exif
+        assert json.loads(boundary[0])["request_id"] == "req-7"
     else:
-        assert all("[req-7]" in line for line in lines)
-        assert "Corrupt EXIF data" in lines[0]
+        assert all("[exif-7]" in line for line in exif), exif
+        assert "[req-7]" in boundary[0]
