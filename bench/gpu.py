@@ -6,7 +6,8 @@
 It measures, on this machine:
 
 1. the served network (BatchNorm folded, channels_last) forward-only in ``--dtype`` on the
-   GPU at batches 1, 2, 4, ... up to 256: the model limit is the best of them;
+   GPU at batches 1, 2, 4, ... up to 256: the model limit is the best of them up to the
+   served maximum batch;
 2. decode + resize + crop of the images on every core, a process per core: the CPU decode
    limit, which bounds a service that decodes on the CPU, as this one does;
 3. the same for JPEGs with torchvision's ``decode_jpeg`` on the GPU, batched, and the resize
@@ -221,6 +222,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype is not torch.float32:
         parser.error("the CPU serves in float32 only: add --dtype float32")
+    if not args.images.is_dir():
+        parser.error(f"no folder {args.images}; --images names one with JPEG photos")
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not images:
         parser.error(f"no JPEG images in {args.images}")
@@ -249,7 +252,8 @@ def main() -> None:
     clients = [int(count) for count in args.clients.split(",")]
     steps = served_steps(settings, images, clients, args.seconds, args.out)
 
-    model_limit = max(forward.values())
+    # At the served maximum batch at most, as the service runs the model.
+    model_limit = max(rate for size, rate in forward.items() if size <= args.served_batch_size)
     bound = min(model_limit, cpu_decode)
     served = max(step["throughput_per_s"] for step in steps)
     info = machine()
