@@ -75,11 +75,7 @@ class RequestContextMiddleware:
                 status_code=503,
                 headers={"Retry-After": "1", "Connection": "close"},
             )(scope, receive, send_with_id)
-            # Answered: the request ends here. Re-raised, uvicorn would log a traceback for
-            # each request cut off, beside its own line counting them.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            raise  # a cancellation is passed on (service.protocol keeps it out of the log)
         except Exception:
             # A bug: logged once, here, where the request's id is bound. Passed on,
             # Starlette would answer it and raise it again for the server to log a

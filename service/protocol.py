@@ -41,15 +41,25 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 logger = logging.getLogger("service")
 
 
-class _OneLinePerRefusal(logging.Filter):
-    """Drops uvicorn's bare "Invalid HTTP request received.", logged just before it calls
-    ``send_400_response``, which logs the refusal with its request id and reason."""
+class _NoRepeats(logging.Filter):
+    """Drops two of uvicorn's lines that repeat what is logged already:
+
+    - "Invalid HTTP request received.", logged just before it calls ``send_400_response``,
+      which logs the refusal with its request id and reason;
+    - the traceback of each request cancelled when the drain's time is up: the request
+      middleware has answered it 503, and uvicorn's own line counts them.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != "Invalid HTTP request received."
+        if record.msg == "Invalid HTTP request received.":
+            return False
+        cancelled = record.exc_info is not None and isinstance(
+            record.exc_info[1], asyncio.CancelledError
+        )
+        return not (cancelled and str(record.msg).startswith("Exception in ASGI application"))
 
 
-logging.getLogger("uvicorn.error").addFilter(_OneLinePerRefusal())
+logging.getLogger("uvicorn.error").addFilter(_NoRepeats())
 
 
 class JsonErrorsHttpProtocol(HttpToolsProtocol):
