@@ -280,14 +280,13 @@ class TaskStore:
         the write lock when that is sooner than the busy timeout: a request's write that
         queued behind others gets its answer in time, not after their waits too."""
         busy = TaskStoreBusy(
-            f"the task store is busy: its write lock was not free within "
-            f"{BUSY_TIMEOUT_MS / 1000:g} s (another process holds it); retry shortly"
+            "the task store is busy: its write lock was not free in time (a write waits "
+            f"at most {BUSY_TIMEOUT_MS / 1000:g} s for it); retry shortly"
         )
         wait_ms = BUSY_TIMEOUT_MS
         if lock_deadline is not None:
-            wait_ms = min(wait_ms, int((lock_deadline - time.monotonic()) * 1000))
-            if wait_ms <= 0:
-                raise busy
+            # One try at least, however late: the lock may well be free.
+            wait_ms = max(0, min(wait_ms, int((lock_deadline - time.monotonic()) * 1000)))
         # IMMEDIATE takes the write lock up front, so two workers never both read "queued"
         # and then both write "running".
         try:
@@ -298,8 +297,10 @@ class TaskStore:
             finally:
                 if wait_ms != BUSY_TIMEOUT_MS:
                     self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        except sqlite3.OperationalError as exc:
-            if _is_locked(exc):
+        except BaseException as exc:
+            if self._db.in_transaction:  # begun, then the busy timeout's restore failed
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
                 raise busy from None
             if _is_disk_failure(exc):
                 raise _failed(exc) from exc

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from service import tasks
 from service.tasks import (
     DATABASE_NAME,
     IdempotencyKeyReused,
@@ -25,6 +26,7 @@ from service.tasks import (
     TaskRecord,
     TaskStatus,
     TaskStore,
+    TaskStoreBusy,
     WebhookStatus,
 )
 
@@ -936,3 +938,44 @@ def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:
     assert submit("b", "h", at=T0 + 3, expired_before=T0 + 1) == "a", "not expired: replayed"
     assert submit("c", "h2", at=T0 + 4, expired_before=T0 + 3) == "c", "expired: a new task"
     assert submit("d", "h2", at=T0 + 5, expired_before=T0 + 3) == "c", "the key is now c's"
+
+
+def test_a_write_past_its_lock_deadline_still_tries_the_lock_once(
+    store: TaskStore, tmp_path: Path
+) -> None:
+    """A request's write that waited its whole time in the queue gets one try: the lock is
+    often free. Held by another connection, it is refused at once; either way the busy
+    timeout is back to normal afterwards."""
+    late = time.monotonic() - 1
+    store.create(
+        "free",
+        b"img",
+        top_k=5,
+        metadata=None,
+        callback_url=None,
+        now=T0,
+        max_queued=10,
+        lock_deadline=late,
+    )
+    other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(TaskStoreBusy):
+            store.create(
+                "held",
+                b"img",
+                top_k=5,
+                metadata=None,
+                callback_url=None,
+                now=T0,
+                max_queued=10,
+                lock_deadline=late,
+            )
+        assert time.monotonic() - started < 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == tasks.BUSY_TIMEOUT_MS
+    assert store.get("free") is not None
+    assert store.get("held") is None
