@@ -123,7 +123,7 @@ async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) ->
     ("data", "fragment"),
     [
         (b"", "empty"),
-        (b"GIF89a but not really", "not a JPEG"),
+        (b"GIF89a but not really", "starts as a GIF image does, but its header is corrupt"),
         (b"just some text", "not a JPEG, PNG, GIF, WebP, BMP or TIFF image"),
         (images.png_bomb(), "30000x30000"),
         (images.encode(images.gradient(), "PPM"), "not a JPEG"),
