@@ -54,6 +54,7 @@ def add(
     at: float = T0,
     callback_url: str | None = None,
     max_queued: int = 1_000,
+    lock_deadline: float | None = None,
 ) -> TaskRecord:
     """A queued task created at ``at``; its image is ``image_of(task_id)``."""
     return store.create(
@@ -64,6 +65,7 @@ def add(
         callback_url=callback_url,
         now=at,
         max_queued=max_queued,
+        lock_deadline=lock_deadline,
     )
 
 
@@ -947,31 +949,13 @@ def test_a_write_past_its_lock_deadline_still_tries_the_lock_once(
     often free. Held by another connection, it is refused at once; either way the busy
     timeout is back to normal afterwards."""
     late = time.monotonic() - 1
-    store.create(
-        "free",
-        b"img",
-        top_k=5,
-        metadata=None,
-        callback_url=None,
-        now=T0,
-        max_queued=10,
-        lock_deadline=late,
-    )
+    add(store, "free", lock_deadline=late)
     other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
         started = time.monotonic()
         with pytest.raises(TaskStoreBusy):
-            store.create(
-                "held",
-                b"img",
-                top_k=5,
-                metadata=None,
-                callback_url=None,
-                now=T0,
-                max_queued=10,
-                lock_deadline=late,
-            )
+            add(store, "held", lock_deadline=late)
         assert time.monotonic() - started < 1
     finally:
         other.execute("ROLLBACK")
