@@ -327,9 +327,17 @@ def test_a_stream_of_tasks_delays_interactive_requests_by_at_most_a_batch(
         feeder.start()
         try:
             wait_until(
-                lambda: metric_value(client.get("/metrics").text, "task_queue_depth") > 0,
+                lambda: metric_value(client.get("/metrics").text, "task_queue_depth") > 16,
                 60,
                 "tasks to queue up",
+            )
+            # Batches are counted as they end: let the ones that began while the queue was
+            # still filling end before the window opens.
+            queued = metric_value(client.get("/metrics").text, "batch_size_count")
+            wait_until(
+                lambda: metric_value(client.get("/metrics").text, "batch_size_count") >= queued + 2,
+                60,
+                "two batches to end",
             )
             # Tasks alone: how long one full batch of them runs, on this machine, now.
             tasks_alone = client.get("/metrics").text
