@@ -129,7 +129,7 @@ class ClientDisconnected(Exception):
 
 
 class NotReady(Exception):
-    """The model is not loaded yet, or the server is draining."""
+    """The model is not loaded yet, or the worker has shut down."""
 
 
 class InvalidTaskField(Exception):
@@ -230,7 +230,8 @@ class Service:
         self.settings = settings
         self.classifier: Classifier | None = None
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
-        self.ready = False
+        self.ready = False  # the model is loaded and warm, and ``stop`` has not run
+        self.draining = False  # the server's shutdown has begun: ready for no new work
         self._decoding = 0
         self._threads_working = 0  # decodes running or waiting for a thread
         self._validating_tasks = 0
@@ -353,11 +354,16 @@ class Service:
 
     def begin_shutdown(self) -> None:
         """The server has begun to shut down; it waits for open requests before ``stop``.
-        From now on no task is claimed, and the drain's time runs."""
+        From now on /readyz answers 503, no task is claimed, and the drain's time runs.
+
+        Requests still reach the app meanwhile: the server accepted their connections
+        before it stopped listening, and the batcher serves them until ``stop``. Refusing
+        them would fail requests a proxy has already sent here and will not retry.
+        """
         if self._shutdown_began is not None:
             return
         self._shutdown_began = time.monotonic()
-        self.ready = False
+        self.draining = True
         if self._opening_tasks is not None:
             self._opening_tasks.cancel()
         if self.tasks is not None:
@@ -371,6 +377,7 @@ class Service:
         task store for another worker or the next start.
         """
         self.ready = False
+        self.draining = True
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._opening_tasks is not None:
@@ -405,8 +412,8 @@ class Service:
 
     async def classify(self, upload: UploadFile, top_k: int, deadline: float) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
-        if not self.ready or self.processor is None:
-            raise NotReady("the model is not ready")
+        self._refuse_unless_ready()
+        assert self.processor is not None
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
         admitted = processor.waiting(Priority.INTERACTIVE) + self._decoding
@@ -483,8 +490,7 @@ class Service:
         decoded in this worker, or when the task queue is full: each one holds its upload
         in memory while it waits for the tasks' decode thread.
         """
-        if not self.ready:
-            raise NotReady("the model is not ready")
+        self._refuse_unless_ready()
         max_queue = self.settings.max_queue
         if self._validating_tasks >= max_queue:
             raise QueueFull(
@@ -551,7 +557,7 @@ class Service:
         if self.tasks is None:
             if self._opening_tasks is not None:
                 raise TaskStoreFailed(f"tasks are unavailable for now: {self._task_store_problem}")
-            raise NotReady("the model is not ready")
+            raise self._not_ready()  # before start or after stop
         return self.tasks
 
     async def _open_tasks_later(self, runner: TaskRunner) -> None:
@@ -570,6 +576,15 @@ class Service:
         self.tasks = runner
         self._opening_tasks = None
         logger.info("the task store opened again; tasks are served")
+
+    def _refuse_unless_ready(self) -> None:
+        if not self.ready:
+            raise self._not_ready()
+
+    def _not_ready(self) -> NotReady:
+        return NotReady(
+            "the server is shutting down; retry" if self.draining else "the model is not ready"
+        )
 
     def _check_size(self, upload: UploadFile) -> None:
         """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
@@ -1019,7 +1034,8 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the model is loaded and warm and the server is not draining."""
-    if _service(request).ready:
+    service = _service(request)
+    if service.ready and not service.draining:
         return JSONResponse({"status": "ready"})
     return JSONResponse(
         {"status": "not ready"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}

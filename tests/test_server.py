@@ -251,6 +251,38 @@ def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path
     assert "Traceback" not in log
 
 
+def test_a_request_whose_upload_is_arriving_at_sigterm_is_served(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """The worker accepted the connection and the request began before SIGTERM; its body
+    ends after it. The drain serves it: a proxy that sent it here would not retry a 503."""
+    port = free_port()
+    photo = photos[0].read_bytes()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b--\r\n"
+    )
+    head = (
+        f"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    ).encode()
+    with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(head + body[:1000])
+            time.sleep(0.5)  # the request has reached the app and is reading its body
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the shutdown has begun
+            connection.sendall(body[1000:])
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        assert server.process.wait(timeout=60) == 0
+    head_bytes, _, answer_body = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 200 "), answer
+    assert b"connection: close" in head_bytes.lower()
+    assert len(json.loads(answer_body)["prediction"]) == 5
+
+
 def test_a_shutdown_with_nothing_open_logs_no_error(tmp_path: Path) -> None:
     """With DRAIN_TIMEOUT_S=0 too: no request was open, so none was cut off."""
     env = server_env(tmp_path, DRAIN_TIMEOUT_S="0")
