@@ -12,6 +12,7 @@ import collections
 import contextvars
 import datetime
 import logging
+import os
 import sys
 import threading
 import time
@@ -196,6 +197,16 @@ def json_formatter() -> logging.Formatter:
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],
     )
+
+
+def unconfigured_line(message: str) -> str:
+    """``message`` as a critical line in the format that ``LOG_FORMAT`` asks for, read from
+    the environment: for a start-up that fails before the settings, and so the logging,
+    could be set up. A log collector that reads JSON lines must not miss why."""
+    if os.environ.get("LOG_FORMAT", "").strip().lower() != "json":
+        return message
+    record = logging.LogRecord("service", logging.CRITICAL, __file__, 0, message, None, None)
+    return json_formatter().format(record)
 
 
 def _log_warning(

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
+from service import logs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,4 +247,6 @@ def load_settings() -> Settings:
                 given = "***"
             # Errors about a combination of settings name them in the message itself.
             problems.append(f"{name}={given!r}: {message}" if name else message)
-        raise SystemExit("invalid configuration: " + "; ".join(problems)) from None
+        raise SystemExit(
+            logs.unconfigured_line("invalid configuration: " + "; ".join(problems))
+        ) from None

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from service import logs
+from service.settings import load_settings
 from tests.server import free_port, gunicorn_command, running_server, server_env
 from tests.support import make_settings, running_app
 
@@ -324,3 +325,23 @@ async def test_library_warnings_are_lines_of_the_log_with_the_request_id(
     else:
         assert all("[exif-7]" in line for line in exif), exif
         assert "[req-7]" in boundary[0]
+
+
+@pytest.mark.parametrize("log_format", ["json", "JSON", "text", "bogus"])
+def test_invalid_settings_are_one_line_in_the_asked_format(
+    monkeypatch: pytest.MonkeyPatch, log_format: str
+) -> None:
+    """Start-up stops before logging is set up: a JSON log still gets its line as JSON."""
+    monkeypatch.setenv("LOG_FORMAT", log_format)
+    monkeypatch.setenv("MAX_BATCH_SIZE", "0")
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    line = str(stopped.value.code)
+    assert "\n" not in line
+    if log_format.lower() == "json":
+        record = json.loads(line)
+        assert record["level"] == "CRITICAL"
+        assert record["message"].startswith("invalid configuration: MAX_BATCH_SIZE='0'")
+        assert datetime.datetime.fromisoformat(record["time"]).utcoffset() == datetime.timedelta(0)
+    else:
+        assert line.startswith("invalid configuration: MAX_BATCH_SIZE='0'")
