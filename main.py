@@ -66,7 +66,7 @@ from service.middleware import (
 )
 from service.protocol import SHUTDOWN_HOOK
 from service.settings import Settings, load_settings
-from service.task_runner import RunnerConfig, TaskRunner
+from service.task_runner import RunnerConfig, RunnerStopped, TaskRunner
 from service.tasks import (
     DATABASE_NAME,
     ClaimedTask,
@@ -94,6 +94,7 @@ T = TypeVar("T")
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = "1"
+SHUTTING_DOWN = "the server is shutting down; retry"
 DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -412,7 +413,7 @@ class Service:
 
     async def classify(self, upload: UploadFile, top_k: int, deadline: float) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
-        self._refuse_unless_ready()
+        self.refuse_unless_ready()
         assert self.processor is not None
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
@@ -475,10 +476,20 @@ class Service:
         It runs in the caller's context, so what it logs (Pillow's warnings) carries the
         request's id."""
         loop = asyncio.get_running_loop()
-        future = pool.submit(contextvars.copy_context().run, work, *args)
+        try:
+            future = pool.submit(contextvars.copy_context().run, work, *args)
+        except RuntimeError:  # ``stop`` has shut the pool down
+            raise self._not_ready() from None
         self._threads_working += 1
         future.add_done_callback(partial(_call_soon, loop, self._thread_done))
-        return await asyncio.wrap_future(future, loop=loop)
+        try:
+            return await asyncio.wrap_future(future, loop=loop)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the caller is cancelled (a timeout, the client gone)
+            # ``stop`` dropped the work while it waited for a thread.
+            raise self._not_ready() from None
 
     def _thread_done(self) -> None:
         self._threads_working -= 1
@@ -490,7 +501,7 @@ class Service:
         decoded in this worker, or when the task queue is full: each one holds its upload
         in memory while it waits for the tasks' decode thread.
         """
-        self._refuse_unless_ready()
+        self.refuse_unless_ready()
         max_queue = self.settings.max_queue
         if self._validating_tasks >= max_queue:
             raise QueueFull(
@@ -541,7 +552,7 @@ class Service:
             # On threads of their own: a resolver that hangs must not take the default
             # executor's threads from everything else that uses them.
             async with asyncio.timeout(limit_s):
-                await asyncio.get_running_loop().run_in_executor(
+                await self._in_thread(
                     self._lookup_pool,
                     partial(
                         check_callback_url, url, allow_private=self.settings.webhook_allow_private
@@ -577,14 +588,12 @@ class Service:
         self._opening_tasks = None
         logger.info("the task store opened again; tasks are served")
 
-    def _refuse_unless_ready(self) -> None:
+    def refuse_unless_ready(self) -> None:
         if not self.ready:
             raise self._not_ready()
 
     def _not_ready(self) -> NotReady:
-        return NotReady(
-            "the server is shutting down; retry" if self.draining else "the model is not ready"
-        )
+        return NotReady(SHUTTING_DOWN if self.draining else "the model is not ready")
 
     def _check_size(self, upload: UploadFile) -> None:
         """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
@@ -777,6 +786,8 @@ async def classify_batch(
         raise RequestValidationError(
             [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
         )
+    # Refused whole, as /cls is: a 200 of refused entries would look like success.
+    service.refuse_unless_ready()
     outcomes = await _unless_disconnected(
         request,
         asyncio.gather(
@@ -786,10 +797,6 @@ async def classify_batch(
     )
     results = []
     for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, asyncio.CancelledError):
-            # The file's own work was cancelled (its decode, as the server shut down); the
-            # request itself was not, or gather would have raised.
-            outcome = Stopped("the server is shutting down")
         if isinstance(outcome, BaseException):
             status, detail = _status_and_detail(outcome)
             results.append(BatchEntry(index=index, status=status, detail=detail))
@@ -828,6 +835,8 @@ async def submit_task(
     service = _service(request)
     settings = service.settings
     top_k = service.top_k(top_k)
+    tasks = service.running_tasks()
+    service.refuse_unless_ready()
     # The form is parsed already (and kept by the request); FastAPI takes the last of
     # repeated fields, which would drop the others silently.
     form = await request.form()
@@ -843,7 +852,6 @@ async def submit_task(
         raise InvalidTaskField(
             "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
         )
-    tasks = service.running_tasks()
     image = await service.validate_task_image(file, tasks)
     record, created = await tasks.submit(
         image,
@@ -1065,6 +1073,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     CallbackLookupFailed: 503,
     NotReady: 503,
     Stopped: 503,
+    RunnerStopped: 503,
     DeadlineExceeded: 504,
     BatchFailed: 500,
     # nginx's convention for "client closed request"; only metrics and logs see it.

@@ -60,7 +60,15 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                # Not this request's own cancellation: something it awaited was cancelled
+                # under it, a bug like any other.
+                raise RuntimeError("a cancellation escaped the request's handler") from exc
         except asyncio.CancelledError:
             # The server cancels what still runs when its shutdown's drain time is up
             # (DRAIN_TIMEOUT_S): answer that in JSON, where it would send a plain 500.

@@ -75,6 +75,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._message_open = False
         self._body_read = False
         self._idle_deadline: float | None = None
+        self._last_request = False  # the server is shutting down: close after this one
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,6 +86,12 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         hook = self.app_state.get(SHUTDOWN_HOOK)
         if hook is not None:
             hook()
+        if self._in_head and (self.cycle is None or self.cycle.response_complete):
+            # A request is arriving: it was sent before the shutdown began, and a proxy
+            # would not resend it. uvicorn would close the connection under it; it is
+            # answered instead (its head timer bounds the wait), and the connection closed.
+            self._last_request = True
+            return
         super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -140,6 +147,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
+        if self._last_request and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self._body_read = True

@@ -14,6 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from batching import BatchConfig, BatchPolicy
 from service import logs
 
+SQLITE_MAX_LENGTH = 1_000_000_000
+# Room for the rest of a task image's row: its id, and SQLite's record header.
+MAX_UPLOAD_BYTES_BOUND = SQLITE_MAX_LENGTH - 1_000_000
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,8 +86,8 @@ class Settings(BaseSettings):
     keepalive_s: int = Field(5, ge=1, le=86_400)
     stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
 
-    # At most SQLite's largest value: a task stores its image as one.
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=1_000_000_000)
+    # A task stores its image in one SQLite row.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES_BOUND)
     max_image_pixels: int = Field(40_000_000, ge=1, le=10**12)
     max_batch_files: int = Field(32, ge=1, le=1000)
     body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)

@@ -59,6 +59,10 @@ class TaskObserver(Protocol):
     def webhook_finished(self, delivered: bool) -> None: ...
 
 
+class RunnerStopped(Exception):
+    """``stop`` has run: the store is closed, or closing, to requests."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerConfig:
     """The runner's knobs; see the ``TASK_*`` settings."""
@@ -141,6 +145,7 @@ class TaskRunner:
         self._holding: dict[asyncio.Task[None], str] = {}
         self._claim_loop_task: asyncio.Task[None] | None = None
         self._housekeeping: list[asyncio.Task[None]] = []
+        self._stopped = False
 
     async def start(self) -> None:
         """Open the store and start claiming tasks and deliveries.
@@ -184,7 +189,9 @@ class TaskRunner:
         Raises:
             TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
             IdempotencyKeyReused: The key was used for a different request.
+            RunnerStopped: ``stop`` has run (so for ``check_room``, ``get`` and ``cancel``).
         """
+        self._refuse_once_stopped()
         task_id = str(uuid.uuid4())
         request_hash = None
         if idempotency_key is not None:
@@ -214,6 +221,7 @@ class TaskRunner:
         Raises:
             TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
         """
+        self._refuse_once_stopped()
         queued = await asyncio.get_running_loop().run_in_executor(
             self._read_thread, self.reader.count_queued
         )
@@ -221,6 +229,7 @@ class TaskRunner:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""
+        self._refuse_once_stopped()
         return await asyncio.get_running_loop().run_in_executor(
             self._read_thread,
             partial(self.reader.get, task_id, expired_before=self._expired_before()),
@@ -232,6 +241,7 @@ class TaskRunner:
         Raises:
             TaskNotCancellable: It is running or finished.
         """
+        self._refuse_once_stopped()
         record = await self._request_write(
             self.request_writer.cancel,
             task_id,
@@ -267,6 +277,12 @@ class TaskRunner:
             )
         except Exception:  # logged by _log_count_failure
             pass
+
+    def _refuse_once_stopped(self) -> None:
+        # Requests already waiting for a store thread run before its connection closes;
+        # later ones would find it closed, or the thread gone.
+        if self._stopped:
+            raise RunnerStopped("the server is shutting down; retry")
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""
@@ -307,7 +323,9 @@ class TaskRunner:
 
         Tasks still running and deliveries still pending go back to the store for another
         worker or the next start; nothing this worker holds is left leased to it.
+        Requests made from now on raise ``RunnerStopped``.
         """
+        self._stopped = True
         await self.stop_claiming()
         # Deliveries too: one cut off after the receiver has it would be sent again at the
         # next start.

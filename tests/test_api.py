@@ -753,11 +753,58 @@ async def test_a_draining_server_is_not_ready_but_serves_until_it_stops(
 
     await served.service.stop()
     assert (await served.client.get("/readyz")).status_code == 503
-    for path in ("/cls", "/tasks"):
-        refused = await served.client.post(path, files=upload(data))
-        assert refused.status_code == 503, path
+    twice = [("file", ("a.jpg", data, "image/jpeg"))] * 2
+    for path, files, fields in (
+        ("/cls", upload(data), None),
+        ("/cls/batch", twice, None),  # whole: a 200 of refused entries looks like success
+        ("/tasks", upload(data), None),
+        # Before the callback's host is looked up, on threads that have stopped.
+        ("/tasks", upload(data), {"callback_url": "http://93.184.216.34/"}),
+    ):
+        refused = await served.client.post(path, files=files, data=fields)
+        assert refused.status_code == 503, (path, refused.text)
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["detail"] == "the server is shutting down; retry"
+    assert (await served.client.get(f"/task-status/{'0' * 32}")).status_code == 503
+    assert (await served.client.get("/healthz")).status_code == 200
+
+
+async def test_task_submissions_under_way_as_the_server_stops_get_503(
+    served: RunningApp, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One submission decoding and one waiting for the decode thread as ``stop`` runs: the
+    first finds the task store closed, the second its decode dropped. Both are told to
+    retry, not answered 500."""
+    data = photos[0].read_bytes()
+    held = HeldDecode(monkeypatch)
+    decoding = asyncio.ensure_future(served.client.post("/tasks", files=upload(data)))
+    await asyncio.to_thread(held.started.wait, 10)
+    waiting = asyncio.ensure_future(served.client.post("/tasks", files=upload(data)))
+    await wait_for(lambda: served.service._threads_working == 2)
+    await served.service.stop()
+    held.release.set()
+    for response in (await decoding, await waiting):
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"] == "the server is shutting down; retry"
+    assert held.calls == 1
+
+
+async def test_a_cancellation_that_is_not_the_requests_own_is_a_logged_500(
+    served: RunningApp, photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the server's cancellation of a request (its drain time is up) is answered as a
+    shutdown: a future cancelled under a handler is a bug, logged with its traceback."""
+
+    async def cancelled_under_it(*args: object) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    served.service.classify = cancelled_under_it  # type: ignore[method-assign]
+    response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert "a cancellation escaped the request's handler" in caplog.text
     assert (await served.client.get("/healthz")).status_code == 200
 
 

@@ -251,11 +251,12 @@ def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path
     assert "Traceback" not in log
 
 
-def test_a_request_whose_upload_is_arriving_at_sigterm_is_served(
-    tmp_path: Path, photos: list[Path]
+@pytest.mark.parametrize("sent_before", ["part of the head", "part of the body"])
+def test_a_request_arriving_at_sigterm_is_served(
+    tmp_path: Path, photos: list[Path], sent_before: str
 ) -> None:
-    """The worker accepted the connection and the request began before SIGTERM; its body
-    ends after it. The drain serves it: a proxy that sent it here would not retry a 503."""
+    """The worker accepted the connection and the request began before SIGTERM; the rest
+    of it arrives after. The drain serves it: a proxy that sent it would not resend it."""
     port = free_port()
     photo = photos[0].read_bytes()
     body = (
@@ -268,11 +269,13 @@ def test_a_request_whose_upload_is_arriving_at_sigterm_is_served(
     ).encode()
     with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-            connection.sendall(head + body[:1000])
-            time.sleep(0.5)  # the request has reached the app and is reading its body
+            request = head + body
+            split = 20 if sent_before == "part of the head" else len(head) + 1000
+            connection.sendall(request[:split])
+            time.sleep(0.5)  # the worker has read it
             server.process.send_signal(signal.SIGTERM)
             time.sleep(0.5)  # the shutdown has begun
-            connection.sendall(body[1000:])
+            connection.sendall(request[split:])
             answer = b""
             while chunk := connection.recv(65536):
                 answer += chunk

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service import tasks
+from service import settings, tasks
 from service.tasks import (
     DATABASE_NAME,
     IdempotencyKeyReused,
@@ -963,3 +963,21 @@ def test_a_write_past_its_lock_deadline_still_tries_the_lock_once(
     assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == tasks.BUSY_TIMEOUT_MS
     assert store.get("free") is not None
     assert store.get("held") is None
+
+
+def test_the_largest_upload_allowed_fits_in_a_task_row(store: TaskStore) -> None:
+    """SQLite bounds a whole row, the task's id included: MAX_UPLOAD_BYTES's bound leaves
+    room for it. Checked with the row limit scaled down; the room left is the same."""
+    row_limit = 2_000_000
+    store._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, row_limit)
+    room = settings.SQLITE_MAX_LENGTH - settings.MAX_UPLOAD_BYTES_BOUND
+    task_id = "a" * 36  # as long as the uuid4 a submission gets
+
+    def create(image: bytes) -> TaskRecord:
+        return store.create(
+            task_id, image, top_k=5, metadata=None, callback_url=None, now=T0, max_queued=10
+        )
+
+    with pytest.raises(sqlite3.DataError):
+        create(b"x" * row_limit)  # the limit does bite
+    assert create(b"x" * (row_limit - room)).id == task_id
