@@ -235,14 +235,16 @@ class Service:
         self.draining = False  # the server's shutdown has begun: ready for no new work
         self._decoding = 0
         self._threads_working = 0  # decodes running or waiting for a thread
-        self._validating_tasks = 0
+        self._submitting_tasks = 0
         self._last_batch_end = time.monotonic()
         self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
-        # While the task store cannot be opened: what retries it, and why it failed.
+        # While the task store cannot be opened: what retries it, the runner it starts,
+        # and why it failed.
         self._opening_tasks: asyncio.Task[None] | None = None
+        self._unopened_tasks: TaskRunner | None = None
         self._task_store_problem = ""
         self._shutdown_began: float | None = None
         self._stopping_claims: asyncio.Future[None] | None = None
@@ -309,6 +311,7 @@ class Service:
                 raise
             logger.error("tasks are unavailable until the store opens again: %s", exc)
             self._task_store_problem = str(exc)
+            self._unopened_tasks = runner
             self._opening_tasks = asyncio.create_task(self._open_tasks_later(runner))
         else:
             self.tasks = runner
@@ -382,9 +385,15 @@ class Service:
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._opening_tasks is not None:
-            self._opening_tasks.cancel()
+            # Once only: cancelled by ``begin_shutdown`` already, it may be closing the
+            # stores it opened, which a second cancel would cut short.
+            if not self._opening_tasks.cancelling():
+                self._opening_tasks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._opening_tasks
+        if self._unopened_tasks is not None:
+            await self._unopened_tasks.stop(grace_s=0)  # its threads and HTTP client
+            self._unopened_tasks = None
         tasks = self.tasks
         if tasks is not None:
             await tasks.stop_claiming()
@@ -494,22 +503,32 @@ class Service:
     def _thread_done(self) -> None:
         self._threads_working -= 1
 
-    async def validate_task_image(self, upload: UploadFile, tasks: TaskRunner) -> bytes:
-        """The upload's bytes, once they decode as an image the model accepts.
+    async def submit_task(
+        self,
+        upload: UploadFile,
+        tasks: TaskRunner,
+        *,
+        top_k: int,
+        metadata: dict[str, object] | None,
+        callback_url: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[TaskRecord, bool]:
+        """Store the upload as a task once its image decodes as one the model accepts; as
+        ``TaskRunner.submit``, the task and whether it is new.
 
-        Refuses before decoding when ``MAX_QUEUE`` submissions are already being read or
-        decoded in this worker, or when the task queue is full: each one holds its upload
-        in memory while it waits for the tasks' decode thread.
+        Refuses before decoding when ``MAX_QUEUE`` submissions are already being read,
+        decoded or stored in this worker, or when the task queue is full: each one holds
+        its upload in memory while it waits for the tasks' decode thread or the store.
         """
         self.refuse_unless_ready()
         max_queue = self.settings.max_queue
-        if self._validating_tasks >= max_queue:
+        if self._submitting_tasks >= max_queue:
             raise QueueFull(
-                f"{self._validating_tasks} task submissions are being validated; "
-                f"MAX_QUEUE allows {max_queue}"
+                f"{self._submitting_tasks} task submissions are being read, decoded or "
+                f"stored; MAX_QUEUE allows {max_queue}"
             )
         self._check_size(upload)
-        self._validating_tasks += 1
+        self._submitting_tasks += 1
         try:
             await tasks.check_room()
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
@@ -521,9 +540,15 @@ class Service:
                 self.settings.max_upload_bytes,
                 self.settings.max_image_pixels,
             )
+            return await tasks.submit(
+                data,
+                top_k=top_k,
+                metadata=metadata,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+            )
         finally:
-            self._validating_tasks -= 1
-        return data
+            self._submitting_tasks -= 1
 
     async def run_task(self, task: ClaimedTask) -> object:
         """Classify a stored task's image in the batcher's background lane."""
@@ -572,19 +597,16 @@ class Service:
         return self.tasks
 
     async def _open_tasks_later(self, runner: TaskRunner) -> None:
-        try:
-            while True:
-                await asyncio.sleep(TASK_STORE_RETRY_S)
-                try:
-                    await runner.start()
-                except TaskStoreUnavailable as exc:
-                    self._task_store_problem = str(exc)
-                    continue
-                break
-        except asyncio.CancelledError:
-            await runner.stop(grace_s=0)  # its threads and HTTP client
-            raise
+        while True:
+            await asyncio.sleep(TASK_STORE_RETRY_S)
+            try:
+                await runner.start()
+            except TaskStoreUnavailable as exc:
+                self._task_store_problem = str(exc)
+                continue
+            break
         self.tasks = runner
+        self._unopened_tasks = None
         self._opening_tasks = None
         logger.info("the task store opened again; tasks are served")
 
@@ -852,9 +874,9 @@ async def submit_task(
         raise InvalidTaskField(
             "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
         )
-    image = await service.validate_task_image(file, tasks)
-    record, created = await tasks.submit(
-        image,
+    record, created = await service.submit_task(
+        file,
+        tasks,
         top_k=top_k,
         metadata=parsed_metadata,
         callback_url=callback_url,

@@ -113,7 +113,9 @@ class TaskNotCancellable(Exception):
 
 
 class TaskStoreBusy(Exception):
-    """Another process held the store's write lock for longer than the busy timeout."""
+    """Another connection (another worker's, or this one's other writer) held the store's
+    write lock past the time this write could wait: the busy timeout, or what was left of
+    it for a request's write."""
 
 
 class TaskStoreFailed(Exception):
@@ -198,8 +200,9 @@ def _is_locked(error: BaseException) -> bool:
 class TaskStore:
     """The task table in ``<data_dir>/tasks.sqlite3``, in WAL mode.
 
-    Not thread-safe: use one store per thread (a worker keeps two, each on a thread of
-    its own: one for writes, one for status reads). All times are wall-clock
+    Not thread-safe: use one store per thread (a worker keeps three, each on a thread of
+    its own: for its claims and results, for requests' submissions and cancels, and for
+    status reads). All times are wall-clock
     ``time.time()`` seconds, because they are compared across processes and restarts.
     """
 

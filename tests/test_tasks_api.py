@@ -465,7 +465,7 @@ async def test_submissions_beyond_max_queue_are_503_before_decoding(
                 for _ in range(2)
             ]
             await wait_for(held.started.is_set)
-            await wait_for(lambda: served.service._validating_tasks == 2)
+            await wait_for(lambda: served.service._submitting_tasks == 2)
             refused = await served.client.post("/tasks", files=upload(data))
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
@@ -476,6 +476,36 @@ async def test_submissions_beyond_max_queue_are_503_before_decoding(
         assert [(await response).status_code for response in waiting] == [202, 202]
         # The places are free again.
         assert (await served.client.post("/tasks", files=upload(data))).status_code == 202
+
+
+async def test_submissions_waiting_for_the_store_count_against_max_queue(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submission holds its upload until the task is stored: those waiting for the
+    store's write lock (another process holds it) count against MAX_QUEUE too."""
+    decodes = HeldDecode(monkeypatch)
+    decodes.release.set()
+    data = photos[0].read_bytes()
+    async with running_app(make_settings(max_queue=2, max_batch_files=2)) as served:
+        lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            waiting = [
+                asyncio.create_task(served.client.post("/tasks", files=upload(data)))
+                for _ in range(2)
+            ]
+            # Both decoded, and waiting for the lock.
+            await wait_for(lambda: decodes.calls == 2 and served.service._threads_working == 0)
+            assert served.service._submitting_tasks == 2
+            refused = await served.client.post("/tasks", files=upload(data))
+            assert refused.status_code == 503, refused.text
+            assert "MAX_QUEUE allows 2" in refused.json()["detail"]
+            assert decodes.calls == 2, "the refused submission was decoded"
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert [(await response).status_code for response in waiting] == [202, 202]
 
 
 async def wait_for_running(served: RunningApp, count: int) -> None:
@@ -1181,6 +1211,45 @@ async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
         assert (await finished(served.client, (await submit(served.client, data))["task_id"]))[
             "status"
         ] == "succeeded"
+
+
+@pytest.mark.parametrize("retry_started", [True, False])
+async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_starting(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, retry_started: bool
+) -> None:
+    """The retry that reopens the store is cancelled as the server's shutdown begins,
+    waiting or not started yet: the runner it was starting is closed all the same, its
+    threads and HTTP client with it."""
+    real_store = task_runner.TaskStore
+
+    class StoreOnAFullDisk(real_store):  # type: ignore[valid-type,misc]
+        def __init__(self, data_dir: Path) -> None:
+            raise tasks.TaskStoreUnavailable("cannot open: disk full", for_now=True)
+
+    real_stop = task_runner.TaskRunner.stop
+    closed = []
+
+    async def stop(runner: task_runner.TaskRunner, grace_s: float) -> None:
+        await real_stop(runner, grace_s)
+        closed.append(runner)
+
+    settings = make_settings()
+    async with running_app(settings) as served:  # the store exists: a restart
+        await submit(served.client, photos[0].read_bytes())
+    monkeypatch.setattr(task_runner, "TaskStore", StoreOnAFullDisk)
+    monkeypatch.setattr(task_runner.TaskRunner, "stop", stop)
+    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    async with running_app(settings) as served:
+        service = served.service
+        assert service._opening_tasks is not None
+        if retry_started:
+            await wait_for(lambda: "cannot open" in service._task_store_problem)
+            service._task_store_problem = ""
+            await wait_for(lambda: "cannot open" in service._task_store_problem)  # it retried
+        service.begin_shutdown()
+        await service.stop()
+        assert len(closed) == 1
+        assert closed[0]._sender._client.is_closed
 
 
 async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
