@@ -37,6 +37,9 @@ UNPARSABLE = "the request could not be parsed: the bytes sent are not valid HTTP
 # down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
 # own shutdown starts, and the app's drain counts from this moment.
 SHUTDOWN_HOOK = "on_server_shutdown"
+# At shutdown, how long an idle connection stays open for bytes already sent to it: more
+# than one turn of the event loop, which reads them.
+UNREAD_REQUEST_WAIT_S = 0.05
 
 logger = logging.getLogger("service")
 
@@ -86,13 +89,22 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         hook = self.app_state.get(SHUTDOWN_HOOK)
         if hook is not None:
             hook()
-        if self._in_head and (self.cycle is None or self.cycle.response_complete):
-            # A request is arriving: it was sent before the shutdown began, and a proxy
-            # would not resend it. uvicorn would close the connection under it; it is
-            # answered instead (its head timer bounds the wait), and the connection closed.
-            self._last_request = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()  # closes the connection once the response is sent
             return
-        super().shutdown()
+        # No request is being answered. One may be arriving, or be in the socket's buffer,
+        # unread yet: sent before the shutdown began, and a proxy would not resend it.
+        # uvicorn would close the connection under it (a reset). It is answered instead,
+        # on a connection closed after it; the head's timer bounds the wait for its end.
+        self._last_request = True
+        if not self._in_head:
+            self.loop.call_later(UNREAD_REQUEST_WAIT_S, self._close_unless_a_request_began)
+
+    def _close_unless_a_request_began(self) -> None:
+        if self._in_head or self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()

@@ -301,7 +301,37 @@ async def test_the_servers_shutdown_tells_the_app_through_its_lifespan_state() -
     http.connection_made(transport)
     http.shutdown()
     assert calls == ["shutdown"]
-    assert transport.closed  # idle: closed at once, as uvicorn does
+    assert not transport.closed  # for a request already sent to be read
+    await asyncio.sleep(protocol.UNREAD_REQUEST_WAIT_S * 2)
+    assert transport.closed  # none came
+    assert transport.written == b""
+    http.connection_lost(None)
+
+
+@pytest.mark.parametrize("read_before_shutdown", [0, 10], ids=["unread", "head begun"])
+async def test_a_request_sent_as_the_shutdown_begins_is_answered_then_closed(
+    read_before_shutdown: int,
+) -> None:
+    """A request in an idle connection's socket buffer, not read yet, or whose head has
+    begun to arrive: uvicorn closed the connection under it (a reset, or no answer)."""
+    config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
+    http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
+    transport = RecordingTransport(http)
+    http.connection_made(transport)
+    http.data_received(request(body=b"first"))
+    async with asyncio.timeout(10):
+        while b"HTTP/1.1 200" not in transport.written:
+            await asyncio.sleep(0.01)
+    transport.written = b""
+    sent = request(body=b"second")
+    http.data_received(sent[:read_before_shutdown])
+    http.shutdown()
+    http.data_received(sent[read_before_shutdown:])
+    async with asyncio.timeout(10):
+        while not transport.closed:
+            await asyncio.sleep(0.01)
+    assert ok_lengths(transport.written) == [len(b"second")]
+    assert b"connection: close" in transport.written.lower()
     http.connection_lost(None)
 
 
