@@ -76,8 +76,8 @@ def render(directory: Path, listen_port: int, replicas: list[str]) -> Path:
     }
     text = CONFIG.read_text()
     for old, new in replacements.items():
-        # Each replica is listed in both upstreams; every other line exists once.
-        expected = 2 if old in REPLICA_ADDRESSES else 1
+        # Each replica is listed in the three upstreams; every other line exists once.
+        expected = 3 if old in REPLICA_ADDRESSES else 1
         assert text.count(old) == expected, f"{CONFIG} must hold {old!r} {expected} times"
         text = text.replace(old, new)
     rendered = directory / "nginx.conf"
@@ -225,8 +225,8 @@ def test_the_shipped_limits_match_the_service() -> None:
     assert all(int(seconds) < settings.keepalive_s for seconds in upstream_keepalives)
 
 
-# A stand-in replica's answer to a POST path: a status, or None to read the request and
-# close the connection without answering.
+# A stand-in replica's answer to a path: a status, or None to read the request and close
+# the connection without answering.
 Answer = Callable[[str], int | None]
 
 
@@ -249,7 +249,7 @@ def lose_the_first_of_each_path() -> Answer:
 
 @contextmanager
 def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
-    """``count`` HTTP/1.1 servers answering every POST as ``answer`` says (a 503 with
+    """``count`` HTTP/1.1 servers answering every request as ``answer`` says (a 503 with
     ``Retry-After: 1``, as the service's); yields their host:port."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -269,6 +269,8 @@ def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
                 self.send_header("Retry-After", "1")
             self.end_headers()
             self.wfile.write(body)
+
+        do_GET = do_DELETE = do_POST  # noqa: N815 (http.server's names)
 
         def log_message(self, format: str, *args: object) -> None:
             pass
@@ -309,6 +311,42 @@ def test_a_request_lost_in_flight_is_sent_again_only_where_that_is_safe(
     assert submitted.status_code == 502
     assert submitted.json() == {"detail": "no replica of the service answered"}
     assert lines["/tasks"]["upstream_status"] == "502"
+
+
+def test_a_task_lookup_is_404_only_when_every_replica_said_so(tmp_path: Path) -> None:
+    """Each replica holds its own tasks. While one is down, the others' 404 does not mean
+    the task does not exist: the lookup is 503, to retry, and a 404 again once every
+    replica answers."""
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    one_down, both_up = tmp_path / "one-down", tmp_path / "both-up"
+    one_down.mkdir()
+    both_up.mkdir()
+    with (
+        stand_in_replicas(1, lambda path: 404) as (up,),
+        running_nginx(one_down, [down, up]) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=30) as client,
+    ):
+        # Round robin starts at either replica: each lookup is asked of both.
+        while_down = [
+            client.request(method, path)
+            for method, path in [("GET", "/task-status/a"), ("DELETE", "/tasks/a")] * 2
+        ]
+    with (
+        stand_in_replicas(2, lambda path: 404) as addresses,
+        running_nginx(both_up, addresses) as proxy_of_both,
+        httpx.Client(base_url=proxy_of_both.url, timeout=30) as client,
+    ):
+        unknown = [client.get("/task-status/a"), client.delete("/tasks/a")]
+    for response in while_down:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert "did not answer" in response.json()["detail"]
+        assert response.headers["x-request-id"]
+    for response in unknown:
+        assert response.status_code == 404, response.text
+        assert "no replica knows this task" in response.json()["detail"]
+    lines = [line["upstream_status"] for line in proxy.access_log()]
+    assert all(sorted(statuses.split(", ")) == ["404", "502"] for statuses in lines), lines
 
 
 def test_a_full_queue_is_answered_503_and_no_replica_is_left_out(tmp_path: Path) -> None:
