@@ -62,7 +62,8 @@ class _NoRepeats(logging.Filter):
         return not (cancelled and str(record.msg).startswith("Exception in ASGI application"))
 
 
-logging.getLogger("uvicorn.error").addFilter(_NoRepeats())
+# On uvicorn's logger once this protocol serves: uvicorn's own protocol logs nothing else.
+_NO_REPEATS = _NoRepeats()
 
 
 class JsonErrorsHttpProtocol(HttpToolsProtocol):
@@ -70,6 +71,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        logging.getLogger("uvicorn.error").addFilter(_NO_REPEATS)  # once: a no-op after
         self._head_bytes = 0
         self._in_head = False
         self._messages_begun = 0

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -529,3 +531,23 @@ def test_a_connection_that_sends_only_blank_lines_is_closed_after_the_keep_alive
             sender.join(10)
     # uvicorn's own timer, armed by an answer or by a new connection, may run once more.
     assert KEEP_ALIVE_S * 0.9 < time.monotonic() - started < 2 * KEEP_ALIVE_S + 3
+
+
+def test_uvicorns_repeated_lines_are_dropped_only_where_this_protocol_serves() -> None:
+    """uvicorn's own protocol logs its refusals nowhere else: importing this module (as
+    the app does) must not drop its lines; serving with this protocol does, once."""
+    code = (
+        "import logging, uvicorn\n"
+        "from uvicorn.server import ServerState\n"
+        "from service import protocol\n"
+        "log = logging.getLogger('uvicorn.error')\n"
+        "print(len(log.filters))\n"
+        "config = uvicorn.Config(None, lifespan='off', **protocol.UVICORN_CONFIG)\n"
+        "for _ in range(2):\n"
+        "    protocol.JsonErrorsHttpProtocol(config, ServerState(), {})\n"
+        "print(len(log.filters))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["0", "1"]
