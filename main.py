@@ -478,19 +478,24 @@ class Service:
         return pixels
 
     async def _in_thread(
-        self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object
+        self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object, counted: bool = True
     ) -> T:
-        """``work(*args)`` on ``pool``, counted as work in progress until its thread is done
-        with it, even once nobody waits for it: the memory trimmer must not run beside it.
-        It runs in the caller's context, so what it logs (Pillow's warnings) carries the
-        request's id."""
+        """``work(*args)`` on ``pool``, in the caller's context, so what it logs (Pillow's
+        warnings) carries the request's id.
+
+        ``counted`` work is work in progress until its thread is done with it, even once
+        nobody waits for it: the memory trimmer must not run beside it, and the model is
+        not idle meanwhile. A host name lookup is not counted: one that hangs must not
+        hold those off.
+        """
         loop = asyncio.get_running_loop()
         try:
             future = pool.submit(contextvars.copy_context().run, work, *args)
         except RuntimeError:  # ``stop`` has shut the pool down
             raise self._not_ready() from None
-        self._threads_working += 1
-        future.add_done_callback(partial(_call_soon, loop, self._thread_done))
+        if counted:
+            self._threads_working += 1
+            future.add_done_callback(partial(_call_soon, loop, self._thread_done))
         try:
             return await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
@@ -582,6 +587,7 @@ class Service:
                     partial(
                         check_callback_url, url, allow_private=self.settings.webhook_allow_private
                     ),
+                    counted=False,
                 )
         except TimeoutError:
             raise CallbackLookupFailed(

@@ -593,6 +593,7 @@ class TaskRunner:
     ) -> T:
         """A request's write: the write lock is waited for at most the busy timeout from
         now, however long the writes queued before it wait."""
+        self._refuse_once_stopped()  # again: ``stop`` may have begun while the caller waited
         deadline = time.monotonic() + tasks.BUSY_TIMEOUT_MS / 1000
         return await asyncio.get_running_loop().run_in_executor(
             self._request_thread, partial(function, *args, lock_deadline=deadline, **kwargs)

@@ -199,6 +199,9 @@ async def test_a_callback_lookup_that_hangs_is_a_503_within_the_webhook_timeout(
                 data={"callback_url": "https://hooks.example/done"},
             )
             elapsed = asyncio.get_running_loop().time() - started
+            # The hung lookup's thread is not work in progress: the model counts as idle,
+            # and memory may be trimmed, while it hangs.
+            assert served.service._threads_working == 0
         finally:
             resolver_answers.set()
         assert response.status_code == 503, response.text
@@ -476,6 +479,41 @@ async def test_submissions_beyond_max_queue_are_503_before_decoding(
         assert [(await response).status_code for response in waiting] == [202, 202]
         # The places are free again.
         assert (await served.client.post("/tasks", files=upload(data))).status_code == 202
+
+
+async def test_a_submission_that_stop_overtakes_is_refused_not_failed(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submission with an Idempotency-Key hashes its request off the event loop first:
+    ``stop`` may run meanwhile. The runner refuses it then, as it refuses any request once
+    stopping, rather than write on a closed store."""
+    hashing, release = threading.Event(), threading.Event()
+    real_hash = task_runner._request_hash
+
+    def slow_hash(*args: Any) -> str:
+        hashing.set()
+        release.wait(10)
+        return real_hash(*args)
+
+    monkeypatch.setattr(task_runner, "_request_hash", slow_hash)
+    async with running_app(make_settings()) as served:
+        runner = served.service.running_tasks()
+        submitting = asyncio.ensure_future(
+            runner.submit(
+                photos[0].read_bytes(),
+                top_k=5,
+                metadata=None,
+                callback_url=None,
+                idempotency_key="overtaken",
+            )
+        )
+        await asyncio.to_thread(hashing.wait, 10)
+        stopping = asyncio.ensure_future(served.service.stop())
+        await wait_for(lambda: runner._stopped)
+        release.set()
+        with pytest.raises(task_runner.RunnerStopped):
+            await submitting
+        await stopping
 
 
 async def test_submissions_waiting_for_the_store_count_against_max_queue(

@@ -337,6 +337,7 @@ def test_a_task_lookup_is_404_only_when_every_replica_said_so(tmp_path: Path) ->
         httpx.Client(base_url=proxy_of_both.url, timeout=30) as client,
     ):
         unknown = [client.get("/task-status/a"), client.delete("/tasks/a")]
+        too_large = client.request("DELETE", "/tasks/a", content=b"x" * 100_000)
     for response in while_down:
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
@@ -345,6 +346,9 @@ def test_a_task_lookup_is_404_only_when_every_replica_said_so(tmp_path: Path) ->
     for response in unknown:
         assert response.status_code == 404, response.text
         assert "no replica knows this task" in response.json()["detail"]
+    # The server's JSON errors still apply where a location has error pages of its own.
+    assert too_large.status_code == 413
+    assert "client_max_body_size" in too_large.json()["detail"]
     lines = [line["upstream_status"] for line in proxy.access_log()]
     assert all(sorted(statuses.split(", ")) == ["404", "502"] for statuses in lines), lines
 
