@@ -312,7 +312,10 @@ class Service:
             logger.error("tasks are unavailable until the store opens again: %s", exc)
             self._task_store_problem = str(exc)
             self._unopened_tasks = runner
-            self._opening_tasks = asyncio.create_task(self._open_tasks_later(runner))
+            self._opening_tasks = asyncio.create_task(
+                self._open_tasks_later(runner), name="reopening the task store"
+            )
+            self._opening_tasks.add_done_callback(_log_failure)
         else:
             self.tasks = runner
         trim = memory.malloc_trim()
@@ -389,7 +392,8 @@ class Service:
             # stores it opened, which a second cancel would cut short.
             if not self._opening_tasks.cancelling():
                 self._opening_tasks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Cancelled, or failed (logged as it ended): nothing of it to wait for.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._opening_tasks
         if self._unopened_tasks is not None:
             await self._unopened_tasks.stop(grace_s=0)  # its threads and HTTP client

@@ -1290,6 +1290,32 @@ async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_s
         assert closed[0]._sender._client.is_closed
 
 
+async def test_a_store_retry_that_fails_unexpectedly_is_logged_and_stop_still_runs(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_store = task_runner.TaskStore
+    opens = []
+
+    class StoreThatBreaks(real_store):  # type: ignore[valid-type,misc]
+        def __init__(self, data_dir: Path) -> None:
+            opens.append(data_dir)
+            if len(opens) == 1:
+                raise tasks.TaskStoreUnavailable("cannot open: disk full", for_now=True)
+            raise RuntimeError("a bug in the store")
+
+    settings = make_settings()
+    async with running_app(settings) as served:  # the store exists: a restart
+        await submit(served.client, photos[0].read_bytes())
+    monkeypatch.setattr(task_runner, "TaskStore", StoreThatBreaks)
+    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    async with running_app(settings) as served:
+        await wait_for(lambda: "reopening the task store stopped" in caplog.text)
+        assert "a bug in the store" in caplog.text
+        await served.service.stop()
+        refused = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+        assert refused.status_code == 503  # stopped: the batcher and threads too
+
+
 async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
     served: RunningApp, photos: list[Path]
 ) -> None:
