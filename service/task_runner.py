@@ -31,6 +31,7 @@ from service.tasks import (
     TaskStore,
     TaskStoreBusy,
     TaskStoreFailed,
+    WebhookStatus,
     check_room,
 )
 from service.webhooks import DeliveryResult, WebhookSender
@@ -146,6 +147,7 @@ class TaskRunner:
         self._claim_loop_task: asyncio.Task[None] | None = None
         self._housekeeping: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._claiming = True  # until the worker begins to stop
 
     async def start(self) -> None:
         """Open the store and start claiming tasks and deliveries.
@@ -311,7 +313,9 @@ class TaskRunner:
     # --- Lifecycle ----------------------------------------------------------------------------
 
     async def stop_claiming(self) -> None:
-        """Take no more tasks; what this worker holds keeps running."""
+        """Take no more tasks; what this worker holds keeps running, and the webhooks of
+        the tasks it finishes are delivered at once."""
+        self._claiming = False
         if self._claim_loop_task is not None:
             self._claim_loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -327,15 +331,18 @@ class TaskRunner:
         """
         self._stopped = True
         await self.stop_claiming()
-        # Deliveries too: one cut off after the receiver has it would be sent again at the
-        # next start.
-        if in_flight := self._runs | self._deliveries:
-            await asyncio.wait(in_flight, timeout=grace_s)
+        # Deliveries too, those of the tasks that finish meanwhile included: one cut off
+        # after the receiver has it would be sent again at the next start.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while (in_flight := self._runs | self._deliveries) and loop.time() < deadline:
+            await asyncio.wait(
+                in_flight, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
         leftovers = [*self._runs, *self._deliveries, *self._housekeeping]
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
-        loop = asyncio.get_running_loop()
         # Each step runs whatever the one before it raised: a store that cannot be written
         # at shutdown must not leave connections and threads open.
         try:
@@ -470,8 +477,27 @@ class TaskRunner:
             logger.warning("task %s was taken over by another worker; result dropped", task.id)
             return
         self._record_finished(record)
-        # A pending webhook is claimed by the claim loop, which this run's end wakes, so
+        if record.webhook_status is WebhookStatus.PENDING and not self._claiming:
+            # The worker is stopping: delivered now, within the stop's grace, rather than
+            # at the next start.
+            await self._deliver_now(record.id)
+        # Otherwise the claim loop, which this run's end wakes, claims the delivery, so
         # deliveries in flight stay within webhook_capacity.
+
+    async def _deliver_now(self, task_id: str) -> None:
+        try:
+            record = await self._db(
+                self.store.claim_webhook,
+                task_id,
+                self.owner,
+                lease_s=self._config.lease_s,
+                now=time.time(),
+            )
+        except Exception:
+            logger.warning("task %s's webhook is left for the next start", task_id, exc_info=True)
+            return
+        if record is not None:
+            self._spawn(self._deliveries, self._deliver(record), record.id)
 
     def _record_finished(self, record: TaskRecord) -> None:
         assert record.finished_at is not None

@@ -637,6 +637,18 @@ class TaskStore:
             ).fetchall()
             return [self._get(row["id"]) for row in rows]
 
+    def claim_webhook(
+        self, task_id: str, owner: str, *, lease_s: float, now: float
+    ) -> TaskRecord | None:
+        """Take this task's pending delivery, if nobody holds it; None otherwise."""
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id = ? "
+                "AND webhook_status = ? AND (lease_until IS NULL OR lease_until < ?) RETURNING id",
+                (owner, now + lease_s, task_id, WebhookStatus.PENDING, now),
+            ).fetchone()
+            return None if row is None else self._get(row["id"])
+
     def record_webhook_attempt(
         self, task_id: str, owner: str, *, attempts: int, error: str | None
     ) -> None:

@@ -562,6 +562,24 @@ def test_finish_with_callback_makes_the_delivery_claimable(store: TaskStore) -> 
     assert [record.id for record in deliveries] == ["t1"]
 
 
+def test_one_tasks_delivery_can_be_claimed_by_its_id(store: TaskStore) -> None:
+    """As a stopping worker takes the delivery of a task it just finished: only a pending
+    one that nobody holds."""
+    add(store, "t1", callback_url=CALLBACK)
+    add(store, "t2")
+    running(store, "t1", "A", at=T0)
+    assert store.claim_webhook("t1", "A", lease_s=LEASE_S, now=T0 + 1) is None  # running
+    store.finish("t1", "A", prediction=[], now=T0 + 2)
+
+    claimed = store.claim_webhook("t1", "A", lease_s=LEASE_S, now=T0 + 3)
+
+    assert claimed is not None
+    assert claimed.id == "t1"
+    assert store.claim_webhook("t1", "B", lease_s=LEASE_S, now=T0 + 4) is None  # held
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 4) == []
+    assert store.claim_webhook("t2", "A", lease_s=LEASE_S, now=T0 + 4) is None  # no callback
+
+
 # --- Handing back -----------------------------------------------------------------------------
 
 

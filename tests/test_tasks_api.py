@@ -670,6 +670,26 @@ async def test_a_shutdown_lets_a_webhook_in_flight_finish(photos: list[Path]) ->
         assert row.fetchall() == [("delivered", 1, None)]
 
 
+async def test_a_task_that_finishes_in_the_drain_has_its_webhook_sent_before_the_exit(
+    photos: list[Path],
+) -> None:
+    """The claim loop stops as the shutdown begins: a task the drain finishes has its
+    webhook delivered at once, within the tasks' grace, not left for the next start."""
+    settings = make_settings(**WEBHOOK_SETTINGS)
+    async with receiving() as receiver, running_app(settings) as served:
+        model = GatedModel(served)
+        await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await asyncio.to_thread(model.entered.wait, 10)
+        served.service.begin_shutdown()
+        model.release.set()
+        await served.service.stop()
+        assert len(receiver.received) == 1
+    assert json.loads(receiver.received[0].body)["status"] == "succeeded"
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        row = db.execute("SELECT status, webhook_status, webhook_attempts, lease_owner FROM tasks")
+        assert row.fetchall() == [("succeeded", "delivered", 1, None)]
+
+
 async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)
