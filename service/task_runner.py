@@ -193,7 +193,6 @@ class TaskRunner:
             IdempotencyKeyReused: The key was used for a different request.
             RunnerStopped: ``stop`` has run (so for ``check_room``, ``get`` and ``cancel``).
         """
-        self._refuse_once_stopped()
         task_id = str(uuid.uuid4())
         request_hash = None
         if idempotency_key is not None:
@@ -243,7 +242,6 @@ class TaskRunner:
         Raises:
             TaskNotCancellable: It is running or finished.
         """
-        self._refuse_once_stopped()
         record = await self._request_write(
             self.request_writer.cancel,
             task_id,
@@ -619,7 +617,7 @@ class TaskRunner:
     ) -> T:
         """A request's write: the write lock is waited for at most the busy timeout from
         now, however long the writes queued before it wait."""
-        self._refuse_once_stopped()  # again: ``stop`` may have begun while the caller waited
+        self._refuse_once_stopped()  # here: ``stop`` may have begun while the caller waited
         deadline = time.monotonic() + tasks.BUSY_TIMEOUT_MS / 1000
         return await asyncio.get_running_loop().run_in_executor(
             self._request_thread, partial(function, *args, lock_deadline=deadline, **kwargs)
