@@ -34,7 +34,7 @@ from service.tasks import (
     WebhookStatus,
     check_room,
 )
-from service.webhooks import DeliveryResult, WebhookSender
+from service.webhooks import Attempt, WebhookSender
 
 T = TypeVar("T")
 
@@ -511,14 +511,9 @@ class TaskRunner:
             logger.exception("webhook for task %s failed unexpectedly; it will resume", record.id)
 
     async def _deliver_once(self, record: TaskRecord) -> None:
+        """One attempt; after a failure that may pass, the delivery waits in the store, not
+        in a slot of this worker, and is claimed again when its next attempt is due."""
         assert record.callback_url is not None
-        if record.webhook_attempts and record.webhook_last_error is None:
-            # Only an accepted attempt is stored without an error: the receiver has it,
-            # and the process stopped before the delivery's end was stored.
-            await self._finish_delivery(
-                record.id, DeliveryResult(True, record.webhook_attempts, None)
-            )
-            return
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
             payload["prediction"] = record.prediction
@@ -526,48 +521,45 @@ class TaskRunner:
             payload["error"] = record.error
         payload["metadata"] = record.metadata
 
-        async def on_attempt(attempt: int, error: str | None, duration_s: float) -> None:
-            self._observer.webhook_attempted(duration_s)
-            try:
-                await self._db(
-                    self.store.record_webhook_attempt,
-                    record.id,
-                    self.owner,
-                    attempts=attempt,
-                    error=error,
-                )
-            except Exception:
-                # Progress is a hint for a restart; the delivery goes on and its end is
-                # recorded with the full count.
-                logger.warning(
-                    "could not record attempt %d of task %s's webhook", attempt, record.id
-                )
-
-        result = await self._sender.deliver(
-            record.callback_url,
-            payload,
-            attempts_done=record.webhook_attempts,
-            on_attempt=on_attempt,
+        started = time.perf_counter()
+        attempt = await self._sender.attempt(
+            record.callback_url, payload, attempts_done=record.webhook_attempts
         )
-        await self._finish_delivery(record.id, result)
+        if attempt.attempts > record.webhook_attempts:
+            self._observer.webhook_attempted(time.perf_counter() - started)
+        if attempt.retry_in_s is None:
+            await self._finish_delivery(record.id, attempt)
+            return
+        assert attempt.error is not None  # only a failed attempt is tried again
+        await self._until_stored(
+            f"attempt {attempt.attempts} of task {record.id}'s webhook",
+            self.store.defer_webhook,
+            record.id,
+            self.owner,
+            attempts=attempt.attempts,
+            error=attempt.error,
+            retry_at=time.time() + attempt.retry_in_s,
+        )
+        # Claimed when due rather than at the next poll, which may be later.
+        asyncio.get_running_loop().call_later(attempt.retry_in_s, self._wake.set)
 
-    async def _finish_delivery(self, task_id: str, result: DeliveryResult) -> None:
+    async def _finish_delivery(self, task_id: str, attempt: Attempt) -> None:
         await self._until_stored(
             f"the end of task {task_id}'s webhook",
             self.store.finish_webhook,
             task_id,
             self.owner,
-            delivered=result.delivered,
-            attempts=result.attempts,
-            error=result.last_error,
+            delivered=attempt.delivered,
+            attempts=attempt.attempts,
+            error=attempt.error,
         )
-        self._observer.webhook_finished(result.delivered)
-        if not result.delivered:
+        self._observer.webhook_finished(attempt.delivered)
+        if not attempt.delivered:
             logger.warning(
                 "webhook for task %s given up after %d attempts: %s",
                 task_id,
-                result.attempts,
-                result.last_error,
+                attempt.attempts,
+                attempt.error,
             )
 
     # --- Plumbing -----------------------------------------------------------------------------

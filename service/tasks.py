@@ -27,7 +27,9 @@ BUSY_TIMEOUT_MS = 10_000
 # Pages the clean-up returns to the file system per write (8 MiB of 4 KiB pages).
 VACUUM_STEP_PAGES = 2048
 
-# Image bytes live apart from the rows, so status reads never page through them.
+# Image bytes live apart from the rows, so status reads never page through them. A lease
+# is who holds a running task or a delivery, and until when; a pending delivery waiting
+# to be tried again has a lease that nobody holds, until its next attempt is due.
 _SCHEMA = """
 CREATE TABLE tasks (
     id                  TEXT PRIMARY KEY,
@@ -625,14 +627,18 @@ class TaskStore:
     def claim_webhooks(
         self, owner: str, limit: int, *, lease_s: float, now: float
     ) -> list[TaskRecord]:
-        """Take up to ``limit`` pending deliveries nobody holds (or whose holder died)."""
+        """Take up to ``limit`` pending deliveries that are due: nobody holds them (or their
+        holder died) and their wait after a failed attempt is over; those due longest first
+        (a new one is due from when its task finished)."""
         if limit < 1:
             return []
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE tasks SET lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE webhook_status = ? "
-                "  AND (lease_until IS NULL OR lease_until < ?) LIMIT ?) RETURNING id",
+                "  AND (lease_until IS NULL OR lease_until < ?) "
+                "  ORDER BY coalesce(lease_until, finished_at) LIMIT ?) "
+                "RETURNING id",
                 (owner, now + lease_s, WebhookStatus.PENDING, now, limit),
             ).fetchall()
             return [self._get(row["id"]) for row in rows]
@@ -640,7 +646,8 @@ class TaskStore:
     def claim_webhook(
         self, task_id: str, owner: str, *, lease_s: float, now: float
     ) -> TaskRecord | None:
-        """Take this task's pending delivery, if nobody holds it; None otherwise."""
+        """Take this task's pending delivery, if it is due and nobody holds it; None
+        otherwise."""
         with self._transaction() as db:
             row = db.execute(
                 "UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id = ? "
@@ -649,15 +656,17 @@ class TaskStore:
             ).fetchone()
             return None if row is None else self._get(row["id"])
 
-    def record_webhook_attempt(
-        self, task_id: str, owner: str, *, attempts: int, error: str | None
+    def defer_webhook(
+        self, task_id: str, owner: str, *, attempts: int, error: str, retry_at: float
     ) -> None:
-        """Store the delivery's progress after each attempt, so a restart resumes the count."""
+        """Store a failed attempt and give the delivery up until ``retry_at``: a lease held
+        by nobody, so that no worker holds a slot while it waits and any may claim it when
+        it is due, a restarted one included."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ? "
-                "WHERE id = ? AND lease_owner = ?",
-                (attempts, error, task_id, owner),
+                "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ?, "
+                "lease_owner = NULL, lease_until = ? WHERE id = ? AND lease_owner = ?",
+                (attempts, error, retry_at, task_id, owner),
             )
 
     def finish_webhook(

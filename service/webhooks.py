@@ -1,9 +1,9 @@
-"""Webhook delivery: POST a task's result to its callback URL, signed, with retries.
+"""Webhook delivery: POST a task's result to its callback URL, signed, one attempt at a time.
 
-Knows nothing of the database or of metrics: the caller persists delivery state and learns
-of each attempt through an `on_attempt` callback. Unless private targets are allowed, a
-callback may only reach globally routable addresses, checked when the URL is submitted and
-again when each connection is opened (so a DNS answer that changes in between, as in DNS
+Knows nothing of the database or of metrics: each attempt says when the next is due, and
+the caller stores that and comes back then. Unless private targets are allowed, a callback
+may only reach globally routable addresses, checked when the URL is submitted and again
+when each connection is opened (so a DNS answer that changes in between, as in DNS
 rebinding, cannot turn the server against its own network).
 """
 
@@ -16,8 +16,7 @@ import ipaddress
 import json
 import random
 import socket
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 from urllib.parse import urlsplit
@@ -25,16 +24,9 @@ from urllib.parse import urlsplit
 import anyio
 import httpcore
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_result,
-    stop_after_attempt,
-)
 
 __all__ = [
-    "AttemptCallback",
-    "DeliveryResult",
+    "Attempt",
     "InvalidCallbackUrl",
     "WebhookConfig",
     "WebhookSender",
@@ -61,9 +53,6 @@ _ALLOW_PRIVATE_HINT = (
     "only globally routable addresses are accepted; set WEBHOOK_ALLOW_PRIVATE=true to "
     "allow private targets (trusted networks only)"
 )
-
-AttemptCallback: TypeAlias = Callable[[int, str | None, float], Awaitable[None]]
-"""Called after every attempt with (attempt number from 1, error or None, seconds taken)."""
 
 
 class InvalidCallbackUrl(ValueError):
@@ -362,18 +351,24 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DeliveryResult:
-    """How a delivery ended.
+class Attempt:
+    """How one delivery attempt ended, and what comes next.
 
     Attributes:
-        delivered: The callback answered 2xx.
-        attempts: Attempts made in all, including those made before this call.
-        last_error: Why the last attempt failed; None when delivered.
+        attempts: Attempts made in all, this one included; unchanged when none was made
+            (a URL refused before sending, or no attempts left).
+        error: Why it failed; None when the callback answered 2xx.
+        retry_in_s: The wait before the next attempt; None when the delivery is over:
+            delivered, refused for good, or out of attempts.
     """
 
-    delivered: bool
     attempts: int
-    last_error: str | None
+    error: str | None
+    retry_in_s: float | None
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,81 +413,45 @@ class WebhookSender:
             timeout=config.timeout_s,
         )
 
-    async def deliver(
-        self,
-        url: str,
-        payload: Mapping[str, object],
-        *,
-        attempts_done: int = 0,
-        on_attempt: AttemptCallback | None = None,
-    ) -> DeliveryResult:
-        """POST `payload` as JSON to `url`, retrying transient failures with backoff.
+    async def attempt(
+        self, url: str, payload: Mapping[str, object], *, attempts_done: int = 0
+    ) -> Attempt:
+        """POST `payload` as JSON to `url` once, and say whether and when to try again.
+
+        One attempt at a time, so that the caller holds nothing while a delivery waits
+        between attempts: it stores the wait and claims the delivery again when it is due.
 
         Args:
             url: The callback URL; its form is checked here, its addresses on connecting.
             payload: The JSON body.
-            attempts_done: Attempts made before (say, before a restart); they count
-                against `max_attempts` and number the next attempt.
-            on_attempt: Awaited after each HTTP attempt (not for a refused URL).
-
-        Returns:
-            Whether it was delivered, the attempts made in all, and the last error.
-
-        Raises:
-            asyncio.CancelledError: When cancelled; nothing is retried after that.
+            attempts_done: Attempts made before (here or before a restart); they count
+                against `max_attempts`, number this one and set the wait after it.
         """
         config = self._config
         if attempts_done >= config.max_attempts:
-            return DeliveryResult(
-                False,
+            return Attempt(
                 attempts_done,
                 f"no attempts left: {attempts_done} made, max_attempts is "
                 f"{config.max_attempts} (WEBHOOK_MAX_ATTEMPTS)",
+                retry_in_s=None,
             )
         try:
             # The form only: the addresses are checked when each connection opens, where a
             # name that does not resolve for now is a failed attempt to retry, not the end.
             _checked_form(url)
         except InvalidCallbackUrl as exc:
-            return DeliveryResult(False, attempts_done, str(exc))
+            return Attempt(attempts_done, str(exc), retry_in_s=None)
 
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         if config.secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, config.secret)
-        attempt_number = attempts_done
-
-        async def attempt() -> _Outcome:
-            nonlocal attempt_number
-            attempt_number += 1
-            started = time.perf_counter()
-            outcome = await self._post(url, body, headers)
-            if on_attempt is not None:
-                await on_attempt(attempt_number, outcome.error, time.perf_counter() - started)
-            return outcome
-
-        def last_outcome(state: RetryCallState) -> _Outcome:
-            assert state.outcome is not None  # called only after an attempt
-            result: _Outcome = state.outcome.result()
-            return result
-
-        def backoff_s(state: RetryCallState) -> float:
-            # Numbered from the delivery's first attempt, before any restart: a resumed
-            # delivery goes on with the series instead of retrying at once.
-            return self._backoff_s(attempts_done + state.attempt_number)
-
-        if attempts_done:
-            await asyncio.sleep(self._backoff_s(attempts_done))
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(config.max_attempts - attempts_done),
-            wait=backoff_s,
-            retry=retry_if_result(lambda outcome: outcome.retryable),
-            # Exceptions (cancellation, a failing on_attempt) are not retried but re-raised;
-            # running out of attempts returns the last outcome instead of raising RetryError.
-            retry_error_callback=last_outcome,
-        )
-        final: _Outcome = await retrying(attempt)
-        return DeliveryResult(final.error is None, attempt_number, final.error)
+        outcome = await self._post(url, body, headers)
+        attempts = attempts_done + 1
+        retry_in_s = None
+        if outcome.retryable and attempts < config.max_attempts:
+            retry_in_s = self._backoff_s(attempts)
+        return Attempt(attempts, outcome.error, retry_in_s)
 
     def _backoff_s(self, attempts: int) -> float:
         """The wait after the ``attempts``-th attempt: exponential, with full jitter."""

@@ -705,18 +705,40 @@ def delivery(store: TaskStore, task_id: str, owner: str) -> None:
     assert [record.id for record in claimed] == [task_id]
 
 
-def test_delivery_attempts_persist(store: TaskStore) -> None:
-    """Each attempt's count and error are stored, so a restart resumes the count."""
+def test_a_deferred_delivery_is_held_by_nobody_until_it_is_due(store: TaskStore) -> None:
+    """A failed attempt is stored with its count and error, and the delivery waits in the
+    store, not with its worker: no worker can claim it before its next attempt is due, and
+    any worker can after, the one that deferred it no longer holding it."""
     delivery(store, "t1", "A")
 
-    store.record_webhook_attempt("t1", "A", attempts=1, error="HTTP 503")
-    record = get(store, "t1")
-    assert (record.webhook_attempts, record.webhook_last_error) == (1, "HTTP 503")
+    store.defer_webhook("t1", "A", attempts=2, error="HTTP 503", retry_at=T0 + 30)
 
-    store.record_webhook_attempt("t1", "A", attempts=2, error="timed out")
     record = get(store, "t1")
-    assert (record.webhook_attempts, record.webhook_last_error) == (2, "timed out")
+    assert (record.webhook_attempts, record.webhook_last_error) == (2, "HTTP 503")
     assert record.webhook_status is WebhookStatus.PENDING
+    assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 0
+    assert store.release("A") == 0
+    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 29) == []
+    assert store.claim_webhook("t1", "B", lease_s=LEASE_S, now=T0 + 29) is None
+    [claimed] = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 31)
+    assert (claimed.id, claimed.webhook_attempts) == ("t1", 2)
+
+
+def test_deliveries_due_longest_are_claimed_first(store: TaskStore) -> None:
+    """New deliveries and retries are claimed in the order they fell due (a new one when its
+    task finished), so that retries are not put off for as long as new deliveries come."""
+    for task_id, retry_at in (("t1", T0 + 20), ("t2", T0 + 10), ("t3", T0 + 30)):
+        delivery(store, task_id, "A")
+        store.defer_webhook(task_id, "A", attempts=1, error="HTTP 503", retry_at=retry_at)
+    add(store, "new", callback_url=CALLBACK)
+    running(store, "new", "A", at=T0 + 25)
+    assert store.finish("new", "A", prediction=["cat"], now=T0 + 25) is not None
+
+    first = store.claim_webhooks("B", 2, lease_s=LEASE_S, now=T0 + 40)
+    second = store.claim_webhooks("B", 1, lease_s=LEASE_S, now=T0 + 40)
+
+    assert sorted(record.id for record in first) == ["t1", "t2"]
+    assert [record.id for record in second] == ["new"]
 
 
 def test_delivered_webhook_ends_and_frees_the_lease(store: TaskStore) -> None:
@@ -745,12 +767,12 @@ def test_failed_webhook_ends_with_its_last_error(store: TaskStore) -> None:
     assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 100) == []
 
 
-def test_non_owner_cannot_record_or_finish_a_delivery(store: TaskStore) -> None:
+def test_non_owner_cannot_defer_or_finish_a_delivery(store: TaskStore) -> None:
     """A worker that does not hold the delivery changes nothing about it."""
     delivery(store, "t1", "A")
     before = get(store, "t1")
 
-    store.record_webhook_attempt("t1", "B", attempts=4, error="HTTP 503")
+    store.defer_webhook("t1", "B", attempts=4, error="HTTP 503", retry_at=T0 + 1)
     store.finish_webhook("t1", "B", delivered=True, attempts=4, error=None)
 
     assert get(store, "t1") == before

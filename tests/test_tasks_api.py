@@ -7,11 +7,13 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import socket
 import sqlite3
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 
 import main
 from service import task_runner, tasks
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from service.tasks import DATABASE_NAME
 from tests import images
 from tests.support import (
@@ -945,50 +947,150 @@ async def test_a_result_the_store_refuses_for_now_is_stored_once_it_can_be(
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]
 
 
-async def test_a_progress_write_that_fails_does_not_end_a_delivery(photos: list[Path]) -> None:
-    """Recording an attempt is best effort: the delivery goes on through its retries and
-    its end is stored with the full count."""
+async def test_an_attempt_the_store_refuses_for_now_is_stored_when_it_can_be(
+    photos: list[Path],
+) -> None:
+    """A failed attempt's record, which sets when the next one is due, is written again
+    while the store refuses it; the delivery goes on and ends with the full count."""
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         receiver.script = [503, 503]
         store = served.service.running_tasks().store
+        defer = store.defer_webhook
+        refused = 0
 
-        def record_failing(*args: object, **kwargs: object) -> None:
-            raise sqlite3.OperationalError("disk I/O error")
+        def defer_refused_once(*args: Any, **kwargs: Any) -> None:
+            nonlocal refused
+            if not refused:
+                refused += 1
+                raise tasks.TaskStoreFailed("the disk is full")
+            defer(*args, **kwargs)
 
-        store.record_webhook_attempt = record_failing  # type: ignore[method-assign]
+        store.defer_webhook = defer_refused_once  # type: ignore[method-assign]
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
         task = await webhook_done(served.client, accepted["task_id"])
 
+    assert refused == 1
     assert task["webhook"] == {"status": "delivered", "attempts": 3, "last_error": None}
     assert len(receiver.received) == 3
 
 
-async def test_an_accepted_last_attempt_whose_end_was_not_stored_resumes_as_delivered(
+async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
     photos: list[Path],
 ) -> None:
-    """The receiver accepted the last allowed attempt, and the attempt was stored, but not
-    the delivery's end (the process died in between): resumed, it is delivered, not failed
-    for want of attempts, and not sent again."""
-    settings = make_settings(**{**WEBHOOK_SETTINGS, "webhook_max_attempts": 1, "task_lease_s": 1.0})
-    async with receiving() as receiver, running_app(settings) as served:
+    """The receiver has it: the end is written again until stored, not the webhook sent
+    again."""
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         store = served.service.running_tasks().store
         finish = store.finish_webhook
         finishes = 0
 
-        def finish_failing_once(*args: Any, **kwargs: Any) -> None:
+        def finish_refused_once(*args: Any, **kwargs: Any) -> None:
             nonlocal finishes
             finishes += 1
             if finishes == 1:
-                raise sqlite3.OperationalError("disk I/O error")
+                raise tasks.TaskStoreBusy("another process holds the lock")
             finish(*args, **kwargs)
 
-        store.finish_webhook = finish_failing_once  # type: ignore[method-assign]
+        store.finish_webhook = finish_refused_once  # type: ignore[method-assign]
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
         task = await webhook_done(served.client, accepted["task_id"])
 
     assert finishes == 2
     assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
     assert len(receiver.received) == 1
+
+
+def pending_delivery(settings: Settings, task_id: str) -> tuple[object, ...]:
+    """A delivery's state in the store: who holds it, until when, its count and error."""
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        row = db.execute(
+            "SELECT webhook_status, lease_owner, lease_until, webhook_attempts, "
+            "webhook_last_error FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
+    return tuple(row)
+
+
+async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that is down must not hold up the webhooks of other receivers: between
+    attempts the delivery waits in the store, held by no worker, so with a single delivery
+    slot another task's webhook goes out at once."""
+    monkeypatch.setattr(main, "RunnerConfig", partial(task_runner.RunnerConfig, webhook_capacity=1))
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_backoff_s": 30.0, "webhook_backoff_max_s": 30.0}
+    )
+    async with (
+        receiving() as down,
+        receiving() as up,
+        running_app(settings) as served,
+    ):
+        down.then = 503
+        failing = await submit(served.client, photos[0].read_bytes(), callback_url=down.url)
+        await asyncio.wait_for(down.arrived.wait(), 10)
+        await wait_for(lambda: pending_delivery(settings, failing["task_id"])[3] == 1)
+        waiting_since = time.time()
+
+        healthy = await submit(served.client, photos[1].read_bytes(), callback_url=up.url)
+        async with asyncio.timeout(10):
+            task = await webhook_done(served.client, healthy["task_id"])
+        status = (await served.client.get(failing["status_url"])).json()
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
+    assert len(down.received) == 1
+    assert status["webhook"] == {
+        "status": "pending",
+        "attempts": 1,
+        "last_error": "callback answered 503",
+    }
+    webhook_status, owner, retry_at, attempts, error = pending_delivery(
+        settings, failing["task_id"]
+    )
+    assert (webhook_status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
+    assert isinstance(retry_at, float)
+    assert waiting_since + 20 < retry_at < waiting_since + 31
+
+
+async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    settings = make_settings(**WEBHOOK_SETTINGS | {"task_poll_interval_s": 60.0})
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [503]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        async with asyncio.timeout(10):
+            task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+
+
+async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_restart(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its wait is stored: the next start neither sends it early nor starts its count over."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_backoff_s": 1.5, "webhook_backoff_max_s": 1.5}
+    )
+    async with receiving() as receiver:
+        receiver.script = [503]
+        async with running_app(settings) as served:
+            accepted = await submit(
+                served.client, photos[0].read_bytes(), callback_url=receiver.url
+            )
+            await wait_for(lambda: pending_delivery(settings, accepted["task_id"])[3] == 1)
+        retry_at = pending_delivery(settings, accepted["task_id"])[2]
+        assert isinstance(retry_at, float)
+
+        async with running_app(settings) as served:
+            task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+    assert len(receiver.received) == 2
+    assert receiver.received[1].at >= retry_at
 
 
 async def test_a_cancelled_task_reports_no_webhook(photos: list[Path]) -> None:

@@ -10,7 +10,6 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import anyio
 import httpcore
@@ -18,8 +17,8 @@ import pytest
 
 from service import webhooks
 from service.webhooks import (
+    Attempt,
     CallbackLookupFailed,
-    DeliveryResult,
     InvalidCallbackUrl,
     WebhookConfig,
     WebhookSender,
@@ -39,26 +38,6 @@ PAYLOAD: dict[str, object] = {
 TIMEOUT_S = 0.3
 # Tiny backoff and timeout keep the suite fast; loopback answers well within them.
 FAST = {"timeout_s": TIMEOUT_S, "backoff_initial_s": 0.01, "backoff_max_s": 0.05}
-
-
-@dataclass
-class AttemptLog:
-    """An on_attempt callback that records what it is told."""
-
-    calls: list[tuple[int, str | None, float]] = field(default_factory=list)
-    attempted: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __call__(self, number: int, error: str | None, seconds: float) -> None:
-        self.calls.append((number, error, seconds))
-        self.attempted.set()
-
-    @property
-    def numbers(self) -> list[int]:
-        return [number for number, _, _ in self.calls]
-
-    @property
-    def errors(self) -> list[str | None]:
-        return [error for _, error, _ in self.calls]
 
 
 @pytest.fixture
@@ -91,15 +70,16 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-# Delivery
+# Delivery: one attempt at a time
 
 
 async def test_the_receiver_gets_the_exact_json_body_signed(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    result = await make_sender(secret=SECRET).deliver(receiver.url, PAYLOAD)
+    attempt = await make_sender(secret=SECRET).attempt(receiver.url, PAYLOAD)
 
-    assert result == DeliveryResult(delivered=True, attempts=1, last_error=None)
+    assert attempt == Attempt(attempts=1, error=None, retry_in_s=None)
+    assert attempt.delivered
     [request] = receiver.received
     assert request.body == json.dumps(PAYLOAD, separators=(",", ":")).encode()
     assert json.loads(request.body) == PAYLOAD
@@ -112,9 +92,9 @@ async def test_the_receiver_gets_the_exact_json_body_signed(
 async def test_without_a_secret_there_is_no_signature_header(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    result = await make_sender().deliver(receiver.url, PAYLOAD)
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
-    assert result.delivered
+    assert attempt.delivered
     [request] = receiver.received
     assert "X-Signature-256" not in request.headers
 
@@ -126,137 +106,93 @@ def test_sign_matches_githubs_documented_example() -> None:
     )
 
 
-async def test_5xx_answers_are_retried_until_success(
-    receiver: Receiver, make_sender: Callable[..., WebhookSender]
-) -> None:
-    receiver.script = [500, 503, 200]
-    log = AttemptLog()
-
-    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
-
-    assert result == DeliveryResult(delivered=True, attempts=3, last_error=None)
-    assert len(receiver.received) == 3
-    assert log.numbers == [1, 2, 3]
-    assert log.errors == ["callback answered 500", "callback answered 503", None]
-    assert all(0 <= seconds < 5 for _, _, seconds in log.calls)
-
-
-@pytest.mark.parametrize("status", [408, 429, 502])
-async def test_other_transient_statuses_are_retried(
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 429])
+async def test_5xx_and_other_transient_answers_are_tried_again(
     status: int, receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    receiver.script = [status, 200]
+    receiver.then = status
 
-    result = await make_sender().deliver(receiver.url, PAYLOAD)
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
-    assert result == DeliveryResult(delivered=True, attempts=2, last_error=None)
-    assert len(receiver.received) == 2
+    assert (attempt.attempts, attempt.error) == (1, f"callback answered {status}")
+    assert attempt.retry_in_s is not None
+    assert 0 <= attempt.retry_in_s <= FAST["backoff_initial_s"]
+    assert len(receiver.received) == 1
 
 
-async def test_a_receiver_slower_than_the_timeout_is_retried(
+async def test_a_receiver_slower_than_the_timeout_is_tried_again(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    receiver.script = [STALL, 200]
-    log = AttemptLog()
+    receiver.script = [STALL]
+    started = time.monotonic()
 
-    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
-    assert result == DeliveryResult(delivered=True, attempts=2, last_error=None)
-    assert len(receiver.received) == 2
-    assert log.errors == [f"timed out after {TIMEOUT_S} s", None]
-    first_seconds = log.calls[0][2]
-    assert TIMEOUT_S * 0.8 <= first_seconds < TIMEOUT_S * 10
+    assert (attempt.attempts, attempt.error) == (1, f"timed out after {TIMEOUT_S} s")
+    assert attempt.retry_in_s is not None
+    assert TIMEOUT_S * 0.8 <= time.monotonic() - started < TIMEOUT_S * 10
 
 
-async def test_it_gives_up_after_max_attempts(
-    receiver: Receiver, make_sender: Callable[..., WebhookSender]
-) -> None:
-    receiver.then = 500
-    log = AttemptLog()
-
-    result = await make_sender(max_attempts=4).deliver(receiver.url, PAYLOAD, on_attempt=log)
-
-    assert result == DeliveryResult(delivered=False, attempts=4, last_error="callback answered 500")
-    assert len(receiver.received) == 4
-    assert log.numbers == [1, 2, 3, 4]
-
-
-async def test_attempts_done_earlier_count_against_the_limit(
+async def test_the_last_allowed_attempt_ends_the_delivery(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
     receiver.then = 500
-    log = AttemptLog()
 
-    result = await make_sender(max_attempts=5).deliver(
-        receiver.url, PAYLOAD, attempts_done=3, on_attempt=log
-    )
+    attempt = await make_sender(max_attempts=4).attempt(receiver.url, PAYLOAD, attempts_done=3)
 
-    assert result == DeliveryResult(delivered=False, attempts=5, last_error="callback answered 500")
-    assert len(receiver.received) == 2
-    assert log.numbers == [4, 5]
+    assert attempt == Attempt(attempts=4, error="callback answered 500", retry_in_s=None)
+    assert len(receiver.received) == 1
 
 
-async def test_a_resumed_delivery_that_succeeds_counts_all_attempts(
+async def test_attempts_done_earlier_number_the_next(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    result = await make_sender(max_attempts=5).deliver(receiver.url, PAYLOAD, attempts_done=3)
+    attempt = await make_sender(max_attempts=5).attempt(receiver.url, PAYLOAD, attempts_done=3)
 
-    assert result == DeliveryResult(delivered=True, attempts=4, last_error=None)
+    assert attempt == Attempt(attempts=4, error=None, retry_in_s=None)
     assert len(receiver.received) == 1
 
 
 async def test_no_attempt_is_made_once_the_limit_is_spent(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    log = AttemptLog()
+    attempt = await make_sender(max_attempts=5).attempt(receiver.url, PAYLOAD, attempts_done=5)
 
-    result = await make_sender(max_attempts=5).deliver(
-        receiver.url, PAYLOAD, attempts_done=5, on_attempt=log
-    )
-
-    assert not result.delivered
-    assert result.attempts == 5
-    assert result.last_error is not None
-    assert "no attempts left" in result.last_error
+    assert not attempt.delivered
+    assert (attempt.attempts, attempt.retry_in_s) == (5, None)
+    assert attempt.error is not None
+    assert "no attempts left" in attempt.error
     assert receiver.received == []
-    assert log.calls == []
 
 
 @pytest.mark.parametrize("status", [400, 404, 410, 302])
-async def test_other_statuses_are_not_retried(
+async def test_other_statuses_end_the_delivery(
     status: int, receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
     receiver.then = status
-    log = AttemptLog()
 
-    result = await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=log)
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
-    assert result == DeliveryResult(
-        delivered=False, attempts=1, last_error=f"callback answered {status}"
-    )
+    assert attempt == Attempt(attempts=1, error=f"callback answered {status}", retry_in_s=None)
     assert len(receiver.received) == 1  # a redirect is not followed either
-    assert log.numbers == [1]
 
 
-async def test_a_refused_connection_is_retried_and_reported(
+async def test_a_refused_connection_is_tried_again_and_reported(
     closed_port: int, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    log = AttemptLog()
-
-    result = await make_sender(max_attempts=3).deliver(
-        f"http://127.0.0.1:{closed_port}/hook", PAYLOAD, on_attempt=log
+    attempt = await make_sender(max_attempts=3).attempt(
+        f"http://127.0.0.1:{closed_port}/hook", PAYLOAD
     )
 
-    assert result == DeliveryResult(delivered=False, attempts=3, last_error="connection refused")
-    assert log.numbers == [1, 2, 3]
-    assert log.errors == ["connection refused"] * 3
+    assert (attempt.attempts, attempt.error) == (1, "connection refused")
+    assert attempt.retry_in_s is not None
 
 
-async def test_cancelling_a_delivery_waiting_for_an_answer_propagates(
+async def test_cancelling_an_attempt_waiting_for_an_answer_propagates(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
     receiver.script = [STALL]
-    task = asyncio.create_task(make_sender(timeout_s=30).deliver(receiver.url, PAYLOAD))
+    task = asyncio.create_task(make_sender(timeout_s=30).attempt(receiver.url, PAYLOAD))
     await receiver.arrived.wait()
 
     task.cancel()
@@ -265,70 +201,24 @@ async def test_cancelling_a_delivery_waiting_for_an_answer_propagates(
         await task
 
 
-@pytest.mark.parametrize(
-    ("attempts_done", "waits_s"),
-    [(0, [0.1, 0.2]), (2, [0.2, 0.4, 0.8])],
-    ids=["fresh", "resumed after two attempts"],
-)
-async def test_the_waits_between_attempts_double_and_go_on_across_restarts(
+async def test_the_waits_between_attempts_double_up_to_the_cap_across_restarts(
     receiver: Receiver,
     make_sender: Callable[..., WebhookSender],
     monkeypatch: pytest.MonkeyPatch,
-    attempts_done: int,
-    waits_s: list[float],
 ) -> None:
-    """Each wait is drawn up to the initial backoff times two to the attempts made (full
-    jitter; drawn at its ceiling here). A delivery resumed after a restart waits as after
-    its last attempt before sending again, and goes on doubling from there."""
+    """The wait after the n-th attempt is drawn up to the initial backoff times 2 ** (n - 1)
+    (full jitter; drawn at its ceiling here), capped, and numbered from the delivery's first
+    attempt, so a delivery resumed after a restart goes on doubling from where it was."""
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    receiver.script = [500, 500]
-    sender = make_sender(backoff_initial_s=0.1, backoff_max_s=10)
-    sent_at: list[float] = []
-    started = time.monotonic()
+    receiver.then = 500
+    sender = make_sender(backoff_initial_s=0.1, backoff_max_s=0.5, max_attempts=10)
 
-    async def note(number: int, error: str | None, seconds: float) -> None:
-        sent_at.append(time.monotonic() - seconds)
-
-    result = await sender.deliver(
-        receiver.url, PAYLOAD, attempts_done=attempts_done, on_attempt=note
-    )
-    assert result.delivered
-    assert result.attempts == attempts_done + 3
-    gaps = [
-        later - earlier for earlier, later in zip([started, *sent_at[:-1]], sent_at, strict=True)
+    waits = [
+        (await sender.attempt(receiver.url, PAYLOAD, attempts_done=done)).retry_in_s
+        for done in range(5)
     ]
-    expected = [0.0, *waits_s] if attempts_done == 0 else waits_s
-    for gap, wait in zip(gaps, expected, strict=True):
-        assert wait - 0.02 <= gap <= wait + 1.0, (gaps, expected)
 
-
-async def test_cancelling_a_delivery_waiting_to_retry_propagates(
-    receiver: Receiver, make_sender: Callable[..., WebhookSender]
-) -> None:
-    receiver.then = 500
-    log = AttemptLog()
-    sender = make_sender(backoff_initial_s=30, backoff_max_s=30)
-    task = asyncio.create_task(sender.deliver(receiver.url, PAYLOAD, on_attempt=log))
-    await log.attempted.wait()
-
-    task.cancel()
-
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert len(receiver.received) == 1
-
-
-async def test_an_error_in_on_attempt_propagates_without_retry(
-    receiver: Receiver, make_sender: Callable[..., WebhookSender]
-) -> None:
-    receiver.then = 500
-
-    async def failing(number: int, error: str | None, seconds: float) -> None:
-        raise RuntimeError("database is down")
-
-    with pytest.raises(RuntimeError, match="database is down"):
-        await make_sender().deliver(receiver.url, PAYLOAD, on_attempt=failing)
-    assert len(receiver.received) == 1
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
 
 
 # Configuration
@@ -505,16 +395,13 @@ def test_a_name_without_addresses_is_a_bad_url(monkeypatch: pytest.MonkeyPatch, 
 async def test_delivery_to_loopback_is_refused_without_any_request_and_not_retried(
     receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
-    log = AttemptLog()
+    attempt = await make_sender(allow_private=False).attempt(receiver.url, PAYLOAD)
 
-    result = await make_sender(allow_private=False).deliver(receiver.url, PAYLOAD, on_attempt=log)
-
-    assert not result.delivered
-    assert result.attempts == 1
-    assert result.last_error is not None
-    assert "loopback" in result.last_error
+    assert not attempt.delivered
+    assert (attempt.attempts, attempt.retry_in_s) == (1, None)
+    assert attempt.error is not None
+    assert "loopback" in attempt.error
     assert receiver.received == []
-    assert log.numbers == [1]
 
 
 async def test_a_name_that_does_not_resolve_for_now_is_retried(
@@ -527,17 +414,16 @@ async def test_a_name_that_does_not_resolve_for_now_is_retried(
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     monkeypatch.setattr(anyio, "getaddrinfo", no_dns)
-    log = AttemptLog()
 
-    result = await make_sender(allow_private=False, max_attempts=3).deliver(
-        "https://hooks.example.com/done", PAYLOAD, on_attempt=log
+    attempt = await make_sender(allow_private=False, max_attempts=3).attempt(
+        "https://hooks.example.com/done", PAYLOAD
     )
 
-    assert not result.delivered
-    assert result.attempts == 3
-    assert log.numbers == [1, 2, 3]
-    assert result.last_error is not None
-    assert "resolve" in result.last_error
+    assert not attempt.delivered
+    assert attempt.attempts == 1
+    assert attempt.retry_in_s is not None
+    assert attempt.error is not None
+    assert "resolve" in attempt.error
 
 
 async def test_many_slow_deliveries_at_once_each_get_a_connection(
@@ -550,13 +436,13 @@ async def test_many_slow_deliveries_at_once_each_get_a_connection(
     monkeypatch.setattr(webhooks, "_refusal_reason", lambda ip: None)  # let loopback through
     receiver.script = [STALL] * 30
     sender = make_sender(allow_private=False, timeout_s=5.0)
-    deliveries = [asyncio.create_task(sender.deliver(receiver.url, PAYLOAD)) for _ in range(30)]
+    deliveries = [asyncio.create_task(sender.attempt(receiver.url, PAYLOAD)) for _ in range(30)]
     async with asyncio.timeout(5):
         while len(receiver.received) < 30:
             await asyncio.sleep(0.01)
     receiver.release.set()
-    results = await asyncio.gather(*deliveries)
-    assert all(result.delivered and result.attempts == 1 for result in results)
+    attempts = await asyncio.gather(*deliveries)
+    assert all(attempt.delivered and attempt.attempts == 1 for attempt in attempts)
 
 
 async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
@@ -566,17 +452,15 @@ async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
 ) -> None:
     # As in DNS rebinding: the name looked public when checked, then resolves to loopback.
     monkeypatch.setattr(webhooks, "check_callback_url", lambda url, *, allow_private: None)
-    log = AttemptLog()
-
-    result = await make_sender(allow_private=False).deliver(
-        f"http://localhost:{receiver.port}/hook", PAYLOAD, on_attempt=log
+    attempt = await make_sender(allow_private=False).attempt(
+        f"http://localhost:{receiver.port}/hook", PAYLOAD
     )
 
-    assert not result.delivered
-    assert result.attempts == 1  # refusing again would change nothing
-    assert result.last_error is not None
-    assert result.last_error.startswith("refused to connect to localhost (")
-    assert "loopback" in result.last_error
+    assert not attempt.delivered
+    assert (attempt.attempts, attempt.retry_in_s) == (1, None)  # refusing again changes nothing
+    assert attempt.error is not None
+    assert attempt.error.startswith("refused to connect to localhost (")
+    assert "loopback" in attempt.error
     assert receiver.received == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ STALL = "stall"
 class Received:
     headers: dict[str, str]
     body: bytes
+    at: float  # time.time() as the request arrived
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.received.append(Received(dict(request.headers), body))
+        self.received.append(Received(dict(request.headers), body, time.time()))
         self.arrived.set()
         step = self.script.pop(0) if self.script else self.then
         if step == STALL:
