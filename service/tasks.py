@@ -28,8 +28,9 @@ BUSY_TIMEOUT_MS = 10_000
 VACUUM_STEP_PAGES = 2048
 
 # Image bytes live apart from the rows, so status reads never page through them. A lease
-# is who holds a running task or a delivery, and until when; a pending delivery waiting
-# to be tried again has a lease that nobody holds, until its next attempt is due.
+# is who holds a running task or a delivery, and until when. A pending delivery that
+# nobody holds has its lease's time all the same: when it fell due (its task finished), or
+# when its next attempt is due; claims take them in that order, along the partial index.
 _SCHEMA = """
 CREATE TABLE tasks (
     id                  TEXT PRIMARY KEY,
@@ -584,13 +585,16 @@ class TaskStore:
         db.execute(
             "UPDATE tasks SET status = ?, prediction = ?, error = ?, finished_at = ?, "
             "webhook_status = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END, "
-            "lease_owner = NULL, lease_until = NULL WHERE id = ?",
+            # A delivery is due from now: claims take the longest due first.
+            "lease_owner = NULL, lease_until = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END "
+            "WHERE id = ?",
             (
                 status,
                 None if prediction is None else json.dumps(prediction),
                 error,
                 now,
                 WebhookStatus.PENDING,
+                now,
                 task_id,
             ),
         )
@@ -629,15 +633,14 @@ class TaskStore:
     ) -> list[TaskRecord]:
         """Take up to ``limit`` pending deliveries that are due: nobody holds them (or their
         holder died) and their wait after a failed attempt is over; those due longest first
-        (a new one is due from when its task finished)."""
+        (a new one from when its task finished, one handed back at a shutdown first of all)."""
         if limit < 1:
             return []
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE tasks SET lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE webhook_status = ? "
-                "  AND (lease_until IS NULL OR lease_until < ?) "
-                "  ORDER BY coalesce(lease_until, finished_at) LIMIT ?) "
+                "  AND (lease_until IS NULL OR lease_until <= ?) ORDER BY lease_until LIMIT ?) "
                 "RETURNING id",
                 (owner, now + lease_s, WebhookStatus.PENDING, now, limit),
             ).fetchall()
@@ -651,7 +654,7 @@ class TaskStore:
         with self._transaction() as db:
             row = db.execute(
                 "UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id = ? "
-                "AND webhook_status = ? AND (lease_until IS NULL OR lease_until < ?) RETURNING id",
+                "AND webhook_status = ? AND (lease_until IS NULL OR lease_until <= ?) RETURNING id",
                 (owner, now + lease_s, task_id, WebhookStatus.PENDING, now),
             ).fetchone()
             return None if row is None else self._get(row["id"])
