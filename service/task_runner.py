@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from service.tasks import (
     TaskStoreBusy,
     TaskStoreFailed,
     WebhookStatus,
+    callback_origin,
     check_room,
 )
 from service.webhooks import Attempt, WebhookSender
@@ -76,7 +78,12 @@ class RunnerConfig:
     poll_interval_s: float
     cleanup_interval_s: float
     ttl_s: float
+    webhook_timeout_s: float
     webhook_capacity: int = 64
+    # A quarter of the slots at most for one receiver, so that one that is slow or down
+    # (each attempt then holding its slot for up to webhook_timeout_s) leaves the rest to
+    # the others'.
+    webhook_receiver_capacity: int = 16
 
 
 def _request_hash(
@@ -142,6 +149,8 @@ class TaskRunner:
         self._wake = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Deliveries in flight per receiver (``callback_origin``).
+        self._receiver_deliveries: Counter[str] = Counter()
         # The task id each run or delivery works on: the leases to keep alive.
         self._holding: dict[asyncio.Task[None], str] = {}
         self._claim_loop_task: asyncio.Task[None] | None = None
@@ -395,15 +404,25 @@ class TaskRunner:
                     config.webhook_capacity - len(self._deliveries),
                     lease_s=config.lease_s,
                     now=time.time(),
+                    per_receiver=config.webhook_receiver_capacity,
+                    in_flight=dict(self._receiver_deliveries),
+                    # By then one of the receiver's attempts has ended for sure.
+                    crowded_wait_s=config.webhook_timeout_s,
                 )
                 for record in pending:
-                    self._spawn(self._deliveries, self._deliver(record), record.id)
+                    self._spawn_delivery(record)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
+                # Woken when the next delivery falls due too, if that is before the poll.
+                next_due = await self._db(self.store.next_delivery_due, now=time.time())
             except Exception:
                 # A locked or full disk must not end task processing for good; retry.
                 logger.exception("claiming tasks failed; retrying in %s s", config.poll_interval_s)
+                next_due = None
+            wait_s = config.poll_interval_s
+            if next_due is not None:
+                wait_s = min(wait_s, max(0.0, next_due - time.time()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(config.poll_interval_s):
+                async with asyncio.timeout(wait_s):
                     await self._wake.wait()
 
     async def _renew_leases_forever(self) -> None:
@@ -495,7 +514,7 @@ class TaskRunner:
             logger.warning("task %s's webhook is left for the next start", task_id, exc_info=True)
             return
         if record is not None:
-            self._spawn(self._deliveries, self._deliver(record), record.id)
+            self._spawn_delivery(record)
 
     def _record_finished(self, record: TaskRecord) -> None:
         assert record.finished_at is not None
@@ -505,15 +524,40 @@ class TaskRunner:
 
     async def _deliver(self, record: TaskRecord) -> None:
         try:
-            await self._deliver_once(record)
+            held: TaskRecord | None = record
+            while held is not None:
+                retry_in_s = await self._deliver_once(held)
+                if retry_in_s is None or self._claiming:
+                    return
+                # The worker is stopping and no claim loop will take it again: tried again
+                # here, within the stop's grace, rather than at the next start.
+                await asyncio.sleep(retry_in_s)
+                held = await self._db(
+                    self.store.claim_webhook,
+                    record.id,
+                    self.owner,
+                    lease_s=self._config.lease_s,
+                    now=time.time(),
+                )
         except Exception:
             # Its lease is no longer renewed: it runs out and the delivery is resumed.
             logger.exception("webhook for task %s failed unexpectedly; it will resume", record.id)
 
-    async def _deliver_once(self, record: TaskRecord) -> None:
+    async def _deliver_once(self, record: TaskRecord) -> float | None:
         """One attempt; after a failure that may pass, the delivery waits in the store, not
-        in a slot of this worker, and is claimed again when its next attempt is due."""
+        in a slot of this worker, and is claimed again when its next attempt is due.
+
+        Returns:
+            The wait before the next attempt, or None when the delivery is over.
+        """
         assert record.callback_url is not None
+        if record.webhook_attempts and record.webhook_last_error is None:
+            # An accepted attempt whose delivery's end was not stored, as servers before
+            # attempts and ends were one write left it when they died in between.
+            await self._finish_delivery(
+                record.id, Attempt(record.webhook_attempts, None, retry_in_s=None)
+            )
+            return None
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
             payload["prediction"] = record.prediction
@@ -529,7 +573,7 @@ class TaskRunner:
             self._observer.webhook_attempted(time.perf_counter() - started)
         if attempt.retry_in_s is None:
             await self._finish_delivery(record.id, attempt)
-            return
+            return None
         assert attempt.error is not None  # only a failed attempt is tried again
         await self._until_stored(
             f"attempt {attempt.attempts} of task {record.id}'s webhook",
@@ -540,8 +584,7 @@ class TaskRunner:
             error=attempt.error,
             retry_at=time.time() + attempt.retry_in_s,
         )
-        # Claimed when due rather than at the next poll, which may be later.
-        asyncio.get_running_loop().call_later(attempt.retry_in_s, self._wake.set)
+        return attempt.retry_in_s
 
     async def _finish_delivery(self, task_id: str, attempt: Attempt) -> None:
         await self._until_stored(
@@ -566,11 +609,24 @@ class TaskRunner:
 
     def _spawn(
         self, group: set[asyncio.Task[None]], work: Coroutine[None, None, None], task_id: str
-    ) -> None:
+    ) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         group.add(task)
         self._holding[task] = task_id
         task.add_done_callback(partial(self._finished, group))
+        return task
+
+    def _spawn_delivery(self, record: TaskRecord) -> None:
+        assert record.callback_url is not None
+        receiver = callback_origin(record.callback_url)
+        self._receiver_deliveries[receiver] += 1
+        task = self._spawn(self._deliveries, self._deliver(record), record.id)
+        task.add_done_callback(partial(self._delivery_ended, receiver))
+
+    def _delivery_ended(self, receiver: str, task: asyncio.Task[None]) -> None:
+        self._receiver_deliveries[receiver] -= 1
+        if not self._receiver_deliveries[receiver]:
+            del self._receiver_deliveries[receiver]  # receivers come and go: keep only the busy
 
     def _finished(self, group: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
         group.discard(task)

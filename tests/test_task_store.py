@@ -741,6 +741,102 @@ def test_deliveries_due_longest_are_claimed_first(store: TaskStore) -> None:
     assert [record.id for record in second] == ["new"]
 
 
+def due_deliveries(
+    store: TaskStore, url: str, count: int, *, prefix: str, since: float = T0
+) -> list[str]:
+    """``count`` finished tasks whose deliveries to ``url`` nobody holds, due one
+    millisecond apart from ``since``."""
+    ids = [f"{prefix}{i:03d}" for i in range(count)]
+    for i, task_id in enumerate(ids):
+        add(store, task_id, callback_url=url)
+        running(store, task_id, "W", at=since + i / 1000)
+        assert store.finish(task_id, "W", prediction=[], now=since + i / 1000) is not None
+    return ids
+
+
+def leases(store: TaskStore) -> dict[str, tuple[str | None, float | None]]:
+    with closing(sqlite3.connect(store.path)) as db:
+        rows = db.execute("SELECT id, lease_owner, lease_until FROM tasks").fetchall()
+    return {task_id: (owner, until) for task_id, owner, until in rows}
+
+
+def test_a_receiver_with_its_share_in_flight_gets_no_more_and_waits_aside(
+    store: TaskStore,
+) -> None:
+    """The others' deliveries are claimed past it, and its own due ones are put off, held
+    by nobody, until the wait is over."""
+    crowded = due_deliveries(store, "https://slow.example/hook", 3, prefix="slow")
+    others = due_deliveries(store, "https://ok.example:8443/hook", 2, prefix="ok")
+
+    claimed = store.claim_webhooks(
+        "A",
+        10,
+        lease_s=LEASE_S,
+        now=T0 + 1,
+        per_receiver=2,
+        in_flight={"slow.example:443": 2},
+        crowded_wait_s=30,
+    )
+
+    assert sorted(record.id for record in claimed) == others
+    held = leases(store)
+    assert all(held[task_id] == (None, T0 + 31) for task_id in crowded)
+    assert all(
+        store.claim_webhook(task_id, "B", lease_s=LEASE_S, now=T0 + 30) is None
+        for task_id in crowded
+    )
+    later = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 32)
+    assert set(crowded) <= {record.id for record in later}
+
+
+def test_one_claim_takes_no_more_than_a_receivers_share(store: TaskStore) -> None:
+    ids = due_deliveries(store, "http://one.example/hook", 5, prefix="t")
+
+    claimed = store.claim_webhooks(
+        "A", 10, lease_s=LEASE_S, now=T0 + 1, per_receiver=2, crowded_wait_s=30
+    )
+
+    assert [record.id for record in claimed] == ids[:2], "the longest due first"
+    held = leases(store)
+    assert all(held[task_id] == (None, T0 + 31) for task_id in ids[2:])
+
+
+def test_a_claim_looks_at_a_bounded_window_of_a_crowded_receivers_backlog(
+    store: TaskStore,
+) -> None:
+    """However long the crowded receiver's backlog, a claim looks at no more than
+    ``CLAIM_WINDOW_FACTOR`` due deliveries per free slot; those it passed over are out of
+    the way of the next claim."""
+    due_deliveries(store, "https://down.example/hook", 30, prefix="down")
+    [waiting] = due_deliveries(store, "https://up.example/hook", 1, prefix="up", since=T0 + 0.5)
+
+    def claim_two() -> list[str]:
+        claimed = store.claim_webhooks(
+            "A",
+            2,
+            lease_s=LEASE_S,
+            now=T0 + 1,
+            per_receiver=1,
+            in_flight={"down.example:443": 1},
+            crowded_wait_s=30,
+        )
+        return [record.id for record in claimed]
+
+    assert claim_two() == []
+    put_off = [task_id for task_id, (_, until) in leases(store).items() if until == T0 + 31]
+    assert len(put_off) == 2 * tasks.CLAIM_WINDOW_FACTOR
+    assert claim_two() == []
+    assert claim_two() == []
+    assert claim_two() == [waiting]
+
+
+def test_receivers_are_told_apart_by_host_and_port() -> None:
+    assert tasks.callback_origin("https://Hooks.Example.com/a?x=1") == "hooks.example.com:443"
+    assert tasks.callback_origin("http://hooks.example.com/b") == "hooks.example.com:80"
+    assert tasks.callback_origin("http://hooks.example.com:8080/") == "hooks.example.com:8080"
+    assert tasks.callback_origin("https://[2001:db8::1]/") == "2001:db8::1:443"
+
+
 def test_delivered_webhook_ends_and_frees_the_lease(store: TaskStore) -> None:
     """A delivered webhook is marked so, keeps its count, and is never claimed again."""
     delivery(store, "t1", "A")

@@ -692,6 +692,56 @@ async def test_a_task_that_finishes_in_the_drain_has_its_webhook_sent_before_the
         assert row.fetchall() == [("succeeded", "delivered", 1, None)]
 
 
+async def test_a_webhook_that_fails_in_the_drain_is_tried_again_before_the_exit(
+    photos: list[Path],
+) -> None:
+    """No claim loop takes a delivery once the worker stops: one whose attempt fails then is
+    tried again by the worker itself, within the tasks' grace, not left for the next start."""
+    settings = make_settings(**WEBHOOK_SETTINGS)
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [503]
+        model = GatedModel(served)
+        await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await asyncio.to_thread(model.entered.wait, 10)
+        served.service.begin_shutdown()
+        model.release.set()
+        await served.service.stop()
+        assert len(receiver.received) == 2
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        row = db.execute("SELECT webhook_status, webhook_attempts, lease_owner FROM tasks")
+        assert row.fetchall() == [("delivered", 2, None)]
+
+
+async def test_an_accepted_attempt_left_unfinished_by_an_older_server_is_not_sent_again(
+    photos: list[Path],
+) -> None:
+    """Servers that stored an attempt and the delivery's end in two writes could die between
+    them, leaving the receiver's acceptance stored (attempts, no error) on a pending
+    delivery: it ends as delivered, without sending it again or failing it for want of
+    attempts."""
+    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_max_attempts": 2})
+    async with receiving() as receiver:
+        async with running_app(settings) as served:
+            receiver.then = 500
+            accepted = await submit(
+                served.client, photos[0].read_bytes(), callback_url=receiver.url
+            )
+            task = await webhook_done(served.client, accepted["task_id"])
+            assert task["webhook"]["status"] == "failed"
+        with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+            db.execute(
+                "UPDATE tasks SET webhook_status = 'pending', webhook_attempts = 2, "
+                "webhook_last_error = NULL, lease_owner = 'dead', lease_until = ?",
+                (time.time() - 1,),
+            )
+        sent_before = len(receiver.received)
+        async with running_app(settings) as served:
+            task = await webhook_done(served.client, accepted["task_id"])
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+    assert len(receiver.received) == sent_before
+
+
 async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)
@@ -1051,6 +1101,36 @@ async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
     assert (webhook_status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
     assert isinstance(retry_at, float)
     assert waiting_since + 20 < retry_at < waiting_since + 31
+
+
+async def test_a_receiver_that_hangs_gets_its_share_of_slots_and_no_more(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each attempt to a receiver that never answers holds a slot until it times out: one
+    receiver gets at most its share of them, so that the others' webhooks go out meanwhile."""
+    monkeypatch.setattr(
+        main,
+        "RunnerConfig",
+        partial(task_runner.RunnerConfig, webhook_capacity=2, webhook_receiver_capacity=1),
+    )
+    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0})
+    async with (
+        receiving() as hanging,
+        receiving() as up,
+        running_app(settings) as served,
+    ):
+        hanging.script = [STALL, STALL]
+        for photo in photos[:2]:
+            await submit(served.client, photo.read_bytes(), callback_url=hanging.url)
+        await asyncio.wait_for(hanging.arrived.wait(), 10)
+
+        healthy = await submit(served.client, photos[2].read_bytes(), callback_url=up.url)
+        async with asyncio.timeout(10):
+            task = await webhook_done(served.client, healthy["task_id"])
+        assert len(hanging.received) == 1
+        hanging.release.set()  # rather than have the shutdown wait out its grace
+
+    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
 
 
 async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
