@@ -36,6 +36,7 @@ CLAIM_WINDOW_FACTOR = 4
 # is who holds a running task or a delivery, and until when. A pending delivery that
 # nobody holds has its lease's time all the same: when it fell due (its task finished), or
 # when its next attempt is due; claims take them in that order, along the partial index.
+# One handed back at a shutdown has none: it is due at once, first of all.
 _SCHEMA = """
 CREATE TABLE tasks (
     id                  TEXT PRIMARY KEY,
