@@ -349,7 +349,6 @@ class Service:
             poll_interval_s=settings.task_poll_interval_s,
             cleanup_interval_s=settings.task_cleanup_interval_s,
             ttl_s=settings.task_ttl.total_seconds(),
-            webhook_timeout_s=settings.webhook_timeout_s,
         )
         return TaskRunner(
             config,

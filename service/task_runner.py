@@ -14,7 +14,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from service.tasks import (
     TaskStoreBusy,
     TaskStoreFailed,
     WebhookStatus,
-    callback_origin,
     check_room,
 )
 from service.webhooks import Attempt, WebhookSender
@@ -78,12 +76,7 @@ class RunnerConfig:
     poll_interval_s: float
     cleanup_interval_s: float
     ttl_s: float
-    webhook_timeout_s: float
     webhook_capacity: int = 64
-    # A quarter of the slots at most for one receiver, so that one that is slow or down
-    # (each attempt then holding its slot for up to webhook_timeout_s) leaves the rest to
-    # the others'.
-    webhook_receiver_capacity: int = 16
 
 
 def _request_hash(
@@ -149,8 +142,6 @@ class TaskRunner:
         self._wake = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
-        # Deliveries in flight per receiver (``callback_origin``).
-        self._receiver_deliveries: Counter[str] = Counter()
         # The task id each run or delivery works on: the leases to keep alive.
         self._holding: dict[asyncio.Task[None], str] = {}
         self._claim_loop_task: asyncio.Task[None] | None = None
@@ -404,13 +395,9 @@ class TaskRunner:
                     config.webhook_capacity - len(self._deliveries),
                     lease_s=config.lease_s,
                     now=time.time(),
-                    per_receiver=config.webhook_receiver_capacity,
-                    in_flight=dict(self._receiver_deliveries),
-                    # By then one of the receiver's attempts has ended for sure.
-                    crowded_wait_s=config.webhook_timeout_s,
                 )
                 for record in pending:
-                    self._spawn_delivery(record)
+                    self._spawn(self._deliveries, self._deliver(record), record.id)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
                 # Woken when the next delivery falls due too, if that is before the poll.
                 next_due = await self._db(self.store.next_delivery_due, now=time.time())
@@ -514,7 +501,7 @@ class TaskRunner:
             logger.warning("task %s's webhook is left for the next start", task_id, exc_info=True)
             return
         if record is not None:
-            self._spawn_delivery(record)
+            self._spawn(self._deliveries, self._deliver(record), record.id)
 
     def _record_finished(self, record: TaskRecord) -> None:
         assert record.finished_at is not None
@@ -609,24 +596,11 @@ class TaskRunner:
 
     def _spawn(
         self, group: set[asyncio.Task[None]], work: Coroutine[None, None, None], task_id: str
-    ) -> asyncio.Task[None]:
+    ) -> None:
         task = asyncio.create_task(work)
         group.add(task)
         self._holding[task] = task_id
         task.add_done_callback(partial(self._finished, group))
-        return task
-
-    def _spawn_delivery(self, record: TaskRecord) -> None:
-        assert record.callback_url is not None
-        receiver = callback_origin(record.callback_url)
-        self._receiver_deliveries[receiver] += 1
-        task = self._spawn(self._deliveries, self._deliver(record), record.id)
-        task.add_done_callback(partial(self._delivery_ended, receiver))
-
-    def _delivery_ended(self, receiver: str, task: asyncio.Task[None]) -> None:
-        self._receiver_deliveries[receiver] -= 1
-        if not self._receiver_deliveries[receiver]:
-            del self._receiver_deliveries[receiver]  # receivers come and go: keep only the busy
 
     def _finished(self, group: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
         group.discard(task)

@@ -13,12 +13,10 @@ import enum
 import json
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
@@ -28,9 +26,6 @@ DATABASE_NAME = "tasks.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # Pages the clean-up returns to the file system per write (8 MiB of 4 KiB pages).
 VACUUM_STEP_PAGES = 2048
-# Due deliveries a claim looks at, per slot it fills: those of crowded receivers among them
-# are put off, the rest claimed.
-CLAIM_WINDOW_FACTOR = 4
 
 # Image bytes live apart from the rows, so status reads never page through them. A lease
 # is who holds a running task or a delivery, and until when. A pending delivery that
@@ -204,26 +199,6 @@ def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
 
 def _is_locked(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
-
-
-def _lease(db: sqlite3.Connection, task_ids: list[str], owner: str | None, until: float) -> None:
-    if task_ids:
-        marks = ",".join("?" * len(task_ids))
-        db.execute(
-            f"UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
-            (owner, until, *task_ids),
-        )
-
-
-def callback_origin(url: str) -> str:
-    """The receiver a callback URL reaches: its host and port, as in ``example.com:443``."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return f"{parts.hostname or ''}:{port or default}"
 
 
 class TaskStore:
@@ -655,58 +630,33 @@ class TaskStore:
     # --- Webhooks -----------------------------------------------------------------------------
 
     def claim_webhooks(
-        self,
-        owner: str,
-        limit: int,
-        *,
-        lease_s: float,
-        now: float,
-        per_receiver: int | None = None,
-        in_flight: Mapping[str, int] | None = None,
-        crowded_wait_s: float = 0.0,
+        self, owner: str, limit: int, *, lease_s: float, now: float
     ) -> list[TaskRecord]:
         """Take up to ``limit`` pending deliveries that are due: nobody holds them (or their
         holder died) and their wait after a failed attempt is over; those due longest first
         (a new one from when its task finished, one handed back at a shutdown first of all).
-
-        With ``per_receiver``, a receiver (see ``callback_origin``) with that many
-        deliveries in flight (``in_flight`` counts this worker's) gets no more, so that one
-        that is slow or down cannot take every slot: its due deliveries among the next
-        ``CLAIM_WINDOW_FACTOR * limit`` are passed over and put off for ``crowded_wait_s``,
-        which moves them out of the others' way without scanning its whole backlog.
         """
         if limit < 1:
             return []
-        taken = Counter(in_flight or {})
-        chosen: list[str] = []
-        crowded: list[str] = []
-        window = limit * CLAIM_WINDOW_FACTOR
         with self._transaction() as db:
-            # Two searches of the partial index, each stopping at the window: one condition
+            # Two searches of the partial index, each stopping at the limit: one condition
             # with OR would scan every pending delivery, those not yet due included.
             due = db.execute(
-                "SELECT id, callback_url FROM tasks "
-                "WHERE webhook_status = ? AND lease_until IS NULL LIMIT ?",
-                (WebhookStatus.PENDING, window),
+                "SELECT id FROM tasks WHERE webhook_status = ? AND lease_until IS NULL LIMIT ?",
+                (WebhookStatus.PENDING, limit),
             ).fetchall()
             due += db.execute(
-                "SELECT id, callback_url FROM tasks "
+                "SELECT id FROM tasks "
                 "WHERE webhook_status = ? AND lease_until <= ? ORDER BY lease_until LIMIT ?",
-                (WebhookStatus.PENDING, now, window - len(due)),
+                (WebhookStatus.PENDING, now, limit - len(due)),
             ).fetchall()
-            for row in due:
-                if len(chosen) == limit:
-                    break
-                if per_receiver is not None:
-                    receiver = callback_origin(row["callback_url"])
-                    if taken[receiver] >= per_receiver:
-                        crowded.append(row["id"])
-                        continue
-                    taken[receiver] += 1
-                chosen.append(row["id"])
-            _lease(db, chosen, owner, now + lease_s)
-            # Held by nobody, as after a failed attempt: due again once the wait is over.
-            _lease(db, crowded, None, now + crowded_wait_s)
+            chosen = [row["id"] for row in due]
+            if chosen:
+                marks = ",".join("?" * len(chosen))
+                db.execute(
+                    f"UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
+                    (owner, now + lease_s, *chosen),
+                )
             return [self._get(task_id) for task_id in chosen]
 
     def claim_webhook(

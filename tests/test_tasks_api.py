@@ -1103,36 +1103,6 @@ async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
     assert waiting_since + 20 < retry_at < waiting_since + 31
 
 
-async def test_a_receiver_that_hangs_gets_its_share_of_slots_and_no_more(
-    photos: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each attempt to a receiver that never answers holds a slot until it times out: one
-    receiver gets at most its share of them, so that the others' webhooks go out meanwhile."""
-    monkeypatch.setattr(
-        main,
-        "RunnerConfig",
-        partial(task_runner.RunnerConfig, webhook_capacity=2, webhook_receiver_capacity=1),
-    )
-    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0})
-    async with (
-        receiving() as hanging,
-        receiving() as up,
-        running_app(settings) as served,
-    ):
-        hanging.script = [STALL, STALL]
-        for photo in photos[:2]:
-            await submit(served.client, photo.read_bytes(), callback_url=hanging.url)
-        await asyncio.wait_for(hanging.arrived.wait(), 10)
-
-        healthy = await submit(served.client, photos[2].read_bytes(), callback_url=up.url)
-        async with asyncio.timeout(10):
-            task = await webhook_done(served.client, healthy["task_id"])
-        assert len(hanging.received) == 1
-        hanging.release.set()  # rather than have the shutdown wait out its grace
-
-    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
-
-
 async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
