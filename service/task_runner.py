@@ -406,7 +406,8 @@ class TaskRunner:
                 logger.exception("claiming tasks failed; retrying in %s s", config.poll_interval_s)
                 next_due = None
             wait_s = config.poll_interval_s
-            if next_due is not None:
+            # With every delivery slot taken, the end of a delivery wakes the loop instead.
+            if next_due is not None and len(self._deliveries) < config.webhook_capacity:
                 wait_s = min(wait_s, max(0.0, next_due - time.time()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
