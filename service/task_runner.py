@@ -31,7 +31,6 @@ from service.tasks import (
     TaskStore,
     TaskStoreBusy,
     TaskStoreFailed,
-    WebhookStatus,
     check_room,
 )
 from service.webhooks import Attempt, WebhookSender
@@ -41,6 +40,8 @@ T = TypeVar("T")
 # Waits between tries of a write that must not be lost, while the store is busy or failing.
 STORE_RETRY_FIRST_S = 0.1
 STORE_RETRY_MAX_S = 5.0
+# How often a stopping worker looks again for a delivery falling due within its grace.
+STOP_POLL_S = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class TaskRunner:
         self._housekeeping: list[asyncio.Task[None]] = []
         self._stopped = False
         self._claiming = True  # until the worker begins to stop
+        # While the claim loop takes deliveries: claimed, not yet in ``_deliveries``.
+        self._claiming_deliveries = False
 
     async def start(self) -> None:
         """Open the store and start claiming tasks and deliveries.
@@ -311,33 +314,36 @@ class TaskRunner:
     # --- Lifecycle ----------------------------------------------------------------------------
 
     async def stop_claiming(self) -> None:
-        """Take no more tasks; what this worker holds keeps running, and the webhooks of
-        the tasks it finishes are delivered at once."""
+        """Take no more tasks; what this worker holds keeps running, and webhooks are still
+        delivered, those of the tasks it finishes included, until ``stop``."""
         self._claiming = False
-        if self._claim_loop_task is not None:
-            self._claim_loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._claim_loop_task
 
     async def stop(self, grace_s: float) -> None:
-        """Let running tasks record their results and webhooks in flight finish (bounded),
-        then hand back the rest.
+        """Let running tasks record their results and webhooks finish (bounded), then hand
+        back the rest.
 
-        Tasks still running and deliveries still pending go back to the store for another
-        worker or the next start; nothing this worker holds is left leased to it.
-        Requests made from now on raise ``RunnerStopped``.
+        Within ``grace_s`` the worker goes on delivering: the webhooks in flight, those of
+        the tasks that finish meanwhile, and retries that fall due. Tasks still running and
+        deliveries still pending then go back to the store for another worker or the next
+        start; nothing this worker holds is left leased to it. Requests made from now on
+        raise ``RunnerStopped``.
         """
         self._stopped = True
-        await self.stop_claiming()
-        # Deliveries too, those of the tasks that finish meanwhile included: one cut off
-        # after the receiver has it would be sent again at the next start.
+        self._claiming = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while (in_flight := self._runs | self._deliveries) and loop.time() < deadline:
-            await asyncio.wait(
-                in_flight, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
-            )
+        while (remaining_s := deadline - loop.time()) > 0:
+            if in_flight := self._runs | self._deliveries:
+                await asyncio.wait(
+                    in_flight, timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            elif self._claiming_deliveries or await self._delivery_due_within(remaining_s):
+                await asyncio.sleep(min(STOP_POLL_S, remaining_s))  # for the claim loop to take it
+            else:
+                break
         leftovers = [*self._runs, *self._deliveries, *self._housekeeping]
+        if self._claim_loop_task is not None:
+            leftovers.append(self._claim_loop_task)
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
@@ -379,23 +385,28 @@ class TaskRunner:
         while True:
             self._wake.clear()
             try:
-                claimed = await self._db(
-                    self.store.claim,
-                    self.owner,
-                    config.capacity - len(self._runs),
-                    lease_s=config.lease_s,
-                    max_attempts=config.max_attempts,
-                    now=time.time(),
-                )
-                for task in claimed:
-                    self._spawn(self._runs, self._run(task), task.id)
-                pending = await self._db(
-                    self.store.claim_webhooks,
-                    self.owner,
-                    config.webhook_capacity - len(self._deliveries),
-                    lease_s=config.lease_s,
-                    now=time.time(),
-                )
+                if self._claiming:
+                    claimed = await self._db(
+                        self.store.claim,
+                        self.owner,
+                        config.capacity - len(self._runs),
+                        lease_s=config.lease_s,
+                        max_attempts=config.max_attempts,
+                        now=time.time(),
+                    )
+                    for task in claimed:
+                        self._spawn(self._runs, self._run(task), task.id)
+                self._claiming_deliveries = True
+                try:
+                    pending = await self._db(
+                        self.store.claim_webhooks,
+                        self.owner,
+                        config.webhook_capacity - len(self._deliveries),
+                        lease_s=config.lease_s,
+                        now=time.time(),
+                    )
+                finally:
+                    self._claiming_deliveries = False
                 for record in pending:
                     self._spawn(self._deliveries, self._deliver(record), record.id)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
@@ -482,27 +493,7 @@ class TaskRunner:
             logger.warning("task %s was taken over by another worker; result dropped", task.id)
             return
         self._record_finished(record)
-        if record.webhook_status is WebhookStatus.PENDING and not self._claiming:
-            # The worker is stopping: delivered now, within the stop's grace, rather than
-            # at the next start.
-            await self._deliver_now(record.id)
-        # Otherwise the claim loop, which this run's end wakes, claims the delivery, so
-        # deliveries in flight stay within webhook_capacity.
-
-    async def _deliver_now(self, task_id: str) -> None:
-        try:
-            record = await self._db(
-                self.store.claim_webhook,
-                task_id,
-                self.owner,
-                lease_s=self._config.lease_s,
-                now=time.time(),
-            )
-        except Exception:
-            logger.warning("task %s's webhook is left for the next start", task_id, exc_info=True)
-            return
-        if record is not None:
-            self._spawn(self._deliveries, self._deliver(record), record.id)
+        # The claim loop, which this run's end wakes, claims its delivery.
 
     def _record_finished(self, record: TaskRecord) -> None:
         assert record.finished_at is not None
@@ -512,40 +503,21 @@ class TaskRunner:
 
     async def _deliver(self, record: TaskRecord) -> None:
         try:
-            held: TaskRecord | None = record
-            while held is not None:
-                retry_in_s = await self._deliver_once(held)
-                if retry_in_s is None or self._claiming:
-                    return
-                # The worker is stopping and no claim loop will take it again: tried again
-                # here, within the stop's grace, rather than at the next start.
-                await asyncio.sleep(retry_in_s)
-                held = await self._db(
-                    self.store.claim_webhook,
-                    record.id,
-                    self.owner,
-                    lease_s=self._config.lease_s,
-                    now=time.time(),
-                )
+            await self._deliver_once(record)
         except Exception:
             # Its lease is no longer renewed: it runs out and the delivery is resumed.
             logger.exception("webhook for task %s failed unexpectedly; it will resume", record.id)
 
-    async def _deliver_once(self, record: TaskRecord) -> float | None:
+    async def _deliver_once(self, record: TaskRecord) -> None:
         """One attempt; after a failure that may pass, the delivery waits in the store, not
-        in a slot of this worker, and is claimed again when its next attempt is due.
-
-        Returns:
-            The wait before the next attempt, or None when the delivery is over.
-        """
+        in a slot of this worker, and is claimed again when its next attempt is due."""
         assert record.callback_url is not None
         if record.webhook_attempts and record.webhook_last_error is None:
             # An accepted attempt whose delivery's end was not stored, as servers before
             # attempts and ends were one write left it when they died in between.
-            await self._finish_delivery(
-                record.id, Attempt(record.webhook_attempts, None, retry_in_s=None)
-            )
-            return None
+            accepted = Attempt(record.webhook_attempts, None, retry_in_s=None)
+            await self._store_outcome(record.id, accepted, self._until_stored)
+            return
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
             payload["prediction"] = record.prediction
@@ -554,28 +526,38 @@ class TaskRunner:
         payload["metadata"] = record.metadata
 
         started = time.perf_counter()
-        attempt = await self._sender.attempt(
-            record.callback_url, payload, attempts_done=record.webhook_attempts
-        )
+        try:
+            attempt = await self._sender.attempt(
+                record.callback_url, payload, attempts_done=record.webhook_attempts
+            )
+        except asyncio.CancelledError:
+            # Cut off as a stop's grace ran out, perhaps after the receiver had it: counted,
+            # so that a receiver gets no more than WEBHOOK_MAX_ATTEMPTS, in one write.
+            self._observer.webhook_attempted(time.perf_counter() - started)
+            cut_off = self._sender.cut_off(attempts_done=record.webhook_attempts)
+            await self._store_outcome(record.id, cut_off, self._write_once)
+            raise
         if attempt.attempts > record.webhook_attempts:
             self._observer.webhook_attempted(time.perf_counter() - started)
-        if attempt.retry_in_s is None:
-            await self._finish_delivery(record.id, attempt)
-            return None
-        assert attempt.error is not None  # only a failed attempt is tried again
-        await self._until_stored(
-            f"attempt {attempt.attempts} of task {record.id}'s webhook",
-            self.store.defer_webhook,
-            record.id,
-            self.owner,
-            attempts=attempt.attempts,
-            error=attempt.error,
-            retry_at=time.time() + attempt.retry_in_s,
-        )
-        return attempt.retry_in_s
+        await self._store_outcome(record.id, attempt, self._until_stored)
 
-    async def _finish_delivery(self, task_id: str, attempt: Attempt) -> None:
-        await self._until_stored(
+    async def _store_outcome(
+        self, task_id: str, attempt: Attempt, write: Callable[..., Awaitable[object]]
+    ) -> None:
+        """The delivery's end, or its next attempt, stored with ``write``."""
+        if attempt.retry_in_s is not None:
+            assert attempt.error is not None  # only a failed attempt is tried again
+            await write(
+                f"attempt {attempt.attempts} of task {task_id}'s webhook",
+                self.store.defer_webhook,
+                task_id,
+                self.owner,
+                attempts=attempt.attempts,
+                error=attempt.error,
+                retry_at=time.time() + attempt.retry_in_s,
+            )
+            return
+        await write(
             f"the end of task {task_id}'s webhook",
             self.store.finish_webhook,
             task_id,
@@ -634,6 +616,23 @@ class TaskRunner:
             with attempt:
                 written = await self._db(function, *args, **kwargs)
         return written
+
+    async def _write_once(
+        self, what: str, function: Callable[..., object], *args: object, **kwargs: object
+    ) -> None:
+        """A write tried once, where waiting for the store is not an option (shutdown)."""
+        try:
+            await self._db(function, *args, **kwargs)
+        except Exception:
+            logger.warning("could not store %s", what, exc_info=True)
+
+    async def _delivery_due_within(self, seconds: float) -> bool:
+        """Whether a pending delivery nobody holds is due now or within ``seconds``."""
+        try:
+            return await self._db(self.store.has_delivery_due_by, time.time() + seconds)
+        except Exception:
+            logger.warning("could not look for deliveries due before the exit", exc_info=True)
+            return False
 
     async def _request_write(
         self, function: Callable[..., T], *args: object, **kwargs: object

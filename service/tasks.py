@@ -659,18 +659,19 @@ class TaskStore:
                 )
             return [self._get(task_id) for task_id in chosen]
 
-    def claim_webhook(
-        self, task_id: str, owner: str, *, lease_s: float, now: float
-    ) -> TaskRecord | None:
-        """Take this task's pending delivery, if it is due and nobody holds it; None
-        otherwise."""
-        with self._transaction() as db:
-            row = db.execute(
-                "UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id = ? "
-                "AND webhook_status = ? AND (lease_until IS NULL OR lease_until <= ?) RETURNING id",
-                (owner, now + lease_s, task_id, WebhookStatus.PENDING, now),
-            ).fetchone()
-            return None if row is None else self._get(row["id"])
+    def has_delivery_due_by(self, when: float) -> bool:
+        """Whether a pending delivery is due by ``when``: nobody holds it, or its holder's
+        lease runs out by then."""
+        with self._reading() as db:
+            # Two searches of the partial index, as in ``claim_webhooks``.
+            for condition, args in (("lease_until IS NULL", ()), ("lease_until <= ?", (when,))):
+                due = db.execute(
+                    f"SELECT 1 FROM tasks WHERE webhook_status = ? AND {condition} LIMIT 1",
+                    (WebhookStatus.PENDING, *args),
+                ).fetchone()
+                if due is not None:
+                    return True
+        return False
 
     def next_delivery_due(self, *, now: float) -> float | None:
         """When the next pending delivery falls due (a wait or a lease runs out), if any."""

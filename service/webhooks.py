@@ -453,6 +453,13 @@ class WebhookSender:
             retry_in_s = self._backoff_s(attempts)
         return Attempt(attempts, outcome.error, retry_in_s)
 
+    def cut_off(self, *, attempts_done: int) -> Attempt:
+        """An attempt cut off before its answer (the worker stopping), perhaps after the
+        receiver had it: counted, and tried again as after a timeout."""
+        attempts = attempts_done + 1
+        retry_in_s = self._backoff_s(attempts) if attempts < self._config.max_attempts else None
+        return Attempt(attempts, "cut off by a shutdown before the callback answered", retry_in_s)
+
     def _backoff_s(self, attempts: int) -> float:
         """The wait after the ``attempts``-th attempt: exponential, with full jitter."""
         config = self._config

@@ -562,22 +562,24 @@ def test_finish_with_callback_makes_the_delivery_claimable(store: TaskStore) -> 
     assert [record.id for record in deliveries] == ["t1"]
 
 
-def test_one_tasks_delivery_can_be_claimed_by_its_id(store: TaskStore) -> None:
-    """As a stopping worker takes the delivery of a task it just finished: only a pending
-    one that nobody holds."""
-    add(store, "t1", callback_url=CALLBACK)
-    add(store, "t2")
-    running(store, "t1", "A", at=T0)
-    assert store.claim_webhook("t1", "A", lease_s=LEASE_S, now=T0 + 1) is None  # running
-    store.finish("t1", "A", prediction=[], now=T0 + 2)
+def test_a_delivery_due_by_a_time_is_one_nobody_holds_by_then(store: TaskStore) -> None:
+    """What a stopping worker waits for within its grace: a pending delivery that is due,
+    or falls due, before the grace runs out."""
+    assert not store.has_delivery_due_by(T0 + 100)
+    delivery(store, "t1", "A")
+    assert not store.has_delivery_due_by(T0 + 1)  # A holds it
+    assert store.has_delivery_due_by(T0 + LEASE_S)  # as A's lease runs out
 
-    claimed = store.claim_webhook("t1", "A", lease_s=LEASE_S, now=T0 + 3)
+    store.defer_webhook("t1", "A", attempts=1, error="HTTP 503", retry_at=T0 + 30)
 
-    assert claimed is not None
-    assert claimed.id == "t1"
-    assert store.claim_webhook("t1", "B", lease_s=LEASE_S, now=T0 + 4) is None  # held
-    assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 4) == []
-    assert store.claim_webhook("t2", "A", lease_s=LEASE_S, now=T0 + 4) is None  # no callback
+    assert not store.has_delivery_due_by(T0 + 29)
+    assert store.has_delivery_due_by(T0 + 30)
+    add(store, "t2", callback_url=CALLBACK)
+    running(store, "t2", "B", at=T0)
+    store.finish("t2", "B", prediction=[], now=T0)
+    store.claim_webhooks("B", 1, lease_s=LEASE_S, now=T0)
+    store.release("B")  # handed back at a shutdown: due at once
+    assert store.has_delivery_due_by(T0)
 
 
 # --- Handing back -----------------------------------------------------------------------------
@@ -719,7 +721,6 @@ def test_a_deferred_delivery_is_held_by_nobody_until_it_is_due(store: TaskStore)
     assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 0
     assert store.release("A") == 0
     assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 29) == []
-    assert store.claim_webhook("t1", "B", lease_s=LEASE_S, now=T0 + 29) is None
     [claimed] = store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 31)
     assert (claimed.id, claimed.webhook_attempts) == ("t1", 2)
 

@@ -712,6 +712,47 @@ async def test_a_webhook_that_fails_in_the_drain_is_tried_again_before_the_exit(
         assert row.fetchall() == [("delivered", 2, None)]
 
 
+async def test_a_retry_that_falls_due_in_the_grace_is_made_before_the_exit(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery waiting for its next attempt when the worker stops, due within the tasks'
+    grace, is tried then, not left for the next start."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_backoff_s": 1.0, "webhook_backoff_max_s": 1.0}
+    )
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [503]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await wait_for(lambda: pending_delivery(settings, accepted["task_id"])[3] == 1)
+        served.service.begin_shutdown()
+        await served.service.stop()
+        assert len(receiver.received) == 2
+    assert pending_delivery(settings, accepted["task_id"])[:2] == ("delivered", None)
+
+
+async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver may have it: counted, so that a receiver gets no more POSTs than
+    WEBHOOK_MAX_ATTEMPTS, and tried again after a backoff, not at once."""
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0})
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [STALL]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await asyncio.wait_for(receiver.arrived.wait(), 10)
+        served.service.begin_shutdown()
+        await served.service.stop()
+        stopped_at = time.time()
+
+    status, owner, retry_at, attempts, error = pending_delivery(settings, accepted["task_id"])
+    assert (status, owner, attempts) == ("pending", None, 1)
+    assert error == "cut off by a shutdown before the callback answered"
+    assert isinstance(retry_at, float)
+    assert retry_at <= stopped_at + WEBHOOK_SETTINGS["webhook_backoff_s"]
+
+
 async def test_an_accepted_attempt_left_unfinished_by_an_older_server_is_not_sent_again(
     photos: list[Path],
 ) -> None:
@@ -1120,8 +1161,10 @@ async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
 async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_restart(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its wait is stored: the next start neither sends it early nor starts its count over."""
+    """Its wait, beyond the tasks' grace at the shutdown, is stored: the next start neither
+    sends it early nor starts its count over."""
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.2)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_backoff_s": 1.5, "webhook_backoff_max_s": 1.5}
     )
