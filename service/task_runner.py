@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -26,6 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from service import tasks
 from service.tasks import (
     ClaimedTask,
+    Deferral,
     TaskRecord,
     TaskStatus,
     TaskStore,
@@ -151,6 +153,9 @@ class TaskRunner:
         self._claiming = True  # until the worker begins to stop
         # While the claim loop takes deliveries: claimed, not yet in ``_deliveries``.
         self._claiming_deliveries = False
+        self._claim_deliveries_until = math.inf  # (event loop time) set by ``stop``
+        # Attempts cut off at the end of the stop's grace, stored as the worker hands back.
+        self._cut_off: list[Deferral] = []
 
     async def start(self) -> None:
         """Open the store and start claiming tasks and deliveries.
@@ -332,12 +337,18 @@ class TaskRunner:
         self._claiming = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
+        # An attempt begun late in the grace would only be cut off: deliveries are claimed
+        # in its first half.
+        self._claim_deliveries_until = loop.time() + grace_s / 2
         while (remaining_s := deadline - loop.time()) > 0:
+            claim_s = self._claim_deliveries_until - loop.time()
             if in_flight := self._runs | self._deliveries:
                 await asyncio.wait(
                     in_flight, timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
                 )
-            elif self._claiming_deliveries or await self._delivery_due_within(remaining_s):
+            elif self._claiming_deliveries or (
+                claim_s > 0 and await self._delivery_due_within(claim_s)
+            ):
                 await asyncio.sleep(min(STOP_POLL_S, remaining_s))  # for the claim loop to take it
             else:
                 break
@@ -352,7 +363,9 @@ class TaskRunner:
         try:
             if self._store is not None:
                 try:
-                    released = await self._db(self._store.release, self.owner)
+                    released = await self._db(
+                        self._store.release, self.owner, cut_off=self._cut_off
+                    )
                 except Exception:
                     logger.exception(
                         "could not hand back this worker's tasks at shutdown; others take "
@@ -396,17 +409,19 @@ class TaskRunner:
                     )
                     for task in claimed:
                         self._spawn(self._runs, self._run(task), task.id)
-                self._claiming_deliveries = True
-                try:
-                    pending = await self._db(
-                        self.store.claim_webhooks,
-                        self.owner,
-                        config.webhook_capacity - len(self._deliveries),
-                        lease_s=config.lease_s,
-                        now=time.time(),
-                    )
-                finally:
-                    self._claiming_deliveries = False
+                pending = []
+                if asyncio.get_running_loop().time() < self._claim_deliveries_until:
+                    self._claiming_deliveries = True
+                    try:
+                        pending = await self._db(
+                            self.store.claim_webhooks,
+                            self.owner,
+                            config.webhook_capacity - len(self._deliveries),
+                            lease_s=config.lease_s,
+                            now=time.time(),
+                        )
+                    finally:
+                        self._claiming_deliveries = False
                 for record in pending:
                     self._spawn(self._deliveries, self._deliver(record), record.id)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
@@ -531,11 +546,13 @@ class TaskRunner:
                 record.callback_url, payload, attempts_done=record.webhook_attempts
             )
         except asyncio.CancelledError:
-            # Cut off as a stop's grace ran out, perhaps after the receiver had it: counted,
-            # so that a receiver gets no more than WEBHOOK_MAX_ATTEMPTS, in one write.
-            self._observer.webhook_attempted(time.perf_counter() - started)
+            # Cut off as the stop's grace ran out, perhaps after the receiver had it; stored
+            # as the worker hands back what it holds, in the same write.
             cut_off = self._sender.cut_off(attempts_done=record.webhook_attempts)
-            await self._store_outcome(record.id, cut_off, self._write_once)
+            assert cut_off.error is not None
+            assert cut_off.retry_in_s is not None
+            retry_at = time.time() + cut_off.retry_in_s
+            self._cut_off.append(Deferral(record.id, cut_off.attempts, cut_off.error, retry_at))
             raise
         if attempt.attempts > record.webhook_attempts:
             self._observer.webhook_attempted(time.perf_counter() - started)
@@ -616,15 +633,6 @@ class TaskRunner:
             with attempt:
                 written = await self._db(function, *args, **kwargs)
         return written
-
-    async def _write_once(
-        self, what: str, function: Callable[..., object], *args: object, **kwargs: object
-    ) -> None:
-        """A write tried once, where waiting for the store is not an option (shutdown)."""
-        try:
-            await self._db(function, *args, **kwargs)
-        except Exception:
-            logger.warning("could not store %s", what, exc_info=True)
 
     async def _delivery_due_within(self, seconds: float) -> bool:
         """Whether a pending delivery nobody holds is due now or within ``seconds``."""

@@ -168,6 +168,16 @@ class TaskRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferral:
+    """A delivery's failed attempt, and when its next one is due."""
+
+    task_id: str
+    attempts: int
+    error: str
+    retry_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedTask:
     """A task this worker now runs: what the model needs, and when it was submitted."""
 
@@ -611,10 +621,13 @@ class TaskStore:
                 (TaskStatus.QUEUED, task_id, owner, TaskStatus.RUNNING),
             )
 
-    def release(self, owner: str) -> int:
+    def release(self, owner: str, *, cut_off: Collection[Deferral] = ()) -> int:
         """Hand back everything ``owner`` holds, at a graceful shutdown: its running tasks
-        go back to the queue and its pending deliveries become free to claim at once."""
+        go back to the queue and its pending deliveries become free to claim at once, but
+        for those whose attempt was ``cut_off``, due again as each says."""
         with self._transaction() as db:
+            for deferral in cut_off:
+                self._defer(db, owner, deferral)
             requeued = db.execute(
                 "UPDATE tasks SET status = ?, started_at = NULL, "
                 "lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND status = ?",
@@ -625,7 +638,7 @@ class TaskStore:
                 "WHERE lease_owner = ? AND webhook_status = ?",
                 (owner, WebhookStatus.PENDING),
             ).rowcount
-            return requeued + released
+            return requeued + released + len(cut_off)
 
     # --- Webhooks -----------------------------------------------------------------------------
 
@@ -660,11 +673,13 @@ class TaskStore:
             return [self._get(task_id) for task_id in chosen]
 
     def has_delivery_due_by(self, when: float) -> bool:
-        """Whether a pending delivery is due by ``when``: nobody holds it, or its holder's
-        lease runs out by then."""
+        """Whether a pending delivery that nobody holds is due by ``when``."""
         with self._reading() as db:
             # Two searches of the partial index, as in ``claim_webhooks``.
-            for condition, args in (("lease_until IS NULL", ()), ("lease_until <= ?", (when,))):
+            for condition, args in (
+                ("lease_until IS NULL", ()),
+                ("lease_until <= ? AND lease_owner IS NULL", (when,)),
+            ):
                 due = db.execute(
                     f"SELECT 1 FROM tasks WHERE webhook_status = ? AND {condition} LIMIT 1",
                     (WebhookStatus.PENDING, *args),
@@ -689,11 +704,15 @@ class TaskStore:
         by nobody, so that no worker holds a slot while it waits and any may claim it when
         it is due, a restarted one included."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ?, "
-                "lease_owner = NULL, lease_until = ? WHERE id = ? AND lease_owner = ?",
-                (attempts, error, retry_at, task_id, owner),
-            )
+            self._defer(db, owner, Deferral(task_id, attempts, error, retry_at))
+
+    @staticmethod
+    def _defer(db: sqlite3.Connection, owner: str, deferral: Deferral) -> None:
+        db.execute(
+            "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ?, "
+            "lease_owner = NULL, lease_until = ? WHERE id = ? AND lease_owner = ?",
+            (deferral.attempts, deferral.error, deferral.retry_at, deferral.task_id, owner),
+        )
 
     def finish_webhook(
         self, task_id: str, owner: str, *, delivered: bool, attempts: int, error: str | None

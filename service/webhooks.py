@@ -455,10 +455,15 @@ class WebhookSender:
 
     def cut_off(self, *, attempts_done: int) -> Attempt:
         """An attempt cut off before its answer (the worker stopping), perhaps after the
-        receiver had it: counted, and tried again as after a timeout."""
-        attempts = attempts_done + 1
-        retry_in_s = self._backoff_s(attempts) if attempts < self._config.max_attempts else None
-        return Attempt(attempts, "cut off by a shutdown before the callback answered", retry_in_s)
+        receiver had it: counted, so that a receiver gets no more than ``max_attempts``,
+        and tried again after a backoff. But not the last allowed: it is made again rather
+        than the delivery given up, since the receiver may not have had it."""
+        attempts = min(attempts_done + 1, self._config.max_attempts - 1)
+        return Attempt(
+            attempts,
+            "cut off by a shutdown before the callback answered",
+            retry_in_s=self._backoff_s(attempts_done + 1),
+        )
 
     def _backoff_s(self, attempts: int) -> float:
         """The wait after the ``attempts``-th attempt: exponential, with full jitter."""

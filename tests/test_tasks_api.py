@@ -731,6 +731,29 @@ async def test_a_retry_that_falls_due_in_the_grace_is_made_before_the_exit(
     assert pending_delivery(settings, accepted["task_id"])[:2] == ("delivered", None)
 
 
+async def test_a_retry_due_late_in_the_grace_is_left_for_later_not_begun_and_cut_off(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deliveries are claimed in the first half of the grace only: an attempt begun near its
+    end would be cut off, counted, perhaps never sent."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_backoff_s": 3.0, "webhook_backoff_max_s": 3.0}
+    )
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [503, STALL]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await wait_for(lambda: pending_delivery(settings, accepted["task_id"])[3] == 1)
+        await asyncio.sleep(1.5)  # the retry is due 1.5 s into the grace: in its second half
+        served.service.begin_shutdown()
+        await served.service.stop()
+        assert len(receiver.received) == 1
+
+    status, owner, _, attempts, error = pending_delivery(settings, accepted["task_id"])
+    assert (status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
+
+
 async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
