@@ -573,6 +573,13 @@ class TaskRunner:
                 error=attempt.error,
                 retry_at=time.time() + attempt.retry_in_s,
             )
+            logger.info(
+                "webhook for task %s: attempt %d failed (%s); next in %.1f s",
+                task_id,
+                attempt.attempts,
+                attempt.error,
+                attempt.retry_in_s,
+            )
             return
         await write(
             f"the end of task {task_id}'s webhook",

@@ -825,11 +825,21 @@ async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) 
     assert "X-Signature-256" not in receiver.received[0].headers  # no WEBHOOK_SECRET
 
 
-async def test_webhook_retries_through_errors_and_timeouts(photos: list[Path]) -> None:
+async def test_webhook_retries_through_errors_and_timeouts(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         receiver.script = [500, STALL, 503]
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
-        task = await webhook_done(served.client, accepted["task_id"])
+        with caplog.at_level(logging.INFO, logger="service.task_runner"):
+            task = await webhook_done(served.client, accepted["task_id"])
+
+    failures = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+    assert [message.split(": ", 1)[1].split(";")[0] for message in failures] == [
+        "attempt 1 failed (callback answered 500)",
+        f"attempt 2 failed (timed out after {WEBHOOK_SETTINGS['webhook_timeout_s']} s)",
+        "attempt 3 failed (callback answered 503)",
+    ]
 
     assert task["webhook"] == {"status": "delivered", "attempts": 4, "last_error": None}
     assert len(receiver.received) == 4
