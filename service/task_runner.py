@@ -531,7 +531,7 @@ class TaskRunner:
             # An accepted attempt whose delivery's end was not stored, as servers before
             # attempts and ends were one write left it when they died in between.
             accepted = Attempt(record.webhook_attempts, None, retry_in_s=None)
-            await self._store_outcome(record.id, accepted, self._until_stored)
+            await self._store_outcome(record.id, accepted)
             return
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
@@ -556,15 +556,13 @@ class TaskRunner:
             raise
         if attempt.attempts > record.webhook_attempts:
             self._observer.webhook_attempted(time.perf_counter() - started)
-        await self._store_outcome(record.id, attempt, self._until_stored)
+        await self._store_outcome(record.id, attempt)
 
-    async def _store_outcome(
-        self, task_id: str, attempt: Attempt, write: Callable[..., Awaitable[object]]
-    ) -> None:
-        """The delivery's end, or its next attempt, stored with ``write``."""
+    async def _store_outcome(self, task_id: str, attempt: Attempt) -> None:
+        """The delivery's end, or its next attempt."""
         if attempt.retry_in_s is not None:
             assert attempt.error is not None  # only a failed attempt is tried again
-            await write(
+            await self._until_stored(
                 f"attempt {attempt.attempts} of task {task_id}'s webhook",
                 self.store.defer_webhook,
                 task_id,
@@ -581,7 +579,7 @@ class TaskRunner:
                 attempt.retry_in_s,
             )
             return
-        await write(
+        await self._until_stored(
             f"the end of task {task_id}'s webhook",
             self.store.finish_webhook,
             task_id,
