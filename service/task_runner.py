@@ -334,7 +334,7 @@ class TaskRunner:
         raise ``RunnerStopped``.
         """
         self._stopped = True
-        self._claiming = False
+        await self.stop_claiming()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         # An attempt begun late in the grace would only be cut off: deliveries are claimed
