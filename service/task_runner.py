@@ -422,6 +422,10 @@ class TaskRunner:
                         )
                     finally:
                         self._claiming_deliveries = False
+                    if asyncio.get_running_loop().time() >= self._claim_deliveries_until:
+                        # The claim waited past the point where a new attempt may begin:
+                        # what it took is handed back with the rest.
+                        pending = []
                 for record in pending:
                     self._spawn(self._deliveries, self._deliver(record), record.id)
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
@@ -553,6 +557,11 @@ class TaskRunner:
             assert cut_off.retry_in_s is not None
             retry_at = time.time() + cut_off.retry_in_s
             self._cut_off.append(Deferral(record.id, cut_off.attempts, cut_off.error, retry_at))
+            logger.info(
+                "webhook for task %s: attempt cut off by the shutdown; next in %.1f s",
+                record.id,
+                cut_off.retry_in_s,
+            )
             raise
         if attempt.attempts > record.webhook_attempts:
             self._observer.webhook_attempted(time.perf_counter() - started)
@@ -636,7 +645,9 @@ class TaskRunner:
             before_sleep=log_retry,
         ):
             with attempt:
-                written = await self._db(function, *args, **kwargs)
+                # Shielded: cut off at the end of a stop's grace, the write still runs, on
+                # the store's thread before the hand-back, so the outcome is not lost.
+                written = await asyncio.shield(self._db(function, *args, **kwargs))
         return written
 
     async def _delivery_due_within(self, seconds: float) -> bool:

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -737,6 +738,72 @@ async def test_a_retry_due_late_in_the_grace_is_left_for_later_not_begun_and_cut
 
     status, owner, _, attempts, error = pending_delivery(settings, accepted["task_id"])
     assert (status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
+
+
+def hold_write_lock(database: Path, after_s: float, for_s: float) -> None:
+    """Another process's write transaction: from ``after_s`` from now, for ``for_s``."""
+    time.sleep(after_s)
+    with closing(sqlite3.connect(database, isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        time.sleep(for_s)
+        db.execute("COMMIT")
+
+
+async def test_a_delivery_claim_that_ends_late_in_the_grace_begins_no_attempt(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim begun in the first half of the grace that waits for another process's lock
+    into the second half hands back what it took, rather than begin attempts there."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS
+        | {
+            "webhook_backoff_s": 2.5,
+            "webhook_backoff_max_s": 2.5,
+            "webhook_timeout_s": 30.0,
+            # The claim loop wakes as the retry falls due, and its claim meets the lock.
+            "task_poll_interval_s": 5.0,
+        }
+    )
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [503, STALL]
+        accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
+        await wait_for(lambda: pending_delivery(settings, accepted["task_id"])[3] == 1)
+        await asyncio.sleep(2.0)  # the retry is due 0.5 s into the grace
+        served.service.begin_shutdown()
+        locking = asyncio.to_thread(hold_write_lock, settings.data_dir / DATABASE_NAME, 0.3, 1.0)
+        await asyncio.gather(locking, served.service.stop())
+        assert len(receiver.received) == 1
+
+    status, owner, _, attempts, error = pending_delivery(settings, accepted["task_id"])
+    assert (status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
+
+
+async def test_an_attempt_whose_record_waits_for_the_store_at_the_cut_off_is_still_stored(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempts timed out, but their records wait for another process's lock when the
+    grace runs out: written all the same, before the hand-back, so they count."""
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_timeout_s": 1.2, "webhook_max_attempts": 1}
+    )
+    async with receiving() as receiver, running_app(settings) as served:
+        receiver.script = [STALL, STALL]
+        task_ids = [
+            (await submit(served.client, photo.read_bytes(), callback_url=receiver.url))["task_id"]
+            for photo in photos[:2]
+        ]
+        await wait_for(lambda: len(receiver.received) == 2)
+        served.service.begin_shutdown()
+        locking = asyncio.to_thread(hold_write_lock, settings.data_dir / DATABASE_NAME, 0.5, 2.5)
+        await asyncio.gather(locking, served.service.stop())
+
+    for task_id in task_ids:
+        status, owner, _, attempts, error = pending_delivery(settings, task_id)
+        assert (status, owner, attempts) == ("failed", None, 1)
+        assert error == "timed out after 1.2 s"
 
 
 async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
