@@ -194,6 +194,7 @@ class WebhookOut(BaseModel):
     status: str
     attempts: int
     last_error: str | None
+    next_attempt_at: datetime | None  # after a failed attempt, until the next one begins
 
 
 class TaskOut(BaseModel):
@@ -1040,6 +1041,7 @@ def _task_response(record: TaskRecord) -> JSONResponse:
             status=record.webhook_status or "waiting",  # for the task to finish
             attempts=record.webhook_attempts,
             last_error=record.webhook_last_error,
+            next_attempt_at=_utc(record.webhook_next_attempt_at),
         )
     task = TaskOut.model_validate(
         {

@@ -144,6 +144,8 @@ class TaskRecord:
     webhook_status: WebhookStatus | None
     webhook_attempts: int
     webhook_last_error: str | None
+    # When a pending delivery that failed will be tried again; None while one is in flight.
+    webhook_next_attempt_at: float | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRecord:
@@ -164,6 +166,13 @@ class TaskRecord:
             ),
             webhook_attempts=row["webhook_attempts"],
             webhook_last_error=row["webhook_last_error"],
+            webhook_next_attempt_at=(
+                row["lease_until"]
+                if row["webhook_status"] == WebhookStatus.PENDING
+                and row["webhook_attempts"]
+                and row["lease_owner"] is None
+                else None
+            ),
         )
 
 

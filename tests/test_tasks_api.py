@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from contextlib import closing
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -634,7 +635,12 @@ async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
             metric_value(before, "webhook_success_total") + 1,
         )
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 1,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == 1
     delivery = receiver.received[0]
     assert delivery.headers["Content-Type"] == "application/json"
@@ -854,7 +860,12 @@ async def test_an_accepted_attempt_left_unfinished_by_an_older_server_is_not_sen
         async with running_app(settings) as served:
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 2,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == sent_before
 
 
@@ -893,7 +904,12 @@ async def test_webhook_retries_through_errors_and_timeouts(
         "attempt 3 failed (callback answered 503)",
     ]
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 4, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 4,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == 4
     assert len({r.body for r in receiver.received}) == 1, "every attempt sends the same body"
 
@@ -916,6 +932,7 @@ async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> N
         "status": "failed",
         "attempts": 3,
         "last_error": "callback answered 500",
+        "next_attempt_at": None,
     }
     assert len(receiver.received) == 3
     for sample, growth in (("webhook_failure_total", 1), ("webhook_success_total", 0)):
@@ -1146,7 +1163,12 @@ async def test_an_attempt_the_store_refuses_for_now_is_stored_when_it_can_be(
         task = await webhook_done(served.client, accepted["task_id"])
 
     assert refused == 1
-    assert task["webhook"] == {"status": "delivered", "attempts": 3, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 3,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == 3
 
 
@@ -1172,7 +1194,12 @@ async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
         task = await webhook_done(served.client, accepted["task_id"])
 
     assert finishes == 2
-    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 1,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == 1
 
 
@@ -1214,19 +1241,25 @@ async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
             task = await webhook_done(served.client, healthy["task_id"])
         status = (await served.client.get(failing["status_url"])).json()
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
-    assert len(down.received) == 1
-    assert status["webhook"] == {
-        "status": "pending",
+    assert task["webhook"] == {
+        "status": "delivered",
         "attempts": 1,
-        "last_error": "callback answered 503",
+        "last_error": None,
+        "next_attempt_at": None,
     }
+    assert len(down.received) == 1
     webhook_status, owner, retry_at, attempts, error = pending_delivery(
         settings, failing["task_id"]
     )
     assert (webhook_status, owner, attempts, error) == ("pending", None, 1, "callback answered 503")
     assert isinstance(retry_at, float)
     assert waiting_since + 20 < retry_at < waiting_since + 31
+    assert status["webhook"] == {
+        "status": "pending",
+        "attempts": 1,
+        "last_error": "callback answered 503",
+        "next_attempt_at": datetime.fromtimestamp(retry_at, UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
@@ -1240,7 +1273,12 @@ async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
         async with asyncio.timeout(10):
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 2,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
 
 
 async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_restart(
@@ -1266,7 +1304,12 @@ async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_rest
         async with running_app(settings) as served:
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {"status": "delivered", "attempts": 2, "last_error": None}
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 2,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
     assert len(receiver.received) == 2
     assert receiver.received[1].at >= retry_at
 
