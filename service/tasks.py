@@ -169,7 +169,7 @@ class TaskRecord:
             webhook_next_attempt_at=(
                 row["lease_until"]
                 if row["webhook_status"] == WebhookStatus.PENDING
-                and row["webhook_attempts"]
+                and row["webhook_last_error"] is not None
                 and row["lease_owner"] is None
                 else None
             ),

@@ -562,6 +562,21 @@ def test_finish_with_callback_makes_the_delivery_claimable(store: TaskStore) -> 
     assert [record.id for record in deliveries] == ["t1"]
 
 
+def test_only_a_delivery_waiting_after_a_failed_attempt_has_a_next_attempt_time(
+    store: TaskStore,
+) -> None:
+    """Not a new one, nor one in flight; but one whose attempt was cut off uncounted (the
+    last allowed one, made again) has, though its count is still 0."""
+    delivery(store, "t1", "A")
+    assert get(store, "t1").webhook_next_attempt_at is None  # in flight
+    store.release("A", cut_off=[tasks.Deferral("t1", 0, "cut off", T0 + 5)])
+    assert get(store, "t1").webhook_next_attempt_at == T0 + 5
+    add(store, "t2", callback_url=CALLBACK)
+    running(store, "t2", "B", at=T0)
+    store.finish("t2", "B", prediction=[], now=T0)
+    assert get(store, "t2").webhook_next_attempt_at is None  # new: due at once
+
+
 def test_a_delivery_due_by_a_time_is_one_nobody_holds_by_then(store: TaskStore) -> None:
     """What a stopping worker waits for within its grace: a pending delivery that nobody
     holds and that is due, or falls due, before the grace runs out."""
@@ -717,6 +732,7 @@ def test_a_deferred_delivery_is_held_by_nobody_until_it_is_due(store: TaskStore)
     record = get(store, "t1")
     assert (record.webhook_attempts, record.webhook_last_error) == (2, "HTTP 503")
     assert record.webhook_status is WebhookStatus.PENDING
+    assert record.webhook_next_attempt_at == T0 + 30
     assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 0
     assert store.release("A") == 0
     assert store.claim_webhooks("B", 10, lease_s=LEASE_S, now=T0 + 29) == []
