@@ -595,6 +595,16 @@ WEBHOOK_SETTINGS = {
 }
 
 
+def delivered_after(attempts: int) -> dict[str, object]:
+    """A task's ``webhook`` once delivered, at the given attempt."""
+    return {
+        "status": "delivered",
+        "attempts": attempts,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
+
+
 async def webhook_done(client: httpx.AsyncClient, task_id: str) -> dict:
     """Poll until the task's webhook is delivered or given up."""
     async with asyncio.timeout(30):
@@ -635,12 +645,7 @@ async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
             metric_value(before, "webhook_success_total") + 1,
         )
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 1,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(1)
     assert len(receiver.received) == 1
     delivery = receiver.received[0]
     assert delivery.headers["Content-Type"] == "application/json"
@@ -860,12 +865,7 @@ async def test_an_accepted_attempt_left_unfinished_by_an_older_server_is_not_sen
         async with running_app(settings) as served:
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 2,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(2)
     assert len(receiver.received) == sent_before
 
 
@@ -904,12 +904,7 @@ async def test_webhook_retries_through_errors_and_timeouts(
         "attempt 3 failed (callback answered 503)",
     ]
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 4,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(4)
     assert len(receiver.received) == 4
     assert len({r.body for r in receiver.received}) == 1, "every attempt sends the same body"
 
@@ -1163,12 +1158,7 @@ async def test_an_attempt_the_store_refuses_for_now_is_stored_when_it_can_be(
         task = await webhook_done(served.client, accepted["task_id"])
 
     assert refused == 1
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 3,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(3)
     assert len(receiver.received) == 3
 
 
@@ -1194,12 +1184,7 @@ async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
         task = await webhook_done(served.client, accepted["task_id"])
 
     assert finishes == 2
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 1,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(1)
     assert len(receiver.received) == 1
 
 
@@ -1241,12 +1226,7 @@ async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
             task = await webhook_done(served.client, healthy["task_id"])
         status = (await served.client.get(failing["status_url"])).json()
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 1,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(1)
     assert len(down.received) == 1
     webhook_status, owner, retry_at, attempts, error = pending_delivery(
         settings, failing["task_id"]
@@ -1273,12 +1253,7 @@ async def test_a_retry_goes_out_when_due_not_at_the_next_poll(
         async with asyncio.timeout(10):
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 2,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(2)
 
 
 async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_restart(
@@ -1304,12 +1279,7 @@ async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_rest
         async with running_app(settings) as served:
             task = await webhook_done(served.client, accepted["task_id"])
 
-    assert task["webhook"] == {
-        "status": "delivered",
-        "attempts": 2,
-        "last_error": None,
-        "next_attempt_at": None,
-    }
+    assert task["webhook"] == delivered_after(2)
     assert len(receiver.received) == 2
     assert receiver.received[1].at >= retry_at
 
