@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,10 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A sparse tensor is refused below; its scan's warning would be a second line.
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelLoadError(
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
@@ -128,10 +132,23 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or "fc.weight" not in loaded:
         raise ModelLoadError(f"{source} is not a ResNet18 state dict (no 'fc.weight')")
-    not_tensors = [name for name, value in loaded.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
+    for name, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(
+                f"{source} is not a ResNet18 state dict ({name!r} is not a tensor)"
+            )
+        # A sparse or meta tensor (one with no values) fails every check and copy below.
+        if value.layout is not torch.strided or value.is_meta:
+            kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
+            raise ModelLoadError(
+                f"{source} is not a ResNet18 state dict ({name!r} is a {kind} tensor, "
+                "not a dense one)"
+            )
+    classifier_weight = loaded["fc.weight"]
+    if classifier_weight.dim() != 2:
         raise ModelLoadError(
-            f"{source} is not a ResNet18 state dict ({not_tensors[0]!r} is not a tensor)"
+            f"{source} does not fit ResNet18: 'fc.weight' has shape "
+            f"{tuple(classifier_weight.shape)}, expected (classes, 512)"
         )
     return loaded
 
@@ -190,7 +207,7 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     network = resnet18(num_classes=num_classes)
     try:
         network.load_state_dict(state)
-    except RuntimeError as exc:
+    except Exception as exc:  # a file's tensors can fail a copy in ways of their own
         # torch lists the missing, unexpected and misshapen keys a line each, after a
         # heading line.
         problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:])

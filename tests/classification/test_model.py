@@ -119,6 +119,9 @@ def save(value: object, path: Path) -> bytes:
         ("no layer4", r"does not fit ResNet18: Missing key\(s\) in state_dict: \"layer4"),
         ("wide conv1", "does not fit ResNet18: size mismatch for conv1.weight"),
         ("nan", "not finite \\(NaN or infinite\\) in 'layer2.0.bn1.running_var'"),
+        ("scalar fc", r"'fc.weight' has shape \(\), expected \(classes, 512\)"),
+        ("meta fc", "'fc.weight' is a meta tensor, not a dense one"),
+        ("sparse fc", "'fc.weight' is a sparse_coo tensor, not a dense one"),
     ],
 )
 def test_bad_weights_files_stop_start_up_with_one_line(
@@ -136,6 +139,12 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         state = network.state_dict()
         state["layer2.0.bn1.running_var"][3] = float("nan")
         save(state, path)
+    elif content == "scalar fc":
+        save({**network.state_dict(), "fc.weight": torch.tensor(1.0)}, path)
+    elif content == "meta fc":
+        save({**network.state_dict(), "fc.weight": torch.empty(1000, 512, device="meta")}, path)
+    elif content == "sparse fc":
+        save({**network.state_dict(), "fc.weight": network.fc.weight.detach().to_sparse()}, path)
     elif content == "wide conv1":
         save({**network.state_dict(), "conv1.weight": torch.zeros(64, 3, 9, 9)}, path)
     elif isinstance(content, bytes):
