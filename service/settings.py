@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 
 
 def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -135,8 +139,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"names no socket path; {expected}")
             return value
         host, _, port = value.rpartition(":")
-        if not host.strip() or host != host.strip():
-            raise ValueError(f"names no host; {expected}")
+        if host.startswith("["):
+            try:
+                ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+                if not host.endswith("]"):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"{host!r} is not an IPv6 address in brackets; {expected}"
+                ) from None
+        elif not _HOST_NAME.fullmatch(host):
+            # gunicorn splits on the first colon (a bare IPv6 address) and reads no scheme.
+            raise ValueError(f"names no host name or IPv4 address; {expected}")
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"has no port from 1 to 65535; {expected}")
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import runpy
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_everything_comes_from_the_environment(
     assert config["graceful_timeout"] == 55
     assert config["loglevel"] == "warning"
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
-    for address in ("[::1]:9000", "unix:/run/service.sock", "localhost:1"):
+    for address in ("[::1]:9000", "unix:/run/service.sock", "localhost:1", "api_1.internal:80"):
         assert load(monkeypatch, tmp_path, BIND=address)["bind"] == address
     # Empty means unset, as for the other settings.
     assert load(monkeypatch, tmp_path, BIND="", PORT="8080")["bind"] == "0.0.0.0:8080"
@@ -99,12 +100,19 @@ def test_everything_comes_from_the_environment(
         ("BIND", "127.0.0.1:"),
         ("BIND", ":5001"),
         ("BIND", "unix:"),
+        # gunicorn would read these as port '' or '//127.0.0.1', or bind port 8000.
+        ("BIND", "::1:5001"),
+        ("BIND", "[::1:5001"),
+        ("BIND", "[::1]x:5001"),
+        ("BIND", "[127.0.0.1]:5001"),
+        ("BIND", "http://127.0.0.1:5001"),
+        ("BIND", "host name:5001"),
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
 ) -> None:
-    with pytest.raises(SystemExit, match=f"{name}='{value}'") as stopped:
+    with pytest.raises(SystemExit, match=re.escape(f"{name}='{value}'")) as stopped:
         load(monkeypatch, tmp_path, **{name: value})
     assert "\n" not in str(stopped.value)
 
