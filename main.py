@@ -540,7 +540,7 @@ class Service:
         self._check_size(upload)
         self._submitting_tasks += 1
         try:
-            await tasks.check_room()
+            await tasks.check_room(idempotency_key)
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.
             data, _ = await self._in_thread(

@@ -97,6 +97,15 @@ def _log_count_failure(task_ids: list[str], counted: asyncio.Future[None]) -> No
         logger.error("counting the attempts of tasks %s failed", task_ids, exc_info=error)
 
 
+def _log_loop_failure(error: Exception, message: str) -> None:
+    """A store failing for now (locked, full, damaged) in one line, since a loop meets it
+    again at each turn; anything else with its traceback."""
+    if isinstance(error, TaskStoreBusy | TaskStoreFailed):
+        logger.error("%s: %s", message, error)
+    else:
+        logger.error("%s", message, exc_info=error)
+
+
 class TaskRunner:
     """The task subsystem of one worker process: submit, read, cancel, run, deliver.
 
@@ -223,17 +232,27 @@ class TaskRunner:
         self._wake.set()  # claim it here and now rather than at the next poll
         return record, record.id == task_id
 
-    async def check_room(self) -> None:
+    async def check_room(self, idempotency_key: str | None = None) -> None:
         """Raise ``TaskQueueFull`` now if a submission would be refused for it: before its
-        image is decoded. The store checks again as it stores the task.
+        image is decoded. The store checks again as it stores the task. A resent request,
+        whose ``idempotency_key`` names a stored task, is never refused for it: it stores
+        nothing, and is answered with that task.
 
         Raises:
             TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
         """
         self._refuse_once_stopped()
-        queued = await asyncio.get_running_loop().run_in_executor(
-            self._read_thread, self.reader.count_queued
-        )
+        loop = asyncio.get_running_loop()
+        queued = await loop.run_in_executor(self._read_thread, self.reader.count_queued)
+        if queued >= self._config.max_queued and idempotency_key is not None:
+            resent = await loop.run_in_executor(
+                self._read_thread,
+                partial(
+                    self.reader.holds_key, idempotency_key, expired_before=self._expired_before()
+                ),
+            )
+            if resent:
+                return
         check_room(queued, self._config.max_queued)
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -431,9 +450,11 @@ class TaskRunner:
                 self._observer.task_queue_depth_changed(await self._db(self.store.count_queued))
                 # Woken when the next delivery falls due too, if that is before the poll.
                 next_due = await self._db(self.store.next_delivery_due, now=time.time())
-            except Exception:
+            except Exception as exc:
                 # A locked or full disk must not end task processing for good; retry.
-                logger.exception("claiming tasks failed; retrying in %s s", config.poll_interval_s)
+                _log_loop_failure(
+                    exc, f"claiming tasks failed; retrying in {config.poll_interval_s} s"
+                )
                 next_due = None
             wait_s = config.poll_interval_s
             # With every delivery slot taken, the end of a delivery wakes the loop instead.
@@ -463,8 +484,8 @@ class TaskRunner:
                     self._record_finished(record)
                 if abandoned:
                     self._wake.set()  # their webhooks are now pending
-            except Exception:
-                logger.exception("renewing task leases failed")
+            except Exception as exc:
+                _log_loop_failure(exc, "renewing task leases failed")
 
     async def _clean_up_forever(self) -> None:
         config = self._config
@@ -473,8 +494,8 @@ class TaskRunner:
                 deleted = await self._db(self.store.delete_expired, self._expired_before())
                 if deleted:
                     logger.info("deleted %d tasks older than TASK_TTL", deleted)
-            except Exception:
-                logger.exception("deleting expired tasks failed")
+            except Exception as exc:
+                _log_loop_failure(exc, "deleting expired tasks failed")
             await asyncio.sleep(config.cleanup_interval_s)
 
     # --- One task, one delivery ---------------------------------------------------------------

@@ -198,8 +198,17 @@ class ClaimedTask:
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
+# A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) fails the same way: reads and writes
+# that touch it, not a bug of the service.
 _DISK_FAILURES = frozenset(
-    {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+    {
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    }
 )
 
 
@@ -212,7 +221,7 @@ def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
     action = "written" if writing else "read"
     return TaskStoreFailed(
         f"the task store could not be {action} ({error}); the disk that holds DATA_DIR may "
-        "be full or failing"
+        "be full or failing, or the file damaged"
     )
 
 
@@ -346,7 +355,7 @@ class TaskStore:
         """A read outside any transaction, its failures told apart as a write's are."""
         try:
             yield self._db
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:  # a damaged file's is a DatabaseError
             if _is_locked(exc):
                 raise TaskStoreBusy(f"the task store is busy ({exc}); retry shortly") from None
             if _is_disk_failure(exc):
@@ -418,6 +427,14 @@ class TaskStore:
             )
             db.execute("INSERT INTO task_images (task_id, data) VALUES (?, ?)", (task_id, image))
             return self._get(task_id)
+
+    def holds_key(self, idempotency_key: str, *, expired_before: float | None = None) -> bool:
+        """Whether a task stored with this ``Idempotency-Key`` still holds it (see ``create``)."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT finished_at FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+        return row is not None and not _expired(row["finished_at"], expired_before)
 
     def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
         """The task, or None if there is no such task (never submitted, deleted, or finished

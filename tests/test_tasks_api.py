@@ -446,14 +446,26 @@ async def test_the_task_queue_limit_is_503_with_retry_after(
             await submit(served.client, data)
         await wait_for(model.entered.is_set)
         await wait_for_running(served, 2)
-        for _ in range(2):
-            await submit(served.client, data)
+        await submit(served.client, data)
+        key = {"Idempotency-Key": "order-17"}
+        stored = await served.client.post("/tasks", files=upload(data), headers=key)
+        assert stored.status_code == 202, stored.text
         decodes = counted.calls
-        refused = await served.client.post("/tasks", files=upload(data))
-        assert refused.status_code == 503
-        assert refused.headers["retry-after"] == "1"
-        assert "TASK_MAX_QUEUED allows 2" in refused.json()["detail"]
+        for refused in (
+            await served.client.post("/tasks", files=upload(data)),
+            await served.client.post(
+                "/tasks", files=upload(data), headers={"Idempotency-Key": "order-18"}
+            ),
+        ):
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert "TASK_MAX_QUEUED allows 2" in refused.json()["detail"]
         assert counted.calls == decodes, "refused only after decoding the image"
+        # A resent request stores nothing: the client that lost its answer gets it.
+        resent = await served.client.post("/tasks", files=upload(data), headers=key)
+        assert resent.status_code == 202, resent.text
+        assert resent.json()["task_id"] == stored.json()["task_id"]
+        assert resent.headers["idempotent-replayed"] == "true"
         model.release.set()
 
 
@@ -1518,6 +1530,52 @@ async def test_a_status_read_that_fails_is_503_not_500(
             assert refused.headers["Retry-After"] == "1"
             assert detail in refused.json()["detail"]
         assert (await served.client.get(f"/task-status/{task_id}")).status_code == 200
+
+
+async def test_a_store_file_with_damaged_pages_is_503_with_the_reason_not_500(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged file (a failing disk, a bad copy) is a store that cannot be read: each task
+    route says so with 503, /cls goes on, and the claim loop logs one line at each turn."""
+    settings = make_settings(task_poll_interval_s=0.05)
+    data = photos[0].read_bytes()
+    task_ids = [str(uuid.uuid4()) for _ in range(12)]
+    with closing(tasks.TaskStore(settings.data_dir)) as store:
+        for task_id in task_ids:
+            store.create(
+                task_id,
+                data,
+                top_k=5,
+                metadata=None,
+                callback_url=None,
+                now=time.time(),
+                max_queued=100,
+            )
+    path = settings.data_dir / DATABASE_NAME
+    page_bytes = 4096
+    noise = random.Random(0)
+    with path.open("r+b") as file:
+        size = file.seek(0, 2)
+        assert size > 8 * page_bytes
+        # Every page after the first two: the schema stays readable, the tables do not.
+        for offset in range(2 * page_bytes, size, page_bytes):
+            file.seek(offset)
+            file.write(noise.randbytes(page_bytes))
+    async with running_app(settings) as served:
+        with caplog.at_level(logging.ERROR, logger="service.task_runner"):
+            await wait_for(lambda: "claiming tasks failed" in caplog.text)
+            assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+            refusals = (
+                await served.client.get(f"/task-status/{task_ids[0]}"),
+                await served.client.delete(f"/tasks/{task_ids[1]}"),
+                await served.client.post("/tasks", files=upload(data)),
+            )
+    for refused in refusals:
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "malformed" in refused.json()["detail"]
+    claim_failures = [r for r in caplog.records if "claiming tasks failed" in r.getMessage()]
+    assert all(r.exc_info is None and "malformed" in r.getMessage() for r in claim_failures)
 
 
 async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
