@@ -739,6 +739,16 @@ def _service(request: Request) -> Service:
     return service
 
 
+def _top_k(request: Request, requested: int | None) -> int:
+    """The route's ``top_k``, as ``Service.top_k``, and sent at most once: FastAPI takes the
+    last of repeated values, which would answer another question than the one asked."""
+    if (sent := len(request.query_params.getlist("top_k"))) > 1:
+        raise RequestValidationError(
+            [{"loc": ("query", "top_k"), "msg": f"was sent {sent} times; send it at most once"}]
+        )
+    return _service(request).top_k(requested)
+
+
 def _deadline(service: Service) -> float:
     return time.monotonic() + service.settings.request_timeout_ms / 1000
 
@@ -791,7 +801,7 @@ async def classify(
 ) -> ClassifyResponse:
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
-    top_k = service.top_k(top_k)
+    top_k = _top_k(request, top_k)
     predictions = await _unless_disconnected(
         request, service.classify(file, top_k, _deadline(service))
     )
@@ -811,9 +821,18 @@ async def classify_batch(
 ) -> BatchResponse:
     """Classify several images; one entry per file, in order, each with its own status."""
     service = _service(request)
-    top_k = service.top_k(top_k)
+    top_k = _top_k(request, top_k)
     deadline = _deadline(service)
     form = await request.form()  # parsed already, for ``file``
+    # Any would be left out of the answer, and the caller miss an image it sent.
+    stray = [
+        name
+        for name, part in form.multi_items()
+        if name != "file" and isinstance(part, StarletteUploadFile) and part.size
+    ]
+    if stray:
+        message = "a file under another name than 'file'; send each image as a part named 'file'"
+        raise RequestValidationError([{"loc": ("body", stray[0]), "msg": message}])
     uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
     if not uploads:
         raise RequestValidationError(
@@ -867,7 +886,7 @@ async def submit_task(
     """
     service = _service(request)
     settings = service.settings
-    top_k = service.top_k(top_k)
+    top_k = _top_k(request, top_k)
     tasks = service.running_tasks()
     service.refuse_unless_ready()
     # The form is parsed already (and kept by the request); FastAPI takes the last of

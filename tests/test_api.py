@@ -93,6 +93,17 @@ async def test_bad_top_k_is_422(served: RunningApp, photos: list[Path], top_k: s
     assert "top_k" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("route", ["/cls", "/cls/batch", "/tasks"])
+async def test_a_repeated_top_k_is_422_not_the_last_one_taken(
+    served: RunningApp, photos: list[Path], route: str
+) -> None:
+    response = await served.client.post(
+        f"{route}?top_k=3&top_k=1", files=upload(photos[0].read_bytes())
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == "query.top_k: was sent 2 times; send it at most once"
+
+
 async def test_a_model_with_fewer_classes_than_the_default_top_k_answers_them_all(
     photos: list[Path], tmp_path: Path
 ) -> None:
@@ -263,6 +274,25 @@ async def test_a_batch_of_only_an_empty_file_input_gets_its_entry(served: Runnin
     response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
     assert response.status_code == 422
     assert response.json()["detail"] == "file: Field required"
+
+
+async def test_a_batch_file_under_another_field_name_is_422_not_left_out(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    data = photos[0].read_bytes()
+    body = multipart(
+        [("file", "a.jpg", data, "image/jpeg"), ("files", "b.jpg", data, "image/jpeg")]
+    )
+    response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == (
+        "files: a file under another name than 'file'; send each image as a part named 'file'"
+    )
+    # An empty one (a browser's other file input, left empty) holds no image to miss.
+    body = multipart([("file", "a.jpg", data, "image/jpeg"), ("extra", "", b"", "text/plain")])
+    response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+    assert response.status_code == 200, response.text
+    assert [entry["status"] for entry in response.json()["results"]] == [200]
 
 
 async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
