@@ -214,12 +214,15 @@ class _RunTimes:
     # A run counts as at most this many times its size's mean, so one outlier (a pause, a
     # page-in) raises the mean by at most a fifth.
     MAX_STEP = 2.0
+    # Until runs show how much they vary, plan for twice the mean, as TCP does before its
+    # second sample: the first batches after a warm-up often run longer than it did.
+    INITIAL_DEVIATION = 0.5
 
     def __init__(self) -> None:
         self._mean_s: dict[int, float] = {}
         self._last_run: dict[int, int] = {}
         self._runs = 0
-        self._deviation = 0.0
+        self._deviation = self.INITIAL_DEVIATION
 
     def record(self, size: int, run_s: float) -> None:
         self._runs += 1

@@ -105,11 +105,18 @@ async def test_timeout_policy_never_waits_past_a_waiting_items_deadline() -> Non
     assert elapsed_s < 0.3
 
 
-@pytest.mark.parametrize("told", [True, False], ids=["run time told", "nothing run yet"])
-async def test_a_run_time_told_before_any_batch_ran_starts_the_first_in_time(told: bool) -> None:
+@pytest.mark.parametrize(
+    "told_s",
+    [0.4, 0.15, None],
+    ids=["run time told", "told less than the first run takes", "nothing run yet"],
+)
+async def test_a_run_time_told_before_any_batch_ran_starts_the_first_in_time(
+    told_s: float | None,
+) -> None:
     """Before its first batch the batcher knows no run time and takes it for none: under
     TIMEOUT it would wait until just before a deadline and answer after it. Told the run
-    time (from a warm-up), it starts the batch early enough."""
+    time (from a warm-up), it starts the batch early enough, even when the first batch runs
+    longer than the warm-up did, as on a server just started."""
 
     async def slow(items: list[int]) -> list[int]:
         await asyncio.sleep(0.2)
@@ -117,12 +124,12 @@ async def test_a_run_time_told_before_any_batch_ran_starts_the_first_in_time(tol
 
     config = BatchConfig(max_batch_size=8, max_wait_s=10.0, policy=TIMEOUT)
     processor = BatchProcessor(slow, config)
-    if told:
-        processor.record_run_time(1, 0.4)  # more than it takes: the test leaves a margin
+    if told_s is not None:
+        processor.record_run_time(1, told_s)
     processor.start()
     try:
         submitted = processor.submit(7, deadline=time.monotonic() + 0.8)
-        if told:
+        if told_s is not None:
             assert await bounded(submitted) == 14
         else:
             with pytest.raises(DeadlineExceeded):
@@ -391,10 +398,25 @@ def test_run_times_fill_in_unseen_sizes_on_the_low_side() -> None:
         times.record(2, 0.2)
         times.record(6, 0.6)
 
-    assert times.estimate_s(2) == pytest.approx(0.2)
-    assert times.estimate_s(4) == pytest.approx(0.4)
-    assert times.estimate_s(1) == pytest.approx(0.1)
-    assert times.estimate_s(10) == pytest.approx(1.0)
+    # What is left of the first runs' margin (see the next test) is below a thousandth.
+    assert times.estimate_s(2) == pytest.approx(0.2, rel=1e-3)
+    assert times.estimate_s(4) == pytest.approx(0.4, rel=1e-3)
+    assert times.estimate_s(1) == pytest.approx(0.1, rel=1e-3)
+    assert times.estimate_s(10) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_the_first_runs_are_planned_with_a_margin_until_runs_show_their_variation() -> None:
+    """One run timed (at a warm-up, say) says nothing of how much runs vary: it is planned at
+    twice its time, and the margin shrinks as steady runs come in."""
+    times = _RunTimes()
+    times.record(4, 0.1)
+    assert times.estimate_s(4) == pytest.approx(0.2)
+    for _ in range(10):
+        times.record(4, 0.1)
+    assert 0.1 < times.estimate_s(4) < 0.12
+    for _ in range(30):
+        times.record(4, 0.1)
+    assert times.estimate_s(4) == pytest.approx(0.1, rel=1e-3)
 
 
 def test_run_times_that_vary_are_planned_for_their_long_side() -> None:
@@ -431,7 +453,7 @@ def test_a_size_not_run_for_long_is_forgotten() -> None:
     for _ in range(10):
         times.record(1, 0.1)
         times.record(2, 0.2)
-    assert times.estimate_s(16) == pytest.approx(5.0)
+    assert times.estimate_s(16) == pytest.approx(5.0, rel=0.05)
 
     for _ in range(30):
         times.record(1, 0.1)
