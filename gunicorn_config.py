@@ -33,7 +33,8 @@ PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 # then spin for about 20 ms after a forward pass before they sleep, instead of about 6, so
 # a request arriving in that time does not wait for them to wake: a lone request's latency
 # fell 3-10 % on a 2-core VM, with no change under load (docs/benchmarks/README.md).
-os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+if settings.gomp_spincount is None:  # unset or empty
+    os.environ["GOMP_SPINCOUNT"] = "1000000"
 
 bind = settings.bind or f"0.0.0.0:{settings.port}"
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers

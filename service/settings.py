@@ -26,6 +26,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+# What a browser sends as Origin: a scheme, a host (a name, or IPv6 in brackets), a port.
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?")
 
 
 def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -121,6 +123,12 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(300.0, ge=0, le=86_400)
     webhook_allow_private: bool = False
 
+    # libgomp's own setting, read by the workers' OpenMP runtime (gunicorn_config.py sets
+    # its default); validated here, since libgomp ignores a value it cannot parse.
+    gomp_spincount: str | None = Field(
+        None, pattern=r"^\s*(\d+\s*[kKmMgGtT]?|[iI][nN][fF][iI][nN][iI][tT][eEyY])\s*$"
+    )
+
     # Unset or empty: no authentication. Never echoed in errors or logs.
     api_key: SecretStr | None = None
     # Comma-separated origins allowed to call the API from a browser; empty: CORS off.
@@ -155,7 +163,27 @@ class Settings(BaseSettings):
             raise ValueError(f"has no port from 1 to 65535; {expected}")
         return value
 
-    @field_validator("api_key", "webhook_secret", "task_fill_spare_slots", "bind", mode="before")
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_a_browser_sends(cls, value: str) -> str:
+        # A browser's Origin is scheme://host[:port], nothing after: "https://a.example/"
+        # or "a.example" would match no request, and CORS would fail without a word.
+        for origin in (entry.strip() for entry in value.split(",")):
+            if origin and origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin; expected scheme://host[:port] with no path "
+                    "or trailing slash, e.g. https://app.example.com, or *"
+                )
+        return value
+
+    @field_validator(
+        "api_key",
+        "webhook_secret",
+        "task_fill_spare_slots",
+        "bind",
+        "gomp_spincount",
+        mode="before",
+    )
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value

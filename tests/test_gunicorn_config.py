@@ -43,6 +43,8 @@ def test_openmp_threads_spin_longer_unless_told_otherwise(
     assert os.environ["GOMP_SPINCOUNT"] == "1000000"  # inherited by the workers
     load(monkeypatch, tmp_path, GOMP_SPINCOUNT="300000")
     assert os.environ["GOMP_SPINCOUNT"] == "300000"
+    load(monkeypatch, tmp_path, GOMP_SPINCOUNT="")  # empty means unset
+    assert os.environ["GOMP_SPINCOUNT"] == "1000000"
 
 
 def test_everything_comes_from_the_environment(
@@ -67,6 +69,10 @@ def test_everything_comes_from_the_environment(
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
     for address in ("[::1]:9000", "unix:/run/service.sock", "localhost:1", "api_1.internal:80"):
         assert load(monkeypatch, tmp_path, BIND=address)["bind"] == address
+    for origins in ("https://a.example, http://[::1]:8080,chrome-extension://abcdef", "*"):
+        assert load(monkeypatch, tmp_path, CORS_ORIGINS=origins)["settings"].cors_origins == origins
+    for spin_count in ("0", "300000", "10M", " 2 k ", "INFINITE", "infinity"):
+        assert load(monkeypatch, tmp_path, GOMP_SPINCOUNT=spin_count)["settings"].gomp_spincount
     # Empty means unset, as for the other settings.
     assert load(monkeypatch, tmp_path, BIND="", PORT="8080")["bind"] == "0.0.0.0:8080"
     assert load(monkeypatch, tmp_path, DATA_DIR="")["settings"].data_dir == Path("data")
@@ -107,6 +113,14 @@ def test_everything_comes_from_the_environment(
         ("BIND", "[127.0.0.1]:5001"),
         ("BIND", "http://127.0.0.1:5001"),
         ("BIND", "host name:5001"),
+        # No browser sends these as its Origin: CORS would fail without a word.
+        ("CORS_ORIGINS", "https://a.example/"),
+        ("CORS_ORIGINS", "https://a.example, b.example"),
+        ("CORS_ORIGINS", "https://a.example/app"),
+        # libgomp would ignore it and spin for its default.
+        ("GOMP_SPINCOUNT", "abc"),
+        ("GOMP_SPINCOUNT", "-1"),
+        ("GOMP_SPINCOUNT", "10x"),
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(
