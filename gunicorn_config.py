@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from service import logs
 from service.settings import load_settings
 
 settings = load_settings()
@@ -95,8 +96,10 @@ def on_starting(server: Any) -> None:
         tempfile.TemporaryFile(dir=PROMETHEUS_DIR).close()
     except OSError as error:
         raise SystemExit(
-            f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_DIR} cannot hold the workers' metrics: "
-            f"{error.strerror or error}"
+            logs.unconfigured_line(
+                f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_DIR} cannot hold the workers' metrics: "
+                f"{error.strerror or error}"
+            )
         ) from None
 
 

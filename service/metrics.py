@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +24,20 @@ from prometheus_client import (
 )
 
 from batching import Outcome
+from service import logs
+
+if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # gunicorn_config.py makes it for gunicorn's workers. Under plain uvicorn (the container
+    # image names one) the first metric below would fail on it with a traceback.
+    try:
+        Path(_MULTIPROCESS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"PROMETHEUS_MULTIPROC_DIR={_MULTIPROCESS_DIR} cannot hold the metrics: "
+                f"{error.strerror or error}"
+            )
+        ) from None
 
 # Up to a minute, so requests cut off by REQUEST_TIMEOUT_MS or BODY_IDLE_TIMEOUT_S still
 # land in a bucket below +Inf.

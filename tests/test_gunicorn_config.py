@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -177,16 +178,20 @@ def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
         on_exit(None)
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_format: str
 ) -> None:
-    config = load(monkeypatch, tmp_path)
+    config = load(monkeypatch, tmp_path, LOG_FORMAT=log_format)
     (tmp_path / "metrics").write_text("a file where the directory should be")
     on_starting = config["on_starting"]
     assert callable(on_starting)
-    with pytest.raises(SystemExit, match=r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold") as stopped:
+    with pytest.raises(SystemExit) as stopped:
         on_starting(None)
-    assert "\n" not in str(stopped.value)
+    line = str(stopped.value)
+    assert "\n" not in line
+    message = json.loads(line)["message"] if log_format == "json" else line
+    assert re.match(r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold", message)
 
 
 def test_a_batch_request_must_fit_the_queue(

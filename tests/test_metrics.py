@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service.settings import PROJECT_ROOT
+
+
+def import_metrics(metrics_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Import the metrics module in a new process, as a plain uvicorn run does."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    return subprocess.run(
+        [sys.executable, "-c", "import service.metrics"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_metrics_dir_named_but_missing_is_made_outside_gunicorn(tmp_path: Path) -> None:
+    """The container image names one; gunicorn_config.py makes it, a plain uvicorn run too."""
+    metrics_dir = tmp_path / "not" / "made"
+    imported = import_metrics(metrics_dir)
+    assert imported.returncode == 0, imported.stderr
+    assert any(metrics_dir.glob("*.db"))
+
+
+def test_a_metrics_dir_that_cannot_be_made_is_one_line_outside_gunicorn(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the directory should be")
+    imported = import_metrics(tmp_path / "taken")
+    assert imported.returncode != 0
+    assert imported.stderr.strip().splitlines() == [
+        f"PROMETHEUS_MULTIPROC_DIR={tmp_path / 'taken'} cannot hold the metrics: File exists"
+    ]
