@@ -250,6 +250,11 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     # Independent of LOG_LEVEL: ACCESS_LOG alone turns the access lines off.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
     _access_log_on = access_log
+    # Under plain uvicorn (gunicorn's workers are set so already): uvicorn's own access line
+    # would repeat the service's, without its id or batch, whatever ACCESS_LOG says; its
+    # other lines follow LOG_LEVEL.
+    logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").setLevel(level.upper())
 
 
 def _start_writer(listener: QueueListener) -> None:

@@ -22,7 +22,13 @@ from PIL import Image
 
 from service import logs
 from service.settings import load_settings
-from tests.server import free_port, gunicorn_command, running_server, server_env
+from tests.server import (
+    free_port,
+    gunicorn_command,
+    running_server,
+    server_env,
+    uvicorn_command,
+)
 from tests.support import make_settings, running_app
 
 
@@ -207,6 +213,30 @@ def test_records_in_steady_traffic_do_not_wake_the_writer() -> None:
     listener.stop()
     assert time.monotonic() - started < 3
     assert len(written.records) == 51
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("access_log", ["true", "false"])
+def test_under_plain_uvicorn_the_settings_rule_uvicorns_lines_too(
+    tmp_path: Path, photos: list[Path], access_log: str
+) -> None:
+    """``make dev``: one access line per request, the service's (uvicorn's own would repeat
+    it, and ignore ACCESS_LOG), and uvicorn's other lines at LOG_LEVEL."""
+    port = free_port()
+    env = server_env(tmp_path, PORT=str(port), LOG_LEVEL="warning", ACCESS_LOG=access_log)
+    with running_server(tmp_path, uvicorn_command(port), env) as server:
+        answered = httpx.post(
+            f"{server.url}/cls",
+            files={"file": ("p.jpg", photos[0].read_bytes())},
+            headers={"X-Request-ID": "dev-request"},
+            timeout=30,
+        )
+        assert answered.status_code == 200
+        time.sleep(0.5)  # the access line's writer wakes every 0.1 s
+        log = server.log()
+    assert '"POST /cls HTTP/1.1" 200' not in log  # uvicorn's access line
+    assert "Uvicorn running on" not in log  # uvicorn's INFO lines
+    assert log.count("[dev-request]") == (1 if access_log == "true" else 0)
 
 
 @pytest.mark.slow
