@@ -211,6 +211,59 @@ class TaskOut(BaseModel):
     webhook: WebhookOut | None
 
 
+class ErrorOut(BaseModel):
+    """Every error's body: what was wrong and, where one applies, the setting to change."""
+
+    detail: str
+
+
+# What each error means, for the OpenAPI documentation; the README's table has them all.
+_ERROR_DOCS = {
+    400: "Not an image the service reads, or a malformed multipart body",
+    401: "API_KEY is set and the request carries no key or a wrong one",
+    404: "No such task: an unknown, malformed or expired id",
+    409: "The task is running or finished",
+    413: "A file over MAX_UPLOAD_BYTES",
+    422: "A missing, repeated or malformed field or parameter",
+    503: "The queue is full, the server is shutting down, or the task store is unavailable; "
+    "retry after Retry-After",
+    504: "Not answered within REQUEST_TIMEOUT_MS",
+}
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's documented errors, each with the one body every error has."""
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorOut, "description": _ERROR_DOCS[status]}
+        for status in sorted({401, *statuses, 503})
+    }
+    # The rest (500, and the 408 and 431 of a request that never reached the app) have the
+    # same body; declared, it also keeps FastAPI from adding a 422 of another shape.
+    responses["default"] = {"model": ErrorOut, "description": "Any other error"}
+    return responses
+
+
+def _document_the_api_key(app: FastAPI) -> None:
+    """With API_KEY set, the OpenAPI schema says which routes need it, and how to send it."""
+    build_schema = app.openapi
+
+    def schema_with_the_key() -> dict[str, Any]:
+        built = app.openapi_schema is not None
+        schema = build_schema()
+        if not built:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+        return schema
+
+    app.openapi = schema_with_the_key  # type: ignore[method-assign]
+
+
 def _timed_runs(classifier: Classifier, sizes: list[int]) -> dict[int, float]:
     """Seconds the warm classifier takes for a batch of each size: the faster of two runs,
     since workers starting together (on one GPU, or on shared cores) slow each other."""
@@ -1254,6 +1307,7 @@ def create_app(settings: Settings) -> FastAPI:
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
+        responses=_error_responses(400, 413, 422, 504),
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
@@ -1263,6 +1317,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
+        responses=_error_responses(400, 413, 422),
         # ``file`` is optional to FastAPI only so that a form of empty file inputs reaches
         # the handler; documented as required (OpenAPI 3.1 applies this beside the $ref).
         openapi_extra={
@@ -1284,6 +1339,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
+        responses=_error_responses(400, 413, 422),
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )
@@ -1292,11 +1348,17 @@ def create_app(settings: Settings) -> FastAPI:
         task_status,
         methods=["GET"],
         response_model=TaskOut,
+        responses=_error_responses(404),
         name="task_status",
         tags=["tasks"],
     )
     app.add_api_route(
-        "/tasks/{task_id}", cancel_task, methods=["DELETE"], response_model=TaskOut, tags=["tasks"]
+        "/tasks/{task_id}",
+        cancel_task,
+        methods=["DELETE"],
+        response_model=TaskOut,
+        responses=_error_responses(404, 409),
+        tags=["tasks"],
     )
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
         app.add_api_route(path, probe, methods=["GET"], tags=["operations"])
@@ -1330,6 +1392,7 @@ def create_app(settings: Settings) -> FastAPI:
         idle_timeout_s=settings.body_idle_timeout_s,
     )
     if settings.api_key is not None:
+        _document_the_api_key(app)
         app.add_middleware(
             ApiKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import math
 import tempfile
@@ -1006,6 +1007,23 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     batch_body = schema["paths"]["/cls/batch"]["post"]["requestBody"]
     assert batch_body["required"] is True
     assert batch_body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
+    # Every error is {"detail": "..."}, 422 included, and each route lists its own.
+    assert "HTTPValidationError" not in json.dumps(schema)
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
+    routes = {
+        ("/cls", "post"): {"400", "401", "413", "422", "503", "504", "default"},
+        ("/cls/batch", "post"): {"400", "401", "413", "422", "503", "default"},
+        ("/tasks", "post"): {"400", "401", "413", "422", "503", "default"},
+        ("/task-status/{task_id}", "get"): {"401", "404", "503", "default"},
+        ("/tasks/{task_id}", "delete"): {"401", "404", "409", "503", "default"},
+    }
+    for (path, method), statuses in routes.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert set(responses) - {"200", "202"} == statuses, path
+        for status in statuses:
+            assert responses[status]["content"]["application/json"]["schema"] == error
+    assert "securitySchemes" not in schema["components"]  # no API_KEY here
 
 
 async def test_health_and_readiness(served: RunningApp) -> None:

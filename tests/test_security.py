@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from main import OPEN_PATHS
 from service.settings import Settings
 from tests.support import make_settings, running_app
 
@@ -111,6 +112,16 @@ async def test_probes_and_metrics_stay_open_and_docs_need_the_key() -> None:
         assert (await client.get("/nowhere")).status_code == 401
         opened = await client.get("/openapi.json", headers={"X-API-Key": API_KEY})
         assert opened.status_code == 200
+    # The documentation says how to send the key, and where it is needed.
+    schema = opened.json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    keyed = [{"bearer": []}, {"apiKeyHeader": []}]
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            assert operation.get("security") == (None if path in OPEN_PATHS else keyed), path
 
 
 async def test_task_routes_need_the_key(photos: list[Path]) -> None:
