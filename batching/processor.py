@@ -214,15 +214,17 @@ class _RunTimes:
     # A run counts as at most this many times its size's mean, so one outlier (a pause, a
     # page-in) raises the mean by at most a fifth.
     MAX_STEP = 2.0
-    # Until runs show how much they vary, plan for twice the mean, as TCP does before its
-    # second sample: the first batches after a warm-up often run longer than it did.
+    # For a cautious estimate, the deviation assumed before runs show how much they vary:
+    # twice the mean, as TCP plans before its second sample. Its weight fades as the
+    # measured deviation's builds up.
     INITIAL_DEVIATION = 0.5
 
     def __init__(self) -> None:
         self._mean_s: dict[int, float] = {}
         self._last_run: dict[int, int] = {}
         self._runs = 0
-        self._deviation = self.INITIAL_DEVIATION
+        self._deviation = 0.0
+        self._deviation_samples = 0
 
     def record(self, size: int, run_s: float) -> None:
         self._runs += 1
@@ -233,6 +235,7 @@ class _RunTimes:
         else:
             error = min(abs(run_s - mean_s) / mean_s, self.MAX_STEP - 1) if mean_s > 0 else 0.0
             self._deviation += self.SMOOTHING * (error - self._deviation)
+            self._deviation_samples += 1
             run_s = min(run_s, self.MAX_STEP * mean_s) if mean_s > 0 else run_s
             self._mean_s[size] = mean_s + self.SMOOTHING * (run_s - mean_s)
         for stale in [
@@ -242,6 +245,13 @@ class _RunTimes:
 
     def estimate_s(self, size: int) -> float:
         return self._mean_estimate_s(size) * (1 + self.DEVIATIONS * self._deviation)
+
+    def cautious_estimate_s(self, size: int) -> float:
+        """``estimate_s``, with the deviation assumed at first where runs have not shown it
+        yet: for a wait whose overrun fails every waiting entry, where starting early
+        costs only a smaller batch. The first batches after a warm-up often run longer."""
+        assumed = self.INITIAL_DEVIATION * (1 - self.SMOOTHING) ** self._deviation_samples
+        return self._mean_estimate_s(size) * (1 + self.DEVIATIONS * (self._deviation + assumed))
 
     def _mean_estimate_s(self, size: int) -> float:
         times = self._mean_s
@@ -527,7 +537,7 @@ class BatchProcessor(Generic[In, Out]):
         if not deadlines:
             return math.inf
         size = min(self.queue_depth, self._config.max_batch_size)
-        return min(deadlines) - self._run_times.estimate_s(size) - DEADLINE_MARGIN_S
+        return min(deadlines) - self._run_times.cautious_estimate_s(size) - DEADLINE_MARGIN_S
 
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()

@@ -274,6 +274,10 @@ async def test_a_batch_of_only_an_empty_file_input_gets_its_entry(served: Runnin
     body = multipart([("other", "a.jpg", b"x", "image/jpeg")])
     response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
     assert response.status_code == 422
+    assert response.json()["detail"].startswith("other: a file under another name than 'file'")
+    body = multipart([("other", "", b"", "application/octet-stream")])
+    response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))
+    assert response.status_code == 422
     assert response.json()["detail"] == "file: Field required"
 
 
