@@ -198,23 +198,34 @@ class ClaimedTask:
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
-# A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) fails the same way: reads and writes
-# that touch it, not a bug of the service.
-_DISK_FAILURES = frozenset(
-    {
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_CORRUPT,
-        sqlite3.SQLITE_NOTADB,
-    }
+# A damaged file (or one that is no database) fails the reads and writes that touch it as a
+# failing disk does, but does not mend by itself.
+_DAMAGED_FILE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_DISK_FAILURES = (
+    frozenset(
+        {
+            sqlite3.SQLITE_IOERR,
+            sqlite3.SQLITE_FULL,
+            sqlite3.SQLITE_READONLY,
+            sqlite3.SQLITE_CANTOPEN,
+        }
+    )
+    | _DAMAGED_FILE
 )
 
 
-def _is_disk_failure(error: BaseException) -> bool:
+def _is_disk_failure(error: BaseException, codes: frozenset[int] = _DISK_FAILURES) -> bool:
     code = getattr(error, "sqlite_errorcode", None)
-    return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in _DISK_FAILURES
+    return isinstance(error, sqlite3.Error) and code is not None and code & 0xFF in codes
+
+
+def _is_damaged_file(error: BaseException | None) -> bool:
+    """Whether ``error``, or what it was raised from, is a damaged file's."""
+    while error is not None:
+        if _is_disk_failure(error, _DAMAGED_FILE):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
@@ -265,9 +276,14 @@ class TaskStore:
         return TaskStoreUnavailable(
             f"cannot open the task store {self.path}: {cause}; set DATA_DIR to a writable "
             "directory on a local disk",
-            for_now=isinstance(cause, TaskStoreBusy | TaskStoreFailed)
-            or _is_disk_failure(cause)
-            or _is_locked(cause),
+            # A damaged file is the operator's to mend: it stops start-up, as one that is no
+            # task store does.
+            for_now=(
+                isinstance(cause, TaskStoreBusy | TaskStoreFailed)
+                or _is_disk_failure(cause)
+                or _is_locked(cause)
+            )
+            and not _is_damaged_file(cause),
         )
 
     def _configure(self) -> None:

@@ -27,6 +27,7 @@ from service.tasks import (
     TaskStatus,
     TaskStore,
     TaskStoreBusy,
+    TaskStoreUnavailable,
     WebhookStatus,
 )
 
@@ -190,6 +191,26 @@ def test_a_new_store_opened_by_several_workers_at_once_waits_its_turn(
         assert store.count_queued() == 0
     with closing(real_connect(tmp_path / DATABASE_NAME)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("damage", ["no database", "damaged pages"])
+def test_a_file_that_is_no_store_or_is_damaged_stops_start_up_not_only_for_now(
+    tmp_path: Path, damage: str
+) -> None:
+    """Unlike a full or failing disk, a damaged file does not mend by itself: a worker must
+    not come up ready with its task routes refused for good."""
+    path = tmp_path / DATABASE_NAME
+    if damage == "no database":
+        path.write_bytes(b"not a database at all, " * 1000)
+    else:
+        with closing(TaskStore(tmp_path)):
+            pass
+        with path.open("r+b") as file:
+            file.seek(100)  # past the file's header: the schema's table
+            file.write(bytes(range(256)) * 15)
+    with pytest.raises(TaskStoreUnavailable, match="cannot open the task store") as refused:
+        TaskStore(tmp_path)
+    assert refused.value.for_now is False
 
 
 def open_with_file_size_limit(data_dir: str, limit: int, answers: multiprocessing.Queue) -> None:
