@@ -9,6 +9,7 @@ is imported (gunicorn_config.py does it), so every worker writes its samples to 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from prometheus_client import (
 from batching import Outcome
 from service import logs
 
-if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    # gunicorn_config.py makes it for gunicorn's workers. Under plain uvicorn (the container
-    # image names one) the first metric below would fail on it with a traceback.
+if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+    # gunicorn_config.py makes and checks it for gunicorn's workers. Under plain uvicorn
+    # (the container image names one) the first metric below would fail on it with a
+    # traceback.
     try:
         Path(_MULTIPROCESS_DIR).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=_MULTIPROCESS_DIR).close()
     except OSError as error:
         raise SystemExit(
             logs.unconfigured_line(

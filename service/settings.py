@@ -25,9 +25,43 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
-_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-# What a browser sends as Origin: a scheme, a host (a name, or IPv6 in brackets), a port.
-_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+# An Origin header's parts: a scheme, a host (a name, or IPv6 in brackets), a port.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"
+    r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(:(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def browser_origin(origin: str) -> str:
+    """``origin`` as a browser sends it in its Origin header: scheme and host in lower
+    case, an IPv6 address in its short form, no default port.
+
+    Raises:
+        ValueError: No browser sends it (a path, no scheme, a port out of range, ...).
+    """
+    expected = (
+        "expected scheme://host[:port] with no path or trailing slash, e.g. "
+        "https://app.example.com, or *"
+    )
+    parts = _ORIGIN.fullmatch(origin)
+    if parts is None:
+        raise ValueError(f"{origin!r} is not an origin; {expected}")
+    scheme, host = parts["scheme"].lower(), parts["host"].lower()
+    if host.startswith("["):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"{origin!r} holds no IPv6 address in brackets; {expected}") from None
+    if parts["port"] is None:
+        return f"{scheme}://{host}"
+    port = int(parts["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{origin!r} has no port from 1 to 65535; {expected}")
+    return (
+        f"{scheme}://{host}" if _DEFAULT_PORTS.get(scheme) == port else f"{scheme}://{host}:{port}"
+    )
 
 
 def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -124,9 +158,12 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
 
     # libgomp's own setting, read by the workers' OpenMP runtime (gunicorn_config.py sets
-    # its default); validated here, since libgomp ignores a value it cannot parse.
+    # its default); checked here, since libgomp only warns of a value it cannot read, in
+    # each worker, and spins for its default. Its syntax: a count (strtoull's, so a sign is
+    # read, and -1 is the largest) with an optional k, M, G or T, or "infinite".
     gomp_spincount: str | None = Field(
-        None, pattern=r"^\s*(\d+\s*[kKmMgGtT]?|[iI][nN][fF][iI][nN][iI][tT][eEyY])\s*$"
+        None,
+        pattern=r"^\s*([+-]?[0-9]{1,19}\s*[kKmMgGtT]?|[iI][nN][fF][iI][nN][iI][tT][eEyY])\s*$",
     )
 
     # Unset or empty: no authentication. Never echoed in errors or logs.
@@ -146,7 +183,7 @@ class Settings(BaseSettings):
             if not value.removeprefix("unix:").strip():
                 raise ValueError(f"names no socket path; {expected}")
             return value
-        host, _, port = value.rpartition(":")
+        host, _, port = value.removeprefix("tcp://").rpartition(":")
         if host.startswith("["):
             try:
                 ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
@@ -166,14 +203,16 @@ class Settings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins_a_browser_sends(cls, value: str) -> str:
-        # A browser's Origin is scheme://host[:port], nothing after: "https://a.example/"
-        # or "a.example" would match no request, and CORS would fail without a word.
+        # "https://a.example/" or "a.example" would match no request's Origin, and CORS
+        # would fail without a word.
         for origin in (entry.strip() for entry in value.split(",")):
-            if origin and origin != "*" and not _ORIGIN.fullmatch(origin):
+            if origin == "null":
                 raise ValueError(
-                    f"{origin!r} is not an origin; expected scheme://host[:port] with no path "
-                    "or trailing slash, e.g. https://app.example.com, or *"
+                    "'null' is the Origin of sandboxed frames and local files of any site; "
+                    "allowing it would allow them all"
                 )
+            if origin and origin != "*":
+                browser_origin(origin)
         return value
 
     @field_validator(
@@ -256,8 +295,10 @@ class Settings(BaseSettings):
 
     @property
     def cors_origin_list(self) -> list[str]:
-        """``CORS_ORIGINS`` split on commas, blanks dropped."""
-        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+        """``CORS_ORIGINS`` split on commas, blanks dropped, each origin as a browser sends
+        it (CORS compares them as strings)."""
+        origins = (origin.strip() for origin in self.cors_origins.split(","))
+        return [browser_origin(origin) if origin != "*" else "*" for origin in origins if origin]
 
     def batch_config(self, device_type: str) -> BatchConfig:
         """The batch processor's knobs, for a model on ``device_type`` ("cpu", "cuda")."""

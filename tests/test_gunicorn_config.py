@@ -68,11 +68,24 @@ def test_everything_comes_from_the_environment(
     assert config["graceful_timeout"] == 55
     assert config["loglevel"] == "warning"
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
-    for address in ("[::1]:9000", "unix:/run/service.sock", "localhost:1", "api_1.internal:80"):
+    for address in (
+        "[::1]:9000",
+        "unix:/run/service.sock",
+        "localhost:1",
+        "api_1.internal:80",
+        "host.example.com.:80",
+        "tcp://127.0.0.1:9000",
+    ):
         assert load(monkeypatch, tmp_path, BIND=address)["bind"] == address
-    for origins in ("https://a.example, http://[::1]:8080,chrome-extension://abcdef", "*"):
-        assert load(monkeypatch, tmp_path, CORS_ORIGINS=origins)["settings"].cors_origins == origins
-    for spin_count in ("0", "300000", "10M", " 2 k ", "INFINITE", "infinity"):
+    # Each as a browser sends it: CORS compares origins as strings.
+    origins = "HTTPS://A.example:443, http://[0:0::1]:8080,chrome-extension://abcdef, *"
+    assert load(monkeypatch, tmp_path, CORS_ORIGINS=origins)["settings"].cors_origin_list == [
+        "https://a.example",
+        "http://[::1]:8080",
+        "chrome-extension://abcdef",
+        "*",
+    ]
+    for spin_count in ("0", "300000", "10M", " 2 k ", "-1", "INFINITE", "infinity"):
         assert load(monkeypatch, tmp_path, GOMP_SPINCOUNT=spin_count)["settings"].gomp_spincount
     # Empty means unset, as for the other settings.
     assert load(monkeypatch, tmp_path, BIND="", PORT="8080")["bind"] == "0.0.0.0:8080"
@@ -107,7 +120,9 @@ def test_everything_comes_from_the_environment(
         ("BIND", "127.0.0.1:"),
         ("BIND", ":5001"),
         ("BIND", "unix:"),
-        # gunicorn would read these as port '' or '//127.0.0.1', or bind port 8000.
+        # gunicorn finds no port in the first two and in the URL (it reads '' or
+        # '//127.0.0.1'), binds port 8000 for the third; brackets hold IPv6 only, and a
+        # host name has no blank.
         ("BIND", "::1:5001"),
         ("BIND", "[::1:5001"),
         ("BIND", "[::1]x:5001"),
@@ -118,10 +133,14 @@ def test_everything_comes_from_the_environment(
         ("CORS_ORIGINS", "https://a.example/"),
         ("CORS_ORIGINS", "https://a.example, b.example"),
         ("CORS_ORIGINS", "https://a.example/app"),
-        # libgomp would ignore it and spin for its default.
+        ("CORS_ORIGINS", "http://a.example:99999"),
+        ("CORS_ORIGINS", "http://[1.2.3.4]"),
+        ("CORS_ORIGINS", "null"),
+        # libgomp would warn in each worker and spin for its default.
         ("GOMP_SPINCOUNT", "abc"),
-        ("GOMP_SPINCOUNT", "-1"),
         ("GOMP_SPINCOUNT", "10x"),
+        ("GOMP_SPINCOUNT", "\uff11\uff12"),  # full-width digits
+        ("GOMP_SPINCOUNT", "9" * 20),  # past an unsigned 64-bit integer
     ],
 )
 def test_an_invalid_value_stops_start_up_with_one_line(

@@ -36,3 +36,11 @@ def test_a_metrics_dir_that_cannot_be_made_is_one_line_outside_gunicorn(tmp_path
     assert imported.stderr.strip().splitlines() == [
         f"PROMETHEUS_MULTIPROC_DIR={tmp_path / 'taken'} cannot hold the metrics: File exists"
     ]
+
+
+def test_a_metrics_dir_that_cannot_be_written_is_one_line_outside_gunicorn() -> None:
+    # A directory that exists but takes no files, even from root: the kernel's.
+    imported = import_metrics(Path("/sys/kernel"))
+    assert imported.returncode != 0
+    [line] = imported.stderr.strip().splitlines()
+    assert line.startswith("PROMETHEUS_MULTIPROC_DIR=/sys/kernel cannot hold the metrics: ")
