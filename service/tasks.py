@@ -411,10 +411,7 @@ class TaskStore:
         """
         with self._transaction(lock_deadline) as db:
             if idempotency_key is not None:
-                row = db.execute(
-                    "SELECT id, request_hash, finished_at FROM tasks WHERE idempotency_key = ?",
-                    (idempotency_key,),
-                ).fetchone()
+                row = _keyed_task(db, idempotency_key)
                 if row is not None and _expired(row["finished_at"], expired_before):
                     # Kept until the clean-up deletes it (its webhook may still be due).
                     db.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (row["id"],))
@@ -447,9 +444,7 @@ class TaskStore:
     def holds_key(self, idempotency_key: str, *, expired_before: float | None = None) -> bool:
         """Whether a task stored with this ``Idempotency-Key`` still holds it (see ``create``)."""
         with self._reading() as db:
-            row = db.execute(
-                "SELECT finished_at FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
-            ).fetchone()
+            row = _keyed_task(db, idempotency_key)
         return row is not None and not _expired(row["finished_at"], expired_before)
 
     def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
@@ -797,6 +792,14 @@ class TaskStore:
 
     def _free_pages(self) -> int:
         return int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def _keyed_task(db: sqlite3.Connection, idempotency_key: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        "SELECT id, request_hash, finished_at FROM tasks WHERE idempotency_key = ?",
+        (idempotency_key,),
+    ).fetchone()
+    return row
 
 
 def _expired(finished_at: float | None, expired_before: float | None) -> bool:
