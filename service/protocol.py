@@ -16,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import signal
+import socket
+import sys
 import uuid
 from typing import Any, ClassVar
 
+from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service import logs
@@ -40,6 +45,9 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 # At shutdown, how long an idle connection stays open for bytes already sent to it: more
 # than one turn of the event loop, which reads them.
 UNREAD_REQUEST_WAIT_S = 0.05
+# At shutdown, how long the worker goes on taking in the connections waiting in its
+# listening socket's backlog, should more keep coming.
+BACKLOG_ACCEPT_S = 1.0
 
 logger = logging.getLogger("service")
 
@@ -294,6 +302,30 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol}
 
 
+class BacklogDrainingServer(Server):
+    """uvicorn's server, which takes in the connections waiting in its listening sockets'
+    backlogs before it closes them at shutdown.
+
+    Their clients connected, and may have sent a whole request, before the shutdown began;
+    closing the socket would reset them unanswered, and a proxy does not resend such a
+    request. Taken in, they are served as the drain serves every open connection.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        listening = [listener.fileno() for server in self.servers for listener in server.sockets]
+        deadline = loop.time() + BACKLOG_ACCEPT_S
+        # Polled: the kernel holds them, with no event to wait on, until the loop accepts them.
+        while _any_connection_waiting(listening) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        await super().shutdown(sockets)
+
+
+def _any_connection_waiting(listening: list[int]) -> bool:
+    ready, _, _ = select.select(listening, [], [], 0)
+    return bool(ready)
+
+
 class JsonErrorsUvicornWorker(UvicornWorker):
     """The uvicorn worker for gunicorn, serving with ``UVICORN_CONFIG``."""
 
@@ -307,6 +339,15 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # instead, and answered 503 (RequestContextMiddleware). A bound of 0 would report
         # a timeout even with nothing open (asyncio.wait_for gives the wait no turn).
         self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
+
+    async def _serve(self) -> None:
+        # As UvicornWorker's, with the server that takes in its backlog at shutdown.
+        self.config.app = self.wsgi
+        server = BacklogDrainingServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

@@ -286,6 +286,42 @@ def test_a_request_arriving_at_sigterm_is_served(
     assert len(json.loads(answer_body)["prediction"]) == 5
 
 
+def test_connections_waiting_in_the_backlog_at_sigterm_are_served_not_reset(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """Whole requests sent on connections the worker had not accepted yet when the shutdown
+    began: closing the listening socket would reset them, unanswered. The worker is paused
+    so that they wait in the backlog, deterministically."""
+    port = free_port()
+    photo = photos[0].read_bytes()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b--\r\n"
+    )
+    request = (
+        f"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
+        [worker] = psutil.Process(server.process.pid).children()
+        worker.suspend()
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
+        for connection in connections:
+            connection.sendall(request)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the master has passed SIGTERM on
+        worker.resume()
+        answers = []
+        for connection in connections:
+            with connection:
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                answers.append(answer.split(b"\r\n", 1)[0])
+        assert server.process.wait(timeout=60) == 0
+    assert answers == [b"HTTP/1.1 200 OK"] * 8
+
+
 def test_a_shutdown_with_nothing_open_logs_no_error(tmp_path: Path) -> None:
     """With DRAIN_TIMEOUT_S=0 too: no request was open, so none was cut off."""
     env = server_env(tmp_path, DRAIN_TIMEOUT_S="0")
