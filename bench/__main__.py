@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import torch
@@ -31,8 +33,9 @@ from tqdm import tqdm
 from bench import limits, queueing, report
 from bench.load import StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.server import Server, start
+from classification import ImageTooLarge, InvalidImage, preprocess
 from service import memory as worker_memory
-from service.settings import PROJECT_ROOT, available_cores
+from service.settings import PROJECT_ROOT, Settings, available_cores
 
 # The in-process measurements either side of a served one may differ by this much before
 # the ratio between them is flagged as unreliable.
@@ -106,6 +109,9 @@ def run_sweep(
         )
         progress.update()
     capacity = max(step.throughput_per_s for step in steps)
+    if capacity <= 0:
+        answered = {status: n for step in steps for status, n in step.statuses.items()}
+        raise SystemExit(f"error: the server answered no request with 200 ({answered}); stopped")
     for fraction in mode["open_fractions"]:
         progress.set_description(f"open loop, {fraction:.0%} of capacity")
         label = f"{fraction:.0%}"
@@ -135,6 +141,14 @@ def _saturating_clients(sweep: list[StepResult], max_batch_size: int) -> int:
     sweep may come from fewer clients and half-full batches, by the minute's drift.)"""
     closed = sorted((s for s in sweep if s.kind == "closed"), key=lambda s: s.offered)
     full = [s for s in closed if s.mean_batch_size >= max_batch_size - 0.5]
+    if not full:
+        largest = max(s.mean_batch_size for s in closed)
+        print(
+            f"warning: no step kept batches of {max_batch_size} full (the largest mean batch "
+            f"was {largest:.1f}); target 1 compares with the forward-only limit at "
+            f"{max_batch_size}: with --url, give the server's MAX_BATCH_SIZE as --max-batch-size",
+            file=sys.stderr,
+        )
     return int((full[0] if full else closed[-1]).offered)
 
 
@@ -286,6 +300,45 @@ def targets(
     return found
 
 
+DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
+# What the service accepts (classification.preprocess), by file name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _images(folder: Path) -> list[Path]:
+    """The images under ``folder``, each checked to be one the service classifies.
+
+    Raises:
+        ValueError: The folder does not exist, holds no image, or an image is refused.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder} is not a folder")
+    images = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not images:
+        raise ValueError(f"no images in {folder} ({', '.join(IMAGE_SUFFIXES)})")
+    for path in images:
+        try:
+            preprocess(path.read_bytes(), max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+        except (InvalidImage, ImageTooLarge) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return images
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -293,20 +346,41 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--full", action="store_true", help="every step, longer (default: quick)")
-    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=PROJECT_ROOT.parent / "shared" / "images",
+        help="a folder of images the service accepts, searched with its subfolders",
+    )
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--api-key", help="with --url, the server's API_KEY (sent as X-API-Key)", default=None
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        default=16,
+        help="the server's MAX_BATCH_SIZE (with --url, give the running server's)",
+    )
+    parser.add_argument("--workers", type=_positive, default=1)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
+    # Stopped by a signal, the servers it started are stopped too (ExitStack below).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
 
     mode_name = "full" if args.full else "quick"
     mode = MODES[mode_name]
-    images = sorted(
-        p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-    )
-    if not images:
-        parser.error(f"no images in {args.images}")
+    try:
+        images = _images(args.images)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.url:
+        try:
+            ready = httpx.get(f"{args.url}/readyz", timeout=10).status_code == 200
+        except httpx.HTTPError as exc:
+            parser.error(f"--url {args.url} cannot be reached: {exc}")
+        if not ready:
+            parser.error(f"--url {args.url} is not ready (/readyz)")
     threads = max(1, available_cores() // args.workers)
     settings = {
         "WEIGHTS": "random",
@@ -338,7 +412,8 @@ def main() -> None:
 
         progress.set_description("starting servers")
         if args.url:
-            server, baseline_server = Server(args.url), None
+            headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
+            server, baseline_server = Server(args.url, headers=headers), None
         else:
             server = servers.enter_context(start(settings, args.out / "logs"))
             memory["worker_rss_at_rest_after_start"] = server.worker_rss_bytes()

@@ -88,6 +88,7 @@ def open_session(server: Server, connections: int) -> aiohttp.ClientSession:
         server.url,
         connector=aiohttp.TCPConnector(limit=connections),
         timeout=aiohttp.ClientTimeout(total=120),
+        headers=server.headers,
     )
 
 

@@ -43,6 +43,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
     _cpu_marks: dict[int, float] = field(default_factory=dict)
 
     def workers(self) -> list[psutil.Process]:
@@ -124,14 +125,17 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not ready after {timeout_s} s")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout_s} s")
+    except BaseException:  # a signal or Ctrl-C too: never leave it running
+        server.stop()
+        raise

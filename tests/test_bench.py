@@ -10,18 +10,22 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from aiohttp import web
+from PIL import Image
 
 from bench import gpu, overload, report
-from bench.__main__ import _saturating_clients, targets
+from bench.__main__ import _images, _saturating_clients, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
 from classification import preprocess
+from service.settings import PROJECT_ROOT
 from tests.support import IMAGES_DIR
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -368,3 +372,89 @@ def test_the_cpu_decode_limit_is_measured_in_each_process() -> None:
     rate = gpu.cpu_decode_images_per_s(jpegs, 2, seconds=0.3)
 
     assert rate > 0
+
+
+def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
+    tmp_path: Path,
+) -> None:
+    photo = Image.open(next(IMAGES_DIR.glob("*.jpg"))).convert("RGB")
+    (tmp_path / "sub").mkdir()
+    photo.save(tmp_path / "sub" / "a.webp")
+    photo.save(tmp_path / "b.bmp")
+    (tmp_path / "notes.txt").write_text("not an image, and not named as one")
+    assert _images(tmp_path) == [tmp_path / "b.bmp", tmp_path / "sub" / "a.webp"]
+    (tmp_path / "c.jpg").write_bytes(b"text named as a JPEG")
+    with pytest.raises(ValueError, match=r"c\.jpg: the upload is not a JPEG, PNG"):
+        _images(tmp_path)
+    with pytest.raises(ValueError, match="is not a folder"):
+        _images(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--workers", "0"], "must be at least 1, not 0"),
+        (["--max-batch-size", "-1"], "must be at least 1, not -1"),
+        (["--images", "/nonexistent"], "--images /nonexistent is not a folder"),
+        (["--url", "http://127.0.0.1:9"], "--url http://127.0.0.1:9 cannot be reached"),
+    ],
+)
+def test_a_bad_argument_is_one_line_before_any_measurement(
+    arguments: list[str], message: str
+) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench", *arguments],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert message in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+@pytest.mark.slow
+def test_the_servers_it_started_stop_with_the_benchmark(tmp_path: Path) -> None:
+    """Stopped by SIGTERM, or by Ctrl-C while a server still starts, the benchmark stops the
+    servers it started: none is left listening."""
+    script = f"""
+import contextlib, os, signal, subprocess, sys
+from pathlib import Path
+from bench import server as bench_server
+from bench.__main__ import _exit_on_signal
+signal.signal(signal.SIGTERM, _exit_on_signal)
+log_dir = Path({str(tmp_path)!r})
+started = []
+class Recorded(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        started.append(self.pid)
+bench_server.subprocess.Popen = Recorded
+try:
+    if sys.argv[1] == "interrupted while starting":
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+        bench_server.httpx.get = interrupt
+        with contextlib.suppress(KeyboardInterrupt):
+            bench_server.start({{"WEIGHTS": "random"}}, log_dir)
+    else:
+        with contextlib.ExitStack() as servers:
+            servers.enter_context(bench_server.start({{"WEIGHTS": "random"}}, log_dir))
+            os.kill(os.getpid(), signal.SIGTERM)
+finally:
+    print(*started)
+"""
+    for case in ("terminated", "interrupted while starting"):
+        finished = subprocess.run(
+            [sys.executable, "-c", script, case],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        [pid] = [int(word) for word in finished.stdout.split()]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, (
+            case,
+            finished.stderr[-2000:],
+        )
