@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service import logs
-from service.settings import load_settings
+from service.settings import load_settings, prepare_metrics_dir
 
 settings = load_settings()
 
@@ -83,24 +82,9 @@ if settings.log_format == "json":
 
 
 def on_starting(server: Any) -> None:
-    """Remove the metric files of an earlier run, so their samples do not leak in.
-
-    Only prometheus_client's own files go: the directory may be a mount, or hold files of
-    others.
-    """
-    try:
-        PROMETHEUS_DIR.mkdir(parents=True, exist_ok=True)
-        for stale in PROMETHEUS_DIR.glob("*.db"):
-            stale.unlink()
-        # Workers create their files here; find out now, in one line, if they cannot.
-        tempfile.TemporaryFile(dir=PROMETHEUS_DIR).close()
-    except OSError as error:
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_DIR} cannot hold the workers' metrics: "
-                f"{error.strerror or error}"
-            )
-        ) from None
+    """Remove the metric files of an earlier run, so their samples do not leak in, and
+    find out now, in one line, if the workers cannot create theirs."""
+    prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -9,7 +9,6 @@ is imported (gunicorn_config.py does it), so every worker writes its samples to 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,22 +24,12 @@ from prometheus_client import (
 )
 
 from batching import Outcome
-from service import logs
+from service.settings import prepare_metrics_dir
 
 if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
-    # gunicorn_config.py makes and checks it for gunicorn's workers. Under plain uvicorn
-    # (the container image names one) the first metric below would fail on it with a
-    # traceback.
-    try:
-        Path(_MULTIPROCESS_DIR).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=_MULTIPROCESS_DIR).close()
-    except OSError as error:
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"PROMETHEUS_MULTIPROC_DIR={_MULTIPROCESS_DIR} cannot hold the metrics: "
-                f"{error.strerror or error}"
-            )
-        ) from None
+    # gunicorn_config.py prepares it for gunicorn's workers. Under plain uvicorn (the
+    # container image names one) the first metric below would fail on it with a traceback.
+    prepare_metrics_dir(Path(_MULTIPROCESS_DIR))
 
 # Up to a minute, so requests cut off by REQUEST_TIMEOUT_MS or BODY_IDLE_TIMEOUT_S still
 # land in a bucket below +Inf.

@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,25 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
     except ValueError:
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
+    """Make ``path`` for prometheus_client's multiprocess files and check that it takes
+    them, or stop start-up with one line. ``remove_stale``: first delete the metric files
+    (``*.db``) an earlier run left, and nothing else: it may be a mount, or hold others'."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if remove_stale:
+            for stale in path.glob("*.db"):
+                stale.unlink()
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"PROMETHEUS_MULTIPROC_DIR={path} cannot hold the metrics: "
+                f"{error.strerror or error}"
+            )
+        ) from None
 
 
 class Settings(BaseSettings):
