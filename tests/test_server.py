@@ -251,6 +251,21 @@ def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path
     assert "Traceback" not in log
 
 
+def cls_request(photo: bytes, *, close: bool = False) -> tuple[bytes, bytes]:
+    """The head and body of a ``POST /cls`` of ``photo``, as sent on a raw socket."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b--\r\n"
+    )
+    head = (
+        f"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode()
+    return head, body
+
+
 @pytest.mark.parametrize("sent_before", ["part of the head", "part of the body"])
 def test_a_request_arriving_at_sigterm_is_served(
     tmp_path: Path, photos: list[Path], sent_before: str
@@ -258,15 +273,7 @@ def test_a_request_arriving_at_sigterm_is_served(
     """The worker accepted the connection and the request began before SIGTERM; the rest
     of it arrives after. The drain serves it: a proxy that sent it would not resend it."""
     port = free_port()
-    photo = photos[0].read_bytes()
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b--\r\n"
-    )
-    head = (
-        f"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
-        "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
-    ).encode()
+    head, body = cls_request(photos[0].read_bytes())
     with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
             request = head + body
@@ -293,15 +300,7 @@ def test_connections_waiting_in_the_backlog_at_sigterm_are_served_not_reset(
     began: closing the listening socket would reset them, unanswered. The worker is paused
     so that they wait in the backlog, deterministically."""
     port = free_port()
-    photo = photos[0].read_bytes()
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b--\r\n"
-    )
-    request = (
-        f"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
-        "Content-Type: multipart/form-data; boundary=b\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+    request = b"".join(cls_request(photos[0].read_bytes(), close=True))
     with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
         [worker] = psutil.Process(server.process.pid).children()
         worker.suspend()
