@@ -214,7 +214,8 @@ class Settings(BaseSettings):
                     f"{host!r} is not an IPv6 address in brackets; {expected}"
                 ) from None
         elif not _HOST_NAME.fullmatch(host):
-            # gunicorn splits on the first colon (a bare IPv6 address) and reads no scheme.
+            # gunicorn splits on the first colon (a bare IPv6 address) and reads no scheme
+            # but tcp://.
             raise ValueError(f"names no host name or IPv4 address; {expected}")
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"has no port from 1 to 65535; {expected}")
