@@ -18,9 +18,10 @@ import pytest
 import torch
 from aiohttp import web
 from PIL import Image
+from tqdm import tqdm
 
 from bench import gpu, overload, report
-from bench.__main__ import _images, _saturating_clients, targets
+from bench.__main__ import _images, _saturating_clients, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
@@ -458,3 +459,27 @@ finally:
             case,
             finished.stderr[-2000:],
         )
+
+
+async def test_the_api_key_reaches_every_request_and_a_sweep_of_no_answers_stops() -> None:
+    """``--api-key`` reaches every request; a sweep in which no request succeeded stops with
+    the statuses it got, instead of an open loop at a rate of zero."""
+
+    async def classify(request: web.Request) -> web.Response:
+        await request.read()
+        if request.headers.get("X-API-Key") != "s3cret":
+            return web.json_response({"detail": "missing API key"}, status=401)
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
+
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    mode = {"clients": [1], "step_s": 0.3, "warmup_s": 0.05, "open_fractions": [0.5]}
+    async with fake_service(classify, metrics) as url:
+        keyed = await closed_loop(
+            Server(url, headers={"X-API-Key": "s3cret"}), [payload], 1, 0.3, 0.05
+        )
+        assert set(keyed.statuses) == {"200"}
+        with tqdm(disable=True) as progress, pytest.raises(SystemExit, match="'401'"):
+            await asyncio.to_thread(run_sweep, Server(url), [payload], mode, progress)
