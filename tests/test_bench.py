@@ -196,6 +196,20 @@ def test_saturation_is_measured_with_full_batches() -> None:
     assert _saturating_clients(sweep[:2], max_batch_size=16) == 16
 
 
+def test_a_sweep_that_never_filled_its_batches_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a server whose MAX_BATCH_SIZE is not --max-batch-size, target 1 would compare
+    with a limit at the wrong batch: the benchmark warns rather than keeping quiet."""
+    filled = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 16.0)]
+    _saturating_clients(filled, max_batch_size=16)
+    assert capsys.readouterr().err == ""
+
+    half_full = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 8.0)]
+    assert _saturating_clients(half_full, max_batch_size=16) == 32
+    warning = capsys.readouterr().err
+    assert "no step kept batches of 16 full (the largest mean batch was 8.0)" in warning
+    assert "--max-batch-size" in warning
+
+
 def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
     """A worker that touched 64 MiB and let it go shows that peak until the window is reset."""
     script = "import sys, time; b = b'x' * 64 * 2**20; del b; print(flush=True); time.sleep(30)"
