@@ -98,9 +98,11 @@ class BatchObserver(Protocol):
 
     def queue_depth_changed(self, depth: int) -> None: ...
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        """A batch formed, of ``size`` items that waited ``queue_waits_s`` in the queue."""
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None: ...
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
+        """One call of the handler ended: a batch, or a part of a failed one run again."""
 
     def item_finished(self, outcome: Outcome) -> None: ...
 
@@ -114,7 +116,7 @@ class NullObserver:
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
         pass
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         pass
 
     def item_finished(self, outcome: Outcome) -> None:
@@ -137,8 +139,8 @@ class _GuardedObserver:
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
         self._call(self._inner.batch_started, size, queue_waits_s)
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
-        self._call(self._inner.batch_finished, size, run_s, ok)
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
+        self._call(self._inner.handler_finished, size, run_s, ok)
 
     def item_finished(self, outcome: Outcome) -> None:
         self._call(self._inner.item_finished, outcome)
@@ -651,11 +653,11 @@ class BatchProcessor(Generic[In, Out]):
 
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
         entries = batch.entries
-        size = len(entries)
-        self._observer.batch_started(size, [batch.started_at - e.enqueued_at for e in entries])
-        ok = False
+        self._observer.batch_started(
+            len(entries), [batch.started_at - e.enqueued_at for e in entries]
+        )
         try:
-            ok = await self._run_isolating_failures(entries)
+            await self._run_isolating_failures(entries)
         except asyncio.CancelledError:
             for entry in entries:
                 _fail(entry.future, Stopped("the server is shutting down"))
@@ -667,19 +669,18 @@ class BatchProcessor(Generic[In, Out]):
         finally:
             self._running.discard(batch)
             self._slots.release()
-            self._observer.batch_finished(size, time.monotonic() - batch.started_at, ok)
 
-    async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> bool:
+    async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> None:
         """Run ``entries`` in one handler call. If it fails, run each half again on its own,
         down to single items, so that an item the handler cannot take fails alone rather
-        than with everything batched beside it. True if the first call succeeded."""
+        than with everything batched beside it."""
         error = await self._call_handler(entries)
         if error is None:
-            return True
+            return
         if len(entries) == 1:
             entries[0].context.run(logger.error, "batch of 1 failed", exc_info=error)
             _fail(entries[0].future, BatchFailed("inference failed"))
-            return False
+            return
         logger.warning(
             "batch of %d failed (%r); running its halves apart to find the item at fault",
             len(entries),
@@ -692,17 +693,18 @@ class BatchProcessor(Generic[In, Out]):
             still_wanted = self._still_wanted(part)
             if still_wanted:
                 await self._run_isolating_failures(still_wanted)
-        return False
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""
         started_at = time.monotonic()
+        ok = False
         try:
             outputs = await self._handler([entry.item for entry in entries])
             if len(outputs) != len(entries):
                 raise RuntimeError(
                     f"batch handler returned {len(outputs)} outputs for {len(entries)} inputs"
                 )
+            ok = True
         except asyncio.CancelledError as error:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -716,7 +718,10 @@ class BatchProcessor(Generic[In, Out]):
             # Even SystemExit or KeyboardInterrupt from a model's thread would otherwise
             # stop the event loop, and with it every request of this worker.
             return error
-        self._run_times.record(len(entries), time.monotonic() - started_at)
+        finally:
+            run_s = time.monotonic() - started_at
+            self._observer.handler_finished(len(entries), run_s, ok)
+        self._run_times.record(len(entries), run_s)
         for entry, output in zip(entries, outputs, strict=True):
             _resolve(entry.future, output)
         return None

@@ -78,7 +78,7 @@ QUEUE_WAIT = Histogram(
 )
 BATCH_RUN = Histogram(
     "batch_inference_seconds",
-    "Time one batch spent in the model, including host-device copies",
+    "Time one forward pass spent in the model, including host-device copies",
     ["outcome"],
     buckets=LATENCY_BUCKETS_S,
 )
@@ -123,11 +123,12 @@ class PrometheusObserver:
         QUEUE_DEPTH.set(depth)
 
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        BATCH_SIZE.observe(size)
         for wait_s in queue_waits_s:
             QUEUE_WAIT.observe(wait_s)
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
+        # Each forward pass, the halves of a failed batch run again included.
+        BATCH_SIZE.observe(size)
         BATCH_RUN.labels(outcome="ok" if ok else "failed").observe(run_s)
 
     def item_finished(self, outcome: Outcome) -> None:

@@ -717,6 +717,13 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         classifier.classify = fail_on_black  # type: ignore[method-assign]
         black = images.encode(Image.new("RGB", (64, 64)), "PNG")
         first, second = (p.read_bytes() for p in photos[:2])
+        counted = (
+            "batch_size_count",
+            "batch_size_sum",
+            'batch_inference_seconds_count{outcome="ok"}',
+            'batch_inference_seconds_count{outcome="failed"}',
+        )
+        before = (await served.client.get("/metrics")).text
         # The held request, then the same photo, the black image and another photo queued.
         model, responses = await send_while_the_model_is_held(
             served, [first, black, second], queued=3
@@ -724,6 +731,10 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         assert model.batch_sizes[:2] == [1, 3]
         assert sum(model.batch_sizes) > 4, "the failed batch's halves ran again"
         assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        # Every forward pass is in the metrics, the halves run again included.
+        after = (await served.client.get("/metrics")).text
+        growth = [metric_value(after, s) - metric_value(before, s) for s in counted]
+        assert growth == [len(model.batch_sizes), sum(model.batch_sizes), 3, 3]
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = await served.client.post("/cls", files=upload(image))
             assert response.json() == alone.json()

@@ -113,7 +113,7 @@ class RecordingObserver:
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
         self.started.append((size, list(queue_waits_s)))
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         self.finished.append((size, run_s, ok))
 
     def item_finished(self, outcome: Outcome) -> None:

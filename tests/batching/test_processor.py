@@ -781,8 +781,17 @@ async def test_a_handler_that_always_fails_fails_every_caller_and_keeps_the_loop
         assert processor.in_flight == 0
 
     assert handler.batches == [[0], [1, 2, 3], [1, 2], [1], [2], [3]]
-    # Metrics see the two batches that formed, not the handler calls that narrowed them down.
-    assert [(size, ok) for size, _, ok in observer.finished] == [(1, False), (3, False)]
+    # Metrics see every forward pass, those that narrowed the failure down included, as the
+    # access lines of their requests do; the queue waits once per request.
+    assert [(size, ok) for size, _, ok in observer.finished] == [
+        (1, False),
+        (3, False),
+        (2, False),
+        (1, False),
+        (1, False),
+        (1, False),
+    ]
+    assert [len(waits) for _, waits in observer.started] == [1, 3]
     assert Counter(observer.outcomes) == {Outcome.FAILED: 4}
 
 
@@ -1133,7 +1142,16 @@ async def test_observer_counts_each_outcome() -> None:
         Outcome.FAILED: 1,
         Outcome.STOPPED: 2,
     }
-    assert [ok for _, _, ok in observer.finished] == [True, False, False]
+    # One event per call of the handler: a failed batch's halves run again count too, so
+    # the metrics see every forward pass.
+    assert [(size, ok) for size, _, ok in observer.finished] == [
+        (1, True),
+        (2, False),
+        (1, True),
+        (1, False),
+        (1, False),
+    ]
+    assert [size for size, _ in observer.started] == [1, 2, 1]
 
 
 class ExplodingObserver(RecordingObserver):
@@ -1145,7 +1163,7 @@ class ExplodingObserver(RecordingObserver):
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
         raise RuntimeError("metrics backend down")
 
-    def batch_finished(self, size: int, run_s: float, ok: bool) -> None:
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         raise RuntimeError("metrics backend down")
 
     def item_finished(self, outcome: Outcome) -> None:
