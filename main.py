@@ -302,6 +302,8 @@ class Service:
         self._task_store_problem = ""
         self._shutdown_began: float | None = None
         self._stopping_claims: asyncio.Future[None] | None = None
+        self._drain_end: asyncio.TimerHandle | None = None
+        self._ending_drain: asyncio.Task[None] | None = None
         self._decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode"
         )
@@ -430,6 +432,19 @@ class Service:
         if self.tasks is not None:
             # Kept: the event loop holds a task only weakly. ``stop`` awaits the same end.
             self._stopping_claims = asyncio.ensure_future(self.tasks.stop_claiming())
+        if self.processor is not None:
+            # The batcher ends the drain on time itself: what it still holds gets the 503 of
+            # a stopped batcher, counted as stopped, before the server cancels the requests
+            # still open (UVICORN_CONFIG's bound on the wait comes later), which would
+            # count them as clients gone.
+            self._drain_end = asyncio.get_running_loop().call_later(
+                self.settings.drain_timeout_s, self._end_drain
+            )
+
+    def _end_drain(self) -> None:
+        assert self.processor is not None
+        self.ready = False  # what arrives now is refused whole, as after ``stop``
+        self._ending_drain = asyncio.ensure_future(self.processor.stop(0))
 
     async def stop(self) -> None:
         """Stop taking requests, finish the queued ones (bounded), release the threads.
@@ -459,6 +474,10 @@ class Service:
         if self._shutdown_began is not None:
             # What the server spent waiting for open requests counts against the drain.
             drain_s = max(0.0, drain_s - (time.monotonic() - self._shutdown_began))
+        if self._drain_end is not None:
+            self._drain_end.cancel()  # what is left of the drain is bounded just below
+        if self._ending_drain is not None:
+            await self._ending_drain
         try:
             if self.processor is not None:
                 await self.processor.stop(drain_s)
@@ -501,8 +520,10 @@ class Service:
             self._observer.item_finished(Outcome.EXPIRED)
             raise DeadlineExceeded("the deadline passed while the image decoded") from None
         except asyncio.CancelledError:
-            # The client left (or the server stops): counted as the queue counts it.
-            self._observer.item_finished(Outcome.CANCELLED)
+            # The client left, or the drain's time is up (the batcher has stopped, and the
+            # server cancels what is still open): counted as the queue counts it.
+            stopped = not processor.accepting
+            self._observer.item_finished(Outcome.STOPPED if stopped else Outcome.CANCELLED)
             raise
         finally:
             self._decoding -= 1

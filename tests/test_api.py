@@ -886,6 +886,45 @@ async def test_the_drain_counts_from_the_servers_shutdown_not_the_apps(
     await running
 
 
+async def test_what_the_batcher_holds_when_the_drain_time_is_up_is_stopped_not_cancelled(
+    photos: list[Path],
+) -> None:
+    """Once DRAIN_TIMEOUT_S is up the batcher stops itself: a running and a queued request
+    get the 503 of a stopped server and count as stopped. The server's cancellation of what
+    is still open comes later; before, it cut them off and they counted as clients gone."""
+    async with running_app(make_settings(drain_timeout_s=0.5)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        processor = served.service.processor
+        assert processor is not None
+        before = (await served.client.get("/metrics")).text
+        try:
+            running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+            await asyncio.to_thread(model.entered.wait, 10)
+            queued = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+            await wait_for(lambda: processor.queue_depth == 1)
+            served.service.begin_shutdown()
+            started = time.monotonic()
+            responses = await asyncio.wait_for(asyncio.gather(running, queued), 10)
+            answered_in_s = time.monotonic() - started
+            late = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
+        finally:
+            model.release.set()
+        assert [r.status_code for r in responses] == [503, 503]
+        for response in responses:
+            assert response.json()["detail"].startswith("the server is shutting down")
+            assert response.headers["retry-after"] == "1"
+        assert 0.4 < answered_in_s < 5
+        assert late.status_code == 503  # refused whole once the drain is over
+        after = (await served.client.get("/metrics")).text
+        growth = {
+            outcome: metric_value(after, f'batch_requests_total{{outcome="{outcome}"}}')
+            - metric_value(before, f'batch_requests_total{{outcome="{outcome}"}}')
+            for outcome in ("stopped", "cancelled")
+        }
+        assert growth == {"stopped": 2, "cancelled": 0}
+
+
 async def test_request_ids_are_echoed_or_generated(served: RunningApp) -> None:
     echoed = await served.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
