@@ -6,6 +6,7 @@ import functools
 import io
 import math
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -61,6 +62,15 @@ JPEG_MAX_SEGMENTS = 65_536
 JPEG_SIGNATURE = b"\xff\xd8"
 JPEG_START_OF_SCAN, JPEG_END_OF_IMAGE = 0xDA, 0xD9
 JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM, SOI (restarts are not candidates)
+# Pillow decodes a run-length-encoded BMP in Python, up to 0.35 µs a pixel (a 26 KB file of
+# 40 megapixels took 12 s), where libjpeg or zlib take 0.02-0.04: such a BMP counts this
+# many times its pixels against the pixel limits.
+BMP_RLE_PIXEL_COST = 16
+BMP_RLE_COMPRESSIONS = (1, 2)  # RLE8, RLE4
+# Images of more than 8 bits a sample are scaled to 8 bits this many pixels at a time, so
+# the float64 arithmetic never holds a whole image (320 MB a copy at 40 megapixels).
+HIGH_DEPTH_BLOCK_PIXELS = 1 << 20
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
@@ -116,13 +126,16 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         )
     if image.format == "TIFF":
         _check_tiff_tiles(image, max_pixels)
+    if image.format == "BMP":
+        _check_bmp_compression(image, max_pixels)
+    colour_key = _png_colour_key(image, data)
     try:
         scale = _draft_scale(width, height)
         if scale > 1:
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(image, colour_key)
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
@@ -250,6 +263,18 @@ def _check_tiff_tiles(image: Image.Image, max_pixels: int) -> None:
         )
 
 
+def _check_bmp_compression(image: Image.Image, max_pixels: int) -> None:
+    if image.info.get("compression") not in BMP_RLE_COMPRESSIONS:
+        return
+    width, height = image.size
+    if width * height * BMP_RLE_PIXEL_COST > max_pixels:
+        raise ImageTooLarge(
+            f"image is a run-length-encoded BMP of {width}x{height} = {width * height} "
+            f"pixels; such a BMP may have at most {max_pixels // BMP_RLE_PIXEL_COST} "
+            f"(MAX_IMAGE_PIXELS / {BMP_RLE_PIXEL_COST}: it decodes that much more slowly)"
+        )
+
+
 def _draft_scale(width: int, height: int) -> int:
     """The largest reduction a JPEG may be decoded at: one that keeps the shorter side at
     least MIN_DRAFT_SIDE and divides both sides. (libjpeg rounds a reduced size up; the
@@ -265,10 +290,25 @@ def _draft_scale(width: int, height: int) -> int:
     return 1
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _png_colour_key(image: Image.Image, data: bytes) -> int | tuple[int, ...] | None:
+    """The colour a PNG without an alpha channel marks transparent (its tRNS chunk), on the
+    scale of the values Pillow decodes; None when it has none, or for a 16-bit RGB PNG,
+    which Pillow decodes to 8 bits a sample: no decoded value tells the key colour apart
+    from its neighbours, so its pixels stay as they are."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or image.mode not in ("1", "L", "I;16", "RGB") or key is None:
+        return None
+    bit_depth = data[24]  # in IHDR, the first chunk
     if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return None if bit_depth == 16 else tuple(key)
+    if image.mode == "L" and bit_depth < 8:
+        return int(key) * 255 // (2**bit_depth - 1)  # Pillow stretches 1-4 bit values so
+    return int(key)
+
+
+def _to_rgb(image: Image.Image, colour_key: int | tuple[int, ...] | None = None) -> Image.Image:
+    transparent = None if colour_key is None else _pixels_of_colour(image, colour_key)
+    if image.mode in HIGH_DEPTH_MODES:
         image = _high_depth_to_l(image)
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -279,19 +319,49 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         composited = Image.new("RGB", rgba.size, (255, 255, 255))
         composited.paste(rgba, (0, 0), rgba)
         return composited
-    return image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if transparent is not None:
+        rgb.paste((255, 255, 255), (0, 0, *rgb.size), transparent)  # what alpha 0 shows
+    return rgb
+
+
+def _row_blocks(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """The image's rows, HIGH_DEPTH_BLOCK_PIXELS at a time: each block's top row and pixels."""
+    width, height = image.size
+    rows = max(1, HIGH_DEPTH_BLOCK_PIXELS // width)
+    for top in range(0, height, rows):
+        yield top, image.crop((0, top, width, min(top + rows, height)))
+
+
+def _pixels_of_colour(image: Image.Image, colour: int | tuple[int, ...]) -> Image.Image:
+    """A mask, 255 where a pixel has ``colour``."""
+    mask = np.empty((image.height, image.width), np.uint8)
+    for top, block in _row_blocks(image.convert("L") if image.mode == "1" else image):
+        matches = np.asarray(block) == np.asarray(colour)
+        if matches.ndim == 3:
+            matches = matches.all(axis=2)
+        mask[top : top + block.height] = matches * np.uint8(255)
+    return Image.fromarray(mask)
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
     # Float images may mark no-data pixels NaN, which no integer cast can represent.
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    def values(block: Image.Image) -> np.ndarray:
+        return np.nan_to_num(np.asarray(block, dtype=np.float64), copy=False, nan=0.0)
+
     if image.mode.startswith("I;16"):
         peak = 65535.0
     else:
         # 32-bit integer and float modes do not say what range their values span.
-        peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
-    scaled = np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        brightest = max(values(block).max(initial=0) for _, block in _row_blocks(image))
+        peak = 65535.0 if brightest > 255 else 255.0
+    scaled = np.empty((image.height, image.width), np.uint8)
+    for top, block in _row_blocks(image):
+        rows = values(block)
+        rows *= 255.0 / peak
+        scaled[top : top + block.height] = np.clip(rows, 0, 255, out=rows).round(out=rows)
+        del rows  # before the next block's values are made
     return Image.fromarray(scaled)
 
 

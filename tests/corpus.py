@@ -172,6 +172,12 @@ def build_corpus(photo_path: Path) -> list[Case]:
         Case("png-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.png_bomb())),
         Case("gif-bomb-30000x30000", 400, "MAX_IMAGE_PIXELS", upload(images.gif_bomb())),
         Case(
+            "bmp-rle8-6324x6324",
+            400,
+            "run-length-encoded BMP",
+            upload(images.rle8_bmp(6324, 6324), "slow.bmp", "image/bmp"),
+        ),
+        Case(
             "tiff-4x4-in-one-46336-pixel-tile",
             400,
             "MAX_IMAGE_PIXELS",

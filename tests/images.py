@@ -65,6 +65,38 @@ def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     )
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def two_bit_grey_png(levels: np.ndarray, key: int) -> bytes:
+    """A greyscale PNG of 2 bits a sample (``levels`` 0-3), ``key`` its transparent level."""
+    height, width = levels.shape
+    bits = np.unpackbits(levels.astype(np.uint8)[..., None], axis=2)[..., 6:]
+    packed = np.packbits(bits.reshape(height, width * 2), axis=1)
+    rows = b"".join(b"\x00" + row.tobytes() for row in packed)  # filter type 0 each
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 2, 0, 0, 0, 0))
+        + _png_chunk(b"tRNS", struct.pack(">H", key))
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A run-length-encoded 8-bit BMP: each row one pixel of index 5, the rest left to the
+    end-of-line code (index 0), which Pillow fills a byte at a time in Python."""
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    pixels = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return (
+        b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+    )
+
+
 def gif_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     """A tiny GIF whose logical screen and single frame declare a huge size."""
     screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0)

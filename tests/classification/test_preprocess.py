@@ -21,12 +21,15 @@ from classification import (
     preprocess,
 )
 from classification.preprocess import (
+    BMP_RLE_PIXEL_COST,
+    HIGH_DEPTH_BLOCK_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     JPEG_MAX_SCANS,
     JPEG_MAX_SEGMENTS,
     MAX_SIDE,
     PNG_MAX_CHUNKS,
+    _high_depth_to_l,
 )
 from tests import images
 from tests.support import Reference
@@ -134,6 +137,111 @@ def test_palette_with_transparency() -> None:
     palette_image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     data = images.encode(palette_image, "PNG", transparency=0)
     assert decode_image(data, max_pixels=MAX_PIXELS).getpixel((0, 0)) == (255, 255, 255)
+
+
+def _keyed_png_cases() -> list[tuple[str, bytes, bytes, np.ndarray]]:
+    """PNGs without an alpha channel whose tRNS chunk names a transparent colour: each with
+    the same PNG without the chunk, and where the source has the key colour."""
+    rng = np.random.default_rng(5)
+    cases = []
+    rgb = rng.integers(0, 4, (40, 50, 3), dtype=np.uint8) * 60
+    cases.append(("RGB", Image.fromarray(rgb), (60, 120, 0), (rgb == (60, 120, 0)).all(axis=2)))
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    cases.append(("L", Image.fromarray(grey), int(grey[3, 4]), grey == grey[3, 4]))
+    deep = rng.integers(0, 65536, (40, 50), dtype=np.uint16)
+    cases.append(("I;16", Image.fromarray(deep), int(deep[3, 4]), deep == deep[3, 4]))
+    bilevel = rng.integers(0, 2, (40, 50), dtype=np.uint8).astype(bool)
+    cases.append(("1", Image.fromarray(bilevel), 0, ~bilevel))
+    encoded = [
+        (name, images.encode(image, "PNG", transparency=key), images.encode(image, "PNG"), where)
+        for name, image, key, where in cases
+    ]
+    levels = rng.integers(0, 4, (40, 50), dtype=np.uint8)
+    encoded.append(("2-bit L", images.two_bit_grey_png(levels, key=1), b"", levels == 1))
+    return encoded
+
+
+@pytest.mark.parametrize(
+    ("keyed", "plain", "where"),
+    [case[1:] for case in _keyed_png_cases()],
+    ids=[case[0] for case in _keyed_png_cases()],
+)
+def test_a_png_colour_key_is_transparent_as_an_alpha_channel_is(
+    keyed: bytes, plain: bytes, where: np.ndarray
+) -> None:
+    """Pixels of the colour a PNG's tRNS chunk names show white, as alpha 0 does; the others
+    are as without the chunk. (Before, only a palette's transparency was seen.)"""
+    decoded = np.asarray(decode_image(keyed, max_pixels=MAX_PIXELS))
+    assert where.any()
+    assert not where.all()
+    assert (decoded[where] == 255).all()
+    if plain:
+        unkeyed = np.asarray(decode_image(plain, max_pixels=MAX_PIXELS))
+        assert np.array_equal(decoded[~where], unkeyed[~where])
+    else:  # 2 bits a sample: levels 0-3 stretched to 0, 85, 170, 255
+        assert set(np.unique(decoded[~where]).tolist()) <= {0, 170, 255}
+
+
+def _scaled_to_8_bits_whole(image: Image.Image) -> np.ndarray:
+    """The 8-bit values of a high-depth image computed over the whole image at once, as
+    the scaling did before it went a block of rows at a time."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    peak = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+    return np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F bright"])
+def test_high_depth_images_scale_in_blocks_as_over_the_whole(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaled a few rows at a time, the values are those of the whole image at once: the
+    range of 32-bit and float images still comes from the whole image."""
+    monkeypatch.setitem(_high_depth_to_l.__globals__, "HIGH_DEPTH_BLOCK_PIXELS", 64)
+    rng = np.random.default_rng(9)
+    if mode == "I;16":
+        pixels = rng.integers(0, 65536, (37, 29), dtype=np.uint16)
+    elif mode == "I":
+        pixels = rng.integers(-100, 250, (37, 29), dtype=np.int32)
+        pixels[36, 28] = 70_000  # the one bright value, in the last block
+    else:
+        pixels = rng.uniform(-10, 300 if mode == "F bright" else 250, (37, 29)).astype(np.float32)
+        pixels[0, :3] = (np.nan, np.inf, -np.inf)
+    image = Image.fromarray(pixels)
+    scaled = np.asarray(_high_depth_to_l(image))
+    assert np.array_equal(scaled, _scaled_to_8_bits_whole(image))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_high_depth_image_decodes_without_whole_image_float_copies(fmt: str) -> None:
+    """A 16-bit PNG or float TIFF took about 28 bytes a pixel (float64 copies of the whole
+    image): a 556 KB upload of 40 megapixels, 1.1 GB. Pixel arrays now stay small."""
+    width, height = 2000, 1500
+    ramp = np.linspace(0, 65535 if fmt == "PNG" else 1.0, width * height)
+    pixels = ramp.astype(np.uint16 if fmt == "PNG" else np.float32).reshape(height, width)
+    data = images.encode(Image.fromarray(pixels), fmt)
+    tracemalloc.start()
+    try:
+        decode_image(data, max_pixels=MAX_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The 8-bit result, and a block of rows or two in float64.
+    assert peak < width * height + 2 * 8 * HIGH_DEPTH_BLOCK_PIXELS
+
+
+def test_a_run_length_encoded_bmp_counts_its_slow_decoding_against_the_pixel_limit() -> None:
+    """Pillow decodes RLE BMPs in Python: 26 KB of one could hold a thread for 12 s."""
+    limit = 1_000_000
+    allowed = limit // BMP_RLE_PIXEL_COST
+    small = np.asarray(decode_image(images.rle8_bmp(100, allowed // 100), max_pixels=limit))
+    assert (small[:, 0] == 5).all()  # palette index 5 is grey 5 in this palette
+    assert (small[:, 1:] == 0).all()
+    started = time.monotonic()
+    with pytest.raises(ImageTooLarge, match="run-length-encoded BMP"):
+        decode_image(images.rle8_bmp(100, allowed // 100 + 1), max_pixels=limit)
+    with pytest.raises(ImageTooLarge, match=r"at most 2500000 \(MAX_IMAGE_PIXELS / 16"):
+        decode_image(images.rle8_bmp(6324, 6324), max_pixels=MAX_PIXELS)
+    assert time.monotonic() - started < 1  # refused before decoding
 
 
 def test_sixteen_bit_greyscale_keeps_its_range() -> None:
