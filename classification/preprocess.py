@@ -63,8 +63,9 @@ JPEG_SIGNATURE = b"\xff\xd8"
 JPEG_START_OF_SCAN, JPEG_END_OF_IMAGE = 0xDA, 0xD9
 JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM, SOI (restarts are not candidates)
 # Pillow decodes a run-length-encoded BMP in Python, up to 0.35 µs a pixel (a 26 KB file of
-# 40 megapixels took 12 s), where libjpeg or zlib take 0.02-0.04: such a BMP counts this
-# many times its pixels against the pixel limits.
+# 40 megapixels took 12 s) and 0.5 µs a byte, where libjpeg or zlib take 0.02-0.04 µs a
+# pixel: such a BMP counts this many times its pixels, or its bytes if more, against the
+# pixel limits.
 BMP_RLE_PIXEL_COST = 16
 BMP_RLE_COMPRESSIONS = (1, 2)  # RLE8, RLE4
 # Images of more than 8 bits a sample are scaled to 8 bits this many pixels at a time, so
@@ -127,8 +128,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if image.format == "TIFF":
         _check_tiff_tiles(image, max_pixels)
     if image.format == "BMP":
-        _check_bmp_compression(image, max_pixels)
-    colour_key = _png_colour_key(image, data)
+        _check_bmp_compression(image, len(data), max_pixels)
+    colour_key = _png_colour_key(image)
     try:
         scale = _draft_scale(width, height)
         if scale > 1:
@@ -263,14 +264,17 @@ def _check_tiff_tiles(image: Image.Image, max_pixels: int) -> None:
         )
 
 
-def _check_bmp_compression(image: Image.Image, max_pixels: int) -> None:
+def _check_bmp_compression(image: Image.Image, size: int, max_pixels: int) -> None:
+    # Pillow's RLE decoder loops in Python over each pixel of some runs and rows, and over
+    # every 2-byte code, even one that draws nothing: both count.
     if image.info.get("compression") not in BMP_RLE_COMPRESSIONS:
         return
     width, height = image.size
-    if width * height * BMP_RLE_PIXEL_COST > max_pixels:
+    allowed = max_pixels // BMP_RLE_PIXEL_COST
+    if max(width * height, size) > allowed:
         raise ImageTooLarge(
             f"image is a run-length-encoded BMP of {width}x{height} = {width * height} "
-            f"pixels; such a BMP may have at most {max_pixels // BMP_RLE_PIXEL_COST} "
+            f"pixels in {size} bytes; such a BMP may have at most {allowed} of either "
             f"(MAX_IMAGE_PIXELS / {BMP_RLE_PIXEL_COST}: it decodes that much more slowly)"
         )
 
@@ -290,7 +294,7 @@ def _draft_scale(width: int, height: int) -> int:
     return 1
 
 
-def _png_colour_key(image: Image.Image, data: bytes) -> int | tuple[int, ...] | None:
+def _png_colour_key(image: Image.Image) -> int | tuple[int, ...] | None:
     """The colour a PNG without an alpha channel marks transparent (its tRNS chunk), on the
     scale of the values Pillow decodes; None when it has none, or for a 16-bit RGB PNG,
     which Pillow decodes to 8 bits a sample: no decoded value tells the key colour apart
@@ -298,11 +302,11 @@ def _png_colour_key(image: Image.Image, data: bytes) -> int | tuple[int, ...] | 
     key = image.info.get("transparency")
     if image.format != "PNG" or image.mode not in ("1", "L", "I;16", "RGB") or key is None:
         return None
-    bit_depth = data[24]  # in IHDR, the first chunk
+    raw_mode = image.tile[0].args  # how Pillow reads the samples: "RGB;16B", "L;2", ...
     if image.mode == "RGB":
-        return None if bit_depth == 16 else tuple(key)
-    if image.mode == "L" and bit_depth < 8:
-        return int(key) * 255 // (2**bit_depth - 1)  # Pillow stretches 1-4 bit values so
+        return None if raw_mode == "RGB;16B" else tuple(key)
+    if raw_mode in ("L;1", "L;2", "L;4"):
+        return int(key) * 255 // (2 ** int(raw_mode[2:]) - 1)  # as Pillow stretches them
     return int(key)
 
 

@@ -85,11 +85,27 @@ def two_bit_grey_png(levels: np.ndarray, key: int) -> bytes:
     )
 
 
-def rle8_bmp(width: int, height: int) -> bytes:
+def sixteen_bit_rgb_png(pixels: np.ndarray, key: tuple[int, int, int]) -> bytes:
+    """An RGB PNG of 16 bits a sample with ``key`` its transparent colour, a text chunk
+    before its header (which Pillow reads, though the format puts the header first)."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"tEXt", b"Comment\x00first")
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + _png_chunk(b"tRNS", struct.pack(">HHH", *key))
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def rle8_bmp(width: int, height: int, idle_codes: int = 0) -> bytes:
     """A run-length-encoded 8-bit BMP: each row one pixel of index 5, the rest left to the
-    end-of-line code (index 0), which Pillow fills a byte at a time in Python."""
+    end-of-line code (index 0), which Pillow fills a byte at a time in Python; then
+    ``idle_codes`` moves by (0, 0), each a turn of Pillow's loop that draws nothing."""
     palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
-    pixels = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    pixels = b"\x01\x05\x00\x00" * height + b"\x00\x02\x00\x00" * idle_codes + b"\x00\x01"
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
     offset = 14 + len(info) + len(palette)
     return (
