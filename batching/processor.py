@@ -436,7 +436,9 @@ class BatchProcessor(Generic[In, Out]):
             outcome = Outcome.EXPIRED
             raise
         except asyncio.CancelledError:
-            outcome = Outcome.CANCELLED
+            # Once stopping, the server's own cancellation of what is still open may come
+            # before the stop fails the entry (an event loop late by a tenth of a second).
+            outcome = Outcome.CANCELLED if self._accepting else Outcome.STOPPED
             raise
         except Stopped:
             outcome = Outcome.STOPPED

@@ -1004,6 +1004,33 @@ async def test_stop_fails_outstanding_callers_when_the_handler_never_finishes() 
     assert processor.in_flight == 0
 
 
+async def test_callers_cancelled_while_the_processor_stops_count_as_stopped() -> None:
+    """The server's own cancellation of its open requests can come before the stop fails
+    them: cancelled once the processor stopped accepting, they were stopped, not callers
+    that left."""
+    handler = FakeHandler(held=True)
+    observer = RecordingObserver()
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig(), observer)
+    processor.start()
+    running = spawn(processor, 0)
+    await handler.next_started()
+    queued = spawn(processor, 1)
+    await wait_until(lambda: processor.queue_depth == 1)
+    leaving = spawn(processor, 2)
+    await wait_until(lambda: processor.queue_depth == 2)
+    leaving[0].cancel()  # a caller that leaves while the processor serves
+    await asyncio.gather(*leaving, return_exceptions=True)
+
+    stopping = asyncio.create_task(processor.stop(drain_timeout_s=10))
+    await wait_until(lambda: not processor.accepting)
+    for caller in (*running, *queued):
+        caller.cancel()  # as the server cuts its open requests off
+    await asyncio.gather(*running, *queued, return_exceptions=True)
+    handler.release_all()
+    await bounded(stopping)
+    assert Counter(observer.outcomes) == {Outcome.CANCELLED: 1, Outcome.STOPPED: 2}
+
+
 async def test_stop_does_not_wait_on_a_handler_that_ignores_cancellation() -> None:
     """A handler that cannot be interrupted (stuck in a thread) does not hold ``stop`` or its
     callers hostage: they get Stopped, and ``stop`` returns after a bounded extra wait.
