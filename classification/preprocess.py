@@ -68,9 +68,10 @@ JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM, SOI (restarts are 
 # pixel limits.
 BMP_RLE_PIXEL_COST = 16
 BMP_RLE_COMPRESSIONS = (1, 2)  # RLE8, RLE4
-# Images of more than 8 bits a sample are scaled to 8 bits this many pixels at a time, so
-# the float64 arithmetic never holds a whole image (320 MB a copy at 40 megapixels).
-HIGH_DEPTH_BLOCK_PIXELS = 1 << 20
+# Images of more than 8 bits a sample are scaled to 8 bits, and a PNG's transparent colour
+# is found, this many pixels at a time, so that no whole-image temporary is made (a float64
+# copy takes 320 MB at 40 megapixels).
+ROW_BLOCK_PIXELS = 1 << 20
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
@@ -330,9 +331,9 @@ def _to_rgb(image: Image.Image, colour_key: int | tuple[int, ...] | None = None)
 
 
 def _row_blocks(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
-    """The image's rows, HIGH_DEPTH_BLOCK_PIXELS at a time: each block's top row and pixels."""
+    """The image's rows, ROW_BLOCK_PIXELS at a time: each block's top row and pixels."""
     width, height = image.size
-    rows = max(1, HIGH_DEPTH_BLOCK_PIXELS // width)
+    rows = max(1, ROW_BLOCK_PIXELS // width)
     for top in range(0, height, rows):
         yield top, image.crop((0, top, width, min(top + rows, height)))
 

@@ -22,13 +22,13 @@ from classification import (
 )
 from classification.preprocess import (
     BMP_RLE_PIXEL_COST,
-    HIGH_DEPTH_BLOCK_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     JPEG_MAX_SCANS,
     JPEG_MAX_SEGMENTS,
     MAX_SIDE,
     PNG_MAX_CHUNKS,
+    ROW_BLOCK_PIXELS,
     _high_depth_to_l,
 )
 from tests import images
@@ -209,7 +209,7 @@ def test_high_depth_images_scale_in_blocks_as_over_the_whole(
 ) -> None:
     """Scaled a few rows at a time, the values are those of the whole image at once: the
     range of 32-bit and float images still comes from the whole image."""
-    monkeypatch.setitem(_high_depth_to_l.__globals__, "HIGH_DEPTH_BLOCK_PIXELS", 64)
+    monkeypatch.setitem(_high_depth_to_l.__globals__, "ROW_BLOCK_PIXELS", 64)
     rng = np.random.default_rng(9)
     if mode == "I;16":
         pixels = rng.integers(0, 65536, (37, 29), dtype=np.uint16)
@@ -239,7 +239,7 @@ def test_a_high_depth_image_decodes_without_whole_image_float_copies(fmt: str) -
     finally:
         tracemalloc.stop()
     # The 8-bit result, and a block of rows or two in float64.
-    assert peak < width * height + 2 * 8 * HIGH_DEPTH_BLOCK_PIXELS
+    assert peak < width * height + 2 * 8 * ROW_BLOCK_PIXELS
 
 
 def test_a_run_length_encoded_bmp_counts_its_slow_decoding_against_the_pixel_limit() -> None:
