@@ -252,14 +252,19 @@ class ApiKeyMiddleware:
     def _allowed(self, scope: Scope) -> bool:
         headers = Headers(scope=scope)
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
-        # Only spaces and tabs: str.strip() would also take latin-1's 0x85 and 0xA0, the
-        # last byte of some UTF-8 characters.
-        offered = (
-            bearer.strip(" \t") if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        # Either header may carry it: a gateway's own Authorization beside a client's
+        # X-API-Key must not lock the client out.
+        offered = [headers.get("x-api-key", "")] + [bearer] * (scheme.lower() == "bearer")
+        # Whitespace around a header value is no part of it; only spaces and tabs, since
+        # str.strip() would also take latin-1's 0x85 and 0xA0, the last byte of some UTF-8
+        # characters. Header values arrive decoded as latin-1: encoded back, they are the
+        # bytes sent, which for a non-ASCII key are its UTF-8.
+        return any(
+            [
+                hmac.compare_digest(key.strip(" \t").encode("latin-1"), self.api_key)
+                for key in offered
+            ]
         )
-        # Header values arrive decoded as latin-1: encoded back, they are the bytes sent,
-        # which for a non-ASCII key are its UTF-8.
-        return hmac.compare_digest(offered.encode("latin-1"), self.api_key)
 
 
 class JsonCorsMiddleware(CORSMiddleware):

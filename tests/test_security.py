@@ -63,8 +63,23 @@ async def test_a_missing_or_wrong_key_gets_401_before_the_body_is_read(
 
 @pytest.mark.parametrize(
     "headers",
-    [{"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": API_KEY}],
-    ids=["bearer", "x-api-key"],
+    [
+        {"Authorization": f"Bearer {API_KEY}"},
+        {"X-API-Key": API_KEY},
+        {"Authorization": f"Bearer {API_KEY} \t"},
+        {"X-API-Key": f"{API_KEY} \t"},
+        # A gateway's own token beside the client's key, and the other way round.
+        {"Authorization": "Bearer gateway-token", "X-API-Key": API_KEY},
+        {"Authorization": f"Bearer {API_KEY}", "X-API-Key": "other"},
+    ],
+    ids=[
+        "bearer",
+        "x-api-key",
+        "bearer-trailing-blanks",
+        "x-api-key-trailing-blanks",
+        "other-bearer-and-x-api-key",
+        "bearer-and-other-x-api-key",
+    ],
 )
 async def test_the_right_key_is_accepted_either_way(
     headers: dict[str, str], photos: list[Path]
