@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## dev: auto-reloading development server on port 5001
 dev: $(STAMP)
-	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001} --http service.protocol:JsonErrorsHttpProtocol
+	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
 ## test: the whole suite (random weights, no network needed)
 test: $(STAMP)

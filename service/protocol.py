@@ -90,6 +90,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._idle_deadline: float | None = None
         self._last_request = False  # the server is shutting down: close after this one
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # An upgrade request (WebSocket, h2c) is served as the plain request it also is;
+        # uvicorn's two warnings would also tell to install a WebSocket library.
+        pass
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._keep_alive_if_idle()
@@ -298,8 +303,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-# What the service's uvicorn runs with.
-UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol}
+# What the service's uvicorn runs with. No WebSocket: the service has no such route, and
+# uvicorn would refuse an upgrade request in plain text, past the app (so with no request
+# id and no count); it is answered as the plain request it also is.
+UVICORN_CONFIG: dict[str, Any] = {"http": JsonErrorsHttpProtocol, "ws": "none"}
 
 
 class BacklogDrainingServer(Server):

@@ -71,6 +71,8 @@ def uvicorn_command(port: int) -> list[str]:
         "main:app",
         "--http",
         "service.protocol:JsonErrorsHttpProtocol",
+        "--ws",
+        "none",
         "--host",
         "127.0.0.1",
         "--port",

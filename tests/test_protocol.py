@@ -171,6 +171,27 @@ def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_an
     assert "not valid HTTP/1.1" in json_error(b"HTTP/1.1 400 " + refusal, 400)
 
 
+@pytest.mark.parametrize("upgrade", ["websocket", "h2c"])
+def test_an_upgrade_request_is_served_as_the_plain_request_it_is(
+    port: int, upgrade: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service has no WebSocket route: uvicorn answered such a request with a plain-text
+    403 or 400, past the app (no request id, no JSON, not counted)."""
+    head = (
+        f"GET /x HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"), connect(port) as connection:
+        connection.sendall(head.encode())
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += connection.recv(65536)
+        connection.sendall(request(extra_headers="Connection: close\r\n"))
+        answer += read_to_close(connection)
+    assert ok_lengths(answer) == [0, 0]  # and the connection goes on
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_chunk_size_that_is_not_hex_is_refused_at_once(port: int) -> None:
     """The bad bytes are inside the request being read: it can never be answered."""
     started = time.monotonic()
