@@ -138,7 +138,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._body_read = False
         super().data_received(data)
         if self.transport.get_protocol() is not self:
-            return  # upgraded: the connection is the WebSocket protocol's now
+            return  # upgraded (uvicorn run without UVICORN_CONFIG's ws="none")
         self._keep_alive_if_idle()
         if self._pending_refusal or self.transport.is_closing():
             return

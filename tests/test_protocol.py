@@ -18,7 +18,6 @@ import uvicorn
 from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
-from websockets.sync.client import connect as websockets_connect
 
 from service import protocol
 from tests.server import free_port
@@ -34,14 +33,7 @@ SLOW_APP_S = 2.5
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers 200 with the body's length, after SLOW_APP_S on /slow; on /early, 413 at once
-    without reading the body, as a limit or a missing API key is answered. Echoes
-    WebSocket messages."""
-    if scope["type"] == "websocket":
-        await receive()  # the connection request
-        await send({"type": "websocket.accept"})
-        while (message := await receive())["type"] == "websocket.receive":
-            await send({"type": "websocket.send", "text": message.get("text")})
-        return
+    without reading the body, as a limit or a missing API key is answered."""
     assert scope["type"] == "http"
     if scope["path"] == "/early":
         headers = [(b"content-length", b"0")]
@@ -491,16 +483,6 @@ def test_a_head_trickled_within_the_timeout_is_served(port: int) -> None:
             time.sleep(HEAD_TIMEOUT_S / (4 * len(pieces)))
         connection.shutdown(socket.SHUT_WR)
         assert ok_lengths(read_to_close(connection)) == [5]
-
-
-def test_a_websocket_outlives_the_keep_alive(port: int) -> None:
-    """After an upgrade the connection is the WebSocket protocol's: no HTTP timer closes it."""
-    with websockets_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as websocket:
-        started = time.monotonic()
-        while time.monotonic() - started < KEEP_ALIVE_S + 1:
-            websocket.send("ping")
-            assert websocket.recv(timeout=5) == "ping"
-            time.sleep(0.5)
 
 
 def test_a_slow_answer_is_not_cut_off(port: int) -> None:
