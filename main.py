@@ -921,6 +921,10 @@ async def classify_batch(
             return_exceptions=True,
         ),
     )
+    if all(isinstance(outcome, Stopped) for outcome in outcomes):
+        # The batcher stopped under every file (the drain's time ran out): refused whole, as
+        # a request arriving now is.
+        raise NotReady(SHUTTING_DOWN)
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):

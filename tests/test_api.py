@@ -902,15 +902,19 @@ async def test_what_the_batcher_holds_when_the_drain_time_is_up_is_stopped_not_c
             running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
             await asyncio.to_thread(model.entered.wait, 10)
             queued = asyncio.create_task(served.client.post("/cls", files=upload(data)))
-            await wait_for(lambda: processor.queue_depth == 1)
+            queued_batch = asyncio.create_task(
+                served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 2)
+            )
+            await wait_for(lambda: processor.queue_depth == 3)
             served.service.begin_shutdown()
             started = time.monotonic()
-            responses = await asyncio.wait_for(asyncio.gather(running, queued), 10)
+            responses = await asyncio.wait_for(asyncio.gather(running, queued, queued_batch), 10)
             answered_in_s = time.monotonic() - started
             late = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
         finally:
             model.release.set()
-        assert [r.status_code for r in responses] == [503, 503]
+        # /cls/batch too: refused whole, where a 200 of refused entries looks like success.
+        assert [r.status_code for r in responses] == [503, 503, 503]
         for response in responses:
             assert response.json()["detail"].startswith("the server is shutting down")
             assert response.headers["retry-after"] == "1"
@@ -922,7 +926,7 @@ async def test_what_the_batcher_holds_when_the_drain_time_is_up_is_stopped_not_c
             - metric_value(before, f'batch_requests_total{{outcome="{outcome}"}}')
             for outcome in ("stopped", "cancelled")
         }
-        assert growth == {"stopped": 2, "cancelled": 0}
+        assert growth == {"stopped": 4, "cancelled": 0}
 
 
 async def test_request_ids_are_echoed_or_generated(served: RunningApp) -> None:
