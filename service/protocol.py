@@ -58,11 +58,15 @@ class _NoRepeats(logging.Filter):
     - "Invalid HTTP request received.", logged just before it calls ``send_400_response``,
       which logs the refusal with its request id and reason;
     - the traceback of each request cancelled when the drain's time is up: the request
-      middleware has answered it 503, and uvicorn's own line counts them.
+      middleware has answered it 503, and uvicorn's own line counts them;
+    - that line, an ERROR, when it counts none: the batcher ended the drain itself and
+      answered what it held, and uvicorn's wait ran out only polling for their ends.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == "Invalid HTTP request received.":
+            return False
+        if str(record.msg).startswith("Cancel %s running task(s)") and record.args == (0,):
             return False
         cancelled = record.exc_info is not None and isinstance(
             record.exc_info[1], asyncio.CancelledError

@@ -163,6 +163,17 @@ def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_an
     assert "not valid HTTP/1.1" in json_error(b"HTTP/1.1 400 " + refusal, 400)
 
 
+@pytest.mark.parametrize(("cancelled", "logged"), [(0, False), (1, True), (3, True)])
+def test_uvicorns_line_on_requests_cut_off_at_shutdown_is_kept_only_when_it_cut_some(
+    cancelled: int, logged: bool
+) -> None:
+    """With nothing to cut off (the batcher ended the drain and answered what it held), the
+    ERROR line would fire on every routine deploy that ran out its drain time."""
+    message = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, message, (cancelled,), None)
+    assert protocol._NO_REPEATS.filter(record) is logged
+
+
 @pytest.mark.parametrize("upgrade", ["websocket", "h2c"])
 def test_an_upgrade_request_is_served_as_the_plain_request_it_is(
     port: int, upgrade: str, caplog: pytest.LogCaptureFixture
