@@ -516,8 +516,8 @@ class TaskStore:
         with self._transaction() as db:
             rows = db.execute(
                 "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, lease_until = ? "
-                "WHERE id IN (SELECT id FROM tasks WHERE status = ? "
-                "  OR (status = ? AND lease_until < ? AND attempts < ?) "
+                "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
+                "  OR (status = ? AND lease_until < ?)) "
                 "  ORDER BY created_at, rowid LIMIT ?) "
                 "RETURNING id, top_k, created_at, attempts",
                 (
@@ -525,10 +525,10 @@ class TaskStore:
                     now,
                     owner,
                     now + lease_s,
+                    max_attempts,
                     TaskStatus.QUEUED,
                     TaskStatus.RUNNING,
                     now,
-                    max_attempts,
                     limit,
                 ),
             ).fetchall()
@@ -563,7 +563,9 @@ class TaskStore:
             )
 
     def fail_abandoned(self, max_attempts: int, *, now: float) -> list[TaskRecord]:
-        """Fail running tasks whose lease expired after ``max_attempts`` attempts.
+        """Fail tasks out of attempts: running ones whose lease expired after
+        ``max_attempts`` attempts, and queued ones a shutdown cut off in the model on their
+        last attempt.
 
         A task that takes its worker down every time it runs must not take down every
         worker in turn, forever.
@@ -574,8 +576,9 @@ class TaskStore:
         )
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT id FROM tasks WHERE status = ? AND lease_until < ? AND attempts >= ?",
-                (TaskStatus.RUNNING, now, max_attempts),
+                "SELECT id FROM tasks WHERE attempts >= ? "
+                "AND (status = ? OR (status = ? AND lease_until < ?))",
+                (max_attempts, TaskStatus.QUEUED, TaskStatus.RUNNING, now),
             ).fetchall()
             for row in rows:
                 self._finish(db, row["id"], TaskStatus.FAILED, None, error, now)

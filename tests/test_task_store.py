@@ -462,6 +462,26 @@ def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
     assert store.fail_abandoned(1, now=T0 + 12) == []
 
 
+def test_a_task_handed_back_on_its_last_attempt_is_failed_not_run_again(
+    store: TaskStore,
+) -> None:
+    """A graceful shutdown that cuts a task off in the model charges the attempt, and hands
+    the task back to the queue: out of attempts, it fails rather than run again. (Restarts
+    with DRAIN_TIMEOUT_S=0 ran tasks up to twice TASK_MAX_ATTEMPTS.)"""
+    add(store, "spent", at=T0)
+    add(store, "fresh", at=T0 + 1)
+    claim(store, "A", limit=2, at=T0 + 2)
+    store.count_attempts("A", ["spent"])
+    assert store.release("A") == 2
+
+    claimed = store.claim("B", 2, lease_s=LEASE_S, max_attempts=1, now=T0 + 3)
+    assert [task.id for task in claimed] == ["fresh"]
+    failed = store.fail_abandoned(1, now=T0 + 3)
+    assert [record.id for record in failed] == ["spent"]
+    assert failed[0].status is TaskStatus.FAILED
+    assert "TASK_MAX_ATTEMPTS" in (failed[0].error or "")
+
+
 def test_a_dead_worker_charges_only_the_tasks_its_model_was_running(store: TaskStore) -> None:
     """Of the tasks a worker held when it died, only those that had entered the model use up
     an attempt; the ones still waiting are taken over as they were, and never fail for it."""
