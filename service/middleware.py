@@ -254,11 +254,14 @@ class ApiKeyMiddleware:
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
         # Either header may carry it: a gateway's own Authorization beside a client's
         # X-API-Key must not lock the client out.
-        offered = [headers.get("x-api-key", "")] + [bearer] * (scheme.lower() == "bearer")
+        offered = [headers.get("x-api-key", "")]
+        if scheme.lower() == "bearer":
+            offered.append(bearer)
         # Whitespace around a header value is no part of it; only spaces and tabs, since
         # str.strip() would also take latin-1's 0x85 and 0xA0, the last byte of some UTF-8
         # characters. Header values arrive decoded as latin-1: encoded back, they are the
-        # bytes sent, which for a non-ASCII key are its UTF-8.
+        # bytes sent, which for a non-ASCII key are its UTF-8. Each one is compared (a
+        # list, not a generator), so the time taken does not say which matched.
         return any(
             [
                 hmac.compare_digest(key.strip(" \t").encode("latin-1"), self.api_key)
