@@ -348,7 +348,10 @@ class Service:
             classifier.weights_description,
         )
         self.processor = BatchProcessor(
-            self._run_batch, settings.batch_config(classifier.device.type), self._observer
+            self._run_batch,
+            settings.batch_config(classifier.device.type),
+            self._observer,
+            prepare=self._count_task_attempts,
         )
         # Without them, the first batches of each size would be expected to take no time:
         # a deadline would be judged met, or a timer waited out, until too late.
@@ -721,8 +724,9 @@ class Service:
             )
         return requested
 
-    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
-        assert self.classifier is not None
+    async def _count_task_attempts(self, jobs: list[ClassifyJob]) -> None:
+        """Record that the tasks among ``jobs`` enter the model, before they do, so that
+        one that kills its worker there is charged for it."""
         # Once per run of a task: a failed batch's halves come back here.
         task_ids = [
             job.task_id
@@ -735,6 +739,9 @@ class Service:
                 await self.tasks.count_attempts(task_ids, wait_s=ATTEMPT_RECORD_WAIT_S)
             except Exception:
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
+
+    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
+        assert self.classifier is not None
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,

@@ -21,6 +21,7 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 BatchHandler = Callable[[list[In]], Awaitable[Sequence[Out]]]
+BatchPreparer = Callable[[list[In]], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,11 @@ class BatchProcessor(Generic[In, Out]):
     forms, and a late result for them is discarded. A batch leaves out the callers whose
     deadline falls before its expected end (from the handler's recent run times at that
     size); they wait on until their deadline, and run only when none is expected in time.
+
+    ``prepare``, when given, is awaited with the items of each handler call just before
+    it, outside the time the handler is measured by (for deadlines and the observer): for
+    bookkeeping that must be done before the items run, such as recording that they did.
+    An error it raises fails the call as the handler's would.
     """
 
     def __init__(
@@ -293,8 +299,10 @@ class BatchProcessor(Generic[In, Out]):
         handler: BatchHandler[In, Out],
         config: BatchConfig,
         observer: BatchObserver | None = None,
+        prepare: BatchPreparer[In] | None = None,
     ) -> None:
         self._handler = handler
+        self._prepare = prepare
         self._config = config
         self._observer = _GuardedObserver(observer or NullObserver())
         # One FIFO lane per priority, indexed by ``Priority``.
@@ -698,10 +706,15 @@ class BatchProcessor(Generic[In, Out]):
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""
-        started_at = time.monotonic()
+        items = [entry.item for entry in entries]
+        started_at: float | None = None
+        run_s = 0.0
         ok = False
         try:
-            outputs = await self._handler([entry.item for entry in entries])
+            if self._prepare is not None:
+                await self._prepare(items)
+            started_at = time.monotonic()
+            outputs = await self._handler(items)
             if len(outputs) != len(entries):
                 raise RuntimeError(
                     f"batch handler returned {len(outputs)} outputs for {len(entries)} inputs"
@@ -721,8 +734,9 @@ class BatchProcessor(Generic[In, Out]):
             # stop the event loop, and with it every request of this worker.
             return error
         finally:
-            run_s = time.monotonic() - started_at
-            self._observer.handler_finished(len(entries), run_s, ok)
+            if started_at is not None:
+                run_s = time.monotonic() - started_at
+                self._observer.handler_finished(len(entries), run_s, ok)
         self._run_times.record(len(entries), run_s)
         for entry, output in zip(entries, outputs, strict=True):
             _resolve(entry.future, output)

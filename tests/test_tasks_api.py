@@ -1372,6 +1372,45 @@ async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> Non
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]
 
 
+async def test_waiting_for_an_attempt_record_is_not_counted_as_model_time(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for a task's attempt record (a store slow to write) comes before the forward
+    pass, outside it: neither `batch_inference_seconds` nor the run times the batcher plans
+    deadlines with count it."""
+    record_s = 0.2  # the most the batch waits for the record (ATTEMPT_RECORD_WAIT_S 0.25)
+    real_count = tasks.TaskStore.count_attempts
+
+    def slow_count(self: tasks.TaskStore, owner: str, task_ids: list[str]) -> None:
+        time.sleep(record_s)
+        real_count(self, owner, task_ids)
+
+    monkeypatch.setattr(tasks.TaskStore, "count_attempts", slow_count)
+    inference = 'batch_inference_seconds_sum{outcome="ok"}'
+    async with running_app(make_settings()) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        classify = classifier.classify
+        classify_s: list[float] = []
+
+        def timed_classify(*args: Any) -> Any:
+            began = time.monotonic()
+            try:
+                return classify(*args)
+            finally:
+                classify_s.append(time.monotonic() - began)
+
+        monkeypatch.setattr(classifier, "classify", timed_classify)
+        before = metric_value((await served.client.get("/metrics")).text, inference)
+        accepted = await submit(served.client, photos[0].read_bytes())
+        assert (await finished(served.client, accepted["task_id"]))["status"] == "succeeded"
+        after = metric_value((await served.client.get("/metrics")).text, inference)
+
+    assert len(classify_s) == 1
+    # What the metric adds over the model's own call is the hand-off to its thread.
+    assert after - before < classify_s[0] + record_s / 2, (after - before, classify_s)
+
+
 async def test_an_attempt_write_that_outlasts_its_wait_is_still_reported(
     served: RunningApp, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1181,6 +1181,74 @@ async def test_observer_counts_each_outcome() -> None:
     assert [size for size, _ in observer.started] == [1, 2, 1]
 
 
+async def test_prepare_runs_before_each_handler_call_outside_its_measured_time() -> None:
+    """``prepare`` sees the items of every handler call, a failed batch's halves included,
+    before the handler does; the time it takes is neither reported as the handler's nor
+    learnt as a batch's run time, so slow bookkeeping cannot make the model look slow."""
+    prepare_s = 0.3
+    calls: list[tuple[str, list[int]]] = []
+
+    async def prepare(items: list[int]) -> None:
+        calls.append(("prepare", list(items)))
+        await asyncio.sleep(prepare_s)
+
+    async def handler(items: list[int]) -> list[int]:
+        calls.append(("handler", list(items)))
+        return fail_on_negative(items)
+
+    observer = RecordingObserver()
+    processor: BatchProcessor[int, int] = BatchProcessor(
+        handler, BatchConfig(), observer, prepare=prepare
+    )
+    processor.start()
+    try:
+        callers = [asyncio.create_task(processor.submit(item)) for item in (1, -1)]
+        outcomes = await bounded(asyncio.gather(*callers, return_exceptions=True))
+    finally:
+        await bounded(processor.stop(drain_timeout_s=1))
+
+    assert outcomes[0] == 2
+    assert isinstance(outcomes[1], BatchFailed)
+    assert calls == [
+        ("prepare", [1, -1]),
+        ("handler", [1, -1]),
+        ("prepare", [1]),
+        ("handler", [1]),
+        ("prepare", [-1]),
+        ("handler", [-1]),
+    ]
+    assert [(size, ok) for size, _, ok in observer.finished] == [
+        (2, False),
+        (1, True),
+        (1, False),
+    ]
+    assert all(run_s < prepare_s / 2 for _, run_s, _ in observer.finished)
+    assert processor._run_times.estimate_s(1) < prepare_s / 2
+
+
+async def test_an_error_in_prepare_fails_the_call_as_the_handlers_would() -> None:
+    """Items whose ``prepare`` fails are not handed to the handler; they fail alone, as
+    with a handler error, and the others in their batch are answered."""
+
+    async def prepare(items: list[int]) -> None:
+        if any(item < 0 for item in items):
+            raise RuntimeError("bookkeeping failed")
+
+    handler = FakeHandler()
+    processor: BatchProcessor[int, int] = BatchProcessor(handler, BatchConfig(), prepare=prepare)
+    processor.start()
+    try:
+        callers = [asyncio.create_task(processor.submit(item)) for item in (1, -1, 3)]
+        outcomes = await bounded(asyncio.gather(*callers, return_exceptions=True))
+    finally:
+        await bounded(processor.stop(drain_timeout_s=1))
+
+    assert outcomes[0] == 2
+    assert outcomes[2] == 6
+    assert isinstance(outcomes[1], BatchFailed)
+    assert -1 not in handler.seen
+
+
 class ExplodingObserver(RecordingObserver):
     """An observer whose every event raises, as a buggy metrics backend would."""
 
