@@ -575,7 +575,7 @@ async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
             tracemalloc.stop()
             held.release.set()
         assert [(await response).status_code for response in waiting] == [200] * 8
-    # The one being decoded; before, each of the eight held its bytes.
+    # At most one copy, the upload being decoded: the requests waiting for the thread hold none.
     assert sum(large) < 2 * len(data), large
 
 
@@ -891,7 +891,7 @@ async def test_what_the_batcher_holds_when_the_drain_time_is_up_is_stopped_not_c
 ) -> None:
     """Once DRAIN_TIMEOUT_S is up the batcher stops itself: a running and a queued request
     get the 503 of a stopped server and count as stopped. The server's cancellation of what
-    is still open comes later; before, it cut them off and they counted as clients gone."""
+    is still open comes later, so they are not cut off by it and counted as clients gone."""
     async with running_app(make_settings(drain_timeout_s=0.5)) as served:
         model = GatedModel(served)
         data = photos[0].read_bytes()
