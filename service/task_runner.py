@@ -552,12 +552,6 @@ class TaskRunner:
         """One attempt; after a failure that may pass, the delivery waits in the store, not
         in a slot of this worker, and is claimed again when its next attempt is due."""
         assert record.callback_url is not None
-        if record.webhook_attempts and record.webhook_last_error is None:
-            # An accepted attempt whose delivery's end was not stored, as servers before
-            # attempts and ends were one write left it when they died in between.
-            accepted = Attempt(record.webhook_attempts, None, retry_in_s=None)
-            await self._store_outcome(record.id, accepted)
-            return
         payload: dict[str, object] = {"task_id": record.id, "status": str(record.status)}
         if record.status is TaskStatus.SUCCEEDED:
             payload["prediction"] = record.prediction

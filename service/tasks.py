@@ -188,13 +188,11 @@ class Deferral:
 
 @dataclass(frozen=True, slots=True)
 class ClaimedTask:
-    """A task this worker now runs: what the model needs, and when it was submitted."""
+    """A task this worker now runs: what the model needs."""
 
     id: str
     top_k: int
     image: bytes
-    created_at: float
-    attempts: int
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
@@ -519,7 +517,7 @@ class TaskStore:
                 "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
                 "  OR (status = ? AND lease_until < ?)) "
                 "  ORDER BY created_at, rowid LIMIT ?) "
-                "RETURNING id, top_k, created_at, attempts",
+                "RETURNING id, top_k, created_at",
                 (
                     TaskStatus.RUNNING,
                     now,
@@ -537,15 +535,7 @@ class TaskStore:
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
                 ).fetchone()
-                claimed.append(
-                    ClaimedTask(
-                        id=row["id"],
-                        top_k=row["top_k"],
-                        image=bytes(image),
-                        created_at=row["created_at"],
-                        attempts=row["attempts"],
-                    )
-                )
+                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image)))
             return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:

@@ -280,14 +280,12 @@ def test_claim_takes_oldest_first_up_to_limit(store: TaskStore) -> None:
 
     assert [task.id for task in claimed] == ["first", "second"]
     assert [task.image for task in claimed] == [image_of("first"), image_of("second")]
-    assert [task.attempts for task in claimed] == [0, 0], "a claim is not an attempt"
     assert [task.top_k for task in claimed] == [5, 5]
-    assert [task.created_at for task in claimed] == [T0 + 1, T0 + 2]
     for task_id in ("first", "second"):
         record = get(store, task_id)
         assert record.status is TaskStatus.RUNNING
         assert record.started_at == T0 + 10
-        assert record.attempts == 0
+        assert record.attempts == 0, "a claim is not an attempt"
     assert get(store, "third").status is TaskStatus.QUEUED
 
 
@@ -399,7 +397,7 @@ def test_expired_lease_lets_another_owner_take_the_task(store: TaskStore) -> Non
     claimed = store.claim("B", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
 
     assert [task.id for task in claimed] == ["t1"]
-    assert claimed[0].attempts == 1
+    assert get(store, "t1").attempts == 1
     assert claimed[0].image == image_of("t1")
     assert get(store, "t1").started_at == T0 + 11
 

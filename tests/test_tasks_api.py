@@ -851,36 +851,6 @@ async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
     assert retry_at <= stopped_at + WEBHOOK_SETTINGS["webhook_backoff_s"]
 
 
-async def test_an_accepted_attempt_left_unfinished_by_an_older_server_is_not_sent_again(
-    photos: list[Path],
-) -> None:
-    """Servers that stored an attempt and the delivery's end in two writes could die between
-    them, leaving the receiver's acceptance stored (attempts, no error) on a pending
-    delivery: it ends as delivered, without sending it again or failing it for want of
-    attempts."""
-    settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_max_attempts": 2})
-    async with receiving() as receiver:
-        async with running_app(settings) as served:
-            receiver.then = 500
-            accepted = await submit(
-                served.client, photos[0].read_bytes(), callback_url=receiver.url
-            )
-            task = await webhook_done(served.client, accepted["task_id"])
-            assert task["webhook"]["status"] == "failed"
-        with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
-            db.execute(
-                "UPDATE tasks SET webhook_status = 'pending', webhook_attempts = 2, "
-                "webhook_last_error = NULL, lease_owner = 'dead', lease_until = ?",
-                (time.time() - 1,),
-            )
-        sent_before = len(receiver.received)
-        async with running_app(settings) as served:
-            task = await webhook_done(served.client, accepted["task_id"])
-
-    assert task["webhook"] == delivered_after(2)
-    assert len(receiver.received) == sent_before
-
-
 async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)
