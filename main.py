@@ -928,10 +928,13 @@ async def classify_batch(
             return_exceptions=True,
         ),
     )
+    # Nothing of it was taken in (the queue was full, or the batcher stopped as the drain's
+    # time ran out): refused whole, as /cls is, so a client or proxy that reads only the
+    # status retries it.
     if all(isinstance(outcome, Stopped) for outcome in outcomes):
-        # The batcher stopped under every file (the drain's time ran out): refused whole, as
-        # a request arriving now is.
         raise NotReady(SHUTTING_DOWN)
+    if all(isinstance(outcome, QueueFull | Stopped) for outcome in outcomes):
+        raise next(outcome for outcome in outcomes if isinstance(outcome, QueueFull))
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):

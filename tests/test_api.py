@@ -466,6 +466,7 @@ async def hold_model_with_queue(
 
 
 async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
+    """/cls, and a /cls/batch with no file taken in, are refused whole."""
     async with running_app(
         make_settings(max_queue=2, max_batch_files=2, drain_timeout_s=2)
     ) as served:
@@ -477,8 +478,15 @@ async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "MAX_QUEUE allows 2" in refused.json()["detail"]
+        # A /cls/batch none of whose files found room is refused whole, as /cls is: a 200
+        # would tell a client or proxy that reads only the status that it was served.
+        files = [("file", ("a.jpg", data, "image/jpeg")), ("file", ("b.jpg", data, "image/jpeg"))]
+        refused_batch = await served.client.post("/cls/batch", files=files)
+        assert refused_batch.status_code == 503, refused_batch.text
+        assert refused_batch.headers["retry-after"] == "1"
+        assert "MAX_QUEUE allows 2" in refused_batch.json()["detail"]
         after = metric_value((await served.client.get("/metrics")).text, rejected)
-        assert after == before + 1
+        assert after == before + 3
         model.release.set()
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
 
