@@ -264,6 +264,12 @@ def _document_the_api_key(app: FastAPI) -> None:
     app.openapi = schema_with_the_key  # type: ignore[method-assign]
 
 
+def _documentation_paths(app: FastAPI) -> frozenset[str]:
+    """The paths FastAPI serves the API's documentation and schema at."""
+    paths = (app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url, app.openapi_url)
+    return frozenset(path for path in paths if path is not None)
+
+
 def _timed_runs(classifier: Classifier, sizes: list[int]) -> dict[int, float]:
     """Seconds the warm classifier takes for a batch of each size: the faster of two runs,
     since workers starting together (on one GPU, or on shared cores) slow each other."""
@@ -1431,7 +1437,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             ApiKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),
-            open_paths=OPEN_PATHS,
+            # The API's documentation too: a browser opening it sends no key, and its
+            # "Authorize" button is how a reader then tries the routes that need one.
+            open_paths=OPEN_PATHS | _documentation_paths(app),
         )
     if settings.cors_origin_list:
         # Outside the key check: browsers send preflight requests without credentials.
