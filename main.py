@@ -611,7 +611,9 @@ class Service:
 
         Refuses before decoding when ``MAX_QUEUE`` submissions are already being read,
         decoded or stored in this worker, or when the task queue is full: each one holds
-        its upload in memory while it waits for the tasks' decode thread or the store.
+        its upload in memory while it waits for the tasks' decode thread or the store. The
+        ``callback_url``'s host is looked up after those checks, since a lookup may take
+        up to ``WEBHOOK_TIMEOUT_S``.
         """
         self.refuse_unless_ready()
         max_queue = self.settings.max_queue
@@ -624,6 +626,8 @@ class Service:
         self._submitting_tasks += 1
         try:
             await tasks.check_room(idempotency_key)
+            if callback_url is not None:
+                await self.check_callback_url(callback_url)
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.
             data, _ = await self._in_thread(
@@ -992,8 +996,6 @@ async def submit_task(
     parsed_metadata = _parse_metadata(metadata, settings.task_metadata_max_bytes)
     if callback_url is not None:
         callback_url = callback_url.strip() or None
-    if callback_url is not None:
-        await service.check_callback_url(callback_url)
     if idempotency_key is not None and not _VALID_IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidTaskField(
             "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"

@@ -438,6 +438,13 @@ async def test_the_task_queue_limit_is_503_with_retry_after(
 ) -> None:
     counted = HeldDecode(monkeypatch)
     counted.release.set()
+    lookups: list[object] = []
+
+    def looked_up(host: object, *args: object, **kwargs: object) -> list[object]:
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", looked_up)
     async with running_app(make_settings(max_batch_size=1, task_max_queued=2)) as served:
         model = GatedModel(served)
         data = photos[0].read_bytes()
@@ -456,11 +463,15 @@ async def test_the_task_queue_limit_is_503_with_retry_after(
             await served.client.post(
                 "/tasks", files=upload(data), headers={"Idempotency-Key": "order-18"}
             ),
+            await served.client.post(
+                "/tasks", files=upload(data), data={"callback_url": "https://hooks.example/"}
+            ),
         ):
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
             assert "TASK_MAX_QUEUED allows 2" in refused.json()["detail"]
         assert counted.calls == decodes, "refused only after decoding the image"
+        assert lookups == [], "refused only after looking up the callback's host"
         # A resent request stores nothing: the client that lost its answer gets it.
         resent = await served.client.post("/tasks", files=upload(data), headers=key)
         assert resent.status_code == 202, resent.text
