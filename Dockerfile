@@ -44,5 +44,5 @@ VOLUME ["/data"]
 USER 10001:10001
 EXPOSE 5001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '5001') + '/healthz', timeout=2)"]
+    CMD ["python", "-m", "service.probe", "/healthz"]
 CMD ["gunicorn", "main:app", "-c", "gunicorn_config.py"]

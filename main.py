@@ -1,8 +1,8 @@
 """The HTTP service: routes, lifespan and error mapping. The one place that joins transport,
 batching and the model.
 
-Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or
-``uvicorn main:app --reload --port 5001`` (development).
+Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or ``make dev``
+(development: uvicorn with the service's HTTP protocol, as the README shows).
 """
 
 from __future__ import annotations

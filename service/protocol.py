@@ -53,7 +53,7 @@ logger = logging.getLogger("service")
 
 
 class _NoRepeats(logging.Filter):
-    """Drops two of uvicorn's lines that repeat what is logged already:
+    """Drops uvicorn's lines that repeat what is logged already, or report nothing amiss:
 
     - "Invalid HTTP request received.", logged just before it calls ``send_400_response``,
       which logs the refusal with its request id and reason;

@@ -311,7 +311,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_decode_threads(self) -> int:
-        """Threads decoding uploads; decoding overlaps inference, so one per core."""
+        """Threads decoding uploads, in each of the pools for small and for large images;
+        decoding overlaps inference, so one per core."""
         return self.decode_threads or max(1, available_cores() // self.workers)
 
     @property

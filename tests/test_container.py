@@ -35,6 +35,7 @@ def test_gunicorn_is_the_exec_form_command_and_health_is_checked() -> None:
     assert json.loads(command[4:])[:2] == ["gunicorn", "main:app"]
     healthcheck = [line for line in stage if line.upper().startswith("HEALTHCHECK ")]
     assert healthcheck
+    assert "service.probe" in healthcheck[-1]
     assert "/healthz" in healthcheck[-1]
 
 
