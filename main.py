@@ -1229,6 +1229,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     ClientDisconnected: 499,
 }
 _PUBLIC_DETAIL: dict[type[Exception], str] = {
+    Stopped: SHUTTING_DOWN,
     BatchFailed: "inference failed; the error is logged on the server",
     DeadlineExceeded: "the request was not served within REQUEST_TIMEOUT_MS",
 }

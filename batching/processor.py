@@ -410,8 +410,7 @@ class BatchProcessor(Generic[In, Out]):
         if len(lane) >= self._config.max_queue:
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(
-                f"{len(lane)} requests are already waiting; "
-                f"MAX_QUEUE allows {self._config.max_queue}"
+                f"{len(lane)} items are already waiting; max_queue allows {self._config.max_queue}"
             )
         now = time.monotonic()
         if deadline is not None and deadline <= now:
@@ -474,7 +473,7 @@ class BatchProcessor(Generic[In, Out]):
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        stopped = Stopped("the server is shutting down")
+        stopped = Stopped("the batch processor stopped")
         self._fail_queued(stopped)
         for batch in list(self._running):
             for entry in batch.entries:

@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument(
         "--max-batch-size",
         type=_positive,
-        default=16,
+        default=Settings.model_fields["max_batch_size"].default,
         help="the server's MAX_BATCH_SIZE (with --url, give the running server's)",
     )
     parser.add_argument("--workers", type=_positive, default=1)

@@ -924,7 +924,7 @@ async def test_what_the_batcher_holds_when_the_drain_time_is_up_is_stopped_not_c
         # /cls/batch too: refused whole, where a 200 of refused entries looks like success.
         assert [r.status_code for r in responses] == [503, 503, 503]
         for response in responses:
-            assert response.json()["detail"].startswith("the server is shutting down")
+            assert response.json()["detail"] == "the server is shutting down; retry"
             assert response.headers["retry-after"] == "1"
         assert 0.4 < answered_in_s < 5
         assert late.status_code == 503  # refused whole once the drain is over

@@ -908,7 +908,7 @@ async def test_a_full_queue_rejects_at_once() -> None:
         await wait_until(lambda: processor.queue_depth == 3)
 
         began = time.monotonic()
-        with pytest.raises(QueueFull, match="MAX_QUEUE allows 3"):
+        with pytest.raises(QueueFull, match="max_queue allows 3"):
             await bounded(processor.submit(4), limit_s=1.0)
         assert time.monotonic() - began < 0.5
         assert processor.queue_depth == 3

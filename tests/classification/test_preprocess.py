@@ -170,7 +170,7 @@ def test_a_png_colour_key_is_transparent_as_an_alpha_channel_is(
     keyed: bytes, plain: bytes, where: np.ndarray
 ) -> None:
     """Pixels of the colour a PNG's tRNS chunk names show white, as alpha 0 does; the others
-    are as without the chunk. (Before, only a palette's transparency was seen.)"""
+    are as without the chunk."""
     decoded = np.asarray(decode_image(keyed, max_pixels=MAX_PIXELS))
     assert where.any()
     assert not where.all()
