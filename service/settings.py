@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     # Whether tasks fill the spare slots of batches that hold /cls requests; unset: on CUDA.
     task_fill_spare_slots: bool | None = None
     webhook_secret: SecretStr | None = None
-    webhook_max_attempts: int = Field(5, ge=1, le=100)
+    webhook_max_attempts: int = Field(15, ge=1, le=100)
     webhook_timeout_s: float = Field(10.0, gt=0, le=3600)
     webhook_backoff_s: float = Field(1.0, ge=0, le=86_400)
     webhook_backoff_max_s: float = Field(300.0, ge=0, le=86_400)

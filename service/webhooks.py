@@ -466,10 +466,13 @@ class WebhookSender:
         )
 
     def _backoff_s(self, attempts: int) -> float:
-        """The wait after the ``attempts``-th attempt: exponential, with full jitter."""
+        """The wait after the ``attempts``-th attempt: exponential, with equal jitter."""
         config = self._config
         ceiling_s = min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempts - 1))
-        return random.uniform(0, ceiling_s)
+        # At least half the ceiling, so that the attempts together span a known time (a
+        # receiver down for less than that still gets its webhook); the other half spreads
+        # the retries of deliveries that failed together.
+        return random.uniform(ceiling_s / 2, ceiling_s)
 
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Outcome:
         timeout_s = self._config.timeout_s

@@ -116,7 +116,7 @@ async def test_5xx_and_other_transient_answers_are_tried_again(
 
     assert (attempt.attempts, attempt.error) == (1, f"callback answered {status}")
     assert attempt.retry_in_s is not None
-    assert 0 <= attempt.retry_in_s <= FAST["backoff_initial_s"]
+    assert FAST["backoff_initial_s"] / 2 <= attempt.retry_in_s <= FAST["backoff_initial_s"]
     assert len(receiver.received) == 1
 
 
@@ -199,7 +199,7 @@ def test_an_attempt_cut_off_counts_but_never_ends_the_delivery() -> None:
     assert (first.attempts, first.delivered) == (1, False)
     assert first.error == "cut off by a shutdown before the callback answered"
     assert first.retry_in_s is not None
-    assert 0 <= first.retry_in_s <= FAST["backoff_initial_s"]
+    assert FAST["backoff_initial_s"] / 2 <= first.retry_in_s <= FAST["backoff_initial_s"]
     assert last.attempts == 2
     assert last.retry_in_s is not None
 
@@ -222,19 +222,23 @@ async def test_the_waits_between_attempts_double_up_to_the_cap_across_restarts(
     make_sender: Callable[..., WebhookSender],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The wait after the n-th attempt is drawn up to the initial backoff times 2 ** (n - 1)
-    (full jitter; drawn at its ceiling here), capped, and numbered from the delivery's first
-    attempt, so a delivery resumed after a restart goes on doubling from where it was."""
-    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    """The wait after the n-th attempt is drawn between half and all of the initial backoff
+    times 2 ** (n - 1) (equal jitter; drawn at each end here), capped, and numbered from the
+    delivery's first attempt, so a delivery resumed after a restart goes on doubling from
+    where it was."""
     receiver.then = 500
     sender = make_sender(backoff_initial_s=0.1, backoff_max_s=0.5, max_attempts=10)
 
-    waits = [
-        (await sender.attempt(receiver.url, PAYLOAD, attempts_done=done)).retry_in_s
-        for done in range(5)
-    ]
+    async def waits() -> list[float | None]:
+        return [
+            (await sender.attempt(receiver.url, PAYLOAD, attempts_done=done)).retry_in_s
+            for done in range(5)
+        ]
 
-    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert await waits() == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+    assert await waits() == pytest.approx([0.05, 0.1, 0.2, 0.25, 0.25])
 
 
 # Configuration
