@@ -506,13 +506,24 @@ class Service:
                 ):
                     pool.shutdown(wait=False, cancel_futures=True)
 
-    async def classify(self, upload: UploadFile, top_k: int, deadline: float) -> list[Prediction]:
+    async def classify(
+        self,
+        upload: UploadFile,
+        top_k: int,
+        deadline: float,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
         self.refuse_unless_ready()
         assert self.processor is not None
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
-        admitted = processor.waiting(Priority.INTERACTIVE) + self._decoding
+        # /cls and /cls/batch share MAX_QUEUE, whichever lane they wait in.
+        admitted = (
+            processor.waiting(Priority.INTERACTIVE)
+            + processor.waiting(Priority.BULK)
+            + self._decoding
+        )
         if admitted >= processor.config.max_queue:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
@@ -536,7 +547,9 @@ class Service:
             raise
         finally:
             self._decoding -= 1
-        result = await processor.submit(ClassifyJob(pixels, top_k), deadline=deadline)
+        result = await processor.submit(
+            ClassifyJob(pixels, top_k), deadline=deadline, priority=priority
+        )
         logs.record_batch_size(result.batch_size)
         return result.predictions
 
@@ -934,7 +947,8 @@ async def classify_batch(
     outcomes = await _unless_disconnected(
         request,
         asyncio.gather(
-            *(service.classify(upload, top_k, deadline) for upload in uploads),
+            # Behind single images: one client's 32 files must not hold up everyone's /cls.
+            *(service.classify(upload, top_k, deadline, Priority.BULK) for upload in uploads),
             return_exceptions=True,
         ),
     )

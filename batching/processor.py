@@ -46,13 +46,14 @@ class BatchPolicy(enum.StrEnum):
 
 
 class Priority(enum.IntEnum):
-    """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first, so
-    background work never delays interactive work by more than the batch already running.
-    Whether BACKGROUND items also fill the spare slots of a batch that holds interactive
-    items is ``BatchConfig.fill_with_background``."""
+    """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first, then
+    BULK, then BACKGROUND, so work of a lower lane never delays a higher lane's by more than
+    the batch already running. Whether lower lanes' items also fill the spare slots of a
+    batch that holds a higher lane's is ``BatchConfig.fill_from_lower_lanes``."""
 
     INTERACTIVE = 0
-    BACKGROUND = 1
+    BULK = 1
+    BACKGROUND = 2
 
 
 class Outcome(enum.StrEnum):
@@ -76,8 +77,8 @@ class BatchConfig:
     policy: BatchPolicy = BatchPolicy.ADAPTIVE
     max_concurrent_batches: int = 1
     # Where a fuller batch costs about what a small one does (GPUs), filling is free
-    # throughput; where cost grows with size (CPUs), it slows the interactive items' batch.
-    fill_with_background: bool = True
+    # throughput; where cost grows with size (CPUs), it slows the higher lane's batch.
+    fill_from_lower_lanes: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -565,7 +566,7 @@ class BatchProcessor(Generic[In, Out]):
         """Up to ``limit`` entries in priority, then arrival, order."""
         entries: list[_Pending[In, Out]] = []
         for lane in self._lanes:
-            if entries and not self._config.fill_with_background:
+            if entries and not self._config.fill_from_lower_lanes:
                 break
             while lane and len(entries) < limit:
                 entry = lane.popleft()
@@ -595,7 +596,7 @@ class BatchProcessor(Generic[In, Out]):
         They stay queued, to their own deadline's timer. The first lane with entries
         decides the size, first come first served among those with time enough, so no
         entry of it is left out for a lower lane's; entries of lower lanes then fill the
-        places that keep everyone in time (with ``fill_with_background``).
+        places that keep everyone in time (with ``fill_from_lower_lanes``).
         """
         lanes = [lane for lane in self._lanes if any(self._live(lane, now))]
         if not lanes:
@@ -615,7 +616,7 @@ class BatchProcessor(Generic[In, Out]):
             # Not one is expected in time: the one with the most time left has the best
             # chance, and an estimate is no reason to leave the model idle.
             chosen = [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
-        if self._config.fill_with_background:
+        if self._config.fill_from_lower_lanes:
             self._fill(chosen, lanes[1:], limit, now)
         for entry in chosen:
             entry.queued = False
@@ -669,7 +670,7 @@ class BatchProcessor(Generic[In, Out]):
             await self._run_isolating_failures(entries)
         except asyncio.CancelledError:
             for entry in entries:
-                _fail(entry.future, Stopped("the server is shutting down"))
+                _fail(entry.future, Stopped("the batch processor stopped"))
             raise
         except BaseException:  # GeneratorExit: this coroutine is being closed
             for entry in entries:

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=60_000)
     batch_policy: BatchPolicy = BatchPolicy.ADAPTIVE
+    # Whether lower lanes (batch files, tasks) fill the spare slots of higher lanes' batches;
+    # unset: on CUDA.
+    fill_spare_slots: bool | None = None
     max_queue: int = Field(256, ge=1, le=1_000_000)
     request_timeout_ms: float = Field(10_000, gt=0, le=86_400_000)
     drain_timeout_s: float = Field(20.0, ge=0, le=86_400)
@@ -168,8 +171,6 @@ class Settings(BaseSettings):
     task_poll_interval_s: float = Field(1.0, gt=0, le=3600)
     task_cleanup_interval_s: float = Field(600.0, gt=0, le=86_400)
     task_metadata_max_bytes: int = Field(16 * 1024, ge=2, le=2**30)
-    # Whether tasks fill the spare slots of batches that hold /cls requests; unset: on CUDA.
-    task_fill_spare_slots: bool | None = None
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(15, ge=1, le=100)
     webhook_timeout_s: float = Field(10.0, gt=0, le=3600)
@@ -239,7 +240,7 @@ class Settings(BaseSettings):
     @field_validator(
         "api_key",
         "webhook_secret",
-        "task_fill_spare_slots",
+        "fill_spare_slots",
         "bind",
         "gomp_spincount",
         mode="before",
@@ -324,7 +325,7 @@ class Settings(BaseSettings):
 
     def batch_config(self, device_type: str) -> BatchConfig:
         """The batch processor's knobs, for a model on ``device_type`` ("cpu", "cuda")."""
-        fill = self.task_fill_spare_slots
+        fill = self.fill_spare_slots
         return BatchConfig(
             max_batch_size=self.max_batch_size,
             max_wait_s=self.max_wait_ms / 1000,
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
             policy=self.batch_policy,
             # On a GPU a fuller batch costs about what a small one does; on a CPU it costs
             # in proportion, and the /cls requests in the batch would pay for the tasks.
-            fill_with_background=device_type == "cuda" if fill is None else fill,
+            fill_from_lower_lanes=device_type == "cuda" if fill is None else fill,
         )
 
 

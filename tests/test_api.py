@@ -21,6 +21,7 @@ from PIL import Image, PngImagePlugin
 from starlette.types import ASGIApp
 
 import main
+from batching import Priority
 from classification import ImageTooLarge, Prediction
 from tests import images
 from tests.corpus import multipart, multipart_headers
@@ -514,6 +515,29 @@ async def test_a_batch_with_refused_entries_says_when_to_retry(photos: list[Path
         calm = await served.client.post("/cls/batch", files=files)
         assert [entry["status"] for entry in calm.json()["results"]] == [200, 200]
         assert "retry-after" not in calm.headers
+
+
+async def test_single_images_go_ahead_of_queued_batch_files(photos: list[Path]) -> None:
+    """A /cls request rides the next batch however many /cls/batch files wait: they are
+    bulk work, and one client's 32 files must not hold up everyone's single images."""
+    async with running_app(make_settings(max_batch_size=4)) as served:
+        data = photos[0].read_bytes()
+        model = GatedModel(served)
+        processor = served.service.processor
+        assert processor is not None
+        running = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        files = [("file", (f"{index}.jpg", data, "image/jpeg")) for index in range(4)]
+        bulk = asyncio.create_task(served.client.post("/cls/batch", files=files))
+        await wait_for(lambda: processor.waiting(Priority.BULK) == 4)
+        single = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await wait_for(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        model.release.set()
+        answers = await asyncio.gather(running, bulk, single)
+
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert [entry["status"] for entry in answers[1].json()["results"]] == [200] * 4
+    assert model.batch_sizes == [1, 1, 4]
 
 
 async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: list[Path]) -> None:

@@ -284,7 +284,7 @@ def test_a_stream_of_tasks_delays_interactive_requests_by_at_most_a_batch(
     """With tasks always waiting, /cls requests still go first: each waits at most for the
     batch already running, however many tasks are queued."""
     env = server_env(
-        tmp_path, MAX_BATCH_SIZE="8", TASK_POLL_INTERVAL_S="0.2", TASK_FILL_SPARE_SLOTS=fill
+        tmp_path, MAX_BATCH_SIZE="8", TASK_POLL_INTERVAL_S="0.2", FILL_SPARE_SLOTS=fill
     )
     photo = photos[0].read_bytes()
     stop_feeding = threading.Event()

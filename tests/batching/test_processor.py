@@ -272,10 +272,10 @@ async def test_interactive_items_go_first_and_background_fills_spare_slots() -> 
 
 
 async def test_without_filling_interactive_batches_take_no_background_items() -> None:
-    """With ``fill_with_background=False`` a batch holding interactive items holds only them;
+    """With ``fill_from_lower_lanes=False`` a batch holding interactive items holds only them;
     background items go in batches of their own when no interactive item waits."""
     handler = FakeHandler(held=True)
-    config = BatchConfig(max_batch_size=4, fill_with_background=False)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=False)
     async with running(handler, config) as processor:
         first = spawn(processor, 100, priority=BACKGROUND)
         await handler.next_started()
@@ -287,6 +287,30 @@ async def test_without_filling_interactive_batches_take_no_background_items() ->
         await results(first + background + interactive)
 
     assert handler.batches == [[100], [1, 2], [101, 102, 103, 104], [105]]
+
+
+async def test_the_three_lanes_go_in_order_filling_or_not() -> None:
+    """Bulk items wait behind interactive ones and ahead of background ones; without
+    filling, each batch holds one lane's items only."""
+    for fill, expected in (
+        (True, [[200], [1, 2, 10, 11], [12, 13, 100, 101], [102]]),
+        (False, [[200], [1, 2], [10, 11, 12, 13], [100, 101, 102]]),
+    ):
+        handler = FakeHandler(held=True)
+        config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=fill)
+        async with running(handler, config) as processor:
+            first = spawn(processor, 200, priority=BACKGROUND)
+            await handler.next_started()
+            background = spawn(processor, 100, 101, 102, priority=BACKGROUND)
+            bulk = spawn(processor, 10, 11, 12, 13, priority=Priority.BULK)
+            interactive = spawn(processor, 1, 2)
+            await wait_until(lambda: processor.queue_depth == 9)
+            assert processor.waiting(Priority.BULK) == 4
+
+            handler.release_all()
+            await results(first + background + bulk + interactive)
+
+        assert handler.batches == expected, fill
 
 
 async def test_interactive_work_waits_at_most_the_running_batch_behind_background_work() -> None:
@@ -533,7 +557,7 @@ async def test_background_items_never_take_an_interactive_items_place() -> None:
     in a batch no larger than it has time for; background items do not fill the batch in
     its place."""
     handler = FakeHandler(held=True)
-    config = BatchConfig(max_batch_size=4, fill_with_background=True)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=True)
     async with running(handler, config) as processor:
         blocker = spawn(processor, 1)
         await handler.next_started()
