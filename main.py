@@ -368,13 +368,21 @@ class Service:
         try:
             await runner.start()
         except TaskStoreUnavailable as exc:
-            # A store that opened before and fails for now (a full or read-only disk) must
-            # not stop this worker, nor, by its exit, the whole server: /cls goes on, and
-            # tasks come back once the store opens again. A first start stops instead.
-            if not (exc.for_now and (settings.data_dir / DATABASE_NAME).exists()):
+            # A store that exists but fails (a full or read-only disk, a damaged file) must
+            # not stop this worker, nor, by its exit, the whole server, whose other workers
+            # may serve: /cls goes on, and tasks come back once the store opens again. A
+            # store that was never made (a first start, a wrong DATA_DIR) stops start-up.
+            if not (settings.data_dir / DATABASE_NAME).exists():
                 await runner.stop(grace_s=0)
                 raise
-            logger.error("tasks are unavailable until the store opens again: %s", exc)
+            if exc.for_now:
+                logger.error("tasks are unavailable until the store opens again: %s", exc)
+            else:
+                logger.critical(
+                    "tasks are unavailable until the store's file is restored or moved "
+                    "away (it will not mend by itself): %s",
+                    exc,
+                )
             self._task_store_problem = str(exc)
             self._unopened_tasks = runner
             self._opening_tasks = asyncio.create_task(

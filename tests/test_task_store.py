@@ -194,11 +194,11 @@ def test_a_new_store_opened_by_several_workers_at_once_waits_its_turn(
 
 
 @pytest.mark.parametrize("damage", ["no database", "damaged pages"])
-def test_a_file_that_is_no_store_or_is_damaged_stops_start_up_not_only_for_now(
+def test_a_file_that_is_no_store_or_is_damaged_is_refused_as_not_mending_by_itself(
     tmp_path: Path, damage: str
 ) -> None:
-    """Unlike a full or failing disk, a damaged file does not mend by itself: a worker must
-    not come up ready with its task routes refused for good."""
+    """Unlike a full or failing disk, a damaged file does not mend by itself, and the error
+    says so: the worker logs it at CRITICAL, with what mends it."""
     path = tmp_path / DATABASE_NAME
     if damage == "no database":
         path.write_bytes(b"not a database at all, " * 1000)

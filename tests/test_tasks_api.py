@@ -1642,6 +1642,41 @@ async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
         ] == "succeeded"
 
 
+async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its exit would stop the whole server, the workers still serving included (gunicorn
+    halts on a worker that fails to boot): it serves /cls, refuses tasks with the reason,
+    says at CRITICAL what mends it, and opens the store once the file is moved away."""
+    settings = make_settings()
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        await finished(served.client, (await submit(served.client, data))["task_id"])
+    path = settings.data_dir / DATABASE_NAME
+    with path.open("r+b") as file:
+        file.seek(100)  # past the file's header: the schema's table
+        file.write(bytes(range(256)) * 15)
+
+    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    with caplog.at_level(logging.CRITICAL, logger="main"):
+        async with running_app(settings) as served:
+            assert (await served.client.get("/readyz")).status_code == 200
+            assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+            refused = await served.client.post("/tasks", files=upload(data))
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert "malformed" in refused.json()["detail"]
+
+            for damaged in settings.data_dir.glob(DATABASE_NAME + "*"):
+                damaged.rename(damaged.with_name(damaged.name + ".damaged"))
+            await wait_for(lambda: served.service.tasks is not None)
+            accepted = await submit(served.client, data)
+            assert (await finished(served.client, accepted["task_id"]))["status"] == "succeeded"
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1
+    assert "restored or moved away" in critical[0]
+
+
 @pytest.mark.parametrize("retry_started", [True, False])
 async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_starting(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch, retry_started: bool
