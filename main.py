@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -1278,6 +1279,20 @@ _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
+    if exc.status_code == 400 and isinstance(exc.__cause__, OSError):
+        # FastAPI calls any failure to parse the body the client's; this one is the
+        # server's: a large part could not be spooled to the temporary directory.
+        logger.error(
+            "an upload could not be stored in the temporary directory %s: %s",
+            tempfile.gettempdir(),
+            exc.__cause__,
+        )
+        reason = exc.__cause__.strerror or type(exc.__cause__).__name__
+        return JSONResponse(
+            {"detail": f"the server could not store the upload for now ({reason}); retry"},
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
         # Starlette's message names neither the setting nor the route for several files.
         if request.url.path == "/cls/batch":

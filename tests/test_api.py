@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp
 
 import main
@@ -989,6 +991,40 @@ async def test_server_errors_are_logged_with_the_request_id(
     assert [(r.getMessage(), getattr(r, "request_id", None)) for r in tracebacks] == [
         ("batch of 1 failed", "trace-77")
     ]
+
+
+async def test_a_full_temporary_directory_is_the_servers_503_not_the_clients_400(
+    served: RunningApp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload's part that cannot be spooled to disk is no fault of the request: 503 with
+    Retry-After and the reason, and an ERROR line naming the directory for the operator."""
+    data = images.encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
+        "PNG",
+    )
+    assert len(data) > 1024 * 1024  # past what the parser keeps in memory
+
+    async def disk_full(self: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StarletteUploadFile, "write", disk_full)
+    with caplog.at_level(logging.ERROR, logger="main"):
+        refused = [
+            await served.client.post("/cls", files=upload(data)),
+            await served.client.post("/cls/batch", files=[("file", ("a.png", data))]),
+            await served.client.post("/tasks", files=upload(data)),
+        ]
+    for response in refused:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["detail"] == (
+            "the server could not store the upload for now (No space left on device); retry"
+        )
+    logged = [r.getMessage() for r in caplog.records if "temporary directory" in r.getMessage()]
+    assert len(logged) == 3
+    assert tempfile.gettempdir() in logged[0]
+    monkeypatch.undo()
+    assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
 async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
