@@ -1089,6 +1089,30 @@ async def test_metrics_report_requests_batches_and_model(
     assert f"{model} 1.0" in text
 
 
+async def test_a_slow_metrics_render_holds_up_no_other_request(
+    served: RunningApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merging many workers' files (dead workers' counters pile up over restarts) takes a
+    while; the worker goes on serving meanwhile."""
+    render = main.metrics.render
+    started, release = threading.Event(), threading.Event()
+
+    def slow_render() -> tuple[bytes, str]:
+        started.set()
+        release.wait(5)
+        return render()
+
+    monkeypatch.setattr(main.metrics, "render", slow_render)
+    scrape = asyncio.create_task(served.client.get("/metrics"))
+    try:
+        assert await asyncio.to_thread(started.wait, 5)
+        assert (await served.client.get("/healthz")).status_code == 200
+        assert not scrape.done()
+    finally:
+        release.set()
+    assert (await scrape).status_code == 200
+
+
 async def test_unknown_paths_are_json_404_with_one_metrics_label(served: RunningApp) -> None:
     response = await served.client.get("/no/such/path")
     assert response.status_code == 404
