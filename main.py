@@ -730,6 +730,18 @@ class Service:
         self._opening_tasks = None
         logger.info("the task store opened again; tasks are served")
 
+    def liveness_problem(self) -> str | None:
+        """Why this worker cannot serve until it is restarted ("batching stopped", or
+        "stalled": a batch has run longer than ``STALL_TIMEOUT_S``); None while it can."""
+        processor = self.processor
+        if processor is None:
+            return None
+        if processor.failure is not None:
+            return "batching stopped"
+        if processor.oldest_batch_age_s() > self.settings.stall_timeout_s:
+            return "stalled"
+        return None
+
     def refuse_unless_ready(self) -> None:
         if not self.ready:
             raise self._not_ready()
@@ -1203,12 +1215,9 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 async def healthz(request: Request) -> JSONResponse:
     """Liveness: the process serves HTTP, batches, and the model is not stuck on a batch."""
-    service = _service(request)
-    processor = service.processor
-    if processor is not None and processor.failure is not None:
-        return JSONResponse({"status": "batching stopped"}, status_code=503)
-    if processor is not None and processor.oldest_batch_age_s() > service.settings.stall_timeout_s:
-        return JSONResponse({"status": "stalled"}, status_code=503)
+    problem = _service(request).liveness_problem()
+    if problem is not None:
+        return JSONResponse({"status": problem}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -1344,6 +1353,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         service = Service(settings)
         app.state.service = service
+        app.state.liveness_problem = service.liveness_problem
         try:
             await service.start()
         except (ModelLoadError, TaskStoreUnavailable) as exc:

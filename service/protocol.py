@@ -350,6 +350,7 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # instead, and answered 503 (RequestContextMiddleware). A bound of 0 would report
         # a timeout even with nothing open (asyncio.wait_for gives the wait no turn).
         self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
+        self._heart_stopped = False
 
     async def _serve(self) -> None:
         # As UvicornWorker's, with the server that takes in its backlog at shutdown.
@@ -367,6 +368,23 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # gunicorn's timeout (WORKER_TIMEOUT_S) covers loading and warming up the model.
         self.notify()
         super().init_process()
+
+    async def callback_notify(self) -> None:
+        # /healthz answers for whichever worker takes the probe: with several workers, one
+        # whose model is stuck would pass half the probes and answer 504 for good. Without
+        # its heartbeat, gunicorn replaces it after WORKER_TIMEOUT_S.
+        liveness_problem = getattr(getattr(self.wsgi, "state", None), "liveness_problem", None)
+        problem = liveness_problem() if liveness_problem is not None else None
+        if problem is None:
+            self._heart_stopped = False
+            self.notify()
+        elif not self._heart_stopped:
+            self._heart_stopped = True
+            logger.error(
+                "the worker cannot serve (%s): its heartbeat stops, and gunicorn replaces it "
+                "after WORKER_TIMEOUT_S",
+                problem,
+            )
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)

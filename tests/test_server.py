@@ -27,6 +27,7 @@ from tests.server import (
     running_server,
     server_env,
     uvicorn_command,
+    wait_until_ready,
 )
 from tests.support import Reference, metric_value
 
@@ -362,6 +363,34 @@ def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+def test_a_worker_whose_model_is_stuck_is_replaced(tmp_path: Path, photos: list[Path]) -> None:
+    """/healthz answers for whichever worker takes the probe, so with several workers it
+    cannot single out a stuck one: past STALL_TIMEOUT_S the worker stops its heartbeat,
+    and gunicorn replaces it after WORKER_TIMEOUT_S."""
+    port = free_port()
+    command = gunicorn_command(port)
+    command[command.index("main:app")] = "tests.stuck_model_app:app"
+    env = server_env(tmp_path, STALL_TIMEOUT_S="1", WORKER_TIMEOUT_S="10", REQUEST_TIMEOUT_MS="500")
+    with running_server(tmp_path, command, env) as server:
+        photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+        stuck = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
+        assert stuck.status_code == 504
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/healthz", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "the stuck batch never made /healthz 503"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 90
+        while server.log().count("Booting worker") < 2 and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.log()
+            time.sleep(0.5)
+        wait_until_ready(server)
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        log = server.log()
+    assert "the worker cannot serve (stalled): its heartbeat stops" in log
+    assert "WORKER TIMEOUT" in log
+    assert log.count("Booting worker") == 2
 
 
 def start_up_failure_line(env: dict[str, str]) -> str:
