@@ -234,6 +234,11 @@ def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
     )
 
 
+def _file_identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
 def _is_locked(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
@@ -262,6 +267,7 @@ class TaskStore:
             raise self._unavailable(exc) from None
         try:
             self._configure()
+            self._file = _file_identity(self.path)
             self._migrate()
         except (OSError, sqlite3.Error, TaskStoreBusy, TaskStoreFailed) as exc:
             self._db.close()
@@ -274,8 +280,8 @@ class TaskStore:
         return TaskStoreUnavailable(
             f"cannot open the task store {self.path}: {cause}; set DATA_DIR to a writable "
             "directory on a local disk",
-            # A damaged file is the operator's to mend: it stops start-up, as one that is no
-            # task store does.
+            # A damaged file is the operator's to mend, as one that is no task store is: it
+            # does not pass by itself.
             for_now=(
                 isinstance(cause, TaskStoreBusy | TaskStoreFailed)
                 or _is_disk_failure(cause)
@@ -307,6 +313,20 @@ class TaskStore:
     def close(self) -> None:
         self._db.close()
 
+    def _check_file(self) -> None:
+        """Refuse to go on with a file that is no longer at the store's path (deleted, or
+        replaced by another): what is written to it would be seen by no worker started
+        since, and lost at the next start."""
+        try:
+            current = _file_identity(self.path)
+        except OSError:
+            current = None
+        if current != self._file:
+            raise TaskStoreFailed(
+                f"the task store's file {self.path} was deleted or replaced while this worker "
+                "had it open; restart the server, so that every worker uses the same file"
+            )
+
     def _migrate(self) -> None:
         with self._transaction():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -332,6 +352,7 @@ class TaskStore:
             "the task store is busy: its write lock was not free in time (a write waits "
             f"at most {BUSY_TIMEOUT_MS / 1000:g} s for it); retry shortly"
         )
+        self._check_file()
         wait_ms = BUSY_TIMEOUT_MS
         if lock_deadline is not None:
             # One try at least, however late: the lock may well be free.
@@ -367,6 +388,7 @@ class TaskStore:
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         """A read outside any transaction, its failures told apart as a write's are."""
+        self._check_file()
         try:
             yield self._db
         except sqlite3.Error as exc:  # a damaged file's is a DatabaseError

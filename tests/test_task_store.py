@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
+import shutil
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from service.tasks import (
     TaskStatus,
     TaskStore,
     TaskStoreBusy,
+    TaskStoreFailed,
     TaskStoreUnavailable,
     WebhookStatus,
 )
@@ -211,6 +213,27 @@ def test_a_file_that_is_no_store_or_is_damaged_is_refused_as_not_mending_by_itse
     with pytest.raises(TaskStoreUnavailable, match="cannot open the task store") as refused:
         TaskStore(tmp_path)
     assert refused.value.for_now is False
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_a_file_deleted_or_replaced_under_an_open_store_is_refused(
+    tmp_path: Path, change: str
+) -> None:
+    """Writes to a deleted file would be lost at the next start, and a worker started since
+    would use another file: each read and write is refused with what mends it."""
+    data_dir = tmp_path / "data"
+    with closing(TaskStore(data_dir)) as store:
+        add(store, "t1")
+        if change == "deleted":
+            shutil.rmtree(data_dir)
+        else:
+            (data_dir / DATABASE_NAME).rename(tmp_path / "elsewhere.sqlite3")
+            with closing(TaskStore(data_dir)):
+                pass  # as a worker started since makes a new one
+        for operation in (lambda: add(store, "t2"), lambda: store.get("t1")):
+            with pytest.raises(TaskStoreFailed, match="was deleted or replaced") as refused:
+                operation()
+            assert "restart the server" in str(refused.value)
 
 
 def open_with_file_size_limit(data_dir: str, limit: int, answers: multiprocessing.Queue) -> None:

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import random
+import shutil
 import socket
 import sqlite3
 import threading
@@ -1640,6 +1641,30 @@ async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
         assert (await finished(served.client, (await submit(served.client, data))["task_id"]))[
             "status"
         ] == "succeeded"
+
+
+async def test_a_data_dir_deleted_under_the_server_is_503_with_what_mends_it(
+    photos: list[Path],
+) -> None:
+    """Submissions into the deleted file would be lost at the next start, and a worker
+    started since would answer 404 for them from a new file: task routes refuse with 503
+    and say to restart; /cls goes on."""
+    settings = make_settings()
+    data = photos[0].read_bytes()
+    async with running_app(settings) as served:
+        task_id = (await submit(served.client, data))["task_id"]
+        await finished(served.client, task_id)
+        shutil.rmtree(settings.data_dir)
+        refusals = [
+            await served.client.post("/tasks", files=upload(data)),
+            await served.client.get(f"/task-status/{task_id}"),
+        ]
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+    for refused in refusals:
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "was deleted or replaced" in refused.json()["detail"]
+        assert "restart the server" in refused.json()["detail"]
 
 
 async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls(
