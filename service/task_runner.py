@@ -44,6 +44,8 @@ STORE_RETRY_FIRST_S = 0.1
 STORE_RETRY_MAX_S = 5.0
 # How often a stopping worker looks again for a delivery falling due within its grace.
 STOP_POLL_S = 0.05
+# How long a request waits for its write's answer once the write lock's wait is over.
+WRITE_ANSWER_MARGIN_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -677,12 +679,27 @@ class TaskRunner:
         self, function: Callable[..., T], *args: object, **kwargs: object
     ) -> T:
         """A request's write: the write lock is waited for at most the busy timeout from
-        now, however long the writes queued before it wait."""
+        now, however long the writes queued before it wait, and the answer for at most
+        ``WRITE_ANSWER_MARGIN_S`` more (a stalled disk holds a write past any lock wait).
+
+        Raises:
+            TaskStoreFailed: The write did not finish in that time (it may yet).
+        """
         self._refuse_once_stopped()  # here: ``stop`` may have begun while the caller waited
-        deadline = time.monotonic() + tasks.BUSY_TIMEOUT_MS / 1000
-        return await asyncio.get_running_loop().run_in_executor(
+        wait_s = tasks.BUSY_TIMEOUT_MS / 1000
+        deadline = time.monotonic() + wait_s
+        writing = asyncio.get_running_loop().run_in_executor(
             self._request_thread, partial(function, *args, lock_deadline=deadline, **kwargs)
         )
+        try:
+            async with asyncio.timeout(wait_s + WRITE_ANSWER_MARGIN_S):
+                return await writing
+        except TimeoutError:
+            raise TaskStoreFailed(
+                f"the task store did not answer within {wait_s + WRITE_ANSWER_MARGIN_S:g} s "
+                "(the disk that holds DATA_DIR may be stalled), and may complete yet: a "
+                "submission resent with the same Idempotency-Key returns its task if stored"
+            ) from None
 
     async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()

@@ -1477,6 +1477,44 @@ async def test_submissions_wait_for_a_held_lock_no_longer_than_the_busy_timeout(
     assert max(seconds for _, seconds in answers) < 1.6, answers
 
 
+async def test_a_write_held_by_a_stalled_disk_is_answered_503_in_time(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen or failing block device holds a write past any lock wait: the submission
+    gets its 503 within the busy timeout and a second, and the one queued behind it is
+    refused in time too; once the disk answers, submissions are stored again."""
+    monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 500)
+    monkeypatch.setattr(task_runner, "WRITE_ANSWER_MARGIN_S", 0.5)
+    data = photos[0].read_bytes()
+    thawed = threading.Event()
+    async with running_app(make_settings()) as served:
+        writer = served.service.running_tasks().request_writer
+        create = writer.create
+
+        def stalled_create(*args: Any, **kwargs: Any) -> tasks.TaskRecord:
+            thawed.wait(10)
+            return create(*args, **kwargs)
+
+        monkeypatch.setattr(writer, "create", stalled_create)
+        try:
+
+            async def timed_submission() -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                response = await served.client.post("/tasks", files=upload(data))
+                return response, time.monotonic() - started
+
+            answers = await asyncio.gather(*(timed_submission() for _ in range(2)))
+        finally:
+            thawed.set()
+        monkeypatch.setattr(writer, "create", create)
+        await submit(served.client, data)
+    for response, seconds in answers:
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "1"
+        assert "did not answer within 1 s" in response.json()["detail"]
+        assert seconds < 5, answers
+
+
 async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: list[Path]) -> None:
     """A full disk (here, SQLite's own page limit: the same "database or disk is full") makes
     a submission 503 with Retry-After and a detail naming DATA_DIR, not a bare 500."""
