@@ -85,6 +85,29 @@ def on_starting(server: Any) -> None:
     """Remove the metric files of an earlier run, so their samples do not leak in, and
     find out now, in one line, if the workers cannot create theirs."""
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
+    _halt_once_for_workers_that_cannot_start(server)
+
+
+def _halt_once_for_workers_that_cannot_start(server: Any) -> None:
+    """A worker that cannot start (its one line says why) halts the master; its siblings
+    fail the same way while the master stops them, and gunicorn would raise its halt again
+    from inside the first, with two tracebacks, exit status 1 and no ``on_exit``."""
+    from gunicorn.errors import HaltServer
+
+    reap_workers = server.reap_workers
+    halting = False
+
+    def reap_workers_halting_once() -> None:
+        nonlocal halting
+        try:
+            reap_workers()
+        except HaltServer:
+            if halting:
+                return
+            halting = True
+            raise
+
+    server.reap_workers = reap_workers_halting_once
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -111,7 +134,8 @@ def child_exit(server: Any, worker: Any) -> None:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "
             "loading its model (raise WORKER_TIMEOUT_S where the first start downloads the "
-            "weights over a slow link), or its event loop was stuck",
+            "weights over a slow link), its event loop was stuck, or its model was stuck past "
+            "STALL_TIMEOUT_S (it stopped its heartbeat)",
             worker.pid,
             settings.worker_timeout_s,
         )

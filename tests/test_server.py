@@ -434,6 +434,29 @@ def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> No
     assert str(not_a_directory) in error
 
 
+def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: Path) -> None:
+    """Each of several workers says in one line why it cannot start; the master halts once,
+    with the boot error's status."""
+    not_a_directory = tmp_path / "data"
+    not_a_directory.write_text("a file, not a directory")
+    # Found after the model loaded: both workers fail about together.
+    env = server_env(tmp_path, WORKERS="2", DATA_DIR=str(not_a_directory))
+    result = subprocess.run(
+        gunicorn_command(free_port()),
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert 1 <= len(errors) <= 2, result.stderr
+    assert all("DATA_DIR" in line for line in errors)
+    assert result.stderr.count("Reason: Worker failed to boot.") == 1
+
+
 def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
     env = server_env(tmp_path, MAX_BATCH_SIZE="0", DEVICE="gpu")
     result = subprocess.run(
