@@ -64,6 +64,7 @@ from service.middleware import (
     BodyLimitsMiddleware,
     JsonCorsMiddleware,
     RequestContextMiddleware,
+    ShedWhileFullMiddleware,
 )
 from service.protocol import SHUTDOWN_HOOK
 from service.settings import Settings, load_settings
@@ -527,16 +528,10 @@ class Service:
         assert self.processor is not None
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
-        # /cls and /cls/batch share MAX_QUEUE, whichever lane they wait in.
-        admitted = (
-            processor.waiting(Priority.INTERACTIVE)
-            + processor.waiting(Priority.BULK)
-            + self._decoding
-        )
-        if admitted >= processor.config.max_queue:
+        if (full := self._queue_full()) is not None:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
-            raise QueueFull(f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}")
+            raise QueueFull(full)
         self._check_size(upload)
         model_idle = self._idle_for() > 0
         self._decoding += 1
@@ -638,12 +633,8 @@ class Service:
         up to ``WEBHOOK_TIMEOUT_S``.
         """
         self.refuse_unless_ready()
-        max_queue = self.settings.max_queue
-        if self._submitting_tasks >= max_queue:
-            raise QueueFull(
-                f"{self._submitting_tasks} task submissions are being read, decoded or "
-                f"stored; MAX_QUEUE allows {max_queue}"
-            )
+        if self._submitting_tasks >= self.settings.max_queue:
+            raise QueueFull(self._submissions_full())
         self._check_size(upload)
         self._submitting_tasks += 1
         try:
@@ -668,6 +659,12 @@ class Service:
             )
         finally:
             self._submitting_tasks -= 1
+
+    def _submissions_full(self) -> str:
+        return (
+            f"{self._submitting_tasks} task submissions are being read, decoded or stored; "
+            f"MAX_QUEUE allows {self.settings.max_queue}"
+        )
 
     async def run_task(self, task: ClaimedTask) -> object:
         """Classify a stored task's image in the batcher's background lane."""
@@ -729,6 +726,35 @@ class Service:
         self._unopened_tasks = None
         self._opening_tasks = None
         logger.info("the task store opened again; tasks are served")
+
+    def _queue_full(self) -> str | None:
+        """Why an image would be refused for a full queue now; None while there is room.
+        /cls and /cls/batch share MAX_QUEUE, whichever lane they wait in."""
+        processor = self.processor
+        assert processor is not None
+        admitted = (
+            processor.waiting(Priority.INTERACTIVE)
+            + processor.waiting(Priority.BULK)
+            + self._decoding
+        )
+        if admitted >= processor.config.max_queue:
+            return f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}"
+        return None
+
+    def refusal_before_upload(self, path: str) -> str | None:
+        """Why an upload to ``path`` would be refused for a full queue now, before its body
+        is read; None to read it. A /cls refused so counts as the batcher's refusals do; a
+        /cls/batch, whose files are not known yet, counts only as the HTTP 503 it is."""
+        if not self.ready or self.processor is None:
+            return None  # the route answers that, with its own reason
+        if path in ("/cls", "/cls/batch"):
+            full = self._queue_full()
+            if full is not None and path == "/cls":
+                self._observer.item_finished(Outcome.REJECTED)
+            return full
+        if path == "/tasks" and self._submitting_tasks >= self.settings.max_queue:
+            return self._submissions_full()
+        return None
 
     def liveness_problem(self) -> str | None:
         """Why this worker cannot serve until it is restarted ("batching stopped", or
@@ -1470,6 +1496,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(
+        ShedWhileFullMiddleware,
+        refusal=lambda path: (
+            app.state.service.refusal_before_upload(path) if hasattr(app.state, "service") else None
+        ),
+        retry_after_s=RETRY_AFTER_S,
+    )
     app.add_middleware(
         BodyLimitsMiddleware,
         limits_by_path=body_limits,

@@ -227,6 +227,30 @@ def _closing_delimiter(scope: Scope) -> bytes | None:
     return b"--" + boundary + b"--"
 
 
+class ShedWhileFullMiddleware:
+    """Refuses an upload with 503 before its body is read while ``refusal`` says why (the
+    queue it would wait in is full): a client on a slow link is not made to send megabytes
+    only to be told to retry."""
+
+    def __init__(
+        self, app: ASGIApp, refusal: Callable[[str], str | None], retry_after_s: str
+    ) -> None:
+        self.app = app
+        self.refusal = refusal
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            # "/cls/" is served as "/cls" (redirected): the same queue.
+            detail = self.refusal(scope["path"].rstrip("/"))
+            if detail is not None:
+                headers = {"Retry-After": self.retry_after_s, **_UNREAD_BODY}
+                response = JSONResponse({"detail": detail}, status_code=503, headers=headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class ApiKeyMiddleware:
     """Requires the API key on every path but the open ones, before any body is read.
 

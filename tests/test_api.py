@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -488,10 +488,40 @@ async def test_full_queue_is_503_with_retry_after(photos: list[Path]) -> None:
         assert refused_batch.status_code == 503, refused_batch.text
         assert refused_batch.headers["retry-after"] == "1"
         assert "MAX_QUEUE allows 2" in refused_batch.json()["detail"]
+        # Refused before its files were read: not known to the batcher's count.
         after = metric_value((await served.client.get("/metrics")).text, rejected)
-        assert after == before + 3
+        assert after == before + 1
         model.release.set()
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200] * 3
+
+
+@pytest.mark.parametrize("path", ["/cls", "/cls/batch"])
+async def test_a_full_queue_refuses_an_upload_before_reading_it(
+    photos: list[Path], path: str
+) -> None:
+    """A client on a slow link is not made to send its image only to be told to retry: the
+    503 comes while the body is still on its way, and closes the connection."""
+    settings = make_settings(max_queue=1, max_batch_files=1, drain_timeout_s=2)
+    async with running_app(settings) as served:
+        data = photos[0].read_bytes()
+        model, running, queued = await hold_model_with_queue(served, data, queued=1)
+        body = multipart([("file", "photo.jpg", data, "image/jpeg")])
+        never_sent = asyncio.Event()
+
+        async def stalled_body() -> AsyncIterator[bytes]:
+            yield body[:200]
+            await never_sent.wait()
+
+        async with asyncio.timeout(5):
+            refused = await served.client.post(
+                path, content=stalled_body(), headers=multipart_headers(body)
+            )
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
+        assert refused.json()["detail"] == "the queue is full; MAX_QUEUE allows 1"
+        model.release.set()
+        assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200, 200]
 
 
 async def test_a_batch_with_refused_entries_says_when_to_retry(photos: list[Path]) -> None:
