@@ -7,6 +7,7 @@ import os
 import re
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -171,7 +172,7 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     (metrics_dir / "notes.txt").write_text("not ours")
     on_starting = config["on_starting"]
     assert callable(on_starting)
-    on_starting(None)
+    on_starting(SimpleNamespace(reap_workers=lambda: None))
     assert [path.name for path in metrics_dir.iterdir()] == ["notes.txt"]
     assert callable(config["child_exit"])
 
@@ -188,7 +189,7 @@ def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
     on_starting, on_exit = config["on_starting"], config["on_exit"]
     assert callable(on_starting)
     assert callable(on_exit)
-    on_starting(None)
+    on_starting(SimpleNamespace(reap_workers=lambda: None))
     try:
         assert (tmp_path / "important.db").read_text() == "not a metric file"
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(config["PROMETHEUS_DIR"])
@@ -206,7 +207,7 @@ def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(
     on_starting = config["on_starting"]
     assert callable(on_starting)
     with pytest.raises(SystemExit) as stopped:
-        on_starting(None)
+        on_starting(SimpleNamespace(reap_workers=lambda: None))
     line = str(stopped.value)
     assert "\n" not in line
     message = json.loads(line)["message"] if log_format == "json" else line
