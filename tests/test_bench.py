@@ -20,7 +20,7 @@ from aiohttp import web
 from PIL import Image
 from tqdm import tqdm
 
-from bench import gpu, overload, report
+from bench import gpu, large_images, load, overload, report
 from bench.__main__ import _images, _saturating_clients, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
@@ -497,3 +497,34 @@ async def test_the_api_key_reaches_every_request_and_a_sweep_of_no_answers_stops
         assert set(keyed.statuses) == {"200"}
         with tqdm(disable=True) as progress, pytest.raises(SystemExit, match="'401'"):
             await asyncio.to_thread(run_sweep, Server(url), [payload], mode, progress)
+
+
+async def test_the_large_images_step_tells_small_answers_from_large_ones(
+    photos: list[Path],
+) -> None:
+    """Large uploads are 6000x4000 images that decode; the step counts each kind's answers
+    and times only the small ones."""
+    small = load.encode_payloads(photos)
+    large = large_images.large_payloads(photos[0])
+    sizes: list[tuple[int, int]] = []
+
+    async def classify(request: web.Request) -> web.Response:
+        upload = (await request.post())["file"]
+        assert isinstance(upload, web.FileField)
+        size = Image.open(upload.file).size
+        sizes.append(size)
+        await asyncio.sleep(0.05 if size == large_images.LARGE_SIZE else 0.01)
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async with fake_service(classify, metrics) as url:
+        mixed = await large_images.step(Server(url), small, large, 1.0)
+        alone = await large_images.step(Server(url), small, [], 0.5)
+
+    assert mixed["large_answered"] > 0
+    assert alone["large_answered"] == 0
+    assert sizes.count(large_images.LARGE_SIZE) == mixed["large_answered"]
+    assert mixed["small_answered"] + alone["small_answered"] == len(sizes) - mixed["large_answered"]
+    assert 10 <= mixed["small_p50_ms"] < 1000
