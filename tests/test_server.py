@@ -393,20 +393,23 @@ def test_a_worker_whose_model_is_stuck_is_replaced(tmp_path: Path, photos: list[
     assert log.count("Booting worker") == 2
 
 
-def start_up_failure_line(env: dict[str, str]) -> str:
-    """Start uvicorn, expect it to stop with exit code 3, and return its one error line."""
+def failed_start(command: list[str], env: dict[str, str]) -> tuple[str, list[str]]:
+    """Start ``command``, expect it to stop with exit code 3 and no traceback; its output
+    and its lines saying why it cannot start."""
     result = subprocess.run(
-        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert len(errors) == 1, result.stderr
+    return result.stderr, [line for line in result.stderr.splitlines() if "cannot start" in line]
+
+
+def start_up_failure_line(env: dict[str, str]) -> str:
+    """Start uvicorn, expect it to stop with exit code 3, and return its one error line."""
+    output, errors = failed_start(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], env
+    )
+    assert len(errors) == 1, output
     return errors[0]
 
 
@@ -441,20 +444,10 @@ def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: P
     not_a_directory.write_text("a file, not a directory")
     # Found after the model loaded: both workers fail about together.
     env = server_env(tmp_path, WORKERS="2", DATA_DIR=str(not_a_directory))
-    result = subprocess.run(
-        gunicorn_command(free_port()),
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 3, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert 1 <= len(errors) <= 2, result.stderr
+    output, errors = failed_start(gunicorn_command(free_port()), env)
+    assert 1 <= len(errors) <= 2, output
     assert all("DATA_DIR" in line for line in errors)
-    assert result.stderr.count("Reason: Worker failed to boot.") == 1
+    assert output.count("Reason: Worker failed to boot.") == 1
 
 
 def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
