@@ -48,6 +48,15 @@ UNREAD_REQUEST_WAIT_S = 0.05
 # At shutdown, how long the worker goes on taking in the connections waiting in its
 # listening socket's backlog, should more keep coming.
 BACKLOG_ACCEPT_S = 1.0
+# After an answer given before its request's bytes were all read (an early 413, 401 or 503,
+# a refusal), how long the connection goes on reading and dropping what the client still
+# sends: closed at once, the bytes left unread make the kernel reset the connection, and a
+# client that reads only once it has sent its whole request loses the answer. nginx's
+# lingering_timeout (the most between two reads) and lingering_time (the most in all).
+LINGER_IDLE_S = 5.0
+LINGER_TOTAL_S = 30.0
+# Once the server is shutting down, the most a connection lingers from then on.
+LINGER_AT_SHUTDOWN_S = 1.0
 
 logger = logging.getLogger("service")
 
@@ -93,6 +102,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._body_read = False
         self._idle_deadline: float | None = None
         self._last_request = False  # the server is shutting down: close after this one
+        self._shutting_down = False
+        self._linger_until: float | None = None  # set once the connection lingers
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def _unsupported_upgrade_warning(self) -> None:
         # An upgrade request (WebSocket, h2c) is served as the plain request it also is;
@@ -108,6 +120,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         hook = self.app_state.get(SHUTDOWN_HOOK)
         if hook is not None:
             hook()
+        self._shutting_down = True
+        if self._linger_until is not None:
+            self._linger_until = min(self._linger_until, self.loop.time() + LINGER_AT_SHUTDOWN_S)
+            self._arm_linger_timer()
+            return
         if self.cycle is not None and not self.cycle.response_complete:
             super().shutdown()  # closes the connection once the response is sent
             return
@@ -120,19 +137,24 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(UNREAD_REQUEST_WAIT_S, self._close_unless_a_request_began)
 
     def _close_unless_a_request_began(self) -> None:
-        if self._in_head or self.transport.is_closing():
+        if self._in_head or self.transport.is_closing() or self._linger_until is not None:
             return
         if self.cycle is None or self.cycle.response_complete:
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         # uvicorn stops keep-alive only on a clean close; after a reset its timer would
         # hold this connection's state until it ran out.
         self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until is not None:
+            self._arm_linger_timer()  # what is read is dropped
+            return
         if self._pending_refusal is not None:
             # Requests sent before are still being answered (their reads resume reading);
             # what comes after the refused bytes is neither parsed nor kept.
@@ -141,8 +163,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         begun = self._messages_begun
         self._body_read = False
         super().data_received(data)
-        if self.transport.get_protocol() is not self:
-            return  # upgraded (uvicorn run without UVICORN_CONFIG's ws="none")
+        if self.transport.get_protocol() is not self or self._linger_until is not None:
+            return  # upgraded (uvicorn run without UVICORN_CONFIG's ws="none"), or refused
         self._keep_alive_if_idle()
         if self._pending_refusal or self.transport.is_closing():
             return
@@ -178,8 +200,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
-        if self._last_request and self.cycle is not None:
-            self.cycle.keep_alive = False
+        if self.cycle is not None:
+            self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
+            if self._last_request:
+                self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self._body_read = True
@@ -194,6 +218,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         owed = bool(self.pipeline)  # a request queued behind this one starts now
         super().on_response_complete()
         if self.transport.is_closing():
+            return
+        if self._linger_until is not None:
+            self._unset_keepalive_if_required()  # the linger's own timer closes it
             return
         if self._pending_refusal is not None:
             if owed:
@@ -304,7 +331,49 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             ]
         )
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self._linger()
+
+    def _close_after_answer(self) -> None:
+        """Close once a request's answer is sent: lingering while its body may still come."""
+        if self._message_open and not self.transport.is_closing():
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """Send what is written and no more, then drop what arrives until the client closes,
+        it sends nothing for LINGER_IDLE_S, or LINGER_TOTAL_S have passed."""
+        if self.transport.is_closing() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        linger_s = LINGER_AT_SHUTDOWN_S if self._shutting_down else LINGER_TOTAL_S
+        self._linger_until = self.loop.time() + linger_s
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._arm_linger_timer()
+
+    def _arm_linger_timer(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        assert self._linger_until is not None
+        delay = min(LINGER_IDLE_S, max(0.0, self._linger_until - self.loop.time()))
+        self._linger_timer = self.loop.call_later(delay, self.transport.close)
+
+
+class _LingeringClose:
+    """A request's transport as uvicorn's cycle sees it: closing it after an answer lingers
+    while the request's body may still be arriving (``_close_after_answer``)."""
+
+    def __init__(self, protocol: JsonErrorsHttpProtocol) -> None:
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        self._protocol._close_after_answer()
 
 
 # What the service's uvicorn runs with. No WebSocket: the service has no such route, and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import socket
 import subprocess
 import sys
@@ -29,14 +30,19 @@ HEAD_LIMIT_BYTES = 64 * 1024
 KEEP_ALIVE_S = 2.5
 # Well past the head timeout: a request the app takes this long on must still be answered.
 SLOW_APP_S = 2.5
+# How long a connection goes on reading after an early answer: at most LINGER_IDLE_S
+# between two reads, LINGER_TOTAL_S in all.
+LINGER_IDLE_S = 1.0
+LINGER_TOTAL_S = 3.0
 
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers 200 with the body's length, after SLOW_APP_S on /slow; on /early, 413 at once
-    without reading the body, as a limit or a missing API key is answered."""
+    without reading the body, closing the connection, as a limit, a missing API key or a full
+    queue is answered."""
     assert scope["type"] == "http"
     if scope["path"] == "/early":
-        headers = [(b"content-length", b"0")]
+        headers = [(b"content-length", b"0"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         return
@@ -58,6 +64,8 @@ def serving(keep_alive_s: float) -> Iterator[int]:
     """uvicorn as the service runs it, with the echo app; its port."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(protocol, "REQUEST_HEAD_TIMEOUT_S", HEAD_TIMEOUT_S)
+        patch.setattr(protocol, "LINGER_IDLE_S", LINGER_IDLE_S)
+        patch.setattr(protocol, "LINGER_TOTAL_S", LINGER_TOTAL_S)
         port = free_port()
         config = uvicorn.Config(
             echo_length,
@@ -110,6 +118,16 @@ def read_to_close(connection: socket.socket) -> bytes:
 def request(path: str = "/", body: bytes = b"", extra_headers: str = "") -> bytes:
     head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n{extra_headers}"
     return head.encode() + b"\r\n" + body
+
+
+def send_until_answered(connection: socket.socket, piece: bytes, most_bytes: int) -> int:
+    """Send ``piece`` again and again until an answer can be read (or ``most_bytes`` are
+    sent); how many bytes were sent."""
+    sent = 0
+    while sent < most_bytes and not select.select([connection], [], [], 0)[0]:
+        connection.sendall(piece)
+        sent += len(piece)
+    return sent
 
 
 def json_error(answer: bytes, status: int) -> str:
@@ -212,13 +230,7 @@ def test_a_head_over_the_limit_is_refused_before_it_ends(port: int) -> None:
     started = time.monotonic()
     with connect(port) as connection:
         connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nX-Filler: ")
-        sent = 0
-        try:
-            while sent < 64 * protocol.MAX_REQUEST_HEAD_BYTES:
-                connection.sendall(b"a" * 16384)
-                sent += 16384
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        sent = send_until_answered(connection, b"a" * 16384, 64 * protocol.MAX_REQUEST_HEAD_BYTES)
         answer = read_to_close(connection)
     assert sent < 64 * protocol.MAX_REQUEST_HEAD_BYTES, "the server read the whole header"
     assert "over 65536 bytes" in json_error(answer, 431)
@@ -239,17 +251,11 @@ def test_a_head_just_under_the_limit_is_served(port: int) -> None:
 
 def test_trailers_that_never_end_are_refused_like_a_head(port: int) -> None:
     """Trailer lines after a chunked body would be kept without limit by the parser."""
-    sent = 0
     with connect(port) as connection:
         connection.sendall(
             b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
         )
-        try:
-            while sent < 64 * 2**20:
-                connection.sendall(b"X-T: " + b"a" * 8000 + b"\r\n")
-                sent += 8007
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        sent = send_until_answered(connection, b"X-T: " + b"a" * 8000 + b"\r\n", 64 * 2**20)
         answer = read_to_close(connection)
     assert "over 65536 bytes" in json_error(answer, 431)
     assert sent < 16 * 2**20
@@ -274,7 +280,7 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.protocol = protocol
         self.written = b""
-        self.paused = self.closed = False
+        self.paused = self.closed = self.eof_written = False
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self.protocol
@@ -296,6 +302,12 @@ class RecordingTransport(asyncio.Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
 
 async def test_a_read_that_ends_a_body_and_begins_a_head_does_not_count_as_head() -> None:
@@ -504,20 +516,80 @@ def test_a_slow_answer_is_not_cut_off(port: int) -> None:
 
 def test_a_body_still_arriving_after_an_early_answer_is_not_cut_off(port: int) -> None:
     """A client that sends its whole body before reading sees the early answer (a 413, a
-    401), not a reset, however long the body takes."""
+    401, a full queue's 503), not a reset, however long the body takes. Closed at once, the
+    connection is reset by the body's next bytes, and a client whose write fails (asyncio's
+    streams, so httpx) drops the answer unread."""
     body = b"z" * 100_000
     head = f"POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n"
     pieces = [body[start : start + 10_000] for start in range(0, len(body), 10_000)]
     with connect(port) as connection:
         connection.sendall(head.encode())
         for piece in pieces:
-            time.sleep(HEAD_TIMEOUT_S * 2 / len(pieces))
+            time.sleep(LINGER_IDLE_S / 4)
             connection.sendall(piece)
-        started = time.monotonic()
         answer = read_to_close(connection)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
-    # Then idle: the keep-alive time applies as after any answer.
-    assert time.monotonic() - started < KEEP_ALIVE_S + 5
+    assert b"connection: close" in answer.lower()
+
+
+def sends_fail_after(connection: socket.socket, interval_s: float, most_s: float) -> float:
+    """Send a byte every ``interval_s`` until a send fails (the server closed, and its reset
+    came back) or ``most_s`` pass; the seconds that took."""
+    started = time.monotonic()
+    while time.monotonic() - started < most_s:
+        try:
+            connection.sendall(b"z")
+        except OSError:
+            break
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def test_after_an_early_answer_the_connection_reads_until_the_client_goes_quiet(
+    port: int,
+) -> None:
+    head = b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(head)
+        assert read_to_close(connection).startswith(b"HTTP/1.1 413 ")  # then its end
+        # Bytes keep coming, a few at a time: read and dropped.
+        assert sends_fail_after(connection, LINGER_IDLE_S / 4, LINGER_IDLE_S * 2) > (
+            LINGER_IDLE_S * 1.9
+        )
+        time.sleep(LINGER_IDLE_S * 1.5)  # quiet for longer than the server waits
+        assert sends_fail_after(connection, 0.05, LINGER_IDLE_S) < LINGER_IDLE_S / 2
+
+
+def test_after_an_early_answer_the_connection_reads_for_a_bounded_time(port: int) -> None:
+    head = b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(head)
+        assert read_to_close(connection).startswith(b"HTTP/1.1 413 ")
+        lingered_s = sends_fail_after(connection, LINGER_IDLE_S / 4, LINGER_TOTAL_S * 3)
+    assert LINGER_TOTAL_S * 0.8 < lingered_s < LINGER_TOTAL_S + 2
+
+
+async def test_a_lingering_connection_closes_soon_once_the_server_shuts_down() -> None:
+    config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
+    http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
+    transport = RecordingTransport(http)
+    http.connection_made(transport)
+    http.data_received(b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nab")
+    async with asyncio.timeout(10):
+        while not transport.eof_written:
+            await asyncio.sleep(0.01)
+    assert transport.written.startswith(b"HTTP/1.1 413 ")
+    http.data_received(b"cd")  # dropped: no second answer
+    await asyncio.sleep(0.1)
+    assert not transport.closed
+    started = time.monotonic()
+    http.shutdown()
+    async with asyncio.timeout(protocol.LINGER_AT_SHUTDOWN_S + 5):
+        while not transport.closed:
+            await asyncio.sleep(0.01)
+    assert time.monotonic() - started > protocol.LINGER_AT_SHUTDOWN_S * 0.9
+    assert transport.written.count(b"HTTP/1.1 ") == 1
+    http.connection_lost(None)
 
 
 def test_a_connection_that_sends_only_blank_lines_is_closed_after_the_keep_alive(
