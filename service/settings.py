@@ -11,7 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
@@ -119,15 +125,21 @@ class Settings(BaseSettings):
     """Every setting, with its environment variable (upper-case field name) and default."""
 
     # allow_inf_nan: "inf" would pass every lower bound below, then break what uses it.
+    # env_ignore_empty: an empty variable means the default, as compose passes an unset
+    # one (${VAR:-}).
     model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", frozen=True, allow_inf_nan=False
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        allow_inf_nan=False,
+        env_ignore_empty=True,
     )
 
     port: int = Field(5001, ge=1, le=65535)
     # gunicorn's whole listening address; unset or empty: 0.0.0.0:PORT.
     bind: str | None = None
     workers: int = Field(1, ge=1, le=64)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     weights: str = Field("imagenet", min_length=1)
     labels_file: Path = PROJECT_ROOT / "imagenet_classes.txt"
@@ -182,10 +194,7 @@ class Settings(BaseSettings):
     # its default); checked here, since libgomp only warns of a value it cannot read, in
     # each worker, and spins for its default. Its syntax: a count (strtoull's, so a sign is
     # read, and -1 is the largest) with an optional k, M, G or T, or "infinite".
-    gomp_spincount: str | None = Field(
-        None,
-        pattern=r"^\s*([+-]?[0-9]{1,19}\s*[kKmMgGtT]?|[iI][nN][fF][iI][nN][iI][tT][eEyY])\s*$",
-    )
+    gomp_spincount: str | None = None
 
     # Unset or empty: no authentication. Never echoed in errors or logs.
     api_key: SecretStr | None = None
@@ -237,23 +246,31 @@ class Settings(BaseSettings):
                 browser_origin(origin)
         return value
 
-    @field_validator(
-        "api_key",
-        "webhook_secret",
-        "fill_spare_slots",
-        "bind",
-        "gomp_spincount",
-        mode="before",
-    )
+    @field_validator("device")
     @classmethod
-    def _empty_means_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    def _a_device_torch_names(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (N the GPU's index)")
+        return value
 
-    @field_validator("data_dir", mode="before")
+    @field_validator("gomp_spincount")
     @classmethod
-    def _empty_means_the_default(cls, value: object) -> object:
-        # An empty path is the working directory, which nobody asks for by leaving it empty.
-        return cls.model_fields["data_dir"].default if value == "" else value
+    def _a_count_libgomp_reads(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+            r"\s*([+-]?[0-9]{1,19}\s*[kKmMgGtT]?|[iI][nN][fF][iI][nN][iI][tT][eEyY])\s*", value
+        ):
+            raise ValueError(
+                "must be a count, with an optional k, M, G or T (1000000, 300k), or infinite"
+            )
+        return value
+
+    @field_validator("data_dir", "labels_file", "webhook_secret", mode="before")
+    @classmethod
+    def _not_only_blanks(cls, value: object) -> object:
+        # A value of blanks alone is a slip (a quoted space), not a name or a secret.
+        if isinstance(value, str) and value and not value.strip():
+            raise ValueError("is only blanks; leave it unset or empty for the default")
+        return value
 
     @field_validator("api_key")
     @classmethod

@@ -1,0 +1,90 @@
+"""Settings from the environment: empty values, blanks, and one-line refusals that say what
+a setting takes."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import PROJECT_ROOT, load_settings
+
+SET_EMPTY = (
+    "TORCH_THREADS",
+    "DECODE_THREADS",
+    "LABELS_FILE",
+    "DATA_DIR",
+    "WEBHOOK_SECRET",
+    "PORT",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*SET_EMPTY, "DEVICE", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def refusal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    line = str(stopped.value.code or "") + capsys.readouterr().err
+    assert "invalid configuration" in line
+    return line
+
+
+def test_empty_values_mean_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As compose passes an unset variable (``${VAR:-}``)."""
+    for name in SET_EMPTY:
+        monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert settings.torch_threads is None
+    assert settings.decode_threads is None
+    assert settings.labels_file == PROJECT_ROOT / "imagenet_classes.txt"
+    assert str(settings.data_dir) == "data"
+    assert settings.webhook_secret is None
+    assert settings.port == 5001
+
+
+@pytest.mark.parametrize("name", ["LABELS_FILE", "DATA_DIR", "WEBHOOK_SECRET"])
+def test_a_value_of_blanks_alone_is_refused(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(name, "  ")
+    line = refusal(monkeypatch, capsys)
+    assert f"{name}=" in line
+    assert "is only blanks" in line
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("DEVICE", "gpu", "must be auto, cpu, cuda or cuda:N"),
+        ("GOMP_SPINCOUNT", "lots", "must be a count, with an optional k, M, G or T"),
+    ],
+)
+def test_a_refusal_says_what_the_setting_takes_not_a_pattern(
+    name: str,
+    value: str,
+    says: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, value)
+    line = refusal(monkeypatch, capsys)
+    assert f"{name}={value!r}: {says}" in line
+    assert "pattern" not in line
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DEVICE", "cuda:1"),
+        ("DEVICE", "cpu"),
+        ("GOMP_SPINCOUNT", " 300k "),
+        ("GOMP_SPINCOUNT", "INFINITE"),
+    ],
+)
+def test_values_the_setting_takes_are_kept(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings(), name.lower()) == value
