@@ -411,7 +411,10 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
         (["--workers", "0"], "must be at least 1, not 0"),
         (["--max-batch-size", "-1"], "must be at least 1, not -1"),
         (["--images", "/nonexistent"], "--images /nonexistent is not a folder"),
-        (["--url", "http://127.0.0.1:9"], "--url http://127.0.0.1:9 cannot be reached"),
+        (
+            ["--url", "http://127.0.0.1:9", "--images", str(IMAGES_DIR)],
+            "--url http://127.0.0.1:9 cannot be reached",
+        ),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_measurement(
