@@ -128,6 +128,7 @@ def dashboard_expressions() -> list[str]:
 
 
 def test_prometheus_scrapes_the_real_server(tmp_path: Path) -> None:
+    binary("prometheus")  # fail before starting a server
     photo = photo_paths()[0].read_bytes()
     command = gunicorn_command(free_port())
     with running_server(tmp_path, command, server_env(tmp_path)) as server:
