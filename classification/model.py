@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import pickle
 import warnings
@@ -78,12 +80,16 @@ def resolve_device(name: str) -> torch.device:
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+    downloading = not cached.is_file()
     try:
-        # weights_only: torch hub would otherwise unpickle the cached file, running
-        # whatever code it holds.
-        loaded = IMAGENET_WEIGHTS.get_state_dict(
-            progress=False, check_hash=True, map_location="cpu", weights_only=True
-        )
+        # torch hub prints "Downloading: ..." before it tries: offline, a line
+        # before the one that says what to do. A download that works is logged below.
+        with contextlib.redirect_stdout(io.StringIO()):
+            # weights_only: torch hub would otherwise unpickle the cached file, running
+            # whatever code it holds.
+            loaded = IMAGENET_WEIGHTS.get_state_dict(
+                progress=False, check_hash=True, map_location="cpu", weights_only=True
+            )
     except Exception as exc:
         if cached.is_file():  # torch hub loads a cached file without checking its hash
             raise ModelLoadError(
@@ -97,6 +103,10 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
             f"({reason}); set WEIGHTS=/path/to/state_dict.pth to load a local file, "
             "or WEIGHTS=random for offline smoke tests"
         ) from None
+    if downloading:
+        logger.info(
+            "downloaded the ResNet18 ImageNet weights from %s to %s", IMAGENET_WEIGHTS.url, cached
+        )
     try:
         return _checked_state_dict(loaded, f"the file cached at {cached}")
     except ModelLoadError as exc:

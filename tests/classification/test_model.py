@@ -212,9 +212,9 @@ def test_the_cached_imagenet_file_is_loaded_as_weights_only(
 
 
 def test_imagenet_weights_offline_name_both_alternatives(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Not cached and not downloadable: one line that says how to fix it."""
+    """Not cached and not downloadable: one line that says how to fix it, and no other."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(*args: object, **kwargs: object) -> None:
@@ -228,6 +228,7 @@ def test_imagenet_weights_offline_name_both_alternatives(
     assert str(tmp_path) in message
     assert "WEIGHTS=/path/to/state_dict.pth" in message
     assert "WEIGHTS=random" in message
+    assert capsys.readouterr() == ("", "")  # torch hub's "Downloading: ..." is not shown
 
 
 def test_imagenet_weights_load_from_the_torch_hub_cache(
