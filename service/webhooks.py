@@ -74,26 +74,26 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
         if embedded is not None:
             return _refusal_reason(embedded)
     if ip.is_loopback:
-        return "loopback"
+        return "a loopback"
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated
-        return "site-local"
+        return "a site-local"
     if ip.is_link_local:
-        return "link-local (cloud metadata lives here)"
+        return "a link-local (cloud metadata lives here)"
     if ip.is_unspecified:
-        return "unspecified"
+        return "an unspecified"
     # Multicast is checked explicitly: `is_global` is true for some multicast ranges.
     if ip.is_multicast:
-        return "multicast"
+        return "a multicast"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "carrier-grade NAT"
+        return "a carrier-grade NAT"
     if ip in _IETF_PROTOCOL and ip not in _GLOBAL_IETF_PROTOCOL:
-        return "IETF protocol assignment (not globally routable)"
+        return "an IETF protocol assignment (not globally routable)"
     if ip.is_private:
-        return "private"
+        return "a private"
     if ip.is_reserved:
-        return "reserved"
+        return "a reserved"
     if not ip.is_global:
-        return "not globally routable"
+        return "a not globally routable"
     return None
 
 
@@ -167,7 +167,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         reason = _refusal_reason(literal)
         if reason is not None:
             raise InvalidCallbackUrl(
-                f"callback_url host {host} is a {reason} address; {_ALLOW_PRIVATE_HINT}"
+                f"callback_url host {host} is {reason} address; {_ALLOW_PRIVATE_HINT}"
             )
         return
     try:
@@ -194,7 +194,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         reason = _refusal_reason(ip)
         if reason is not None:
             raise InvalidCallbackUrl(
-                f"callback_url host {host!r} resolves to {ip}, a {reason} address; "
+                f"callback_url host {host!r} resolves to {ip}, {reason} address; "
                 f"{_ALLOW_PRIVATE_HINT}"
             )
 
@@ -235,7 +235,7 @@ class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
             if reason is not None:
                 shown = host if _parse_ip(host) is not None else f"{host} ({ip})"
                 raise _AddressRefused(
-                    f"refused to connect to {shown}: a {reason} address; {_ALLOW_PRIVATE_HINT}"
+                    f"refused to connect to {shown}: {reason} address; {_ALLOW_PRIVATE_HINT}"
                 )
         last_error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for ip in addresses:

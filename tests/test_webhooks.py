@@ -279,7 +279,7 @@ LOOPBACK_URLS = [
         ("http://user:pw@example.com/", "credentials"),
         ("http://example.com:99999/", "not a valid URL"),
         ("http://example.com/" + "a" * 2048, "at most 2048"),
-        ("http://127.0.0.1/", "loopback"),
+        ("http://127.0.0.1/", "is a loopback address"),
         ("http://localhost/", "loopback"),
         ("http://10.1.2.3/", "private"),
         ("http://172.16.0.1/", "private"),
@@ -297,9 +297,9 @@ LOOPBACK_URLS = [
         ("http://[64:ff9b::a00:1]/", "private"),  # NAT64 of 10.0.0.1
         ("http://[2002:7f00:1::]/", "loopback"),  # 6to4 of 127.0.0.1
         ("http://100.64.0.1/", "carrier-grade NAT"),
-        ("http://192.0.0.8/", "IETF protocol assignment"),
+        ("http://192.0.0.8/", "is an IETF protocol assignment"),
         ("http://192.0.0.100/", "IETF protocol assignment"),
-        ("http://0.0.0.0/", "unspecified"),
+        ("http://0.0.0.0/", "is an unspecified address"),
         ("http://224.0.0.1/", "multicast"),
         ("http://240.0.0.1/", "private"),
         ("http://no-such-host.invalid/", "does not resolve"),
