@@ -20,7 +20,6 @@ import re
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -37,6 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from batching import (
     BatchFailed,
@@ -217,6 +217,14 @@ class ErrorOut(BaseModel):
     """Every error's body: what was wrong and, where one applies, the setting to change."""
 
     detail: str
+
+
+class ProbeOut(BaseModel):
+    """A probe's answer: ``ok`` or ``ready`` with 200; with 503, what is wrong, in a word
+    (``status``) and in a sentence (``detail``)."""
+
+    status: str
+    detail: str | None = None
 
 
 # What each error means, for the OpenAPI documentation; the README's table has them all.
@@ -1034,8 +1042,10 @@ async def submit_task(
     idempotency_key: Annotated[
         str | None,
         Header(
-            description="Any unique string (a UUID): resending a request with the same key "
-            "returns the task it created instead of creating another"
+            description="1 to 255 visible ASCII characters, unique per request (a UUID): "
+            "resending a request with the same key returns the task it created instead of "
+            "creating another",
+            json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
         ),
     ] = None,
 ) -> JSONResponse:
@@ -1079,7 +1089,8 @@ async def submit_task(
 
 async def task_status(request: Request, task_id: str) -> JSONResponse:
     """A task's state, and its prediction or error once it has finished."""
-    record = await _service(request).running_tasks().get(_valid_task_id(task_id))
+    task_id = _valid_task_id(task_id)
+    record = await _service(request).running_tasks().get(task_id)
     if record is None:
         raise TaskNotFound(f"no task {task_id}")
     return _task_response(record)
@@ -1087,17 +1098,18 @@ async def task_status(request: Request, task_id: str) -> JSONResponse:
 
 async def cancel_task(request: Request, task_id: str) -> JSONResponse:
     """Cancel a task that has not started; 409 once it is running or finished."""
-    record = await _service(request).running_tasks().cancel(_valid_task_id(task_id))
+    task_id = _valid_task_id(task_id)
+    record = await _service(request).running_tasks().cancel(task_id)
     if record is None:
         raise TaskNotFound(f"no task {task_id}")
     return _task_response(record)
 
 
 def _valid_task_id(task_id: str) -> str:
-    try:
-        return str(uuid.UUID(task_id))
-    except ValueError:
-        raise TaskNotFound(f"no task {task_id[:64]}") from None
+    """The task id in the form the server gives out; 404 for any other."""
+    if not _TASK_ID.fullmatch(task_id):
+        raise TaskNotFound(f"no task {task_id[:64]}")
+    return task_id.lower()
 
 
 def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | None:
@@ -1192,6 +1204,10 @@ def _too_deep_message() -> str:
 
 
 _VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# A task id as the server gives it out (a UUID's canonical form), in either case.
+_TASK_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _JSON_KINDS = {
     list: "array",
     str: "string",
@@ -1243,7 +1259,8 @@ async def healthz(request: Request) -> JSONResponse:
     """Liveness: the process serves HTTP, batches, and the model is not stuck on a batch."""
     problem = _service(request).liveness_problem()
     if problem is not None:
-        return JSONResponse({"status": problem}, status_code=503)
+        detail = f"the worker cannot serve: {problem}"
+        return JSONResponse({"status": problem, "detail": detail}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -1252,8 +1269,11 @@ async def readyz(request: Request) -> JSONResponse:
     service = _service(request)
     if service.ready and not service.draining:
         return JSONResponse({"status": "ready"})
+    detail = "the server is shutting down" if service.draining else "the model is loading"
     return JSONResponse(
-        {"status": "not ready"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
+        {"status": "not ready", "detail": detail},
+        status_code=503,
+        headers={"Retry-After": RETRY_AFTER_S},
     )
 
 
@@ -1313,6 +1333,11 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)\.")
 
 
+def _has_route(app: FastAPI, path: str) -> bool:
+    scope = {"type": "http", "path": path, "method": "GET"}
+    return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
@@ -1330,6 +1355,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_S},
         )
+    if exc.status_code == 404 and detail == "Not Found":
+        path = request.url.path
+        detail = f"no route {path[:200]}"
+        if path.endswith("/") and _has_route(request.app, path.rstrip("/")):
+            detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
         # Starlette's message names neither the setting nor the route for several files.
         if request.url.path == "/cls/batch":
@@ -1338,7 +1368,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                 f"({match[1]}) per request"
             )
         elif request.url.path == "/tasks":
-            detail = "/tasks takes one file; submit a task for each image"
+            detail = (
+                "/tasks takes one file, the `file` part (submit a task for each image); "
+                "send `metadata` and `callback_url` as plain fields, not files "
+                "(curl -F 'metadata=<m.json', not -F metadata=@m.json)"
+            )
         else:
             detail = f"{request.url.path} takes one file; send several to /cls/batch"
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
@@ -1420,6 +1454,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Micro-batched ImageNet classification over HTTP",
         version="0.1.0",
         lifespan=lifespan,
+        # A path with a trailing slash is a JSON 404, not a redirect with an empty body.
+        redirect_slashes=False,
     )
     app.add_api_route(
         "/cls",
@@ -1472,6 +1508,13 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["tasks"],
     )
     app.add_api_route(
+        "/task-status/{task_id}",
+        task_status,
+        methods=["HEAD"],
+        name="task_status_head",
+        include_in_schema=False,
+    )
+    app.add_api_route(
         "/tasks/{task_id}",
         cancel_task,
         methods=["DELETE"],
@@ -1480,7 +1523,14 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["tasks"],
     )
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
-        app.add_api_route(path, probe, methods=["GET"], tags=["operations"])
+        app.add_api_route(
+            path,
+            probe,
+            methods=["GET"],
+            response_model=ProbeOut,
+            responses={503: {"model": ProbeOut, "description": "Not live, or not ready"}},
+            tags=["operations"],
+        )
         # Some load balancers probe with HEAD; one documented operation is enough.
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
     app.add_api_route(

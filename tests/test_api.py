@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -318,7 +319,10 @@ async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
         assert response.json()["detail"] == "/cls takes one file; send several to /cls/batch"
         response = await served.client.post("/tasks", files=two)
         assert response.status_code == 400
-        assert response.json()["detail"] == "/tasks takes one file; submit a task for each image"
+        assert response.json()["detail"].startswith(
+            "/tasks takes one file, the `file` part (submit a task for each image); send "
+            "`metadata` and `callback_url` as plain fields, not files"
+        )
 
 
 async def send_while_the_model_is_held(
@@ -824,7 +828,10 @@ async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
             await wait_for(lambda: processor.failure is not None)
         health = await served.client.get("/healthz")
         assert health.status_code == 503
-        assert health.json() == {"status": "batching stopped"}
+        assert health.json() == {
+            "status": "batching stopped",
+            "detail": "the worker cannot serve: batching stopped",
+        }
         assert (await served.client.post("/cls", files=upload(data))).status_code == 503
 
 
@@ -857,6 +864,7 @@ async def test_a_draining_server_is_not_ready_but_serves_until_it_stops(
     ready = await served.client.get("/readyz")
     assert ready.status_code == 503
     assert ready.headers["retry-after"] == "1"
+    assert ready.json() == {"status": "not ready", "detail": "the server is shutting down"}
     assert (await served.client.post("/cls", files=upload(data))).status_code == 200
     assert (await served.client.post("/tasks", files=upload(data))).status_code == 202
     assert (await served.client.get("/healthz")).status_code == 200
@@ -875,7 +883,7 @@ async def test_a_draining_server_is_not_ready_but_serves_until_it_stops(
         assert refused.status_code == 503, (path, refused.text)
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["detail"] == "the server is shutting down; retry"
-    assert (await served.client.get(f"/task-status/{'0' * 32}")).status_code == 503
+    assert (await served.client.get(f"/task-status/{uuid.UUID(int=0)}")).status_code == 503
     assert (await served.client.get("/healthz")).status_code == 200
 
 
@@ -1146,7 +1154,7 @@ async def test_a_slow_metrics_render_holds_up_no_other_request(
 async def test_unknown_paths_are_json_404_with_one_metrics_label(served: RunningApp) -> None:
     response = await served.client.get("/no/such/path")
     assert response.status_code == 404
-    assert response.json() == {"detail": "Not Found"}
+    assert response.json() == {"detail": "no route /no/such/path"}
     text = (await served.client.get("/metrics")).text
     assert 'route="unmatched"' in text
     assert "/no/such/path" not in text
@@ -1170,20 +1178,38 @@ async def test_requests_refused_before_routing_are_counted_under_their_route() -
         assert [metric_value(text, sample) for sample in samples] == [n + 1 for n in before]
 
 
-async def test_a_trailing_slash_gets_the_routes_upload_limit(photos: list[Path]) -> None:
-    """/cls/ is redirected to /cls, not refused as an oversized body for an unknown path."""
+async def test_a_trailing_slash_is_a_404_that_names_the_route(photos: list[Path]) -> None:
+    """Not a redirect, whose empty body a client that does not follow it would get; nor a
+    413 for an upload over an unknown path's limit."""
     async with running_app(make_settings()) as served:
         data = max((photo.read_bytes() for photo in photos), key=len)
         assert len(data) > main.MAX_OTHER_BODY_BYTES
         response = await served.client.post("/cls/", files=upload(data))
-        assert response.status_code == 307
-        assert response.headers["location"].endswith("/cls")
+        assert response.status_code == 404
+        assert response.json()["detail"] == (
+            "no route /cls/; the route is /cls, without the trailing slash"
+        )
+        task_id = uuid.UUID(int=0)
+        response = await served.client.get(f"/task-status/{task_id}/")
+        assert response.status_code == 404
+        assert response.json()["detail"].endswith(
+            f"the route is /task-status/{task_id}, without the trailing slash"
+        )
+        response = await served.client.get("/nowhere")
+        assert response.json() == {"detail": "no route /nowhere"}
 
 
 async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert (await served.client.get("/docs")).status_code == 200
     schema = (await served.client.get("/openapi.json")).json()
     assert {"/cls", "/cls/batch", "/healthz", "/readyz"} <= set(schema["paths"])
+    for probe in ("/healthz", "/readyz"):
+        answers = schema["paths"][probe]["get"]["responses"]
+        assert {"200", "503"} <= set(answers), probe
+    idempotency_key = next(
+        p for p in schema["paths"]["/tasks"]["post"]["parameters"] if p["name"] == "idempotency-key"
+    )
+    assert idempotency_key["schema"]["maxLength"] == 255
     batch_body = schema["paths"]["/cls/batch"]["post"]["requestBody"]
     assert batch_body["required"] is True
     assert batch_body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]

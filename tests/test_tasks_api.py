@@ -288,7 +288,18 @@ async def test_missing_file_is_422(served: RunningApp) -> None:
     assert "file" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("task_id", [str(uuid.uuid4()), "not-a-uuid", "1' OR '1'='1", "x" * 500])
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        str(uuid.uuid4()),
+        "not-a-uuid",
+        "1' OR '1'='1",
+        "x" * 500,
+        "-" * 5000 + "0" * 32,  # what uuid.UUID reads as a UUID
+        f"urn:uuid:{uuid.uuid4()}",
+        uuid.uuid4().hex,
+    ],
+)
 async def test_unknown_or_malformed_ids_are_404(served: RunningApp, task_id: str) -> None:
     for response in (
         await served.client.get(f"/task-status/{task_id}"),
@@ -296,6 +307,20 @@ async def test_unknown_or_malformed_ids_are_404(served: RunningApp, task_id: str
     ):
         assert response.status_code == 404, response.text
         assert response.json()["detail"].startswith("no task")
+        assert len(response.content) < 200  # the id is not echoed whole
+
+
+async def test_a_task_id_is_found_in_either_case_and_with_head(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    submitted = await served.client.post("/tasks", files=upload(photos[0].read_bytes()))
+    task_id = submitted.json()["task_id"]
+    shouted = await served.client.get(f"/task-status/{task_id.upper()}")
+    assert shouted.status_code == 200
+    assert shouted.json()["task_id"] == task_id
+    head = await served.client.head(f"/task-status/{task_id}")
+    assert head.status_code == 200
+    assert head.content == b""
 
 
 async def test_only_a_task_that_has_not_started_can_be_cancelled(photos: list[Path]) -> None:
