@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import struct
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 RESIZE_SIZE = 256
 CROP_SIZE = 224
@@ -73,12 +74,26 @@ BMP_RLE_COMPRESSIONS = (1, 2)  # RLE8, RLE4
 # copy takes 320 MB at 40 megapixels).
 ROW_BLOCK_PIXELS = 1 << 20
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# EXIF orientation to the transpose that shows the image upright (as ImageOps.exif_transpose).
+EXIF_ORIENTATION = 0x0112
+ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+EXIF_HEADER = b"Exif\x00\x00"
 # Register every plugin now: Image.open(formats=...) looks plugins up before loading them.
 # (Multi-picture JPEGs open through the JPEG plugin.)
 Image.init()
 # decode_image enforces its own limit, per call and configurable, right after reading the
 # header; Pillow's process-wide guard would fire first with a message naming no setting.
 Image.MAX_IMAGE_PIXELS = None
+
+logger = logging.getLogger(__name__)
 
 
 class InvalidImage(ValueError):
@@ -136,11 +151,38 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         if scale > 1:
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image, colour_key)
+        return _to_rgb(_orient(image), colour_key)
     except Exception:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         raise InvalidImage("the image data is corrupt or truncated") from None
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as stored when that cannot be read.
+
+    Malformed EXIF is common in uploads (random bytes, a bare TIFF header, XMP in the EXIF
+    slot) and torchvision's reference, which ignores orientation, decodes such files: the
+    pixels are good, so they are classified as stored rather than refused. Only the
+    orientation is read; ImageOps.exif_transpose also writes the EXIF back, which fails for
+    tags stored with another type than Pillow's table gives them.
+    """
+    exif = image.info.get("exif")
+    if isinstance(exif, bytes) and exif.startswith(EXIF_HEADER * 2):
+        # A PNG's eXIf chunk holding a JPEG's "Exif\0\0" header, sometimes twice
+        # (python-pillow/Pillow#8348): Pillow drops at most two of them.
+        while exif.startswith(EXIF_HEADER * 2):
+            exif = exif[len(EXIF_HEADER) :]
+        image.info["exif"] = exif
+    try:
+        method = ORIENTATION_TRANSPOSES.get(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception as exc:  # SyntaxError, struct.error, TypeError (an unhashable value)...
+        logger.info(
+            "the upload's EXIF cannot be read (%s: %s); its orientation is not applied",
+            type(exc).__name__,
+            exc,
+        )
+        return image
+    return image if method is None else image.transpose(method)
 
 
 def _claimed_format(data: bytes) -> str | None:

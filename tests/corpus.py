@@ -120,6 +120,10 @@ def valid_images(photo: Image.Image) -> dict[str, bytes]:
         "tiff": images.encode(small, "TIFF"),
         "bmp": images.encode(small, "BMP"),
         "exif-rotated-jpeg": images.exif_rotated_jpeg(small),
+        # XMP text where the EXIF belongs: Pillow cannot read it, the pixels are good.
+        "png-with-malformed-exif": images.with_png_chunk(
+            images.encode(small, "PNG"), b"eXIf", b"<x:xmpmeta></x:xmpmeta>"
+        ),
         # Regression: the NaN pixels made the 8-bit cast warn (an error under pytest).
         "float-tiff-with-nan": float_tiff_with_nan(),
     }

@@ -185,3 +185,22 @@ def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 
     ]
     last_scan_end = jpeg.rindex(b"\xff\xd9")
     return jpeg[:last_scan_end] + min(scans[1:], key=len) * extra + jpeg[last_scan_end:]
+
+
+def with_png_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """The PNG with one more chunk right after its header (IHDR)."""
+    ihdr_end = 8 + 12 + 13  # signature, IHDR's length, type and CRC, its 13 bytes of data
+    return png[:ihdr_end] + _png_chunk(kind, data) + png[ihdr_end:]
+
+
+def with_jpeg_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """The JPEG with an APP1 segment (where EXIF lives) holding ``payload``, after SOI."""
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(payload)) + payload + jpeg[2:]
+
+
+def exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian TIFF header and one directory of (tag, type, count, 4-byte value)
+    entries, as an EXIF segment holds after its "Exif\\0\\0" header; written by hand so
+    that a tag can have a type Pillow does not expect."""
+    directory = b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in sorted(entries))
+    return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + directory + b"\x00\x00\x00\x00"

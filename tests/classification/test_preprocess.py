@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import struct
 import time
 import tracemalloc
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from torchvision import transforms
 
 from classification import (
@@ -312,6 +314,82 @@ def test_a_reduced_decode_keeps_exif_orientation() -> None:
     stored = images.gradient(2100, 4200)
     decoded = decode_image(images.exif_rotated_jpeg(stored, 6), max_pixels=MAX_PIXELS)
     assert decoded.size == (4200 // 2, 2100 // 2)  # halved, then turned a quarter
+
+
+def plain_pillow(data: bytes) -> np.ndarray:
+    """What torchvision's reference decodes: Image.open(...).convert("RGB"), no orientation."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def with_exif(image: Image.Image, fmt: str, exif: bytes) -> bytes:
+    """``image`` encoded with ``exif`` in the format's EXIF slot, bytes as given."""
+    if fmt == "PNG":
+        return images.with_png_chunk(images.encode(image, "PNG"), b"eXIf", exif)
+    if fmt == "JPEG":
+        return images.with_jpeg_app1(images.encode(image, "JPEG", quality=90), exif)
+    return images.encode(image, fmt, exif=exif)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+@pytest.mark.parametrize(
+    "exif",
+    [
+        bytes(range(50, 100)),
+        b"Exif\x00\x00" + bytes(range(50, 100)),
+        b"II*\x00",  # a TIFF header and nothing more
+        b"<x:xmpmeta></x:xmpmeta>",  # XMP written to the EXIF slot
+    ],
+    ids=["random", "header-then-random", "bare-tiff-header", "xmp-text"],
+)
+def test_an_image_with_malformed_exif_is_decoded_as_stored(
+    fmt: str, exif: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such files were refused as corrupt, where torchvision's reference decodes them: the
+    pixels are good, only the orientation is lost, and that is logged."""
+    data = with_exif(images.gradient(60, 40), fmt, exif)
+    with caplog.at_level(logging.INFO, logger="classification.preprocess"):
+        decoded = decode_image(data, max_pixels=MAX_PIXELS)
+    assert np.array_equal(np.asarray(decoded), plain_pillow(data))
+    assert [record.levelno for record in caplog.records] == [logging.INFO]
+    assert "EXIF cannot be read" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_a_doubled_exif_header_still_gives_the_orientation(fmt: str) -> None:
+    """A client wrote "Exif\\0\\0" twice (python-pillow/Pillow#8348): Pillow reads that in a
+    JPEG or WebP, and a PNG's eXIf chunk, which has no such header, reads as they do."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tiff = exif.tobytes()[len(b"Exif\x00\x00") :]
+    data = with_exif(images.gradient(60, 40), fmt, b"Exif\x00\x00Exif\x00\x00" + tiff)
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == (40, 60)
+
+
+def test_the_orientation_applies_when_another_tag_has_an_unexpected_type() -> None:
+    """ImageOps.exif_transpose writes the EXIF back, and fails on a tag whose type is not
+    the one in Pillow's table (here a LONG where a BYTE is expected): only the orientation
+    is needed, so the image is turned all the same."""
+    stored = images.gradient(60, 40)
+    orientation = (0x0112, 3, 1, struct.pack("<HH", 6, 0))  # SHORT 6
+    retyped = (0x02BC, 4, 1, struct.pack("<I", 300))  # XMP tag, a LONG
+    data = with_exif(stored, "JPEG", b"Exif\x00\x00" + images.exif_block([orientation, retyped]))
+    decoded = decode_image(data, max_pixels=MAX_PIXELS)
+    expected = Image.fromarray(plain_pillow(data)).transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_image_as_pillow_does(fmt: str, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = images.encode(images.gradient(60, 40), fmt, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as image:
+        expected = ImageOps.exif_transpose(image).convert("RGB")
+    decoded = decode_image(data, max_pixels=MAX_PIXELS)
+    assert decoded.size == ((40, 60) if orientation >= 5 else (60, 40))
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
 
 
 def test_a_reduced_decode_stays_close_to_reference(
