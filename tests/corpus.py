@@ -194,6 +194,12 @@ def build_corpus(photo_path: Path) -> list[Case]:
             upload(images.progressive_jpeg_with_extra_scans(10_000)),
         ),
         Case(
+            "gif-of-70000-comments",
+            400,
+            "more than 65536 blocks and sub-blocks before its first image",
+            upload(images.gif_with_blocks_before_its_image(b"!\xfe\x01C\x00" * 70_000)),
+        ),
+        Case(
             "over-max-upload-bytes",
             413,
             "MAX_UPLOAD_BYTES",

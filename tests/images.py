@@ -204,3 +204,18 @@ def exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
     that a tag can have a type Pillow does not expect."""
     directory = b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in sorted(entries))
     return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + directory + b"\x00\x00\x00\x00"
+
+
+def gif_with_blocks_before_its_image(blocks: bytes, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A one-frame GIF with ``blocks`` (extensions, stray bytes) before its image."""
+    gif = encode(Image.new("P", size, 1), "GIF")
+    flags = gif[10]
+    image_at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the palette
+    return gif[:image_at] + blocks + gif[image_at:]
+
+
+def gif_xmp_extension(xmp: bytes) -> bytes:
+    """XMP as Adobe writes it in a GIF: the packet's raw bytes, which a reader takes for
+    sub-blocks of whatever sizes its bytes give, then a 258-byte "magic trailer" that
+    leads every such chain to the terminating empty sub-block."""
+    return b"!\xff\x0bXMP DataXMP" + xmp + b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
