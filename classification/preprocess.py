@@ -234,20 +234,25 @@ def _jpeg_scan_count(data: bytes) -> int:
     if not data.startswith(JPEG_SIGNATURE):
         return 0
     # Marker candidates found in C (a byte loop over a 10 MB file would take a second):
-    # 0xFF followed by neither 0x00, 0xFF (fill) nor a restart marker.
+    # 0xFF followed by neither 0x00, 0xFF (fill) nor a restart marker. A mask, built in
+    # place, a byte a position whatever the file holds; the walk asks it for the first
+    # candidate past each segment, so those inside skipped segments cost nothing (listing
+    # them all took 0.2 s and 240 MiB for 10 MB of metadata made of 0xFF 0x01 pairs).
     values = np.frombuffer(data, np.uint8)
     following = values[1:]
-    candidates = np.flatnonzero(
-        (values[:-1] == 0xFF)
-        & (following != 0x00)
-        & (following != 0xFF)
-        & ((following < 0xD0) | (following > 0xD7))
-    )
+    candidates = values[:-1] == 0xFF
+    candidates &= following != 0x00
+    candidates &= following != 0xFF
+    candidates &= (following - np.uint8(0xD0)) > 7  # wraps below 0xD0: not RST0-RST7
+
+    def first_candidate(start: int) -> int:
+        rest = candidates[start:]
+        offset = int(rest.argmax()) if rest.size else 0  # the first True, or 0 if none
+        return start + offset if rest.size and rest[offset] else -1
+
     scans = segments = 0
-    segment_end = len(JPEG_SIGNATURE)
-    for position in candidates.tolist():
-        if position < segment_end:
-            continue  # inside a segment's own bytes
+    position = first_candidate(len(JPEG_SIGNATURE))
+    while position >= 0:
         marker = data[position + 1]
         if marker == JPEG_END_OF_IMAGE:
             break
@@ -256,8 +261,10 @@ def _jpeg_scan_count(data: bytes) -> int:
             raise InvalidImage(f"the JPEG holds more than {JPEG_MAX_SEGMENTS} segments")
         if marker == JPEG_START_OF_SCAN:
             scans += 1
+        next_start = position + 1
         if marker not in JPEG_MARKERS_WITHOUT_LENGTH:
-            segment_end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+            next_start = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        position = first_candidate(next_start)
     return scans
 
 
