@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 RESIZE_SIZE = 256
 CROP_SIZE = 224
@@ -136,8 +136,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 "truncated"
             ) from None
         raise InvalidImage(f"the upload is not a {_FORMAT_NAMES} image") from None
-    except Exception:
-        raise InvalidImage("the image header is corrupt") from None
+    except Exception as exc:
+        raise InvalidImage(_png_metadata_problem(exc) or "the image header is corrupt") from None
 
     width, height = image.size
     if width * height > max_pixels:
@@ -162,9 +162,35 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
         return _to_rgb(_orient(image), colour_key)
-    except Exception:
+    except Exception as exc:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
-        raise InvalidImage("the image data is corrupt or truncated") from None
+        message = _png_metadata_problem(exc) or "the image data is corrupt or truncated"
+        raise InvalidImage(message) from None
+
+
+def _png_metadata_problem(exc: Exception) -> str | None:
+    """What to tell the client when Pillow refused a PNG for its metadata's size; None for
+    any other error.
+
+    Pillow decompresses an ICC profile or compressed text (iCCP, zTXt, iTXt) to at most
+    MAX_TEXT_CHUNK, and all text to MAX_TEXT_MEMORY: bounds against decompression bombs,
+    kept (process-wide settings, and a few kilobytes of zlib can expand to gigabytes).
+    Pillow names them only in its messages.
+    """
+    if not isinstance(exc, ValueError):
+        return None
+    if "MAX_TEXT_CHUNK" in str(exc):
+        return (
+            "a PNG metadata chunk (an ICC profile or compressed text: iCCP, zTXt or iTXt) "
+            f"decompresses to more than {PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MiB, the "
+            "most this server reads"
+        )
+    if "MAX_TEXT_MEMORY" in str(exc):
+        return (
+            "a PNG's text chunks hold more than "
+            f"{PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB in all, the most this server reads"
+        )
+    return None
 
 
 def _orient(image: Image.Image) -> Image.Image:

@@ -65,7 +65,7 @@ def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     )
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     body = kind + data
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
@@ -78,10 +78,10 @@ def two_bit_grey_png(levels: np.ndarray, key: int) -> bytes:
     rows = b"".join(b"\x00" + row.tobytes() for row in packed)  # filter type 0 each
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 2, 0, 0, 0, 0))
-        + _png_chunk(b"tRNS", struct.pack(">H", key))
-        + _png_chunk(b"IDAT", zlib.compress(rows))
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 2, 0, 0, 0, 0))
+        + png_chunk(b"tRNS", struct.pack(">H", key))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -92,11 +92,11 @@ def sixteen_bit_rgb_png(pixels: np.ndarray, key: tuple[int, int, int]) -> bytes:
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"tEXt", b"Comment\x00first")
-        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-        + _png_chunk(b"tRNS", struct.pack(">HHH", *key))
-        + _png_chunk(b"IDAT", zlib.compress(rows))
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"tEXt", b"Comment\x00first")
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + png_chunk(b"tRNS", struct.pack(">HHH", *key))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -190,7 +190,7 @@ def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 
 def with_png_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
     """The PNG with one more chunk right after its header (IHDR)."""
     ihdr_end = 8 + 12 + 13  # signature, IHDR's length, type and CRC, its 13 bytes of data
-    return png[:ihdr_end] + _png_chunk(kind, data) + png[ihdr_end:]
+    return png[:ihdr_end] + png_chunk(kind, data) + png[ihdr_end:]
 
 
 def with_jpeg_app1(jpeg: bytes, payload: bytes) -> bytes:

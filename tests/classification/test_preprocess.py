@@ -8,6 +8,7 @@ import math
 import struct
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -537,6 +538,47 @@ def test_a_png_of_more_chunks_than_any_real_image_is_refused_before_parsing() ->
     assert time.perf_counter() - started < 1.0
     # A few hundred are an image like any other.
     assert decode_image(png_with_empty_chunks(300), max_pixels=MAX_PIXELS).size == (8, 8)
+
+
+XMP_OVER_1_MIB = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">' + b" " * 1_100_000 + b"</x:xmpmeta>"
+
+
+@pytest.mark.parametrize(
+    ("kind", "data"),
+    [
+        (b"iCCP", b"an ICC profile\x00\x00" + zlib.compress(bytes(1_100_000))),
+        (b"zTXt", b"Comment\x00\x00" + zlib.compress(XMP_OVER_1_MIB)),
+        (b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(XMP_OVER_1_MIB)),
+    ],
+    ids=["iCCP", "zTXt", "compressed-iTXt"],
+)
+@pytest.mark.parametrize("where", ["before-the-pixels", "after-the-pixels"])
+def test_a_png_metadata_chunk_over_pillows_limit_is_refused_by_name(
+    kind: bytes, data: bytes, where: str
+) -> None:
+    """Pillow decompresses such a chunk to at most 1 MiB (a bound against zlib bombs): the
+    answer says so, where it said "the image header is corrupt" (or "data", after IDAT)."""
+    png = images.encode(images.gradient(60, 40), "PNG")
+    if where == "before-the-pixels":
+        upload = images.with_png_chunk(png, kind, data)
+    else:
+        end = png.index(b"IEND") - 4  # the IEND chunk's length field
+        upload = png[:end] + images.png_chunk(kind, data) + png[end:]
+    with pytest.raises(InvalidImage, match=r"metadata chunk .* decompresses to more than 1 MiB"):
+        decode_image(upload, max_pixels=MAX_PIXELS)
+
+
+def test_png_text_beyond_pillows_total_is_refused_by_name() -> None:
+    info = PngImagePlugin.PngInfo()
+    for index in range(70):  # 70 x 1 MiB of text, a few kilobytes compressed
+        info.add_text(f"Comment{index}", "x" * (2**20 - 100), zip=True)
+    data = images.encode(images.gradient(8, 8), "PNG", pnginfo=info)
+    with pytest.raises(InvalidImage, match="text chunks hold more than 64 MiB in all"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+    # The XMP of the refused chunks above, stored uncompressed: nothing to inflate.
+    uncompressed = b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + XMP_OVER_1_MIB
+    png = images.with_png_chunk(images.encode(images.gradient(8, 8), "PNG"), b"iTXt", uncompressed)
+    assert decode_image(png, max_pixels=MAX_PIXELS).size == (8, 8)
 
 
 @pytest.mark.parametrize(
