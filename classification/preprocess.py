@@ -84,6 +84,7 @@ BMP_RLE_COMPRESSIONS = (1, 2)  # RLE8, RLE4
 # copy takes 320 MB at 40 megapixels).
 ROW_BLOCK_PIXELS = 1 << 20
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # EXIF orientation to the transpose that shows the image upright (as ImageOps.exif_transpose).
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_TRANSPOSES = {
@@ -471,16 +472,28 @@ def _pixels_of_colour(image: Image.Image, colour: int | tuple[int, ...]) -> Imag
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
-    # Float images may mark no-data pixels NaN, which no integer cast can represent.
+    # Float images may mark no-data pixels NaN, which no integer cast can represent, and
+    # hold infinities, here the largest 32-bit floats: scaled, they stay finite.
     def values(block: Image.Image) -> np.ndarray:
-        return np.nan_to_num(np.asarray(block, dtype=np.float64), copy=False, nan=0.0)
+        return np.nan_to_num(
+            np.asarray(block, dtype=np.float64),
+            copy=False,
+            nan=0.0,
+            posinf=FLOAT32_MAX,
+            neginf=-FLOAT32_MAX,
+        )
 
     if image.mode.startswith("I;16"):
         peak = 65535.0
     else:
-        # 32-bit integer and float modes do not say what range their values span.
+        # 32-bit integer and float modes do not say what range their values span. Float
+        # images mostly hold 0..1 (scientific and HDR tools, numpy exports), read as 8-bit
+        # levels all black: one whose values stay within 1 is taken to be on that scale.
         brightest = max(values(block).max(initial=0) for _, block in _row_blocks(image))
-        peak = 65535.0 if brightest > 255 else 255.0
+        if image.mode == "F" and brightest <= 1.0:
+            peak = 1.0
+        else:
+            peak = 65535.0 if brightest > 255 else 255.0
     scaled = np.empty((image.height, image.width), np.uint8)
     for top, block in _row_blocks(image):
         rows = values(block)

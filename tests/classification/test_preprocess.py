@@ -204,12 +204,15 @@ def test_a_sixteen_bit_rgb_colour_key_is_left_alone() -> None:
 def _scaled_to_8_bits_whole(image: Image.Image) -> np.ndarray:
     """The 8-bit values of a high-depth image computed over the whole image at once, as
     the scaling did before it went a block of rows at a time."""
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    limit = float(np.finfo(np.float32).max)
+    pixels = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=limit, neginf=-limit)
     peak = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+    if image.mode == "F" and pixels.max(initial=0) <= 1:
+        peak = 1.0
     return np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F bright"])
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F bright", "F unit"])
 def test_high_depth_images_scale_in_blocks_as_over_the_whole(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +225,9 @@ def test_high_depth_images_scale_in_blocks_as_over_the_whole(
     elif mode == "I":
         pixels = rng.integers(-100, 250, (37, 29), dtype=np.int32)
         pixels[36, 28] = 70_000  # the one bright value, in the last block
+    elif mode == "F unit":
+        pixels = rng.uniform(-0.1, 1, (37, 29)).astype(np.float32)
+        pixels[0, :2] = (np.nan, -np.inf)
     else:
         pixels = rng.uniform(-10, 300 if mode == "F bright" else 250, (37, 29)).astype(np.float32)
         pixels[0, :3] = (np.nan, np.inf, -np.inf)
@@ -272,6 +278,18 @@ def test_sixteen_bit_greyscale_keeps_its_range() -> None:
     assert decoded.min() == 0
     assert decoded.max() == 255
     assert 100 < decoded.mean() < 155
+
+
+def test_a_float_image_of_values_up_to_one_is_scaled_by_255() -> None:
+    """Float images mostly hold 0..1: such a TIFF was read as 8-bit levels, all black, and
+    classified as a black image. Up to 1 it is taken for that scale; above, for 8-bit
+    levels (or 16-bit ones past 255), as before."""
+    grey = images.gradient(60, 40).convert("L")
+    levels = np.asarray(grey, dtype=np.float32)
+    for pixels in (levels / 255, levels):
+        data = images.encode(Image.fromarray(pixels, "F"), "TIFF")
+        decoded = np.asarray(decode_image(data, max_pixels=MAX_PIXELS).convert("L"))
+        assert np.abs(decoded.astype(int) - np.asarray(grey)).max() <= 1
 
 
 def test_a_dark_sixteen_bit_image_stays_dark() -> None:
