@@ -227,7 +227,16 @@ def _claimed_format(data: bytes) -> str | None:
     Pillow cannot open was meant to be."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+    # A file cut off within its signature (a 2-byte FF D8) is a truncated image too; one
+    # byte says too little to name a format.
+    return next(
+        (
+            name
+            for magic, name in _SIGNATURES
+            if data.startswith(magic) or (len(data) >= 2 and magic.startswith(data))
+        ),
+        None,
+    )
 
 
 def _check_structure(data: bytes) -> None:

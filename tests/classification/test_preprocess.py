@@ -481,6 +481,15 @@ def test_truncated_jpeg_is_refused(photos: list[Path]) -> None:
         decode_image(data[: len(data) // 3], max_pixels=MAX_PIXELS)
 
 
+@pytest.mark.parametrize(
+    ("data", "claimed"), [(b"\xff\xd8", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF")]
+)
+def test_a_file_cut_off_within_its_signature_is_called_truncated(data: bytes, claimed: str) -> None:
+    """A 2-byte FF D8 was "not a JPEG, ...": the signature check wanted three bytes."""
+    with pytest.raises(InvalidImage, match=f"starts as a {claimed} image does, but its header"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+
+
 def test_corrupt_jpeg_header_is_refused(photos: list[Path]) -> None:
     data = bytearray(photos[0].read_bytes())
     data[2:40] = b"\x00" * 38
