@@ -124,7 +124,7 @@ def valid_images(photo: Image.Image) -> dict[str, bytes]:
         "png-with-malformed-exif": images.with_png_chunk(
             images.encode(small, "PNG"), b"eXIf", b"<x:xmpmeta></x:xmpmeta>"
         ),
-        # Regression: the NaN pixels made the 8-bit cast warn (an error under pytest).
+        # NaN pixels must not make the 8-bit cast warn (an error under pytest).
         "float-tiff-with-nan": float_tiff_with_nan(),
     }
 
@@ -310,7 +310,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
             [("file", f"{i}.jpg", b"x", "image/jpeg") for i in range(MANY_PARTS)],
         ),
         raw_multipart("no-parts", 422, "file: Field required", []),
-        # Regression: FastAPI's message here named a Python type ("<class 'str'>").
+        # FastAPI's own message here names a Python type ("<class 'str'>"); the service's does not.
         raw_multipart(
             "file-as-plain-field", 422, "plain form field", [("file", None, b"hi", None)]
         ),

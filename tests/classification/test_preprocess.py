@@ -238,8 +238,9 @@ def test_high_depth_images_scale_in_blocks_as_over_the_whole(
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_a_high_depth_image_decodes_without_whole_image_float_copies(fmt: str) -> None:
-    """A 16-bit PNG or float TIFF took about 28 bytes a pixel (float64 copies of the whole
-    image): a 556 KB upload of 40 megapixels, 1.1 GB. Pixel arrays now stay small."""
+    """A 16-bit PNG or float TIFF decoded through float64 copies of the whole image would
+    take about 28 bytes a pixel: a 556 KB upload of 40 megapixels, 1.1 GB. Pixel arrays stay
+    small."""
     width, height = 2000, 1500
     ramp = np.linspace(0, 65535 if fmt == "PNG" else 1.0, width * height)
     pixels = ramp.astype(np.uint16 if fmt == "PNG" else np.float32).reshape(height, width)
