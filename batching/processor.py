@@ -395,15 +395,23 @@ class BatchProcessor(Generic[In, Out]):
 
         Args:
             item: The payload handed to the handler inside a batch.
-            deadline: Absolute ``time.monotonic()`` time after which the caller gives up.
+            deadline: Absolute ``time.monotonic()`` time after which the caller gives up;
+                None or ``math.inf`` for none.
             priority: The lane to wait in; each lane holds at most ``max_queue`` items.
 
         Raises:
+            ValueError: The deadline is NaN.
             QueueFull: ``max_queue`` items are already waiting in the item's lane.
             Stopped: The processor is not accepting work.
             DeadlineExceeded: The deadline passed before the output was ready.
             BatchFailed: The handler failed on this item's batch.
         """
+        # NaN compares false with every time: it would pass for a future deadline, and its
+        # timer would break the order of the event loop's timer heap, delaying other tasks'.
+        if deadline is not None and math.isnan(deadline):
+            raise ValueError(
+                f"deadline must be a time.monotonic() time, math.inf or None; got {deadline!r}"
+            )
         if not self._accepting:
             self._observer.item_finished(Outcome.STOPPED)
             raise Stopped("the batch processor is not accepting work")

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -610,6 +611,20 @@ async def test_a_past_deadline_raises_at_once() -> None:
         assert processor.queue_depth == 0
 
     assert handler.batches == []
+
+
+async def test_a_deadline_that_is_not_a_number_is_refused() -> None:
+    """A NaN deadline would never count as passed, and its timer would upset the order of
+    the event loop's other timers: it is refused at once, without being queued. An infinite
+    deadline means none."""
+    handler = FakeHandler()
+    async with running(handler, BatchConfig()) as processor:
+        with pytest.raises(ValueError, match=r"deadline must be .*; got nan"):
+            await bounded(processor.submit(1, deadline=math.nan), limit_s=1.0)
+        assert processor.queue_depth == 0
+        assert await bounded(processor.submit(2, deadline=math.inf)) == 4
+
+    assert handler.batches == [[2]]
 
 
 async def test_a_cancelled_queued_caller_is_skipped() -> None:
