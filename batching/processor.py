@@ -69,7 +69,14 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
-    """The batcher's knobs, validated on creation."""
+    """The batcher's knobs, validated on creation.
+
+    ``max_batch_size``, ``max_queue`` and ``max_concurrent_batches`` are ints of at least 1
+    (not bools, not floats: a float size would give batches of its ceiling, and NaN
+    compares false with every size). ``max_wait_s`` is a finite number of seconds, at least
+    0: an infinite wait would hold a lone item that has no deadline until ``stop``; a long
+    finite one says so explicitly.
+    """
 
     max_batch_size: int = 32
     max_wait_s: float = 0.005
@@ -81,18 +88,27 @@ class BatchConfig:
     fill_from_lower_lanes: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        if self.max_concurrent_batches < 1:
+        for name in ("max_batch_size", "max_queue", "max_concurrent_batches"):
+            _check_count(name, getattr(self, name))
+        wait_s: object = self.max_wait_s
+        # bool is a subclass of int: True would pass for 1.
+        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool):
             raise ValueError(
-                f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}"
+                f"max_wait_s must be a number of seconds, got {wait_s!r} ({type(wait_s).__name__})"
             )
+        # NaN compares false with everything: ``< 0`` alone lets it through.
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise ValueError(f"max_wait_s must be finite and >= 0, got {wait_s}")
         # Accept plain strings from configuration.
         object.__setattr__(self, "policy", BatchPolicy(self.policy))
+
+
+def _check_count(name: str, value: object) -> None:
+    # bool is a subclass of int: True would pass for 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class BatchObserver(Protocol):

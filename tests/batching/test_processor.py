@@ -1343,6 +1343,23 @@ async def test_a_handler_raising_cancelled_error_fails_only_its_batch() -> None:
         {"max_queue": 0},
         {"max_concurrent_batches": 0},
         {"policy": "sometimes"},
+        # NaN passes any ``< 1`` check; a float size gives batches of its ceiling.
+        {"max_batch_size": math.nan},
+        {"max_batch_size": math.inf},
+        {"max_batch_size": 2.5},
+        {"max_batch_size": 4.0},
+        {"max_batch_size": True},
+        {"max_queue": math.nan},
+        {"max_queue": math.inf},
+        {"max_queue": 10.5},
+        {"max_concurrent_batches": math.nan},
+        {"max_concurrent_batches": 1.5},
+        {"max_concurrent_batches": True},
+        {"max_wait_s": math.nan},
+        {"max_wait_s": math.inf},
+        {"max_wait_s": -math.inf},
+        {"max_wait_s": True},
+        {"max_wait_s": "0.005"},
     ],
     ids=lambda bad: ",".join(f"{key}={value}" for key, value in bad.items()),
 )
@@ -1362,9 +1379,21 @@ def test_config_accepts_the_policy_as_a_string() -> None:
 
 
 def test_config_names_the_bad_value() -> None:
-    """A validation error says which knob is wrong and what it got."""
+    """A validation error says which knob is wrong, what it wants and what it got."""
     with pytest.raises(ValueError, match=r"max_batch_size must be >= 1, got 0"):
         BatchConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match=r"max_batch_size must be an int, got 2\.5 \(float\)"):
+        BatchConfig(max_batch_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_queue must be an int, got True \(bool\)"):
+        BatchConfig(max_queue=True)
+    with pytest.raises(ValueError, match=r"max_wait_s must be finite and >= 0, got nan"):
+        BatchConfig(max_wait_s=math.nan)
+
+
+def test_config_accepts_whole_seconds_and_no_wait() -> None:
+    """An int is a number of seconds too, and 0 is a valid wait."""
+    assert BatchConfig(max_wait_s=2).max_wait_s == 2
+    assert BatchConfig(max_wait_s=0.0).max_wait_s == 0.0
 
 
 # --- Randomised stress -----------------------------------------------------------------------
