@@ -166,7 +166,12 @@ class _GuardedObserver:
     def _call(self, method: Callable[..., None], *args: object) -> None:
         try:
             method(*args)
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            # The process is asked to end (Ctrl-C's signal lands wherever the loop is).
+            raise
+        except BaseException:
+            # Any other, CancelledError included, is the observer's own: a plain call
+            # cannot be cancelled, and passed on it would strand the batch's callers.
             if not self._failed:  # once: a broken observer fails on every event
                 self._failed = True
                 logger.exception("batch observer failed; its later failures are not logged")
@@ -211,7 +216,8 @@ def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
 
 
 def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
-    # Only GeneratorExit from a handler gets this far; its callers have their answer.
+    # Only GeneratorExit from a handler, or KeyboardInterrupt or SystemExit from an
+    # observer, gets this far; its callers have their answer.
     if not batch_task.cancelled() and batch_task.exception() is not None:
         logger.error("a batch ended with %r", batch_task.exception())
 
@@ -687,10 +693,12 @@ class BatchProcessor(Generic[In, Out]):
 
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
         entries = batch.entries
-        self._observer.batch_started(
-            len(entries), [batch.started_at - e.enqueued_at for e in entries]
-        )
         try:
+            # Inside the try: even an observer's KeyboardInterrupt answers the callers and
+            # frees the slot.
+            self._observer.batch_started(
+                len(entries), [batch.started_at - e.enqueued_at for e in entries]
+            )
             await self._run_isolating_failures(entries)
         except asyncio.CancelledError:
             for entry in entries:

@@ -21,12 +21,13 @@ from batching import (
     BatchPolicy,
     BatchProcessor,
     DeadlineExceeded,
+    NullObserver,
     Outcome,
     Priority,
     QueueFull,
     Stopped,
 )
-from batching.processor import _RunTimes
+from batching.processor import _Pending, _RunningBatch, _RunTimes
 from tests.batching.fakes import (
     GUARD_S,
     FakeHandler,
@@ -1314,6 +1315,82 @@ async def test_a_failing_observer_never_breaks_batching(caplog: pytest.LogCaptur
             assert p.queue_depth == 0
             assert p.in_flight == 0
     assert sum("observer failed" in r.getMessage() for r in caplog.records) == 1
+
+
+class Interrupted(BaseException):
+    """A BaseException that is not an Exception, of an observer's own."""
+
+
+class RaisingObserver(NullObserver):
+    """An observer that raises ``error`` from ``batch_started``, or from every event."""
+
+    def __init__(self, error: type[BaseException], *, every_event: bool) -> None:
+        self.error = error
+        self.every_event = every_event
+
+    def queue_depth_changed(self, depth: int) -> None:
+        if self.every_event:
+            raise self.error
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        raise self.error
+
+    def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
+        if self.every_event:
+            raise self.error
+
+    def item_finished(self, outcome: Outcome) -> None:
+        if self.every_event:
+            raise self.error
+
+
+@pytest.mark.parametrize("every_event", [False, True], ids=["batch_started", "every event"])
+@pytest.mark.parametrize("error", [Interrupted, asyncio.CancelledError])
+async def test_an_observer_raising_a_base_exception_never_strands_a_batch(
+    error: type[BaseException], every_event: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An observer's BaseException that is not an Exception (CancelledError from a plain call
+    is the observer's own too) is logged like any failure of it: the batch still runs, its
+    callers get their outputs and its slot is free for the next."""
+    handler = FakeHandler()
+    observer = RaisingObserver(error, every_event=every_event)
+    with caplog.at_level(logging.ERROR, logger="batching.processor"):
+        async with running(handler, BatchConfig(max_batch_size=4), observer) as processor:
+            assert await bounded(processor.submit(1)) == 2
+            assert await bounded(processor.submit(2)) == 4
+            await wait_until(lambda: processor.in_flight == 0)
+            assert processor.queue_depth == 0
+            assert processor.failure is None
+    assert sum("observer failed" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
+async def test_an_observer_interrupt_is_passed_on_once_the_batch_is_answered(
+    error: type[BaseException],
+) -> None:
+    """KeyboardInterrupt or SystemExit in an observer asks the process to end: it is passed
+    on, not logged away, but only after the batch's callers have an answer and its slot is
+    free."""
+    processor = BatchProcessor(
+        FakeHandler(), BatchConfig(), RaisingObserver(error, every_event=False)
+    )
+    entry: _Pending[int, int] = _Pending(
+        item=1,
+        future=asyncio.get_running_loop().create_future(),
+        enqueued_at=time.monotonic(),
+        deadline=None,
+        priority=Priority.INTERACTIVE,
+    )
+    await processor._slots.acquire()
+    batch = _RunningBatch([entry], time.monotonic())
+    processor._running.add(batch)
+
+    with pytest.raises(error):
+        await bounded(processor._run_batch(batch))
+
+    assert isinstance(entry.future.exception(), BatchFailed)
+    assert processor.in_flight == 0
+    assert not processor._slots.locked()
 
 
 async def test_a_handler_raising_cancelled_error_fails_only_its_batch() -> None:
