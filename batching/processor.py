@@ -229,7 +229,9 @@ class _RunTimes:
     mean relative deviation, shared by all sizes, twice over, as TCP pads its
     retransmission timer). A size not seen lately is interpolated between the nearest sizes
     seen, or extrapolated from them on the low side; nothing seen estimates zero, so until
-    the handler has run no entry is judged too late for it.
+    the handler has run no entry is judged too late for it. The times of a warm-up are
+    never forgotten: a size not run lately is estimated from its warm-up time, if any, and
+    no size is expected to run faster than a smaller one.
     """
 
     SMOOTHING = 0.2  # weight of the newest run: follows drift within a few batches
@@ -251,8 +253,15 @@ class _RunTimes:
         self._runs = 0
         self._deviation = 0.0
         self._deviation_samples = 0
+        # After a stream of lone batches only size 1 is still known, and a burst would be
+        # expected to run as fast as one item: too late to start it, or too many taken.
+        # The warm-up timed the model warm (the faster of two runs), so a size not run
+        # lately falls back to it rather than to an extrapolation from smaller sizes.
+        self._warm_up_s: dict[int, float] = {}
+        self._known_s: dict[int, float] | None = None  # estimates' base; None: stale
 
-    def record(self, size: int, run_s: float) -> None:
+    def record(self, size: int, run_s: float, *, warm_up: bool = False) -> None:
+        self._known_s = None
         self._runs += 1
         self._last_run[size] = self._runs
         mean_s = self._mean_s.get(size)
@@ -264,6 +273,8 @@ class _RunTimes:
             self._deviation_samples += 1
             run_s = min(run_s, self.MAX_STEP * mean_s) if mean_s > 0 else run_s
             self._mean_s[size] = mean_s + self.SMOOTHING * (run_s - mean_s)
+        if warm_up:
+            self._warm_up_s[size] = self._mean_s[size]
         for stale in [
             n for n, last in self._last_run.items() if self._runs - last > self.FORGET_AFTER_RUNS
         ]:
@@ -279,8 +290,20 @@ class _RunTimes:
         assumed = self.INITIAL_DEVIATION * (1 - self.SMOOTHING) ** self._deviation_samples
         return self._mean_estimate_s(size) * (1 + self.DEVIATIONS * (self._deviation + assumed))
 
+    def _known(self) -> dict[int, float]:
+        """The mean run time of each size run lately or timed at the warm-up, made to grow
+        with size: a warm-up time below a smaller size's recent runs (the machine got
+        busier) would otherwise expect the larger batch to be the faster."""
+        if self._known_s is None:
+            known = {**self._warm_up_s, **self._mean_s}
+            slowest_s = 0.0
+            for size in sorted(known):
+                slowest_s = known[size] = max(slowest_s, known[size])
+            self._known_s = known
+        return self._known_s
+
     def _mean_estimate_s(self, size: int) -> float:
-        times = self._mean_s
+        times = self._known()
         if size in times:
             return times[size]
         below = sorted(seen for seen in times if seen < size)
@@ -372,8 +395,9 @@ class BatchProcessor(Generic[In, Out]):
     def record_run_time(self, size: int, run_s: float) -> None:
         """Tell the batcher how long the handler takes for a batch of ``size`` (timed at a
         warm-up, say), so that deadlines are judged against it from the first batch on,
-        as against the run times it learns from then on."""
-        self._run_times.record(size, run_s)
+        as against the run times it learns from then on. Unlike those, it is not forgotten
+        when the size has not run for a while: it stands in for the size until it runs."""
+        self._run_times.record(size, run_s, warm_up=True)
 
     def start(self) -> None:
         """Start the background batching task on the running event loop."""

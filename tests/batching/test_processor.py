@@ -511,6 +511,82 @@ def test_a_size_not_run_for_long_is_forgotten() -> None:
     assert times.estimate_s(16) == pytest.approx(1.6)
 
 
+def test_a_warm_up_time_stands_in_for_its_size_until_it_runs_again() -> None:
+    """A warm-up's time is not forgotten: when its size has not run lately, it is estimated
+    from that time, not extrapolated from the sizes that did run; when it runs again, its
+    runs take over. No size is expected to run faster than a smaller one."""
+    times = _RunTimes()
+    times.record(1, 0.04, warm_up=True)
+    times.record(16, 0.34, warm_up=True)
+    for _ in range(100):
+        times.record(1, 0.04)
+    assert times.estimate_s(16) == pytest.approx(0.34)
+    assert times.estimate_s(4) == pytest.approx(0.10)
+
+    for _ in range(30):
+        times.record(16, 0.2)
+    assert times.estimate_s(16) == pytest.approx(0.2, rel=0.01)
+
+    for _ in range(100):
+        times.record(1, 0.5)  # the machine got busier than at the warm-up
+    assert times.estimate_s(16) >= times.estimate_s(1)
+
+
+def after_lone_batches(processor: BatchProcessor[int, int], unit_s: float) -> None:
+    """A warm-up that timed sizes 1 and 16 (``unit_s`` per item), then more lone batches
+    than a size is remembered for, as light traffic runs: size 16 has not run lately."""
+    processor.record_run_time(1, unit_s)
+    processor.record_run_time(16, 16 * unit_s)
+    for _ in range(_RunTimes.FORGET_AFTER_RUNS + 6):
+        processor._run_times.record(1, unit_s)  # as each lone batch's run is recorded
+
+
+async def test_after_lone_batches_adaptive_still_takes_only_what_its_warm_up_says_fits() -> None:
+    """Long after the warm-up, with only lone batches run since, a burst of 16 whose
+    deadline leaves time for 8 goes out as two batches of 8. Estimated from size 1 alone,
+    16 would seem to take as long as 1: all would run at once and answer after the
+    deadline."""
+    handler = FakeHandler()
+    processor = BatchProcessor(handler, BatchConfig(max_batch_size=16, policy=ADAPTIVE))
+    after_lone_batches(processor, unit_s=1.0)
+    assert processor._run_times.estimate_s(16) == pytest.approx(16.0)
+    processor.start()
+    try:
+        deadline = time.monotonic() + 8.5  # time for a batch of 8, not 9
+        outputs = await bounded(
+            asyncio.gather(*(processor.submit(i, deadline=deadline) for i in range(16)))
+        )
+    finally:
+        await processor.stop(1.0)
+
+    assert outputs == [i * 2 for i in range(16)]
+    assert handler.sizes == [8, 8]
+
+
+async def test_after_lone_batches_timeout_still_starts_a_burst_in_time() -> None:
+    """Under TIMEOUT, a burst of 4 long after the warm-up starts early enough for a batch of
+    4 (interpolated between the warm-up's 1 and 16), not for a batch of 1."""
+    unit_s = 0.2
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=16, max_wait_s=10.0, policy=TIMEOUT)
+    processor = BatchProcessor(handler, config)
+    after_lone_batches(processor, unit_s)
+    assert processor._run_times.estimate_s(4) == pytest.approx(4 * unit_s)
+    processor.start()
+    try:
+        deadline = time.monotonic() + 1.2
+        burst = [asyncio.create_task(processor.submit(i, deadline=deadline)) for i in range(4)]
+        assert await handler.next_started() == [0, 1, 2, 3]
+        left_s = deadline - time.monotonic()
+        handler.release_all()
+        assert await results(burst) == [0, 2, 4, 6]
+    finally:
+        await processor.stop(1.0)
+
+    # Planned for 4 items it starts about 0.82 s before the deadline; for 1, 0.22 s.
+    assert left_s > 0.5
+
+
 async def test_a_batch_leaves_out_an_item_without_time_for_it() -> None:
     """An item whose deadline falls before the end its batch would have stays out of it,
     and expires on time while the batch runs without it."""
