@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 # back.
 DEADLINE_MARGIN_S = 0.02
 
+# When fewer than a full batch's worth of a lane's entries have time for a full batch, the
+# batch is chosen among at most this many of its first entries (and of each lower lane's):
+# with a million queued, a scan of all would hold the event loop for a third of a second
+# per batch. No queue of the default size comes near it.
+TAKE_SCAN_LIMIT = 4096
+
 
 class BatchPolicy(enum.StrEnum):
     """How a batch is formed once the handler has capacity.
@@ -656,22 +662,27 @@ class BatchProcessor(Generic[In, Out]):
         if not lanes:
             return []
         enough_s = now + self._run_times.estimate_s(limit)
-        # Stops once ``limit`` entries have time for a full batch: the scan passes only
-        # the entries too late for one, at the head of the lane.
-        candidates = list(
-            itertools.islice(
-                (e for e in self._live(lanes[0], now) if _ends_after(e, enough_s)), limit
-            )
-        )
-        if len(candidates) < limit:
-            candidates = list(self._live(lanes[0], now))
+        scan_limit = max(TAKE_SCAN_LIMIT, limit)
+        # The first ``limit`` entries with time for a full batch, or failing that every
+        # entry scanned: the scan passes only the entries too late for a full batch, at the
+        # head of the lane, and at most ``scan_limit`` of them.
+        scanned: list[_Pending[In, Out]] = []
+        candidates: list[_Pending[In, Out]] = []
+        for entry in itertools.islice(self._live(lanes[0], now), scan_limit):
+            scanned.append(entry)
+            if _ends_after(entry, enough_s):
+                candidates.append(entry)
+                if len(candidates) == limit:
+                    break
+        else:
+            candidates = scanned
         chosen = self._largest_in_time(candidates, limit, now)
         if not chosen:
             # Not one is expected in time: the one with the most time left has the best
             # chance, and an estimate is no reason to leave the model idle.
             chosen = [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
         if self._config.fill_from_lower_lanes:
-            self._fill(chosen, lanes[1:], limit, now)
+            self._fill(chosen, lanes[1:], limit, now, scan_limit)
         for entry in chosen:
             entry.queued = False
             self._lanes[entry.priority].remove(entry)
@@ -683,9 +694,13 @@ class BatchProcessor(Generic[In, Out]):
         lanes: list[deque[_Pending[In, Out]]],
         limit: int,
         now: float,
+        scan_limit: int,
     ) -> None:
-        """Add lower lanes' entries to ``chosen`` while everyone stays in time."""
-        fillers = itertools.chain.from_iterable(self._live(lane, now) for lane in lanes)
+        """Add lower lanes' entries to ``chosen`` while everyone stays in time, from the
+        first ``scan_limit`` of each lane."""
+        fillers = itertools.chain.from_iterable(
+            itertools.islice(self._live(lane, now), scan_limit) for lane in lanes
+        )
         while len(chosen) < limit:
             expected_end = now + self._run_times.estimate_s(len(chosen) + 1)
             if not all(_ends_after(entry, expected_end) for entry in chosen):

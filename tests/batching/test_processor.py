@@ -27,6 +27,7 @@ from batching import (
     QueueFull,
     Stopped,
 )
+from batching import processor as processor_module
 from batching.processor import _Pending, _RunningBatch, _RunTimes
 from tests.batching.fakes import (
     GUARD_S,
@@ -677,6 +678,46 @@ async def test_overload_with_deadlines_keeps_the_model_on_answers_callers_get() 
     assert expired > 0  # the load was an overload
     assert answered >= 0.5 * capacity_per_s * duration_s, (answered, expired, run)
     assert answered >= 0.8 * run, (answered, expired, run)
+
+
+async def test_a_batch_from_a_huge_queue_is_chosen_from_its_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With far more entries queued than a batch takes, none with time for a full batch
+    but all with time for a smaller one, forming the batch looks at a bounded head of the
+    lane, not at every entry on the event loop, and still takes the largest batch in time."""
+    queued = 4 * processor_module.TAKE_SCAN_LIMIT
+    processor = BatchProcessor(FakeHandler(), BatchConfig(max_batch_size=32, max_queue=queued))
+    # 3 s plus about 0.1 s per item: each entry below has time for 16 or so, not 32.
+    processor.record_run_time(1, 3.0)
+    processor.record_run_time(32, 6.0)
+    loop = asyncio.get_running_loop()
+    now = time.monotonic()
+    for item in range(queued):
+        processor._lanes[Priority.INTERACTIVE].append(
+            _Pending(
+                item=item,
+                future=loop.create_future(),
+                enqueued_at=now,
+                deadline=now + 4.5 + 0.4 * (item % 100) / 100,
+                priority=Priority.INTERACTIVE,
+            )
+        )
+    looked_at = 0
+    ends_after = processor_module._ends_after
+
+    def counting(entry: _Pending[int, int], moment: float) -> bool:
+        nonlocal looked_at
+        looked_at += 1
+        return ends_after(entry, moment)
+
+    monkeypatch.setattr(processor_module, "_ends_after", counting)
+
+    batch = processor._take(32)
+
+    assert 10 <= len(batch) < 32
+    assert looked_at < 2 * processor_module.TAKE_SCAN_LIMIT
+    assert processor.queue_depth == queued - len(batch)
 
 
 async def test_a_past_deadline_raises_at_once() -> None:
