@@ -1357,8 +1357,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     if exc.status_code == 404 and detail == "Not Found":
         path = request.url.path
-        detail = f"no route {path[:200]}"
-        if path.endswith("/") and _has_route(request.app, path.rstrip("/")):
+        shown = path if len(path) <= 200 else path[:200] + "..."
+        detail = f"no route {shown}"
+        if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
             detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
         # Starlette's message names neither the setting nor the route for several files.

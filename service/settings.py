@@ -264,7 +264,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("data_dir", "labels_file", "webhook_secret", mode="before")
+    @field_validator("data_dir", "labels_file", "weights", "webhook_secret", mode="before")
     @classmethod
     def _not_only_blanks(cls, value: object) -> object:
         # A value of blanks alone is a slip (a quoted space), not a name or a secret.

@@ -1197,6 +1197,9 @@ async def test_a_trailing_slash_is_a_404_that_names_the_route(photos: list[Path]
         )
         response = await served.client.get("/nowhere")
         assert response.json() == {"detail": "no route /nowhere"}
+        response = await served.client.get(f"/task-status/{'a' * 60_000}/")
+        assert response.status_code == 404
+        assert len(response.content) < 300  # the path is not echoed whole
 
 
 async def test_openapi_documents_the_routes(served: RunningApp) -> None:

@@ -19,7 +19,7 @@ SET_EMPTY = (
 
 @pytest.fixture(autouse=True)
 def no_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (*SET_EMPTY, "DEVICE", "GOMP_SPINCOUNT"):
+    for name in (*SET_EMPTY, "WEIGHTS", "DEVICE", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -44,7 +44,7 @@ def test_empty_values_mean_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.port == 5001
 
 
-@pytest.mark.parametrize("name", ["LABELS_FILE", "DATA_DIR", "WEBHOOK_SECRET"])
+@pytest.mark.parametrize("name", ["LABELS_FILE", "DATA_DIR", "WEIGHTS", "WEBHOOK_SECRET"])
 def test_a_value_of_blanks_alone_is_refused(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
