@@ -218,6 +218,12 @@ class BodyLimitsMiddleware:
 _UNREAD_BODY = {"Connection": "close"}
 
 
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (which an answer given now leaves unread)."""
+    length = _header(scope, b"content-length")
+    return _header(scope, b"transfer-encoding") is not None or (length not in (None, "0"))
+
+
 def _closing_delimiter(scope: Scope) -> bytes | None:
     """The line that ends a multipart body, or None for other bodies."""
     content_type, options = parse_options_header(_header(scope, b"content-type") or "")
@@ -269,7 +275,9 @@ class ApiKeyMiddleware:
             return
         detail = "missing or wrong API key; send 'Authorization: Bearer <key>' or X-API-Key"
         response = JSONResponse(
-            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            {"detail": detail},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer", **(_UNREAD_BODY if _has_body(scope) else {})},
         )
         await response(scope, receive, send)
 

@@ -334,7 +334,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._linger()
 
     def _close_after_answer(self) -> None:
-        """Close once a request's answer is sent: lingering while its body may still come."""
+        """Close once a request's answer is sent: lingering while bytes may still come (its
+        body, or a request sent behind it)."""
         if self._message_open and not self.transport.is_closing():
             self._linger()
         else:
@@ -348,6 +349,15 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             return
         self._cancel_head_timer()
         self._unset_keepalive_if_required()
+        # The connection ends with this answer: a request queued behind it is not served,
+        # and one being read is gone, as on a closed connection (its app would otherwise
+        # wait for a body that is dropped, and write after the end).
+        self.pipeline.clear()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.waiting_for_100_continue = False
+            cycle.message_event.set()
         linger_s = LINGER_AT_SHUTDOWN_S if self._shutting_down else LINGER_TOTAL_S
         self._linger_until = self.loop.time() + linger_s
         self.transport.write_eof()

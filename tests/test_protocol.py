@@ -36,11 +36,16 @@ LINGER_IDLE_S = 1.0
 LINGER_TOTAL_S = 3.0
 
 
+# Every request the app has begun to serve, by path.
+STARTED_PATHS: list[str] = []
+
+
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers 200 with the body's length, after SLOW_APP_S on /slow; on /early, 413 at once
     without reading the body, closing the connection, as a limit, a missing API key or a full
     queue is answered."""
     assert scope["type"] == "http"
+    STARTED_PATHS.append(scope["path"])
     if scope["path"] == "/early":
         headers = [(b"content-length", b"0"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
@@ -530,6 +535,44 @@ def test_a_body_still_arriving_after_an_early_answer_is_not_cut_off(port: int) -
         answer = read_to_close(connection)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
     assert b"connection: close" in answer.lower()
+
+
+def test_a_request_sent_behind_an_early_answer_is_not_served(port: int) -> None:
+    """The early answer closes the connection: what was sent behind it is dropped unrun, as
+    a close at once would drop it."""
+    behind = b"POST /behind HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n" + b"b" * 10
+    with connect(port) as connection:
+        connection.sendall(request("/early", b"a" * 10) + behind)
+        answer = read_to_close(connection)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.count(b"HTTP/1.1 ") == 1
+    time.sleep(0.2)  # for a request started by mistake to have reached the app
+    assert "/behind" not in STARTED_PATHS
+
+
+def test_a_request_refused_while_its_app_runs_ends_quietly(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad chunk in the body of a request whose app is already answering: the 400 ends
+    the connection, and the app finds its client gone, not a connection it cannot write
+    to (three tracebacks)."""
+    bad_chunk = b"POST /early HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n"
+    uvicorn_log = logging.getLogger("uvicorn.error")  # which does not propagate to root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        started = len(STARTED_PATHS)
+        with connect(port) as connection:
+            connection.sendall(bad_chunk)
+            answer = read_to_close(connection)
+        deadline = time.monotonic() + 5
+        while len(STARTED_PATHS) == started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # for the app to finish
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert "not valid HTTP/1.1" in json_error(answer, 400)
+    assert STARTED_PATHS[started:] == ["/early"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
 
 
 def sends_fail_after(connection: socket.socket, interval_s: float, most_s: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import httpx
@@ -55,10 +56,19 @@ async def test_a_missing_or_wrong_key_gets_401_before_the_body_is_read(
         after = await served_so_far(served.client)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
+    # The body is left unread: the connection ends (lingering, so the client gets this).
+    assert response.headers["connection"] == "close"
     assert "API key" in response.json()["detail"]
     assert API_KEY not in response.text
     assert response.headers["x-request-id"]
     assert after == before  # refused at the door: nothing reached the batcher
+
+
+async def test_a_401_to_a_request_without_a_body_keeps_the_connection() -> None:
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        response = await served.client.get(f"/task-status/{uuid.uuid4()}")
+    assert response.status_code == 401
+    assert "connection" not in response.headers
 
 
 @pytest.mark.parametrize(
