@@ -101,6 +101,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._message_open = False
         self._body_read = False
         self._idle_deadline: float | None = None
+        self._early_answer_at: float | None = None  # a body still open was answered then
         self._last_request = False  # the server is shutting down: close after this one
         self._shutting_down = False
         self._linger_until: float | None = None  # set once the connection lingers
@@ -192,6 +193,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._message_open = True
         self._idle_deadline = None
+        self._early_answer_at = None
         # From a head's first byte, the rest of it must follow in time.
         self._start_head_timer()
 
@@ -222,6 +224,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         if self._linger_until is not None:
             self._unset_keepalive_if_required()  # the linger's own timer closes it
             return
+        if self._message_open:
+            self._early_answer_at = self.loop.time()
         if self._pending_refusal is not None:
             if owed:
                 # A request sent before the refused bytes runs now; read nothing more.
@@ -253,8 +257,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         ):
             return
         if self._message_open:
-            # The rest of a body answered early: it may go on while it keeps coming.
-            delay = self.timeout_keep_alive
+            # The rest of a body answered early (a 404, say, kept alive): it may go on
+            # while it keeps coming, for as long as a lingering connection reads.
+            answered_at = self._early_answer_at
+            since_s = 0.0 if answered_at is None else self.loop.time() - answered_at
+            delay = max(0.0, min(self.timeout_keep_alive, LINGER_TOTAL_S - since_s))
         else:
             # Between requests, bytes that begin none do not put the close off.
             now = self.loop.time()

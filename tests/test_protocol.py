@@ -46,9 +46,12 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     queue is answered."""
     assert scope["type"] == "http"
     STARTED_PATHS.append(scope["path"])
-    if scope["path"] == "/early":
-        headers = [(b"content-length", b"0"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+    if scope["path"] in ("/early", "/nowhere"):
+        # /nowhere: an answer that keeps the connection, as a 404 to a body does.
+        close = [(b"connection", b"close")] if scope["path"] == "/early" else []
+        headers = [(b"content-length", b"0"), *close]
+        status = 413 if scope["path"] == "/early" else 404
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         return
     length, more_body = 0, True
@@ -610,6 +613,23 @@ def test_after_an_early_answer_the_connection_reads_for_a_bounded_time(port: int
         assert read_to_close(connection).startswith(b"HTTP/1.1 413 ")
         lingered_s = sends_fail_after(connection, LINGER_IDLE_S / 4, LINGER_TOTAL_S * 3)
     assert LINGER_TOTAL_S * 0.8 < lingered_s < LINGER_TOTAL_S + 2
+
+
+def test_a_body_answered_early_on_a_kept_connection_is_read_for_a_bounded_time(
+    port: int,
+) -> None:
+    """An early answer that keeps the connection (a 404 to a body): the rest of the body is
+    read and dropped as it comes, but no longer than a lingering connection would read."""
+    head = b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += connection.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        assert b"connection: close" not in answer.lower()
+        read_s = sends_fail_after(connection, LINGER_IDLE_S / 4, LINGER_TOTAL_S * 3)
+    assert LINGER_TOTAL_S * 0.8 < read_s < LINGER_TOTAL_S + 2
 
 
 async def test_a_lingering_connection_closes_soon_once_the_server_shuts_down() -> None:
