@@ -36,7 +36,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from batching import (
     BatchFailed,
@@ -65,6 +64,7 @@ from service.middleware import (
     JsonCorsMiddleware,
     RequestContextMiddleware,
     ShedWhileFullMiddleware,
+    matching_route,
 )
 from service.protocol import SHUTDOWN_HOOK
 from service.settings import Settings, load_settings
@@ -1334,8 +1334,7 @@ _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)
 
 
 def _has_route(app: FastAPI, path: str) -> bool:
-    scope = {"type": "http", "path": path, "method": "GET"}
-    return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
+    return matching_route(app, {"type": "http", "path": path, "method": "GET"}) is not None
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

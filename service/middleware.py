@@ -11,11 +11,12 @@ import uuid
 from collections.abc import Callable, Mapping
 
 from python_multipart.multipart import parse_options_header
+from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
@@ -108,11 +109,13 @@ def _route_label(scope: Scope) -> str:
     if route is None and "app" in scope:
         # Refused before routing (a 401 or 413 from a middleware), or routed by a plain
         # Starlette route that does not record itself (the docs pages).
-        route = next(
-            (each for each in scope["app"].router.routes if each.matches(scope)[0] != Match.NONE),
-            None,
-        )
+        route = matching_route(scope["app"], scope)
     return getattr(route, "path", None) or "unmatched"
+
+
+def matching_route(app: Starlette, scope: Scope) -> BaseRoute | None:
+    """The first of ``app``'s routes whose path matches the request's, whatever its method."""
+    return next((each for each in app.router.routes if each.matches(scope)[0] != Match.NONE), None)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
