@@ -12,9 +12,7 @@ import contextlib
 import contextvars
 import gc
 import io
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -24,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any, BinaryIO, TypeVar
 
@@ -33,7 +30,6 @@ import torch
 from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +44,7 @@ from batching import (
 )
 from classification import (
     Classifier,
+    DeviceFailed,
     ImageTooLarge,
     InvalidImage,
     ModelLoadError,
@@ -59,6 +56,7 @@ from service import logs, memory, metrics, webhooks
 from service.middleware import (
     REQUEST_ID_HEADER,
     REQUEST_ID_STATE,
+    RETRY_AFTER_S,
     ApiKeyMiddleware,
     BodyLimitsMiddleware,
     JsonCorsMiddleware,
@@ -67,7 +65,28 @@ from service.middleware import (
     matching_route,
 )
 from service.protocol import SHUTDOWN_HOOK
+from service.schemas import (
+    BatchEntry,
+    BatchResponse,
+    ClassifyResponse,
+    PredictionOut,
+    ProbeOut,
+    TaskAccepted,
+    TaskOut,
+    document_the_api_key,
+    documentation_paths,
+    error_responses,
+    task_response,
+)
 from service.settings import Settings, load_settings
+from service.task_fields import (
+    IDEMPOTENCY_KEY_SCHEMA,
+    InvalidTaskField,
+    TaskNotFound,
+    check_idempotency_key,
+    parse_metadata,
+    valid_task_id,
+)
 from service.task_runner import RunnerConfig, RunnerStopped, TaskRunner
 from service.tasks import (
     DATABASE_NAME,
@@ -76,7 +95,6 @@ from service.tasks import (
     TaskNotCancellable,
     TaskQueueFull,
     TaskRecord,
-    TaskStatus,
     TaskStoreBusy,
     TaskStoreFailed,
     TaskStoreUnavailable,
@@ -95,7 +113,6 @@ T = TypeVar("T")
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
-RETRY_AFTER_S = "1"
 SHUTTING_DOWN = "the server is shutting down; retry"
 DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
@@ -119,8 +136,6 @@ SMALL_UPLOAD_MAX_BYTES = 128 * 1024
 TASK_STORE_RETRY_S = 5.0
 # Callback URLs resolved at once; more wait their turn, within their time limit.
 CALLBACK_LOOKUP_THREADS = 4
-# Far below the nesting at which a task's answer could no longer be serialised.
-MAX_METADATA_DEPTH = 32
 
 
 class UploadTooLarge(Exception):
@@ -133,14 +148,6 @@ class ClientDisconnected(Exception):
 
 class NotReady(Exception):
     """The model is not loaded yet, or the worker has shut down."""
-
-
-class InvalidTaskField(Exception):
-    """A form field of ``POST /tasks`` other than the image is malformed."""
-
-
-class TaskNotFound(Exception):
-    """No task has this id (never submitted, malformed, or expired after ``TASK_TTL``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,140 +167,6 @@ class ClassifyResult:
     batch_size: int
 
 
-class PredictionOut(BaseModel):
-    index: int
-    label: str
-    score: float
-
-
-class ClassifyResponse(BaseModel):
-    prediction: list[PredictionOut]
-
-
-class BatchEntry(BaseModel):
-    """One file's answer in a ``/cls/batch`` response: a prediction or its own error."""
-
-    index: int
-    status: int
-    prediction: list[PredictionOut] | None = None
-    detail: str | None = None
-
-
-class BatchResponse(BaseModel):
-    results: list[BatchEntry]
-
-
-class TaskAccepted(BaseModel):
-    task_id: str
-    status: TaskStatus
-    status_url: str
-
-
-class WebhookOut(BaseModel):
-    """Where the delivery of a task's callback stands: waiting (for the task to finish),
-    pending, delivered or failed."""
-
-    status: str
-    attempts: int
-    last_error: str | None
-    next_attempt_at: datetime | None  # after a failed attempt, until the next one begins
-
-
-class TaskOut(BaseModel):
-    """A task's state; ``prediction`` once it succeeded, ``error`` once it failed."""
-
-    task_id: str
-    status: TaskStatus
-    prediction: list[PredictionOut] | None = None
-    error: str | None = None
-    metadata: dict[str, object] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    webhook: WebhookOut | None
-
-
-class ErrorOut(BaseModel):
-    """Every error's body: what was wrong and, where one applies, the setting to change."""
-
-    detail: str
-
-
-class ProbeOut(BaseModel):
-    """A probe's answer: ``ok`` or ``ready`` with 200; with 503, what is wrong, in a word
-    (``status``) and in a sentence (``detail``)."""
-
-    status: str
-    detail: str | None = None
-
-
-# What each error means, for the OpenAPI documentation; the README's table has them all.
-_ERROR_DOCS = {
-    400: "Not an image the service reads, or a malformed multipart body",
-    401: "API_KEY is set and the request carries no key or a wrong one",
-    404: "No such task: an unknown, malformed or expired id",
-    409: "The task is running or finished",
-    413: "A file over MAX_UPLOAD_BYTES",
-    422: "A missing, repeated or malformed field or parameter",
-    503: "The queue is full, the server is shutting down, or the task store is unavailable; "
-    "retry after Retry-After",
-    504: "Not answered within REQUEST_TIMEOUT_MS",
-}
-
-
-def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """A route's documented errors, each with the one body every error has."""
-    responses: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorOut, "description": _ERROR_DOCS[status]}
-        for status in sorted({401, *statuses, 503})
-    }
-    # The rest (500, and the 408 and 431 of a request that never reached the app) have the
-    # same body; declared, it also keeps FastAPI from adding a 422 of another shape.
-    responses["default"] = {"model": ErrorOut, "description": "Any other error"}
-    return responses
-
-
-def _document_the_api_key(app: FastAPI) -> None:
-    """With API_KEY set, the OpenAPI schema says which routes need it, and how to send it."""
-    build_schema = app.openapi
-
-    def schema_with_the_key() -> dict[str, Any]:
-        built = app.openapi_schema is not None
-        schema = build_schema()
-        if not built:
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            }
-            for path, operations in schema["paths"].items():
-                if path not in OPEN_PATHS:
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
-        return schema
-
-    app.openapi = schema_with_the_key  # type: ignore[method-assign]
-
-
-def _documentation_paths(app: FastAPI) -> frozenset[str]:
-    """The paths FastAPI serves the API's documentation and schema at."""
-    paths = (app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url, app.openapi_url)
-    return frozenset(path for path in paths if path is not None)
-
-
-def _timed_runs(classifier: Classifier, sizes: list[int]) -> dict[int, float]:
-    """Seconds the warm classifier takes for a batch of each size: the faster of two runs,
-    since workers starting together (on one GPU, or on shared cores) slow each other."""
-    run_times = {}
-    for size in sizes:
-        durations = []
-        for _ in range(2):
-            started = time.perf_counter()
-            classifier.warm_up([size])
-            durations.append(time.perf_counter() - started)
-        run_times[size] = min(durations)
-    return run_times
-
-
 class Service:
     """Everything one worker holds while serving: the model, the batcher and their threads."""
 
@@ -303,9 +176,10 @@ class Service:
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False  # the model is loaded and warm, and ``stop`` has not run
         self.draining = False  # the server's shutdown has begun: ready for no new work
-        self._decoding = 0
+        self.device_failure: str | None = None  # why the model's device cannot run again
+        self._decodes_in_progress = 0
         self._threads_working = 0  # decodes running or waiting for a thread
-        self._submitting_tasks = 0
+        self._submissions_in_progress = 0
         self._last_batch_end = time.monotonic()
         self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
@@ -313,11 +187,10 @@ class Service:
         self.tasks: TaskRunner | None = None
         # While the task store cannot be opened: what retries it, the runner it starts,
         # and why it failed.
-        self._opening_tasks: asyncio.Task[None] | None = None
-        self._unopened_tasks: TaskRunner | None = None
+        self._store_reopener: asyncio.Task[None] | None = None
+        self._waiting_runner: TaskRunner | None = None
         self._task_store_problem = ""
         self._shutdown_began: float | None = None
-        self._stopping_claims: asyncio.Future[None] | None = None
         self._drain_end: asyncio.TimerHandle | None = None
         self._ending_drain: asyncio.Task[None] | None = None
         self._decode_pool = ThreadPoolExecutor(
@@ -352,9 +225,8 @@ class Service:
             ),
         )
         warm_up_sizes = sorted({1, settings.max_batch_size})
-        await loop.run_in_executor(self._inference_pool, classifier.warm_up, warm_up_sizes)
         run_times = await loop.run_in_executor(
-            self._inference_pool, _timed_runs, classifier, warm_up_sizes
+            self._inference_pool, classifier.warm_up, warm_up_sizes
         )
         self.classifier = classifier
         metrics.record_model(
@@ -374,7 +246,7 @@ class Service:
         for size, run_s in run_times.items():
             self.processor.record_run_time(size, run_s)
         self.processor.start()
-        runner = self._task_runner()
+        runner = self._build_task_runner()
         try:
             await runner.start()
         except TaskStoreUnavailable as exc:
@@ -394,11 +266,11 @@ class Service:
                     exc,
                 )
             self._task_store_problem = str(exc)
-            self._unopened_tasks = runner
-            self._opening_tasks = asyncio.create_task(
+            self._waiting_runner = runner
+            self._store_reopener = asyncio.create_task(
                 self._open_tasks_later(runner), name="reopening the task store"
             )
-            self._opening_tasks.add_done_callback(_log_failure)
+            self._store_reopener.add_done_callback(_log_failure)
         else:
             self.tasks = runner
         trim = memory.malloc_trim()
@@ -407,7 +279,7 @@ class Service:
             self._trimmer.add_done_callback(_log_failure)
         self.ready = True
 
-    def _task_runner(self) -> TaskRunner:
+    def _build_task_runner(self) -> TaskRunner:
         settings = self.settings
         secret = settings.webhook_secret
         sender = WebhookSender(
@@ -454,11 +326,10 @@ class Service:
             return
         self._shutdown_began = time.monotonic()
         self.draining = True
-        if self._opening_tasks is not None:
-            self._opening_tasks.cancel()
+        if self._store_reopener is not None:
+            self._store_reopener.cancel()
         if self.tasks is not None:
-            # Kept: the event loop holds a task only weakly. ``stop`` awaits the same end.
-            self._stopping_claims = asyncio.ensure_future(self.tasks.stop_claiming())
+            self.tasks.stop_claiming()
         if self.processor is not None:
             # The batcher ends the drain on time itself: what it still holds gets the 503 of
             # a stopped batcher, counted as stopped, before the server cancels the requests
@@ -483,20 +354,20 @@ class Service:
         self.draining = True
         if self._trimmer is not None:
             self._trimmer.cancel()
-        if self._opening_tasks is not None:
+        if self._store_reopener is not None:
             # Once only: cancelled by ``begin_shutdown`` already, it may be closing the
             # stores it opened, which a second cancel would cut short.
-            if not self._opening_tasks.cancelling():
-                self._opening_tasks.cancel()
+            if not self._store_reopener.cancelling():
+                self._store_reopener.cancel()
             # Cancelled, or failed (logged as it ended): nothing of it to wait for.
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._opening_tasks
-        if self._unopened_tasks is not None:
-            await self._unopened_tasks.stop(grace_s=0)  # its threads and HTTP client
-            self._unopened_tasks = None
+                await self._store_reopener
+        if self._waiting_runner is not None:
+            await self._waiting_runner.stop(grace_s=0)  # its threads and HTTP client
+            self._waiting_runner = None
         tasks = self.tasks
         if tasks is not None:
-            await tasks.stop_claiming()
+            tasks.stop_claiming()
         drain_s = self.settings.drain_timeout_s
         if self._shutdown_began is not None:
             # What the server spent waiting for open requests counts against the drain.
@@ -542,7 +413,7 @@ class Service:
             raise QueueFull(full)
         self._check_size(upload)
         model_idle = self._idle_for() > 0
-        self._decoding += 1
+        self._decodes_in_progress += 1
         try:
             # A decompression-heavy image must not outlive its deadline either; its thread
             # finishes the decode, but nobody waits for it.
@@ -558,7 +429,7 @@ class Service:
             self._observer.item_finished(Outcome.STOPPED if stopped else Outcome.CANCELLED)
             raise
         finally:
-            self._decoding -= 1
+            self._decodes_in_progress -= 1
         result = await processor.submit(
             ClassifyJob(pixels, top_k), deadline=deadline, priority=priority
         )
@@ -641,10 +512,10 @@ class Service:
         up to ``WEBHOOK_TIMEOUT_S``.
         """
         self.refuse_unless_ready()
-        if self._submitting_tasks >= self.settings.max_queue:
+        if self._submissions_in_progress >= self.settings.max_queue:
             raise QueueFull(self._submissions_full())
         self._check_size(upload)
-        self._submitting_tasks += 1
+        self._submissions_in_progress += 1
         try:
             await tasks.check_room(idempotency_key)
             if callback_url is not None:
@@ -666,18 +537,18 @@ class Service:
                 idempotency_key=idempotency_key,
             )
         finally:
-            self._submitting_tasks -= 1
+            self._submissions_in_progress -= 1
 
     def _submissions_full(self) -> str:
         return (
-            f"{self._submitting_tasks} task submissions are being read, decoded or stored; "
+            f"{self._submissions_in_progress} task submissions are being read, decoded or stored; "
             f"MAX_QUEUE allows {self.settings.max_queue}"
         )
 
     async def run_task(self, task: ClaimedTask) -> object:
         """Classify a stored task's image in the batcher's background lane."""
         if self.processor is None:
-            raise NotReady("the model is not ready")
+            raise self._not_ready()
         pixels = await self._in_thread(
             self._task_decode_pool, _preprocess, task.image, self.settings.max_image_pixels
         )
@@ -714,9 +585,10 @@ class Service:
                 "(WEBHOOK_TIMEOUT_S); retry shortly"
             ) from None
 
-    def running_tasks(self) -> TaskRunner:
+    def task_runner(self) -> TaskRunner:
+        """The task runner, once its store is open; the 503 that says why until then."""
         if self.tasks is None:
-            if self._opening_tasks is not None:
+            if self._store_reopener is not None:
                 raise TaskStoreFailed(f"tasks are unavailable for now: {self._task_store_problem}")
             raise self._not_ready()  # before start or after stop
         return self.tasks
@@ -731,8 +603,8 @@ class Service:
                 continue
             break
         self.tasks = runner
-        self._unopened_tasks = None
-        self._opening_tasks = None
+        self._waiting_runner = None
+        self._store_reopener = None
         logger.info("the task store opened again; tasks are served")
 
     def _queue_full(self) -> str | None:
@@ -743,7 +615,7 @@ class Service:
         admitted = (
             processor.waiting(Priority.INTERACTIVE)
             + processor.waiting(Priority.BULK)
-            + self._decoding
+            + self._decodes_in_progress
         )
         if admitted >= processor.config.max_queue:
             return f"the queue is full; MAX_QUEUE allows {processor.config.max_queue}"
@@ -760,16 +632,19 @@ class Service:
             if full is not None and path == "/cls":
                 self._observer.item_finished(Outcome.REJECTED)
             return full
-        if path == "/tasks" and self._submitting_tasks >= self.settings.max_queue:
+        if path == "/tasks" and self._submissions_in_progress >= self.settings.max_queue:
             return self._submissions_full()
         return None
 
     def liveness_problem(self) -> str | None:
-        """Why this worker cannot serve until it is restarted ("batching stopped", or
-        "stalled": a batch has run longer than ``STALL_TIMEOUT_S``); None while it can."""
+        """Why this worker cannot serve until it is restarted ("device failed", "batching
+        stopped", or "stalled": a batch has run longer than ``STALL_TIMEOUT_S``); None while
+        it can."""
         processor = self.processor
         if processor is None:
             return None
+        if self.device_failure is not None:
+            return "device failed"
         if processor.failure is not None:
             return "batching stopped"
         if processor.oldest_batch_age_s() > self.settings.stall_timeout_s:
@@ -781,7 +656,11 @@ class Service:
             raise self._not_ready()
 
     def _not_ready(self) -> NotReady:
-        return NotReady(SHUTTING_DOWN if self.draining else "the model is not ready")
+        if self.draining:
+            return NotReady(SHUTTING_DOWN)
+        if self.device_failure is not None:
+            return NotReady("the model's device failed; retry (this worker is to be restarted)")
+        return NotReady("the model is not ready")
 
     def _check_size(self, upload: UploadFile) -> None:
         """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
@@ -792,7 +671,7 @@ class Service:
         """How many classes to return: as requested, at most the model's class count;
         DEFAULT_TOP_K (or every class of a model with fewer) when not asked."""
         if self.classifier is None:
-            raise NotReady("the model is not ready")
+            raise self._not_ready()
         classes = self.classifier.num_classes
         if requested is None:
             return min(DEFAULT_TOP_K, classes)
@@ -827,6 +706,14 @@ class Service:
                 [job.pixels for job in jobs],
                 [job.top_k for job in jobs],
             )
+        except DeviceFailed as exc:
+            if self.device_failure is None:
+                self.device_failure = str(exc)
+                self.ready = False  # what arrives from now on gets a 503 to retry elsewhere
+                if self.tasks is not None:
+                    self.tasks.stop_claiming()  # queued tasks wait for a working worker
+                logger.critical("%s; this worker takes no more work until it is restarted", exc)
+            raise
         finally:
             self._last_batch_end = time.monotonic()
         return [ClassifyResult(each, len(jobs)) for each in predictions]
@@ -837,7 +724,7 @@ class Service:
         processor = self.processor
         if (
             processor is None
-            or self._decoding
+            or self._decodes_in_progress
             or self._threads_working
             or processor.queue_depth
             or processor.in_flight
@@ -943,6 +830,7 @@ def _prediction_out(predictions: list[Prediction]) -> list[PredictionOut]:
     return [PredictionOut(index=p.index, label=p.label, score=p.score) for p in predictions]
 
 
+ImageFile = Annotated[UploadFile, File(description="The image: JPEG, PNG, GIF, WebP, BMP or TIFF")]
 TopK = Annotated[
     int | None,
     Query(
@@ -955,7 +843,7 @@ TopK = Annotated[
 
 async def classify(
     request: Request,
-    file: Annotated[UploadFile, File(description="The image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
+    file: ImageFile,
     top_k: TopK = None,
 ) -> ClassifyResponse:
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
@@ -1029,7 +917,7 @@ async def classify_batch(
 
 async def submit_task(
     request: Request,
-    file: Annotated[UploadFile, File(description="The image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
+    file: ImageFile,
     callback_url: Annotated[
         str | None,
         Form(description="http(s) URL to POST the result to when the task finishes"),
@@ -1045,7 +933,7 @@ async def submit_task(
             description="1 to 255 visible ASCII characters, unique per request (a UUID): "
             "resending a request with the same key returns the task it created instead of "
             "creating another",
-            json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+            json_schema_extra=IDEMPOTENCY_KEY_SCHEMA,
         ),
     ] = None,
 ) -> JSONResponse:
@@ -1056,7 +944,7 @@ async def submit_task(
     service = _service(request)
     settings = service.settings
     top_k = _top_k(request, top_k)
-    tasks = service.running_tasks()
+    tasks = service.task_runner()
     service.refuse_unless_ready()
     # The form is parsed already (and kept by the request); FastAPI takes the last of
     # repeated fields, which would drop the others silently.
@@ -1064,13 +952,10 @@ async def submit_task(
     for name in ("callback_url", "metadata"):
         if (sent := len(form.getlist(name))) > 1:
             raise InvalidTaskField(f"{name} was sent {sent} times; send it at most once")
-    parsed_metadata = _parse_metadata(metadata, settings.task_metadata_max_bytes)
+    parsed_metadata = parse_metadata(metadata, settings.task_metadata_max_bytes)
     if callback_url is not None:
         callback_url = callback_url.strip() or None
-    if idempotency_key is not None and not _VALID_IDEMPOTENCY_KEY.match(idempotency_key):
-        raise InvalidTaskField(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
-        )
+    check_idempotency_key(idempotency_key)
     record, created = await service.submit_task(
         file,
         tasks,
@@ -1089,170 +974,20 @@ async def submit_task(
 
 async def task_status(request: Request, task_id: str) -> JSONResponse:
     """A task's state, and its prediction or error once it has finished."""
-    task_id = _valid_task_id(task_id)
-    record = await _service(request).running_tasks().get(task_id)
+    task_id = valid_task_id(task_id)
+    record = await _service(request).task_runner().get(task_id)
     if record is None:
         raise TaskNotFound(f"no task {task_id}")
-    return _task_response(record)
+    return task_response(record)
 
 
 async def cancel_task(request: Request, task_id: str) -> JSONResponse:
     """Cancel a task that has not started; 409 once it is running or finished."""
-    task_id = _valid_task_id(task_id)
-    record = await _service(request).running_tasks().cancel(task_id)
+    task_id = valid_task_id(task_id)
+    record = await _service(request).task_runner().cancel(task_id)
     if record is None:
         raise TaskNotFound(f"no task {task_id}")
-    return _task_response(record)
-
-
-def _valid_task_id(task_id: str) -> str:
-    """The task id in the form the server gives out; 404 for any other."""
-    if not _TASK_ID.fullmatch(task_id):
-        raise TaskNotFound(f"no task {task_id[:64]}")
-    return task_id.lower()
-
-
-def _parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | None:
-    if text is None:
-        return None
-    try:
-        size = len(text.encode())
-    except UnicodeEncodeError:  # a raw surrogate, from a form field in charset=utf-7
-        raise InvalidTaskField(_SURROGATE_MESSAGE) from None
-    if size > max_bytes:
-        raise InvalidTaskField(
-            f"metadata is {size} bytes; TASK_METADATA_MAX_BYTES allows {max_bytes}"
-        )
-    try:
-        parsed = json.loads(
-            text,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_float_sized_int,
-        )
-    except NotPlainJson as exc:
-        raise InvalidTaskField(f"metadata: {exc}") from None
-    except RecursionError:
-        raise InvalidTaskField(_too_deep_message()) from None
-    except ValueError:
-        raise InvalidTaskField('metadata must be a JSON object, e.g. {"order": 17}') from None
-    if not isinstance(parsed, dict):
-        kind = _JSON_KINDS.get(type(parsed), "value")
-        raise InvalidTaskField(f"metadata must be a JSON object, received a JSON {kind}")
-    if _nesting_depth(parsed) > MAX_METADATA_DEPTH:
-        raise InvalidTaskField(_too_deep_message())
-    try:
-        # "\ud800" is valid JSON but not Unicode: the task's status could never be sent.
-        json.dumps(parsed, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise InvalidTaskField(_SURROGATE_MESSAGE) from None
-    return parsed
-
-
-_SURROGATE_MESSAGE = (
-    "metadata holds an unpaired surrogate (\\ud800 to \\udfff), which is not a character"
-)
-
-
-class NotPlainJson(ValueError):
-    """Metadata that parses, but could not be echoed back as standard JSON."""
-
-
-def _refuse_constant(name: str) -> object:
-    # NaN and Infinity are not JSON; echoing them back would break strict clients.
-    raise NotPlainJson(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400: Python reads it as infinity
-        raise NotPlainJson(_out_of_range(text))
-    return value
-
-
-def _float_sized_int(text: str) -> int:
-    """An integer that other JSON readers, which hold numbers as 64-bit floats, can read."""
-    try:
-        value = int(text)
-        float(value)
-    except (ValueError, OverflowError):  # over 4300 digits, or past a float's range
-        raise NotPlainJson(_out_of_range(text)) from None
-    return value
-
-
-def _out_of_range(number: str) -> str:
-    shown = number if len(number) <= 24 else f"{number[:20]}... ({len(number)} characters)"
-    return f"{shown} is out of the range of a 64-bit float"
-
-
-def _nesting_depth(value: object) -> int:
-    """How many arrays and objects deep ``value`` goes (an object of scalars is 1)."""
-    deepest = 0
-    pending = [(value, 1)]
-    while pending:
-        current, depth = pending.pop()
-        if isinstance(current, dict):
-            current = list(current.values())
-        if isinstance(current, list):
-            deepest = max(deepest, depth)
-            pending.extend((child, depth + 1) for child in current)
-    return deepest
-
-
-def _too_deep_message() -> str:
-    return f"metadata nests arrays and objects more than {MAX_METADATA_DEPTH} levels deep"
-
-
-_VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-# A task id as the server gives it out (a UUID's canonical form), in either case.
-_TASK_ID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-_JSON_KINDS = {
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
-
-
-def _task_response(record: TaskRecord) -> JSONResponse:
-    fields: dict[str, object] = {}
-    if record.status is TaskStatus.SUCCEEDED:
-        fields["prediction"] = record.prediction
-    elif record.error is not None:
-        fields["error"] = record.error
-    webhook = None
-    # A cancelled task sends no webhook, so it has no delivery to report.
-    if record.webhook_status is not None or (
-        record.callback_url is not None and record.status is not TaskStatus.CANCELLED
-    ):
-        webhook = WebhookOut(
-            status=record.webhook_status or "waiting",  # for the task to finish
-            attempts=record.webhook_attempts,
-            last_error=record.webhook_last_error,
-            next_attempt_at=_utc(record.webhook_next_attempt_at),
-        )
-    task = TaskOut.model_validate(
-        {
-            "task_id": record.id,
-            "status": record.status,
-            **fields,
-            "metadata": record.metadata,
-            "created_at": _utc(record.created_at),
-            "started_at": _utc(record.started_at),
-            "finished_at": _utc(record.finished_at),
-            "webhook": webhook,
-        }
-    )
-    # Only the one of prediction and error that applies.
-    return JSONResponse(task.model_dump(mode="json", exclude_unset=True))
-
-
-def _utc(timestamp: float | None) -> datetime | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return task_response(record)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -1269,7 +1004,12 @@ async def readyz(request: Request) -> JSONResponse:
     service = _service(request)
     if service.ready and not service.draining:
         return JSONResponse({"status": "ready"})
-    detail = "the server is shutting down" if service.draining else "the model is loading"
+    if service.draining:
+        detail = "the server is shutting down"
+    elif service.device_failure is not None:
+        detail = f"the model's device failed: {service.device_failure}"
+    else:
+        detail = "the model is loading"
     return JSONResponse(
         {"status": "not ready", "detail": detail},
         status_code=503,
@@ -1310,6 +1050,7 @@ _ERROR_STATUS: dict[type[Exception], int] = {
 }
 _PUBLIC_DETAIL: dict[type[Exception], str] = {
     Stopped: SHUTTING_DOWN,
+    RunnerStopped: SHUTTING_DOWN,
     BatchFailed: "inference failed; the error is logged on the server",
     DeadlineExceeded: "the request was not served within REQUEST_TIMEOUT_MS",
 }
@@ -1462,7 +1203,7 @@ def create_app(settings: Settings) -> FastAPI:
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
-        responses=_error_responses(400, 413, 422, 504),
+        responses=error_responses(400, 413, 422, 504),
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
@@ -1472,7 +1213,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
-        responses=_error_responses(400, 413, 422),
+        responses=error_responses(400, 413, 422),
         # ``file`` is optional to FastAPI only so that a form of empty file inputs reaches
         # the handler; documented as required (OpenAPI 3.1 applies this beside the $ref).
         openapi_extra={
@@ -1494,7 +1235,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
-        responses=_error_responses(400, 413, 422),
+        responses=error_responses(400, 413, 422),
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )
@@ -1503,7 +1244,7 @@ def create_app(settings: Settings) -> FastAPI:
         task_status,
         methods=["GET"],
         response_model=TaskOut,
-        responses=_error_responses(404),
+        responses=error_responses(404),
         name="task_status",
         tags=["tasks"],
     )
@@ -1519,7 +1260,7 @@ def create_app(settings: Settings) -> FastAPI:
         cancel_task,
         methods=["DELETE"],
         response_model=TaskOut,
-        responses=_error_responses(404, 409),
+        responses=error_responses(404, 409),
         tags=["tasks"],
     )
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
@@ -1551,7 +1292,6 @@ def create_app(settings: Settings) -> FastAPI:
         refusal=lambda path: (
             app.state.service.refusal_before_upload(path) if hasattr(app.state, "service") else None
         ),
-        retry_after_s=RETRY_AFTER_S,
     )
     app.add_middleware(
         BodyLimitsMiddleware,
@@ -1568,13 +1308,13 @@ def create_app(settings: Settings) -> FastAPI:
         idle_timeout_s=settings.body_idle_timeout_s,
     )
     if settings.api_key is not None:
-        _document_the_api_key(app)
+        document_the_api_key(app, OPEN_PATHS)
         app.add_middleware(
             ApiKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),
             # The API's documentation too: a browser opening it sends no key, and its
             # "Authorize" button is how a reader then tries the routes that need one.
-            open_paths=OPEN_PATHS | _documentation_paths(app),
+            open_paths=OPEN_PATHS | documentation_paths(app),
         )
     if settings.cors_origin_list:
         # Outside the key check: browsers send preflight requests without credentials.

@@ -631,16 +631,16 @@ class BatchProcessor(Generic[In, Out]):
             while lane and len(entries) < limit:
                 entry = lane.popleft()
                 entry.queued = False
-                if self._still_queued(entry, now):
+                if self._still_wanted_at(entry, now):
                     entries.append(entry)
         return entries
 
-    def _still_queued(self, entry: _Pending[In, Out], now: float) -> bool:
+    def _still_wanted_at(self, entry: _Pending[In, Out], now: float) -> bool:
         """False for an entry whose caller is gone or whose deadline has passed (failed)."""
         if entry.future.done():
             return False
         if entry.deadline is not None and entry.deadline <= now:
-            _fail(entry.future, DeadlineExceeded("the request's deadline passed in the queue"))
+            _fail(entry.future, DeadlineExceeded("the request's deadline passed before it ran"))
             return False
         return True
 
@@ -713,7 +713,7 @@ class BatchProcessor(Generic[In, Out]):
     def _live(self, lane: deque[_Pending[In, Out]], now: float) -> Iterator[_Pending[In, Out]]:
         """The lane's entries still wanted, in order. One whose deadline has passed is failed
         here; its caller's task then takes it out of the lane."""
-        return (entry for entry in lane if self._still_queued(entry, now))
+        return (entry for entry in lane if self._still_wanted_at(entry, now))
 
     def _largest_in_time(
         self, candidates: list[_Pending[In, Out]], limit: int, now: float
@@ -816,12 +816,4 @@ class BatchProcessor(Generic[In, Out]):
     def _still_wanted(self, entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
         """The entries whose callers still wait; those whose deadline passed are failed."""
         now = time.monotonic()
-        wanted = []
-        for entry in entries:
-            if entry.future.done():
-                continue
-            if entry.deadline is not None and entry.deadline <= now:
-                _fail(entry.future, DeadlineExceeded("the request's deadline passed"))
-                continue
-            wanted.append(entry)
-        return wanted
+        return [entry for entry in entries if self._still_wanted_at(entry, now)]

@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import itertools
 import multiprocessing
-import os
 import shlex
 import statistics
 import sys
@@ -50,7 +49,7 @@ from bench.load import closed_loop, encode_payloads
 from bench.server import start
 from classification import build_network, fold_batchnorm, preprocess
 from classification.preprocess import CROP_SIZE, RESIZE_SIZE
-from service.settings import PROJECT_ROOT
+from service.settings import PROJECT_ROOT, available_cores
 
 MAX_PIXELS = 40_000_000
 SERVED_TARGET = 0.8
@@ -126,6 +125,20 @@ def decode_on_device(encoded: list[torch.Tensor], device: torch.device) -> torch
         for image in images
     ]
     return torch.stack(crops).permute(0, 2, 3, 1)
+
+
+def decodable_on_device(jpegs: list[bytes], device: torch.device) -> list[bytes]:
+    """The JPEGs ``decode_on_device`` reads, each tried alone: a batched decode that meets
+    one it cannot read (CMYK, 12-bit, arithmetic-coded) fails the whole batch."""
+    decodable = []
+    for data in jpegs:
+        try:
+            decode_on_device([torch.frombuffer(bytearray(data), dtype=torch.uint8)], device)
+        except RuntimeError as exc:
+            print(f"left out of the GPU decode: an image it cannot read ({exc})", file=sys.stderr)
+        else:
+            decodable.append(data)
+    return decodable
 
 
 def gpu_decode_images_per_s(
@@ -228,7 +241,7 @@ def main() -> None:
     if not images:
         parser.error(f"no JPEG images in {args.images}")
     payloads = [path.read_bytes() for path in images]
-    processes = os.cpu_count() or 1
+    processes = available_cores()
     batch_sizes = [2**power for power in range(args.max_batch_size.bit_length())]
     if batch_sizes[-1] != args.max_batch_size:
         batch_sizes.append(args.max_batch_size)
@@ -239,7 +252,12 @@ def main() -> None:
     forward = forward_images_per_s(device, dtype, batch_sizes, args.seconds / 4)
     print("GPU decode ...", file=sys.stderr)
     gpu_decode_batch = min(64, args.max_batch_size)
-    gpu_decode = gpu_decode_images_per_s(payloads, device, gpu_decode_batch, args.seconds)
+    decodable = decodable_on_device(payloads, device)
+    if not decodable:
+        parser.error(f"none of the JPEGs in {args.images} decodes on {device}")
+    gpu_decode = gpu_decode_images_per_s(decodable, device, gpu_decode_batch, args.seconds)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the served step's workers share the GPU's memory
     settings = {
         "WEIGHTS": "random",
         "DEVICE": args.device,
@@ -257,6 +275,7 @@ def main() -> None:
     bound = min(model_limit, cpu_decode)
     served = max(step["throughput_per_s"] for step in steps)
     info = machine()
+    info["device"] = str(device)
     info["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     results: dict[str, Any] = {
         "command": "python -m bench.gpu " + shlex.join(sys.argv[1:]),

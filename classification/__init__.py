@@ -6,6 +6,7 @@ maps a list of inputs to a list of outputs.
 
 from classification.model import (
     Classifier,
+    DeviceFailed,
     ModelLoadError,
     Prediction,
     build_network,
@@ -20,11 +21,11 @@ from classification.preprocess import (
     decode_image,
     normalize_batch,
     preprocess,
-    to_model_input,
 )
 
 __all__ = [
     "Classifier",
+    "DeviceFailed",
     "ImageTooLarge",
     "InvalidImage",
     "ModelLoadError",
@@ -37,5 +38,4 @@ __all__ = [
     "normalize_batch",
     "preprocess",
     "resolve_device",
-    "to_model_input",
 ]

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import pickle
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class ModelLoadError(RuntimeError):
     """The model cannot be built as configured; the message says which setting to change."""
 
 
+class DeviceFailed(RuntimeError):
+    """The device failed in a way this process cannot recover from: a CUDA error other
+    than running out of memory leaves the process's CUDA context unusable."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """One class of a top-k answer."""
@@ -55,6 +61,15 @@ def load_labels(path: Path) -> list[str]:
     if not labels:
         raise ModelLoadError(f"LABELS_FILE {path} holds no labels")
     return labels
+
+
+def _cannot_run_on(device: torch.device, error: BaseException | None) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    return (
+        f"the model cannot run on {device} ({first_line}); torch {torch.__version__} runs "
+        f"on GPUs of the architectures {', '.join(torch.cuda.get_arch_list()) or 'none'} "
+        "with a driver at least as new as its CUDA; or use DEVICE=cpu"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -274,7 +289,6 @@ class Classifier:
         self.labels = list(labels)
         self.device = device
         self.dtype = dtype
-        self.channels_last = channels_last
         self.weights_description = weights_description
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._network = network.to(device=device, dtype=dtype, memory_format=self._memory_format)
@@ -302,11 +316,36 @@ class Classifier:
         """The compute dtype, as configured (``float32``, ``float16``, ``bfloat16``)."""
         return _dtype_name(self.dtype)
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run throwaway forwards so the first real request pays no one-off costs."""
-        for size in batch_sizes:
-            dummy = [np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8) for _ in range(size)]
-            self.classify(dummy, [1] * size)
+    def warm_up(self, batch_sizes: Sequence[int]) -> dict[int, float]:
+        """Run throwaway forwards so the first real request pays no one-off costs.
+
+        Returns:
+            Seconds a warm batch of each size takes: the faster of two runs, since workers
+            starting together (on one GPU, or on shared cores) slow each other.
+        """
+        dummies = {
+            size: [np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8) for _ in range(size)]
+            for size in batch_sizes
+        }
+        try:
+            for dummy in dummies.values():
+                self.classify(dummy, [1] * len(dummy))
+            run_times = {}
+            for size, dummy in dummies.items():
+                durations = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    self.classify(dummy, [1] * size)
+                    durations.append(time.perf_counter() - started)
+                run_times[size] = min(durations)
+        except torch.OutOfMemoryError:
+            raise ModelLoadError(
+                f"a batch of {max(batch_sizes)} does not fit in {self.device}'s free memory; "
+                "lower MAX_BATCH_SIZE, or WORKERS"
+            ) from None
+        except DeviceFailed as exc:
+            raise ModelLoadError(_cannot_run_on(self.device, exc.__cause__)) from None
+        return run_times
 
     @torch.inference_mode()
     def classify(
@@ -323,14 +362,10 @@ class Classifier:
         """
         if len(images) != len(top_k):
             raise ValueError(f"{len(images)} images but {len(top_k)} top_k values")
-        batch = torch.from_numpy(np.stack(images))
-        if self.device.type == "cuda":
-            # uint8 crosses the bus: a quarter of the bytes of the float input.
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = normalize_batch(batch).to(dtype=self.dtype, memory_format=self._memory_format)
-        probabilities = self._network(batch).float().softmax(dim=1)
-        scores, indices = probabilities.topk(max(top_k), dim=1)
-        score_rows, index_rows = scores.cpu().tolist(), indices.cpu().tolist()
+        try:
+            score_rows, index_rows = self._top_scores(images, max(top_k))
+        except torch.AcceleratorError as exc:
+            raise DeviceFailed(f"{self.device} failed: {exc}") from exc
         return [
             [
                 Prediction(index, self.labels[index], score)
@@ -338,6 +373,19 @@ class Classifier:
             ]
             for index_row, score_row, k in zip(index_rows, score_rows, top_k, strict=True)
         ]
+
+    def _top_scores(
+        self, images: Sequence[np.ndarray], k: int
+    ) -> tuple[list[list[float]], list[list[int]]]:
+        """Each image's ``k`` best scores and their class indices, best first."""
+        batch = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            # uint8 crosses the bus: a quarter of the bytes of the float input.
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = normalize_batch(batch).to(dtype=self.dtype, memory_format=self._memory_format)
+        probabilities = self._network(batch).float().softmax(dim=1)
+        scores, indices = probabilities.topk(k, dim=1)
+        return scores.cpu().tolist(), indices.cpu().tolist()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -363,14 +411,17 @@ def load_classifier(
     labels = load_labels(labels_file)
     target = resolve_device(device)
     network, description = build_network(weights, len(labels), seed)
-    classifier = Classifier(
-        fold_batchnorm(network),
-        labels,
-        device=target,
-        dtype=DTYPES[dtype],
-        channels_last=channels_last,
-        weights_description=description,
-    )
+    try:
+        classifier = Classifier(
+            fold_batchnorm(network),
+            labels,
+            device=target,
+            dtype=DTYPES[dtype],
+            channels_last=channels_last,
+            weights_description=description,
+        )
+    except (torch.AcceleratorError, torch.OutOfMemoryError) as exc:
+        raise ModelLoadError(_cannot_run_on(target, exc)) from None
     logger.info(
         "model ready: resnet18 weights=%s device=%s dtype=%s channels_last=%s",
         description,

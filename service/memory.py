@@ -62,7 +62,6 @@ class IdleTrimmer:
         self._idle_s = idle_s
         self._min_growth_bytes = min_growth_bytes
         self._failing = False
-        self.trims = 0
 
     async def run(self) -> None:
         """Watch until cancelled.
@@ -85,7 +84,6 @@ class IdleTrimmer:
             if resident - baseline < self._min_growth_bytes:
                 continue
             await asyncio.to_thread(self._trim)
-            self.trims += 1
             baseline = self._read_resident()
             logger.debug("returned freed memory from %d MiB", resident // 2**20)
 

@@ -25,6 +25,11 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_STATE = "request_id"
 # Echo a caller's id only when it is safe to put into headers and logs.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Seconds a client told that the server is busy (503) waits before it tries again.
+RETRY_AFTER_S = "1"
+# Sent with an answer given before the body was read to its end: the client may still be
+# sending it, and whatever it sends next on this connection would be read as more body.
+_UNREAD_BODY = {"Connection": "close"}
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ class RequestContextMiddleware:
             return
 
         started = time.perf_counter()
-        supplied = _header(scope, REQUEST_ID_HEADER.encode())
+        supplied = Headers(scope=scope).get(REQUEST_ID_HEADER)
         request_id = (
             supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         )
@@ -82,7 +87,7 @@ class RequestContextMiddleware:
             await JSONResponse(
                 {"detail": detail},
                 status_code=503,
-                headers={"Retry-After": "1", "Connection": "close"},
+                headers={"Retry-After": RETRY_AFTER_S, **_UNREAD_BODY},
             )(scope, receive, send_with_id)
             raise  # a cancellation is passed on (service.protocol keeps it out of the log)
         except Exception:
@@ -118,13 +123,6 @@ def matching_route(app: Starlette, scope: Scope) -> BaseRoute | None:
     return next((each for each in app.router.routes if each.matches(scope)[0] != Match.NONE), None)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), that stall (408), or that
     are multipart and end before their closing boundary (400).
@@ -155,7 +153,8 @@ class BodyLimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # "/cls/" is redirected to "/cls" only after its body is read: same limit.
+        # "/cls/" has the limit of "/cls", so that its body reaches the 404 that names the
+        # route rather than a 413 about its size.
         limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -216,20 +215,15 @@ class BodyLimitsMiddleware:
         await self.app(scope, receive_within_limits, send)
 
 
-# Sent with an answer given before the body was read to its end: the client may still be
-# sending it, and whatever it sends next on this connection would be read as more body.
-_UNREAD_BODY = {"Connection": "close"}
-
-
 def _has_body(scope: Scope) -> bool:
     """Whether the request announces a body (which an answer given now leaves unread)."""
-    length = _header(scope, b"content-length")
-    return _header(scope, b"transfer-encoding") is not None or (length not in (None, "0"))
+    headers = Headers(scope=scope)
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
 def _closing_delimiter(scope: Scope) -> bytes | None:
     """The line that ends a multipart body, or None for other bodies."""
-    content_type, options = parse_options_header(_header(scope, b"content-type") or "")
+    content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         return None
@@ -241,19 +235,15 @@ class ShedWhileFullMiddleware:
     queue it would wait in is full): a client on a slow link is not made to send megabytes
     only to be told to retry."""
 
-    def __init__(
-        self, app: ASGIApp, refusal: Callable[[str], str | None], retry_after_s: str
-    ) -> None:
+    def __init__(self, app: ASGIApp, refusal: Callable[[str], str | None]) -> None:
         self.app = app
         self.refusal = refusal
-        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            # "/cls/" is served as "/cls" (redirected): the same queue.
-            detail = self.refusal(scope["path"].rstrip("/"))
+            detail = self.refusal(scope["path"])
             if detail is not None:
-                headers = {"Retry-After": self.retry_after_s, **_UNREAD_BODY}
+                headers = {"Retry-After": RETRY_AFTER_S, **_UNREAD_BODY}
                 response = JSONResponse({"detail": detail}, status_code=503, headers=headers)
                 await response(scope, receive, send)
                 return

@@ -311,7 +311,7 @@ class TaskRunner:
         # Requests already waiting for a store thread run before its connection closes;
         # later ones would find it closed, or the thread gone.
         if self._stopped:
-            raise RunnerStopped("the server is shutting down; retry")
+            raise RunnerStopped("the task runner stopped")
 
     def _expired_before(self) -> float:
         """Tasks that finished before this time have expired, deleted yet or not."""
@@ -339,7 +339,7 @@ class TaskRunner:
 
     # --- Lifecycle ----------------------------------------------------------------------------
 
-    async def stop_claiming(self) -> None:
+    def stop_claiming(self) -> None:
         """Take no more tasks; what this worker holds keeps running, and webhooks are still
         delivered, those of the tasks it finishes included, until ``stop``."""
         self._claiming = False
@@ -355,7 +355,7 @@ class TaskRunner:
         raise ``RunnerStopped``.
         """
         self._stopped = True
-        await self.stop_claiming()
+        self.stop_claiming()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         # An attempt begun late in the grace would only be cut off: deliveries are claimed

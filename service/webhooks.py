@@ -25,15 +25,6 @@ import anyio
 import httpcore
 import httpx
 
-__all__ = [
-    "Attempt",
-    "InvalidCallbackUrl",
-    "WebhookConfig",
-    "WebhookSender",
-    "check_callback_url",
-    "sign",
-]
-
 MAX_URL_CHARS = 2048
 USER_AGENT = "resnet18-service-webhook/1"
 SIGNATURE_HEADER = "X-Signature-256"

@@ -29,11 +29,12 @@ def free_port() -> int:
 
 
 def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    """The environment of a test server: random weights, its task store in ``tmp_path``;
-    gunicorn makes its metrics folder."""
+    """The environment of a test server: random weights on the CPU, its task store in
+    ``tmp_path``; gunicorn makes its metrics folder."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
         WEIGHTS="random",
+        DEVICE="cpu",
         SEED=str(SEED),
         TORCH_THREADS="1",
         PYTHONUNBUFFERED="1",

@@ -60,10 +60,11 @@ _TASK_STORES = tempfile.TemporaryDirectory(prefix="resnet18-service-tests-")
 
 
 def make_settings(**overrides: object) -> Settings:
-    """Settings for in-process tests: random weights, a fresh task store, small limits where a
-    test needs them."""
+    """Settings for in-process tests: random weights on the CPU (a test of CUDA asks for it),
+    a fresh task store, small limits where a test needs them."""
     values: dict[str, object] = {
         "weights": "random",
+        "device": "cpu",
         "seed": SEED,
         "torch_threads": 2,
         "data_dir": tempfile.mkdtemp(prefix="tasks-", dir=_TASK_STORES.name),

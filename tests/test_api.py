@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 import main
 from batching import Priority
-from classification import ImageTooLarge, Prediction
+from classification import DeviceFailed, ImageTooLarge, Prediction
 from tests import images
 from tests.corpus import multipart, multipart_headers
 from tests.support import (
@@ -633,7 +633,7 @@ async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
                 for _ in range(8)
             ]
             await wait_for(held.started.is_set)
-            await wait_for(lambda: served.service._decoding == 8)
+            await wait_for(lambda: served.service._decodes_in_progress == 8)
             large = [
                 stat.size
                 for stat in tracemalloc.take_snapshot().statistics("lineno")
@@ -833,6 +833,39 @@ async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
             "detail": "the worker cannot serve: batching stopped",
         }
         assert (await served.client.post("/cls", files=upload(data))).status_code == 503
+
+
+async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a CUDA error that leaves the device unusable, every batch would fail: the
+    worker fails its probes (so it is replaced), answers new requests 503 to retry
+    elsewhere, and claims no more tasks."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        tasks = served.service.tasks
+        assert classifier is not None
+        assert tasks is not None
+
+        def failed(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
+            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access")
+
+        classifier.classify = failed  # type: ignore[method-assign]
+        data = photos[0].read_bytes()
+        with caplog.at_level(logging.CRITICAL):
+            assert (await served.client.post("/cls", files=upload(data))).status_code == 500
+        assert "takes no more work until it is restarted" in caplog.text
+        health = await served.client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "device failed"
+        ready = await served.client.get("/readyz")
+        assert ready.status_code == 503
+        assert "device failed: cuda:0 failed" in ready.json()["detail"]
+        refused = await served.client.post("/cls", files=upload(data))
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert "device failed; retry" in refused.json()["detail"]
+        assert not tasks._claiming
 
 
 async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:

@@ -349,10 +349,17 @@ def _shared_jpegs() -> list[bytes]:
     return jpegs
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
-def test_decoding_on_the_device_makes_the_services_crops(device: str) -> None:
+@pytest.mark.parametrize(
+    ("device", "max_levels", "mean_levels"),
+    # nvJPEG upsamples chroma without libjpeg-turbo's smoothing: a few levels apart at
+    # colour edges, as torchvision's own test of it allows (a mean below 2).
+    [("cpu", 2, 0.5), pytest.param("cuda", 16, 1.0, marks=cuda)],
+)
+def test_decoding_on_the_device_makes_the_services_crops(
+    device: str, max_levels: int, mean_levels: float
+) -> None:
     """The GPU decode limit times the same work as the service's preprocessing: its crops
-    are within two levels of ``preprocess``'s for every shared photo."""
+    are those of ``preprocess`` for every shared photo, to a few levels at most."""
     jpegs = _shared_jpegs()
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
 
@@ -361,7 +368,20 @@ def test_decoding_on_the_device_makes_the_services_crops(device: str) -> None:
     for data, crop in zip(jpegs, crops, strict=True):
         ours = preprocess(data, max_pixels=gpu.MAX_PIXELS)
         assert crop.shape == ours.shape == (224, 224, 3)
-        assert np.abs(crop.astype(int) - ours.astype(int)).max() <= 2
+        difference = np.abs(crop.astype(int) - ours.astype(int))
+        assert difference.max() <= max_levels
+        assert difference.mean() < mean_levels
+
+
+def test_the_gpu_decode_leaves_out_an_image_it_cannot_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A batched decode fails whole on one bad JPEG: it is left out, and said so."""
+    good = _shared_jpegs()[:2]
+    broken = good[0][:2] + b"\x00" * 64  # a JPEG's signature, then nothing readable
+
+    assert gpu.decodable_on_device([good[0], broken, good[1]], torch.device("cpu")) == good
+    assert "left out of the GPU decode" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -521,7 +521,7 @@ async def test_submissions_beyond_max_queue_are_503_before_decoding(
                 for _ in range(2)
             ]
             await wait_for(held.started.is_set)
-            await wait_for(lambda: served.service._submitting_tasks == 2)
+            await wait_for(lambda: served.service._submissions_in_progress == 2)
             refused = await served.client.post("/tasks", files=upload(data))
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
@@ -550,7 +550,7 @@ async def test_a_submission_that_stop_overtakes_is_refused_not_failed(
 
     monkeypatch.setattr(task_runner, "_request_hash", slow_hash)
     async with running_app(make_settings()) as served:
-        runner = served.service.running_tasks()
+        runner = served.service.task_runner()
         submitting = asyncio.ensure_future(
             runner.submit(
                 photos[0].read_bytes(),
@@ -588,7 +588,7 @@ async def test_submissions_waiting_for_the_store_count_against_max_queue(
             ]
             # Both decoded, and waiting for the lock.
             await wait_for(lambda: decodes.calls == 2 and served.service._threads_working == 0)
-            assert served.service._submitting_tasks == 2
+            assert served.service._submissions_in_progress == 2
             refused = await served.client.post("/tasks", files=upload(data))
             assert refused.status_code == 503, refused.text
             assert "MAX_QUEUE allows 2" in refused.json()["detail"]
@@ -1095,7 +1095,7 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
     for ever: its lease is no longer renewed, runs out, and the task runs again."""
     settings = make_settings(task_lease_s=1.0, task_poll_interval_s=0.05)
     async with running_app(settings) as served:
-        store = served.service.running_tasks().store
+        store = served.service.task_runner().store
         real_finish = store.finish
         failures = []
 
@@ -1129,7 +1129,7 @@ async def test_a_result_the_store_refuses_for_now_is_stored_once_it_can_be(
     throw the model's answer away: the write is tried again (the lease kept meanwhile),
     and the task runs once."""
     async with running_app(make_settings(task_poll_interval_s=0.05)) as served:
-        store = served.service.running_tasks().store
+        store = served.service.task_runner().store
         real_finish = store.finish
         refusals = []
 
@@ -1161,7 +1161,7 @@ async def test_an_attempt_the_store_refuses_for_now_is_stored_when_it_can_be(
     while the store refuses it; the delivery goes on and ends with the full count."""
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         receiver.script = [503, 503]
-        store = served.service.running_tasks().store
+        store = served.service.task_runner().store
         defer = store.defer_webhook
         refused = 0
 
@@ -1187,7 +1187,7 @@ async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
     """The receiver has it: the end is written again until stored, not the webhook sent
     again."""
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
-        store = served.service.running_tasks().store
+        store = served.service.task_runner().store
         finish = store.finish_webhook
         finishes = 0
 
@@ -1423,7 +1423,7 @@ async def test_an_attempt_write_that_outlasts_its_wait_is_still_reported(
 ) -> None:
     """The batch goes on after the wait; the write's failure, when it comes, is logged
     with the task ids once."""
-    runner = served.service.running_tasks()
+    runner = served.service.task_runner()
     released = threading.Event()
 
     def slow_then_failing(*args: object) -> None:
@@ -1513,7 +1513,7 @@ async def test_a_write_held_by_a_stalled_disk_is_answered_503_in_time(
     data = photos[0].read_bytes()
     thawed = threading.Event()
     async with running_app(make_settings()) as served:
-        writer = served.service.running_tasks().request_writer
+        writer = served.service.task_runner().request_writer
         create = writer.create
 
         def stalled_create(*args: Any, **kwargs: Any) -> tasks.TaskRecord:
@@ -1545,7 +1545,7 @@ async def test_a_store_that_cannot_be_written_is_503_and_cls_goes_on(photos: lis
     a submission 503 with Retry-After and a detail naming DATA_DIR, not a bare 500."""
     data = photos[0].read_bytes()
     async with running_app(make_settings()) as served:
-        runner = served.service.running_tasks()
+        runner = served.service.task_runner()
 
         async def limit_pages(pages: int | None) -> None:
             # The connection that stores submissions, on its own thread, the only one
@@ -1602,7 +1602,7 @@ async def test_a_status_read_that_fails_is_503_not_500(
     submission's early queue check reports it the same way."""
     async with running_app(make_settings()) as served:
         task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
-        reader = served.service.running_tasks().reader
+        reader = served.service.task_runner().reader
         connection, reader._db = reader._db, FailingConnection(error)  # type: ignore[assignment]
         try:
             polled = await served.client.get(f"/task-status/{task_id}")
@@ -1793,7 +1793,7 @@ async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_s
     monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
     async with running_app(settings) as served:
         service = served.service
-        assert service._opening_tasks is not None
+        assert service._store_reopener is not None
         if retry_started:
             await wait_for(lambda: "cannot open" in service._task_store_problem)
             service._task_store_problem = ""
@@ -1837,7 +1837,7 @@ async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
     data = photos[0].read_bytes()
     accepted = await submit(served.client, data)
     await finished(served.client, accepted["task_id"])
-    store = served.service.running_tasks().request_writer
+    store = served.service.task_runner().request_writer
     real_create = store.create
     creating = threading.Event()
 

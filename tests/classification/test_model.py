@@ -12,6 +12,7 @@ import torch
 
 from classification import (
     Classifier,
+    DeviceFailed,
     ModelLoadError,
     build_network,
     fold_batchnorm,
@@ -319,3 +320,60 @@ def test_cuda_matches_cpu(dtype: str, classifier: Classifier, photos: list[Path]
         assert gpu_answer[0].score == pytest.approx(cpu_answer[0].score, rel=tolerance)
         if dtype == "float32":
             assert [p.index for p in gpu_answer] == [p.index for p in cpu_answer]
+
+
+class _FailingNetwork(torch.nn.Module):
+    """A network whose every forward pass raises ``error``, as a failed GPU does."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        raise self.error
+
+
+def _crop() -> np.ndarray:
+    return np.zeros((224, 224, 3), np.uint8)
+
+
+def test_a_device_error_is_a_device_failure_that_names_the_device() -> None:
+    """A CUDA error other than running out of memory leaves the process's context unusable:
+    it is told apart from a failure of one batch, so the worker can be replaced."""
+    error = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
+
+    with pytest.raises(DeviceFailed, match="cpu failed: CUDA error: an illegal") as raised:
+        failing.classify([_crop()], [1])
+    assert raised.value.__cause__ is error
+
+
+def test_other_errors_of_a_batch_are_not_device_failures() -> None:
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    failing = Classifier(_FailingNetwork(oom), ["a", "b"], device=torch.device("cpu"))
+
+    with pytest.raises(torch.OutOfMemoryError):
+        failing.classify([_crop()], [1])
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            torch.AcceleratorError("CUDA error: no kernel image is available\nmore detail"),
+            r"^the model cannot run on cpu \(CUDA error: no kernel image is available\); "
+            r"torch \S+ runs on GPUs of the architectures .*; or use DEVICE=cpu$",
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory"),
+            r"^a batch of 8 does not fit in cpu's free memory; lower MAX_BATCH_SIZE, or WORKERS$",
+        ),
+    ],
+)
+def test_a_warm_up_the_device_cannot_run_is_a_load_error_that_says_what_to_do(
+    error: Exception, message: str
+) -> None:
+    failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
+
+    with pytest.raises(ModelLoadError, match=message):
+        failing.warm_up([1, 8])

@@ -1,0 +1,169 @@
+"""The JSON the API answers with, and what its OpenAPI schema says about it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service.tasks import TaskRecord, TaskStatus
+
+
+class PredictionOut(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    prediction: list[PredictionOut]
+
+
+class BatchEntry(BaseModel):
+    """One file's answer in a ``/cls/batch`` response: a prediction or its own error."""
+
+    index: int
+    status: int
+    prediction: list[PredictionOut] | None = None
+    detail: str | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchEntry]
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: TaskStatus
+    status_url: str
+
+
+class WebhookOut(BaseModel):
+    """Where the delivery of a task's callback stands: waiting (for the task to finish),
+    pending, delivered or failed."""
+
+    status: str
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None  # after a failed attempt, until the next one begins
+
+
+class TaskOut(BaseModel):
+    """A task's state; ``prediction`` once it succeeded, ``error`` once it failed."""
+
+    task_id: str
+    status: TaskStatus
+    prediction: list[PredictionOut] | None = None
+    error: str | None = None
+    metadata: dict[str, object] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    webhook: WebhookOut | None
+
+
+class ErrorOut(BaseModel):
+    """Every error's body: what was wrong and, where one applies, the setting to change."""
+
+    detail: str
+
+
+class ProbeOut(BaseModel):
+    """A probe's answer: ``ok`` or ``ready`` with 200; with 503, what is wrong, in a word
+    (``status``) and in a sentence (``detail``)."""
+
+    status: str
+    detail: str | None = None
+
+
+# What each error means, for the OpenAPI documentation; the README's table has them all.
+_ERROR_DOCS = {
+    400: "Not an image the service reads, or a malformed multipart body",
+    401: "API_KEY is set and the request carries no key or a wrong one",
+    404: "No such task: an unknown, malformed or expired id",
+    409: "The task is running or finished",
+    413: "A file over MAX_UPLOAD_BYTES",
+    422: "A missing, repeated or malformed field or parameter",
+    503: "The queue is full, the server is shutting down, or the task store is unavailable; "
+    "retry after Retry-After",
+    504: "Not answered within REQUEST_TIMEOUT_MS",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's documented errors, each with the one body every error has."""
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorOut, "description": _ERROR_DOCS[status]}
+        for status in sorted({401, *statuses, 503})
+    }
+    # The rest (500, and the 408 and 431 of a request that never reached the app) have the
+    # same body; declared, it also keeps FastAPI from adding a 422 of another shape.
+    responses["default"] = {"model": ErrorOut, "description": "Any other error"}
+    return responses
+
+
+def document_the_api_key(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """With API_KEY set, the OpenAPI schema says which routes need it, and how to send it."""
+    build_schema = app.openapi
+
+    def schema_with_the_key() -> dict[str, Any]:
+        built = app.openapi_schema is not None
+        schema = build_schema()
+        if not built:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            for path, operations in schema["paths"].items():
+                if path not in open_paths:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+        return schema
+
+    app.openapi = schema_with_the_key  # type: ignore[method-assign]
+
+
+def documentation_paths(app: FastAPI) -> frozenset[str]:
+    """The paths FastAPI serves the API's documentation and schema at."""
+    paths = (app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url, app.openapi_url)
+    return frozenset(path for path in paths if path is not None)
+
+
+def task_response(record: TaskRecord) -> JSONResponse:
+    fields: dict[str, object] = {}
+    if record.status is TaskStatus.SUCCEEDED:
+        fields["prediction"] = record.prediction
+    elif record.error is not None:
+        fields["error"] = record.error
+    webhook = None
+    # A cancelled task sends no webhook, so it has no delivery to report.
+    if record.webhook_status is not None or (
+        record.callback_url is not None and record.status is not TaskStatus.CANCELLED
+    ):
+        webhook = WebhookOut(
+            status=record.webhook_status or "waiting",  # for the task to finish
+            attempts=record.webhook_attempts,
+            last_error=record.webhook_last_error,
+            next_attempt_at=_utc(record.webhook_next_attempt_at),
+        )
+    task = TaskOut.model_validate(
+        {
+            "task_id": record.id,
+            "status": record.status,
+            **fields,
+            "metadata": record.metadata,
+            "created_at": _utc(record.created_at),
+            "started_at": _utc(record.started_at),
+            "finished_at": _utc(record.finished_at),
+            "webhook": webhook,
+        }
+    )
+    # Only the one of prediction and error that applies.
+    return JSONResponse(task.model_dump(mode="json", exclude_unset=True))
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
