@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _a_device_torch_names(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N (N the GPU's index)")
         return value
 

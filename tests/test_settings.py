@@ -58,6 +58,7 @@ def test_a_value_of_blanks_alone_is_refused(
     ("name", "value", "says"),
     [
         ("DEVICE", "gpu", "must be auto, cpu, cuda or cuda:N"),
+        ("DEVICE", "cuda:01", "must be auto, cpu, cuda or cuda:N"),
         ("GOMP_SPINCOUNT", "lots", "must be a count, with an optional k, M, G or T"),
     ],
 )
@@ -78,6 +79,7 @@ def test_a_refusal_says_what_the_setting_takes_not_a_pattern(
     ("name", "value"),
     [
         ("DEVICE", "cuda:1"),
+        ("DEVICE", "cuda:10"),
         ("DEVICE", "cpu"),
         ("GOMP_SPINCOUNT", " 300k "),
         ("GOMP_SPINCOUNT", "INFINITE"),
