@@ -83,8 +83,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ModelLoadError(f"DEVICE={name!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"DEVICE={name} but no CUDA device is available; use DEVICE=cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            available = torch.cuda.is_available()
+        if not available:
+            # torch says why as a warning (a driver too old for its CUDA, say), if it knows.
+            reasons = [line.strip() for w in caught for line in str(w.message).splitlines()]
+            why = next((f" ({reason})" for reason in reasons if reason), "")
+            raise ModelLoadError(
+                f"DEVICE={name} but no CUDA device is available{why}; use DEVICE=cpu"
+            )
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise ModelLoadError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,27 @@ def test_imagenet_weights_load_from_the_torch_hub_cache(
     torch.save(network.state_dict(), checkpoints / "resnet18-f37072fd.pth")
     loaded = load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert loaded.weights_description == "imagenet"
+
+
+def test_cuda_asked_for_where_torch_finds_none_says_why_when_torch_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def too_old_a_driver() -> bool:
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old.\nMore.",
+            UserWarning,
+            stacklevel=1,
+        )
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", too_old_a_driver)
+
+    with pytest.raises(ModelLoadError) as refused:
+        resolve_device("cuda")
+    assert str(refused.value) == (
+        "DEVICE=cuda but no CUDA device is available (CUDA initialization: The NVIDIA driver "
+        "on your system is too old.); use DEVICE=cpu"
+    )
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:x", "tpu"])
