@@ -21,15 +21,22 @@ import signal
 import socket
 import sys
 import uuid
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service import logs
 from service.settings import load_settings
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 # nginx's default (large_client_header_buffers) allows 32 KiB; twice that leaves room for
 # large cookies or tokens while bounding what one connection can make a worker buffer.
@@ -57,6 +64,10 @@ LINGER_IDLE_S = 5.0
 LINGER_TOTAL_S = 30.0
 # Once the server is shutting down, the most a connection lingers from then on.
 LINGER_AT_SHUTDOWN_S = 1.0
+# How long a client may read nothing of an answer that fills the connection's buffers
+# before the connection is reset: unbounded, it would hold the connection, the answer's
+# bytes and the app writing them for good. nginx's send_timeout.
+SEND_TIMEOUT_S = 60.0
 
 logger = logging.getLogger("service")
 
@@ -106,6 +117,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._shutting_down = False
         self._linger_until: float | None = None  # set once the connection lingers
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._answering: RequestResponseCycle | None = None  # the request whose app runs
+        self._send_timer: asyncio.TimerHandle | None = None  # while the client reads nothing
 
     def _unsupported_upgrade_warning(self) -> None:
         # An upgrade request (WebSocket, h2c) is served as the plain request it also is;
@@ -143,14 +156,55 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         if self.cycle is None or self.cycle.response_complete:
             self.transport.close()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only the request parsed last that its client is gone. With requests
+        # pipelined, the one being answered would write to the closed transport (uvloop
+        # raises: three tracebacks, and a request counted as answered that nobody got).
+        for cycle in (self._answering, *(queued for queued, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         self._cancel_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         # uvicorn stops keep-alive only on a clean close; after a reset its timer would
         # hold this connection's state until it ran out.
         self._unset_keepalive_if_required()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._watch_sending(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _watch_sending(self, buffered: int) -> None:
+        self._send_timer = self.loop.call_later(SEND_TIMEOUT_S, self._check_sending, buffered)
+
+    def _check_sending(self, buffered_before: int) -> None:
+        # While writing is paused the app writes nothing more: a smaller buffer is the
+        # client reading, however slowly.
+        buffered = self.transport.get_write_buffer_size()
+        if buffered < buffered_before:
+            self._watch_sending(buffered)
+            return
+        self._send_timer = None
+        logger.info(
+            "a client read nothing of its answer for %g s; its connection is reset",
+            SEND_TIMEOUT_S,
+        )
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._linger_until is not None:

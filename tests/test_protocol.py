@@ -7,6 +7,7 @@ import json
 import logging
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -34,6 +35,10 @@ SLOW_APP_S = 2.5
 # between two reads, LINGER_TOTAL_S in all.
 LINGER_IDLE_S = 1.0
 LINGER_TOTAL_S = 3.0
+# How long a client may read nothing of an answer that fills its connection's buffers.
+SEND_TIMEOUT_S = 1.0
+# Far more than the kernel's buffers on both sides of a loopback connection hold.
+BIG_ANSWER_BYTES = 64 * 2**20
 
 
 # Every request the app has begun to serve, by path.
@@ -62,6 +67,8 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW_APP_S)
     body = json.dumps({"length": length}).encode()
+    if scope["path"] == "/big":
+        body = b" " * BIG_ANSWER_BYTES + body  # still JSON
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -74,6 +81,7 @@ def serving(keep_alive_s: float) -> Iterator[int]:
         patch.setattr(protocol, "REQUEST_HEAD_TIMEOUT_S", HEAD_TIMEOUT_S)
         patch.setattr(protocol, "LINGER_IDLE_S", LINGER_IDLE_S)
         patch.setattr(protocol, "LINGER_TOTAL_S", LINGER_TOTAL_S)
+        patch.setattr(protocol, "SEND_TIMEOUT_S", SEND_TIMEOUT_S)
         port = free_port()
         config = uvicorn.Config(
             echo_length,
@@ -576,6 +584,53 @@ def test_a_request_refused_while_its_app_runs_ends_quietly(
     assert "not valid HTTP/1.1" in json_error(answer, 400)
     assert STARTED_PATHS[started:] == ["/early"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+@pytest.mark.parametrize("behind", ["whole requests", "a request cut off in its body"])
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_client_gone_while_pipelined_requests_wait_ends_them_quietly(
+    port: int, caplog: pytest.LogCaptureFixture, behind: str, how: str
+) -> None:
+    """The request being answered learns that its client is gone too, not only the one
+    parsed last: its app would write to a closed connection (three tracebacks)."""
+    second = request("/", b"ab") * 2 if behind == "whole requests" else request("/", b"abc")[:-1]
+    uvicorn_log = logging.getLogger("uvicorn.error")  # which does not propagate to root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        started = len(STARTED_PATHS)
+        with connect(port) as connection:
+            connection.sendall(request("/slow", b"a") + second)
+            deadline = time.monotonic() + 5
+            while STARTED_PATHS[started:] != ["/slow"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if how == "reset":
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(SLOW_APP_S + 0.5)  # for /slow to answer, into the closed connection
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert STARTED_PATHS[started:] == ["/slow"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+def test_a_client_that_reads_nothing_of_a_large_answer_is_reset_after_the_send_timeout(
+    port: int,
+) -> None:
+    """Without a bound, the connection and the answer's bytes would be held for good."""
+    with connect(port) as connection:
+        connection.sendall(request("/big", b"a"))
+        time.sleep(SEND_TIMEOUT_S + 1.5)
+        received = read_to_close(connection)
+    assert 0 < len(received) < BIG_ANSWER_BYTES / 2
+
+
+def test_a_client_that_reads_a_large_answer_slowly_gets_all_of_it(port: int) -> None:
+    with connect(port) as connection:
+        connection.sendall(request("/big", b"a", extra_headers="Connection: close\r\n"))
+        received = b""
+        while chunk := connection.recv(2**20):
+            received += chunk
+            time.sleep(SEND_TIMEOUT_S / 40)  # reading, slower than loopback sends
+    assert ok_lengths(received) == [1]
 
 
 def sends_fail_after(connection: socket.socket, interval_s: float, most_s: float) -> float:
