@@ -430,9 +430,14 @@ class Service:
             raise
         finally:
             self._decodes_in_progress -= 1
-        result = await processor.submit(
-            ClassifyJob(pixels, top_k), deadline=deadline, priority=priority
-        )
+        try:
+            result = await processor.submit(
+                ClassifyJob(pixels, top_k), deadline=deadline, priority=priority
+            )
+        except Stopped:
+            if self.device_failure is not None:
+                raise self._not_ready() from None  # the worker is not shutting down
+            raise
         logs.record_batch_size(result.batch_size)
         return result.predictions
 
@@ -699,6 +704,8 @@ class Service:
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         assert self.classifier is not None
+        if self.device_failure is not None:
+            raise Stopped(self.device_failure)  # the batcher is stopping; nothing runs
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,
@@ -707,16 +714,29 @@ class Service:
                 [job.top_k for job in jobs],
             )
         except DeviceFailed as exc:
-            if self.device_failure is None:
-                self.device_failure = str(exc)
-                self.ready = False  # what arrives from now on gets a 503 to retry elsewhere
-                if self.tasks is not None:
-                    self.tasks.stop_claiming()  # queued tasks wait for a working worker
-                logger.critical("%s; this worker takes no more work until it is restarted", exc)
-            raise
+            self._device_failed(exc)
+            # Fails the batch whole, unsplit: no request in it is at fault.
+            raise Stopped(str(exc)) from exc
         finally:
             self._last_batch_end = time.monotonic()
         return [ClassifyResult(each, len(jobs)) for each in predictions]
+
+    def _device_failed(self, error: DeviceFailed) -> None:
+        """Take no more work: every batch would fail. Requests queued or arriving get a 503
+        to retry elsewhere, tasks go back to the store, and liveness fails, so the worker is
+        replaced."""
+        if self.device_failure is not None:
+            return
+        # torch's CUDA errors go on with lines of debugging hints.
+        self.device_failure = str(error).strip().splitlines()[0]
+        logger.critical(
+            "%s; this worker takes no more work until it is restarted", self.device_failure
+        )
+        for runner in (self.tasks, self._waiting_runner):
+            if runner is not None:
+                runner.stop_claiming()
+        if self._ending_drain is None:
+            self._end_drain()
 
     def _idle_for(self) -> float:
         """Seconds since the model last ran, or 0 while images decode (those of requests
@@ -991,7 +1011,8 @@ async def cancel_task(request: Request, task_id: str) -> JSONResponse:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """Liveness: the process serves HTTP, batches, and the model is not stuck on a batch."""
+    """Liveness: the process serves HTTP, batches, its device has not failed, and the model is
+    not stuck on a batch."""
     problem = _service(request).liveness_problem()
     if problem is not None:
         detail = f"the worker cannot serve: {problem}"

@@ -335,6 +335,8 @@ class BatchProcessor(Generic[In, Out]):
     handed to it again apart, down to single items, so only the items it fails on alone
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
     (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
+    A handler that raises ``Stopped`` can run nothing more: its batch fails whole with that
+    error, unsplit, as no item is at fault.
     Callers that are cancelled or whose deadline passes are dropped before their batch
     forms, and a late result for them is discarded. A batch leaves out the callers whose
     deadline falls before its expected end (from the handler's recent run times at that
@@ -640,7 +642,7 @@ class BatchProcessor(Generic[In, Out]):
         if entry.future.done():
             return False
         if entry.deadline is not None and entry.deadline <= now:
-            _fail(entry.future, DeadlineExceeded("the request's deadline passed before it ran"))
+            _fail(entry.future, DeadlineExceeded("the request's deadline passed before its answer"))
             return False
         return True
 
@@ -757,6 +759,10 @@ class BatchProcessor(Generic[In, Out]):
         than with everything batched beside it."""
         error = await self._call_handler(entries)
         if error is None:
+            return
+        if isinstance(error, Stopped):
+            for entry in entries:
+                _fail(entry.future, error)
             return
         if len(entries) == 1:
             entries[0].context.run(logger.error, "batch of 1 failed", exc_info=error)

@@ -428,7 +428,11 @@ def load_classifier(
             channels_last=channels_last,
             weights_description=description,
         )
-    except (torch.AcceleratorError, torch.OutOfMemoryError) as exc:
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(
+            f"the model does not fit in {target}'s free memory; lower WORKERS, or free the GPU"
+        ) from None
+    except torch.AcceleratorError as exc:
         raise ModelLoadError(_cannot_run_on(target, exc)) from None
     logger.info(
         "model ready: resnet18 weights=%s device=%s dtype=%s channels_last=%s",

@@ -87,8 +87,8 @@ _ERROR_DOCS = {
     409: "The task is running or finished",
     413: "A file over MAX_UPLOAD_BYTES",
     422: "A missing, repeated or malformed field or parameter",
-    503: "The queue is full, the server is shutting down, or the task store is unavailable; "
-    "retry after Retry-After",
+    503: "The queue is full, the server is shutting down, the worker's GPU failed, or the task "
+    "store is unavailable; retry after Retry-After",
     504: "Not answered within REQUEST_TIMEOUT_MS",
 }
 

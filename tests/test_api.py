@@ -839,33 +839,70 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
     photos: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """After a CUDA error that leaves the device unusable, every batch would fail: the
-    worker fails its probes (so it is replaced), answers new requests 503 to retry
-    elsewhere, and claims no more tasks."""
+    batch that met it and the requests queued get a 503 to retry elsewhere, without
+    touching the device again; queued tasks go back to the store; the worker fails its
+    probes (so it is replaced) and claims no more tasks."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         classifier = served.service.classifier
         tasks = served.service.tasks
+        processor = served.service.processor
         assert classifier is not None
         assert tasks is not None
+        assert processor is not None
+        entered, release = threading.Event(), threading.Event()
+        calls: list[int] = []
 
         def failed(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
-            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access")
+            calls.append(len(pixels))
+            entered.set()
+            release.wait(10)
+            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access\nhints")
 
         classifier.classify = failed  # type: ignore[method-assign]
         data = photos[0].read_bytes()
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(entered.wait, 10)
+        queued = [
+            asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(3)
+        ]
+        task = await served.client.post("/tasks", files=upload(data))
+        assert task.status_code == 202
+        await wait_for(lambda: processor.queue_depth == 4)  # three requests and the task
         with caplog.at_level(logging.CRITICAL):
-            assert (await served.client.post("/cls", files=upload(data))).status_code == 500
-        assert "takes no more work until it is restarted" in caplog.text
+            release.set()
+            responses = await asyncio.gather(first, *queued)
+        assert calls == [1]
+        for response in responses:
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["detail"] == (
+                "the model's device failed; retry (this worker is to be restarted)"
+            )
+        assert "cuda:0 failed: CUDA error: an illegal memory access; this worker takes no " in (
+            caplog.text
+        )
+        task_id = task.json()["task_id"]
+        await wait_for(lambda: tasks._claiming is False)
+
+        async def requeued() -> bool:
+            status = await served.client.get(f"/task-status/{task_id}")
+            return bool(status.json()["status"] == "queued")
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await requeued():
+            assert asyncio.get_running_loop().time() < deadline, "the task was not requeued"
+            await asyncio.sleep(0.05)
         health = await served.client.get("/healthz")
         assert health.status_code == 503
         assert health.json()["status"] == "device failed"
         ready = await served.client.get("/readyz")
         assert ready.status_code == 503
-        assert "device failed: cuda:0 failed" in ready.json()["detail"]
+        assert ready.json()["detail"] == (
+            "the model's device failed: cuda:0 failed: CUDA error: an illegal memory access"
+        )
         refused = await served.client.post("/cls", files=upload(data))
         assert refused.status_code == 503
-        assert refused.headers["Retry-After"] == "1"
-        assert "device failed; retry" in refused.json()["detail"]
-        assert not tasks._claiming
+        assert calls == [1]
 
 
 async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:

@@ -469,16 +469,17 @@ class Recorded(subprocess.Popen):
         super().__init__(*args, **kwargs)
         started.append(self.pid)
 bench_server.subprocess.Popen = Recorded
+settings = {{"WEIGHTS": "random", "DEVICE": "cpu"}}
 try:
     if sys.argv[1] == "interrupted while starting":
         def interrupt(*args, **kwargs):
             raise KeyboardInterrupt
         bench_server.httpx.get = interrupt
         with contextlib.suppress(KeyboardInterrupt):
-            bench_server.start({{"WEIGHTS": "random"}}, log_dir)
+            bench_server.start(settings, log_dir)
     else:
         with contextlib.ExitStack() as servers:
-            servers.enter_context(bench_server.start({{"WEIGHTS": "random"}}, log_dir))
+            servers.enter_context(bench_server.start(settings, log_dir))
             os.kill(os.getpid(), signal.SIGTERM)
 finally:
     print(*started)

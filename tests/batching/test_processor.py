@@ -952,6 +952,29 @@ async def test_a_handler_that_always_fails_fails_every_caller_and_keeps_the_loop
     assert Counter(observer.outcomes) == {Outcome.FAILED: 4}
 
 
+async def test_a_handler_that_stopped_fails_its_batch_whole_with_that_error() -> None:
+    """``Stopped`` from the handler says it can run nothing more: no item is at fault, so
+    the batch is not split and run again."""
+    stopped = Stopped("the device failed")
+
+    def out_of_service(items: list[int]) -> list[int]:
+        raise stopped
+
+    handler = FakeHandler(held=True, outputs=out_of_service)
+    observer = RecordingObserver()
+    async with running(handler, BatchConfig(), observer) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, 1, 2, 3)
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*first, *batch, return_exceptions=True))
+
+    assert outcomes == [stopped] * 4
+    assert handler.batches == [[0], [1, 2, 3]]
+    assert Counter(observer.outcomes) == {Outcome.STOPPED: 4}
+
+
 async def test_a_failed_batch_is_not_run_again_for_callers_that_left() -> None:
     """Callers cancelled, or past their deadline, while their batch failed are not retried."""
     handler = FakeHandler(held=True, outputs=fail_on_negative)

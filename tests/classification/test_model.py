@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import classification.model
 from classification import (
     Classifier,
     DeviceFailed,
@@ -399,3 +400,20 @@ def test_a_warm_up_the_device_cannot_run_is_a_load_error_that_says_what_to_do(
 
     with pytest.raises(ModelLoadError, match=message):
         failing.warm_up([1, 8])
+
+
+def test_a_model_that_does_not_fit_at_load_says_what_to_lower(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several workers share a GPU: running out of its memory is not a GPU torch cannot use."""
+
+    def no_room(*args: object, **kwargs: object) -> Classifier:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(classification.model, "Classifier", no_room)
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu")
+    assert str(refused.value) == (
+        "the model does not fit in cpu's free memory; lower WORKERS, or free the GPU"
+    )
