@@ -436,7 +436,7 @@ class Service:
             )
         except Stopped:
             if self.device_failure is not None:
-                raise self._not_ready() from None  # the worker is not shutting down
+                raise self._not_ready() from None  # the device's 503, not the shutdown's
             raise
         logs.record_batch_size(result.batch_size)
         return result.predictions
