@@ -365,21 +365,32 @@ def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
         process.wait(timeout=30)
 
 
-def test_a_worker_whose_model_is_stuck_is_replaced(tmp_path: Path, photos: list[Path]) -> None:
+@pytest.mark.parametrize(
+    ("app", "first_status", "problem"),
+    [
+        ("tests.stuck_model_app:app", 504, "stalled"),
+        ("tests.failed_device_app:app", 503, "device failed"),
+    ],
+    ids=["model stuck", "device failed"],
+)
+def test_a_worker_that_cannot_serve_is_replaced(
+    tmp_path: Path, photos: list[Path], app: str, first_status: int, problem: str
+) -> None:
     """/healthz answers for whichever worker takes the probe, so with several workers it
-    cannot single out a stuck one: past STALL_TIMEOUT_S the worker stops its heartbeat,
-    and gunicorn replaces it after WORKER_TIMEOUT_S."""
+    cannot single out one whose model is stuck (past STALL_TIMEOUT_S) or whose device
+    failed: the worker stops its heartbeat, and gunicorn replaces it after
+    WORKER_TIMEOUT_S."""
     port = free_port()
     command = gunicorn_command(port)
-    command[command.index("main:app")] = "tests.stuck_model_app:app"
+    command[command.index("main:app")] = app
     env = server_env(tmp_path, STALL_TIMEOUT_S="1", WORKER_TIMEOUT_S="10", REQUEST_TIMEOUT_MS="500")
     with running_server(tmp_path, command, env) as server:
         photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
-        stuck = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
-        assert stuck.status_code == 504
+        first = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
+        assert first.status_code == first_status
         deadline = time.monotonic() + 10
         while httpx.get(f"{server.url}/healthz", timeout=5).status_code != 503:
-            assert time.monotonic() < deadline, "the stuck batch never made /healthz 503"
+            assert time.monotonic() < deadline, f"/healthz never turned 503 ({problem})"
             time.sleep(0.2)
         deadline = time.monotonic() + 90
         while server.log().count("Booting worker") < 2 and time.monotonic() < deadline:
@@ -388,7 +399,7 @@ def test_a_worker_whose_model_is_stuck_is_replaced(tmp_path: Path, photos: list[
         wait_until_ready(server)
         assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
         log = server.log()
-    assert "the worker cannot serve (stalled): its heartbeat stops" in log
+    assert f"the worker cannot serve ({problem}): its heartbeat stops" in log
     assert "WORKER TIMEOUT" in log
     assert log.count("Booting worker") == 2
 
