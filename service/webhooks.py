@@ -17,15 +17,17 @@ import json
 import random
 import socket
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-import anyio
 import httpcore
 import httpx
 
 MAX_URL_CHARS = 2048
+LOOKUP_THREADS = 4
 USER_AGENT = "resnet18-service-webhook/1"
 SIGNATURE_HEADER = "X-Signature-256"
 
@@ -200,16 +202,23 @@ class _AddressRefused(httpcore.ConnectError):
     """The connect-time check refused the address a host name resolved to."""
 
 
-class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
-    """Resolves each host itself and connects only to globally routable addresses.
+class _ResolvingBackend(httpcore.AsyncNetworkBackend):
+    """Resolves each host itself, on the threads of `lookups`, and connects to the addresses
+    it got: unless `allow_private`, only when all of them are globally routable.
 
     Connecting to the vetted IP rather than the name closes the gap between check and use
     that DNS rebinding exploits. TLS is unaffected: httpcore passes the URL's host name to
-    `start_tls`, so SNI and certificate checks still use the name.
+    `start_tls`, so SNI and certificate checks still use the name. Threads of its own: a
+    resolver that hangs must not hold asyncio's default executor, which the rest of the
+    server shares (metrics, task submissions, shutdown).
     """
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+    def __init__(
+        self, inner: httpcore.AsyncNetworkBackend, lookups: Executor, *, allow_private: bool
+    ) -> None:
         self._inner = inner
+        self._lookups = lookups
+        self._allow_private = allow_private
 
     async def connect_tcp(
         self,
@@ -222,7 +231,7 @@ class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
         """Connect to the first usable address of `host`, after vetting all of them."""
         addresses = await self._resolve(host, port, timeout)
         for ip in addresses:
-            reason = _refusal_reason(ip)
+            reason = None if self._allow_private else _refusal_reason(ip)
             if reason is not None:
                 shown = host if _parse_ip(host) is not None else f"{host} ({ip})"
                 raise _AddressRefused(
@@ -252,14 +261,14 @@ class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
         """Sleep through the wrapped backend."""
         await self._inner.sleep(seconds)
 
-    @staticmethod
-    async def _resolve(host: str, port: int, limit_s: float | None) -> list[_IPAddress]:
+    async def _resolve(self, host: str, port: int, limit_s: float | None) -> list[_IPAddress]:
         literal = _parse_ip(host)
         if literal is not None:
             return [literal]
+        lookup = partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            with anyio.fail_after(limit_s):
-                infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            async with asyncio.timeout(limit_s):
+                infos = await asyncio.get_running_loop().run_in_executor(self._lookups, lookup)
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
         except (OSError, UnicodeError):
@@ -274,10 +283,10 @@ class _GlobalOnlyBackend(httpcore.AsyncNetworkBackend):
         return addresses
 
 
-class _GlobalOnlyTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a connection pool that may only reach global addresses."""
+class _ResolvingTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool with a `_ResolvingBackend`."""
 
-    def __init__(self) -> None:
+    def __init__(self, lookups: Executor, *, allow_private: bool) -> None:
         super().__init__(trust_env=False)
         # httpx 0.28 offers no way to pass a network backend, so the pool it built is
         # replaced with one that has ours (it has opened no connection yet).
@@ -289,7 +298,9 @@ class _GlobalOnlyTransport(httpx.AsyncHTTPTransport):
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_GlobalOnlyBackend(httpcore.AnyIOBackend()),
+            network_backend=_ResolvingBackend(
+                httpcore.AnyIOBackend(), lookups, allow_private=allow_private
+            ),
         )
 
 
@@ -397,8 +408,9 @@ class WebhookSender:
 
     def __init__(self, config: WebhookConfig) -> None:
         self._config = config
+        self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhook-lookup")
         self._client = httpx.AsyncClient(
-            transport=None if config.allow_private else _GlobalOnlyTransport(),
+            transport=_ResolvingTransport(self._lookups, allow_private=config.allow_private),
             trust_env=False,
             follow_redirects=False,
             timeout=config.timeout_s,
@@ -493,3 +505,5 @@ class WebhookSender:
     async def aclose(self) -> None:
         """Close the HTTP client and its connections."""
         await self._client.aclose()
+        # A lookup still hanging is left to end on its own thread.
+        self._lookups.shutdown(wait=False, cancel_futures=True)

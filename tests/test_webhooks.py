@@ -8,10 +8,11 @@ import hmac
 import json
 import random
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-import anyio
 import httpcore
 import pytest
 
@@ -22,7 +23,7 @@ from service.webhooks import (
     InvalidCallbackUrl,
     WebhookConfig,
     WebhookSender,
-    _GlobalOnlyBackend,
+    _ResolvingBackend,
     check_callback_url,
     sign,
 )
@@ -60,6 +61,12 @@ async def make_sender() -> AsyncIterator[Callable[..., WebhookSender]]:
     yield make
     for sender in senders:
         await sender.aclose()
+
+
+@pytest.fixture
+def lookups() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
 
 
 @pytest.fixture
@@ -430,10 +437,10 @@ async def test_a_name_that_does_not_resolve_for_now_is_retried(
     """DNS failing at delivery time is a failed attempt, retried like a network error; it
     does not end the delivery."""
 
-    async def no_dns(*args: object, **kwargs: object) -> list[object]:
+    def no_dns(*args: object, **kwargs: object) -> list[object]:
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
-    monkeypatch.setattr(anyio, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
 
     attempt = await make_sender(allow_private=False, max_attempts=3).attempt(
         "https://hooks.example.com/done", PAYLOAD
@@ -444,6 +451,42 @@ async def test_a_name_that_does_not_resolve_for_now_is_retried(
     assert attempt.retry_in_s is not None
     assert attempt.error is not None
     assert "resolve" in attempt.error
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_a_resolver_that_hangs_holds_none_of_the_default_executors_threads(
+    make_sender: Callable[..., WebhookSender], monkeypatch: pytest.MonkeyPatch, allow_private: bool
+) -> None:
+    """The server's metrics, task submissions and shutdown use asyncio's default executor:
+    deliveries whose lookups hang, more than it has threads, leave it free, and each
+    attempt fails at its timeout, to be tried again."""
+    hung = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "hangs.example":
+            hung.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sender = make_sender(allow_private=allow_private, max_attempts=3)
+    try:
+        deliveries = [
+            asyncio.create_task(sender.attempt("http://hangs.example/hook", PAYLOAD))
+            for _ in range(40)  # more than the default executor's threads on any machine
+        ]
+        await asyncio.sleep(TIMEOUT_S / 3)
+        async with asyncio.timeout(TIMEOUT_S):
+            assert await asyncio.to_thread(lambda: "free") == "free"
+        attempts = await asyncio.wait_for(asyncio.gather(*deliveries), 5 * TIMEOUT_S)
+    finally:
+        hung.set()
+    for attempt in attempts:
+        assert not attempt.delivered
+        assert attempt.retry_in_s is not None
+        assert attempt.error is not None
+        assert "timed out" in attempt.error
 
 
 async def test_many_slow_deliveries_at_once_each_get_a_connection(
@@ -485,8 +528,10 @@ async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::ffff:127.0.0.1"])
-async def test_the_network_backend_refuses_loopback_itself(host: str, receiver: Receiver) -> None:
-    backend = _GlobalOnlyBackend(httpcore.AnyIOBackend())
+async def test_the_network_backend_refuses_loopback_itself(
+    host: str, receiver: Receiver, lookups: ThreadPoolExecutor
+) -> None:
+    backend = _ResolvingBackend(httpcore.AnyIOBackend(), lookups, allow_private=False)
 
     with pytest.raises(httpcore.ConnectError, match=r"refused to connect.*loopback"):
         await backend.connect_tcp(host, receiver.port, timeout=TIMEOUT_S)
@@ -511,29 +556,30 @@ class RecordingBackend(httpcore.AsyncNetworkBackend):
 
 
 def answer_with(*addresses: str) -> Callable[..., object]:
-    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list[object]:
+    def getaddrinfo(host: str, port: int, **kwargs: object) -> list[object]:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
 
     return getaddrinfo
 
 
 async def test_the_backend_connects_to_the_address_it_vetted(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
 ) -> None:
-    monkeypatch.setattr(anyio, "getaddrinfo", answer_with("93.184.215.14"))
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14"))
     inner = RecordingBackend()
 
-    await _GlobalOnlyBackend(inner).connect_tcp("hooks.example", 443)
+    await _ResolvingBackend(inner, lookups, allow_private=False).connect_tcp("hooks.example", 443)
 
     assert inner.connects == [("93.184.215.14", 443)]
 
 
 async def test_the_backend_refuses_a_name_with_any_private_address(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
 ) -> None:
-    monkeypatch.setattr(anyio, "getaddrinfo", answer_with("93.184.215.14", "10.0.0.7"))
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "10.0.0.7"))
     inner = RecordingBackend()
+    backend = _ResolvingBackend(inner, lookups, allow_private=False)
 
     with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
-        await _GlobalOnlyBackend(inner).connect_tcp("hooks.example", 443)
+        await backend.connect_tcp("hooks.example", 443)
     assert inner.connects == []
