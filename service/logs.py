@@ -127,9 +127,15 @@ def record_batch_size(size: int) -> None:
 
 
 def log_access(
-    method: str, path: str, status: int, duration_s: float, fields: dict[str, object]
+    method: str,
+    path: str,
+    status: int,
+    duration_s: float,
+    fields: dict[str, object],
+    client: str | None = None,
 ) -> None:
-    """Write one request's access line on ``service.access``.
+    """Write one request's access line on ``service.access``; ``client`` is the caller's
+    address (a trusted proxy's ``X-Forwarded-For``, see ``FORWARDED_ALLOW_IPS``).
 
     Server-side failures (5xx other than 503 refusals, which are expected under load) are
     WARNING lines, written even with the access log off, so a caller's report can be found.
@@ -143,13 +149,19 @@ def log_access(
         "status": status,
         "duration_ms": round(duration_s * 1000, 2),
     }
+    if client is not None:
+        extra["client"] = client
     sizes = fields.get("batch_sizes")
     if isinstance(sizes, list) and sizes:
         if len(sizes) == 1:
             extra["batch_size"] = sizes[0]
         else:
             extra["batch_sizes"] = sizes
-    shown = "".join(f" {key}={value}" for key, value in extra.items() if key.startswith("batch"))
+    shown = "".join(
+        f" {key}={_escape_unprintable(str(value))}"
+        for key, value in extra.items()
+        if key == "client" or key.startswith("batch")
+    )
     logging.getLogger(ACCESS_LOGGER).log(
         logging.WARNING if server_error else logging.INFO,
         "%s %s answered %d after %.1f ms%s",

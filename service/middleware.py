@@ -102,7 +102,15 @@ class RequestContextMiddleware:
             )
         finally:
             elapsed_s = time.perf_counter() - started
-            logs.log_access(scope["method"], scope["path"], status, elapsed_s, access_fields)
+            client = scope.get("client")
+            logs.log_access(
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed_s,
+                access_fields,
+                client=client[0] if client else None,
+            )
             logs.end_request(token)
             metrics.record_request(_route_label(scope), scope["method"], status, elapsed_s)
 

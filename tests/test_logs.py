@@ -58,20 +58,17 @@ def test_an_access_line_carries_the_request_and_its_batch(
 ) -> None:
     token, fields = logs.begin_request("req-1")
     logs.record_batch_size(6)
-    logs.log_access("POST", "/cls", 200, 0.0123, fields)
+    logs.log_access("POST", "/cls", 200, 0.0123, fields, client="203.0.113.7")
     logs.end_request(token)
 
     (line,) = access_lines
     assert line.levelno == logging.INFO
-    assert line.getMessage() == "POST /cls answered 200 after 12.3 ms batch_size=6"
+    assert line.getMessage() == (
+        "POST /cls answered 200 after 12.3 ms client=203.0.113.7 batch_size=6"
+    )
     fields = vars(line)
-    assert [fields[key] for key in ("method", "path", "status", "duration_ms", "batch_size")] == [
-        "POST",
-        "/cls",
-        200,
-        12.3,
-        6,
-    ]
+    keys = ("method", "path", "status", "duration_ms", "client", "batch_size")
+    assert [fields[key] for key in keys] == ["POST", "/cls", 200, 12.3, "203.0.113.7", 6]
 
 
 def test_a_path_cannot_forge_a_line_of_the_text_log(
@@ -242,7 +239,7 @@ def test_under_plain_uvicorn_the_settings_rule_uvicorns_lines_too(
 @pytest.mark.slow
 def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> None:
     """``LOG_FORMAT=json``: the service's lines are JSON objects; each request's access line
-    has its id, method, path, status, latency and the size of the batch it rode in."""
+    has its id, method, path, status, latency, client and the size of the batch it rode in."""
     env = server_env(tmp_path, LOG_FORMAT="json")
     photo = photos[0].read_bytes()
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
@@ -261,7 +258,8 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
         bad = httpx.post(
             f"{server.url}/cls",
             files={"file": ("x.jpg", b"not an image")},
-            headers={"X-Request-ID": "json-bad"},
+            # From the local host, whose forwarding headers are believed by default.
+            headers={"X-Request-ID": "json-bad", "X-Forwarded-For": "203.0.113.9"},
             timeout=30,
         )
         assert (single.status_code, several.status_code, bad.status_code) == (200, 200, 400)
@@ -275,6 +273,7 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
     assert first["status"] == 200
     assert first["level"] == "INFO"
     assert first["batch_size"] == 1
+    assert first["client"] == "127.0.0.1"
     assert 0 < first["duration_ms"] < 30_000
     # ISO 8601 in UTC, as log collectors read it.
     logged_at = datetime.datetime.fromisoformat(first["time"])
@@ -285,6 +284,7 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
     assert len(sizes) == 2
     assert all(size in (1, 2) for size in sizes)
     assert by_id["json-bad"]["status"] == 400
+    assert by_id["json-bad"]["client"] == "203.0.113.9"
     assert "batch_size" not in by_id["json-bad"]
     startup = [line for line in lines if line["logger"] == "classification.model"]
     assert startup, "the service's own messages are JSON too"
