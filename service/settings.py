@@ -207,7 +207,9 @@ class Settings(BaseSettings):
             if not value.removeprefix("unix:").strip():
                 raise ValueError(f"names no socket path; {expected}")
             return value
-        host, _, port = value.removeprefix("tcp://").rpartition(":")
+        host, colon, port = value.removeprefix("tcp://").rpartition(":")
+        if not colon:
+            raise ValueError(f"has no port; {expected}")
         if host.startswith("["):
             try:
                 ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))

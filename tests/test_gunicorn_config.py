@@ -152,6 +152,14 @@ def test_an_invalid_value_stops_start_up_with_one_line(
     assert "\n" not in str(stopped.value)
 
 
+@pytest.mark.parametrize("value", ["localhost", "127.0.0.1", "nonsense"])
+def test_a_bind_address_without_a_port_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    with pytest.raises(SystemExit, match=f"BIND='{value}': .*has no port; expected HOST:PORT"):
+        load(monkeypatch, tmp_path, BIND=value)
+
+
 @pytest.mark.parametrize("key", [" ", "s3cret ", "\ts3cret", "s3cret\n", "s3\x1bcret"])
 def test_an_api_key_no_request_can_send_stops_start_up_without_showing_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str
