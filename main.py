@@ -66,6 +66,8 @@ from service.middleware import (
 )
 from service.protocol import SHUTDOWN_HOOK
 from service.schemas import (
+    BATCH_HEADERS,
+    TASK_ACCEPTED_HEADERS,
     BatchEntry,
     BatchResponse,
     ClassifyResponse,
@@ -240,6 +242,7 @@ class Service:
             settings.batch_config(classifier.device.type),
             self._observer,
             prepare=self._count_task_attempts,
+            on_failure=self._batching_failed,
         )
         # Without them, the first batches of each size would be expected to take no time:
         # a deadline would be judged met, or a timer waited out, until too late.
@@ -435,8 +438,8 @@ class Service:
                 ClassifyJob(pixels, top_k), deadline=deadline, priority=priority
             )
         except Stopped:
-            if self.device_failure is not None:
-                raise self._not_ready() from None  # the device's 503, not the shutdown's
+            if self.failure() is not None:
+                raise self._not_ready() from None  # the failure's 503, not the shutdown's
             raise
         logs.record_batch_size(result.batch_size)
         return result.predictions
@@ -660,11 +663,20 @@ class Service:
         if not self.ready:
             raise self._not_ready()
 
+    def failure(self) -> str | None:
+        """What failed so that this worker can classify nothing more until it is restarted;
+        None while nothing has."""
+        if self.device_failure is not None:
+            return "the model's device failed"
+        if self.processor is not None and self.processor.failure is not None:
+            return "the batch processor stopped"
+        return None
+
     def _not_ready(self) -> NotReady:
         if self.draining:
             return NotReady(SHUTTING_DOWN)
-        if self.device_failure is not None:
-            return NotReady("the model's device failed; retry (this worker is to be restarted)")
+        if (failure := self.failure()) is not None:
+            return NotReady(f"{failure}; retry (this worker is to be restarted)")
         return NotReady("the model is not ready")
 
     def _check_size(self, upload: UploadFile) -> None:
@@ -689,6 +701,8 @@ class Service:
     async def _count_task_attempts(self, jobs: list[ClassifyJob]) -> None:
         """Record that the tasks among ``jobs`` enter the model, before they do, so that
         one that kills its worker there is charged for it."""
+        if self.device_failure is not None:
+            return  # the batch will not run (``_run_batch``): its tasks have no attempt
         # Once per run of a task: a failed batch's halves come back here.
         task_ids = [
             job.task_id
@@ -732,11 +746,21 @@ class Service:
         logger.critical(
             "%s; this worker takes no more work until it is restarted", self.device_failure
         )
+        self._take_no_more_work()
+        if self._ending_drain is None:
+            self._end_drain()
+
+    def _batching_failed(self, error: BaseException) -> None:
+        """The batcher has stopped for good (it logged why, and refused what it held)."""
+        self._take_no_more_work()
+
+    def _take_no_more_work(self) -> None:
+        """Nothing can be classified until the worker is restarted: refuse requests before
+        their upload is decoded, and claim no more tasks."""
+        self.ready = False
         for runner in (self.tasks, self._waiting_runner):
             if runner is not None:
                 runner.stop_claiming()
-        if self._ending_drain is None:
-            self._end_drain()
 
     def _idle_for(self) -> float:
         """Seconds since the model last ran, or 0 while images decode (those of requests
@@ -915,12 +939,12 @@ async def classify_batch(
             return_exceptions=True,
         ),
     )
-    # Nothing of it was taken in (the queue was full, or the batcher stopped as the drain's
-    # time ran out): refused whole, as /cls is, so a client or proxy that reads only the
-    # status retries it.
-    if all(isinstance(outcome, Stopped) for outcome in outcomes):
-        raise NotReady(SHUTTING_DOWN)
-    if all(isinstance(outcome, QueueFull | Stopped) for outcome in outcomes):
+    # Nothing of it was taken in (the queue was full, the batcher stopped as the drain's
+    # time ran out, or the device or the batcher failed, which NotReady says): refused
+    # whole, as /cls is, so a client or proxy that reads only the status retries it.
+    if all(isinstance(outcome, Stopped | NotReady) for outcome in outcomes):
+        raise next((o for o in outcomes if isinstance(o, NotReady)), NotReady(SHUTTING_DOWN))
+    if all(isinstance(outcome, QueueFull | Stopped | NotReady) for outcome in outcomes):
         raise next(outcome for outcome in outcomes if isinstance(outcome, QueueFull))
     results = []
     for index, outcome in enumerate(outcomes):
@@ -1029,6 +1053,8 @@ async def readyz(request: Request) -> JSONResponse:
         detail = "the server is shutting down"
     elif service.device_failure is not None:
         detail = f"the model's device failed: {service.device_failure}"
+    elif (failure := service.failure()) is not None:
+        detail = failure
     else:
         detail = "the model is loading"
     return JSONResponse(
@@ -1137,6 +1163,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             )
         else:
             detail = f"{request.url.path} takes one file; send several to /cls/batch"
+    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+        path = request.url.path
+        shown = path if len(path) <= 200 else path[:200] + "..."
+        detail = f"{request.method} is not allowed on {shown}; it takes {exc.headers['Allow']}"
+        if shown == path and path.startswith("/tasks/") and request.method in ("GET", "HEAD"):
+            detail += f"; a task's status is at /task-status/{path.removeprefix('/tasks/')}"
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -1146,6 +1178,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
         problems.append(f"{where}: {_public_validation_message(error)}")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data") and any(
+        tuple(error.get("loc", ())) == ("body", "file") for error in exc.errors()
+    ):
+        # An image sent as the raw body, or as JSON: say how to send it instead.
+        shown = content_type if len(content_type) <= 100 else content_type[:100] + "..."
+        problems.append(
+            "send the image as a multipart/form-data part named 'file' "
+            f"(curl -F file=@image.jpg), not as a body of type {shown or '(none)'}"
+        )
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
 
@@ -1234,7 +1276,10 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
-        responses=error_responses(400, 413, 422),
+        responses={
+            200: {"headers": BATCH_HEADERS},
+            **error_responses(400, 413, 422),
+        },
         # ``file`` is optional to FastAPI only so that a form of empty file inputs reaches
         # the handler; documented as required (OpenAPI 3.1 applies this beside the $ref).
         openapi_extra={
@@ -1256,7 +1301,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=TaskAccepted,
-        responses=error_responses(400, 413, 422),
+        responses={202: {"headers": TASK_ACCEPTED_HEADERS}, **error_responses(400, 413, 422)},
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )

@@ -346,6 +346,10 @@ class BatchProcessor(Generic[In, Out]):
     it, outside the time the handler is measured by (for deadlines and the observer): for
     bookkeeping that must be done before the items run, such as recording that they did.
     An error it raises fails the call as the handler's would.
+
+    ``on_failure``, when given, is called once if the batching task itself fails (a bug),
+    after the callers it held got ``Stopped``: nothing will run again, so the owner can
+    stop taking work and have the process replaced.
     """
 
     def __init__(
@@ -354,9 +358,11 @@ class BatchProcessor(Generic[In, Out]):
         config: BatchConfig,
         observer: BatchObserver | None = None,
         prepare: BatchPreparer[In] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._handler = handler
         self._prepare = prepare
+        self._on_failure = on_failure
         self._config = config
         self._observer = _GuardedObserver(observer or NullObserver())
         # One FIFO lane per priority, indexed by ``Priority``.
@@ -421,14 +427,19 @@ class BatchProcessor(Generic[In, Out]):
         return self._failure
 
     def _loop_ended(self, loop_task: asyncio.Task[None]) -> None:
-        if loop_task.cancelled() or loop_task.exception() is None:
+        if loop_task.cancelled() or (failure := loop_task.exception()) is None:
             return
         # A bug: nothing would ever run again. Callers get their answer now, not at their
         # deadline, and ``failure`` tells a health check to have the process restarted.
-        self._failure = loop_task.exception()
-        logger.critical("the batch processor stopped", exc_info=self._failure)
+        self._failure = failure
+        logger.critical("the batch processor stopped", exc_info=failure)
         self._accepting = False
         self._fail_queued(Stopped("the batch processor stopped"))
+        if self._on_failure is not None:
+            try:
+                self._on_failure(failure)
+            except Exception:
+                logger.exception("the batch processor's on_failure callback failed")
 
     def _fail_queued(self, error: BatchingError) -> None:
         for lane in self._lanes:

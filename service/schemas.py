@@ -93,12 +93,32 @@ _ERROR_DOCS = {
 }
 
 
+_RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+# The headers of successful answers, for the OpenAPI documentation.
+BATCH_HEADERS = {
+    "Retry-After": {
+        **_RETRY_AFTER,
+        "description": "When an entry was refused with 503: seconds to wait before retrying it",
+    }
+}
+TASK_ACCEPTED_HEADERS = {
+    "Location": {"description": "The task's status URL", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when the answer is the task that an earlier request with "
+        "the same Idempotency-Key created",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """A route's documented errors, each with the one body every error has."""
+    """A route's documented errors, each with the one body every error has (the 401 of an
+    API key is added by ``document_the_api_key``, where one is set)."""
     responses: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorOut, "description": _ERROR_DOCS[status]}
-        for status in sorted({401, *statuses, 503})
+        for status in sorted({*statuses, 503})
     }
+    responses[503]["headers"] = {"Retry-After": _RETRY_AFTER}
     # The rest (500, and the 408 and 431 of a request that never reached the app) have the
     # same body; declared, it also keeps FastAPI from adding a 422 of another shape.
     responses["default"] = {"model": ErrorOut, "description": "Any other error"}
@@ -106,7 +126,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def document_the_api_key(app: FastAPI, open_paths: frozenset[str]) -> None:
-    """With API_KEY set, the OpenAPI schema says which routes need it, and how to send it."""
+    """With API_KEY set, the OpenAPI schema says which routes need it, how to send it, and
+    their 401."""
     build_schema = app.openapi
 
     def schema_with_the_key() -> dict[str, Any]:
@@ -121,6 +142,16 @@ def document_the_api_key(app: FastAPI, open_paths: frozenset[str]) -> None:
                 if path not in open_paths:
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+                        unauthorized = {
+                            "description": _ERROR_DOCS[401],
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ErrorOut"}
+                                }
+                            },
+                        }
+                        responses = {**operation["responses"], "401": unauthorized}
+                        operation["responses"] = dict(sorted(responses.items()))
         return schema
 
     app.openapi = schema_with_the_key  # type: ignore[method-assign]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import json
 import logging
 import math
+import sqlite3
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ from starlette.types import ASGIApp
 import main
 from batching import Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
+from service.tasks import DATABASE_NAME
 from tests import images
 from tests.corpus import multipart, multipart_headers
 from tests.support import (
@@ -127,12 +130,45 @@ async def test_a_model_with_fewer_classes_than_the_default_top_k_answers_them_al
 
 
 async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) -> None:
-    missing = await served.client.post("/cls")
     wrong_name = await served.client.post("/cls", files={"image": ("a.jpg", b"x", "image/jpeg")})
-    as_json = await served.client.post("/cls", json={"file": "abc"})
-    for response in (missing, wrong_name, as_json):
+    assert wrong_name.status_code == 422
+    assert wrong_name.json() == {"detail": "file: Field required"}
+    # Not multipart at all: the answer says how to send an image.
+    how = "send the image as a multipart/form-data part named 'file' (curl -F file=@image.jpg)"
+    for response, sent_as in (
+        (await served.client.post("/cls"), "(none)"),
+        (await served.client.post("/cls", json={"file": "abc"}), "application/json"),
+        (
+            await served.client.post(
+                "/cls/batch", content=b"\xff\xd8\xff", headers={"Content-Type": "image/jpeg"}
+            ),
+            "image/jpeg",
+        ),
+    ):
         assert response.status_code == 422
-        assert response.json() == {"detail": "file: Field required"}
+        assert response.json() == {
+            "detail": f"file: Field required; {how}, not as a body of type {sent_as}"
+        }
+
+
+async def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(
+    served: RunningApp,
+) -> None:
+    for response, detail in (
+        (await served.client.get("/cls"), "GET is not allowed on /cls; it takes POST"),
+        (
+            await served.client.get("/tasks/7f3c"),
+            "GET is not allowed on /tasks/7f3c; it takes DELETE; a task's status is at "
+            "/task-status/7f3c",
+        ),
+        (
+            await served.client.delete("/task-status/7f3c"),
+            "DELETE is not allowed on /task-status/7f3c; it takes GET",
+        ),
+    ):
+        assert response.status_code == 405
+        assert response.json() == {"detail": detail}
+        assert response.headers["Allow"] == detail.split("it takes ")[1].split(";")[0]
 
 
 @pytest.mark.parametrize(
@@ -809,13 +845,16 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
 
 
 async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
-    photos: list[Path], caplog: pytest.LogCaptureFixture
+    photos: list[Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nothing would be classified again: the orchestrator must restart the process, and
-    requests get a 503 at once rather than a 504 at their deadline."""
+    """Nothing would be classified again: the orchestrator must restart the process, the
+    load balancer stop sending here, and requests get a 503 at once, before their upload is
+    decoded, rather than a 504 at their deadline. No more tasks are claimed."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         processor = served.service.processor
+        tasks = served.service.tasks
         assert processor is not None
+        assert tasks is not None
 
         async def broken() -> list[object]:
             raise RuntimeError("bug in collecting a batch")
@@ -832,16 +871,38 @@ async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
             "status": "batching stopped",
             "detail": "the worker cannot serve: batching stopped",
         }
-        assert (await served.client.post("/cls", files=upload(data))).status_code == 503
+        ready = await served.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["detail"] == "the batch processor stopped"
+        assert tasks._claiming is False
+        decodes: list[int] = []
+        real_preprocess = main.preprocess
+
+        def counted(data: bytes, max_pixels: int) -> np.ndarray:
+            decodes.append(len(data))
+            return real_preprocess(data, max_pixels)
+
+        monkeypatch.setattr(main, "preprocess", counted)
+        refused = [
+            await served.client.post("/cls", files=upload(data)),
+            await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 2),
+        ]
+        for response in refused:
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["detail"] == (
+                "the batch processor stopped; retry (this worker is to be restarted)"
+            )
+        assert decodes == []
 
 
 async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
     photos: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """After a CUDA error that leaves the device unusable, every batch would fail: the
-    batch that met it and the requests queued get a 503 to retry elsewhere, without
-    touching the device again; queued tasks go back to the store; the worker fails its
-    probes (so it is replaced) and claims no more tasks."""
+    batch that met it and the requests queued get a 503 to retry elsewhere (a /cls/batch
+    too, as a whole), without touching the device again; queued tasks go back to the
+    store; the worker fails its probes (so it is replaced) and claims no more tasks."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         classifier = served.service.classifier
         tasks = served.service.tasks
@@ -865,12 +926,16 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
         queued = [
             asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(3)
         ]
+        batch = asyncio.create_task(
+            served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 2)
+        )
         task = await served.client.post("/tasks", files=upload(data))
         assert task.status_code == 202
-        await wait_for(lambda: processor.queue_depth == 4)  # three requests and the task
+        # Three requests, the batch's two files and the task.
+        await wait_for(lambda: processor.queue_depth == 6)
         with caplog.at_level(logging.CRITICAL):
             release.set()
-            responses = await asyncio.gather(first, *queued)
+            responses = await asyncio.gather(first, *queued, batch)
         assert calls == [1]
         for response in responses:
             assert response.status_code == 503
@@ -903,6 +968,45 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
         refused = await served.client.post("/cls", files=upload(data))
         assert refused.status_code == 503
         assert calls == [1]
+
+
+async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task's attempts count the runs that may have killed a worker; one that waited in
+    the queue while the device failed never ran, and with one attempt allowed it must still
+    go back to the store rather than be failed as interrupted."""
+    settings = make_settings(drain_timeout_s=2, task_max_attempts=1)
+    async with running_app(settings) as served:
+        classifier = served.service.classifier
+        processor = served.service.processor
+        assert classifier is not None
+        assert processor is not None
+        entered, release = threading.Event(), threading.Event()
+
+        def failed(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
+            entered.set()
+            release.wait(10)
+            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access")
+
+        classifier.classify = failed  # type: ignore[method-assign]
+        data = photos[0].read_bytes()
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await asyncio.to_thread(entered.wait, 10)
+        task_id = (await served.client.post("/tasks", files=upload(data))).json()["task_id"]
+        await wait_for(lambda: processor.queue_depth == 1)
+        with caplog.at_level(logging.CRITICAL):
+            release.set()
+            assert (await first).status_code == 503
+        query = "SELECT status, attempts FROM tasks WHERE id = ?"
+        with contextlib.closing(sqlite3.connect(settings.data_dir / DATABASE_NAME)) as store:
+
+            def stored() -> tuple[str, int]:
+                row: tuple[str, int] = store.execute(query, (task_id,)).fetchone()
+                return row
+
+            await wait_for(lambda: stored()[0] != "running")
+            assert stored() == ("queued", 0)
 
 
 async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:
@@ -1290,19 +1394,27 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert "HTTPValidationError" not in json.dumps(schema)
     error = {"$ref": "#/components/schemas/ErrorOut"}
     assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
-    routes = {
-        ("/cls", "post"): {"400", "401", "413", "422", "503", "504", "default"},
-        ("/cls/batch", "post"): {"400", "401", "413", "422", "503", "default"},
-        ("/tasks", "post"): {"400", "401", "413", "422", "503", "default"},
-        ("/task-status/{task_id}", "get"): {"401", "404", "503", "default"},
-        ("/tasks/{task_id}", "delete"): {"401", "404", "409", "503", "default"},
+    routes = {  # no 401: API_KEY is not set here
+        ("/cls", "post"): {"400", "413", "422", "503", "504", "default"},
+        ("/cls/batch", "post"): {"400", "413", "422", "503", "default"},
+        ("/tasks", "post"): {"400", "413", "422", "503", "default"},
+        ("/task-status/{task_id}", "get"): {"404", "503", "default"},
+        ("/tasks/{task_id}", "delete"): {"404", "409", "503", "default"},
     }
     for (path, method), statuses in routes.items():
         responses = schema["paths"][path][method]["responses"]
         assert set(responses) - {"200", "202"} == statuses, path
         for status in statuses:
             assert responses[status]["content"]["application/json"]["schema"] == error
-    assert "securitySchemes" not in schema["components"]  # no API_KEY here
+        assert set(responses["503"]["headers"]) == {"Retry-After"}, path
+    assert "securitySchemes" not in schema["components"]
+    # The headers a client acts on, on successful answers too.
+    accepted = schema["paths"]["/tasks"]["post"]["responses"]["202"]
+    assert set(accepted["headers"]) == {"Location", "Idempotent-Replayed"}
+    assert "TaskAccepted" in json.dumps(accepted["content"])
+    batch_answer = schema["paths"]["/cls/batch"]["post"]["responses"]["200"]
+    assert set(batch_answer["headers"]) == {"Retry-After"}
+    assert "BatchResponse" in json.dumps(batch_answer["content"])
 
 
 async def test_health_and_readiness(served: RunningApp) -> None:

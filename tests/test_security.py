@@ -148,6 +148,7 @@ async def test_probes_metrics_and_the_documentation_stay_open() -> None:
     for path, operations in schema["paths"].items():
         for operation in operations.values():
             assert operation.get("security") == (None if path in OPEN_PATHS else keyed), path
+            assert ("401" in operation["responses"]) == (path not in OPEN_PATHS), path
 
 
 async def test_task_routes_need_the_key(photos: list[Path]) -> None:

@@ -125,9 +125,12 @@ async def running(
     handler: FakeHandler,
     config: BatchConfig,
     observer: BatchObserver | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> AsyncIterator[BatchProcessor[int, int]]:
     """A started processor around ``handler``, stopped (and its handler released) on exit."""
-    processor: BatchProcessor[int, int] = BatchProcessor(handler, config, observer)
+    processor: BatchProcessor[int, int] = BatchProcessor(
+        handler, config, observer, on_failure=on_failure
+    )
     processor.start()
     try:
         yield processor

@@ -851,9 +851,15 @@ async def test_a_batching_task_that_dies_fails_its_callers_at_once_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A bug that ends the batching task would leave every caller waiting for its deadline
-    and the process looking alive: they get Stopped now, and ``failure`` says why."""
+    and the process looking alive: they get Stopped now, and ``failure`` and ``on_failure``
+    say why."""
     handler = FakeHandler(held=True)
-    async with running(handler, BatchConfig()) as processor:
+    told: list[tuple[BaseException, int]] = []
+
+    def on_failure(error: BaseException) -> None:
+        told.append((error, processor.queue_depth))
+
+    async with running(handler, BatchConfig(), on_failure=on_failure) as processor:
         first = spawn(processor, 1)
         await handler.next_started()
         waiting = spawn(processor, 2)
@@ -870,6 +876,7 @@ async def test_a_batching_task_that_dies_fails_its_callers_at_once_and_says_so(
         assert isinstance(outcomes[0], Stopped)
         assert await results(first) == [2]
         assert isinstance(processor.failure, RuntimeError)
+        assert told == [(processor.failure, 0)], "told once, with its callers answered"
         assert "the batch processor stopped" in caplog.text
         with pytest.raises(Stopped):
             await bounded(processor.submit(3))
