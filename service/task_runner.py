@@ -247,6 +247,7 @@ class TaskRunner:
         loop = asyncio.get_running_loop()
         queued = await loop.run_in_executor(self._read_thread, self.reader.count_queued)
         if queued >= self._config.max_queued and idempotency_key is not None:
+            self._refuse_once_stopped()  # ``stop`` may have closed the store meanwhile
             resent = await loop.run_in_executor(
                 self._read_thread,
                 partial(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -566,6 +567,32 @@ async def test_a_submission_that_stop_overtakes_is_refused_not_failed(
         release.set()
         with pytest.raises(task_runner.RunnerStopped):
             await submitting
+        await stopping
+
+
+async def test_a_room_check_that_stop_overtakes_is_refused_not_failed(photos: list[Path]) -> None:
+    """With the queue full, a resend's room check reads the store twice (the count, then
+    its key): ``stop`` may close the store in between, and the second read is refused."""
+    async with running_app(make_settings()) as served:
+        runner = served.service.task_runner()
+        counting, release = threading.Event(), threading.Event()
+        real_count = runner.reader.count_queued
+
+        def slow_count() -> int:
+            counting.set()
+            release.wait(10)
+            return real_count()
+
+        runner.reader.count_queued = slow_count  # type: ignore[method-assign]
+        runner._config = dataclasses.replace(runner._config, max_queued=0)  # full
+        checking = asyncio.ensure_future(runner.check_room(idempotency_key="resent"))
+        await asyncio.to_thread(counting.wait, 10)
+        stopping = asyncio.ensure_future(served.service.stop())
+        # The store's closing waits on the read thread, behind the count.
+        await wait_for(lambda: runner._read_thread._work_queue.qsize() > 0)
+        release.set()
+        with pytest.raises(task_runner.RunnerStopped):
+            await checking
         await stopping
 
 
