@@ -10,13 +10,14 @@ rebinding, cannot turn the server against its own network).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import json
 import random
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +28,11 @@ import httpcore
 import httpx
 
 MAX_URL_CHARS = 2048
-LOOKUP_THREADS = 4
+# One per delivery a worker runs at once (``RunnerConfig.webhook_capacity``): a host whose
+# lookups hang then holds up no other receiver's deliveries. Threads start as needed.
+LOOKUP_THREADS = 64
+# RFC 8305's recommended wait before the next address is tried.
+HAPPY_EYEBALLS_DELAY_S = 0.25
 USER_AGENT = "resnet18-service-webhook/1"
 SIGNATURE_HEADER = "X-Signature-256"
 
@@ -237,16 +242,59 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
                 raise _AddressRefused(
                     f"refused to connect to {shown}: {reason} address; {_ALLOW_PRIVATE_HINT}"
                 )
-        last_error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
-        for ip in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    str(ip), port, timeout, local_address, socket_options
+        connect = partial(
+            self._inner.connect_tcp,
+            port=port,
+            timeout=timeout,
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+        return await self._connect_first([partial(connect, str(ip)) for ip in addresses])
+
+    @staticmethod
+    async def _connect_first(
+        connects: list[Callable[[], Awaitable[httpcore.AsyncNetworkStream]]],
+    ) -> httpcore.AsyncNetworkStream:
+        """The first connection made, as Happy Eyeballs (RFC 8305) makes it: each address is
+        tried `HAPPY_EYEBALLS_DELAY_S` after the one before it began, or as soon as that
+        one failed, so one that does not answer (a broken IPv6 route) costs a moment, not
+        the attempt's whole timeout. The others are then cancelled, or closed."""
+        pending: set[asyncio.Task[httpcore.AsyncNetworkStream]] = set()
+        errors: list[BaseException] = []
+        made: list[httpcore.AsyncNetworkStream] = []
+
+        def collect(done: set[asyncio.Task[httpcore.AsyncNetworkStream]]) -> None:
+            for task in done:
+                if (error := task.exception()) is None:
+                    made.append(task.result())
+                else:
+                    errors.append(error)
+
+        try:
+            for connect in connects:
+                pending.add(asyncio.ensure_future(connect()))
+                done, pending = await asyncio.wait(
+                    pending, timeout=HAPPY_EYEBALLS_DELAY_S, return_when=asyncio.FIRST_COMPLETED
                 )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last_error = exc
-        assert last_error is not None  # _resolve never returns an empty list
-        raise last_error
+                collect(done)
+                if made:
+                    return made.pop(0)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                collect(done)
+                if made:
+                    return made.pop(0)
+        finally:
+            for task in pending:
+                task.cancel()
+            # Those that connected anyway, in the same instant, are not needed.
+            for outcome in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(outcome, httpcore.AsyncNetworkStream):
+                    made.append(outcome)
+            for stream in made:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+        raise errors[-1]  # every one failed; connects is never empty
 
     async def connect_unix_socket(
         self,
@@ -395,7 +443,11 @@ def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
         if isinstance(cause, socket.gaierror):
             return "host name does not resolve"
         cause = cause.__cause__ or cause.__context__
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if message:
+        return f"{type(exc).__name__}: {message}"
+    if isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError):
+        return f"{type(exc).__name__}: the receiver closed or reset the connection"
+    return type(exc).__name__
 
 
 def _is_refused_address(exc: BaseException) -> bool:

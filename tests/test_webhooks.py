@@ -8,6 +8,7 @@ import hmac
 import json
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -193,6 +194,26 @@ async def test_a_refused_connection_is_tried_again_and_reported(
 
     assert (attempt.attempts, attempt.error) == (1, "connection refused")
     assert attempt.retry_in_s is not None
+
+
+async def test_a_receiver_that_resets_the_connection_is_named_in_the_error(
+    make_sender: Callable[..., WebhookSender],
+) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        attempt = await make_sender(max_attempts=3).attempt(f"http://127.0.0.1:{port}/", PAYLOAD)
+
+    assert not attempt.delivered
+    assert attempt.retry_in_s is not None
+    assert attempt.error is not None
+    assert "the receiver closed or reset the connection" in attempt.error
 
 
 def test_an_attempt_cut_off_counts_but_never_ends_the_delivery() -> None:
@@ -489,6 +510,37 @@ async def test_a_resolver_that_hangs_holds_none_of_the_default_executors_threads
         assert "timed out" in attempt.error
 
 
+async def test_a_host_whose_lookups_hang_holds_up_no_other_receivers_delivery(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hung = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> object:
+        if host == "hangs.example":
+            hung.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "receiver.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sender = make_sender(allow_private=True, timeout_s=2.0)
+    try:
+        stuck = [
+            asyncio.create_task(sender.attempt("http://hangs.example/hook", PAYLOAD))
+            for _ in range(16)
+        ]
+        await asyncio.sleep(0.1)
+        url = f"http://receiver.example:{receiver.port}/hook"
+        attempt = await asyncio.wait_for(sender.attempt(url, PAYLOAD), 1.5)
+        assert attempt.delivered
+        assert len(receiver.received) == 1
+    finally:
+        hung.set()
+    await asyncio.gather(*stuck)
+
+
 async def test_many_slow_deliveries_at_once_each_get_a_connection(
     receiver: Receiver,
     make_sender: Callable[..., WebhookSender],
@@ -583,3 +635,92 @@ async def test_the_backend_refuses_a_name_with_any_private_address(
     with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
         await backend.connect_tcp("hooks.example", 443)
     assert inner.connects == []
+
+
+class ClosableStream(httpcore.AsyncNetworkStream):
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class ScriptedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to each address as told: "hang" (never answers), "fail", "ok", or "gate"
+    (once ``gate`` is set)."""
+
+    def __init__(self, script: dict[str, str]) -> None:
+        self.script = script
+        self.gate = asyncio.Event()
+        self.cancelled: list[str] = []
+        self.streams: list[ClosableStream] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        what = self.script[host]
+        if what == "hang":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled.append(host)
+                raise
+        if what == "fail":
+            raise httpcore.ConnectError(f"{host} unreachable")
+        if what == "gate":
+            await self.gate.wait()
+        stream = ClosableStream(host)
+        self.streams.append(stream)
+        return stream
+
+
+async def test_an_address_that_does_not_answer_costs_a_moment_not_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    """Happy Eyeballs: a name whose first address is unreachable (a broken IPv6 route)
+    connects to the next after 250 ms, and the first try is cancelled."""
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "93.184.215.15"))
+    inner = ScriptedBackend({"93.184.215.14": "hang", "93.184.215.15": "ok"})
+    backend = _ResolvingBackend(inner, lookups, allow_private=False)
+    started = time.monotonic()
+
+    stream = await backend.connect_tcp("hooks.example", 443, timeout=10)
+
+    assert isinstance(stream, ClosableStream)
+    assert stream.host == "93.184.215.15"
+    assert webhooks.HAPPY_EYEBALLS_DELAY_S <= time.monotonic() - started < 2
+    assert inner.cancelled == ["93.184.215.14"]
+
+
+async def test_a_failed_address_moves_on_at_once_and_the_last_error_is_raised(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "93.184.215.15"))
+    inner = ScriptedBackend({"93.184.215.14": "fail", "93.184.215.15": "fail"})
+    backend = _ResolvingBackend(inner, lookups, allow_private=True)
+    started = time.monotonic()
+
+    with pytest.raises(httpcore.ConnectError, match=r"93\.184\.215\.15 unreachable"):
+        await backend.connect_tcp("hooks.example", 443, timeout=10)
+    assert time.monotonic() - started < webhooks.HAPPY_EYEBALLS_DELAY_S
+
+
+async def test_connections_made_in_the_same_instant_leave_one_open(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setattr(webhooks, "HAPPY_EYEBALLS_DELAY_S", 0.01)
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "93.184.215.15"))
+    inner = ScriptedBackend({"93.184.215.14": "gate", "93.184.215.15": "gate"})
+    backend = _ResolvingBackend(inner, lookups, allow_private=False)
+    asyncio.get_running_loop().call_later(0.2, inner.gate.set)  # both tries begun by then
+
+    stream = await backend.connect_tcp("hooks.example", 443)
+
+    assert len(inner.streams) == 2  # both connected before either was looked at
+    assert [each.closed for each in inner.streams] == [each is not stream for each in inner.streams]
