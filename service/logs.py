@@ -11,6 +11,8 @@ import atexit
 import collections
 import contextvars
 import datetime
+import ipaddress
+import json
 import logging
 import os
 import sys
@@ -150,7 +152,7 @@ def log_access(
         "duration_ms": round(duration_s * 1000, 2),
     }
     if client is not None:
-        extra["client"] = client
+        extra["client"] = _shown_client(client)
     sizes = fields.get("batch_sizes")
     if isinstance(sizes, list) and sizes:
         if len(sizes) == 1:
@@ -172,6 +174,17 @@ def log_access(
         shown,
         extra=extra,
     )
+
+
+def _shown_client(client: str) -> str:
+    """An IP address as it is; anything else, which a proxy trusted with ``*`` passes on
+    from any caller's ``X-Forwarded-For``, quoted and cut short, so that it cannot pass for
+    other fields of a text line."""
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        return json.dumps(client if len(client) <= 64 else client[:64] + "...")
+    return client
 
 
 def _escape_unprintable(text: str) -> str:

@@ -86,6 +86,25 @@ def test_a_path_cannot_forge_a_line_of_the_text_log(
     assert vars(line)["path"] == "/x\nFORGED LINE\r\u2028\x1b[31m"  # JSON escapes it itself
 
 
+def test_a_forwarded_client_address_cannot_forge_fields_of_the_line(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    """A proxy trusted with ``*`` passes on any caller's X-Forwarded-For as the client."""
+    token, fields = logs.begin_request("req-1")
+    logs.record_batch_size(1)
+    forged = "203.0.113.9 status=500 batch_size=64" + "x" * 100
+    logs.log_access("POST", "/cls", 200, 0.01, fields, client=forged)
+    logs.log_access("POST", "/cls", 200, 0.01, fields, client="2001:db8::7")
+    logs.end_request(token)
+
+    quoted = json.dumps(forged[:64] + "...")
+    assert access_lines[0].getMessage() == (
+        f"POST /cls answered 200 after 10.0 ms client={quoted} batch_size=1"
+    )
+    assert vars(access_lines[0])["client"] == quoted
+    assert vars(access_lines[1])["client"] == "2001:db8::7"
+
+
 def test_with_the_access_log_off_only_server_errors_are_logged(
     access_lines: list[logging.LogRecord],
 ) -> None:
