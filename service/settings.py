@@ -207,8 +207,9 @@ class Settings(BaseSettings):
             if not value.removeprefix("unix:").strip():
                 raise ValueError(f"names no socket path; {expected}")
             return value
-        host, colon, port = value.removeprefix("tcp://").rpartition(":")
-        if not colon:
+        address = value.removeprefix("tcp://")
+        host, colon, port = address.rpartition(":")
+        if not colon or address.endswith("]"):  # "[::1]": the colons are the address's
             raise ValueError(f"has no port; {expected}")
         if host.startswith("["):
             try:
