@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from batching import (
     BatchFailed,
@@ -85,7 +86,7 @@ from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
     InvalidTaskField,
     TaskNotFound,
-    check_idempotency_key,
+    idempotency_key_in,
     parse_metadata,
     valid_task_id,
 )
@@ -280,7 +281,10 @@ class Service:
         if trim is not None:
             self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
             self._trimmer.add_done_callback(_log_failure)
-        self.ready = True
+        if self.failure() is None:
+            self.ready = True
+        else:
+            self._take_no_more_work()  # the batcher died while the task store opened
 
     def _build_task_runner(self) -> TaskRunner:
         settings = self.settings
@@ -999,7 +1003,8 @@ async def submit_task(
     parsed_metadata = parse_metadata(metadata, settings.task_metadata_max_bytes)
     if callback_url is not None:
         callback_url = callback_url.strip() or None
-    check_idempotency_key(idempotency_key)
+    # Not the parameter, which documents the header: FastAPI takes one of several sent.
+    idempotency_key = idempotency_key_in(request.headers.getlist("idempotency-key"))
     record, created = await service.submit_task(
         file,
         tasks,
@@ -1163,13 +1168,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             )
         else:
             detail = f"{request.url.path} takes one file; send several to /cls/batch"
-    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route of the path only; HEAD
+        # has routes of its own.
+        allowed = ", ".join(sorted(_allowed_methods(request)))
+        headers = {**(headers or {}), "Allow": allowed}
         path = request.url.path
         shown = path if len(path) <= 200 else path[:200] + "..."
-        detail = f"{request.method} is not allowed on {shown}; it takes {exc.headers['Allow']}"
+        detail = f"{request.method} is not allowed on {shown}; it takes {allowed}"
         if shown == path and path.startswith("/tasks/") and request.method in ("GET", "HEAD"):
             detail += f"; a task's status is at /task-status/{path.removeprefix('/tasks/')}"
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods of every route whose path matches the request's."""
+    return {
+        method
+        for route in request.app.router.routes
+        if route.matches(request.scope)[0] != Match.NONE
+        for method in getattr(route, "methods", None) or ()
+    }
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,9 +8,9 @@ import re
 
 # Far below the nesting at which a task's answer could no longer be serialised.
 MAX_METADATA_DEPTH = 32
-# The Idempotency-Key's form, for the OpenAPI schema; checked by ``check_idempotency_key``.
+# The Idempotency-Key's form, for the OpenAPI schema; checked by ``idempotency_key_in``.
 IDEMPOTENCY_KEY_SCHEMA = {"minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"}
-_VALID_IDEMPOTENCY_KEY = re.compile(r"^[!-~]{1,255}$")
+_VALID_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 # A task id as the server gives it out (a UUID's canonical form), in either case.
 _TASK_ID = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -47,12 +47,24 @@ def valid_task_id(task_id: str) -> str:
     return task_id.lower()
 
 
-def check_idempotency_key(key: str | None) -> None:
-    """Refuse an Idempotency-Key that is not 1 to 255 visible ASCII characters."""
-    if key is not None and not _VALID_IDEMPOTENCY_KEY.match(key):
+def idempotency_key_in(sent: list[str]) -> str | None:
+    """The request's Idempotency-Key, without the blanks around it (not part of a header's
+    value, RFC 9110 5.5); None when it has none.
+
+    Raises:
+        InvalidTaskField: The header was sent more than once (which key would the client
+            mean?), or is not 1 to 255 visible ASCII characters.
+    """
+    if not sent:
+        return None
+    if len(sent) > 1:
+        raise InvalidTaskField(f"Idempotency-Key was sent {len(sent)} times; send it once")
+    key = sent[0].strip(" \t")
+    if not _VALID_IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidTaskField(
             "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
         )
+    return key
 
 
 def parse_metadata(text: str | None, max_bytes: int) -> dict[str, object] | None:

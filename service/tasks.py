@@ -469,10 +469,15 @@ class TaskStore:
 
     def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
         """The task, or None if there is no such task (never submitted, deleted, or finished
-        before ``expired_before``: expired, though the clean-up has not deleted it yet)."""
+        before ``expired_before``: expired, though the clean-up has not deleted it yet). A
+        task whose webhook is still being delivered has not expired: as the clean-up keeps
+        it, its status shows the delivery's attempts."""
         with self._reading() as db:
             row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None or _expired(row["finished_at"], expired_before):
+        if row is None or (
+            _expired(row["finished_at"], expired_before)
+            and row["webhook_status"] != WebhookStatus.PENDING
+        ):
             return None
         return TaskRecord.from_row(row)
 

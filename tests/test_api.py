@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp
 
 import main
-from batching import Priority
+from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
 from service.tasks import DATABASE_NAME
 from tests import images
@@ -163,8 +163,9 @@ async def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(
         ),
         (
             await served.client.delete("/task-status/7f3c"),
-            "DELETE is not allowed on /task-status/7f3c; it takes GET",
+            "DELETE is not allowed on /task-status/7f3c; it takes GET, HEAD",
         ),
+        (await served.client.put("/healthz"), "PUT is not allowed on /healthz; it takes GET, HEAD"),
     ):
         assert response.status_code == 405
         assert response.json() == {"detail": detail}
@@ -894,6 +895,27 @@ async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
                 "the batch processor stopped; retry (this worker is to be restarted)"
             )
         assert decodes == []
+
+
+async def test_a_batch_processor_that_stops_while_the_worker_starts_leaves_it_not_ready(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batcher starts before the task store opens; one that dies meanwhile must not
+    be covered by the worker turning ready at the end of its start."""
+
+    async def broken(self: object) -> list[object]:
+        raise RuntimeError("bug in collecting a batch")
+
+    monkeypatch.setattr(BatchProcessor, "_collect_batch", broken)
+    with caplog.at_level(logging.CRITICAL):
+        async with running_app(make_settings()) as served:
+            assert served.service.processor is not None
+            assert served.service.processor.failure is not None
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["detail"] == "the batch processor stopped"
+            assert served.service.tasks is not None
+            assert served.service.tasks._claiming is False
 
 
 async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(

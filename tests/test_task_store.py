@@ -1021,18 +1021,24 @@ def test_an_idempotency_key_returns_the_task_it_created(tmp_path: Path) -> None:
 
 
 def test_an_expired_task_is_gone_before_the_clean_up_deletes_it(store: TaskStore) -> None:
-    """Past its TTL a finished task reads as absent; unfinished tasks never expire."""
+    """Past its TTL a finished task reads as absent; unfinished tasks never expire, nor do
+    those still delivering their webhook (the clean-up keeps them too)."""
     add(store, "done", at=T0)
-    add(store, "running", at=T0 + 1)
-    add(store, "queued", at=T0 + 2)
-    claim(store, "A", limit=2, at=T0 + 3)
+    add(store, "delivering", at=T0 + 1, callback_url=CALLBACK)
+    add(store, "running", at=T0 + 2)
+    add(store, "queued", at=T0 + 3)
+    claim(store, "A", limit=3, at=T0 + 4)
     store.finish("done", "A", prediction=[], now=T0 + 5)
+    store.finish("delivering", "A", prediction=[], now=T0 + 5)
     assert store.get("done", expired_before=T0 + 5) is not None
     assert store.get("done", expired_before=T0 + 6) is None
     assert store.cancel("done", now=T0 + 7, expired_before=T0 + 6) is None
-    for unfinished in ("running", "queued"):
+    for unfinished in ("running", "queued", "delivering"):
         assert store.get(unfinished, expired_before=T0 + 100) is not None, unfinished
     assert store.get("done") is not None, "still stored until the clean-up runs"
+    store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 10)
+    store.finish_webhook("delivering", "A", delivered=False, attempts=15, error="500")
+    assert store.get("delivering", expired_before=T0 + 6) is None
 
 
 def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:

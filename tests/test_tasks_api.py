@@ -1112,6 +1112,35 @@ async def test_a_malformed_idempotency_key_is_422(
     assert stored_rows(served, "tasks") == 0
 
 
+async def test_blanks_around_an_idempotency_key_are_not_part_of_it(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    """As for any header (RFC 9110 5.5); the ASGI server drops leading ones only."""
+    data = photos[0].read_bytes()
+    first = await served.client.post(
+        "/tasks", files=upload(data), headers={"Idempotency-Key": "order-18"}
+    )
+    for sent in ("order-18 ", "order-18\t", " \torder-18 \t"):
+        again = await served.client.post(
+            "/tasks", files=upload(data), headers={"Idempotency-Key": sent}
+        )
+        assert again.status_code == 202, again.text
+        assert again.json()["task_id"] == first.json()["task_id"]
+    assert stored_rows(served, "tasks") == 1
+
+
+async def test_an_idempotency_key_sent_twice_is_422(served: RunningApp, photos: list[Path]) -> None:
+    """One of them would be dropped without a word, and a resend with it make a second task."""
+    response = await served.client.post(
+        "/tasks",
+        files=upload(photos[0].read_bytes()),
+        headers=[("Idempotency-Key", "order-19"), ("Idempotency-Key", "order-20")],
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"] == "Idempotency-Key was sent 2 times; send it once"
+    assert stored_rows(served, "tasks") == 0
+
+
 # --- Store faults -----------------------------------------------------------------------------
 
 
