@@ -918,6 +918,26 @@ async def test_a_batch_processor_that_stops_while_the_worker_starts_leaves_it_no
             assert served.service.tasks._claiming is False
 
 
+class FailingDevice:
+    """Stands in for the model on a GPU that fails: each call, the first held until
+    ``release``, raises the CUDA error after which the device can run nothing more."""
+
+    def __init__(self, served: RunningApp) -> None:
+        classifier = served.service.classifier
+        assert classifier is not None
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls: list[int] = []  # the size of each batch that reached the device
+        classifier.classify = self.classify  # type: ignore[method-assign]
+
+    def classify(
+        self, pixels: Sequence[np.ndarray], top_k: Sequence[int]
+    ) -> list[list[Prediction]]:
+        self.calls.append(len(pixels))
+        self.entered.set()
+        self.release.wait(10)
+        raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access\nhints")
+
+
 async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
     photos: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -926,25 +946,14 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
     too, as a whole), without touching the device again; queued tasks go back to the
     store; the worker fails its probes (so it is replaced) and claims no more tasks."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
-        classifier = served.service.classifier
         tasks = served.service.tasks
         processor = served.service.processor
-        assert classifier is not None
         assert tasks is not None
         assert processor is not None
-        entered, release = threading.Event(), threading.Event()
-        calls: list[int] = []
-
-        def failed(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
-            calls.append(len(pixels))
-            entered.set()
-            release.wait(10)
-            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access\nhints")
-
-        classifier.classify = failed  # type: ignore[method-assign]
+        device = FailingDevice(served)
         data = photos[0].read_bytes()
         first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
-        await asyncio.to_thread(entered.wait, 10)
+        await asyncio.to_thread(device.entered.wait, 10)
         queued = [
             asyncio.create_task(served.client.post("/cls", files=upload(data))) for _ in range(3)
         ]
@@ -956,9 +965,9 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
         # Three requests, the batch's two files and the task.
         await wait_for(lambda: processor.queue_depth == 6)
         with caplog.at_level(logging.CRITICAL):
-            release.set()
+            device.release.set()
             responses = await asyncio.gather(first, *queued, batch)
-        assert calls == [1]
+        assert device.calls == [1]
         for response in responses:
             assert response.status_code == 503
             assert response.headers["Retry-After"] == "1"
@@ -989,7 +998,7 @@ async def test_a_failed_device_turns_the_worker_unhealthy_and_refuses_new_work(
         )
         refused = await served.client.post("/cls", files=upload(data))
         assert refused.status_code == 503
-        assert calls == [1]
+        assert device.calls == [1]
 
 
 async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
@@ -1000,25 +1009,16 @@ async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
     go back to the store rather than be failed as interrupted."""
     settings = make_settings(drain_timeout_s=2, task_max_attempts=1)
     async with running_app(settings) as served:
-        classifier = served.service.classifier
         processor = served.service.processor
-        assert classifier is not None
         assert processor is not None
-        entered, release = threading.Event(), threading.Event()
-
-        def failed(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
-            entered.set()
-            release.wait(10)
-            raise DeviceFailed("cuda:0 failed: CUDA error: an illegal memory access")
-
-        classifier.classify = failed  # type: ignore[method-assign]
+        device = FailingDevice(served)
         data = photos[0].read_bytes()
         first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
-        await asyncio.to_thread(entered.wait, 10)
+        await asyncio.to_thread(device.entered.wait, 10)
         task_id = (await served.client.post("/tasks", files=upload(data))).json()["task_id"]
         await wait_for(lambda: processor.queue_depth == 1)
         with caplog.at_level(logging.CRITICAL):
-            release.set()
+            device.release.set()
             assert (await first).status_code == 503
         query = "SELECT status, attempts FROM tasks WHERE id = ?"
         with contextlib.closing(sqlite3.connect(settings.data_dir / DATABASE_NAME)) as store:

@@ -589,54 +589,6 @@ async def test_the_network_backend_refuses_loopback_itself(
         await backend.connect_tcp(host, receiver.port, timeout=TIMEOUT_S)
 
 
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    """Stands in for the real backend: records where it is asked to connect."""
-
-    def __init__(self) -> None:
-        self.connects: list[tuple[str, int]] = []
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        self.connects.append((host, port))
-        return httpcore.AsyncNetworkStream()
-
-
-def answer_with(*addresses: str) -> Callable[..., object]:
-    def getaddrinfo(host: str, port: int, **kwargs: object) -> list[object]:
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
-
-    return getaddrinfo
-
-
-async def test_the_backend_connects_to_the_address_it_vetted(
-    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
-) -> None:
-    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14"))
-    inner = RecordingBackend()
-
-    await _ResolvingBackend(inner, lookups, allow_private=False).connect_tcp("hooks.example", 443)
-
-    assert inner.connects == [("93.184.215.14", 443)]
-
-
-async def test_the_backend_refuses_a_name_with_any_private_address(
-    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
-) -> None:
-    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "10.0.0.7"))
-    inner = RecordingBackend()
-    backend = _ResolvingBackend(inner, lookups, allow_private=False)
-
-    with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
-        await backend.connect_tcp("hooks.example", 443)
-    assert inner.connects == []
-
-
 class ClosableStream(httpcore.AsyncNetworkStream):
     def __init__(self, host: str) -> None:
         self.host = host
@@ -647,11 +599,13 @@ class ClosableStream(httpcore.AsyncNetworkStream):
 
 
 class ScriptedBackend(httpcore.AsyncNetworkBackend):
-    """Connects to each address as told: "hang" (never answers), "fail", "ok", or "gate"
-    (once ``gate`` is set)."""
+    """Stands in for the real backend: records where it is asked to connect, and connects
+    to each address as told: "ok" (unless told otherwise), "hang" (never answers), "fail",
+    or "gate" (once ``gate`` is set)."""
 
-    def __init__(self, script: dict[str, str]) -> None:
-        self.script = script
+    def __init__(self, script: dict[str, str] | None = None) -> None:
+        self.script = script or {}
+        self.connects: list[tuple[str, int]] = []
         self.gate = asyncio.Event()
         self.cancelled: list[str] = []
         self.streams: list[ClosableStream] = []
@@ -664,7 +618,8 @@ class ScriptedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        what = self.script[host]
+        self.connects.append((host, port))
+        what = self.script.get(host, "ok")
         if what == "hang":
             try:
                 await asyncio.sleep(60)
@@ -678,6 +633,36 @@ class ScriptedBackend(httpcore.AsyncNetworkBackend):
         stream = ClosableStream(host)
         self.streams.append(stream)
         return stream
+
+
+def answer_with(*addresses: str) -> Callable[..., object]:
+    def getaddrinfo(host: str, port: int, **kwargs: object) -> list[object]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+
+    return getaddrinfo
+
+
+async def test_the_backend_connects_to_the_address_it_vetted(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14"))
+    inner = ScriptedBackend()
+
+    await _ResolvingBackend(inner, lookups, allow_private=False).connect_tcp("hooks.example", 443)
+
+    assert inner.connects == [("93.184.215.14", 443)]
+
+
+async def test_the_backend_refuses_a_name_with_any_private_address(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "10.0.0.7"))
+    inner = ScriptedBackend()
+    backend = _ResolvingBackend(inner, lookups, allow_private=False)
+
+    with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
+        await backend.connect_tcp("hooks.example", 443)
+    assert inner.connects == []
 
 
 async def test_an_address_that_does_not_answer_costs_a_moment_not_the_timeout(
