@@ -152,7 +152,7 @@ def log_access(
         "duration_ms": round(duration_s * 1000, 2),
     }
     if client is not None:
-        extra["client"] = _shown_client(client)
+        extra["client"] = client if len(client) <= 64 else client[:64] + "..."
     sizes = fields.get("batch_sizes")
     if isinstance(sizes, list) and sizes:
         if len(sizes) == 1:
@@ -160,7 +160,7 @@ def log_access(
         else:
             extra["batch_sizes"] = sizes
     shown = "".join(
-        f" {key}={_escape_unprintable(str(value))}"
+        f" {key}={_shown_client(str(value)) if key == 'client' else value}"
         for key, value in extra.items()
         if key == "client" or key.startswith("batch")
     )
@@ -177,13 +177,13 @@ def log_access(
 
 
 def _shown_client(client: str) -> str:
-    """An IP address as it is; anything else, which a proxy trusted with ``*`` passes on
-    from any caller's ``X-Forwarded-For``, quoted and cut short, so that it cannot pass for
-    other fields of a text line."""
+    """The client on a text line: an IP address as it is; anything else, which a proxy
+    trusted with ``*`` passes on from any caller's ``X-Forwarded-For``, quoted, so that it
+    cannot pass for other fields of the line."""
     try:
         ipaddress.ip_address(client)
     except ValueError:
-        return json.dumps(client if len(client) <= 64 else client[:64] + "...")
+        return json.dumps(client)
     return client
 
 

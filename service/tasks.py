@@ -432,7 +432,7 @@ class TaskStore:
         with self._transaction(lock_deadline) as db:
             if idempotency_key is not None:
                 row = _keyed_task(db, idempotency_key)
-                if row is not None and _expired(row["finished_at"], expired_before):
+                if row is not None and _expired(row, expired_before):
                     # Kept until the clean-up deletes it (its webhook may still be due).
                     db.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (row["id"],))
                     row = None
@@ -465,19 +465,14 @@ class TaskStore:
         """Whether a task stored with this ``Idempotency-Key`` still holds it (see ``create``)."""
         with self._reading() as db:
             row = _keyed_task(db, idempotency_key)
-        return row is not None and not _expired(row["finished_at"], expired_before)
+        return row is not None and not _expired(row, expired_before)
 
     def get(self, task_id: str, *, expired_before: float | None = None) -> TaskRecord | None:
-        """The task, or None if there is no such task (never submitted, deleted, or finished
-        before ``expired_before``: expired, though the clean-up has not deleted it yet). A
-        task whose webhook is still being delivered has not expired: as the clean-up keeps
-        it, its status shows the delivery's attempts."""
+        """The task, or None if there is no such task (never submitted, deleted, or expired,
+        though the clean-up has not deleted it yet: see ``_expired``)."""
         with self._reading() as db:
             row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None or (
-            _expired(row["finished_at"], expired_before)
-            and row["webhook_status"] != WebhookStatus.PENDING
-        ):
+        if row is None or _expired(row, expired_before):
             return None
         return TaskRecord.from_row(row)
 
@@ -816,11 +811,20 @@ class TaskStore:
 
 def _keyed_task(db: sqlite3.Connection, idempotency_key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = db.execute(
-        "SELECT id, request_hash, finished_at FROM tasks WHERE idempotency_key = ?",
+        "SELECT id, request_hash, finished_at, webhook_status FROM tasks WHERE idempotency_key = ?",
         (idempotency_key,),
     ).fetchone()
     return row
 
 
-def _expired(finished_at: float | None, expired_before: float | None) -> bool:
-    return finished_at is not None and expired_before is not None and finished_at < expired_before
+def _expired(row: sqlite3.Row, expired_before: float | None) -> bool:
+    """Whether the task finished before ``expired_before`` and its webhook, if any, is no
+    longer being delivered: as ``delete_expired`` keeps such a task, its status (with the
+    delivery's attempts) and its Idempotency-Key are kept too."""
+    finished_at = row["finished_at"]
+    return (
+        finished_at is not None
+        and expired_before is not None
+        and finished_at < expired_before
+        and row["webhook_status"] != WebhookStatus.PENDING
+    )

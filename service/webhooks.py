@@ -28,8 +28,10 @@ import httpcore
 import httpx
 
 MAX_URL_CHARS = 2048
-# One per delivery a worker runs at once (``RunnerConfig.webhook_capacity``): a host whose
-# lookups hang then holds up no other receiver's deliveries. Threads start as needed.
+# One per delivery a worker runs at once (``RunnerConfig.webhook_capacity``), started as
+# needed: a host whose lookups hang holds up other receivers' deliveries only while more
+# of its lookups are still blocked (an attempt gives up on one at WEBHOOK_TIMEOUT_S; its
+# thread waits until the resolver does) than there are threads.
 LOOKUP_THREADS = 64
 # RFC 8305's recommended wait before the next address is tried.
 HAPPY_EYEBALLS_DELAY_S = 0.25
@@ -287,14 +289,9 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
         finally:
             for task in pending:
                 task.cancel()
-            # Those that connected anyway, in the same instant, are not needed.
-            for outcome in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(outcome, httpcore.AsyncNetworkStream):
-                    made.append(outcome)
-            for stream in made:
-                with contextlib.suppress(Exception):
-                    await stream.aclose()
-        raise errors[-1]  # every one failed; connects is never empty
+            # Shielded: a second cancel of the caller must not leave a connection open.
+            await asyncio.shield(_close_unused(pending, made))
+        raise errors[-1]  # the last to fail: every one did, and connects is never empty
 
     async def connect_unix_socket(
         self,
@@ -329,6 +326,20 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
         if not addresses:
             raise httpcore.ConnectError(f"{host} does not resolve")
         return addresses
+
+
+async def _close_unused(
+    cancelled: set[asyncio.Task[httpcore.AsyncNetworkStream]],
+    made: list[httpcore.AsyncNetworkStream],
+) -> None:
+    """Close the connections that are not needed: ``made``, and those of the cancelled
+    tries that connected anyway, in the same instant."""
+    for outcome in await asyncio.gather(*cancelled, return_exceptions=True):
+        if isinstance(outcome, httpcore.AsyncNetworkStream):
+            made.append(outcome)
+    for stream in made:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
 
 
 class _ResolvingTransport(httpx.AsyncHTTPTransport):

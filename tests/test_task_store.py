@@ -1066,6 +1066,35 @@ def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:
     assert submit("d", "h2", at=T0 + 5, expired_before=T0 + 3) == "c", "the key is now c's"
 
 
+def test_a_task_still_delivering_its_webhook_keeps_its_idempotency_key(store: TaskStore) -> None:
+    """Past its TTL, such a task is still shown and kept: a resend with its key replays it
+    rather than making a second task, and a second webhook."""
+
+    def submit(task_id: str, at: float, expired_before: float) -> str:
+        return store.create(
+            task_id,
+            b"img",
+            top_k=5,
+            metadata=None,
+            callback_url=CALLBACK,
+            now=at,
+            max_queued=10,
+            idempotency_key="k1",
+            request_hash="h",
+            expired_before=expired_before,
+        ).id
+
+    assert submit("a", at=T0, expired_before=T0 - 1) == "a"
+    claim(store, "A", at=T0 + 1)
+    store.finish("a", "A", prediction=[], now=T0 + 2)
+    assert store.holds_key("k1", expired_before=T0 + 3)
+    assert submit("b", at=T0 + 4, expired_before=T0 + 3) == "a"
+    store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 5)
+    store.finish_webhook("a", "A", delivered=True, attempts=1, error=None)
+    assert not store.holds_key("k1", expired_before=T0 + 3)
+    assert submit("c", at=T0 + 6, expired_before=T0 + 3) == "c"
+
+
 def test_a_write_past_its_lock_deadline_still_tries_the_lock_once(
     store: TaskStore, tmp_path: Path
 ) -> None:

@@ -683,7 +683,7 @@ async def test_an_address_that_does_not_answer_costs_a_moment_not_the_timeout(
     assert inner.cancelled == ["93.184.215.14"]
 
 
-async def test_a_failed_address_moves_on_at_once_and_the_last_error_is_raised(
+async def test_a_failed_address_moves_on_at_once_and_the_last_failure_is_raised(
     monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
 ) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", answer_with("93.184.215.14", "93.184.215.15"))
@@ -709,3 +709,26 @@ async def test_connections_made_in_the_same_instant_leave_one_open(
 
     assert len(inner.streams) == 2  # both connected before either was looked at
     assert [each.closed for each in inner.streams] == [each is not stream for each in inner.streams]
+
+
+async def test_a_connection_made_as_the_caller_is_cancelled_twice_is_closed() -> None:
+    """A try that connects in the instant it is cancelled (the attempt's timeout), while a
+    second cancel (the shutdown's) lands before the clean-up has closed it."""
+    made: list[ClosableStream] = []
+
+    async def connects_as_cancelled() -> httpcore.AsyncNetworkStream:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            asyncio.get_running_loop().call_soon(connecting.cancel)
+            made.append(ClosableStream("late"))
+            return made[-1]
+        raise AssertionError("never reached")
+
+    connecting = asyncio.ensure_future(_ResolvingBackend._connect_first([connects_as_cancelled]))
+    await asyncio.sleep(0.05)
+    connecting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await connecting
+    await asyncio.sleep(0.05)  # the shielded clean-up finishes on its own
+    assert [stream.closed for stream in made] == [True]
