@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import random
 import socket
@@ -43,6 +44,12 @@ _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 # IPv4 address in its last 32 bits, which may be private.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+# Ranges Python counts as private that are not: named for what they are when refused.
+_DOCUMENTATION = tuple(
+    ipaddress.ip_network(net)
+    for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+_BENCHMARKING = ipaddress.IPv4Network("198.18.0.0/15")
 # IETF protocol assignments, not globally reachable (IANA), but for two anycast services;
 # Python's is_global counts the rest of the range as global.
 _IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
@@ -88,10 +95,16 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
         return "a carrier-grade NAT"
     if ip in _IETF_PROTOCOL and ip not in _GLOBAL_IETF_PROTOCOL:
         return "an IETF protocol assignment (not globally routable)"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast"
+    if ip.is_reserved:  # before private, which Python's 240.0.0.0/4 is too
+        return "a reserved"
+    if any(ip in net for net in _DOCUMENTATION):
+        return "a documentation (not routed)"
+    if ip in _BENCHMARKING:
+        return "a benchmarking (not routed)"
     if ip.is_private:
         return "a private"
-    if ip.is_reserved:
-        return "a reserved"
     if not ip.is_global:
         return "a not globally routable"
     return None
@@ -251,7 +264,9 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
             local_address=local_address,
             socket_options=socket_options,
         )
-        return await self._connect_first([partial(connect, str(ip)) for ip in addresses])
+        return await self._connect_first(
+            [partial(connect, str(ip)) for ip in _alternating_families(addresses)]
+        )
 
     @staticmethod
     async def _connect_first(
@@ -326,6 +341,14 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
         if not addresses:
             raise httpcore.ConnectError(f"{host} does not resolve")
         return addresses
+
+
+def _alternating_families(addresses: list[_IPAddress]) -> list[_IPAddress]:
+    """``addresses`` with IPv6 and IPv4 taking turns, beginning with the first one's (RFC
+    8305, 4): several unreachable addresses of one family do not each delay the other."""
+    first = [ip for ip in addresses if ip.version == addresses[0].version]
+    other = [ip for ip in addresses if ip.version != addresses[0].version]
+    return [ip for pair in itertools.zip_longest(first, other) for ip in pair if ip is not None]
 
 
 async def _close_unused(

@@ -329,7 +329,11 @@ LOOPBACK_URLS = [
         ("http://192.0.0.100/", "IETF protocol assignment"),
         ("http://0.0.0.0/", "is an unspecified address"),
         ("http://224.0.0.1/", "multicast"),
-        ("http://240.0.0.1/", "private"),
+        ("http://240.0.0.1/", "is a reserved address"),
+        ("http://255.255.255.255/", "is the broadcast address"),
+        ("http://192.0.2.1/", "is a documentation"),
+        ("http://[2001:db8::1]/", "is a documentation"),
+        ("http://198.18.0.1/", "is a benchmarking"),
         ("http://no-such-host.invalid/", "does not resolve"),
         ("http://example.com:0/", "port is 0"),
     ],
@@ -732,3 +736,26 @@ async def test_a_connection_made_as_the_caller_is_cancelled_twice_is_closed() ->
         await connecting
     await asyncio.sleep(0.05)  # the shielded clean-up finishes on its own
     assert [stream.closed for stream in made] == [True]
+
+
+async def test_the_address_families_take_turns(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    """RFC 8305: two unreachable IPv6 addresses first must not each delay the IPv4 one."""
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, port, **kwargs: [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2606:2800::1", port, 0, 0)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2606:2800::2", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port)),
+        ],
+    )
+    inner = ScriptedBackend({"2606:2800::1": "hang", "2606:2800::2": "hang"})
+    backend = _ResolvingBackend(inner, lookups, allow_private=False)
+
+    stream = await backend.connect_tcp("hooks.example", 443, timeout=10)
+
+    assert isinstance(stream, ClosableStream)
+    assert stream.host == "93.184.215.14"
+    assert [host for host, _ in inner.connects] == ["2606:2800::1", "93.184.215.14"]
