@@ -1041,29 +1041,41 @@ def test_an_expired_task_is_gone_before_the_clean_up_deletes_it(store: TaskStore
     assert store.get("delivering", expired_before=T0 + 6) is None
 
 
+def submit_keyed(
+    store: TaskStore,
+    task_id: str,
+    *,
+    at: float,
+    expired_before: float,
+    request_hash: str = "h",
+    callback_url: str | None = None,
+) -> str:
+    """Submit a task with the Idempotency-Key "k1"; the id of the task the key names."""
+    return store.create(
+        task_id,
+        b"img",
+        top_k=5,
+        metadata=None,
+        callback_url=callback_url,
+        now=at,
+        max_queued=10,
+        idempotency_key="k1",
+        request_hash=request_hash,
+        expired_before=expired_before,
+    ).id
+
+
 def test_an_expired_task_frees_its_idempotency_key(store: TaskStore) -> None:
     """Reusing the key of a task past its TTL makes a new task, even for the same request."""
-
-    def submit(task_id: str, request_hash: str, at: float, expired_before: float) -> str:
-        return store.create(
-            task_id,
-            b"img",
-            top_k=5,
-            metadata=None,
-            callback_url=None,
-            now=at,
-            max_queued=10,
-            idempotency_key="k1",
-            request_hash=request_hash,
-            expired_before=expired_before,
-        ).id
-
-    assert submit("a", "h", at=T0, expired_before=T0 - 1) == "a"
+    assert submit_keyed(store, "a", at=T0, expired_before=T0 - 1) == "a"
     claim(store, "A", at=T0 + 1)
     store.finish("a", "A", prediction=[], now=T0 + 2)
-    assert submit("b", "h", at=T0 + 3, expired_before=T0 + 1) == "a", "not expired: replayed"
-    assert submit("c", "h2", at=T0 + 4, expired_before=T0 + 3) == "c", "expired: a new task"
-    assert submit("d", "h2", at=T0 + 5, expired_before=T0 + 3) == "c", "the key is now c's"
+    replayed = submit_keyed(store, "b", at=T0 + 3, expired_before=T0 + 1)
+    assert replayed == "a", "not expired: replayed"
+    new = submit_keyed(store, "c", at=T0 + 4, expired_before=T0 + 3, request_hash="h2")
+    assert new == "c", "expired: a new task"
+    again = submit_keyed(store, "d", at=T0 + 5, expired_before=T0 + 3, request_hash="h2")
+    assert again == "c", "the key is now c's"
 
 
 def test_a_task_still_delivering_its_webhook_keeps_its_idempotency_key(store: TaskStore) -> None:
@@ -1071,18 +1083,9 @@ def test_a_task_still_delivering_its_webhook_keeps_its_idempotency_key(store: Ta
     rather than making a second task, and a second webhook."""
 
     def submit(task_id: str, at: float, expired_before: float) -> str:
-        return store.create(
-            task_id,
-            b"img",
-            top_k=5,
-            metadata=None,
-            callback_url=CALLBACK,
-            now=at,
-            max_queued=10,
-            idempotency_key="k1",
-            request_hash="h",
-            expired_before=expired_before,
-        ).id
+        return submit_keyed(
+            store, task_id, at=at, expired_before=expired_before, callback_url=CALLBACK
+        )
 
     assert submit("a", at=T0, expired_before=T0 - 1) == "a"
     claim(store, "A", at=T0 + 1)
