@@ -400,7 +400,7 @@ class WebhookConfig:
     """
 
     secret: str | None = None
-    max_attempts: int = 5
+    max_attempts: int = 15
     timeout_s: float = 10.0
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
