@@ -1391,6 +1391,11 @@ def create_app(settings: Settings) -> FastAPI:
                 else f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
             )
         ),
+        part_limit=max_part_bytes,
+        describe_part=lambda limit: (
+            f"a part of the request body is over {limit} bytes; "
+            f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+        ),
         idle_timeout_s=settings.body_idle_timeout_s,
     )
     if settings.api_key is not None:

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
@@ -132,11 +132,14 @@ def matching_route(app: Starlette, scope: Scope) -> BaseRoute | None:
 
 
 class BodyLimitsMiddleware:
-    """Refuses request bodies over a per-path size limit (413), that stall (408), or that
-    are multipart and end before their closing boundary (400).
+    """Refuses request bodies over a per-path size limit (413), multipart bodies with a
+    part over ``part_limit`` (413), bodies that stall (408), and multipart bodies that end
+    before their closing boundary (400).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
-    body that grows past it (chunked, or lying about its length) is cut off mid-stream.
+    body that grows past it (chunked, or lying about its length) is cut off mid-stream, and
+    so is a part that grows past ``part_limit``: the multipart parser spools every file to
+    disk whatever its size, so a body of many files must not hold one of any size.
     A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
     slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
@@ -149,12 +152,16 @@ class BodyLimitsMiddleware:
         limits_by_path: Mapping[str, int],
         default_limit: int,
         describe: Callable[[int], str],
+        part_limit: int,
+        describe_part: Callable[[int], str],
         idle_timeout_s: float,
     ) -> None:
         self.app = app
         self.limits_by_path = limits_by_path
         self.default_limit = default_limit
         self.describe = describe
+        self.part_limit = part_limit
+        self.describe_part = describe_part
         self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -174,12 +181,15 @@ class BodyLimitsMiddleware:
 
         received = 0
         body_complete = False
-        closing = _closing_delimiter(scope)
+        delimiter = _part_delimiter(scope)
+        closing = None if delimiter is None else delimiter + b"--"
         closed = closing is None
-        tail = b""
+        # A delimiter starts a line; the body's start counts as one (a body of no parts).
+        tail = b"\r\n"
+        part_started_at = 0  # where the part being received began, in the body
 
         async def receive_within_limits() -> Message:
-            nonlocal received, body_complete, closed, tail
+            nonlocal received, body_complete, closed, tail, part_started_at
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
@@ -207,7 +217,13 @@ class BodyLimitsMiddleware:
                 if received > limit:
                     raise HTTPException(413, self.describe(limit))
                 if not closed:
+                    assert delimiter is not None
                     assert closing is not None
+                    # The parts that ended in this chunk, then the one still arriving.
+                    for found_at in _found_at(delimiter, tail, chunk, received - len(chunk)):
+                        self._check_part(found_at - part_started_at, body_complete)
+                        part_started_at = found_at
+                    self._check_part(received - part_started_at, body_complete)
                     # The delimiter may straddle two chunks; a chunk is not copied.
                     closed = closing in tail + chunk[: len(closing)] or closing in chunk
                     tail = (tail + chunk[-len(closing) :])[-len(closing) :]
@@ -215,12 +231,36 @@ class BodyLimitsMiddleware:
                         raise HTTPException(
                             400,
                             f"the multipart body does not end with its closing boundary "
-                            f"({closing.decode('latin-1')}): it was cut off, or its parts "
+                            f"({closing.strip().decode('latin-1')}): it was cut off, or its parts "
                             "use another boundary",
                         )
             return message
 
         await self.app(scope, receive_within_limits, send)
+
+    def _check_part(self, size: int, body_complete: bool) -> None:
+        if size > self.part_limit:
+            raise HTTPException(
+                413,
+                self.describe_part(self.part_limit),
+                headers=None if body_complete else _UNREAD_BODY,
+            )
+
+
+def _found_at(needle: bytes, tail: bytes, chunk: bytes, chunk_at: int) -> Iterator[int]:
+    """Where ``needle`` starts in a body, in order, for each time it ends in ``chunk`` (which
+    starts at ``chunk_at``); ``tail`` ends the body before the chunk, so that one straddling
+    the two is found. The chunk is not copied."""
+    before = tail[-(len(needle) - 1) :]
+    straddling = before + chunk[: len(needle) - 1]
+    found = straddling.find(needle)
+    while 0 <= found < len(before):
+        yield chunk_at - len(before) + found
+        found = straddling.find(needle, found + 1)
+    found = chunk.find(needle)
+    while found >= 0:
+        yield chunk_at + found
+        found = chunk.find(needle, found + len(needle))
 
 
 def _has_body(scope: Scope) -> bool:
@@ -229,13 +269,15 @@ def _has_body(scope: Scope) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
-def _closing_delimiter(scope: Scope) -> bytes | None:
-    """The line that ends a multipart body, or None for other bodies."""
+def _part_delimiter(scope: Scope) -> bytes | None:
+    """What starts each part of a multipart body, with the line break before it (RFC 2046:
+    the boundary's text alone may occur inside a part), or None for other bodies. With
+    "--" after it, it ends the body."""
     content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         return None
-    return b"--" + boundary + b"--"
+    return b"\r\n--" + boundary
 
 
 class ShedWhileFullMiddleware:

@@ -272,6 +272,40 @@ def build_corpus(photo_path: Path) -> list[Case]:
                 ("inside-the-closing-boundary", len(body) - 4),
             )
         ),
+        # The closing delimiter starts a line: without its line break it is part data, so
+        # the body ends inside its last part (a parser drops that part without a word).
+        Case(
+            "multipart-closing-boundary-without-its-line-break",
+            400,
+            "does not end with its closing boundary",
+            content=body.replace(f"\r\n--{BOUNDARY}--".encode(), f"\n--{BOUNDARY}--".encode()),
+            headers=multipart_headers(body[1:]),
+        ),
+        # The boundary's text alone inside a part's data does not close the body.
+        *(
+            Case(
+                f"multipart-cut-off-after-a-{kind}-holding-the-boundary-text",
+                400,
+                "does not end with its closing boundary",
+                content=spoofed[: spoofed.index(jpeg) + len(jpeg) // 2],
+                headers=multipart_headers(spoofed[: spoofed.index(jpeg) + len(jpeg) // 2]),
+            )
+            for kind, spoofed in (
+                (
+                    "field",
+                    multipart(
+                        [
+                            ("note", None, f"ends at --{BOUNDARY}--".encode(), None),
+                            ("file", "photo.jpg", jpeg, "image/jpeg"),
+                        ]
+                    ),
+                ),
+                (
+                    "file-name",
+                    multipart([("file", f"--{BOUNDARY}--.jpg", jpeg, "image/jpeg")]),
+                ),
+            )
+        ),
         # ASGITransport hands the app the whole body whatever Content-Length says; the
         # service never trusts the header for sizes (only for an early 413), so the body
         # decides. tests/test_hostile_inputs.py also sends these to a real server.

@@ -44,15 +44,15 @@ from tests.support import (
 
 
 def http_scope(request: httpx.Request) -> dict[str, object]:
-    """The ASGI scope of ``request`` sent to /cls, for tests that drive the app directly."""
+    """The ASGI scope of ``request``, for tests that drive the app directly."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/cls",
-        "raw_path": b"/cls",
+        "path": request.url.path,
+        "raw_path": request.url.raw_path,
         "query_string": b"",
         "root_path": "",
         "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
@@ -270,6 +270,48 @@ async def test_a_streamed_body_is_cut_off_as_it_passes_the_limit() -> None:
     assert start["status"] == 413
     assert (b"connection", b"close") in start["headers"]
     assert len(read) < 5, "the body was read on past the limit"
+
+
+async def test_a_batch_part_is_cut_off_as_it_passes_the_upload_limit(photos: list[Path]) -> None:
+    """The multipart parser spools a file to disk whatever its size, and a /cls/batch body
+    may hold MAX_BATCH_FILES uploads: a file far over MAX_UPLOAD_BYTES is refused as it
+    passes the limit, not once the whole body is on disk. Files up to the limit pass."""
+    data = photos[0].read_bytes()
+    async with running_app(make_settings(max_upload_bytes=len(data), max_batch_files=32)) as served:
+        fitting = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 3)
+        assert [entry["status"] for entry in fitting.json()["results"]] == [200] * 3
+        huge = data + b"\0" * (20 * len(data))
+        files = [("file", ("a.jpg", data)), ("file", ("b.jpg", huge))]
+        request = httpx.Request("POST", "http://test/cls/batch", files=files)
+        scope = http_scope(request)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        body = request.read()
+        chunks = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
+        read: list[int] = []
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            read.append(len(chunks))
+            if not chunks:
+                await asyncio.Event().wait()  # only a disconnect would come now
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(served.app(scope, receive, send), 10)
+        # The first file, the second up to its limit, and the chunk that passed it.
+        assert len(read) * 40_000 < 3 * len(data) + 4 * main.MULTIPART_OVERHEAD_BYTES < len(body)
+        # With a declared length within the body's limit, the part is refused all the same.
+        declared = await served.client.post("/cls/batch", files=files)
+        assert declared.status_code == 413
+        assert declared.json()["detail"].startswith("a part of the request body is over")
+        assert f"MAX_UPLOAD_BYTES allows {len(data)} per file" in declared.json()["detail"]
+        after = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
+        assert after.status_code == 200
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 413
+    assert (b"connection", b"close") in start["headers"]
 
 
 async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list[Path]) -> None:

@@ -351,7 +351,7 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
     assert "answered 5" not in log
 
 
-async def read_in_two_chunks(body: bytes, cut: int) -> list[Message]:
+async def read_in_two_chunks(body: bytes, cut: int, part_limit: int = 1 << 20) -> list[Message]:
     """What an app reading ``body`` through BodyLimitsMiddleware receives, when the body
     arrives in two chunks split at ``cut``."""
     arriving = iter(
@@ -374,15 +374,34 @@ async def read_in_two_chunks(body: bytes, cut: int) -> list[Message]:
 
     content_type = f"multipart/form-data; boundary={BOUNDARY}".encode()
     scope = {"type": "http", "path": "/cls", "headers": [(b"content-type", content_type)]}
-    limits = BodyLimitsMiddleware(app, {}, default_limit=1 << 20, describe=str, idle_timeout_s=5.0)
+    limits = BodyLimitsMiddleware(
+        app,
+        {},
+        default_limit=1 << 20,
+        describe=str,
+        part_limit=part_limit,
+        describe_part=lambda limit: f"a part is over {limit} bytes",
+        idle_timeout_s=5.0,
+    )
     await limits(scope, receive, send)
     return received
 
 
-@pytest.mark.parametrize("offset", range(len(BOUNDARY) + 6))
+@pytest.mark.parametrize("offset", range(len(BOUNDARY) + 8))
 async def test_a_closing_boundary_split_between_chunks_is_found(offset: int) -> None:
     body = multipart([("file", "a.jpg", b"x" * 100, "image/jpeg")])
-    cut = body.rindex(f"--{BOUNDARY}--".encode()) + offset
+    cut = body.rindex(f"\r\n--{BOUNDARY}--".encode()) + offset
     assert len(await read_in_two_chunks(body, cut)) == 2
     with pytest.raises(HTTPException, match="does not end with its closing boundary"):
         await read_in_two_chunks(body[: len(body) - 5], min(cut, len(body) - 6))
+
+
+@pytest.mark.parametrize("offset", range(len(BOUNDARY) + 6))
+async def test_a_part_boundary_split_between_chunks_starts_the_next_part(offset: int) -> None:
+    """Two parts each within the part limit, but not together, whichever byte of the
+    delimiter between them the chunks split at."""
+    body = multipart([("file", "a.jpg", b"x" * 600, None), ("file", "b.jpg", b"y" * 600, None)])
+    cut = body.index(f"\r\n--{BOUNDARY}\r\n".encode()) + offset
+    assert len(await read_in_two_chunks(body, cut, part_limit=1000)) == 2
+    with pytest.raises(HTTPException, match="a part is over 1000 bytes"):
+        await read_in_two_chunks(body.replace(b"y" * 600, b"y" * 1000), cut, part_limit=1000)
