@@ -49,7 +49,8 @@ preload_app = False
 # warming up the model count (JsonErrorsUvicornWorker.init_process).
 timeout = settings.worker_timeout_s
 # SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), hand running
-# tasks back (up to 5 s), then exit; the margin covers that and the worker's own exit.
+# tasks back (up to 9 s with the task store locked by another process), then exit; the
+# margin covers that and the worker's own exit.
 graceful_timeout = int(settings.drain_timeout_s) + 10
 # A reverse proxy's upstream keepalive timeout must be shorter than this, so the proxy
 # never sends a request on a connection the service is closing.

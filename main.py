@@ -337,6 +337,11 @@ class Service:
             self._store_reopener.cancel()
         if self.tasks is not None:
             self.tasks.stop_claiming()
+            self.tasks.expect_stop(
+                grace_ends_at=self._shutdown_began
+                + self.settings.drain_timeout_s
+                + TASK_STOP_GRACE_S
+            )
         if self.processor is not None:
             # The batcher ends the drain on time itself: what it still holds gets the 503 of
             # a stopped batcher, counted as stopped, before the server cancels the requests

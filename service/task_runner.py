@@ -46,6 +46,12 @@ STORE_RETRY_MAX_S = 5.0
 STOP_POLL_S = 0.05
 # How long a request waits for its write's answer once the write lock's wait is over.
 WRITE_ANSWER_MARGIN_S = 1.0
+# At a stop, while another process holds the store's write lock: how long after the grace
+# the writes then running (a result, a delivery's record) may wait for it, and then how
+# long the hand-back may. With the grace, they fit in gunicorn's graceful_timeout, so the
+# worker hands back what it holds, or logs that it could not, before it is killed.
+WRITES_AFTER_GRACE_S = 1.5
+HAND_BACK_LOCK_WAIT_S = 2.5
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +103,13 @@ def _log_count_failure(task_ids: list[str], counted: asyncio.Future[None]) -> No
     error = None if counted.cancelled() else counted.exception()
     if error is not None:
         logger.error("counting the attempts of tasks %s failed", task_ids, exc_info=error)
+
+
+def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
+    """The end of a write whose caller was cut off (a stop's grace ran out)."""
+    error = None if writing.cancelled() else writing.exception()
+    if error is not None:
+        logger.error("storing %s failed as the worker stopped: %s", what, error)
 
 
 def _log_loop_failure(error: Exception, message: str) -> None:
@@ -345,6 +358,18 @@ class TaskRunner:
         delivered, those of the tasks it finishes included, until ``stop``."""
         self._claiming = False
 
+    def expect_stop(self, grace_ends_at: float) -> None:
+        """The worker is stopping, its stop's grace to end by ``grace_ends_at``
+        (``time.monotonic()``): from now on the store's writes wait for another process's
+        write lock until ``WRITES_AFTER_GRACE_S`` after that at the latest, so that they,
+        and the hand-back after them, end before the worker is killed."""
+        if self._store is None:
+            return
+        due_by = grace_ends_at + WRITES_AFTER_GRACE_S
+        if self._store.writes_due_by is not None:
+            due_by = min(due_by, self._store.writes_due_by)
+        self._store.writes_due_by = due_by
+
     async def stop(self, grace_s: float) -> None:
         """Let running tasks record their results and webhooks finish (bounded), then hand
         back the rest.
@@ -359,6 +384,7 @@ class TaskRunner:
         self.stop_claiming()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
+        self.expect_stop(grace_ends_at=time.monotonic() + grace_s)
         # An attempt begun late in the grace would only be cut off: deliveries are claimed
         # in its first half.
         self._claim_deliveries_until = loop.time() + grace_s / 2
@@ -386,7 +412,10 @@ class TaskRunner:
             if self._store is not None:
                 try:
                     released = await self._db(
-                        self._store.release, self.owner, cut_off=self._cut_off
+                        self._store.release,
+                        self.owner,
+                        cut_off=self._cut_off,
+                        lock_deadline=time.monotonic() + HAND_BACK_LOCK_WAIT_S,
                     )
                 except Exception:
                     logger.exception(
@@ -665,7 +694,12 @@ class TaskRunner:
             with attempt:
                 # Shielded: cut off at the end of a stop's grace, the write still runs, on
                 # the store's thread before the hand-back, so the outcome is not lost.
-                written = await asyncio.shield(self._db(function, *args, **kwargs))
+                writing = asyncio.ensure_future(self._db(function, *args, **kwargs))
+                try:
+                    written = await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    writing.add_done_callback(partial(_log_abandoned_write, what))
+                    raise
         return written
 
     async def _delivery_due_within(self, seconds: float) -> bool:

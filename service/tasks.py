@@ -254,6 +254,9 @@ class TaskStore:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / DATABASE_NAME
+        # Set as the worker stops (``time.monotonic()``): a write with no deadline of its
+        # own waits for another process's write lock no later than this.
+        self.writes_due_by: float | None = None
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
@@ -354,6 +357,8 @@ class TaskStore:
         )
         self._check_file()
         wait_ms = BUSY_TIMEOUT_MS
+        if lock_deadline is None:
+            lock_deadline = self.writes_due_by
         if lock_deadline is not None:
             # One try at least, however late: the lock may well be free.
             wait_ms = max(0, min(wait_ms, int((lock_deadline - time.monotonic()) * 1000)))
@@ -673,11 +678,17 @@ class TaskStore:
                 (TaskStatus.QUEUED, task_id, owner, TaskStatus.RUNNING),
             )
 
-    def release(self, owner: str, *, cut_off: Collection[Deferral] = ()) -> int:
+    def release(
+        self,
+        owner: str,
+        *,
+        cut_off: Collection[Deferral] = (),
+        lock_deadline: float | None = None,
+    ) -> int:
         """Hand back everything ``owner`` holds, at a graceful shutdown: its running tasks
         go back to the queue and its pending deliveries become free to claim at once, but
         for those whose attempt was ``cut_off``, due again as each says."""
-        with self._transaction() as db:
+        with self._transaction(lock_deadline) as db:
             for deferral in cut_off:
                 self._defer(db, owner, deferral)
             requeued = db.execute(
