@@ -19,6 +19,9 @@ from bench.server import Server, scrape
 
 Payload = tuple[bytes, dict[str, str]]
 
+# Each step's latency figures: the name of each, and its percentile.
+LATENCY_QUANTILES = {"p50": 50, "p90": 90, "p99": 99, "max": 100}
+
 
 def encode_payloads(images: list[Path]) -> list[Payload]:
     """Multipart bodies built once, so the load generator spends no CPU encoding them."""
@@ -43,12 +46,14 @@ class StepResult:
     ok: int
     statuses: dict[str, int]
     throughput_per_s: float
-    latency_ms: dict[str, float]
+    # None where no request of the step was answered with 200: there is nothing to time.
+    latency_ms: dict[str, float | None]
     mean_batch_size: float
-    server_cpu_cores: float
+    # None for a server given by URL, which runs out of sight.
+    server_cpu_cores: float | None
     loadgen_cpu_cores: float
-    # The largest worker's peak resident memory during the step; 0 for a server given by URL.
-    peak_worker_rss_bytes: int = 0
+    # The largest worker's peak resident memory during the step.
+    peak_worker_rss_bytes: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -111,7 +116,7 @@ class _Snapshot:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.metrics: dict[str, float] = {}
-        self.server_cpu = 0.0
+        self.server_cpu: float | None = None
         self.loadgen_cpu = 0.0
         self.wall = 0.0
 
@@ -130,13 +135,18 @@ def _result(
     recorder: _Recorder,
     before: _Snapshot,
     after: _Snapshot,
-    peak_worker_rss_bytes: int,
+    peak_worker_rss_bytes: int | None,
 ) -> StepResult:
     wall_s = after.wall - before.wall
     batches = after.metrics.get("batch_size_count", 0) - before.metrics.get("batch_size_count", 0)
     batched = after.metrics.get("batch_size_sum", 0) - before.metrics.get("batch_size_sum", 0)
-    latencies = np.array(recorder.latencies_s) * 1000 if recorder.latencies_s else np.array([0.0])
+    latencies = np.array(recorder.latencies_s) * 1000
     ok = recorder.statuses.get("200", 0)
+    server_cpu = (
+        None
+        if after.server_cpu is None or before.server_cpu is None
+        else (after.server_cpu - before.server_cpu) / wall_s
+    )
     return StepResult(
         name=name,
         kind=kind,
@@ -147,13 +157,11 @@ def _result(
         statuses=dict(recorder.statuses),
         throughput_per_s=recorder.completed / recorder.window_s,
         latency_ms={
-            "p50": float(np.percentile(latencies, 50)),
-            "p90": float(np.percentile(latencies, 90)),
-            "p99": float(np.percentile(latencies, 99)),
-            "max": float(latencies.max()),
+            name: float(np.percentile(latencies, quantile)) if latencies.size else None
+            for name, quantile in LATENCY_QUANTILES.items()
         },
         mean_batch_size=batched / batches if batches else 0.0,
-        server_cpu_cores=(after.server_cpu - before.server_cpu) / wall_s,
+        server_cpu_cores=server_cpu,
         loadgen_cpu_cores=(after.loadgen_cpu - before.loadgen_cpu) / wall_s,
         peak_worker_rss_bytes=peak_worker_rss_bytes,
     )
@@ -216,39 +224,55 @@ async def open_loop(
     payloads: list[Payload],
     rate_per_s: float,
     duration_s: float,
+    warmup_s: float,
     seed: int,
     label: str,
 ) -> StepResult:
-    """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
+    """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time.
+
+    The arrivals of the first ``warmup_s`` fill the server's queue to its steady state and
+    are not measured. A request sent late (the load generator's own loop fell behind) still
+    counts from its scheduled time; the step reports how late the latest one went out.
+    """
     rng = random.Random(seed)
     async with open_session(server, 512) as client:
-        before = _Snapshot(server)
-        await asyncio.to_thread(before.take)
-        await asyncio.to_thread(server.reset_peak_rss)
         start = time.perf_counter()
-        recorder = _Recorder(start, start + duration_s)
+        recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
+        before, after = _Snapshot(server), _Snapshot(server)
         pending: set[asyncio.Task[None]] = set()
 
         async def one(scheduled: float, payload: Payload) -> None:
             status = await post_image(client, payload)
             recorder.record(scheduled, time.perf_counter(), status)
 
+        async def take_snapshot() -> None:
+            # In a thread beside the arrivals, which it must not hold up.
+            await asyncio.sleep(warmup_s)
+            await asyncio.to_thread(server.reset_peak_rss)
+            await asyncio.to_thread(before.take)
+
+        snapshot = asyncio.create_task(take_snapshot())
         scheduled = start
-        sent = 0
+        sent = sent_in_window = 0
+        latest_send_s = 0.0
         while True:
             scheduled += rng.expovariate(rate_per_s)
-            if scheduled > start + duration_s:
+            if scheduled > recorder.measure_until:
                 break
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            if scheduled >= recorder.measure_from:
+                latest_send_s = max(latest_send_s, time.perf_counter() - scheduled)
+                sent_in_window += 1
             task = asyncio.create_task(one(scheduled, payloads[sent % len(payloads)]))
             pending.add(task)
             task.add_done_callback(pending.discard)
             sent += 1
+        await snapshot
         if pending:
             await asyncio.wait(pending)
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
-    after = _Snapshot(server)
     await asyncio.to_thread(after.take)
     result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after, peak_bytes)
-    result.extra["offered_per_s"] = rate_per_s
+    result.extra["sent_per_s"] = sent_in_window / duration_s
+    result.extra["latest_send_ms"] = latest_send_s * 1000
     return result

@@ -58,3 +58,11 @@ def ideal_latencies_ms(
         latencies += [model_free_at - arrivals[i] for i in range(first, last)]
         first = last
     return latencies
+
+
+def capacity_per_s(forward_ms_by_batch: Mapping[int, float], max_batch_size: int) -> float:
+    """The most images a second such a server serves: batches of the size that does the
+    most images a second, back to back."""
+    return max(
+        size * 1000 / forward_ms(forward_ms_by_batch, size) for size in range(1, max_batch_size + 1)
+    )

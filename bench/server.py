@@ -16,9 +16,19 @@ from pathlib import Path
 import httpx
 import psutil
 
-from service.settings import PROJECT_ROOT
+from service.settings import PROJECT_ROOT, Settings
 
 BIN = Path(sys.executable).parent
+
+# What the benchmark's own settings decide, so none comes from the caller's environment
+# unseen: the service's settings (read whatever their case), gunicorn's extra arguments,
+# the thread counts, and where the metrics of another server are kept.
+_SERVER_ENVIRONMENT = {name.upper() for name in Settings.model_fields} | {
+    "GUNICORN_CMD_ARGS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "PROMETHEUS_MULTIPROC_DIR",
+}
 
 
 def free_port() -> int:
@@ -29,7 +39,9 @@ def free_port() -> int:
 
 def scrape(url: str) -> dict[str, float]:
     """The unlabelled samples and a few labelled ones of ``/metrics``, by name."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    response.raise_for_status()  # a 401 or 404 page would read as no batches at all
+    text = response.text
     samples: dict[str, float] = {}
     for match in re.finditer(r"^([a-zA-Z_:][^ ]*) (\S+)$", text, re.MULTILINE):
         samples[match.group(1)] = float(match.group(2))
@@ -54,17 +66,20 @@ class Server:
         except psutil.NoSuchProcess:
             return []
 
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the master and all workers."""
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by the master and every worker it started, those it has
+        replaced too; None for a server given by URL."""
         if self.process is None:
-            return float("nan")
-        total = 0.0
-        for proc in [psutil.Process(self.process.pid), *self.workers()]:
+            return None
+        # The master's children times hold those of the workers it has reaped.
+        master = psutil.Process(self.process.pid).cpu_times()
+        total = master.user + master.system + master.children_user + master.children_system
+        for worker in self.workers():
             try:
-                times = proc.cpu_times()
+                times = worker.cpu_times()
                 total += times.user + times.system
             except psutil.NoSuchProcess:
-                pass
+                pass  # reaped since it was listed: counted with the master's children, or lost
         return total
 
     def worker_rss_bytes(self) -> int:
@@ -78,9 +93,11 @@ class Server:
             with contextlib.suppress(OSError):
                 Path(f"/proc/{worker.pid}/clear_refs").write_text("5")
 
-    def peak_worker_rss_bytes(self) -> int:
+    def peak_worker_rss_bytes(self) -> int | None:
         """The largest worker's peak RSS since ``reset_peak_rss`` (the kernel's VmHWM), or
-        its current RSS where the kernel keeps no peak."""
+        its current RSS where the kernel keeps no peak; None for a server given by URL."""
+        if self.process is None:
+            return None
         peaks = []
         for worker in self.workers():
             try:
@@ -110,11 +127,18 @@ class Server:
                 self.process.wait()
 
 
+def server_environment(settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without what would configure the server, and
+    ``settings``: the server runs with those, every other setting at its default."""
+    inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SERVER_ENVIRONMENT}
+    return inherited | settings
+
+
 def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Server:
-    """Start ``gunicorn main:app`` with these environment settings and wait until ready."""
+    """Start ``gunicorn main:app`` with these settings, every other at its default, and
+    wait until it is ready."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(settings)
+    env = server_environment(settings)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
     command = [str(BIN / "gunicorn"), "main:app", "-c", "gunicorn_config.py"]

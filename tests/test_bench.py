@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import random
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -21,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bench import gpu, large_images, load, overload, report
+from bench import server as bench_server
 from bench.__main__ import _images, _saturating_clients, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
@@ -113,6 +120,107 @@ async def test_spaced_requests_go_one_at_a_time_after_a_gap(slow_server: Server)
     assert SERVICE_S * 1000 <= result.latency_ms["p50"] < SERVICE_S * 1000 + gap_s * 1000
 
 
+async def test_a_step_of_only_errors_has_no_latency_and_no_server_figures_by_url() -> None:
+    """Latencies are timed on 200s only: a step without one has none (not 0.0 ms, which
+    would look like the fastest server). A server given by URL runs out of sight: no CPU
+    or memory figure, rather than NaN (not JSON) or 0 MiB."""
+
+    async def classify(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"detail": "busy"}, status=503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
+
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    async with fake_service(classify, metrics) as url:
+        result = await closed_loop(Server(url), [payload], 2, duration_s=0.3, warmup_s=0.05)
+    assert set(result.statuses) == {"503"}
+    assert result.latency_ms == dict.fromkeys(("p50", "p90", "p99", "max"))
+    assert (result.server_cpu_cores, result.peak_worker_rss_bytes) == (None, None)
+    json.dumps(asdict(result), allow_nan=False)
+    [row] = report.step_rows([asdict(result)])[2:]
+    assert row.count("| n/a ") == 6
+    assert "nan" not in row
+
+
+async def test_the_open_loop_measures_its_window_after_a_warm_up() -> None:
+    """Arrivals during the warm-up are served but not counted; those of the window are
+    counted and timed from their scheduled time, however late they went out."""
+    service_s = 0.05
+    answered = 0
+
+    async def classify(request: web.Request) -> web.Response:
+        nonlocal answered
+        await request.read()
+        await asyncio.sleep(service_s)
+        answered += 1
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        # As the service counts them: one batch of one per answer.
+        return web.Response(text=f"batch_size_count {answered}\nbatch_size_sum {answered}\n")
+
+    rate, warmup_s, duration_s = 40.0, 0.5, 1.5
+    arrivals, scheduled = random.Random(7), 0.0
+    in_window = 0
+    while (scheduled := scheduled + arrivals.expovariate(rate)) <= warmup_s + duration_s:
+        in_window += scheduled >= warmup_s
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    async with fake_service(classify, metrics) as url:
+        result = await load.open_loop(
+            Server(url), [payload], rate, duration_s, warmup_s, seed=7, label="test"
+        )
+    assert result.statuses == {"200": in_window}
+    assert answered > in_window  # the warm-up's were sent too
+    assert result.extra["sent_per_s"] == pytest.approx(in_window / duration_s)
+    assert result.extra["latest_send_ms"] < 100
+    assert result.mean_batch_size == 1.0
+    assert service_s * 1000 <= result.latency_ms["p50"] < service_s * 1000 + 100
+    assert result.latency_ms["p50"] <= result.latency_ms["p90"] <= result.latency_ms["p99"]
+
+
+def test_the_server_cpu_counts_the_workers_it_has_replaced(tmp_path: Path) -> None:
+    """A worker that exited (and was replaced) used CPU during the step: its time stays
+    in the total, which would otherwise drop, or turn negative, across the step."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    master_code = (
+        f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {burn!r}])\n"
+        "print('reaped', flush=True)\ntime.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", master_code], stdout=subprocess.PIPE) as master:
+        try:
+            assert master.stdout is not None
+            assert master.stdout.readline() == b"reaped\n"
+            cpu_s = Server("http://unused", process=master).cpu_seconds()
+        finally:
+            master.kill()
+    assert cpu_s is not None
+    assert cpu_s >= 0.5
+
+
+def test_a_started_server_takes_no_setting_from_the_callers_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An API_KEY (of any case) would answer every request 401, a TORCH_THREADS or
+    gunicorn argument would change what is measured, unseen in the report: the server
+    gets the benchmark's settings, every other at its default."""
+    for name, value in {
+        "API_KEY": "s3cret",
+        "torch_threads": "1",
+        "GUNICORN_CMD_ARGS": "--workers 3",
+        "OMP_NUM_THREADS": "1",
+        "BENCH_UNRELATED": "kept",
+    }.items():
+        monkeypatch.setenv(name, value)
+    environment = bench_server.server_environment({"WEIGHTS": "random", "WORKERS": "2"})
+    assert environment["BENCH_UNRELATED"] == "kept"
+    assert environment["PATH"] == os.environ["PATH"]
+    assert (environment["WEIGHTS"], environment["WORKERS"]) == ("random", "2")
+    for dropped in ("API_KEY", "torch_threads", "GUNICORN_CMD_ARGS", "OMP_NUM_THREADS"):
+        assert dropped not in environment
+
+
 def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResult:
     return StepResult(
         name=f"closed-{clients}",
@@ -139,7 +247,7 @@ def _lone_steps(spaced_statuses: dict[str, int]) -> list[dict[str, object]]:
     latency = (
         {"p50": 42.6, "p90": 50.0, "p99": 55.0, "max": 56.0}
         if ok
-        else dict.fromkeys(("p50", "p90", "p99", "max"), 0.0)
+        else dict.fromkeys(("p50", "p90", "p99", "max"))
     )
     return [
         lone,
@@ -280,13 +388,15 @@ def test_forward_times_between_and_beyond_measured_batch_sizes() -> None:
     assert forward_ms({4: 40.0}, 2) == 20.0
 
 
-def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
-    """Each worker's model, measured in process, sees its share of the offered rate; for
-    a server given by URL nothing here describes its model, so no figure is given."""
-    results = {
+def _results_for_targets(offered_at_75: float) -> dict[str, Any]:
+    """A run's figures, as ``targets`` reads them: target 4's step between two idle ones."""
+    idle = {"latency_ms": {"p50": 20.0}}
+    return {
         "steps": [
-            {"name": "closed-1", "latency_ms": {"p50": 20.0}},
-            {"name": "open-75%", "offered": 90.0, "latency_ms": {"p99": 200.0}},
+            {"name": "closed-1", "latency_ms": {"p50": 99.0}},  # not beside the open step
+            {"name": "closed-1-before-open", **idle},
+            {"name": "open-75%", "offered": offered_at_75, "latency_ms": {"p99": 200.0}},
+            {"name": "closed-1-after", "latency_ms": {"p50": 30.0}},
         ],
         "memory": {},
         "paired": {
@@ -302,11 +412,68 @@ def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
             "forward_served_ms_batch_16": 200.0,
         },
     }
+
+
+def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
+    """Target 4 divides by the idle p50s just before and after its step. Each worker's
+    model, measured in process, sees its share of the offered rate; for a server given by
+    URL nothing here describes its model, so no figure is given."""
+    results = _results_for_targets(offered_at_75=60.0)
     one = targets(results, max_batch_size=16, workers=1)[2]
     two = targets(results, max_batch_size=16, workers=2)[2]
-    assert one["value"] == two["value"] == 10.0
-    assert two["ideal_server_value"] < one["ideal_server_value"]
+    assert one["value"] == two["value"] == 200.0 / 25.0
+    assert one["pair_drift"] == pytest.approx(10 / 25)
+    assert "unreliable" in one["note"]
+    assert 0 < two["ideal_server_value"] < one["ideal_server_value"]
     assert "ideal_server_value" not in targets(results, max_batch_size=16, workers=None)[2]
+
+
+def test_no_ideal_figure_for_a_rate_the_ideal_server_cannot_serve() -> None:
+    """Batches of 16 in 200 ms serve 80 images/s: at 90 a second, the simulated queue
+    grows for as long as the simulation runs, and its p99 with it."""
+    target = targets(_results_for_targets(offered_at_75=90.0), max_batch_size=16, workers=1)[2]
+    assert target["ideal_server_value"] is None
+    assert "at most 80.0 images/s a worker, under the 90.0 offered" in target["note"]
+
+
+def test_the_forward_limit_of_several_workers_is_each_ones_times_their_number() -> None:
+    """Each worker is measured in process with its share of the cores: the served
+    throughput of two is compared with twice what one does."""
+    one, two = (
+        targets(_results_for_targets(60.0), max_batch_size=16, workers=n)[0] for n in (1, 2)
+    )
+    assert one["value"] == pytest.approx(64.0 / 70.0)
+    assert two["value"] == pytest.approx(64.0 / 140.0)
+    assert "64.0 / 140.0 images/s (2 workers, each its share of the cores)" in two["note"]
+
+
+def test_a_target_whose_step_had_no_answer_has_no_value_and_is_not_met() -> None:
+    """A lone step answered only with errors has no latency: target 2 has no value rather
+    than 0.0 (which would meet it), and the reports say so."""
+    results = _results_for_targets(60.0)
+    results["paired"]["lone_request"]["latency_ms"]["p50"] = None
+    results["steps"][2]["latency_ms"]["p99"] = None
+    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 0.0}
+    results["baseline"] = [{"throughput_per_s": 40.0}]
+    found = targets(results, max_batch_size=16, workers=1)
+    lone, batching, open_loop = found[1], found[2], found[3]
+    assert (lone["value"], lone["met"]) == (None, False)
+    assert lone["note"].startswith("no answer / 22.0 ms")
+    assert (open_loop["value"], open_loop["met"]) == (None, False)
+    assert batching["value"] == pytest.approx(32.0 / 40.0)
+    json.dumps(found, allow_nan=False)
+
+
+def test_batching_pays_is_a_ratio_between_two_measurements_of_the_batching_server() -> None:
+    """Target 3: the batching server's saturated throughput before and after the
+    batching-off one, and how far it moved between the two."""
+    results = _results_for_targets(60.0)
+    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 56.0}
+    results["baseline"] = [{"throughput_per_s": 40.0}]
+    batching = targets(results, max_batch_size=16, workers=1)[2]
+    assert batching["value"] == pytest.approx(60.0 / 40.0)
+    assert batching["pair_drift"] == pytest.approx(8.0 / 60.0)
+    assert batching["note"].endswith("A drifted 13% across the pair; unreliable, run again")
 
 
 async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> None:
@@ -497,6 +664,40 @@ finally:
             case,
             finished.stderr[-2000:],
         )
+
+
+@pytest.mark.slow
+def test_a_benchmark_whose_terminal_closed_stops_its_servers(tmp_path: Path) -> None:
+    """SIGHUP, as a closed terminal sends, ends the benchmark as SIGTERM does: the
+    gunicorn it started goes with it."""
+    with (tmp_path / "output").open("wb") as output:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "bench", "--images", str(IMAGES_DIR), "--out", str(tmp_path)],
+            cwd=PROJECT_ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        servers: list[psutil.Process] = []
+        while not servers and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                servers = [
+                    child
+                    for child in psutil.Process(bench.pid).children(recursive=True)
+                    if "gunicorn" in " ".join(child.cmdline())
+                ]
+        assert servers, (tmp_path / "output").read_text()[-2000:]
+        bench.send_signal(signal.SIGHUP)
+        assert bench.wait(90) == 128 + signal.SIGHUP
+    finally:
+        bench.kill()
+        bench.wait()
+        _, alive = psutil.wait_procs(servers, timeout=10)
+        for server in alive:
+            server.kill()  # so a failure leaves nothing behind
+    assert not alive
 
 
 async def test_the_api_key_reaches_every_request_and_a_sweep_of_no_answers_stops() -> None:
