@@ -134,11 +134,13 @@ def child_exit(server: Any, worker: Any) -> None:
     if worker.aborted:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "
-            "loading its model (raise WORKER_TIMEOUT_S where the first start downloads the "
-            "weights over a slow link), its event loop was stuck, or its model was stuck past "
+            "starting (its last line says how far: a download of the weights over a slow "
+            "link, or a warm-up of batches of MAX_BATCH_SIZE=%s on a slow device, needs a "
+            "larger WORKER_TIMEOUT_S), its event loop was stuck, or its model was stuck past "
             "STALL_TIMEOUT_S (it stopped its heartbeat)",
             worker.pid,
             settings.worker_timeout_s,
+            settings.max_batch_size,
         )
 
 

@@ -45,6 +45,8 @@ MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # after KEEPALIVE_S, on a new connection as after an answer.
 REQUEST_HEAD_TIMEOUT_S = 10.0
 UNPARSABLE = "the request could not be parsed: the bytes sent are not valid HTTP/1.1"
+# The longest URL httptools parses: its URL parser keeps offsets in 16 bits.
+MAX_URL_BYTES = 65535
 # Where the app's lifespan state may hold a callable, called once the server begins to shut
 # down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
 # own shutdown starts, and the app's drain counts from this moment.
@@ -64,6 +66,12 @@ LINGER_IDLE_S = 5.0
 LINGER_TOTAL_S = 30.0
 # Once the server is shutting down, the most a connection lingers from then on.
 LINGER_AT_SHUTDOWN_S = 1.0
+# A worker of the server's first start that cannot start exits with gunicorn's boot error,
+# which halts the server: the configuration is wrong. One that replaces another worker
+# exits with this instead, and gunicorn starts it again while the others serve on: what
+# changed since the start (a weights file, a deleted DATA_DIR) is the operator's to mend,
+# and a halt would take the healthy workers down with it.
+EXIT_RESTART = 1
 # How long a client may read nothing of an answer that fills the connection's buffers
 # before the connection is reset: unbounded, it would hold the connection, the answer's
 # bytes and the app writing them for good. nginx's send_timeout.
@@ -293,6 +301,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # Reached when the parser refuses bytes, before the app sees them as a request.
+        if len(self.url) > MAX_URL_BYTES:  # valid HTTP, but more than the URL parser takes
+            self._refuse_in_turn(
+                414, f"the request's URL is over {MAX_URL_BYTES} bytes, the most this server reads"
+            )
+            return
         self._refuse_in_turn(400, UNPARSABLE)
 
     def _keep_alive_if_idle(self) -> None:
@@ -495,11 +508,15 @@ class JsonErrorsUvicornWorker(UvicornWorker):
     async def _serve(self) -> None:
         # As UvicornWorker's, with the server that takes in its backlog at shutdown.
         self.config.app = self.wsgi
+        # gunicorn numbers the workers it starts: those past WORKERS replace others.
+        replaces_a_worker = self.age > self.cfg.workers
+        if (state := getattr(self.wsgi, "state", None)) is not None:
+            state.replaces_a_worker = replaces_a_worker  # main.REPLACES_A_WORKER
         server = BacklogDrainingServer(config=self.config)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
-            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+            sys.exit(EXIT_RESTART if replaces_a_worker else Arbiter.WORKER_BOOT_ERROR)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

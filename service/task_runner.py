@@ -88,6 +88,8 @@ class RunnerConfig:
     cleanup_interval_s: float
     ttl_s: float
     webhook_capacity: int = 64
+    # False: the store must exist already (see TaskStore).
+    create_store: bool = True
 
 
 def _request_hash(
@@ -192,9 +194,11 @@ class TaskRunner:
         opened: list[tuple[ThreadPoolExecutor, TaskStore]] = []
         try:
             for thread in (self._db_thread, self._read_thread, self._request_thread):
-                opened.append(
-                    (thread, await loop.run_in_executor(thread, TaskStore, self._config.data_dir))
+                store = await loop.run_in_executor(
+                    thread,
+                    partial(TaskStore, self._config.data_dir, create=self._config.create_store),
                 )
+                opened.append((thread, store))
         except BaseException:
             for thread, store in opened:
                 await loop.run_in_executor(thread, store.close)

@@ -252,8 +252,20 @@ class TaskStore:
     ``time.time()`` seconds, because they are compared across processes and restarts.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, create: bool = True) -> None:
+        """Open the store, creating it unless ``create`` is False.
+
+        Raises:
+            TaskStoreUnavailable: It cannot be opened, or does not exist and ``create`` is
+                False.
+        """
         self.path = data_dir / DATABASE_NAME
+        if not create and not self.path.exists():
+            raise TaskStoreUnavailable(
+                f"the task store {self.path} is gone: DATA_DIR was deleted or emptied since "
+                "the server started; restore it, or restart the server to start an empty one",
+                for_now=False,
+            )
         # Set as the worker stops (``time.monotonic()``): a write with no deadline of its
         # own waits for another process's write lock no later than this.
         self.writes_due_by: float | None = None

@@ -22,7 +22,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 import main
 from classification import Prediction
-from main import Service, create_app
+from main import REPLACES_A_WORKER, Service, create_app
 from service.settings import PROJECT_ROOT, Settings
 
 IMAGES_DIR = Path(os.environ.get("TEST_IMAGES_DIR", PROJECT_ROOT.parent / "shared" / "images"))
@@ -87,9 +87,13 @@ class RunningApp:
 
 
 @asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[RunningApp]:
-    """Start the app's lifespan (model load, batcher) and talk to it through ASGITransport."""
+async def running_app(
+    settings: Settings, *, replaces_a_worker: bool = False
+) -> AsyncIterator[RunningApp]:
+    """Start the app's lifespan (model load, batcher) and talk to it through ASGITransport;
+    as a worker gunicorn started to replace another, if ``replaces_a_worker``."""
     app = create_app(settings)
+    setattr(app.state, REPLACES_A_WORKER, replaces_a_worker)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import re
 import sqlite3
 import tempfile
 import threading
@@ -198,6 +199,20 @@ async def test_truncated_jpeg_is_400(served: RunningApp, photos: list[Path]) -> 
     response = await served.client.post("/cls", files=upload(data[: len(data) // 2]))
     assert response.status_code == 400
     assert response.json()["detail"] == "the image data is corrupt or truncated"
+
+
+async def test_the_start_says_when_the_warm_up_begins_and_what_it_measured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A warm-up that outlasts WORKER_TIMEOUT_S is killed without a word of its own: the
+    line before it says that the worker was warming up, and with which batches."""
+    with caplog.at_level(logging.INFO, logger="service"):
+        async with running_app(make_settings(max_batch_size=4)):
+            pass
+    lines = [record.getMessage() for record in caplog.records]
+    assert "warming up with batches of 1 and 4" in lines
+    warm = next(line for line in lines if line.startswith("warm: "))
+    assert re.fullmatch(r"warm: a batch of 1 takes \d+ ms, a batch of 4 takes \d+ ms", warm)
 
 
 async def test_uploads_over_the_limit_are_413() -> None:

@@ -253,6 +253,18 @@ def test_a_head_over_the_limit_is_refused_before_it_ends(port: int) -> None:
     assert time.monotonic() - started < HEAD_TIMEOUT_S, "refused by size, not by the timer"
 
 
+@pytest.mark.parametrize("url_bytes", [70_000, 150_000])
+def test_a_url_longer_than_the_parser_takes_is_414_naming_the_limit(
+    port: int, url_bytes: int
+) -> None:
+    """Valid HTTP, but httptools parses URLs of at most 65,535 bytes: not a 400 that says the
+    bytes are not HTTP."""
+    with connect(port) as connection:
+        connection.sendall(b"GET /" + b"a" * url_bytes + b" HTTP/1.1\r\nHost: test\r\n\r\n")
+        answer = read_to_close(connection)
+    assert "the request's URL is over 65535 bytes" in json_error(answer, 414)
+
+
 def test_a_head_just_under_the_limit_is_served(port: int) -> None:
     """Sent in reads of its own after the first, so that they count."""
     head = request(body=b"xyz", extra_headers=f"X-Filler: {'a' * (HEAD_LIMIT_BYTES - 200)}\r\n")

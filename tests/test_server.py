@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
+import torchvision
 
 from tests import images
 from tests.server import (
@@ -360,6 +362,7 @@ def test_a_worker_stuck_loading_its_model_is_restarted_after_worker_timeout(
         log_text = log_path.read_text()
         assert "WORKER TIMEOUT" in log_text
         assert named in log_text, "the master did not say which setting applies"
+        assert "or a warm-up of batches of MAX_BATCH_SIZE=16 on a slow device" in log_text
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -402,6 +405,42 @@ def test_a_worker_that_cannot_serve_is_replaced(
     assert f"the worker cannot serve ({problem}): its heartbeat stops" in log
     assert "WORKER TIMEOUT" in log
     assert log.count("Booting worker") == 2
+
+
+def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """The weights file changed on disk after the start: a worker started to replace
+    another says why it cannot start and is started again, while the other worker serves
+    on. (Exiting with gunicorn's boot error, it halted the whole server.) Once the file is
+    mended, the next attempt starts."""
+    weights = tmp_path / "weights.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    env = server_env(tmp_path, WORKERS="2", WEIGHTS=str(weights))
+    photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        good = weights.read_bytes()
+        weights.write_bytes(b"not a state dict")
+        master = psutil.Process(server.process.pid)
+        first, second = master.children()
+        first.kill()
+        deadline = time.monotonic() + 90
+        while server.log().count("gunicorn starts this worker again") < 2:
+            assert time.monotonic() < deadline, server.log()
+            assert server.process.poll() is None, server.log()
+            time.sleep(0.2)
+        for _ in range(4):  # every one of them reaches the worker still serving
+            assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        weights.write_bytes(good)
+        while len([w for w in master.children() if w.pid != second.pid]) != 1 or (
+            server.log().count("model ready") < 3
+        ):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        wait_until_ready(server)
+        log = server.log()
+    assert "Reason: Worker failed to boot." not in log
+    assert "Traceback" not in log
 
 
 def failed_start(command: list[str], env: dict[str, str]) -> tuple[str, list[str]]:

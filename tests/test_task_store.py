@@ -111,6 +111,15 @@ def get(store: TaskStore, task_id: str) -> TaskRecord:
 # --- Creating and reading ---------------------------------------------------------------------
 
 
+def test_a_store_not_to_be_created_is_refused_when_missing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with pytest.raises(TaskStoreUnavailable, match="is gone: DATA_DIR was deleted"):
+        TaskStore(data_dir, create=False)
+    assert not data_dir.exists()
+    TaskStore(data_dir).close()
+    TaskStore(data_dir, create=False).close()
+
+
 def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
     """What create stores, get returns: metadata as a dict, the callback, top_k, the time."""
     metadata: dict[str, object] = {"user": "ada", "tags": ["a", "b"], "n": 3, "note": "ünï"}

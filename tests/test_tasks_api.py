@@ -1774,12 +1774,12 @@ async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
     real_store = task_runner.TaskStore
 
     class StoreOnAFullDisk(real_store):  # type: ignore[valid-type,misc]
-        def __init__(self, data_dir: Path) -> None:
+        def __init__(self, data_dir: Path, **options: Any) -> None:
             if disk_full[0]:
                 raise tasks.TaskStoreUnavailable(
                     "cannot open the task store: database or disk is full", for_now=True
                 )
-            super().__init__(data_dir)
+            super().__init__(data_dir, **options)
 
     monkeypatch.setattr(task_runner, "TaskStore", StoreOnAFullDisk)
     monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
@@ -1824,6 +1824,31 @@ async def test_a_data_dir_deleted_under_the_server_is_503_with_what_mends_it(
         assert refused.headers["Retry-After"] == "1"
         assert "was deleted or replaced" in refused.json()["detail"]
         assert "restart the server" in refused.json()["detail"]
+
+
+async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_one(
+    photos: list[Path],
+) -> None:
+    """DATA_DIR deleted under the server, then a worker replaced: the new worker would
+    create an empty store that its siblings, holding the deleted one, never see (status
+    reads alternating 503 and 404). It serves /cls and refuses tasks with 503 saying what
+    mends it, as its siblings do, and creates nothing."""
+    settings = make_settings()
+    data = photos[0].read_bytes()
+    async with running_app(settings):  # the server's first start made the store
+        pass
+    shutil.rmtree(settings.data_dir)
+    async with running_app(settings, replaces_a_worker=True) as served:
+        refusals = [
+            await served.client.post("/tasks", files=upload(data)),
+            await served.client.get(f"/task-status/{uuid.uuid4()}"),
+        ]
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+    for refused in refusals:
+        assert refused.status_code == 503, refused.text
+        assert "is gone: DATA_DIR was deleted" in refused.json()["detail"]
+        assert "restart the server" in refused.json()["detail"]
+    assert not settings.data_dir.exists()
 
 
 async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls(
@@ -1871,7 +1896,7 @@ async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_s
     real_store = task_runner.TaskStore
 
     class StoreOnAFullDisk(real_store):  # type: ignore[valid-type,misc]
-        def __init__(self, data_dir: Path) -> None:
+        def __init__(self, data_dir: Path, **options: Any) -> None:
             raise tasks.TaskStoreUnavailable("cannot open: disk full", for_now=True)
 
     real_stop = task_runner.TaskRunner.stop
@@ -1907,7 +1932,7 @@ async def test_a_store_retry_that_fails_unexpectedly_is_logged_and_stop_still_ru
     opens = []
 
     class StoreThatBreaks(real_store):  # type: ignore[valid-type,misc]
-        def __init__(self, data_dir: Path) -> None:
+        def __init__(self, data_dir: Path, **options: Any) -> None:
             opens.append(data_dir)
             if len(opens) == 1:
                 raise tasks.TaskStoreUnavailable("cannot open: disk full", for_now=True)
