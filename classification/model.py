@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import pickle
+import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 IMAGENET_WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
+# A download of the weights that receives nothing for this long fails, with the line that
+# says what to do; torch hub would wait for ever, until gunicorn's timeout killed the
+# worker, and the next one waited again.
+DOWNLOAD_STALL_S = 30.0
 
 
 class ModelLoadError(RuntimeError):
@@ -101,10 +106,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _imagenet_cache() -> Path:
+    """Where torch hub keeps the ImageNet weights once downloaded."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+
+
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+    cached = _imagenet_cache()
     downloading = not cached.is_file()
+    default_timeout = socket.getdefaulttimeout()
     try:
+        # torch hub opens its connection with the process's default timeout: none. Set
+        # here, while the model loads and the worker has no other connection to open.
+        socket.setdefaulttimeout(DOWNLOAD_STALL_S)
         # torch hub prints "Downloading: ..." before it tries: offline, a line
         # before the one that says what to do. A download that works is logged below.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -121,11 +135,15 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
                 "WEIGHTS=/path/to/state_dict.pth to load a local file"
             ) from None
         reason = getattr(exc, "reason", None) or _first_line(exc)  # URLError has a reason
+        if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):
+            reason = f"nothing received for {DOWNLOAD_STALL_S:g} s"
         raise ModelLoadError(
             f"ResNet18 ImageNet weights are not cached at {cached} and cannot be downloaded "
             f"({reason}); set WEIGHTS=/path/to/state_dict.pth to load a local file, "
             "or WEIGHTS=random for offline smoke tests"
         ) from None
+    finally:
+        socket.setdefaulttimeout(default_timeout)
     if downloading:
         logger.info(
             "downloaded the ResNet18 ImageNet weights from %s to %s", IMAGENET_WEIGHTS.url, cached
@@ -136,12 +154,27 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{exc}; delete it to download the weights again") from None
 
 
+# Where training checkpoints keep the weights: Lightning, torchvision's reference scripts,
+# the PyTorch tutorials.
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
+# A network saved wrapped in DataParallel or DistributedDataParallel names every weight so.
+WRAPPED_PREFIX = "module."
+
+
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    expected = (
+        "expected a file written by torch.save(model.state_dict(), path), or a .safetensors file"
+    )
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ModelLoadError(f"WEIGHTS={path} is an empty file; {expected}")
         with warnings.catch_warnings():
             # A sparse tensor is refused below; its scan's warning would be a second line.
             warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+            # A .safetensors file too: torch reads it with the safetensors package.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except ModelLoadError:
+        raise
     except FileNotFoundError:
         raise ModelLoadError(
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
@@ -152,14 +185,34 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
                 "model?); save its state_dict() and point WEIGHTS at that file"
             ) from None
+        if path.suffix != ".safetensors" and not _starts_as_torch_file(path):
+            # What the legacy format's unpickler says of other bytes (KeyError: 101)
+            # means nothing to whoever set WEIGHTS.
+            raise ModelLoadError(
+                f"WEIGHTS={path} is not a file written by torch.save; {expected}"
+            ) from None
         raise ModelLoadError(
-            f"WEIGHTS={path} is not a loadable state dict ({_load_failure(exc)}); expected a "
-            "file written by torch.save(model.state_dict(), path)"
+            f"WEIGHTS={path} is not a loadable state dict ({_load_failure(exc)}); {expected}"
         ) from None
-    # Training checkpoints often wrap the weights.
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    if isinstance(loaded, dict) and "fc.weight" not in loaded:
+        wrapper = next((k for k in CHECKPOINT_KEYS if isinstance(loaded.get(k), dict)), None)
+        if wrapper is not None:
+            loaded = loaded[wrapper]
+    if (
+        isinstance(loaded, dict)
+        and loaded
+        and all(isinstance(name, str) and name.startswith(WRAPPED_PREFIX) for name in loaded)
+    ):
+        loaded = {name.removeprefix(WRAPPED_PREFIX): value for name, value in loaded.items()}
     return _checked_state_dict(loaded, f"WEIGHTS={path}")
+
+
+def _starts_as_torch_file(path: Path) -> bool:
+    """Whether the file begins as torch.save writes: a zip archive, or (the legacy format)
+    a pickle. Truncated or damaged, it still does."""
+    with path.open("rb") as file:
+        start = file.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
@@ -191,13 +244,22 @@ def _load_failure(error: BaseException) -> str:
     goes on for lines and suggests weights_only=False, which would run the code they hold."""
     if isinstance(error, pickle.UnpicklingError):
         return "it holds Python objects besides tensors, or is not a torch file"
-    return f"{type(error).__name__}: {_first_line(error)}"
+    if not str(error).strip():
+        return type(error).__name__
+    return f"{type(error).__name__}: {_shortened(_first_line(error), 160)}"
 
 
 def _first_line(error: BaseException) -> str:
     """An error's message cut to one line, for start-up errors that must fit on one."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    return lines[0][:300]
+    return _shortened(lines[0], 300)
+
+
+def _shortened(text: str, limit: int) -> str:
+    """``text``, cut at a word to at most ``limit`` characters, with "..." if it was cut."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3].rsplit(" ", 1)[0].rstrip(",;") + "..."
 
 
 def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Module, str]:
@@ -206,6 +268,8 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     Returns:
         The network on the CPU in eval mode, and a short description of its weights.
     """
+    if weights.lower() in ("random", "imagenet"):
+        weights = weights.lower()  # a file of that name would be ./random
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -214,9 +278,11 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
 
     if weights == "imagenet":
         state, description = _imagenet_state_dict(), "imagenet"
+        source, mend = f"the ImageNet weights cached at {_imagenet_cache()}", "; delete that file"
     else:
         path = Path(weights).expanduser()
         state, description = _file_state_dict(path), path.name
+        source, mend = f"WEIGHTS={weights}", ""
     not_finite = next(
         (
             name
@@ -238,16 +304,48 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
             "labels; point LABELS_FILE at the matching label list"
         )
     network = resnet18(num_classes=num_classes)
-    try:
-        network.load_state_dict(state)
-    except Exception as exc:  # a file's tensors can fail a copy in ways of their own
-        # torch lists the missing, unexpected and misshapen keys a line each, after a
-        # heading line.
-        problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:])
+    expected = network.state_dict()
+    misshapen = [
+        name
+        for name, value in state.items()
+        if name in expected and value.shape != expected[name].shape
+    ]
+    missing: list[str] = []
+    unexpected: list[str] = []
+    if not misshapen:
+        try:
+            # Not strict, so that what does not fit is listed below in a few words (torch
+            # lists every key, a line each: 96 for a ResNet34's), and raised.
+            loaded = network.load_state_dict(state, strict=False)
+        except Exception as exc:  # a file's tensors can fail a copy in ways of their own
+            raise ModelLoadError(
+                f"{source} does not fit ResNet18 ({_first_line(exc)}){mend}"
+            ) from None
+        missing, unexpected = loaded.missing_keys, loaded.unexpected_keys
+    if misfits := _misfits(missing, unexpected, misshapen):
         raise ModelLoadError(
-            f"WEIGHTS={weights} does not fit ResNet18: {problems[:400] or _first_line(exc)}"
-        ) from None
+            f"{source} does not fit ResNet18 ({misfits}): weights of another network?{mend}"
+        )
     return network.eval(), description
+
+
+def _misfits(missing: list[str], unexpected: list[str], misshapen: list[str]) -> str:
+    """What keeps a state dict from loading, in a few words; "" if nothing."""
+
+    def some(one: str, many: str, names: list[str]) -> str:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"{len(names)} {one if len(names) == 1 else many} ({shown})"
+
+    found = [
+        some(one, many, names)
+        for one, many, names in (
+            ("missing key", "missing keys", missing),
+            ("unexpected key", "unexpected keys", unexpected),
+            ("tensor of another shape", "tensors of another shape", misshapen),
+        )
+        if names
+    ]
+    return "; ".join(found)
 
 
 def fold_batchnorm(network: ResNet) -> ResNet:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 import urllib.error
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+import torchvision
 
 import classification.model
 from classification import (
@@ -86,15 +91,51 @@ def test_state_dict_file_loads(tmp_path: Path, classifier: Classifier, photos: l
     assert from_file.classify([pixels], [5]) == classifier.classify([pixels], [5])
 
 
-def test_wrapped_checkpoint_and_custom_class_count(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda state: {"state_dict": state, "epoch": 7}, id="lightning"),
+        pytest.param(lambda state: {"model": state, "optimizer": {}, "epoch": 7}, id="torchvision"),
+        pytest.param(lambda state: {"model_state_dict": state, "epoch": 7}, id="tutorial"),
+        pytest.param(
+            lambda state: {f"module.{name}": value for name, value in state.items()},
+            id="data-parallel",
+        ),
+        pytest.param(
+            lambda state: {"model": {f"module.{name}": value for name, value in state.items()}},
+            id="data-parallel-checkpoint",
+        ),
+    ],
+)
+def test_wrapped_checkpoint_and_custom_class_count(tmp_path: Path, wrap: Any) -> None:
+    """Training checkpoints keep the weights under a key, and a network trained in
+    (Distributed)DataParallel names each weight "module.": loaded as they are."""
     network, _ = build_network("random", 3, seed=1)
     path = tmp_path / "three.pth"
-    torch.save({"state_dict": network.state_dict(), "epoch": 7}, path)
+    torch.save(wrap(network.state_dict()), path)
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\n")
     three = load_classifier(weights=str(path), labels_file=labels, device="cpu")
+    assert torch.equal(three._network.fc.weight, network.fc.weight)
     answer = three.classify([np.zeros((224, 224, 3), np.uint8)], [3])[0]
     assert sorted(p.label for p in answer) == ["bird", "cat", "dog"]
+
+
+def test_a_safetensors_file_loads(
+    tmp_path: Path, classifier: Classifier, photos: list[Path]
+) -> None:
+    network, _ = build_network("random", 1000, seed=SEED)
+    path = tmp_path / "resnet18.safetensors"
+    safetensors.torch.save_file(network.state_dict(), path)
+    from_file = load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+    pixels = preprocess(photos[0].read_bytes(), max_pixels=MAX_PIXELS)
+    assert from_file.classify([pixels], [5]) == classifier.classify([pixels], [5])
+
+
+@pytest.mark.parametrize("keyword", ["RANDOM", "Random"])
+def test_the_weights_keywords_are_read_whatever_their_case(keyword: str) -> None:
+    _, description = build_network(keyword, 1000, seed=3)
+    assert description == "random(seed=3)"
 
 
 def test_label_count_must_match_weights(tmp_path: Path) -> None:
@@ -114,13 +155,26 @@ def save(value: object, path: Path) -> bytes:
     ("content", "message"),
     [
         (None, "does not exist"),
-        (b"not a checkpoint", r"not a loadable state dict \(.+\); expected a file written by"),
-        (b"plain text\nof two lines\n", "not a loadable state dict"),
+        (b"", r"is an empty file; expected a file written by torch.save"),
+        (b"not a checkpoint", r"is not a file written by torch.save; expected a file written by"),
+        (b"plain text\nof two lines\n", "is not a file written by torch.save;"),
         ("whole model", "holds Python objects besides tensors"),
         ({"fc.weight": [1.0, 2.0]}, "'fc.weight' is not a tensor"),
-        ("truncated", "not a loadable state dict"),
-        ("no layer4", r"does not fit ResNet18: Missing key\(s\) in state_dict: \"layer4"),
-        ("wide conv1", "does not fit ResNet18: size mismatch for conv1.weight"),
+        ("truncated", r"not a loadable state dict \(RuntimeError: .+\); expected a file"),
+        (
+            "no layer4",
+            r"does not fit ResNet18 \(25 missing keys \(layer4.0.conv1.weight, "
+            r"layer4.0.bn1.weight, layer4.0.bn1.bias, \.\.\.\)\): weights of another network\?$",
+        ),
+        (
+            "wide conv1",
+            r"does not fit ResNet18 \(1 tensor of another shape \(conv1.weight\)\)",
+        ),
+        (
+            "resnet34",
+            r"does not fit ResNet18 \(\d+ unexpected keys \(layer1.2.conv1.weight, [^)]*, "
+            r"\.\.\.\)\): weights of another network\?$",
+        ),
         ("nan", "not finite \\(NaN or infinite\\) in 'layer2.0.bn1.running_var'"),
         ("scalar fc", r"'fc.weight' has shape \(\), expected \(classes, 512\)"),
         ("meta fc", "'fc.weight' is a meta tensor, not a dense one"),
@@ -150,6 +204,8 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save({**network.state_dict(), "fc.weight": network.fc.weight.detach().to_sparse()}, path)
     elif content == "wide conv1":
         save({**network.state_dict(), "conv1.weight": torch.zeros(64, 3, 9, 9)}, path)
+    elif content == "resnet34":
+        save(torchvision.models.resnet34().state_dict(), path)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     elif content is not None:
@@ -158,6 +214,28 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
     assert "\n" not in str(error.value)
     assert "weights_only=False" not in str(error.value)
+    assert len(str(error.value).replace(str(path), "")) < 350
+
+
+def test_a_cached_imagenet_file_of_another_network_says_which_file_to_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    cached = checkpoints / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), cached)
+    with pytest.raises(ModelLoadError) as error:
+        load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    message = str(error.value)
+    assert message.startswith(f"the ImageNet weights cached at {cached} does not fit ResNet18 (")
+    assert message.endswith("weights of another network?; delete that file")
+
+
+def test_a_long_error_is_cut_at_a_word() -> None:
+    cut = classification.model._first_line(RuntimeError("word " * 100))
+    assert len(cut) <= 300
+    assert cut.endswith("word...")
 
 
 def test_labels_that_are_not_utf8_are_a_clear_error(tmp_path: Path) -> None:
@@ -232,6 +310,31 @@ def test_imagenet_weights_offline_name_both_alternatives(
     assert "WEIGHTS=/path/to/state_dict.pth" in message
     assert "WEIGHTS=random" in message
     assert capsys.readouterr() == ("", "")  # torch hub's "Downloading: ..." is not shown
+
+
+def test_a_download_that_stalls_fails_with_the_line_that_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch hub's download has no timeout of its own: from a host that stops sending it
+    would wait until gunicorn's timeout killed the worker, and the next worker waited
+    again, the line saying what to do never shown."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(classification.model, "DOWNLOAD_STALL_S", 0.5)
+    real_download = torch.hub.download_url_to_file
+    # Takes the connection into its backlog and never answers.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/resnet18.pth"
+
+        def from_a_silent_host(_: str, *args: Any, **kwargs: Any) -> None:
+            real_download(url, *args, **kwargs)
+
+        monkeypatch.setattr(torch.hub, "download_url_to_file", from_a_silent_host)
+        started = time.monotonic()
+        with pytest.raises(ModelLoadError) as error:
+            load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    assert time.monotonic() - started < 10
+    assert "cannot be downloaded (nothing received for 0.5 s); set WEIGHTS=" in str(error.value)
+    assert socket.getdefaulttimeout() is None
 
 
 def test_imagenet_weights_load_from_the_torch_hub_cache(
