@@ -364,10 +364,13 @@ def load_settings() -> Settings:
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]).upper()
             message = error["msg"].removeprefix("Value error, ")
-            # As given: pydantic's input may be converted already (TASK_TTL's seconds), and
-            # a secret's is not shown.
-            given = os.environ.get(name, error.get("input"))
-            if name in SECRET_SETTINGS:
+            # As given, under the name given (any case is read): pydantic's input may be
+            # converted already (TASK_TTL's seconds), and a secret's is not shown.
+            name, given = next(
+                ((key, value) for key, value in os.environ.items() if key.upper() == name),
+                (name, error.get("input")),
+            )
+            if name.upper() in SECRET_SETTINGS:
                 given = "***"
             # Errors about a combination of settings name them in the message itself.
             problems.append(f"{name}={given!r}: {message}" if name else message)

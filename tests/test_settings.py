@@ -90,3 +90,17 @@ def test_values_the_setting_takes_are_kept(
 ) -> None:
     monkeypatch.setenv(name, value)
     assert getattr(load_settings(), name.lower()) == value
+
+
+def test_a_setting_given_in_lower_case_is_read_and_named_as_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names are read whatever their case; an invalid one is quoted as it was set, with
+    its value, rather than under its upper-case name with what pydantic made of it."""
+    monkeypatch.setenv("max_batch_size", "8")
+    assert load_settings().max_batch_size == 8
+    monkeypatch.setenv("max_batch_size", "0")
+    monkeypatch.setenv("api_key", " \t ")
+    line = refusal(monkeypatch, capsys)
+    assert "max_batch_size='0'" in line
+    assert "api_key='***'" in line
