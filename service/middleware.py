@@ -134,7 +134,7 @@ def matching_route(app: Starlette, scope: Scope) -> BaseRoute | None:
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), multipart bodies with a
     part over ``part_limit`` (413), bodies that stall (408), and multipart bodies that end
-    before their closing boundary (400).
+    before their closing boundary or declare a charset other than UTF-8 (400).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream, and
@@ -176,6 +176,16 @@ class BodyLimitsMiddleware:
             response = JSONResponse(
                 {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
             )
+            await response(scope, receive, send)
+            return
+        if (charset := _foreign_charset(scope)) is not None:
+            # The multipart parser would decode the part headers and fields with it: names
+            # garbled, or a bare "There was an error parsing the body".
+            detail = (
+                f"multipart/form-data with charset={charset} is not supported: send the "
+                "part headers and fields as UTF-8 (charset=utf-8, or none)"
+            )
+            response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
             await response(scope, receive, send)
             return
 
@@ -267,6 +277,16 @@ def _has_body(scope: Scope) -> bool:
     """Whether the request announces a body (which an answer given now leaves unread)."""
     headers = Headers(scope=scope)
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+
+
+def _foreign_charset(scope: Scope) -> str | None:
+    """The charset a multipart body declares, unless UTF-8 (or ASCII, a part of it)."""
+    content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
+    charset = options.get(b"charset")
+    if content_type != b"multipart/form-data" or charset is None:
+        return None
+    name = charset.decode("latin-1")
+    return None if name.lower() in ("utf-8", "utf8", "us-ascii", "ascii") else name
 
 
 def _part_delimiter(scope: Scope) -> bytes | None:

@@ -248,6 +248,30 @@ def build_corpus(photo_path: Path) -> list[Case]:
             content=body,
             headers=multipart_headers(body, boundary="some-other-boundary"),
         ),
+        # The parser would decode part headers and fields with the charset: names
+        # garbled (utf-16: "file: Field required"), or a bare parsing error (punycode).
+        *(
+            Case(
+                f"multipart-charset-{charset}",
+                400,
+                f"multipart/form-data with charset={charset} is not supported",
+                content=body,
+                headers={
+                    **multipart_headers(body),
+                    "Content-Type": f"multipart/form-data; charset={charset}; boundary={BOUNDARY}",
+                },
+            )
+            for charset in ("utf-16", "punycode", "iso-8859-1")
+        ),
+        Case(
+            "multipart-charset-utf-8",
+            200,
+            content=body,
+            headers={
+                **multipart_headers(body),
+                "Content-Type": f"multipart/form-data; charset=UTF-8; boundary={BOUNDARY}",
+            },
+        ),
         Case(
             "multipart-without-boundary",
             400,
