@@ -34,7 +34,10 @@ def step_rows(steps: list[dict[str, Any]]) -> list[str]:
     ]
     for step in steps:
         latency = step["latency_ms"]
-        errors = {k: v for k, v in step["statuses"].items() if k != "200"}
+        # Status 0: no answer at all (a connection refused or reset, or a timeout).
+        errors = {
+            ("no answer" if k == "0" else k): v for k, v in step["statuses"].items() if k != "200"
+        }
         offered = {
             "closed": f"{step['offered']:.0f} clients",
             "spaced": f"{step['offered'] * 1000:.0f} ms apart",

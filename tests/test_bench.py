@@ -142,6 +142,9 @@ async def test_a_step_of_only_errors_has_no_latency_and_no_server_figures_by_url
     [row] = report.step_rows([asdict(result)])[2:]
     assert row.count("| n/a ") == 6
     assert "nan" not in row
+    # Status 0 is the load generator's for a request that got no answer at all.
+    [row] = report.step_rows([asdict(result) | {"statuses": {"0": 2, "503": 1}}])[2:]
+    assert "{'no answer': 2, '503': 1}" in row
 
 
 async def test_the_open_loop_measures_its_window_after_a_warm_up() -> None:
