@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
-from python_multipart.multipart import parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -139,7 +141,8 @@ class BodyLimitsMiddleware:
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream, and
     so is a part that grows past ``part_limit``: the multipart parser spools every file to
-    disk whatever its size, so a body of many files must not hold one of any size.
+    disk whatever its size, so a body of many files must not hold one of any size. Parts
+    are found by a second parser of the same kind as the app's (``_PartSizes``).
     A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
     slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
@@ -191,15 +194,11 @@ class BodyLimitsMiddleware:
 
         received = 0
         body_complete = False
-        delimiter = _part_delimiter(scope)
-        closing = None if delimiter is None else delimiter + b"--"
-        closed = closing is None
-        # A delimiter starts a line; the body's start counts as one (a body of no parts).
-        tail = b"\r\n"
-        part_started_at = 0  # where the part being received began, in the body
+        boundary = _multipart_boundary(scope)
+        parts = None if boundary is None else _PartSizes(boundary, self.part_limit)
 
         async def receive_within_limits() -> Message:
-            nonlocal received, body_complete, closed, tail, part_started_at
+            nonlocal received, body_complete
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
@@ -226,51 +225,72 @@ class BodyLimitsMiddleware:
                     raise HTTPException(413, self.describe(limit), headers=_UNREAD_BODY)
                 if received > limit:
                     raise HTTPException(413, self.describe(limit))
-                if not closed:
-                    assert delimiter is not None
-                    assert closing is not None
-                    # The parts that ended in this chunk, then the one still arriving.
-                    for found_at in _found_at(delimiter, tail, chunk, received - len(chunk)):
-                        self._check_part(found_at - part_started_at, body_complete)
-                        part_started_at = found_at
-                    self._check_part(received - part_started_at, body_complete)
-                    # The delimiter may straddle two chunks; a chunk is not copied.
-                    closed = closing in tail + chunk[: len(closing)] or closing in chunk
-                    tail = (tail + chunk[-len(closing) :])[-len(closing) :]
-                    if body_complete and received and not closed:
+                if parts is not None:
+                    parts.feed(chunk)
+                    if parts.too_large:
+                        raise HTTPException(
+                            413,
+                            self.describe_part(self.part_limit),
+                            headers=None if body_complete else _UNREAD_BODY,
+                        )
+                    if body_complete and received and not (parts.ended or parts.malformed):
+                        closing = (b"--" + (boundary or b"") + b"--").decode("latin-1")
                         raise HTTPException(
                             400,
                             f"the multipart body does not end with its closing boundary "
-                            f"({closing.strip().decode('latin-1')}): it was cut off, or its parts "
-                            "use another boundary",
+                            f"({closing}): it was cut off, or its parts use another boundary",
                         )
             return message
 
         await self.app(scope, receive_within_limits, send)
 
-    def _check_part(self, size: int, body_complete: bool) -> None:
-        if size > self.part_limit:
-            raise HTTPException(
-                413,
-                self.describe_part(self.part_limit),
-                headers=None if body_complete else _UNREAD_BODY,
-            )
+
+class _PartsTooLarge(Exception):
+    pass
 
 
-def _found_at(needle: bytes, tail: bytes, chunk: bytes, chunk_at: int) -> Iterator[int]:
-    """Where ``needle`` starts in a body, in order, for each time it ends in ``chunk`` (which
-    starts at ``chunk_at``); ``tail`` ends the body before the chunk, so that one straddling
-    the two is found. The chunk is not copied."""
-    before = tail[-(len(needle) - 1) :]
-    straddling = before + chunk[: len(needle) - 1]
-    found = straddling.find(needle)
-    while 0 <= found < len(before):
-        yield chunk_at - len(before) + found
-        found = straddling.find(needle, found + 1)
-    found = chunk.find(needle)
-    while found >= 0:
-        yield chunk_at + found
-        found = chunk.find(needle, found + len(needle))
+class _PartSizes:
+    """A second parser of a multipart body, the one the app's uses (python-multipart), fed
+    the same bytes as they arrive: it only measures each part, and sees whether the body
+    ended with its closing boundary. Parsing the same way, it finds the parts that the
+    app's parser will, whatever lines inside them resemble a boundary."""
+
+    def __init__(self, boundary: bytes, part_limit: int) -> None:
+        self.part_limit = part_limit
+        self.part_bytes = 0
+        self.too_large = False
+        self.ended = False
+        # The app's parser refuses these bytes too, with its own answer.
+        self.malformed = False
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begins,
+                "on_part_data": self._part_data,
+                "on_end": self._ends,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        if self.ended or self.malformed or self.too_large:
+            return
+        try:
+            self._parser.write(chunk)
+        except _PartsTooLarge:
+            self.too_large = True
+        except FormParserError:
+            self.malformed = True
+
+    def _part_begins(self) -> None:
+        self.part_bytes = 0
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self.part_bytes += end - start
+        if self.part_bytes > self.part_limit:
+            raise _PartsTooLarge
+
+    def _ends(self) -> None:
+        self.ended = True
 
 
 def _has_body(scope: Scope) -> bool:
@@ -280,24 +300,27 @@ def _has_body(scope: Scope) -> bool:
 
 
 def _foreign_charset(scope: Scope) -> str | None:
-    """The charset a multipart body declares, unless UTF-8 (or ASCII, a part of it)."""
+    """The charset a multipart body declares, unless UTF-8 (or ASCII, a part of it) under
+    any of its names."""
     content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
     charset = options.get(b"charset")
-    if content_type != b"multipart/form-data" or charset is None:
+    if content_type != b"multipart/form-data" or not charset or not _has_body(scope):
         return None
     name = charset.decode("latin-1")
-    return None if name.lower() in ("utf-8", "utf8", "us-ascii", "ascii") else name
+    try:
+        known = codecs.lookup(name).name
+    except LookupError:
+        return name
+    return None if known in ("utf-8", "ascii") else name
 
 
-def _part_delimiter(scope: Scope) -> bytes | None:
-    """What starts each part of a multipart body, with the line break before it (RFC 2046:
-    the boundary's text alone may occur inside a part), or None for other bodies. With
-    "--" after it, it ends the body."""
+def _multipart_boundary(scope: Scope) -> bytes | None:
+    """The boundary of a multipart body, or None for other bodies (or none given, which the
+    app's parser refuses)."""
     content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
-    boundary = options.get(b"boundary")
-    if content_type != b"multipart/form-data" or not boundary:
+    if content_type != b"multipart/form-data":
         return None
-    return b"\r\n--" + boundary
+    return options.get(b"boundary")
 
 
 class ShedWhileFullMiddleware:

@@ -241,7 +241,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             # Past the head, reads that carry no body are chunk framing or trailers, which
             # the parser would keep without limit too.
             self._head_bytes += len(data)
-        if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+        if self._head_bytes > MAX_REQUEST_HEAD_BYTES and len(self.url) > MAX_URL_BYTES:
+            self._refuse_url()  # the same answer however the URL's bytes were split
+        elif self._head_bytes > MAX_REQUEST_HEAD_BYTES:
             self._refuse_in_turn(
                 431,
                 f"the request's line, headers and trailers are over {MAX_REQUEST_HEAD_BYTES} "
@@ -302,11 +304,14 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # Reached when the parser refuses bytes, before the app sees them as a request.
         if len(self.url) > MAX_URL_BYTES:  # valid HTTP, but more than the URL parser takes
-            self._refuse_in_turn(
-                414, f"the request's URL is over {MAX_URL_BYTES} bytes, the most this server reads"
-            )
+            self._refuse_url()
             return
         self._refuse_in_turn(400, UNPARSABLE)
+
+    def _refuse_url(self) -> None:
+        self._refuse_in_turn(
+            414, f"the request's URL is over {MAX_URL_BYTES} bytes, the most this server reads"
+        )
 
     def _keep_alive_if_idle(self) -> None:
         """Arm uvicorn's keep-alive timer when no request is under way.

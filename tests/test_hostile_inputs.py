@@ -351,7 +351,9 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
     assert "answered 5" not in log
 
 
-async def read_in_two_chunks(body: bytes, cut: int, part_limit: int = 1 << 20) -> list[Message]:
+async def read_in_two_chunks(
+    body: bytes, cut: int, part_limit: int = 1 << 20, boundary: str = BOUNDARY
+) -> list[Message]:
     """What an app reading ``body`` through BodyLimitsMiddleware receives, when the body
     arrives in two chunks split at ``cut``."""
     arriving = iter(
@@ -372,7 +374,7 @@ async def read_in_two_chunks(body: bytes, cut: int, part_limit: int = 1 << 20) -
     async def send(message: Message) -> None:
         raise AssertionError("nothing is answered while the body is read")
 
-    content_type = f"multipart/form-data; boundary={BOUNDARY}".encode()
+    content_type = f'multipart/form-data; boundary="{boundary}"'.encode()
     scope = {"type": "http", "path": "/cls", "headers": [(b"content-type", content_type)]}
     limits = BodyLimitsMiddleware(
         app,
@@ -396,6 +398,44 @@ async def test_a_closing_boundary_split_between_chunks_is_found(offset: int) -> 
         await read_in_two_chunks(body[: len(body) - 5], min(cut, len(body) - 6))
 
 
+def with_header_line(body: bytes, line: bytes) -> bytes:
+    """``body`` with ``line`` added to its first part's headers."""
+    end_of_headers = body.index(b"\r\n\r\n")
+    return body[:end_of_headers] + b"\r\n" + line + body[end_of_headers:]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # The parser takes these lines for part data: the part goes on past them.
+        "lines-like-a-boundary-in-the-data",
+        # A header line: the parser is reading headers, not looking for a boundary.
+        "a-header-line-like-the-closing-boundary",
+        # An empty boundary, which the parser takes ("--" alone delimits the parts).
+        "an-empty-boundary",
+    ],
+)
+async def test_parts_are_measured_as_the_apps_parser_finds_them(case: str) -> None:
+    """Part sizes and the body's end are found by a parser of the app's kind, not by looking
+    for the boundary's text: what merely resembles a boundary neither starts a new part
+    (which reset the count, so one part could fill the body's whole limit) nor closes the
+    body (which turned both checks off)."""
+    boundary = "" if case == "an-empty-boundary" else BOUNDARY
+    like_a_boundary = f"\r\n--{BOUNDARY}X".encode()
+    data = b"x" * 400 + like_a_boundary + b"y" * 400 + like_a_boundary + b"z" * 400
+    body = multipart([("file", "a.jpg", data, "image/jpeg")])
+    if case == "a-header-line-like-the-closing-boundary":
+        body = with_header_line(body, f"--{BOUNDARY}--: x".encode())
+    if case == "an-empty-boundary":
+        body = body.replace(f"--{BOUNDARY}".encode(), b"--")
+    cut = len(body) // 3
+    assert len(await read_in_two_chunks(body, cut, part_limit=1300, boundary=boundary)) == 2
+    with pytest.raises(HTTPException, match="a part is over 1000 bytes"):
+        await read_in_two_chunks(body, cut, part_limit=1000, boundary=boundary)
+    with pytest.raises(HTTPException, match="does not end with its closing boundary"):
+        await read_in_two_chunks(body[: len(body) // 2], cut, boundary=boundary)
+
+
 @pytest.mark.parametrize("offset", range(len(BOUNDARY) + 6))
 async def test_a_part_boundary_split_between_chunks_starts_the_next_part(offset: int) -> None:
     """Two parts each within the part limit, but not together, whichever byte of the
@@ -404,4 +444,4 @@ async def test_a_part_boundary_split_between_chunks_starts_the_next_part(offset:
     cut = body.index(f"\r\n--{BOUNDARY}\r\n".encode()) + offset
     assert len(await read_in_two_chunks(body, cut, part_limit=1000)) == 2
     with pytest.raises(HTTPException, match="a part is over 1000 bytes"):
-        await read_in_two_chunks(body.replace(b"y" * 600, b"y" * 1000), cut, part_limit=1000)
+        await read_in_two_chunks(body.replace(b"y" * 600, b"y" * 1001), cut, part_limit=1000)
