@@ -7,6 +7,7 @@ settings are validated here, in the master, so a bad value stops start-up once, 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import load_settings, prepare_metrics_dir
+from service.siblings import SIBLINGS_DIR, Siblings
 
 settings = load_settings()
 
@@ -28,6 +30,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
     # clean-up below would delete.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_DEFAULT_METRICS_DIR)
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+# Where the workers tell each other that they have started (service/siblings.py): this
+# master's own, an upgrade's new master (USR2) included.
+os.environ[SIBLINGS_DIR] = str(Path(tempfile.gettempdir()) / f"service-siblings-{os.getpid()}")
+SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 
 # libgomp, torch's OpenMP runtime on CPU, reads this as a worker imports torch. Its threads
 # then spin for about 20 ms after a forward pass before they sleep, instead of about 6, so
@@ -51,7 +57,7 @@ timeout = settings.worker_timeout_s
 # SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), hand running
 # tasks back (up to 9 s with the task store locked by another process), then exit; the
 # margin covers that and the worker's own exit.
-graceful_timeout = int(settings.drain_timeout_s) + 10
+graceful_timeout = math.ceil(settings.drain_timeout_s) + 10
 # A reverse proxy's upstream keepalive timeout must be shorter than this, so the proxy
 # never sends a request on a connection the service is closing.
 keepalive = settings.keepalive_s
@@ -86,6 +92,8 @@ def on_starting(server: Any) -> None:
     """Remove the metric files of an earlier run, so their samples do not leak in, and
     find out now, in one line, if the workers cannot create theirs."""
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
+    shutil.rmtree(SIBLINGS.directory, ignore_errors=True)
+    SIBLINGS.directory.mkdir(parents=True)
     _halt_once_for_workers_that_cannot_start(server)
 
 
@@ -131,6 +139,7 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    SIBLINGS.forget(worker.pid)
     if worker.aborted:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "
@@ -145,6 +154,8 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Remove the metrics directory if it is the default one, made for this run."""
+    """Remove the metrics directory if it is the default one, made for this run, and the
+    workers' directory."""
     if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
         shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
+    shutil.rmtree(SIBLINGS.directory, ignore_errors=True)

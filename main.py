@@ -65,7 +65,7 @@ from service.middleware import (
     ShedWhileFullMiddleware,
     matching_route,
 )
-from service.protocol import EXIT_RESTART, SHUTDOWN_HOOK
+from service.protocol import EXIT_RESTART, SHUTDOWN_HOOK, SIBLINGS_STATE
 from service.schemas import (
     BATCH_HEADERS,
     TASK_ACCEPTED_HEADERS,
@@ -82,6 +82,7 @@ from service.schemas import (
     task_response,
 )
 from service.settings import Settings, load_settings
+from service.siblings import Siblings
 from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
     InvalidTaskField,
@@ -121,8 +122,6 @@ DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
-# Where gunicorn's worker says whether it replaces another (see service.protocol.EXIT_RESTART).
-REPLACES_A_WORKER = "replaces_a_worker"
 # After the batcher drained, how long running tasks get to store their results.
 TASK_STOP_GRACE_S = 5.0
 # How long a batch of tasks waits for their attempts to be on disk before the model runs
@@ -175,10 +174,10 @@ class ClassifyResult:
 class Service:
     """Everything one worker holds while serving: the model, the batcher and their threads."""
 
-    def __init__(self, settings: Settings, *, replaces_a_worker: bool = False) -> None:
+    def __init__(self, settings: Settings, *, server_started: bool = False) -> None:
         self.settings = settings
-        # Started after the server's first start: the task store exists, or did.
-        self.replaces_a_worker = replaces_a_worker
+        # Another worker of this server has started before: the task store exists, or did.
+        self.server_started = server_started
         self.classifier: Classifier | None = None
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False  # the model is loaded and warm, and ``stop`` has not run
@@ -268,7 +267,7 @@ class Service:
             # not stop this worker, nor, by its exit, the whole server, whose other workers
             # may serve: /cls goes on, and tasks come back once the store opens again. A
             # store that was never made (a first start, a wrong DATA_DIR) stops start-up.
-            if not self.replaces_a_worker and not (settings.data_dir / DATABASE_NAME).exists():
+            if not self.server_started and not (settings.data_dir / DATABASE_NAME).exists():
                 await runner.stop(grace_s=0)
                 raise
             if exc.for_now:
@@ -322,7 +321,7 @@ class Service:
             cleanup_interval_s=settings.task_cleanup_interval_s,
             ttl_s=settings.task_ttl.total_seconds(),
             # A second store beside the one the other workers hold would split the tasks.
-            create_store=not self.replaces_a_worker,
+            create_store=not self.server_started,
         )
         return TaskRunner(
             config,
@@ -1252,16 +1251,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        replacing = getattr(app.state, REPLACES_A_WORKER, False)
-        service = Service(settings, replaces_a_worker=replacing)
+        siblings: Siblings | None = getattr(app.state, SIBLINGS_STATE, None)
+        started_before = siblings is not None and siblings.server_started()
+        service = Service(settings, server_started=started_before)
         app.state.service = service
         app.state.liveness_problem = service.liveness_problem
         try:
             await service.start()
         except (ModelLoadError, TaskStoreUnavailable) as exc:
-            # One line that says what to change, not a traceback. At the first start, exit
-            # code 3 tells gunicorn to stop rather than restart the worker in a loop.
-            if replacing:
+            # One line that says what to change, not a traceback. Exit code 3 tells gunicorn
+            # to stop rather than restart the worker in a loop, unless other workers serve.
+            others_serve = siblings is not None and siblings.others_serving()
+            if others_serve:
                 logger.critical(
                     "cannot start: %s; gunicorn starts this worker again, and the other "
                     "workers serve meanwhile",
@@ -1271,7 +1272,9 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.critical("cannot start: %s", exc)
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
-            os._exit(EXIT_RESTART if replacing else EXIT_STARTUP_FAILED)
+            os._exit(EXIT_RESTART if others_serve else EXIT_STARTUP_FAILED)
+        if siblings is not None:
+            siblings.mark_ready()
         # What exists now (libraries, app, model) lives as long as the worker. Frozen, it
         # drops out of the collector's full passes, each of which would otherwise hold the
         # GIL, and so every request, for about 0.2 s.

@@ -34,6 +34,7 @@ from uvicorn_worker import UvicornWorker
 
 from service import logs
 from service.settings import load_settings
+from service.siblings import Siblings
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application
@@ -66,12 +67,13 @@ LINGER_IDLE_S = 5.0
 LINGER_TOTAL_S = 30.0
 # Once the server is shutting down, the most a connection lingers from then on.
 LINGER_AT_SHUTDOWN_S = 1.0
-# A worker of the server's first start that cannot start exits with gunicorn's boot error,
-# which halts the server: the configuration is wrong. One that replaces another worker
-# exits with this instead, and gunicorn starts it again while the others serve on: what
-# changed since the start (a weights file, a deleted DATA_DIR) is the operator's to mend,
-# and a halt would take the healthy workers down with it.
+# A worker that cannot start exits with gunicorn's boot error, which halts the server,
+# unless other workers serve: then it exits with this, and gunicorn starts it again while
+# they serve on. What changed since they started (a weights file) is the operator's to
+# mend, and a halt would take the healthy workers down with it.
 EXIT_RESTART = 1
+# Where the app's state holds the worker's ``service.siblings.Siblings`` under gunicorn.
+SIBLINGS_STATE = "siblings"
 # How long a client may read nothing of an answer that fills the connection's buffers
 # before the connection is reset: unbounded, it would hold the connection, the answer's
 # bytes and the app writing them for good. nginx's send_timeout.
@@ -513,15 +515,15 @@ class JsonErrorsUvicornWorker(UvicornWorker):
     async def _serve(self) -> None:
         # As UvicornWorker's, with the server that takes in its backlog at shutdown.
         self.config.app = self.wsgi
-        # gunicorn numbers the workers it starts: those past WORKERS replace others.
-        replaces_a_worker = self.age > self.cfg.workers
+        siblings = Siblings.from_environment()
         if (state := getattr(self.wsgi, "state", None)) is not None:
-            state.replaces_a_worker = replaces_a_worker  # main.REPLACES_A_WORKER
+            setattr(state, SIBLINGS_STATE, siblings)
         server = BacklogDrainingServer(config=self.config)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
-            sys.exit(EXIT_RESTART if replaces_a_worker else Arbiter.WORKER_BOOT_ERROR)
+            others_serve = siblings is not None and siblings.others_serving()
+            sys.exit(EXIT_RESTART if others_serve else Arbiter.WORKER_BOOT_ERROR)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

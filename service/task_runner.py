@@ -366,13 +366,12 @@ class TaskRunner:
         """The worker is stopping, its stop's grace to end by ``grace_ends_at``
         (``time.monotonic()``): from now on the store's writes wait for another process's
         write lock until ``WRITES_AFTER_GRACE_S`` after that at the latest, so that they,
-        and the hand-back after them, end before the worker is killed."""
-        if self._store is None:
-            return
+        and the hand-back after them, end before the worker is killed. Requests' writes
+        too: ``stop`` waits for their thread."""
         due_by = grace_ends_at + WRITES_AFTER_GRACE_S
-        if self._store.writes_due_by is not None:
-            due_by = min(due_by, self._store.writes_due_by)
-        self._store.writes_due_by = due_by
+        for store in (self._store, self._request_writer):
+            if store is not None:
+                store.writes_due_by = min(due_by, store.writes_due_by or due_by)
 
     async def stop(self, grace_s: float) -> None:
         """Let running tasks record their results and webhooks finish (bounded), then hand
@@ -727,6 +726,8 @@ class TaskRunner:
         self._refuse_once_stopped()  # here: ``stop`` may have begun while the caller waited
         wait_s = tasks.BUSY_TIMEOUT_MS / 1000
         deadline = time.monotonic() + wait_s
+        if (due_by := self.request_writer.writes_due_by) is not None:
+            deadline = min(deadline, due_by)  # the worker is stopping
         writing = asyncio.get_running_loop().run_in_executor(
             self._request_thread, partial(function, *args, lock_deadline=deadline, **kwargs)
         )

@@ -22,8 +22,10 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 import main
 from classification import Prediction
-from main import REPLACES_A_WORKER, Service, create_app
+from main import Service, create_app
+from service.protocol import SIBLINGS_STATE
 from service.settings import PROJECT_ROOT, Settings
+from service.siblings import Siblings
 
 IMAGES_DIR = Path(os.environ.get("TEST_IMAGES_DIR", PROJECT_ROOT.parent / "shared" / "images"))
 SEED = 0
@@ -88,12 +90,12 @@ class RunningApp:
 
 @asynccontextmanager
 async def running_app(
-    settings: Settings, *, replaces_a_worker: bool = False
+    settings: Settings, *, siblings: Siblings | None = None
 ) -> AsyncIterator[RunningApp]:
     """Start the app's lifespan (model load, batcher) and talk to it through ASGITransport;
-    as a worker gunicorn started to replace another, if ``replaces_a_worker``."""
+    as a gunicorn worker, if given the ``siblings`` it would have."""
     app = create_app(settings)
-    setattr(app.state, REPLACES_A_WORKER, replaces_a_worker)
+    setattr(app.state, SIBLINGS_STATE, siblings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

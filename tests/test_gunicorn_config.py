@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.settings import PROJECT_ROOT
+from service.siblings import SIBLINGS_DIR
 
 CONFIG = PROJECT_ROOT / "gunicorn_config.py"
 
@@ -21,6 +22,7 @@ def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[st
     # The config sets GOMP_SPINCOUNT by default: have the test's teardown remove it again.
     monkeypatch.setenv("GOMP_SPINCOUNT", "")
     monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv(SIBLINGS_DIR, "")  # which the config sets too
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return runpy.run_path(str(CONFIG))
@@ -67,6 +69,8 @@ def test_everything_comes_from_the_environment(
     assert config["timeout"] == 300
     assert config["keepalive"] == 20
     assert config["graceful_timeout"] == 55
+    # Rounded up: a fraction of a second of the drain is not taken from the margin.
+    assert load(monkeypatch, tmp_path, DRAIN_TIMEOUT_S="5.1")["graceful_timeout"] == 16
     assert config["loglevel"] == "warning"
     assert load(monkeypatch, tmp_path, BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
     for address in (

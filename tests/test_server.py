@@ -24,10 +24,12 @@ from tests import images
 from tests.server import (
     BIN,
     PROJECT_ROOT,
+    ServerProcess,
     free_port,
     gunicorn_command,
     running_server,
     server_env,
+    stop,
     uvicorn_command,
     wait_until_ready,
 )
@@ -441,6 +443,57 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
         log = server.log()
     assert "Reason: Worker failed to boot." not in log
     assert "Traceback" not in log
+
+
+def test_a_worker_that_cannot_start_with_no_other_serving_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    """With one worker, its replacement failing to start leaves nothing to serve: it stops
+    the server with its one line, as at the first start, rather than a restart loop that
+    holds the port and answers nothing."""
+    weights = tmp_path / "weights.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    env = server_env(tmp_path, WORKERS="1", WEIGHTS=str(weights))
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        weights.write_bytes(b"not a state dict")
+        [worker] = psutil.Process(server.process.pid).children()
+        worker.kill()
+        assert server.process.wait(90) == 3, server.log()
+        log = server.log()
+    assert "cannot start: WEIGHTS=" in log
+    assert "gunicorn starts this worker again" not in log
+    assert "Traceback" not in log
+
+
+def test_a_first_worker_killed_before_it_started_leaves_the_store_to_its_replacement(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """A fresh install whose first worker outlives WORKER_TIMEOUT_S before it is ready (a
+    slow first download, here a stopped process): the server never started, so its
+    replacement creates the task store, and tasks are served."""
+    env = server_env(tmp_path, WORKERS="1", WORKER_TIMEOUT_S="10")
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            gunicorn_command(port), cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers := psutil.Process(process.pid).children()):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.01)
+        workers[0].suspend()
+        wait_until_ready(server)
+        photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+        accepted = httpx.post(f"{server.url}/tasks", files=photo, timeout=30)
+        assert accepted.status_code == 202, accepted.text
+        log_text = server.log()
+    finally:
+        stop(process)
+    assert "WORKER TIMEOUT" in log_text
+    assert (tmp_path / "data" / "tasks.sqlite3").exists()
 
 
 def failed_start(command: list[str], env: dict[str, str]) -> tuple[str, list[str]]:

@@ -28,6 +28,7 @@ import pytest
 import main
 from service import task_runner, tasks
 from service.settings import Settings, load_settings
+from service.siblings import Siblings
 from service.tasks import DATABASE_NAME
 from tests import images
 from tests.support import (
@@ -874,6 +875,33 @@ async def test_a_stop_while_another_process_holds_the_write_lock_ends_in_time(
     assert "could not hand back this worker's tasks at shutdown" in caplog.text
     assert "failed as the worker stopped: the task store is busy" in caplog.text
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_submission_during_a_shutdown_waits_for_a_held_lock_only_until_the_grace(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the shutdown has begun, a request's write waits for another process's lock no
+    longer than the task runner's own writes: the stop waits for its thread, and a wait of
+    the full busy timeout took the worker past graceful_timeout."""
+    monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 5000)
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(task_runner, "WRITES_AFTER_GRACE_S", 0.3)
+    data = photos[0].read_bytes()
+    async with running_app(make_settings(drain_timeout_s=0)) as served:
+        await submit(served.client, data)  # the store exists
+        lock = sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME)
+        lock.isolation_level = None
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            served.service.begin_shutdown()
+            started = time.monotonic()
+            refused = await served.client.post("/tasks", files=upload(data))
+            took_s = time.monotonic() - started
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+    assert refused.status_code == 503, refused.text
+    assert took_s < 0.5 + 0.3 + 1.0, took_s
 
 
 async def test_a_delivery_claim_that_ends_late_in_the_grace_begins_no_attempt(
@@ -1827,7 +1855,7 @@ async def test_a_data_dir_deleted_under_the_server_is_503_with_what_mends_it(
 
 
 async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_one(
-    photos: list[Path],
+    photos: list[Path], tmp_path: Path
 ) -> None:
     """DATA_DIR deleted under the server, then a worker replaced: the new worker would
     create an empty store that its siblings, holding the deleted one, never see (status
@@ -1835,10 +1863,12 @@ async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_on
     mends it, as its siblings do, and creates nothing."""
     settings = make_settings()
     data = photos[0].read_bytes()
-    async with running_app(settings):  # the server's first start made the store
+    siblings = Siblings(tmp_path)
+    async with running_app(settings, siblings=siblings):  # the first worker made the store
         pass
+    assert siblings.server_started()
     shutil.rmtree(settings.data_dir)
-    async with running_app(settings, replaces_a_worker=True) as served:
+    async with running_app(settings, siblings=siblings) as served:
         refusals = [
             await served.client.post("/tasks", files=upload(data)),
             await served.client.get(f"/task-status/{uuid.uuid4()}"),
@@ -1849,6 +1879,16 @@ async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_on
         assert "is gone: DATA_DIR was deleted" in refused.json()["detail"]
         assert "restart the server" in refused.json()["detail"]
     assert not settings.data_dir.exists()
+
+
+async def test_a_worker_of_a_server_that_never_started_creates_the_store(
+    photos: list[Path], tmp_path: Path
+) -> None:
+    """The first worker of a fresh install killed before it was ready (WORKER_TIMEOUT_S, on a
+    slow first download): its replacement creates the store, as the first start would."""
+    settings = make_settings()
+    async with running_app(settings, siblings=Siblings(tmp_path)) as served:
+        await submit(served.client, photos[0].read_bytes())
 
 
 async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls(

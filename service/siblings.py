@@ -1,0 +1,58 @@
+"""What a gunicorn worker knows of the other workers of its server.
+
+The master makes a directory for the run (``gunicorn_config.py``, named by ``SIBLINGS_DIR``
+in the workers' environment). A worker that has started marks it twice: ``started``, kept
+for the whole run, and ``ready-<pid>``, which the master removes as that worker exits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The environment variable that names the run's directory.
+SIBLINGS_DIR = "SERVICE_SIBLINGS_DIR"
+_STARTED = "started"
+_READY_PREFIX = "ready-"
+
+
+class Siblings:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    def from_environment(cls) -> Siblings | None:
+        """The run's siblings, or None outside gunicorn (``make dev``, tests)."""
+        directory = os.environ.get(SIBLINGS_DIR, "").strip()
+        return cls(Path(directory)) if directory else None
+
+    def mark_ready(self) -> None:
+        """This worker has started and serves."""
+        (self.directory / _STARTED).touch()
+        (self.directory / f"{_READY_PREFIX}{os.getpid()}").touch()
+
+    def server_started(self) -> bool:
+        """Whether a worker of this run has started before: its task store exists, or did."""
+        return (self.directory / _STARTED).exists()
+
+    def others_serving(self) -> bool:
+        """Whether another worker of this run serves now."""
+        for marker in self.directory.glob(f"{_READY_PREFIX}*"):
+            pid = int(marker.name.removeprefix(_READY_PREFIX))
+            if pid != os.getpid() and _alive(pid):
+                return True
+        return False
+
+    def forget(self, pid: int) -> None:
+        """Called by the master as worker ``pid`` exits."""
+        (self.directory / f"{_READY_PREFIX}{pid}").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
