@@ -363,10 +363,6 @@ class TaskStore:
         """A write transaction. ``lock_deadline`` (``time.monotonic()``) bounds the wait for
         the write lock when that is sooner than the busy timeout: a request's write that
         queued behind others gets its answer in time, not after their waits too."""
-        busy = TaskStoreBusy(
-            "the task store is busy: its write lock was not free in time (a write waits "
-            f"at most {BUSY_TIMEOUT_MS / 1000:g} s for it); retry shortly"
-        )
         self._check_file()
         wait_ms = BUSY_TIMEOUT_MS
         if lock_deadline is None:
@@ -374,6 +370,10 @@ class TaskStore:
         if lock_deadline is not None:
             # One try at least, however late: the lock may well be free.
             wait_ms = max(0, min(wait_ms, int((lock_deadline - time.monotonic()) * 1000)))
+        busy = TaskStoreBusy(
+            "the task store is busy: its write lock was not free in time (this write waited "
+            f"{wait_ms / 1000:g} s for it); retry shortly"
+        )
         # IMMEDIATE takes the write lock up front, so two workers never both read "queued"
         # and then both write "running".
         try:
