@@ -7,6 +7,7 @@ for the whole run, and ``ready-<pid>``, which the master removes as that worker 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,8 +29,11 @@ class Siblings:
 
     def mark_ready(self) -> None:
         """This worker has started and serves."""
-        (self.directory / _STARTED).touch()
-        (self.directory / f"{_READY_PREFIX}{os.getpid()}").touch()
+        # Without the marks (the directory cleared away), a worker that cannot start later
+        # stops the server, as at the first start: no reason to stop this one.
+        with contextlib.suppress(OSError):
+            (self.directory / _STARTED).touch()
+            (self.directory / f"{_READY_PREFIX}{os.getpid()}").touch()
 
     def server_started(self) -> bool:
         """Whether a worker of this run has started before: its task store exists, or did."""

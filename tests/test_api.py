@@ -256,35 +256,42 @@ def test_reading_an_upload_sets_aside_its_size_not_the_limit() -> None:
     assert peak < 100 * 2**20, peak
 
 
+async def send_streamed(
+    served: RunningApp, request: httpx.Request, chunk_bytes: int = 40_000
+) -> tuple[int, dict[str, object]]:
+    """Send ``request``'s body without a declared length (chunked), ``chunk_bytes`` a chunk;
+    how many chunks the app read, and the start of its answer."""
+    scope = http_scope(request)
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+    body = request.read()
+    chunks = [body[start : start + chunk_bytes] for start in range(0, len(body), chunk_bytes)]
+    read = 0
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        nonlocal read
+        read += 1
+        if not chunks:
+            await asyncio.Event().wait()  # only a disconnect would come now
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(served.app(scope, receive, send), 10)
+    return read, next(m for m in sent if m["type"] == "http.response.start")
+
+
 async def test_a_streamed_body_is_cut_off_as_it_passes_the_limit() -> None:
     """A body without a declared length (chunked) is refused as the chunk that passes the
     route's limit arrives: the rest is never read, and the connection is closed."""
     async with running_app(make_settings(max_upload_bytes=50_000)) as served:
-        # 400 KB, past the 50 KB + 64 KiB the route allows.
+        # 400 KB in 11 chunks, past the 50 KB + 64 KiB the route allows.
         request = httpx.Request("POST", "http://test/cls", files=upload(b"\xff" * 400_000))
-        scope = http_scope(request)
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        body = request.read()
-        chunks = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
-        assert len(chunks) == 11
-        read: list[int] = []
-        sent: list[dict[str, object]] = []
-
-        async def receive() -> dict[str, object]:
-            read.append(len(chunks))
-            if not chunks:
-                await asyncio.Event().wait()  # only a disconnect would come now
-            chunk = chunks.pop(0)
-            return {"type": "http.request", "body": chunk, "more_body": True}
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(served.app(scope, receive, send), 10)
-    start = next(m for m in sent if m["type"] == "http.response.start")
+        read, start = await send_streamed(served, request)
     assert start["status"] == 413
-    assert (b"connection", b"close") in start["headers"]
-    assert len(read) < 5, "the body was read on past the limit"
+    assert (b"connection", b"close") in start["headers"]  # type: ignore[operator]
+    assert read < 5, "the body was read on past the limit"
 
 
 async def test_a_batch_part_is_cut_off_as_it_passes_the_upload_limit(photos: list[Path]) -> None:
@@ -298,25 +305,12 @@ async def test_a_batch_part_is_cut_off_as_it_passes_the_upload_limit(photos: lis
         huge = data + b"\0" * (20 * len(data))
         files = [("file", ("a.jpg", data)), ("file", ("b.jpg", huge))]
         request = httpx.Request("POST", "http://test/cls/batch", files=files)
-        scope = http_scope(request)
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        body = request.read()
-        chunks = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
-        read: list[int] = []
-        sent: list[dict[str, object]] = []
-
-        async def receive() -> dict[str, object]:
-            read.append(len(chunks))
-            if not chunks:
-                await asyncio.Event().wait()  # only a disconnect would come now
-            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(served.app(scope, receive, send), 10)
+        read, start = await send_streamed(served, request)
+        assert start["status"] == 413
+        assert (b"connection", b"close") in start["headers"]  # type: ignore[operator]
         # The first file, the second up to its limit, and the chunk that passed it.
-        assert len(read) * 40_000 < 3 * len(data) + 4 * main.MULTIPART_OVERHEAD_BYTES < len(body)
+        body_bytes = len(request.read())
+        assert read * 40_000 < 3 * len(data) + 4 * main.MULTIPART_OVERHEAD_BYTES < body_bytes
         # With a declared length within the body's limit, the part is refused all the same.
         declared = await served.client.post("/cls/batch", files=files)
         assert declared.status_code == 413
@@ -324,9 +318,6 @@ async def test_a_batch_part_is_cut_off_as_it_passes_the_upload_limit(photos: lis
         assert f"MAX_UPLOAD_BYTES allows {len(data)} per file" in declared.json()["detail"]
         after = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
         assert after.status_code == 200
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    assert start["status"] == 413
-    assert (b"connection", b"close") in start["headers"]
 
 
 async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list[Path]) -> None:

@@ -217,13 +217,18 @@ def test_bad_weights_files_stop_start_up_with_one_line(
     assert len(str(error.value).replace(str(path), "")) < 350
 
 
-def test_a_cached_imagenet_file_of_another_network_says_which_file_to_delete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where torch hub caches the ImageNet weights, in a torch home of ``tmp_path``."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    cached = checkpoints / "resnet18-f37072fd.pth"
+    return checkpoints / "resnet18-f37072fd.pth"
+
+
+def test_a_cached_imagenet_file_of_another_network_says_which_file_to_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = hub_cache(tmp_path, monkeypatch)
     torch.save(torchvision.models.resnet34().state_dict(), cached)
     with pytest.raises(ModelLoadError) as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
@@ -248,10 +253,7 @@ def test_labels_that_are_not_utf8_are_a_clear_error(tmp_path: Path) -> None:
 def test_a_corrupt_cached_imagenet_file_says_to_delete_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"garbage")
+    hub_cache(tmp_path, monkeypatch).write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="delete that file to download them again") as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert "\n" not in str(error.value)
@@ -279,11 +281,8 @@ def test_the_cached_imagenet_file_is_loaded_as_weights_only(
 ) -> None:
     """The default weights come from torch hub's cache, which unpickles whatever it holds
     unless told to load tensors only."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
+    cached = hub_cache(tmp_path, monkeypatch)
     marker = tmp_path / "code-ran"
-    cached = checkpoints / "resnet18-f37072fd.pth"
     torch.save({"fc.weight": RunsCode(marker)} if content == "code" else content, cached)
     with pytest.raises(ModelLoadError, match=message) as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
@@ -340,11 +339,8 @@ def test_a_download_that_stalls_fails_with_the_line_that_says_what_to_do(
 def test_imagenet_weights_load_from_the_torch_hub_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     network, _ = build_network("random", 1000, seed=5)
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.save(network.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    torch.save(network.state_dict(), hub_cache(tmp_path, monkeypatch))
     loaded = load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert loaded.weights_description == "imagenet"
 
