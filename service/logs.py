@@ -34,8 +34,9 @@ SERVICE_LOGGERS = ("service", "batching", "classification")
 # warnings (Pillow's about a corrupt EXIF block) and python-multipart's about a malformed
 # body. Warnings and above only: their debug lines are of no use to an operator.
 LIBRARY_LOGGERS = ("py.warnings", "python_multipart")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"
+# The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id)s] %(message)s"
+JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(message)s"
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # Fields the handling of the current request adds to its access line (e.g. batch sizes).
@@ -219,7 +220,7 @@ def json_formatter() -> logging.Formatter:
     """One JSON object per line; gunicorn's configuration uses it for its own lines too."""
     return _JsonLines(
         JSON_FIELDS,
-        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        rename_fields={"asctime": "time", "process": "pid", "levelname": "level", "name": "logger"},
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -253,6 +254,9 @@ def test_under_plain_uvicorn_the_settings_rule_uvicorns_lines_too(
     assert '"POST /cls HTTP/1.1" 200' not in log  # uvicorn's access line
     assert "Uvicorn running on" not in log  # uvicorn's INFO lines
     assert log.count("[dev-request]") == (1 if access_log == "true" else 0)
+    if access_log == "true":
+        [line] = [line for line in log.splitlines() if "[dev-request]" in line]
+        assert f" [{server.process.pid}] INFO service.access [dev-request] " in line
 
 
 @pytest.mark.slow
@@ -284,6 +288,7 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
         assert (single.status_code, several.status_code, bad.status_code) == (200, 200, 400)
         # The writer thread runs behind the response; wait for the last line to appear.
         lines = wait_for_json_lines(server.log, "json-bad")
+        [worker] = psutil.Process(server.process.pid).children()
 
     by_id = {line["request_id"]: line for line in lines if line["logger"] == logs.ACCESS_LOGGER}
     first = by_id["json-single"]
@@ -311,6 +316,9 @@ def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> N
     assert servers, "gunicorn's and uvicorn's lines are JSON too"
     # Alike: no null id, and no copy of the message in terminal colours.
     assert all(line["request_id"] == "-" for line in servers), servers
+    # Each line names its process: the worker's, as gunicorn's lines name it, or the master's.
+    assert {line["pid"] for line in [*by_id.values(), *startup]} == {worker.pid}
+    assert {line["pid"] for line in servers} == {worker.pid, server.process.pid}
     assert not any("color_message" in line for line in lines)
 
 
