@@ -29,9 +29,12 @@ def free_port() -> int:
 
 
 def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    """The environment of a test server: random weights on the CPU, its task store in
-    ``tmp_path``; gunicorn makes its metrics folder."""
+    """The environment of a test server: random weights on the CPU, its task store and
+    temporary files in ``tmp_path`` (gunicorn makes its metrics folder there, which a master
+    killed by a test leaves behind)."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    temporary = tmp_path / "tmp"
+    temporary.mkdir(exist_ok=True)
     env.update(
         WEIGHTS="random",
         DEVICE="cpu",
@@ -39,6 +42,7 @@ def server_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         TORCH_THREADS="1",
         PYTHONUNBUFFERED="1",
         DATA_DIR=str(tmp_path / "data"),
+        TMPDIR=str(temporary),
     )
     env.update(overrides)
     return env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -481,7 +482,9 @@ def test_a_first_worker_killed_before_it_started_leaves_the_store_to_its_replace
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
         deadline = time.monotonic() + 30
-        while not (workers := psutil.Process(process.pid).children()):
+        while not (workers := psutil.Process(process.pid).children()) or not has_reported(
+            workers[0].pid
+        ):
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.01)
         workers[0].suspend()
@@ -494,6 +497,19 @@ def test_a_first_worker_killed_before_it_started_leaves_the_store_to_its_replace
         stop(process)
     assert "WORKER TIMEOUT" in log_text
     assert (tmp_path / "data" / "tasks.sqlite3").exists()
+
+
+def has_reported(worker_pid: int) -> bool:
+    """Whether a gunicorn worker has reported to its master once: gunicorn times out only a
+    worker that has (until then its heartbeat file holds a wall-clock time, which the
+    master's monotonic clock never passes)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in os.listdir(f"/proc/{worker_pid}/fd"):
+            descriptor = f"/proc/{worker_pid}/fd/{fd}"
+            with contextlib.suppress(FileNotFoundError):
+                if "wgunicorn-" in os.readlink(descriptor):
+                    return os.stat(descriptor).st_mtime < time.time() / 2
+    return False
 
 
 def failed_start(command: list[str], env: dict[str, str]) -> tuple[str, list[str]]:
