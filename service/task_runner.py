@@ -35,7 +35,7 @@ from service.tasks import (
     TaskStoreFailed,
     check_room,
 )
-from service.webhooks import Attempt, WebhookSender
+from service.webhooks import CUT_OFF_ERROR, Attempt, WebhookSender
 
 T = TypeVar("T")
 
@@ -242,7 +242,6 @@ class TaskRunner:
             top_k=top_k,
             metadata=metadata,
             callback_url=callback_url,
-            now=time.time(),
             max_queued=self._config.max_queued,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
@@ -292,7 +291,6 @@ class TaskRunner:
         record = await self._request_write(
             self.request_writer.cancel,
             task_id,
-            now=time.time(),
             expired_before=self._expired_before(),
         )
         self._wake.set()  # the queue depth changed
@@ -459,7 +457,6 @@ class TaskRunner:
                         config.capacity - len(self._runs),
                         lease_s=config.lease_s,
                         max_attempts=config.max_attempts,
-                        now=time.time(),
                     )
                     for task in claimed:
                         self._spawn(self._runs, self._run(task), task.id)
@@ -597,7 +594,10 @@ class TaskRunner:
         started = time.perf_counter()
         try:
             attempt = await self._sender.attempt(
-                record.callback_url, payload, attempts_done=record.webhook_attempts
+                record.callback_url,
+                payload,
+                attempts_done=record.webhook_attempts,
+                last_cut_off=record.webhook_last_error == CUT_OFF_ERROR,
             )
         except asyncio.CancelledError:
             # Cut off as the stop's grace ran out, perhaps after the receiver had it; stored

@@ -425,8 +425,8 @@ class TaskStore:
         top_k: int,
         metadata: dict[str, object] | None,
         callback_url: str | None,
-        now: float,
         max_queued: int,
+        now: float | None = None,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
         expired_before: float | None = None,
@@ -437,7 +437,8 @@ class TaskStore:
         With an ``idempotency_key`` that names an existing task, that task is returned and
         nothing is stored (its id differs from ``task_id``): a client may resend a request
         whose answer it never got without creating the task twice. A task that finished
-        before ``expired_before`` no longer holds its key.
+        before ``expired_before`` no longer holds its key. ``created_at`` is ``now``, by
+        default the time the write lock was taken (see ``_stamp``).
 
         Raises:
             TaskQueueFull: ``max_queued`` tasks are already waiting.
@@ -461,6 +462,7 @@ class TaskStore:
                         )
                     return self._get(row["id"])
             check_room(self.count_queued(), max_queued)
+            now = _stamp(now)
             db.execute(
                 "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at, "
                 "idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -502,7 +504,7 @@ class TaskStore:
         self,
         task_id: str,
         *,
-        now: float,
+        now: float | None = None,
         expired_before: float | None = None,
         lock_deadline: float | None = None,
     ) -> TaskRecord | None:
@@ -527,7 +529,7 @@ class TaskStore:
                 raise TaskNotCancellable(f"the task {state}; only queued tasks can be cancelled")
             db.execute(
                 "UPDATE tasks SET status = ?, finished_at = ? WHERE id = ?",
-                (TaskStatus.CANCELLED, now, task_id),
+                (TaskStatus.CANCELLED, _stamp(now), task_id),
             )
             db.execute("DELETE FROM task_images WHERE task_id = ?", (task_id,))
             return self._get(task_id)
@@ -543,7 +545,13 @@ class TaskStore:
     # --- Running ------------------------------------------------------------------------------
 
     def claim(
-        self, owner: str, limit: int, *, lease_s: float, max_attempts: int, now: float
+        self,
+        owner: str,
+        limit: int,
+        *,
+        lease_s: float,
+        max_attempts: int,
+        now: float | None = None,
     ) -> list[ClaimedTask]:
         """Take up to ``limit`` tasks, oldest first: queued ones, and running ones whose
         owner's lease has expired (the owner died) with attempts left. A claim is not an
@@ -551,6 +559,7 @@ class TaskStore:
         if limit < 1:
             return []
         with self._transaction() as db:
+            now = _stamp(now)
             rows = db.execute(
                 "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
@@ -830,6 +839,13 @@ class TaskStore:
 
     def _free_pages(self) -> int:
         return int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def _stamp(now: float | None) -> float:
+    """``now``, or the time of day: read once the write lock is held, so that writes are
+    stamped in the order they commit. Read before the wait for the lock, a claim could
+    stamp ``started_at`` before the ``created_at`` of a task committed while it waited."""
+    return time.time() if now is None else now
 
 
 def _keyed_task(db: sqlite3.Connection, idempotency_key: str) -> sqlite3.Row | None:

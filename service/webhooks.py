@@ -38,6 +38,8 @@ LOOKUP_THREADS = 64
 HAPPY_EYEBALLS_DELAY_S = 0.25
 USER_AGENT = "resnet18-service-webhook/1"
 SIGNATURE_HEADER = "X-Signature-256"
+# The error stored for an attempt that a stopping worker cut off before its answer.
+CUT_OFF_ERROR = "cut off by a shutdown before the callback answered"
 
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 # RFC 6052 NAT64 prefix: `ipaddress` calls it global, yet a NAT64 gateway forwards it to the
@@ -503,7 +505,12 @@ class WebhookSender:
         )
 
     async def attempt(
-        self, url: str, payload: Mapping[str, object], *, attempts_done: int = 0
+        self,
+        url: str,
+        payload: Mapping[str, object],
+        *,
+        attempts_done: int = 0,
+        last_cut_off: bool = False,
     ) -> Attempt:
         """POST `payload` as JSON to `url` once, and say whether and when to try again.
 
@@ -515,9 +522,12 @@ class WebhookSender:
             payload: The JSON body.
             attempts_done: Attempts made before (here or before a restart); they count
                 against `max_attempts`, number this one and set the wait after it.
+            last_cut_off: The last of them was cut off by a shutdown (``cut_off``): if it
+                was the last allowed, it is made again rather than the delivery given up,
+                since the receiver may not have had it.
         """
         config = self._config
-        if attempts_done >= config.max_attempts:
+        if attempts_done >= config.max_attempts and not last_cut_off:
             return Attempt(
                 attempts_done,
                 f"no attempts left: {attempts_done} made, max_attempts is "
@@ -544,14 +554,11 @@ class WebhookSender:
 
     def cut_off(self, *, attempts_done: int) -> Attempt:
         """An attempt cut off before its answer (the worker stopping), perhaps after the
-        receiver had it: counted, so that a receiver gets no more than ``max_attempts``,
-        and tried again after a backoff. But not the last allowed: it is made again rather
-        than the delivery given up, since the receiver may not have had it."""
-        attempts = min(attempts_done + 1, self._config.max_attempts - 1)
+        receiver had it: counted, so that the count says how many POSTs the receiver may
+        have had, and tried again after a backoff, even if it was the last allowed (see
+        ``attempt``'s ``last_cut_off``)."""
         return Attempt(
-            attempts,
-            "cut off by a shutdown before the callback answered",
-            retry_in_s=self._backoff_s(attempts_done + 1),
+            attempts_done + 1, CUT_OFF_ERROR, retry_in_s=self._backoff_s(attempts_done + 1)
         )
 
     def _backoff_s(self, attempts: int) -> float:

@@ -5,6 +5,7 @@ Every call takes ``now`` explicitly, so these tests move time by passing it, nev
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -12,7 +13,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -973,6 +974,72 @@ def test_reopening_keeps_the_tasks(tmp_path: Path) -> None:
 
     with closing(TaskStore(tmp_path)) as store:
         assert get(store, "t1").status is TaskStatus.QUEUED
+
+
+def run_while_the_lock_is_held(path: Path, writes: list[Callable[[], object]]) -> float:
+    """Start ``writes``, each on a thread of its own 0.1 s after the one before, while
+    another connection holds the write lock; free it, wait for them, and return when it
+    was freed."""
+    errors: list[BaseException] = []
+
+    def write(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(call,)) for call in writes]
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        released_at = time.time()
+        other.execute("COMMIT")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    return released_at
+
+
+def test_writes_that_waited_for_the_lock_are_stamped_once_they_hold_it(tmp_path: Path) -> None:
+    """Two workers, one claiming and then one submitting while another process holds the
+    write lock, stamp their times once they hold it, in the order they commit: whichever
+    goes first once the lock is free, no task starts before it was created."""
+    claimer, submitter = TaskStore(tmp_path), TaskStore(tmp_path)
+    try:
+        for round_ in range(5):
+            task_id = f"new{round_}"
+            released_at = run_while_the_lock_is_held(
+                claimer.path,
+                [
+                    lambda: claimer.claim("A", 10, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS),
+                    functools.partial(
+                        submitter.create,
+                        task_id,
+                        b"jpeg",
+                        top_k=5,
+                        metadata=None,
+                        callback_url=None,
+                        max_queued=10,
+                    ),
+                ],
+            )
+            created = get(claimer, task_id)
+            assert created.created_at >= released_at
+            if created.started_at is not None:  # the claim went after the submission
+                assert created.started_at >= created.created_at
+        # The same for a cancel.
+        add(submitter, "to cancel", at=time.time())
+        released_at = run_while_the_lock_is_held(
+            claimer.path, [lambda: submitter.cancel("to cancel")]
+        )
+        cancelled = get(claimer, "to cancel")
+        assert cancelled.finished_at is not None
+        assert cancelled.finished_at >= released_at
+    finally:
+        claimer.close()
+        submitter.close()
 
 
 def test_two_stores_opened_together_on_one_directory_both_work(tmp_path: Path) -> None:

@@ -984,6 +984,40 @@ async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
     assert retry_at <= stopped_at + WEBHOOK_SETTINGS["webhook_backoff_s"]
 
 
+async def test_the_last_allowed_attempt_cut_off_is_counted_and_made_again_after_a_restart(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With WEBHOOK_MAX_ATTEMPTS=1, an attempt cut off by a stop is counted (the receiver
+    may have it) and made again by the next worker (it may not): ``attempts`` is always
+    the number of POSTs the receiver may have had."""
+    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    settings = make_settings(
+        **WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0, "webhook_max_attempts": 1}
+    )
+    async with receiving() as receiver:
+        receiver.script = [STALL]
+        async with running_app(settings) as served:
+            accepted = await submit(
+                served.client, photos[0].read_bytes(), callback_url=receiver.url
+            )
+            await asyncio.wait_for(receiver.arrived.wait(), 10)
+            served.service.begin_shutdown()
+            await served.service.stop()
+        status, owner, _, attempts, error = pending_delivery(settings, accepted["task_id"])
+        assert (status, owner, attempts) == ("pending", None, 1)
+        assert error == "cut off by a shutdown before the callback answered"
+
+        async with running_app(settings) as served:
+            task = await webhook_done(served.client, accepted["task_id"])
+        assert len(receiver.received) == 2
+    assert task["webhook"] == {
+        "status": "delivered",
+        "attempts": 2,
+        "last_error": None,
+        "next_attempt_at": None,
+    }
+
+
 async def test_a_failed_task_is_reported_to_its_webhook_too(photos: list[Path]) -> None:
     async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
         model = GatedModel(served)

@@ -217,8 +217,8 @@ async def test_a_receiver_that_resets_the_connection_is_named_in_the_error(
 
 
 def test_an_attempt_cut_off_counts_but_never_ends_the_delivery() -> None:
-    """Counted, since the receiver may have it; but the last allowed attempt is made again
-    rather than the delivery given up, since the receiver may not."""
+    """Counted, since the receiver may have it, the last allowed one too, which is tried
+    again rather than the delivery given up, since the receiver may not have it."""
     sender = WebhookSender(WebhookConfig(max_attempts=3, **FAST))  # type: ignore[arg-type]
 
     first = sender.cut_off(attempts_done=0)
@@ -228,8 +228,21 @@ def test_an_attempt_cut_off_counts_but_never_ends_the_delivery() -> None:
     assert first.error == "cut off by a shutdown before the callback answered"
     assert first.retry_in_s is not None
     assert FAST["backoff_initial_s"] / 2 <= first.retry_in_s <= FAST["backoff_initial_s"]
-    assert last.attempts == 2
+    assert (last.attempts, last.error) == (3, first.error)
     assert last.retry_in_s is not None
+
+
+async def test_the_last_allowed_attempt_cut_off_is_made_again(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    """Once, beyond the limit, and counted: the count is what the receiver may have had."""
+    receiver.then = 500
+    sender = make_sender(max_attempts=3)
+
+    again = await sender.attempt(receiver.url, PAYLOAD, attempts_done=3, last_cut_off=True)
+
+    assert again == Attempt(attempts=4, error="callback answered 500", retry_in_s=None)
+    assert len(receiver.received) == 1
 
 
 async def test_cancelling_an_attempt_waiting_for_an_answer_propagates(
