@@ -39,8 +39,9 @@ SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 # then spin for about 20 ms after a forward pass before they sleep, instead of about 6, so
 # a request arriving in that time does not wait for them to wake: a lone request's latency
 # fell 3-10 % on a 2-core VM, with no change under load (docs/benchmarks/README.md).
-if settings.gomp_spincount is None:  # unset or empty
-    os.environ["GOMP_SPINCOUNT"] = "1000000"
+# Settings are read in any case, libgomp reads only this one: pass a value given as
+# gomp_spincount on under the name it reads.
+os.environ["GOMP_SPINCOUNT"] = settings.gomp_spincount or "1000000"  # unset or empty
 
 bind = settings.bind or f"0.0.0.0:{settings.port}"
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers

@@ -49,6 +49,9 @@ def test_openmp_threads_spin_longer_unless_told_otherwise(
     assert os.environ["GOMP_SPINCOUNT"] == "300000"
     load(monkeypatch, tmp_path, GOMP_SPINCOUNT="")  # empty means unset
     assert os.environ["GOMP_SPINCOUNT"] == "1000000"
+    # Settings are read in any case; libgomp reads this name only.
+    load(monkeypatch, tmp_path, gomp_spincount="infinite")
+    assert os.environ["GOMP_SPINCOUNT"] == "infinite"
 
 
 def test_everything_comes_from_the_environment(
