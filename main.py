@@ -30,6 +30,7 @@ import torch
 from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -533,8 +534,8 @@ class Service:
         """Store the upload as a task once its image decodes as one the model accepts; as
         ``TaskRunner.submit``, the task and whether it is new.
 
-        Refuses before decoding when ``MAX_QUEUE`` submissions are already being read,
-        decoded or stored in this worker, or when the task queue is full: each one holds
+        Refuses before decoding when ``MAX_QUEUE`` submissions are already being decoded or
+        stored in this worker, or when the task queue is full: each one holds
         its upload in memory while it waits for the tasks' decode thread or the store. The
         ``callback_url``'s host is looked up after those checks, since a lookup may take
         up to ``WEBHOOK_TIMEOUT_S``.
@@ -569,7 +570,7 @@ class Service:
 
     def _submissions_full(self) -> str:
         return (
-            f"{self._submissions_in_progress} task submissions are being read, decoded or stored; "
+            f"{self._submissions_in_progress} task submissions are being decoded or stored; "
             f"MAX_QUEUE allows {self.settings.max_queue}"
         )
 
@@ -905,6 +906,18 @@ TopK = Annotated[
 ]
 
 
+# The form fields of POST /tasks.
+TASK_FORM_FIELDS = ("file", "callback_url", "metadata")
+
+
+def _refuse_query_parameters_in_the_form(form: FormData) -> None:
+    """``top_k`` sent as a form field would be ignored, and the caller get the default
+    number of classes without a word."""
+    if "top_k" in form:
+        message = "sent in the form, where it is not read; send it in the URL (?top_k=3)"
+        raise RequestValidationError([{"loc": ("body", "top_k"), "msg": message}])
+
+
 async def classify(
     request: Request,
     file: ImageFile,
@@ -913,6 +926,7 @@ async def classify(
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
     top_k = _top_k(request, top_k)
+    _refuse_query_parameters_in_the_form(await request.form())
     predictions = await _unless_disconnected(
         request, service.classify(file, top_k, _deadline(service))
     )
@@ -935,6 +949,7 @@ async def classify_batch(
     top_k = _top_k(request, top_k)
     deadline = _deadline(service)
     form = await request.form()  # parsed already, for ``file``
+    _refuse_query_parameters_in_the_form(form)
     # Any would be left out of the answer, and the caller miss an image it sent.
     stray = [
         name
@@ -1013,6 +1028,12 @@ async def submit_task(
     # The form is parsed already (and kept by the request); FastAPI takes the last of
     # repeated fields, which would drop the others silently.
     form = await request.form()
+    _refuse_query_parameters_in_the_form(form)
+    # A misspelt callback_url or metadata would be dropped unseen: no webhook would come.
+    if unknown := [name for name in form if name not in TASK_FORM_FIELDS]:
+        raise InvalidTaskField(
+            f"unknown form field {unknown[0][:64]!r}; a task takes {', '.join(TASK_FORM_FIELDS)}"
+        )
     for name in ("callback_url", "metadata"):
         if (sent := len(form.getlist(name))) > 1:
             raise InvalidTaskField(f"{name} was sent {sent} times; send it at most once")

@@ -113,6 +113,22 @@ async def test_a_repeated_top_k_is_422_not_the_last_one_taken(
     assert response.json()["detail"] == "query.top_k: was sent 2 times; send it at most once"
 
 
+@pytest.mark.parametrize("route", ["/cls", "/cls/batch"])
+async def test_top_k_sent_in_the_form_is_422_not_ignored(
+    served: RunningApp, photos: list[Path], route: str
+) -> None:
+    """Ignored, it would give the default number of classes without a word. Other fields
+    are left alone, as a browser's form sends its named buttons."""
+    data = photos[0].read_bytes()
+    response = await served.client.post(route, files=upload(data), data={"top_k": "3"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == (
+        "top_k: sent in the form, where it is not read; send it in the URL (?top_k=3)"
+    )
+    button = await served.client.post(route, files=upload(data), data={"submit": "Classify"})
+    assert button.status_code == 200, button.text
+
+
 async def test_a_model_with_fewer_classes_than_the_default_top_k_answers_them_all(
     photos: list[Path], tmp_path: Path
 ) -> None:

@@ -155,6 +155,17 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
         ({"callback_url": "http://example.com/\r\nX-Injected: 1"}, 422, "control characters"),
         ({"metadata": ['{"a": 1}', '{"b": 2}']}, 422, "metadata was sent 2 times"),
         ({"callback_url": ["https://a.example/", "https://b.example/"]}, 422, "sent 2 times"),
+        # A misspelt field would leave the task without its webhook, unseen.
+        (
+            {"callback": "https://hooks.example/done"},
+            422,
+            "unknown form field 'callback'; a task takes file, callback_url, metadata",
+        ),
+        (
+            {"top_k": "3"},
+            422,
+            "top_k: sent in the form, where it is not read; send it in the URL (?top_k=3)",
+        ),
     ],
 )
 async def test_bad_fields_are_refused_before_anything_is_stored(
