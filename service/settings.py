@@ -295,9 +295,10 @@ class Settings(BaseSettings):
                 pass
         return value
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "dtype", "batch_policy", "device", mode="before")
     @classmethod
-    def _lower_log_level(cls, value: object) -> object:
+    def _keywords_in_any_case(cls, value: object) -> object:
+        # As names are: DTYPE=FLOAT16 is as clear as float16.
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")

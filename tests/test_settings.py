@@ -92,6 +92,23 @@ def test_values_the_setting_takes_are_kept(
     assert getattr(load_settings(), name.lower()) == value
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "read"),
+    [
+        ("DTYPE", "FLOAT16", "float16"),
+        ("BATCH_POLICY", "Timeout", "timeout"),
+        ("DEVICE", "CUDA:1", "cuda:1"),
+        ("LOG_FORMAT", "JSON", "json"),
+        ("LOG_LEVEL", "WARNING", "warning"),
+    ],
+)
+def test_keywords_are_read_in_any_case_as_names_are(
+    name: str, value: str, read: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings(), name.lower()) == read
+
+
 def test_a_setting_given_in_lower_case_is_read_and_named_as_given(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
