@@ -1440,7 +1440,9 @@ def create_app(settings: Settings) -> FastAPI:
                 else f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
             )
         ),
-        part_limit=max_part_bytes,
+        # A file part's limit; a task's metadata, should TASK_METADATA_MAX_BYTES be set
+        # larger, may take more.
+        part_limit=max(upload_limit, settings.task_metadata_max_bytes + MULTIPART_OVERHEAD_BYTES),
         describe_part=lambda limit: (
             f"a part of the request body is over {limit} bytes; "
             f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"

@@ -131,6 +131,20 @@ async def test_metadata_at_the_depth_limit_is_kept_and_read_back(
     assert task["metadata"] == {"x": deep}
 
 
+async def test_metadata_allowed_beyond_the_upload_limit_is_not_cut_off_as_a_part(
+    photos: list[Path],
+) -> None:
+    """A part is cut off past MAX_UPLOAD_BYTES + 64 KiB, or past TASK_METADATA_MAX_BYTES
+    + 64 KiB where that is larger: the metadata it allows is taken."""
+    data = photos[0].read_bytes()
+    settings = make_settings(max_upload_bytes=len(data), task_metadata_max_bytes=len(data) * 4)
+    async with running_app(settings) as served:
+        metadata = json.dumps({"notes": "x" * (len(data) * 3)})
+        accepted = await submit(served.client, data, metadata=metadata)
+        task = await finished(served.client, accepted["task_id"])
+    assert task["metadata"] == json.loads(metadata)
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "detail"),
     [
