@@ -1161,6 +1161,17 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 # Starlette's refusal of a form with more file parts than a route's ``max_files``.
 _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)\.")
+# The multipart parser's words for a body it cannot read, and what they mean to a caller.
+_MULTIPART_ERRORS = {
+    "Missing boundary in multipart.": (
+        "the Content-Type multipart/form-data names no boundary; let the HTTP client write "
+        "the header with the body (curl -F, a files= argument) rather than setting it by hand"
+    ),
+    "Invalid multipart data.": (
+        "the body is not well-formed multipart/form-data: a part does not begin with the "
+        "boundary its Content-Type names, or a part's header lines are malformed"
+    ),
+}
 
 
 def _has_route(app: FastAPI, path: str) -> bool:
@@ -1190,6 +1201,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"no route {shown}"
         if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
             detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
+    if exc.status_code == 400 and str(detail) in _MULTIPART_ERRORS:
+        detail = _MULTIPART_ERRORS[str(detail)]
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
         # Starlette's message names neither the setting nor the route for several files.
         if request.url.path == "/cls/batch":

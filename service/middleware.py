@@ -400,6 +400,10 @@ class JsonCorsMiddleware(CORSMiddleware):
         detail = bytes(response.body).decode()
         if "origin" in detail:
             detail += "; CORS_ORIGINS lists the allowed origins"
+        if "method" in detail:
+            detail += f"; the API takes {', '.join(self.allow_methods)}"
+        if "headers" in detail:
+            detail += f"; a request may send {', '.join(sorted(self.allow_headers))}"
         headers = {
             name: value
             for name, value in response.headers.items()

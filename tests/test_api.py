@@ -168,6 +168,33 @@ async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) ->
         }
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "says"),
+    [
+        ("multipart/form-data", b"--abc\r\n", "names no boundary"),
+        (
+            "multipart/form-data; boundary=abc",
+            b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--xyz--\r\n',
+            "a part does not begin with the boundary its Content-Type names",
+        ),
+        (
+            "multipart/form-data; boundary=abc",
+            b"--abc\r\nContent-Disposition form-data\r\n\r\nx\r\n--abc--\r\n",
+            "a part's header lines are malformed",
+        ),
+    ],
+)
+async def test_a_multipart_body_that_does_not_parse_is_400_saying_why(
+    served: RunningApp, content_type: str, body: bytes, says: str
+) -> None:
+    """Not the parser's own "Invalid multipart data.", which tells a caller nothing."""
+    response = await served.client.post(
+        "/cls", content=body, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 400
+    assert says in response.json()["detail"]
+
+
 async def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(
     served: RunningApp,
 ) -> None:

@@ -250,5 +250,5 @@ async def test_a_refused_cors_preflight_is_a_json_error() -> None:
     }
     assert "access-control-allow-origin" not in foreign.headers
     assert method.status_code == 400
-    assert method.json() == {"detail": "Disallowed CORS method"}
+    assert method.json() == {"detail": "Disallowed CORS method; the API takes GET, POST, DELETE"}
     assert method.headers["access-control-allow-origin"] == ORIGIN
