@@ -618,7 +618,9 @@ class Service:
         """The task runner, once its store is open; the 503 that says why until then."""
         if self.tasks is None:
             if self._store_reopener is not None:
-                raise TaskStoreFailed(f"tasks are unavailable for now: {self._task_store_problem}")
+                raise TaskStoreFailed(
+                    f"tasks are unavailable until the task store opens: {self._task_store_problem}"
+                )
             raise self._not_ready()  # before start or after stop
         return self.tasks
 

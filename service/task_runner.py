@@ -114,13 +114,35 @@ def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
         logger.error("storing %s failed as the worker stopped: %s", what, error)
 
 
+# A loop that fails the same way at every turn (each second, say, with DATA_DIR deleted)
+# logs it once, then once this often, with how many times it failed since.
+REPEATED_FAILURE_LOG_S = 60.0
+# Per loop message: the failure last logged, when, and how many times it came since.
+_failures_logged: dict[str, tuple[str, float, int]] = {}
+
+
 def _log_loop_failure(error: Exception, message: str) -> None:
     """A store failing for now (locked, full, damaged) in one line, since a loop meets it
-    again at each turn; anything else with its traceback."""
+    again at each turn; anything else with its traceback. The same failure again within
+    ``REPEATED_FAILURE_LOG_S`` is counted, not logged."""
+    described = f"{type(error).__name__}: {error}"
+    now = time.monotonic()
+    last = _failures_logged.get(message)
+    if last is not None and last[0] == described and now - last[1] < REPEATED_FAILURE_LOG_S:
+        _failures_logged[message] = (described, last[1], last[2] + 1)
+        return
+    _failures_logged[message] = (described, now, 0)
+    repeats = ""
+    if last is not None and last[2]:
+        repeats = (
+            f" ({last[2]} more times since the last such line)"
+            if last[0] == described
+            else f" (after {last[2]} more of the failure logged before)"
+        )
     if isinstance(error, TaskStoreBusy | TaskStoreFailed):
-        logger.error("%s: %s", message, error)
+        logger.error("%s: %s%s", message, error, repeats)
     else:
-        logger.error("%s", message, exc_info=error)
+        logger.error("%s%s", message, repeats, exc_info=error)
 
 
 class TaskRunner:
