@@ -117,32 +117,37 @@ def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
 # A loop that fails the same way at every turn (each second, say, with DATA_DIR deleted)
 # logs it once, then once this often, with how many times it failed since.
 REPEATED_FAILURE_LOG_S = 60.0
-# Per loop message: the failure last logged, when, and how many times it came since.
-_failures_logged: dict[str, tuple[str, float, int]] = {}
 
 
-def _log_loop_failure(error: Exception, message: str) -> None:
-    """A store failing for now (locked, full, damaged) in one line, since a loop meets it
-    again at each turn; anything else with its traceback. The same failure again within
-    ``REPEATED_FAILURE_LOG_S`` is counted, not logged."""
-    described = f"{type(error).__name__}: {error}"
-    now = time.monotonic()
-    last = _failures_logged.get(message)
-    if last is not None and last[0] == described and now - last[1] < REPEATED_FAILURE_LOG_S:
-        _failures_logged[message] = (described, last[1], last[2] + 1)
-        return
-    _failures_logged[message] = (described, now, 0)
-    repeats = ""
-    if last is not None and last[2]:
-        repeats = (
-            f" ({last[2]} more times since the last such line)"
-            if last[0] == described
-            else f" (after {last[2]} more of the failure logged before)"
-        )
-    if isinstance(error, TaskStoreBusy | TaskStoreFailed):
-        logger.error("%s: %s%s", message, error, repeats)
-    else:
-        logger.error("%s%s", message, repeats, exc_info=error)
+class _LoopFailures:
+    """Logs the background loops' failures: a store failing for now (locked, full,
+    damaged) in one line, since a loop meets it again at each turn; anything else with its
+    traceback. The same failure of a loop again within ``REPEATED_FAILURE_LOG_S`` is
+    counted, not logged."""
+
+    def __init__(self) -> None:
+        # Per loop message: the failure last logged, when, and how many times it came since.
+        self._logged: dict[str, tuple[str, float, int]] = {}
+
+    def log(self, error: Exception, message: str) -> None:
+        described = f"{type(error).__name__}: {error}"
+        now = time.monotonic()
+        last = self._logged.get(message)
+        if last is not None and last[0] == described and now - last[1] < REPEATED_FAILURE_LOG_S:
+            self._logged[message] = (described, last[1], last[2] + 1)
+            return
+        self._logged[message] = (described, now, 0)
+        repeats = ""
+        if last is not None and last[2]:
+            repeats = (
+                f" ({last[2]} more times since the last such line)"
+                if last[0] == described
+                else f" (after {last[2]} more of the failure logged before)"
+            )
+        if isinstance(error, TaskStoreBusy | TaskStoreFailed):
+            logger.error("%s: %s%s", message, error, repeats)
+        else:
+            logger.error("%s%s", message, repeats, exc_info=error)
 
 
 class TaskRunner:
@@ -191,6 +196,7 @@ class TaskRunner:
         self._request_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-requests")
         self._request_writer: TaskStore | None = None
         self._wake = asyncio.Event()
+        self._loop_failures = _LoopFailures()
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         # The task id each run or delivery works on: the leases to keep alive.
@@ -506,7 +512,7 @@ class TaskRunner:
                 next_due = await self._db(self.store.next_delivery_due, now=time.time())
             except Exception as exc:
                 # A locked or full disk must not end task processing for good; retry.
-                _log_loop_failure(
+                self._loop_failures.log(
                     exc, f"claiming tasks failed; retrying in {config.poll_interval_s} s"
                 )
                 next_due = None
@@ -539,7 +545,7 @@ class TaskRunner:
                 if abandoned:
                     self._wake.set()  # their webhooks are now pending
             except Exception as exc:
-                _log_loop_failure(exc, "renewing task leases failed")
+                self._loop_failures.log(exc, "renewing task leases failed")
 
     async def _clean_up_forever(self) -> None:
         config = self._config
@@ -549,7 +555,7 @@ class TaskRunner:
                 if deleted:
                     logger.info("deleted %d tasks older than TASK_TTL", deleted)
             except Exception as exc:
-                _log_loop_failure(exc, "deleting expired tasks failed")
+                self._loop_failures.log(exc, "deleting expired tasks failed")
             await asyncio.sleep(config.cleanup_interval_s)
 
     # --- One task, one delivery ---------------------------------------------------------------

@@ -1851,17 +1851,17 @@ def test_a_loop_failing_the_same_way_logs_it_once_then_with_a_count(
 ) -> None:
     """With DATA_DIR deleted, every worker's claim loop fails each second: one line, then
     one line a minute with how many times it failed since, not a line each second."""
-    monkeypatch.setattr(task_runner, "_failures_logged", {})
+    failures = task_runner._LoopFailures()
     gone = tasks.TaskStoreFailed("the task store's file was deleted")
     message = "claiming tasks failed; retrying in 1 s"
     with caplog.at_level(logging.ERROR, logger="service.task_runner"):
         for _ in range(5):
-            task_runner._log_loop_failure(gone, message)
+            failures.log(gone, message)
         assert [r.getMessage() for r in caplog.records] == [f"{message}: {gone}"]
         monkeypatch.setattr(task_runner, "REPEATED_FAILURE_LOG_S", 0.0)
-        task_runner._log_loop_failure(gone, message)
-        task_runner._log_loop_failure(tasks.TaskStoreBusy("busy"), message)
-        task_runner._log_loop_failure(gone, "renewing task leases failed")
+        failures.log(gone, message)
+        failures.log(tasks.TaskStoreBusy("busy"), message)
+        failures.log(gone, "renewing task leases failed")
     assert [r.getMessage() for r in caplog.records][1:] == [
         f"{message}: {gone} (4 more times since the last such line)",
         f"{message}: busy",
