@@ -66,7 +66,13 @@ from service.middleware import (
     ShedWhileFullMiddleware,
     matching_route,
 )
-from service.protocol import EXIT_RESTART, SHUTDOWN_HOOK, SIBLINGS_STATE
+from service.protocol import (
+    EXIT_RESTART,
+    SHUTDOWN_HOOK,
+    SIBLINGS_STATE,
+    pause_unless_stopped,
+    restart_pause_s,
+)
 from service.schemas import (
     BATCH_HEADERS,
     TASK_ACCEPTED_HEADERS,
@@ -1298,16 +1304,21 @@ def create_app(settings: Settings) -> FastAPI:
             # One line that says what to change, not a traceback. Exit code 3 tells gunicorn
             # to stop rather than restart the worker in a loop, unless other workers serve.
             others_serve = siblings is not None and siblings.others_serving()
-            if others_serve:
+            pause_s = 0.0
+            if siblings is not None and others_serve:
+                pause_s = restart_pause_s(siblings.failed_to_start(), settings.worker_timeout_s)
                 logger.critical(
-                    "cannot start: %s; gunicorn starts this worker again, and the other "
-                    "workers serve meanwhile",
+                    "cannot start: %s; gunicorn starts this worker again in %g s, and the "
+                    "other workers serve meanwhile",
                     exc,
+                    pause_s,
                 )
             else:
                 logger.critical("cannot start: %s", exc)
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
+            if pause_s:
+                pause_unless_stopped(pause_s)
             os._exit(EXIT_RESTART if others_serve else EXIT_STARTUP_FAILED)
         if siblings is not None:
             siblings.mark_ready()

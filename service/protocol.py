@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -72,6 +73,12 @@ LINGER_AT_SHUTDOWN_S = 1.0
 # they serve on. What changed since they started (a weights file) is the operator's to
 # mend, and a halt would take the healthy workers down with it.
 EXIT_RESTART = 1
+# Before it exits so, it pauses this long times two to the power of the failures of the
+# run since a worker last started, at most MAX_RESTART_PAUSE_S (and a quarter of the
+# worker timeout): a replacement that fails the same way each time, its model loaded
+# in vain, must not take a core from the workers that serve.
+RESTART_PAUSE_S = 1.0
+MAX_RESTART_PAUSE_S = 30.0
 # Where the app's state holds the worker's ``service.siblings.Siblings`` under gunicorn.
 SIBLINGS_STATE = "siblings"
 # How long a client may read nothing of an answer that fills the connection's buffers
@@ -557,3 +564,18 @@ class JsonErrorsUvicornWorker(UvicornWorker):
             # only on SIGINT and SIGTERM: the worker would serve on until the master
             # SIGKILLs it at graceful_timeout, without draining. Stop as on SIGTERM.
             signal.raise_signal(signal.SIGTERM)
+
+
+def restart_pause_s(failures: int, worker_timeout_s: float) -> float:
+    """How long a worker that could not start waits before it exits to be started again."""
+    doubled = RESTART_PAUSE_S * 2 ** min(failures - 1, 16)
+    return min(doubled, MAX_RESTART_PAUSE_S, worker_timeout_s / 4)
+
+
+def pause_unless_stopped(seconds: float) -> None:
+    """Sleep ``seconds``, or until the master stops the worker (SIGTERM, SIGINT, SIGQUIT):
+    a worker that could not start has nothing to drain."""
+    stopped = threading.Event()
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(stop, lambda *_: stopped.set())
+    stopped.wait(seconds)

@@ -2,7 +2,8 @@
 
 The master makes a directory for the run (``gunicorn_config.py``, named by ``SIBLINGS_DIR``
 in the workers' environment). A worker that has started marks it twice: ``started``, kept
-for the whole run, and ``ready-<pid>``, which the master removes as that worker exits.
+for the whole run, and ``ready-<pid>``, which the master removes as that worker exits. A
+worker that could not start marks ``failed-<pid>``, until one starts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 SIBLINGS_DIR = "SERVICE_SIBLINGS_DIR"
 _STARTED = "started"
 _READY_PREFIX = "ready-"
+_FAILED_PREFIX = "failed-"
 
 
 class Siblings:
@@ -34,6 +36,15 @@ class Siblings:
         with contextlib.suppress(OSError):
             (self.directory / _STARTED).touch()
             (self.directory / f"{_READY_PREFIX}{os.getpid()}").touch()
+            for failed in self.directory.glob(f"{_FAILED_PREFIX}*"):
+                failed.unlink(missing_ok=True)
+
+    def failed_to_start(self) -> int:
+        """Mark that this worker could not start; how many workers of this run have failed
+        so since one last started."""
+        with contextlib.suppress(OSError):
+            (self.directory / f"{_FAILED_PREFIX}{os.getpid()}").touch()
+        return max(1, len(list(self.directory.glob(f"{_FAILED_PREFIX}*"))))
 
     def server_started(self) -> bool:
         """Whether a worker of this run has started before: its task store exists, or did."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -432,6 +433,9 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
             assert time.monotonic() < deadline, server.log()
             assert server.process.poll() is None, server.log()
             time.sleep(0.2)
+        # Each replacement waits longer before it exits, not to take a core in a loop.
+        pauses = re.findall(r"gunicorn starts this worker again in (\S+) s", server.log())
+        assert pauses[:2] == ["1", "2"], server.log()
         for _ in range(4):  # every one of them reaches the worker still serving
             assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
         weights.write_bytes(good)
