@@ -71,6 +71,9 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
         f"Python {machine['python']}, torch {machine['torch']}",
         f"- server: {results['server_settings']}",
+        f"- code: {results.get('commit') or 'unknown'}",
+        f"- other processes' load: {_busy(machine)}",
+        *([f"- **warning: {results['warning']}**"] if results.get("warning") else []),
         "",
         "## Targets",
         "",
@@ -117,9 +120,9 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         "",
         f"- in-process single-image pipeline before / after the lone-request step: "
         f"{pipeline_ms[0]:.1f} / {pipeline_ms[1]:.1f} ms",
-        f"- forward-only limit before / after the saturated step: {forward[0]:.1f} / "
-        f"{forward[1]:.1f} images/s (served network, BatchNorm folded: {served[0]:.1f} / "
-        f"{served[1]:.1f})",
+        f"- forward-only limit (the best of plain, channels_last and served) before / after "
+        f"the saturated step: {forward[0]:.1f} / {forward[1]:.1f} images/s (served network, "
+        f"BatchNorm folded: {served[0]:.1f} / {served[1]:.1f})",
         "",
         *step_rows(paired_steps),
         "",
@@ -128,6 +131,15 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         lines += ["## Batching off (MAX_BATCH_SIZE=1)", "", *step_rows(results["baseline"]), ""]
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _busy(machine: dict[str, Any]) -> str:
+    if "busy_before_run" not in machine:
+        return "not measured"
+    return (
+        f"{machine['busy_before_run']:.0%} of the CPU busy just before the run, "
+        f"{machine['busy_after_run']:.0%} just after"
+    )
 
 
 def _low_traffic_lines(results: dict[str, Any]) -> list[str]:

@@ -26,7 +26,8 @@ from aiohttp import web
 from PIL import Image
 from tqdm import tqdm
 
-from bench import gpu, large_images, load, overload, report
+from bench import __main__ as bench_main
+from bench import gpu, large_images, limits, load, overload, report
 from bench import server as bench_server
 from bench.__main__ import _images, _saturating_clients, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
@@ -341,6 +342,56 @@ def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
         parent.stdout.close()
 
 
+def test_target_1_divides_by_the_fastest_form_of_the_network(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server runs the network with its BatchNorm folded, faster than torchvision's:
+    divided by the unfolded network's limit alone, what folding gains would pass for a
+    serving path that costs nothing."""
+    speeds = {"plain": 60.0, "channels_last": 70.0, "served": 80.0}
+    monkeypatch.setattr(
+        limits.Limits, "forward_images_per_s", lambda self, kind, *args: speeds[kind]
+    )
+    measured = limits.Limits.__new__(limits.Limits)  # no network built: its speeds are given
+    forward = measured.forward_limit(16, 1.0)
+    assert forward["forward_limit_images_per_s"] == 80.0
+    assert forward["forward_eager_limit_images_per_s"] == 70.0
+    results = {
+        "steps": [],
+        "memory": {},
+        "paired": {
+            "forward": [forward, forward],
+            "saturated": {"throughput_per_s": 68.0},
+            "lone_request": {"latency_ms": {"p50": 22.0}},
+            "single_image_pipeline_ms": [20.0, 20.0],
+        },
+    }
+    throughput, _ = targets(results, max_batch_size=16, workers=1)
+    assert throughput["value"] == pytest.approx(68 / 80)
+    assert not throughput["met"]
+    assert "0.97 of the unfolded network's best, 70.0 images/s" in throughput["note"]
+
+
+def test_a_lone_request_faster_than_the_model_alone_is_no_measurement() -> None:
+    """A machine that slowed down for the pipeline's measurements and not the server's
+    would make target 2 pass on a ratio no server can reach."""
+    forward = {"forward_limit_images_per_s": 70.0}
+    results = {
+        "steps": [],
+        "memory": {},
+        "paired": {
+            "forward": [forward, forward],
+            "saturated": {"throughput_per_s": 64.0},
+            "lone_request": {"latency_ms": {"p50": 311.0}},
+            "single_image_pipeline_ms": [612.0, 614.0],
+        },
+    }
+    _, lone = targets(results, max_batch_size=16, workers=1)
+    assert lone["value"] == pytest.approx(311 / 613)
+    assert not lone["met"]
+    assert "implausible" in lone["note"]
+
+
 def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
     """Targets 1 and 2 divide by the mean of two in-process measurements taken either side
     of the served one; when those two differ by more than 5 %, the ratio says so."""
@@ -433,10 +484,16 @@ def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
 
 def test_no_ideal_figure_for_a_rate_the_ideal_server_cannot_serve() -> None:
     """Batches of 16 in 200 ms serve 80 images/s: at 90 a second, the simulated queue
-    grows for as long as the simulation runs, and its p99 with it."""
+    grows for as long as the simulation runs, and its p99 with it. So it does where a
+    smaller batch does more images a second: once 16 wait, the server runs 16."""
     target = targets(_results_for_targets(offered_at_75=90.0), max_batch_size=16, workers=1)[2]
     assert target["ideal_server_value"] is None
     assert "at most 80.0 images/s a worker, under the 90.0 offered" in target["note"]
+    results = _results_for_targets(offered_at_75=85.0)
+    results["limits"]["forward_served_ms_batch_8"] = 80.0  # 100 images/s
+    target = targets(results, max_batch_size=16, workers=1)[2]
+    assert target["ideal_server_value"] is None
+    assert "at most 80.0 images/s a worker, under the 85.0 offered" in target["note"]
 
 
 def test_the_forward_limit_of_several_workers_is_each_ones_times_their_number() -> None:
@@ -580,7 +637,7 @@ def test_the_cpu_decode_limit_is_measured_in_each_process() -> None:
 
 
 def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     photo = Image.open(next(IMAGES_DIR.glob("*.jpg"))).convert("RGB")
     (tmp_path / "sub").mkdir()
@@ -593,6 +650,12 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
         _images(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         _images(tmp_path / "missing")
+    (tmp_path / "c.jpg").unlink()
+    # Valid, but every request would be refused 413, found only once the sweep began.
+    Image.effect_noise((2000, 1400), 64).convert("RGB").save(tmp_path / "huge.png")
+    monkeypatch.setattr(bench_main, "DEFAULT_MAX_UPLOAD_BYTES", 1_000_000)
+    with pytest.raises(ValueError, match=r"huge\.png: \d+ bytes, over the service's MAX_UPLOAD"):
+        _images(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -605,6 +668,7 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
             ["--url", "http://127.0.0.1:9", "--images", str(IMAGES_DIR)],
             "--url http://127.0.0.1:9 cannot be reached",
         ),
+        (["--out", str(PROJECT_ROOT / "README.md")], "README.md is a file, not a folder"),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_measurement(
