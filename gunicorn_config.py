@@ -25,10 +25,15 @@ settings = load_settings()
 # worker imports prometheus_client, which is why it is set at config-load time.
 # gunicorn may read this file more than once, so the default is derived, not random.
 _DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{os.getpid()}"
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
-    # Empty means unset: an empty path is the working directory, whose *.db files the
-    # clean-up below would delete.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_DEFAULT_METRICS_DIR)
+# Names the default directory a master chose, so that a master started from its
+# environment (USR2, after a SIGHUP made gunicorn copy it) chooses its own: the old one
+# removes its directory as it exits.
+_DEFAULTED = "SERVICE_DEFAULT_METRICS_DIR"
+_given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+# Empty means unset: an empty path is the working directory, whose *.db files the
+# clean-up below would delete.
+if not _given or _given == os.environ.get(_DEFAULTED):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_DEFAULTED] = str(_DEFAULT_METRICS_DIR)
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 # Where the workers tell each other that they have started (service/siblings.py): this
 # master's own, an upgrade's new master (USR2) included.
@@ -90,12 +95,18 @@ if settings.log_format == "json":
 
 
 def on_starting(server: Any) -> None:
-    """Remove the metric files of an earlier run, so their samples do not leak in, and
-    find out now, in one line, if the workers cannot create theirs."""
+    _halt_once_for_workers_that_cannot_start(server)
+
+
+def when_ready(server: Any) -> None:
+    """Once the master holds its sockets, before any worker starts: remove the metric
+    files of an earlier run, so their samples do not leak in, find out now, in one line,
+    if the workers cannot create theirs, and make the workers' directory. Not before: a
+    start that cannot bind its port (a server already runs there) must neither wipe that
+    server's metrics nor leave directories behind, since it exits without ``on_exit``."""
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
     shutil.rmtree(SIBLINGS.directory, ignore_errors=True)
     SIBLINGS.directory.mkdir(parents=True)
-    _halt_once_for_workers_that_cannot_start(server)
 
 
 def _halt_once_for_workers_that_cannot_start(server: Any) -> None:

@@ -100,6 +100,13 @@ def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
     """Make ``path`` for prometheus_client's multiprocess files and check that it takes
     them, or stop start-up with one line. ``remove_stale``: first delete the metric files
     (``*.db``) an earlier run left, and nothing else: it may be a mount, or hold others'."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"PROMETHEUS_MULTIPROC_DIR={path} cannot hold the metrics: it is a file, "
+                "not a directory"
+            )
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         if remove_stale:

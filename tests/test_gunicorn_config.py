@@ -23,6 +23,7 @@ def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[st
     monkeypatch.setenv("GOMP_SPINCOUNT", "")
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv(SIBLINGS_DIR, "")  # which the config sets too
+    monkeypatch.setenv("SERVICE_DEFAULT_METRICS_DIR", "")  # and this, with the default
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return runpy.run_path(str(CONFIG))
@@ -185,9 +186,9 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     (metrics_dir / "counter_123.db").write_bytes(b"stale")
     # The directory may be a mount, or shared: only the metric files go.
     (metrics_dir / "notes.txt").write_text("not ours")
-    on_starting = config["on_starting"]
-    assert callable(on_starting)
-    on_starting(SimpleNamespace(reap_workers=lambda: None))
+    when_ready = config["when_ready"]
+    assert callable(when_ready)
+    when_ready(SimpleNamespace())
     assert [path.name for path in metrics_dir.iterdir()] == ["notes.txt"]
     assert callable(config["child_exit"])
 
@@ -201,10 +202,10 @@ def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
     load(monkeypatch, tmp_path)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", empty)
     config = runpy.run_path(str(CONFIG))
-    on_starting, on_exit = config["on_starting"], config["on_exit"]
-    assert callable(on_starting)
+    when_ready, on_exit = config["when_ready"], config["on_exit"]
+    assert callable(when_ready)
     assert callable(on_exit)
-    on_starting(SimpleNamespace(reap_workers=lambda: None))
+    when_ready(SimpleNamespace())
     try:
         assert (tmp_path / "important.db").read_text() == "not a metric file"
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(config["PROMETHEUS_DIR"])
@@ -213,20 +214,43 @@ def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
         on_exit(None)
 
 
+def test_a_master_started_from_another_masters_environment_has_its_own_metrics_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """USR2 starts a new master with the old one's environment, which holds the default
+    directory the old one chose (after a SIGHUP, when gunicorn copies it): sharing it, the
+    new master would wipe the old workers' files, and lose its own as the old one exits."""
+    old_default = str(tmp_path / "prometheus-multiproc-999")
+    config = load(
+        monkeypatch,
+        tmp_path,
+        PROMETHEUS_MULTIPROC_DIR=old_default,
+        SERVICE_DEFAULT_METRICS_DIR=old_default,
+    )
+    assert config["PROMETHEUS_DIR"] == config["_DEFAULT_METRICS_DIR"]
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(config["_DEFAULT_METRICS_DIR"])
+    assert str(config["PROMETHEUS_DIR"]) != old_default
+    # One given by hand is kept, whatever the master.
+    given = str(tmp_path / "metrics")
+    assert (
+        str(load(monkeypatch, tmp_path, PROMETHEUS_MULTIPROC_DIR=given)["PROMETHEUS_DIR"]) == given
+    )
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_format: str
 ) -> None:
     config = load(monkeypatch, tmp_path, LOG_FORMAT=log_format)
     (tmp_path / "metrics").write_text("a file where the directory should be")
-    on_starting = config["on_starting"]
-    assert callable(on_starting)
+    when_ready = config["when_ready"]
+    assert callable(when_ready)
     with pytest.raises(SystemExit) as stopped:
-        on_starting(SimpleNamespace(reap_workers=lambda: None))
+        when_ready(SimpleNamespace())
     line = str(stopped.value)
     assert "\n" not in line
     message = json.loads(line)["message"] if log_format == "json" else line
-    assert re.match(r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold", message)
+    assert re.match(r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold the metrics: it is a file", message)
 
 
 def test_a_batch_request_must_fit_the_queue(

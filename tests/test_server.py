@@ -503,6 +503,36 @@ def test_a_first_worker_killed_before_it_started_leaves_the_store_to_its_replace
     assert (tmp_path / "data" / "tasks.sqlite3").exists()
 
 
+@pytest.mark.slow
+def test_a_second_server_on_the_same_port_leaves_the_first_untouched(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """It cannot bind, and exits: with a metrics directory given by hand, as the container
+    image gives one, it must not have wiped the first server's counters, nor, with the
+    default one, left directories in the temporary folder (it exits without on_exit)."""
+    port = free_port()
+    env = server_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    with running_server(tmp_path, gunicorn_command(port), env) as server:
+        photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+        assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        counted = 'http_requests_total{method="POST",route="/cls",status="200"} 1.0'
+        assert counted in httpx.get(f"{server.url}/metrics").text
+        temporary = set((tmp_path / "tmp").iterdir())
+        for second_env in (env, server_env(tmp_path)):
+            second = subprocess.run(
+                gunicorn_command(port),
+                cwd=PROJECT_ROOT,
+                env=second_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert second.returncode == 1, second.stderr
+            assert "Address already in use" in second.stderr
+        assert counted in httpx.get(f"{server.url}/metrics").text
+        assert set((tmp_path / "tmp").iterdir()) == temporary
+
+
 def has_reported(worker_pid: int) -> bool:
     """Whether a gunicorn worker has reported to its master once: gunicorn times out only a
     worker that has (until then its heartbeat file holds a wall-clock time, which the
