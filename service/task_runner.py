@@ -129,14 +129,16 @@ class _LoopFailures:
         # Per loop message: the failure last logged, when, and how many times it came since.
         self._logged: dict[str, tuple[str, float, int]] = {}
 
-    def log(self, error: Exception, message: str) -> None:
+    def log(self, error: Exception, message: str, *, key: str | None = None) -> None:
+        """``key`` names the failing work when ``message`` varies (which task's result)."""
+        key = message if key is None else key
         described = f"{type(error).__name__}: {error}"
         now = time.monotonic()
-        last = self._logged.get(message)
+        last = self._logged.get(key)
         if last is not None and last[0] == described and now - last[1] < REPEATED_FAILURE_LOG_S:
-            self._logged[message] = (described, last[1], last[2] + 1)
+            self._logged[key] = (described, last[1], last[2] + 1)
             return
-        self._logged[message] = (described, now, 0)
+        self._logged[key] = (described, now, 0)
         repeats = ""
         if last is not None and last[2]:
             repeats = (
@@ -446,10 +448,14 @@ class TaskRunner:
                         cut_off=self._cut_off,
                         lock_deadline=time.monotonic() + HAND_BACK_LOCK_WAIT_S,
                     )
-                except Exception:
-                    logger.exception(
-                        "could not hand back this worker's tasks at shutdown; others take "
-                        "them when their leases run out (TASK_LEASE_S)"
+                except Exception as exc:
+                    # A store failing for now (locked, full) is said in one line, as
+                    # everywhere; anything else with its traceback.
+                    logger.error(
+                        "could not hand back this worker's tasks at shutdown%s; others take "
+                        "them when their leases run out (TASK_LEASE_S)",
+                        f" ({exc})" if isinstance(exc, TaskStoreBusy | TaskStoreFailed) else "",
+                        exc_info=None if isinstance(exc, TaskStoreBusy | TaskStoreFailed) else exc,
                     )
                 else:
                     if released:
@@ -709,12 +715,13 @@ class TaskRunner:
         meanwhile, so its lease is renewed as soon as the store can be written."""
 
         def log_retry(state: RetryCallState) -> None:
-            assert state.outcome is not None
-            logger.warning(
-                "storing %s failed (%s); retrying in %.1f s",
-                what,
-                state.outcome.exception(),
-                state.upcoming_sleep,
+            error = state.outcome.exception() if state.outcome is not None else None
+            assert isinstance(error, Exception)
+            # With the disk full, every result fails so: counted, not a line each.
+            self._loop_failures.log(
+                error,
+                f"storing {what} failed; it is retried until the store takes it",
+                key="storing",
             )
 
         async for attempt in AsyncRetrying(

@@ -1122,13 +1122,14 @@ async def test_a_store_that_fails_at_shutdown_still_releases_everything(
         await submit(served.client, photos[0].read_bytes())
         await wait_for(model.entered.is_set)
 
-        def release(owner: str) -> int:
+        def release(owner: str, **kwargs: object) -> int:
             raise tasks.TaskStoreFailed("disk I/O error")
 
         store = runner.store
         store.release = release  # type: ignore[method-assign]
     model.release.set()
-    assert "could not hand back this worker's tasks" in caplog.text
+    assert "could not hand back this worker's tasks at shutdown (disk I/O error)" in caplog.text
+    assert not [record for record in caplog.records if record.exc_info], "a known failure"
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         store.count_queued()
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
@@ -1334,6 +1335,8 @@ async def test_a_result_the_store_refuses_for_now_is_stored_once_it_can_be(
     assert task["status"] == "succeeded"
     assert model.batch_sizes == [1], "the model ran the task again"
     assert f"storing the result of task {accepted['task_id']} failed" in caplog.text
+    # Refused twice, logged once: with a full disk every result fails so, again and again.
+    assert caplog.text.count("it is retried until the store takes it") == 1
     with sqlite3.connect(served.service.settings.data_dir / DATABASE_NAME) as db:
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(1,)]
 
