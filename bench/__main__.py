@@ -232,7 +232,7 @@ def _drift(before: float, after: float) -> float:
 
 def _drift_note(drift: float) -> str:
     verdict = "; unreliable, run again" if drift > MAX_PAIR_DRIFT else ""
-    return f"; A drifted {drift:.0%} across the pair{verdict}"
+    return f"; A drifted {drift:.1%} across the pair{verdict}"
 
 
 def ideal_open_loop_ratio(
@@ -289,8 +289,10 @@ def targets(
         for f in paired["forward"]
     )
     # Measured in one process with a worker's share of the cores: each worker has one.
-    forward_limit = statistics.mean(forward_limits) * (workers or 1)
-    forward_eager *= workers or 1
+    # More workers than cores share them: the machine runs no more than a worker a core.
+    copies = min(workers or 1, available_cores())
+    forward_limit = statistics.mean(forward_limits) * copies
+    forward_eager *= copies
     each = f" ({workers} workers, each its share of the cores)" if (workers or 1) > 1 else ""
     # The in-process limits are this machine's; a server given by URL may run on another.
     elsewhere = "" if workers else "; limits measured here, where the server may not run"
@@ -603,7 +605,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = "no answer" if target["value"] is None else f"{target['value']:.3f}"
         print(
             f"{verdict:3} {target['name']}: {value} ({target['bound']})"
-            + (f"; unreliable, A drifted {target['pair_drift']:.0%}" if unreliable else "")
+            + (f"; unreliable, A drifted {target['pair_drift']:.1%}" if unreliable else "")
         )
     print(f"wrote {prefix}.json, {prefix}.md and plots")
 

@@ -410,7 +410,7 @@ def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
     assert throughput["pair_drift"] == pytest.approx(1 / 70.5)
     assert "unreliable" not in throughput["note"]
     assert lone["pair_drift"] == pytest.approx(2.1 / 22.75)
-    assert lone["note"].endswith("A drifted 9% across the pair; unreliable, run again")
+    assert lone["note"].endswith("A drifted 9.2% across the pair; unreliable, run again")
 
 
 def test_the_ideal_server_without_batching_queues_as_queueing_theory_says() -> None:
@@ -507,6 +507,16 @@ def test_the_forward_limit_of_several_workers_is_each_ones_times_their_number() 
     assert "64.0 / 140.0 images/s (2 workers, each its share of the cores)" in two["note"]
 
 
+def test_workers_beyond_the_cores_do_not_multiply_the_forward_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each gets one thread, but they share the cores: four workers on two cores run two
+    forward passes at a time, not four."""
+    monkeypatch.setattr(bench_main, "available_cores", lambda: 2)
+    four = targets(_results_for_targets(60.0), max_batch_size=16, workers=4)[0]
+    assert four["value"] == pytest.approx(64.0 / 140.0)
+
+
 def test_a_target_whose_step_had_no_answer_has_no_value_and_is_not_met() -> None:
     """A lone step answered only with errors has no latency: target 2 has no value rather
     than 0.0 (which would meet it), and the reports say so."""
@@ -533,7 +543,7 @@ def test_batching_pays_is_a_ratio_between_two_measurements_of_the_batching_serve
     batching = targets(results, max_batch_size=16, workers=1)[2]
     assert batching["value"] == pytest.approx(60.0 / 40.0)
     assert batching["pair_drift"] == pytest.approx(8.0 / 60.0)
-    assert batching["note"].endswith("A drifted 13% across the pair; unreliable, run again")
+    assert batching["note"].endswith("A drifted 13.3% across the pair; unreliable, run again")
 
 
 async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> None:
