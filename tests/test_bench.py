@@ -342,6 +342,22 @@ def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
         parent.stdout.close()
 
 
+def _paired_results(
+    forward: dict[str, float], saturated: float, lone_p50: float, pipeline_ms: list[float]
+) -> dict[str, Any]:
+    """What targets 1 and 2 are computed from, with ``forward`` on both sides of its pair."""
+    return {
+        "steps": [],
+        "memory": {},
+        "paired": {
+            "forward": [forward, forward],
+            "saturated": {"throughput_per_s": saturated},
+            "lone_request": {"latency_ms": {"p50": lone_p50}},
+            "single_image_pipeline_ms": pipeline_ms,
+        },
+    }
+
+
 def test_target_1_divides_by_the_fastest_form_of_the_network(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -356,16 +372,7 @@ def test_target_1_divides_by_the_fastest_form_of_the_network(
     forward = measured.forward_limit(16, 1.0)
     assert forward["forward_limit_images_per_s"] == 80.0
     assert forward["forward_eager_limit_images_per_s"] == 70.0
-    results = {
-        "steps": [],
-        "memory": {},
-        "paired": {
-            "forward": [forward, forward],
-            "saturated": {"throughput_per_s": 68.0},
-            "lone_request": {"latency_ms": {"p50": 22.0}},
-            "single_image_pipeline_ms": [20.0, 20.0],
-        },
-    }
+    results = _paired_results(forward, 68.0, 22.0, [20.0, 20.0])
     throughput, _ = targets(results, max_batch_size=16, workers=1)
     assert throughput["value"] == pytest.approx(68 / 80)
     assert not throughput["met"]
@@ -375,17 +382,7 @@ def test_target_1_divides_by_the_fastest_form_of_the_network(
 def test_a_lone_request_faster_than_the_model_alone_is_no_measurement() -> None:
     """A machine that slowed down for the pipeline's measurements and not the server's
     would make target 2 pass on a ratio no server can reach."""
-    forward = {"forward_limit_images_per_s": 70.0}
-    results = {
-        "steps": [],
-        "memory": {},
-        "paired": {
-            "forward": [forward, forward],
-            "saturated": {"throughput_per_s": 64.0},
-            "lone_request": {"latency_ms": {"p50": 311.0}},
-            "single_image_pipeline_ms": [612.0, 614.0],
-        },
-    }
+    results = _paired_results({"forward_limit_images_per_s": 70.0}, 64.0, 311.0, [612.0, 614.0])
     _, lone = targets(results, max_batch_size=16, workers=1)
     assert lone["value"] == pytest.approx(311 / 613)
     assert not lone["met"]
