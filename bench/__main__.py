@@ -96,6 +96,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def other_load_warning(machine: dict[str, Any]) -> str | None:
+    """What to say of a run that other processes' load made unreliable; None if none."""
+    busy = max(machine["busy_before_run"], machine["busy_after_run"])
+    if busy <= MAX_OTHER_LOAD:
+        return None
+    return (
+        f"other processes kept the machine {busy:.0%} busy just before or after the run: "
+        "its figures are unreliable; run it on a quiet machine"
+    )
+
+
 def _commit() -> str | None:
     """The code measured: its git commit, marked "+changes" with uncommitted edits."""
     try:
@@ -587,13 +598,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     results["machine"]["busy_after_run"] = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100
     results["memory"] = memory
     results["targets"] = targets(results, args.max_batch_size, None if args.url else args.workers)
-    busy = max(results["machine"]["busy_before_run"], results["machine"]["busy_after_run"])
-    if busy > MAX_OTHER_LOAD:
-        results["warning"] = (
-            f"other processes kept the machine {busy:.0%} busy just before or after the run: "
-            "its figures are unreliable; run it on a quiet machine"
-        )
-        print(f"warning: {results['warning']}", file=sys.stderr)
+    warning = other_load_warning(results["machine"])
+    if warning is not None:
+        results["warning"] = warning
+        print(f"warning: {warning}", file=sys.stderr)
 
     prefix = args.out / f"{results['machine']['device']}-{mode_name}"
     report.write_json(prefix.with_suffix(".json"), results)

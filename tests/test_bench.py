@@ -389,6 +389,24 @@ def test_a_lone_request_faster_than_the_model_alone_is_no_measurement() -> None:
     assert "implausible" in lone["note"]
 
 
+def test_a_run_on_a_busy_machine_says_its_figures_are_unreliable() -> None:
+    """Other processes slow both sides of every pair alike for the whole run, which no
+    pair's drift shows: the load measured around the run does."""
+    assert bench_main.other_load_warning({"busy_before_run": 0.01, "busy_after_run": 0.0}) is None
+    warning = bench_main.other_load_warning({"busy_before_run": 0.02, "busy_after_run": 0.55})
+    assert warning is not None
+    assert warning.startswith("other processes kept the machine 55% busy")
+
+
+def test_the_results_name_the_commit_measured() -> None:
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    commit = bench_main._commit()
+    assert commit is not None
+    assert commit.removesuffix("+changes") == head
+
+
 def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
     """Targets 1 and 2 divide by the mean of two in-process measurements taken either side
     of the served one; when those two differ by more than 5 %, the ratio says so."""
