@@ -601,7 +601,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     warning = other_load_warning(results["machine"])
     if warning is not None:
         results["warning"] = warning
-        print(f"warning: {warning}", file=sys.stderr)
 
     prefix = args.out / f"{results['machine']['device']}-{mode_name}"
     report.write_json(prefix.with_suffix(".json"), results)
@@ -616,6 +615,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             + (f"; unreliable, A drifted {target['pair_drift']:.1%}" if unreliable else "")
         )
     print(f"wrote {prefix}.json, {prefix}.md and plots")
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)  # last, where it is seen
 
 
 if __name__ == "__main__":
