@@ -13,6 +13,7 @@ import contextvars
 import gc
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -762,6 +763,13 @@ class Service:
             raise Stopped(str(exc)) from exc
         finally:
             self._last_batch_end = time.monotonic()
+        not_finite = sum(1 for each in predictions if not all(math.isfinite(p.score) for p in each))
+        if not_finite:
+            # JSON has no number for NaN or infinity, and such a score ranks nothing. The
+            # batcher runs the batch's halves apart, so only the images at fault fail.
+            raise ValueError(
+                f"the model scored {not_finite} of {len(jobs)} images with NaN or infinity"
+            )
         return [ClassifyResult(each, len(jobs)) for each in predictions]
 
     def _device_failed(self, error: DeviceFailed) -> None:

@@ -939,6 +939,46 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
             assert response.json() == alone.json()
 
 
+async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A score of NaN or infinity (a float16 overflow, a broken model) has no JSON number:
+    that image gets a 500, not a 200 with a null score, and its batch's other images
+    their answers."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        real_classify = classifier.classify
+
+        def nan_for_black(
+            pixels: Sequence[np.ndarray], top_k: Sequence[int]
+        ) -> list[list[Prediction]]:
+            results = real_classify(pixels, top_k)
+            return [
+                [
+                    Prediction(p.index, p.label, math.nan if not crop.any() else p.score)
+                    for p in each
+                ]
+                for crop, each in zip(pixels, results, strict=True)
+            ]
+
+        classifier.classify = nan_for_black  # type: ignore[method-assign]
+        black = images.encode(Image.new("RGB", (64, 64)), "PNG")
+        first, second = (p.read_bytes() for p in photos[:2])
+        model, responses = await send_while_the_model_is_held(
+            served, [first, black, second], queued=3
+        )
+        assert model.batch_sizes[:2] == [1, 3]
+        assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        assert responses[2].json() == {
+            "detail": "inference failed; the error is logged on the server"
+        }
+        assert "the model scored 1 of 1 images with NaN or infinity" in caplog.text
+        for image, response in ((first, responses[1]), (second, responses[3])):
+            alone = await served.client.post("/cls", files=upload(image))
+            assert response.json() == alone.json()
+
+
 async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
     photos: list[Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

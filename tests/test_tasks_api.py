@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import shutil
 import socket
@@ -16,6 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from functools import partial
@@ -23,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 import main
+from classification import Prediction
 from service import task_runner, tasks
 from service.settings import Settings, load_settings
 from service.siblings import Siblings
@@ -388,6 +392,31 @@ async def test_only_a_task_that_has_not_started_can_be_cancelled(photos: list[Pa
         finished_again = await served.client.delete(f"/tasks/{tasks[0]}")
         assert finished_again.status_code == 409
         assert finished_again.json()["detail"].startswith("the task has finished (succeeded);")
+
+
+async def test_a_task_the_model_scores_with_nan_fails_and_its_status_reads(
+    photos: list[Path],
+) -> None:
+    """Stored as a success, a NaN score made every read of the task's status a 500."""
+    async with running_app(make_settings()) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        real_classify = classifier.classify
+
+        def scores_nan(
+            pixels: Sequence[np.ndarray], top_k: Sequence[int]
+        ) -> list[list[Prediction]]:
+            return [
+                [dataclasses.replace(p, score=math.nan) for p in each]
+                for each in real_classify(pixels, top_k)
+            ]
+
+        classifier.classify = scores_nan  # type: ignore[method-assign]
+        accepted = await submit(served.client, photos[0].read_bytes())
+        task = await finished(served.client, accepted["task_id"])
+
+        assert task["status"] == "failed"
+        assert task["error"] == "inference failed; the error is logged on the server"
 
 
 async def test_a_failing_batch_fails_the_task_with_a_public_error(photos: list[Path]) -> None:
