@@ -112,7 +112,16 @@ class InvalidImage(ValueError):
 
 
 class ImageTooLarge(ValueError):
-    """The image declares more pixels than the configured limit."""
+    """The image declares more pixels than the configured limit.
+
+    Attributes:
+        pixels_needed: The least ``max_pixels`` that would let this check pass (infinite
+            when none would: a side over ``MAX_SIDE``).
+    """
+
+    def __init__(self, message: str, pixels_needed: float = math.inf) -> None:
+        super().__init__(message)
+        self.pixels_needed = pixels_needed
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -144,7 +153,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; "
-            f"MAX_IMAGE_PIXELS allows {max_pixels}"
+            f"MAX_IMAGE_PIXELS allows {max_pixels}",
+            pixels_needed=width * height if max(width, height) <= MAX_SIDE else math.inf,
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
@@ -391,7 +401,8 @@ def _check_tiff_tiles(image: Image.Image, max_pixels: int) -> None:
     if covered > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height}, stored in {tile_width}x{tile_length} tiles that "
-            f"cover {covered} pixels; MAX_IMAGE_PIXELS allows {max_pixels}"
+            f"cover {covered} pixels; MAX_IMAGE_PIXELS allows {max_pixels}",
+            pixels_needed=covered,
         )
 
 
@@ -406,7 +417,8 @@ def _check_bmp_compression(image: Image.Image, size: int, max_pixels: int) -> No
         raise ImageTooLarge(
             f"image is a run-length-encoded BMP of {width}x{height} = {width * height} "
             f"pixels in {size} bytes; such a BMP may have at most {allowed} of either "
-            f"(MAX_IMAGE_PIXELS / {BMP_RLE_PIXEL_COST}: it decodes that much more slowly)"
+            f"(MAX_IMAGE_PIXELS / {BMP_RLE_PIXEL_COST}: it decodes that much more slowly)",
+            pixels_needed=max(width * height, size) * BMP_RLE_PIXEL_COST,
         )
 
 

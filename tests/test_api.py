@@ -18,6 +18,7 @@ import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -585,6 +586,43 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     ]
     indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
     assert [p["index"] for p in response.json()["prediction"]] == indices
+
+
+async def test_a_small_upload_over_the_pixel_limit_does_not_wait_behind_large_decodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its header refuses it under any limit: a 400 at once, with the message for
+    MAX_IMAGE_PIXELS, not a 504 at its deadline from the queue for large images' decodes."""
+    large_decode_started = threading.Event()
+    release = threading.Event()
+    real_read_and_preprocess = main._read_and_preprocess
+
+    def held(*args: Any) -> tuple[bytes, np.ndarray]:
+        large_decode_started.set()
+        release.wait(10)
+        return real_read_and_preprocess(*args)
+
+    monkeypatch.setattr(main, "_read_and_preprocess", held)
+    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
+    limit = 2 * side * side
+    within = images.encode(Image.new("RGB", (side, side), (90, 120, 200)), "PNG")
+    over = images.encode(Image.new("RGB", (2 * side, side + 1), (90, 120, 200)), "PNG")
+    assert max(len(within), len(over)) <= main.SMALL_UPLOAD_MAX_BYTES
+    settings = make_settings(max_image_pixels=limit, decode_threads=1, drain_timeout_s=2)
+    async with running_app(settings) as served:
+        waiting = asyncio.create_task(served.client.post("/cls", files=upload(within)))
+        try:
+            await asyncio.to_thread(large_decode_started.wait, 10)
+            async with asyncio.timeout(5):
+                refused = await served.client.post("/cls", files=upload(over))
+            assert refused.status_code == 400
+            assert refused.json()["detail"] == (
+                f"image is {2 * side}x{side + 1} = {2 * side * (side + 1)} pixels; "
+                f"MAX_IMAGE_PIXELS allows {limit}"
+            )
+        finally:
+            release.set()
+        assert (await waiting).status_code == 200
 
 
 async def hold_model_with_queue(

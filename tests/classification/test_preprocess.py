@@ -539,6 +539,46 @@ def test_a_tiff_is_limited_by_its_tiles_not_only_its_declared_size() -> None:
     assert np.asarray(image)[1, :3, 0].tolist() == [32, 33, 34]  # row 1 starts at byte 32
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        images.encode(Image.new("RGB", (30, 20)), "PNG"),
+        images.tiled_tiff(4, 4, tile=64),
+        images.rle8_bmp(100, 40),
+    ],
+    ids=["declared size", "tiles", "run-length-encoded BMP"],
+)
+def test_an_image_too_large_says_the_least_limit_that_takes_it(data: bytes) -> None:
+    """What the service reads to refuse an image at once when no limit it may try later
+    (MAX_IMAGE_PIXELS) would take it. Each check names the least limit it passes at."""
+
+    def refusal(limit: int) -> ImageTooLarge | None:
+        try:
+            decode_image(data, max_pixels=limit)
+        except ImageTooLarge as refused:
+            return refused
+        return None
+
+    limit = 1
+    for _ in range(3):
+        refused = refusal(limit)
+        if refused is None:
+            break
+        assert refused.pixels_needed > limit
+        limit = int(refused.pixels_needed)
+    else:
+        pytest.fail(f"still refused at {limit} pixels")
+    assert refusal(limit - 1) is not None
+
+
+def test_an_image_with_a_side_too_long_is_too_large_under_any_limit() -> None:
+    data = images.encode(Image.new("L", (MAX_SIDE + 1, 1)), "PNG")
+    for limit in (1, MAX_PIXELS):
+        with pytest.raises(ImageTooLarge) as refused:
+            decode_image(data, max_pixels=limit)
+        assert refused.value.pixels_needed == math.inf
+
+
 def test_a_tiff_listing_more_strips_than_any_real_image_is_refused_before_parsing() -> None:
     """Pillow lists the strips in Python as it opens a TIFF: 1.2 million took seconds."""
     data = images.tiff_in_strips(1_200_000)
