@@ -165,6 +165,8 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     expected = (
         "expected a file written by torch.save(model.state_dict(), path), or a .safetensors file"
     )
+    if path.is_dir():
+        raise ModelLoadError(f"WEIGHTS={path} is a directory; {expected}")
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise ModelLoadError(f"WEIGHTS={path} is an empty file; {expected}")

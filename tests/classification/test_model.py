@@ -155,6 +155,7 @@ def save(value: object, path: Path) -> bytes:
     ("content", "message"),
     [
         (None, "does not exist"),
+        ("directory", r"is a directory; expected a file written by torch.save"),
         (b"", r"is an empty file; expected a file written by torch.save"),
         (b"not a checkpoint", r"is not a file written by torch.save; expected a file written by"),
         (b"plain text\nof two lines\n", "is not a file written by torch.save;"),
@@ -206,6 +207,8 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save({**network.state_dict(), "conv1.weight": torch.zeros(64, 3, 9, 9)}, path)
     elif content == "resnet34":
         save(torchvision.models.resnet34().state_dict(), path)
+    elif content == "directory":
+        path.mkdir()
     elif isinstance(content, bytes):
         path.write_bytes(content)
     elif content is not None:
@@ -215,6 +218,13 @@ def test_bad_weights_files_stop_start_up_with_one_line(
     assert "\n" not in str(error.value)
     assert "weights_only=False" not in str(error.value)
     assert len(str(error.value).replace(str(path), "")) < 350
+
+
+def test_a_directory_named_as_a_safetensors_file_is_called_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    path.mkdir()
+    with pytest.raises(ModelLoadError, match=r"weights.safetensors is a directory; expected"):
+        load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
 
 
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
