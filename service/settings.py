@@ -366,7 +366,7 @@ SECRET_SETTINGS = frozenset({"API_KEY", "WEBHOOK_SECRET"})
 def load_settings() -> Settings:
     """Read the environment, or exit with one line per invalid setting."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -385,3 +385,13 @@ def load_settings() -> Settings:
         raise SystemExit(
             logs.unconfigured_line("invalid configuration: " + "; ".join(problems))
         ) from None
+    temporary = os.environ.get("TMPDIR")
+    if temporary and os.path.realpath(tempfile.gettempdir()) != os.path.realpath(temporary):
+        # Python would spool uploads to /tmp instead, saying nothing.
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"invalid configuration: TMPDIR={temporary!r}: not a directory this process "
+                "can write to (uploads over 1 MiB are spooled there); create it, or unset TMPDIR"
+            )
+        )
+    return settings

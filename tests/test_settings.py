@@ -3,6 +3,9 @@ a setting takes."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from service.settings import PROJECT_ROOT, load_settings
@@ -121,3 +124,19 @@ def test_a_setting_given_in_lower_case_is_read_and_named_as_given(
     line = refusal(monkeypatch, capsys)
     assert "max_batch_size='0'" in line
     assert "api_key='***'" in line
+
+
+def test_a_temporary_directory_that_cannot_be_used_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python falls back to /tmp from a TMPDIR it cannot write to, saying nothing: large
+    uploads would fill a disk the operator did not choose."""
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    line = refusal(monkeypatch, capsys)
+    assert f"TMPDIR='{tmp_path / 'missing'}': not a directory this process can write to" in line
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    load_settings()
+    assert tempfile.gettempdir() == str(tmp_path)
