@@ -205,12 +205,11 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         return
     # Every answer must pass: the connection may use any of them.
     for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0])
-        reason = _refusal_reason(ip)
+        reason = _refusal_reason(ipaddress.ip_address(sockaddr[0]))
         if reason is not None:
+            # Not the address itself: a client must not learn what internal names resolve to.
             raise InvalidCallbackUrl(
-                f"callback_url host {host!r} resolves to {ip}, {reason} address; "
-                f"{_ALLOW_PRIVATE_HINT}"
+                f"callback_url host {host!r} resolves to {reason} address; {_ALLOW_PRIVATE_HINT}"
             )
 
 
@@ -255,9 +254,9 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
         for ip in addresses:
             reason = None if self._allow_private else _refusal_reason(ip)
             if reason is not None:
-                shown = host if _parse_ip(host) is not None else f"{host} ({ip})"
+                # The task's owner reads this: the address a name resolved to is not shown.
                 raise _AddressRefused(
-                    f"refused to connect to {shown}: {reason} address; {_ALLOW_PRIVATE_HINT}"
+                    f"refused to connect to {host}: {reason} address; {_ALLOW_PRIVATE_HINT}"
                 )
         connect = partial(
             self._inner.connect_tcp,

@@ -417,8 +417,11 @@ def test_a_name_is_refused_if_any_of_its_addresses_is_private(
         ]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
-    with pytest.raises(InvalidCallbackUrl, match=r"resolves to 10\.0\.0\.7, a private"):
+    with pytest.raises(
+        InvalidCallbackUrl, match=r"'mixed\.example' resolves to a private"
+    ) as refused:
         check_callback_url("http://mixed.example/", allow_private=False)
+    assert "10.0.0.7" not in str(refused.value)  # what internal names resolve to stays inside
 
 
 @pytest.mark.parametrize(
@@ -591,8 +594,8 @@ async def test_the_connection_is_vetted_even_when_the_submit_check_passed(
     assert not attempt.delivered
     assert (attempt.attempts, attempt.retry_in_s) == (1, None)  # refusing again changes nothing
     assert attempt.error is not None
-    assert attempt.error.startswith("refused to connect to localhost (")
-    assert "loopback" in attempt.error
+    assert attempt.error.startswith("refused to connect to localhost: a loopback address;")
+    assert "127.0.0.1" not in attempt.error
     assert receiver.received == []
 
 
@@ -677,8 +680,9 @@ async def test_the_backend_refuses_a_name_with_any_private_address(
     inner = ScriptedBackend()
     backend = _ResolvingBackend(inner, lookups, allow_private=False)
 
-    with pytest.raises(httpcore.ConnectError, match=r"hooks\.example \(10\.0\.0\.7\): a private"):
+    with pytest.raises(httpcore.ConnectError, match=r"hooks\.example: a private") as refused:
         await backend.connect_tcp("hooks.example", 443)
+    assert "10.0.0.7" not in str(refused.value)
     assert inner.connects == []
 
 
