@@ -66,6 +66,7 @@ from service.middleware import (
     RequestContextMiddleware,
     ShedWhileFullMiddleware,
     matching_route,
+    serves,
 )
 from service.protocol import (
     EXIT_RESTART,
@@ -1486,6 +1487,7 @@ def create_app(settings: Settings) -> FastAPI:
             f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
         ),
         idle_timeout_s=settings.body_idle_timeout_s,
+        routed=partial(serves, app),
     )
     if settings.api_key is not None:
         document_the_api_key(app, OPEN_PATHS)

@@ -133,6 +133,11 @@ def matching_route(app: Starlette, scope: Scope) -> BaseRoute | None:
     return next((each for each in app.router.routes if each.matches(scope)[0] != Match.NONE), None)
 
 
+def serves(app: Starlette, scope: Scope) -> bool:
+    """Whether one of ``app``'s routes takes the request's path and method."""
+    return any(each.matches(scope)[0] == Match.FULL for each in app.router.routes)
+
+
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), multipart bodies with a
     part over ``part_limit`` (413), bodies that stall (408), and multipart bodies that end
@@ -147,6 +152,10 @@ class BodyLimitsMiddleware:
     slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
     answered as a missing field.)
+    A request that no route takes (``routed`` says) gets its 404 or 405 whatever its size,
+    and any answer sent before the body was read to its end closes the connection: a
+    client that waits for ``100 Continue`` before sending it may send its next request
+    instead, which would be read as the rest of this body.
     """
 
     def __init__(
@@ -158,8 +167,10 @@ class BodyLimitsMiddleware:
         part_limit: int,
         describe_part: Callable[[int], str],
         idle_timeout_s: float,
+        routed: Callable[[Scope], bool],
     ) -> None:
         self.app = app
+        self.routed = routed
         self.limits_by_path = limits_by_path
         self.default_limit = default_limit
         self.describe = describe
@@ -174,8 +185,10 @@ class BodyLimitsMiddleware:
         # "/cls/" has the limit of "/cls", so that its body reaches the 404 that names the
         # route rather than a 413 about its size.
         limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        has_body = declared.strip("0") != "" or "transfer-encoding" in headers
+        if declared.isdigit() and int(declared) > limit and self.routed(scope):
             response = JSONResponse(
                 {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
             )
@@ -242,7 +255,14 @@ class BodyLimitsMiddleware:
                         )
             return message
 
-        await self.app(scope, receive_within_limits, send)
+        async def send_closing_if_body_unread(message: Message) -> None:
+            if message["type"] == "http.response.start" and has_body and not body_complete:
+                response_headers = MutableHeaders(raw=list(message.get("headers", [])))
+                response_headers["connection"] = "close"
+                message = {**message, "headers": response_headers.raw}
+            await send(message)
+
+        await self.app(scope, receive_within_limits, send_closing_if_body_unread)
 
 
 class _PartsTooLarge(Exception):

@@ -1621,11 +1621,34 @@ async def test_health_and_readiness(served: RunningApp) -> None:
 async def test_a_large_body_to_a_route_without_uploads_is_413_saying_so(
     served: RunningApp,
 ) -> None:
-    response = await served.client.post("/healthz", content=b"x" * (main.MAX_OTHER_BODY_BYTES + 1))
-    assert response.status_code == 413
-    assert response.json()["detail"] == (
-        f"request body is over {main.MAX_OTHER_BODY_BYTES} bytes; this route takes no upload"
-    )
+    large = b"x" * (main.MAX_OTHER_BODY_BYTES + 1)
+    for method, path in (("GET", "/healthz"), ("DELETE", f"/tasks/{uuid.uuid4()}")):
+        response = await served.client.request(method, path, content=large)
+        assert response.status_code == 413
+        assert response.json()["detail"] == (
+            f"request body is over {main.MAX_OTHER_BODY_BYTES} bytes; this route takes no upload"
+        )
+
+
+async def test_a_large_body_to_a_path_or_method_no_route_takes_gets_its_404_or_405(
+    served: RunningApp,
+) -> None:
+    """A mistyped URL is the answer to give, not the body's size; and the body, left
+    unread, closes the connection."""
+    large = b"x" * (main.MAX_OTHER_BODY_BYTES + 1)
+    unknown = await served.client.post("/nope", content=large)
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"].startswith("no route /nope")
+    assert unknown.headers["connection"] == "close"
+    wrong_method = await served.client.put("/cls", content=large)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"
+    assert wrong_method.headers["connection"] == "close"
+    # A small body that no route reads closes the connection too; no body, or one read,
+    # leaves it open.
+    assert (await served.client.put("/cls", content=b"x")).headers["connection"] == "close"
+    assert "connection" not in (await served.client.put("/cls")).headers
+    assert "connection" not in (await served.client.get("/nope")).headers
 
 
 class LeavingClient:

@@ -384,6 +384,7 @@ async def read_in_two_chunks(
         part_limit=part_limit,
         describe_part=lambda limit: f"a part is over {limit} bytes",
         idle_timeout_s=5.0,
+        routed=lambda scope: True,
     )
     await limits(scope, receive, send)
     return received
