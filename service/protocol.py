@@ -24,6 +24,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import httptools
 from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -136,11 +137,36 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._answering: RequestResponseCycle | None = None  # the request whose app runs
         self._send_timer: asyncio.TimerHandle | None = None  # while the client reads nothing
+        self._reading = b""  # the bytes being parsed
+        self._head_to_replay: bytes | None = None  # an upgrade request's head, less upgrade
+        self._to_replay = b""  # that head, then the bytes the parser left after it
 
     def _unsupported_upgrade_warning(self) -> None:
-        # An upgrade request (WebSocket, h2c) is served as the plain request it also is;
-        # uvicorn's two warnings would also tell to install a WebSocket library.
-        pass
+        # Called as the parser stops at an upgrade request (WebSocket, h2c) that will not
+        # be upgraded, in place of uvicorn's two warnings, which would also tell to install
+        # a WebSocket library. The parser skipped its body and leaves what follows unread:
+        # both are parsed again, after the request's head without its upgrade.
+        error = sys.exc_info()[1]
+        if self._head_to_replay is not None and error is not None:
+            self._to_replay = self._head_to_replay + self._reading[error.args[0] :]
+        self._head_to_replay = None
+
+    def _head_without_upgrade(self) -> bytes:
+        """The request's head as read, less its Upgrade header and Connection's upgrade."""
+        lines = [
+            b"%s %s HTTP/%s"
+            % (self.parser.get_method(), self.url, self.parser.get_http_version().encode())
+        ]
+        for name, value in self.headers:
+            if name == b"upgrade":
+                continue
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t and t.lower() != b"upgrade")
+                if not value:
+                    continue
+            lines.append(name + b": " + value)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -234,9 +260,17 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             return
         begun = self._messages_begun
         self._body_read = False
+        self._reading = data
         super().data_received(data)
+        self._reading = b""
         if self.transport.get_protocol() is not self or self._linger_until is not None:
             return  # upgraded (uvicorn run without UVICORN_CONFIG's ws="none"), or refused
+        if self._to_replay:
+            replay, self._to_replay = self._to_replay, b""
+            self.parser = httptools.HttpRequestParser(self)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
+            self.data_received(replay)
+            return
         self._keep_alive_if_idle()
         if self._pending_refusal or self.transport.is_closing():
             return
@@ -274,6 +308,15 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._cancel_head_timer()
+        if (
+            self.parser.should_upgrade()
+            and not self._should_upgrade()
+            and self.parser.get_method() != b"CONNECT"  # which is an upgrade in any form
+        ):
+            # Started here, the request would run without its body (see
+            # ``_unsupported_upgrade_warning``): it starts when it is parsed again.
+            self._head_to_replay = self._head_without_upgrade()
+            return
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
@@ -286,7 +329,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._head_to_replay is None:
+            super().on_message_complete()
         self._message_open = False
 
     def on_response_complete(self) -> None:
