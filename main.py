@@ -744,6 +744,8 @@ class Service:
             self._tasks_in_model.update(task_ids)
             try:
                 await self.tasks.count_attempts(task_ids, wait_s=ATTEMPT_RECORD_WAIT_S)
+            except TaskStoreFailed as exc:  # a full or failing disk: its reason is enough
+                logger.error("counting the attempts of tasks %s failed: %s", task_ids, exc)
             except Exception:
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
 

@@ -28,11 +28,13 @@ from service import tasks
 from service.tasks import (
     ClaimedTask,
     Deferral,
+    TaskQueueFull,
     TaskRecord,
     TaskStatus,
     TaskStore,
     TaskStoreBusy,
     TaskStoreFailed,
+    check_disk_room,
     check_room,
 )
 from service.webhooks import CUT_OFF_ERROR, Attempt, WebhookSender
@@ -255,7 +257,8 @@ class TaskRunner:
         the ``idempotency_key`` names a task submitted before, which is returned instead).
 
         Raises:
-            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
+            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting, or the disk is
+                nearly full.
             IdempotencyKeyReused: The key was used for a different request.
             RunnerStopped: ``stop`` has run (so for ``check_room``, ``get`` and ``cancel``).
         """
@@ -287,12 +290,18 @@ class TaskRunner:
         nothing, and is answered with that task.
 
         Raises:
-            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting.
+            TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting, or the disk holding
+                the store is nearly full (see ``check_disk_room``).
         """
         self._refuse_once_stopped()
         loop = asyncio.get_running_loop()
         queued = await loop.run_in_executor(self._read_thread, self.reader.count_queued)
-        if queued >= self._config.max_queued and idempotency_key is not None:
+        try:
+            check_room(queued, self._config.max_queued)
+            check_disk_room(self.reader.path.parent)
+        except TaskQueueFull:
+            if idempotency_key is None:
+                raise
             self._refuse_once_stopped()  # ``stop`` may have closed the store meanwhile
             resent = await loop.run_in_executor(
                 self._read_thread,
@@ -300,9 +309,8 @@ class TaskRunner:
                     self.reader.holds_key, idempotency_key, expired_before=self._expired_before()
                 ),
             )
-            if resent:
-                return
-        check_room(queued, self._config.max_queued)
+            if not resent:
+                raise
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""

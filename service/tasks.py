@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Collection, Iterator
@@ -26,6 +27,10 @@ DATABASE_NAME = "tasks.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # Pages the clean-up returns to the file system per write (8 MiB of 4 KiB pages).
 VACUUM_STEP_PAGES = 2048
+# Submissions stop while storing one would leave less free on DATA_DIR's disk: the tasks
+# accepted already still need room for their results, and their writes for the journal.
+# On a full disk they would wait, shown as running, until space was freed by hand.
+DISK_RESERVE_BYTES = 64 * 2**20
 
 # Image bytes live apart from the rows, so status reads never page through them. A lease
 # is who holds a running task or a delivery, and until when. A pending delivery that
@@ -97,7 +102,7 @@ class TaskStoreUnavailable(RuntimeError):
 
 
 class TaskQueueFull(Exception):
-    """``TASK_MAX_QUEUED`` tasks are already waiting."""
+    """``TASK_MAX_QUEUED`` tasks are already waiting, or the disk has no room for another."""
 
 
 def check_room(queued: int, max_queued: int) -> None:
@@ -105,6 +110,18 @@ def check_room(queued: int, max_queued: int) -> None:
     if queued >= max_queued:
         raise TaskQueueFull(
             f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
+        )
+
+
+def check_disk_room(directory: Path, incoming_bytes: int = 0) -> None:
+    """Raise ``TaskQueueFull`` when storing ``incoming_bytes`` would leave less than
+    ``DISK_RESERVE_BYTES`` free on the disk holding ``directory``."""
+    free = shutil.disk_usage(directory).free
+    if free - incoming_bytes < DISK_RESERVE_BYTES:
+        raise TaskQueueFull(
+            f"the disk holding DATA_DIR has {free / 2**20:.1f} MiB free; new tasks are taken "
+            f"while {DISK_RESERVE_BYTES // 2**20} MiB would stay free, room for the results "
+            "of the tasks already taken: free some space"
         )
 
 
@@ -462,6 +479,7 @@ class TaskStore:
                         )
                     return self._get(row["id"])
             check_room(self.count_queued(), max_queued)
+            check_disk_room(self.path.parent, len(image))
             now = _stamp(now)
             db.execute(
                 "INSERT INTO tasks (id, status, top_k, metadata, callback_url, created_at, "

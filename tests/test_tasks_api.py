@@ -564,6 +564,73 @@ async def test_the_task_queue_limit_is_503_with_retry_after(
         model.release.set()
 
 
+async def test_submissions_stop_before_the_disk_fills_so_accepted_tasks_can_finish(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk, tasks accepted already could not store their results: they showed
+    as running until space was freed by hand. Submissions stop while a reserve is left."""
+    free = {"bytes": 10 * tasks.DISK_RESERVE_BYTES}
+    real_disk_usage = shutil.disk_usage
+
+    def disk_usage(path: object) -> Any:
+        return real_disk_usage(path)._replace(free=free["bytes"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tasks.shutil, "disk_usage", disk_usage)
+    async with running_app(make_settings(max_batch_size=1)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        key = {"Idempotency-Key": "order-17"}
+        accepted = await served.client.post("/tasks", files=upload(data), headers=key)
+        assert accepted.status_code == 202, accepted.text
+        await wait_for(model.entered.is_set)
+
+        free["bytes"] = tasks.DISK_RESERVE_BYTES + len(data) // 2
+        refused = await served.client.post("/tasks", files=upload(data))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["detail"].startswith(
+            f"the disk holding DATA_DIR has {free['bytes'] / 2**20:.1f} MiB free; new tasks "
+            "are taken while 64 MiB would stay free"
+        )
+        free["bytes"] = tasks.DISK_RESERVE_BYTES - 1  # refused before its image is decoded
+        assert (await served.client.post("/tasks", files=upload(data))).status_code == 503
+        # A resent request stores nothing: the client that lost its answer gets it.
+        resent = await served.client.post("/tasks", files=upload(data), headers=key)
+        assert resent.status_code == 202, resent.text
+        assert resent.json()["task_id"] == accepted.json()["task_id"]
+        model.release.set()
+        assert (await finished(served.client, accepted.json()["task_id"]))["status"] == (
+            "succeeded"
+        )
+        free["bytes"] = 10 * tasks.DISK_RESERVE_BYTES
+        assert (await served.client.post("/tasks", files=upload(data))).status_code == 202
+
+
+async def test_attempts_a_failing_disk_cannot_count_are_one_line_and_the_task_runs(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(make_settings()) as served:
+        runner = served.service.tasks
+        assert runner is not None
+
+        async def disk_full(task_ids: object, *, wait_s: float) -> None:
+            raise tasks.TaskStoreFailed("the task store could not be written: disk is full")
+
+        runner.count_attempts = disk_full  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR):
+            accepted = await submit(served.client, photos[0].read_bytes())
+            task = await finished(served.client, accepted["task_id"])
+        assert task["status"] == "succeeded"
+        lines = [r for r in caplog.records if "counting the attempts" in r.getMessage()]
+        assert len(lines) == 1
+        assert (
+            lines[0]
+            .getMessage()
+            .endswith("failed: the task store could not be written: disk is full")
+        )
+        assert lines[0].exc_info is None
+
+
 async def test_submissions_beyond_max_queue_are_503_before_decoding(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
