@@ -69,7 +69,13 @@ class RequestContextMiddleware:
 
         try:
             try:
-                await self.app(scope, receive, send_with_id)
+                if (problem := _host_problem(scope)) is not None:
+                    response = JSONResponse(
+                        {"detail": problem}, status_code=400, headers=_UNREAD_BODY
+                    )
+                    await response(scope, receive, send_with_id)
+                else:
+                    await self.app(scope, receive, send_with_id)
             except asyncio.CancelledError as exc:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
@@ -115,6 +121,18 @@ class RequestContextMiddleware:
             )
             logs.end_request(token)
             metrics.record_request(_route_label(scope), scope["method"], status, elapsed_s)
+
+
+def _host_problem(scope: Scope) -> str | None:
+    """What is wrong with the request's Host headers, if anything. HTTP/1.1 requires one
+    (RFC 9112, 3.2): two may name different hosts to a proxy and to this server, which
+    builds the URLs it answers (``status_url``, ``Location``) from the one it reads."""
+    hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
+    if hosts > 1:
+        return f"a request carries one Host header; this one has {hosts}"
+    if hosts == 0 and scope["http_version"] == "1.1":
+        return "an HTTP/1.1 request carries a Host header; this one has none"
+    return None
 
 
 def _route_label(scope: Scope) -> str:

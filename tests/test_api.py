@@ -1651,6 +1651,39 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_gets_its_404_or_4
     assert "connection" not in (await served.client.get("/nope")).headers
 
 
+@pytest.mark.parametrize(
+    ("http_version", "hosts", "status"),
+    [("1.1", 0, 400), ("1.1", 2, 400), ("1.0", 2, 400), ("1.1", 1, 200), ("1.0", 0, 200)],
+)
+async def test_an_http_1_1_request_carries_exactly_one_host(
+    served: RunningApp, http_version: str, hosts: int, status: int
+) -> None:
+    """Two may name different hosts to a proxy and to the service, which builds the URLs it
+    answers with (``status_url``, ``Location``) from the one it reads; HTTP/1.1 requires
+    one (RFC 9112), where HTTP/1.0 may send none."""
+    request = httpx.Request("GET", "http://test/healthz")
+    scope = {**http_scope(request), "method": "GET", "http_version": http_version}
+    headers = [(name, value) for name, value in scope["headers"] if name != b"host"]  # type: ignore[attr-defined]
+    scope["headers"] = headers + [(b"host", f"h{n}.example".encode()) for n in range(hosts)]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await served.app(scope, receive, send)
+    assert sent[0]["status"] == status
+    if status == 400:
+        assert json.loads(sent[1]["body"])["detail"] == (
+            f"a request carries one Host header; this one has {hosts}"
+            if hosts
+            else "an HTTP/1.1 request carries a Host header; this one has none"
+        )
+        assert (b"connection", b"close") in sent[0]["headers"]
+
+
 class LeavingClient:
     """A /cls request driven at the ASGI level: its whole upload, then a disconnect at a
     moment the test chooses (``disconnect``)."""
