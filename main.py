@@ -880,6 +880,11 @@ def _top_k(request: Request, requested: int | None) -> int:
         raise RequestValidationError(
             [{"loc": ("query", "top_k"), "msg": f"was sent {sent} times; send it at most once"}]
         )
+    for name in request.query_params:
+        if name != "top_k" and name.lower().replace("-", "").replace("_", "") == "topk":
+            # Ignored, it would answer with the default number of classes without a word.
+            message = "is not a parameter of this route; did you mean top_k (lower case)?"
+            raise RequestValidationError([{"loc": ("query", name), "msg": message}])
     return _service(request).top_k(requested)
 
 

@@ -114,6 +114,22 @@ async def test_a_repeated_top_k_is_422_not_the_last_one_taken(
     assert response.json()["detail"] == "query.top_k: was sent 2 times; send it at most once"
 
 
+@pytest.mark.parametrize("route", ["/cls", "/cls/batch", "/tasks"])
+@pytest.mark.parametrize("name", ["TOP_K", "topk", "top-k", "Top_K"])
+async def test_top_k_misspelt_is_422_not_ignored(
+    served: RunningApp, photos: list[Path], route: str, name: str
+) -> None:
+    """Ignored, it would give the default number of classes without a word. Query
+    parameters that look like nothing of the API (a cache buster) are left alone."""
+    data = photos[0].read_bytes()
+    response = await served.client.post(f"{route}?{name}=3", files=upload(data))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == (
+        f"query.{name}: is not a parameter of this route; did you mean top_k (lower case)?"
+    )
+    assert (await served.client.post(f"{route}?_=17", files=upload(data))).status_code < 300
+
+
 @pytest.mark.parametrize("route", ["/cls", "/cls/batch"])
 async def test_top_k_sent_in_the_form_is_422_not_ignored(
     served: RunningApp, photos: list[Path], route: str
