@@ -250,6 +250,15 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self._parse(data)
+        # A loop, not a call from within: one read may hold a thousand upgrade requests.
+        while self._to_replay and self.transport.get_protocol() is self:
+            replay, self._to_replay = self._to_replay, b""
+            self.parser = httptools.HttpRequestParser(self)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
+            self._parse(replay)
+
+    def _parse(self, data: bytes) -> None:
         if self._linger_until is not None:
             self._arm_linger_timer()  # what is read is dropped
             return
@@ -266,11 +275,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         if self.transport.get_protocol() is not self or self._linger_until is not None:
             return  # upgraded (uvicorn run without UVICORN_CONFIG's ws="none"), or refused
         if self._to_replay:
-            replay, self._to_replay = self._to_replay, b""
-            self.parser = httptools.HttpRequestParser(self)
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
-            self.data_received(replay)
-            return
+            return  # parsed again by ``data_received``, and counted then
         self._keep_alive_if_idle()
         if self._pending_refusal or self.transport.is_closing():
             return

@@ -260,6 +260,17 @@ def test_an_upgrade_request_keeps_its_body_and_the_requests_behind_it(
     assert ok_lengths(answer) == [len(body), 2]
 
 
+def test_a_read_of_a_thousand_upgrade_requests_answers_them_all(port: int) -> None:
+    """Each is parsed again after its head: one after another, not each from within the
+    last, which ran out of Python's stack and dropped the connection unanswered."""
+    count = 3000
+    upgrade = b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+    with connect(port) as connection:
+        connection.sendall(upgrade * count + request("/b", b"", "Connection: close\r\n"))
+        answer = read_to_close(connection)
+    assert ok_lengths(answer) == [0] * (count + 1)
+
+
 def test_an_upgrade_request_behind_a_slow_one_waits_its_turn(port: int) -> None:
     with connect(port) as connection:
         connection.sendall(
