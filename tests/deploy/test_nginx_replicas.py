@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -440,6 +441,20 @@ def test_requests_reach_both_replicas(stack: Stack, photos: list[Path]) -> None:
     # passed on (404 -> next replica), so every lookup finds the task.
     assert [lookup.status_code for lookup in lookups] == [200] * len(lookups)
     assert fell_back > 0, "round robin must have sent some lookups to the other replica first"
+
+
+def test_an_http_1_0_request_without_a_host_passes_the_proxy(stack: Stack) -> None:
+    """nginx speaks HTTP/1.1 to the replicas, which refuse such a request without a Host:
+    a health checker speaking HTTP/1.0 sends none, and nginx names its own."""
+    address = urllib.parse.urlsplit(stack.proxy.url)
+    assert address.hostname is not None
+    assert address.port is not None
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 def test_sigterm_to_one_replica_under_load_loses_no_request(
