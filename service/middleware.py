@@ -170,10 +170,11 @@ class BodyLimitsMiddleware:
     slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
     answered as a missing field.)
-    A request that no route takes (``routed`` says) gets its 404 or 405 whatever its size,
-    and any answer sent before the body was read to its end closes the connection: a
-    client that waits for ``100 Continue`` before sending it may send its next request
-    instead, which would be read as the rest of this body.
+    A request that no route takes (``routed`` says) gets its 404 or 405 whatever its size.
+    An answer sent before a body was read to its end closes the connection when the body
+    is long, of unknown length, or awaited with ``Expect: 100-continue``: a client that
+    waits for ``100 Continue`` may send its next request instead, which would be read as
+    the rest of this body.
     """
 
     def __init__(
@@ -205,7 +206,14 @@ class BodyLimitsMiddleware:
         limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
-        has_body = declared.strip("0") != "" or "transfer-encoding" in headers
+        # A body left unread that the server would otherwise read to its end, discarding:
+        # one that may never come (the client waits for 100 Continue) or that may be long.
+        # A short one, as some clients send to every route, is read, and the connection kept.
+        close_if_unread = (
+            headers.get("expect", "").lower() == "100-continue"
+            or "transfer-encoding" in headers
+            or (declared.isdigit() and int(declared) > self.default_limit)
+        )
         if declared.isdigit() and int(declared) > limit and self.routed(scope):
             response = JSONResponse(
                 {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
@@ -274,7 +282,7 @@ class BodyLimitsMiddleware:
             return message
 
         async def send_closing_if_body_unread(message: Message) -> None:
-            if message["type"] == "http.response.start" and has_body and not body_complete:
+            if message["type"] == "http.response.start" and close_if_unread and not body_complete:
                 response_headers = MutableHeaders(raw=list(message.get("headers", [])))
                 response_headers["connection"] = "close"
                 message = {**message, "headers": response_headers.raw}
