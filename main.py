@@ -749,7 +749,7 @@ class Service:
             except Exception:
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
 
-    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
+    async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult | BatchFailed]:
         assert self.classifier is not None
         if self.device_failure is not None:
             raise Stopped(self.device_failure)  # the batcher is stopping; nothing runs
@@ -766,14 +766,21 @@ class Service:
             raise Stopped(str(exc)) from exc
         finally:
             self._last_batch_end = time.monotonic()
-        not_finite = sum(1 for each in predictions if not all(math.isfinite(p.score) for p in each))
-        if not_finite:
-            # JSON has no number for NaN or infinity, and such a score ranks nothing. The
-            # batcher runs the batch's halves apart, so only the images at fault fail.
-            raise ValueError(
-                f"the model scored {not_finite} of {len(jobs)} images with NaN or infinity"
+        # JSON has no number for NaN or infinity, and such a score ranks nothing: those
+        # images fail alone, and the others of the batch are answered.
+        results: list[ClassifyResult | BatchFailed] = [
+            ClassifyResult(each, len(jobs))
+            if all(math.isfinite(p.score) for p in each)
+            else BatchFailed("inference failed")
+            for each in predictions
+        ]
+        if not_finite := sum(isinstance(each, BatchFailed) for each in results):
+            logger.error(
+                "the model scored %d of %d images with NaN or infinity; they fail",
+                not_finite,
+                len(jobs),
             )
-        return [ClassifyResult(each, len(jobs)) for each in predictions]
+        return results
 
     def _device_failed(self, error: DeviceFailed) -> None:
         """Take no more work: every batch would fail. Requests queued or arriving get a 503

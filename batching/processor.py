@@ -20,7 +20,7 @@ from batching.errors import BatchFailed, BatchingError, DeadlineExceeded, QueueF
 In = TypeVar("In")
 Out = TypeVar("Out")
 
-BatchHandler = Callable[[list[In]], Awaitable[Sequence[Out]]]
+BatchHandler = Callable[[list[In]], Awaitable[Sequence[Out | BatchFailed]]]
 BatchPreparer = Callable[[list[In]], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,8 @@ class BatchProcessor(Generic[In, Out]):
     """Groups concurrent ``submit`` calls into batches for one async handler.
 
     The handler receives a list of items and must return one output per item, in order.
+    A ``BatchFailed`` in place of an output fails that item alone, with it, and runs
+    nothing again: for a handler that knows which items it could not serve.
     When it raises, or returns an output list of the wrong length, the batch's halves are
     handed to it again apart, down to single items, so only the items it fails on alone
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
@@ -827,7 +829,10 @@ class BatchProcessor(Generic[In, Out]):
                 self._observer.handler_finished(len(entries), run_s, ok)
         self._run_times.record(len(entries), run_s)
         for entry, output in zip(entries, outputs, strict=True):
-            _resolve(entry.future, output)
+            if isinstance(output, BatchFailed):
+                _fail(entry.future, output)
+            else:
+                _resolve(entry.future, output)
         return None
 
     def _still_wanted(self, entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:

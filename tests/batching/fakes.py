@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from batching import BatchConfig, BatchObserver, BatchProcessor, Outcome, Priority
+from batching import (
+    BatchConfig,
+    BatchFailed,
+    BatchObserver,
+    BatchProcessor,
+    Outcome,
+    Priority,
+)
 
 T = TypeVar("T")
 
@@ -32,7 +39,7 @@ class FakeHandler:
         self,
         *,
         held: bool = False,
-        outputs: Callable[[list[int]], Sequence[int]] = doubled,
+        outputs: Callable[[list[int]], Sequence[int | BatchFailed]] = doubled,
     ) -> None:
         self.held = held
         self.outputs = outputs
@@ -52,7 +59,7 @@ class FakeHandler:
         """Every item the handler has received, in order."""
         return [item for batch in self.batches for item in batch]
 
-    async def __call__(self, items: list[int]) -> Sequence[int]:
+    async def __call__(self, items: list[int]) -> Sequence[int | BatchFailed]:
         self.batches.append(list(items))
         gate = asyncio.Event()
         if not self.held:

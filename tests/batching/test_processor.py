@@ -59,6 +59,11 @@ def drop_one_on_negative(items: list[int]) -> list[int]:
     return outputs[:-1] if any(item < 0 for item in items) else outputs
 
 
+def fail_negatives_alone(items: list[int]) -> list[int | BatchFailed]:
+    """A fake model that knows which items it cannot serve, and says so in their place."""
+    return [BatchFailed("a negative item") if item < 0 else item * 2 for item in items]
+
+
 # --- How batches form -----------------------------------------------------------------------
 
 
@@ -845,6 +850,23 @@ async def test_an_item_the_handler_fails_on_fails_alone(
         assert await results(spawn(processor, 6)) == [12]
 
     assert handler.batches == [[0], [1, -1, 2, 3], [1, -1], [1], [-1], [2, 3], [4, 5], [6]]
+
+
+async def test_an_item_the_handler_marks_failed_fails_alone_and_nothing_runs_again() -> None:
+    handler = FakeHandler(held=True, outputs=fail_negatives_alone)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, 1, -1, 2)
+        await wait_until(lambda: processor.queue_depth == 3)
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*batch, return_exceptions=True))
+        assert [outcomes[0], outcomes[2]] == [2, 4]
+        assert isinstance(outcomes[1], BatchFailed)
+        assert str(outcomes[1]) == "a negative item"
+        assert await results(first) == [0]
+
+    assert handler.batches == [[0], [1, -1, 2]]
 
 
 async def test_a_batching_task_that_dies_fails_its_callers_at_once_and_says_so(
