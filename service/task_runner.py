@@ -298,7 +298,8 @@ class TaskRunner:
         queued = await loop.run_in_executor(self._read_thread, self.reader.count_queued)
         try:
             check_room(queued, self._config.max_queued)
-            check_disk_room(self.reader.path.parent)
+            # Off the event loop, as every read of DATA_DIR: a hung mount must not hold it.
+            await loop.run_in_executor(self._read_thread, check_disk_room, self.reader.path.parent)
         except TaskQueueFull:
             if idempotency_key is None:
                 raise

@@ -118,10 +118,15 @@ def check_disk_room(directory: Path, incoming_bytes: int = 0) -> None:
     ``DISK_RESERVE_BYTES`` free on the disk holding ``directory``."""
     free = shutil.disk_usage(directory).free
     if free - incoming_bytes < DISK_RESERVE_BYTES:
+        left = (
+            f", {(free - incoming_bytes) / 2**20:.1f} MiB once this image is stored"
+            if incoming_bytes
+            else ""
+        )
         raise TaskQueueFull(
-            f"the disk holding DATA_DIR has {free / 2**20:.1f} MiB free; new tasks are taken "
-            f"while {DISK_RESERVE_BYTES // 2**20} MiB would stay free, room for the results "
-            "of the tasks already taken: free some space"
+            f"the disk holding DATA_DIR has {free / 2**20:.1f} MiB free{left}; new tasks are "
+            f"taken while {DISK_RESERVE_BYTES // 2**20} MiB would stay free, room for the "
+            "results of the tasks already taken: free some space"
         )
 
 

@@ -588,9 +588,10 @@ async def test_submissions_stop_before_the_disk_fills_so_accepted_tasks_can_fini
         refused = await served.client.post("/tasks", files=upload(data))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
+        left = (free["bytes"] - len(data)) / 2**20
         assert refused.json()["detail"].startswith(
-            f"the disk holding DATA_DIR has {free['bytes'] / 2**20:.1f} MiB free; new tasks "
-            "are taken while 64 MiB would stay free"
+            f"the disk holding DATA_DIR has {free['bytes'] / 2**20:.1f} MiB free, {left:.1f} "
+            "MiB once this image is stored; new tasks are taken while 64 MiB would stay free"
         )
         free["bytes"] = tasks.DISK_RESERVE_BYTES - 1  # refused before its image is decoded
         assert (await served.client.post("/tasks", files=upload(data))).status_code == 503
