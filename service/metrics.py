@@ -52,7 +52,9 @@ LATENCY_BUCKETS_S = (
     30,
     60,
 )
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Every size up to 16, the default MAX_BATCH_SIZE: a quantile interpolates within the
+# bucket it falls in, (k - 1, k], so ceil() of it is the batch size itself. Coarser above.
+BATCH_SIZE_BUCKETS = (*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 HTTP_REQUESTS = Counter(
     "http_requests_total",
@@ -157,8 +159,14 @@ def record_model(model: str, device: str, dtype: str, weights: str) -> None:
     MODEL_INFO.labels(model=model, device=device, dtype=dtype, weights=weights).set(1)
 
 
+# The methods the API takes; any other (the parser knows some thirty) is counted as
+# "other", so that clients cannot multiply the series.
+LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
+
+
 def record_request(route: str, method: str, status: int, duration_s: float) -> None:
     """Count one finished HTTP request."""
+    method = method if method in LABELLED_METHODS else "other"
     HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
     HTTP_LATENCY.labels(route=route, method=method).observe(duration_s)
 

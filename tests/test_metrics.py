@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from service import metrics
 from service.settings import PROJECT_ROOT
 
 
@@ -45,3 +49,27 @@ def test_a_metrics_dir_that_cannot_be_written_is_one_line_outside_gunicorn() -> 
     assert imported.returncode != 0
     [line] = imported.stderr.strip().splitlines()
     assert line.startswith("PROMETHEUS_MULTIPROC_DIR=/sys/kernel cannot hold the metrics: ")
+
+
+def test_methods_the_api_does_not_take_are_counted_as_other() -> None:
+    """The parser passes some thirty methods on: each would be series of its own."""
+    for method in ("PROPFIND", "MKCOL", "PURGE"):
+        metrics.record_request("unmatched", method, 405, 0.001)
+    text = metrics.render()[0].decode()
+    assert 'method="PROPFIND"' not in text
+    assert 'http_requests_total{method="other",route="unmatched",status="405"}' in text
+
+
+@pytest.mark.parametrize("size", [*range(1, 17), 24, 100])
+def test_a_batch_size_quantile_rounded_up_is_the_batch_size(size: int) -> None:
+    """Prometheus interpolates a quantile within the bucket it falls in; up to 16, each size
+    has a bucket of its own, so ceil() of the quantile of batches all of one size is it."""
+    bounds = metrics.BATCH_SIZE_BUCKETS
+    upper = next(bound for bound in bounds if size <= bound)
+    lower = max((bound for bound in bounds if bound < upper), default=0)
+    for quantile in (0.5, 0.95, 0.99):
+        interpolated = lower + (upper - lower) * quantile
+        if size <= 16:
+            assert math.ceil(interpolated) == size
+        else:
+            assert lower < size <= upper  # coarser: within its bucket

@@ -204,7 +204,7 @@ def test_histograms_show_p50_p95_and_p99(histogram: str) -> None:
     shown = {
         float(match.group(1))
         for expr in expressions()
-        if (match := re.match(r"histogram_quantile\(\s*([\d.]+)\s*,", expr))
+        if (match := re.search(r"histogram_quantile\(\s*([\d.]+)\s*,", expr))
         and f"{histogram}_bucket" in parse(expr).metrics
     }
     assert {0.5, 0.95, 0.99} <= shown, f"{histogram}: quantiles shown {sorted(shown)}"
