@@ -63,8 +63,8 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_LATENCY = Histogram(
     "http_request_duration_seconds",
-    "Time from request start to response end",
-    ["route", "method"],
+    "Time from request start to response end, by the class of its status (2xx, 4xx, 5xx)",
+    ["route", "method", "status_class"],
     buckets=LATENCY_BUCKETS_S,
 )
 QUEUE_DEPTH = Gauge(
@@ -168,7 +168,10 @@ def record_request(route: str, method: str, status: int, duration_s: float) -> N
     """Count one finished HTTP request."""
     method = method if method in LABELLED_METHODS else "other"
     HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
-    HTTP_LATENCY.labels(route=route, method=method).observe(duration_s)
+    # A class, not the status: instant refusals (503) apart from answers, few series.
+    HTTP_LATENCY.labels(route=route, method=method, status_class=f"{status // 100}xx").observe(
+        duration_s
+    )
 
 
 def record_refused_by_server(status: int) -> None:

@@ -1486,7 +1486,8 @@ async def test_metrics_report_requests_batches_and_model(
     counted = (
         'http_requests_total{method="POST",route="/cls",status="200"}',
         'http_requests_total{method="POST",route="/cls",status="400"}',
-        'http_request_duration_seconds_count{method="POST",route="/cls"}',
+        'http_request_duration_seconds_count{method="POST",route="/cls",status_class="2xx"}',
+        'http_request_duration_seconds_count{method="POST",route="/cls",status_class="4xx"}',
         "batch_size_count",
         "batch_size_sum",
         "batch_queue_wait_seconds_count",
@@ -1504,7 +1505,8 @@ async def test_metrics_report_requests_batches_and_model(
     assert growth == {
         'http_requests_total{method="POST",route="/cls",status="200"}': 1,
         'http_requests_total{method="POST",route="/cls",status="400"}': 1,
-        'http_request_duration_seconds_count{method="POST",route="/cls"}': 2,
+        'http_request_duration_seconds_count{method="POST",route="/cls",status_class="2xx"}': 1,
+        'http_request_duration_seconds_count{method="POST",route="/cls",status_class="4xx"}': 1,
         "batch_size_count": 1,
         "batch_size_sum": 1,
         "batch_queue_wait_seconds_count": 1,
