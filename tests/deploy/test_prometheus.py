@@ -47,6 +47,19 @@ def test_promtool_accepts_the_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_accepts_the_alerts_and_they_fire_as_their_cases_say() -> None:
+    """tests/deploy/alerts_test.yml: each alert fires on the series it watches, and no
+    sooner, or not for a healthy instance."""
+    for command in (
+        ["check", "rules", str(CONFIG.parent / "alerts.yml")],
+        ["test", "rules", str(Path(__file__).parent / "alerts_test.yml")],
+    ):
+        result = subprocess.run(
+            [binary("promtool"), *command], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def config_for(target: str) -> dict[str, Any]:
     """The deployed config with the classifier job pointed at ``target`` and scraped every
     second, the other jobs left out."""
