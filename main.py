@@ -198,6 +198,7 @@ class Service:
         self._last_batch_end = time.monotonic()
         self._tasks_in_model: set[str] = set()  # tasks whose attempt this run has counted
         self._trimmer: asyncio.Task[None] | None = None
+        self._memory_reporter: asyncio.Task[None] | None = None
         self._observer = metrics.PrometheusObserver()
         self.tasks: TaskRunner | None = None
         # While the task store cannot be opened: what retries it, the runner it starts,
@@ -295,6 +296,10 @@ class Service:
             self._store_reopener.add_done_callback(_log_failure)
         else:
             self.tasks = runner
+        self._memory_reporter = asyncio.create_task(
+            memory.report_resident(metrics.record_resident_memory), name="reporting memory"
+        )
+        self._memory_reporter.add_done_callback(_log_failure)
         trim = memory.malloc_trim()
         if trim is not None:
             self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
@@ -384,8 +389,9 @@ class Service:
         """
         self.ready = False
         self.draining = True
-        if self._trimmer is not None:
-            self._trimmer.cancel()
+        for background in (self._trimmer, self._memory_reporter):
+            if background is not None:
+                background.cancel()
         if self._store_reopener is not None:
             # Once only: cancelled by ``begin_shutdown`` already, it may be closing the
             # stores it opened, which a second cancel would cut short.

@@ -10,6 +10,7 @@ then pays a few milliseconds of page faults to take the memory back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -37,6 +38,15 @@ def malloc_trim() -> Callable[[], object] | None:
 def resident_bytes() -> int:
     """This process's resident set size now (Linux)."""
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def report_resident(record: Callable[[int], None], interval_s: float = 5.0) -> None:
+    """Pass this process's resident size to ``record`` every ``interval_s``, until
+    cancelled; a round that cannot read it is skipped."""
+    while True:
+        with contextlib.suppress(OSError):
+            record(resident_bytes())
+        await asyncio.sleep(interval_s)
 
 
 class IdleTrimmer:

@@ -110,6 +110,12 @@ WEBHOOK_LATENCY = Histogram(
     "Time of one webhook HTTP attempt, successful or not",
     buckets=LATENCY_BUCKETS_S,
 )
+# Per worker (a pid label): process_* metrics are left out in multiprocess mode.
+WORKER_RESIDENT = Gauge(
+    "worker_resident_memory_bytes",
+    "Resident memory of each live worker, read every 5 s",
+    multiprocess_mode="liveall",
+)
 MODEL_INFO = Gauge(
     "model_info",
     "The loaded model (value is always 1)",
@@ -162,6 +168,11 @@ def record_model(model: str, device: str, dtype: str, weights: str) -> None:
 # The methods the API takes; any other (the parser knows some thirty) is counted as
 # "other", so that clients cannot multiply the series.
 LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
+
+
+def record_resident_memory(resident_bytes: int) -> None:
+    """This worker's resident memory now."""
+    WORKER_RESIDENT.set(resident_bytes)
 
 
 def record_request(route: str, method: str, status: int, duration_s: float) -> None:

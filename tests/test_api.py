@@ -1498,6 +1498,8 @@ async def test_metrics_report_requests_batches_and_model(
     await served.client.post("/cls", files=upload(photos[0].read_bytes()))
     await served.client.post("/cls", files=upload(b"nope"))
     text = (await served.client.get("/metrics")).text
+    # Read as the worker starts: it holds the model, a few hundred MB at least.
+    assert metric_value(text, "worker_resident_memory_bytes") > 200 * 2**20
     # One request answered, one refused before the queue: one batch of one.
     growth = {
         sample: metric_value(text, sample) - metric_value(before, sample) for sample in counted

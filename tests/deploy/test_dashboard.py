@@ -43,6 +43,7 @@ REQUIRED_SAMPLES = {
     "webhooks delivered": "webhook_success_total",
     "webhooks given up": "webhook_failure_total",
     "webhook latency": "webhook_latency_seconds_bucket",
+    "worker memory": "worker_resident_memory_bytes",
 }
 QUANTILE_HISTOGRAMS = (
     "http_request_duration_seconds",
