@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import logging
@@ -105,6 +106,39 @@ Image.init()
 Image.MAX_IMAGE_PIXELS = None
 
 logger = logging.getLogger(__name__)
+
+# libtiff's handler signature: (module, printf format, va_list).
+_TIFF_ERROR_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+
+
+def _log_libtiff_error(module: bytes | None, format_: bytes, arguments: int | None) -> None:
+    message = ctypes.create_string_buffer(512)
+    _vsnprintf(message, len(message), format_, arguments)
+    text = message.value.decode(errors="replace")
+    logger.warning("libtiff: %s", f"{module.decode(errors='replace')}: {text}" if module else text)
+
+
+def _route_libtiff_errors() -> None:
+    """Have libtiff's error messages logged, with the request's id, instead of written to
+    stderr as raw lines, which broke ``LOG_FORMAT=json``. Pillow links libtiff privately:
+    find the copy it loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:  # not Linux: the messages stay on stderr
+        return
+    for path in paths:
+        set_handler = ctypes.CDLL(path).TIFFSetErrorHandler
+        set_handler.argtypes = [_TIFF_ERROR_HANDLER]
+        set_handler.restype = ctypes.c_void_p
+        set_handler(_libtiff_error_handler)
+
+
+_libtiff_error_handler = _TIFF_ERROR_HANDLER(_log_libtiff_error)  # kept alive: C holds it
+_vsnprintf = ctypes.CDLL(None).vsnprintf
+# A va_list travels as a pointer on x86-64 and, by reference, on arm64 alike.
+_vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+_route_libtiff_errors()
 
 
 class InvalidImage(ValueError):

@@ -167,6 +167,14 @@ def tiff_in_strips(strips: int) -> bytes:
     return header + bytes(8 * strips) + directory + bytes(4)
 
 
+def tiff_with_a_corrupt_strip() -> bytes:
+    """A deflate-compressed TIFF whose one strip's zlib header is broken: libtiff reports an
+    error of its own as it decodes."""
+    data = bytearray(encode(gradient(64, 64), "TIFF", compression="tiff_deflate"))
+    data[9] ^= 0xFF  # the strip starts right after the 8-byte header
+    return bytes(data)
+
+
 def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 625)) -> bytes:
     """A progressive JPEG whose smallest refinement scan is repeated ``extra`` more times:
     still a valid image, as libjpeg decodes every scan again over the whole image."""

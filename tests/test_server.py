@@ -113,13 +113,19 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
 
 
 def test_with_json_logs_every_line_of_the_server_is_json(tmp_path: Path) -> None:
-    """gunicorn's and uvicorn's own lines too, once each, and no second access line."""
+    """gunicorn's and uvicorn's own lines too, once each, and no second access line; and
+    what a C library behind Pillow reports about an upload, with the request's id."""
     env = server_env(tmp_path, LOG_FORMAT="json")
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         assert httpx.get(f"{server.url}/nope", timeout=10).status_code == 404
+        upload = {"file": ("broken.tif", images.tiff_with_a_corrupt_strip(), "image/tiff")}
+        broken = httpx.post(f"{server.url}/cls", files=upload, timeout=30)
+        assert broken.status_code == 400, broken.text
     records = [json.loads(line) for line in server.log().splitlines() if line.strip()]
     loggers = {record["logger"] for record in records}
     assert {"gunicorn.error", "uvicorn.error", "service.access"} <= loggers
+    (libtiff,) = [r for r in records if r["message"].startswith("libtiff: ")]
+    assert libtiff["request_id"] == broken.headers["X-Request-ID"]
     assert "uvicorn.access" not in loggers
     booting = [r for r in records if r["message"].startswith("Booting worker")]
     assert len(booting) == 1

@@ -579,6 +579,21 @@ def test_an_image_with_a_side_too_long_is_too_large_under_any_limit() -> None:
         assert refused.value.pixels_needed == math.inf
 
 
+def test_libtiff_errors_are_logged_not_written_to_stderr(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libtiff writes its errors to the process's stderr by default: raw lines in a log of
+    one JSON object per line, with no time and no request id."""
+    with (
+        caplog.at_level(logging.WARNING, logger="classification.preprocess"),
+        pytest.raises(InvalidImage, match="corrupt or truncated"),
+    ):
+        decode_image(images.tiff_with_a_corrupt_strip(), max_pixels=MAX_PIXELS)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("libtiff: ZIPDecode: Decoding error at scanline 0") for m in messages)
+    assert capfd.readouterr().err == ""
+
+
 def test_a_tiff_listing_more_strips_than_any_real_image_is_refused_before_parsing() -> None:
     """Pillow lists the strips in Python as it opens a TIFF: 1.2 million took seconds."""
     data = images.tiff_in_strips(1_200_000)
