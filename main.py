@@ -227,6 +227,9 @@ class Service:
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
         settings = self.settings
+        # The gauge reads 0 from its creation until set: no live worker is that small.
+        with contextlib.suppress(OSError):
+            metrics.record_resident_memory(memory.resident_bytes())
         torch.set_num_threads(settings.effective_torch_threads)
         loop = asyncio.get_running_loop()
         classifier = await loop.run_in_executor(

@@ -87,6 +87,12 @@ BATCH_RUN = Histogram(
 BATCH_ITEMS = Counter(
     "batch_requests_total", "Requests leaving the batch processor, by outcome", ["outcome"]
 )
+# Every outcome's series exists from the start, at 0: a panel or a rate() over one not yet
+# seen shows no data rather than none happening.
+for _outcome in Outcome:
+    BATCH_ITEMS.labels(outcome=_outcome.value)
+for _run_outcome in ("ok", "failed"):
+    BATCH_RUN.labels(outcome=_run_outcome)
 TASK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 TASKS_SUCCEEDED = Counter(
     "image_task_success", "Asynchronous tasks that finished with a prediction"

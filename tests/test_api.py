@@ -24,12 +24,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from prometheus_client import REGISTRY
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp
 
 import main
 from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
+from service import metrics
 from service.tasks import DATABASE_NAME
 from tests import images
 from tests.corpus import multipart, multipart_headers
@@ -1478,6 +1480,33 @@ async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
     assert response.headers["X-Request-ID"] == "trace-88"
     tracebacks = [r for r in caplog.records if r.exc_info is not None]
     assert [getattr(r, "request_id", None) for r in tracebacks] == ["trace-88"]
+
+
+async def test_a_worker_reports_its_memory_while_its_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another worker's /metrics shows this one from its start: a resident size of 0 read
+    as a worker with no memory, on the dashboard and to any alert on it."""
+    loading, loaded = threading.Event(), threading.Event()
+    real_load = main.load_classifier
+
+    def slow_load(**options: Any) -> object:
+        loading.set()
+        loaded.wait(30)
+        return real_load(**options)
+
+    monkeypatch.setattr(main, "load_classifier", slow_load)
+    metrics.WORKER_RESIDENT.set(0)
+    service = main.Service(make_settings(data_dir=tmp_path))
+    starting = asyncio.create_task(service.start())
+    try:
+        assert await asyncio.to_thread(loading.wait, 30)
+        resident = REGISTRY.get_sample_value("worker_resident_memory_bytes")
+        assert (resident or 0) > 50 * 2**20
+    finally:
+        loaded.set()
+        await starting
+        await service.stop()
 
 
 async def test_metrics_report_requests_batches_and_model(

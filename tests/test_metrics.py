@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from batching import Outcome
 from service import metrics
 from service.settings import PROJECT_ROOT
 
@@ -73,3 +74,22 @@ def test_a_batch_size_quantile_rounded_up_is_the_batch_size(size: int) -> None:
             assert math.ceil(interpolated) == size
         else:
             assert lower < size <= upper  # coarser: within its bucket
+
+
+def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
+    """A panel or a rate() over an outcome not seen yet would show no data, not 0."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    render = "from service import metrics; print(metrics.render()[0].decode())"
+    text = subprocess.run(
+        [sys.executable, "-c", render],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for outcome in Outcome:
+        assert f'batch_requests_total{{outcome="{outcome.value}"}} 0.0' in text
+    for outcome in ("ok", "failed"):
+        assert f'batch_inference_seconds_count{{outcome="{outcome}"}} 0.0' in text
