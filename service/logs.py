@@ -45,6 +45,7 @@ _access_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.C
 )
 _listener: QueueListener | None = None
 _direct: logging.Handler | None = None  # what the writer thread writes to
+_queued: logging.Handler | None = None  # what hands records to the writer thread
 _access_log_on = True
 # How long the writer waits for more records once it has written all it had.
 WRITER_LINGER_S = 0.1
@@ -255,7 +256,7 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     global _access_log_on
     stop_writer()
     formatter = json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    global _direct
+    global _direct, _queued
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     stream.addFilter(RequestIdLogFilter())  # for the lines written once the writer stops
@@ -263,6 +264,7 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     records = LingeringQueue()
     handler = QueueHandler(records)
     handler.addFilter(RequestIdLogFilter())  # in the caller's context, where the id is bound
+    _queued = handler
     _start_writer(QueueListener(records, stream))
     warnings.showwarning = _log_warning
     for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
@@ -296,8 +298,10 @@ def stop_writer() -> None:
     if _listener is not None:
         _listener.stop()
         _listener = None
+        # Only the hand-off is swapped: a handler added beside it (a test's) stays.
         for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
-            logging.getLogger(name).handlers = [] if _direct is None else [_direct]
+            named = logging.getLogger(name)
+            named.handlers = [_direct if h is _queued else h for h in named.handlers]
 
 
 atexit.register(stop_writer)

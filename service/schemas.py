@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -45,7 +45,7 @@ class WebhookOut(BaseModel):
     """Where the delivery of a task's callback stands: waiting (for the task to finish),
     pending, delivered or failed."""
 
-    status: str
+    status: Literal["waiting", "pending", "delivered", "failed"]
     attempts: int
     last_error: str | None
     next_attempt_at: datetime | None  # after a failed attempt, until the next one begins

@@ -32,7 +32,7 @@ import main
 from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
 from service import metrics
-from service.tasks import DATABASE_NAME
+from service.tasks import DATABASE_NAME, WebhookStatus
 from tests import images
 from tests.corpus import multipart, multipart_headers
 from tests.support import (
@@ -1663,6 +1663,9 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     batch_answer = schema["paths"]["/cls/batch"]["post"]["responses"]["200"]
     assert set(batch_answer["headers"]) == {"Retry-After"}
     assert "BatchResponse" in json.dumps(batch_answer["content"])
+    # Every state a task's webhook can be in, as the store names them, and no other.
+    webhook_states = schema["components"]["schemas"]["WebhookOut"]["properties"]["status"]
+    assert set(webhook_states["enum"]) == {"waiting", *(state.value for state in WebhookStatus)}
 
 
 async def test_health_and_readiness(served: RunningApp) -> None:

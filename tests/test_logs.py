@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from logging.handlers import QueueListener
+from logging.handlers import QueueHandler, QueueListener
 from pathlib import Path
 from typing import Any
 
@@ -402,3 +402,19 @@ def test_invalid_settings_are_one_line_in_the_asked_format(
         assert datetime.datetime.fromisoformat(record["time"]).utcoffset() == datetime.timedelta(0)
     else:
         assert line.startswith("invalid configuration: MAX_BATCH_SIZE='0'")
+
+
+def test_stopping_the_writer_keeps_the_handlers_added_beside_it() -> None:
+    """Shutdown swaps the hand-off to the writer thread for direct writes, and nothing else:
+    a test's capture handler, dropped, lost every later line of the test process."""
+    logs.configure_logging("info", "text", access_log=True)
+    service = logging.getLogger("service")
+    beside = logging.NullHandler()
+    service.addHandler(beside)
+    try:
+        logs.stop_writer()
+        assert beside in service.handlers
+        assert not any(isinstance(h, QueueHandler) for h in service.handlers)
+        assert len(service.handlers) == 2
+    finally:
+        service.removeHandler(beside)
