@@ -70,6 +70,7 @@ from service.middleware import (
 )
 from service.protocol import (
     EXIT_RESTART,
+    LIVENESS_STATE,
     SHUTDOWN_HOOK,
     SIBLINGS_STATE,
     pause_unless_stopped,
@@ -373,7 +374,7 @@ class Service:
         if self.processor is not None:
             # The batcher ends the drain on time itself: what it still holds gets the 503 of
             # a stopped batcher, counted as stopped, before the server cancels the requests
-            # still open (UVICORN_CONFIG's bound on the wait comes later), which would
+            # still open (the worker's timeout_graceful_shutdown, later), which would
             # count them as clients gone.
             self._drain_end = asyncio.get_running_loop().call_later(
                 self.settings.drain_timeout_s, self._end_drain
@@ -553,7 +554,8 @@ class Service:
 
         Refuses before decoding when ``MAX_QUEUE`` submissions are already being decoded or
         stored in this worker, or when the task queue is full: each one holds
-        its upload in memory while it waits for the tasks' decode thread or the store. The
+        its upload (spooled, on disk past 1 MiB) while it waits for the tasks' decode
+        thread, and its bytes in memory from its decode until it is stored. The
         ``callback_url``'s host is looked up after those checks, since a lookup may take
         up to ``WEBHOOK_TIMEOUT_S``.
         """
@@ -751,10 +753,8 @@ class Service:
         ]
         if task_ids and self.tasks is not None:
             self._tasks_in_model.update(task_ids)
-            try:
+            try:  # a store failure is logged there, whoever still waits for it
                 await self.tasks.count_attempts(task_ids, wait_s=ATTEMPT_RECORD_WAIT_S)
-            except TaskStoreFailed as exc:  # a full or failing disk: its reason is enough
-                logger.error("counting the attempts of tasks %s failed: %s", task_ids, exc)
             except Exception:
                 logger.exception("counting the attempts of tasks %s failed", task_ids)
 
@@ -856,8 +856,8 @@ def _read_and_preprocess(
 
 
 def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
-    """The model input of a small upload, or None when the image has more than
-    SMALL_IMAGE_MAX_PIXELS."""
+    """The model input of a small upload, or None when the upload is over
+    SMALL_UPLOAD_MAX_BYTES or the image has more than SMALL_IMAGE_MAX_PIXELS."""
     file.seek(0)
     data = file.read(SMALL_UPLOAD_MAX_BYTES + 1)
     if len(data) > SMALL_UPLOAD_MAX_BYTES:
@@ -1333,7 +1333,7 @@ def create_app(settings: Settings) -> FastAPI:
         started_before = siblings is not None and siblings.server_started()
         service = Service(settings, server_started=started_before)
         app.state.service = service
-        app.state.liveness_problem = service.liveness_problem
+        setattr(app.state, LIVENESS_STATE, service.liveness_problem)
         try:
             await service.start()
         except (ModelLoadError, TaskStoreUnavailable) as exc:

@@ -296,8 +296,8 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     if not_finite is not None:
         # Every answer would be NaN, served as a null score.
         raise ModelLoadError(
-            f"WEIGHTS={weights} holds values that are not finite (NaN or infinite) in "
-            f"{not_finite!r}; the file is corrupt, or its training diverged"
+            f"{source} holds values that are not finite (NaN or infinite) in "
+            f"{not_finite!r}; the file is corrupt, or its training diverged{mend}"
         )
     num_classes = int(state["fc.weight"].shape[0])
     if num_classes != num_labels:

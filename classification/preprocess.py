@@ -284,7 +284,7 @@ def _claimed_format(data: bytes) -> str | None:
 
 
 def _check_structure(data: bytes) -> None:
-    """Refuse a TIFF, PNG or JPEG with more parts than any real image has, before Pillow
+    """Refuse a TIFF, PNG, GIF or JPEG with more parts than any real image has, before Pillow
     or libjpeg walks them."""
     parts = _tiff_part_count(data)
     if parts > TIFF_MAX_PARTS:

@@ -1,1 +1,3 @@
-"""HTTP-side helpers for main.py: settings, metrics and middleware."""
+"""Everything of the service but the model and the batcher: settings, HTTP protocol and
+middleware, metrics, logs, the task store and runner, webhooks, and the gunicorn workers'
+helpers (siblings, memory, the health probe). main.py joins them."""

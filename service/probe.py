@@ -43,7 +43,8 @@ def connection_to(bind: str) -> http.client.HTTPConnection:
 
 def probe(path: str, environ: dict[str, str]) -> int:
     """0 when the server answers ``path`` with 200, else 1 (with the reason on stderr)."""
-    bind = environ.get("BIND") or f"0.0.0.0:{environ.get('PORT') or '5001'}"
+    named = {name.upper(): value for name, value in environ.items()}  # as the settings read them
+    bind = named.get("BIND") or f"0.0.0.0:{named.get('PORT') or '5001'}"
     connection = connection_to(bind)
     try:
         connection.request("GET", path)

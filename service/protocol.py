@@ -82,6 +82,9 @@ RESTART_PAUSE_S = 1.0
 MAX_RESTART_PAUSE_S = 30.0
 # Where the app's state holds the worker's ``service.siblings.Siblings`` under gunicorn.
 SIBLINGS_STATE = "siblings"
+# Where it holds the function that names what keeps the worker from being alive, if any: the
+# heartbeat stops while it does.
+LIVENESS_STATE = "liveness_problem"
 # How long a client may read nothing of an answer that fills the connection's buffers
 # before the connection is reset: unbounded, it would hold the connection, the answer's
 # bytes and the app writing them for good. nginx's send_timeout.
@@ -593,7 +596,7 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # /healthz answers for whichever worker takes the probe: with several workers, one
         # whose model is stuck would pass half the probes and answer 504 for good. Without
         # its heartbeat, gunicorn replaces it after WORKER_TIMEOUT_S.
-        liveness_problem = getattr(getattr(self.wsgi, "state", None), "liveness_problem", None)
+        liveness_problem = getattr(getattr(self.wsgi, "state", None), LIVENESS_STATE, None)
         problem = liveness_problem() if liveness_problem is not None else None
         if problem is None:
             self._heart_stopped = False

@@ -105,7 +105,9 @@ def _request_hash(
 
 def _log_count_failure(task_ids: list[str], counted: asyncio.Future[None]) -> None:
     error = None if counted.cancelled() else counted.exception()
-    if error is not None:
+    if isinstance(error, TaskStoreBusy | TaskStoreFailed):  # a full or failing disk, a lock
+        logger.error("counting the attempts of tasks %s failed: %s", task_ids, error)
+    elif error is not None:
         logger.error("counting the attempts of tasks %s failed", task_ids, exc_info=error)
 
 

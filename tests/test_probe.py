@@ -55,6 +55,9 @@ def test_it_asks_the_port_on_the_loopback_interface() -> None:
         assert probe("/readyz", {"PORT": port}) == 1
         for bind in (f"0.0.0.0:{port}", f"127.0.0.1:{port}", f"tcp://localhost:{port}"):
             assert probe("/healthz", {"BIND": bind, "PORT": "1"}) == 0, bind
+        # The settings read names whatever their case, so gunicorn binds where these say.
+        assert probe("/healthz", {"port": port}) == 0
+        assert probe("/healthz", {"bind": f"127.0.0.1:{port}", "PORT": "1"}) == 0
 
 
 def test_it_reaches_an_ipv6_bind() -> None:

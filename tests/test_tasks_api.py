@@ -614,10 +614,10 @@ async def test_attempts_a_failing_disk_cannot_count_are_one_line_and_the_task_ru
         runner = served.service.tasks
         assert runner is not None
 
-        async def disk_full(task_ids: object, *, wait_s: float) -> None:
+        def disk_full(*args: object) -> None:
             raise tasks.TaskStoreFailed("the task store could not be written: disk is full")
 
-        runner.count_attempts = disk_full  # type: ignore[method-assign]
+        runner.store.count_attempts = disk_full  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR):
             accepted = await submit(served.client, photos[0].read_bytes())
             task = await finished(served.client, accepted["task_id"])
