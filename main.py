@@ -1511,6 +1511,7 @@ def create_app(settings: Settings) -> FastAPI:
         ),
         idle_timeout_s=settings.body_idle_timeout_s,
         routed=partial(serves, app),
+        in_flight_limit_bytes=settings.max_uploads_in_flight_bytes,
     )
     if settings.api_key is not None:
         document_the_api_key(app, OPEN_PATHS)

@@ -187,6 +187,7 @@ class BodyLimitsMiddleware:
         describe_part: Callable[[int], str],
         idle_timeout_s: float,
         routed: Callable[[Scope], bool],
+        in_flight_limit_bytes: int,
     ) -> None:
         self.app = app
         self.routed = routed
@@ -196,6 +197,10 @@ class BodyLimitsMiddleware:
         self.part_limit = part_limit
         self.describe_part = describe_part
         self.idle_timeout_s = idle_timeout_s
+        self.in_flight_limit_bytes = in_flight_limit_bytes
+        # Body bytes the requests under way hold, in memory or spooled to the temporary
+        # directory, until each ends: uploads are bounded each, and this bounds them all.
+        self.in_flight_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -259,18 +264,25 @@ class BodyLimitsMiddleware:
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
+                self.in_flight_bytes += len(chunk)
                 body_complete = not message.get("more_body", False)
-                if received > limit and not body_complete:
-                    raise HTTPException(413, self.describe(limit), headers=_UNREAD_BODY)
+                unread = None if body_complete else _UNREAD_BODY
                 if received > limit:
-                    raise HTTPException(413, self.describe(limit))
+                    raise HTTPException(413, self.describe(limit), headers=unread)
+                # A request alone is never refused by this: its own limit bounds it.
+                held_by_others = self.in_flight_bytes - received
+                if held_by_others and self.in_flight_bytes > self.in_flight_limit_bytes:
+                    raise HTTPException(
+                        503,
+                        f"uploads under way in this worker hold {_mib(self.in_flight_bytes)}; "
+                        f"MAX_UPLOADS_IN_FLIGHT_BYTES allows {_mib(self.in_flight_limit_bytes)}",
+                        headers={"Retry-After": RETRY_AFTER_S, **(unread or {})},
+                    )
                 if parts is not None:
                     parts.feed(chunk)
                     if parts.too_large:
                         raise HTTPException(
-                            413,
-                            self.describe_part(self.part_limit),
-                            headers=None if body_complete else _UNREAD_BODY,
+                            413, self.describe_part(self.part_limit), headers=unread
                         )
                     if body_complete and received and not (parts.ended or parts.malformed):
                         closing = (b"--" + (boundary or b"") + b"--").decode("latin-1")
@@ -288,7 +300,14 @@ class BodyLimitsMiddleware:
                 message = {**message, "headers": response_headers.raw}
             await send(message)
 
-        await self.app(scope, receive_within_limits, send_closing_if_body_unread)
+        try:
+            await self.app(scope, receive_within_limits, send_closing_if_body_unread)
+        finally:
+            self.in_flight_bytes -= received
+
+
+def _mib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**20:.1f} MiB"
 
 
 class _PartsTooLarge(Exception):

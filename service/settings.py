@@ -166,6 +166,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES_BOUND)
     max_image_pixels: int = Field(40_000_000, ge=1, le=10**12)
     max_batch_files: int = Field(32, ge=1, le=1000)
+    max_uploads_in_flight_bytes: int = Field(2 * 2**30, ge=1, le=2**50)
     body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
 
     torch_threads: int | None = Field(None, ge=1, le=1024)

@@ -834,6 +834,28 @@ async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
     assert sum(large) < 2 * len(data), large
 
 
+async def test_uploads_under_way_are_bounded_together(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each upload has its limit; MAX_UPLOADS_IN_FLIGHT_BYTES bounds what they hold
+    together (spooled files past 1 MiB, unlinked, which a disk quota that sums the files
+    it sees does not count): past it a request is refused with 503 and Retry-After, never
+    one that is alone."""
+    data = photos[0].read_bytes()
+    held = HeldDecode(monkeypatch)
+    async with running_app(make_settings(max_uploads_in_flight_bytes=len(data) // 2)) as served:
+        holding = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+        await wait_for(held.started.is_set)  # its body read, and held until it is answered
+        refused = await served.client.post("/cls", files=upload(data))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["detail"].startswith("uploads under way in this worker hold ")
+        assert "MAX_UPLOADS_IN_FLIGHT_BYTES allows 0." in refused.json()["detail"]
+        held.release.set()
+        assert (await holding).status_code == 200  # alone, though over the bound itself
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
 async def test_a_small_image_never_waits_behind_large_decodes(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -385,6 +385,7 @@ async def read_in_two_chunks(
         describe_part=lambda limit: f"a part is over {limit} bytes",
         idle_timeout_s=5.0,
         routed=lambda scope: True,
+        in_flight_limit_bytes=1 << 30,
     )
     await limits(scope, receive, send)
     return received

@@ -215,6 +215,19 @@ def test_resources_fit_the_workers(server_config: dict[str, Any]) -> None:
     assert settings.workers * settings.torch_threads <= cpu_limit
 
 
+def test_the_uploads_under_way_fit_the_temporary_volume(server_config: dict[str, Any]) -> None:
+    """Spooled uploads are unlinked files, which the kubelet's accounting of an emptyDir
+    does not see: the service's own bound must keep them within its size limit."""
+    settings = server_config["settings"]
+    mount = next(m for m in container()["volumeMounts"] if m["mountPath"] == "/tmp")
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    size_limit = quantity(volume["emptyDir"]["sizeLimit"])
+    # Beside them: the metrics files, heartbeats and a request alone past the bound.
+    largest_request = settings.max_batch_files * settings.max_upload_bytes
+    spooled = settings.workers * (settings.max_uploads_in_flight_bytes + largest_request)
+    assert spooled <= size_limit
+
+
 def test_the_container_runs_as_non_root_on_a_read_only_root(
     server_config: dict[str, Any],
 ) -> None:
