@@ -274,8 +274,8 @@ class BodyLimitsMiddleware:
                 if held_by_others and self.in_flight_bytes > self.in_flight_limit_bytes:
                     raise HTTPException(
                         503,
-                        f"uploads under way in this worker hold {_mib(self.in_flight_bytes)}; "
-                        f"MAX_UPLOADS_IN_FLIGHT_BYTES allows {_mib(self.in_flight_limit_bytes)}",
+                        f"uploads under way in this worker hold {self.in_flight_bytes:,} bytes; "
+                        f"MAX_UPLOADS_IN_FLIGHT_BYTES allows {self.in_flight_limit_bytes:,}",
                         headers={"Retry-After": RETRY_AFTER_S, **(unread or {})},
                     )
                 if parts is not None:
@@ -304,10 +304,6 @@ class BodyLimitsMiddleware:
             await self.app(scope, receive_within_limits, send_closing_if_body_unread)
         finally:
             self.in_flight_bytes -= received
-
-
-def _mib(size_bytes: int) -> str:
-    return f"{size_bytes / 2**20:.1f} MiB"
 
 
 class _PartsTooLarge(Exception):

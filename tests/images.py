@@ -175,6 +175,29 @@ def tiff_with_a_corrupt_strip() -> bytes:
     return bytes(data)
 
 
+def fax_tiff_of_noise(width: int = 64, height: int = 1000) -> bytes:
+    """A bilevel TIFF in CCITT Group 3 whose one strip is random bytes: libtiff reports a
+    bad code word on most rows, and fills them in."""
+    noise = np.random.default_rng(0).integers(0, 256, width * height // 8, dtype=np.uint8)
+    data = noise.tobytes()
+    tags = [  # (tag, type: 3 short or 4 long, value), in tag order
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 1),
+        (259, 3, 3),  # CCITT Group 3
+        (262, 3, 0),
+        (273, 4, 8),  # the strip, right after the header
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, len(data)),
+    ]
+    directory = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        directory += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + directory + bytes(4)
+
+
 def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 625)) -> bytes:
     """A progressive JPEG whose smallest refinement scan is repeated ``extra`` more times:
     still a valid image, as libjpeg decodes every scan again over the whole image."""

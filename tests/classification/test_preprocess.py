@@ -31,6 +31,7 @@ from classification.preprocess import (
     IMAGENET_STD,
     JPEG_MAX_SCANS,
     JPEG_MAX_SEGMENTS,
+    LIBTIFF_MAX_LINES,
     MAX_SIDE,
     PNG_MAX_CHUNKS,
     ROW_BLOCK_PIXELS,
@@ -592,6 +593,22 @@ def test_libtiff_errors_are_logged_not_written_to_stderr(
     messages = [record.getMessage() for record in caplog.records]
     assert any(m.startswith("libtiff: ZIPDecode: Decoding error at scanline 0") for m in messages)
     assert capfd.readouterr().err == ""
+
+
+def test_libtiff_logs_a_few_lines_an_image_however_many_rows_it_finds_damaged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It reports damage once a row: a 3 MB upload gave 60,000 lines, each a Python call
+    under the interpreter lock and a log record."""
+    for _ in range(2):  # the allowance is each image's
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="classification.preprocess"):
+            decode_image(images.fax_tiff_of_noise(), max_pixels=MAX_PIXELS)  # filled in
+        messages = [record.getMessage() for record in caplog.records]
+        assert len(messages) == LIBTIFF_MAX_LINES + 1, messages
+        for message in messages[:-1]:
+            assert message.startswith("libtiff: Fax3Decode1D: Bad code word at line"), message
+        assert messages[-1] == "libtiff: more lines about this image are left out"
 
 
 def test_a_tiff_listing_more_strips_than_any_real_image_is_refused_before_parsing() -> None:
