@@ -1218,6 +1218,11 @@ _MULTIPART_ERRORS = {
 }
 
 
+def _shortened(text: str, length: int) -> str:
+    """``text`` as an error message quotes it: a client's path or header may be long."""
+    return text if len(text) <= length else text[:length] + "..."
+
+
 def _has_route(app: FastAPI, path: str) -> bool:
     return matching_route(app, {"type": "http", "path": path, "method": "GET"}) is not None
 
@@ -1241,7 +1246,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     if exc.status_code == 404 and detail == "Not Found":
         path = request.url.path
-        shown = path if len(path) <= 200 else path[:200] + "..."
+        shown = _shortened(path, 200)
         detail = f"no route {shown}"
         if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
             detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
@@ -1269,7 +1274,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         allowed = ", ".join(sorted(_allowed_methods(request)))
         headers = {**(headers or {}), "Allow": allowed}
         path = request.url.path
-        shown = path if len(path) <= 200 else path[:200] + "..."
+        shown = _shortened(path, 200)
         detail = f"{request.method} is not allowed on {shown}; it takes {allowed}"
         if shown == path and path.startswith("/tasks/") and request.method in ("GET", "HEAD"):
             detail += f"; a task's status is at /task-status/{path.removeprefix('/tasks/')}"
@@ -1297,7 +1302,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         tuple(error.get("loc", ())) == ("body", "file") for error in exc.errors()
     ):
         # An image sent as the raw body, or as JSON: say how to send it instead.
-        shown = content_type if len(content_type) <= 100 else content_type[:100] + "..."
+        shown = _shortened(content_type, 100)
         problems.append(
             "send the image as a multipart/form-data part named 'file' "
             f"(curl -F file=@image.jpg), not as a body of type {shown or '(none)'}"
@@ -1507,7 +1512,13 @@ def create_app(settings: Settings) -> FastAPI:
         part_limit=max(upload_limit, settings.task_metadata_max_bytes + MULTIPART_OVERHEAD_BYTES),
         describe_part=lambda limit: (
             f"a part of the request body is over {limit} bytes; "
-            f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+            + f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"
+            + (
+                ""
+                if limit == upload_limit
+                else f", TASK_METADATA_MAX_BYTES {settings.task_metadata_max_bytes} for a task's "
+                "metadata"
+            )
         ),
         idle_timeout_s=settings.body_idle_timeout_s,
         routed=partial(serves, app),

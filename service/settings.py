@@ -331,13 +331,16 @@ class Settings(BaseSettings):
     @property
     def effective_torch_threads(self) -> int:
         """Intra-op threads per worker: the cores shared evenly among workers."""
-        return self.torch_threads or max(1, available_cores() // self.workers)
+        return self.torch_threads or self._cores_per_worker()
 
     @property
     def effective_decode_threads(self) -> int:
         """Threads decoding uploads, in each of the pools for small and for large images;
         decoding overlaps inference, so one per core."""
-        return self.decode_threads or max(1, available_cores() // self.workers)
+        return self.decode_threads or self._cores_per_worker()
+
+    def _cores_per_worker(self) -> int:
+        return max(1, available_cores() // self.workers)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -290,6 +290,22 @@ async def test_metadata_over_a_mebibyte_is_accepted_when_the_setting_allows_it(
         assert "TASK_METADATA_MAX_BYTES allows 1500000" in response.json()["detail"]
 
 
+async def test_a_part_over_what_metadata_may_take_names_both_limits(photos: list[Path]) -> None:
+    """With TASK_METADATA_MAX_BYTES above MAX_UPLOAD_BYTES, a part may be as large as the
+    metadata; one larger is cut off as it arrives, and the 413 says which setting allows it."""
+    settings = make_settings(max_upload_bytes=200_000, task_metadata_max_bytes=300_000)
+    async with running_app(settings) as served:
+        huge = json.dumps({"notes": "x" * 400_000})
+        response = await served.client.post(
+            "/tasks", files=upload(photos[0].read_bytes()), data={"metadata": huge}
+        )
+    assert response.status_code == 413, response.text
+    assert response.json()["detail"].endswith(
+        "MAX_UPLOAD_BYTES allows 200000 per file, TASK_METADATA_MAX_BYTES 300000 for a task's "
+        "metadata"
+    )
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [
