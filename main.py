@@ -69,6 +69,7 @@ from service.middleware import (
     serves,
 )
 from service.protocol import (
+    EXIT_BOOT_ERROR,
     EXIT_RESTART,
     LIVENESS_STATE,
     SHUTDOWN_HOOK,
@@ -131,7 +132,6 @@ SHUTTING_DOWN = "the server is shutting down; retry"
 DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-EXIT_STARTUP_FAILED = 3  # gunicorn stops instead of restarting a worker that exits with 3
 # After the batcher drained, how long running tasks get to store their results.
 TASK_STOP_GRACE_S = 5.0
 # How long a batch of tasks waits for their attempts to be on disk before the model runs
@@ -1360,7 +1360,7 @@ def create_app(settings: Settings) -> FastAPI:
             sys.stderr.flush()
             if pause_s:
                 pause_unless_stopped(pause_s)
-            os._exit(EXIT_RESTART if others_serve else EXIT_STARTUP_FAILED)
+            os._exit(EXIT_RESTART if others_serve else EXIT_BOOT_ERROR)
         if siblings is not None:
             siblings.mark_ready()
         # What exists now (libraries, app, model) lives as long as the worker. Frozen, it

@@ -74,6 +74,7 @@ LINGER_AT_SHUTDOWN_S = 1.0
 # they serve on. What changed since they started (a weights file) is the operator's to
 # mend, and a halt would take the healthy workers down with it.
 EXIT_RESTART = 1
+EXIT_BOOT_ERROR = Arbiter.WORKER_BOOT_ERROR
 # Before it exits so, it pauses this long times two to the power of the failures of the
 # run since a worker last started, at most MAX_RESTART_PAUSE_S (and a quarter of the
 # worker timeout): a replacement that fails the same way each time, its model loaded
@@ -582,7 +583,7 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         await server.serve(sockets=self.sockets)
         if not server.started:
             others_serve = siblings is not None and siblings.others_serving()
-            sys.exit(EXIT_RESTART if others_serve else Arbiter.WORKER_BOOT_ERROR)
+            sys.exit(EXIT_RESTART if others_serve else EXIT_BOOT_ERROR)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was
