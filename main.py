@@ -1497,8 +1497,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(
         BodyLimitsMiddleware,
-        limits_by_path=body_limits,
-        default_limit=MAX_OTHER_BODY_BYTES,
+        limit_bytes_by_path=body_limits,
+        default_limit_bytes=MAX_OTHER_BODY_BYTES,
         describe=lambda limit: (
             f"request body is over {limit} bytes; "
             + (
@@ -1509,7 +1509,9 @@ def create_app(settings: Settings) -> FastAPI:
         ),
         # A file part's limit; a task's metadata, should TASK_METADATA_MAX_BYTES be set
         # larger, may take more.
-        part_limit=max(upload_limit, settings.task_metadata_max_bytes + MULTIPART_OVERHEAD_BYTES),
+        part_limit_bytes=max(
+            upload_limit, settings.task_metadata_max_bytes + MULTIPART_OVERHEAD_BYTES
+        ),
         describe_part=lambda limit: (
             f"a part of the request body is over {limit} bytes; "
             + f"MAX_UPLOAD_BYTES allows {settings.max_upload_bytes} per file"

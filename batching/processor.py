@@ -120,7 +120,8 @@ def _check_count(name: str, value: object) -> None:
 class BatchObserver(Protocol):
     """Receives the processor's events, for metrics. Calls must be cheap and not raise."""
 
-    def queue_depth_changed(self, depth: int) -> None: ...
+    def queue_depth_changed(self, depth: int) -> None:
+        """``depth`` items now wait for a batch, in every lane."""
 
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
         """A batch formed, of ``size`` items that waited ``queue_waits_s`` in the queue."""
@@ -128,7 +129,8 @@ class BatchObserver(Protocol):
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         """One call of the handler ended: a batch, or a part of a failed one run again."""
 
-    def item_finished(self, outcome: Outcome) -> None: ...
+    def item_finished(self, outcome: Outcome) -> None:
+        """An item left the processor, ending as ``outcome`` says."""
 
 
 class NullObserver:

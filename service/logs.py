@@ -106,6 +106,7 @@ def begin_request(request_id: str) -> tuple[contextvars.Token[str], dict[str, ob
 
 
 def end_request(token: contextvars.Token[str]) -> None:
+    """Undo ``begin_request``: lines logged from here on carry the id from before."""
     request_id_var.reset(token)
     _access_fields.set(None)
 

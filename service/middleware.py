@@ -158,12 +158,12 @@ def serves(app: Starlette, scope: Scope) -> bool:
 
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), multipart bodies with a
-    part over ``part_limit`` (413), bodies that stall (408), and multipart bodies that end
+    part over ``part_limit_bytes`` (413), bodies that stall (408), and multipart bodies that end
     before their closing boundary or declare a charset other than UTF-8 (400).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream, and
-    so is a part that grows past ``part_limit``: the multipart parser spools every file to
+    so is a part that grows past ``part_limit_bytes``: the multipart parser spools every file to
     disk whatever its size, so a body of many files must not hold one of any size. Parts
     are found by a second parser of the same kind as the app's (``_PartSizes``).
     A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
@@ -180,10 +180,10 @@ class BodyLimitsMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        limits_by_path: Mapping[str, int],
-        default_limit: int,
+        limit_bytes_by_path: Mapping[str, int],
+        default_limit_bytes: int,
         describe: Callable[[int], str],
-        part_limit: int,
+        part_limit_bytes: int,
         describe_part: Callable[[int], str],
         idle_timeout_s: float,
         routed: Callable[[Scope], bool],
@@ -191,10 +191,10 @@ class BodyLimitsMiddleware:
     ) -> None:
         self.app = app
         self.routed = routed
-        self.limits_by_path = limits_by_path
-        self.default_limit = default_limit
+        self.limit_bytes_by_path = limit_bytes_by_path
+        self.default_limit_bytes = default_limit_bytes
         self.describe = describe
-        self.part_limit = part_limit
+        self.part_limit_bytes = part_limit_bytes
         self.describe_part = describe_part
         self.idle_timeout_s = idle_timeout_s
         self.in_flight_limit_bytes = in_flight_limit_bytes
@@ -208,7 +208,7 @@ class BodyLimitsMiddleware:
             return
         # "/cls/" has the limit of "/cls", so that its body reaches the 404 that names the
         # route rather than a 413 about its size.
-        limit = self.limits_by_path.get(scope["path"].rstrip("/"), self.default_limit)
+        limit = self.limit_bytes_by_path.get(scope["path"].rstrip("/"), self.default_limit_bytes)
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         # A body left unread that the server would otherwise read to its end, discarding:
@@ -217,7 +217,7 @@ class BodyLimitsMiddleware:
         close_if_unread = (
             headers.get("expect", "").lower() == "100-continue"
             or "transfer-encoding" in headers
-            or (declared.isdigit() and int(declared) > self.default_limit)
+            or (declared.isdigit() and int(declared) > self.default_limit_bytes)
         )
         if declared.isdigit() and int(declared) > limit and self.routed(scope):
             response = JSONResponse(
@@ -239,7 +239,7 @@ class BodyLimitsMiddleware:
         received = 0
         body_complete = False
         boundary = _multipart_boundary(scope)
-        parts = None if boundary is None else _PartSizes(boundary, self.part_limit)
+        parts = None if boundary is None else _PartSizes(boundary, self.part_limit_bytes)
 
         async def receive_within_limits() -> Message:
             nonlocal received, body_complete
@@ -282,7 +282,7 @@ class BodyLimitsMiddleware:
                     parts.feed(chunk)
                     if parts.too_large:
                         raise HTTPException(
-                            413, self.describe_part(self.part_limit), headers=unread
+                            413, self.describe_part(self.part_limit_bytes), headers=unread
                         )
                     if body_complete and received and not (parts.ended or parts.malformed):
                         closing = (b"--" + (boundary or b"") + b"--").decode("latin-1")
@@ -316,8 +316,8 @@ class _PartSizes:
     ended with its closing boundary. Parsing the same way, it finds the parts that the
     app's parser will, whatever lines inside them resemble a boundary."""
 
-    def __init__(self, boundary: bytes, part_limit: int) -> None:
-        self.part_limit = part_limit
+    def __init__(self, boundary: bytes, part_limit_bytes: int) -> None:
+        self.part_limit_bytes = part_limit_bytes
         self.part_bytes = 0
         self.too_large = False
         self.ended = False
@@ -347,7 +347,7 @@ class _PartSizes:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self.part_bytes += end - start
-        if self.part_bytes > self.part_limit:
+        if self.part_bytes > self.part_limit_bytes:
             raise _PartsTooLarge
 
     def _ends(self) -> None:

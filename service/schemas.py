@@ -164,6 +164,7 @@ def documentation_paths(app: FastAPI) -> frozenset[str]:
 
 
 def task_response(record: TaskRecord) -> JSONResponse:
+    """``GET /task-status/{id}``'s answer for ``record``, as ``TaskOut`` documents it."""
     fields: dict[str, object] = {}
     if record.status is TaskStatus.SUCCEEDED:
         fields["prediction"] = record.prediction

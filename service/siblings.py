@@ -20,6 +20,8 @@ _FAILED_PREFIX = "failed-"
 
 
 class Siblings:
+    """The marks of one run's workers in its directory (see the module's docstring)."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 

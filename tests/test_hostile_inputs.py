@@ -352,7 +352,7 @@ def test_lying_content_length_on_the_wire(tmp_path: Path, photos: list[Path]) ->
 
 
 async def read_in_two_chunks(
-    body: bytes, cut: int, part_limit: int = 1 << 20, boundary: str = BOUNDARY
+    body: bytes, cut: int, part_limit_bytes: int = 1 << 20, boundary: str = BOUNDARY
 ) -> list[Message]:
     """What an app reading ``body`` through BodyLimitsMiddleware receives, when the body
     arrives in two chunks split at ``cut``."""
@@ -379,9 +379,9 @@ async def read_in_two_chunks(
     limits = BodyLimitsMiddleware(
         app,
         {},
-        default_limit=1 << 20,
+        default_limit_bytes=1 << 20,
         describe=str,
-        part_limit=part_limit,
+        part_limit_bytes=part_limit_bytes,
         describe_part=lambda limit: f"a part is over {limit} bytes",
         idle_timeout_s=5.0,
         routed=lambda scope: True,
@@ -431,9 +431,9 @@ async def test_parts_are_measured_as_the_apps_parser_finds_them(case: str) -> No
     if case == "an-empty-boundary":
         body = body.replace(f"--{BOUNDARY}".encode(), b"--")
     cut = len(body) // 3
-    assert len(await read_in_two_chunks(body, cut, part_limit=1300, boundary=boundary)) == 2
+    assert len(await read_in_two_chunks(body, cut, part_limit_bytes=1300, boundary=boundary)) == 2
     with pytest.raises(HTTPException, match="a part is over 1000 bytes"):
-        await read_in_two_chunks(body, cut, part_limit=1000, boundary=boundary)
+        await read_in_two_chunks(body, cut, part_limit_bytes=1000, boundary=boundary)
     with pytest.raises(HTTPException, match="does not end with its closing boundary"):
         await read_in_two_chunks(body[: len(body) // 2], cut, boundary=boundary)
 
@@ -444,6 +444,6 @@ async def test_a_part_boundary_split_between_chunks_starts_the_next_part(offset:
     delimiter between them the chunks split at."""
     body = multipart([("file", "a.jpg", b"x" * 600, None), ("file", "b.jpg", b"y" * 600, None)])
     cut = body.index(f"\r\n--{BOUNDARY}\r\n".encode()) + offset
-    assert len(await read_in_two_chunks(body, cut, part_limit=1000)) == 2
+    assert len(await read_in_two_chunks(body, cut, part_limit_bytes=1000)) == 2
     with pytest.raises(HTTPException, match="a part is over 1000 bytes"):
-        await read_in_two_chunks(body.replace(b"y" * 600, b"y" * 1001), cut, part_limit=1000)
+        await read_in_two_chunks(body.replace(b"y" * 600, b"y" * 1001), cut, part_limit_bytes=1000)
