@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import pickle
@@ -111,9 +112,34 @@ def _imagenet_cache() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
 
 
+def _check_published(cached: Path) -> None:
+    """Refuse a cached file that is not the one published: torch hub checks the hash its
+    name carries after a download, not when it loads the file from the cache later."""
+    if (match := torch.hub.HASH_REGEX.search(cached.name)) is None:
+        return
+    try:
+        with cached.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"the ResNet18 ImageNet weights cached at {cached} cannot be read ({exc}); "
+            "set WEIGHTS=/path/to/state_dict.pth to load a local file"
+        ) from None
+    published = match.group(1)
+    if not digest.startswith(published):
+        raise ModelLoadError(
+            f"the ResNet18 ImageNet weights cached at {cached} are not the published file "
+            f"(its SHA-256 begins {digest[: len(published)]}, not {published}); delete that "
+            "file to download them again, or set WEIGHTS=/path/to/state_dict.pth to load a "
+            "local file"
+        )
+
+
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     cached = _imagenet_cache()
     downloading = not cached.is_file()
+    if not downloading:
+        _check_published(cached)
     default_timeout = socket.getdefaulttimeout()
     try:
         # torch hub opens its connection with the process's default timeout: none. Set
@@ -148,10 +174,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         logger.info(
             "downloaded the ResNet18 ImageNet weights from %s to %s", IMAGENET_WEIGHTS.url, cached
         )
-    try:
-        return _checked_state_dict(loaded, f"the file cached at {cached}")
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{exc}; delete it to download the weights again") from None
+    return _checked_state_dict(loaded, f"the file cached at {cached}")
 
 
 # Where training checkpoints keep the weights: Lightning, torchvision's reference scripts,

@@ -235,16 +235,30 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return checkpoints / "resnet18-f37072fd.pth"
 
 
-def test_a_cached_imagenet_file_of_another_network_says_which_file_to_delete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def as_if_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have the cached file pass for the published one, whose hash no test file can have."""
+    monkeypatch.setattr(classification.model, "_check_published", lambda cached: None)
+
+
+@pytest.mark.parametrize("network", ["resnet18", "resnet34"])
+def test_a_cached_imagenet_file_that_is_not_the_published_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: str
 ) -> None:
+    """Its name carries the published file's hash, which torch hub checks after a download
+    only: any weights put there, even a ResNet18's, would be served as ImageNet's."""
     cached = hub_cache(tmp_path, monkeypatch)
-    torch.save(torchvision.models.resnet34().state_dict(), cached)
+    torch.save(getattr(torchvision.models, network)().state_dict(), cached)
     with pytest.raises(ModelLoadError) as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     message = str(error.value)
-    assert message.startswith(f"the ImageNet weights cached at {cached} does not fit ResNet18 (")
-    assert message.endswith("weights of another network?; delete that file")
+    assert message.startswith(
+        f"the ResNet18 ImageNet weights cached at {cached} are not the published file "
+        "(its SHA-256 begins "
+    )
+    assert message.endswith(
+        ", not f37072fd); delete that file to download them again, or set "
+        "WEIGHTS=/path/to/state_dict.pth to load a local file"
+    )
 
 
 def test_a_long_error_is_cut_at_a_word() -> None:
@@ -279,21 +293,19 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("code", "holds Python objects besides tensors"),
-        ([1, 2, 3], r"is not a ResNet18 state dict \(no 'fc.weight'\); delete it"),
-    ],
-)
+@pytest.mark.parametrize("published", [False, True], ids=["as it is", "as if published"])
 def test_the_cached_imagenet_file_is_loaded_as_weights_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: object, message: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: bool
 ) -> None:
     """The default weights come from torch hub's cache, which unpickles whatever it holds
-    unless told to load tensors only."""
+    unless told to load tensors only: a tampered file is refused for its hash, and would
+    be for the code it holds."""
     cached = hub_cache(tmp_path, monkeypatch)
     marker = tmp_path / "code-ran"
-    torch.save({"fc.weight": RunsCode(marker)} if content == "code" else content, cached)
+    torch.save({"fc.weight": RunsCode(marker)}, cached)
+    if published:
+        as_if_published(monkeypatch)
+    message = "holds Python objects besides tensors" if published else "not the published file"
     with pytest.raises(ModelLoadError, match=message) as error:
         load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert "\n" not in str(error.value)
@@ -351,6 +363,7 @@ def test_imagenet_weights_load_from_the_torch_hub_cache(
 ) -> None:
     network, _ = build_network("random", 1000, seed=5)
     torch.save(network.state_dict(), hub_cache(tmp_path, monkeypatch))
+    as_if_published(monkeypatch)
     loaded = load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
     assert loaded.weights_description == "imagenet"
 
