@@ -138,6 +138,12 @@ def tiled_tiff(width: int, height: int, tile: int, pixels: bytes | None = None) 
         (324, 4, 8),  # the tile's data follows the 8-byte header
         (325, 4, len(data)),
     ]
+    return _tiff_of(data, tags)
+
+
+def _tiff_of(data: bytes, tags: list[tuple[int, int, int]]) -> bytes:
+    """A little-endian TIFF: its header, ``data`` (at offset 8), then one directory of
+    ``tags``, each (tag, type: 3 short or 4 long, value), in tag order."""
     directory = struct.pack("<H", len(tags))
     for tag, kind, value in tags:
         packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
@@ -180,7 +186,7 @@ def fax_tiff_of_noise(width: int = 64, height: int = 1000) -> bytes:
     bad code word on most rows, and fills them in."""
     noise = np.random.default_rng(0).integers(0, 256, width * height // 8, dtype=np.uint8)
     data = noise.tobytes()
-    tags = [  # (tag, type: 3 short or 4 long, value), in tag order
+    tags = [
         (256, 4, width),
         (257, 4, height),
         (258, 3, 1),
@@ -191,11 +197,7 @@ def fax_tiff_of_noise(width: int = 64, height: int = 1000) -> bytes:
         (278, 4, height),
         (279, 4, len(data)),
     ]
-    directory = struct.pack("<H", len(tags))
-    for tag, kind, value in tags:
-        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
-        directory += struct.pack("<HHI", tag, kind, 1) + packed
-    return b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + directory + bytes(4)
+    return _tiff_of(data, tags)
 
 
 def progressive_jpeg_with_extra_scans(extra: int, size: tuple[int, int] = (800, 625)) -> bytes:
