@@ -170,6 +170,8 @@ class BodyLimitsMiddleware:
     slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
     answered as a missing field.)
+    What the requests under way hold together is bounded by ``in_flight_limit_bytes``: the
+    request whose bytes take the total past it gets 503 (a request alone never does).
     A request that no route takes (``routed`` says) gets its 404 or 405 whatever its size.
     An answer sent before a body was read to its end closes the connection when the body
     is long, of unknown length, or awaited with ``Expect: 100-continue``: a client that
