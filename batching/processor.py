@@ -55,7 +55,8 @@ class Priority(enum.IntEnum):
     """Which lane an item waits in. A batch takes every waiting INTERACTIVE item first, then
     BULK, then BACKGROUND, so work of a lower lane never delays a higher lane's by more than
     the batch already running. Whether lower lanes' items also fill the spare slots of a
-    batch that holds a higher lane's is ``BatchConfig.fill_from_lower_lanes``."""
+    batch that holds a higher lane's is ``BatchConfig.fill_from_lower_lanes``; a lower lane
+    kept waiting ``BatchConfig.lower_lane_max_wait_s`` fills them regardless."""
 
     INTERACTIVE = 0
     BULK = 1
@@ -81,7 +82,9 @@ class BatchConfig:
     (not bools, not floats: a float size would give batches of its ceiling, and NaN
     compares false with every size). ``max_wait_s`` is a finite number of seconds, at least
     0: an infinite wait would hold a lone item that has no deadline until ``stop``; a long
-    finite one says so explicitly.
+    finite one says so explicitly. ``lower_lane_max_wait_s`` is a number of seconds, at
+    least 0; ``math.inf`` makes the lanes' order strict, letting higher lanes' traffic starve
+    lower lanes for good.
     """
 
     max_batch_size: int = 32
@@ -92,19 +95,17 @@ class BatchConfig:
     # Where a fuller batch costs about what a small one does (GPUs), filling is free
     # throughput; where cost grows with size (CPUs), it slows the higher lane's batch.
     fill_from_lower_lanes: bool = True
+    # Without filling, higher lanes' items that always wait (two interactive callers
+    # sending back to back suffice) would keep lower lanes from the model for good. A lower
+    # lane that has had no item in a batch for this long, while one of its items waited,
+    # fills the spare slots of the next batch: slowed by higher lanes, never starved.
+    lower_lane_max_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_concurrent_batches"):
             _check_count(name, getattr(self, name))
-        wait_s: object = self.max_wait_s
-        # bool is a subclass of int: True would pass for 1.
-        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool):
-            raise ValueError(
-                f"max_wait_s must be a number of seconds, got {wait_s!r} ({type(wait_s).__name__})"
-            )
-        # NaN compares false with everything: ``< 0`` alone lets it through.
-        if not (math.isfinite(wait_s) and wait_s >= 0):
-            raise ValueError(f"max_wait_s must be finite and >= 0, got {wait_s}")
+        _check_seconds("max_wait_s", self.max_wait_s, finite=True)
+        _check_seconds("lower_lane_max_wait_s", self.lower_lane_max_wait_s, finite=False)
         # Accept plain strings from configuration.
         object.__setattr__(self, "policy", BatchPolicy(self.policy))
 
@@ -115,6 +116,17 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_seconds(name: str, value: object, *, finite: bool) -> None:
+    # bool is a subclass of int: True would pass for 1.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(
+            f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})"
+        )
+    # NaN compares false with everything: ``< 0`` alone lets it through.
+    if not (value >= 0 and (math.isfinite(value) or not finite)):
+        raise ValueError(f"{name} must be {'finite and ' if finite else ''}>= 0, got {value}")
 
 
 class BatchObserver(Protocol):
@@ -371,6 +383,8 @@ class BatchProcessor(Generic[In, Out]):
         self._observer = _GuardedObserver(observer or NullObserver())
         # One FIFO lane per priority, indexed by ``Priority``.
         self._lanes: tuple[deque[_Pending[In, Out]], ...] = tuple(deque() for _ in Priority)
+        # When each lane last had an item in a batch.
+        self._last_turn_at = [-math.inf for _ in Priority]
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -636,15 +650,27 @@ class BatchProcessor(Generic[In, Out]):
                 entry.queued = True
                 self._lanes[entry.priority].appendleft(entry)
             entries = self._take_in_time(limit, now)
+        for entry in entries:
+            self._last_turn_at[entry.priority] = now
         self._observer.queue_depth_changed(self.queue_depth)
         return entries
+
+    def _may_fill(self, priority: Priority, now: float) -> bool:
+        """Whether the lane's entries may fill the spare slots of a higher lane's batch."""
+        if self._config.fill_from_lower_lanes:
+            return True
+        lane = self._lanes[priority]
+        if not lane:
+            return False
+        waiting_since = max(self._last_turn_at[priority], lane[0].enqueued_at)
+        return now - waiting_since >= self._config.lower_lane_max_wait_s
 
     def _take_first(self, limit: int, now: float) -> list[_Pending[In, Out]]:
         """Up to ``limit`` entries in priority, then arrival, order."""
         entries: list[_Pending[In, Out]] = []
-        for lane in self._lanes:
-            if entries and not self._config.fill_from_lower_lanes:
-                break
+        for priority, lane in zip(Priority, self._lanes, strict=True):
+            if entries and not self._may_fill(priority, now):
+                continue
             while lane and len(entries) < limit:
                 entry = lane.popleft()
                 entry.queued = False
@@ -673,10 +699,10 @@ class BatchProcessor(Generic[In, Out]):
         They stay queued, to their own deadline's timer. The first lane with entries
         decides the size, first come first served among those with time enough, so no
         entry of it is left out for a lower lane's; entries of lower lanes then fill the
-        places that keep everyone in time (with ``fill_from_lower_lanes``).
+        places that keep everyone in time (those that may fill, see ``_may_fill``).
         """
-        lanes = [lane for lane in self._lanes if any(self._live(lane, now))]
-        if not lanes:
+        priorities = [p for p in Priority if any(self._live(self._lanes[p], now))]
+        if not priorities:
             return []
         enough_s = now + self._run_times.estimate_s(limit)
         scan_limit = max(TAKE_SCAN_LIMIT, limit)
@@ -685,7 +711,7 @@ class BatchProcessor(Generic[In, Out]):
         # head of the lane, and at most ``scan_limit`` of them.
         scanned: list[_Pending[In, Out]] = []
         candidates: list[_Pending[In, Out]] = []
-        for entry in itertools.islice(self._live(lanes[0], now), scan_limit):
+        for entry in itertools.islice(self._live(self._lanes[priorities[0]], now), scan_limit):
             scanned.append(entry)
             if _ends_after(entry, enough_s):
                 candidates.append(entry)
@@ -698,8 +724,8 @@ class BatchProcessor(Generic[In, Out]):
             # Not one is expected in time: the one with the most time left has the best
             # chance, and an estimate is no reason to leave the model idle.
             chosen = [max(candidates, key=lambda e: math.inf if e.deadline is None else e.deadline)]
-        if self._config.fill_from_lower_lanes:
-            self._fill(chosen, lanes[1:], limit, now, scan_limit)
+        fillers = [self._lanes[p] for p in priorities[1:] if self._may_fill(p, now)]
+        self._fill(chosen, fillers, limit, now, scan_limit)
         for entry in chosen:
             entry.queued = False
             self._lanes[entry.priority].remove(entry)

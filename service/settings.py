@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     # Whether lower lanes (batch files, tasks) fill the spare slots of higher lanes' batches;
     # unset: on CUDA.
     fill_spare_slots: bool | None = None
+    # Without filling, a lower lane kept from the model this long by higher lanes' batches
+    # fills the spare slots of the next one.
+    lower_lane_max_wait_ms: float = Field(1000, ge=0, le=86_400_000)
     max_queue: int = Field(256, ge=1, le=1_000_000)
     request_timeout_ms: float = Field(10_000, gt=0, le=86_400_000)
     drain_timeout_s: float = Field(20.0, ge=0, le=86_400)
@@ -360,6 +363,7 @@ class Settings(BaseSettings):
             # On a GPU a fuller batch costs about what a small one does; on a CPU it costs
             # in proportion, and the /cls requests in the batch would pay for the tasks.
             fill_from_lower_lanes=device_type == "cuda" if fill is None else fill,
+            lower_lane_max_wait_s=self.lower_lane_max_wait_ms / 1000,
         )
 
 

@@ -368,3 +368,51 @@ def test_a_stream_of_tasks_delays_interactive_requests_by_at_most_a_batch(
     assert metric_value(after, "task_queue_depth") > 0, "tasks were waiting throughout"
     # Generous: the machine's speed drifts, so the bound is in this run's own batch time.
     assert delay_s <= batches_of_delay * full_batch_s * 1.25 + 0.03
+
+
+def test_constant_cls_traffic_slows_batch_files_and_tasks_without_stopping_them(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """Two clients sending /cls back to back leave the model no pause, far below its
+    capacity: in the lanes' strict order, batch files and tasks would never run (the files
+    504 at REQUEST_TIMEOUT_MS). Once a lane has waited LOWER_LANE_MAX_WAIT_MS without a
+    turn, its work fills the spare slots of the next batch."""
+    env = server_env(
+        tmp_path, MAX_BATCH_SIZE="8", TASK_POLL_INTERVAL_S="0.2", LOWER_LANE_MAX_WAIT_MS="500"
+    )
+    photo = ("p.jpg", photos[0].read_bytes(), "image/jpeg")
+    stop_sending = threading.Event()
+    interactive: list[int] = []
+
+    def back_to_back(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop_sending.is_set():
+                interactive.append(client.post("/cls", files={"file": photo}).status_code)
+
+    with (
+        running_server(tmp_path, gunicorn_command(free_port()), env) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        senders = [threading.Thread(target=back_to_back, args=(server.url,)) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        try:
+            wait_until(lambda: len(interactive) > 20, 60, "/cls traffic to flow")
+            before = len(interactive)
+            task_id = client.post("/tasks", files={"file": photo}).json()["task_id"]
+            batch = client.post("/cls/batch", files=[("file", photo)] * 12)
+            wait_until(
+                lambda: client.get(f"/task-status/{task_id}").json()["status"] == "succeeded",
+                30,
+                "the task to run",
+            )
+            during = len(interactive) - before
+        finally:
+            stop_sending.set()
+            for sender in senders:
+                sender.join(60)
+
+    assert batch.status_code == 200, batch.text
+    assert [entry["status"] for entry in batch.json()["results"]] == [200] * 12
+    assert set(interactive) == {200}
+    assert during >= 4, "the /cls traffic went on meanwhile"

@@ -297,6 +297,63 @@ async def test_without_filling_interactive_batches_take_no_background_items() ->
     assert handler.batches == [[100], [1, 2], [101, 102, 103, 104], [105]]
 
 
+async def test_a_lower_lane_kept_waiting_fills_the_next_batchs_spare_slots() -> None:
+    """Interactive items that always wait would keep background items from the model for
+    good without filling; once the background lane has waited ``lower_lane_max_wait_s``
+    without a turn, its items ride in the spare slots of the next batch, behind the
+    interactive ones, and the lane then waits its turn again."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=False, lower_lane_max_wait_s=0.5)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 1)
+        await handler.next_started()
+        background = spawn(processor, *range(100, 106), priority=BACKGROUND)
+        interactive = spawn(processor, 2)
+        await wait_until(lambda: processor.queue_depth == 7)
+        done = first
+        # Each batch finishes with the next interactive item already waiting.
+        for item in range(3, 6):
+            handler.release_next()
+            await results(done)
+            assert await handler.next_started() == [item - 1]
+            done, interactive = interactive, spawn(processor, item)
+            await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        await asyncio.sleep(0.55)
+        handler.release_next()
+        assert await handler.next_started() == [5, 100, 101, 102]
+        done, interactive = interactive, spawn(processor, 6)
+        await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        handler.release_next()
+        # The lane had its turn: the next batch is the interactive item's alone.
+        assert await handler.next_started() == [6]
+        handler.release_all()
+        await results(done + interactive + background)
+
+    assert handler.batches[-2:] == [[6], [103, 104, 105]]
+
+
+async def test_strict_lane_order_starves_lower_lanes() -> None:
+    """``lower_lane_max_wait_s=math.inf`` keeps the strict order: background items wait for
+    as long as interactive ones do."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(
+        max_batch_size=4, fill_from_lower_lanes=False, lower_lane_max_wait_s=math.inf
+    )
+    async with running(handler, config) as processor:
+        first = spawn(processor, 1)
+        await handler.next_started()
+        background = spawn(processor, 100, priority=BACKGROUND)
+        interactive = spawn(processor, 2)
+        await wait_until(lambda: processor.queue_depth == 2)
+        await asyncio.sleep(0.2)
+        handler.release_next()
+        assert await handler.next_started() == [2]
+        handler.release_all()
+        await results(first + interactive + background)
+
+    assert handler.batches == [[1], [2], [100]]
+
+
 async def test_the_three_lanes_go_in_order_filling_or_not() -> None:
     """Bulk items wait behind interactive ones and ahead of background ones; without
     filling, each batch holds one lane's items only."""
@@ -1634,6 +1691,15 @@ def test_config_names_the_bad_value() -> None:
         BatchConfig(max_queue=True)
     with pytest.raises(ValueError, match=r"max_wait_s must be finite and >= 0, got nan"):
         BatchConfig(max_wait_s=math.nan)
+    with pytest.raises(ValueError, match=r"max_wait_s must be finite and >= 0, got inf"):
+        BatchConfig(max_wait_s=math.inf)
+    with pytest.raises(ValueError, match=r"lower_lane_max_wait_s must be >= 0, got -1"):
+        BatchConfig(lower_lane_max_wait_s=-1)
+    with pytest.raises(ValueError, match=r"lower_lane_max_wait_s must be >= 0, got nan"):
+        BatchConfig(lower_lane_max_wait_s=math.nan)
+    with pytest.raises(ValueError, match=r"lower_lane_max_wait_s must be a number of seconds"):
+        BatchConfig(lower_lane_max_wait_s=False)
+    assert BatchConfig(lower_lane_max_wait_s=math.inf).lower_lane_max_wait_s == math.inf
 
 
 def test_config_accepts_whole_seconds_and_no_wait() -> None:
@@ -1646,14 +1712,17 @@ def test_config_accepts_whole_seconds_and_no_wait() -> None:
 
 
 @pytest.mark.parametrize(
-    ("policy", "concurrency"),
-    [(ADAPTIVE, 1), (ADAPTIVE, 3), (TIMEOUT, 1)],
+    ("policy", "concurrency", "lanes"),
+    [(ADAPTIVE, 1, False), (ADAPTIVE, 3, False), (TIMEOUT, 1, False), (ADAPTIVE, 1, True)],
 )
 async def test_random_submits_and_cancellations_keep_every_caller_consistent(
-    policy: BatchPolicy, concurrency: int
+    policy: BatchPolicy, concurrency: int, lanes: bool
 ) -> None:
     """Thousands of callers, a fifth of them cancelled at random moments: every survivor gets
     its own output, no item reaches the handler twice, and nothing is left queued or running.
+    With ``lanes``, callers wait in random lanes, lower lanes fill only once kept waiting,
+    and a fifth have deadlines, some too tight to meet: each of those gets its output or
+    DeadlineExceeded.
     """
     count = 3000
     spawn_rng = random.Random(1234)
@@ -1677,14 +1746,23 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
         max_queue=count,
         policy=policy,
         max_concurrent_batches=concurrency,
+        fill_from_lower_lanes=not lanes,
+        lower_lane_max_wait_s=0.001,
     )
     processor: BatchProcessor[int, int] = BatchProcessor(handler, config)
     processor.start()
     loop = asyncio.get_running_loop()
 
     tasks: list[asyncio.Task[int]] = []
+    with_deadline: set[int] = set()
     for item in range(count):
-        task = asyncio.create_task(processor.submit(item))
+        priority, deadline = Priority.INTERACTIVE, None
+        if lanes:
+            priority = spawn_rng.choice(list(Priority))
+            if spawn_rng.random() < 0.2:
+                deadline = time.monotonic() + spawn_rng.uniform(0.0005, 0.02)
+                with_deadline.add(item)
+        task = asyncio.create_task(processor.submit(item, deadline=deadline, priority=priority))
         tasks.append(task)
         if spawn_rng.random() < 0.2:
             # Cancel before it starts, while queued, mid-batch, or after it is done.
@@ -1703,11 +1781,17 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
 
     cancelled = {item for item, task in enumerate(tasks) if task.cancelled()}
     assert len(cancelled) > count // 20  # the test really exercised cancellation
+    expired = set()
     for item, task in enumerate(tasks):
-        if item not in cancelled:
+        if item in cancelled:
+            continue
+        if item in with_deadline and isinstance(task.exception(), DeadlineExceeded):
+            expired.add(item)
+        else:
             assert task.result() == item * 2
+    assert len(expired) < len(with_deadline) or not lanes
     assert len(seen) == len(set(seen)), "an item reached the handler twice"
-    assert set(range(count)) - cancelled <= set(seen)
+    assert set(range(count)) - cancelled - expired <= set(seen)
 
     await bounded(processor.stop(drain_timeout_s=GUARD_S))
     assert calls["entered"] == calls["finished"]  # every batch ran to completion
