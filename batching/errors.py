@@ -8,7 +8,7 @@ class BatchingError(Exception):
 
 
 class QueueFull(BatchingError):
-    """The queue already holds ``max_queue`` items; try again later."""
+    """The item's lane already holds ``max_queue`` items; try again later."""
 
 
 class DeadlineExceeded(BatchingError):

@@ -63,6 +63,9 @@ class Priority(enum.IntEnum):
     BACKGROUND = 2
 
 
+_PRIORITIES = frozenset(Priority)
+
+
 class Outcome(enum.StrEnum):
     """How one submitted item ended."""
 
@@ -89,7 +92,7 @@ class BatchConfig:
 
     max_batch_size: int = 32
     max_wait_s: float = 0.005
-    max_queue: int = 256
+    max_queue: int = 256  # in each lane
     policy: BatchPolicy = BatchPolicy.ADAPTIVE
     max_concurrent_batches: int = 1
     # Where a fuller batch costs about what a small one does (GPUs), filling is free
@@ -434,7 +437,10 @@ class BatchProcessor(Generic[In, Out]):
     def start(self) -> None:
         """Start the background batching task on the running event loop."""
         if self._loop_task is not None:
-            raise RuntimeError("BatchProcessor.start() called twice")
+            raise RuntimeError(
+                "BatchProcessor.start() called twice (a stopped processor does not start "
+                "again: make a new one)"
+            )
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run_forever(), name="batch-processor")
         self._loop_task.add_done_callback(self._loop_ended)
@@ -483,7 +489,7 @@ class BatchProcessor(Generic[In, Out]):
             priority: The lane to wait in; each lane holds at most ``max_queue`` items.
 
         Raises:
-            ValueError: The deadline is NaN.
+            ValueError: The deadline is NaN, or the priority is not a ``Priority``.
             QueueFull: ``max_queue`` items are already waiting in the item's lane.
             Stopped: The processor is not accepting work.
             DeadlineExceeded: The deadline passed before the output was ready.
@@ -495,6 +501,9 @@ class BatchProcessor(Generic[In, Out]):
             raise ValueError(
                 f"deadline must be a time.monotonic() time, math.inf or None; got {deadline!r}"
             )
+        # An int that is no lane would index the wrong one (-1) or none.
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be a Priority, got {priority!r}")
         if not self._accepting:
             self._observer.item_finished(Outcome.STOPPED)
             raise Stopped("the batch processor is not accepting work")

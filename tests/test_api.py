@@ -606,6 +606,35 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     assert [p["index"] for p in response.json()["prediction"]] == indices
 
 
+async def test_a_model_packages_own_image_too_large_error_needs_no_pixel_count(
+    served: RunningApp, photos: list[Path], reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another model package may define its own ImageTooLarge, without ``pixels_needed``:
+    a small upload over SMALL_IMAGE_MAX_PIXELS is then decoded again with the configured
+    limit, as with classification's, not answered 500."""
+
+    class OwnImageTooLarge(ValueError):
+        pass
+
+    real_preprocess = main._preprocess
+
+    def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        try:
+            return real_preprocess(data, max_pixels)
+        except ImageTooLarge as exc:
+            raise OwnImageTooLarge(str(exc)) from None
+
+    monkeypatch.setattr(main, "ImageTooLarge", OwnImageTooLarge)
+    monkeypatch.setattr(main, "_preprocess", preprocess)
+    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
+    data = images.encode(images.photo(photos[0]).resize((side, side)), "JPEG", quality=80)
+    assert len(data) <= main.SMALL_UPLOAD_MAX_BYTES
+    response = await served.client.post("/cls", files=upload(data))
+    assert response.status_code == 200, response.text
+    indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
+    assert [p["index"] for p in response.json()["prediction"]] == indices
+
+
 async def test_a_small_upload_over_the_pixel_limit_does_not_wait_behind_large_decodes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

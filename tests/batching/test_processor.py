@@ -807,6 +807,29 @@ async def test_a_deadline_that_is_not_a_number_is_refused() -> None:
     assert handler.batches == [[2]]
 
 
+async def test_a_priority_that_is_no_lane_is_refused() -> None:
+    """-1 would index the last lane and 5 none: both, and a lane's name, are refused at
+    once, without being queued; an int that is a lane's value is that lane."""
+    handler = FakeHandler()
+    async with running(handler, BatchConfig()) as processor:
+        for priority in (-1, 5, "bulk", None):
+            with pytest.raises(ValueError, match=r"priority must be a Priority, got "):
+                await bounded(processor.submit(1, priority=priority), limit_s=1.0)  # type: ignore[arg-type]
+        assert processor.queue_depth == 0
+        assert await bounded(processor.submit(2, priority=2)) == 4  # type: ignore[arg-type]
+
+    assert handler.batches == [[2]]
+
+
+async def test_a_stopped_processor_does_not_start_again() -> None:
+    """``start`` after ``stop`` says to make a new processor."""
+    processor: BatchProcessor[int, int] = BatchProcessor(FakeHandler(), BatchConfig())
+    processor.start()
+    await bounded(processor.stop(drain_timeout_s=1.0))
+    with pytest.raises(RuntimeError, match=r"a stopped processor does not start again"):
+        processor.start()
+
+
 async def test_a_cancelled_queued_caller_is_skipped() -> None:
     """A caller cancelled while queued never reaches the handler; the others are served."""
     handler = FakeHandler(held=True)
