@@ -316,9 +316,16 @@ class _RunTimes:
     def _known(self) -> dict[int, float]:
         """The mean run time of each size run lately or timed at the warm-up, made to grow
         with size: a warm-up time below a smaller size's recent runs (the machine got
-        busier) would otherwise expect the larger batch to be the faster."""
+        busier) would otherwise expect the larger batch to be the faster. A warm-up time
+        above a larger size's recent runs (the machine was busy at start-up) is left out:
+        it would be the floor of every larger size's estimate."""
         if self._known_s is None:
-            known = {**self._warm_up_s, **self._mean_s}
+            known = dict(self._mean_s)
+            for size, warm_up_s in self._warm_up_s.items():
+                if size not in known and all(
+                    warm_up_s <= mean_s for seen, mean_s in self._mean_s.items() if seen > size
+                ):
+                    known[size] = warm_up_s
             slowest_s = 0.0
             for size in sorted(known):
                 slowest_s = known[size] = max(slowest_s, known[size])

@@ -595,6 +595,20 @@ def test_a_warm_up_time_stands_in_for_its_size_until_it_runs_again() -> None:
     assert times.estimate_s(16) >= times.estimate_s(1)
 
 
+def test_a_slow_warm_up_of_a_small_size_sets_no_floor_for_larger_ones() -> None:
+    """A warm-up on a busy machine can time a batch of 1 slower than full batches run
+    since. Once size 1 has not run lately, its warm-up time would be the floor of every
+    larger size's estimate (batches planned ten times too slow, cut to single items under
+    deadlines): the runs of a larger size contradict it, and it is left out."""
+    times = _RunTimes()
+    times.record(1, 0.6, warm_up=True)
+    times.record(16, 0.06, warm_up=True)
+    for _ in range(_RunTimes.FORGET_AFTER_RUNS + 6):
+        times.record(16, 0.06)
+    assert times.estimate_s(16) == pytest.approx(0.06)
+    assert times.estimate_s(1) <= 0.06
+
+
 def after_lone_batches(processor: BatchProcessor[int, int], unit_s: float) -> None:
     """A warm-up that timed sizes 1 and 16 (``unit_s`` per item), then more lone batches
     than a size is remembered for, as light traffic runs: size 16 has not run lately."""
