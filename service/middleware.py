@@ -227,6 +227,11 @@ class BodyLimitsMiddleware:
             )
             await response(scope, receive, send)
             return
+        if (coding := _unread_coding(scope)) is not None and self.routed(scope):
+            status, detail = coding
+            response = JSONResponse({"detail": detail}, status_code=status, headers=_UNREAD_BODY)
+            await response(scope, receive, send)
+            return
         if (charset := _foreign_charset(scope)) is not None:
             # The multipart parser would decode the part headers and fields with it: names
             # garbled, or a bare "There was an error parsing the body".
@@ -360,6 +365,31 @@ def _has_body(scope: Scope) -> bool:
     """Whether the request announces a body (which an answer given now leaves unread)."""
     headers = Headers(scope=scope)
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+
+
+def _unread_coding(scope: Scope) -> tuple[int, str] | None:
+    """The status and detail for a body in a coding the service does not undo (it would
+    reach the multipart parser still compressed): a transfer coding other than chunked
+    (501, RFC 9112 6.1), or a content coding (415)."""
+    headers = Headers(scope=scope)
+
+    def codings(name: str) -> list[str]:
+        values = headers.getlist(name)
+        return [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+
+    transfer = codings("transfer-encoding")
+    if transfer and transfer != ["chunked"]:
+        return 501, (
+            f"Transfer-Encoding {', '.join(transfer)} is not supported: send the body "
+            "with a Content-Length, or chunked"
+        )
+    content = [coding for coding in codings("content-encoding") if coding != "identity"]
+    if content and _has_body(scope):
+        return (
+            415,
+            f"Content-Encoding {', '.join(content)} is not supported: send the body uncompressed",
+        )
+    return None
 
 
 def _foreign_charset(scope: Scope) -> str | None:

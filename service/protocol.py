@@ -313,6 +313,13 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         # From a head's first byte, the rest of it must follow in time.
         self._start_head_timer()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # The parser reports a chunked body's trailer fields here too. A trailer is not a
+        # header (RFC 9110, 6.5): merged, a key sent in one would count or not by how the
+        # bytes were split, and past a proxy that checks the headers it sees.
+        if self._in_head:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0

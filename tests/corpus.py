@@ -7,6 +7,7 @@ from one real photo, so nothing is downloaded and the corpus is the same on ever
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 from dataclasses import dataclass, field
@@ -270,6 +271,30 @@ def build_corpus(photo_path: Path) -> list[Case]:
             headers={
                 **multipart_headers(body),
                 "Content-Type": f"multipart/form-data; charset=UTF-8; boundary={BOUNDARY}",
+            },
+        ),
+        # Passed on still compressed, the body would be answered as malformed multipart.
+        Case(
+            "content-encoding-gzip",
+            415,
+            "Content-Encoding gzip is not supported",
+            content=gzip.compress(body),
+            headers={**multipart_headers(gzip.compress(body)), "Content-Encoding": "gzip"},
+        ),
+        Case(
+            "content-encoding-identity",
+            200,
+            content=body,
+            headers={**multipart_headers(body), "Content-Encoding": "identity"},
+        ),
+        Case(
+            "transfer-encoding-gzip-chunked",
+            501,
+            "Transfer-Encoding gzip, chunked is not supported",
+            content=gzip.compress(body),
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+                "Transfer-Encoding": "gzip, chunked",
             },
         ),
         Case(

@@ -46,7 +46,8 @@ STARTED_PATHS: list[str] = []
 
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers 200 with the body's length, after SLOW_APP_S on /slow; on /early, 413 at once
+    """Answers 200 with the body's length and the request's header names, once the body is
+    read, after SLOW_APP_S on /slow; on /early, 413 at once
     without reading the body, closing the connection, as a limit, a missing API key or a full
     queue is answered."""
     assert scope["type"] == "http"
@@ -66,7 +67,8 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
         more_body = message.get("more_body", False)
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW_APP_S)
-    body = json.dumps({"length": length}).encode()
+    names = [name.decode("latin-1") for name, _ in scope["headers"]]
+    body = json.dumps({"length": length, "headers": names}).encode()
     if scope["path"] == "/big":
         body = b" " * BIG_ANSWER_BYTES + body  # still JSON
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -345,6 +347,22 @@ def test_trailers_that_never_end_are_refused_like_a_head(port: int) -> None:
         answer = read_to_close(connection)
     assert "over 65536 bytes" in json_error(answer, 431)
     assert sent < 16 * 2**20
+
+
+def test_trailer_fields_never_join_the_requests_headers(port: int) -> None:
+    """A trailer is not a header (RFC 9110, 6.5): merged, an API key or an Idempotency-Key
+    sent as a trailer would count or not by how TCP split the bytes, past a proxy that
+    checks the headers it sees. Trailers are dropped; the request behind is served."""
+    with connect(port) as connection:
+        connection.sendall(
+            b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-API-Key: secret\r\nHost: elsewhere\r\n\r\n"
+            + request(extra_headers="Connection: close\r\n")
+        )
+        answer = read_to_close(connection)
+    assert ok_lengths(answer) == [5, 0]
+    first = json.loads(answer.split(b"HTTP/1.1 ")[1].partition(b"\r\n\r\n")[2])
+    assert first["headers"] == ["host", "transfer-encoding"]
 
 
 def test_a_bad_chunk_in_a_queued_request_is_refused_after_the_answer_owed(port: int) -> None:
