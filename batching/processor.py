@@ -210,6 +210,7 @@ class _Pending(Generic[In, Out]):
     deadline: float | None
     priority: Priority
     queued: bool = True
+    timer: asyncio.TimerHandle | None = None  # at the deadline
     # The caller's context variables (a request id, say): what is logged about this item
     # alone is logged in them, so the line leads back to the caller.
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -231,6 +232,18 @@ def _resolve(future: asyncio.Future[Out], result: Out) -> None:
 def _fail(future: asyncio.Future[Out], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _expire_at_deadline(entry: _Pending[In, Out]) -> None:
+    """Fail the entry once its deadline has passed. uvloop's timers run in whole
+    milliseconds and fire up to one early: one that fired before the deadline is set again."""
+    assert entry.deadline is not None
+    left_s = entry.deadline - time.monotonic()
+    if left_s > 0:
+        entry.timer = asyncio.get_running_loop().call_later(left_s, _expire_at_deadline, entry)
+    else:
+        entry.timer = None
+        _fail(entry.future, DeadlineExceeded("the request's deadline passed before it was served"))
 
 
 def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
@@ -395,6 +408,11 @@ class BatchProcessor(Generic[In, Out]):
         self._lanes: tuple[deque[_Pending[In, Out]], ...] = tuple(deque() for _ in Priority)
         # When each lane last had an item in a batch.
         self._last_turn_at = [-math.inf for _ in Priority]
+        # Entries whose callers left while they waited stay in their lane, marked (not
+        # ``queued``), until they reach its head or make up half of it: removing each from
+        # the middle of a long lane would scan it, and a storm of cancellations cost the
+        # square of its length in the event loop.
+        self._gone = [0 for _ in Priority]
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -412,11 +430,11 @@ class BatchProcessor(Generic[In, Out]):
     def queue_depth(self) -> int:
         """Items waiting for a batch, in every lane (a cancelled or expired one until its
         caller has left the queue)."""
-        return sum(len(lane) for lane in self._lanes)
+        return sum(len(lane) for lane in self._lanes) - sum(self._gone)
 
     def waiting(self, priority: Priority) -> int:
         """Items waiting for a batch in one priority lane."""
-        return len(self._lanes[priority])
+        return len(self._lanes[priority]) - self._gone[priority]
 
     @property
     def in_flight(self) -> int:
@@ -473,11 +491,12 @@ class BatchProcessor(Generic[In, Out]):
                 logger.exception("the batch processor's on_failure callback failed")
 
     def _fail_queued(self, error: BatchingError) -> None:
-        for lane in self._lanes:
+        for priority, lane in zip(Priority, self._lanes, strict=True):
             while lane:
                 entry = lane.popleft()
                 entry.queued = False
                 _fail(entry.future, error)
+            self._gone[priority] = 0
         self._observer.queue_depth_changed(0)
 
     async def submit(
@@ -515,10 +534,10 @@ class BatchProcessor(Generic[In, Out]):
             self._observer.item_finished(Outcome.STOPPED)
             raise Stopped("the batch processor is not accepting work")
         lane = self._lanes[priority]
-        if len(lane) >= self._config.max_queue:
+        if (waiting := self.waiting(priority)) >= self._config.max_queue:
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(
-                f"{len(lane)} items are already waiting; max_queue allows {self._config.max_queue}"
+                f"{waiting} items are already waiting; max_queue allows {self._config.max_queue}"
             )
         now = time.monotonic()
         if deadline is not None and deadline <= now:
@@ -536,17 +555,15 @@ class BatchProcessor(Generic[In, Out]):
         self._arrived.set()
         self._observer.queue_depth_changed(self.queue_depth)
 
+        if deadline is not None and math.isfinite(deadline):
+            # A timer of its own, so it fires on time even while a long batch holds the
+            # handler; awaited directly, the future is cancelled with its caller, at once.
+            _expire_at_deadline(entry)
         outcome = Outcome.FAILED
         try:
-            # The timeout runs in the caller's own task, so it fires on time even while
-            # a long batch holds the handler.
-            async with asyncio.timeout(None if deadline is None else deadline - now):
-                result = await entry.future
+            result = await entry.future
             outcome = Outcome.OK
             return result
-        except TimeoutError:
-            outcome = Outcome.EXPIRED
-            raise DeadlineExceeded("the request's deadline passed before it was served") from None
         except DeadlineExceeded:
             outcome = Outcome.EXPIRED
             raise
@@ -559,6 +576,8 @@ class BatchProcessor(Generic[In, Out]):
             outcome = Outcome.STOPPED
             raise
         finally:
+            if entry.timer is not None:
+                entry.timer.cancel()
             if not entry.future.done():
                 entry.future.cancel()
             self._discard(entry)
@@ -606,8 +625,23 @@ class BatchProcessor(Generic[In, Out]):
         if not entry.queued:
             return  # already taken into a batch
         entry.queued = False
-        self._lanes[entry.priority].remove(entry)
+        self._gone[entry.priority] += 1
+        self._drop_gone(entry.priority)
         self._observer.queue_depth_changed(self.queue_depth)
+
+    def _drop_gone(self, priority: Priority) -> None:
+        """Take out of the lane the gone entries at its head, or all once they are half of
+        it: every lane's head is then a waiting entry, and gone ones cost at most one pass
+        each over the lane."""
+        lane = self._lanes[priority]
+        if 2 * self._gone[priority] > len(lane):
+            waiting = [entry for entry in lane if entry.queued]
+            lane.clear()
+            lane.extend(waiting)
+            self._gone[priority] = 0
+        while lane and not lane[0].queued:
+            lane.popleft()
+            self._gone[priority] -= 1
 
     async def _run_forever(self) -> None:
         while True:
@@ -627,14 +661,18 @@ class BatchProcessor(Generic[In, Out]):
             while not self.queue_depth:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if self._config.policy is BatchPolicy.TIMEOUT and self._accepting:
+            if (
+                self._config.policy is BatchPolicy.TIMEOUT
+                and self._accepting
+                and self.queue_depth < self._config.max_batch_size
+            ):
                 now = time.monotonic()
                 oldest_s = min(lane[0].enqueued_at for lane in self._lanes if lane)
                 # The timer gives way to the first deadline among the waiting entries.
                 remaining_s = min(
                     self._config.max_wait_s - (now - oldest_s), self._latest_start(now) - now
                 )
-                if self.queue_depth < self._config.max_batch_size and remaining_s > 0:
+                if remaining_s > 0:
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining_s):
@@ -647,12 +685,13 @@ class BatchProcessor(Generic[In, Out]):
     def _latest_start(self, now: float) -> float:
         """When a batch of what waits must start for its expected run to end before the
         first of the waiting entries' deadlines."""
-        deadlines = [
-            entry.deadline
-            for lane in self._lanes
-            for entry in lane
-            if entry.deadline is not None and not entry.future.done()
-        ]
+        # Only the entries the next batch would take: a scan of all would cost each batch
+        # the whole queue, and a deeper entry's deadline call for a batch it is not in.
+        upcoming = itertools.islice(
+            (e for lane in self._lanes for e in lane if e.queued and not e.future.done()),
+            self._config.max_batch_size,
+        )
+        deadlines = [entry.deadline for entry in upcoming if entry.deadline is not None]
         if not deadlines:
             return math.inf
         size = min(self.queue_depth, self._config.max_batch_size)
@@ -668,6 +707,8 @@ class BatchProcessor(Generic[In, Out]):
             entries = self._take_in_time(limit, now)
         for entry in entries:
             self._last_turn_at[entry.priority] = now
+        for priority in Priority:
+            self._drop_gone(priority)
         self._observer.queue_depth_changed(self.queue_depth)
         return entries
 
@@ -689,6 +730,9 @@ class BatchProcessor(Generic[In, Out]):
                 continue
             while lane and len(entries) < limit:
                 entry = lane.popleft()
+                if not entry.queued:
+                    self._gone[priority] -= 1
+                    continue
                 entry.queued = False
                 if self._still_wanted_at(entry, now):
                     entries.append(entry)
