@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import math
 import pickle
 import socket
 import time
@@ -322,6 +323,19 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
             f"{source} holds values that are not finite (NaN or infinite) in "
             f"{not_finite!r}; the file is corrupt, or its training diverged{mend}"
         )
+    negative = next(
+        (
+            name
+            for name, value in state.items()
+            if name.endswith(".running_var") and value.is_floating_point() and (value < 0).any()
+        ),
+        None,
+    )
+    if negative is not None:
+        # Its square root is NaN: every answer would be.
+        raise ModelLoadError(
+            f"{source} holds a negative variance in {negative!r}; the file is corrupt{mend}"
+        )
     num_classes = int(state["fc.weight"].shape[0])
     if num_classes != num_labels:
         raise ModelLoadError(
@@ -460,7 +474,15 @@ class Classifier:
         }
         try:
             for dummy in dummies.values():
-                self.classify(dummy, [1] * len(dummy))
+                predictions = self.classify(dummy, [1] * len(dummy))
+                if not all(math.isfinite(image[0].score) for image in predictions):
+                    # Finite weights can still overflow: once BatchNorm is folded into the
+                    # convolutions, or in a 16-bit DTYPE. Every answer would be a 500.
+                    raise ModelLoadError(
+                        f"the model scores a blank image with NaN or infinity: its weights "
+                        f"({self.weights_description}) overflow {self.dtype_name} "
+                        "(BatchNorm is folded into the convolutions); check WEIGHTS and DTYPE"
+                    )
             run_times = {}
             for size, dummy in dummies.items():
                 durations = []

@@ -177,6 +177,7 @@ def save(value: object, path: Path) -> bytes:
             r"\.\.\.\)\): weights of another network\?$",
         ),
         ("nan", "not finite \\(NaN or infinite\\) in 'layer2.0.bn1.running_var'"),
+        ("negative variance", "a negative variance in 'layer3.1.bn2.running_var'; the file is"),
         ("scalar fc", r"'fc.weight' has shape \(\), expected \(classes, 512\)"),
         ("meta fc", "'fc.weight' is a meta tensor, not a dense one"),
         ("sparse fc", "'fc.weight' is a sparse_coo tensor, not a dense one"),
@@ -196,6 +197,10 @@ def test_bad_weights_files_stop_start_up_with_one_line(
     elif content == "nan":
         state = network.state_dict()
         state["layer2.0.bn1.running_var"][3] = float("nan")
+        save(state, path)
+    elif content == "negative variance":
+        state = network.state_dict()
+        state["layer3.1.bn2.running_var"][7] = -0.5
         save(state, path)
     elif content == "scalar fc":
         save({**network.state_dict(), "fc.weight": torch.tensor(1.0)}, path)
@@ -522,6 +527,26 @@ def test_a_warm_up_the_device_cannot_run_is_a_load_error_that_says_what_to_do(
 
     with pytest.raises(ModelLoadError, match=message):
         failing.warm_up([1, 8])
+
+
+def test_weights_that_overflow_once_batchnorm_is_folded_stop_the_warm_up(tmp_path: Path) -> None:
+    """Every value finite, but a BatchNorm scale of 1e37 over a variance of 0 folds into a
+    convolution weight beyond float32: every answer would be NaN, a 500. The warm-up sees
+    it and start-up stops with one line."""
+    network, _ = build_network("random", 1000)
+    state = network.state_dict()
+    state["bn1.weight"][0] = 1e37
+    state["bn1.running_var"][0] = 0.0
+    path = tmp_path / "overflow.pth"
+    torch.save(state, path)
+    classifier = load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+
+    with pytest.raises(ModelLoadError) as refused:
+        classifier.warm_up([1, 2])
+    assert str(refused.value) == (
+        "the model scores a blank image with NaN or infinity: its weights (overflow.pth) "
+        "overflow float32 (BatchNorm is folded into the convolutions); check WEIGHTS and DTYPE"
+    )
 
 
 def test_a_model_that_does_not_fit_at_load_says_what_to_lower(
