@@ -20,8 +20,14 @@ from service import logs
 SQLITE_MAX_LENGTH = 1_000_000_000
 # Room for the rest of a task image's row: its id, and SQLite's record header.
 MAX_UPLOAD_BYTES_BOUND = SQLITE_MAX_LENGTH - 1_000_000
+# A task's metadata is stored as JSON text with non-ASCII and control characters escaped, up
+# to six bytes for one sent ("\u0001"), in the task's row beside a result of up to 1000
+# predictions.
+TASK_METADATA_MAX_BYTES_BOUND = (SQLITE_MAX_LENGTH - 1_000_000) // 6
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_BATCH_FILES = 32
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -156,7 +162,7 @@ class Settings(BaseSettings):
     # Without filling, a lower lane kept from the model this long by higher lanes' batches
     # fills the spare slots of the next one.
     lower_lane_max_wait_ms: float = Field(1000, ge=0, le=86_400_000)
-    max_queue: int = Field(256, ge=1, le=1_000_000)
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=1, le=1_000_000)
     request_timeout_ms: float = Field(10_000, gt=0, le=86_400_000)
     drain_timeout_s: float = Field(20.0, ge=0, le=86_400)
     # gunicorn: a worker silent for this long is restarted (model load and warm-up included).
@@ -168,7 +174,7 @@ class Settings(BaseSettings):
     # A task stores its image in one SQLite row.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES_BOUND)
     max_image_pixels: int = Field(40_000_000, ge=1, le=10**12)
-    max_batch_files: int = Field(32, ge=1, le=1000)
+    max_batch_files: int = Field(DEFAULT_MAX_BATCH_FILES, ge=1, le=1000)
     max_uploads_in_flight_bytes: int = Field(2 * 2**30, ge=1, le=2**50)
     body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
 
@@ -185,9 +191,10 @@ class Settings(BaseSettings):
     task_max_attempts: int = Field(3, ge=1, le=1000)
     # A lease shorter than a write can stall hands a live worker's tasks to others.
     task_lease_s: float = Field(30.0, ge=1, le=86_400)
-    task_poll_interval_s: float = Field(1.0, gt=0, le=3600)
-    task_cleanup_interval_s: float = Field(600.0, gt=0, le=86_400)
-    task_metadata_max_bytes: int = Field(16 * 1024, ge=2, le=2**30)
+    # Floors a little above nothing: shorter, an idle worker polls its store without a pause.
+    task_poll_interval_s: float = Field(1.0, ge=0.01, le=3600)
+    task_cleanup_interval_s: float = Field(600.0, ge=0.1, le=86_400)
+    task_metadata_max_bytes: int = Field(16 * 1024, ge=2, le=TASK_METADATA_MAX_BYTES_BOUND)
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(15, ge=1, le=100)
     webhook_timeout_s: float = Field(10.0, gt=0, le=3600)
@@ -321,6 +328,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_files_default_within_the_queue(cls, values: object) -> object:
+        # A small MAX_QUEUE alone is a valid choice: the default number of a /cls/batch
+        # request's files gives way to it; a number set is checked below.
+        if not isinstance(values, dict) or values.get("max_batch_files") is not None:
+            return values
+        try:
+            queue = max(1, int(values.get("max_queue", DEFAULT_MAX_QUEUE)))
+        except (TypeError, ValueError):
+            return values  # refused as MAX_QUEUE
+        return values | {"max_batch_files": min(queue, DEFAULT_MAX_BATCH_FILES)}
+
     @model_validator(mode="after")
     def _a_batch_request_fits_the_queue(self) -> Settings:
         # Each file of a /cls/batch request takes a place in the queue.
@@ -373,6 +393,24 @@ SECRET_SETTINGS = frozenset({"API_KEY", "WEBHOOK_SECRET"})
 
 def load_settings() -> Settings:
     """Read the environment, or exit with one line per invalid setting."""
+    spellings: dict[str, list[str]] = {}
+    for key in os.environ:
+        if key.lower() in Settings.model_fields:
+            spellings.setdefault(key.upper(), []).append(key)
+    conflicts = [
+        " and ".join(keys)
+        for keys in spellings.values()
+        if len({os.environ[key] for key in keys}) > 1
+    ]
+    if conflicts:
+        # Names are read in any case; which of two values would win is an accident of
+        # the environment's order.
+        raise SystemExit(
+            logs.unconfigured_line(
+                "invalid configuration: "
+                + "; ".join(f"{names} are set to different values; set one" for names in conflicts)
+            )
+        )
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -259,5 +259,6 @@ def test_a_batch_request_must_fit_the_queue(
     with pytest.raises(
         SystemExit, match=r"MAX_BATCH_FILES \(32\) must be at most MAX_QUEUE \(16\)"
     ):
-        load(monkeypatch, tmp_path, MAX_QUEUE="16")
+        load(monkeypatch, tmp_path, MAX_QUEUE="16", MAX_BATCH_FILES="32")
     assert load(monkeypatch, tmp_path, MAX_QUEUE="16", MAX_BATCH_FILES="16")["workers"] == 1
+    assert load(monkeypatch, tmp_path, MAX_QUEUE="16")["workers"] == 1

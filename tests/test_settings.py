@@ -126,6 +126,57 @@ def test_a_setting_given_in_lower_case_is_read_and_named_as_given(
     assert "api_key='***'" in line
 
 
+def test_one_setting_under_two_spellings_with_different_values_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which would win is an accident of the environment's order (and the refusal of one
+    quoted the other): both are named, secrets' values never shown."""
+    monkeypatch.setenv("WORKERS", "3")
+    monkeypatch.setenv("workers", "3")
+    assert load_settings().workers == 3
+    monkeypatch.setenv("workers", "abc")
+    monkeypatch.setenv("API_KEY", "first-secret")
+    monkeypatch.setenv("Api_Key", "second-secret")
+    line = refusal(monkeypatch, capsys)
+    assert "are set to different values; set one" in line
+    assert "WORKERS and workers" in line or "workers and WORKERS" in line
+    assert "API_KEY and Api_Key" in line or "Api_Key and API_KEY" in line
+    assert "secret" not in line.replace("set one", "")
+
+
+def test_a_small_queue_alone_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /cls/batch request's files default to 32, or MAX_QUEUE if smaller; a number set
+    above MAX_QUEUE is refused."""
+    monkeypatch.setenv("MAX_QUEUE", "18")
+    assert load_settings().max_batch_files == 18
+    monkeypatch.setenv("MAX_QUEUE", "300")
+    assert load_settings().max_batch_files == 32
+    monkeypatch.setenv("MAX_QUEUE", "18")
+    monkeypatch.setenv("MAX_BATCH_FILES", "20")
+    with pytest.raises(SystemExit, match=r"MAX_BATCH_FILES \(20\) must be at most MAX_QUEUE"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("TASK_POLL_INTERVAL_S", "0.000001", "greater than or equal to 0.01"),
+        ("TASK_CLEANUP_INTERVAL_S", "0.000001", "greater than or equal to 0.1"),
+        # Stored escaped, up to six bytes for one: more would not fit SQLite's row.
+        ("TASK_METADATA_MAX_BYTES", str(2**30), "less than or equal to 166500000"),
+    ],
+)
+def test_values_that_would_break_the_task_store_are_refused(
+    name: str,
+    value: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert f"{name}='{value}': Input should be {message}" in refusal(monkeypatch, capsys)
+
+
 def test_a_temporary_directory_that_cannot_be_used_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
