@@ -203,6 +203,8 @@ class TaskRunner:
         self._request_writer: TaskStore | None = None
         self._wake = asyncio.Event()
         self._loop_failures = _LoopFailures()
+        # When a store call of this worker last failed (see ``_may_take_over``).
+        self._store_failed_at = -math.inf
         self._runs: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         # The task id each run or delivery works on: the leases to keep alive.
@@ -502,6 +504,7 @@ class TaskRunner:
                         config.capacity - len(self._runs),
                         lease_s=config.lease_s,
                         max_attempts=config.max_attempts,
+                        take_over=self._may_take_over(),
                     )
                     for task in claimed:
                         self._spawn(self._runs, self._run(task), task.id)
@@ -515,6 +518,7 @@ class TaskRunner:
                             config.webhook_capacity - len(self._deliveries),
                             lease_s=config.lease_s,
                             now=time.time(),
+                            take_over=self._may_take_over(),
                         )
                     finally:
                         self._claiming_deliveries = False
@@ -554,7 +558,10 @@ class TaskRunner:
                     now=time.time(),
                 )
                 abandoned = await self._db(
-                    self.store.fail_abandoned, config.max_attempts, now=time.time()
+                    self.store.fail_abandoned,
+                    config.max_attempts,
+                    now=time.time(),
+                    take_over=self._may_take_over(),
                 )
                 for record in abandoned:
                     logger.error("task %s failed: %s", record.id, record.error)
@@ -789,4 +796,15 @@ class TaskRunner:
 
     async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, partial(function, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._db_thread, partial(function, *args, **kwargs))
+        except TaskStoreFailed:
+            self._store_failed_at = time.monotonic()
+            raise
+
+    def _may_take_over(self) -> bool:
+        """Whether work whose lease ran out may be taken from its holder: not until a
+        lease's length after this worker's own store last failed. A full or failing disk
+        fails every worker's writes, the holder's renewals too: once it mends, the holder
+        renews and stores what it holds, where a take-over would run the work again."""
+        return time.monotonic() - self._store_failed_at >= self._config.lease_s

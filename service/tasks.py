@@ -575,10 +575,11 @@ class TaskStore:
         lease_s: float,
         max_attempts: int,
         now: float | None = None,
+        take_over: bool = True,
     ) -> list[ClaimedTask]:
-        """Take up to ``limit`` tasks, oldest first: queued ones, and running ones whose
-        owner's lease has expired (the owner died) with attempts left. A claim is not an
-        attempt: ``count_attempts`` is, as the task enters the model."""
+        """Take up to ``limit`` tasks, oldest first: queued ones, and (with ``take_over``)
+        running ones whose owner's lease has expired (the owner died) with attempts left. A
+        claim is not an attempt: ``count_attempts`` is, as the task enters the model."""
         if limit < 1:
             return []
         with self._transaction() as db:
@@ -586,7 +587,7 @@ class TaskStore:
             rows = db.execute(
                 "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, lease_until = ? "
                 "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
-                "  OR (status = ? AND lease_until < ?)) "
+                "  OR (? AND status = ? AND lease_until < ?)) "
                 "  ORDER BY created_at, rowid LIMIT ?) "
                 "RETURNING id, top_k, created_at",
                 (
@@ -596,6 +597,7 @@ class TaskStore:
                     now + lease_s,
                     max_attempts,
                     TaskStatus.QUEUED,
+                    take_over,
                     TaskStatus.RUNNING,
                     now,
                     limit,
@@ -623,10 +625,12 @@ class TaskStore:
                 (owner, TaskStatus.RUNNING, *task_ids),
             )
 
-    def fail_abandoned(self, max_attempts: int, *, now: float) -> list[TaskRecord]:
-        """Fail tasks out of attempts: running ones whose lease expired after
-        ``max_attempts`` attempts, and queued ones a shutdown cut off in the model on their
-        last attempt.
+    def fail_abandoned(
+        self, max_attempts: int, *, now: float, take_over: bool = True
+    ) -> list[TaskRecord]:
+        """Fail tasks out of attempts: (with ``take_over``) running ones whose lease expired
+        after ``max_attempts`` attempts, and queued ones a shutdown cut off in the model on
+        their last attempt.
 
         A task that takes its worker down every time it runs must not take down every
         worker in turn, forever.
@@ -638,8 +642,8 @@ class TaskStore:
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT id FROM tasks WHERE attempts >= ? "
-                "AND (status = ? OR (status = ? AND lease_until < ?))",
-                (max_attempts, TaskStatus.QUEUED, TaskStatus.RUNNING, now),
+                "AND (status = ? OR (? AND status = ? AND lease_until < ?))",
+                (max_attempts, TaskStatus.QUEUED, take_over, TaskStatus.RUNNING, now),
             ).fetchall()
             for row in rows:
                 self._finish(db, row["id"], TaskStatus.FAILED, None, error, now)
@@ -750,11 +754,12 @@ class TaskStore:
     # --- Webhooks -----------------------------------------------------------------------------
 
     def claim_webhooks(
-        self, owner: str, limit: int, *, lease_s: float, now: float
+        self, owner: str, limit: int, *, lease_s: float, now: float, take_over: bool = True
     ) -> list[TaskRecord]:
-        """Take up to ``limit`` pending deliveries that are due: nobody holds them (or their
-        holder died) and their wait after a failed attempt is over; those due longest first
-        (a new one from when its task finished, one handed back at a shutdown first of all).
+        """Take up to ``limit`` pending deliveries that are due: nobody holds them (or, with
+        ``take_over``, their holder died) and their wait after a failed attempt is over;
+        those due longest first (a new one from when its task finished, one handed back at a
+        shutdown first of all).
         """
         if limit < 1:
             return []
@@ -766,9 +771,9 @@ class TaskStore:
                 (WebhookStatus.PENDING, limit),
             ).fetchall()
             due += db.execute(
-                "SELECT id FROM tasks "
-                "WHERE webhook_status = ? AND lease_until <= ? ORDER BY lease_until LIMIT ?",
-                (WebhookStatus.PENDING, now, limit - len(due)),
+                "SELECT id FROM tasks WHERE webhook_status = ? AND lease_until <= ? "
+                "AND (? OR lease_owner IS NULL) ORDER BY lease_until LIMIT ?",
+                (WebhookStatus.PENDING, now, take_over, limit - len(due)),
             ).fetchall()
             chosen = [row["id"] for row in due]
             if chosen:

@@ -435,6 +435,33 @@ def test_expired_lease_lets_another_owner_take_the_task(store: TaskStore) -> Non
     assert get(store, "t1").started_at == T0 + 11
 
 
+def test_without_take_over_expired_work_stays_with_its_holder(store: TaskStore) -> None:
+    """A worker whose own store writes failed lately does not take work over: the holder
+    could not renew its leases either. Queued tasks and free deliveries are still claimed;
+    nothing is failed for its attempts."""
+    add(store, "held", at=T0, callback_url=CALLBACK)
+    running(store, "held", "A", at=T0)
+    store.count_attempts("A", ["held"])
+    add(store, "delivery", at=T0 + 1, callback_url=CALLBACK)
+    running(store, "delivery", "A", at=T0 + 1)
+    store.finish("delivery", "A", prediction=[], now=T0 + 2)
+    assert [r.id for r in store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 2)] == ["delivery"]
+    add(store, "queued", at=T0 + 3)
+
+    later = T0 + 30
+    claimed = store.claim("B", 5, lease_s=LEASE_S, max_attempts=1, now=later, take_over=False)
+    assert [task.id for task in claimed] == ["queued"]
+    assert store.claim_webhooks("B", 5, lease_s=LEASE_S, now=later, take_over=False) == []
+    assert store.fail_abandoned(1, now=later, take_over=False) == []
+    with closing(sqlite3.connect(store.path)) as db:
+        owners = db.execute("SELECT DISTINCT lease_owner FROM tasks WHERE id != 'queued'")
+        assert owners.fetchall() == [("A",)]
+
+    assert [r.id for r in store.fail_abandoned(1, now=later)] == ["held"]
+    deliveries = store.claim_webhooks("B", 5, lease_s=LEASE_S, now=later)
+    assert sorted(r.id for r in deliveries) == ["delivery", "held"]
+
+
 def test_renewed_lease_keeps_the_task(store: TaskStore) -> None:
     """A worker that renews its leases keeps its tasks past the first expiry."""
     add(store, "t1")

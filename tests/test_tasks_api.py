@@ -1413,6 +1413,44 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(2,)]
 
 
+async def test_after_its_store_fails_a_worker_takes_no_work_over_for_a_lease() -> None:
+    """A full or failing disk fails every worker's writes, the lease renewals of the worker
+    holding a task too. Once it mends, the first claim would take over work whose lease ran
+    out meanwhile from a holder alive and renewing: run twice, its webhook sent twice. A
+    worker whose own store failed takes none over for a lease's length (queued tasks it
+    still claims)."""
+    lease_s = 1.0
+    settings = make_settings(task_lease_s=lease_s, task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        store = served.service.task_runner().store
+        real_claim, real_count = store.claim, store.count_queued
+        claims: list[tuple[float, bool]] = []
+        failed_at: list[float] = []
+
+        def recording_claim(*args: Any, **kwargs: Any) -> Any:
+            claims.append((time.monotonic(), kwargs["take_over"]))
+            return real_claim(*args, **kwargs)
+
+        def failing_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed_at:
+                failed_at.append(time.monotonic())
+                raise tasks.TaskStoreFailed("the task store could not be written (disk full)")
+            return real_count(*args, **kwargs)
+
+        store.claim = recording_claim  # type: ignore[method-assign]
+        await asyncio.sleep(0.3)
+        store.count_queued = failing_once  # type: ignore[method-assign]
+        await asyncio.sleep(lease_s + 0.5)
+
+    assert failed_at
+    before = [take_over for at, take_over in claims if at < failed_at[0]]
+    within = [take_over for at, take_over in claims if failed_at[0] < at < failed_at[0] + lease_s]
+    after = [take_over for at, take_over in claims if at > failed_at[0] + lease_s + 0.1]
+    assert before == [True] * len(before) != []
+    assert within == [False] * len(within) != []
+    assert after == [True] * len(after) != []
+
+
 @pytest.mark.parametrize(
     "error",
     [
