@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -59,7 +61,8 @@ class Prediction:
 def load_labels(path: Path) -> list[str]:
     """Read one label per line, in class-index order."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a label.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise ModelLoadError(f"cannot read LABELS_FILE {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -187,18 +190,27 @@ WRAPPED_PREFIX = "module."
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     expected = (
-        "expected a file written by torch.save(model.state_dict(), path), or a .safetensors file"
+        "expected a file written by torch.save(model.state_dict(), path), or a safetensors file"
     )
     if path.is_dir():
         raise ModelLoadError(f"WEIGHTS={path} is a directory; {expected}")
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise ModelLoadError(f"WEIGHTS={path} is an empty file; {expected}")
-        with warnings.catch_warnings():
-            # A sparse tensor is refused below; its scan's warning would be a second line.
-            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
-            # A .safetensors file too: torch reads it with the safetensors package.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if _is_safetensors(path):
+            loaded = safetensors.torch.load_file(path, device="cpu")
+        else:
+            with (
+                warnings.catch_warnings(),
+                # torchvision's reference training script saves its arguments beside the
+                # weights: plain values, safe to read.
+                torch.serialization.safe_globals([argparse.Namespace]),
+                path.open("rb") as file,
+            ):
+                # A sparse tensor is refused below; its scan's warning would be a second line.
+                warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+                # From a file object: torch.load reads a path named *.safetensors as one.
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
     except ModelLoadError:
         raise
     except FileNotFoundError:
@@ -211,7 +223,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
                 "model?); save its state_dict() and point WEIGHTS at that file"
             ) from None
-        if path.suffix != ".safetensors" and not _starts_as_torch_file(path):
+        if not _starts_as_torch_file(path):
             # What the legacy format's unpickler says of other bytes (KeyError: 101)
             # means nothing to whoever set WEIGHTS.
             raise ModelLoadError(
@@ -231,6 +243,15 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         loaded = {name.removeprefix(WRAPPED_PREFIX): value for name, value in loaded.items()}
     return _checked_state_dict(loaded, f"WEIGHTS={path}")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file begins as a safetensors file, whatever its name: the length of a
+    JSON header (8 bytes, little-endian) that fits in the file, then the header's brace."""
+    with path.open("rb") as file:
+        start = file.read(9)
+    header_bytes = int.from_bytes(start[:8], "little")
+    return len(start) == 9 and start[8:] == b"{" and header_bytes <= path.stat().st_size - 8
 
 
 def _starts_as_torch_file(path: Path) -> bool:
@@ -294,8 +315,8 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
     Returns:
         The network on the CPU in eval mode, and a short description of its weights.
     """
-    if weights.lower() in ("random", "imagenet"):
-        weights = weights.lower()  # a file of that name would be ./random
+    if weights.strip().lower() in ("random", "imagenet"):
+        weights = weights.strip().lower()  # a file of that name would be ./random
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import time
@@ -130,6 +131,56 @@ def test_a_safetensors_file_loads(
     from_file = load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
     pixels = preprocess(photos[0].read_bytes(), max_pixels=MAX_PIXELS)
     assert from_file.classify([pixels], [5]) == classifier.classify([pixels], [5])
+
+
+@pytest.mark.parametrize("name", ["resnet18.pth", "resnet18.bin"])
+def test_a_safetensors_file_is_told_by_its_content_not_its_name(tmp_path: Path, name: str) -> None:
+    network, _ = build_network("random", 1000, seed=SEED)
+    path = tmp_path / name
+    safetensors.torch.save_file(network.state_dict(), path)
+    loaded, _ = build_network(str(path), 1000)
+    assert torch.equal(loaded.fc.weight, network.fc.weight)
+
+
+def test_a_torch_file_named_as_a_safetensors_file_loads(tmp_path: Path) -> None:
+    network, _ = build_network("random", 1000, seed=SEED)
+    path = tmp_path / "resnet18.safetensors"
+    torch.save(network.state_dict(), path)
+    loaded, _ = build_network(str(path), 1000)
+    assert torch.equal(loaded.fc.weight, network.fc.weight)
+
+
+def test_a_checkpoint_of_torchvisions_reference_training_script_loads(tmp_path: Path) -> None:
+    """It saves the weights under "model" beside the optimizer's state and its own
+    arguments, an argparse.Namespace."""
+    network, _ = build_network("random", 1000, seed=SEED)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(
+        {
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 30).state_dict(),
+            "epoch": 89,
+            "args": argparse.Namespace(model="resnet18", lr=0.1, data_path="/data"),
+        },
+        path,
+    )
+    loaded, _ = build_network(str(path), 1000)
+    assert torch.equal(loaded.fc.weight, network.fc.weight)
+
+
+def test_a_labels_file_with_a_byte_order_mark_reads_the_first_label_without_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "labels.txt"
+    path.write_text("\ufefftench\ngoldfish\n", encoding="utf-8")
+    assert load_labels(path) == ["tench", "goldfish"]
+
+
+@pytest.mark.parametrize("keyword", [" random", "Random ", "random\t"])
+def test_the_weights_keywords_may_have_blanks_around_them(keyword: str) -> None:
+    assert build_network(keyword, 1000, seed=3)[1] == "random(seed=3)"
 
 
 @pytest.mark.parametrize("keyword", ["RANDOM", "Random"])
