@@ -313,6 +313,10 @@ class BodyLimitsMiddleware:
             self.in_flight_bytes -= received
 
 
+# Outside logging's tree of loggers, so no configuration turns it on.
+_UNLOGGED = logging.Logger(f"{__name__}.part_sizes", level=logging.CRITICAL + 1)
+
+
 class _PartsTooLarge(Exception):
     pass
 
@@ -338,6 +342,9 @@ class _PartSizes:
                 "on_end": self._ends,
             },
         )
+        # The app's parser logs what is malformed in a body; this one, fed the same bytes,
+        # would log every such line twice.
+        self._parser.logger = _UNLOGGED
 
     def feed(self, chunk: bytes) -> None:
         if self.ended or self.malformed or self.too_large:

@@ -214,6 +214,22 @@ async def test_a_multipart_body_that_does_not_parse_is_400_saying_why(
     assert says in response.json()["detail"]
 
 
+async def test_a_malformed_multipart_body_is_logged_once(
+    served: RunningApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two parsers read each body (the app's, and one that bounds its parts): only the app's
+    says what is malformed, not both the same line."""
+    body = b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--xyz--\r\n'
+    with caplog.at_level(logging.INFO, logger="python_multipart"):
+        response = await served.client.post(
+            "/cls", content=body, headers={"Content-Type": "multipart/form-data; boundary=abc"}
+        )
+    assert response.status_code == 400
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("python_multipart")]
+    assert len(lines) == 1, lines
+    assert "Expected boundary character" in lines[0]
+
+
 async def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(
     served: RunningApp,
 ) -> None:
