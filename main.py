@@ -254,6 +254,14 @@ class Service:
             "warm: %s",
             ", ".join(f"a batch of {n} takes {s * 1000:.0f} ms" for n, s in run_times.items()),
         )
+        if settings.request_timeout_ms / 1000 < run_times[1]:
+            # Valid, but every request would be a 504: a value meant in seconds, say.
+            logger.warning(
+                "REQUEST_TIMEOUT_MS=%g is shorter than a batch of one takes (%.0f ms): "
+                "requests will time out before the model answers them",
+                settings.request_timeout_ms,
+                run_times[1] * 1000,
+            )
         self.classifier = classifier
         metrics.record_model(
             "resnet18",

@@ -293,6 +293,26 @@ async def test_the_start_says_when_the_warm_up_begins_and_what_it_measured(
     assert re.fullmatch(r"warm: a batch of 1 takes \d+ ms, a batch of 4 takes \d+ ms", warm)
 
 
+async def test_a_request_timeout_shorter_than_a_batch_of_one_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """REQUEST_TIMEOUT_MS=10 meant as seconds is valid, and every request would be a 504:
+    the start says so, once it knows how long a batch of one takes."""
+    for timeout_ms, warned in ((0.5, True), (10_000, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service"):
+            async with running_app(make_settings(request_timeout_ms=timeout_ms)):
+                pass
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            any(
+                line.startswith(f"REQUEST_TIMEOUT_MS={timeout_ms:g} is shorter than a batch of one")
+                for line in lines
+            )
+            is warned
+        ), lines
+
+
 async def test_uploads_over_the_limit_are_413() -> None:
     """Just over the limit (caught per file) and far over it (refused from its declared
     length, before the body is read, on a connection then closed)."""
