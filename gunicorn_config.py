@@ -145,13 +145,36 @@ def post_fork(server: Any, worker: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Workers aborted for their silence before any worker of the server started. One may have
+# met a passing slowness; this many in a row, a start that cannot fit in WORKER_TIMEOUT_S.
+MAX_START_TIMEOUTS = 3
+_START_TIMEOUTS: list[int] = []
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """Drop the live gauges of a worker that exited, crashed or was killed, and say which
     setting applies when the master killed it for its silence."""
+    from gunicorn.errors import HaltServer
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    starting = not SIBLINGS.was_ready(worker.pid)
     SIBLINGS.forget(worker.pid)
+    if worker.aborted and starting and not SIBLINGS.server_started():
+        _START_TIMEOUTS.append(worker.pid)
+    if len(_START_TIMEOUTS) >= MAX_START_TIMEOUTS:
+        # Each worker started again would time out the same way, for as long as the
+        # master ran: stop, as for a worker that cannot start.
+        server.log.critical(
+            "%d workers in a row did not start within WORKER_TIMEOUT_S=%s s (the last line "
+            "of each says how far it got: a download of the weights over a slow link, or a "
+            "warm-up of batches of MAX_BATCH_SIZE=%s on a slow device, needs a larger "
+            "WORKER_TIMEOUT_S), and none of this server has started: stopping",
+            len(_START_TIMEOUTS),
+            settings.worker_timeout_s,
+            settings.max_batch_size,
+        )
+        raise HaltServer("no worker started within WORKER_TIMEOUT_S", server.WORKER_BOOT_ERROR)
     if worker.aborted:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "

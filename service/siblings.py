@@ -60,6 +60,10 @@ class Siblings:
                 return True
         return False
 
+    def was_ready(self, pid: int) -> bool:
+        """Whether worker ``pid`` (not yet forgotten) had started and served."""
+        return (self.directory / f"{_READY_PREFIX}{pid}").exists()
+
     def forget(self, pid: int) -> None:
         """Called by the master as worker ``pid`` exits."""
         (self.directory / f"{_READY_PREFIX}{pid}").unlink(missing_ok=True)
