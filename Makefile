@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-gpu bench-overload clean
+.PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-gpu bench-overload clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,11 +12,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+## help: list these targets
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
+
 ## run: serve on 0.0.0.0:$PORT (5001) with gunicorn + uvicorn workers; settings from the environment
 run: $(STAMP)
 	$(BIN)/gunicorn main:app -c gunicorn_config.py
 
-## dev: auto-reloading development server on port 5001
+## dev: auto-reloading development server on 127.0.0.1:$PORT (5001); BIND, WORKERS and
+## KEEPALIVE_S are gunicorn's, and do not apply
 dev: $(STAMP)
 	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
@@ -70,9 +75,11 @@ bench-gpu: $(STAMP)
 bench-overload: $(STAMP)
 	$(BIN)/python -m bench.overload
 
+## format: fix what ruff can, and format
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+## clean: remove the virtualenv and the tools' caches
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
