@@ -406,7 +406,7 @@ class BatchProcessor(Generic[In, Out]):
         self._observer = _GuardedObserver(observer or NullObserver())
         # One FIFO lane per priority, indexed by ``Priority``.
         self._lanes: tuple[deque[_Pending[In, Out]], ...] = tuple(deque() for _ in Priority)
-        # When each lane last had an item in a batch.
+        # When each lane's latest turn began or, once its batch ended, ended.
         self._last_turn_at = [-math.inf for _ in Priority]
         # Entries whose callers left while they waited stay in their lane, marked (not
         # ``queued``), until they reach its head or make up half of it: removing each from
@@ -717,8 +717,8 @@ class BatchProcessor(Generic[In, Out]):
         if self._config.fill_from_lower_lanes:
             return True
         lane = self._lanes[priority]
-        if not lane:
-            return False
+        if not lane or any(e.priority == priority for b in self._running for e in b.entries):
+            return False  # nothing waits, or the lane's turn is under way
         waiting_since = max(self._last_turn_at[priority], lane[0].enqueued_at)
         return now - waiting_since >= self._config.lower_lane_max_wait_s
 
@@ -853,6 +853,11 @@ class BatchProcessor(Generic[In, Out]):
         finally:
             self._running.discard(batch)
             self._slots.release()
+            # A lane's turn lasts until its batch ends: one longer than
+            # ``lower_lane_max_wait_s`` is no wait for a turn.
+            ended = time.monotonic()
+            for entry in entries:
+                self._last_turn_at[entry.priority] = ended
 
     async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> None:
         """Run ``entries`` in one handler call. If it fails, run each half again on its own,

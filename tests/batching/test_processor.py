@@ -333,6 +333,26 @@ async def test_a_lower_lane_kept_waiting_fills_the_next_batchs_spare_slots() -> 
     assert handler.batches[-2:] == [[6], [103, 104, 105]]
 
 
+async def test_a_lower_lanes_own_long_batch_is_no_wait_for_a_turn() -> None:
+    """A background batch that runs longer than ``lower_lane_max_wait_s`` is the lane's
+    turn, not a wait for one: the interactive item that waited behind it rides alone next,
+    not in a full batch (two full batches' wait where it should be one)."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=False, lower_lane_max_wait_s=0.2)
+    async with running(handler, config) as processor:
+        background = spawn(processor, *range(100, 108), priority=BACKGROUND)
+        assert await handler.next_started() == [100, 101, 102, 103]
+        interactive = spawn(processor, 1)
+        await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        await asyncio.sleep(0.3)
+        handler.release_next()
+        assert await handler.next_started() == [1]
+        handler.release_all()
+        await results(background + interactive)
+
+    assert handler.batches[-1] == [104, 105, 106, 107]
+
+
 async def test_strict_lane_order_starves_lower_lanes() -> None:
     """``lower_lane_max_wait_s=math.inf`` keeps the strict order: background items wait for
     as long as interactive ones do."""
