@@ -64,6 +64,15 @@ _ALLOW_PRIVATE_HINT = (
 )
 
 
+_LOOPBACK = "a loopback"
+_PRIVATE = "a private"
+_CARRIER_GRADE_NAT = "a carrier-grade NAT"
+# What WEBHOOK_ALLOW_PRIVATE opens: receivers on this host or the local networks. Not
+# link-local (cloud metadata), multicast, reserved or unrouted addresses, which no
+# receiver needs and a client could probe the network through.
+_PRIVATE_KINDS = frozenset({_LOOPBACK, _PRIVATE, _CARRIER_GRADE_NAT})
+
+
 class InvalidCallbackUrl(ValueError):
     """The callback URL is refused; the message says why."""
 
@@ -73,17 +82,30 @@ class CallbackLookupFailed(Exception):
     says nothing of the URL (a name that does not exist is an ``InvalidCallbackUrl``)."""
 
 
-def _refusal_reason(ip: _IPAddress) -> str | None:
-    """Why `ip` may not be a callback target, or None when it is globally routable."""
+def _refusal_reason(ip: _IPAddress, *, allow_private: bool = False) -> str | None:
+    """Why `ip` may not be a callback target, or None when it is globally routable (or,
+    with `allow_private`, loopback or of a private network)."""
+    reason = _address_kind(ip)
+    return None if allow_private and reason in _PRIVATE_KINDS else reason
+
+
+def _refusal_hint(allow_private: bool) -> str:
+    if allow_private:
+        return "WEBHOOK_ALLOW_PRIVATE allows loopback and private networks only"
+    return _ALLOW_PRIVATE_HINT
+
+
+def _address_kind(ip: _IPAddress) -> str | None:
+    """What kind of address `ip` is, or None when it is globally routable."""
     if isinstance(ip, ipaddress.IPv6Address):
         # An address that embeds an IPv4 one reaches that IPv4 address: judge that instead.
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and ip in _NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
-            return _refusal_reason(embedded)
+            return _address_kind(embedded)
     if ip.is_loopback:
-        return "a loopback"
+        return _LOOPBACK
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated
         return "a site-local"
     if ip.is_link_local:
@@ -94,7 +116,7 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
     if ip.is_multicast:
         return "a multicast"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "a carrier-grade NAT"
+        return _CARRIER_GRADE_NAT
     if ip in _IETF_PROTOCOL and ip not in _GLOBAL_IETF_PROTOCOL:
         return "an IETF protocol assignment (not globally routable)"
     if ip == ipaddress.IPv4Address("255.255.255.255"):
@@ -106,7 +128,7 @@ def _refusal_reason(ip: _IPAddress) -> str | None:
     if ip in _BENCHMARKING:
         return "a benchmarking (not routed)"
     if ip.is_private:
-        return "a private"
+        return _PRIVATE
     if not ip.is_global:
         return "a not globally routable"
     return None
@@ -167,8 +189,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
 
     Args:
         url: The callback URL as submitted.
-        allow_private: Skip the address checks, for trusted networks; a host name must
-            still resolve.
+        allow_private: Allow loopback and private networks too, for trusted networks.
 
     Raises:
         InvalidCallbackUrl: With a message saying what is wrong.
@@ -177,12 +198,10 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
     host, port = _checked_form(url)
     literal = _parse_ip(host)
     if literal is not None:
-        if allow_private:
-            return
-        reason = _refusal_reason(literal)
+        reason = _refusal_reason(literal, allow_private=allow_private)
         if reason is not None:
             raise InvalidCallbackUrl(
-                f"callback_url host {host} is {reason} address; {_ALLOW_PRIVATE_HINT}"
+                f"callback_url host {host} is {reason} address; {_refusal_hint(allow_private)}"
             )
         return
     try:
@@ -201,15 +220,14 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         raise CallbackLookupFailed(
             f"callback_url host {host!r} could not be looked up just now ({exc}); retry shortly"
         ) from None
-    if allow_private:
-        return
     # Every answer must pass: the connection may use any of them.
     for *_, sockaddr in infos:
-        reason = _refusal_reason(ipaddress.ip_address(sockaddr[0]))
+        reason = _refusal_reason(ipaddress.ip_address(sockaddr[0]), allow_private=allow_private)
         if reason is not None:
             # Not the address itself: a client must not learn what internal names resolve to.
             raise InvalidCallbackUrl(
-                f"callback_url host {host!r} resolves to {reason} address; {_ALLOW_PRIVATE_HINT}"
+                f"callback_url host {host!r} resolves to {reason} address; "
+                f"{_refusal_hint(allow_private)}"
             )
 
 
@@ -225,7 +243,8 @@ class _AddressRefused(httpcore.ConnectError):
 
 class _ResolvingBackend(httpcore.AsyncNetworkBackend):
     """Resolves each host itself, on the threads of `lookups`, and connects to the addresses
-    it got: unless `allow_private`, only when all of them are globally routable.
+    it got: only when all of them are globally routable (or, with `allow_private`, loopback
+    or of a private network).
 
     Connecting to the vetted IP rather than the name closes the gap between check and use
     that DNS rebinding exploits. TLS is unaffected: httpcore passes the URL's host name to
@@ -252,11 +271,12 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
         """Connect to the first usable address of `host`, after vetting all of them."""
         addresses = await self._resolve(host, port, timeout)
         for ip in addresses:
-            reason = None if self._allow_private else _refusal_reason(ip)
+            reason = _refusal_reason(ip, allow_private=self._allow_private)
             if reason is not None:
                 # The task's owner reads this: the address a name resolved to is not shown.
                 raise _AddressRefused(
-                    f"refused to connect to {host}: {reason} address; {_ALLOW_PRIVATE_HINT}"
+                    f"refused to connect to {host}: {reason} address; "
+                    f"{_refusal_hint(self._allow_private)}"
                 )
         connect = partial(
             self._inner.connect_tcp,
@@ -397,7 +417,8 @@ class WebhookConfig:
         timeout_s: Limit on one attempt, from connecting to the response headers.
         backoff_initial_s: Scale of the exponential backoff between attempts.
         backoff_max_s: Cap on one wait between attempts.
-        allow_private: Allow callbacks to loopback and private networks.
+        allow_private: Allow callbacks to loopback and private networks (not link-local,
+            multicast, reserved or unrouted addresses).
     """
 
     secret: str | None = None

@@ -368,6 +368,34 @@ def test_private_targets_are_accepted_when_allowed(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::ffff:169.254.169.254]/", "link-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://0.0.0.0/", "unspecified"),
+        ("http://240.0.0.1/", "reserved"),
+        ("http://198.18.0.1/", "benchmarking"),
+    ],
+)
+def test_allowing_private_targets_still_refuses_what_no_receiver_needs(url: str, kind: str) -> None:
+    """Cloud metadata, multicast and unrouted addresses stay refused: with them any API
+    client could probe the network through the delivery errors."""
+    with pytest.raises(InvalidCallbackUrl, match=f"{kind}.*WEBHOOK_ALLOW_PRIVATE allows"):
+        check_callback_url(url, allow_private=True)
+
+
+async def test_allowing_private_targets_refuses_link_local_at_connect_too(
+    monkeypatch: pytest.MonkeyPatch, lookups: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", answer_with("169.254.169.254"))
+    backend = _ResolvingBackend(ScriptedBackend({}), lookups, allow_private=True)
+    with pytest.raises(httpcore.ConnectError, match="link-local"):
+        await backend.connect_tcp("metadata.example", 80, timeout=10)
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "ftp://x",
@@ -568,7 +596,7 @@ async def test_many_slow_deliveries_at_once_each_get_a_connection(
 ) -> None:
     """The address-checking transport has httpx's connection limits (100), not httpcore's
     (10): 30 deliveries to a slow receiver all go out at once, none times out waiting."""
-    monkeypatch.setattr(webhooks, "_refusal_reason", lambda ip: None)  # let loopback through
+    monkeypatch.setattr(webhooks, "_refusal_reason", lambda ip, **_: None)  # let loopback through
     receiver.script = [STALL] * 30
     sender = make_sender(allow_private=False, timeout_s=5.0)
     deliveries = [asyncio.create_task(sender.attempt(receiver.url, PAYLOAD)) for _ in range(30)]
