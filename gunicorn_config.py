@@ -13,6 +13,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +147,25 @@ def post_fork(server: Any, worker: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-# Workers aborted for their silence before any worker of the server started. One may have
-# met a passing slowness; this many in a row, a start that cannot fit in WORKER_TIMEOUT_S.
-MAX_START_TIMEOUTS = 3
-_START_TIMEOUTS: list[int] = []
+# Rounds of workers aborted for their silence before any worker of the server started:
+# a worker started after the first abort of a round begins a new one. One round may have met a
+# passing slowness (every worker warming up at once on shared cores); this many, a start
+# that cannot fit in WORKER_TIMEOUT_S.
+MAX_START_TIMEOUT_ROUNDS = 3
+
+
+@dataclass
+class _StartTimeouts:
+    rounds: int = 0
+    round_began_at: float = -math.inf  # the first abort of the latest round
+    halting: bool = False
+
+
+_START_TIMEOUTS = _StartTimeouts()
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    worker.forked_at = time.monotonic()
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -161,20 +178,27 @@ def child_exit(server: Any, worker: Any) -> None:
     starting = not SIBLINGS.was_ready(worker.pid)
     SIBLINGS.forget(worker.pid)
     if worker.aborted and starting and not SIBLINGS.server_started():
-        _START_TIMEOUTS.append(worker.pid)
-    if len(_START_TIMEOUTS) >= MAX_START_TIMEOUTS:
-        # Each worker started again would time out the same way, for as long as the
-        # master ran: stop, as for a worker that cannot start.
-        server.log.critical(
-            "%d workers in a row did not start within WORKER_TIMEOUT_S=%s s (the last line "
-            "of each says how far it got: a download of the weights over a slow link, or a "
-            "warm-up of batches of MAX_BATCH_SIZE=%s on a slow device, needs a larger "
-            "WORKER_TIMEOUT_S), and none of this server has started: stopping",
-            len(_START_TIMEOUTS),
-            settings.worker_timeout_s,
-            settings.max_batch_size,
-        )
-        raise HaltServer("no worker started within WORKER_TIMEOUT_S", server.WORKER_BOOT_ERROR)
+        timeouts = _START_TIMEOUTS
+        if worker.forked_at > timeouts.round_began_at:
+            timeouts.rounds += 1
+            timeouts.round_began_at = time.monotonic()
+        if timeouts.rounds >= MAX_START_TIMEOUT_ROUNDS:
+            # Each worker started again would time out the same way, for as long as the
+            # master ran: stop, as for a worker that cannot start.
+            if not timeouts.halting:
+                timeouts.halting = True
+                server.log.critical(
+                    "workers were started %d times and each time timed out before they "
+                    "started, at WORKER_TIMEOUT_S=%s s (the last line of each says how far it "
+                    "got: a download of the weights "
+                    "over a slow link, or a warm-up of batches of MAX_BATCH_SIZE=%s on a "
+                    "slow device, needs a larger WORKER_TIMEOUT_S), and none of this server "
+                    "has started: stopping",
+                    timeouts.rounds,
+                    settings.worker_timeout_s,
+                    settings.max_batch_size,
+                )
+            raise HaltServer("no worker started within WORKER_TIMEOUT_S", server.WORKER_BOOT_ERROR)
     if worker.aborted:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "

@@ -875,8 +875,9 @@ def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
     try:
         return _preprocess(data, SMALL_IMAGE_MAX_PIXELS)
     except ImageTooLarge as exc:
-        # Another model package's ImageTooLarge may not say how many pixels it needs.
-        if getattr(exc, "pixels_needed", math.inf) > max_pixels:
+        # Another model package's ImageTooLarge may not say how many pixels it needs: then
+        # the decode threads for large images decode it, and refuse it if it is too large.
+        if getattr(exc, "pixels_needed", 0) > max_pixels:
             # Refused whatever thread decodes it: refused now, from its header, with the
             # message for MAX_IMAGE_PIXELS, not after large images' decodes at its deadline.
             return _preprocess(data, max_pixels)

@@ -527,9 +527,11 @@ class BatchProcessor(Generic[In, Out]):
             raise ValueError(
                 f"deadline must be a time.monotonic() time, math.inf or None; got {deadline!r}"
             )
-        # An int that is no lane would index the wrong one (-1) or none.
-        if priority not in _PRIORITIES:
+        # An int that is no lane would index the wrong one (-1) or none; True and 1.0 pass
+        # for 1 in a set.
+        if type(priority) not in (int, Priority) or priority not in _PRIORITIES:
             raise ValueError(f"priority must be a Priority, got {priority!r}")
+        priority = Priority(priority)
         if not self._accepting:
             self._observer.item_finished(Outcome.STOPPED)
             raise Stopped("the batch processor is not accepting work")
@@ -625,6 +627,8 @@ class BatchProcessor(Generic[In, Out]):
         if not entry.queued:
             return  # already taken into a batch
         entry.queued = False
+        # Its payload (an image) is held until the entry leaves the lane; nothing reads it.
+        del entry.item, entry.context
         self._gone[entry.priority] += 1
         self._drop_gone(entry.priority)
         self._observer.queue_depth_changed(self.queue_depth)

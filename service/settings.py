@@ -394,8 +394,9 @@ SECRET_SETTINGS = frozenset({"API_KEY", "WEBHOOK_SECRET"})
 def load_settings() -> Settings:
     """Read the environment, or exit with one line per invalid setting."""
     spellings: dict[str, list[str]] = {}
-    for key in os.environ:
-        if key.lower() in Settings.model_fields:
+    for key, value in os.environ.items():
+        # An empty value is no value (env_ignore_empty), as compose passes ${VAR:-}.
+        if key.lower() in Settings.model_fields and value:
             spellings.setdefault(key.upper(), []).append(key)
     conflicts = [
         " and ".join(keys)

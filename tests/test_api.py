@@ -646,15 +646,18 @@ async def test_a_model_packages_own_image_too_large_error_needs_no_pixel_count(
     served: RunningApp, photos: list[Path], reference: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another model package may define its own ImageTooLarge, without ``pixels_needed``:
-    a small upload over SMALL_IMAGE_MAX_PIXELS is then decoded again with the configured
-    limit, as with classification's, not answered 500."""
+    a small upload over SMALL_IMAGE_MAX_PIXELS is then decoded by the threads for large
+    images, with the configured limit, as with classification's, not answered 500."""
 
     class OwnImageTooLarge(ValueError):
         pass
 
     real_preprocess = main._preprocess
 
+    decodes: list[tuple[str, int]] = []
+
     def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        decodes.append((threading.current_thread().name.split("_")[0], max_pixels))
         try:
             return real_preprocess(data, max_pixels)
         except ImageTooLarge as exc:
@@ -669,6 +672,8 @@ async def test_a_model_packages_own_image_too_large_error_needs_no_pixel_count(
     assert response.status_code == 200, response.text
     indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
     assert [p["index"] for p in response.json()["prediction"]] == indices
+    limit = served.service.settings.max_image_pixels
+    assert decodes == [("inference", main.SMALL_IMAGE_MAX_PIXELS), ("decode-large", limit)]
 
 
 async def test_a_small_upload_over_the_pixel_limit_does_not_wait_behind_large_decodes(

@@ -134,6 +134,9 @@ def test_one_setting_under_two_spellings_with_different_values_is_refused(
     monkeypatch.setenv("WORKERS", "3")
     monkeypatch.setenv("workers", "3")
     assert load_settings().workers == 3
+    monkeypatch.setenv("WORKERS", "")  # empty is unset, as compose passes ${WORKERS:-}
+    assert load_settings().workers == 3
+    monkeypatch.setenv("WORKERS", "3")
     monkeypatch.setenv("workers", "abc")
     monkeypatch.setenv("API_KEY", "first-secret")
     monkeypatch.setenv("Api_Key", "second-secret")

@@ -847,7 +847,7 @@ async def test_a_priority_that_is_no_lane_is_refused() -> None:
     once, without being queued; an int that is a lane's value is that lane."""
     handler = FakeHandler()
     async with running(handler, BatchConfig()) as processor:
-        for priority in (-1, 5, "bulk", None):
+        for priority in (-1, 5, "bulk", None, 1.0, True):
             with pytest.raises(ValueError, match=r"priority must be a Priority, got "):
                 await bounded(processor.submit(1, priority=priority), limit_s=1.0)  # type: ignore[arg-type]
         assert processor.queue_depth == 0
@@ -1764,6 +1764,26 @@ def test_config_accepts_whole_seconds_and_no_wait() -> None:
     """An int is a number of seconds too, and 0 is a valid wait."""
     assert BatchConfig(max_wait_s=2).max_wait_s == 2
     assert BatchConfig(max_wait_s=0.0).max_wait_s == 0.0
+
+
+async def test_a_caller_that_left_the_queue_no_longer_holds_its_item() -> None:
+    """Its entry leaves the lane lazily (here it waits between two others); its payload,
+    an image, does not wait with it."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        first = spawn(processor, -1)
+        await handler.next_started()
+        waiting, leaving, behind = spawn(processor, 1, 7, 2)
+        await wait_until(lambda: processor.queue_depth == 3)
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        lane = processor._lanes[Priority.INTERACTIVE]
+        gone = [entry for entry in lane if not entry.queued]
+        assert len(gone) == 1
+        assert not hasattr(gone[0], "item")
+        assert processor.queue_depth == 2
+        handler.release_all()
+        assert await results([*first, waiting, behind]) == [-2, 2, 4]
 
 
 async def test_callers_leaving_a_long_queue_in_any_order_cost_little() -> None:
