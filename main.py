@@ -216,8 +216,12 @@ class Service:
         self._large_decode_pool = ThreadPoolExecutor(
             settings.effective_decode_threads, thread_name_prefix="decode-large"
         )
-        # Tasks decode on their own thread, so a burst of them never queues ahead of an
-        # interactive request's decode.
+        # Small files of /cls/batch requests decode on threads of their own, so a burst of
+        # them never queues ahead of a /cls request's decode. (Large images share their
+        # threads: as many decode at once as memory is sized for.)
+        self._bulk_decode_pool = ThreadPoolExecutor(
+            settings.effective_decode_threads, thread_name_prefix="decode-bulk"
+        )
         self._task_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="task-decode")
         # One thread: batches reach the model one at a time, in order.
         self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
@@ -439,6 +443,7 @@ class Service:
                 for pool in (
                     self._decode_pool,
                     self._large_decode_pool,
+                    self._bulk_decode_pool,
                     self._task_decode_pool,
                     self._inference_pool,
                     self._lookup_pool,
@@ -468,7 +473,7 @@ class Service:
             # A decompression-heavy image must not outlive its deadline either; its thread
             # finishes the decode, but nobody waits for it.
             async with asyncio.timeout(deadline - time.monotonic()):
-                pixels = await self._decode(upload, model_idle)
+                pixels = await self._decode(upload, model_idle, priority)
         except TimeoutError:
             self._observer.item_finished(Outcome.EXPIRED)
             raise DeadlineExceeded("the deadline passed while the image decoded") from None
@@ -491,7 +496,7 @@ class Service:
         logs.record_batch_size(result.batch_size)
         return result.predictions
 
-    async def _decode(self, upload: UploadFile, model_idle: bool) -> np.ndarray:
+    async def _decode(self, upload: UploadFile, model_idle: bool, priority: Priority) -> np.ndarray:
         # The upload is read on the thread that decodes it: until then its bytes stay in
         # the request's spooled file (on disk past 1 MiB), so the requests waiting for a
         # decode thread do not each hold a copy in memory.
@@ -507,7 +512,12 @@ class Service:
         if small:
             # Small images have threads apart from large ones, which take up to a second
             # each: a small image never waits behind them.
-            pool = self._inference_pool if model_idle else self._decode_pool
+            if priority is not Priority.INTERACTIVE:
+                pool = self._bulk_decode_pool  # a /cls request's never waits behind these
+            elif model_idle:
+                pool = self._inference_pool
+            else:
+                pool = self._decode_pool
             pixels = await self._in_thread(pool, _preprocess_if_small, upload.file, max_pixels)
             if pixels is not None:
                 return pixels

@@ -872,6 +872,38 @@ async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> No
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+async def test_a_cls_decode_never_waits_behind_batch_files_decodes(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files of /cls/batch requests decode on threads of their own: a single image is
+    decoded at once, however many files wait (here held) for a decode."""
+    slow = photos[1].read_bytes()
+    release = threading.Event()
+    held: list[int] = []
+    real_preprocess = main.preprocess
+
+    def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        if data == slow:
+            held.append(1)
+            release.wait(10)
+        return real_preprocess(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(main, "preprocess", preprocess)
+    async with running_app(make_settings(decode_threads=2, drain_timeout_s=2)) as served:
+        files = [("file", (f"{i}.jpg", slow, "image/jpeg")) for i in range(6)]
+        batch = asyncio.create_task(served.client.post("/cls/batch", files=files))
+        try:
+            await wait_for(lambda: len(held) == 2)
+            async with asyncio.timeout(5):
+                alone = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+            assert alone.status_code == 200
+            assert not batch.done()
+        finally:
+            release.set()
+        answered = await batch
+    assert [entry["status"] for entry in answered.json()["results"]] == [200] * 6
+
+
 async def test_uploads_waiting_for_a_decode_thread_are_not_held_in_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
