@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import ipaddress
@@ -21,6 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import TypeAlias
 from urllib.parse import urlsplit
@@ -481,6 +483,7 @@ class Attempt:
 class _Outcome:
     error: str | None
     retryable: bool
+    retry_after_s: float | None = None  # what the receiver asked for (429, 503)
 
 
 def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
@@ -504,6 +507,23 @@ def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
     if isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError):
         return f"{type(exc).__name__}: the receiver closed or reset the connection"
     return type(exc).__name__
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header's wait in seconds (a number of seconds or an HTTP date), or None
+    for none or one that does not parse."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP date is in GMT; one without a zone is not one
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _is_refused_address(exc: BaseException) -> bool:
@@ -570,6 +590,10 @@ class WebhookSender:
         retry_in_s = None
         if outcome.retryable and attempts < config.max_attempts:
             retry_in_s = self._backoff_s(attempts)
+            if outcome.retry_after_s is not None:
+                # A receiver that says when to come back is not hammered sooner; nor does
+                # it hold a delivery past the longest wait the settings allow.
+                retry_in_s = max(retry_in_s, min(outcome.retry_after_s, config.backoff_max_s))
         return Attempt(attempts, outcome.error, retry_in_s)
 
     def cut_off(self, *, attempts_done: int) -> Attempt:
@@ -602,6 +626,7 @@ class WebhookSender:
                     "POST", url, content=body, headers=headers
                 ) as response:
                     status = response.status_code
+                    retry_after_s = _retry_after_s(response.headers.get("retry-after"))
         except TimeoutError:
             return _Outcome(f"timed out after {timeout_s} s", retryable=True)
         except httpx.TransportError as exc:
@@ -613,7 +638,11 @@ class WebhookSender:
         if 200 <= status < 300:
             return _Outcome(None, retryable=False)
         retryable = status >= 500 or status in (408, 429)
-        return _Outcome(f"callback answered {status}", retryable=retryable)
+        return _Outcome(
+            f"callback answered {status}",
+            retryable=retryable,
+            retry_after_s=retry_after_s if status in (429, 503) else None,
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP client and its connections."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import json
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import httpcore
 import pytest
@@ -126,6 +128,51 @@ async def test_5xx_and_other_transient_answers_are_tried_again(
     assert attempt.retry_in_s is not None
     assert FAST["backoff_initial_s"] / 2 <= attempt.retry_in_s <= FAST["backoff_initial_s"]
     assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "backoff_max_s", "expected_s"),
+    [
+        (429, "30", 60.0, 30.0),
+        (503, "30", 60.0, 30.0),
+        (429, "3600", 60.0, 60.0),  # no longer than the settings' longest wait
+        (429, "soon", 60.0, None),  # unreadable: the backoff's
+        (500, "30", 60.0, None),  # only 429 and 503 say when to come back
+    ],
+)
+async def test_a_receiver_that_says_when_to_come_back_is_not_tried_sooner(
+    status: int,
+    retry_after: str,
+    backoff_max_s: float,
+    expected_s: float | None,
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
+) -> None:
+    """A rate-limited receiver (429 with Retry-After: 30) was retried within seconds, and
+    the webhook lost after WEBHOOK_MAX_ATTEMPTS quick tries."""
+    receiver.then = status
+    receiver.headers = {"Retry-After": retry_after}
+
+    attempt = await make_sender(backoff_max_s=backoff_max_s).attempt(receiver.url, PAYLOAD)
+
+    assert attempt.retry_in_s is not None
+    if expected_s is None:
+        assert attempt.retry_in_s <= FAST["backoff_initial_s"]
+    else:
+        assert attempt.retry_in_s == expected_s
+
+
+async def test_a_retry_after_date_is_read_as_the_wait_until_it(
+    receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 503
+    when = datetime.now(UTC) + timedelta(seconds=40)
+    receiver.headers = {"Retry-After": email.utils.format_datetime(when, usegmt=True)}
+
+    attempt = await make_sender(backoff_max_s=60.0).attempt(receiver.url, PAYLOAD)
+
+    assert attempt.retry_in_s is not None
+    assert 37 <= attempt.retry_in_s <= 40
 
 
 async def test_a_receiver_slower_than_the_timeout_is_tried_again(

@@ -28,6 +28,7 @@ class Receiver:
 
     script: list[int | str] = field(default_factory=list)
     then: int = 200  # the answer once the script runs out
+    headers: dict[str, str] = field(default_factory=dict)  # on every answer
     received: list[Received] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -44,7 +45,7 @@ class Receiver:
             return web.Response(status=200)
         assert isinstance(step, int)
         location = {"Location": "http://127.0.0.1:9/elsewhere"} if 300 <= step < 400 else {}
-        return web.Response(status=step, headers=location)
+        return web.Response(status=step, headers={**location, **self.headers})
 
 
 @asynccontextmanager
