@@ -270,6 +270,11 @@ def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
             raise ModelLoadError(
                 f"{source} is not a ResNet18 state dict ({name!r} is not a tensor)"
             )
+        if value.is_complex():
+            # Copied into the network's real weights, its imaginary part would be dropped.
+            raise ModelLoadError(
+                f"{source} is not a ResNet18 state dict ({name!r} holds complex numbers)"
+            )
         # A sparse or meta tensor (one with no values) fails every check and copy below.
         if value.layout is not torch.strided or value.is_meta:
             kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")

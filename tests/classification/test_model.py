@@ -231,6 +231,7 @@ def save(value: object, path: Path) -> bytes:
         ("negative variance", "a negative variance in 'layer3.1.bn2.running_var'; the file is"),
         ("scalar fc", r"'fc.weight' has shape \(\), expected \(classes, 512\)"),
         ("meta fc", "'fc.weight' is a meta tensor, not a dense one"),
+        ("complex fc", "'fc.weight' holds complex numbers"),
         ("sparse fc", "'fc.weight' is a sparse_coo tensor, not a dense one"),
     ],
 )
@@ -255,6 +256,9 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save(state, path)
     elif content == "scalar fc":
         save({**network.state_dict(), "fc.weight": torch.tensor(1.0)}, path)
+    elif content == "complex fc":
+        complex_weight = network.fc.weight.detach().to(torch.complex64)
+        save({**network.state_dict(), "fc.weight": complex_weight}, path)
     elif content == "meta fc":
         save({**network.state_dict(), "fc.weight": torch.empty(1000, 512, device="meta")}, path)
     elif content == "sparse fc":
