@@ -161,11 +161,16 @@ class _StartTimeouts:
     halting: bool = False
 
 
-_START_TIMEOUTS = _StartTimeouts()
-
-
 def pre_fork(server: Any, worker: Any) -> None:
     worker.forked_at = time.monotonic()
+
+
+def _start_timeouts(server: Any) -> _StartTimeouts:
+    # Kept on the arbiter: a reload (HUP) runs this file again, and would count anew.
+    if not hasattr(server, "service_start_timeouts"):
+        server.service_start_timeouts = _StartTimeouts()
+    timeouts: _StartTimeouts = server.service_start_timeouts
+    return timeouts
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -178,7 +183,7 @@ def child_exit(server: Any, worker: Any) -> None:
     starting = not SIBLINGS.was_ready(worker.pid)
     SIBLINGS.forget(worker.pid)
     if worker.aborted and starting and not SIBLINGS.server_started():
-        timeouts = _START_TIMEOUTS
+        timeouts = _start_timeouts(server)
         if worker.forked_at > timeouts.round_began_at:
             timeouts.rounds += 1
             timeouts.round_began_at = time.monotonic()

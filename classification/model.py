@@ -181,6 +181,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     return _checked_state_dict(loaded, f"the file cached at {cached}")
 
 
+LOADABLE_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # Where training checkpoints keep the weights: Lightning, torchvision's reference scripts,
 # the PyTorch tutorials.
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
@@ -274,6 +275,12 @@ def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
             # Copied into the network's real weights, its imaginary part would be dropped.
             raise ModelLoadError(
                 f"{source} is not a ResNet18 state dict ({name!r} holds complex numbers)"
+            )
+        if value.is_floating_point() and value.dtype not in LOADABLE_FLOAT_DTYPES:
+            # float8: no finiteness check or copy into the network runs on it.
+            raise ModelLoadError(
+                f"{source} holds {name!r} as {str(value.dtype).removeprefix('torch.')}; "
+                "save the weights as float32, float16 or bfloat16"
             )
         # A sparse or meta tensor (one with no values) fails every check and copy below.
         if value.layout is not torch.strided or value.is_meta:

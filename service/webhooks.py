@@ -54,6 +54,13 @@ _DOCUMENTATION = tuple(
     for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
 )
 _BENCHMARKING = ipaddress.IPv4Network("198.18.0.0/15")
+# The networks of RFC 1918 and RFC 4193 (unique local): what a local network uses. Python's
+# is_private holds special-purpose ranges besides (0.0.0.0/8, Teredo, ORCHID, IPv6
+# benchmarking), which no receiver is reached at.
+_PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 # IETF protocol assignments, not globally reachable (IANA), but for two anycast services;
 # Python's is_global counts the rest of the range as global.
 _IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
@@ -91,10 +98,14 @@ def _refusal_reason(ip: _IPAddress, *, allow_private: bool = False) -> str | Non
     return None if allow_private and reason in _PRIVATE_KINDS else reason
 
 
-def _refusal_hint(allow_private: bool) -> str:
-    if allow_private:
-        return "WEBHOOK_ALLOW_PRIVATE allows loopback and private networks only"
-    return _ALLOW_PRIVATE_HINT
+def _refusal_hint(reason: str, allow_private: bool) -> str:
+    """What to do about an address refused for ``reason``: the setting, where it helps."""
+    if reason in _PRIVATE_KINDS and not allow_private:
+        return _ALLOW_PRIVATE_HINT
+    return (
+        "no receiver is reached at such an address; WEBHOOK_ALLOW_PRIVATE opens loopback "
+        "and private networks only"
+    )
 
 
 def _address_kind(ip: _IPAddress) -> str | None:
@@ -129,8 +140,10 @@ def _address_kind(ip: _IPAddress) -> str | None:
         return "a documentation (not routed)"
     if ip in _BENCHMARKING:
         return "a benchmarking (not routed)"
-    if ip.is_private:
+    if any(ip in net for net in _PRIVATE_NETWORKS):
         return _PRIVATE
+    if ip.is_private:
+        return "a special-purpose (not globally routable)"
     if not ip.is_global:
         return "a not globally routable"
     return None
@@ -203,7 +216,8 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         reason = _refusal_reason(literal, allow_private=allow_private)
         if reason is not None:
             raise InvalidCallbackUrl(
-                f"callback_url host {host} is {reason} address; {_refusal_hint(allow_private)}"
+                f"callback_url host {host} is {reason} address; "
+                f"{_refusal_hint(reason, allow_private)}"
             )
         return
     try:
@@ -229,7 +243,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
             # Not the address itself: a client must not learn what internal names resolve to.
             raise InvalidCallbackUrl(
                 f"callback_url host {host!r} resolves to {reason} address; "
-                f"{_refusal_hint(allow_private)}"
+                f"{_refusal_hint(reason, allow_private)}"
             )
 
 
@@ -278,7 +292,7 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
                 # The task's owner reads this: the address a name resolved to is not shown.
                 raise _AddressRefused(
                     f"refused to connect to {host}: {reason} address; "
-                    f"{_refusal_hint(self._allow_private)}"
+                    f"{_refusal_hint(reason, self._allow_private)}"
                 )
         connect = partial(
             self._inner.connect_tcp,
@@ -515,14 +529,15 @@ def _retry_after_s(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
+    first = value.split(",")[0].strip()  # headers sent twice arrive joined by a comma
+    if first.isascii() and first.isdigit():
+        return float(first)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        return None  # an HTTP date is in GMT; one without a zone is not one
+        when = when.replace(tzinfo=UTC)  # asctime's form, which is always GMT
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
@@ -593,7 +608,9 @@ class WebhookSender:
             if outcome.retry_after_s is not None:
                 # A receiver that says when to come back is not hammered sooner; nor does
                 # it hold a delivery past the longest wait the settings allow.
-                retry_in_s = max(retry_in_s, min(outcome.retry_after_s, config.backoff_max_s))
+                # Up to a tenth more: deliveries refused together do not return together.
+                asked_s = outcome.retry_after_s * random.uniform(1.0, 1.1)
+                retry_in_s = max(retry_in_s, min(asked_s, config.backoff_max_s))
         return Attempt(attempts, outcome.error, retry_in_s)
 
     def cut_off(self, *, attempts_done: int) -> Attempt:

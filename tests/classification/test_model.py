@@ -232,6 +232,7 @@ def save(value: object, path: Path) -> bytes:
         ("scalar fc", r"'fc.weight' has shape \(\), expected \(classes, 512\)"),
         ("meta fc", "'fc.weight' is a meta tensor, not a dense one"),
         ("complex fc", "'fc.weight' holds complex numbers"),
+        ("float8 fc", "holds 'fc.bias' as float8_e4m3fn; save the weights as float32"),
         ("sparse fc", "'fc.weight' is a sparse_coo tensor, not a dense one"),
     ],
 )
@@ -256,6 +257,11 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save(state, path)
     elif content == "scalar fc":
         save({**network.state_dict(), "fc.weight": torch.tensor(1.0)}, path)
+    elif content == "float8 fc":
+        save(
+            {**network.state_dict(), "fc.bias": network.fc.bias.detach().to(torch.float8_e4m3fn)},
+            path,
+        )
     elif content == "complex fc":
         complex_weight = network.fc.weight.detach().to(torch.complex64)
         save({**network.state_dict(), "fc.weight": complex_weight}, path)
