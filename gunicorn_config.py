@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service import memory
 from service.settings import load_settings, prepare_metrics_dir
 from service.siblings import SIBLINGS_DIR, Siblings
 
@@ -49,6 +50,10 @@ SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 # Settings are read in any case, libgomp reads only this one: pass a value given as
 # gomp_spincount on under the name it reads.
 os.environ["GOMP_SPINCOUNT"] = settings.gomp_spincount or "1000000"  # unset or empty
+
+# glibc's allocator keeps freed memory for reuse in one arena (service/memory.py): set here,
+# before the workers are forked, so that none of their threads has an arena of its own.
+memory.keep_freed_memory()
 
 bind = settings.bind or f"0.0.0.0:{settings.port}"
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers

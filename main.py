@@ -236,6 +236,8 @@ class Service:
         with contextlib.suppress(OSError):
             metrics.record_resident_memory(memory.resident_bytes())
         torch.set_num_threads(settings.effective_torch_threads)
+        # Under uvicorn (gunicorn's master did it before the fork): before the model loads.
+        memory.keep_freed_memory()
         loop = asyncio.get_running_loop()
         classifier = await loop.run_in_executor(
             self._inference_pool,
@@ -318,6 +320,7 @@ class Service:
         self._memory_reporter.add_done_callback(_log_failure)
         trim = memory.malloc_trim()
         if trim is not None:
+            await asyncio.to_thread(trim)  # what the warm-up's batches freed
             self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
             self._trimmer.add_done_callback(_log_failure)
         if self.failure() is None:

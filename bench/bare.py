@@ -1,8 +1,8 @@
 """A bare process that just holds the model: the baseline for a worker's resident memory.
 
 Prints its resident set size in bytes after loading and warming up the model, the same
-steps a server worker takes before it reports ready, and returning freed memory as a
-worker at rest does (``service.memory``).
+steps a server worker takes before it reports ready, with the allocator set as a worker
+sets it and returning freed memory as a worker at rest does (``service.memory``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from service.settings import PROJECT_ROOT
 def main() -> None:
     max_batch_size, threads = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(threads)
+    memory.keep_freed_memory()
     classifier = load_classifier(
         weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cpu"
     )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from classification import build_network, fold_batchnorm, load_classifier, preprocess
+from service import memory
 from service.settings import PROJECT_ROOT
 
 LABELS_FILE = PROJECT_ROOT / "imagenet_classes.txt"
@@ -36,6 +37,8 @@ class Limits:
 
     def __init__(self, images: list[Path], threads: int) -> None:
         torch.set_num_threads(threads)
+        # The allocator as a worker has it: its forward passes reuse their memory too.
+        memory.keep_freed_memory()
         self.payloads = [path.read_bytes() for path in images]
         self.classifier = load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu")
         self.classifier.warm_up([1])
