@@ -51,10 +51,6 @@ SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 # gomp_spincount on under the name it reads.
 os.environ["GOMP_SPINCOUNT"] = settings.gomp_spincount or "1000000"  # unset or empty
 
-# glibc's allocator keeps freed memory for reuse in one arena (service/memory.py): set here,
-# before the workers are forked, so that none of their threads has an arena of its own.
-memory.keep_freed_memory()
-
 bind = settings.bind or f"0.0.0.0:{settings.port}"
 # Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
 # never oversubscribe the cores; see Settings.effective_torch_threads.
@@ -103,6 +99,10 @@ if settings.log_format == "json":
 
 def on_starting(server: Any) -> None:
     _halt_once_for_workers_that_cannot_start(server)
+    # glibc's allocator keeps freed memory for reuse in one arena (service/memory.py): set
+    # before the workers are forked, so that none of their threads has an arena of its own,
+    # and once gunicorn has put its -e/raw_env values in the environment, so they count.
+    memory.keep_freed_memory()
 
 
 def when_ready(server: Any) -> None:

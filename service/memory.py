@@ -34,13 +34,18 @@ _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _GLIBC_SETTINGS = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_ARENA_MAX",
 )
-_GLIBC_TUNABLES = tuple(
-    f"glibc.malloc.{name}" for name in ("trim_threshold", "top_pad", "mmap_max", "arena_max")
+_GLIBC_TUNABLES = (
+    "glibc.malloc.arena_max",
+    "glibc.malloc.mmap_max",
+    "glibc.malloc.mmap_threshold",
+    "glibc.malloc.trim_threshold",
+    "glibc.malloc.top_pad",
 )
 
 
@@ -72,8 +77,8 @@ def keep_freed_memory() -> bool:
     Returns whether it did: not where the C library lacks ``mallopt`` or ``malloc_trim``
     (without the trimmer, nothing would give the memory back), nor where the operator set
     one of these glibc settings (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
-    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or their ``GLIBC_TUNABLES``): then
-    glibc's settings stand, all of them.
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or their
+    ``GLIBC_TUNABLES``): then glibc's settings stand, all of them.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(os.environ.get(name) for name in _GLIBC_SETTINGS) or any(

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from service import memory
 from service.settings import PROJECT_ROOT
 from service.siblings import SIBLINGS_DIR
 
@@ -53,6 +54,22 @@ def test_openmp_threads_spin_longer_unless_told_otherwise(
     # Settings are read in any case; libgomp reads this name only.
     load(monkeypatch, tmp_path, gomp_spincount="infinite")
     assert os.environ["GOMP_SPINCOUNT"] == "infinite"
+
+
+def test_the_allocator_is_set_as_gunicorn_starts_not_as_the_config_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gunicorn puts its -e/raw_env values in the environment after loading the config and
+    before on_starting: only then can a MALLOC_* among them count."""
+    calls: list[str | None] = []
+    monkeypatch.setattr(
+        memory, "keep_freed_memory", lambda: calls.append(os.environ.get("MALLOC_ARENA_MAX"))
+    )
+    config = load(monkeypatch, tmp_path)
+    assert calls == []
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # as gunicorn's -e sets it
+    config["on_starting"](SimpleNamespace(reap_workers=lambda: None))
+    assert calls == ["4"]
 
 
 def test_everything_comes_from_the_environment(

@@ -154,13 +154,22 @@ print(kept, max(faults[1:]))
 """
 
 
+# glibc's allocator settings, which the runner's environment may hold (containers often set
+# MALLOC_ARENA_MAX): the tests set their own.
+_GLIBC_ALLOCATOR_SETTINGS = (*memory._GLIBC_SETTINGS, "GLIBC_TUNABLES")
+
+
+def _without_allocator_settings(environment: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environment.items() if k not in _GLIBC_ALLOCATOR_SETTINGS}
+
+
 def _reuse(mode: str, **environment: str) -> tuple[bool, int]:
     """In a new process: whether ``keep_freed_memory`` applied, and the most page faults
     of a repeat of a thread's allocations."""
     output = subprocess.run(
         [sys.executable, "-c", _REUSE_SCRIPT, mode],
         cwd=PROJECT_ROOT,
-        env={**os.environ, **environment},
+        env={**_without_allocator_settings(dict(os.environ)), **environment},
         capture_output=True,
         text=True,
         check=True,
@@ -187,6 +196,7 @@ def test_freed_memory_is_reused() -> None:
     [
         {"MALLOC_TRIM_THRESHOLD_": "131072"},
         {"MALLOC_MMAP_MAX_": "65536"},
+        {"MALLOC_MMAP_THRESHOLD_": "65536"},
         {"MALLOC_TOP_PAD_": "0"},
         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
     ],
@@ -222,7 +232,9 @@ def test_forward_passes_reuse_the_memory_of_the_last(tmp_path: Path, photos: lis
 
     # Whether glibc's own thresholds do it depends on how the heap was laid out before: with
     # DEVICE's default here, they did; with DEVICE=cpu, they happened not to.
-    env = server_env(tmp_path, TORCH_THREADS="2", DEVICE="auto", MAX_BATCH_SIZE="16")
+    env = _without_allocator_settings(
+        server_env(tmp_path, TORCH_THREADS="2", DEVICE="auto", MAX_BATCH_SIZE="16")
+    )
     faults_per_request = {}
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         (worker,) = psutil.Process(server.process.pid).children()
@@ -264,7 +276,7 @@ def test_the_worker_shrinks_back_after_a_burst(tmp_path: Path, photos: list[Path
             )
         assert set(statuses) == {200}
 
-    env = server_env(tmp_path, TORCH_THREADS="2")
+    env = _without_allocator_settings(server_env(tmp_path, TORCH_THREADS="2"))
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         (worker,) = psutil.Process(server.process.pid).children()
         at_start = worker.memory_info().rss
