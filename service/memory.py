@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ _STATM = Path("/proc/self/statm")
 
 # mallopt's parameters (malloc.h) and the names under which glibc reads them itself.
 _M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _GLIBC_SETTINGS = (
@@ -49,11 +49,18 @@ _GLIBC_TUNABLES = (
 )
 
 
+def _libc_function(name: str) -> Any:
+    """The C library's function ``name``, or None where it has none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def malloc_trim() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS)."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     return lambda: trim(0)
@@ -85,11 +92,8 @@ def keep_freed_memory() -> bool:
         name in tunables for name in _GLIBC_TUNABLES
     ):
         return False
-    if malloc_trim() is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or malloc_trim() is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(
