@@ -215,21 +215,6 @@ def test_forward_passes_reuse_the_memory_of_the_last(tmp_path: Path, photos: lis
     7,500 page faults a request here for lone requests, a quarter of their latency, and
     1,100 a request in batches of 16, a sixth of the throughput."""
     uploads = [(photo.name, photo.read_bytes()) for photo in photos]
-
-    async def classify(url: str, requests: int, concurrency: int) -> None:
-        slots = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-
-            async def one(upload: tuple[str, bytes]) -> int:
-                async with slots:
-                    return (await client.post("/cls", files={"file": upload})).status_code
-
-            statuses = await asyncio.gather(
-                *(one(uploads[i % len(uploads)]) for i in range(requests))
-            )
-        assert set(statuses) == {200}
-
     # Whether glibc's own thresholds do it depends on how the heap was laid out before: with
     # DEVICE's default here, they did; with DEVICE=cpu, they happened not to.
     env = _without_allocator_settings(
@@ -239,12 +224,30 @@ def test_forward_passes_reuse_the_memory_of_the_last(tmp_path: Path, photos: lis
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         (worker,) = psutil.Process(server.process.pid).children()
         for concurrency, requests in ((1, 20), (32, 96)):
-            asyncio.run(classify(server.url, requests, concurrency))  # sizes the heaps
+            asyncio.run(_classify(server.url, uploads, requests, concurrency))  # sizes the heaps
             before = _minor_faults(worker.pid)
-            asyncio.run(classify(server.url, requests, concurrency))
+            asyncio.run(_classify(server.url, uploads, requests, concurrency))
             faults_per_request[concurrency] = (_minor_faults(worker.pid) - before) / requests
     assert faults_per_request[1] < 500, faults_per_request
     assert faults_per_request[32] < 500, faults_per_request
+
+
+async def _classify(
+    url: str, uploads: list[tuple[str, bytes]], requests: int, concurrency: int
+) -> None:
+    """``requests`` uploads to /cls, ``concurrency`` at a time, every one answered 200."""
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def classify(upload: tuple[str, bytes]) -> int:
+            async with slots:
+                return (await client.post("/cls", files={"file": upload})).status_code
+
+        statuses = await asyncio.gather(
+            *(classify(uploads[i % len(uploads)]) for i in range(requests))
+        )
+    assert set(statuses) == {200}
 
 
 def _minor_faults(pid: int) -> int:
@@ -260,28 +263,12 @@ def test_the_worker_shrinks_back_after_a_burst(tmp_path: Path, photos: list[Path
     second."""
 
     uploads = [(photo.name, photo.read_bytes()) for photo in photos]
-
-    async def burst(url: str, concurrency: int) -> None:
-        slots = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-
-            async def classify(upload: tuple[str, bytes]) -> int:
-                async with slots:
-                    response = await client.post("/cls", files={"file": upload})
-                    return response.status_code
-
-            statuses = await asyncio.gather(
-                *(classify(uploads[i % len(uploads)]) for i in range(64))
-            )
-        assert set(statuses) == {200}
-
     env = _without_allocator_settings(server_env(tmp_path, TORCH_THREADS="2"))
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         (worker,) = psutil.Process(server.process.pid).children()
         at_start = worker.memory_info().rss
         for concurrency in (64, 3, 16, 6, 32, 10):
-            asyncio.run(burst(server.url, concurrency))
+            asyncio.run(_classify(server.url, uploads, 64, concurrency))
         after_bursts = worker.memory_info().rss
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and worker.memory_info().rss > at_start + 16 * MiB:
