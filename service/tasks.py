@@ -27,6 +27,9 @@ DATABASE_NAME = "tasks.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # Pages the clean-up returns to the file system per write (8 MiB of 4 KiB pages).
 VACUUM_STEP_PAGES = 2048
+# What the write-ahead log is cut back to once a checkpoint has emptied it: a burst of
+# large uploads would otherwise leave it on disk at its largest until the server stops.
+WAL_SIZE_LIMIT_BYTES = 16 * 2**20
 # Submissions stop while storing one would leave less free on DATA_DIR's disk: the tasks
 # accepted already still need room for their results, and their writes for the journal.
 # On a full disk they would wait, shown as running, until space was freed by hand.
@@ -343,6 +346,7 @@ class TaskStore:
         ):
             with attempt:
                 self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
         # FULL: a task acknowledged with 202 survives a power cut, not only a crash.
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")

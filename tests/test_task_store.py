@@ -22,6 +22,7 @@ import pytest
 from service import settings, tasks
 from service.tasks import (
     DATABASE_NAME,
+    WAL_SIZE_LIMIT_BYTES,
     IdempotencyKeyReused,
     TaskNotCancellable,
     TaskQueueFull,
@@ -968,6 +969,34 @@ def test_the_clean_up_returns_the_space_of_finished_images_at_once(store: TaskSt
     assert store.delete_expired(T0) == 0  # nothing has expired
     assert free_pages(store) == 0
     assert store.path.stat().st_size < grown / 4
+
+
+def test_the_clean_up_cuts_the_write_ahead_log_back_after_a_burst(store: TaskStore) -> None:
+    """While a reader holds an old snapshot, no checkpoint can empty the log, and a burst
+    of uploads grows it past their size; once the reader is gone, the clean-up's writes
+    cut it back to its limit instead of keeping it at its largest until the server stops."""
+    wal = store.path.with_name(store.path.name + "-wal")
+    with closing(sqlite3.connect(store.path)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tasks").fetchone()
+        for i in range(12):
+            store.create(
+                f"big{i}",
+                bytes(3 * 2**20),
+                top_k=5,
+                metadata=None,
+                callback_url=None,
+                now=T0 + i,
+                max_queued=100,
+            )
+        assert len(claim(store, "A", limit=12, at=T0 + 20)) == 12
+        for i in range(12):
+            store.finish(f"big{i}", "A", prediction=[], now=T0 + 21)
+        reader.rollback()
+    assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT_BYTES
+
+    store.delete_expired(T0)
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT_BYTES
 
 
 def test_count_queued_counts_only_waiting_tasks(store: TaskStore) -> None:
