@@ -32,6 +32,9 @@ DEFAULT_MAX_BATCH_FILES = 32
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
+# The files prometheus_client writes in multiprocess mode: "<type>_<pid>.db", a gauge's
+# type with its mode ("gauge_livesum").
+_METRIC_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 # An Origin header's parts: a scheme, a host (a name, or IPv6 in brackets), a port.
 _ORIGIN = re.compile(
@@ -105,7 +108,8 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
 def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
     """Make ``path`` for prometheus_client's multiprocess files and check that it takes
     them, or stop start-up with one line. ``remove_stale``: first delete the metric files
-    (``*.db``) an earlier run left, and nothing else: it may be a mount, or hold others'."""
+    an earlier run left (``counter_<pid>.db`` and the like), and nothing else: it may be a
+    mount, or hold others' files, their own ``.db`` ones among them."""
     if path.exists() and not path.is_dir():
         raise SystemExit(
             logs.unconfigured_line(
@@ -117,7 +121,8 @@ def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
         if remove_stale:
             for stale in path.glob("*.db"):
-                stale.unlink()
+                if _METRIC_FILE.fullmatch(stale.name):
+                    stale.unlink()
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
         raise SystemExit(

@@ -200,13 +200,16 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     config = load(monkeypatch, tmp_path)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    (metrics_dir / "counter_123.db").write_bytes(b"stale")
+    for stale in ("counter_123.db", "histogram_123.db", "gauge_livesum_123.db"):
+        (metrics_dir / stale).write_bytes(b"stale")
     # The directory may be a mount, or shared: only the metric files go.
-    (metrics_dir / "notes.txt").write_text("not ours")
+    others = ["notes.txt", "orders.db", "counter_backup.db"]
+    for name in others:
+        (metrics_dir / name).write_text("not ours")
     when_ready = config["when_ready"]
     assert callable(when_ready)
     when_ready(SimpleNamespace())
-    assert [path.name for path in metrics_dir.iterdir()] == ["notes.txt"]
+    assert sorted(path.name for path in metrics_dir.iterdir()) == sorted(others)
     assert callable(config["child_exit"])
 
 
