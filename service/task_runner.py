@@ -597,13 +597,16 @@ class TaskRunner:
         error: str | None = None
         try:
             prediction = await self._execute(task)
+            # A result the store cannot keep as JSON (a NumPy number, a NaN from another
+            # model) fails its task now, rather than failing each of its retries.
+            json.dumps(prediction, allow_nan=False)
         except self._requeue_on:
             await self._until_stored(
                 f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
             )
             return
         except Exception as exc:
-            error = self._describe_error(exc)
+            prediction, error = None, self._describe_error(exc)
         record = await self._until_stored(
             f"the result of task {task.id}",
             self.store.finish,

@@ -710,7 +710,7 @@ class TaskStore:
             "WHERE id = ?",
             (
                 status,
-                None if prediction is None else json.dumps(prediction),
+                None if prediction is None else json.dumps(prediction, allow_nan=False),
                 error,
                 now,
                 WebhookStatus.PENDING,

@@ -435,6 +435,31 @@ async def test_a_task_the_model_scores_with_nan_fails_and_its_status_reads(
         assert task["error"] == "inference failed; the error is logged on the server"
 
 
+@pytest.mark.parametrize("unstorable", [np.float32(0.5), math.nan], ids=["a NumPy number", "NaN"])
+async def test_a_result_that_is_no_json_fails_its_task_at_once(
+    photos: list[Path], unstorable: object
+) -> None:
+    """Another model's result that JSON cannot hold was retried as if its worker had died,
+    up to TASK_MAX_ATTEMPTS, and failed as "interrupted"."""
+    async with running_app(make_settings()) as served:
+        runner = served.service.tasks
+        assert runner is not None
+        runs = 0
+
+        async def unstorable_result(task: tasks.ClaimedTask) -> object:
+            nonlocal runs
+            runs += 1
+            return [{"embedding": [unstorable]}]
+
+        runner._execute = unstorable_result
+        accepted = await submit(served.client, photos[0].read_bytes())
+        task = await finished(served.client, accepted["task_id"])
+
+        assert task["status"] == "failed"
+        assert task["error"] == "internal server error"
+        assert runs == 1
+
+
 async def test_a_failing_batch_fails_the_task_with_a_public_error(photos: list[Path]) -> None:
     async with running_app(make_settings()) as served:
         before = (await served.client.get("/metrics")).text
