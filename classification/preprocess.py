@@ -169,11 +169,17 @@ class ImageTooLarge(ValueError):
         self.pixels_needed = pixels_needed
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, min_side: int | None = MIN_DRAFT_SIDE
+) -> Image.Image:
     """Decode an upload into an RGB image, refusing oversized images before decoding pixels.
 
     Only the first frame of an animated image is used. EXIF orientation is applied, and
     transparent areas are composited onto white, as an image viewer shows them.
+
+    A large JPEG is decoded at 1/2, 1/4 or 1/8 of its size while its shorter side stays at
+    least ``min_side`` (enough for ResNet's resize to 256); None decodes it at full size,
+    for a model that needs every pixel or the image's own coordinates.
 
     Raises:
         InvalidImage: Empty, unrecognised, unsupported or corrupt data.
@@ -214,7 +220,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         _check_bmp_compression(image, len(data), max_pixels)
     colour_key = _png_colour_key(image)
     try:
-        scale = _draft_scale(width, height)
+        scale = 1 if min_side is None else _draft_scale(width, height, min_side)
         if scale > 1:
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
@@ -468,17 +474,13 @@ def _check_bmp_compression(image: Image.Image, size: int, max_pixels: int) -> No
         )
 
 
-def _draft_scale(width: int, height: int) -> int:
+def _draft_scale(width: int, height: int, min_side: int) -> int:
     """The largest reduction a JPEG may be decoded at: one that keeps the shorter side at
-    least MIN_DRAFT_SIDE and divides both sides. (libjpeg rounds a reduced size up; the
+    least ``min_side`` and divides both sides. (libjpeg rounds a reduced size up; the
     partial last row and column would shift every later sample by a fraction of a pixel.)
     Camera sizes (4032x3024, 6000x4000, ...) divide by 8."""
     for scale in DRAFT_SCALES:
-        if (
-            width % scale == 0
-            and height % scale == 0
-            and min(width, height) // scale >= MIN_DRAFT_SIDE
-        ):
+        if width % scale == 0 and height % scale == 0 and min(width, height) // scale >= min_side:
             return scale
     return 1
 

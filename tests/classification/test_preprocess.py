@@ -329,6 +329,13 @@ def test_large_jpegs_decode_at_reduced_scale(
     assert decode_image(data, max_pixels=MAX_PIXELS).size == decoded
 
 
+def test_a_jpeg_decodes_at_full_size_when_asked() -> None:
+    """For a model that needs every pixel, or the image's own coordinates."""
+    data = images.encode(images.gradient(4032, 3024), "JPEG", quality=85)
+    assert decode_image(data, max_pixels=MAX_PIXELS, min_side=None).size == (4032, 3024)
+    assert decode_image(data, max_pixels=MAX_PIXELS, min_side=3024).size == (4032, 3024)
+
+
 def test_other_formats_decode_at_full_size() -> None:
     data = images.encode(images.gradient(2200, 2100), "PNG")
     assert decode_image(data, max_pixels=MAX_PIXELS).size == (2200, 2100)
