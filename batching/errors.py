@@ -12,7 +12,15 @@ class QueueFull(BatchingError):
 
 
 class DeadlineExceeded(BatchingError):
-    """The caller's deadline passed before its output was ready."""
+    """The caller's deadline passed before its output was ready.
+
+    ``batch_size`` is the size of the batch the item was being run in when it passed;
+    None when it had not reached the handler.
+    """
+
+    def __init__(self, message: str, batch_size: int | None = None) -> None:
+        super().__init__(message)
+        self.batch_size = batch_size
 
 
 class Stopped(BatchingError):

@@ -211,6 +211,7 @@ class _Pending(Generic[In, Out]):
     priority: Priority
     queued: bool = True
     timer: asyncio.TimerHandle | None = None  # at the deadline
+    batch_size: int | None = None  # of the handler call it is in, or was last in
     # The caller's context variables (a request id, say): what is logged about this item
     # alone is logged in them, so the line leads back to the caller.
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -243,7 +244,12 @@ def _expire_at_deadline(entry: _Pending[In, Out]) -> None:
         entry.timer = asyncio.get_running_loop().call_later(left_s, _expire_at_deadline, entry)
     else:
         entry.timer = None
-        _fail(entry.future, DeadlineExceeded("the request's deadline passed before it was served"))
+        _fail(
+            entry.future,
+            DeadlineExceeded(
+                "the request's deadline passed before it was served", entry.batch_size
+            ),
+        )
 
 
 def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
@@ -894,6 +900,8 @@ class BatchProcessor(Generic[In, Out]):
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""
         items = [entry.item for entry in entries]
+        for entry in entries:
+            entry.batch_size = len(entries)
         started_at: float | None = None
         run_s = 0.0
         ok = False

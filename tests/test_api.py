@@ -31,7 +31,7 @@ from starlette.types import ASGIApp
 import main
 from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
-from service import metrics
+from service import logs, metrics
 from service.tasks import DATABASE_NAME, WebhookStatus
 from tests import images
 from tests.corpus import multipart, multipart_headers
@@ -856,19 +856,25 @@ async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: l
         assert sorted(statuses) == [200] * 3 + [503] * 6
 
 
-async def test_deadline_is_504_while_the_model_is_busy(photos: list[Path]) -> None:
+async def test_deadline_is_504_while_the_model_is_busy(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     async with running_app(make_settings(request_timeout_ms=300, drain_timeout_s=2)) as served:
         model = GatedModel(served)
         data = photos[0].read_bytes()
         try:
             started = asyncio.get_running_loop().time()
-            response = await served.client.post("/cls", files=upload(data))
+            with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+                response = await served.client.post("/cls", files=upload(data))
             elapsed = asyncio.get_running_loop().time() - started
             assert response.status_code == 504
             assert "REQUEST_TIMEOUT_MS" in response.json()["detail"]
             assert 0.25 < elapsed < 5
         finally:
             model.release.set()
+        # Its deadline passed in the model: the access line names the batch it was in.
+        [line] = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
+        assert (line.status, line.batch_size) == (504, 1)
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 

@@ -484,11 +484,12 @@ async def test_deadline_fires_while_a_batch_runs() -> None:
         await handler.next_started()
 
         began = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlineExceeded) as expired:
             await bounded(processor.submit(2, deadline=began + deadline_in_s))
         elapsed_s = time.monotonic() - began
 
         assert 0.8 * deadline_in_s <= elapsed_s < deadline_in_s + 1.0
+        assert expired.value.batch_size is None  # it never reached the handler
         assert not first[0].done()  # the batch is still held: the deadline did not wait for it
         assert processor.queue_depth == 0
 
@@ -497,6 +498,24 @@ async def test_deadline_fires_while_a_batch_runs() -> None:
         assert await results(spawn(processor, 3)) == [6]
 
     assert handler.batches == [[1], [3]]  # the expired item never reached the handler
+
+
+async def test_a_deadline_that_passes_in_the_handler_names_the_batch_it_was_in() -> None:
+    """So the access log tells a request that expired in the model from one that expired
+    in the queue."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig()) as processor:
+        deadline = time.monotonic() + 0.2
+        callers = [
+            asyncio.create_task(processor.submit(item, deadline=deadline)) for item in (1, 2, 3)
+        ]
+        await handler.next_started()
+        assert handler.batches == [[1, 2, 3]]
+
+        for caller in callers:
+            with pytest.raises(DeadlineExceeded) as expired:
+                await bounded(caller)
+            assert expired.value.batch_size == 3
 
 
 def test_run_times_fill_in_unseen_sizes_on_the_low_side() -> None:
