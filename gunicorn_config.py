@@ -114,6 +114,37 @@ def when_ready(server: Any) -> None:
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
     shutil.rmtree(SIBLINGS.directory, ignore_errors=True)
     SIBLINGS.directory.mkdir(parents=True)
+    _remove_directories_of_dead_masters()
+
+
+# The directories a master names by its pid in the temporary directory, removed by its
+# on_exit.
+_MASTER_DIRECTORY_PREFIXES = ("prometheus-multiproc-", "service-siblings-")
+
+
+def _remove_directories_of_dead_masters() -> None:
+    """A master killed outright (SIGKILL, the out-of-memory killer) runs no ``on_exit``:
+    remove the directories it left, this user's whose master is no longer alive, so that
+    they do not pile up across such restarts."""
+    for prefix in _MASTER_DIRECTORY_PREFIXES:
+        for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            pid = path.name.removeprefix(prefix)
+            try:
+                ours = path.is_dir() and path.stat().st_uid == os.getuid()
+            except OSError:
+                continue
+            if ours and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's, or not ours to signal: it exists
+    return True
 
 
 def _halt_once_for_workers_that_cannot_start(server: Any) -> None:

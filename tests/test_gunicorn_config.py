@@ -6,6 +6,9 @@ import json
 import os
 import re
 import runpy
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,6 +214,45 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     when_ready(SimpleNamespace())
     assert sorted(path.name for path in metrics_dir.iterdir()) == sorted(others)
     assert callable(config["child_exit"])
+
+
+def test_the_directories_of_a_master_killed_outright_are_removed_at_the_next_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A SIGKILLed master runs no on_exit: its default metrics and siblings directories
+    stayed in the temporary directory for good, one pair per such restart."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    alive = str(os.getppid())  # the runner, alive (this process has directories of its own)
+    for name in (
+        f"prometheus-multiproc-{gone}",
+        f"service-siblings-{gone}",
+        f"prometheus-multiproc-{alive}",
+        f"service-siblings-{alive}",
+        "prometheus-multiproc-mine",
+    ):
+        (temporary / name).mkdir()
+        (temporary / name / "counter_1.db").write_bytes(b"")
+    config = load(monkeypatch, tmp_path)
+    when_ready = config["when_ready"]
+    assert callable(when_ready)
+    when_ready(SimpleNamespace())
+
+    assert not (temporary / f"prometheus-multiproc-{gone}").exists()
+    assert not (temporary / f"service-siblings-{gone}").exists()
+    for kept in (
+        f"prometheus-multiproc-{alive}",
+        f"service-siblings-{alive}",
+        "prometheus-multiproc-mine",
+    ):
+        assert (temporary / kept / "counter_1.db").exists(), kept
 
 
 @pytest.mark.parametrize("empty", ["", " "])
