@@ -20,7 +20,7 @@ from typing import Any
 
 from service import memory
 from service.settings import load_settings, prepare_metrics_dir
-from service.siblings import SIBLINGS_DIR, Siblings
+from service.siblings import SIBLINGS_DIR, Siblings, process_alive
 
 settings = load_settings()
 
@@ -133,18 +133,8 @@ def _remove_directories_of_dead_masters() -> None:
                 ours = path.is_dir() and path.stat().st_uid == os.getuid()
             except OSError:
                 continue
-            if ours and pid.isdigit() and not _alive(int(pid)):
+            if ours and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's, or not ours to signal: it exists
-    return True
 
 
 def _halt_once_for_workers_that_cannot_start(server: Any) -> None:

@@ -56,7 +56,7 @@ class Siblings:
         """Whether another worker of this run serves now."""
         for marker in self.directory.glob(f"{_READY_PREFIX}*"):
             pid = int(marker.name.removeprefix(_READY_PREFIX))
-            if pid != os.getpid() and _alive(pid):
+            if pid != os.getpid() and process_alive(pid):
                 return True
         return False
 
@@ -69,7 +69,8 @@ class Siblings:
         (self.directory / f"{_READY_PREFIX}{pid}").unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -947,10 +947,9 @@ def test_delete_expired_removes_only_old_finished_tasks(store: TaskStore) -> Non
     assert store.delete_expired(T0 + 12) == 0
 
 
-def test_the_clean_up_returns_the_space_of_finished_images_at_once(store: TaskStore) -> None:
-    """A task's image is deleted as it finishes; the clean-up gives its pages back to the
-    file system whether or not any task has expired yet, in steps."""
-    for i in range(6):
+def add_large(store: TaskStore, count: int) -> None:
+    """``count`` queued tasks with a 3 MiB image each, ``big0`` onwards, a second apart."""
+    for i in range(count):
         store.create(
             f"big{i}",
             bytes(3 * 2**20),
@@ -960,10 +959,21 @@ def test_the_clean_up_returns_the_space_of_finished_images_at_once(store: TaskSt
             now=T0 + i,
             max_queued=100,
         )
+
+
+def finish_all(store: TaskStore, count: int) -> None:
+    """Claim the ``count`` tasks of ``add_large`` and finish them: their images go."""
+    assert len(claim(store, "A", limit=count, at=T0 + count)) == count
+    for i in range(count):
+        store.finish(f"big{i}", "A", prediction=[], now=T0 + count + 1)
+
+
+def test_the_clean_up_returns_the_space_of_finished_images_at_once(store: TaskStore) -> None:
+    """A task's image is deleted as it finishes; the clean-up gives its pages back to the
+    file system whether or not any task has expired yet, in steps."""
+    add_large(store, 6)
     grown = store.path.stat().st_size
-    assert len(claim(store, "A", limit=6, at=T0 + 10)) == 6
-    for i in range(6):
-        store.finish(f"big{i}", "A", prediction=[], now=T0 + 11)
+    finish_all(store, 6)
     assert free_pages(store) * 4096 > 5 * 3 * 2**20
 
     assert store.delete_expired(T0) == 0  # nothing has expired
@@ -979,19 +989,8 @@ def test_the_clean_up_cuts_the_write_ahead_log_back_after_a_burst(store: TaskSto
     with closing(sqlite3.connect(store.path)) as reader:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM tasks").fetchone()
-        for i in range(12):
-            store.create(
-                f"big{i}",
-                bytes(3 * 2**20),
-                top_k=5,
-                metadata=None,
-                callback_url=None,
-                now=T0 + i,
-                max_queued=100,
-            )
-        assert len(claim(store, "A", limit=12, at=T0 + 20)) == 12
-        for i in range(12):
-            store.finish(f"big{i}", "A", prediction=[], now=T0 + 21)
+        add_large(store, 12)
+        finish_all(store, 12)
         reader.rollback()
     assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT_BYTES
 
