@@ -31,10 +31,10 @@ DEFAULT_MAX_BATCH_FILES = 32
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
 # The files prometheus_client writes in multiprocess mode: "<type>_<pid>.db", a gauge's
 # type with its mode ("gauge_livesum").
 _METRIC_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
+# A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 # An Origin header's parts: a scheme, a host (a name, or IPv6 in brackets), a port.
 _ORIGIN = re.compile(
