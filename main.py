@@ -619,7 +619,9 @@ class Service:
         )
 
     async def run_task(self, task: ClaimedTask) -> object:
-        """Classify a stored task's image in the batcher's background lane."""
+        """Classify a stored task's image in the batcher's background lane: alone, if an
+        earlier run was cut off, so that a task that takes its worker down charges no
+        attempt to the tasks beside it."""
         if self.processor is None:
             raise self._not_ready()
         pixels = await self._in_thread(
@@ -627,7 +629,9 @@ class Service:
         )
         try:
             result = await self.processor.submit(
-                ClassifyJob(pixels, task.top_k, task.id), priority=Priority.BACKGROUND
+                ClassifyJob(pixels, task.top_k, task.id),
+                priority=Priority.BACKGROUND,
+                alone=task.attempts > 0,
             )
         finally:
             self._tasks_in_model.discard(task.id)

@@ -209,6 +209,8 @@ class _Pending(Generic[In, Out]):
     enqueued_at: float
     deadline: float | None
     priority: Priority
+    alone: bool  # runs in a batch of its own
+    seq: int  # arrival order: a lane holds its entries in it
     queued: bool = True
     timer: asyncio.TimerHandle | None = None  # at the deadline
     batch_size: int | None = None  # of the handler call it is in, or was last in
@@ -419,6 +421,7 @@ class BatchProcessor(Generic[In, Out]):
         # the middle of a long lane would scan it, and a storm of cancellations cost the
         # square of its length in the event loop.
         self._gone = [0 for _ in Priority]
+        self._arrivals = itertools.count()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -511,6 +514,7 @@ class BatchProcessor(Generic[In, Out]):
         *,
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
+        alone: bool = False,
     ) -> Out:
         """Queue ``item`` and wait for its output.
 
@@ -519,6 +523,11 @@ class BatchProcessor(Generic[In, Out]):
             deadline: Absolute ``time.monotonic()`` time after which the caller gives up;
                 None or ``math.inf`` for none.
             priority: The lane to wait in; each lane holds at most ``max_queue`` items.
+            alone: Run the item in a batch of its own: for one suspected of taking the
+                process down with it (its earlier run was cut off), so that should it do
+                so again, nothing else is lost with it. The batch before it ends where it
+                stands in line; in a lower lane, it goes ahead of higher lanes' items once
+                its lane has waited ``lower_lane_max_wait_s`` for a turn.
 
         Raises:
             ValueError: The deadline is NaN, or the priority is not a ``Priority``.
@@ -558,6 +567,8 @@ class BatchProcessor(Generic[In, Out]):
             enqueued_at=now,
             deadline=deadline,
             priority=priority,
+            alone=alone,
+            seq=next(self._arrivals),
         )
         lane.append(entry)
         self._arrived.set()
@@ -711,16 +722,49 @@ class BatchProcessor(Generic[In, Out]):
         now = time.monotonic()
         entries = self._take_first(limit, now)
         if not self._all_in_time(entries, now):
-            for entry in reversed(entries):  # back where they were
-                entry.queued = True
-                self._lanes[entry.priority].appendleft(entry)
+            self._put_back(entries)
             entries = self._take_in_time(limit, now)
+        if len(entries) > 1 and any(entry.alone for entry in entries):
+            entries = self._isolate(entries, now)
         for entry in entries:
             self._last_turn_at[entry.priority] = now
         for priority in Priority:
             self._drop_gone(priority)
         self._observer.queue_depth_changed(self.queue_depth)
         return entries
+
+    def _isolate(self, entries: list[_Pending[In, Out]], now: float) -> list[_Pending[In, Out]]:
+        """The batch ``entries`` make once an entry to run alone is kept apart: the batch
+        ends where it stands in line, and it goes by itself when it leads, or when its lane
+        has waited its turn (else, in a lower lane, higher lanes' traffic would hold it for
+        good). What is left out goes back."""
+        first_alone = next(i for i, entry in enumerate(entries) if entry.alone)
+        lone = entries[first_alone]
+        if first_alone == 0 or self._turn_due(lone, now):
+            self._put_back(entries[:first_alone] + entries[first_alone + 1 :])
+            return [lone]
+        self._put_back(entries[first_alone:])
+        return entries[:first_alone]
+
+    def _turn_due(self, entry: _Pending[In, Out], now: float) -> bool:
+        """Whether the entry's lane has waited ``lower_lane_max_wait_s`` for a turn."""
+        waiting_since = max(self._last_turn_at[entry.priority], entry.enqueued_at)
+        return now - waiting_since >= self._config.lower_lane_max_wait_s
+
+    def _put_back(self, entries: list[_Pending[In, Out]]) -> None:
+        """Return entries taken out of their lanes to where they were. They come from near
+        the heads, so only the entries ahead of them are moved."""
+        for priority, lane in zip(Priority, self._lanes, strict=True):
+            returning = [entry for entry in entries if entry.priority == priority]
+            if not returning:
+                continue
+            last = max(entry.seq for entry in returning)
+            ahead = []
+            while lane and lane[0].seq < last:
+                ahead.append(lane.popleft())
+            for entry in returning:
+                entry.queued = True
+            lane.extendleft(sorted(ahead + returning, key=lambda e: e.seq, reverse=True))
 
     def _may_fill(self, priority: Priority, now: float) -> bool:
         """Whether the lane's entries may fill the spare slots of a higher lane's batch."""

@@ -218,6 +218,8 @@ class ClaimedTask:
     id: str
     top_k: int
     image: bytes
+    # Runs begun before, each cut off by its worker's end: the model may be what ended it.
+    attempts: int
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
@@ -593,7 +595,7 @@ class TaskStore:
                 "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
                 "  OR (? AND status = ? AND lease_until < ?)) "
                 "  ORDER BY created_at, rowid LIMIT ?) "
-                "RETURNING id, top_k, created_at",
+                "RETURNING id, top_k, attempts, created_at",
                 (
                     TaskStatus.RUNNING,
                     now,
@@ -612,7 +614,7 @@ class TaskStore:
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
                 ).fetchone()
-                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image)))
+                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image), row["attempts"]))
             return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:

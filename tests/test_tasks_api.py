@@ -1708,6 +1708,49 @@ async def test_a_tasks_attempt_is_on_disk_before_the_model_runs_it(photos: list[
         model.release.set()
 
 
+async def test_a_task_whose_earlier_run_was_cut_off_runs_in_a_batch_of_its_own(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks left with an attempt by a worker that died mid-batch are each run alone, so
+    that the one that killed it, should it do so again, charges nothing to the others
+    (run together again, they would all reach TASK_MAX_ATTEMPTS with it)."""
+    settings = make_settings(max_batch_size=16)
+    store = tasks.TaskStore(settings.data_dir)
+    data = photos[0].read_bytes()
+    # top_k tells the model's calls apart: 3 for the interrupted tasks, 4 for fresh ones.
+    interrupted, fresh = [], []
+    for index in range(12):
+        top_k = 3 if index % 2 else 4
+        task_id = str(uuid.uuid4())
+        store.create(task_id, data, top_k=top_k, metadata=None, callback_url=None, max_queued=100)
+        (interrupted if top_k == 3 else fresh).append(task_id)
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        marks = ",".join("?" * len(interrupted))
+        db.execute(f"UPDATE tasks SET attempts = 1 WHERE id IN ({marks})", interrupted)
+    store.close()
+
+    batches: list[list[int]] = []
+    real_classify = main.Classifier.classify
+
+    def recording(self: main.Classifier, pixels: Any, top_k: Sequence[int]) -> Any:
+        if set(top_k) != {1}:  # not a warm-up's
+            batches.append(list(top_k))
+        time.sleep(0.02)  # long enough for the next tasks to queue behind each batch
+        return real_classify(self, pixels, top_k)
+
+    monkeypatch.setattr(main.Classifier, "classify", recording)
+    async with running_app(settings) as served:
+        results = [await finished(served.client, task_id) for task_id in interrupted + fresh]
+
+    assert [task["status"] for task in results] == ["succeeded"] * 12
+    assert sorted(k for batch in batches for k in batch) == [3] * 6 + [4] * 6
+    assert [batch for batch in batches if 3 in batch] == [[3]] * 6
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        attempts = dict(db.execute("SELECT id, attempts FROM tasks").fetchall())
+    assert [attempts[task_id] for task_id in interrupted] == [2] * 6
+    assert [attempts[task_id] for task_id in fresh] == [1] * 6
+
+
 async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:
     """A task's batch charges its attempt without waiting on the database, so while another
     process holds the store's write lock, /cls requests behind that batch are served."""

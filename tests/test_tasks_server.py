@@ -11,6 +11,7 @@ import sqlite3
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +20,10 @@ import httpx
 import psutil
 import pytest
 
-from service.tasks import DATABASE_NAME
+from service.tasks import DATABASE_NAME, TaskStore
 from tests import images
 from tests.server import (
+    BIN,
     ServerProcess,
     free_port,
     gunicorn_command,
@@ -208,6 +210,59 @@ def test_sigkill_mid_work_loses_nothing_and_leaves_nothing_running(
         assert row["lease_owner"] is None
     with sqlite3.connect(data_dir / DATABASE_NAME) as db:
         assert db.execute("SELECT count(*) FROM task_images").fetchone() == (0,)
+
+
+# gunicorn with a model that SIGKILLs its own worker when a batch holds a top_k=7 task.
+POISONED_GUNICORN = """
+import os, runpy, signal, sys
+from classification.model import Classifier
+classify = Classifier.classify
+def poisoned(self, images, top_k):
+    if 7 in top_k:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return classify(self, images, top_k)
+Classifier.classify = poisoned
+sys.argv[0] = "gunicorn"
+runpy.run_module("gunicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_task_that_kills_its_worker_fails_alone(tmp_path: Path, photos: list[Path]) -> None:
+    """A task whose run kills its worker every time is failed after TASK_MAX_ATTEMPTS runs;
+    the tasks batched beside it the first time run again, alone, and succeed."""
+    data_dir = tmp_path / "data"
+    store = TaskStore(data_dir)
+    data = photos[2].read_bytes()
+    task_ids = []
+    for index in range(16):
+        task_id = str(uuid.uuid4())
+        top_k = 7 if index == 6 else 5  # not the oldest: the first batch runs that alone
+        store.create(task_id, data, top_k=top_k, metadata=None, callback_url=None, max_queued=100)
+        task_ids.append(task_id)
+    store.close()
+    poison = task_ids[6]
+    port = free_port()
+    command = [str(BIN / "python"), "-c", POISONED_GUNICORN, *gunicorn_command(port)[1:]]
+    env = server_env(tmp_path, MAX_BATCH_SIZE="16", TASK_LEASE_S="2", TASK_POLL_INTERVAL_S="0.2")
+    with running_server(fresh(tmp_path / "server"), command, env) as server:
+        wait_until(
+            lambda: sum(statuses(data_dir).get(s, 0) for s in ("succeeded", "failed")) == 16,
+            180,
+            "every task to finish",
+        )
+        log = server.log()
+
+    rows = {row["id"]: row for row in task_rows(data_dir)}
+    innocent = [rows[task_id] for task_id in task_ids if task_id != poison]
+    charged = sorted((row["attempts"], row["status"]) for row in innocent)
+    print(f"\nthe other tasks' attempts and ends: {charged}")
+    assert log.count("was sent SIGKILL") == 3, log
+    assert rows[poison]["status"] == "failed"
+    assert "interrupted 3 times" in rows[poison]["error"]
+    assert [row["status"] for row in innocent] == ["succeeded"] * 15
+    charged = sorted(row["attempts"] for row in innocent)
+    assert 2 in charged, "no task was batched with the one that killed the worker"
+    assert max(charged) == 2, "a task was charged for more than the first kill"
 
 
 def test_webhook_deliveries_resume_after_a_sigkill(tmp_path: Path) -> None:

@@ -353,6 +353,93 @@ async def test_a_lower_lanes_own_long_batch_is_no_wait_for_a_turn() -> None:
     assert handler.batches[-1] == [104, 105, 106, 107]
 
 
+async def test_an_item_to_run_alone_has_a_batch_of_its_own_in_its_place_in_line() -> None:
+    """The batch before it ends where it stands; the items behind it wait for the next."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=8)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        before = spawn(processor, 1, 2)
+        lone = asyncio.create_task(processor.submit(3, alone=True))
+        after = spawn(processor, 4, 5)
+        await wait_until(lambda: processor.queue_depth == 5)
+
+        handler.release_all()
+        assert await results([*first, *before, lone, *after]) == [0, 2, 4, 6, 8, 10]
+
+    assert handler.batches == [[0], [1, 2], [3], [4, 5]]
+
+
+async def test_an_item_to_run_alone_in_a_lower_lane_fills_no_spare_slot() -> None:
+    """Filling puts lower lanes' items beside higher lanes'; one to run alone waits until it
+    leads, and the items behind it in its lane then follow in a batch of their own."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=8)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        lone = asyncio.create_task(processor.submit(100, priority=BACKGROUND, alone=True))
+        background = spawn(processor, 101, 102, priority=BACKGROUND)
+        interactive = spawn(processor, 1, 2)
+        await wait_until(lambda: processor.queue_depth == 5)
+
+        handler.release_all()
+        await results([*first, lone, *background, *interactive])
+
+    assert handler.batches == [[0], [1, 2], [100], [101, 102]]
+
+
+async def test_an_item_to_run_alone_goes_ahead_once_its_lane_has_waited_its_turn() -> None:
+    """Interactive items that always wait would hold a background item that may not ride
+    beside them for good: once its lane has waited ``lower_lane_max_wait_s``, it runs by
+    itself ahead of them."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=False, lower_lane_max_wait_s=0.3)
+    async with running(handler, config) as processor:
+        done = spawn(processor, 1)
+        await handler.next_started()
+        lone = asyncio.create_task(processor.submit(100, priority=BACKGROUND, alone=True))
+        interactive = spawn(processor, 2)
+        await wait_until(lambda: processor.queue_depth == 2)
+        handler.release_next()
+        await results(done)
+        assert await handler.next_started() == [2]
+        done, interactive = interactive, spawn(processor, 3)
+        await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        await asyncio.sleep(0.35)
+        handler.release_next()
+        assert await handler.next_started() == [100]
+        handler.release_all()
+        assert await results([*done, lone, *interactive]) == [4, 200, 6]
+
+    assert handler.batches == [[1], [2], [100], [3]]
+
+
+async def test_items_put_back_keep_their_places_in_line() -> None:
+    """Under overload, batches leave out the items too late for them; an item to run alone
+    leaves out those behind it. Each lane still serves its items in arrival order."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4)
+    async with running(handler, config) as processor:
+        processor.record_run_time(1, 0.05)
+        processor.record_run_time(4, 0.2)
+        first = spawn(processor, 0)
+        await handler.next_started()
+        now = time.monotonic()
+        # 1 has time for a batch of 1 only: the first batch is 2, 3, 5 (4 runs alone).
+        tight = asyncio.create_task(processor.submit(1, deadline=now + 0.15))
+        rest = spawn(processor, 2, 3)
+        lone = asyncio.create_task(processor.submit(4, alone=True))
+        last = spawn(processor, 5, 6)
+        await wait_until(lambda: processor.queue_depth == 6)
+
+        handler.release_all()
+        await asyncio.gather(tight, *first, *rest, lone, *last, return_exceptions=True)
+
+    served = [item for batch in handler.batches[1:] for item in batch]
+    assert [batch for batch in handler.batches if 4 in batch] == [[4]]
+    assert [item for item in served if item != 1] == [2, 3, 4, 5, 6]
+
+
 async def test_strict_lane_order_starves_lower_lanes() -> None:
     """``lower_lane_max_wait_s=math.inf`` keeps the strict order: background items wait for
     as long as interactive ones do."""
@@ -817,6 +904,8 @@ async def test_a_batch_from_a_huge_queue_is_chosen_from_its_head(
                 enqueued_at=now,
                 deadline=now + 4.5 + 0.4 * (item % 100) / 100,
                 priority=Priority.INTERACTIVE,
+                alone=False,
+                seq=item,
             )
         )
     looked_at = 0
@@ -1683,6 +1772,8 @@ async def test_an_observer_interrupt_is_passed_on_once_the_batch_is_answered(
         enqueued_at=time.monotonic(),
         deadline=None,
         priority=Priority.INTERACTIVE,
+        alone=False,
+        seq=0,
     )
     await processor._slots.acquire()
     batch = _RunningBatch([entry], time.monotonic())
@@ -1893,11 +1984,13 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
     spawn_rng = random.Random(1234)
     handler_rng = random.Random(5678)
     seen: list[int] = []
+    batches: list[list[int]] = []
     calls = {"entered": 0, "finished": 0}
 
     async def handler(items: list[int]) -> Sequence[int]:
         calls["entered"] += 1
         seen.extend(items)
+        batches.append(items)
         if handler_rng.random() < 0.5:
             await asyncio.sleep(0)
         else:
@@ -1920,6 +2013,7 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
 
     tasks: list[asyncio.Task[int]] = []
     with_deadline: set[int] = set()
+    alone: set[int] = set()
     for item in range(count):
         priority, deadline = Priority.INTERACTIVE, None
         if lanes:
@@ -1927,7 +2021,11 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
             if spawn_rng.random() < 0.2:
                 deadline = time.monotonic() + spawn_rng.uniform(0.0005, 0.02)
                 with_deadline.add(item)
-        task = asyncio.create_task(processor.submit(item, deadline=deadline, priority=priority))
+        if spawn_rng.random() < 0.05:
+            alone.add(item)
+        task = asyncio.create_task(
+            processor.submit(item, deadline=deadline, priority=priority, alone=item in alone)
+        )
         tasks.append(task)
         if spawn_rng.random() < 0.2:
             # Cancel before it starts, while queued, mid-batch, or after it is done.
@@ -1957,6 +2055,8 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
     assert len(expired) < len(with_deadline) or not lanes
     assert len(seen) == len(set(seen)), "an item reached the handler twice"
     assert set(range(count)) - cancelled - expired <= set(seen)
+    assert all(len(batch) == 1 for batch in batches if alone.intersection(batch))
+    assert alone - cancelled - expired <= set(seen)
 
     await bounded(processor.stop(drain_timeout_s=GUARD_S))
     assert calls["entered"] == calls["finished"]  # every batch ran to completion
