@@ -28,7 +28,7 @@ from typing import Annotated, Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData
@@ -920,6 +920,17 @@ def _service(request: Request) -> Service:
     return service
 
 
+async def _file_sent_once(request: Request) -> None:
+    """Refuse a form with several ``file`` entries (an image and a plain field, say): FastAPI
+    binds the last one, so by their order it would serve the image, refuse the field, or
+    take an empty entry for no file at all. Runs before the form's fields are validated."""
+    form = await request.form()  # parsed already, with the route's limits, and kept
+    if (sent := len(form.getlist("file"))) > 1:
+        several = "to /cls/batch" if request.url.path == "/cls" else "as a task each"
+        message = f"was sent {sent} times; send one image, as one file part (several {several})"
+        raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
+
+
 def _top_k(request: Request, requested: int | None) -> int:
     """The route's ``top_k``, as ``Service.top_k``, and sent at most once: FastAPI takes the
     last of repeated values, which would answer another question than the one asked."""
@@ -1434,6 +1445,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=ClassifyResponse,
         responses=error_responses(400, 413, 422, 504),
+        dependencies=[Depends(_file_sent_once)],
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
@@ -1469,6 +1481,7 @@ def create_app(settings: Settings) -> FastAPI:
         status_code=202,
         response_model=TaskAccepted,
         responses={202: {"headers": TASK_ACCEPTED_HEADERS}, **error_responses(400, 413, 422)},
+        dependencies=[Depends(_file_sent_once)],
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )

@@ -400,6 +400,25 @@ def build_corpus(photo_path: Path) -> list[Case]:
         raw_multipart(
             "large-plain-field", 422, "plain form field", [("file", None, b"x" * 1_500_000, None)]
         ),
+        # FastAPI binds the last of repeated entries: each order would get its own answer.
+        raw_multipart(
+            "file-then-plain-field",
+            422,
+            "file: was sent 2 times",
+            [("file", "photo.jpg", jpeg, "image/jpeg"), ("file", None, b"hi", None)],
+        ),
+        raw_multipart(
+            "plain-field-then-file",
+            422,
+            "file: was sent 2 times",
+            [("file", None, b"hi", None), ("file", "photo.jpg", jpeg, "image/jpeg")],
+        ),
+        raw_multipart(
+            "file-then-empty-field",
+            422,
+            "file: was sent 2 times",
+            [("file", "photo.jpg", jpeg, "image/jpeg"), ("file", None, b"", None)],
+        ),
         # httpx percent-encodes control characters in filenames; these go on the wire raw.
         raw_multipart(
             "control-characters-in-raw-filename",
