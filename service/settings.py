@@ -309,14 +309,22 @@ class Settings(BaseSettings):
 
     @field_validator("task_ttl", mode="before")
     @classmethod
-    def _plain_number_is_seconds(cls, value: object) -> object:
-        # pydantic reads a string of digits as a clock time ("invalid character in hour").
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        return value
+    def _seconds_or_iso_8601(cls, value: object) -> object:
+        # The two documented forms only: pydantic reads a string of digits as a clock time
+        # ("invalid character in hour"), "10:00" as ten hours, and names neither form when
+        # it refuses "1h".
+        if not isinstance(value, str):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        duration = value.strip().upper()
+        if not duration.startswith("P"):
+            raise ValueError(
+                "takes seconds (604800) or an ISO 8601 duration (P7D, PT12H, P1DT6H)"
+            )
+        return duration
 
     @field_validator("log_level", "log_format", "dtype", "batch_policy", "device", mode="before")
     @classmethod

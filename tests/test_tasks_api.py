@@ -550,12 +550,27 @@ async def test_an_expired_task_is_gone_at_once_not_at_the_next_clean_up(
         assert "idempotent-replayed" not in again.headers
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("604800", 604800), ("P7D", 604800), ("2.5", 2.5)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("604800", 604800), ("P7D", 604800), ("2.5", 2.5), ("PT12H", 43200), (" p1d ", 86400)],
+)
 def test_task_ttl_reads_seconds_or_iso_8601(
     monkeypatch: pytest.MonkeyPatch, value: str, seconds: float
 ) -> None:
     monkeypatch.setenv("TASK_TTL", value)
     assert load_settings().task_ttl.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["10:00", "1h", "1 day", "7d"])
+def test_task_ttl_in_another_form_is_refused_naming_the_forms_it_takes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """Rather than read as something else ("10:00" as ten hours)."""
+    monkeypatch.setenv("TASK_TTL", value)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    line = str(stopped.value.code or "") + capsys.readouterr().err
+    assert f"TASK_TTL={value!r}: takes seconds (604800) or an ISO 8601 duration" in line
 
 
 async def test_the_task_queue_limit_is_503_with_retry_after(
