@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-gpu bench-overload clean
 
 $(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
+		exit 1; }
+	@# A venv left by another interpreter, or whose interpreter is gone, is made anew.
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
