@@ -1,0 +1,38 @@
+"""The Makefile's set-up, up to where it would download: what a new user's first `make` does
+with the wrong interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from service.settings import PROJECT_ROOT
+
+MAKEFILE = str(PROJECT_ROOT / "Makefile")
+OLD_PYTHON = """#!/bin/sh
+# Answers as a Python 3.10 would: its version check fails.
+case "$*" in *version_info*) exit 1 ;; esac
+echo "unexpected call: $*" >&2
+exit 2
+"""
+
+
+def test_an_interpreter_older_than_3_11_is_refused_in_one_line_before_any_venv(
+    tmp_path: Path,
+) -> None:
+    python = tmp_path / "python3.10"
+    python.write_text(OLD_PYTHON)
+    python.chmod(0o755)
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        (tmp_path / name).touch()
+    made = subprocess.run(
+        ["make", "-f", MAKEFILE, f"PYTHON={python}", ".venv/.installed-stamp"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode != 0
+    assert f"needs Python 3.11 or newer, which {python} is not" in made.stderr
+    assert "unexpected call" not in made.stderr
+    assert not (tmp_path / ".venv").exists()
