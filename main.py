@@ -619,9 +619,9 @@ class Service:
         )
 
     async def run_task(self, task: ClaimedTask) -> object:
-        """Classify a stored task's image in the batcher's background lane: alone, if an
-        earlier run was cut off, so that a task that takes its worker down charges no
-        attempt to the tasks beside it."""
+        """Classify a stored task's image in the batcher's background lane: alone, if its
+        worker died while the model ran it, so that a task that takes its worker down
+        charges no attempt to the tasks beside it."""
         if self.processor is None:
             raise self._not_ready()
         pixels = await self._in_thread(
@@ -631,7 +631,7 @@ class Service:
             result = await self.processor.submit(
                 ClassifyJob(pixels, task.top_k, task.id),
                 priority=Priority.BACKGROUND,
-                alone=task.attempts > 0,
+                alone=task.interrupted,
             )
         finally:
             self._tasks_in_model.discard(task.id)

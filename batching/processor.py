@@ -259,6 +259,12 @@ def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
     return entry.deadline is None or entry.deadline >= moment
 
 
+def _turn_takers(entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
+    """The entries whose lanes have a turn in their batch: none in an item's run alone,
+    which its lane's other items must not wait a turn for each time."""
+    return [] if len(entries) == 1 and entries[0].alone else entries
+
+
 def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
     # Only GeneratorExit from a handler, or KeyboardInterrupt or SystemExit from an
     # observer, gets this far; its callers have their answer.
@@ -422,6 +428,8 @@ class BatchProcessor(Generic[In, Out]):
         # square of its length in the event loop.
         self._gone = [0 for _ in Priority]
         self._arrivals = itertools.count()
+        # An item to run alone that a batch ended before: the next batch is its own.
+        self._alone_next: _Pending[In, Out] | None = None
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -525,9 +533,8 @@ class BatchProcessor(Generic[In, Out]):
             priority: The lane to wait in; each lane holds at most ``max_queue`` items.
             alone: Run the item in a batch of its own: for one suspected of taking the
                 process down with it (its earlier run was cut off), so that should it do
-                so again, nothing else is lost with it. The batch before it ends where it
-                stands in line; in a lower lane, it goes ahead of higher lanes' items once
-                its lane has waited ``lower_lane_max_wait_s`` for a turn.
+                so again, nothing else is lost with it. A batch that reaches it in line
+                ends before it, and it runs next, by itself.
 
         Raises:
             ValueError: The deadline is NaN, or the priority is not a ``Priority``.
@@ -686,6 +693,7 @@ class BatchProcessor(Generic[In, Out]):
                 self._config.policy is BatchPolicy.TIMEOUT
                 and self._accepting
                 and self.queue_depth < self._config.max_batch_size
+                and not self._alone_leads()
             ):
                 now = time.monotonic()
                 oldest_s = min(lane[0].enqueued_at for lane in self._lanes if lane)
@@ -720,36 +728,50 @@ class BatchProcessor(Generic[In, Out]):
 
     def _take(self, limit: int) -> list[_Pending[In, Out]]:
         now = time.monotonic()
-        entries = self._take_first(limit, now)
-        if not self._all_in_time(entries, now):
-            self._put_back(entries)
-            entries = self._take_in_time(limit, now)
-        if len(entries) > 1 and any(entry.alone for entry in entries):
-            entries = self._isolate(entries, now)
-        for entry in entries:
+        if (lone := self._take_alone_next(now)) is not None:
+            entries = [lone]
+        else:
+            entries = self._isolate(self._take_first(limit, now))
+            if not self._all_in_time(entries, now):
+                self._alone_next = None  # that batch is not run: nothing ended before it
+                self._put_back(entries)
+                entries = self._isolate(self._take_in_time(limit, now))
+        for entry in _turn_takers(entries):
             self._last_turn_at[entry.priority] = now
         for priority in Priority:
             self._drop_gone(priority)
         self._observer.queue_depth_changed(self.queue_depth)
         return entries
 
-    def _isolate(self, entries: list[_Pending[In, Out]], now: float) -> list[_Pending[In, Out]]:
-        """The batch ``entries`` make once an entry to run alone is kept apart: the batch
-        ends where it stands in line, and it goes by itself when it leads, or when its lane
-        has waited its turn (else, in a lower lane, higher lanes' traffic would hold it for
-        good). What is left out goes back."""
-        first_alone = next(i for i, entry in enumerate(entries) if entry.alone)
-        lone = entries[first_alone]
-        if first_alone == 0 or self._turn_due(lone, now):
-            self._put_back(entries[:first_alone] + entries[first_alone + 1 :])
-            return [lone]
+    def _isolate(self, entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
+        """The batch ``entries`` make once an entry to run alone is kept apart: by itself if
+        it comes first; else the batch ends before it, and it goes next. What is left out
+        goes back."""
+        first_alone = next((i for i, entry in enumerate(entries) if entry.alone), None)
+        if first_alone is None or len(entries) == 1:
+            return entries
+        if first_alone == 0:
+            self._put_back(entries[1:])
+            return entries[:1]
+        self._alone_next = entries[first_alone]
         self._put_back(entries[first_alone:])
         return entries[:first_alone]
 
-    def _turn_due(self, entry: _Pending[In, Out], now: float) -> bool:
-        """Whether the entry's lane has waited ``lower_lane_max_wait_s`` for a turn."""
-        waiting_since = max(self._last_turn_at[entry.priority], entry.enqueued_at)
-        return now - waiting_since >= self._config.lower_lane_max_wait_s
+    def _take_alone_next(self, now: float) -> _Pending[In, Out] | None:
+        """The entry a batch ended before, out of its lane, if its caller still waits."""
+        entry, self._alone_next = self._alone_next, None
+        if entry is None or not entry.queued or not self._still_wanted_at(entry, now):
+            return None  # one that expired was failed, and its caller takes it out
+        entry.queued = False
+        self._lanes[entry.priority].remove(entry)
+        return entry
+
+    def _alone_leads(self) -> bool:
+        """Whether the next batch is an item's to run alone: no timer can fill it."""
+        if self._alone_next is not None and self._alone_next.queued:
+            return True
+        head = next((lane[0] for lane in self._lanes if lane), None)
+        return head is not None and head.alone
 
     def _put_back(self, entries: list[_Pending[In, Out]]) -> None:
         """Return entries taken out of their lanes to where they were. They come from near
@@ -771,7 +793,9 @@ class BatchProcessor(Generic[In, Out]):
         if self._config.fill_from_lower_lanes:
             return True
         lane = self._lanes[priority]
-        if not lane or any(e.priority == priority for b in self._running for e in b.entries):
+        if not lane or any(
+            e.priority == priority for b in self._running for e in _turn_takers(b.entries)
+        ):
             return False  # nothing waits, or the lane's turn is under way
         waiting_since = max(self._last_turn_at[priority], lane[0].enqueued_at)
         return now - waiting_since >= self._config.lower_lane_max_wait_s
@@ -910,7 +934,7 @@ class BatchProcessor(Generic[In, Out]):
             # A lane's turn lasts until its batch ends: one longer than
             # ``lower_lane_max_wait_s`` is no wait for a turn.
             ended = time.monotonic()
-            for entry in entries:
+            for entry in _turn_takers(entries):
                 self._last_turn_at[entry.priority] = ended
 
     async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> None:

@@ -321,9 +321,7 @@ class Settings(BaseSettings):
             pass
         duration = value.strip().upper()
         if not duration.startswith("P"):
-            raise ValueError(
-                "takes seconds (604800) or an ISO 8601 duration (P7D, PT12H, P1DT6H)"
-            )
+            raise ValueError("takes seconds (604800) or an ISO 8601 duration (P7D, PT12H, P1DT6H)")
         return duration
 
     @field_validator("log_level", "log_format", "dtype", "batch_policy", "device", mode="before")

@@ -218,8 +218,9 @@ class ClaimedTask:
     id: str
     top_k: int
     image: bytes
-    # Runs begun before, each cut off by its worker's end: the model may be what ended it.
-    attempts: int
+    # Its worker died while the model ran it (the lease ran out with an attempt counted):
+    # the model may be what killed it.
+    interrupted: bool
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
@@ -591,30 +592,24 @@ class TaskStore:
         with self._transaction() as db:
             now = _stamp(now)
             rows = db.execute(
-                "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, lease_until = ? "
-                "WHERE id IN (SELECT id FROM tasks WHERE attempts < ? AND (status = ? "
-                "  OR (? AND status = ? AND lease_until < ?)) "
-                "  ORDER BY created_at, rowid LIMIT ?) "
-                "RETURNING id, top_k, attempts, created_at",
-                (
-                    TaskStatus.RUNNING,
-                    now,
-                    owner,
-                    now + lease_s,
-                    max_attempts,
-                    TaskStatus.QUEUED,
-                    take_over,
-                    TaskStatus.RUNNING,
-                    now,
-                    limit,
-                ),
+                "SELECT id, top_k, attempts, status FROM tasks WHERE attempts < ? "
+                "AND (status = ? OR (? AND status = ? AND lease_until < ?)) "
+                "ORDER BY created_at, rowid LIMIT ?",
+                (max_attempts, TaskStatus.QUEUED, take_over, TaskStatus.RUNNING, now, limit),
             ).fetchall()
             claimed = []
-            for row in sorted(rows, key=lambda row: row["created_at"]):
+            for row in rows:
+                db.execute(
+                    "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, "
+                    "lease_until = ? WHERE id = ?",
+                    (TaskStatus.RUNNING, now, owner, now + lease_s, row["id"]),
+                )
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
                 ).fetchone()
-                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image), row["attempts"]))
+                # Taken over from a worker that died, not handed back by one that stopped.
+                interrupted = row["status"] == TaskStatus.RUNNING and row["attempts"] > 0
+                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image), interrupted))
             return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:

@@ -499,6 +499,30 @@ def test_renew_leases_touches_only_the_owners_tasks(store: TaskStore) -> None:
     assert claim(store, "C", limit=2, at=T0 + 11) == ["b"]
 
 
+def test_only_a_task_whose_worker_died_in_the_model_is_claimed_as_interrupted(
+    store: TaskStore,
+) -> None:
+    """Taken over with an attempt counted: its worker died while the model ran it. Not one
+    that only waited beside it, nor one a graceful stop handed back."""
+    for task_id in ("in-model", "waiting", "handed-back", "fresh"):
+        add(store, task_id)
+    store.claim("A", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0)
+    store.count_attempts("A", ["in-model"])
+    store.claim("B", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0)
+    store.count_attempts("B", ["handed-back"])
+    store.release("B")
+
+    claimed = store.claim("C", 4, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
+
+    assert [(task.id, task.interrupted) for task in claimed] == [
+        ("in-model", True),
+        ("waiting", False),
+        ("handed-back", False),
+        ("fresh", False),
+    ]
+    assert [task.image for task in claimed] == [image_of(task.id) for task in claimed]
+
+
 def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
     """A task whose worker died on its last attempt is not run again: fail_abandoned fails
     it, naming TASK_MAX_ATTEMPTS, and drops its image."""

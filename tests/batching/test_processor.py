@@ -388,30 +388,111 @@ async def test_an_item_to_run_alone_in_a_lower_lane_fills_no_spare_slot() -> Non
     assert handler.batches == [[0], [1, 2], [100], [101, 102]]
 
 
-async def test_an_item_to_run_alone_goes_ahead_once_its_lane_has_waited_its_turn() -> None:
-    """Interactive items that always wait would hold a background item that may not ride
-    beside them for good: once its lane has waited ``lower_lane_max_wait_s``, it runs by
-    itself ahead of them."""
+async def test_an_item_to_run_alone_holds_up_its_lane_for_one_batch_only() -> None:
+    """Behind a stream of interactive items that always wait, a batch that reaches the
+    item to run alone ends before it; it runs next, and its lane then fills spare slots
+    again as before."""
     handler = FakeHandler(held=True)
-    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=False, lower_lane_max_wait_s=0.3)
-    async with running(handler, config) as processor:
+    async with running(handler, BatchConfig(max_batch_size=8)) as processor:
         done = spawn(processor, 1)
         await handler.next_started()
         lone = asyncio.create_task(processor.submit(100, priority=BACKGROUND, alone=True))
+        background = spawn(processor, 101, 102, priority=BACKGROUND)
         interactive = spawn(processor, 2)
-        await wait_until(lambda: processor.queue_depth == 2)
+        await wait_until(lambda: processor.queue_depth == 4)
         handler.release_next()
-        await results(done)
         assert await handler.next_started() == [2]
-        done, interactive = interactive, spawn(processor, 3)
+        later = spawn(processor, 3)  # arrives while the batch that ended before 100 runs
         await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
-        await asyncio.sleep(0.35)
         handler.release_next()
         assert await handler.next_started() == [100]
+        handler.release_next()
+        assert await handler.next_started() == [3, 101, 102]
         handler.release_all()
-        assert await results([*done, lone, *interactive]) == [4, 200, 6]
+        await results([*done, lone, *background, *interactive, *later])
 
-    assert handler.batches == [[1], [2], [100], [3]]
+    assert handler.batches == [[1], [2], [100], [3, 101, 102]]
+
+
+async def test_items_run_alone_are_no_turn_of_their_lane() -> None:
+    """Without filling, a lower lane rides along once it has waited its turn; the items to
+    run alone at its head then go one after another, each ending the batch before it, and
+    the lane's turn is not spent until its other items ride."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=8, fill_from_lower_lanes=False, lower_lane_max_wait_s=0.3)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 1)
+        await handler.next_started()
+        lone = [
+            asyncio.create_task(processor.submit(item, priority=BACKGROUND, alone=True))
+            for item in (100, 101)
+        ]
+        background = spawn(processor, 102, priority=BACKGROUND)
+        interactive = spawn(processor, 2)
+        await wait_until(lambda: processor.queue_depth == 4)
+        await asyncio.sleep(0.35)
+        started = []
+        for item in (3, None, 4, None, None):
+            handler.release_next()
+            started.append(await handler.next_started())
+            if item is not None:
+                interactive += spawn(processor, item)
+                await wait_until(lambda: processor.waiting(Priority.INTERACTIVE) == 1)
+        handler.release_all()
+        await results([*first, *lone, *background, *interactive])
+
+    assert started == [[2], [100], [3], [101], [4, 102]]
+
+
+@pytest.mark.parametrize("fill", [True, False])
+async def test_an_item_to_run_alone_never_goes_ahead_of_its_own_lane(fill: bool) -> None:
+    """Even when its lane's turn is due at once, the items before it in line go first."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=8, fill_from_lower_lanes=fill, lower_lane_max_wait_s=0)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        before = spawn(processor, 1, 2, priority=BACKGROUND)
+        lone = asyncio.create_task(processor.submit(3, priority=BACKGROUND, alone=True))
+        after = spawn(processor, 4, priority=BACKGROUND)
+        await wait_until(lambda: processor.queue_depth == 4)
+
+        handler.release_all()
+        await results([*first, *before, lone, *after])
+
+    assert handler.batches == [[0], [1, 2], [3], [4]]
+
+
+async def test_an_item_to_run_alone_is_judged_in_time_by_a_batch_of_one() -> None:
+    """A tight deadline that a full batch would miss is met by the batch of one it runs in."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        processor.record_run_time(1, 0.05)
+        processor.record_run_time(4, 0.4)
+        tight = asyncio.create_task(
+            processor.submit(1, deadline=time.monotonic() + 0.3, alone=True)
+        )
+        rest = spawn(processor, *range(2, 10))
+        await wait_until(lambda: processor.queue_depth == 9)
+
+        handler.release_all()
+        assert await results([*first, tight, *rest]) == [i * 2 for i in range(10)]
+
+    assert handler.batches[:2] == [[0], [1]]
+
+
+async def test_the_timeout_policy_does_not_wait_to_fill_an_item_to_run_alone() -> None:
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=8, max_wait_s=10.0, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        assert await bounded(processor.submit(7, alone=True)) == 14
+        elapsed_s = time.monotonic() - began
+
+    assert handler.batches == [[7]]
+    assert elapsed_s < 1.0  # max_wait_s is 10 s
 
 
 async def test_items_put_back_keep_their_places_in_line() -> None:
@@ -2014,6 +2095,7 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
     tasks: list[asyncio.Task[int]] = []
     with_deadline: set[int] = set()
     alone: set[int] = set()
+    lane_of: dict[int, Priority] = {}
     for item in range(count):
         priority, deadline = Priority.INTERACTIVE, None
         if lanes:
@@ -2023,6 +2105,7 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
                 with_deadline.add(item)
         if spawn_rng.random() < 0.05:
             alone.add(item)
+        lane_of[item] = priority
         task = asyncio.create_task(
             processor.submit(item, deadline=deadline, priority=priority, alone=item in alone)
         )
@@ -2057,6 +2140,10 @@ async def test_random_submits_and_cancellations_keep_every_caller_consistent(
     assert set(range(count)) - cancelled - expired <= set(seen)
     assert all(len(batch) == 1 for batch in batches if alone.intersection(batch))
     assert alone - cancelled - expired <= set(seen)
+    # Each lane serves in arrival order; only a deadline lets an item be left for later.
+    for priority in Priority:
+        served = [i for i in seen if lane_of[i] == priority and i not in with_deadline]
+        assert served == sorted(served), f"{priority.name} out of order"
 
     await bounded(processor.stop(drain_timeout_s=GUARD_S))
     assert calls["entered"] == calls["finished"]  # every batch ran to completion

@@ -33,7 +33,7 @@ CONTAINER = "classifier"
 # Read by gunicorn (or prometheus-client), not by the service's Settings.
 SERVER_ENV = {"PROMETHEUS_MULTIPROC_DIR", "FORWARDED_ALLOW_IPS"}
 GIB = 2**30
-# Beyond the workers: the gunicorn master and uploads in flight.
+# Beyond the workers: the gunicorn master, the allocator's slack.
 MEMORY_HEADROOM_BYTES = 256 * 2**20
 # A worker's peak growth while it decodes and preprocesses one image, per pixel: +305 MiB
 # for a 40-megapixel JPEG, PNG, TIFF or BMP, and up to +636 MiB for a 16383x2441 WebP, the
@@ -198,15 +198,16 @@ def test_resources_fit_the_workers(server_config: dict[str, Any]) -> None:
         request = quantity(resources["requests"][kind])
         limit = quantity(resources["limits"][kind])
         assert 0 < request <= limit, f"{kind}: request {request} above limit {limit}"
-    # About 1 GiB per worker at rest (ResNet18, the torch runtime), and the largest images
-    # the settings allow decoding at once: on every decode thread, the tasks' decode thread
-    # and the model's.
+    # About 1 GiB per worker at rest (ResNet18, the torch runtime), the largest images the
+    # settings allow decoding at once (on every decode thread, the tasks' decode thread and
+    # the model's), and the uploads under way: small ones stay in memory, 1 MiB each at most.
     assert settings.decode_threads is not None, "DECODE_THREADS must be set to the CPU limit"
     decoding_bytes = (
         (settings.decode_threads + 2) * settings.max_image_pixels * DECODE_BYTES_PER_PIXEL
     )
+    worker_bytes = GIB + decoding_bytes + settings.max_uploads_in_flight_bytes
     memory_limit = quantity(resources["limits"]["memory"])
-    assert memory_limit >= settings.workers * (GIB + decoding_bytes) + MEMORY_HEADROOM_BYTES
+    assert memory_limit >= settings.workers * worker_bytes + MEMORY_HEADROOM_BYTES
     # The cores a container may use are not visible to os.sched_getaffinity, so the thread
     # counts are set explicitly and must fit the CPU limit.
     cpu_limit = quantity(resources["limits"]["cpu"])
