@@ -65,6 +65,7 @@ from service.middleware import (
     JsonCorsMiddleware,
     RequestContextMiddleware,
     ShedWhileFullMiddleware,
+    UploadsInFlight,
     matching_route,
     serves,
 )
@@ -184,8 +185,15 @@ class ClassifyResult:
 class Service:
     """Everything one worker holds while serving: the model, the batcher and their threads."""
 
-    def __init__(self, settings: Settings, *, server_started: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        server_started: bool = False,
+        uploads: UploadsInFlight | None = None,
+    ) -> None:
         self.settings = settings
+        self._uploads = uploads or UploadsInFlight()
         # Another worker of this server has started before: the task store exists, or did.
         self.server_started = server_started
         self.classifier: Classifier | None = None
@@ -321,7 +329,9 @@ class Service:
         trim = memory.malloc_trim()
         if trim is not None:
             await asyncio.to_thread(trim)  # what the warm-up's batches freed
-            self._trimmer = asyncio.create_task(memory.IdleTrimmer(self._idle_for, trim).run())
+            self._trimmer = asyncio.create_task(
+                memory.IdleTrimmer(self._idle_for_trimming, trim).run()
+            )
             self._trimmer.add_done_callback(_log_failure)
         if self.failure() is None:
             self.ready = True
@@ -861,6 +871,11 @@ class Service:
             return 0.0
         return time.monotonic() - self._last_batch_end
 
+    def _idle_for_trimming(self) -> float:
+        """As ``_idle_for``, and 0 while requests' bodies arrive or are held: their memory is
+        in use, and trimmed beside it, the heap's size then would pass for the idle one."""
+        return 0.0 if self._uploads.held_bytes else self._idle_for()
+
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -1373,12 +1388,13 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the application for the given settings; the model loads in its lifespan."""
+    uploads = UploadsInFlight()  # counted by the body limits, read by the memory trimmer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         siblings: Siblings | None = getattr(app.state, SIBLINGS_STATE, None)
         started_before = siblings is not None and siblings.server_started()
-        service = Service(settings, server_started=started_before)
+        service = Service(settings, server_started=started_before, uploads=uploads)
         app.state.service = service
         setattr(app.state, LIVENESS_STATE, service.liveness_problem)
         try:
@@ -1569,6 +1585,7 @@ def create_app(settings: Settings) -> FastAPI:
         idle_timeout_s=settings.body_idle_timeout_s,
         routed=partial(serves, app),
         in_flight_limit_bytes=settings.max_uploads_in_flight_bytes,
+        in_flight=uploads,
     )
     if settings.api_key is not None:
         document_the_api_key(app, OPEN_PATHS)

@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -156,6 +157,14 @@ def serves(app: Starlette, scope: Scope) -> bool:
     return any(each.matches(scope)[0] == Match.FULL for each in app.router.routes)
 
 
+@dataclass
+class UploadsInFlight:
+    """The body bytes that a worker's requests under way hold, in memory or spooled to the
+    temporary directory, from their first byte until each request ends."""
+
+    held_bytes: int = 0
+
+
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), multipart bodies with a
     part over ``part_limit_bytes`` (413), bodies that stall (408), and multipart bodies that end
@@ -190,6 +199,7 @@ class BodyLimitsMiddleware:
         idle_timeout_s: float,
         routed: Callable[[Scope], bool],
         in_flight_limit_bytes: int,
+        in_flight: UploadsInFlight | None = None,
     ) -> None:
         self.app = app
         self.routed = routed
@@ -200,9 +210,8 @@ class BodyLimitsMiddleware:
         self.describe_part = describe_part
         self.idle_timeout_s = idle_timeout_s
         self.in_flight_limit_bytes = in_flight_limit_bytes
-        # Body bytes the requests under way hold, in memory or spooled to the temporary
-        # directory, until each ends: uploads are bounded each, and this bounds them all.
-        self.in_flight_bytes = 0
+        # Uploads are bounded each, and this bounds them all.
+        self.in_flight = in_flight or UploadsInFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -271,17 +280,17 @@ class BodyLimitsMiddleware:
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
-                self.in_flight_bytes += len(chunk)
+                self.in_flight.held_bytes += len(chunk)
                 body_complete = not message.get("more_body", False)
                 unread = None if body_complete else _UNREAD_BODY
                 if received > limit:
                     raise HTTPException(413, self.describe(limit), headers=unread)
                 # A request alone is never refused by this: its own limit bounds it.
-                held_by_others = self.in_flight_bytes - received
-                if held_by_others and self.in_flight_bytes > self.in_flight_limit_bytes:
+                held = self.in_flight.held_bytes
+                if held > received and held > self.in_flight_limit_bytes:
                     raise HTTPException(
                         503,
-                        f"uploads under way in this worker hold {self.in_flight_bytes:,} bytes; "
+                        f"uploads under way in this worker hold {held:,} bytes; "
                         f"MAX_UPLOADS_IN_FLIGHT_BYTES allows {self.in_flight_limit_bytes:,}",
                         headers={"Retry-After": RETRY_AFTER_S, **(unread or {})},
                     )
@@ -310,7 +319,7 @@ class BodyLimitsMiddleware:
         try:
             await self.app(scope, receive_within_limits, send_closing_if_body_unread)
         finally:
-            self.in_flight_bytes -= received
+            self.in_flight.held_bytes -= received
 
 
 # Outside logging's tree of loggers, so no configuration turns it on.

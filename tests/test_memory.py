@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -276,3 +277,46 @@ def test_the_worker_shrinks_back_after_a_burst(tmp_path: Path, photos: list[Path
         at_rest = worker.memory_info().rss
     assert after_bursts - at_start > memory.MIN_GROWTH_BYTES, "the bursts must grow the worker"
     assert at_rest < at_start + memory.MIN_GROWTH_BYTES
+
+
+@pytest.mark.slow
+def test_the_worker_shrinks_back_after_many_uploads_held_at_once(tmp_path: Path) -> None:
+    """Uploads held unfinished for a while (slow clients) hold their bodies in memory, up to
+    1 MiB each; the worker does not count as idle meanwhile, else a trim then would take
+    that size for its resting one, and the memory freed when they end would stay."""
+    count, size = 400, 1_000_000
+    boundary = b"b0undary"
+    head = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
+    length = len(head) + size + len(boundary) + 8
+    request = (
+        b"POST /cls HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary="
+        + boundary
+        + b"\r\nContent-Length: %d\r\n\r\n" % length
+    )
+    body = os.urandom(size - 10)  # all but the end: each request waits for the rest
+    env = _without_allocator_settings(server_env(tmp_path))
+    port = free_port()
+    with running_server(tmp_path, gunicorn_command(port), env) as server:
+        (worker,) = psutil.Process(server.process.pid).children()
+        at_start = worker.memory_info().rss
+        connections = []
+        try:
+            for _ in range(count):
+                connection = socket.create_connection(("127.0.0.1", port))
+                connection.sendall(request + head + body)
+                connections.append(connection)
+            time.sleep(3)  # for trims while they are held, were the worker taken for idle
+            held = worker.memory_info().rss
+        finally:
+            for connection in connections:
+                connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and worker.memory_info().rss > at_start + 64 * MiB:
+            time.sleep(0.1)
+        at_rest = worker.memory_info().rss
+    print(f"\nresident: {at_start // MiB} MiB at start, {held // MiB} held, {at_rest // MiB} after")
+    assert held - at_start > count * size // 2, "the uploads must grow the worker"
+    assert at_rest < at_start + 64 * MiB
