@@ -262,7 +262,8 @@ def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
             if status is None:
                 self.close_connection = True
                 return
-            body = json.dumps({"detail": f"stand-in answer {status}"}).encode()
+            answered = {"detail": f"stand-in answer {status}", "host": self.headers.get("Host")}
+            body = json.dumps(answered).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -285,6 +286,61 @@ def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def always(status: int) -> Answer:
+    return lambda path: status
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` as is and read the answer until the proxy closes the connection."""
+    address = urllib.parse.urlsplit(url)
+    assert address.hostname is not None
+    assert address.port is not None
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_heads_the_service_takes_pass_and_longer_ones_get_json(tmp_path: Path) -> None:
+    """nginx's own limit on a header line (8 KiB by default) would refuse an API key or URL
+    the service takes (heads up to 64 KiB), and answer in HTML."""
+    with (
+        stand_in_replicas(2, always(200)) as addresses,
+        running_nginx(tmp_path, addresses) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=30) as client,
+    ):
+        assert client.get("/healthz", headers={"X-API-Key": "k" * 40_000}).status_code == 200
+        assert client.get("/healthz?q=" + "q" * 40_000).status_code == 200
+        too_long_a_header = client.get("/healthz", headers={"X-API-Key": "k" * 70_000})
+        # httpx sends no URL over 64 KiB.
+        too_long_a_url = raw_exchange(
+            proxy.url, b"GET /healthz?q=" + b"q" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+    assert too_long_a_header.status_code == 400
+    assert too_long_a_header.headers["content-type"] == "application/json"
+    assert too_long_a_header.headers["x-request-id"]
+    assert "over 64 KiB" in too_long_a_header.json()["detail"]
+    head, _, body = too_long_a_url.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 414 "), too_long_a_url[:300]
+    assert b"content-type: application/json" in head.lower()
+    assert "over the proxy's 64 KiB" in json.loads(body)["detail"]
+
+
+def test_a_request_without_a_host_names_the_address_it_reached(tmp_path: Path) -> None:
+    """An HTTP/1.0 client may send no Host; the service then makes status_url and Location
+    of what nginx passes on, which must be somewhere the client can reach."""
+    with (
+        stand_in_replicas(2, always(200)) as addresses,
+        running_nginx(tmp_path, addresses) as proxy,
+    ):
+        answer = raw_exchange(proxy.url, b"GET /healthz HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert json.loads(body)["host"] == proxy.url.removeprefix("http://")
 
 
 def test_a_request_lost_in_flight_is_sent_again_only_where_that_is_safe(
