@@ -1262,6 +1262,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 # Starlette's refusal of a form with more file parts than a route's ``max_files``.
 _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)\.")
+_TOO_MANY_FIELDS = re.compile(r"Too many fields\. Maximum number of fields is (\d+)\.")
 # The multipart parser's words for a body it cannot read, and what they mean to a caller.
 _MULTIPART_ERRORS = {
     "Missing boundary in multipart.": (
@@ -1324,6 +1325,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             )
         else:
             detail = f"{request.url.path} takes one file; send several to /cls/batch"
+    if exc.status_code == 400 and (match := _TOO_MANY_FIELDS.fullmatch(str(detail))):
+        takes = "file, callback_url and metadata" if request.url.path == "/tasks" else "file"
+        detail = (
+            f"more than {match[1]} plain form fields; {request.url.path} takes {takes} "
+            "(top_k is a query parameter)"
+        )
     headers = exc.headers
     if exc.status_code == 405:
         # Starlette's Allow names the methods of the first route of the path only; HEAD

@@ -382,7 +382,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
         raw_multipart(
             f"{MANY_PARTS}-fields",
             400,
-            "Too many fields",
+            "more than 8 plain form fields",
             [("file", "photo.jpg", jpeg, "image/jpeg")]
             + [(f"field{i}", None, b"x", None) for i in range(MANY_PARTS)],
         ),
