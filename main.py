@@ -872,8 +872,9 @@ class Service:
         return time.monotonic() - self._last_batch_end
 
     def _idle_for_trimming(self) -> float:
-        """As ``_idle_for``, and 0 while requests' bodies arrive or are held: their memory is
-        in use, and trimmed beside it, the heap's size then would pass for the idle one."""
+        """As ``_idle_for``, and 0 while requests' bodies arrive or are held: a trim beside
+        them would take the heap's size with them for its resting size, and never return
+        what they free once they end."""
         return 0.0 if self._uploads.held_bytes else self._idle_for()
 
 

@@ -532,9 +532,9 @@ class BatchProcessor(Generic[In, Out]):
                 None or ``math.inf`` for none.
             priority: The lane to wait in; each lane holds at most ``max_queue`` items.
             alone: Run the item in a batch of its own: for one suspected of taking the
-                process down with it (its earlier run was cut off), so that should it do
-                so again, nothing else is lost with it. A batch that reaches it in line
-                ends before it, and it runs next, by itself.
+                process down with it (it was in the handler when the process died), so
+                that should it do so again, nothing else is lost with it. A batch that
+                reaches it in line ends before it, and it runs next, by itself.
 
         Raises:
             ValueError: The deadline is NaN, or the priority is not a ``Priority``.
