@@ -954,6 +954,11 @@ def _top_k(request: Request, requested: int | None) -> int:
         raise RequestValidationError(
             [{"loc": ("query", "top_k"), "msg": f"was sent {sent} times; send it at most once"}]
         )
+    written = request.query_params.get("top_k")
+    if written is not None and not (written.isascii() and written.isdigit()):
+        # Python's int() reads "+3", " 3" and "1_0" too: a typo then answers another count.
+        message = f"must be a whole number in digits only; got {written[:20]!r}"
+        raise RequestValidationError([{"loc": ("query", "top_k"), "msg": message}])
     for name in request.query_params:
         if name != "top_k" and name.lower().replace("-", "").replace("_", "") == "topk":
             # Ignored, it would answer with the default number of classes without a word.

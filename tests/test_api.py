@@ -96,7 +96,7 @@ async def test_top_k_sets_the_answer_length(
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("top_k", ["0", "-1", "1001", "x", "2.5"])
+@pytest.mark.parametrize("top_k", ["0", "-1", "1001", "x", "2.5", "+3", "1_0", " 3", "3 "])
 async def test_bad_top_k_is_422(served: RunningApp, photos: list[Path], top_k: str) -> None:
     response = await served.client.post(
         "/cls", params={"top_k": top_k}, files=upload(photos[0].read_bytes())
