@@ -111,6 +111,7 @@ from service.tasks import (
     TaskNotCancellable,
     TaskQueueFull,
     TaskRecord,
+    TaskStore,
     TaskStoreBusy,
     TaskStoreFailed,
     TaskStoreUnavailable,
@@ -247,6 +248,10 @@ class Service:
         # Under uvicorn (gunicorn's master did it before the fork): before the model loads.
         memory.keep_freed_memory()
         loop = asyncio.get_running_loop()
+        if not self.server_started and not (settings.data_dir / DATABASE_NAME).exists():
+            # A first start: a DATA_DIR that cannot hold the store is said before the model
+            # loads, not after.
+            await loop.run_in_executor(None, lambda: TaskStore(settings.data_dir).close())
         classifier = await loop.run_in_executor(
             self._inference_pool,
             lambda: load_classifier(

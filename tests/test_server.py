@@ -598,9 +598,14 @@ def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> No
     line naming the setting, not a traceback and not a restart loop."""
     not_a_directory = tmp_path / "data"
     not_a_directory.write_text("a file, not a directory")
-    error = start_up_failure_line(server_env(tmp_path, DATA_DIR=str(not_a_directory)))
-    assert "DATA_DIR" in error
-    assert str(not_a_directory) in error
+    env = server_env(tmp_path, DATA_DIR=str(not_a_directory), LOG_LEVEL="debug")
+    output, errors = failed_start(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], env
+    )
+    assert len(errors) == 1, output
+    assert "DATA_DIR" in errors[0]
+    assert str(not_a_directory) in errors[0]
+    assert "warming up" not in output, "said only once the model had loaded"
 
 
 def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: Path) -> None:
@@ -608,7 +613,7 @@ def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: P
     with the boot error's status."""
     not_a_directory = tmp_path / "data"
     not_a_directory.write_text("a file, not a directory")
-    # Found after the model loaded: both workers fail about together.
+    # Found before the model loads: both workers fail about together.
     env = server_env(tmp_path, WORKERS="2", DATA_DIR=str(not_a_directory))
     output, errors = failed_start(gunicorn_command(free_port()), env)
     assert 1 <= len(errors) <= 2, output
