@@ -9,14 +9,15 @@ FROM python:${PYTHON_VERSION}-slim AS build
 ARG TORCH_VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
-COPY requirements.txt /tmp/requirements.txt
+COPY requirements.txt constraints.txt /tmp/
 # The CPU wheels come from PyTorch's CPU index and are a tenth of the size of the default
-# CUDA build; requirements.txt then finds torch and torchvision already satisfied.
+# CUDA build; requirements.txt then finds torch and torchvision already satisfied, and
+# constraints.txt brings every other package to the version the tests ran with.
 RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
         pip install --index-url https://download.pytorch.org/whl/cpu \
             torch==2.14.1 torchvision==0.29.1; \
     fi \
-    && pip install -r /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt
 ENV TORCH_HOME=/opt/torch
 RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)"
 

@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format audit bench bench-full bench-gpu bench-overload clean
+.PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format lock audit bench bench-full bench-gpu bench-overload clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
 		exit 1; }
@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 ## help: list these targets
@@ -59,6 +59,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## lock: after changing requirements*.txt, install them and write constraints.txt from the venv
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all | grep -vE '^(pip|setuptools|wheel)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(STAMP)
 
 ## audit: look the pinned requirements up in the PyPI vulnerability database (needs network)
 audit: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -14,13 +15,18 @@ DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent
 
 
-def final_stage() -> list[str]:
-    """The instructions of the Dockerfile's last stage, continuation lines joined."""
+def instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
     lines = [line.strip() for line in text.splitlines()]
-    instructions = [line for line in lines if line and not line.startswith("#")]
-    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
-    return instructions[last_from:]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def final_stage() -> list[str]:
+    """The instructions of the Dockerfile's last stage."""
+    every = instructions()
+    last_from = max(i for i, line in enumerate(every) if line.upper().startswith("FROM "))
+    return every[last_from:]
 
 
 def test_the_image_runs_as_a_non_root_user() -> None:
@@ -71,3 +77,38 @@ def test_hadolint_finds_nothing() -> None:
         [str(BIN / "hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of each ``name==version`` line (extras and comments left out)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if match := re.fullmatch(r"([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==(\S+)", line.strip()):
+            pins[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
+    return pins
+
+
+def test_the_constraints_pin_what_the_requirements_pin_and_the_venv_holds() -> None:
+    """constraints.txt fixes every transitive package too; it must agree with the direct
+    pins and with what the tests run on."""
+    constraints = _pins(PROJECT_ROOT / "constraints.txt")
+    for requirements in ("requirements.txt", "requirements-dev.txt"):
+        for name, version in _pins(PROJECT_ROOT / requirements).items():
+            assert constraints.get(name) == version, f"{requirements}: {name}=={version}"
+    installed = {
+        re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower(): dist.version
+        for dist in importlib.metadata.distributions()
+    }
+    drifted = {
+        name: (version, installed[name])
+        for name, version in constraints.items()
+        if name in installed and installed[name] != version
+    }
+    assert not drifted, f"constraint, installed: {drifted}"
+
+
+def test_the_image_installs_with_the_constraints() -> None:
+    installs = [line for line in instructions() if "pip install -r" in line]
+    assert installs
+    assert all("-c /tmp/constraints.txt" in line for line in installs)
+    assert any(line.startswith("COPY ") and "constraints.txt" in line for line in instructions())
