@@ -23,7 +23,7 @@ def test_an_interpreter_older_than_3_11_is_refused_in_one_line_before_any_venv(
     python = tmp_path / "python3.10"
     python.write_text(OLD_PYTHON)
     python.chmod(0o755)
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
         (tmp_path / name).touch()
     made = subprocess.run(
         ["make", "-f", MAKEFILE, f"PYTHON={python}", ".venv/.installed-stamp"],
