@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATABASE_NAME = "tasks.sqlite3"
 # Waits for another process's write transaction instead of failing at once.
 BUSY_TIMEOUT_MS = 10_000
@@ -40,6 +40,8 @@ DISK_RESERVE_BYTES = 64 * 2**20
 # nobody holds has its lease's time all the same: when it fell due (its task finished), or
 # when its next attempt is due; claims take them in that order, along the partial index.
 # One handed back at a shutdown has none: it is due at once, first of all.
+# ``interrupted``: a worker died while the model ran the task, so the task may be what
+# killed it; the mark outlives a graceful shutdown that hands the task back.
 _SCHEMA = """
 CREATE TABLE tasks (
     id                  TEXT PRIMARY KEY,
@@ -53,6 +55,7 @@ CREATE TABLE tasks (
     started_at          REAL,
     finished_at         REAL,
     attempts            INTEGER NOT NULL DEFAULT 0,
+    interrupted         INTEGER NOT NULL DEFAULT 0,
     lease_owner         TEXT,
     lease_until         REAL,
     webhook_status      TEXT,
@@ -376,15 +379,20 @@ class TaskStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == SCHEMA_VERSION:
                 return
-            if version != 0:
+            if version not in (0, 1):
                 raise TaskStoreUnavailable(
                     f"{self.path} has task schema version {version}; this server knows "
                     f"{SCHEMA_VERSION}. Point DATA_DIR at a new directory or upgrade the server."
                 )
-            # Statement by statement: executescript would commit the open transaction.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
+            if version == 1:
+                self._db.execute(
+                    "ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0"
+                )
+            else:
+                # Statement by statement: executescript would commit the open transaction.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -592,23 +600,26 @@ class TaskStore:
         with self._transaction() as db:
             now = _stamp(now)
             rows = db.execute(
-                "SELECT id, top_k, attempts, status FROM tasks WHERE attempts < ? "
+                "SELECT id, top_k, attempts, status, interrupted FROM tasks WHERE attempts < ? "
                 "AND (status = ? OR (? AND status = ? AND lease_until < ?)) "
                 "ORDER BY created_at, rowid LIMIT ?",
                 (max_attempts, TaskStatus.QUEUED, take_over, TaskStatus.RUNNING, now, limit),
             ).fetchall()
             claimed = []
             for row in rows:
+                # Taken over from a worker that died, not handed back by one that stopped;
+                # or marked so on an earlier claim.
+                interrupted = bool(row["interrupted"]) or (
+                    row["status"] == TaskStatus.RUNNING and row["attempts"] > 0
+                )
                 db.execute(
                     "UPDATE tasks SET status = ?, started_at = ?, lease_owner = ?, "
-                    "lease_until = ? WHERE id = ?",
-                    (TaskStatus.RUNNING, now, owner, now + lease_s, row["id"]),
+                    "lease_until = ?, interrupted = ? WHERE id = ?",
+                    (TaskStatus.RUNNING, now, owner, now + lease_s, interrupted, row["id"]),
                 )
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
                 ).fetchone()
-                # Taken over from a worker that died, not handed back by one that stopped.
-                interrupted = row["status"] == TaskStatus.RUNNING and row["attempts"] > 0
                 claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image), interrupted))
             return claimed
 

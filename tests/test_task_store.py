@@ -523,6 +523,30 @@ def test_only_a_task_whose_worker_died_in_the_model_is_claimed_as_interrupted(
     assert [task.image for task in claimed] == [image_of(task.id) for task in claimed]
 
 
+def test_a_task_claimed_as_interrupted_stays_so_when_a_graceful_stop_hands_it_back(
+    store: TaskStore,
+) -> None:
+    """Taken over from a dead worker, then handed back by a stopping one before it ran
+    again: the next claim still knows it may be what killed the first worker."""
+    add(store, "suspect")
+    add(store, "beside", at=T0 + 1)
+    store.claim("A", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0)
+    store.count_attempts("A", ["suspect"])
+    taken_over = store.claim("B", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
+    assert [(task.id, task.interrupted) for task in taken_over] == [
+        ("suspect", True),
+        ("beside", False),
+    ]
+    store.release("B")
+
+    claimed = store.claim("C", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 12)
+
+    assert [(task.id, task.interrupted) for task in claimed] == [
+        ("suspect", True),
+        ("beside", False),
+    ]
+
+
 def test_task_out_of_attempts_is_failed_not_reclaimed(store: TaskStore) -> None:
     """A task whose worker died on its last attempt is not run again: fail_abandoned fails
     it, naming TASK_MAX_ATTEMPTS, and drops its image."""
@@ -1044,6 +1068,30 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="DATA_DIR"):
         TaskStore(tmp_path)
+
+
+def test_a_store_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A task store written by the previous server version (schema 1, before tasks carried
+    their "interrupted" mark) opens with its tasks, which are claimed as before."""
+    with closing(TaskStore(tmp_path)) as store:
+        add(store, "in-model")
+        add(store, "queued", at=T0 + 1)
+        store.claim("A", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0)
+        store.count_attempts("A", ["in-model"])
+    with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
+        db.execute("ALTER TABLE tasks DROP COLUMN interrupted")
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+
+    with closing(TaskStore(tmp_path)) as store:
+        claimed = store.claim("B", 2, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 11)
+        assert [(task.id, task.interrupted) for task in claimed] == [
+            ("in-model", True),
+            ("queued", False),
+        ]
+        assert get(store, "in-model").attempts == 1
+    with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == tasks.SCHEMA_VERSION
 
 
 def test_reopening_keeps_the_tasks(tmp_path: Path) -> None:
