@@ -315,8 +315,7 @@ class Service:
                 logger.error("tasks are unavailable until the store opens again: %s", exc)
             else:
                 logger.critical(
-                    "tasks are unavailable until the store's file is restored or moved "
-                    "away (it will not mend by itself): %s",
+                    "tasks are unavailable until this is mended (it will not pass by itself): %s",
                     exc,
                 )
             self._task_store_problem = str(exc)

@@ -118,6 +118,15 @@ def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
         logger.error("storing %s failed as the worker stopped: %s", what, error)
 
 
+def _log_delivery_taken_over(task_id: str) -> None:
+    # Its lease ran out (this worker stalled) and another worker claimed it: that one's
+    # attempts are counted and stored, not this one's.
+    logger.warning(
+        "task %s's webhook was taken over by another worker; this attempt's outcome dropped",
+        task_id,
+    )
+
+
 # A loop that fails the same way at every turn (each second, say, with DATA_DIR deleted)
 # logs it once, then once this often, with how many times it failed since.
 REPEATED_FAILURE_LOG_S = 60.0
@@ -676,7 +685,7 @@ class TaskRunner:
         """The delivery's end, or its next attempt."""
         if attempt.retry_in_s is not None:
             assert attempt.error is not None  # only a failed attempt is tried again
-            await self._until_stored(
+            held = await self._until_stored(
                 f"attempt {attempt.attempts} of task {task_id}'s webhook",
                 self.store.defer_webhook,
                 task_id,
@@ -685,6 +694,9 @@ class TaskRunner:
                 error=attempt.error,
                 retry_at=time.time() + attempt.retry_in_s,
             )
+            if not held:
+                _log_delivery_taken_over(task_id)
+                return
             logger.info(
                 "webhook for task %s: attempt %d failed (%s); next in %.1f s",
                 task_id,
@@ -693,7 +705,7 @@ class TaskRunner:
                 attempt.retry_in_s,
             )
             return
-        await self._until_stored(
+        held = await self._until_stored(
             f"the end of task {task_id}'s webhook",
             self.store.finish_webhook,
             task_id,
@@ -702,6 +714,9 @@ class TaskRunner:
             attempts=attempt.attempts,
             error=attempt.error,
         )
+        if not held:
+            _log_delivery_taken_over(task_id)
+            return
         self._observer.webhook_finished(attempt.delivered)
         if not attempt.delivered:
             logger.warning(

@@ -21,7 +21,10 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
-SCHEMA_VERSION = 2
+# Raised only for a change that servers of the version before cannot work with: columns
+# added with a default are not one, so that a server rolled back, or one still serving
+# beside its successor during an upgrade, keeps its tasks.
+SCHEMA_VERSION = 1
 DATABASE_NAME = "tasks.sqlite3"
 # Waits for another process's write transaction instead of failing at once.
 BUSY_TIMEOUT_MS = 10_000
@@ -323,9 +326,13 @@ class TaskStore:
             raise
 
     def _unavailable(self, cause: BaseException) -> TaskStoreUnavailable:
+        advice = (
+            "restore the file from a backup, or move it away to start an empty store"
+            if _is_damaged_file(cause)
+            else "set DATA_DIR to a writable directory on a local disk"
+        )
         return TaskStoreUnavailable(
-            f"cannot open the task store {self.path}: {cause}; set DATA_DIR to a writable "
-            "directory on a local disk",
+            f"cannot open the task store {self.path}: {cause}; {advice}",
             # A damaged file is the operator's to mend, as one that is no task store is: it
             # does not pass by itself.
             for_now=(
@@ -377,23 +384,25 @@ class TaskStore:
     def _migrate(self) -> None:
         with self._transaction():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == SCHEMA_VERSION:
-                return
-            if version not in (0, 1):
-                raise TaskStoreUnavailable(
-                    f"{self.path} has task schema version {version}; this server knows "
-                    f"{SCHEMA_VERSION}. Point DATA_DIR at a new directory or upgrade the server."
-                )
-            if version == 1:
-                self._db.execute(
-                    "ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0"
-                )
-            else:
+            if version == 0:
                 # Statement by statement: executescript would commit the open transaction.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                return
+            if version != SCHEMA_VERSION:
+                raise TaskStoreUnavailable(
+                    f"{self.path} has task schema version {version}, which a later server "
+                    f"version wrote; this one knows {SCHEMA_VERSION}. Run that version or a "
+                    "later one: its tasks and results are in this file (a new DATA_DIR would "
+                    "start without them)"
+                )
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(tasks)")}
+            if "interrupted" not in columns:  # a store written before tasks carried the mark
+                self._db.execute(
+                    "ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0"
+                )
 
     @contextmanager
     def _transaction(self, lock_deadline: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -823,32 +832,43 @@ class TaskStore:
 
     def defer_webhook(
         self, task_id: str, owner: str, *, attempts: int, error: str, retry_at: float
-    ) -> None:
+    ) -> bool:
         """Store a failed attempt and give the delivery up until ``retry_at``: a lease held
         by nobody, so that no worker holds a slot while it waits and any may claim it when
-        it is due, a restarted one included."""
+        it is due, a restarted one included.
+
+        Returns False if ``owner`` no longer holds the delivery (its lease expired and
+        another worker claimed it): that worker's attempts are the ones that count.
+        """
         with self._transaction() as db:
-            self._defer(db, owner, Deferral(task_id, attempts, error, retry_at))
+            return self._defer(db, owner, Deferral(task_id, attempts, error, retry_at))
 
     @staticmethod
-    def _defer(db: sqlite3.Connection, owner: str, deferral: Deferral) -> None:
-        db.execute(
-            "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ?, "
-            "lease_owner = NULL, lease_until = ? WHERE id = ? AND lease_owner = ?",
-            (deferral.attempts, deferral.error, deferral.retry_at, deferral.task_id, owner),
+    def _defer(db: sqlite3.Connection, owner: str, deferral: Deferral) -> bool:
+        return (
+            db.execute(
+                "UPDATE tasks SET webhook_attempts = ?, webhook_last_error = ?, "
+                "lease_owner = NULL, lease_until = ? WHERE id = ? AND lease_owner = ?",
+                (deferral.attempts, deferral.error, deferral.retry_at, deferral.task_id, owner),
+            ).rowcount
+            > 0
         )
 
     def finish_webhook(
         self, task_id: str, owner: str, *, delivered: bool, attempts: int, error: str | None
-    ) -> None:
-        """Record the delivery's end and give up its lease."""
+    ) -> bool:
+        """Record the delivery's end and give up its lease; False if ``owner`` no longer
+        holds it (as for ``defer_webhook``)."""
         status = WebhookStatus.DELIVERED if delivered else WebhookStatus.FAILED
         with self._transaction() as db:
-            db.execute(
-                "UPDATE tasks SET webhook_status = ?, webhook_attempts = ?, "
-                "webhook_last_error = ?, lease_owner = NULL, lease_until = NULL "
-                "WHERE id = ? AND lease_owner = ?",
-                (status, attempts, error, task_id, owner),
+            return (
+                db.execute(
+                    "UPDATE tasks SET webhook_status = ?, webhook_attempts = ?, "
+                    "webhook_last_error = ?, lease_owner = NULL, lease_until = NULL "
+                    "WHERE id = ? AND lease_owner = ? AND webhook_status = ?",
+                    (status, attempts, error, task_id, owner, WebhookStatus.PENDING),
+                ).rowcount
+                > 0
             )
 
     # --- Housekeeping -------------------------------------------------------------------------

@@ -732,7 +732,7 @@ def test_a_delivery_due_by_a_time_is_one_nobody_holds_by_then(store: TaskStore) 
     delivery(store, "t1", "A")
     assert not store.has_delivery_due_by(T0 + 100)  # A holds it, and delivers it
 
-    store.defer_webhook("t1", "A", attempts=1, error="HTTP 503", retry_at=T0 + 30)
+    assert store.defer_webhook("t1", "A", attempts=1, error="HTTP 503", retry_at=T0 + 30)
 
     assert not store.has_delivery_due_by(T0 + 29)
     assert store.has_delivery_due_by(T0 + 30)
@@ -909,7 +909,7 @@ def test_delivered_webhook_ends_and_frees_the_lease(store: TaskStore) -> None:
     """A delivered webhook is marked so, keeps its count, and is never claimed again."""
     delivery(store, "t1", "A")
 
-    store.finish_webhook("t1", "A", delivered=True, attempts=3, error=None)
+    assert store.finish_webhook("t1", "A", delivered=True, attempts=3, error=None)
 
     record = get(store, "t1")
     assert record.webhook_status is WebhookStatus.DELIVERED
@@ -936,8 +936,8 @@ def test_non_owner_cannot_defer_or_finish_a_delivery(store: TaskStore) -> None:
     delivery(store, "t1", "A")
     before = get(store, "t1")
 
-    store.defer_webhook("t1", "B", attempts=4, error="HTTP 503", retry_at=T0 + 1)
-    store.finish_webhook("t1", "B", delivered=True, attempts=4, error=None)
+    assert not store.defer_webhook("t1", "B", attempts=4, error="HTTP 503", retry_at=T0 + 1)
+    assert not store.finish_webhook("t1", "B", delivered=True, attempts=4, error=None)
 
     assert get(store, "t1") == before
     assert store.renew_leases("A", ["t1"], lease_s=LEASE_S, now=T0 + 1) == 1
@@ -1066,13 +1066,23 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     with closing(sqlite3.connect(tmp_path / "tasks.sqlite3")) as db:
         db.execute("PRAGMA user_version = 7")
 
-    with pytest.raises(RuntimeError, match="DATA_DIR"):
+    with pytest.raises(TaskStoreUnavailable) as error:
         TaskStore(tmp_path)
 
+    assert str(error.value) == (
+        f"{tmp_path / DATABASE_NAME} has task schema version 7, which a later server version "
+        "wrote; this one knows 1. Run that version or a later one: its tasks and results are "
+        "in this file (a new DATA_DIR would start without them)"
+    )
 
-def test_a_store_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> None:
-    """A task store written by the previous server version (schema 1, before tasks carried
-    their "interrupted" mark) opens with its tasks, which are claimed as before."""
+
+def test_a_store_written_before_tasks_carried_their_mark_gains_it_in_place(
+    tmp_path: Path,
+) -> None:
+    """A task store written by the server version before (no "interrupted" column) opens
+    with its tasks, which are claimed as before; the schema version stays, so that a
+    server of that version can still open the store (rolled back, or beside this one
+    during an upgrade)."""
     with closing(TaskStore(tmp_path)) as store:
         add(store, "in-model")
         add(store, "queued", at=T0 + 1)
@@ -1080,7 +1090,6 @@ def test_a_store_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> 
         store.count_attempts("A", ["in-model"])
     with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
         db.execute("ALTER TABLE tasks DROP COLUMN interrupted")
-        db.execute("PRAGMA user_version = 1")
         db.commit()
 
     with closing(TaskStore(tmp_path)) as store:
@@ -1091,7 +1100,7 @@ def test_a_store_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> 
         ]
         assert get(store, "in-model").attempts == 1
     with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == tasks.SCHEMA_VERSION
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
 
 
 def test_reopening_keeps_the_tasks(tmp_path: Path) -> None:

@@ -1543,12 +1543,12 @@ async def test_an_attempt_the_store_refuses_for_now_is_stored_when_it_can_be(
         defer = store.defer_webhook
         refused = 0
 
-        def defer_refused_once(*args: Any, **kwargs: Any) -> None:
+        def defer_refused_once(*args: Any, **kwargs: Any) -> bool:
             nonlocal refused
             if not refused:
                 refused += 1
                 raise tasks.TaskStoreFailed("the disk is full")
-            defer(*args, **kwargs)
+            return defer(*args, **kwargs)
 
         store.defer_webhook = defer_refused_once  # type: ignore[method-assign]
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
@@ -1569,12 +1569,12 @@ async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
         finish = store.finish_webhook
         finishes = 0
 
-        def finish_refused_once(*args: Any, **kwargs: Any) -> None:
+        def finish_refused_once(*args: Any, **kwargs: Any) -> bool:
             nonlocal finishes
             finishes += 1
             if finishes == 1:
                 raise tasks.TaskStoreBusy("another process holds the lock")
-            finish(*args, **kwargs)
+            return finish(*args, **kwargs)
 
         store.finish_webhook = finish_refused_once  # type: ignore[method-assign]
         accepted = await submit(served.client, photos[0].read_bytes(), callback_url=receiver.url)
@@ -1583,6 +1583,49 @@ async def test_a_delivery_whose_end_the_store_refuses_for_now_is_not_sent_again(
     assert finishes == 2
     assert task["webhook"] == delivered_after(1)
     assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+async def test_an_attempt_whose_delivery_another_worker_took_over_is_not_counted(
+    photos: list[Path], caplog: pytest.LogCaptureFixture, answer: int
+) -> None:
+    """A worker whose delivery lease ran out while it sent (it stalled) and which another
+    worker claimed neither stores nor counts its attempt's outcome: the other one's
+    attempts are the ones that count, and each delivery's end is counted once."""
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
+        receiver.script = [answer]
+        store = served.service.task_runner().store
+        name = "finish_webhook" if answer == 200 else "defer_webhook"
+        write = getattr(store, name)
+        outcomes: list[bool] = []
+
+        def write_after_a_take_over(task_id: str, *args: Any, **kwargs: Any) -> bool:
+            with closing(sqlite3.connect(store.path)) as db, db:
+                db.execute(
+                    "UPDATE tasks SET lease_owner = 'another-worker', lease_until = ? WHERE id = ?",
+                    (time.time() + 3600, task_id),
+                )
+            outcomes.append(write(task_id, *args, **kwargs))
+            return outcomes[-1]
+
+        setattr(store, name, write_after_a_take_over)
+        before = (await served.client.get("/metrics")).text
+        with caplog.at_level(logging.INFO, logger="service.task_runner"):
+            accepted = await submit(
+                served.client, photos[0].read_bytes(), callback_url=receiver.url
+            )
+            await wait_for(lambda: outcomes)
+            await wait_for(lambda: "taken over by another worker" in caplog.text)
+        after = (await served.client.get("/metrics")).text
+        task = (await served.client.get(accepted["status_url"])).json()
+
+    assert outcomes == [False]
+    assert len(receiver.received) == 1
+    assert "next in" not in caplog.text
+    assert task["webhook"]["status"] == "pending"
+    assert task["webhook"]["attempts"] == 0
+    for sample in ("webhook_success_total", "webhook_failure_total"):
+        assert metric_value(after, sample) == metric_value(before, sample)
 
 
 def pending_delivery(settings: Settings, task_id: str) -> tuple[object, ...]:
@@ -2259,7 +2302,7 @@ async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls
             assert (await finished(served.client, accepted["task_id"]))["status"] == "succeeded"
     critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1
-    assert "restored or moved away" in critical[0]
+    assert "restore the file from a backup, or move it away" in critical[0]
 
 
 @pytest.mark.parametrize("retry_started", [True, False])
