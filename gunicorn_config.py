@@ -230,16 +230,23 @@ def child_exit(server: Any, worker: Any) -> None:
                     settings.max_batch_size,
                 )
             raise HaltServer("no worker started within WORKER_TIMEOUT_S", server.WORKER_BOOT_ERROR)
-    if worker.aborted:
+    if worker.aborted and starting:
         server.log.critical(
-            "worker %s was silent for WORKER_TIMEOUT_S=%s s and was restarted: it was still "
-            "starting (its last line says how far: a download of the weights over a slow "
-            "link, or a warm-up of batches of MAX_BATCH_SIZE=%s on a slow device, needs a "
-            "larger WORKER_TIMEOUT_S), its event loop was stuck, or its model was stuck past "
-            "STALL_TIMEOUT_S (it stopped its heartbeat)",
+            "worker %s was silent for WORKER_TIMEOUT_S=%s s while it started and was "
+            "restarted: its last line says how far it got (a download of the weights over a "
+            "slow link, or a warm-up of batches of MAX_BATCH_SIZE=%s on a slow device, needs "
+            "a larger WORKER_TIMEOUT_S)",
             worker.pid,
             settings.worker_timeout_s,
             settings.max_batch_size,
+        )
+    elif worker.aborted:
+        server.log.critical(
+            "worker %s was silent for WORKER_TIMEOUT_S=%s s while it served and was "
+            "restarted: its model was stuck past STALL_TIMEOUT_S (its line before says so), "
+            "its event loop was blocked, or the process was stopped",
+            worker.pid,
+            settings.worker_timeout_s,
         )
 
 

@@ -81,6 +81,10 @@ EXIT_BOOT_ERROR = Arbiter.WORKER_BOOT_ERROR
 # in vain, must not take a core from the workers that serve.
 RESTART_PAUSE_S = 1.0
 MAX_RESTART_PAUSE_S = 30.0
+# How often a serving worker reports to the master (and checks that it can serve).
+# uvicorn reports at the worker's own timeout, which gunicorn sets to half of
+# WORKER_TIMEOUT_S: a worker could be killed after half of that of silence.
+HEARTBEAT_INTERVAL_S = 1.0
 # Where the app's state holds the worker's ``service.siblings.Siblings`` under gunicorn.
 SIBLINGS_STATE = "siblings"
 # Where it holds the function that names what keeps the worker from being alive, if any: the
@@ -577,6 +581,7 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # instead, and answered 503 (RequestContextMiddleware). A bound of 0 would report
         # a timeout even with nothing open (asyncio.wait_for gives the wait no turn).
         self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
+        self.config.timeout_notify = min(HEARTBEAT_INTERVAL_S, self.timeout)
         self._heart_stopped = False
 
     async def _serve(self) -> None:

@@ -371,7 +371,9 @@ def test_a_first_worker_stuck_loading_its_model_stops_the_server_after_worker_ti
         assert process.wait(timeout=150) == 3
         log_text = log_path.read_text()
         assert log_text.count("WORKER TIMEOUT") == 6
-        assert "was silent for WORKER_TIMEOUT_S=10 s and was restarted" in log_text
+        assert "was silent for WORKER_TIMEOUT_S=10 s while it started and was restarted" in (
+            log_text
+        )
         assert (
             "workers were started 3 times and each time timed out before they started, at "
             "WORKER_TIMEOUT_S=10 s"
@@ -421,7 +423,46 @@ def test_a_worker_that_cannot_serve_is_replaced(
         log = server.log()
     assert f"the worker cannot serve ({problem}): its heartbeat stops" in log
     assert "WORKER TIMEOUT" in log
+    assert "was silent for WORKER_TIMEOUT_S=10 s while it served and was restarted" in log
     assert log.count("Booting worker") == 2
+
+
+def heartbeat_times(worker: psutil.Process) -> Callable[[], float]:
+    """When ``worker`` last reported to the master: the time gunicorn stamps on the
+    worker's heartbeat file, an unlinked file the worker holds open."""
+    descriptors = Path(f"/proc/{worker.pid}/fd")
+    (heartbeat,) = [
+        fd for fd in descriptors.iterdir() if Path(os.readlink(fd)).name.startswith("wgunicorn-")
+    ]
+    return lambda: os.stat(heartbeat).st_mtime
+
+
+def test_a_worker_silent_for_less_than_worker_timeout_is_not_killed(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """A serving worker reports to the master every second, so that WORKER_TIMEOUT_S is the
+    silence that gets it killed. It reported every half of that (gunicorn's own timeout
+    for a worker): one stopped (a blocked event loop, a paused process) for 7 s of a
+    10 s WORKER_TIMEOUT_S was killed when its last report was over 3 s old."""
+    env = server_env(tmp_path, WORKER_TIMEOUT_S="10")
+    photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        (worker,) = psutil.Process(server.process.pid).children()
+        last_report = heartbeat_times(worker)
+        reports = {last_report()}
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            reports.add(last_report())
+            time.sleep(0.05)
+        assert len(reports) >= 4, f"{len(reports)} reports in 4.5 s"
+
+        worker.suspend()
+        time.sleep(7)
+        worker.resume()
+        assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        assert psutil.Process(server.process.pid).children() == [worker]
+        log = server.log()
+    assert "WORKER TIMEOUT" not in log
 
 
 def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
