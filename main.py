@@ -353,6 +353,7 @@ class Service:
                 backoff_initial_s=settings.webhook_backoff_s,
                 backoff_max_s=settings.webhook_backoff_max_s,
                 allow_private=settings.webhook_allow_private,
+                ca_file=settings.webhook_ca_file,
             )
         )
         config = RunnerConfig(

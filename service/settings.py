@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -206,6 +207,9 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(1.0, ge=0, le=86_400)
     webhook_backoff_max_s: float = Field(300.0, ge=0, le=86_400)
     webhook_allow_private: bool = False
+    # CA certificates (PEM) that HTTPS callbacks trust besides the public ones: receivers
+    # with certificates of a private CA.
+    webhook_ca_file: Path | None = None
 
     # libgomp's own setting, read by the workers' OpenMP runtime (gunicorn_config.py sets
     # its default); checked here, since libgomp only warns of a value it cannot read, in
@@ -305,6 +309,17 @@ class Settings(BaseSettings):
                 "starts or ends with a blank, or holds a control character such as a "
                 "newline, which no request can send"
             )
+        return value
+
+    @field_validator("webhook_ca_file")
+    @classmethod
+    def _certificates_tls_can_trust(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=value)
+            except (OSError, ssl.SSLError) as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+                raise ValueError(f"cannot be read as PEM CA certificates: {reason}") from None
         return value
 
     @field_validator("task_ttl", mode="before")

@@ -24,6 +24,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
@@ -157,7 +158,10 @@ def _parse_ip(text: str) -> _IPAddress | None:
 
 
 def _checked_form(url: str) -> tuple[str, int | None]:
-    """Refuse a callback URL that is malformed; its host and port. Looks nothing up.
+    """Refuse a callback URL that is malformed; the host its delivery connects to (a name
+    in the IDNA 2008 ASCII form the HTTP client looks up: "faß.de" is "xn--fa-hia.de",
+    where Python's own codec would look up "fass.de", another domain) and its port. Looks
+    nothing up.
 
     Raises:
         InvalidCallbackUrl: With a message saying what is wrong.
@@ -177,7 +181,7 @@ def _checked_form(url: str) -> tuple[str, int | None]:
         port = parts.port
         # The request the delivery sends, built once now: a host the HTTP client cannot
         # decode (a malformed IDNA label such as "xn--") would fail every delivery.
-        httpx.Request("POST", url)
+        connects_to = httpx.Request("POST", url).url.raw_host.decode("ascii")
     except (ValueError, httpx.InvalidURL) as exc:
         raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
     if port == 0:
@@ -193,7 +197,7 @@ def _checked_form(url: str) -> tuple[str, int | None]:
         raise InvalidCallbackUrl(
             "callback_url contains credentials (user:password@); put secrets elsewhere"
         )
-    return host, port
+    return connects_to, port
 
 
 def check_callback_url(url: str, *, allow_private: bool) -> None:
@@ -405,15 +409,22 @@ async def _close_unused(
 class _ResolvingTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a connection pool with a `_ResolvingBackend`."""
 
-    def __init__(self, lookups: Executor, *, allow_private: bool) -> None:
+    def __init__(
+        self, lookups: Executor, *, allow_private: bool, ca_file: Path | None = None
+    ) -> None:
         super().__init__(trust_env=False)
+        # The public CAs (certifi's), not the environment's SSL_CERT_FILE: what is trusted
+        # is set here, as the proxies are.
+        tls = httpx.create_ssl_context(trust_env=False)
+        if ca_file is not None:
+            tls.load_verify_locations(cafile=ca_file)
         # httpx 0.28 offers no way to pass a network backend, so the pool it built is
         # replaced with one that has ours (it has opened no connection yet).
         # httpx's own limits, not httpcore's smaller defaults (10 connections, kept open
         # for ever): deliveries must not queue for a connection while their timeout runs.
         limits = httpx.Limits()
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -435,6 +446,7 @@ class WebhookConfig:
         backoff_max_s: Cap on one wait between attempts.
         allow_private: Allow callbacks to loopback and private networks (not link-local,
             multicast, reserved or unrouted addresses).
+        ca_file: CA certificates (PEM) that HTTPS callbacks trust besides the public ones.
     """
 
     secret: str | None = None
@@ -443,6 +455,7 @@ class WebhookConfig:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
     allow_private: bool = False
+    ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         # The settings behind each field are named so that a startup error says what to fix.
@@ -553,7 +566,9 @@ class WebhookSender:
         self._config = config
         self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhook-lookup")
         self._client = httpx.AsyncClient(
-            transport=_ResolvingTransport(self._lookups, allow_private=config.allow_private),
+            transport=_ResolvingTransport(
+                self._lookups, allow_private=config.allow_private, ca_file=config.ca_file
+            ),
             trust_env=False,
             follow_redirects=False,
             timeout=config.timeout_s,

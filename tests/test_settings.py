@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trustme
 
 from service.settings import PROJECT_ROOT, load_settings
 
@@ -194,3 +195,38 @@ def test_a_temporary_directory_that_cannot_be_used_is_refused(
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     load_settings()
     assert tempfile.gettempdir() == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "No such file or directory"),
+        (b"", "cannot be read as PEM CA certificates"),
+        (b"not a certificate\n", "cannot be read as PEM CA certificates"),
+    ],
+    ids=["missing", "empty", "not PEM"],
+)
+def test_a_webhook_ca_file_that_holds_no_certificates_is_refused(
+    content: bytes | None,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    monkeypatch.setenv("WEBHOOK_CA_FILE", str(path))
+    line = refusal(monkeypatch, capsys)
+    assert "WEBHOOK_CA_FILE=" in line
+    assert says in line
+    assert len(line.strip().splitlines()) == 1
+
+
+def test_a_webhook_ca_file_of_certificates_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    monkeypatch.setenv("WEBHOOK_CA_FILE", str(path))
+    assert load_settings().webhook_ca_file == path

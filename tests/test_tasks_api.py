@@ -883,6 +883,24 @@ async def metrics_once_counted(client: httpx.AsyncClient, sample: str, value: fl
             await asyncio.sleep(0.02)
 
 
+async def test_a_callback_url_with_blanks_around_it_is_trimmed_and_an_empty_one_means_none(
+    photos: list[Path],
+) -> None:
+    """A form field filled from an unset variable is empty: no webhook, as if not sent."""
+    async with receiving() as receiver, running_app(make_settings(**WEBHOOK_SETTINGS)) as served:
+        data = photos[0].read_bytes()
+        padded = await submit(served.client, data, callback_url=f"  {receiver.url}\t")
+        empty = [await submit(served.client, data, callback_url=value) for value in ("", "  ")]
+        delivered = await webhook_done(served.client, padded["task_id"])
+        for accepted in empty:
+            task = await finished(served.client, accepted["task_id"])
+            assert task["status"] == "succeeded"
+            assert task["webhook"] is None
+
+    assert delivered["webhook"] == delivered_after(1)
+    assert [json.loads(r.body)["task_id"] for r in receiver.received] == [padded["task_id"]]
+
+
 async def test_a_signed_webhook_carries_the_result(photos: list[Path]) -> None:
     settings = make_settings(webhook_secret="s3cret", **WEBHOOK_SETTINGS)
     async with receiving() as receiver, running_app(settings) as served:

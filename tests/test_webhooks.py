@@ -9,15 +9,19 @@ import hmac
 import json
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpcore
+import httpx
 import pytest
+import trustme
 
 from service import webhooks
 from service.webhooks import (
@@ -272,6 +276,30 @@ async def test_a_receiver_that_resets_the_connection_is_named_in_the_error(
     assert attempt.retry_in_s is not None
     assert attempt.error is not None
     assert "the receiver closed or reset the connection" in attempt.error
+
+
+async def test_an_https_receiver_of_a_private_ca_is_trusted_with_webhook_ca_file(
+    tmp_path: Path, make_sender: Callable[..., WebhookSender]
+) -> None:
+    """Receivers on a local network often hold certificates of a private CA: their
+    deliveries fail verification, as they must, unless that CA is given, and then succeed.
+    The public CAs stay trusted beside it."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async with receiving(tls) as receiver:
+        refused = await make_sender(max_attempts=3).attempt(receiver.url, PAYLOAD)
+        trusted = await make_sender(ca_file=ca_file).attempt(receiver.url, PAYLOAD)
+
+    assert not refused.delivered
+    assert refused.error is not None
+    assert "certificate verify failed" in refused.error
+    assert trusted == Attempt(attempts=1, error=None, retry_in_s=None)
+    assert len(receiver.received) == 1
+    assert json.loads(receiver.received[0].body) == PAYLOAD
 
 
 def test_an_attempt_cut_off_counts_but_never_ends_the_delivery() -> None:
@@ -755,6 +783,34 @@ def answer_with(*addresses: str) -> Callable[..., object]:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
 
     return getaddrinfo
+
+
+@pytest.mark.parametrize(
+    ("url", "looked_up"),
+    [
+        ("http://faß.de/hook", "xn--fa-hia.de"),
+        ("https://Straße.example:8443/hook", "xn--strae-oqa.example"),
+        ("http://Hooks.Example.COM/", "hooks.example.com"),
+    ],
+)
+def test_the_submission_looks_up_the_name_the_delivery_connects_to(
+    monkeypatch: pytest.MonkeyPatch, url: str, looked_up: str
+) -> None:
+    """An internationalised name in the IDNA 2008 form the HTTP client uses: Python's own
+    codec (IDNA 2003) would check "fass.de", another domain, than the one "faß.de" is
+    delivered to."""
+    names: list[str] = []
+    answer = answer_with("93.184.215.14")
+
+    def getaddrinfo(host: str, port: int, **kwargs: object) -> object:
+        names.append(host)
+        return answer(host, port, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    check_callback_url(url, allow_private=False)
+
+    assert names == [looked_up]
+    assert httpx.URL(url).raw_host.decode() == looked_up
 
 
 async def test_the_backend_connects_to_the_address_it_vetted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -49,16 +50,17 @@ class Receiver:
 
 
 @asynccontextmanager
-async def receiving() -> AsyncIterator[Receiver]:
-    """A receiver serving ``POST /hook`` on the running event loop."""
+async def receiving(tls: ssl.SSLContext | None = None) -> AsyncIterator[Receiver]:
+    """A receiver serving ``POST /hook`` on the running event loop; over HTTPS with ``tls``."""
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start()
     receiver.port = runner.addresses[0][1]
-    receiver.url = f"http://127.0.0.1:{receiver.port}/hook"
+    scheme = "http" if tls is None else "https"
+    receiver.url = f"{scheme}://127.0.0.1:{receiver.port}/hook"
     try:
         yield receiver
     finally:
