@@ -941,15 +941,23 @@ def _service(request: Request) -> Service:
     return service
 
 
-async def _file_sent_once(request: Request) -> None:
+async def _one_file_named_file(request: Request) -> None:
     """Refuse a form with several ``file`` entries (an image and a plain field, say): FastAPI
     binds the last one, so by their order it would serve the image, refuse the field, or
-    take an empty entry for no file at all. Runs before the form's fields are validated."""
+    take an empty entry for no file at all. Name a file sent under another name (``image``,
+    ``upload``) where ``file`` is missing. Runs before the form's fields are validated."""
     form = await request.form()  # parsed already, with the route's limits, and kept
     if (sent := len(form.getlist("file"))) > 1:
         several = "to /cls/batch" if request.url.path == "/cls" else "as a task each"
         message = f"was sent {sent} times; send one image, as one file part (several {several})"
         raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
+    if "file" not in form:
+        for name, part in form.multi_items():
+            if isinstance(part, StarletteUploadFile) and part.size:
+                message = (
+                    "a file under another name than 'file'; send the image as a part named 'file'"
+                )
+                raise RequestValidationError([{"loc": ("body", name), "msg": message}])
 
 
 def _top_k(request: Request, requested: int | None) -> int:
@@ -1337,6 +1345,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         else:
             detail = f"{request.url.path} takes one file; send several to /cls/batch"
     if exc.status_code == 400 and (match := _TOO_MANY_FIELDS.fullmatch(str(detail))):
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            # An image sent as the raw body, which curl labels as a URL-encoded form: its
+            # bytes read as many fields.
+            detail = f"file: Field required; {_send_as_multipart(content_type)}"
+            return JSONResponse({"detail": detail}, status_code=422)
         takes = "file, callback_url and metadata" if request.url.path == "/tasks" else "file"
         detail = (
             f"more than {match[1]} plain form fields; {request.url.path} takes {takes} "
@@ -1377,12 +1391,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         tuple(error.get("loc", ())) == ("body", "file") for error in exc.errors()
     ):
         # An image sent as the raw body, or as JSON: say how to send it instead.
-        shown = _shortened(content_type, 100)
-        problems.append(
-            "send the image as a multipart/form-data part named 'file' "
-            f"(curl -F file=@image.jpg), not as a body of type {shown or '(none)'}"
-        )
+        problems.append(_send_as_multipart(content_type))
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+def _send_as_multipart(content_type: str) -> str:
+    shown = _shortened(content_type, 100)
+    return (
+        "send the image as a multipart/form-data part named 'file' "
+        f"(curl -F file=@image.jpg), not as a body of type {shown or '(none)'}"
+    )
 
 
 def _public_validation_message(error: Mapping[str, object]) -> str:
@@ -1479,7 +1497,7 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["POST"],
         response_model=ClassifyResponse,
         responses=error_responses(400, 413, 422, 504),
-        dependencies=[Depends(_file_sent_once)],
+        dependencies=[Depends(_one_file_named_file)],
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
@@ -1515,7 +1533,7 @@ def create_app(settings: Settings) -> FastAPI:
         status_code=202,
         response_model=TaskAccepted,
         responses={202: {"headers": TASK_ACCEPTED_HEADERS}, **error_responses(400, 413, 422)},
-        dependencies=[Depends(_file_sent_once)],
+        dependencies=[Depends(_one_file_named_file)],
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )

@@ -210,8 +210,15 @@ def build_corpus(photo_path: Path) -> list[Case]:
         Case(
             "wrong-field-name",
             422,
-            "file: Field required",
+            "image: a file under another name than 'file'",
             [("image", ("photo.jpg", jpeg, "image/jpeg"))],
+        ),
+        Case(
+            "raw-body-as-curl-labels-it",
+            422,
+            "send the image as a multipart/form-data part named 'file'",
+            content=b"&".join([jpeg[:200]] * 20),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
         ),
         Case(
             "json-body",

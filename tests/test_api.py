@@ -166,14 +166,32 @@ async def test_a_model_with_fewer_classes_than_the_default_top_k_answers_them_al
 
 
 async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) -> None:
-    wrong_name = await served.client.post("/cls", files={"image": ("a.jpg", b"x", "image/jpeg")})
-    assert wrong_name.status_code == 422
-    assert wrong_name.json() == {"detail": "file: Field required"}
-    # Not multipart at all: the answer says how to send an image.
+    for path in ("/cls", "/tasks"):
+        wrong_name = await served.client.post(path, files={"image": ("a.jpg", b"x", "image/jpeg")})
+        assert wrong_name.status_code == 422
+        assert wrong_name.json() == {
+            "detail": "image: a file under another name than 'file'; send the image as a part "
+            "named 'file'"
+        }
+    empty_part = await served.client.post("/cls", files={"image": ("", b"", "image/jpeg")})
+    assert empty_part.json() == {"detail": "file: Field required"}
+    # Not multipart at all: the answer says how to send an image. curl labels a raw body
+    # (--data-binary @image.jpg) a URL-encoded form, whose "&" bytes make many fields.
     how = "send the image as a multipart/form-data part named 'file' (curl -F file=@image.jpg)"
+    raw_image = b"\xff\xd8\xff" + b"&x=1" * 50
+    urlencoded = "application/x-www-form-urlencoded"
     for response, sent_as in (
         (await served.client.post("/cls"), "(none)"),
         (await served.client.post("/cls", json={"file": "abc"}), "application/json"),
+        *[
+            (
+                await served.client.post(
+                    path, content=raw_image, headers={"Content-Type": urlencoded}
+                ),
+                urlencoded,
+            )
+            for path in ("/cls", "/cls/batch", "/tasks")
+        ],
         (
             await served.client.post(
                 "/cls/batch", content=b"\xff\xd8\xff", headers={"Content-Type": "image/jpeg"}
