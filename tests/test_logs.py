@@ -87,6 +87,25 @@ def test_a_path_cannot_forge_a_line_of_the_text_log(
     assert vars(line)["path"] == "/x\nFORGED LINE\r\u2028\x1b[31m"  # JSON escapes it itself
 
 
+def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    """Workers share one pipe, which keeps a write whole only up to PIPE_BUF (4 KiB); a
+    request line may carry a 64 KiB path, here of characters that escape the longest."""
+    token, fields = logs.begin_request("req-1")
+    logs.log_access("GET", "/" + "\U0001f600" * 65_000, 404, 0.001, fields, client="::1")
+    logs.end_request(token)
+
+    (line,) = access_lines
+    json_line = logs.json_formatter().format(line)
+    text_line = logging.Formatter(logs.TEXT_FORMAT).format(line)
+    assert len(json_line.encode()) < 4096
+    assert len(text_line.encode()) < 4096
+    written = json.loads(json_line)
+    assert written["path"] == "/" + "\U0001f600" * (logs.ACCESS_PATH_MAX_CHARS - 1) + "..."
+    assert written["status"] == 404
+
+
 def test_a_forwarded_client_address_cannot_forge_fields_of_the_line(
     access_lines: list[logging.LogRecord],
 ) -> None:
