@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    data_dir: Path | None = None  # its own task store, removed as it stops
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request
     _cpu_marks: dict[int, float] = field(default_factory=dict)
 
@@ -125,6 +128,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def server_environment(settings: dict[str, str]) -> dict[str, str]:
@@ -138,16 +143,22 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
     """Start ``gunicorn main:app`` with these settings, every other at its default, and
     wait until it is ready."""
     port = free_port()
-    env = server_environment(settings)
+    # A task store of its own: the default, ./data, may be a server's that a user runs.
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
+    env = server_environment({"DATA_DIR": str(data_dir)} | settings)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
     command = [str(BIN / "gunicorn"), "main:app", "-c", "gunicorn_config.py"]
     command += ["--bind", f"127.0.0.1:{port}"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, data_dir)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

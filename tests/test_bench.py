@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -223,6 +224,39 @@ def test_a_started_server_takes_no_setting_from_the_callers_environment(
     assert (environment["WEIGHTS"], environment["WORKERS"]) == ("random", "2")
     for dropped in ("API_KEY", "torch_threads", "GUNICORN_CMD_ARGS", "OMP_NUM_THREADS"):
         assert dropped not in environment
+
+
+def test_a_started_server_has_a_task_store_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The default DATA_DIR, ./data, may hold the tasks of a server that a user runs: the
+    benchmark's servers keep theirs apart, and remove them as they stop."""
+    started: list[dict[str, str]] = []
+
+    class Started:
+        def __init__(self, command: list[str], **kwargs: Any) -> None:
+            started.append(kwargs["env"])
+            self.returncode: int | None = None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            self.returncode = -signum
+
+        def wait(self, timeout: float | None = None) -> int | None:
+            return self.returncode
+
+    monkeypatch.setattr(bench_server.subprocess, "Popen", Started)
+    monkeypatch.setattr(bench_server.httpx, "get", lambda *a, **k: httpx.Response(200))
+    monkeypatch.setenv("DATA_DIR", str(PROJECT_ROOT / "data"))
+
+    with bench_server.start({"WEIGHTS": "random"}, tmp_path), bench_server.start({}, tmp_path):
+        data_dirs = [Path(env["DATA_DIR"]) for env in started]
+        assert all(data_dir.is_dir() for data_dir in data_dirs)
+        assert len(set(data_dirs)) == 2
+        assert PROJECT_ROOT / "data" not in data_dirs
+    assert not any(data_dir.exists() for data_dir in data_dirs)
 
 
 def _closed_step(clients: int, throughput: float, mean_batch: float) -> StepResult:
