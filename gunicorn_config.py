@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import memory
+from service import logs, memory
 from service.settings import load_settings, prepare_metrics_dir
 from service.siblings import SIBLINGS_DIR, Siblings, process_alive
 
@@ -111,10 +112,36 @@ def when_ready(server: Any) -> None:
     if the workers cannot create theirs, and make the workers' directory. Not before: a
     start that cannot bind its port (a server already runs there) must neither wipe that
     server's metrics nor leave directories behind, since it exits without ``on_exit``."""
+    if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
+        _claim_private_directory(PROMETHEUS_DIR)
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)
-    shutil.rmtree(SIBLINGS.directory, ignore_errors=True)
-    SIBLINGS.directory.mkdir(parents=True)
+    _claim_private_directory(SIBLINGS.directory)
+    for mark in SIBLINGS.directory.iterdir():  # an earlier master's of the same pid
+        mark.unlink()
     _remove_directories_of_dead_masters()
+
+
+def _claim_private_directory(path: Path) -> None:
+    """Make ``path``, named by the master's pid in the shared temporary directory, for this
+    user alone, or stop start-up with one line if another user made it first (its name can
+    be guessed): the workers' files in it could be read and forged, or be links of theirs
+    that the workers would write through."""
+    try:
+        path.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        found = path.lstat()
+    if stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
+        path.chmod(0o700)  # left by this user's earlier run, perhaps with a looser umask
+        return
+    what = "a link" if stat.S_ISLNK(found.st_mode) else f"owned by uid {found.st_uid}"
+    raise SystemExit(
+        logs.unconfigured_line(
+            f"{path} exists and is {what}, not a directory of this user's, who could read "
+            "or forge what the workers write there: remove it, or set TMPDIR to a "
+            "directory only this user can write to"
+        )
+    )
 
 
 # The directories a master names by its pid in the temporary directory, removed by its

@@ -255,6 +255,69 @@ def test_the_directories_of_a_master_killed_outright_are_removed_at_the_next_sta
         assert (temporary / kept / "counter_1.db").exists(), kept
 
 
+def _start_in_own_temporary_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[Path, dict[str, object]]:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    return temporary, load(monkeypatch, tmp_path, PROMETHEUS_MULTIPROC_DIR="")
+
+
+@pytest.mark.parametrize("prefix", ["prometheus-multiproc-", "service-siblings-"])
+@pytest.mark.parametrize("planted", ["another user's directory", "a link"])
+def test_a_directory_named_by_the_masters_pid_that_another_user_made_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str, planted: str
+) -> None:
+    """The default directories are named by the master's pid in the shared temporary
+    directory, where anyone may make them first, to read or forge the workers' files, or
+    to hold links that the workers would write through."""
+    temporary, config = _start_in_own_temporary_dir(monkeypatch, tmp_path)
+    planted_at = temporary / f"{prefix}{os.getpid()}"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if planted == "a link":
+        planted_at.symlink_to(theirs)
+    else:
+        planted_at.mkdir(mode=0o777)
+        monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)  # made by someone else
+    when_ready = config["when_ready"]
+    assert callable(when_ready)
+
+    with pytest.raises(SystemExit) as stopped:
+        when_ready(SimpleNamespace())
+
+    expected = "a link" if planted == "a link" else f"owned by uid {os.getuid()}"
+    assert str(stopped.value) == (
+        f"{planted_at} exists and is {expected}, not a directory of this user's, who could "
+        "read or forge what the workers write there: remove it, or set TMPDIR to a "
+        "directory only this user can write to"
+    )
+    assert list(theirs.iterdir()) == []
+
+
+def test_the_directories_named_by_the_masters_pid_are_this_users_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    temporary, config = _start_in_own_temporary_dir(monkeypatch, tmp_path)
+    left_by_an_earlier_run = temporary / f"service-siblings-{os.getpid()}"
+    left_by_an_earlier_run.mkdir(mode=0o777)
+    left_by_an_earlier_run.chmod(0o777)
+    (left_by_an_earlier_run / "started").touch()
+    when_ready, on_exit = config["when_ready"], config["on_exit"]
+    assert callable(when_ready)
+    assert callable(on_exit)
+
+    when_ready(SimpleNamespace())
+    try:
+        for prefix in ("prometheus-multiproc-", "service-siblings-"):
+            made = temporary / f"{prefix}{os.getpid()}"
+            assert made.stat().st_mode & 0o777 == 0o700, prefix
+        assert list(left_by_an_earlier_run.iterdir()) == []  # its marks are not this run's
+    finally:
+        on_exit(None)
+
+
 @pytest.mark.parametrize("empty", ["", " "])
 def test_an_empty_metrics_dir_means_the_default_not_the_working_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, empty: str
