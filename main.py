@@ -1275,6 +1275,10 @@ def _status_and_detail(error: BaseException) -> tuple[int, str]:
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status, detail = _status_and_detail(exc)
+    if isinstance(exc, TaskStoreFailed):
+        # The logs name the file where the operator put it; a client is not told where.
+        store_path = _service(request).settings.data_dir / DATABASE_NAME
+        detail = detail.replace(str(store_path), f"DATA_DIR's {DATABASE_NAME}")
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 

@@ -2249,6 +2249,9 @@ async def test_a_data_dir_deleted_under_the_server_is_503_with_what_mends_it(
         assert refused.headers["Retry-After"] == "1"
         assert "was deleted or replaced" in refused.json()["detail"]
         assert "restart the server" in refused.json()["detail"]
+        # Where the operator keeps it is the logs' to say, not a client's to learn.
+        assert "DATA_DIR's tasks.sqlite3" in refused.json()["detail"]
+        assert str(settings.data_dir) not in refused.json()["detail"]
 
 
 async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_one(
@@ -2275,6 +2278,7 @@ async def test_a_worker_replacing_another_makes_no_new_store_beside_a_deleted_on
         assert refused.status_code == 503, refused.text
         assert "is gone: DATA_DIR was deleted" in refused.json()["detail"]
         assert "restart the server" in refused.json()["detail"]
+        assert str(settings.data_dir) not in refused.json()["detail"]
     assert not settings.data_dir.exists()
 
 
