@@ -26,8 +26,9 @@ from service import logs, metrics
 
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_STATE = "request_id"
-# Echo a caller's id only when it is safe to put into headers and logs.
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Echo a caller's id only when it is safe to put into headers and logs, and holds a letter
+# or digit: "-" alone is what log lines outside any request carry.
+_VALID_REQUEST_ID = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9._:/+=-]{1,128}")
 # Seconds a client told that the server is busy (503) waits before it tries again.
 RETRY_AFTER_S = "1"
 # Sent with an answer given before the body was read to its end: the client may still be
@@ -52,7 +53,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         supplied = Headers(scope=scope).get(REQUEST_ID_HEADER)
         request_id = (
-            supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+            supplied if supplied and _VALID_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         )
         token, access_fields = logs.begin_request(request_id)
         # For the handler of unexpected errors, which Starlette runs outside this middleware.
