@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/gunicorn main:app -c gunicorn_config.py
 
 ## dev: auto-reloading development server on 127.0.0.1:$PORT (5001); BIND, WORKERS and
-## KEEPALIVE_S are gunicorn's, and do not apply
+##   KEEPALIVE_S are gunicorn's, and do not apply
 dev: $(STAMP)
 	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
@@ -43,7 +43,7 @@ soak: $(STAMP)
 	$(BIN)/python -m pytest -m soak -s tests/test_resilience.py
 
 ## check-deploy: compose schema, Prometheus config and a real scrape, Grafana queries,
-## Kubernetes manifests, two replicas behind a real nginx (needs `make deploy-tools`)
+##   Kubernetes manifests, two replicas behind a real nginx (needs `make deploy-tools`)
 check-deploy: $(STAMP)
 	$(BIN)/python -m pytest -m deploy tests/deploy
 

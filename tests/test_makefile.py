@@ -36,3 +36,19 @@ def test_an_interpreter_older_than_3_11_is_refused_in_one_line_before_any_venv(
     assert f"needs Python 3.11 or newer, which {python} is not" in made.stderr
     assert "unexpected call" not in made.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def test_help_names_every_target_once_with_its_continuations_indented() -> None:
+    shown = subprocess.run(
+        ["make", "-s", "-f", MAKEFILE, "help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    phony = next(
+        line for line in Path(MAKEFILE).read_text().splitlines() if line.startswith(".PHONY:")
+    )
+    named = [line.split(":")[0] for line in shown if not line.startswith("  ")]
+    assert sorted(named) == sorted(phony.split()[1:])
