@@ -282,6 +282,11 @@ class Service:
                 run_times[1] * 1000,
             )
         self.classifier = classifier
+        if settings.weights.strip().lower() == "random":
+            logger.warning(
+                "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
+                "meaningless; for tests and smoke runs only"
+            )
         metrics.record_model(
             "resnet18",
             str(classifier.device),

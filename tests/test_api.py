@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
+import torchvision
 from PIL import Image, PngImagePlugin
 from prometheus_client import REGISTRY
 from starlette.datastructures import UploadFile as StarletteUploadFile
@@ -309,6 +311,25 @@ async def test_the_start_says_when_the_warm_up_begins_and_what_it_measured(
     assert "warming up with batches of 1 and 4" in lines
     warm = next(line for line in lines if line.startswith("warm: "))
     assert re.fullmatch(r"warm: a batch of 1 takes \d+ ms, a batch of 4 takes \d+ ms", warm)
+
+
+async def test_random_weights_are_warned_of(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A smoke-run setting left in a deployment would answer every request with a
+    meaningless label, and nothing else would say so."""
+    weights_file = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights_file)
+    for weights, warned in (("random", True), (str(weights_file), False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service"):
+            async with running_app(make_settings(weights=weights)):
+                pass
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
+            "meaningless; for tests and smoke runs only" in lines
+        ) is warned
 
 
 async def test_a_request_timeout_shorter_than_a_batch_of_one_is_warned_of(
