@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,13 +28,14 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+import pydantic
 import torch
 from tqdm import tqdm
 
 from bench import limits, queueing, report
 from bench.load import StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.report import MAX_PAIR_DRIFT
-from bench.server import Server, start
+from bench.server import Server, ServerNotStarted, start
 from classification import ImageTooLarge, InvalidImage, preprocess
 from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, Settings, available_cores
@@ -186,7 +188,9 @@ def idle_step(server: Server, payloads: list[Any], mode: dict[str, Any], name: s
     return step
 
 
-def _saturating_clients(sweep: list[StepResult], max_batch_size: int) -> int:
+def _saturating_clients(
+    sweep: list[StepResult], max_batch_size: int, *, by_url: bool = False
+) -> int:
     """The fewest clients of the sweep that kept every batch full: the server saturated at
     the maximum batch, as the forward-only limit is measured. (The best throughput of the
     sweep may come from fewer clients and half-full batches, by the minute's drift.)"""
@@ -194,10 +198,16 @@ def _saturating_clients(sweep: list[StepResult], max_batch_size: int) -> int:
     full = [s for s in closed if s.mean_batch_size >= max_batch_size - 0.5]
     if not full:
         largest = max(s.mean_batch_size for s in closed)
+        advice = (
+            "give the server's MAX_BATCH_SIZE as --max-batch-size"
+            if by_url
+            else f"the sweep's {closed[-1].offered:g} clients did not fill them, so its "
+            "throughput is that of smaller batches"
+        )
         print(
             f"warning: no step kept batches of {max_batch_size} full (the largest mean batch "
             f"was {largest:.1f}); target 1 compares with the forward-only limit at "
-            f"{max_batch_size}: with --url, give the server's MAX_BATCH_SIZE as --max-batch-size",
+            f"{max_batch_size}: {advice}",
             file=sys.stderr,
         )
     return int((full[0] if full else closed[-1]).offered)
@@ -286,6 +296,21 @@ def _ms(value: float | None) -> str:
     return "no answer" if value is None else f"{value:.1f}"
 
 
+TARGET_3 = "3. saturated throughput / batching-off throughput"
+TARGET_5 = "5. worker RSS at rest / bare model process"
+
+
+def _not_measured(name: str, bound: str, why: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": None,
+        "bound": bound,
+        "note": why,
+        "not_measured": True,
+        "met": None,
+    }
+
+
 def targets(
     results: dict[str, Any], max_batch_size: int, workers: int | None
 ) -> list[dict[str, Any]]:
@@ -332,6 +357,9 @@ def targets(
             "pair_drift": pipeline_drift,
         },
     ]
+    by_url = "not measured: with --url, no server is started here"
+    if workers is None:
+        found.append(_not_measured(TARGET_3, ">= 1.15", f"{by_url} with batching off"))
     if results.get("baseline"):
         baseline = results["baseline"][0]["throughput_per_s"]
         batching = [
@@ -340,7 +368,7 @@ def targets(
         drift = _drift(*batching) if all(batching) else 0.0
         found.append(
             {
-                "name": "3. saturated throughput / batching-off throughput",
+                "name": TARGET_3,
                 "value": _ratio(statistics.mean(batching), baseline),
                 "bound": ">= 1.15",
                 "note": f"{statistics.mean(batching):.1f} / {baseline:.1f} images/s"
@@ -371,10 +399,12 @@ def targets(
             target["ideal_server_value"] = ideal
         found.append(target)
     memory = results["memory"]
+    if workers is None:
+        found.append(_not_measured(TARGET_5, "<= 1.3", f"{by_url}, whose workers it can watch"))
     if memory.get("worker_rss_at_rest_after_load"):
         found.append(
             {
-                "name": "5. worker RSS at rest / bare model process",
+                "name": TARGET_5,
                 "value": memory["worker_rss_at_rest_after_load"] / memory["bare_model_process_rss"],
                 "bound": "<= 1.3",
                 "note": f"{memory['worker_rss_at_rest_after_load'] / 2**20:.0f} / "
@@ -390,6 +420,8 @@ def targets(
         )
         lone["implausible"] = True
     for target in found:
+        if target.get("not_measured"):
+            continue
         bound = target["bound"]
         limit = float(bound.split()[1])
         value = target["value"]
@@ -443,6 +475,35 @@ def _positive(text: str) -> int:
     return value
 
 
+def _check_url(
+    parser: argparse.ArgumentParser, url: str, headers: dict[str, str], image: Path
+) -> None:
+    """Refuse, before any measurement, a server that is not ready or would refuse every
+    request: the sweep would measure nothing but its errors."""
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        if not ready:
+            parser.error(f"--url {url} is not ready (/readyz)")
+        answer = httpx.post(
+            f"{url}/cls",
+            files={"file": (image.name, image.read_bytes())},
+            headers=headers,
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        parser.error(f"--url {url} cannot be reached: {exc}")
+    if answer.status_code == 401:
+        parser.error(
+            f"--url {url} answers 401: give its API_KEY with --api-key"
+            if not headers
+            else f"--url {url} answers 401: --api-key is not its API_KEY"
+        )
+    if answer.status_code != 200:
+        parser.error(
+            f"--url {url} answers {answer.status_code} to {image.name}: {answer.text[:300]}"
+        )
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -487,6 +548,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as exc:
+        parser.error(f"--out {args.out} cannot hold the results: {exc.strerror or exc}")
     # Stopped by a signal (its terminal closed too), the servers it started are stopped too
     # (ExitStack below).
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -497,6 +563,8 @@ def main() -> None:
         sys.exit("interrupted; the servers it started are stopped")
     except httpx.HTTPError as exc:
         sys.exit(f"the server stopped answering as it should ({exc}); no results written")
+    except ServerNotStarted as exc:
+        sys.exit(f"{exc}\nno results written")
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -508,21 +576,22 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except ValueError as exc:
         default = args.images == parser.get_default("images")
         parser.error(f"{exc}" + (" (the default; give a folder with --images)" if default else ""))
-    if args.url:
-        args.url = args.url.rstrip("/")
-        try:
-            ready = httpx.get(f"{args.url}/readyz", timeout=10).status_code == 200
-        except httpx.HTTPError as exc:
-            parser.error(f"--url {args.url} cannot be reached: {exc}")
-        if not ready:
-            parser.error(f"--url {args.url} is not ready (/readyz)")
-    threads = max(1, available_cores() // args.workers)
     settings = {
         "WEIGHTS": "random",
         "WORKERS": str(args.workers),
         "MAX_BATCH_SIZE": str(args.max_batch_size),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:  # these alone: the server it starts takes nothing from this environment
+        Settings.model_validate({name.lower(): value for name, value in settings.items()})
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        parser.error(f"{option} {error['input']}: {error['msg'].lower()}, as the service allows")
+    headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
+    if args.url:
+        args.url = args.url.rstrip("/")
+        _check_url(parser, args.url, headers, images[0])
+    threads = max(1, available_cores() // args.workers)
     payloads = encode_payloads(images)
     # Start-up 3, the sweep (closed, open, idle twice, spaced), paired 2, batching off 1.
     total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 3 + 3
@@ -550,7 +619,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
         progress.set_description("starting servers")
         if args.url:
-            headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
             server, baseline_server = Server(args.url, headers=headers), None
         else:
             server = servers.enter_context(start(settings, args.out / "logs"))
@@ -575,7 +643,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             progress.set_description("worker at rest")
             time.sleep(worker_memory.IDLE_S + 2)
             memory["worker_rss_at_rest_after_load"] = server.worker_rss_bytes()
-        saturating_clients = _saturating_clients(sweep, args.max_batch_size)
+        saturating_clients = _saturating_clients(sweep, args.max_batch_size, by_url=bool(args.url))
         results["paired"] = run_paired(
             server, payloads, lim, mode, saturating_clients, args.max_batch_size, progress
         )
@@ -607,9 +675,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     plots = report.write_plots(prefix, results)
     report.write_markdown(prefix.with_suffix(".md"), results, plots)
     for target in results["targets"]:
-        verdict = "ok" if target["met"] else "NO"
+        verdict = {True: "ok", False: "NO", None: "--"}[target["met"]]
         unreliable = target.get("pair_drift", 0) > MAX_PAIR_DRIFT
-        value = "no answer" if target["value"] is None else f"{target['value']:.3f}"
+        value = (
+            target["note"]
+            if target.get("not_measured")
+            else "no answer"
+            if target["value"] is None
+            else f"{target['value']:.3f}"
+        )
         print(
             f"{verdict:3} {target['name']}: {value} ({target['bound']})"
             + (f"; unreliable, A drifted {target['pair_drift']:.1%}" if unreliable else "")

@@ -60,6 +60,15 @@ def step_rows(steps: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def target_rows(targets: list[dict[str, Any]]) -> list[str]:
+    verdicts = {True: "yes", False: "**no**", None: "not measured"}
+    return [
+        f"| {target['name']} | {_figure(target['value'], places=3)} | {target['bound']} "
+        f"| {verdicts[target['met']]} | {target['note']} |"
+        for target in targets
+    ]
+
+
 def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> None:
     machine = results["machine"]
     limits = results["limits"]
@@ -86,11 +95,7 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         "| target | measured | required | met | from |",
         "| --- | ---: | ---: | --- | --- |",
     ]
-    for target in results["targets"]:
-        lines.append(
-            f"| {target['name']} | {_figure(target['value'], places=3)} | {target['bound']} "
-            f"| {'yes' if target['met'] else '**no**'} | {target['note']} |"
-        )
+    lines += target_rows(results["targets"])
     lines += [
         "",
         "## In-process limits",

@@ -33,6 +33,10 @@ _SERVER_ENVIRONMENT = {name.upper() for name in Settings.model_fields} | {
 }
 
 
+class ServerNotStarted(RuntimeError):
+    """A server started for a benchmark exited, or was not ready in time."""
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -163,14 +167,20 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
     try:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise ServerNotStarted(
+                    f"the server exited with status {process.returncode} as it started; "
+                    f"the end of its log, {log_path}:\n{tail}"
+                )
             try:
                 if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
                     return server
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout_s} s")
+        raise ServerNotStarted(
+            f"the server was not ready after {timeout_s:g} s; its log: {log_path}"
+        )
     except BaseException:  # a signal or Ctrl-C too: never leave it running
         server.stop()
         raise

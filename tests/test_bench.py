@@ -12,9 +12,12 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -350,10 +353,17 @@ def test_a_sweep_that_never_filled_its_batches_says_so(capsys: pytest.CaptureFix
     assert capsys.readouterr().err == ""
 
     half_full = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 8.0)]
-    assert _saturating_clients(half_full, max_batch_size=16) == 32
+    assert _saturating_clients(half_full, max_batch_size=16, by_url=True) == 32
     warning = capsys.readouterr().err
     assert "no step kept batches of 16 full (the largest mean batch was 8.0)" in warning
-    assert "--max-batch-size" in warning
+    assert "give the server's MAX_BATCH_SIZE as --max-batch-size" in warning
+    # A server started here has the benchmark's --max-batch-size: nothing to give.
+    assert _saturating_clients(half_full, max_batch_size=16) == 32
+    warning = capsys.readouterr().err
+    assert "no step kept batches of 16 full" in warning
+    assert "the sweep's 32 clients did not fill them" in warning
+    assert "--url" not in warning
+    assert "--max-batch-size" not in warning
 
 
 def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
@@ -528,7 +538,23 @@ def test_the_ideal_figure_divides_the_arrivals_among_the_workers() -> None:
     assert one["pair_drift"] == pytest.approx(10 / 25)
     assert "unreliable" in one["note"]
     assert 0 < two["ideal_server_value"] < one["ideal_server_value"]
-    assert "ideal_server_value" not in targets(results, max_batch_size=16, workers=None)[2]
+    by_url = {t["name"][:2]: t for t in targets(results, max_batch_size=16, workers=None)}
+    assert "ideal_server_value" not in by_url["4."]
+
+
+def test_with_url_the_targets_it_cannot_measure_say_so() -> None:
+    """Target 3 needs a server with batching off, target 5 the workers' memory: neither is
+    had for a server given by URL. Their rows say so, rather than missing from the report."""
+    results = _results_for_targets(offered_at_75=60.0)
+    found = targets(results, max_batch_size=16, workers=None)
+    assert [t["name"][:2] for t in found] == ["1.", "2.", "3.", "4.", "5."]
+    for target in (found[2], found[4]):
+        assert target["met"] is None
+        assert target["value"] is None
+        assert target["note"].startswith("not measured: with --url")
+        assert "| not measured |" in "\n".join(report.target_rows([target]))
+    started_here = [t["name"][:2] for t in targets(results, max_batch_size=16, workers=1)]
+    assert started_here == ["1.", "2.", "4."]  # no baseline or memory in these figures
 
 
 def test_no_ideal_figure_for_a_rate_the_ideal_server_cannot_serve() -> None:
@@ -728,6 +754,15 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
             "--url http://127.0.0.1:9 cannot be reached",
         ),
         (["--out", str(PROJECT_ROOT / "README.md")], "README.md is a file, not a folder"),
+        (["--out", "/proc/bench-results"], "--out /proc/bench-results cannot hold the results"),
+        (
+            ["--workers", "65", "--images", str(IMAGES_DIR)],
+            "--workers 65: input should be less than or equal to 64, as the service allows",
+        ),
+        (
+            ["--max-batch-size", "2000", "--images", str(IMAGES_DIR)],
+            "--max-batch-size 2000: input should be less than or equal to 1024",
+        ),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_measurement(
@@ -743,6 +778,73 @@ def test_a_bad_argument_is_one_line_before_any_measurement(
     assert finished.returncode == 2
     assert message in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+class _KeyedServer(BaseHTTPRequestHandler):
+    """Ready, and answers /cls 401 without the key "right"."""
+
+    def do_GET(self) -> None:
+        self._answer(200)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(200 if self.headers.get("X-API-Key") == "right" else 401)
+
+    def _answer(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ([], "answers 401: give its API_KEY with --api-key"),
+        (["--api-key", "wrong"], "answers 401: --api-key is not its API_KEY"),
+    ],
+)
+def test_a_url_that_refuses_the_benchmarks_requests_is_one_line_before_any_measurement(
+    key: list[str], message: str
+) -> None:
+    keyed = ThreadingHTTPServer(("127.0.0.1", 0), _KeyedServer)
+    threading.Thread(target=keyed.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{keyed.server_address[1]}"
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "bench", "--url", url, "--images", str(IMAGES_DIR), *key],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        keyed.shutdown()
+        keyed.server_close()
+    assert finished.returncode == 2
+    assert f"--url {url} {message}" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_a_server_that_cannot_start_says_why_from_its_log(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gunicorn = fake_bin / "gunicorn"
+    gunicorn.write_text("#!/bin/sh\necho 'WORKERS=0 is invalid' >&2\nexit 3\n")
+    gunicorn.chmod(0o755)
+    monkeypatch.setattr(bench_server, "BIN", fake_bin)
+    data_dirs_before = set(Path(tempfile.gettempdir()).glob("bench-tasks-*"))
+
+    with pytest.raises(bench_server.ServerNotStarted) as refused:
+        bench_server.start({}, tmp_path / "logs", timeout_s=30)
+
+    assert str(refused.value).startswith("the server exited with status 3 as it started; ")
+    assert str(refused.value).endswith("WORKERS=0 is invalid\n")
+    assert set(Path(tempfile.gettempdir()).glob("bench-tasks-*")) == data_dirs_before
 
 
 @pytest.mark.slow
