@@ -592,7 +592,10 @@ class JsonErrorsUvicornWorker(UvicornWorker):
             setattr(state, SIBLINGS_STATE, siblings)
         server = BacklogDrainingServer(config=self.config)
         self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
+        # The sockets themselves, not gunicorn's wrappers: uvloop detaches a socket whose
+        # descriptor it closes, but closes a wrapper a second time, which could close a
+        # file another thread had just opened under the same number.
+        await server.serve(sockets=[listener.sock for listener in self.sockets])
         if not server.started:
             others_serve = siblings is not None and siblings.others_serving()
             sys.exit(EXIT_RESTART if others_serve else EXIT_BOOT_ERROR)
