@@ -949,20 +949,40 @@ def _service(request: Request) -> Service:
 async def _one_file_named_file(request: Request) -> None:
     """Refuse a form with several ``file`` entries (an image and a plain field, say): FastAPI
     binds the last one, so by their order it would serve the image, refuse the field, or
-    take an empty entry for no file at all. Name a file sent under another name (``image``,
-    ``upload``) where ``file`` is missing. Runs before the form's fields are validated."""
+    take an empty entry for no file at all. Refuse a second image under another name, and
+    name a file sent under another name (``image``, ``upload``) where ``file`` is missing.
+    An empty file part under another name (a browser form's file input left empty) is no
+    image, and is ignored. Runs before the form's fields are validated."""
     form = await request.form()  # parsed already, with the route's limits, and kept
-    if (sent := len(form.getlist("file"))) > 1:
+    entries = form.getlist("file")
+    images_elsewhere = [
+        name
+        for name, part in form.multi_items()
+        if name != "file" and isinstance(part, StarletteUploadFile) and part.size
+    ]
+    files_named_file = sum(isinstance(entry, StarletteUploadFile) for entry in entries)
+    if files_named_file > 1 or (files_named_file and images_elsewhere):
+        raise StarletteHTTPException(400, _takes_one_file(request.url.path))
+    if len(entries) > 1:
         several = "to /cls/batch" if request.url.path == "/cls" else "as a task each"
-        message = f"was sent {sent} times; send one image, as one file part (several {several})"
+        message = (
+            f"was sent {len(entries)} times; send one image, as one file part (several {several})"
+        )
         raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
-    if "file" not in form:
-        for name, part in form.multi_items():
-            if isinstance(part, StarletteUploadFile) and part.size:
-                message = (
-                    "a file under another name than 'file'; send the image as a part named 'file'"
-                )
-                raise RequestValidationError([{"loc": ("body", name), "msg": message}])
+    if not entries and images_elsewhere:
+        message = "a file under another name than 'file'; send the image as a part named 'file'"
+        raise RequestValidationError([{"loc": ("body", images_elsewhere[0]), "msg": message}])
+
+
+def _takes_one_file(path: str) -> str:
+    """What /cls and /tasks say to a form of several images."""
+    if path == "/tasks":
+        return (
+            "/tasks takes one file, the `file` part (submit a task for each image); "
+            "send `metadata` and `callback_url` as plain fields, not files "
+            "(curl -F 'metadata=<m.json', not -F metadata=@m.json)"
+        )
+    return f"{path} takes one file; send several to /cls/batch"
 
 
 def _top_k(request: Request, requested: int | None) -> int:
@@ -1155,7 +1175,13 @@ async def submit_task(
     form = await request.form()
     _refuse_query_parameters_in_the_form(form)
     # A misspelt callback_url or metadata would be dropped unseen: no webhook would come.
-    if unknown := [name for name in form if name not in TASK_FORM_FIELDS]:
+    # An empty file part (a form's file input left empty) holds nothing to drop.
+    if unknown := [
+        name
+        for name, value in form.multi_items()
+        if name not in TASK_FORM_FIELDS
+        and not (isinstance(value, StarletteUploadFile) and not value.size)
+    ]:
         raise InvalidTaskField(
             f"unknown form field {unknown[0][:64]!r}; a task takes {', '.join(TASK_FORM_FIELDS)}"
         )
@@ -1345,14 +1371,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                 f"more than {match[1]} files; /cls/batch takes at most MAX_BATCH_FILES "
                 f"({match[1]}) per request"
             )
-        elif request.url.path == "/tasks":
-            detail = (
-                "/tasks takes one file, the `file` part (submit a task for each image); "
-                "send `metadata` and `callback_url` as plain fields, not files "
-                "(curl -F 'metadata=<m.json', not -F metadata=@m.json)"
-            )
         else:
-            detail = f"{request.url.path} takes one file; send several to /cls/batch"
+            detail = _takes_one_file(request.url.path)
     if exc.status_code == 400 and (match := _TOO_MANY_FIELDS.fullmatch(str(detail))):
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
@@ -1507,7 +1527,9 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=ClassifyResponse,
         responses=error_responses(400, 413, 422, 504),
         dependencies=[Depends(_one_file_named_file)],
-        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
+        # Empty file parts beside the image are let through, and ignored; a second image
+        # is refused by the dependency.
+        form_limits={"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["classification"],
     )
     app.add_api_route(
@@ -1543,7 +1565,9 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=TaskAccepted,
         responses={202: {"headers": TASK_ACCEPTED_HEADERS}, **error_responses(400, 413, 422)},
         dependencies=[Depends(_one_file_named_file)],
-        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": max_part_bytes},
+        # Empty file parts beside the image are let through, and ignored; a second image
+        # is refused by the dependency.
+        form_limits={"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes},
         tags=["tasks"],
     )
     app.add_api_route(

@@ -529,6 +529,24 @@ async def test_a_batch_file_under_another_field_name_is_422_not_left_out(
     assert [entry["status"] for entry in response.json()["results"]] == [200]
 
 
+@pytest.mark.parametrize(("route", "accepted"), [("/cls", 200), ("/tasks", 202)])
+async def test_one_image_beside_an_empty_file_input_is_served_and_a_second_image_refused(
+    served: RunningApp, photos: list[Path], route: str, accepted: int
+) -> None:
+    """A browser form with a second file input, left empty, sends it as an empty file part:
+    there is still one image. An image under another name beside ``file`` is a second one."""
+    data = photos[0].read_bytes()
+    body = multipart([("file", "a.jpg", data, "image/jpeg"), ("extra", "", b"", "text/plain")])
+    response = await served.client.post(route, content=body, headers=multipart_headers(body))
+    assert response.status_code == accepted, response.text
+    body = multipart(
+        [("file", "a.jpg", data, "image/jpeg"), ("extra", "b.jpg", data, "image/jpeg")]
+    )
+    response = await served.client.post(route, content=body, headers=multipart_headers(body))
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith(f"{route} takes one file")
+
+
 async def test_batch_file_count_is_limited(photos: list[Path]) -> None:
     async with running_app(make_settings(max_batch_files=2)) as served:
         data = photos[0].read_bytes()
