@@ -105,6 +105,7 @@ from service.task_fields import (
 )
 from service.task_runner import RunnerConfig, RunnerStopped, TaskRunner
 from service.tasks import (
+    BUSY_TIMEOUT_MS,
     DATABASE_NAME,
     ClaimedTask,
     IdempotencyKeyReused,
@@ -282,6 +283,15 @@ class Service:
                 run_times[1] * 1000,
             )
         self.classifier = classifier
+        if settings.task_lease_s < BUSY_TIMEOUT_MS / 1000:
+            logger.warning(
+                "TASK_LEASE_S=%g is shorter than the %g s a write may wait for another "
+                "process's lock on the task store: while the store is busy (large images "
+                "submitted to several workers), a live worker's tasks may be taken over and "
+                "run twice",
+                settings.task_lease_s,
+                BUSY_TIMEOUT_MS / 1000,
+            )
         if settings.weights.strip().lower() == "random":
             logger.warning(
                 "WEIGHTS=random: the model's weights are random (seeded), so its answers are "

@@ -210,6 +210,11 @@ class TaskRunner:
         # wait out the busy timeout, and a request queued behind them would wait for all.
         self._request_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-requests")
         self._request_writer: TaskStore | None = None
+        # Lease renewals too: queued behind claims, results and the clean-up's freeing of
+        # pages (seconds, after large images), a renewal could come after its lease ran out,
+        # and another worker would run the task again beside this one.
+        self._lease_thread = ThreadPoolExecutor(1, thread_name_prefix="task-store-leases")
+        self._lease_writer: TaskStore | None = None
         self._wake = asyncio.Event()
         self._loop_failures = _LoopFailures()
         # When a store call of this worker last failed (see ``_may_take_over``).
@@ -238,7 +243,7 @@ class TaskRunner:
         loop = asyncio.get_running_loop()
         opened: list[tuple[ThreadPoolExecutor, TaskStore]] = []
         try:
-            for thread in (self._db_thread, self._read_thread, self._request_thread):
+            for thread in self._threads():
                 store = await loop.run_in_executor(
                     thread,
                     partial(TaskStore, self._config.data_dir, create=self._config.create_store),
@@ -248,7 +253,9 @@ class TaskRunner:
             for thread, store in opened:
                 await loop.run_in_executor(thread, store.close)
             raise
-        self._store, self._reader, self._request_writer = (store for _, store in opened)
+        self._store, self._reader, self._request_writer, self._lease_writer = (
+            store for _, store in opened
+        )
         self._claim_loop_task = asyncio.create_task(self._claim_forever(), name="task-claims")
         self._housekeeping = [
             asyncio.create_task(self._renew_leases_forever(), name="task-leases"),
@@ -385,6 +392,10 @@ class TaskRunner:
         """Tasks that finished before this time have expired, deleted yet or not."""
         return time.time() - self._config.ttl_s
 
+    def _threads(self) -> tuple[ThreadPoolExecutor, ...]:
+        """Each store connection's thread, in the order ``start`` opens them."""
+        return (self._db_thread, self._read_thread, self._request_thread, self._lease_thread)
+
     @property
     def store(self) -> TaskStore:
         if self._store is None:
@@ -397,6 +408,13 @@ class TaskRunner:
         if self._request_writer is None:
             raise RuntimeError("TaskRunner.start() has not been called")
         return self._request_writer
+
+    @property
+    def lease_writer(self) -> TaskStore:
+        """The store's connection for lease renewals, used on its own thread."""
+        if self._lease_writer is None:
+            raise RuntimeError("TaskRunner.start() has not been called")
+        return self._lease_writer
 
     @property
     def reader(self) -> TaskStore:
@@ -419,7 +437,7 @@ class TaskRunner:
         and the hand-back after them, end before the worker is killed. Requests' writes
         too: ``stop`` waits for their thread."""
         due_by = grace_ends_at + WRITES_AFTER_GRACE_S
-        for store in (self._store, self._request_writer):
+        for store in (self._store, self._request_writer, self._lease_writer):
             if store is not None:
                 store.writes_due_by = min(due_by, store.writes_due_by or due_by)
 
@@ -487,7 +505,7 @@ class TaskRunner:
         finally:
             # Last in, first out; each callback runs whatever the ones before it raised.
             async with contextlib.AsyncExitStack() as closing:
-                for thread in (self._db_thread, self._read_thread, self._request_thread):
+                for thread in self._threads():
                     # Joined off the loop: a write still waiting for another process's
                     # lock holds its thread for up to the busy timeout.
                     closing.push_async_callback(loop.run_in_executor, None, thread.shutdown)
@@ -495,6 +513,7 @@ class TaskRunner:
                 for store, thread in (
                     (self._request_writer, self._request_thread),
                     (self._reader, self._read_thread),
+                    (self._lease_writer, self._lease_thread),
                 ):
                     if store is not None:
                         closing.push_async_callback(loop.run_in_executor, thread, store.close)
@@ -560,17 +579,19 @@ class TaskRunner:
             await asyncio.sleep(config.lease_s / 3)
             try:
                 await self._db(
-                    self.store.renew_leases,
+                    self.lease_writer.renew_leases,
                     self.owner,
                     list(self._holding.values()),
                     lease_s=config.lease_s,
                     now=time.time(),
+                    on=self._lease_thread,
                 )
                 abandoned = await self._db(
-                    self.store.fail_abandoned,
+                    self.lease_writer.fail_abandoned,
                     config.max_attempts,
                     now=time.time(),
                     take_over=self._may_take_over(),
+                    on=self._lease_thread,
                 )
                 for record in abandoned:
                     logger.error("task %s failed: %s", record.id, record.error)
@@ -812,17 +833,27 @@ class TaskRunner:
                 "submission resent with the same Idempotency-Key returns its task if stored"
             ) from None
 
-    async def _db(self, function: Callable[..., T], *args: object, **kwargs: object) -> T:
+    async def _db(
+        self,
+        function: Callable[..., T],
+        *args: object,
+        on: ThreadPoolExecutor | None = None,
+        **kwargs: object,
+    ) -> T:
+        """``function`` on the thread of its connection: ``on``, or the main one's."""
         loop = asyncio.get_running_loop()
+        thread = self._db_thread if on is None else on
         try:
-            return await loop.run_in_executor(self._db_thread, partial(function, *args, **kwargs))
-        except TaskStoreFailed:
+            return await loop.run_in_executor(thread, partial(function, *args, **kwargs))
+        except (TaskStoreFailed, TaskStoreBusy):
             self._store_failed_at = time.monotonic()
             raise
 
     def _may_take_over(self) -> bool:
         """Whether work whose lease ran out may be taken from its holder: not until a
-        lease's length after this worker's own store last failed. A full or failing disk
-        fails every worker's writes, the holder's renewals too: once it mends, the holder
-        renews and stores what it holds, where a take-over would run the work again."""
+        lease's length after this worker's own store last failed, or waited out the busy
+        timeout for the write lock. A full or failing disk fails every worker's writes, and
+        a write lock held too long holds up every worker's, the holder's renewals too: once
+        that passes, the holder renews and stores what it holds, where a take-over would
+        run the work again."""
         return time.monotonic() - self._store_failed_at >= self._config.lease_s

@@ -614,7 +614,7 @@ class TaskStore:
                 "ORDER BY created_at, rowid LIMIT ?",
                 (max_attempts, TaskStatus.QUEUED, take_over, TaskStatus.RUNNING, now, limit),
             ).fetchall()
-            claimed = []
+            taken = []
             for row in rows:
                 # Taken over from a worker that died, not handed back by one that stopped;
                 # or marked so on an earlier claim.
@@ -626,11 +626,19 @@ class TaskStore:
                     "lease_until = ?, interrupted = ? WHERE id = ?",
                     (TaskStatus.RUNNING, now, owner, now + lease_s, interrupted, row["id"]),
                 )
+                taken.append((row["id"], row["top_k"], interrupted))
+        # The images are read once the claim is committed, with the write lock free: tens
+        # of MiB read under it would hold up every other worker's writes, their lease
+        # renewals among them. The tasks are this owner's now: none deletes their images.
+        # (Should the read fail, their leases run out unrenewed, and they are claimed again.)
+        claimed = []
+        with self._reading() as db:
+            for task_id, top_k, interrupted in taken:
                 (image,) = db.execute(
-                    "SELECT data FROM task_images WHERE task_id = ?", (row["id"],)
+                    "SELECT data FROM task_images WHERE task_id = ?", (task_id,)
                 ).fetchone()
-                claimed.append(ClaimedTask(row["id"], row["top_k"], bytes(image), interrupted))
-            return claimed
+                claimed.append(ClaimedTask(task_id, top_k, bytes(image), interrupted))
+        return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:
         """Count an attempt for each of ``task_ids`` that ``owner`` holds: they are entering

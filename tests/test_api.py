@@ -332,6 +332,26 @@ async def test_random_weights_are_warned_of(
         ) is warned
 
 
+async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 1 s lease is valid, and with large images submitted to two workers it handed a
+    live worker's tasks to the other, which ran them again (3 to 15 of 60 tasks of 9 MiB):
+    the start says so."""
+    for lease_s, warned in ((2.0, True), (30.0, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service"):
+            async with running_app(make_settings(task_lease_s=lease_s)):
+                pass
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            f"TASK_LEASE_S={lease_s:g} is shorter than the 10 s a write may wait for another "
+            "process's lock on the task store: while the store is busy (large images "
+            "submitted to several workers), a live worker's tasks may be taken over and run "
+            "twice" in lines
+        ) is warned
+
+
 async def test_a_request_timeout_shorter_than_a_batch_of_one_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

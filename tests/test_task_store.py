@@ -337,6 +337,23 @@ def test_second_owner_claims_the_next_tasks_never_the_same(store: TaskStore) -> 
     assert claim(store, "D", limit=5, at=T0 + 10) == []
 
 
+def test_a_claim_reads_the_images_with_the_write_lock_free(store: TaskStore) -> None:
+    """Tens of MiB of images read under the write lock held up every other worker's writes,
+    their lease renewals among them, until another took their work over."""
+    add_many(store, 3)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    claimed = store.claim("A", 3, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 10)
+
+    assert len(claimed) == 3
+    commit = statements.index("COMMIT")
+    reads = [i for i, sql in enumerate(statements) if "FROM task_images" in sql]
+    assert len(reads) == 3
+    assert min(reads) > commit
+    assert statements.index("BEGIN IMMEDIATE") < commit
+
+
 def test_claim_with_limit_zero_takes_nothing(store: TaskStore) -> None:
     """A worker with no free capacity claims nothing, and the queue is untouched."""
     add(store, "t1")

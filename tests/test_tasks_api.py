@@ -1471,12 +1471,47 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
         assert db.execute("SELECT attempts FROM tasks").fetchall() == [(2,)]
 
 
-async def test_after_its_store_fails_a_worker_takes_no_work_over_for_a_lease() -> None:
+async def test_leases_are_renewed_while_the_workers_other_store_work_waits(
+    photos: list[Path],
+) -> None:
+    """Renewals queued behind the worker's claims, results and clean-up (seconds, once
+    large images are freed) came after their lease ran out, and another worker ran the
+    task again beside this one. They have a connection and thread of their own."""
+    lease_s = 1.0
+    settings = make_settings(task_lease_s=lease_s, task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        model = GatedModel(served)
+        await submit(served.client, photos[0].read_bytes())
+        await asyncio.to_thread(model.entered.wait, 10)
+        runner = served.service.task_runner()
+        loop = asyncio.get_running_loop()
+        busy = loop.run_in_executor(runner._db_thread, time.sleep, 3 * lease_s)
+        leases = []
+        for _ in range(6):
+            await asyncio.sleep(lease_s / 2)
+            with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+                (lease_until,) = db.execute("SELECT lease_until FROM tasks").fetchone()
+            leases.append(lease_until - time.time())
+        await busy
+        model.release.set()
+    assert min(leases) > 0, leases  # never ran out while the other work waited
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        tasks.TaskStoreFailed("the task store could not be written (disk full)"),
+        tasks.TaskStoreBusy("the task store is busy: its write lock was not free in time"),
+    ],
+)
+async def test_after_its_store_fails_a_worker_takes_no_work_over_for_a_lease(
+    error: Exception,
+) -> None:
     """A full or failing disk fails every worker's writes, the lease renewals of the worker
-    holding a task too. Once it mends, the first claim would take over work whose lease ran
-    out meanwhile from a holder alive and renewing: run twice, its webhook sent twice. A
-    worker whose own store failed takes none over for a lease's length (queued tasks it
-    still claims)."""
+    holding a task too, and so does a write lock held past the busy timeout. Once it mends,
+    the first claim would take over work whose lease ran out meanwhile from a holder alive
+    and renewing: run twice, its webhook sent twice. A worker whose own store failed takes
+    none over for a lease's length (queued tasks it still claims)."""
     lease_s = 1.0
     settings = make_settings(task_lease_s=lease_s, task_poll_interval_s=0.05)
     async with running_app(settings) as served:
@@ -1492,7 +1527,7 @@ async def test_after_its_store_fails_a_worker_takes_no_work_over_for_a_lease() -
         def failing_once(*args: Any, **kwargs: Any) -> Any:
             if not failed_at:
                 failed_at.append(time.monotonic())
-                raise tasks.TaskStoreFailed("the task store could not be written (disk full)")
+                raise error
             return real_count(*args, **kwargs)
 
         store.claim = recording_claim  # type: ignore[method-assign]
