@@ -491,7 +491,8 @@ class Attempt:
 
     Attributes:
         attempts: Attempts made in all, this one included; unchanged when none was made
-            (a URL refused before sending, or no attempts left).
+            (a URL refused before sending, or connecting to an address it refuses, or no
+            attempts left).
         error: Why it failed; None when the callback answered 2xx.
         retry_in_s: The wait before the next attempt; None when the delivery is over:
             delivered, refused for good, or out of attempts.
@@ -511,6 +512,8 @@ class _Outcome:
     error: str | None
     retryable: bool
     retry_after_s: float | None = None  # what the receiver asked for (429, 503)
+    # False when no connection was made, the address refused: the receiver had nothing.
+    sent: bool = True
 
 
 def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
@@ -616,7 +619,7 @@ class WebhookSender:
         if config.secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, config.secret)
         outcome = await self._post(url, body, headers)
-        attempts = attempts_done + 1
+        attempts = attempts_done + outcome.sent
         retry_in_s = None
         if outcome.retryable and attempts < config.max_attempts:
             retry_in_s = self._backoff_s(attempts)
@@ -663,8 +666,9 @@ class WebhookSender:
             return _Outcome(f"timed out after {timeout_s} s", retryable=True)
         except httpx.TransportError as exc:
             transient = httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
-            retryable = isinstance(exc, transient) and not _is_refused_address(exc)
-            return _Outcome(_describe(exc, timeout_s), retryable=retryable)
+            if _is_refused_address(exc):
+                return _Outcome(_describe(exc, timeout_s), retryable=False, sent=False)
+            return _Outcome(_describe(exc, timeout_s), retryable=isinstance(exc, transient))
         except httpx.InvalidURL as exc:
             return _Outcome(f"callback_url is not a valid URL: {exc}", retryable=False)
         if 200 <= status < 300:
