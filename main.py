@@ -612,7 +612,7 @@ class Service:
         its upload (spooled, on disk past 1 MiB) while it waits for the tasks' decode
         thread, and its bytes in memory from its decode until it is stored. The
         ``callback_url``'s host is looked up after those checks, since a lookup may take
-        up to ``WEBHOOK_TIMEOUT_S``.
+        up to ``WEBHOOK_TIMEOUT_S``, and not for a resend (see ``TaskRunner.check_room``).
         """
         self.refuse_unless_ready()
         if self._submissions_in_progress >= self.settings.max_queue:
@@ -620,8 +620,11 @@ class Service:
         self._check_size(upload)
         self._submissions_in_progress += 1
         try:
-            await tasks.check_room(idempotency_key)
-            if callback_url is not None:
+            resent = await tasks.check_room(idempotency_key)
+            # A resend is answered with its stored task, whose URL was checked as it was
+            # stored: a host that no longer resolves must not turn the replay into an error.
+            # (Sent with another URL, it is refused as a different request.)
+            if callback_url is not None and not resent:
                 await self.check_callback_url(callback_url)
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.

@@ -28,7 +28,6 @@ from service import tasks
 from service.tasks import (
     ClaimedTask,
     Deferral,
-    TaskQueueFull,
     TaskRecord,
     TaskStatus,
     TaskStore,
@@ -303,11 +302,14 @@ class TaskRunner:
         self._wake.set()  # claim it here and now rather than at the next poll
         return record, record.id == task_id
 
-    async def check_room(self, idempotency_key: str | None = None) -> None:
+    async def check_room(self, idempotency_key: str | None = None) -> bool:
         """Raise ``TaskQueueFull`` now if a submission would be refused for it: before its
         image is decoded. The store checks again as it stores the task. A resent request,
         whose ``idempotency_key`` names a stored task, is never refused for it: it stores
         nothing, and is answered with that task.
+
+        Returns:
+            Whether ``idempotency_key`` names a stored task: the request is a resend.
 
         Raises:
             TaskQueueFull: ``TASK_MAX_QUEUED`` tasks are already waiting, or the disk holding
@@ -315,23 +317,17 @@ class TaskRunner:
         """
         self._refuse_once_stopped()
         loop = asyncio.get_running_loop()
+        if idempotency_key is not None and await loop.run_in_executor(
+            self._read_thread,
+            partial(self.reader.holds_key, idempotency_key, expired_before=self._expired_before()),
+        ):
+            return True
+        self._refuse_once_stopped()  # ``stop`` may have closed the store meanwhile
         queued = await loop.run_in_executor(self._read_thread, self.reader.count_queued)
-        try:
-            check_room(queued, self._config.max_queued)
-            # Off the event loop, as every read of DATA_DIR: a hung mount must not hold it.
-            await loop.run_in_executor(self._read_thread, check_disk_room, self.reader.path.parent)
-        except TaskQueueFull:
-            if idempotency_key is None:
-                raise
-            self._refuse_once_stopped()  # ``stop`` may have closed the store meanwhile
-            resent = await loop.run_in_executor(
-                self._read_thread,
-                partial(
-                    self.reader.holds_key, idempotency_key, expired_before=self._expired_before()
-                ),
-            )
-            if not resent:
-                raise
+        check_room(queued, self._config.max_queued)
+        # Off the event loop, as every read of DATA_DIR: a hung mount must not hold it.
+        await loop.run_in_executor(self._read_thread, check_disk_room, self.reader.path.parent)
+        return False
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None if it does not exist (or has expired)."""

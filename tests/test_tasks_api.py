@@ -752,22 +752,21 @@ async def test_a_submission_that_stop_overtakes_is_refused_not_failed(
 
 
 async def test_a_room_check_that_stop_overtakes_is_refused_not_failed(photos: list[Path]) -> None:
-    """With the queue full, a resend's room check reads the store twice (the count, then
-    its key): ``stop`` may close the store in between, and the second read is refused."""
+    """A keyed submission's room check reads the store twice (its key, then the count):
+    ``stop`` may close the store in between, and the second read is refused."""
     async with running_app(make_settings()) as served:
         runner = served.service.task_runner()
-        counting, release = threading.Event(), threading.Event()
-        real_count = runner.reader.count_queued
+        reading, release = threading.Event(), threading.Event()
+        real_holds_key = runner.reader.holds_key
 
-        def slow_count() -> int:
-            counting.set()
+        def slow_holds_key(*args: Any, **kwargs: Any) -> bool:
+            reading.set()
             release.wait(10)
-            return real_count()
+            return real_holds_key(*args, **kwargs)
 
-        runner.reader.count_queued = slow_count  # type: ignore[method-assign]
-        runner._config = dataclasses.replace(runner._config, max_queued=0)  # full
-        checking = asyncio.ensure_future(runner.check_room(idempotency_key="resent"))
-        await asyncio.to_thread(counting.wait, 10)
+        runner.reader.holds_key = slow_holds_key  # type: ignore[method-assign]
+        checking = asyncio.ensure_future(runner.check_room(idempotency_key="new"))
+        await asyncio.to_thread(reading.wait, 10)
         stopping = asyncio.ensure_future(served.service.stop())
         # The store's closing waits on the read thread, behind the count.
         await wait_for(lambda: runner._read_thread._work_queue.qsize() > 0)
@@ -1382,6 +1381,34 @@ async def test_a_resent_request_with_its_idempotency_key_returns_the_same_task(
     assert "idempotent-replayed" not in first.headers
     assert other.json()["task_id"] != first.json()["task_id"]
     assert stored_rows(served, "tasks") == 2
+
+
+@pytest.mark.parametrize("lookup_error", [socket.EAI_AGAIN, socket.EAI_NONAME])
+async def test_a_resend_is_its_task_though_the_callback_host_no_longer_resolves(
+    served: RunningApp, photos: list[Path], monkeypatch: pytest.MonkeyPatch, lookup_error: int
+) -> None:
+    """The URL was checked as the task was stored: DNS failing now (a 503) or the name gone
+    (a 422) must not turn the replay the client relies on into an error."""
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
+    data = photos[0].read_bytes()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    fields = {"callback_url": "https://hooks.example/done"}
+    first = await served.client.post("/tasks", files=upload(data), data=fields, headers=key)
+    assert first.status_code == 202, first.text
+
+    def failing(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(lookup_error, "the name cannot be looked up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    again = await served.client.post("/tasks", files=upload(data), data=fields, headers=key)
+    assert again.status_code == 202, again.text
+    assert again.json()["task_id"] == first.json()["task_id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    # A new request with that URL is still looked up, and refused.
+    other = await served.client.post("/tasks", files=upload(data), data=fields)
+    assert other.status_code in (422, 503), other.text
+    assert stored_rows(served, "tasks") == 1
 
 
 async def test_an_idempotency_key_reused_for_another_request_is_422(
