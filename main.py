@@ -1338,7 +1338,8 @@ _MULTIPART_ERRORS = {
     ),
     "Invalid multipart data.": (
         "the body is not well-formed multipart/form-data: a part does not begin with the "
-        "boundary its Content-Type names, or a part's header lines are malformed"
+        "boundary its Content-Type names (nor may text come before the first one, a MIME "
+        "preamble, which is not read), or a part's header lines are malformed"
     ),
 }
 

@@ -218,6 +218,13 @@ async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) ->
         ),
         (
             "multipart/form-data; boundary=abc",
+            b"This is a multi-part message in MIME format.\r\n--abc\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            b"\r\nx\r\n--abc--\r\n",
+            "(nor may text come before the first one, a MIME preamble, which is not read)",
+        ),
+        (
+            "multipart/form-data; boundary=abc",
             b"--abc\r\nContent-Disposition form-data\r\n\r\nx\r\n--abc--\r\n",
             "a part's header lines are malformed",
         ),
