@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format lock audit bench bench-full bench-gpu bench-overload clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+# A venv whose interpreter is older than 3.11, or gone (the Python it was made with was
+# upgraded or removed), is out of date whatever the requirements' times: made anew below.
+VENV_PYTHON_OK := $(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo yes)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt $(if $(VENV_PYTHON_OK),,FORCE)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
 		exit 1; }
@@ -16,6 +20,8 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
+
+FORCE:
 
 ## help: list these targets
 help:
@@ -68,9 +74,9 @@ lock:
 	mv constraints.txt.new constraints.txt
 	touch $(STAMP)
 
-## audit: look the pinned requirements up in the PyPI vulnerability database (needs network)
+## audit: look every pinned package (constraints.txt) up in the PyPI vulnerability database (needs network)
 audit: $(STAMP)
-	$(BIN)/pip-audit --no-deps --disable-pip --strict -r requirements.txt
+	$(BIN)/pip-audit --no-deps --disable-pip --strict -r constraints.txt
 
 ## bench: quick end-to-end benchmark (about two minutes); results in docs/benchmarks/
 bench: $(STAMP)

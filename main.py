@@ -126,6 +126,9 @@ from service.webhooks import (
 )
 
 logger = logging.getLogger("service")
+# How many times a full batch's warm-up time STALL_TIMEOUT_S should allow at least: batches
+# run slower under load, with decodes beside them.
+STALL_MARGIN = 3
 T = TypeVar("T")
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
@@ -281,6 +284,17 @@ class Service:
                 "requests will time out before the model answers them",
                 settings.request_timeout_ms,
                 run_times[1] * 1000,
+            )
+        full_batch_s = run_times[settings.max_batch_size]
+        if settings.stall_timeout_s < STALL_MARGIN * full_batch_s:
+            # Valid, but a batch slowed by load would pass for a stuck model: /healthz would
+            # answer 503, and an orchestrator restart a worker that serves.
+            logger.warning(
+                "STALL_TIMEOUT_S=%g is less than %d times what a full batch takes (%.0f ms): "
+                "under load /healthz may answer 503 while the worker serves",
+                settings.stall_timeout_s,
+                STALL_MARGIN,
+                full_batch_s * 1000,
             )
         self.classifier = classifier
         if settings.task_lease_s < BUSY_TIMEOUT_MS / 1000:

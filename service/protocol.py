@@ -620,8 +620,8 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         elif not self._heart_stopped:
             self._heart_stopped = True
             logger.error(
-                "the worker cannot serve (%s): its heartbeat stops, and gunicorn replaces it "
-                "after WORKER_TIMEOUT_S",
+                "the worker cannot serve (%s): its heartbeat stops until it can, and gunicorn "
+                "replaces it if that lasts WORKER_TIMEOUT_S",
                 problem,
             )
 

@@ -34,7 +34,11 @@ SEED = 0
 def photo_paths() -> list[Path]:
     """The real photos beside the checkout; the suite needs them, so their absence fails."""
     paths = sorted(IMAGES_DIR.glob("*.jpg"))
-    assert paths, f"no test photos in {IMAGES_DIR}; set TEST_IMAGES_DIR"
+    distinct = {path.read_bytes() for path in paths}
+    assert len(distinct) >= 3, (
+        f"no test photos in {IMAGES_DIR} (at least three distinct *.jpg files are needed, "
+        f"{len(distinct)} found); set TEST_IMAGES_DIR"
+    )
     return paths
 
 

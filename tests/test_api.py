@@ -359,6 +359,31 @@ async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
         ) is warned
 
 
+async def test_a_stall_timeout_close_to_a_full_batchs_time_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """STALL_TIMEOUT_S=0.1 against batches of 200 ms is valid, and /healthz answered 503
+    to a third of the probes of a worker serving under load."""
+    for stall_s, warned in ((0.001, True), (60.0, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service"):
+            async with running_app(make_settings(stall_timeout_s=stall_s, max_batch_size=4)):
+                pass
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            any(
+                re.fullmatch(
+                    f"STALL_TIMEOUT_S={stall_s:g} is less than 3 times what a full batch "
+                    r"takes \(\d+ ms\): under load /healthz may answer 503 while the worker "
+                    "serves",
+                    line,
+                )
+                for line in lines
+            )
+            is warned
+        ), lines
+
+
 async def test_a_request_timeout_shorter_than_a_batch_of_one_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

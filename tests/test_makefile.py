@@ -4,6 +4,7 @@ with the wrong interpreter."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from service.settings import PROJECT_ROOT
@@ -52,3 +53,29 @@ def test_help_names_every_target_once_with_its_continuations_indented() -> None:
     )
     named = [line.split(":")[0] for line in shown if not line.startswith("  ")]
     assert sorted(named) == sorted(phony.split()[1:])
+
+
+def test_a_venv_whose_interpreter_is_gone_is_made_anew(tmp_path: Path) -> None:
+    """Its stamp newer than the requirements, a venv left by a Python since upgraded or
+    removed would be taken as installed, and every target fail on its missing tools."""
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        (tmp_path / name).touch()
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+
+    def would_make() -> str:
+        (tmp_path / ".venv" / ".installed-stamp").touch()
+        return subprocess.run(
+            ["make", "-n", "-f", MAKEFILE, ".venv/.installed-stamp"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    (bin_dir / "python").symlink_to(sys.executable)
+    assert "is up to date" in would_make()
+    (bin_dir / "python").unlink()
+    (bin_dir / "python").symlink_to("/nonexistent/python3.11")
+    assert "-m venv .venv" in would_make()
