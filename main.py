@@ -635,11 +635,12 @@ class Service:
         self._submissions_in_progress += 1
         try:
             resent = await tasks.check_room(idempotency_key)
-            # A resend is answered with its stored task, whose URL was checked as it was
+            # A resend is answered with its stored task, whose URL was looked up as it was
             # stored: a host that no longer resolves must not turn the replay into an error.
-            # (Sent with another URL, it is refused as a different request.)
-            if callback_url is not None and not resent:
-                await self.check_callback_url(callback_url)
+            # Its form is checked still: should the task expire meanwhile, the resend is
+            # stored as a new one.
+            if callback_url is not None:
+                await self.check_callback_url(callback_url, look_up=not resent)
             # On the tasks' own decode thread: a burst of submissions must not queue ahead
             # of /cls decodes.
             data, _ = await self._in_thread(
@@ -684,13 +685,19 @@ class Service:
             self._tasks_in_model.discard(task.id)
         return [p.model_dump() for p in _prediction_out(result.predictions)]
 
-    async def check_callback_url(self, url: str) -> None:
-        """Refuse a callback URL the webhooks could not or may not reach.
+    async def check_callback_url(self, url: str, *, look_up: bool = True) -> None:
+        """Refuse a callback URL the webhooks could not or may not reach; without
+        ``look_up``, one whose form alone says so.
 
         Raises:
             InvalidCallbackUrl: The URL is malformed or, unless allowed, private.
             CallbackLookupFailed: DNS did not answer, or not within ``WEBHOOK_TIMEOUT_S``.
         """
+        if not look_up:
+            check_callback_url(
+                url, allow_private=self.settings.webhook_allow_private, look_up=False
+            )
+            return
         limit_s = self.settings.webhook_timeout_s
         try:
             # On threads of their own: a resolver that hangs must not take the default
@@ -981,14 +988,21 @@ async def _one_file_named_file(request: Request) -> None:
     An empty file part under another name (a browser form's file input left empty) is no
     image, and is ignored. Runs before the form's fields are validated."""
     form = await request.form()  # parsed already, with the route's limits, and kept
+    if request.url.path == "/tasks" and any(
+        name in ("metadata", "callback_url") and isinstance(part, StarletteUploadFile)
+        for name, part in form.multi_items()
+    ):  # even empty: the advice to send them as plain fields is the answer
+        raise StarletteHTTPException(400, _takes_one_file(request.url.path))
     entries = form.getlist("file")
     images_elsewhere = [
         name
         for name, part in form.multi_items()
         if name != "file" and isinstance(part, StarletteUploadFile) and part.size
     ]
-    files_named_file = sum(isinstance(entry, StarletteUploadFile) for entry in entries)
-    if files_named_file > 1 or (files_named_file and images_elsewhere):
+    images_named_file = sum(
+        isinstance(entry, StarletteUploadFile) and bool(entry.size) for entry in entries
+    )
+    if images_named_file > 1 or (images_named_file and images_elsewhere):
         raise StarletteHTTPException(400, _takes_one_file(request.url.path))
     if len(entries) > 1:
         several = "to /cls/batch" if request.url.path == "/cls" else "as a task each"
@@ -996,7 +1010,7 @@ async def _one_file_named_file(request: Request) -> None:
             f"was sent {len(entries)} times; send one image, as one file part (several {several})"
         )
         raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
-    if not entries and images_elsewhere:
+    if images_elsewhere:  # and no image named "file"
         message = "a file under another name than 'file'; send the image as a part named 'file'"
         raise RequestValidationError([{"loc": ("body", images_elsewhere[0]), "msg": message}])
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import numpy as np
@@ -581,12 +581,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "WORKERS": str(args.workers),
         "MAX_BATCH_SIZE": str(args.max_batch_size),
     }
-    try:  # these alone: the server it starts takes nothing from this environment
-        Settings.model_validate({name.lower(): value for name, value in settings.items()})
-    except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        option = "--" + str(error["loc"][0]).replace("_", "-")
-        parser.error(f"{option} {error['input']}: {error['msg'].lower()}, as the service allows")
+    # Against the service's own bounds, and nothing else: the server it starts takes no
+    # setting from this environment.
+    for name, value in (("workers", args.workers), ("max_batch_size", args.max_batch_size)):
+        field = Settings.model_fields[name]
+        try:
+            pydantic.TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+        except pydantic.ValidationError as exc:
+            option = "--" + name.replace("_", "-")
+            message = exc.errors()[0]["msg"].lower()
+            parser.error(f"{option} {value}: {message}, as the service allows")
     headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
     if args.url:
         args.url = args.url.rstrip("/")

@@ -37,11 +37,11 @@ LIBRARY_LOGGERS = ("py.warnings", "python_multipart")
 # The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(message)s"
-# A path is cut to this many characters on an access line: every worker writes to one pipe,
-# which keeps a line whole only up to PIPE_BUF (4 KiB). A path is written twice on a JSON
-# line, each character escaped to up to 12, and a longer one (64 KiB fit in a request
-# line) would interleave with other workers' lines.
-ACCESS_PATH_MAX_CHARS = 128
+# A path is cut to this many characters on an access line, and a client to 64: every
+# worker writes to one pipe, which keeps a line whole only up to PIPE_BUF (4 KiB). Each is
+# written twice on a JSON line, a character escaped to up to 12, and a longer path (64 KiB
+# fit in a request line) would interleave with other workers' lines.
+ACCESS_PATH_MAX_CHARS = 64
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # Fields the handling of the current request adds to its access line (e.g. batch sizes).

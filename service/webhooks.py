@@ -200,7 +200,7 @@ def _checked_form(url: str) -> tuple[str, int | None]:
     return connects_to, port
 
 
-def check_callback_url(url: str, *, allow_private: bool) -> None:
+def check_callback_url(url: str, *, allow_private: bool, look_up: bool = True) -> None:
     """Refuse a callback URL that is malformed, names a host that does not resolve, or,
     unless allowed, points at a private address.
 
@@ -209,6 +209,8 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
     Args:
         url: The callback URL as submitted.
         allow_private: Allow loopback and private networks too, for trusted networks.
+        look_up: Look a host name up; without, only the URL's form and an address
+            written in it are checked (each connection checks the addresses it reaches).
 
     Raises:
         InvalidCallbackUrl: With a message saying what is wrong.
@@ -223,6 +225,8 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
                 f"callback_url host {host} is {reason} address; "
                 f"{_refusal_hint(reason, allow_private)}"
             )
+        return
+    if not look_up:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -597,6 +597,22 @@ async def test_one_image_beside_an_empty_file_input_is_served_and_a_second_image
     response = await served.client.post(route, content=body, headers=multipart_headers(body))
     assert response.status_code == 400, response.text
     assert response.json()["detail"].startswith(f"{route} takes one file")
+    # The one image under another name, beside an empty "file": that is what to say.
+    body = multipart([("image", "a.jpg", data, "image/jpeg"), ("file", "", b"", "text/plain")])
+    response = await served.client.post(route, content=body, headers=multipart_headers(body))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith("image: a file under another name than 'file'")
+
+
+async def test_task_fields_sent_as_files_even_empty_are_told_to_be_plain_fields(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    data = photos[0].read_bytes()
+    for field in ("metadata", "callback_url"):
+        body = multipart([("file", "a.jpg", data, "image/jpeg"), (field, "m.json", b"", None)])
+        response = await served.client.post("/tasks", content=body, headers=multipart_headers(body))
+        assert response.status_code == 400, response.text
+        assert "send `metadata` and `callback_url` as plain fields" in response.json()["detail"]
 
 
 async def test_batch_file_count_is_limited(photos: list[Path]) -> None:

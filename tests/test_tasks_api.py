@@ -1408,6 +1408,12 @@ async def test_a_resend_is_its_task_though_the_callback_host_no_longer_resolves(
     # A new request with that URL is still looked up, and refused.
     other = await served.client.post("/tasks", files=upload(data), data=fields)
     assert other.status_code in (422, 503), other.text
+    # A resend's URL is not looked up, but its form is checked: were the task to expire
+    # meanwhile, the resend would be stored as a new task.
+    malformed = {"callback_url": "ftp://hooks.example/done"}
+    bad = await served.client.post("/tasks", files=upload(data), data=malformed, headers=key)
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["detail"] == "callback_url scheme is 'ftp'; expected http or https"
     assert stored_rows(served, "tasks") == 1
 
 
