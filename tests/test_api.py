@@ -34,6 +34,7 @@ import main
 from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
 from service import logs, metrics
+from service.settings import Settings
 from service.tasks import DATABASE_NAME, WebhookStatus
 from tests import images
 from tests.corpus import multipart, multipart_headers
@@ -320,6 +321,15 @@ async def test_the_start_says_when_the_warm_up_begins_and_what_it_measured(
     assert re.fullmatch(r"warm: a batch of 1 takes \d+ ms, a batch of 4 takes \d+ ms", warm)
 
 
+async def warnings_at_start(caplog: pytest.LogCaptureFixture, settings: Settings) -> list[str]:
+    """The WARNING lines of an app's start with ``settings``."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service"):
+        async with running_app(settings):
+            pass
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
 async def test_random_weights_are_warned_of(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -328,11 +338,7 @@ async def test_random_weights_are_warned_of(
     weights_file = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights_file)
     for weights, warned in (("random", True), (str(weights_file), False)):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="service"):
-            async with running_app(make_settings(weights=weights)):
-                pass
-        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        lines = await warnings_at_start(caplog, make_settings(weights=weights))
         assert (
             "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
             "meaningless; for tests and smoke runs only" in lines
@@ -346,11 +352,7 @@ async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
     live worker's tasks to the other, which ran them again (3 to 15 of 60 tasks of 9 MiB):
     the start says so."""
     for lease_s, warned in ((2.0, True), (30.0, False)):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="service"):
-            async with running_app(make_settings(task_lease_s=lease_s)):
-                pass
-        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        lines = await warnings_at_start(caplog, make_settings(task_lease_s=lease_s))
         assert (
             f"TASK_LEASE_S={lease_s:g} is shorter than the 10 s a write may wait for another "
             "process's lock on the task store: while the store is busy (large images "
@@ -365,11 +367,9 @@ async def test_a_stall_timeout_close_to_a_full_batchs_time_is_warned_of(
     """STALL_TIMEOUT_S=0.1 against batches of 200 ms is valid, and /healthz answered 503
     to a third of the probes of a worker serving under load."""
     for stall_s, warned in ((0.001, True), (60.0, False)):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="service"):
-            async with running_app(make_settings(stall_timeout_s=stall_s, max_batch_size=4)):
-                pass
-        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        lines = await warnings_at_start(
+            caplog, make_settings(stall_timeout_s=stall_s, max_batch_size=4)
+        )
         assert (
             any(
                 re.fullmatch(
@@ -390,11 +390,7 @@ async def test_a_request_timeout_shorter_than_a_batch_of_one_is_warned_of(
     """REQUEST_TIMEOUT_MS=10 meant as seconds is valid, and every request would be a 504:
     the start says so, once it knows how long a batch of one takes."""
     for timeout_ms, warned in ((0.5, True), (10_000, False)):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="service"):
-            async with running_app(make_settings(request_timeout_ms=timeout_ms)):
-                pass
-        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        lines = await warnings_at_start(caplog, make_settings(request_timeout_ms=timeout_ms))
         assert (
             any(
                 line.startswith(f"REQUEST_TIMEOUT_MS={timeout_ms:g} is shorter than a batch of one")
