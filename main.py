@@ -1554,6 +1554,9 @@ def create_app(settings: Settings) -> FastAPI:
     # that names no setting. The body limits bound a field already, so a field too long, or
     # of the wrong kind, gets the answer that names what is wrong with it.
     max_part_bytes = max(body_limits["/cls"], body_limits["/tasks"])
+    # /cls and /tasks: empty file parts beside the image are let through, and ignored; a
+    # second image is refused by their dependency.
+    one_image_form = {"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes}
     app = FastAPI(
         title="ResNet18 classification service",
         summary="Micro-batched ImageNet classification over HTTP",
@@ -1569,9 +1572,7 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=ClassifyResponse,
         responses=error_responses(400, 413, 422, 504),
         dependencies=[Depends(_one_file_named_file)],
-        # Empty file parts beside the image are let through, and ignored; a second image
-        # is refused by the dependency.
-        form_limits={"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes},
+        form_limits=one_image_form,
         tags=["classification"],
     )
     app.add_api_route(
@@ -1607,9 +1608,7 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=TaskAccepted,
         responses={202: {"headers": TASK_ACCEPTED_HEADERS}, **error_responses(400, 413, 422)},
         dependencies=[Depends(_one_file_named_file)],
-        # Empty file parts beside the image are let through, and ignored; a second image
-        # is refused by the dependency.
-        form_limits={"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes},
+        form_limits=one_image_form,
         tags=["tasks"],
     )
     app.add_api_route(
