@@ -306,11 +306,6 @@ class Service:
                 settings.task_lease_s,
                 BUSY_TIMEOUT_MS / 1000,
             )
-        if settings.weights.strip().lower() == "random":
-            logger.warning(
-                "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
-                "meaningless; for tests and smoke runs only"
-            )
         metrics.record_model(
             "resnet18",
             str(classifier.device),

@@ -619,4 +619,9 @@ def load_classifier(
         dtype,
         channels_last,
     )
+    if weights.strip().lower() == "random":
+        logger.warning(
+            "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
+            "meaningless; for tests and smoke runs only"
+        )
     return classifier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import time
@@ -80,6 +81,24 @@ def test_random_weights_are_seeded() -> None:
     third, _ = build_network("random", 1000, seed=4)
     assert torch.equal(first.fc.weight, second.fc.weight)
     assert not torch.equal(first.fc.weight, third.fc.weight)
+
+
+def test_the_loader_warns_of_random_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model package knows where its weights come from: another package served in its
+    place has no WEIGHTS setting to be warned of."""
+    warning = (
+        "WEIGHTS=random: the model's weights are random (seeded), so its answers are "
+        "meaningless; for tests and smoke runs only"
+    )
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_network("random", 1000)[0].state_dict(), path)
+    for weights, warned in ((" Random ", True), (str(path), False)):
+        caplog.clear()
+        load_classifier(weights=weights, labels_file=LABELS_FILE, device="cpu")
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (warning in lines) is warned
 
 
 def test_state_dict_file_loads(tmp_path: Path, classifier: Classifier, photos: list[Path]) -> None:
