@@ -1362,7 +1362,8 @@ _MULTIPART_ERRORS = {
     "Invalid multipart data.": (
         "the body is not well-formed multipart/form-data: a part does not begin with the "
         "boundary its Content-Type names (nor may text come before the first one, a MIME "
-        "preamble, which is not read), or a part's header lines are malformed"
+        "preamble, which is not read), or a part's header lines are malformed (at most 8 "
+        "of them, each of at most 4,224 bytes)"
     ),
 }
 

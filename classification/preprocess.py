@@ -434,7 +434,8 @@ def _tiff_part_count(data: bytes) -> int:
             tag, _, count = struct.unpack_from(entry_format, data, first + index * size)
             if tag in (TIFF_STRIP_OFFSETS, TIFF_TILE_OFFSETS):
                 return int(count)
-    except struct.error:  # truncated: Pillow reports it
+    # Truncated, or an offset past any file (2**63 overflows): Pillow reports it.
+    except (struct.error, OverflowError):
         pass
     return 0
 

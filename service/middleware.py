@@ -13,7 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MAX_BOUNDARY_LENGTH,
+    MultipartParser,
+    parse_options_header,
+)
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -253,9 +257,19 @@ class BodyLimitsMiddleware:
             await response(scope, receive, send)
             return
 
+        boundary = _multipart_boundary(scope)
+        if boundary is not None and len(boundary) > MAX_BOUNDARY_LENGTH:
+            # The multipart parser refuses it as it is built, before any byte is read.
+            detail = (
+                f"the multipart boundary is {len(boundary)} characters long; at most "
+                f"{MAX_BOUNDARY_LENGTH} are read (RFC 2046 asks for at most 70)"
+            )
+            response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
+            await response(scope, receive, send)
+            return
+
         received = 0
         body_complete = False
-        boundary = _multipart_boundary(scope)
         parts = None if boundary is None else _PartSizes(boundary, self.part_limit_bytes)
 
         async def receive_within_limits() -> Message:

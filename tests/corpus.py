@@ -66,11 +66,13 @@ def upload(data: bytes, name: str = "upload.bin", content_type: str = "image/jpe
     return [("file", (name, data, content_type))]
 
 
-def multipart(parts: list[tuple[str, str | None, bytes, str | None]]) -> bytes:
-    """A multipart/form-data body with ``BOUNDARY``: (field, filename, data, content type)."""
+def multipart(
+    parts: list[tuple[str, str | None, bytes, str | None]], boundary: str = BOUNDARY
+) -> bytes:
+    """A multipart/form-data body: (field, filename, data, content type) each."""
     body = io.BytesIO()
     for name, filename, data, content_type in parts:
-        body.write(f"--{BOUNDARY}\r\n".encode())
+        body.write(f"--{boundary}\r\n".encode())
         disposition = f'Content-Disposition: form-data; name="{name}"'
         if filename is not None:
             disposition += f'; filename="{filename}"'
@@ -78,7 +80,7 @@ def multipart(parts: list[tuple[str, str | None, bytes, str | None]]) -> bytes:
         if content_type is not None:
             body.write(f"Content-Type: {content_type}\r\n".encode())
         body.write(b"\r\n" + data + b"\r\n")
-    body.write(f"--{BOUNDARY}--\r\n".encode())
+    body.write(f"--{boundary}--\r\n".encode())
     return body.getvalue()
 
 
@@ -188,6 +190,13 @@ def build_corpus(photo_path: Path) -> list[Case]:
             "MAX_IMAGE_PIXELS",
             upload(images.tiled_tiff(4, 4, tile=46336)),
         ),
+        # A BigTIFF whose first directory lies 2**64 - 1 bytes in: no offset in memory.
+        Case(
+            "bigtiff-directory-past-any-file",
+            400,
+            "header is corrupt",
+            upload(b"II+\x00\x08\x00\x00\x00" + b"\xff" * 8, "huge.tif", "image/tiff"),
+        ),
         Case(
             "jpeg-of-10010-scans",
             400,
@@ -246,6 +255,22 @@ def build_corpus(photo_path: Path) -> list[Case]:
             files=upload(jpeg, "notes.txt", "text/plain"),
         ),
     ]
+    # The multipart parser takes boundaries of up to 256 characters.
+    for length, status, detail in (
+        (257, 400, "the multipart boundary is 257 characters long; at most 256"),
+        (256, 200, ""),
+    ):
+        body = multipart([("file", "photo.jpg", jpeg, "image/jpeg")], "b" * length)
+        headers = multipart_headers(body, boundary="b" * length)
+        cases.append(Case(f"boundary-of-{length}-characters", status, detail, None, body, headers))
+    # The parser reads at most 8 header lines a part.
+    headed = multipart([("file", "photo.jpg", jpeg, "image/jpeg")]).replace(
+        b"Content-Type: image/jpeg\r\n",
+        b"Content-Type: image/jpeg\r\n" + b"X-Note: one more line\r\n" * 7,
+    )
+    cases.append(
+        Case("part-of-9-header-lines", 400, "at most 8", None, headed, multipart_headers(headed))
+    )
     body = multipart([("file", "photo.jpg", jpeg, "image/jpeg")])
     cases += [
         # Framing that does not parse is corrupt data (400), not a missing field.
