@@ -1274,9 +1274,11 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the model is loaded and warm and the server is not draining."""
+    """Readiness: the model is loaded and warm, is not stalled, and the server is not
+    draining."""
     service = _service(request)
-    if service.ready and not service.draining:
+    stalled = service.liveness_problem() == "stalled"
+    if service.ready and not service.draining and not stalled:
         return JSONResponse({"status": "ready"})
     if service.draining:
         detail = "the server is shutting down"
@@ -1284,6 +1286,11 @@ async def readyz(request: Request) -> JSONResponse:
         detail = f"the model's device failed: {service.device_failure}"
     elif (failure := service.failure()) is not None:
         detail = failure
+    elif stalled:
+        # New requests could only wait behind the stuck batch into their 504s.
+        detail = (
+            f"a batch has run for more than STALL_TIMEOUT_S={service.settings.stall_timeout_s:g} s"
+        )
     else:
         detail = "the model is loading"
     return JSONResponse(

@@ -1479,7 +1479,11 @@ async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
             assert stored() == ("queued", 0)
 
 
-async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:
+async def test_stuck_model_turns_healthz_unhealthy_and_readyz_not_ready(
+    photos: list[Path],
+) -> None:
+    """A load balancer stops sending requests that could only wait behind the stuck batch,
+    until the orchestrator restarts the worker or the batch ends."""
     settings = make_settings(stall_timeout_s=0.2, request_timeout_ms=10_000, drain_timeout_s=1)
     async with running_app(settings) as served:
         model = GatedModel(served)
@@ -1490,10 +1494,17 @@ async def test_stuck_model_turns_healthz_unhealthy(photos: list[Path]) -> None:
             await asyncio.to_thread(model.entered.wait, 10)
             await asyncio.sleep(0.3)
             assert (await served.client.get("/healthz")).status_code == 503
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json() == {
+                "status": "not ready",
+                "detail": "a batch has run for more than STALL_TIMEOUT_S=0.2 s",
+            }
         finally:
             model.release.set()
         assert (await request).status_code == 200
         assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+        assert (await served.client.get("/readyz")).json() == {"status": "ready"}
 
 
 async def test_a_draining_server_is_not_ready_but_serves_until_it_stops(
