@@ -227,13 +227,19 @@ def _start_timeouts(server: Any) -> _StartTimeouts:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop the live gauges of a worker that exited, crashed or was killed, and say which
-    setting applies when the master killed it for its silence."""
+    """Drop the live gauges of a worker that exited, crashed or was killed (and every metric
+    file of one that never started), and say which setting applies when the master killed
+    it for its silence."""
     from gunicorn.errors import HaltServer
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
     starting = not SIBLINGS.was_ready(worker.pid)
+    if starting:
+        # It took no connection, so its files hold nothing to count; a worker failing to
+        # start every 30 s would otherwise leave thousands a day for each scrape to read.
+        for file in PROMETHEUS_DIR.glob(f"*_{worker.pid}.db"):
+            file.unlink(missing_ok=True)
     SIBLINGS.forget(worker.pid)
     if worker.aborted and starting and not SIBLINGS.server_started():
         timeouts = _start_timeouts(server)

@@ -16,7 +16,7 @@ import pytest
 
 from service import memory
 from service.settings import PROJECT_ROOT
-from service.siblings import SIBLINGS_DIR
+from service.siblings import SIBLINGS_DIR, Siblings
 
 CONFIG = PROJECT_ROOT / "gunicorn_config.py"
 
@@ -214,6 +214,32 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
     when_ready(SimpleNamespace())
     assert sorted(path.name for path in metrics_dir.iterdir()) == sorted(others)
     assert callable(config["child_exit"])
+
+
+def test_a_worker_that_never_started_leaves_no_metric_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker failing to start every 30 s left three files each time: a day of that and a
+    scrape took 0.76 s instead of 5 ms. One that served keeps its counts."""
+    config = load(monkeypatch, tmp_path)
+    siblings = config["SIBLINGS"]
+    assert isinstance(siblings, Siblings)
+    siblings.directory.mkdir(parents=True, exist_ok=True)
+    (siblings.directory / "ready-456").touch()  # as worker 456 marked itself
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    kinds = ("counter", "histogram", "gauge_mostrecent", "gauge_livesum")
+    for pid in (123, 456, 1123):
+        for kind in kinds:
+            (metrics_dir / f"{kind}_{pid}.db").write_bytes(b"")
+    child_exit = config["child_exit"]
+    assert callable(child_exit)
+    for pid in (123, 456):
+        child_exit(SimpleNamespace(), SimpleNamespace(pid=pid, aborted=False, forked_at=0.0))
+    assert sorted(path.name for path in metrics_dir.iterdir()) == sorted(
+        [f"{kind}_1123.db" for kind in kinds]
+        + ["counter_456.db", "histogram_456.db", "gauge_mostrecent_456.db"]
+    )
 
 
 def test_the_directories_of_a_master_killed_outright_are_removed_at_the_next_start(
