@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from service import logs, memory
-from service.settings import load_settings, prepare_metrics_dir
+from service.settings import available_cores, load_settings, prepare_metrics_dir
 from service.siblings import SIBLINGS_DIR, Siblings, process_alive
 
 settings = load_settings()
@@ -53,8 +53,8 @@ SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 os.environ["GOMP_SPINCOUNT"] = settings.gomp_spincount or "1000000"  # unset or empty
 
 bind = settings.bind or f"0.0.0.0:{settings.port}"
-# Each worker's model uses cores // WORKERS threads (TORCH_THREADS overrides), so workers
-# never oversubscribe the cores; see Settings.effective_torch_threads.
+# Each worker's model uses cores // WORKERS threads, at least one (TORCH_THREADS overrides),
+# so up to one worker a core never oversubscribes them; see Settings.effective_torch_threads.
 workers = settings.workers
 worker_class = "service.protocol.JsonErrorsUvicornWorker"
 # Each worker loads its own model after the fork; a torch runtime forked from a parent
@@ -100,6 +100,14 @@ if settings.log_format == "json":
 
 def on_starting(server: Any) -> None:
     _halt_once_for_workers_that_cannot_start(server)
+    if settings.workers > (cores := available_cores()):
+        server.log.warning(
+            "WORKERS=%d is more than the %d cores the service may use: each worker's model "
+            "gets one thread, and their threads take turns on the cores (on a CPU, one "
+            "worker a core serves as much, in less memory)",
+            settings.workers,
+            cores,
+        )
     # glibc's allocator keeps freed memory for reuse in one arena (service/memory.py): set
     # before the workers are forked, so that none of their threads has an arena of its own,
     # and once gunicorn has put its -e/raw_env values in the environment, so they count.

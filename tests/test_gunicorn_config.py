@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import service.settings
 from service import memory
 from service.settings import PROJECT_ROOT
 from service.siblings import SIBLINGS_DIR, Siblings
@@ -73,6 +74,25 @@ def test_the_allocator_is_set_as_gunicorn_starts_not_as_the_config_loads(
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # as gunicorn's -e sets it
     config["on_starting"](SimpleNamespace(reap_workers=lambda: None))
     assert calls == ["4"]
+
+
+def test_more_workers_than_cores_are_warned_of(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each then has one thread, and their threads take turns on the cores."""
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
+
+    def warnings_as_it_starts(workers: str) -> list[str]:
+        lines: list[str] = []
+        log = SimpleNamespace(warning=lambda message, *args: lines.append(message % args))
+        config = load(monkeypatch, tmp_path, WORKERS=workers)
+        config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=log))
+        return lines
+
+    assert warnings_as_it_starts("2") == []
+    (warning,) = warnings_as_it_starts("3")
+    assert warning.startswith("WORKERS=3 is more than the 2 cores the service may use")
 
 
 def test_everything_comes_from_the_environment(
