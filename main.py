@@ -1696,6 +1696,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         ),
         idle_timeout_s=settings.body_idle_timeout_s,
+        min_bytes_per_s=settings.body_min_bytes_per_s,
         routed=partial(serves, app),
         in_flight_limit_bytes=settings.max_uploads_in_flight_bytes,
         in_flight=uploads,

@@ -180,8 +180,10 @@ class BodyLimitsMiddleware:
     so is a part that grows past ``part_limit_bytes``: the multipart parser spools every file to
     disk whatever its size, so a body of many files must not hold one of any size. Parts
     are found by a second parser of the same kind as the app's (``_PartSizes``).
-    A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, so a
-    slow or lying client cannot hold a connection and its buffers for ever. (The multipart
+    A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, and so
+    is one that, past its first ``idle_timeout_s``, arrives at less than
+    ``min_bytes_per_s`` on average (a byte now and then would reset the first rule for
+    ever): a slow or lying client cannot hold a connection and its buffers for ever. (The multipart
     parser takes a cut-off body for a complete one without its last part, which would be
     answered as a missing field.)
     What the requests under way hold together is bounded by ``in_flight_limit_bytes``: the
@@ -205,6 +207,7 @@ class BodyLimitsMiddleware:
         routed: Callable[[Scope], bool],
         in_flight_limit_bytes: int,
         in_flight: UploadsInFlight | None = None,
+        min_bytes_per_s: float = 0,
     ) -> None:
         self.app = app
         self.routed = routed
@@ -214,6 +217,7 @@ class BodyLimitsMiddleware:
         self.part_limit_bytes = part_limit_bytes
         self.describe_part = describe_part
         self.idle_timeout_s = idle_timeout_s
+        self.min_bytes_per_s = min_bytes_per_s  # 0: no minimum
         self.in_flight_limit_bytes = in_flight_limit_bytes
         # Uploads are bounded each, and this bounds them all.
         self.in_flight = in_flight or UploadsInFlight()
@@ -271,24 +275,34 @@ class BodyLimitsMiddleware:
         received = 0
         body_complete = False
         parts = None if boundary is None else _PartSizes(boundary, self.part_limit_bytes)
+        started = time.monotonic()
 
         async def receive_within_limits() -> Message:
             nonlocal received, body_complete
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
+            wait_s, too_slow = self.idle_timeout_s, False
+            if self.min_bytes_per_s and received:
+                # When the bytes so far are all that the minimum rate asks for.
+                due = started + self.idle_timeout_s + received / self.min_bytes_per_s
+                if due - time.monotonic() < wait_s:
+                    wait_s, too_slow = max(0.0, due - time.monotonic()), True
             try:
-                async with asyncio.timeout(self.idle_timeout_s):
+                async with asyncio.timeout(wait_s):
                     message = await receive()
             except TimeoutError:
                 # Raised inside the route's body parsing, so the app's error handler
                 # answers it like any other HTTP error.
-                raise HTTPException(
-                    408,
-                    f"the request body stalled for {self.idle_timeout_s:g} s; "
-                    "BODY_IDLE_TIMEOUT_S allows that long between chunks",
-                    headers=_UNREAD_BODY,
-                ) from None
+                detail = (
+                    f"the request body arrived at less than {self.min_bytes_per_s:g} bytes/s "
+                    f"once its first {self.idle_timeout_s:g} s had passed; "
+                    "BODY_MIN_BYTES_PER_S asks for that much on average"
+                    if too_slow
+                    else f"the request body stalled for {self.idle_timeout_s:g} s; "
+                    "BODY_IDLE_TIMEOUT_S allows that long between chunks"
+                )
+                raise HTTPException(408, detail, headers=_UNREAD_BODY) from None
             if message["type"] == "http.disconnect":
                 # nginx's "client closed request": metrics and logs tell it from a bad body.
                 raise HTTPException(499, "the client disconnected during the upload")

@@ -183,6 +183,7 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(DEFAULT_MAX_BATCH_FILES, ge=1, le=1000)
     max_uploads_in_flight_bytes: int = Field(2 * 2**30, ge=1, le=2**50)
     body_idle_timeout_s: float = Field(30.0, gt=0, le=86_400)
+    body_min_bytes_per_s: float = Field(1024.0, ge=0, le=2**40)
 
     torch_threads: int | None = Field(None, ge=1, le=1024)
     decode_threads: int | None = Field(None, ge=1, le=1024)

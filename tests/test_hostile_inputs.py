@@ -391,6 +391,67 @@ async def read_in_two_chunks(
     return received
 
 
+async def read_dripped(
+    chunk_bytes: int, every_s: float, chunks: int, min_bytes_per_s: float
+) -> tuple[float, int]:
+    """Read through BodyLimitsMiddleware (idle timeout 0.3 s) a body of ``chunks`` chunks
+    arriving ``every_s`` apart: the seconds it took, and the bytes the app received."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        await asyncio.sleep(every_s)
+        received += chunk_bytes
+        return {"type": "http.request", "body": b"x" * chunk_bytes, "more_body": True}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(chunks):
+            await receive()
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is answered while the body is read")
+
+    limits = BodyLimitsMiddleware(
+        app,
+        {},
+        default_limit_bytes=1 << 20,
+        describe=str,
+        part_limit_bytes=1 << 20,
+        describe_part=str,
+        idle_timeout_s=0.3,
+        routed=lambda scope: True,
+        in_flight_limit_bytes=1 << 30,
+        min_bytes_per_s=min_bytes_per_s,
+    )
+    started = time.monotonic()
+    await limits({"type": "http", "path": "/cls", "headers": []}, receive, send)
+    return time.monotonic() - started, received
+
+
+async def test_a_body_that_arrives_too_slowly_on_average_is_cut_off() -> None:
+    """A byte now and then resets the idle timeout for ever: one client holding hundreds of
+    such uploads used up the worker's file descriptors, and every other request failed.
+    Past the idle timeout, the body must keep up BODY_MIN_BYTES_PER_S on average."""
+    started = time.monotonic()
+    with pytest.raises(HTTPException) as refused:
+        await read_dripped(10, 0.05, 40, min_bytes_per_s=1000)  # 200 bytes/s for 2 s
+    # Allowed 0.3 s and 1 ms a byte: cut off at about 0.4 s, after about 80 bytes.
+    assert time.monotonic() - started < 1.5
+    assert refused.value.status_code == 408
+    assert refused.value.detail == (
+        "the request body arrived at less than 1000 bytes/s once its first 0.3 s had "
+        "passed; BODY_MIN_BYTES_PER_S asks for that much on average"
+    )
+    took_s, received = await read_dripped(10, 0.05, 40, min_bytes_per_s=0)  # no minimum
+    assert received == 400
+    assert took_s > 1.9
+    took_s, received = await read_dripped(100, 0.05, 40, min_bytes_per_s=1000)  # 2000/s
+    assert received == 4000
+    assert took_s > 1.9
+    with pytest.raises(HTTPException, match=r"stalled for 0\.3 s; BODY_IDLE_TIMEOUT_S allows"):
+        await read_dripped(10_000, 0.5, 2, min_bytes_per_s=1000)
+
+
 @pytest.mark.parametrize("offset", range(len(BOUNDARY) + 8))
 async def test_a_closing_boundary_split_between_chunks_is_found(offset: int) -> None:
     body = multipart([("file", "a.jpg", b"x" * 100, "image/jpeg")])
