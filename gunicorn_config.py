@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from service import logs, memory
-from service.settings import available_cores, load_settings, prepare_metrics_dir
+from service.settings import (
+    available_cores,
+    load_settings,
+    misspelt_settings,
+    prepare_metrics_dir,
+)
 from service.siblings import SIBLINGS_DIR, Siblings, process_alive
 
 settings = load_settings()
@@ -100,6 +105,8 @@ if settings.log_format == "json":
 
 def on_starting(server: Any) -> None:
     _halt_once_for_workers_that_cannot_start(server)
+    for line in misspelt_settings():  # gunicorn's -e values are in the environment by now
+        server.log.warning(line)
     if settings.workers > (cores := available_cores()):
         server.log.warning(
             "WORKERS=%d is more than the %d cores the service may use: each worker's model "

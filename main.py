@@ -93,7 +93,7 @@ from service.schemas import (
     error_responses,
     task_response,
 )
-from service.settings import Settings, load_settings
+from service.settings import Settings, load_settings, misspelt_settings
 from service.siblings import Siblings
 from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
@@ -1503,6 +1503,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         siblings: Siblings | None = getattr(app.state, SIBLINGS_STATE, None)
+        if siblings is None:  # not under gunicorn, whose master says it once for all workers
+            for line in misspelt_settings():
+                logger.warning("%s", line)
         started_before = siblings is not None and siblings.server_started()
         service = Service(settings, server_started=started_before, uploads=uploads)
         app.state.service = service

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import re
 import ssl
 import tempfile
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -416,6 +418,24 @@ class Settings(BaseSettings):
 
 # Never echoed, not even in the error that refuses them.
 SECRET_SETTINGS = frozenset({"API_KEY", "WEBHOOK_SECRET"})
+
+
+def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each environment variable whose name looks like a setting's misspelt
+    (WORKER, MAX_BATCH, REQUEST_TIMEOUT_S): names that are no setting are ignored, so its
+    setting would stay at its default, and nothing would say so."""
+    names = sorted(name.upper() for name in Settings.model_fields)
+    lines = []
+    for key, value in sorted(environ.items()):
+        upper = key.upper()
+        if upper in names or not value or not re.fullmatch(r"[A-Z][A-Z0-9_]*", upper):
+            continue
+        near = difflib.get_close_matches(upper, names, n=1, cutoff=0.8) or [
+            name for name in names if len(upper) >= 6 and name.startswith(f"{upper}_")
+        ]
+        if 0 < len(near) <= 3:  # a common prefix (WEBHOOK) is a name of the user's own
+            lines.append(f"{key} is no setting, and is ignored: did you mean {' or '.join(near)}?")
+    return lines
 
 
 def load_settings() -> Settings:

@@ -345,6 +345,15 @@ async def test_random_weights_are_warned_of(
         ) is warned
 
 
+async def test_misspelt_setting_names_are_warned_of_outside_gunicorn(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under uvicorn alone (make dev), where no gunicorn master says it."""
+    monkeypatch.setenv("MAX_BATCHSIZE", "32")
+    lines = await warnings_at_start(caplog, make_settings())
+    assert "MAX_BATCHSIZE is no setting, and is ignored: did you mean MAX_BATCH_SIZE?" in lines
+
+
 async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -72,8 +72,28 @@ def test_the_allocator_is_set_as_gunicorn_starts_not_as_the_config_loads(
     config = load(monkeypatch, tmp_path)
     assert calls == []
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # as gunicorn's -e sets it
-    config["on_starting"](SimpleNamespace(reap_workers=lambda: None))
+    config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=QuietLog()))
     assert calls == ["4"]
+
+
+class QuietLog:
+    """gunicorn's logger, as the hooks use it: keeps the warnings."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, message: str, *args: object) -> None:
+        self.warnings.append(message % args)
+
+
+def test_misspelt_setting_names_are_warned_of_once_by_the_master(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    config = load(monkeypatch, tmp_path, WORKER="2")
+    log = QuietLog()
+    config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=log))
+    assert "WORKER is no setting, and is ignored: did you mean WORKERS?" in log.warnings
 
 
 def test_more_workers_than_cores_are_warned_of(
@@ -84,11 +104,10 @@ def test_more_workers_than_cores_are_warned_of(
     monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
 
     def warnings_as_it_starts(workers: str) -> list[str]:
-        lines: list[str] = []
-        log = SimpleNamespace(warning=lambda message, *args: lines.append(message % args))
+        log = QuietLog()
         config = load(monkeypatch, tmp_path, WORKERS=workers)
         config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=log))
-        return lines
+        return log.warnings
 
     assert warnings_as_it_starts("2") == []
     (warning,) = warnings_as_it_starts("3")

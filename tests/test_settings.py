@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from service.settings import PROJECT_ROOT, load_settings
+from service.settings import PROJECT_ROOT, load_settings, misspelt_settings
 
 SET_EMPTY = (
     "TORCH_THREADS",
@@ -230,3 +230,23 @@ def test_a_webhook_ca_file_of_certificates_is_kept(
     trustme.CA().cert_pem.write_to_path(str(path))
     monkeypatch.setenv("WEBHOOK_CA_FILE", str(path))
     assert load_settings().webhook_ca_file == path
+
+
+def test_names_close_to_a_settings_are_named_with_the_setting_meant() -> None:
+    """Names that are no setting are ignored: WORKER=2 started one worker, and nothing said
+    why."""
+    environ = {
+        "WORKER": "2",
+        "max_batch": "8",
+        "REQUEST_TIMEOUT_S": "2",
+        "WORKERS": "1",  # a setting
+        "WEIGHT": "",  # empty: no value, as compose passes an unset variable
+        "WEBHOOK": "x",  # the prefix of seven settings: a name of the user's own
+        "PATH": "/usr/bin",
+        "KUBERNETES_SERVICE_PORT": "443",
+    }
+    assert misspelt_settings(environ) == [
+        "REQUEST_TIMEOUT_S is no setting, and is ignored: did you mean REQUEST_TIMEOUT_MS?",
+        "WORKER is no setting, and is ignored: did you mean WORKERS?",
+        "max_batch is no setting, and is ignored: did you mean MAX_BATCH_FILES or MAX_BATCH_SIZE?",
+    ]
