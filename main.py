@@ -14,6 +14,7 @@ import gc
 import io
 import logging
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -1496,6 +1497,21 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)
 
 
+def uvicorn_workers() -> int:
+    """How many workers ``uvicorn --workers`` (or ``WEB_CONCURRENCY``) started beside this
+    one, as its command line says (a spawned process gets its parent's): 1 in a process of
+    its own, or under ``--reload``, which runs one."""
+    if multiprocessing.parent_process() is None or "--reload" in sys.argv:
+        return 1
+    given = os.environ.get("WEB_CONCURRENCY", "")
+    for index, argument in enumerate(sys.argv):
+        if argument == "--workers":
+            given = sys.argv[index + 1] if index + 1 < len(sys.argv) else ""
+        elif argument.startswith("--workers="):
+            given = argument.removeprefix("--workers=")
+    return int(given) if given.strip().isdigit() else 1
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the application for the given settings; the model loads in its lifespan."""
     uploads = UploadsInFlight()  # counted by the body limits, read by the memory trimmer
@@ -1506,6 +1522,14 @@ def create_app(settings: Settings) -> FastAPI:
         if siblings is None:  # not under gunicorn, whose master says it once for all workers
             for line in misspelt_settings():
                 logger.warning("%s", line)
+            if (workers := uvicorn_workers()) > 1:
+                logger.warning(
+                    "uvicorn runs %d workers here, which know nothing of each other: /metrics "
+                    "counts one worker's requests, and each worker's model takes a thread a "
+                    "core; serve several workers with gunicorn (make run, WORKERS=%d)",
+                    workers,
+                    workers,
+                )
         started_before = siblings is not None and siblings.server_started()
         service = Service(settings, server_started=started_before, uploads=uploads)
         app.state.service = service

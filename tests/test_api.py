@@ -354,6 +354,28 @@ async def test_misspelt_setting_names_are_warned_of_outside_gunicorn(
     assert "MAX_BATCHSIZE is no setting, and is ignored: did you mean MAX_BATCH_SIZE?" in lines
 
 
+@pytest.mark.parametrize(
+    ("argv", "web_concurrency", "workers"),
+    [
+        (["uvicorn", "main:app", "--workers", "4"], "", 4),
+        (["uvicorn", "main:app", "--workers=3"], "", 3),
+        (["uvicorn", "main:app"], "2", 2),  # uvicorn's default for --workers
+        (["uvicorn", "main:app", "--workers", "1"], "8", 1),
+        (["uvicorn", "main:app", "--reload"], "8", 1),  # which runs one
+    ],
+)
+def test_uvicorns_own_workers_are_counted_from_its_command_line(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], web_concurrency: str, workers: int
+) -> None:
+    """uvicorn --workers starts workers that share no metrics and each take a thread a
+    core: the start warns of it, pointing to gunicorn."""
+    monkeypatch.setattr(main.sys, "argv", argv)
+    monkeypatch.setenv("WEB_CONCURRENCY", web_concurrency)
+    assert main.uvicorn_workers() == 1  # a process of its own: whatever the command line
+    monkeypatch.setattr(main.multiprocessing, "parent_process", lambda: object())
+    assert main.uvicorn_workers() == workers
+
+
 async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
