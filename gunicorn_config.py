@@ -104,6 +104,7 @@ if settings.log_format == "json":
 
 
 def on_starting(server: Any) -> None:
+    _refuse_flags_that_override_settings(server.cfg)
     _halt_once_for_workers_that_cannot_start(server)
     for line in misspelt_settings():  # gunicorn's -e values are in the environment by now
         server.log.warning(line)
@@ -119,6 +120,32 @@ def on_starting(server: Any) -> None:
     # before the workers are forked, so that none of their threads has an arena of its own,
     # and once gunicorn has put its -e/raw_env values in the environment, so they count.
     memory.keep_freed_memory()
+
+
+def _refuse_flags_that_override_settings(cfg: Any) -> None:
+    """Stop with one line where gunicorn's command line (or GUNICORN_CMD_ARGS) changed what
+    this file sets from a setting: the workers size their threads, drain and messages by
+    the setting, which would then be wrong (a --timeout 3 reported as WORKER_TIMEOUT_S=120).
+    A --bind is taken: nothing in a worker depends on it."""
+    checks = (
+        ("--workers", cfg.workers, workers, "WORKERS", cfg.workers),
+        ("--timeout", cfg.timeout, timeout, "WORKER_TIMEOUT_S", cfg.timeout),
+        ("--keep-alive", cfg.keepalive, keepalive, "KEEPALIVE_S", cfg.keepalive),
+        (
+            "--graceful-timeout",
+            cfg.graceful_timeout,
+            graceful_timeout,
+            "DRAIN_TIMEOUT_S",
+            max(0, cfg.graceful_timeout - 10),
+        ),
+    )
+    overridden = [
+        f"gunicorn's {flag} {given} overrides {setting}: set {setting}={meant} instead"
+        for flag, given, ours, setting, meant in checks
+        if given != ours
+    ]
+    if overridden:
+        raise SystemExit(logs.unconfigured_line("invalid configuration: " + "; ".join(overridden)))
 
 
 def when_ready(server: Any) -> None:

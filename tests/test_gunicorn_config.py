@@ -72,8 +72,53 @@ def test_the_allocator_is_set_as_gunicorn_starts_not_as_the_config_loads(
     config = load(monkeypatch, tmp_path)
     assert calls == []
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # as gunicorn's -e sets it
-    config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=QuietLog()))
+    config["on_starting"](master(config))
     assert calls == ["4"]
+
+
+def master(
+    config: dict[str, object], log: object = None, **command_line: object
+) -> SimpleNamespace:
+    """gunicorn's arbiter, as the hooks use it, with the file's values in its configuration
+    but for those given on the ``command_line`` (workers=2: -w 2)."""
+    cfg = {name: config[name] for name in ("workers", "timeout", "keepalive", "graceful_timeout")}
+    return SimpleNamespace(
+        reap_workers=lambda: None,
+        log=log or QuietLog(),
+        cfg=SimpleNamespace(**{**cfg, **command_line}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("command_line", "line"),
+    [
+        ({"workers": 2}, "gunicorn's --workers 2 overrides WORKERS: set WORKERS=2 instead"),
+        (
+            {"timeout": 3},
+            "gunicorn's --timeout 3 overrides WORKER_TIMEOUT_S: set WORKER_TIMEOUT_S=3 instead",
+        ),
+        ({"keepalive": 2}, "gunicorn's --keep-alive 2 overrides KEEPALIVE_S: set KEEPALIVE_S=2"),
+        (
+            {"graceful_timeout": 15},
+            "gunicorn's --graceful-timeout 15 overrides DRAIN_TIMEOUT_S: set DRAIN_TIMEOUT_S=5",
+        ),
+    ],
+)
+def test_gunicorn_flags_that_override_a_setting_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    command_line: dict[str, int],
+    line: str,
+) -> None:
+    """The workers go by the settings: --timeout 3 killed them at 3 s while the service
+    said WORKER_TIMEOUT_S=120, and -w 2 left each with every core's threads."""
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    config = load(monkeypatch, tmp_path)
+    config["on_starting"](master(config))  # the file's own values
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](master(config, **command_line))
+    assert line in str(stopped.value)
+    assert "\n" not in str(stopped.value).strip()
 
 
 class QuietLog:
@@ -92,7 +137,7 @@ def test_misspelt_setting_names_are_warned_of_once_by_the_master(
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
     config = load(monkeypatch, tmp_path, WORKER="2")
     log = QuietLog()
-    config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=log))
+    config["on_starting"](master(config, log))
     assert "WORKER is no setting, and is ignored: did you mean WORKERS?" in log.warnings
 
 
@@ -106,7 +151,7 @@ def test_more_workers_than_cores_are_warned_of(
     def warnings_as_it_starts(workers: str) -> list[str]:
         log = QuietLog()
         config = load(monkeypatch, tmp_path, WORKERS=workers)
-        config["on_starting"](SimpleNamespace(reap_workers=lambda: None, log=log))
+        config["on_starting"](master(config, log))
         return log.warnings
 
     assert warnings_as_it_starts("2") == []
