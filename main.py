@@ -1092,12 +1092,24 @@ TopK = Annotated[
 TASK_FORM_FIELDS = ("file", "callback_url", "metadata")
 
 
-def _refuse_query_parameters_in_the_form(form: FormData) -> None:
+def _refuse_what_the_form_would_ignore(form: FormData) -> None:
     """``top_k`` sent as a form field would be ignored, and the caller get the default
-    number of classes without a word."""
+    number of classes without a word; a file part's Content-Transfer-Encoding (base64, say)
+    is not undone (RFC 7578 drops it), and its image would be read as corrupt."""
     if "top_k" in form:
         message = "sent in the form, where it is not read; send it in the URL (?top_k=3)"
         raise RequestValidationError([{"loc": ("body", "top_k"), "msg": message}])
+    for name, part in form.multi_items():
+        if not isinstance(part, StarletteUploadFile):
+            continue
+        encoding = part.headers.get("content-transfer-encoding", "binary").strip().lower()
+        if encoding not in ("binary", "8bit", "7bit"):
+            raise StarletteHTTPException(
+                400,
+                f"the part '{_shortened(name, 64)}' is sent with Content-Transfer-Encoding "
+                f"{_shortened(encoding, 32)}, which is not decoded: send the file's bytes as "
+                "they are, with no such header (RFC 7578)",
+            )
 
 
 async def classify(
@@ -1108,7 +1120,7 @@ async def classify(
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
     top_k = _top_k(request, top_k)
-    _refuse_query_parameters_in_the_form(await request.form())
+    _refuse_what_the_form_would_ignore(await request.form())
     predictions = await _unless_disconnected(
         request, service.classify(file, top_k, _deadline(service))
     )
@@ -1131,7 +1143,7 @@ async def classify_batch(
     top_k = _top_k(request, top_k)
     deadline = _deadline(service)
     form = await request.form()  # parsed already, for ``file``
-    _refuse_query_parameters_in_the_form(form)
+    _refuse_what_the_form_would_ignore(form)
     # Any would be left out of the answer, and the caller miss an image it sent.
     stray = [
         name
@@ -1210,7 +1222,7 @@ async def submit_task(
     # The form is parsed already (and kept by the request); FastAPI takes the last of
     # repeated fields, which would drop the others silently.
     form = await request.form()
-    _refuse_query_parameters_in_the_form(form)
+    _refuse_what_the_form_would_ignore(form)
     # A misspelt callback_url or metadata would be dropped unseen: no webhook would come.
     # An empty file part (a form's file input left empty) holds nothing to drop.
     if unknown := [

@@ -7,6 +7,7 @@ from one real photo, so nothing is downloaded and the corpus is the same on ever
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import struct
@@ -263,6 +264,26 @@ def build_corpus(photo_path: Path) -> list[Case]:
         body = multipart([("file", "photo.jpg", jpeg, "image/jpeg")], "b" * length)
         headers = multipart_headers(body, boundary="b" * length)
         cases.append(Case(f"boundary-of-{length}-characters", status, detail, None, body, headers))
+    # A transfer encoding is not undone (RFC 7578 drops it): refused, not read as corrupt.
+    b64 = base64.encodebytes(jpeg)
+    for encoding, status, detail, data in (
+        ("base64", 400, "Content-Transfer-Encoding base64, which is not decoded", b64),
+        ("binary", 200, "", jpeg),
+    ):
+        encoded = multipart([("file", "photo.jpg", data, "image/jpeg")]).replace(
+            b"Content-Type: image/jpeg\r\n",
+            f"Content-Type: image/jpeg\r\nContent-Transfer-Encoding: {encoding}\r\n".encode(),
+        )
+        cases.append(
+            Case(
+                f"part-encoded-{encoding}",
+                status,
+                detail,
+                None,
+                encoded,
+                multipart_headers(encoded),
+            )
+        )
     # The parser reads at most 8 header lines a part.
     headed = multipart([("file", "photo.jpg", jpeg, "image/jpeg")]).replace(
         b"Content-Type: image/jpeg\r\n",
