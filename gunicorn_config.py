@@ -128,20 +128,20 @@ def _refuse_flags_that_override_settings(cfg: Any) -> None:
     the setting, which would then be wrong (a --timeout 3 reported as WORKER_TIMEOUT_S=120).
     A --bind is taken: nothing in a worker depends on it."""
     checks = (
-        ("--workers", cfg.workers, workers, "WORKERS", cfg.workers),
-        ("--timeout", cfg.timeout, timeout, "WORKER_TIMEOUT_S", cfg.timeout),
-        ("--keep-alive", cfg.keepalive, keepalive, "KEEPALIVE_S", cfg.keepalive),
+        ("--workers", cfg.workers, workers, "WORKERS", ""),
+        ("--timeout", cfg.timeout, timeout, "WORKER_TIMEOUT_S", ""),
+        ("--keep-alive", cfg.keepalive, keepalive, "KEEPALIVE_S", ""),
         (
             "--graceful-timeout",
             cfg.graceful_timeout,
             graceful_timeout,
             "DRAIN_TIMEOUT_S",
-            max(0, cfg.graceful_timeout - 10),
+            " (the graceful timeout is DRAIN_TIMEOUT_S + 10 s)",
         ),
     )
     overridden = [
-        f"gunicorn's {flag} {given} overrides {setting}: set {setting}={meant} instead"
-        for flag, given, ours, setting, meant in checks
+        f"gunicorn's {flag} {given} overrides {setting}: set {setting} instead{how}"
+        for flag, given, ours, setting, how in checks
         if given != ours
     ]
     if overridden:
@@ -268,20 +268,37 @@ def _start_timeouts(server: Any) -> _StartTimeouts:
     return timeouts
 
 
+def _counted_anything(pid: int) -> bool:
+    """Whether worker ``pid``'s counters or histograms hold a value other than zero (or
+    cannot be read: then they are kept)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for kind in ("counter", "histogram"):
+        path = PROMETHEUS_DIR / f"{kind}_{pid}.db"
+        try:
+            if path.exists() and any(
+                value for _, value, _, _ in MmapedDict.read_all_values_from_file(str(path))
+            ):
+                return True
+        except Exception:  # a damaged file: not this hook's to judge
+            return True
+    return False
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """Drop the live gauges of a worker that exited, crashed or was killed (and every metric
-    file of one that never started), and say which setting applies when the master killed
+    file of one that counted nothing), and say which setting applies when the master killed
     it for its silence."""
     from gunicorn.errors import HaltServer
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-    starting = not SIBLINGS.was_ready(worker.pid)
-    if starting:
-        # It took no connection, so its files hold nothing to count; a worker failing to
-        # start every 30 s would otherwise leave thousands a day for each scrape to read.
+    if not _counted_anything(worker.pid):
+        # A worker that never served (failing to start every 30 s, say) would otherwise
+        # leave files of zeros, thousands a day, for each scrape to read.
         for file in PROMETHEUS_DIR.glob(f"*_{worker.pid}.db"):
             file.unlink(missing_ok=True)
+    starting = not SIBLINGS.was_ready(worker.pid)
     SIBLINGS.forget(worker.pid)
     if worker.aborted and starting and not SIBLINGS.server_started():
         timeouts = _start_timeouts(server)

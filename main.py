@@ -1100,7 +1100,7 @@ def _refuse_what_the_form_would_ignore(form: FormData) -> None:
         message = "sent in the form, where it is not read; send it in the URL (?top_k=3)"
         raise RequestValidationError([{"loc": ("body", "top_k"), "msg": message}])
     for name, part in form.multi_items():
-        if not isinstance(part, StarletteUploadFile):
+        if not isinstance(part, StarletteUploadFile) or not part.size:  # empty: ignored
             continue
         encoding = part.headers.get("content-transfer-encoding", "binary").strip().lower()
         if encoding not in ("binary", "8bit", "7bit"):
@@ -1510,12 +1510,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def uvicorn_workers() -> int:
-    """How many workers ``uvicorn --workers`` (or ``WEB_CONCURRENCY``) started beside this
-    one, as its command line says (a spawned process gets its parent's): 1 in a process of
-    its own, or under ``--reload``, which runs one."""
-    if multiprocessing.parent_process() is None or "--reload" in sys.argv:
+    """How many workers ``uvicorn --workers`` (or ``UVICORN_WORKERS``, or
+    ``WEB_CONCURRENCY``) started beside this one, as its command line says (a spawned
+    process gets its parent's): 1 in a process of its own, or under ``--reload`` (or
+    ``UVICORN_RELOAD``), which runs one."""
+    reload = os.environ.get("UVICORN_RELOAD", "").strip().lower() in ("1", "true", "yes", "on")
+    if multiprocessing.parent_process() is None or reload or "--reload" in sys.argv:
         return 1
-    given = os.environ.get("WEB_CONCURRENCY", "")
+    given = os.environ.get("UVICORN_WORKERS") or os.environ.get("WEB_CONCURRENCY", "")
     for index, argument in enumerate(sys.argv):
         if argument == "--workers":
             given = sys.argv[index + 1] if index + 1 < len(sys.argv) else ""

@@ -250,7 +250,7 @@ class BodyLimitsMiddleware:
             response = JSONResponse({"detail": detail}, status_code=status, headers=_UNREAD_BODY)
             await response(scope, receive, send)
             return
-        if (charset := _foreign_charset(scope)) is not None:
+        if (charset := _foreign_charset(scope)) is not None and self.routed(scope):
             # The multipart parser would decode the part headers and fields with it: names
             # garbled, or a bare "There was an error parsing the body".
             detail = (
@@ -263,31 +263,37 @@ class BodyLimitsMiddleware:
 
         boundary = _multipart_boundary(scope)
         if boundary is not None and len(boundary) > MAX_BOUNDARY_LENGTH:
-            # The multipart parser refuses it as it is built, before any byte is read.
-            detail = (
-                f"the multipart boundary is {len(boundary)} characters long; at most "
-                f"{MAX_BOUNDARY_LENGTH} are read (RFC 2046 asks for at most 70)"
-            )
-            response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
-            await response(scope, receive, send)
-            return
+            # The multipart parser refuses it as it is built, before any byte is read. A path
+            # no route takes gets its 404 or 405, its body unmeasured.
+            if self.routed(scope) and _has_body(scope):
+                detail = (
+                    f"the multipart boundary is {len(boundary)} characters long; at most "
+                    f"{MAX_BOUNDARY_LENGTH} are read (RFC 2046 asks for at most 70)"
+                )
+                response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
+                await response(scope, receive, send)
+                return
+            boundary = None
 
         received = 0
         body_complete = False
         parts = None if boundary is None else _PartSizes(boundary, self.part_limit_bytes)
-        started = time.monotonic()
+        # The time spent waiting for the client's bytes: not the app's own pauses between
+        # reads (a busy event loop, a slow disk under the spooled parts).
+        waited_s = 0.0
 
         async def receive_within_limits() -> Message:
-            nonlocal received, body_complete
+            nonlocal received, body_complete, waited_s
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
             wait_s, too_slow = self.idle_timeout_s, False
             if self.min_bytes_per_s and received:
-                # When the bytes so far are all that the minimum rate asks for.
-                due = started + self.idle_timeout_s + received / self.min_bytes_per_s
-                if due - time.monotonic() < wait_s:
-                    wait_s, too_slow = max(0.0, due - time.monotonic()), True
+                # The waiting that the bytes so far earn at the minimum rate.
+                earned_s = self.idle_timeout_s + received / self.min_bytes_per_s - waited_s
+                if earned_s < wait_s:
+                    wait_s, too_slow = max(0.0, earned_s), True
+            waiting_since = time.monotonic()
             try:
                 async with asyncio.timeout(wait_s):
                     message = await receive()
@@ -303,6 +309,8 @@ class BodyLimitsMiddleware:
                     "BODY_IDLE_TIMEOUT_S allows that long between chunks"
                 )
                 raise HTTPException(408, detail, headers=_UNREAD_BODY) from None
+            finally:
+                waited_s += time.monotonic() - waiting_since
             if message["type"] == "http.disconnect":
                 # nginx's "client closed request": metrics and logs tell it from a bad body.
                 raise HTTPException(499, "the client disconnected during the upload")

@@ -284,6 +284,16 @@ def build_corpus(photo_path: Path) -> list[Case]:
                 multipart_headers(encoded),
             )
         )
+    # An empty part under another name (a form's unused file input) is ignored, header and all.
+    unused = multipart(
+        [("file", "photo.jpg", jpeg, "image/jpeg"), ("other", "", b"", "application/x-empty")]
+    ).replace(
+        b"Content-Type: application/x-empty\r\n",
+        b"Content-Type: application/x-empty\r\nContent-Transfer-Encoding: base64\r\n",
+    )
+    cases.append(
+        Case("empty-part-encoded-base64", 200, "", None, unused, multipart_headers(unused))
+    )
     # The parser reads at most 8 header lines a part.
     headed = multipart([("file", "photo.jpg", jpeg, "image/jpeg")]).replace(
         b"Content-Type: image/jpeg\r\n",

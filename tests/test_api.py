@@ -355,22 +355,27 @@ async def test_misspelt_setting_names_are_warned_of_outside_gunicorn(
 
 
 @pytest.mark.parametrize(
-    ("argv", "web_concurrency", "workers"),
+    ("argv", "environ", "workers"),
     [
-        (["uvicorn", "main:app", "--workers", "4"], "", 4),
-        (["uvicorn", "main:app", "--workers=3"], "", 3),
-        (["uvicorn", "main:app"], "2", 2),  # uvicorn's default for --workers
-        (["uvicorn", "main:app", "--workers", "1"], "8", 1),
-        (["uvicorn", "main:app", "--reload"], "8", 1),  # which runs one
+        (["uvicorn", "main:app", "--workers", "4"], {}, 4),
+        (["uvicorn", "main:app", "--workers=3"], {}, 3),
+        (["uvicorn", "main:app"], {"WEB_CONCURRENCY": "2"}, 2),  # uvicorn's default
+        (["uvicorn", "main:app"], {"UVICORN_WORKERS": "3", "WEB_CONCURRENCY": "2"}, 3),
+        (["uvicorn", "main:app", "--workers", "1"], {"WEB_CONCURRENCY": "8"}, 1),
+        (["uvicorn", "main:app", "--reload"], {"WEB_CONCURRENCY": "8"}, 1),  # runs one
+        (["uvicorn", "main:app"], {"UVICORN_RELOAD": "true", "WEB_CONCURRENCY": "8"}, 1),
     ],
 )
 def test_uvicorns_own_workers_are_counted_from_its_command_line(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], web_concurrency: str, workers: int
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], environ: dict[str, str], workers: int
 ) -> None:
     """uvicorn --workers starts workers that share no metrics and each take a thread a
     core: the start warns of it, pointing to gunicorn."""
     monkeypatch.setattr(main.sys, "argv", argv)
-    monkeypatch.setenv("WEB_CONCURRENCY", web_concurrency)
+    for name in ("WEB_CONCURRENCY", "UVICORN_WORKERS", "UVICORN_RELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     assert main.uvicorn_workers() == 1  # a process of its own: whatever the command line
     monkeypatch.setattr(main.multiprocessing, "parent_process", lambda: object())
     assert main.uvicorn_workers() == workers

@@ -104,6 +104,21 @@ async def test_each_case_gets_its_documented_answer(
 
 
 @module_loop
+async def test_a_long_boundary_is_refused_only_where_a_body_is_read(served: RunningApp) -> None:
+    """Where no route takes the request, its 404 or 405; with no body, nothing to parse."""
+    body = multipart([("file", "photo.jpg", PHOTO.read_bytes(), "image/jpeg")], "b" * 300)
+    headers = multipart_headers(body, boundary="b" * 300)
+    for method, path, status in (("POST", "/nope", 404), ("POST", "/healthz", 405)):
+        answer = await served.client.request(method, path, content=body, headers=headers)
+        assert answer.status_code == status, (path, answer.text)
+    content_type = {"Content-Type": headers["Content-Type"]}
+    assert (await served.client.get("/healthz", headers=content_type)).status_code == 200
+    refused = await served.client.post("/cls", content=body, headers=headers)
+    assert refused.status_code == 400
+    assert "the multipart boundary is 300 characters long" in refused.json()["detail"]
+
+
+@module_loop
 async def test_task_submission_refuses_the_corpus_as_cls_does_and_stores_nothing_bad(
     served: RunningApp,
 ) -> None:
@@ -392,10 +407,15 @@ async def read_in_two_chunks(
 
 
 async def read_dripped(
-    chunk_bytes: int, every_s: float, chunks: int, min_bytes_per_s: float
+    chunk_bytes: int,
+    every_s: float,
+    chunks: int,
+    min_bytes_per_s: float,
+    app_pause_s: float = 0.0,
 ) -> tuple[float, int]:
     """Read through BodyLimitsMiddleware (idle timeout 0.3 s) a body of ``chunks`` chunks
-    arriving ``every_s`` apart: the seconds it took, and the bytes the app received."""
+    arriving ``every_s`` apart, the app pausing ``app_pause_s`` after each: the seconds it
+    took, and the bytes the app received."""
     received = 0
 
     async def receive() -> Message:
@@ -407,6 +427,7 @@ async def read_dripped(
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         for _ in range(chunks):
             await receive()
+            await asyncio.sleep(app_pause_s)
 
     async def send(message: Message) -> None:
         raise AssertionError("nothing is answered while the body is read")
@@ -447,6 +468,10 @@ async def test_a_body_that_arrives_too_slowly_on_average_is_cut_off() -> None:
     assert took_s > 1.9
     took_s, received = await read_dripped(100, 0.05, 40, min_bytes_per_s=1000)  # 2000/s
     assert received == 4000
+    assert took_s > 1.9
+    # The app's own pauses between reads (a busy loop, a slow disk) are not the client's.
+    took_s, received = await read_dripped(10, 0.001, 40, min_bytes_per_s=1000, app_pause_s=0.05)
+    assert received == 400
     assert took_s > 1.9
     with pytest.raises(HTTPException, match=r"stalled for 0\.3 s; BODY_IDLE_TIMEOUT_S allows"):
         await read_dripped(10_000, 0.5, 2, min_bytes_per_s=1000)
