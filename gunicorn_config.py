@@ -126,7 +126,8 @@ def _refuse_flags_that_override_settings(cfg: Any) -> None:
     """Stop with one line where gunicorn's command line (or GUNICORN_CMD_ARGS) changed what
     this file sets from a setting: the workers size their threads, drain and messages by
     the setting, which would then be wrong (a --timeout 3 reported as WORKER_TIMEOUT_S=120).
-    A --bind is taken: nothing in a worker depends on it."""
+    A --bind is taken: no worker depends on it (the container's probe reads BIND or PORT,
+    which the README says to set there)."""
     checks = (
         ("--workers", cfg.workers, workers, "WORKERS", ""),
         ("--timeout", cfg.timeout, timeout, "WORKER_TIMEOUT_S", ""),

@@ -181,11 +181,11 @@ class BodyLimitsMiddleware:
     disk whatever its size, so a body of many files must not hold one of any size. Parts
     are found by a second parser of the same kind as the app's (``_PartSizes``).
     A body whose next chunk does not arrive within ``idle_timeout_s`` is abandoned, and so
-    is one that, past its first ``idle_timeout_s``, arrives at less than
+    is one that, past its first ``idle_timeout_s`` of waiting, arrives at less than
     ``min_bytes_per_s`` on average (a byte now and then would reset the first rule for
-    ever): a slow or lying client cannot hold a connection and its buffers for ever. (The multipart
-    parser takes a cut-off body for a complete one without its last part, which would be
-    answered as a missing field.)
+    ever): a slow or lying client cannot hold a connection and its buffers for ever. (The
+    multipart parser takes a cut-off body for a complete one without its last part, which
+    would be answered as a missing field.)
     What the requests under way hold together is bounded by ``in_flight_limit_bytes``: the
     request whose bytes take the total past it gets 503 (a request alone never does).
     A request that no route takes (``routed`` says) gets its 404 or 405 whatever its size.
