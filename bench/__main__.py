@@ -109,7 +109,7 @@ def other_load_warning(machine: dict[str, Any]) -> str | None:
     )
 
 
-def _commit() -> str | None:
+def commit() -> str | None:
     """The code measured: its git commit, marked "+changes" with uncommitted edits."""
     try:
         commit = subprocess.run(
@@ -603,7 +603,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "mode": mode_name,
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "machine": machine(),
         "server_settings": settings if not args.url else {"url": args.url},
         "images": [p.name for p in images],

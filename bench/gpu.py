@@ -1,19 +1,21 @@
 """The GPU benchmark: what the model, the decoding and the served path reach on a GPU.
 
-    python -m bench.gpu                          # float16, batches up to 256, 4 workers
+    python -m bench.gpu                          # float16, batches up to 256, 4 and 8 workers
     python -m bench.gpu --dtype bfloat16 --workers 8 --max-batch-size 128
 
 It measures, on this machine:
 
-1. the served network (BatchNorm folded, channels_last) forward-only in ``--dtype`` on the
-   GPU at batches 1, 2, 4, ... up to 256: the model limit is the best of them up to the
-   served maximum batch;
+1. the served network (BatchNorm folded, channels_last) forward-only on the GPU in
+   float16 and bfloat16 (and ``--dtype``, if float32) at batches 1, 2, 4, ... up to 256: the
+   model limit is the best, in ``--dtype``, up to the served maximum batch;
 2. decode + resize + crop of the images on every core, a process per core: the CPU decode
    limit, which bounds a service that decodes on the CPU, as this one does;
 3. the same for JPEGs with torchvision's ``decode_jpeg`` on the GPU, batched, and the resize
    and crop there too: what decoding on the GPU would allow;
-4. the service started with ``DEVICE``, ``DTYPE``, ``MAX_BATCH_SIZE`` and ``WORKERS`` (the
-   workers share the GPU), driven by closed-loop clients.
+4. the service started with ``DEVICE``, ``DTYPE``, ``MAX_BATCH_SIZE`` and each ``WORKERS``
+   of ``--workers`` (the workers share the GPU), driven by closed-loop clients spread over
+   ``--loadgen-processes`` processes (one event loop sends a few thousand requests per
+   second at most).
 
 Target: the best served throughput at least 0.8 of the smaller of the model limit and the
 CPU decode limit. Writes ``gpu.json`` and ``gpu.md`` to docs/benchmarks/.
@@ -44,8 +46,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as tv
 
 from bench import report
-from bench.__main__ import machine
-from bench.load import closed_loop, encode_payloads
+from bench.__main__ import commit, machine
+from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
 from bench.server import start
 from classification import build_network, fold_batchnorm, preprocess
 from classification.preprocess import CROP_SIZE, RESIZE_SIZE
@@ -72,6 +74,13 @@ def _timed(work: Callable[[], object], device: torch.device, seconds: float) -> 
         synchronised()
         durations.append(time.perf_counter() - begin)
     return statistics.median(durations)
+
+
+def forward_dtypes(device: torch.device, served: str) -> list[str]:
+    """The dtypes the forward-only limit is measured in: both 16-bit ones on a GPU, and the
+    served one."""
+    measured = ["float16", "bfloat16"] if device.type == "cuda" else []
+    return measured if served in measured else [*measured, served]
 
 
 def forward_images_per_s(
@@ -153,35 +162,57 @@ def gpu_decode_images_per_s(
 
 
 def served_steps(
-    settings: dict[str, str], images: list[Path], clients: list[int], seconds: float, out: Path
+    settings: dict[str, str],
+    images: list[Path],
+    clients: list[int],
+    seconds: float,
+    out: Path,
+    loadgen_processes: int,
 ) -> list[dict[str, Any]]:
     """The service under closed-loop load, one step per client count."""
     payloads = encode_payloads(images)
     steps = []
-    with start(settings, out / "logs") as server:
+    with loadgen_pool(loadgen_processes) as pool, start(settings, out / "logs") as server:
         for count in clients:
-            step = asyncio.run(closed_loop(server, payloads, count, seconds, min(2.0, seconds)))
-            steps.append(asdict(step))
-            print(f"  {count} clients: {step.throughput_per_s:.0f} images/s", file=sys.stderr)
+            step = asyncio.run(
+                closed_loop_in_processes(
+                    server, payloads, count, seconds, min(2.0, seconds), pool, loadgen_processes
+                )
+            )
+            steps.append(asdict(step) | {"workers": int(settings["WORKERS"])})
+            print(
+                f"  {settings['WORKERS']} workers, {count} clients: "
+                f"{step.throughput_per_s:.0f} images/s",
+                file=sys.stderr,
+            )
     return steps
 
 
 def write_markdown(path: Path, results: dict[str, Any]) -> None:
     machine_info = results["machine"]
     limits = results["limits"]
+    forward = limits["forward_images_per_s"]
+    dtypes = list(forward)
+    sizes = list(forward[dtypes[0]])
     forward_rows = [
-        f"| {size} | {rate:.0f} |" for size, rate in limits["forward_images_per_s"].items()
+        f"| {size} | " + " | ".join(f"{forward[dtype][size]:.0f}" for dtype in dtypes) + " |"
+        for size in sizes
     ]
     target = results["target"]
+    served_sections = []
+    for workers in results["workers"]:
+        steps = [step for step in results["steps"] if step["workers"] == workers]
+        served_sections += [f"### {workers} workers", "", *report.step_rows(steps), ""]
     lines = [
         f"# GPU benchmark, {results['device']} ({results['dtype']})",
         "",
         f"- command: `{results['command']}`",
-        f"- date: {results['date']}",
+        f"- date: {results['date']}; commit: {results['commit'] or 'unknown'}",
         f"- machine: {machine_info['gpu']}; {machine_info['cpu']}, {machine_info['cores']} "
         f"cores, {machine_info['memory_gib']} GiB; Python {machine_info['python']}, torch "
         f"{machine_info['torch']}",
-        f"- server: {results['server_settings']}",
+        f"- server: {results['server_settings']}, WORKERS in {results['workers']}",
+        f"- load generator: {results['loadgen_processes']} processes",
         "",
         "## Target",
         "",
@@ -198,18 +229,31 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         f"- GPU decode (`decode_jpeg`, batches of {limits['gpu_decode_batch']}) + resize + "
         f"crop: {limits['gpu_decode_images_per_s']:.0f} images/s",
         "",
-        "| batch | forward-only images/s |",
-        "| ---: | ---: |",
+        "Forward-only images/s:",
+        "",
+        "| batch | " + " | ".join(dtypes) + " |",
+        "| ---: |" + " ---: |" * len(dtypes),
         *forward_rows,
         "",
         "## Served",
         "",
-        "A load generator near one core of CPU is itself the limit of its step.",
+        "Server CPU and load-generator CPU share the machine's cores.",
         "",
-        *report.step_rows(results["steps"]),
-        "",
+        *served_sections,
     ]
     path.write_text("\n".join(lines))
+
+
+def _counts(text: str) -> list[int]:
+    """``"4,8"`` as ``[4, 8]``, for argparse: each a positive whole number."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"{text!r} is not a comma-separated list of numbers"
+        raise argparse.ArgumentTypeError(message) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each number must be 1 or more")
+    return counts
 
 
 def main() -> None:
@@ -222,8 +266,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--served-batch-size", type=int, default=64, help="MAX_BATCH_SIZE")
-    parser.add_argument("--workers", type=int, default=4, help="service workers on the GPU")
-    parser.add_argument("--clients", default="64,128,256,512", help="closed-loop steps")
+    parser.add_argument(
+        "--workers", type=_counts, default=[4, 8], help="WORKERS on the GPU, one server each"
+    )
+    parser.add_argument("--clients", type=_counts, default=[64, 128, 256, 512])
+    parser.add_argument(
+        "--loadgen-processes",
+        type=int,
+        default=max(1, available_cores() // 4),
+        help="processes the clients are spread over (default: a quarter of the cores)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each step")
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks")
@@ -232,9 +284,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; --device cpu runs the steps on the CPU")
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cpu" and dtype is not torch.float32:
+    if device.type == "cpu" and args.dtype != "float32":
         parser.error("the CPU serves in float32 only: add --dtype float32")
+    if args.loadgen_processes < 1:
+        parser.error("--loadgen-processes must be 1 or more")
     if not args.images.is_dir():
         parser.error(f"no folder {args.images}; --images names one with JPEG photos")
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -248,8 +301,12 @@ def main() -> None:
 
     print("CPU decode limit ...", file=sys.stderr)
     cpu_decode = cpu_decode_images_per_s(payloads, processes, args.seconds)
-    print("forward-only limit ...", file=sys.stderr)
-    forward = forward_images_per_s(device, dtype, batch_sizes, args.seconds / 4)
+    forward = {}
+    for dtype in forward_dtypes(device, args.dtype):
+        print(f"forward-only limit, {dtype} ...", file=sys.stderr)
+        forward[dtype] = forward_images_per_s(
+            device, getattr(torch, dtype), batch_sizes, args.seconds / 8
+        )
     print("GPU decode ...", file=sys.stderr)
     gpu_decode_batch = min(64, args.max_batch_size)
     decodable = decodable_on_device(payloads, device)
@@ -263,15 +320,24 @@ def main() -> None:
         "DEVICE": args.device,
         "DTYPE": args.dtype,
         "MAX_BATCH_SIZE": str(args.served_batch_size),
-        "WORKERS": str(args.workers),
-        "MAX_QUEUE": str(max(256, 2 * max(int(c) for c in args.clients.split(",")))),
+        "MAX_QUEUE": str(max(256, 2 * max(args.clients))),
     }
-    print("served ...", file=sys.stderr)
-    clients = [int(count) for count in args.clients.split(",")]
-    steps = served_steps(settings, images, clients, args.seconds, args.out)
+    steps = []
+    for workers in args.workers:
+        print(f"served, {workers} workers ...", file=sys.stderr)
+        steps += served_steps(
+            settings | {"WORKERS": str(workers)},
+            images,
+            args.clients,
+            args.seconds,
+            args.out,
+            args.loadgen_processes,
+        )
 
     # At the served maximum batch at most, as the service runs the model.
-    model_limit = max(rate for size, rate in forward.items() if size <= args.served_batch_size)
+    model_limit = max(
+        rate for size, rate in forward[args.dtype].items() if size <= args.served_batch_size
+    )
     bound = min(model_limit, cpu_decode)
     served = max(step["throughput_per_s"] for step in steps)
     info = machine()
@@ -280,10 +346,13 @@ def main() -> None:
     results: dict[str, Any] = {
         "command": "python -m bench.gpu " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
         "device": str(device),
         "dtype": args.dtype,
         "machine": info,
         "server_settings": settings,
+        "workers": args.workers,
+        "loadgen_processes": args.loadgen_processes,
         "limits": {
             "forward_images_per_s": forward,
             "model_limit_images_per_s": model_limit,

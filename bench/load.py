@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import io
+import multiprocessing
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +198,102 @@ async def closed_loop(
         await asyncio.gather(take_snapshots(), *(caller(i) for i in range(clients)))
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
     return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
+
+
+def _callers_in_this_process(
+    url: str,
+    headers: dict[str, str],
+    payloads: list[Payload],
+    clients: int,
+    first: int,
+    times: tuple[float, float, float],
+) -> tuple[_Recorder, float, float]:
+    """One process's share of ``closed_loop_in_processes``: ``clients`` callers from
+    ``start`` to ``measure_until`` (``times``, on the monotonic clock every process reads).
+    Returns what they recorded, and the process's CPU seconds and wall seconds meanwhile."""
+    start, measure_from, measure_until = times
+    recorder = _Recorder(measure_from, measure_until)
+
+    async def callers() -> None:
+        async with open_session(Server(url, headers=headers), clients) as client:
+
+            async def caller(index: int) -> None:
+                sent = first + index
+                while (started := time.monotonic()) < measure_until:
+                    status = await post_image(client, payloads[sent % len(payloads)])
+                    recorder.record(started, time.monotonic(), status)
+                    sent += clients
+
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            await asyncio.gather(*(caller(i) for i in range(clients)))
+
+    cpu = psutil.Process().cpu_times()
+    began = time.monotonic()
+    asyncio.run(callers())
+    cpu_after = psutil.Process().cpu_times()
+    used = cpu_after.user + cpu_after.system - cpu.user - cpu.system
+    return recorder, used, time.monotonic() - began
+
+
+@contextlib.contextmanager
+def loadgen_pool(processes: int) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """Processes for ``closed_loop_in_processes``, started before any step is timed."""
+    # Spawned, not forked: the caller may hold a CUDA context, which a fork cannot share.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        # A task for each, long enough for every process to start and import this module.
+        list(pool.map(time.sleep, [1.0] * processes))
+        yield pool
+
+
+async def closed_loop_in_processes(
+    server: Server,
+    payloads: list[Payload],
+    clients: int,
+    duration_s: float,
+    warmup_s: float,
+    pool: concurrent.futures.ProcessPoolExecutor,
+    processes: int,
+) -> StepResult:
+    """``closed_loop``'s callers spread over ``processes`` processes of ``pool``: one
+    process's event loop answers a few thousand requests per second at most, which a server
+    on a GPU can exceed. The load generator's CPU is that of those processes."""
+    loop = asyncio.get_running_loop()
+    start = time.monotonic() + 0.2  # every process's callers begin together
+    times = (start, start + warmup_s, start + warmup_s + duration_s)
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    firsts = [sum(shares[:i]) for i in range(processes)]
+    runs = [
+        loop.run_in_executor(
+            pool,
+            _callers_in_this_process,
+            server.url,
+            server.headers,
+            payloads,
+            share,
+            first,
+            times,
+        )
+        for share, first in zip(shares, firsts, strict=True)
+        if share
+    ]
+    before, after = _Snapshot(server), _Snapshot(server)
+    await asyncio.to_thread(server.reset_peak_rss)
+    await asyncio.sleep(max(0.0, times[1] - time.monotonic()))
+    await asyncio.to_thread(before.take)
+    await asyncio.sleep(max(0.0, times[2] - time.monotonic()))
+    await asyncio.to_thread(after.take)
+    shares_done = await asyncio.gather(*runs)
+    peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
+
+    merged = _Recorder(times[1], times[2])
+    for recorder, _, _ in shares_done:
+        merged.completed += recorder.completed
+        merged.statuses.update(recorder.statuses)
+        merged.latencies_s.extend(recorder.latencies_s)
+    result = _result(f"closed-{clients}", "closed", clients, merged, before, after, peak_bytes)
+    result.loadgen_cpu_cores = sum(cpu / wall for _, cpu, wall in shares_done)
+    return result
 
 
 async def spaced(

@@ -20,8 +20,6 @@ import psutil
 
 from service.settings import PROJECT_ROOT, Settings
 
-BIN = Path(sys.executable).parent
-
 # What the benchmark's own settings decide, so none comes from the caller's environment
 # unseen: the service's settings (read whatever their case), gunicorn's extra arguments,
 # the thread counts, and where the metrics of another server are kept.
@@ -152,7 +150,9 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
     env = server_environment({"DATA_DIR": str(data_dir)} | settings)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    command = [str(BIN / "gunicorn"), "main:app", "-c", "gunicorn_config.py"]
+    # gunicorn run by this interpreter: where packages are installed with --target (on a
+    # machine whose torch is its own), there is no gunicorn script beside it.
+    command = [sys.executable, "-m", "gunicorn", "main:app", "-c", "gunicorn_config.py"]
     command += ["--bind", f"127.0.0.1:{port}"]
     try:
         with log_path.open("wb") as log:

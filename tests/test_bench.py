@@ -110,6 +110,23 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
     assert result.peak_worker_rss_bytes == 7 * 2**20
 
 
+async def test_callers_spread_over_processes_are_counted_as_one_step(slow_server: Server) -> None:
+    """The same step as above with its callers in two processes: every answer of each is
+    counted, in the same window, with the load generator's CPU of both."""
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    with load.loadgen_pool(2) as pool:
+        result = await load.closed_loop_in_processes(
+            slow_server, [payload], CLIENTS, duration_s=1.0, warmup_s=0.375, pool=pool, processes=2
+        )
+
+    assert (result.name, result.offered) == (f"closed-{CLIENTS}", CLIENTS)
+    assert result.statuses == {"200": 4 * CLIENTS}
+    assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
+    assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+    assert result.peak_worker_rss_bytes == 7 * 2**20
+    assert 0 < result.loadgen_cpu_cores < 2
+
+
 async def test_spaced_requests_go_one_at_a_time_after_a_gap(slow_server: Server) -> None:
     """Each request waits for the previous answer, then for the gap, the first one too:
     three of them take at least three answers and three gaps, and each latency is one
@@ -446,7 +463,7 @@ def test_the_results_name_the_commit_measured() -> None:
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
     ).stdout.strip()
-    commit = bench_main._commit()
+    commit = bench_main.commit()
     assert commit is not None
     assert commit.removesuffix("+changes") == head
 
@@ -711,6 +728,20 @@ def test_the_gpu_benchmarks_limits_are_measured(device: str, dtype: torch.dtype)
     assert decode > 0
 
 
+@pytest.mark.parametrize(
+    ("device", "served", "measured"),
+    [
+        ("cpu", "float32", ["float32"]),
+        ("cuda", "float16", ["float16", "bfloat16"]),
+        ("cuda", "float32", ["float16", "bfloat16", "float32"]),
+    ],
+)
+def test_the_forward_limit_is_measured_in_both_16_bit_dtypes_on_a_gpu(
+    device: str, served: str, measured: list[str]
+) -> None:
+    assert gpu.forward_dtypes(torch.device(device), served) == measured
+
+
 def test_the_cpu_decode_limit_is_measured_in_each_process() -> None:
     """Processes spawned as many as asked, each decoding the photos; their rates summed.
     (How well they scale depends on the cores free at the time, so it is not asserted.)"""
@@ -832,22 +863,14 @@ def test_a_url_that_refuses_the_benchmarks_requests_is_one_line_before_any_measu
     assert "Traceback" not in finished.stderr
 
 
-def test_a_server_that_cannot_start_says_why_from_its_log(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    gunicorn = fake_bin / "gunicorn"
-    gunicorn.write_text("#!/bin/sh\necho 'WORKERS=0 is invalid' >&2\nexit 3\n")
-    gunicorn.chmod(0o755)
-    monkeypatch.setattr(bench_server, "BIN", fake_bin)
+def test_a_server_that_cannot_start_says_why_from_its_log(tmp_path: Path) -> None:
     data_dirs_before = set(Path(tempfile.gettempdir()).glob("bench-tasks-*"))
 
     with pytest.raises(bench_server.ServerNotStarted) as refused:
-        bench_server.start({}, tmp_path / "logs", timeout_s=30)
+        bench_server.start({"WORKERS": "0"}, tmp_path / "logs", timeout_s=30)
 
-    assert str(refused.value).startswith("the server exited with status 3 as it started; ")
-    assert str(refused.value).endswith("WORKERS=0 is invalid\n")
+    assert str(refused.value).startswith("the server exited with status 1 as it started; ")
+    assert "WORKERS='0': Input should be greater than or equal to 1" in str(refused.value)
     assert set(Path(tempfile.gettempdir()).glob("bench-tasks-*")) == data_dirs_before
 
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import warnings
@@ -550,6 +552,60 @@ def test_cuda_matches_cpu(dtype: str, classifier: Classifier, photos: list[Path]
         assert gpu_answer[0].score == pytest.approx(cpu_answer[0].score, rel=tolerance)
         if dtype == "float32":
             assert [p.index for p in gpu_answer] == [p.index for p in cpu_answer]
+
+
+@cuda
+def test_a_batch_that_does_not_fit_on_the_gpu_stops_the_warm_up_saying_what_to_lower() -> None:
+    """A real out-of-memory on the device (this process held to 256 MiB more than it has):
+    the warm-up stops the start with one line, and the device still works after it."""
+    on_gpu = load_classifier(weights="random", labels_file=LABELS_FILE, device="cuda", seed=SEED)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(on_gpu.device).total_memory
+    allowed = torch.cuda.memory_reserved(on_gpu.device) + 256 * 2**20
+    torch.cuda.set_per_process_memory_fraction(allowed / total, on_gpu.device)
+    try:
+        with pytest.raises(ModelLoadError, match=r"^a batch of 512 does not fit in cuda"):
+            on_gpu.warm_up([1, 512])
+        assert len(on_gpu.classify([_crop()], [1])) == 1
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, on_gpu.device)
+        torch.cuda.empty_cache()
+
+
+_DEVICE_ASSERT = """
+import numpy as np, torch
+from classification import DeviceFailed, load_classifier
+from service.settings import PROJECT_ROOT
+
+classifier = load_classifier(
+    weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cuda"
+)
+try:  # an index out of range: a device-side assert, after which the context is unusable
+    torch.zeros(2, device="cuda")[torch.tensor([5], device="cuda")].sum().item()
+except torch.AcceleratorError:
+    pass
+try:
+    classifier.classify([np.zeros((224, 224, 3), np.uint8)], [1])
+except DeviceFailed as failed:
+    print("DeviceFailed:", str(failed).splitlines()[0])
+"""
+
+
+@cuda
+def test_a_real_cuda_error_is_a_device_failure() -> None:
+    """A device-side assert leaves the CUDA context unusable: the next batch raises
+    ``DeviceFailed`` (the worker is then replaced), not an error of one batch. In a process
+    of its own, as the context cannot be mended."""
+    finished = subprocess.run(
+        [sys.executable, "-c", _DEVICE_ASSERT],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
 
 
 class _FailingNetwork(torch.nn.Module):

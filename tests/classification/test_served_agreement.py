@@ -33,8 +33,6 @@ TOP_K = 5
 REQUESTS_AT_ONCE = 16
 REFERENCE_BATCH_SIZE = 16
 
-MIN_TOP1_AGREEMENT = 0.99
-MIN_TOP5_SET_AGREEMENT = 0.95
 MIN_DISTINCT_CLASSES = 20
 MAX_CLASS_SHARE = 0.30
 
@@ -44,6 +42,29 @@ LONGER_SIDES = (64, 100, 160, 224, 320, 480, 720, 1080, 2000, 4000, 6000)
 EXACT_SIZES = ((64, 48), (48, 64), (4000, 2667), (4032, 3024), (3024, 4032), (8192, 4096))
 # PNG and WebP encodes of multi-megapixel images are slow and large; JPEG covers those.
 MAX_LOSSLESS_SIDE = 1600
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """How closely the served answers must follow the reference, in one ``DTYPE``."""
+
+    top1: float  # the share of variants whose top-1 is the reference's, at least
+    top5_set: float  # the share whose top-5 classes are the reference's, at least
+    # Where a top-1 differs, the reference scores the served class at least this share of
+    # its own top-1: a near tie, whose order rounding decides. None: not checked.
+    near_tie: float | None = None
+
+
+# Speed work must not change answers: in float32 the top-1 is the reference's for 99 % of
+# the variants. A 16-bit DTYPE rounds the logits, which reorders near ties: with this model
+# (run in those dtypes on the CPU) float16 changed 4 of the 264 top-1s, each to a class the
+# reference scores within 4 % of its top-1, and bfloat16 12, within 25 %.
+AGREEMENT = {
+    "float32": Agreement(top1=0.99, top5_set=0.95),
+    "float16": Agreement(top1=0.97, top5_set=0.90, near_tie=0.9),
+    "bfloat16": Agreement(top1=0.90, top5_set=0.75, near_tie=0.6),
+}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,18 +280,33 @@ def test_reference_model_tells_the_variants_apart(reference: dict[str, Answer]) 
     assert_discriminative(reference)
 
 
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", "float32"),
+        pytest.param("cuda", "float32", marks=cuda),
+        pytest.param("cuda", "float16", marks=cuda),
+        pytest.param("cuda", "bfloat16", marks=cuda),
+    ],
+)
 async def test_served_answers_match_torchvision_reference(
+    device: str,
+    dtype: str,
     weights_path: Path,
     variants: list[Variant],
     reference: dict[str, Answer],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Through decode, preprocess, batcher and model, the served top-1 is torchvision's for
-    at least 99 % of the variants, and the top-5 set for at least 95 %."""
+    at least 99 % of the variants in float32, and the top-5 set for at least 95 %; in a
+    16-bit ``DTYPE`` (on a GPU), only near ties may change."""
     assert_discriminative(reference)
-    async with running_app(make_settings(weights=str(weights_path))) as served:
+    required = AGREEMENT[dtype]
+    settings = make_settings(weights=str(weights_path), device=device, dtype=dtype)
+    async with running_app(settings) as served:
         classifier = served.service.classifier
         assert classifier is not None
+        assert classifier.device.type == device
         batch_sizes: list[int] = []
         classify = classifier.classify
 
@@ -287,13 +323,37 @@ async def test_served_answers_match_torchvision_reference(
     top1_differs = [n for n, a in answers.items() if a.top1 != reference[n].top1]
     top5_differs = [n for n, a in answers.items() if set(a.indices) != set(reference[n].indices)]
     total = len(variants)
-    assert len(top1_differs) <= (1 - MIN_TOP1_AGREEMENT) * total, (
+    print(
+        f"{device} {dtype}: top-1 agrees on {total - len(top1_differs)} of {total}, top-5 set "
+        f"on {total - len(top5_differs)}; differing top-1s: "
+        + "; ".join(_describe(n, answers[n], reference[n]) for n in top1_differs)
+    )
+    assert len(top1_differs) <= (1 - required.top1) * total, (
         f"top-1 agrees on {total - len(top1_differs)} of {total} variants "
-        f"(need {MIN_TOP1_AGREEMENT:.0%}); differing:\n"
+        f"(need {required.top1:.0%}); differing:\n"
         + "\n".join(_describe(n, answers[n], reference[n]) for n in top1_differs)
     )
-    assert len(top5_differs) <= (1 - MIN_TOP5_SET_AGREEMENT) * total, (
+    assert len(top5_differs) <= (1 - required.top5_set) * total, (
         f"top-5 sets agree on {total - len(top5_differs)} of {total} variants "
-        f"(need {MIN_TOP5_SET_AGREEMENT:.0%}); differing:\n"
+        f"(need {required.top5_set:.0%}); differing:\n"
         + "\n".join(_describe(n, answers[n], reference[n]) for n in top5_differs)
     )
+    if required.near_tie is not None:
+        far = [
+            name
+            for name in top1_differs
+            if _reference_share(reference[name], answers[name].top1) < required.near_tie
+        ]
+        assert not far, (
+            f"in {dtype}, top-1s changed beyond near ties (the reference's score of the "
+            f"served class under {required.near_tie:.0%} of its top-1):\n"
+            + "\n".join(_describe(n, answers[n], reference[n]) for n in far)
+        )
+
+
+def _reference_share(reference: Answer, index: int) -> float:
+    """The reference's score of class ``index`` as a share of its top-1 score (0 outside
+    its top-k)."""
+    if index not in reference.indices:
+        return 0.0
+    return reference.scores[reference.indices.index(index)] / reference.scores[0]
