@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from service.settings import PROJECT_ROOT, Settings
+from service.siblings import SIBLINGS_DIR, Siblings
 
 # What the benchmark's own settings decide, so none comes from the caller's environment
 # unseen: the service's settings (read whatever their case), gunicorn's extra arguments,
@@ -86,6 +87,19 @@ class Server:
             except psutil.NoSuchProcess:
                 pass  # reaped since it was listed: counted with the master's children, or lost
         return total
+
+    def workers_not_ready(self) -> int:
+        """How many of its workers have not yet loaded the model and begun to serve (no
+        ready mark in the run's directory, named in their environment); 0 by URL."""
+        waiting = 0
+        for worker in self.workers():
+            try:
+                directory = worker.environ().get(SIBLINGS_DIR)
+            except psutil.Error:
+                continue  # gone since it was listed
+            if directory and not Siblings(Path(directory)).was_ready(worker.pid):
+                waiting += 1
+        return waiting
 
     def worker_rss_bytes(self) -> int:
         """The largest resident set among the workers."""
@@ -173,7 +187,11 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
                     f"the end of its log, {log_path}:\n{tail}"
                 )
             try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                # Every worker, not the first: a keep-alive connection stays with the worker
+                # that accepted it, so clients that connect while others still load the
+                # model would all be served by the first for the whole step.
+                ready = httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
+                if ready and not server.workers_not_ready():
                     return server
             except httpx.TransportError:
                 pass

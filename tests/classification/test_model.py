@@ -542,6 +542,8 @@ def test_cuda_matches_cpu(dtype: str, classifier: Classifier, photos: list[Path]
         weights="random", labels_file=LABELS_FILE, device="cuda", dtype=dtype, seed=SEED
     )
     assert on_gpu.device.type == "cuda"
+    if dtype == "float32":
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     pixels = [preprocess(p.read_bytes(), max_pixels=MAX_PIXELS) for p in photos]
     tolerance = 1e-3 if dtype == "float32" else 5e-2
     for gpu_answer, cpu_answer in zip(
@@ -559,16 +561,17 @@ def test_a_batch_that_does_not_fit_on_the_gpu_stops_the_warm_up_saying_what_to_l
     """A real out-of-memory on the device (this process held to 256 MiB more than it has):
     the warm-up stops the start with one line, and the device still works after it."""
     on_gpu = load_classifier(weights="random", labels_file=LABELS_FILE, device="cuda", seed=SEED)
+    index = torch.cuda.current_device()  # the memory fraction takes an index, not "cuda"
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(on_gpu.device).total_memory
-    allowed = torch.cuda.memory_reserved(on_gpu.device) + 256 * 2**20
-    torch.cuda.set_per_process_memory_fraction(allowed / total, on_gpu.device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    allowed = torch.cuda.memory_reserved(index) + 256 * 2**20
+    torch.cuda.set_per_process_memory_fraction(allowed / total, index)
     try:
         with pytest.raises(ModelLoadError, match=r"^a batch of 512 does not fit in cuda"):
             on_gpu.warm_up([1, 512])
         assert len(on_gpu.classify([_crop()], [1])) == 1
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, on_gpu.device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         torch.cuda.empty_cache()
 
 
@@ -606,6 +609,17 @@ def test_a_real_cuda_error_is_a_device_failure() -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
+
+
+def test_full_float32_on_cuda_turns_tf32_off_for_convolutions() -> None:
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        classification.model.use_full_float32_on_cuda()
+        assert conv.fp32_precision == "ieee"
+    finally:
+        conv.fp32_precision = before
 
 
 class _FailingNetwork(torch.nn.Module):
