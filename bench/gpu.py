@@ -15,7 +15,9 @@ It measures, on this machine:
 4. the service started with ``DEVICE``, ``DTYPE``, ``MAX_BATCH_SIZE`` and each ``WORKERS``
    of ``--workers`` (the workers share the GPU), driven by closed-loop clients spread over
    ``--loadgen-processes`` processes (one event loop sends a few thousand requests per
-   second at most).
+   second at most);
+5. the same service with the most workers and a model that answers at once
+   (``bench.null_model``), at the two largest client counts: the serving path's own limit.
 
 Target: the best served throughput at least 0.8 of the smaller of the model limit and the
 CPU decode limit. Writes ``gpu.json`` and ``gpu.md`` to docs/benchmarks/.
@@ -168,11 +170,15 @@ def served_steps(
     seconds: float,
     out: Path,
     loadgen_processes: int,
+    app: str = "main:app",
 ) -> list[dict[str, Any]]:
-    """The service under closed-loop load, one step per client count."""
+    """The service (``app``) under closed-loop load, one step per client count."""
     payloads = encode_payloads(images)
     steps = []
-    with loadgen_pool(loadgen_processes) as pool, start(settings, out / "logs") as server:
+    with (
+        loadgen_pool(loadgen_processes) as pool,
+        start(settings, out / "logs", app=app) as server,
+    ):
         for count in clients:
             step = asyncio.run(
                 closed_loop_in_processes(
@@ -240,6 +246,13 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         "Server CPU and load-generator CPU share the machine's cores.",
         "",
         *served_sections,
+        "## Without the model",
+        "",
+        "The same server with the model answering at once (`bench.null_model`): what the "
+        "rest of a request's path allows.",
+        "",
+        *report.step_rows(results["steps_without_model"]),
+        "",
     ]
     path.write_text("\n".join(lines))
 
@@ -334,6 +347,18 @@ def main() -> None:
             args.loadgen_processes,
         )
 
+    # The serving path's own limit: the same server with the model answering at once.
+    print(f"served without the model, {max(args.workers)} workers ...", file=sys.stderr)
+    without_model = served_steps(
+        settings | {"WORKERS": str(max(args.workers))},
+        images,
+        sorted(args.clients)[-2:],
+        args.seconds,
+        args.out,
+        args.loadgen_processes,
+        app="bench.null_model:app",
+    )
+
     # At the served maximum batch at most, as the service runs the model.
     model_limit = max(
         rate for size, rate in forward[args.dtype].items() if size <= args.served_batch_size
@@ -362,6 +387,7 @@ def main() -> None:
             "gpu_decode_images_per_s": gpu_decode,
         },
         "steps": steps,
+        "steps_without_model": without_model,
         "target": {
             "served_images_per_s": served,
             "bound_images_per_s": bound,

@@ -155,9 +155,11 @@ def server_environment(settings: dict[str, str]) -> dict[str, str]:
     return inherited | settings
 
 
-def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Server:
-    """Start ``gunicorn main:app`` with these settings, every other at its default, and
-    wait until it is ready."""
+def start(
+    settings: dict[str, str], log_dir: Path, timeout_s: float = 180, app: str = "main:app"
+) -> Server:
+    """Start ``gunicorn app`` with these settings, every other at its default, and wait
+    until every worker is ready."""
     port = free_port()
     # A task store of its own: the default, ./data, may be a server's that a user runs.
     data_dir = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
@@ -166,7 +168,7 @@ def start(settings: dict[str, str], log_dir: Path, timeout_s: float = 180) -> Se
     log_path = log_dir / f"server-{port}.log"
     # gunicorn run by this interpreter: where packages are installed with --target (on a
     # machine whose torch is its own), there is no gunicorn script beside it.
-    command = [sys.executable, "-m", "gunicorn", "main:app", "-c", "gunicorn_config.py"]
+    command = [sys.executable, "-m", "gunicorn", app, "-c", "gunicorn_config.py"]
     command += ["--bind", f"127.0.0.1:{port}"]
     try:
         with log_path.open("wb") as log:

@@ -450,6 +450,7 @@ def use_full_float32_on_cuda() -> None:
     CPU's in near ties (3 of 264 photo variants changed their top-1 on an H200).
     ``DTYPE=float32`` promises float32; a 16-bit ``DTYPE`` is the choice for speed.
     """
+    # The convolutions' own setting, which a cuDNN-wide one set earlier does not override.
     torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 

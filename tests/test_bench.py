@@ -933,6 +933,25 @@ def test_a_server_that_cannot_start_says_why_from_its_log(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_the_null_model_serves_every_request_without_the_network(tmp_path: Path) -> None:
+    """``bench.null_model`` answers through the whole serving path (a bad image still gets
+    its 400) with a constant score for every class: no forward pass ran."""
+    photo = sorted(IMAGES_DIR.glob("*.jpg"))[0]
+    with bench_server.start({"WEIGHTS": "random"}, tmp_path, app="bench.null_model:app") as server:
+        answer = httpx.post(
+            f"{server.url}/cls", params={"top_k": 3}, files={"file": photo.read_bytes()}
+        )
+        refused = httpx.post(f"{server.url}/cls", files={"file": b"not an image"})
+        metrics = bench_server.scrape(server.url)
+
+    assert answer.status_code == 200, answer.text
+    assert [p["index"] for p in answer.json()["prediction"]] == [0, 1, 2]
+    assert {p["score"] for p in answer.json()["prediction"]} == {0.001}
+    assert refused.status_code == 400
+    assert metrics["batch_size_count"] == 1  # the one image was batched as always
+
+
+@pytest.mark.slow
 def test_the_servers_it_started_stop_with_the_benchmark(tmp_path: Path) -> None:
     """Stopped by SIGTERM, or by Ctrl-C while a server still starts, the benchmark stops the
     servers it started: none is left listening."""

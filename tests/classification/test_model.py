@@ -612,14 +612,14 @@ def test_a_real_cuda_error_is_a_device_failure() -> None:
 
 
 def test_full_float32_on_cuda_turns_tf32_off_for_convolutions() -> None:
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
-    conv.fp32_precision = "tf32"
+    cudnn = torch.backends.cudnn
+    before = cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    cudnn.conv.fp32_precision = "tf32"
     try:
         classification.model.use_full_float32_on_cuda()
-        assert conv.fp32_precision == "ieee"
+        assert cudnn.conv.fp32_precision == "ieee"
     finally:
-        conv.fp32_precision = before
+        cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before
 
 
 class _FailingNetwork(torch.nn.Module):
