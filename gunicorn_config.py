@@ -26,7 +26,7 @@ from service.settings import (
     misspelt_settings,
     prepare_metrics_dir,
 )
-from service.siblings import SIBLINGS_DIR, Siblings, process_alive
+from service.siblings import SIBLINGS_DIR, Siblings, process_alive, run_directory
 
 settings = load_settings()
 
@@ -46,7 +46,7 @@ if not _given or _given == os.environ.get(_DEFAULTED):
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 # Where the workers tell each other that they have started (service/siblings.py): this
 # master's own, an upgrade's new master (USR2) included.
-os.environ[SIBLINGS_DIR] = str(Path(tempfile.gettempdir()) / f"service-siblings-{os.getpid()}")
+os.environ[SIBLINGS_DIR] = str(run_directory(os.getpid()))
 SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 
 # libgomp, torch's OpenMP runtime on CPU, reads this as a worker imports torch. Its threads

@@ -504,7 +504,7 @@ def _check_url(
         )
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
+def exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
@@ -555,8 +555,8 @@ def main() -> None:
         parser.error(f"--out {args.out} cannot hold the results: {exc.strerror or exc}")
     # Stopped by a signal (its terminal closed too), the servers it started are stopped too
     # (ExitStack below).
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGHUP, _exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
     try:
         run(parser, args)
     except KeyboardInterrupt:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import datetime
 import itertools
 import multiprocessing
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -48,9 +48,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as tv
 
 from bench import report
-from bench.__main__ import commit, machine
+from bench.__main__ import commit, exit_on_signal, machine
 from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
-from bench.server import start
+from bench.server import ServerNotStarted, start
 from classification import build_network, fold_batchnorm, preprocess
 from classification.preprocess import CROP_SIZE, RESIZE_SIZE
 from service.settings import PROJECT_ROOT, available_cores
@@ -181,9 +181,7 @@ def served_steps(
     ):
         for count in clients:
             step = asyncio.run(
-                closed_loop_in_processes(
-                    server, payloads, count, seconds, min(2.0, seconds), pool, loadgen_processes
-                )
+                closed_loop_in_processes(server, payloads, count, seconds, min(2.0, seconds), pool)
             )
             steps.append(asdict(step) | {"workers": int(settings["WORKERS"])})
             print(
@@ -405,5 +403,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    # Stopped by a signal (its terminal closed too), the servers and load-generator
+    # processes it started are stopped too (their context managers).
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
+    try:
         main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the servers it started are stopped; no results written")
+    except ServerNotStarted as exc:
+        sys.exit(f"{exc}\nno results written")

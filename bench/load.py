@@ -200,6 +200,11 @@ async def closed_loop(
     return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
 
 
+def _process_cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def _callers_in_this_process(
     url: str,
     headers: dict[str, str],
@@ -207,12 +212,13 @@ def _callers_in_this_process(
     clients: int,
     first: int,
     times: tuple[float, float, float],
-) -> tuple[_Recorder, float, float]:
+) -> tuple[_Recorder, float]:
     """One process's share of ``closed_loop_in_processes``: ``clients`` callers from
     ``start`` to ``measure_until`` (``times``, on the monotonic clock every process reads).
-    Returns what they recorded, and the process's CPU seconds and wall seconds meanwhile."""
+    Returns what they recorded, and the CPU seconds this process used in the window."""
     start, measure_from, measure_until = times
     recorder = _Recorder(measure_from, measure_until)
+    cpu_at: list[float] = []
 
     async def callers() -> None:
         async with open_session(Server(url, headers=headers), clients) as client:
@@ -224,26 +230,37 @@ def _callers_in_this_process(
                     recorder.record(started, time.monotonic(), status)
                     sent += clients
 
-            await asyncio.sleep(max(0.0, start - time.monotonic()))
-            await asyncio.gather(*(caller(i) for i in range(clients)))
+            async def read_cpu_at_the_windows_edges() -> None:
+                for edge in (measure_from, measure_until):
+                    await asyncio.sleep(max(0.0, edge - time.monotonic()))
+                    cpu_at.append(_process_cpu_s())
 
-    cpu = psutil.Process().cpu_times()
-    began = time.monotonic()
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            await asyncio.gather(
+                read_cpu_at_the_windows_edges(), *(caller(i) for i in range(clients))
+            )
+
     asyncio.run(callers())
-    cpu_after = psutil.Process().cpu_times()
-    used = cpu_after.user + cpu_after.system - cpu.user - cpu.system
-    return recorder, used, time.monotonic() - began
+    return recorder, cpu_at[1] - cpu_at[0]
+
+
+@dataclass
+class LoadgenPool:
+    """Processes for ``closed_loop_in_processes``: an executor and how many it runs."""
+
+    executor: concurrent.futures.ProcessPoolExecutor
+    processes: int
 
 
 @contextlib.contextmanager
-def loadgen_pool(processes: int) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
-    """Processes for ``closed_loop_in_processes``, started before any step is timed."""
+def loadgen_pool(processes: int) -> Iterator[LoadgenPool]:
+    """``processes`` load-generator processes, started before any step is timed."""
     # Spawned, not forked: the caller may hold a CUDA context, which a fork cannot share.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as executor:
         # A task for each, long enough for every process to start and import this module.
-        list(pool.map(time.sleep, [1.0] * processes))
-        yield pool
+        list(executor.map(time.sleep, [1.0] * processes))
+        yield LoadgenPool(executor, processes)
 
 
 async def closed_loop_in_processes(
@@ -252,20 +269,21 @@ async def closed_loop_in_processes(
     clients: int,
     duration_s: float,
     warmup_s: float,
-    pool: concurrent.futures.ProcessPoolExecutor,
-    processes: int,
+    pool: LoadgenPool,
 ) -> StepResult:
-    """``closed_loop``'s callers spread over ``processes`` processes of ``pool``: one
-    process's event loop answers a few thousand requests per second at most, which a server
-    on a GPU can exceed. The load generator's CPU is that of those processes."""
+    """``closed_loop``'s callers spread over the processes of ``pool``: one process's event
+    loop answers a few thousand requests per second at most, which a server on a GPU can
+    exceed. The load generator's CPU is that of those processes and of this one, over the
+    measured window."""
     loop = asyncio.get_running_loop()
     start = time.monotonic() + 0.2  # every process's callers begin together
     times = (start, start + warmup_s, start + warmup_s + duration_s)
+    processes = pool.processes
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
     firsts = [sum(shares[:i]) for i in range(processes)]
     runs = [
         loop.run_in_executor(
-            pool,
+            pool.executor,
             _callers_in_this_process,
             server.url,
             server.headers,
@@ -287,12 +305,13 @@ async def closed_loop_in_processes(
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
 
     merged = _Recorder(times[1], times[2])
-    for recorder, _, _ in shares_done:
+    for recorder, _ in shares_done:
         merged.completed += recorder.completed
         merged.statuses.update(recorder.statuses)
         merged.latencies_s.extend(recorder.latencies_s)
+    # This process's own CPU over the window (the snapshots' scrapes), as in closed_loop.
     result = _result(f"closed-{clients}", "closed", clients, merged, before, after, peak_bytes)
-    result.loadgen_cpu_cores = sum(cpu / wall for _, cpu, wall in shares_done)
+    result.loadgen_cpu_cores += sum(cpu for _, cpu in shares_done) / merged.window_s
     return result
 
 

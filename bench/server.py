@@ -19,7 +19,7 @@ import httpx
 import psutil
 
 from service.settings import PROJECT_ROOT, Settings
-from service.siblings import SIBLINGS_DIR, Siblings
+from service.siblings import Siblings, run_directory
 
 # What the benchmark's own settings decide, so none comes from the caller's environment
 # unseen: the service's settings (read whatever their case), gunicorn's extra arguments,
@@ -89,17 +89,16 @@ class Server:
         return total
 
     def workers_not_ready(self) -> int:
-        """How many of its workers have not yet loaded the model and begun to serve (no
-        ready mark in the run's directory, named in their environment); 0 by URL."""
-        waiting = 0
-        for worker in self.workers():
-            try:
-                directory = worker.environ().get(SIBLINGS_DIR)
-            except psutil.Error:
-                continue  # gone since it was listed
-            if directory and not Siblings(Path(directory)).was_ready(worker.pid):
-                waiting += 1
-        return waiting
+        """How many of its workers have not yet loaded the model and begun to serve: the
+        master's children without a ready mark in its run's directory; 0 by URL."""
+        if self.process is None:
+            return 0
+        siblings = Siblings(run_directory(self.process.pid))
+        try:
+            workers = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
+            return 0  # the master is gone: start() reports it
+        return sum(not siblings.was_ready(worker.pid) for worker in workers)
 
     def worker_rss_bytes(self) -> int:
         """The largest resident set among the workers."""

@@ -449,6 +449,10 @@ def use_full_float32_on_cuda() -> None:
     By default they may run in TF32, ten bits of mantissa: answers then differ from the
     CPU's in near ties (3 of 264 photo variants changed their top-1 on an H200).
     ``DTYPE=float32`` promises float32; a 16-bit ``DTYPE`` is the choice for speed.
+
+    It is set with torch's current API. Once it is, torch's legacy
+    ``torch.backends.cudnn.allow_tf32`` (and ``cudnn.flags()``, which reads it) raises in
+    this process; nothing here reads them, and a worker holds one model.
     """
     # The convolutions' own setting, which a cuDNN-wide one set earlier does not override.
     torch.backends.cudnn.conv.fp32_precision = "ieee"

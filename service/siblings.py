@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 # The environment variable that names the run's directory.
@@ -17,6 +18,11 @@ SIBLINGS_DIR = "SERVICE_SIBLINGS_DIR"
 _STARTED = "started"
 _READY_PREFIX = "ready-"
 _FAILED_PREFIX = "failed-"
+
+
+def run_directory(master_pid: int) -> Path:
+    """The directory of the run whose gunicorn master is ``master_pid``."""
+    return Path(tempfile.gettempdir()) / f"service-siblings-{master_pid}"
 
 
 class Siblings:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
 from classification import preprocess
 from service.settings import PROJECT_ROOT
-from service.siblings import SIBLINGS_DIR
+from service.siblings import Siblings, run_directory
 from tests.support import IMAGES_DIR
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -117,7 +117,7 @@ async def test_callers_spread_over_processes_are_counted_as_one_step(slow_server
     payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
     with load.loadgen_pool(2) as pool:
         result = await load.closed_loop_in_processes(
-            slow_server, [payload], CLIENTS, duration_s=1.0, warmup_s=0.375, pool=pool, processes=2
+            slow_server, [payload], CLIENTS, duration_s=1.0, warmup_s=0.375, pool=pool
         )
 
     assert (result.name, result.offered) == (f"closed-{CLIENTS}", CLIENTS)
@@ -258,7 +258,6 @@ def test_a_started_server_has_a_task_store_of_its_own(
         def __init__(self, command: list[str], **kwargs: Any) -> None:
             started.append(kwargs["env"])
             self.returncode: int | None = None
-            self.pid = os.getpid()  # whose children are no workers
 
         def poll(self) -> int | None:
             return self.returncode
@@ -271,6 +270,7 @@ def test_a_started_server_has_a_task_store_of_its_own(
 
     monkeypatch.setattr(bench_server.subprocess, "Popen", Started)
     monkeypatch.setattr(bench_server.httpx, "get", lambda *a, **k: httpx.Response(200))
+    monkeypatch.setattr(Server, "workers_not_ready", lambda self: 0)
     monkeypatch.setenv("DATA_DIR", str(PROJECT_ROOT / "data"))
 
     with bench_server.start({"WEIGHTS": "random"}, tmp_path), bench_server.start({}, tmp_path):
@@ -282,31 +282,49 @@ def test_a_started_server_has_a_task_store_of_its_own(
 
 
 @dataclass
-class _Worker:
-    """A worker as ``Server.workers`` lists it: a pid and an environment."""
+class _Process:
+    """A process as psutil shows it: a pid and the children listed for it."""
 
     pid: int
-    env: dict[str, str]
+    listed: list[_Process] = field(default_factory=list)
 
-    def environ(self) -> dict[str, str]:
-        return self.env
+    def children(self) -> list[_Process]:
+        return self.listed
 
 
 def test_workers_without_their_ready_mark_are_not_ready(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A worker is ready once it has marked so in its run's directory; a process without
-    that directory in its environment is no worker of the service, and is not waited for."""
-    run = {SIBLINGS_DIR: str(tmp_path)}
-    workers = [_Worker(101, run), _Worker(102, run), _Worker(103, {})]
-    monkeypatch.setattr(Server, "workers", lambda self: workers)
-    server = Server("http://127.0.0.1:1")
+    """A worker (a child of the master) is ready once it has marked so in the directory of
+    the master's run."""
+    master = _Process(100, [_Process(101), _Process(102)])
+    monkeypatch.setattr(bench_server.psutil, "Process", lambda pid: master)
+    monkeypatch.setattr(bench_server, "run_directory", lambda pid: tmp_path / f"run-{pid}")
+    (tmp_path / "run-100").mkdir()
+    server = Server("http://127.0.0.1:1", process=master)  # type: ignore[arg-type]
 
     assert server.workers_not_ready() == 2
-    (tmp_path / "ready-101").touch()
+    (tmp_path / "run-100" / "ready-101").touch()
     assert server.workers_not_ready() == 1
-    (tmp_path / "ready-102").touch()
+    (tmp_path / "run-100" / "ready-102").touch()
     assert server.workers_not_ready() == 0
+    assert Server("http://127.0.0.1:1").workers_not_ready() == 0  # by URL: none to wait for
+
+
+@pytest.mark.slow
+def test_a_started_server_returns_once_each_of_its_workers_is_ready(tmp_path: Path) -> None:
+    """Against a real server of two workers, the second ready 3 s after the first: by the
+    time ``start`` returns, each has its ready mark, and each has logged its warm-up."""
+    settings = {"WEIGHTS": "random", "WORKERS": "2", "FIRST_WORKER_MARK": str(tmp_path / "first")}
+    app = "tests.late_workers_app:app"
+    with bench_server.start(settings, tmp_path, app=app) as server:
+        assert server.process is not None
+        workers = psutil.Process(server.process.pid).children()
+        siblings = Siblings(run_directory(server.process.pid))
+        assert len(workers) == 2
+        assert all(siblings.was_ready(worker.pid) for worker in workers)
+        assert server.log_path is not None
+        assert server.log_path.read_text().count("warm: a batch of 1 takes") == 2
 
 
 def test_a_started_server_is_ready_once_every_worker_is(
@@ -329,6 +347,7 @@ def test_a_started_server_is_ready_once_every_worker_is(
     monkeypatch.setattr(bench_server.subprocess, "Popen", Started)
     monkeypatch.setattr(bench_server.httpx, "get", lambda *a, **k: httpx.Response(200))
     monkeypatch.setattr(Server, "workers_not_ready", lambda self: next(not_ready))
+    monkeypatch.setattr(bench_server.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
     monkeypatch.setattr(Server, "stop", lambda self: None)
 
     bench_server.start({}, tmp_path)
@@ -959,8 +978,8 @@ def test_the_servers_it_started_stop_with_the_benchmark(tmp_path: Path) -> None:
 import contextlib, os, signal, subprocess, sys
 from pathlib import Path
 from bench import server as bench_server
-from bench.__main__ import _exit_on_signal
-signal.signal(signal.SIGTERM, _exit_on_signal)
+from bench.__main__ import exit_on_signal
+signal.signal(signal.SIGTERM, exit_on_signal)
 log_dir = Path({str(tmp_path)!r})
 started = []
 class Recorded(subprocess.Popen):
