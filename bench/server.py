@@ -162,7 +162,11 @@ def start(
     port = free_port()
     # A task store of its own: the default, ./data, may be a server's that a user runs.
     data_dir = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
-    env = server_environment({"DATA_DIR": str(data_dir)} | settings)
+    # The temporary directory as this process resolved it (a relative TMPDIR would resolve
+    # elsewhere from the server's working directory): the workers' ready marks are there.
+    env = server_environment(
+        {"DATA_DIR": str(data_dir), "TMPDIR": tempfile.gettempdir()} | settings
+    )
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
     # gunicorn run by this interpreter: where packages are installed with --target (on a
@@ -192,13 +196,16 @@ def start(
                 # that accepted it, so clients that connect while others still load the
                 # model would all be served by the first for the whole step.
                 ready = httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
-                if ready and not server.workers_not_ready():
+                # The master checked again: a worker it left behind may still answer.
+                if ready and not server.workers_not_ready() and process.poll() is None:
                     return server
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
+        waiting = server.workers_not_ready()
         raise ServerNotStarted(
-            f"the server was not ready after {timeout_s:g} s; its log: {log_path}"
+            f"the server was not ready after {timeout_s:g} s ({waiting} worker(s) without "
+            f"their ready mark in {run_directory(process.pid)}); its log: {log_path}"
         )
     except BaseException:  # a signal or Ctrl-C too: never leave it running
         server.stop()
