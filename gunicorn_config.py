@@ -26,7 +26,13 @@ from service.settings import (
     misspelt_settings,
     prepare_metrics_dir,
 )
-from service.siblings import SIBLINGS_DIR, Siblings, process_alive, run_directory
+from service.siblings import (
+    RUN_DIRECTORY_PREFIX,
+    SIBLINGS_DIR,
+    Siblings,
+    process_alive,
+    run_directory,
+)
 
 settings = load_settings()
 
@@ -189,7 +195,7 @@ def _claim_private_directory(path: Path) -> None:
 
 # The directories a master names by its pid in the temporary directory, removed by its
 # on_exit.
-_MASTER_DIRECTORY_PREFIXES = ("prometheus-multiproc-", "service-siblings-")
+_MASTER_DIRECTORY_PREFIXES = ("prometheus-multiproc-", RUN_DIRECTORY_PREFIX)
 
 
 def _remove_directories_of_dead_masters() -> None:

@@ -18,11 +18,13 @@ SIBLINGS_DIR = "SERVICE_SIBLINGS_DIR"
 _STARTED = "started"
 _READY_PREFIX = "ready-"
 _FAILED_PREFIX = "failed-"
+# A run's directory, in the temporary directory: this, then its master's pid.
+RUN_DIRECTORY_PREFIX = "service-siblings-"
 
 
 def run_directory(master_pid: int) -> Path:
     """The directory of the run whose gunicorn master is ``master_pid``."""
-    return Path(tempfile.gettempdir()) / f"service-siblings-{master_pid}"
+    return Path(tempfile.gettempdir()) / f"{RUN_DIRECTORY_PREFIX}{master_pid}"
 
 
 class Siblings:
