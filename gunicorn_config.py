@@ -64,8 +64,9 @@ SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 os.environ["GOMP_SPINCOUNT"] = settings.gomp_spincount or "1000000"  # unset or empty
 
 bind = settings.bind or f"0.0.0.0:{settings.port}"
-# Each worker's model uses cores // WORKERS threads, at least one (TORCH_THREADS overrides),
-# so up to one worker a core never oversubscribes them; see Settings.effective_torch_threads.
+# Each worker's model on a CPU uses cores // WORKERS threads, at least one (TORCH_THREADS
+# overrides), so up to one worker a core never oversubscribes them; see
+# Settings.torch_threads_on.
 workers = settings.workers
 worker_class = "service.protocol.JsonErrorsUvicornWorker"
 # Each worker loads its own model after the fork; a torch runtime forked from a parent

@@ -55,6 +55,7 @@ from classification import (
     Prediction,
     load_classifier,
     preprocess,
+    resolve_device,
 )
 from service import logs, memory, metrics, webhooks
 from service.middleware import (
@@ -249,7 +250,8 @@ class Service:
         # The gauge reads 0 from its creation until set: no live worker is that small.
         with contextlib.suppress(OSError):
             metrics.record_resident_memory(memory.resident_bytes())
-        torch.set_num_threads(settings.effective_torch_threads)
+        device = resolve_device(settings.device)
+        torch.set_num_threads(settings.torch_threads_on(device.type))
         # Under uvicorn (gunicorn's master did it before the fork): before the model loads.
         memory.keep_freed_memory()
         loop = asyncio.get_running_loop()
@@ -262,7 +264,7 @@ class Service:
             lambda: load_classifier(
                 weights=settings.weights,
                 labels_file=settings.labels_file,
-                device=settings.device,
+                device=str(device),
                 dtype=settings.dtype,
                 channels_last=settings.channels_last,
                 seed=settings.seed,

@@ -380,10 +380,17 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def effective_torch_threads(self) -> int:
-        """Intra-op threads per worker: the cores shared evenly among workers."""
-        return self.torch_threads or self._cores_per_worker()
+    def torch_threads_on(self, device_type: str) -> int:
+        """Intra-op threads per worker, for a model on ``device_type`` ("cpu", "cuda"):
+        ``TORCH_THREADS``, else on a CPU the cores shared evenly among workers.
+
+        On a GPU, one: a worker's torch work on its CPU is a copy of the batch, too small to
+        share, and each thread that shared it would then spin for a core (``GOMP_SPINCOUNT``)
+        while the GPU runs the forward.
+        """
+        if self.torch_threads:
+            return self.torch_threads
+        return self._cores_per_worker() if device_type == "cpu" else 1
 
     @property
     def effective_decode_threads(self) -> int:

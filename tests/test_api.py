@@ -1810,6 +1810,30 @@ async def test_a_worker_reports_its_memory_while_its_model_loads(
         await service.stop()
 
 
+async def test_a_worker_with_its_model_on_a_gpu_runs_one_torch_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Set before the model loads, for the device DEVICE resolves to (here ``auto``, taken
+    for a GPU): threads idle beside a GPU's forward would spin for a core each."""
+    real_load = main.load_classifier
+    loaded_with: dict[str, object] = {}
+
+    def load_as_on_a_gpu(**options: Any) -> object:
+        loaded_with.update(device=options["device"], threads=torch.get_num_threads())
+        return real_load(**(options | {"device": "cpu"}))
+
+    monkeypatch.setattr(main, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(main, "load_classifier", load_as_on_a_gpu)
+    threads = torch.get_num_threads()
+    service = main.Service(make_settings(data_dir=tmp_path, device="auto", torch_threads=None))
+    try:
+        await service.start()
+        assert loaded_with == {"device": "cuda", "threads": 1}
+        await service.stop()
+    finally:
+        torch.set_num_threads(threads)
+
+
 async def test_metrics_report_requests_batches_and_model(
     served: RunningApp, photos: list[Path]
 ) -> None:

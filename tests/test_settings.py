@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+import service.settings
 from service.settings import PROJECT_ROOT, load_settings, misspelt_settings
 
 SET_EMPTY = (
@@ -250,3 +251,17 @@ def test_names_close_to_a_settings_are_named_with_the_setting_meant() -> None:
         "WORKER is no setting, and is ignored: did you mean WORKERS?",
         "max_batch is no setting, and is ignored: did you mean MAX_BATCH_FILES or MAX_BATCH_SIZE?",
     ]
+
+
+def test_a_worker_s_model_threads_share_the_cores_on_a_cpu_and_are_one_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU the model's work is not on the cores: threads idle beside it would spin."""
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
+    monkeypatch.setenv("WORKERS", "4")
+    settings = load_settings()
+    assert settings.torch_threads_on("cpu") == 4
+    assert settings.torch_threads_on("cuda") == 1
+    monkeypatch.setenv("TORCH_THREADS", "3")  # as given, on either
+    settings = load_settings()
+    assert settings.torch_threads_on("cpu") == settings.torch_threads_on("cuda") == 3

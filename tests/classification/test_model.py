@@ -575,6 +575,21 @@ def test_a_batch_that_does_not_fit_on_the_gpu_stops_the_warm_up_saying_what_to_l
         torch.cuda.empty_cache()
 
 
+@cuda
+def test_waiting_for_the_gpu_leaves_the_cpu_core_free() -> None:
+    """By default CUDA spins a core until the GPU is done, and each of several workers
+    sharing one GPU would keep one busy: the wait sleeps. A float32 batch of 256 keeps the
+    GPU busy for longer than stacking it and launching its kernels keep the thread."""
+    on_gpu = load_classifier(weights="random", labels_file=LABELS_FILE, device="cuda", seed=SEED)
+    crops = [_crop() for _ in range(256)]
+    on_gpu.classify(crops, [1] * len(crops))  # cuDNN picks its algorithms
+    cpu_started, started = time.thread_time(), time.perf_counter()
+    for _ in range(3):
+        on_gpu.classify(crops, [1] * len(crops))
+    cpu, wall = time.thread_time() - cpu_started, time.perf_counter() - started
+    assert cpu < 0.5 * wall, f"{cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms"
+
+
 _DEVICE_ASSERT = """
 import numpy as np, torch
 from classification import DeviceFailed, load_classifier
