@@ -250,10 +250,11 @@ class Service:
         # The gauge reads 0 from its creation until set: no live worker is that small.
         with contextlib.suppress(OSError):
             metrics.record_resident_memory(memory.resident_bytes())
+        # Under uvicorn (gunicorn's master did it before the fork): before the model loads,
+        # and before finding the device starts CUDA's threads.
+        memory.keep_freed_memory()
         device = resolve_device(settings.device)
         torch.set_num_threads(settings.torch_threads_on(device.type))
-        # Under uvicorn (gunicorn's master did it before the fork): before the model loads.
-        memory.keep_freed_memory()
         loop = asyncio.get_running_loop()
         if not self.server_started and not (settings.data_dir / DATABASE_NAME).exists():
             # A first start: a DATA_DIR that cannot hold the store is said before the model

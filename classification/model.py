@@ -594,15 +594,18 @@ class Classifier:
             )
             np.stack(images, out=pinned.numpy())
             batch = pinned.to(self.device, non_blocking=True)
+            # Freed now, before any kernel of the batch can fail: freeing a pinned buffer
+            # records a CUDA event, which in a failed context raises where nothing can catch
+            # it, and the process would abort.
+            del pinned
         batch = normalize_batch(batch).to(dtype=self.dtype, memory_format=self._memory_format)
         probabilities = self._network(batch).float().softmax(dim=1)
         scores, indices = probabilities.topk(k, dim=1)
         if self._gpu_done is not None:
-            scores = scores.to("cpu", non_blocking=True)
-            indices = indices.to("cpu", non_blocking=True)
             self._gpu_done.record(torch.cuda.current_stream(self.device))
-            self._gpu_done.synchronize()
-        return scores.tolist(), indices.tolist()
+            self._gpu_done.synchronize()  # a failure of the batch's kernels raises here
+        # Into pageable memory, which holds no CUDA event: after the wait, a short copy.
+        return scores.cpu().tolist(), indices.cpu().tolist()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1829,8 +1829,8 @@ async def test_a_worker_with_its_model_on_a_gpu_runs_one_torch_thread(
     try:
         await service.start()
         assert loaded_with == {"device": "cuda", "threads": 1}
-        await service.stop()
     finally:
+        await service.stop()
         torch.set_num_threads(threads)
 
 

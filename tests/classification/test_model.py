@@ -626,6 +626,47 @@ def test_a_real_cuda_error_is_a_device_failure() -> None:
     assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
 
 
+_FAULT_IN_THE_FORWARD = """
+import gc, numpy as np, torch
+from classification import DeviceFailed, load_classifier
+from service.settings import PROJECT_ROOT
+
+class OutOfRange(torch.nn.Module):
+    def forward(self, batch):  # an index past the end: a device-side assert in the batch
+        return batch.flatten(1)[:, torch.tensor([10**9], device=batch.device)].expand(-1, 1000)
+
+classifier = load_classifier(
+    weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cuda"
+)
+classifier._network = OutOfRange()
+try:
+    classifier.classify([np.zeros((224, 224, 3), np.uint8)], [1])
+except DeviceFailed as failed:
+    print("DeviceFailed:", str(failed).splitlines()[0])
+    del failed
+gc.collect()  # what the batch left is freed in the failed context
+print("freed")
+"""
+
+
+@cuda
+def test_a_batch_whose_kernels_fail_is_a_device_failure_that_the_process_outlives() -> None:
+    """The failure surfaces from the batch's own kernels, as ``DeviceFailed``, and freeing
+    what the batch used after it does not abort the process (a pinned buffer freed in a
+    failed context would): the worker can still answer what it holds and drain."""
+    finished = subprocess.run(
+        [sys.executable, "-c", _FAULT_IN_THE_FORWARD],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
+    assert finished.stdout.splitlines()[-1] == "freed"
+
+
 def test_full_float32_on_cuda_turns_tf32_off_for_convolutions() -> None:
     cudnn = torch.backends.cudnn
     before = cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
