@@ -6,6 +6,7 @@ settings are validated here, in the master, so a bad value stops start-up once, 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import math
 import os
@@ -50,6 +51,19 @@ _given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
 if not _given or _given == os.environ.get(_DEFAULTED):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_DEFAULTED] = str(_DEFAULT_METRICS_DIR)
 PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+_LOADED_BY = os.getpid()
+_serving = False  # set once the master holds its sockets (when_ready)
+
+
+def _remove_metrics_dir_of_no_run() -> None:
+    """``gunicorn --check-config`` imports the app, whose metrics make the default
+    directory, and exits without ``on_exit``. Only in the process that read this file
+    (forked workers inherit the handler) and before any worker could use the directory."""
+    if os.getpid() == _LOADED_BY and not _serving and PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
+        shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
+
+
+atexit.register(_remove_metrics_dir_of_no_run)
 # Where the workers tell each other that they have started (service/siblings.py): this
 # master's own, an upgrade's new master (USR2) included.
 os.environ[SIBLINGS_DIR] = str(run_directory(os.getpid()))
@@ -162,6 +176,8 @@ def when_ready(server: Any) -> None:
     if the workers cannot create theirs, and make the workers' directory. Not before: a
     start that cannot bind its port (a server already runs there) must neither wipe that
     server's metrics nor leave directories behind, since it exits without ``on_exit``."""
+    global _serving
+    _serving = True
     if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
         _claim_private_directory(PROMETHEUS_DIR)
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)

@@ -505,3 +505,24 @@ def test_a_batch_request_must_fit_the_queue(
         load(monkeypatch, tmp_path, MAX_QUEUE="16", MAX_BATCH_FILES="32")
     assert load(monkeypatch, tmp_path, MAX_QUEUE="16", MAX_BATCH_FILES="16")["workers"] == 1
     assert load(monkeypatch, tmp_path, MAX_QUEUE="16")["workers"] == 1
+
+
+def test_checking_the_configuration_leaves_no_directory_behind(tmp_path: Path) -> None:
+    """``gunicorn --check-config`` imports the app, whose metrics make the default
+    directory, and exits without on_exit: one directory left per check."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("PROMETHEUS_MULTIPROC_DIR", "SERVICE_DEFAULT_METRICS_DIR", SIBLINGS_DIR)
+    }
+    checked = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--check-config", "main:app", "-c", str(CONFIG)],
+        cwd=PROJECT_ROOT,
+        env=env | {"TMPDIR": str(tmp_path), "WEIGHTS": "random"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert not list(tmp_path.glob("prometheus-multiproc-*"))
