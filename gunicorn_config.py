@@ -37,37 +37,51 @@ from service.siblings import (
 
 settings = load_settings()
 
-# Workers write metric samples here and /metrics merges them. It must be set before any
-# worker imports prometheus_client, which is why it is set at config-load time.
-# gunicorn may read this file more than once, so the default is derived, not random.
-_DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{os.getpid()}"
-# Names the default directory a master chose, so that a master started from its
+# Names the default metrics directory a master chose, so that a master started from its
 # environment (USR2, after a SIGHUP made gunicorn copy it) chooses its own: the old one
 # removes its directory as it exits.
 _DEFAULTED = "SERVICE_DEFAULT_METRICS_DIR"
-_given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
-# Empty means unset: an empty path is the working directory, whose *.db files the
-# clean-up below would delete.
-if not _given or _given == os.environ.get(_DEFAULTED):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_DEFAULTED] = str(_DEFAULT_METRICS_DIR)
-PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def _name_run_directories() -> None:
+    """Name this master's directories by its pid (gunicorn may read this file more than
+    once, so the names are derived, not random), in the environment its workers inherit.
+
+    Workers write metric samples in ``PROMETHEUS_DIR`` and /metrics merges them: it must be
+    set before any worker imports prometheus_client. In ``SIBLINGS``' directory they tell
+    each other that they have started (service/siblings.py).
+    """
+    global _DEFAULT_METRICS_DIR, PROMETHEUS_DIR, SIBLINGS
+    pid = os.getpid()
+    _DEFAULT_METRICS_DIR = Path(tempfile.gettempdir()) / f"prometheus-multiproc-{pid}"
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    # Empty means unset: an empty path is the working directory, whose *.db files the
+    # clean-up below would delete.
+    if not given or given == os.environ.get(_DEFAULTED):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_DEFAULTED] = str(_DEFAULT_METRICS_DIR)
+    PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    os.environ[SIBLINGS_DIR] = str(run_directory(pid))
+    SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
+
+
+_name_run_directories()
 _LOADED_BY = os.getpid()
-_serving = False  # set once the master holds its sockets (when_ready)
 
 
 def _remove_metrics_dir_of_no_run() -> None:
     """``gunicorn --check-config`` imports the app, whose metrics make the default
     directory, and exits without ``on_exit``. Only in the process that read this file
-    (forked workers inherit the handler) and before any worker could use the directory."""
-    if os.getpid() == _LOADED_BY and not _serving and PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
+    (forked workers inherit the handler), and only if no run began: a master that serves
+    has made its workers' directory (``when_ready``), and keeps it until ``on_exit``."""
+    if (
+        os.getpid() == _LOADED_BY
+        and PROMETHEUS_DIR == _DEFAULT_METRICS_DIR
+        and not SIBLINGS.directory.exists()
+    ):
         shutil.rmtree(PROMETHEUS_DIR, ignore_errors=True)
 
 
 atexit.register(_remove_metrics_dir_of_no_run)
-# Where the workers tell each other that they have started (service/siblings.py): this
-# master's own, an upgrade's new master (USR2) included.
-os.environ[SIBLINGS_DIR] = str(run_directory(os.getpid()))
-SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))
 
 # libgomp, torch's OpenMP runtime on CPU, reads this as a worker imports torch. Its threads
 # then spin for about 20 ms after a forward pass before they sleep, instead of about 6, so
@@ -125,6 +139,10 @@ if settings.log_format == "json":
 
 
 def on_starting(server: Any) -> None:
+    if os.getpid() != _LOADED_BY:
+        # --daemon: gunicorn forked twice since it read this file, and the process that
+        # did has exited. Directories named by its pid would pass for a dead master's.
+        _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
     _halt_once_for_workers_that_cannot_start(server)
     for line in misspelt_settings():  # gunicorn's -e values are in the environment by now
@@ -176,8 +194,6 @@ def when_ready(server: Any) -> None:
     if the workers cannot create theirs, and make the workers' directory. Not before: a
     start that cannot bind its port (a server already runs there) must neither wipe that
     server's metrics nor leave directories behind, since it exits without ``on_exit``."""
-    global _serving
-    _serving = True
     if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:
         _claim_private_directory(PROMETHEUS_DIR)
     prepare_metrics_dir(PROMETHEUS_DIR, remove_stale=True)

@@ -26,6 +26,7 @@ from tests import images
 from tests.server import (
     BIN,
     PROJECT_ROOT,
+    START_TIMEOUT_S,
     ServerProcess,
     free_port,
     gunicorn_command,
@@ -680,3 +681,37 @@ def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> 
     assert "MAX_BATCH_SIZE='0'" in result.stderr
     assert "DEVICE='gpu'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_daemonized_master_keeps_its_directories_until_it_exits(tmp_path: Path) -> None:
+    """With --daemon, gunicorn reads its configuration in a process that exits once it has
+    forked the master. Directories named by that process's pid passed for a dead master's
+    and the master removed them as it started: its workers' ready marks went with them,
+    and their metrics landed in a directory anyone could read."""
+    port = free_port()
+    env = server_env(tmp_path, WORKERS="1")
+    temporary, pid_file = Path(env["TMPDIR"]), tmp_path / "gunicorn.pid"
+    log = tmp_path / "server.log"
+    daemon_flags = ["--daemon", "--pid", str(pid_file), "--log-file", str(log)]
+    subprocess.run(
+        [*gunicorn_command(port), *daemon_flags], cwd=PROJECT_ROOT, env=env, check=True, timeout=60
+    )
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        time.sleep(0.2)
+    master = psutil.Process(int(pid_file.read_text()))
+    siblings = temporary / f"service-siblings-{master.pid}"
+    metrics = temporary / f"prometheus-multiproc-{master.pid}"
+    try:
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200, log.read_text()
+        assert [mark.name for mark in siblings.iterdir()] != [], "no worker's ready mark"
+        assert metrics.stat().st_mode & 0o777 == 0o700
+        assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+    finally:
+        master.terminate()
+        master.wait(40)
+    assert not siblings.exists()
+    assert not metrics.exists()
