@@ -30,6 +30,8 @@ def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[st
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv(SIBLINGS_DIR, "")  # which the config sets too
     monkeypatch.setenv("SERVICE_DEFAULT_METRICS_DIR", "")  # and this, with the default
+    # The temporary directory a test chose (tempfile.tempdir), not a TMPDIR from outside.
+    monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return runpy.run_path(str(CONFIG))
