@@ -139,10 +139,10 @@ if settings.log_format == "json":
 
 
 def on_starting(server: Any) -> None:
-    if os.getpid() != _LOADED_BY:
-        # --daemon: gunicorn forked twice since it read this file, and the process that
-        # did has exited. Directories named by its pid would pass for a dead master's.
-        _name_run_directories()
+    # Named again in the master: with --daemon, gunicorn forked twice since it read this
+    # file, and directories named by the pid of the process that did, which has exited,
+    # would pass for a dead master's. And gunicorn's -e values are in the environment now.
+    _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
     _halt_once_for_workers_that_cannot_start(server)
     for line in misspelt_settings():  # gunicorn's -e values are in the environment by now

@@ -702,6 +702,7 @@ def test_a_daemonized_master_keeps_its_directories_until_it_exits(tmp_path: Path
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 break
         time.sleep(0.2)
+    assert pid_file.exists(), log.read_text()
     master = psutil.Process(int(pid_file.read_text()))
     siblings = temporary / f"service-siblings-{master.pid}"
     metrics = temporary / f"prometheus-multiproc-{master.pid}"
@@ -709,9 +710,14 @@ def test_a_daemonized_master_keeps_its_directories_until_it_exits(tmp_path: Path
         assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200, log.read_text()
         assert [mark.name for mark in siblings.iterdir()] != [], "no worker's ready mark"
         assert metrics.stat().st_mode & 0o777 == 0o700
-        assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+        assert "worker_resident_memory_bytes{" in httpx.get(f"{url}/metrics", timeout=5).text
+        assert list(metrics.glob("*.db")), "the workers' metrics are elsewhere"
     finally:
         master.terminate()
-        master.wait(40)
+        try:
+            master.wait(40)
+        except psutil.TimeoutExpired:
+            for process in [master, *master.children(recursive=True)]:
+                process.kill()
     assert not siblings.exists()
     assert not metrics.exists()
