@@ -590,6 +590,21 @@ def test_waiting_for_the_gpu_leaves_the_cpu_core_free() -> None:
     assert cpu < 0.5 * wall, f"{cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms"
 
 
+def _output_in_a_process_of_its_own(script: str) -> str:
+    """Run ``script`` in a Python process of its own (a failed CUDA context cannot be
+    mended), which must exit 0: what it printed."""
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    return finished.stdout
+
+
 _DEVICE_ASSERT = """
 import numpy as np, torch
 from classification import DeviceFailed, load_classifier
@@ -614,16 +629,8 @@ def test_a_real_cuda_error_is_a_device_failure() -> None:
     """A device-side assert leaves the CUDA context unusable: the next batch raises
     ``DeviceFailed`` (the worker is then replaced), not an error of one batch. In a process
     of its own, as the context cannot be mended."""
-    finished = subprocess.run(
-        [sys.executable, "-c", _DEVICE_ASSERT],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
+    stdout = _output_in_a_process_of_its_own(_DEVICE_ASSERT)
+    assert stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), stdout
 
 
 _FAULT_IN_THE_FORWARD = """
@@ -654,17 +661,9 @@ def test_a_batch_whose_kernels_fail_is_a_device_failure_that_the_process_outlive
     """The failure surfaces from the batch's own kernels, as ``DeviceFailed``, and freeing
     what the batch used after it does not abort the process (a pinned buffer freed in a
     failed context would): the worker can still answer what it holds and drain."""
-    finished = subprocess.run(
-        [sys.executable, "-c", _FAULT_IN_THE_FORWARD],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), finished.stdout
-    assert finished.stdout.splitlines()[-1] == "freed"
+    stdout = _output_in_a_process_of_its_own(_FAULT_IN_THE_FORWARD)
+    assert stdout.startswith("DeviceFailed: cuda failed: CUDA error: "), stdout
+    assert stdout.splitlines()[-1] == "freed"
 
 
 def test_full_float32_on_cuda_turns_tf32_off_for_convolutions() -> None:
