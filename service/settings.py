@@ -384,9 +384,8 @@ class Settings(BaseSettings):
         """Intra-op threads per worker, for a model on ``device_type`` ("cpu", "cuda"):
         ``TORCH_THREADS``, else on a CPU the cores shared evenly among workers.
 
-        On a GPU, one: a worker's torch work on its CPU is a copy of the batch, too small to
-        share, and each thread that shared it would then spin for a core (``GOMP_SPINCOUNT``)
-        while the GPU runs the forward.
+        On a GPU, one: the model's work runs there, and after any torch operation on the CPU
+        each further thread would spin for a core (``GOMP_SPINCOUNT``) with nothing to do.
         """
         if self.torch_threads:
             return self.torch_threads
