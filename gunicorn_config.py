@@ -147,6 +147,16 @@ def on_starting(server: Any) -> None:
     _halt_once_for_workers_that_cannot_start(server)
     for line in misspelt_settings():  # gunicorn's -e values are in the environment by now
         server.log.warning(line)
+    # gunicorn's default worker count, which platforms set by machine size; not refused, so
+    # that such a platform still starts, but this file's WORKERS is what runs.
+    web_concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if web_concurrency and web_concurrency != str(settings.workers):
+        server.log.warning(
+            "WEB_CONCURRENCY=%s is ignored: the service runs WORKERS=%d workers; set WORKERS "
+            "to change that",
+            web_concurrency,
+            settings.workers,
+        )
     if settings.workers > (cores := available_cores()):
         server.log.warning(
             "WORKERS=%d is more than the %d cores the service may use: each worker's model "

@@ -1548,7 +1548,9 @@ def create_app(settings: Settings) -> FastAPI:
                     workers,
                 )
         started_before = siblings is not None and siblings.server_started()
-        service = Service(settings, server_started=started_before, uploads=uploads)
+        # WORKERS is gunicorn's: a process of uvicorn's shares the cores with none it knows of.
+        own = settings if siblings is not None else settings.model_copy(update={"workers": 1})
+        service = Service(own, server_started=started_before, uploads=uploads)
         app.state.service = service
         setattr(app.state, LIVENESS_STATE, service.liveness_problem)
         try:

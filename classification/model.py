@@ -195,10 +195,11 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     )
     if path.is_dir():
         raise ModelLoadError(f"WEIGHTS={path} is a directory; {expected}")
+    safetensors_file = False
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise ModelLoadError(f"WEIGHTS={path} is an empty file; {expected}")
-        if _is_safetensors(path):
+        if safetensors_file := _is_safetensors(path):
             loaded = safetensors.torch.load_file(path, device="cpu")
         else:
             with (
@@ -223,6 +224,11 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(
                 f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
                 "model?); save its state_dict() and point WEIGHTS at that file"
+            ) from None
+        if safetensors_file:
+            raise ModelLoadError(
+                f"WEIGHTS={path} is a safetensors file that cannot be read "
+                f"({_load_failure(exc)}): truncated or damaged?"
             ) from None
         if not _starts_as_torch_file(path):
             # What the legacy format's unpickler says of other bytes (KeyError: 101)

@@ -14,7 +14,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
@@ -31,6 +38,7 @@ TASK_METADATA_MAX_BYTES_BOUND = (SQLITE_MAX_LENGTH - 1_000_000) // 6
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_BATCH_FILES = 32
+_INTEGER = TypeAdapter(int)
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -364,9 +372,9 @@ class Settings(BaseSettings):
         # request's files gives way to it; a number set is checked below.
         if not isinstance(values, dict) or values.get("max_batch_files") is not None:
             return values
-        try:
-            queue = max(1, int(values.get("max_queue", DEFAULT_MAX_QUEUE)))
-        except (TypeError, ValueError):
+        try:  # read as the field reads it: "8.0" is 8
+            queue = max(1, _INTEGER.validate_python(values.get("max_queue", DEFAULT_MAX_QUEUE)))
+        except ValidationError:
             return values  # refused as MAX_QUEUE
         return values | {"max_batch_files": min(queue, DEFAULT_MAX_BATCH_FILES)}
 

@@ -31,10 +31,12 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.types import ASGIApp
 
 import main
+import service.settings
 from batching import BatchProcessor, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
 from service import logs, metrics
 from service.settings import Settings
+from service.siblings import Siblings
 from service.tasks import DATABASE_NAME, WebhookStatus
 from tests import images
 from tests.corpus import multipart, multipart_headers
@@ -1832,6 +1834,33 @@ async def test_a_worker_with_its_model_on_a_gpu_runs_one_torch_thread(
     finally:
         await service.stop()
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("under_gunicorn", [False, True])
+async def test_workers_share_the_cores_only_under_gunicorn(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, under_gunicorn: bool
+) -> None:
+    """WORKERS is gunicorn's setting: under uvicorn (make dev) it divides nothing."""
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 4)
+    real_load = main.load_classifier
+    threads_at_load: list[int] = []
+
+    def load_counting_threads(**options: Any) -> object:
+        threads_at_load.append(torch.get_num_threads())
+        return real_load(**options)
+
+    monkeypatch.setattr(main, "load_classifier", load_counting_threads)
+    siblings = Siblings(tmp_path / "siblings") if under_gunicorn else None
+    if siblings is not None:
+        siblings.directory.mkdir()
+    threads = torch.get_num_threads()
+    settings = make_settings(data_dir=tmp_path / "tasks", workers=2, torch_threads=None)
+    try:
+        async with running_app(settings, siblings=siblings) as served:
+            assert served.service.settings.effective_decode_threads == (2 if under_gunicorn else 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_at_load == [2 if under_gunicorn else 4]
 
 
 async def test_metrics_report_requests_batches_and_model(

@@ -145,6 +145,27 @@ def test_misspelt_setting_names_are_warned_of_once_by_the_master(
     assert "WORKER is no setting, and is ignored: did you mean WORKERS?" in log.warnings
 
 
+def test_a_web_concurrency_that_is_not_the_workers_setting_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gunicorn's default worker count, which WORKERS replaces here."""
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 4)
+
+    def warnings_as_it_starts(**environ: str) -> list[str]:
+        log = QuietLog()
+        config = load(monkeypatch, tmp_path, **environ)
+        config["on_starting"](master(config, log))
+        return log.warnings
+
+    assert warnings_as_it_starts(WORKERS="2", WEB_CONCURRENCY="2") == []
+    (warning,) = warnings_as_it_starts(WORKERS="1", WEB_CONCURRENCY="4")
+    assert warning == (
+        "WEB_CONCURRENCY=4 is ignored: the service runs WORKERS=1 workers; set WORKERS to "
+        "change that"
+    )
+
+
 def test_more_workers_than_cores_are_warned_of(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

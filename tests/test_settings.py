@@ -156,6 +156,8 @@ def test_a_small_queue_alone_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch) 
     assert load_settings().max_batch_files == 18
     monkeypatch.setenv("MAX_QUEUE", "300")
     assert load_settings().max_batch_files == 32
+    monkeypatch.setenv("MAX_QUEUE", "8.0")  # an integer as the setting reads it
+    assert load_settings().max_batch_files == 8
     monkeypatch.setenv("MAX_QUEUE", "18")
     monkeypatch.setenv("MAX_BATCH_FILES", "20")
     with pytest.raises(SystemExit, match=r"MAX_BATCH_FILES \(20\) must be at most MAX_QUEUE"):

@@ -192,7 +192,7 @@ def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
     stack = load(BASE)
     grafana = stack["services"]["grafana"]
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
-    assert "3000:3000" in grafana["ports"]
+    assert "127.0.0.1:3000:3000" in grafana["ports"]  # admin/admin until its password is set
 
     datasources = load(host_path(grafana, "/etc/grafana/provisioning/datasources/prometheus.yml"))
     (datasource,) = datasources["datasources"]
