@@ -94,10 +94,9 @@ class RequestContextMiddleware:
             # (DRAIN_TIMEOUT_S): answer that in JSON, where it would send a plain 500.
             if response_started:
                 raise
-            detail = (
-                "the server shut down before this request finished; retry (a task "
-                "submission may have been stored: resend it with its Idempotency-Key)"
-            )
+            detail = "the server shut down before this request finished; retry"
+            if scope["method"] == "POST" and scope["path"].endswith("/tasks"):
+                detail += " (the task may have been stored: resend it with its Idempotency-Key)"
             await JSONResponse(
                 {"detail": detail},
                 status_code=503,
