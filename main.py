@@ -1498,7 +1498,10 @@ def _public_validation_message(error: Mapping[str, object]) -> str:
     # FastAPI's UploadFile check names the Python type it got ("<class 'str'>") when a
     # plain form field stands where a file should be.
     if "Expected UploadFile" in message:
-        return "expected a file part (with a filename), received a plain form field"
+        return (
+            "expected a file part, with filename= in its Content-Disposition (filename* alone "
+            "is not read, RFC 7578), received a plain form field"
+        )
     return message
 
 

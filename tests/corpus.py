@@ -463,6 +463,21 @@ def build_corpus(photo_path: Path) -> list[Case]:
         raw_multipart(
             "large-plain-field", 422, "plain form field", [("file", None, b"x" * 1_500_000, None)]
         ),
+        # RFC 7578 has no filename*: multipart parsers read a part with only that as a field.
+        Case(
+            "filename-star-only",
+            422,
+            "file: expected a file part, with filename= in its Content-Disposition "
+            "(filename* alone is not read, RFC 7578), received a plain form field",
+            content=(
+                filename_star := f"--{BOUNDARY}\r\nContent-Disposition: form-data; "
+                f"name=\"file\"; filename*=UTF-8''%C3%A9.jpg\r\n"
+                "Content-Type: image/jpeg\r\n\r\n".encode()
+                + jpeg
+                + f"\r\n--{BOUNDARY}--\r\n".encode()
+            ),
+            headers=multipart_headers(filename_star),
+        ),
         # FastAPI binds the last of repeated entries: each order would get its own answer.
         raw_multipart(
             "file-then-plain-field",
