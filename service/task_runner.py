@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from service import tasks
 from service.tasks import (
+    DELETE_STEP_TASKS,
     ClaimedTask,
     Deferral,
     TaskRecord,
@@ -53,6 +54,9 @@ WRITE_ANSWER_MARGIN_S = 1.0
 # worker hands back what it holds, or logs that it could not, before it is killed.
 WRITES_AFTER_GRACE_S = 1.5
 HAND_BACK_LOCK_WAIT_S = 2.5
+# The clean-up's pause between its writes: longer than SQLite's busy handler sleeps between
+# tries for the lock (100 ms at most), so each process waiting for it gets in.
+CLEAN_UP_PAUSE_S = 0.15
 
 logger = logging.getLogger(__name__)
 
@@ -601,12 +605,29 @@ class TaskRunner:
         config = self._config
         while True:
             try:
-                deleted = await self._db(self.store.delete_expired, self._expired_before())
-                if deleted:
-                    logger.info("deleted %d tasks older than TASK_TTL", deleted)
+                await self._clean_up()
             except Exception as exc:
                 self._loop_failures.log(exc, "deleting expired tasks failed")
             await asyncio.sleep(config.cleanup_interval_s)
+
+    async def _clean_up(self) -> None:
+        """Delete expired tasks, then give their pages back to the file system, a short
+        write at a time (``CLEAN_UP_PAUSE_S`` apart), so that other processes' writes get
+        the lock between them, and this worker's claims and results its thread."""
+        deleted = 0
+        while True:
+            step = await self._db(
+                self.store.delete_expired, self._expired_before(), most=DELETE_STEP_TASKS
+            )
+            deleted += step
+            if step < DELETE_STEP_TASKS:
+                break
+            await asyncio.sleep(CLEAN_UP_PAUSE_S)
+        if deleted:
+            logger.info("deleted %d tasks older than TASK_TTL", deleted)
+        # A pause for other writers between steps, not a poll:
+        while await self._db(self.store.return_free_pages):  # noqa: ASYNC110
+            await asyncio.sleep(CLEAN_UP_PAUSE_S)
 
     # --- One task, one delivery ---------------------------------------------------------------
 

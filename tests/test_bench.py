@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bench import __main__ as bench_main
-from bench import gpu, large_images, limits, load, overload, report
+from bench import gpu, large_images, limits, load, overload, report, task_cleanup
 from bench import server as bench_server
 from bench.__main__ import _images, _saturating_clients, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
@@ -40,6 +40,7 @@ from bench.server import Server
 from classification import preprocess
 from service.settings import PROJECT_ROOT
 from service.siblings import Siblings, run_directory
+from service.tasks import TaskStore
 from tests.support import IMAGES_DIR
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -1104,3 +1105,14 @@ async def test_the_large_images_step_tells_small_answers_from_large_ones(
     assert sizes.count(large_images.LARGE_SIZE) == mixed["large_answered"]
     assert mixed["small_answered"] + alone["small_answered"] == len(sizes) - mixed["large_answered"]
     assert 10 <= mixed["small_p50_ms"] < 1000
+
+
+def test_the_clean_up_benchmarks_tasks_are_expired_finished_tasks(tmp_path: Path) -> None:
+    """As the service stores them: a week's TTL deletes them, in the clean-up's steps."""
+    task_cleanup.fill(tmp_path, 25)
+    store = TaskStore(tmp_path)
+    try:
+        week_ago = time.time() - 7 * 86_400
+        assert [store.delete_expired(week_ago, most=10) for _ in range(4)] == [10, 10, 5, 0]
+    finally:
+        store.close()

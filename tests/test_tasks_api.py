@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -525,6 +526,42 @@ async def test_finished_tasks_expire_after_the_ttl(photos: list[Path]) -> None:
                 await asyncio.sleep(0.05)
             while stored_rows(served, "tasks"):  # the clean-up deletes it
                 await asyncio.sleep(0.05)
+
+
+async def test_the_clean_up_deletes_in_short_writes_with_the_lock_free_between_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Expired tasks go a few at a time, each write its own transaction, and the write lock
+    is left free between writes for longer than SQLite's busy handler sleeps between its
+    tries (100 ms at most): deleting a million in one write took 28 s, in which every other
+    process's submissions and lease renewals waited or failed."""
+    monkeypatch.setattr(task_runner, "DELETE_STEP_TASKS", 10)
+    tasks.TaskStore(tmp_path).close()
+    finished_at = time.time() - 3600
+    with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db, db:
+        db.executemany(
+            "INSERT INTO tasks (id, status, top_k, created_at, started_at, finished_at) "
+            "VALUES (?, 'succeeded', 5, ?, ?, ?)",
+            [(f"old{i}", finished_at, finished_at, finished_at) for i in range(25)],
+        )
+    writes: list[tuple[float, float, int]] = []  # start, end, tasks deleted
+    real_delete = tasks.TaskStore.delete_expired
+
+    def timed_delete(store: tasks.TaskStore, finished_before: float, *, most: int) -> int:
+        start = time.monotonic()
+        deleted = real_delete(store, finished_before, most=most)
+        writes.append((start, time.monotonic(), deleted))
+        return deleted
+
+    monkeypatch.setattr(tasks.TaskStore, "delete_expired", timed_delete)
+    settings = make_settings(data_dir=tmp_path, task_ttl=60, task_cleanup_interval_s=3600)
+    async with running_app(settings) as served:
+        async with asyncio.timeout(10):
+            while stored_rows(served, "tasks"):
+                await asyncio.sleep(0.05)
+    assert [deleted for *_, deleted in writes] == [10, 10, 5]
+    gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(writes)]
+    assert min(gaps) > 0.1
 
 
 async def test_an_expired_task_is_gone_at_once_not_at_the_next_clean_up(
