@@ -125,6 +125,7 @@ from service.webhooks import (
     WebhookConfig,
     WebhookSender,
     check_callback_url,
+    host_to_look_up,
 )
 
 logger = logging.getLogger("service")
@@ -156,8 +157,10 @@ SMALL_IMAGE_MAX_PIXELS = 500_000
 SMALL_UPLOAD_MAX_BYTES = 128 * 1024
 # How often a worker tries again to open a task store that failed for now (a full disk).
 TASK_STORE_RETRY_S = 5.0
-# Callback URLs resolved at once; more wait their turn, within their time limit.
-CALLBACK_LOOKUP_THREADS = 4
+# Callback host names looked up at once; more wait their turn, within their time limit.
+# A lookup that hangs holds its thread until the system's resolver gives up, whatever the
+# request's time limit.
+CALLBACK_LOOKUP_THREADS = 16
 
 
 class UploadTooLarge(Exception):
@@ -243,6 +246,7 @@ class Service:
         self._lookup_pool = ThreadPoolExecutor(
             CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup"
         )
+        self._lookups: dict[str, asyncio.Future[None]] = {}  # by host name, while under way
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
@@ -692,28 +696,40 @@ class Service:
             InvalidCallbackUrl: The URL is malformed or, unless allowed, private.
             CallbackLookupFailed: DNS did not answer, or not within ``WEBHOOK_TIMEOUT_S``.
         """
-        if not look_up:
-            check_callback_url(
-                url, allow_private=self.settings.webhook_allow_private, look_up=False
-            )
+        allow_private = self.settings.webhook_allow_private
+        # Its form, and an address written in it, here: nothing to look up, no thread.
+        check_callback_url(url, allow_private=allow_private, look_up=False)
+        if not look_up or (host := host_to_look_up(url)) is None:
             return
         limit_s = self.settings.webhook_timeout_s
-        try:
+        lookup = self._lookups.get(host)
+        if lookup is None:
             # On threads of their own: a resolver that hangs must not take the default
-            # executor's threads from everything else that uses them.
-            async with asyncio.timeout(limit_s):
-                await self._in_thread(
+            # executor's threads from everything else that uses them. One lookup of a host
+            # at a time, which every submission naming it meanwhile awaits: a name whose DNS
+            # never answers, sent again and again, holds one thread, not all of them.
+            lookup = asyncio.ensure_future(
+                self._in_thread(
                     self._lookup_pool,
-                    partial(
-                        check_callback_url, url, allow_private=self.settings.webhook_allow_private
-                    ),
+                    partial(check_callback_url, url, allow_private=allow_private),
                     counted=False,
                 )
+            )
+            self._lookups[host] = lookup
+            lookup.add_done_callback(partial(self._lookup_done, host))
+        try:
+            async with asyncio.timeout(limit_s):
+                await asyncio.shield(lookup)
         except TimeoutError:
             raise CallbackLookupFailed(
                 f"callback_url host could not be looked up within {limit_s:g} s "
                 "(WEBHOOK_TIMEOUT_S); retry shortly"
             ) from None
+
+    def _lookup_done(self, host: str, lookup: asyncio.Future[None]) -> None:
+        del self._lookups[host]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: its waiters may all have given up on it
 
     def task_runner(self) -> TaskRunner:
         """The task runner, once its store is open; the 503 that says why until then."""

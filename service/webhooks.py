@@ -255,6 +255,17 @@ def check_callback_url(url: str, *, allow_private: bool, look_up: bool = True) -
             )
 
 
+def host_to_look_up(url: str) -> str | None:
+    """The host name a callback URL's check looks up (as ``check_callback_url`` does), or
+    None where the URL names an address.
+
+    Raises:
+        InvalidCallbackUrl: The URL is malformed.
+    """
+    host, _ = _checked_form(url)
+    return None if _parse_ip(host) is not None else host
+
+
 def sign(body: bytes, secret: str) -> str:
     """The X-Signature-256 header value: 'sha256=' and the hex HMAC-SHA256 of `body`."""
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

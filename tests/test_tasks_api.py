@@ -36,6 +36,7 @@ from service.settings import Settings, load_settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME
 from tests import images
+from tests.server import free_port
 from tests.support import (
     GatedModel,
     HeldDecode,
@@ -246,6 +247,74 @@ async def test_a_callback_lookup_that_hangs_is_a_503_within_the_webhook_timeout(
         assert response.headers["Retry-After"] == "1"
         assert "within 0.3 s (WEBHOOK_TIMEOUT_S)" in response.json()["detail"]
         assert 0.25 < elapsed < 5
+        assert stored_rows(served, "tasks") == 0
+
+
+async def test_lookups_that_hang_hold_up_no_callback_written_as_an_address(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address needs no lookup, and waits for no thread: with every lookup thread held
+    by a resolver that never answers, such a callback_url is accepted at once."""
+    resolver_answers = threading.Event()
+
+    def hanging(*args: object, **kwargs: object) -> list[object]:
+        resolver_answers.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(main, "CALLBACK_LOOKUP_THREADS", 1)
+    settings = make_settings(webhook_timeout_s=0.5, webhook_allow_private=True)
+    async with running_app(settings) as served:
+        try:
+            hung = await served.client.post(
+                "/tasks",
+                files=upload(photos[0].read_bytes()),
+                data={"callback_url": "https://hangs.example/done"},
+            )
+            assert hung.status_code == 503, hung.text
+            started = asyncio.get_running_loop().time()
+            by_address = await served.client.post(
+                "/tasks",
+                files=upload(photos[0].read_bytes()),
+                data={"callback_url": f"http://127.0.0.1:{free_port()}/done"},
+            )
+            elapsed = asyncio.get_running_loop().time() - started
+        finally:
+            resolver_answers.set()
+        assert by_address.status_code == 202, by_address.text
+        assert elapsed < 0.5
+
+
+async def test_submissions_naming_a_host_whose_lookup_hangs_share_one_lookup(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name whose DNS never answers, sent again and again, holds one lookup thread, not
+    all of them: the submissions naming it while its lookup is under way wait for that one,
+    and each is answered 503 at its own time limit."""
+    resolver_answers = threading.Event()
+    looked_up: list[str] = []
+
+    def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
+        looked_up.append(host)
+        resolver_answers.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    async with running_app(make_settings(webhook_timeout_s=0.5)) as served:
+
+        async def submit_naming(path: str) -> httpx.Response:
+            return await served.client.post(
+                "/tasks",
+                files=upload(photos[0].read_bytes()),
+                data={"callback_url": f"https://hangs.example/{path}"},
+            )
+
+        try:
+            answers = await asyncio.gather(*(submit_naming(f"done{i}") for i in range(6)))
+        finally:
+            resolver_answers.set()
+        assert [answer.status_code for answer in answers] == [503] * 6
+        assert looked_up == ["hangs.example"]
         assert stored_rows(served, "tasks") == 0
 
 
