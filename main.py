@@ -8,6 +8,7 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or ``make d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import gc
@@ -163,6 +164,15 @@ TASK_STORE_RETRY_S = 5.0
 CALLBACK_LOOKUP_THREADS = 16
 
 
+@dataclass
+class _HostLookup:
+    """One host name's lookup on the lookup pool, awaited by the submissions naming it."""
+
+    work: concurrent.futures.Future[None]
+    answer: asyncio.Future[None]
+    waiters: int = 0
+
+
 class UploadTooLarge(Exception):
     """One uploaded file is larger than ``MAX_UPLOAD_BYTES``."""
 
@@ -246,7 +256,7 @@ class Service:
         self._lookup_pool = ThreadPoolExecutor(
             CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup"
         )
-        self._lookups: dict[str, asyncio.Future[None]] = {}  # by host name, while under way
+        self._lookups: dict[str, _HostLookup] = {}  # by host name, while under way
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
@@ -703,33 +713,49 @@ class Service:
             return
         limit_s = self.settings.webhook_timeout_s
         lookup = self._lookups.get(host)
-        if lookup is None:
+        if lookup is None or lookup.work.cancelled():
             # On threads of their own: a resolver that hangs must not take the default
             # executor's threads from everything else that uses them. One lookup of a host
             # at a time, which every submission naming it meanwhile awaits: a name whose DNS
-            # never answers, sent again and again, holds one thread, not all of them.
-            lookup = asyncio.ensure_future(
-                self._in_thread(
-                    self._lookup_pool,
+            # never answers, sent again and again, holds one thread, not all of them. Not
+            # counted as work in progress (see _in_thread): a hung one must not hold off the
+            # memory trimmer.
+            try:
+                work = self._lookup_pool.submit(
+                    contextvars.copy_context().run,
                     partial(check_callback_url, url, allow_private=allow_private),
-                    counted=False,
                 )
-            )
+            except RuntimeError:  # ``stop`` has shut the pool down
+                raise self._not_ready() from None
+            lookup = _HostLookup(work, asyncio.wrap_future(work))
             self._lookups[host] = lookup
-            lookup.add_done_callback(partial(self._lookup_done, host))
+            lookup.answer.add_done_callback(partial(self._lookup_done, host, lookup))
+        lookup.waiters += 1
         try:
             async with asyncio.timeout(limit_s):
-                await asyncio.shield(lookup)
+                await asyncio.shield(lookup.answer)
         except TimeoutError:
             raise CallbackLookupFailed(
                 f"callback_url host could not be looked up within {limit_s:g} s "
                 "(WEBHOOK_TIMEOUT_S); retry shortly"
             ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the caller is cancelled (the client gone)
+            raise self._not_ready() from None  # ``stop`` dropped the lookup
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters:
+                # Nobody waits for it any more: dropped unless a thread has begun it, so
+                # that lookups given up on do not pile up ahead of those still wanted.
+                lookup.work.cancel()
 
-    def _lookup_done(self, host: str, lookup: asyncio.Future[None]) -> None:
-        del self._lookups[host]
-        if not lookup.cancelled():
-            lookup.exception()  # retrieved: its waiters may all have given up on it
+    def _lookup_done(self, host: str, lookup: _HostLookup, answer: asyncio.Future[None]) -> None:
+        if self._lookups.get(host) is lookup:
+            del self._lookups[host]
+        if not answer.cancelled():
+            answer.exception()  # retrieved: its waiters may all have given up on it
 
     def task_runner(self) -> TaskRunner:
         """The task runner, once its store is open; the 503 that says why until then."""
@@ -1555,20 +1581,22 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         siblings: Siblings | None = getattr(app.state, SIBLINGS_STATE, None)
+        own = settings
         if siblings is None:  # not under gunicorn, whose master says it once for all workers
             for line in misspelt_settings():
                 logger.warning("%s", line)
-            if (workers := uvicorn_workers()) > 1:
+            # WORKERS is gunicorn's: a process of uvicorn's shares the cores with the workers
+            # its command line started, if any.
+            own = settings.model_copy(update={"workers": uvicorn_workers()})
+            if own.workers > 1:
                 logger.warning(
                     "uvicorn runs %d workers here, which know nothing of each other: /metrics "
-                    "counts one worker's requests, and each worker's model takes a thread a "
-                    "core; serve several workers with gunicorn (make run, WORKERS=%d)",
-                    workers,
-                    workers,
+                    "counts one worker's requests; serve several workers with gunicorn "
+                    "(make run, WORKERS=%d)",
+                    own.workers,
+                    own.workers,
                 )
         started_before = siblings is not None and siblings.server_started()
-        # WORKERS is gunicorn's: a process of uvicorn's shares the cores with none it knows of.
-        own = settings if siblings is not None else settings.model_copy(update={"workers": 1})
         service = Service(own, server_started=started_before, uploads=uploads)
         app.state.service = service
         setattr(app.state, LIVENESS_STATE, service.liveness_problem)

@@ -187,6 +187,8 @@ LOADABLE_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32,
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 # A network saved wrapped in DataParallel or DistributedDataParallel names every weight so.
 WRAPPED_PREFIX = "module."
+# The longest JSON header the safetensors library reads.
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -254,11 +256,12 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _is_safetensors(path: Path) -> bool:
     """Whether the file begins as a safetensors file, whatever its name: the length of a
-    JSON header (8 bytes, little-endian) that fits in the file, then the header's brace."""
+    JSON header (8 bytes, little-endian) within safetensors' bound, then the header's
+    brace. A file cut off inside its header still does."""
     with path.open("rb") as file:
         start = file.read(9)
     header_bytes = int.from_bytes(start[:8], "little")
-    return len(start) == 9 and start[8:] == b"{" and header_bytes <= path.stat().st_size - 8
+    return len(start) == 9 and start[8:] == b"{" and header_bytes <= SAFETENSORS_MAX_HEADER_BYTES
 
 
 def _starts_as_torch_file(path: Path) -> bool:

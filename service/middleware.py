@@ -96,7 +96,13 @@ class RequestContextMiddleware:
                 raise
             detail = "the server shut down before this request finished; retry"
             if scope["method"] == "POST" and scope["path"].endswith("/tasks"):
-                detail += " (the task may have been stored: resend it with its Idempotency-Key)"
+                if "idempotency-key" in Headers(scope=scope):
+                    detail += " (the task may have been stored: resend it with its Idempotency-Key)"
+                else:
+                    detail += (
+                        " (the task may have been stored, and a resend store another: send an "
+                        "Idempotency-Key with each submission to make resending safe)"
+                    )
             await JSONResponse(
                 {"detail": detail},
                 status_code=503,

@@ -615,16 +615,18 @@ class TaskRunner:
         write at a time (``CLEAN_UP_PAUSE_S`` apart), so that other processes' writes get
         the lock between them, and this worker's claims and results its thread."""
         deleted = 0
-        while True:
-            step = await self._db(
-                self.store.delete_expired, self._expired_before(), most=DELETE_STEP_TASKS
-            )
-            deleted += step
-            if step < DELETE_STEP_TASKS:
-                break
-            await asyncio.sleep(CLEAN_UP_PAUSE_S)
-        if deleted:
-            logger.info("deleted %d tasks older than TASK_TTL", deleted)
+        try:
+            while True:
+                step = await self._db(
+                    self.store.delete_expired, self._expired_before(), most=DELETE_STEP_TASKS
+                )
+                deleted += step
+                if step < DELETE_STEP_TASKS:
+                    break
+                await asyncio.sleep(CLEAN_UP_PAUSE_S)
+        finally:  # each step is committed: counted even where a later one fails
+            if deleted:
+                logger.info("deleted %d tasks older than TASK_TTL", deleted)
         # A pause for other writers between steps, not a poll:
         while await self._db(self.store.return_free_pages):  # noqa: ASYNC110
             await asyncio.sleep(CLEAN_UP_PAUSE_S)

@@ -371,8 +371,8 @@ async def test_misspelt_setting_names_are_warned_of_outside_gunicorn(
 def test_uvicorns_own_workers_are_counted_from_its_command_line(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], environ: dict[str, str], workers: int
 ) -> None:
-    """uvicorn --workers starts workers that share no metrics and each take a thread a
-    core: the start warns of it, pointing to gunicorn."""
+    """uvicorn --workers starts workers that share no metrics: the start warns of it,
+    pointing to gunicorn; they share the cores among themselves."""
     monkeypatch.setattr(main.sys, "argv", argv)
     for name in ("WEB_CONCURRENCY", "UVICORN_WORKERS", "UVICORN_RELOAD"):
         monkeypatch.delenv(name, raising=False)
@@ -1836,12 +1836,22 @@ async def test_a_worker_with_its_model_on_a_gpu_runs_one_torch_thread(
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("under_gunicorn", [False, True])
+@pytest.mark.parametrize(
+    ("under_gunicorn", "uvicorn_workers", "threads_each"),
+    [(True, 1, 2), (False, 1, 4), (False, 4, 1)],
+    ids=["gunicorn", "uvicorn", "uvicorn-workers-4"],
+)
 async def test_workers_share_the_cores_only_under_gunicorn(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, under_gunicorn: bool
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    under_gunicorn: bool,
+    uvicorn_workers: int,
+    threads_each: int,
 ) -> None:
-    """WORKERS is gunicorn's setting: under uvicorn (make dev) it divides nothing."""
+    """WORKERS (2 here) is gunicorn's setting: under uvicorn (make dev) it divides nothing,
+    but the workers of uvicorn --workers share the cores."""
     monkeypatch.setattr(service.settings, "available_cores", lambda: 4)
+    monkeypatch.setattr(main, "uvicorn_workers", lambda: uvicorn_workers)
     real_load = main.load_classifier
     threads_at_load: list[int] = []
 
@@ -1857,10 +1867,10 @@ async def test_workers_share_the_cores_only_under_gunicorn(
     settings = make_settings(data_dir=tmp_path / "tasks", workers=2, torch_threads=None)
     try:
         async with running_app(settings, siblings=siblings) as served:
-            assert served.service.settings.effective_decode_threads == (2 if under_gunicorn else 4)
+            assert served.service.settings.effective_decode_threads == threads_each
     finally:
         torch.set_num_threads(threads)
-    assert threads_at_load == [2 if under_gunicorn else 4]
+    assert threads_at_load == [threads_each]
 
 
 async def test_metrics_report_requests_batches_and_model(

@@ -239,6 +239,10 @@ def save(value: object, path: Path) -> bytes:
             r"is a safetensors file that cannot be read \(\w+: .+\): truncated or damaged\?$",
         ),
         (
+            "safetensors cut in its header",
+            r"is a safetensors file that cannot be read \(\w+: .+\): truncated or damaged\?$",
+        ),
+        (
             "no layer4",
             r"does not fit ResNet18 \(25 missing keys \(layer4.0.conv1.weight, "
             r"layer4.0.bn1.weight, layer4.0.bn1.bias, \.\.\.\)\): weights of another network\?$",
@@ -273,6 +277,9 @@ def test_bad_weights_files_stop_start_up_with_one_line(
     elif content == "truncated safetensors":
         safetensors.torch.save_file(network.state_dict(), path)
         path.write_bytes(path.read_bytes()[:100_000])
+    elif content == "safetensors cut in its header":
+        safetensors.torch.save_file(network.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:200])
     elif content == "no layer4":
         save({k: v for k, v in network.state_dict().items() if "layer4" not in k}, path)
     elif content == "nan":
