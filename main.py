@@ -591,24 +591,22 @@ class Service:
         return pixels
 
     async def _in_thread(
-        self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object, counted: bool = True
+        self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object
     ) -> T:
         """``work(*args)`` on ``pool``, in the caller's context, so what it logs (Pillow's
         warnings) carries the request's id.
 
-        ``counted`` work is work in progress until its thread is done with it, even once
-        nobody waits for it: the memory trimmer must not run beside it, and the model is
-        not idle meanwhile. A host name lookup is not counted: one that hangs must not
-        hold those off.
+        The work is in progress until its thread is done with it, even once nobody waits
+        for it: the memory trimmer must not run beside it, and the model is not idle
+        meanwhile.
         """
         loop = asyncio.get_running_loop()
         try:
             future = pool.submit(contextvars.copy_context().run, work, *args)
         except RuntimeError:  # ``stop`` has shut the pool down
             raise self._not_ready() from None
-        if counted:
-            self._threads_working += 1
-            future.add_done_callback(partial(_call_soon, loop, self._thread_done))
+        self._threads_working += 1
+        future.add_done_callback(partial(_call_soon, loop, self._thread_done))
         try:
             return await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
@@ -718,8 +716,8 @@ class Service:
             # executor's threads from everything else that uses them. One lookup of a host
             # at a time, which every submission naming it meanwhile awaits: a name whose DNS
             # never answers, sent again and again, holds one thread, not all of them. Not
-            # counted as work in progress (see _in_thread): a hung one must not hold off the
-            # memory trimmer.
+            # work in progress, as _in_thread's is: a hung one must not hold off the memory
+            # trimmer.
             try:
                 work = self._lookup_pool.submit(
                     contextvars.copy_context().run,
@@ -1571,7 +1569,7 @@ def uvicorn_workers() -> int:
             given = sys.argv[index + 1] if index + 1 < len(sys.argv) else ""
         elif argument.startswith("--workers="):
             given = argument.removeprefix("--workers=")
-    return int(given) if given.strip().isdigit() else 1
+    return max(1, int(given)) if given.strip().isdigit() else 1
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -364,6 +364,7 @@ async def test_misspelt_setting_names_are_warned_of_outside_gunicorn(
         (["uvicorn", "main:app"], {"WEB_CONCURRENCY": "2"}, 2),  # uvicorn's default
         (["uvicorn", "main:app"], {"UVICORN_WORKERS": "3", "WEB_CONCURRENCY": "2"}, 3),
         (["uvicorn", "main:app", "--workers", "1"], {"WEB_CONCURRENCY": "8"}, 1),
+        (["uvicorn", "main:app"], {"WEB_CONCURRENCY": "0"}, 1),  # the cores divide by it
         (["uvicorn", "main:app", "--reload"], {"WEB_CONCURRENCY": "8"}, 1),  # runs one
         (["uvicorn", "main:app"], {"UVICORN_RELOAD": "true", "WEB_CONCURRENCY": "8"}, 1),
     ],
