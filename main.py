@@ -420,6 +420,7 @@ class Service:
             requeue_on=(Stopped, QueueFull, NotReady),
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
+            may_claim=lambda: self.liveness_problem() is None,
         )
 
     def begin_shutdown(self) -> None:
@@ -824,7 +825,9 @@ class Service:
         return None
 
     def refuse_unless_ready(self) -> None:
-        if not self.ready:
+        # Nor while a batch is stuck: under gunicorn /readyz cannot steer requests away
+        # from this one worker, and they would only wait for their deadline here.
+        if not self.ready or self.liveness_problem() == "stalled":
             raise self._not_ready()
 
     def failure(self) -> str | None:
@@ -841,6 +844,12 @@ class Service:
             return NotReady(SHUTTING_DOWN)
         if (failure := self.failure()) is not None:
             return NotReady(f"{failure}; retry (this worker is to be restarted)")
+        if self.liveness_problem() == "stalled":
+            return NotReady(
+                "a batch has run longer than STALL_TIMEOUT_S "
+                f"({self.settings.stall_timeout_s:g} s); retry (this worker is to be restarted "
+                "unless it finishes)"
+            )
         return NotReady("the model is not ready")
 
     def _check_size(self, upload: UploadFile) -> None:

@@ -191,8 +191,11 @@ class TaskRunner:
         requeue_on: tuple[type[BaseException], ...],
         sender: WebhookSender,
         observer: TaskObserver,
+        may_claim: Callable[[], bool] = lambda: True,
     ) -> None:
         self._config = config
+        # Whether the model may take more tasks now: not while it is stuck on a batch.
+        self._may_claim = may_claim
         self._execute = execute
         self._describe_error = describe_error
         self._requeue_on = requeue_on
@@ -525,7 +528,7 @@ class TaskRunner:
         while True:
             self._wake.clear()
             try:
-                if self._claiming:
+                if self._claiming and self._may_claim():
                     claimed = await self._db(
                         self.store.claim,
                         self.owner,

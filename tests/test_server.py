@@ -392,20 +392,26 @@ def test_a_first_worker_stuck_loading_its_model_stops_the_server_after_worker_ti
 
 
 @pytest.mark.parametrize(
-    ("app", "first_status", "problem"),
+    ("app", "first_status", "problem", "refusal"),
     [
-        ("tests.stuck_model_app:app", 504, "stalled"),
-        ("tests.failed_device_app:app", 503, "device failed"),
+        (
+            "tests.stuck_model_app:app",
+            504,
+            "stalled",
+            "a batch has run longer than STALL_TIMEOUT_S",
+        ),
+        ("tests.failed_device_app:app", 503, "device failed", "the model's device failed"),
     ],
     ids=["model stuck", "device failed"],
 )
 def test_a_worker_that_cannot_serve_is_replaced(
-    tmp_path: Path, photos: list[Path], app: str, first_status: int, problem: str
+    tmp_path: Path, photos: list[Path], app: str, first_status: int, problem: str, refusal: str
 ) -> None:
     """/healthz answers for whichever worker takes the probe, so with several workers it
     cannot single out one whose model is stuck (past STALL_TIMEOUT_S) or whose device
     failed: the worker stops its heartbeat, and gunicorn replaces it after
-    WORKER_TIMEOUT_S."""
+    WORKER_TIMEOUT_S. Meanwhile it refuses new requests at once, rather than let them wait
+    for their deadline."""
     port = free_port()
     command = gunicorn_command(port)
     command[command.index("main:app")] = app
@@ -418,6 +424,9 @@ def test_a_worker_that_cannot_serve_is_replaced(
         while httpx.get(f"{server.url}/healthz", timeout=5).status_code != 503:
             assert time.monotonic() < deadline, f"/healthz never turned 503 ({problem})"
             time.sleep(0.2)
+        refused = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert refusal in refused.json()["detail"]
         deadline = time.monotonic() + 90
         while server.log().count("Booting worker") < 2 and time.monotonic() < deadline:
             assert server.process.poll() is None, server.log()
