@@ -76,6 +76,18 @@ def test_a_batch_size_quantile_rounded_up_is_the_batch_size(size: int) -> None:
             assert lower < size <= upper  # coarser: within its bucket
 
 
+@pytest.mark.parametrize("seconds", [0.0008, 0.0017, 0.004])
+def test_a_gpus_forward_pass_is_timed_within_a_factor_of_three(seconds: float) -> None:
+    """A quantile falls in the bucket of what was observed, which bounds it within three
+    times either way: a GPU's passes of a few milliseconds or less, interpolated between 0
+    and the first bound, would read as anything from nothing to it."""
+    bounds = metrics.LATENCY_BUCKETS_S
+    upper = next(bound for bound in bounds if seconds <= bound)
+    lower = max((bound for bound in bounds if bound < upper), default=0)
+    assert lower > 0
+    assert upper / lower <= 3
+
+
 def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
     """A panel or a rate() over an outcome not seen yet would show no data, not 0."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
