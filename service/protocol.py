@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 # nginx's default (large_client_header_buffers) allows 32 KiB; twice that leaves room for
 # large cookies or tokens while bounding what one connection can make a worker buffer.
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
+# Requests a client may send ahead of their answers on one connection, each waiting parsed
+# (its head, and its body up to uvicorn's 64 KiB): one that sent 20,000 a write without
+# reading the answers had a worker hold gigabytes. The next is refused, in its turn.
+MAX_PIPELINED_REQUESTS = 32
 # From a head's first byte to its last. A connection with no request under way is closed
 # after KEEPALIVE_S, on a new connection as after an answer.
 REQUEST_HEAD_TIMEOUT_S = 10.0
@@ -148,6 +152,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._reading = b""  # the bytes being parsed
         self._head_to_replay: bytes | None = None  # an upgrade request's head, less upgrade
         self._to_replay = b""  # that head, then the bytes the parser left after it
+        self._pipeline_full = False  # requests from then on are refused, not queued
 
     def _unsupported_upgrade_warning(self) -> None:
         # Called as the parser stops at an upgrade request (WebSocket, h2c) that will not
@@ -337,6 +342,14 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             # ``_unsupported_upgrade_warning``): it starts when it is parsed again.
             self._head_to_replay = self._head_without_upgrade()
             return
+        if self._pipeline_full or len(self.pipeline) >= MAX_PIPELINED_REQUESTS:
+            self._pipeline_full = True
+            self._refuse_in_turn(
+                429,
+                f"more than {MAX_PIPELINED_REQUESTS} requests were sent on this connection "
+                "ahead of their answers; read the answers before sending more",
+            )
+            return
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
@@ -346,10 +359,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         self._body_read = True
         self._head_bytes = 0
-        super().on_body(body)
+        if not self._pipeline_full:  # a refused request's: not the last queued one's
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._head_to_replay is None:
+        if self._head_to_replay is None and not self._pipeline_full:
             super().on_message_complete()
         self._message_open = False
 

@@ -174,6 +174,34 @@ def refused_by_server(status: int) -> float:
     return REGISTRY.get_sample_value("http_requests_total", sample) or 0.0
 
 
+@pytest.mark.parametrize(
+    ("sent", "length"),
+    [
+        (request("/"), 0),
+        (request("/", b"x" * 100), 100),
+        # Each parsed again after its head, one after another (a thousand from within each
+        # other ran out of Python's stack).
+        (b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", 0),
+    ],
+    ids=["no body", "bodies", "upgrades"],
+)
+def test_requests_sent_far_ahead_of_their_answers_are_refused_past_a_bound(
+    port: int, sent: bytes, length: int
+) -> None:
+    """Each request queued behind the one being answered waits parsed: a client that sent
+    20,000 a write without reading had a worker hold gigabytes. Those within the bound are
+    answered, each with its own body, then the next is refused and the connection closed."""
+    with connect(port) as connection:
+        connection.sendall(sent * 2000)
+        answer = read_to_close(connection)
+    *answers, refusal = answer.split(b"HTTP/1.1 ")[1:]
+    assert protocol.MAX_PIPELINED_REQUESTS < len(answers) < 2000
+    answered = b"".join(b"HTTP/1.1 " + part for part in answers)
+    assert ok_lengths(answered) == [length] * len(answers)
+    detail = json_error(b"HTTP/1.1 " + refusal, 429)
+    assert detail.startswith("more than 32 requests were sent on this connection ahead of")
+
+
 def test_bytes_that_are_not_http_get_a_json_400(
     port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -262,10 +290,11 @@ def test_an_upgrade_request_keeps_its_body_and_the_requests_behind_it(
     assert ok_lengths(answer) == [len(body), 2]
 
 
-def test_a_read_of_a_thousand_upgrade_requests_answers_them_all(port: int) -> None:
+def test_a_read_of_many_upgrade_requests_answers_them_all(port: int) -> None:
     """Each is parsed again after its head: one after another, not each from within the
-    last, which ran out of Python's stack and dropped the connection unanswered."""
-    count = 3000
+    last, which ran out of Python's stack (at a thousand) and dropped the connection
+    unanswered. As many as may wait behind the first."""
+    count = protocol.MAX_PIPELINED_REQUESTS
     upgrade = b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
     with connect(port) as connection:
         connection.sendall(upgrade * count + request("/b", b"", "Connection: close\r\n"))
