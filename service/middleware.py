@@ -283,21 +283,21 @@ class BodyLimitsMiddleware:
         received = 0
         body_complete = False
         parts = None if boundary is None else _PartSizes(boundary, self.part_limit_bytes)
-        # The time spent waiting for the client's bytes: not the app's own pauses between
-        # reads (a busy event loop, a slow disk under the spooled parts).
-        waited_s = 0.0
+        # The waiting for the client's bytes it has in hand (not the app's own pauses
+        # between reads: a busy event loop, a slow disk under the spooled parts): the idle
+        # timeout to begin with, and each byte earns what it takes at the minimum rate, up
+        # to the idle timeout again. Uncapped, a burst bought a trickle for hours after it
+        # (10 MiB, almost three), holding its share of MAX_UPLOADS_IN_FLIGHT_BYTES.
+        in_hand_s = self.idle_timeout_s
 
         async def receive_within_limits() -> Message:
-            nonlocal received, body_complete, waited_s
+            nonlocal received, body_complete, in_hand_s
             if body_complete:
                 # Past the body, receive() waits for the disconnect: no deadline applies.
                 return await receive()
             wait_s, too_slow = self.idle_timeout_s, False
-            if self.min_bytes_per_s and received:
-                # The waiting that the bytes so far earn at the minimum rate.
-                earned_s = self.idle_timeout_s + received / self.min_bytes_per_s - waited_s
-                if earned_s < wait_s:
-                    wait_s, too_slow = max(0.0, earned_s), True
+            if self.min_bytes_per_s and received and in_hand_s < wait_s:
+                wait_s, too_slow = max(0.0, in_hand_s), True
             waiting_since = time.monotonic()
             try:
                 async with asyncio.timeout(wait_s):
@@ -308,20 +308,24 @@ class BodyLimitsMiddleware:
                 detail = (
                     f"the request body arrived at less than {self.min_bytes_per_s:g} bytes/s "
                     f"once its first {self.idle_timeout_s:g} s had passed; "
-                    "BODY_MIN_BYTES_PER_S asks for that much on average"
+                    "BODY_MIN_BYTES_PER_S asks for that much, BODY_IDLE_TIMEOUT_S ahead at most"
                     if too_slow
                     else f"the request body stalled for {self.idle_timeout_s:g} s; "
                     "BODY_IDLE_TIMEOUT_S allows that long between chunks"
                 )
                 raise HTTPException(408, detail, headers=_UNREAD_BODY) from None
             finally:
-                waited_s += time.monotonic() - waiting_since
+                in_hand_s -= time.monotonic() - waiting_since
             if message["type"] == "http.disconnect":
                 # nginx's "client closed request": metrics and logs tell it from a bad body.
                 raise HTTPException(499, "the client disconnected during the upload")
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
+                if self.min_bytes_per_s:
+                    in_hand_s = min(
+                        self.idle_timeout_s, in_hand_s + len(chunk) / self.min_bytes_per_s
+                    )
                 self.in_flight.held_bytes += len(chunk)
                 body_complete = not message.get("more_body", False)
                 unread = None if body_complete else _UNREAD_BODY

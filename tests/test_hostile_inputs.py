@@ -412,17 +412,19 @@ async def read_dripped(
     chunks: int,
     min_bytes_per_s: float,
     app_pause_s: float = 0.0,
+    burst_bytes: int = 0,
 ) -> tuple[float, int]:
     """Read through BodyLimitsMiddleware (idle timeout 0.3 s) a body of ``chunks`` chunks
-    arriving ``every_s`` apart, the app pausing ``app_pause_s`` after each: the seconds it
-    took, and the bytes the app received."""
+    arriving ``every_s`` apart (the first ``burst_bytes`` long, if given), the app pausing
+    ``app_pause_s`` after each: the seconds it took, and the bytes the app received."""
     received = 0
 
     async def receive() -> Message:
         nonlocal received
         await asyncio.sleep(every_s)
-        received += chunk_bytes
-        return {"type": "http.request", "body": b"x" * chunk_bytes, "more_body": True}
+        size = burst_bytes if burst_bytes and not received else chunk_bytes
+        received += size
+        return {"type": "http.request", "body": b"x" * size, "more_body": True}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         for _ in range(chunks):
@@ -449,10 +451,11 @@ async def read_dripped(
     return time.monotonic() - started, received
 
 
-async def test_a_body_that_arrives_too_slowly_on_average_is_cut_off() -> None:
+async def test_a_body_that_arrives_too_slowly_is_cut_off() -> None:
     """A byte now and then resets the idle timeout for ever: one client holding hundreds of
     such uploads used up the worker's file descriptors, and every other request failed.
-    Past the idle timeout, the body must keep up BODY_MIN_BYTES_PER_S on average."""
+    Past the idle timeout, the body must keep up BODY_MIN_BYTES_PER_S, with at most the
+    idle timeout's worth of waiting in hand."""
     started = time.monotonic()
     with pytest.raises(HTTPException) as refused:
         await read_dripped(10, 0.05, 40, min_bytes_per_s=1000)  # 200 bytes/s for 2 s
@@ -461,8 +464,14 @@ async def test_a_body_that_arrives_too_slowly_on_average_is_cut_off() -> None:
     assert refused.value.status_code == 408
     assert refused.value.detail == (
         "the request body arrived at less than 1000 bytes/s once its first 0.3 s had "
-        "passed; BODY_MIN_BYTES_PER_S asks for that much on average"
+        "passed; BODY_MIN_BYTES_PER_S asks for that much, BODY_IDLE_TIMEOUT_S ahead at most"
     )
+    # A burst earns no more than the idle timeout ahead: 100,000 bytes first would have
+    # bought 100 s of a trickle, holding their share of the uploads' memory all along.
+    with pytest.raises(HTTPException, match="BODY_MIN_BYTES_PER_S asks for that much"):
+        await read_dripped(10, 0.05, 40, min_bytes_per_s=1000, burst_bytes=100_000)
+    took_s, received = await read_dripped(100, 0.01, 40, min_bytes_per_s=1000, burst_bytes=10_000)
+    assert received == 10_000 + 39 * 100  # after the burst, a body that keeps up goes on
     took_s, received = await read_dripped(10, 0.05, 40, min_bytes_per_s=0)  # no minimum
     assert received == 400
     assert took_s > 1.9
