@@ -8,7 +8,6 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or ``make d
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import gc
@@ -158,19 +157,10 @@ SMALL_IMAGE_MAX_PIXELS = 500_000
 SMALL_UPLOAD_MAX_BYTES = 128 * 1024
 # How often a worker tries again to open a task store that failed for now (a full disk).
 TASK_STORE_RETRY_S = 5.0
-# Callback host names looked up at once; more wait their turn, within their time limit.
-# A lookup that hangs holds its thread until the system's resolver gives up, whatever the
-# request's time limit.
+# Callback host names looked up at once; while as many are under way, a callback URL is
+# taken on its form alone. A lookup that hangs holds its thread until the system's resolver
+# gives up, whatever the request's time limit.
 CALLBACK_LOOKUP_THREADS = 16
-
-
-@dataclass
-class _HostLookup:
-    """One host name's lookup on the lookup pool, awaited by the submissions naming it."""
-
-    work: concurrent.futures.Future[None]
-    answer: asyncio.Future[None]
-    waiters: int = 0
 
 
 class UploadTooLarge(Exception):
@@ -256,7 +246,7 @@ class Service:
         self._lookup_pool = ThreadPoolExecutor(
             CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup"
         )
-        self._lookups: dict[str, _HostLookup] = {}  # by host name, while under way
+        self._lookups: dict[str, asyncio.Future[None]] = {}  # by host name, while under way
 
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
@@ -712,7 +702,12 @@ class Service:
             return
         limit_s = self.settings.webhook_timeout_s
         lookup = self._lookups.get(host)
-        if lookup is None or lookup.work.cancelled():
+        if lookup is None:
+            if len(self._lookups) >= CALLBACK_LOOKUP_THREADS:
+                # Every lookup thread is held (by names whose DNS never answers, say): the
+                # URL is taken on its form, as a resent submission's is, not kept waiting or
+                # refused. Each delivery checks the addresses it connects to.
+                return
             # On threads of their own: a resolver that hangs must not take the default
             # executor's threads from everything else that uses them. One lookup of a host
             # at a time, which every submission naming it meanwhile awaits: a name whose DNS
@@ -726,13 +721,12 @@ class Service:
                 )
             except RuntimeError:  # ``stop`` has shut the pool down
                 raise self._not_ready() from None
-            lookup = _HostLookup(work, asyncio.wrap_future(work))
+            lookup = asyncio.wrap_future(work)
             self._lookups[host] = lookup
-            lookup.answer.add_done_callback(partial(self._lookup_done, host, lookup))
-        lookup.waiters += 1
+            lookup.add_done_callback(partial(self._lookup_done, host))
         try:
             async with asyncio.timeout(limit_s):
-                await asyncio.shield(lookup.answer)
+                await asyncio.shield(lookup)
         except TimeoutError:
             raise CallbackLookupFailed(
                 f"callback_url host could not be looked up within {limit_s:g} s "
@@ -743,18 +737,11 @@ class Service:
             if current is not None and current.cancelling():
                 raise  # the caller is cancelled (the client gone)
             raise self._not_ready() from None  # ``stop`` dropped the lookup
-        finally:
-            lookup.waiters -= 1
-            if not lookup.waiters:
-                # Nobody waits for it any more: dropped unless a thread has begun it, so
-                # that lookups given up on do not pile up ahead of those still wanted.
-                lookup.work.cancel()
 
-    def _lookup_done(self, host: str, lookup: _HostLookup, answer: asyncio.Future[None]) -> None:
-        if self._lookups.get(host) is lookup:
-            del self._lookups[host]
-        if not answer.cancelled():
-            answer.exception()  # retrieved: its waiters may all have given up on it
+    def _lookup_done(self, host: str, lookup: asyncio.Future[None]) -> None:
+        del self._lookups[host]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: its waiters may all have given up on it
 
     def task_runner(self) -> TaskRunner:
         """The task runner, once its store is open; the 503 that says why until then."""
