@@ -224,6 +224,9 @@ class _RunningBatch(Generic[In, Out]):
     entries: list[_Pending[In, Out]]
     started_at: float
     task: asyncio.Task[None] | None = field(default=None)
+    # When its handler call under way began: a failed batch is run again in parts, each a
+    # call that may take as long as a batch.
+    call_started_at: float = field(default=0.0)
 
 
 def _resolve(future: asyncio.Future[Out], result: Out) -> None:
@@ -464,10 +467,13 @@ class BatchProcessor(Generic[In, Out]):
         return self._accepting
 
     def oldest_batch_age_s(self) -> float:
-        """Seconds the longest-running batch has been running; 0 when idle."""
+        """Seconds the longest-running handler call has been running; 0 when idle. A batch
+        run again in halves after a failure counts from each call's start, not its first."""
         if not self._running:
             return 0.0
-        return time.monotonic() - min(batch.started_at for batch in self._running)
+        return time.monotonic() - min(
+            max(batch.started_at, batch.call_started_at) for batch in self._running
+        )
 
     def record_run_time(self, size: int, run_s: float) -> None:
         """Tell the batcher how long the handler takes for a batch of ``size`` (timed at a
@@ -919,7 +925,7 @@ class BatchProcessor(Generic[In, Out]):
             self._observer.batch_started(
                 len(entries), [batch.started_at - e.enqueued_at for e in entries]
             )
-            await self._run_isolating_failures(entries)
+            await self._run_isolating_failures(batch, entries)
         except asyncio.CancelledError:
             for entry in entries:
                 _fail(entry.future, Stopped("the batch processor stopped"))
@@ -937,10 +943,13 @@ class BatchProcessor(Generic[In, Out]):
             for entry in _turn_takers(entries):
                 self._last_turn_at[entry.priority] = ended
 
-    async def _run_isolating_failures(self, entries: list[_Pending[In, Out]]) -> None:
-        """Run ``entries`` in one handler call. If it fails, run each half again on its own,
-        down to single items, so that an item the handler cannot take fails alone rather
-        than with everything batched beside it."""
+    async def _run_isolating_failures(
+        self, batch: _RunningBatch[In, Out], entries: list[_Pending[In, Out]]
+    ) -> None:
+        """Run ``entries`` (of ``batch``) in one handler call. If it fails, run each half
+        again on its own, down to single items, so that an item the handler cannot take
+        fails alone rather than with everything batched beside it."""
+        batch.call_started_at = time.monotonic()
         error = await self._call_handler(entries)
         if error is None:
             return
@@ -963,7 +972,7 @@ class BatchProcessor(Generic[In, Out]):
             # Callers may have left while the first half ran.
             still_wanted = self._still_wanted(part)
             if still_wanted:
-                await self._run_isolating_failures(still_wanted)
+                await self._run_isolating_failures(batch, still_wanted)
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""

@@ -246,6 +246,30 @@ async def test_in_flight_and_batch_age_follow_the_running_batch() -> None:
         assert processor.oldest_batch_age_s() == 0.0
 
 
+async def test_a_failed_batch_run_again_in_halves_is_aged_from_each_call() -> None:
+    """Each part of a failed batch is a handler call of its own, which may take as long as
+    the batch: aged from the first, splitting a full batch (about three times its run time
+    on a CPU) passed for a stuck handler."""
+
+    def fail_on_negative_once_held(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise ValueError("negative")
+        return [item * 2 for item in items]
+
+    handler = FakeHandler(held=True, outputs=fail_on_negative_once_held)
+    async with running(handler, BatchConfig()) as processor:
+        tasks = spawn(processor, 1, -1)
+        assert await handler.next_started() == [1, -1]
+        await asyncio.sleep(0.5)
+        handler.release_next()  # fails: its halves run one call each
+        assert await handler.next_started() == [1]
+        assert processor.oldest_batch_age_s() < 0.25  # the batch's age is over 0.5 s
+        handler.release_all()
+        outcomes = await bounded(asyncio.gather(*tasks, return_exceptions=True))
+    assert outcomes[0] == 2
+    assert isinstance(outcomes[1], BatchFailed)
+
+
 async def three_queued_behind_a_running_batch(
     processor: BatchProcessor[int, int], handler: FakeHandler
 ) -> tuple[list[asyncio.Task[int]], list[asyncio.Task[int]]]:
