@@ -509,7 +509,7 @@ class Service:
         priority: Priority = Priority.INTERACTIVE,
     ) -> list[Prediction]:
         """Validate, decode and classify one upload, raising a domain error on failure."""
-        self.refuse_unless_ready()
+        self.refuse_unless_classifying()
         assert self.processor is not None
         processor = self.processor
         # Refuse at once when the queue is full rather than spend a decode on the request.
@@ -812,8 +812,13 @@ class Service:
         return None
 
     def refuse_unless_ready(self) -> None:
-        # Nor while a batch is stuck: under gunicorn /readyz cannot steer requests away
-        # from this one worker, and they would only wait for their deadline here.
+        if not self.ready:
+            raise self._not_ready()
+
+    def refuse_unless_classifying(self) -> None:
+        """As ``refuse_unless_ready``, and while a batch is stuck: under gunicorn /readyz
+        cannot steer requests away from this one worker, and they would only wait behind
+        it for their deadline. (A task submission is stored, not batched, and is taken.)"""
         if not self.ready or self.liveness_problem() == "stalled":
             raise self._not_ready()
 
@@ -1198,7 +1203,7 @@ async def classify_batch(
             [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
         )
     # Refused whole, as /cls is: a 200 of refused entries would look like success.
-    service.refuse_unless_ready()
+    service.refuse_unless_classifying()
     outcomes = await _unless_disconnected(
         request,
         asyncio.gather(

@@ -306,9 +306,9 @@ class BodyLimitsMiddleware:
                 # Raised inside the route's body parsing, so the app's error handler
                 # answers it like any other HTTP error.
                 detail = (
-                    f"the request body arrived at less than {self.min_bytes_per_s:g} bytes/s "
-                    f"once its first {self.idle_timeout_s:g} s had passed; "
-                    "BODY_MIN_BYTES_PER_S asks for that much, BODY_IDLE_TIMEOUT_S ahead at most"
+                    f"the request body fell more than {self.idle_timeout_s:g} s "
+                    f"(BODY_IDLE_TIMEOUT_S) behind {self.min_bytes_per_s:g} bytes/s "
+                    "(BODY_MIN_BYTES_PER_S)"
                     if too_slow
                     else f"the request body stalled for {self.idle_timeout_s:g} s; "
                     "BODY_IDLE_TIMEOUT_S allows that long between chunks"

@@ -669,29 +669,21 @@ async def test_the_clean_up_deletes_in_short_writes_with_the_lock_free_between_t
 async def test_a_worker_whose_batch_is_stuck_claims_no_task_until_it_finishes(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past STALL_TIMEOUT_S the worker may never answer what it takes: the tasks stay in
-    the store, for another worker or for this one once its batch ends."""
+    """Past STALL_TIMEOUT_S the worker may never answer what it takes: a task submitted
+    meanwhile is stored, and stays in the store, for another worker or for this one once
+    its batch ends. A request to classify is refused at once."""
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         monkeypatch.setattr(served.service, "liveness_problem", lambda: "stalled")
-        store = tasks.TaskStore(settings.data_dir)
-        try:
-            store.create(
-                "waiting",
-                photos[0].read_bytes(),
-                top_k=5,
-                metadata=None,
-                callback_url=None,
-                max_queued=10,
-            )
-            await asyncio.sleep(0.5)  # ten polls of the store
-            record = store.get("waiting")
-            assert record is not None
-            assert record.status == "queued"
-            monkeypatch.setattr(served.service, "liveness_problem", lambda: None)
-            await wait_for(lambda: getattr(store.get("waiting"), "status", "") == "succeeded")
-        finally:
-            store.close()
+        accepted = await submit(served.client, photos[0].read_bytes())
+        refused = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
+        assert refused.status_code == 503
+        assert "a batch has run longer than STALL_TIMEOUT_S" in refused.json()["detail"]
+        await asyncio.sleep(0.5)  # ten polls of the store
+        polled = await served.client.get(accepted["status_url"])
+        assert polled.json()["status"] == "queued"
+        monkeypatch.setattr(served.service, "liveness_problem", lambda: None)
+        assert (await finished(served.client, accepted["task_id"]))["status"] == "succeeded"
 
 
 async def test_a_clean_up_that_fails_part_way_logs_what_it_deleted(
