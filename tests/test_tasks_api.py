@@ -18,8 +18,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -219,30 +219,42 @@ async def test_a_callback_host_dns_cannot_look_up_for_now_is_a_503(
     assert stored_rows(served, "tasks") == 0
 
 
-async def test_a_callback_lookup_that_hangs_is_a_503_within_the_webhook_timeout(
-    photos: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    resolver_answers = threading.Event()
+@contextmanager
+def a_resolver_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Host name lookups hang until the block ends, then fail as DNS that does not answer;
+    the names looked up."""
+    answers = threading.Event()
+    looked_up: list[str] = []
 
-    def hanging(*args: object, **kwargs: object) -> list[object]:
-        resolver_answers.wait(10)
+    def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
+        looked_up.append(host)
+        answers.wait(10)
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        yield looked_up
+    finally:
+        answers.set()
+
+
+async def submit_with_callback(served: RunningApp, image: bytes, url: str) -> httpx.Response:
+    return await served.client.post("/tasks", files=upload(image), data={"callback_url": url})
+
+
+async def test_a_callback_lookup_that_hangs_is_a_503_within_the_webhook_timeout(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_app(make_settings(webhook_timeout_s=0.3)) as served:
-        try:
+        with a_resolver_that_never_answers(monkeypatch):
             started = asyncio.get_running_loop().time()
-            response = await served.client.post(
-                "/tasks",
-                files=upload(photos[0].read_bytes()),
-                data={"callback_url": "https://hooks.example/done"},
+            response = await submit_with_callback(
+                served, photos[0].read_bytes(), "https://hooks.example/done"
             )
             elapsed = asyncio.get_running_loop().time() - started
             # The hung lookup's thread is not work in progress: the model counts as idle,
             # and memory may be trimmed, while it hangs.
             assert served.service._threads_working == 0
-        finally:
-            resolver_answers.set()
         assert response.status_code == 503, response.text
         assert response.headers["Retry-After"] == "1"
         assert "within 0.3 s (WEBHOOK_TIMEOUT_S)" in response.json()["detail"]
@@ -255,30 +267,16 @@ async def test_lookups_that_hang_hold_up_no_callback_written_as_an_address(
 ) -> None:
     """An address needs no lookup, and waits for no thread: with every lookup thread held
     by a resolver that never answers, such a callback_url is accepted at once."""
-    resolver_answers = threading.Event()
-
-    def hanging(*args: object, **kwargs: object) -> list[object]:
-        resolver_answers.wait(10)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", hanging)
     monkeypatch.setattr(main, "CALLBACK_LOOKUP_THREADS", 1)
     settings = make_settings(webhook_timeout_s=0.5, webhook_allow_private=True)
+    image = photos[0].read_bytes()
     async with running_app(settings) as served:
-        try:
-            hung = await served.client.post(
-                "/tasks",
-                files=upload(photos[0].read_bytes()),
-                data={"callback_url": "https://hangs.example/done"},
-            )
+        with a_resolver_that_never_answers(monkeypatch):
+            hung = await submit_with_callback(served, image, "https://hangs.example/done")
             assert hung.status_code == 503, hung.text
-            by_address = await served.client.post(
-                "/tasks",
-                files=upload(photos[0].read_bytes()),
-                data={"callback_url": f"http://127.0.0.1:{free_port()}/done"},
+            by_address = await submit_with_callback(
+                served, image, f"http://127.0.0.1:{free_port()}/done"
             )
-        finally:
-            resolver_answers.set()
         assert by_address.status_code == 202, by_address.text  # not waiting for the thread
 
 
@@ -288,31 +286,13 @@ async def test_with_every_lookup_thread_held_a_callback_is_taken_on_its_form(
     """Names whose DNS never answers, one a thread, would otherwise have every other
     callback submission wait for a thread and be refused: it is accepted on its form, as a
     resent submission is, and its delivery checks what it connects to."""
-    resolver_answers = threading.Event()
-    looked_up: list[str] = []
-
-    def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
-        looked_up.append(host)
-        resolver_answers.wait(10)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", hanging)
     monkeypatch.setattr(main, "CALLBACK_LOOKUP_THREADS", 1)
+    image = photos[0].read_bytes()
     async with running_app(make_settings(webhook_timeout_s=0.3)) as served:
-
-        async def submit_naming(host: str) -> httpx.Response:
-            return await served.client.post(
-                "/tasks",
-                files=upload(photos[0].read_bytes()),
-                data={"callback_url": f"https://{host}/done"},
-            )
-
-        try:
-            hung = await submit_naming("hangs.example")
+        with a_resolver_that_never_answers(monkeypatch) as looked_up:
+            hung = await submit_with_callback(served, image, "https://hangs.example/done")
             assert hung.status_code == 503  # its lookup's thread is still held
-            other = await submit_naming("other.example")
-        finally:
-            resolver_answers.set()
+            other = await submit_with_callback(served, image, "https://other.example/done")
         assert other.status_code == 202, other.text
         assert looked_up == ["hangs.example"]
         assert stored_rows(served, "tasks") == 1
@@ -324,28 +304,15 @@ async def test_submissions_naming_a_host_whose_lookup_hangs_share_one_lookup(
     """A name whose DNS never answers, sent again and again, holds one lookup thread, not
     all of them: the submissions naming it while its lookup is under way wait for that one,
     and each is answered 503 at its own time limit."""
-    resolver_answers = threading.Event()
-    looked_up: list[str] = []
-
-    def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
-        looked_up.append(host)
-        resolver_answers.wait(10)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    image = photos[0].read_bytes()
     async with running_app(make_settings(webhook_timeout_s=0.5)) as served:
-
-        async def submit_naming(path: str) -> httpx.Response:
-            return await served.client.post(
-                "/tasks",
-                files=upload(photos[0].read_bytes()),
-                data={"callback_url": f"https://hangs.example/{path}"},
+        with a_resolver_that_never_answers(monkeypatch) as looked_up:
+            answers = await asyncio.gather(
+                *(
+                    submit_with_callback(served, image, f"https://hangs.example/done{i}")
+                    for i in range(6)
+                )
             )
-
-        try:
-            answers = await asyncio.gather(*(submit_naming(f"done{i}") for i in range(6)))
-        finally:
-            resolver_answers.set()
         assert [answer.status_code for answer in answers] == [503] * 6
         assert looked_up == ["hangs.example"]
         assert stored_rows(served, "tasks") == 0
