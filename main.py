@@ -135,6 +135,9 @@ STALL_MARGIN = 3
 T = TypeVar("T")
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
+# The model's routes: a model served in classification's place renames them here.
+CLASSIFY_ROUTE = "/cls"
+CLASSIFY_BATCH_ROUTE = "/cls/batch"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
 SHUTTING_DOWN = "the server is shutting down; retry"
@@ -787,9 +790,9 @@ class Service:
         /cls/batch, whose files are not known yet, counts only as the HTTP 503 it is."""
         if not self.ready or self.processor is None:
             return None  # the route answers that, with its own reason
-        if path in ("/cls", "/cls/batch"):
+        if path in (CLASSIFY_ROUTE, CLASSIFY_BATCH_ROUTE):
             full = self._queue_full()
-            if full is not None and path == "/cls":
+            if full is not None and path == CLASSIFY_ROUTE:
                 self._observer.item_finished(Outcome.REJECTED)
             return full
         if path == "/tasks" and self._submissions_in_progress >= self.settings.max_queue:
@@ -1045,7 +1048,9 @@ async def _one_file_named_file(request: Request) -> None:
     if images_named_file > 1 or (images_named_file and images_elsewhere):
         raise StarletteHTTPException(400, _takes_one_file(request.url.path))
     if len(entries) > 1:
-        several = "to /cls/batch" if request.url.path == "/cls" else "as a task each"
+        several = (
+            f"to {CLASSIFY_BATCH_ROUTE}" if request.url.path == CLASSIFY_ROUTE else "as a task each"
+        )
         message = (
             f"was sent {len(entries)} times; send one image, as one file part (several {several})"
         )
@@ -1063,7 +1068,7 @@ def _takes_one_file(path: str) -> str:
             "send `metadata` and `callback_url` as plain fields, not files "
             "(curl -F 'metadata=<m.json', not -F metadata=@m.json)"
         )
-    return f"{path} takes one file; send several to /cls/batch"
+    return f"{path} takes one file; send several to {CLASSIFY_BATCH_ROUTE}"
 
 
 def _top_k(request: Request, requested: int | None) -> int:
@@ -1468,9 +1473,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = _MULTIPART_ERRORS[str(detail)]
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
         # Starlette's message names neither the setting nor the route for several files.
-        if request.url.path == "/cls/batch":
+        if request.url.path == CLASSIFY_BATCH_ROUTE:
             detail = (
-                f"more than {match[1]} files; /cls/batch takes at most MAX_BATCH_FILES "
+                f"more than {match[1]} files; {CLASSIFY_BATCH_ROUTE} takes at most MAX_BATCH_FILES "
                 f"({match[1]}) per request"
             )
         else:
@@ -1641,14 +1646,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     body_limits = {
-        "/cls": upload_limit,
-        "/cls/batch": upload_limit * settings.max_batch_files,
+        CLASSIFY_ROUTE: upload_limit,
+        CLASSIFY_BATCH_ROUTE: upload_limit * settings.max_batch_files,
         "/tasks": upload_limit + settings.task_metadata_max_bytes + webhooks.MAX_URL_CHARS,
     }
     # Starlette caps a plain form field at 1 MiB by default, answering 400 with a message
     # that names no setting. The body limits bound a field already, so a field too long, or
     # of the wrong kind, gets the answer that names what is wrong with it.
-    max_part_bytes = max(body_limits["/cls"], body_limits["/tasks"])
+    max_part_bytes = max(body_limits[CLASSIFY_ROUTE], body_limits["/tasks"])
     # /cls and /tasks: empty file parts beside the image are let through, and ignored; a
     # second image is refused by their dependency.
     one_image_form = {"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes}
@@ -1661,7 +1666,7 @@ def create_app(settings: Settings) -> FastAPI:
         redirect_slashes=False,
     )
     app.add_api_route(
-        "/cls",
+        CLASSIFY_ROUTE,
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
@@ -1671,7 +1676,7 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["classification"],
     )
     app.add_api_route(
-        "/cls/batch",
+        CLASSIFY_BATCH_ROUTE,
         classify_batch,
         methods=["POST"],
         response_model=BatchResponse,

@@ -1,7 +1,8 @@
 """ResNet18 image classification: preprocessing, labels and the model. No asyncio, no HTTP.
 
-Another model or task replaces this package; the batching side only sees a function that
-maps a list of inputs to a list of outputs.
+Another model or task takes this package's place in ``main.py`` (reusing its image decoding,
+errors and device helpers); the batching side only sees a function that maps a list of
+inputs to a list of outputs.
 """
 
 from classification.model import (
