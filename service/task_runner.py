@@ -537,6 +537,7 @@ class TaskRunner:
                         max_attempts=config.max_attempts,
                         take_over=self._may_take_over(),
                     )
+                    self._log_taken_over(claimed)
                     for task in claimed:
                         self._spawn(self._runs, self._run(task), task.id)
                 pending = []
@@ -575,6 +576,22 @@ class TaskRunner:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._wake.wait()
+
+    @staticmethod
+    def _log_taken_over(claimed: list[ClaimedTask]) -> None:
+        """Say which tasks this worker took from one whose lease ran out: those that had
+        entered the model run again, and their callers may get a second webhook."""
+        taken = [task for task in claimed if task.taken_over]
+        if not taken:
+            return
+        rerun = [task.id for task in taken if task.interrupted]
+        logger.warning(
+            "took over %d task(s) from a worker whose lease ran out (TASK_LEASE_S): %s; "
+            "run again after entering the model: %s",
+            len(taken),
+            ", ".join(task.id for task in taken),
+            ", ".join(rerun) or "none",
+        )
 
     async def _renew_leases_forever(self) -> None:
         config = self._config

@@ -230,6 +230,8 @@ class ClaimedTask:
     # Its worker died while the model ran it (the lease ran out with an attempt counted):
     # the model may be what killed it.
     interrupted: bool
+    # Claimed from a worker whose lease ran out (it died or stalled), not from the queue.
+    taken_over: bool = False
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
@@ -267,7 +269,7 @@ def _failed(error: BaseException, *, writing: bool = True) -> TaskStoreFailed:
     action = "written" if writing else "read"
     return TaskStoreFailed(
         f"the task store could not be {action} ({error}); the disk that holds DATA_DIR may "
-        "be full or failing, or the file damaged"
+        "be full, failing or read-only, or the file damaged"
     )
 
 
@@ -629,18 +631,19 @@ class TaskStore:
                     "lease_until = ?, interrupted = ? WHERE id = ?",
                     (TaskStatus.RUNNING, now, owner, now + lease_s, interrupted, row["id"]),
                 )
-                taken.append((row["id"], row["top_k"], interrupted))
+                taken_over = row["status"] == TaskStatus.RUNNING
+                taken.append((row["id"], row["top_k"], interrupted, taken_over))
         # The images are read once the claim is committed, with the write lock free: tens
         # of MiB read under it would hold up every other worker's writes, their lease
         # renewals among them. The tasks are this owner's now: none deletes their images.
         # (Should the read fail, their leases run out unrenewed, and they are claimed again.)
         claimed = []
         with self._reading() as db:
-            for task_id, top_k, interrupted in taken:
+            for task_id, top_k, interrupted, taken_over in taken:
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (task_id,)
                 ).fetchone()
-                claimed.append(ClaimedTask(task_id, top_k, bytes(image), interrupted))
+                claimed.append(ClaimedTask(task_id, top_k, bytes(image), interrupted, taken_over))
         return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:

@@ -2073,6 +2073,39 @@ async def test_a_task_whose_worker_died_in_the_model_runs_in_a_batch_of_its_own(
     }
 
 
+async def test_tasks_taken_over_from_a_dead_worker_are_logged_with_those_run_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Work taken from a worker whose lease ran out is said in the log, naming the tasks
+    that had entered the model: they run twice, and their callers may hear twice."""
+    settings = make_settings()
+    store = tasks.TaskStore(settings.data_dir)
+    data = images.encode(images.gradient(), "JPEG")
+    ids = {name: str(uuid.uuid4()) for name in ("in_model", "waiting", "queued")}
+    for task_id in ids.values():
+        store.create(task_id, data, top_k=3, metadata=None, callback_url=None, max_queued=100)
+    store.close()
+    with sqlite3.connect(settings.data_dir / DATABASE_NAME) as db:
+        for name, attempts in (("in_model", 1), ("waiting", 0)):
+            db.execute(
+                "UPDATE tasks SET attempts = ?, status = 'running', lease_owner = 'dead-worker', "
+                "lease_until = 0 WHERE id = ?",
+                (attempts, ids[name]),
+            )
+
+    with caplog.at_level(logging.WARNING, logger="service.task_runner"):
+        async with running_app(settings) as served:
+            results = [await finished(served.client, task_id) for task_id in ids.values()]
+
+    assert [task["status"] for task in results] == ["succeeded"] * 3
+    [line] = [r.getMessage() for r in caplog.records if "took over" in r.getMessage()]
+    taken, rerun = line.split("run again after entering the model: ")
+    assert ids["in_model"] in taken
+    assert ids["waiting"] in taken
+    assert ids["queued"] not in line
+    assert rerun == ids["in_model"]
+
+
 async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:
     """A task's batch charges its attempt without waiting on the database, so while another
     process holds the store's write lock, /cls requests behind that batch are served."""
