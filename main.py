@@ -59,6 +59,7 @@ from classification import (
 )
 from service import logs, memory, metrics, webhooks
 from service.middleware import (
+    NO_BOUNDARY,
     REQUEST_ID_HEADER,
     REQUEST_ID_STATE,
     RETRY_AFTER_S,
@@ -1057,7 +1058,8 @@ async def _one_file_named_file(request: Request) -> None:
         raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
     if images_elsewhere:  # and no image named "file"
         message = "a file under another name than 'file'; send the image as a part named 'file'"
-        raise RequestValidationError([{"loc": ("body", images_elsewhere[0]), "msg": message}])
+        name = _shortened(images_elsewhere[0], 64)
+        raise RequestValidationError([{"loc": ("body", name), "msg": message}])
 
 
 def _takes_one_file(path: str) -> str:
@@ -1201,7 +1203,7 @@ async def classify_batch(
     ]
     if stray:
         message = "a file under another name than 'file'; send each image as a part named 'file'"
-        raise RequestValidationError([{"loc": ("body", stray[0]), "msg": message}])
+        raise RequestValidationError([{"loc": ("body", _shortened(stray[0], 64)), "msg": message}])
     uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
     if not uploads:
         raise RequestValidationError(
@@ -1424,10 +1426,7 @@ _TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)
 _TOO_MANY_FIELDS = re.compile(r"Too many fields\. Maximum number of fields is (\d+)\.")
 # The multipart parser's words for a body it cannot read, and what they mean to a caller.
 _MULTIPART_ERRORS = {
-    "Missing boundary in multipart.": (
-        "the Content-Type multipart/form-data names no boundary; let the HTTP client write "
-        "the header with the body (curl -F, a files= argument) rather than setting it by hand"
-    ),
+    "Missing boundary in multipart.": NO_BOUNDARY,
     "Invalid multipart data.": (
         "the body is not well-formed multipart/form-data: a part does not begin with the "
         "boundary its Content-Type names (nor may text come before the first one, a MIME "

@@ -267,6 +267,11 @@ class BodyLimitsMiddleware:
             return
 
         boundary = _multipart_boundary(scope)
+        if boundary == b"" and self.routed(scope) and _has_body(scope):
+            # The parser would look for lines of "--" alone: no part, or a misleading 400.
+            response = JSONResponse({"detail": NO_BOUNDARY}, status_code=400, headers=_UNREAD_BODY)
+            await response(scope, receive, send)
+            return
         if boundary is not None and len(boundary) > MAX_BOUNDARY_LENGTH:
             # The multipart parser refuses it as it is built, before any byte is read. A path
             # no route takes gets its 404 or 405, its body unmeasured.
@@ -467,6 +472,12 @@ def _foreign_charset(scope: Scope) -> str | None:
     except LookupError:
         return name
     return None if known in ("utf-8", "ascii") else name
+
+
+NO_BOUNDARY = (
+    "the Content-Type multipart/form-data names no boundary; let the HTTP client write "
+    "the header with the body (curl -F, a files= argument) rather than setting it by hand"
+)
 
 
 def _multipart_boundary(scope: Scope) -> bytes | None:

@@ -350,6 +350,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
                 "ahead of their answers; read the answers before sending more",
             )
             return
+        if self.parser.get_http_version() == "1.0":
+            # An HTTP/1.0 client knows no 100 Continue, and a server must ignore its Expect
+            # (RFC 9110, 10.1.1): it sends the body anyway.
+            self.expect_100_continue = False
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]

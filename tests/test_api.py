@@ -214,6 +214,8 @@ async def test_missing_wrong_or_non_multipart_body_is_422(served: RunningApp) ->
     ("content_type", "body", "says"),
     [
         ("multipart/form-data", b"--abc\r\n", "names no boundary"),
+        ("multipart/form-data; boundary=", b"--\r\n", "names no boundary"),
+        ('multipart/form-data; boundary=""', b"--\r\n", "names no boundary"),
         (
             "multipart/form-data; boundary=abc",
             b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--xyz--\r\n',
@@ -609,6 +611,12 @@ async def test_a_batch_file_under_another_field_name_is_422_not_left_out(
     assert response.json()["detail"] == (
         "files: a file under another name than 'file'; send each image as a part named 'file'"
     )
+    # A long name is quoted short, on either route.
+    for route in ("/cls", "/cls/batch"):
+        body = multipart([("n" * 4000, "a.jpg", data, "image/jpeg")])
+        response = await served.client.post(route, content=body, headers=multipart_headers(body))
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith("n" * 64 + "...: a file under another name")
     # An empty one (a browser's other file input, left empty) holds no image to miss.
     body = multipart([("file", "a.jpg", data, "image/jpeg"), ("extra", "", b"", "text/plain")])
     response = await served.client.post("/cls/batch", content=body, headers=multipart_headers(body))

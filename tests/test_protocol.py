@@ -872,3 +872,24 @@ def test_uvicorns_repeated_lines_are_dropped_only_where_this_protocol_serves() -
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.split() == ["0", "1"]
+
+
+@pytest.mark.parametrize(("version", "continues"), [("1.1", True), ("1.0", False)])
+def test_100_continue_is_sent_only_to_http_1_1_clients(
+    port: int, version: str, continues: bool
+) -> None:
+    """An HTTP/1.0 client's Expect is ignored (RFC 9110, 10.1.1): it knows no interim answer
+    and sends its body anyway, so its first answer is the request's own."""
+    with connect(port) as connection:
+        head = (
+            f"POST / HTTP/{version}\r\nHost: test\r\nContent-Length: 3\r\n"
+            "Expect: 100-continue\r\n\r\n"
+        )
+        connection.sendall(head.encode())
+        if continues:
+            assert connection.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n")
+        connection.sendall(b"abc")
+        answer = read_to_close(connection) if version == "1.0" else connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b"100 Continue" not in answer
+    assert ok_lengths(answer) == [3]
