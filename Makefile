@@ -11,12 +11,16 @@ STAMP := $(VENV)/.installed-stamp
 VENV_PYTHON_OK := $(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo yes)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(if $(VENV_PYTHON_OK),,FORCE)
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
-		echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
-		exit 1; }
-	@# A venv left by another interpreter, or whose interpreter is gone, is made anew.
-	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
+	@# A venv left by another interpreter, or whose interpreter is gone, is made anew; a
+	@# working one is installed into again as it is, whichever Python $(PYTHON) names now.
+	@if ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+			echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
+			exit 1; }; \
+		rm -rf $(VENV); \
+		echo "$(PYTHON) -m venv $(VENV)"; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)

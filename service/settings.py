@@ -449,7 +449,24 @@ def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
         ]
         if 0 < len(near) <= 3:  # a common prefix (WEBHOOK) is a name of the user's own
             lines.append(f"{key} is no setting, and is ignored: did you mean {' or '.join(near)}?")
+        elif upper == "HOST" and (host := _listening_host(value)) is not None:
+            # Other servers' word for it; a shell's HOST (tcsh) holds the machine's name.
+            port = environ.get("PORT", "").strip() or "5001"
+            lines.append(
+                f"{key} is no setting, and is ignored: the address gunicorn listens on is "
+                f"BIND (BIND={host}:{port})"
+            )
     return lines
+
+
+def _listening_host(value: str) -> str | None:
+    """``value`` as BIND's host part, if it is an address or localhost; else None."""
+    text = value.strip()
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return text if text.lower() == "localhost" else None
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 def load_settings() -> Settings:

@@ -79,3 +79,34 @@ def test_a_venv_whose_interpreter_is_gone_is_made_anew(tmp_path: Path) -> None:
     (bin_dir / "python").unlink()
     (bin_dir / "python").symlink_to("/nonexistent/python3.11")
     assert "-m venv .venv" in would_make()
+
+
+def test_a_working_venv_is_installed_into_again_whatever_python_names(tmp_path: Path) -> None:
+    """Once the venv is made (with PYTHON=python3.11, say), a change to the requirements
+    reinstalls into it: the default python3, older, is not asked again."""
+    old_python = tmp_path / "python3.10"
+    old_python.write_text(OLD_PYTHON)
+    old_python.chmod(0o755)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (tmp_path / ".venv" / ".installed-stamp").touch()
+    venv_python = bin_dir / "python"
+    venv_python.write_text(
+        '#!/bin/sh\ncase "$*" in *version_info*) exit 0 ;; esac\necho "$*" >> calls.log\n'
+    )
+    venv_python.chmod(0o755)
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        (tmp_path / name).touch()  # newer than the stamp
+
+    made = subprocess.run(
+        ["make", "-f", MAKEFILE, f"PYTHON={old_python}", ".venv/.installed-stamp"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "unexpected call" not in made.stderr
+    calls = (tmp_path / "calls.log").read_text()
+    assert "-m pip install --quiet -r requirements-dev.txt -c constraints.txt" in calls
+    assert "-m venv" not in made.stdout

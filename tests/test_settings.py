@@ -255,6 +255,24 @@ def test_names_close_to_a_settings_are_named_with_the_setting_meant() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("host", "port", "bind"),
+    [
+        ("127.0.0.1", None, "127.0.0.1:5001"),
+        ("::1", "8000", "[::1]:8000"),
+        ("localhost", None, "localhost:5001"),
+    ],
+)
+def test_host_set_to_an_address_is_said_to_be_bind(host: str, port: str | None, bind: str) -> None:
+    """Other servers listen on HOST; here it is ignored, and the server would listen on every
+    interface without a word. A shell's HOST, the machine's name, is no such mistake."""
+    environ = {"HOST": host} | ({"PORT": port} if port else {})
+    assert misspelt_settings(environ) == [
+        f"HOST is no setting, and is ignored: the address gunicorn listens on is BIND (BIND={bind})"
+    ]
+    assert misspelt_settings({"HOST": "build-box-7"}) == []
+
+
 def test_a_worker_s_model_threads_share_the_cores_on_a_cpu_and_are_one_on_a_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
