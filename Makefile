@@ -82,7 +82,7 @@ lock:
 audit: $(STAMP)
 	$(BIN)/pip-audit --no-deps --disable-pip --strict -r constraints.txt
 
-## bench: quick end-to-end benchmark (about two minutes); results in docs/benchmarks/
+## bench: quick end-to-end benchmark (two to four minutes); results in docs/benchmarks/
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

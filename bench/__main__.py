@@ -1,10 +1,10 @@
 """Benchmark the service end to end against its in-process limits.
 
-    python -m bench                 # quick mode, about two minutes
-    python -m bench --full          # every step, a few minutes
+    python -m bench                 # quick mode, two to four minutes
+    python -m bench --full          # every step, about seven minutes
     python -m bench --url http://host:5001   # drive a running server (no CPU/RSS figures)
 
-Writes JSON, Markdown and PNG plots to docs/benchmarks/.
+Writes JSON, Markdown and PNG plots to docs/benchmarks/ (--out for another folder).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import numpy as np
@@ -43,6 +43,8 @@ from service.settings import PROJECT_ROOT, Settings, available_cores
 # Target 2 below this is no measurement of the server: in process, the same decode and
 # forward without HTTP take longer only on a machine whose speed changed between the two.
 MIN_PLAUSIBLE_LONE_RATIO = 0.9
+# A server faster than its model alone (target 1) measured a machine whose speed changed.
+MAX_PLAUSIBLE_SATURATED_RATIO = 1.05
 
 # Target 4's open-loop step, as a fraction of the capacity the sweep measured.
 TARGET_4_FRACTION = 0.75
@@ -411,7 +413,14 @@ def targets(
                 f"{memory['bare_model_process_rss'] / 2**20:.0f} MiB",
             }
         )
-    lone = found[1]
+    saturated_target, lone = found[0], found[1]
+    if saturated_target["value"] > MAX_PLAUSIBLE_SATURATED_RATIO:
+        # Served, the model's work plus decoding cannot outrun the model alone.
+        saturated_target["note"] += (
+            "; implausible, the server faster than its model alone: the machine's speed "
+            "changed during the run, run it again"
+        )
+        saturated_target["implausible"] = True
     if lone["value"] is not None and lone["value"] < MIN_PLAUSIBLE_LONE_RATIO:
         # Served, the same work plus HTTP cannot be faster than in process.
         lone["note"] += (
@@ -439,7 +448,7 @@ DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].defaul
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def _images(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     """The images under ``folder``, each checked to be one the service classifies.
 
     Raises:
@@ -468,11 +477,28 @@ def _images(folder: Path) -> list[Path]:
     return images
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def recorded_command(module: str, argv: list[str]) -> str:
+    """The command line as the report shows it, an API key in it masked: reports are kept."""
+    shown, hide_next = [], False
+    for argument in argv:
+        if hide_next:
+            argument, hide_next = "***", False
+        elif argument == "--api-key":
+            hide_next = True
+        elif argument.startswith("--api-key="):
+            argument = "--api-key=***"
+        shown.append(argument)
+    return shlex.join(["python", "-m", module, *shown])
 
 
 def _check_url(
@@ -504,8 +530,23 @@ def _check_url(
         )
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: the run stops as on Ctrl-C, what it started stopped on the way out,
+    and exits with the signal's status (128 + its number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_status = 128 + signum
+
+
 def exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise StoppedBySignal(signum)
+
+
+def exit_interrupted(interruption: KeyboardInterrupt, message: str) -> NoReturn:
+    """Say ``message`` and exit as the interruption asks (1 for Ctrl-C)."""
+    print(message, file=sys.stderr)
+    sys.exit(interruption.exit_status if isinstance(interruption, StoppedBySignal) else 1)
 
 
 def main() -> None:
@@ -528,13 +569,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--max-batch-size",
-        type=_positive,
+        type=positive,
         default=Settings.model_fields["max_batch_size"].default,
-        help="the server's MAX_BATCH_SIZE (with --url, give the running server's)",
+        help="the server's MAX_BATCH_SIZE (with --url, give the running server's; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--workers",
-        type=_positive,
+        type=positive,
         default=1,
         help="gunicorn workers of the server it starts, each with its share of the cores "
         "(default: %(default)s)",
@@ -559,8 +601,10 @@ def main() -> None:
     signal.signal(signal.SIGHUP, exit_on_signal)
     try:
         run(parser, args)
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the servers it started are stopped")
+    except KeyboardInterrupt as interruption:
+        exit_interrupted(
+            interruption, "interrupted; the servers it started are stopped; no results written"
+        )
     except httpx.HTTPError as exc:
         sys.exit(f"the server stopped answering as it should ({exc}); no results written")
     except ServerNotStarted as exc:
@@ -572,7 +616,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     mode_name = "full" if args.full else "quick"
     mode = MODES[mode_name]
     try:
-        images = _images(args.images)
+        images = images_in(args.images)
     except ValueError as exc:
         default = args.images == parser.get_default("images")
         parser.error(f"{exc}" + (" (the default; give a folder with --images)" if default else ""))
@@ -591,6 +635,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             option = "--" + name.replace("_", "-")
             message = exc.errors()[0]["msg"].lower()
             parser.error(f"{option} {value}: {message}, as the service allows")
+    if args.url and args.workers != parser.get_default("workers"):
+        parser.error(
+            "--workers sets the server it starts; with --url none is started, and the limits "
+            "are measured for one worker"
+        )
+    if args.api_key is not None and not args.url:
+        parser.error("--api-key is for a server given by --url; the one it starts has no key")
     headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
     if args.url:
         args.url = args.url.rstrip("/")
@@ -601,7 +652,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     total_steps = 3 + len(mode["clients"]) + len(mode["open_fractions"]) + 3 + 3
     results: dict[str, Any] = {
         "mode": mode_name,
-        "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
+        "command": recorded_command("bench", sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit(),
         "machine": machine(),

@@ -48,7 +48,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as tv
 
 from bench import report
-from bench.__main__ import commit, exit_on_signal, machine
+from bench.__main__ import commit, exit_interrupted, exit_on_signal, machine
 from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
 from bench.server import ServerNotStarted, start
 from classification import build_network, fold_batchnorm, preprocess
@@ -409,7 +409,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGHUP, exit_on_signal)
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the servers it started are stopped; no results written")
+    except KeyboardInterrupt as interruption:
+        exit_interrupted(
+            interruption, "interrupted; the servers it started are stopped; no results written"
+        )
     except ServerNotStarted as exc:
         sys.exit(f"{exc}\nno results written")

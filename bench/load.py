@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
+import mimetypes
 import multiprocessing
 import random
 import time
@@ -31,8 +32,9 @@ def encode_payloads(images: list[Path]) -> list[Payload]:
     """Multipart bodies built once, so the load generator spends no CPU encoding them."""
     payloads = []
     for path in images:
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         request = httpx.Request(
-            "POST", "http://bench/cls", files={"file": (path.name, path.read_bytes(), "image/jpeg")}
+            "POST", "http://bench/cls", files={"file": (path.name, path.read_bytes(), kind)}
         )
         payloads.append((request.read(), {"content-type": request.headers["content-type"]}))
     return payloads

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
-import shlex
+import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from bench import report
+from bench.__main__ import exit_interrupted, exit_on_signal, images_in, positive, recorded_command
 from bench.load import Payload, encode_payloads, open_session, post_image
-from bench.server import Server, scrape, start
+from bench.server import Server, ServerNotStarted, scrape, start
 from service.settings import PROJECT_ROOT
 
 
@@ -79,18 +82,27 @@ def main() -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--clients", type=int, nargs="+", default=[16, 48])
+    parser.add_argument("--clients", type=positive, nargs="+", default=[16, 48])
     parser.add_argument("--seconds", type=float, default=10.0, help="per step")
     parser.add_argument("--timeout-ms", type=float, default=300.0, help="REQUEST_TIMEOUT_MS")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    parser.add_argument("--max-batch-size", type=positive, default=16)
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=PROJECT_ROOT.parent / "shared" / "images",
+        help="a folder of images the service accepts, searched with its subfolders "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--url", help="a running server, started with --timeout-ms as its deadline")
+    parser.add_argument("--api-key", help="with --url, the server's API_KEY (sent as X-API-Key)")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
-
-    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not images:
-        parser.error(f"no JPEG images in {args.images}")
+    if args.api_key is not None and not args.url:
+        parser.error("--api-key is for a server given by --url; the one it starts has no key")
+    try:
+        images = images_in(args.images)
+    except ValueError as exc:
+        parser.error(str(exc))
     payloads = encode_payloads(images)
     settings = {
         "WEIGHTS": "random",
@@ -98,15 +110,29 @@ def main() -> None:
         "MAX_BATCH_SIZE": str(args.max_batch_size),
         "REQUEST_TIMEOUT_MS": f"{args.timeout_ms:g}",
     }
-    if args.url:
-        server = Server(args.url)
-    else:
-        server = start(settings, PROJECT_ROOT / "docs" / "benchmarks" / "logs")
-    with server:
-        steps = [
-            asyncio.run(closed_loop(server, payloads, clients, args.seconds, args.timeout_ms))
-            for clients in args.clients
-        ]
+    # Stopped by a signal (its terminal closed too), the server it started is stopped too.
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.url:
+                headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
+                server = Server(args.url.rstrip("/"), headers=headers)
+            else:
+                server = stack.enter_context(
+                    start(settings, PROJECT_ROOT / "docs" / "benchmarks" / "logs")
+                )
+            steps = [
+                asyncio.run(closed_loop(server, payloads, clients, args.seconds, args.timeout_ms))
+                for clients in args.clients
+            ]
+    except KeyboardInterrupt as interruption:
+        exit_interrupted(interruption, "interrupted; the server it started is stopped")
+    except (httpx.HTTPError, ServerNotStarted) as exc:
+        sys.exit(f"{exc}\nno results written")
+    refused = sum(step["statuses"].get("401", 0) for step in steps)
+    if refused:
+        print(f"warning: {refused} requests answered 401: give the server's key with --api-key")
 
     print("| clients | answered/s | statuses | model ran | answered of it | 504 late p99/max ms |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
@@ -121,7 +147,7 @@ def main() -> None:
         report.write_json(
             args.out,
             {
-                "command": "python -m bench.overload " + shlex.join(sys.argv[1:]),
+                "command": recorded_command("bench.overload", sys.argv[1:]),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "server_settings": settings if not args.url else {"url": args.url},
                 "steps": steps,

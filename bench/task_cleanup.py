@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sqlite3
 import tempfile
 import threading
@@ -22,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.__main__ import exit_interrupted, exit_on_signal
 from bench.server import start
 from service.settings import PROJECT_ROOT
 from service.tasks import BUSY_TIMEOUT_MS, DATABASE_NAME, TaskStore
@@ -60,19 +62,12 @@ def time_writes(path: Path, stop: threading.Event, waits_s: list[float], failed:
                 failed.append(str(exc))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.task_cleanup",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--tasks", type=int, default=300_000, help="expired tasks to delete")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most")
-    args = parser.parse_args()
-
+def measure(tasks: int, timeout_s: float) -> tuple[float, list[float], list[str]]:
+    """Start a server beside ``tasks`` expired tasks, time another connection's writes
+    until they are gone: the seconds it took, the writes' waits, and the writes that failed."""
     data_dir = Path(tempfile.mkdtemp(prefix="bench-cleanup-"))
     try:
-        fill(data_dir, args.tasks)
+        fill(data_dir, tasks)
         stop, waits_s, failed = threading.Event(), [], []
         writer = threading.Thread(
             target=time_writes, args=(data_dir / DATABASE_NAME, stop, waits_s, failed)
@@ -84,8 +79,8 @@ def main() -> None:
             with start(settings, PROJECT_ROOT / "docs" / "benchmarks" / "logs"):
                 with sqlite3.connect(data_dir / DATABASE_NAME) as db:
                     while db.execute("SELECT count(*) FROM tasks").fetchone()[0]:
-                        if time.monotonic() - started > args.timeout:
-                            raise SystemExit(f"tasks left after {args.timeout:g} s")
+                        if time.monotonic() - started > timeout_s:
+                            raise SystemExit(f"tasks left after {timeout_s:g} s")
                         time.sleep(0.2)
                 took_s = time.monotonic() - started
         finally:
@@ -93,6 +88,26 @@ def main() -> None:
             writer.join()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+    return took_s, waits_s, failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.task_cleanup",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tasks", type=int, default=300_000, help="expired tasks to delete")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait at most")
+    args = parser.parse_args()
+
+    # Stopped by a signal (its terminal closed too), the server it started is stopped too.
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
+    try:
+        took_s, waits_s, failed = measure(args.tasks, args.timeout)
+    except KeyboardInterrupt as interruption:
+        exit_interrupted(interruption, "interrupted; the server it started is stopped")
     waits_s.sort()
     print(
         f"{args.tasks} expired tasks deleted within {took_s:.1f} s of the server's start; "

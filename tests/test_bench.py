@@ -33,7 +33,7 @@ from tqdm import tqdm
 from bench import __main__ as bench_main
 from bench import gpu, large_images, limits, load, overload, report, task_cleanup
 from bench import server as bench_server
-from bench.__main__ import _images, _saturating_clients, run_sweep, targets
+from bench.__main__ import _saturating_clients, images_in, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
@@ -527,6 +527,24 @@ def test_a_lone_request_faster_than_the_model_alone_is_no_measurement() -> None:
     assert "implausible" in lone["note"]
 
 
+def test_a_server_faster_than_its_model_alone_is_no_measurement() -> None:
+    """A machine that slowed down for the forward-only limits and not the server's steps
+    would make target 1 pass on a ratio no server can reach."""
+    results = _paired_results({"forward_limit_images_per_s": 40.0}, 64.0, 22.0, [20.0, 20.0])
+    throughput, _ = targets(results, max_batch_size=16, workers=1)
+    assert throughput["value"] == pytest.approx(64 / 40)
+    assert not throughput["met"]
+    assert "implausible" in throughput["note"]
+
+
+def test_the_recorded_command_hides_the_api_key() -> None:
+    """The report is kept, committed even: a key given on the command line stays out of it."""
+    argv = ["--url", "http://h:5001", "--api-key", "s3cret", "--full", "--api-key=other"]
+    shown = bench_main.recorded_command("bench", argv)
+    assert shown == "python -m bench --url http://h:5001 --api-key '***' --full '--api-key=***'"
+    assert "s3cret" not in shown
+
+
 def test_a_run_on_a_busy_machine_says_its_figures_are_unreliable() -> None:
     """Other processes slow both sides of every pair alike for the whole run, which no
     pair's drift shows: the load measured around the run does."""
@@ -838,18 +856,18 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
     photo.save(tmp_path / "sub" / "a.webp")
     photo.save(tmp_path / "b.bmp")
     (tmp_path / "notes.txt").write_text("not an image, and not named as one")
-    assert _images(tmp_path) == [tmp_path / "b.bmp", tmp_path / "sub" / "a.webp"]
+    assert images_in(tmp_path) == [tmp_path / "b.bmp", tmp_path / "sub" / "a.webp"]
     (tmp_path / "c.jpg").write_bytes(b"text named as a JPEG")
     with pytest.raises(ValueError, match=r"c\.jpg: the upload is not a JPEG, PNG"):
-        _images(tmp_path)
+        images_in(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
-        _images(tmp_path / "missing")
+        images_in(tmp_path / "missing")
     (tmp_path / "c.jpg").unlink()
     # Valid, but every request would be refused 413, found only once the sweep began.
     Image.effect_noise((2000, 1400), 64).convert("RGB").save(tmp_path / "huge.png")
     monkeypatch.setattr(bench_main, "DEFAULT_MAX_UPLOAD_BYTES", 1_000_000)
     with pytest.raises(ValueError, match=r"huge\.png: \d+ bytes, over the service's MAX_UPLOAD"):
-        _images(tmp_path)
+        images_in(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -1019,12 +1037,22 @@ finally:
 
 
 @pytest.mark.slow
-def test_a_benchmark_whose_terminal_closed_stops_its_servers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "signum"),
+    [
+        (["bench", "--out", "{out}"], signal.SIGHUP),
+        (["bench.overload", "--clients", "1", "--seconds", "120"], signal.SIGTERM),
+    ],
+)
+def test_a_benchmark_whose_terminal_closed_stops_its_servers(
+    tmp_path: Path, command: list[str], signum: int
+) -> None:
     """SIGHUP, as a closed terminal sends, ends the benchmark as SIGTERM does: the
-    gunicorn it started goes with it."""
+    gunicorn it started goes with it, and it says so."""
+    arguments = [argument.format(out=tmp_path) for argument in command]
     with (tmp_path / "output").open("wb") as output:
         bench = subprocess.Popen(
-            [sys.executable, "-m", "bench", "--images", str(IMAGES_DIR), "--out", str(tmp_path)],
+            [sys.executable, "-m", *arguments, "--images", str(IMAGES_DIR)],
             cwd=PROJECT_ROOT,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -1041,8 +1069,9 @@ def test_a_benchmark_whose_terminal_closed_stops_its_servers(tmp_path: Path) -> 
                     if "gunicorn" in " ".join(child.cmdline())
                 ]
         assert servers, (tmp_path / "output").read_text()[-2000:]
-        bench.send_signal(signal.SIGHUP)
-        assert bench.wait(90) == 128 + signal.SIGHUP
+        bench.send_signal(signum)
+        assert bench.wait(90) == 128 + signum
+        assert "interrupted; the server" in (tmp_path / "output").read_text()
     finally:
         bench.kill()
         bench.wait()
@@ -1116,3 +1145,24 @@ def test_the_clean_up_benchmarks_tasks_are_expired_finished_tasks(tmp_path: Path
         assert [store.delete_expired(week_ago, most=10) for _ in range(4)] == [10, 10, 5, 0]
     finally:
         store.close()
+
+
+def test_overload_refuses_options_it_cannot_honour_in_one_line() -> None:
+    """No client count of zero (an empty row), no key for a server that has none, and a
+    folder without images named as such rather than a traceback."""
+    for arguments, says in (
+        (["--clients", "0"], "must be at least 1, not 0"),
+        (["--clients", "x"], "must be a whole number, not 'x'"),
+        (["--api-key", "k"], "--api-key is for a server given by --url"),
+        (["--images", "/nonexistent"], "--images /nonexistent is not a folder"),
+    ):
+        finished = subprocess.run(
+            [sys.executable, "-m", "bench.overload", *arguments],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert finished.returncode == 2, finished.stderr
+        assert says in finished.stderr
+        assert "Traceback" not in finished.stderr
