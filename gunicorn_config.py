@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service import logs, memory
+from service.protocol import raise_open_file_limit
 from service.settings import (
     available_cores,
     load_settings,
@@ -165,6 +166,9 @@ def on_starting(server: Any) -> None:
             settings.workers,
             cores,
         )
+    # Inherited by the workers, which hold the connections.
+    if (warning := raise_open_file_limit()) is not None:
+        server.log.warning(warning)
     # glibc's allocator keeps freed memory for reuse in one arena (service/memory.py): set
     # before the workers are forked, so that none of their threads has an arena of its own,
     # and once gunicorn has put its -e/raw_env values in the environment, so they count.

@@ -79,6 +79,7 @@ from service.protocol import (
     SHUTDOWN_HOOK,
     SIBLINGS_STATE,
     pause_unless_stopped,
+    raise_open_file_limit,
     restart_pause_s,
 )
 from service.schemas import (
@@ -1588,6 +1589,8 @@ def create_app(settings: Settings) -> FastAPI:
         if siblings is None:  # not under gunicorn, whose master says it once for all workers
             for line in misspelt_settings():
                 logger.warning("%s", line)
+            if (warning := raise_open_file_limit()) is not None:
+                logger.warning("%s", warning)
             # WORKERS is gunicorn's: a process of uvicorn's shares the cores with the workers
             # its command line started, if any.
             own = settings.model_copy(update={"workers": uvicorn_workers()})

@@ -58,6 +58,8 @@ MAX_URL_BYTES = 65535
 # down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
 # own shutdown starts, and the app's drain counts from this moment.
 SHUTDOWN_HOOK = "on_server_shutdown"
+# Below this open-file limit, a worker's connections may run out of descriptors under load.
+LOW_OPEN_FILE_LIMIT = 4096
 # At shutdown, how long an idle connection stays open for bytes already sent to it: more
 # than one turn of the event loop, which reads them.
 UNREAD_REQUEST_WAIT_S = 0.05
@@ -665,3 +667,29 @@ def pause_unless_stopped(seconds: float) -> None:
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, lambda *_: stopped.set())
     stopped.wait(seconds)
+
+
+def raise_open_file_limit() -> str | None:
+    """Raise this process's soft limit on open files to its hard limit, as nginx and Go do;
+    a warning if it stays low, else None.
+
+    Each connection holds a descriptor. Out of them, the event loop's libuv closes every
+    connection waiting to be accepted at once (its EMFILE handling), requests already sent
+    unanswered and unlogged: 1,024, a common default soft limit, is about 1,000 clients.
+    """
+    import resource  # Unix only, as gunicorn is
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # left as it is: the warning below says what it is
+    if soft == resource.RLIM_INFINITY or soft >= LOW_OPEN_FILE_LIMIT:
+        return None
+    return (
+        f"the open-file limit is {soft} (its hard limit {hard}): each worker holds at most about "
+        f"that many connections, and past it connections are closed unanswered; raise it "
+        f"(ulimit -n, compose's ulimits: nofile, LimitNOFILE= in systemd)"
+    )

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 import service.settings
-from service import memory
+from service import memory, protocol
 from service.settings import PROJECT_ROOT
 from service.siblings import SIBLINGS_DIR
 
@@ -34,6 +34,8 @@ def load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> dict[st
     monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # The test process's own limit is not the subject here (see the test of its own).
+    monkeypatch.setattr(protocol, "raise_open_file_limit", lambda: None)
     return runpy.run_path(str(CONFIG))
 
 
@@ -549,3 +551,49 @@ def test_checking_the_configuration_leaves_no_directory_behind(tmp_path: Path) -
     )
     assert checked.returncode == 0, checked.stderr
     assert not list(tmp_path.glob("prometheus-multiproc-*"))
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised_to", "warned"),
+    [(1024, 8192, 8192, False), (1024, 1024, 1024, True), (512, 2048, 2048, True)],
+)
+def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_warned_of(
+    soft: int, hard: int, raised_to: int, warned: bool
+) -> None:
+    """Each connection holds a descriptor, and past the limit the event loop closes the
+    connections waiting to be accepted, unanswered: 1,024, a common default, is about
+    1,000 clients a worker."""
+    script = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        "from service.protocol import raise_open_file_limit\n"
+        "print(raise_open_file_limit())\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    warning, limit = ran.stdout.strip().split("\n")
+    assert int(limit) == raised_to
+    if warned:
+        assert warning.startswith(f"the open-file limit is {raised_to} (its hard limit {hard})")
+        assert "ulimit -n" in warning
+    else:
+        assert warning == "None"
+
+
+def test_the_master_raises_the_open_file_limit_its_workers_inherit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    load(monkeypatch, tmp_path)  # the environment the file needs
+    monkeypatch.setattr(protocol, "raise_open_file_limit", lambda: "the open-file limit is 1024")
+    config = runpy.run_path(str(CONFIG))
+    log = QuietLog()
+    config["on_starting"](master(config, log))
+    assert log.warnings == ["the open-file limit is 1024"]
