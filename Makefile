@@ -11,9 +11,11 @@ STAMP := $(VENV)/.installed-stamp
 VENV_PYTHON_OK := $(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo yes)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(if $(VENV_PYTHON_OK),,FORCE)
-	@# A venv left by another interpreter, or whose interpreter is gone, is made anew; a
-	@# working one is installed into again as it is, whichever Python $(PYTHON) names now.
-	@if ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	@# A venv left by another interpreter, whose interpreter is gone, or without pip (venv
+	@# failed in ensurepip) is made anew; a working one is installed into again as it is,
+	@# whichever Python $(PYTHON) names now.
+	@if ! { $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' && \
+		$(BIN)/python -m pip --version; } >/dev/null 2>&1; then \
 		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 			echo "this project needs Python 3.11 or newer, which $(PYTHON) is not: make PYTHON=python3.11 <target>" >&2; \
 			exit 1; }; \

@@ -110,3 +110,32 @@ def test_a_working_venv_is_installed_into_again_whatever_python_names(tmp_path: 
     calls = (tmp_path / "calls.log").read_text()
     assert "-m pip install --quiet -r requirements-dev.txt -c constraints.txt" in calls
     assert "-m venv" not in made.stdout
+
+
+def test_a_venv_without_pip_is_made_anew(tmp_path: Path) -> None:
+    """venv fails in ensurepip where python3-venv is missing, leaving an interpreter without
+    pip: once that is installed, the next make makes the venv again rather than fail on pip
+    for good."""
+    new_python = tmp_path / "python3.11"
+    new_python.write_text(
+        '#!/bin/sh\ncase "$*" in *version_info*) exit 0 ;; esac\necho "$*" >> made.log\n'
+    )
+    new_python.chmod(0o755)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    venv_python = bin_dir / "python"
+    venv_python.write_text(
+        '#!/bin/sh\ncase "$*" in *version_info*) exit 0 ;; *"pip --version"*) exit 1 ;; esac\n'
+    )
+    venv_python.chmod(0o755)
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        (tmp_path / name).touch()
+
+    subprocess.run(
+        ["make", "-f", MAKEFILE, f"PYTHON={new_python}", ".venv/.installed-stamp"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "-m venv .venv" in (tmp_path / "made.log").read_text()
