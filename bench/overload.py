@@ -29,7 +29,14 @@ import httpx
 import numpy as np
 
 from bench import report
-from bench.__main__ import exit_interrupted, exit_on_signal, images_in, positive, recorded_command
+from bench.__main__ import (
+    check_url,
+    exit_interrupted,
+    exit_on_signal,
+    images_in,
+    positive,
+    recorded_command,
+)
 from bench.load import Payload, encode_payloads, open_session, post_image
 from bench.server import Server, ServerNotStarted, scrape, start
 from service.settings import PROJECT_ROOT
@@ -78,6 +85,7 @@ async def closed_loop(
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviated --api-key would escape its masking
         prog="python -m bench.overload",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -118,6 +126,7 @@ def main() -> None:
             if args.url:
                 headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
                 server = Server(args.url.rstrip("/"), headers=headers)
+                check_url(parser, server.url, headers, images[0])
             else:
                 server = stack.enter_context(
                     start(settings, PROJECT_ROOT / "docs" / "benchmarks" / "logs")
@@ -127,12 +136,10 @@ def main() -> None:
                 for clients in args.clients
             ]
     except KeyboardInterrupt as interruption:
-        exit_interrupted(interruption, "interrupted; the server it started is stopped")
+        stopped = "" if args.url else "; the server it started is stopped"
+        exit_interrupted(interruption, f"interrupted{stopped}; no results written")
     except (httpx.HTTPError, ServerNotStarted) as exc:
         sys.exit(f"{exc}\nno results written")
-    refused = sum(step["statuses"].get("401", 0) for step in steps)
-    if refused:
-        print(f"warning: {refused} requests answered 401: give the server's key with --api-key")
 
     print("| clients | answered/s | statuses | model ran | answered of it | 504 late p99/max ms |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
