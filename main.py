@@ -136,10 +136,10 @@ logger = logging.getLogger("service")
 STALL_MARGIN = 3
 T = TypeVar("T")
 
-# Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 # The model's routes: a model served in classification's place renames them here.
 CLASSIFY_ROUTE = "/cls"
 CLASSIFY_BATCH_ROUTE = "/cls/batch"
+# Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
 SHUTTING_DOWN = "the server is shutting down; retry"
@@ -1090,7 +1090,7 @@ def _top_k(request: Request, requested: int | None) -> int:
         if name != "top_k" and name.lower().replace("-", "").replace("_", "") == "topk":
             # Ignored, it would answer with the default number of classes without a word.
             message = "is not a parameter of this route; did you mean top_k (lower case)?"
-            raise RequestValidationError([{"loc": ("query", name), "msg": message}])
+            raise RequestValidationError([{"loc": ("query", _shortened(name, 64)), "msg": message}])
     return _service(request).top_k(requested)
 
 

@@ -60,6 +60,10 @@ MAX_URL_BYTES = 65535
 SHUTDOWN_HOOK = "on_server_shutdown"
 # Below this open-file limit, a worker's connections may run out of descriptors under load.
 LOW_OPEN_FILE_LIMIT = 4096
+# What the soft limit is raised to under an unlimited hard one, and the lower try: macOS
+# refuses more than its OPEN_MAX there.
+UNLIMITED_FILES_TRY = 65536
+MACOS_OPEN_MAX = 10240
 # At shutdown, how long an idle connection stays open for bytes already sent to it: more
 # than one turn of the event loop, which reads them.
 UNREAD_REQUEST_WAIT_S = 0.05
@@ -679,17 +683,25 @@ def raise_open_file_limit() -> str | None:
     """
     import resource  # Unix only, as gunicorn is
 
+    unlimited = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass  # left as it is: the warning below says what it is
-    if soft == resource.RLIM_INFINITY or soft >= LOW_OPEN_FILE_LIMIT:
+    if soft == unlimited:
         return None
+    # An unlimited hard limit (macOS) still has a ceiling the kernel enforces: try below it.
+    for target in [hard] if hard != unlimited else [UNLIMITED_FILES_TRY, MACOS_OPEN_MAX]:
+        if soft >= target:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue  # left as it is, or tried lower: the warning below says what it is
+        soft = target
+        break
+    if soft >= LOW_OPEN_FILE_LIMIT:
+        return None
+    shown_hard = "unlimited" if hard == unlimited else hard
     return (
-        f"the open-file limit is {soft} (its hard limit {hard}): each worker holds at most about "
-        f"that many connections, and past it connections are closed unanswered; raise it "
-        f"(ulimit -n, compose's ulimits: nofile, LimitNOFILE= in systemd)"
+        f"the open-file limit is {soft} (its hard limit {shown_hard}): each worker holds at "
+        "most about that many connections, and past it connections are closed unanswered; "
+        "raise it (ulimit -n, compose's ulimits: nofile, LimitNOFILE= in systemd)"
     )

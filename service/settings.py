@@ -453,8 +453,8 @@ def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
             # Other servers' word for it; a shell's HOST (tcsh) holds the machine's name.
             port = environ.get("PORT", "").strip() or "5001"
             lines.append(
-                f"{key} is no setting, and is ignored: the address gunicorn listens on is "
-                f"BIND (BIND={host}:{port})"
+                f"{key} is no setting, and is ignored: the address to listen on is BIND under "
+                f"gunicorn (BIND={host}:{port}), --host under uvicorn"
             )
     return lines
 

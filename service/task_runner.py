@@ -579,15 +579,15 @@ class TaskRunner:
 
     @staticmethod
     def _log_taken_over(claimed: list[ClaimedTask]) -> None:
-        """Say which tasks this worker took from one whose lease ran out: those that had
-        entered the model run again, and their callers may get a second webhook."""
+        """Say which tasks this worker took from one whose lease ran out, and which of them
+        had entered the model on an earlier attempt: the model runs those again."""
         taken = [task for task in claimed if task.taken_over]
         if not taken:
             return
         rerun = [task.id for task in taken if task.interrupted]
         logger.warning(
             "took over %d task(s) from a worker whose lease ran out (TASK_LEASE_S): %s; "
-            "run again after entering the model: %s",
+            "run again after entering the model before: %s",
             len(taken),
             ", ".join(task.id for task in taken),
             ", ".join(rerun) or "none",

@@ -597,3 +597,31 @@ def test_the_master_raises_the_open_file_limit_its_workers_inherit(
     log = QuietLog()
     config["on_starting"](master(config, log))
     assert log.warnings == ["the open-file limit is 1024"]
+
+
+def test_under_an_unlimited_hard_limit_the_open_file_limit_is_raised_below_the_kernels_ceiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """macOS: the hard limit reads unlimited, and setrlimit refuses more than OPEN_MAX."""
+    import resource
+
+    unlimited = resource.RLIM_INFINITY
+    limits = {"soft": 256}
+    tried: list[int] = []
+
+    def setrlimit(kind: int, values: tuple[int, int]) -> None:
+        tried.append(values[0])
+        if values[0] > protocol.MACOS_OPEN_MAX:
+            raise ValueError("current limit exceeds maximum limit")
+        limits["soft"] = values[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (limits["soft"], unlimited))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert protocol.raise_open_file_limit() is None
+    assert tried == [protocol.UNLIMITED_FILES_TRY, protocol.MACOS_OPEN_MAX]
+    assert limits["soft"] == protocol.MACOS_OPEN_MAX
+    # Unlimited already: left alone.
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (unlimited, unlimited))
+    tried.clear()
+    assert protocol.raise_open_file_limit() is None
+    assert tried == []

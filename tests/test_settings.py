@@ -268,7 +268,8 @@ def test_host_set_to_an_address_is_said_to_be_bind(host: str, port: str | None, 
     interface without a word. A shell's HOST, the machine's name, is no such mistake."""
     environ = {"HOST": host} | ({"PORT": port} if port else {})
     assert misspelt_settings(environ) == [
-        f"HOST is no setting, and is ignored: the address gunicorn listens on is BIND (BIND={bind})"
+        f"HOST is no setting, and is ignored: the address to listen on is BIND under gunicorn "
+        f"(BIND={bind}), --host under uvicorn"
     ]
     assert misspelt_settings({"HOST": "build-box-7"}) == []
 

@@ -2099,7 +2099,7 @@ async def test_tasks_taken_over_from_a_dead_worker_are_logged_with_those_run_aga
 
     assert [task["status"] for task in results] == ["succeeded"] * 3
     [line] = [r.getMessage() for r in caplog.records if "took over" in r.getMessage()]
-    taken, rerun = line.split("run again after entering the model: ")
+    taken, rerun = line.split("run again after entering the model before: ")
     assert ids["in_model"] in taken
     assert ids["waiting"] in taken
     assert ids["queued"] not in line
