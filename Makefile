@@ -40,7 +40,7 @@ run: $(STAMP)
 ## dev: auto-reloading development server on 127.0.0.1:$PORT (5001); BIND, WORKERS and
 ##   KEEPALIVE_S are gunicorn's, and do not apply
 dev: $(STAMP)
-	$(BIN)/uvicorn main:app --reload --port $${PORT:-5001} --http service.protocol:JsonErrorsHttpProtocol --ws none
+	$(BIN)/uvicorn main:app --reload --port $${PORT:-$${port:-5001}} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
 ## test: the whole suite (random weights, no network needed)
 test: $(STAMP)
