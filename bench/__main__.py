@@ -483,6 +483,17 @@ def images_in(folder: Path) -> list[Path]:
     return images
 
 
+def add_images_argument(parser: argparse.ArgumentParser) -> None:
+    """``--images``, as every benchmark that sends photos takes it (read by ``images_in``)."""
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=PROJECT_ROOT.parent / "shared" / "images",
+        help="a folder of images the service accepts, searched with its subfolders "
+        "(default: %(default)s)",
+    )
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -563,13 +574,7 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--full", action="store_true", help="every step, longer (default: quick)")
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=PROJECT_ROOT.parent / "shared" / "images",
-        help="a folder of images the service accepts, searched with its subfolders "
-        "(default: %(default)s)",
-    )
+    add_images_argument(parser)
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
     parser.add_argument(
         "--api-key", help="with --url, the server's API_KEY (sent as X-API-Key)", default=None

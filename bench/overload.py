@@ -30,6 +30,7 @@ import numpy as np
 
 from bench import report
 from bench.__main__ import (
+    add_images_argument,
     check_url,
     exit_interrupted,
     exit_on_signal,
@@ -94,13 +95,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per step")
     parser.add_argument("--timeout-ms", type=float, default=300.0, help="REQUEST_TIMEOUT_MS")
     parser.add_argument("--max-batch-size", type=positive, default=16)
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=PROJECT_ROOT.parent / "shared" / "images",
-        help="a folder of images the service accepts, searched with its subfolders "
-        "(default: %(default)s)",
-    )
+    add_images_argument(parser)
     parser.add_argument("--url", help="a running server, started with --timeout-ms as its deadline")
     parser.add_argument("--api-key", help="with --url, the server's API_KEY (sent as X-API-Key)")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
