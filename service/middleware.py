@@ -178,7 +178,8 @@ class UploadsInFlight:
 class BodyLimitsMiddleware:
     """Refuses request bodies over a per-path size limit (413), multipart bodies with a
     part over ``part_limit_bytes`` (413), bodies that stall (408), and multipart bodies that end
-    before their closing boundary or declare a charset other than UTF-8 (400).
+    before their closing boundary, declare a charset other than UTF-8, or hold a plain field
+    that is not UTF-8 (400: the app's parser would read it as Latin-1, without a word).
 
     A declared ``Content-Length`` over the limit is refused before any body is read; a
     body that grows past it (chunked, or lying about its length) is cut off mid-stream, and
@@ -351,6 +352,13 @@ class BodyLimitsMiddleware:
                         raise HTTPException(
                             413, self.describe_part(self.part_limit_bytes), headers=unread
                         )
+                    if parts.not_utf8 is not None:
+                        raise HTTPException(
+                            400,
+                            f"the form field '{parts.not_utf8}' is not UTF-8 text; send form "
+                            "fields as UTF-8",
+                            headers=unread,
+                        )
                     if body_complete and received and not (parts.ended or parts.malformed):
                         closing = (b"--" + (boundary or b"") + b"--").decode("latin-1")
                         raise HTTPException(
@@ -394,11 +402,23 @@ class _PartSizes:
         self.ended = False
         # The app's parser refuses these bytes too, with its own answer.
         self.malformed = False
+        # The name of a plain field whose value is not UTF-8, once one is met.
+        self.not_utf8: str | None = None
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._text: codecs.IncrementalDecoder | None = None  # a plain field's value, checked
+        self._field_name = ""
         self._parser = MultipartParser(
             boundary,
             {
                 "on_part_begin": self._part_begins,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value_data,
+                "on_header_end": self._header_ends,
+                "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
+                "on_part_end": self._part_ends,
                 "on_end": self._ends,
             },
         )
@@ -407,7 +427,7 @@ class _PartSizes:
         self._parser.logger = _UNLOGGED
 
     def feed(self, chunk: bytes) -> None:
-        if self.ended or self.malformed or self.too_large:
+        if self.ended or self.malformed or self.too_large or self.not_utf8 is not None:
             return
         try:
             self._parser.write(chunk)
@@ -418,11 +438,46 @@ class _PartSizes:
 
     def _part_begins(self) -> None:
         self.part_bytes = 0
+        self._disposition = b""
+        self._text = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_ends(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        # A plain field, as the app's parser tells it from a file: no filename. Its value is
+        # text; "file" sent so is an image the app answers for (send it as a file).
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("latin-1")
+        if b"filename" not in options and b"filename*" not in options and name != "file":
+            self._text = codecs.getincrementaldecoder("utf-8")()
+            self._field_name = name
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self.part_bytes += end - start
         if self.part_bytes > self.part_limit_bytes:
             raise _PartsTooLarge
+        self._check_text(data[start:end])
+
+    def _part_ends(self) -> None:
+        self._check_text(b"", final=True)
+
+    def _check_text(self, data: bytes, final: bool = False) -> None:
+        if self._text is None:
+            return
+        try:
+            self._text.decode(data, final)
+        except UnicodeDecodeError:
+            self.not_utf8 = self._field_name[:64]
+            self._text = None
 
     def _ends(self) -> None:
         self.ended = True

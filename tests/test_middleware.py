@@ -8,7 +8,8 @@ import json
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.middleware import RequestContextMiddleware
+from service.middleware import RequestContextMiddleware, _PartSizes
+from tests.corpus import BOUNDARY, multipart
 
 
 async def waits_for_good(scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,3 +73,22 @@ async def test_a_task_submission_without_a_key_is_told_a_resend_may_store_it_twi
         "stored, and a resend store another: send an Idempotency-Key with each submission "
         "to make resending safe)"
     )
+
+
+def test_a_fields_utf8_is_checked_across_chunks_and_files_are_not() -> None:
+    """The body arrives in chunks of any size: a character split between two is still
+    UTF-8. A file's bytes, and a plain field named "file" (an image sent as a field, which
+    the app answers for), are not text."""
+
+    def not_utf8(parts: list[tuple[str, str | None, bytes, str | None]]) -> str | None:
+        checker = _PartSizes(BOUNDARY.encode(), 2**20)
+        for index in range(len(body := multipart(parts))):
+            checker.feed(body[index : index + 1])
+        assert checker.ended or checker.not_utf8 is not None
+        return checker.not_utf8
+
+    assert not_utf8([("metadata", None, '{"a": "é ✓ 😀"}'.encode(), None)]) is None
+    assert not_utf8([("file", "a.jpg", b"\xff\xd8\xff", "image/jpeg")]) is None
+    assert not_utf8([("file", None, b"\xff\xd8\xff", None)]) is None
+    assert not_utf8([("metadata", None, b"ok", None), ("note", None, b"\xe9t\xe9", None)]) == "note"
+    assert not_utf8([("metadata", None, "é".encode()[:1], None)]) == "metadata"  # cut short

@@ -36,6 +36,7 @@ from service.settings import Settings, load_settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME
 from tests import images
+from tests.corpus import multipart, multipart_headers
 from tests.server import free_port
 from tests.support import (
     GatedModel,
@@ -2686,3 +2687,26 @@ async def test_status_reads_are_answered_while_writes_wait_for_a_lock(
         lock.execute("ROLLBACK")
         lock.close()
     assert (await waiting).status_code == 202
+
+
+async def test_a_form_field_that_is_not_utf8_is_400_not_read_as_latin1(photos: list[Path]) -> None:
+    """The multipart parser reads a field it cannot decode as Latin-1, without a word: the
+    metadata stored would not be what was sent. UTF-8 beyond ASCII is kept as sent."""
+    data = photos[0].read_bytes()
+    async with running_app(make_settings()) as served:
+        for field, value in (("metadata", b'{"a": "\xff"}'), ("callback_url", b"http://\xe9.com/")):
+            body = multipart([("file", "a.jpg", data, "image/jpeg"), (field, None, value, None)])
+            response = await served.client.post(
+                "/tasks", content=body, headers=multipart_headers(body)
+            )
+            assert response.status_code == 400, response.text
+            assert response.json()["detail"] == (
+                f"the form field '{field}' is not UTF-8 text; send form fields as UTF-8"
+            )
+        accepted = await submit(served.client, data, metadata='{"a": "é ✓"}')
+        task = (await served.client.get(accepted["status_url"])).json()
+        assert task["metadata"] == {"a": "é ✓"}
+        # /cls reads no other field, but is told the same rather than left to guess.
+        body = multipart([("file", "a.jpg", data, "image/jpeg"), ("note", None, b"\xff", None)])
+        response = await served.client.post("/cls", content=body, headers=multipart_headers(body))
+        assert response.status_code == 400, response.text
