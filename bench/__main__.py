@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from bench import limits, queueing, report
-from bench.load import StepResult, closed_loop, encode_payloads, open_loop, spaced
+from bench.load import Payload, StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.report import MAX_PAIR_DRIFT
 from bench.server import Server, ServerNotStarted, start
 from classification import ImageTooLarge, InvalidImage, preprocess
@@ -140,7 +140,7 @@ def bare_rss_bytes(max_batch_size: int, threads: int) -> int:
 
 
 def run_sweep(
-    server: Server, payloads: list[Any], mode: dict[str, Any], progress: tqdm
+    server: Server, payloads: list[Payload], mode: dict[str, Any], progress: tqdm
 ) -> list[StepResult]:
     steps = []
     for clients in mode["clients"]:
@@ -184,7 +184,9 @@ def run_sweep(
     return steps
 
 
-def idle_step(server: Server, payloads: list[Any], mode: dict[str, Any], name: str) -> StepResult:
+def idle_step(
+    server: Server, payloads: list[Payload], mode: dict[str, Any], name: str
+) -> StepResult:
     step = asyncio.run(closed_loop(server, payloads, 1, mode["step_s"], mode["warmup_s"]))
     step.name = name
     return step
@@ -217,7 +219,7 @@ def _saturating_clients(
 
 def run_paired(
     server: Server,
-    payloads: list[Any],
+    payloads: list[Payload],
     lim: limits.Limits,
     mode: dict[str, Any],
     saturating_clients: int,

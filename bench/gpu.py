@@ -49,13 +49,13 @@ from torchvision.transforms.v2 import functional as tv
 
 from bench import report
 from bench.__main__ import commit, exit_interrupted, exit_on_signal, machine
+from bench.limits import MAX_PIXELS, timed_runs
 from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
 from bench.server import ServerNotStarted, start
 from classification import build_network, fold_batchnorm, preprocess
 from classification.preprocess import CROP_SIZE, RESIZE_SIZE
 from service.settings import PROJECT_ROOT, available_cores
 
-MAX_PIXELS = 40_000_000
 SERVED_TARGET = 0.8
 
 
@@ -69,13 +69,7 @@ def _timed(work: Callable[[], object], device: torch.device, seconds: float) -> 
 
     for _ in range(3):
         synchronised()
-    durations: list[float] = []
-    started = time.perf_counter()
-    while len(durations) < 3 or time.perf_counter() - started < seconds:
-        begin = time.perf_counter()
-        synchronised()
-        durations.append(time.perf_counter() - begin)
-    return statistics.median(durations)
+    return statistics.median(timed_runs(synchronised, seconds))
 
 
 def forward_dtypes(device: torch.device, served: str) -> list[str]:

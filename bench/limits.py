@@ -14,15 +14,17 @@ from torch import nn
 
 from classification import build_network, fold_batchnorm, load_classifier, preprocess
 from service import memory
-from service.settings import PROJECT_ROOT
+from service.settings import PROJECT_ROOT, Settings
 
 LABELS_FILE = PROJECT_ROOT / "imagenet_classes.txt"
-MAX_PIXELS = 40_000_000
+MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # the served limit
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FORWARD_MS_PREFIX = "forward_served_ms_batch_"
 
 
-def _timed_runs(work: Callable[[], object], min_seconds: float, min_runs: int = 3) -> list[float]:
+def timed_runs(work: Callable[[], object], min_seconds: float, min_runs: int = 3) -> list[float]:
+    """Seconds of each call of ``work``, called for at least ``min_seconds`` and
+    ``min_runs`` times."""
     durations: list[float] = []
     started = time.perf_counter()
     while len(durations) < min_runs or time.perf_counter() - started < min_seconds:
@@ -59,7 +61,7 @@ class Limits:
         with torch.inference_mode():
             for _ in range(2):
                 network(batch)
-            durations = _timed_runs(lambda: network(batch), seconds)
+            durations = timed_runs(lambda: network(batch), seconds)
         return batch_size / statistics.median(durations)
 
     def forward_limit(self, batch_size: int, seconds: float) -> dict[str, float]:
@@ -82,7 +84,7 @@ class Limits:
         """Mean over the images of the median time to decode, resize and crop one upload."""
         per_image: list[float] = []
         for data in self.payloads:
-            durations = _timed_runs(
+            durations = timed_runs(
                 lambda data=data: preprocess(data, max_pixels=MAX_PIXELS),  # type: ignore[misc]
                 seconds / len(self.payloads),
             )
@@ -98,7 +100,7 @@ class Limits:
         """Median time of decode, preprocess and a batch-of-one forward: the idle floor."""
         indices = itertools.count()
         self._classify_upload(next(indices))
-        durations = _timed_runs(
+        durations = timed_runs(
             lambda: self._classify_upload(next(indices)), seconds, min_runs=len(self.payloads) * 3
         )
         return statistics.median(durations) * 1000

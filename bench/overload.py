@@ -43,7 +43,7 @@ from bench.server import Server, ServerNotStarted, scrape, start
 from service.settings import PROJECT_ROOT
 
 
-async def closed_loop(
+async def lateness_under_load(
     server: Server, payloads: list[Payload], clients: int, duration_s: float, timeout_ms: float
 ) -> dict[str, Any]:
     """``clients`` callers sending back to back for ``duration_s``; counts and lateness."""
@@ -127,7 +127,9 @@ def main() -> None:
                     start(settings, PROJECT_ROOT / "docs" / "benchmarks" / "logs")
                 )
             steps = [
-                asyncio.run(closed_loop(server, payloads, clients, args.seconds, args.timeout_ms))
+                asyncio.run(
+                    lateness_under_load(server, payloads, clients, args.seconds, args.timeout_ms)
+                )
                 for clients in args.clients
             ]
     except KeyboardInterrupt as interruption:

@@ -757,7 +757,9 @@ async def test_overload_step_counts_the_models_work_and_how_late_504s_come() -> 
 
     payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
     async with fake_service(classify, metrics) as url:
-        step = await overload.closed_loop(Server(url), [payload], 1, duration_s=1.0, timeout_ms=100)
+        step = await overload.lateness_under_load(
+            Server(url), [payload], 1, duration_s=1.0, timeout_ms=100
+        )
 
     assert step["statuses"]["200"] == answered
     assert step["statuses"]["504"] in (answered - 1, answered)
