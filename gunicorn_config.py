@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from service import logs, memory
 from service.protocol import raise_open_file_limit
@@ -35,6 +35,11 @@ from service.siblings import (
     process_alive,
     run_directory,
 )
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config
+    from gunicorn.workers.base import Worker
 
 settings = load_settings()
 
@@ -139,7 +144,7 @@ if settings.log_format == "json":
     }
 
 
-def on_starting(server: Any) -> None:
+def on_starting(server: Arbiter) -> None:
     # Named again in the master: with --daemon, gunicorn forked twice since it read this
     # file, and directories named by the pid of the process that did, which has exited,
     # would pass for a dead master's. And gunicorn's -e values are in the environment now.
@@ -175,7 +180,7 @@ def on_starting(server: Any) -> None:
     memory.keep_freed_memory()
 
 
-def _refuse_flags_that_override_settings(cfg: Any) -> None:
+def _refuse_flags_that_override_settings(cfg: Config) -> None:
     """Stop with one line where gunicorn's command line (or GUNICORN_CMD_ARGS) changed what
     this file sets from a setting: the workers size their threads, drain and messages by
     the setting, which would then be wrong (a --timeout 3 reported as WORKER_TIMEOUT_S=120).
@@ -202,7 +207,7 @@ def _refuse_flags_that_override_settings(cfg: Any) -> None:
         raise SystemExit(logs.unconfigured_line("invalid configuration: " + "; ".join(overridden)))
 
 
-def when_ready(server: Any) -> None:
+def when_ready(server: Arbiter) -> None:
     """Once the master holds its sockets, before any worker starts: remove the metric
     files of an earlier run, so their samples do not leak in, find out now, in one line,
     if the workers cannot create theirs, and make the workers' directory. Not before: a
@@ -260,7 +265,7 @@ def _remove_directories_of_dead_masters() -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _halt_once_for_workers_that_cannot_start(server: Any) -> None:
+def _halt_once_for_workers_that_cannot_start(server: Arbiter) -> None:
     """A worker that cannot start (its one line says why) halts the master; its siblings
     fail the same way while the master stops them, and gunicorn would raise its halt again
     from inside the first, with two tracebacks, exit status 1 and no ``on_exit``."""
@@ -282,7 +287,7 @@ def _halt_once_for_workers_that_cannot_start(server: Any) -> None:
     server.reap_workers = reap_workers_halting_once
 
 
-def post_fork(server: Any, worker: Any) -> None:
+def post_fork(server: Arbiter, worker: Worker) -> None:
     """Have the kernel send the worker SIGTERM when the master dies, even by SIGKILL.
 
     uvicorn's worker does not watch its parent: orphaned, it would keep the port and serve
@@ -310,11 +315,11 @@ class _StartTimeouts:
     halting: bool = False
 
 
-def pre_fork(server: Any, worker: Any) -> None:
+def pre_fork(server: Arbiter, worker: Worker) -> None:
     worker.forked_at = time.monotonic()
 
 
-def _start_timeouts(server: Any) -> _StartTimeouts:
+def _start_timeouts(server: Arbiter) -> _StartTimeouts:
     # Kept on the arbiter: a reload (HUP) runs this file again, and would count anew.
     if not hasattr(server, "service_start_timeouts"):
         server.service_start_timeouts = _StartTimeouts()
@@ -339,7 +344,7 @@ def _counted_anything(pid: int) -> bool:
     return False
 
 
-def child_exit(server: Any, worker: Any) -> None:
+def child_exit(server: Arbiter, worker: Worker) -> None:
     """Drop the live gauges of a worker that exited, crashed or was killed (and every metric
     file of one that counted nothing), and say which setting applies when the master killed
     it for its silence."""
@@ -396,7 +401,7 @@ def child_exit(server: Any, worker: Any) -> None:
         )
 
 
-def on_exit(server: Any) -> None:
+def on_exit(server: Arbiter) -> None:
     """Remove the metrics directory if it is the default one, made for this run, and the
     workers' directory."""
     if PROMETHEUS_DIR == _DEFAULT_METRICS_DIR:

@@ -81,6 +81,9 @@ class Outcome(enum.StrEnum):
 class BatchConfig:
     """The batcher's knobs, validated on creation.
 
+    ``max_concurrent_batches`` above 1 lets batches overlap, for a handler that can run
+    several at once (a service with one model thread keeps it at 1).
+
     ``max_batch_size``, ``max_queue`` and ``max_concurrent_batches`` are ints of at least 1
     (not bools, not floats: a float size would give batches of its ceiling, and NaN
     compares false with every size). ``max_wait_s`` is a finite number of seconds, at least
@@ -705,7 +708,7 @@ class BatchProcessor(Generic[In, Out]):
                 oldest_s = min(lane[0].enqueued_at for lane in self._lanes if lane)
                 # The timer gives way to the first deadline among the waiting entries.
                 remaining_s = min(
-                    self._config.max_wait_s - (now - oldest_s), self._latest_start(now) - now
+                    self._config.max_wait_s - (now - oldest_s), self._latest_start() - now
                 )
                 if remaining_s > 0:
                     self._arrived.clear()
@@ -717,7 +720,7 @@ class BatchProcessor(Generic[In, Out]):
             if entries:
                 return entries
 
-    def _latest_start(self, now: float) -> float:
+    def _latest_start(self) -> float:
         """When a batch of what waits must start for its expected run to end before the
         first of the waiting entries' deadlines."""
         # Only the entries the next batch would take: a scan of all would cost each batch

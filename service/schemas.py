@@ -13,12 +13,16 @@ from service.tasks import TaskRecord, TaskStatus
 
 
 class PredictionOut(BaseModel):
+    """One class: its index in the model's output, its label, its softmax score."""
+
     index: int
     label: str
     score: float
 
 
 class ClassifyResponse(BaseModel):
+    """A ``/cls`` answer: the ``top_k`` classes, best first."""
+
     prediction: list[PredictionOut]
 
 
@@ -32,10 +36,14 @@ class BatchEntry(BaseModel):
 
 
 class BatchResponse(BaseModel):
+    """A ``/cls/batch`` answer: one entry per file part, in the order sent."""
+
     results: list[BatchEntry]
 
 
 class TaskAccepted(BaseModel):
+    """A stored task: poll ``status_url`` (also the ``Location`` header) for its result."""
+
     task_id: str
     status: TaskStatus
     status_url: str

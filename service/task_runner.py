@@ -67,13 +67,17 @@ Execute = Callable[[ClaimedTask], Awaitable[object]]
 class TaskObserver(Protocol):
     """Receives the runner's events, for metrics. Calls must be cheap and not raise."""
 
-    def task_finished(self, succeeded: bool, latency_s: float) -> None: ...
+    def task_finished(self, succeeded: bool, latency_s: float) -> None:
+        """A task succeeded or failed, ``latency_s`` after it was submitted."""
 
-    def task_queue_depth_changed(self, depth: int) -> None: ...
+    def task_queue_depth_changed(self, depth: int) -> None:
+        """``depth`` tasks of the store wait to be claimed."""
 
-    def webhook_attempted(self, duration_s: float) -> None: ...
+    def webhook_attempted(self, duration_s: float) -> None:
+        """A delivery attempt ended, delivered or not, after ``duration_s``."""
 
-    def webhook_finished(self, delivered: bool) -> None: ...
+    def webhook_finished(self, delivered: bool) -> None:
+        """A delivery ended for good: delivered, or failed after its last attempt."""
 
 
 class RunnerStopped(Exception):
@@ -401,6 +405,8 @@ class TaskRunner:
 
     @property
     def store(self) -> TaskStore:
+        """The store's connection for claims, results and deliveries, used on its own
+        thread."""
         if self._store is None:
             raise RuntimeError("TaskRunner.start() has not been called")
         return self._store

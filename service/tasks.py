@@ -183,6 +183,7 @@ class TaskRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRecord:
+        """The task a row of the ``tasks`` table holds."""
         return cls(
             id=row["id"],
             status=TaskStatus(row["status"]),
@@ -370,6 +371,7 @@ class TaskStore:
         self._db.execute("PRAGMA foreign_keys = ON")
 
     def close(self) -> None:
+        """Close this connection to the store (its file and other connections stay)."""
         self._db.close()
 
     def _check_file(self) -> None:

@@ -519,6 +519,7 @@ class Attempt:
 
     @property
     def delivered(self) -> bool:
+        """Whether the receiver took the delivery (a 2xx answer)."""
         return self.error is None
 
 
