@@ -411,7 +411,7 @@ class Service:
         return TaskRunner(
             config,
             execute=self.run_task,
-            describe_error=lambda error: _status_and_detail(error)[1],
+            describe_error=lambda error: _status_and_detail(error, settings)[1],
             requeue_on=(Stopped, QueueFull, NotReady),
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
@@ -562,6 +562,7 @@ class Service:
         # decode thread do not each hold a copy in memory.
         max_pixels = self.settings.max_image_pixels
         limit_bytes = self.settings.max_upload_bytes
+        reduced_jpeg = self.settings.reduced_jpeg_decode
         small = upload.size is not None and upload.size <= SMALL_UPLOAD_MAX_BYTES
         if model_idle:
             # Have the model's threads running by the time this image is decoded, and decode
@@ -578,11 +579,18 @@ class Service:
                 pool = self._inference_pool
             else:
                 pool = self._decode_pool
-            pixels = await self._in_thread(pool, _preprocess_if_small, upload.file, max_pixels)
+            pixels = await self._in_thread(
+                pool, _preprocess_if_small, upload.file, max_pixels, reduced_jpeg
+            )
             if pixels is not None:
                 return pixels
         _, pixels = await self._in_thread(
-            self._large_decode_pool, _read_and_preprocess, upload.file, limit_bytes, max_pixels
+            self._large_decode_pool,
+            _read_and_preprocess,
+            upload.file,
+            limit_bytes,
+            max_pixels,
+            reduced_jpeg,
         )
         return pixels
 
@@ -656,6 +664,7 @@ class Service:
                 upload.file,
                 self.settings.max_upload_bytes,
                 self.settings.max_image_pixels,
+                self.settings.reduced_jpeg_decode,
             )
             return await tasks.submit(
                 data,
@@ -680,7 +689,11 @@ class Service:
         if self.processor is None:
             raise self._not_ready()
         pixels = await self._in_thread(
-            self._task_decode_pool, _preprocess, task.image, self.settings.max_image_pixels
+            self._task_decode_pool,
+            _preprocess,
+            task.image,
+            self.settings.max_image_pixels,
+            self.settings.reduced_jpeg_decode,
         )
         try:
             result = await self.processor.submit(
@@ -817,6 +830,8 @@ class Service:
         return None
 
     def refuse_unless_ready(self) -> None:
+        """Raise ``NotReady`` (503) saying why, unless the model is warm and the worker
+        serves."""
         if not self.ready:
             raise self._not_ready()
 
@@ -863,9 +878,8 @@ class Service:
         if requested is None:
             return min(DEFAULT_TOP_K, classes)
         if requested > classes:
-            raise RequestValidationError(
-                [{"loc": ("query", "top_k"), "msg": f"must be at most {classes}"}]
-            )
+            msg = f"must be at most {classes}, the model's class count; got {requested}"
+            raise RequestValidationError([{"loc": ("query", "top_k"), "msg": msg}])
         return requested
 
     async def _count_task_attempts(self, jobs: list[ClassifyJob]) -> None:
@@ -972,12 +986,12 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         logger.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
-def _preprocess(data: bytes, max_pixels: int) -> np.ndarray:
-    return preprocess(data, max_pixels=max_pixels)
+def _preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:
+    return preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
 
 
 def _read_and_preprocess(
-    file: BinaryIO, limit_bytes: int, max_pixels: int
+    file: BinaryIO, limit_bytes: int, max_pixels: int, reduced_jpeg: bool
 ) -> tuple[bytes, np.ndarray]:
     """An upload's bytes, read from its spooled file, and its model input."""
     # Its size first: read(limit + 1) would set aside the whole limit in memory up front.
@@ -986,10 +1000,10 @@ def _read_and_preprocess(
         raise _too_large(size, limit_bytes)
     file.seek(0)
     data = file.read(size)
-    return data, _preprocess(data, max_pixels)
+    return data, _preprocess(data, max_pixels, reduced_jpeg)
 
 
-def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
+def _preprocess_if_small(file: BinaryIO, max_pixels: int, reduced_jpeg: bool) -> np.ndarray | None:
     """The model input of a small upload, or None when the upload is over
     SMALL_UPLOAD_MAX_BYTES or the image has more than SMALL_IMAGE_MAX_PIXELS."""
     file.seek(0)
@@ -997,16 +1011,16 @@ def _preprocess_if_small(file: BinaryIO, max_pixels: int) -> np.ndarray | None:
     if len(data) > SMALL_UPLOAD_MAX_BYTES:
         return None
     if max_pixels <= SMALL_IMAGE_MAX_PIXELS:
-        return _preprocess(data, max_pixels)
+        return _preprocess(data, max_pixels, reduced_jpeg)
     try:
-        return _preprocess(data, SMALL_IMAGE_MAX_PIXELS)
+        return _preprocess(data, SMALL_IMAGE_MAX_PIXELS, reduced_jpeg)
     except ImageTooLarge as exc:
         # Another model package's ImageTooLarge may not say how many pixels it needs: then
         # the decode threads for large images decode it, and refuse it if it is too large.
         if getattr(exc, "pixels_needed", 0) > max_pixels:
             # Refused whatever thread decodes it: refused now, from its header, with the
             # message for MAX_IMAGE_PIXELS, not after large images' decodes at its deadline.
-            return _preprocess(data, max_pixels)
+            return _preprocess(data, max_pixels, reduced_jpeg)
         return None
 
 
@@ -1230,7 +1244,7 @@ async def classify_batch(
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):
-            status, detail = _status_and_detail(outcome)
+            status, detail = _status_and_detail(outcome, service.settings)
             results.append(BatchEntry(index=index, status=status, detail=detail))
         else:
             results.append(BatchEntry(index=index, status=200, prediction=_prediction_out(outcome)))
@@ -1400,20 +1414,25 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
     Stopped: SHUTTING_DOWN,
     RunnerStopped: SHUTTING_DOWN,
     BatchFailed: "inference failed; the error is logged on the server",
-    DeadlineExceeded: "the request was not served within REQUEST_TIMEOUT_MS",
 }
 
 
-def _status_and_detail(error: BaseException) -> tuple[int, str]:
+def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, str]:
     for error_type, status in _ERROR_STATUS.items():
         if isinstance(error, error_type):
+            if error_type is DeadlineExceeded:
+                timeout_ms = f"{settings.request_timeout_ms:g} ms"
+                return (
+                    status,
+                    f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms})",
+                )
             return status, _PUBLIC_DETAIL.get(error_type, str(error))
     logger.error("unexpected error", exc_info=error)
     return 500, "internal server error"
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    status, detail = _status_and_detail(exc)
+    status, detail = _status_and_detail(exc, _service(request).settings)
     if isinstance(exc, TaskStoreFailed):
         # The logs name the file where the operator put it; a client is not told where.
         store_path = _service(request).settings.data_dir / DATABASE_NAME

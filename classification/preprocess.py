@@ -634,6 +634,12 @@ def _per_value_mean_std(device: torch.device, values: int) -> tuple[torch.Tensor
     return mean, std
 
 
-def preprocess(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode, resize and crop one upload: the per-request work before the queue."""
-    return to_model_input(decode_image(data, max_pixels=max_pixels))
+def preprocess(data: bytes, *, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
+    """Decode, resize and crop one upload: the per-request work before the queue.
+
+    With ``reduced_jpeg``, a large JPEG decodes at a reduced scale (see ``decode_image``):
+    the model's input stays within two 8-bit levels of a full decode's, which can reorder
+    near ties; without it, every pixel is decoded, as torchvision's reference pipeline does.
+    """
+    min_side = MIN_DRAFT_SIDE if reduced_jpeg else None
+    return to_model_input(decode_image(data, max_pixels=max_pixels, min_side=min_side))

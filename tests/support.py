@@ -156,8 +156,8 @@ class HeldDecode:
         self._real = main.preprocess
         monkeypatch.setattr(main, "preprocess", self._preprocess)
 
-    def _preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
+    def _preprocess(self, data: bytes, *, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:
         self.calls += 1
         self.started.set()
         self.release.wait(10)
-        return self._real(data, max_pixels=max_pixels)
+        return self._real(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)

@@ -357,3 +357,37 @@ def _reference_share(reference: Answer, index: int) -> float:
     if index not in reference.indices:
         return 0.0
     return reference.scores[reference.indices.index(index)] / reference.scores[0]
+
+
+# Phone-camera sizes: decoded at half scale unless REDUCED_JPEG_DECODE=false.
+CAMERA_SIZES = ((4032, 3024), (3024, 4032))
+# The served network has BatchNorm folded into its convolutions: float rounding apart.
+SCORE_TOLERANCE = 1e-3
+
+
+async def test_large_jpegs_decoded_in_full_get_the_references_scores(weights_path: Path) -> None:
+    """With ``REDUCED_JPEG_DECODE=false`` a camera-sized JPEG is decoded pixel for pixel:
+    the served top-5 is the reference's, in order, with its scores, not only its top-1."""
+    variants = [
+        Variant(
+            f"{path.stem}/{width}x{height}",
+            images.encode(
+                images.photo(path).resize((width, height), Image.Resampling.BICUBIC),
+                "JPEG",
+                quality=90,
+            ),
+        )
+        for path in photo_paths()
+        for width, height in CAMERA_SIZES
+    ]
+    network = resnet18(num_classes=NUM_CLASSES)
+    network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    reference = reference_answers(network.eval(), variants)
+    settings = make_settings(weights=str(weights_path), reduced_jpeg_decode=False)
+    async with running_app(settings) as served:
+        answers = await served_answers(served, variants)
+    for name, answer in answers.items():
+        expected = reference[name]
+        assert answer.indices == expected.indices, _describe(name, answer, expected)
+        differences = [abs(a - b) for a, b in zip(answer.scores, expected.scores, strict=True)]
+        assert max(differences) <= SCORE_TOLERANCE, _describe(name, answer, expected)
