@@ -34,6 +34,19 @@ DRAFT_SCALES = (8, 4, 2)
 # Ghostscript); none of those is worth the attack surface for a classifier.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+# Formats that phones, cameras and converters send, named in their refusal so that its fix
+# is plain. HEIF-family files are ISO media files whose ``ftyp`` box lists brands.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
+_HEIF_BRANDS = frozenset({b"mif1", b"msf1"})
+_OTHER_SIGNATURES = (
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"%PDF-", "PDF"),
+)
+# JPEG frame headers (SOF markers), which hold the sample precision; JPEG-LS's own.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_LS_FRAME = 0xF7
 # The first bytes of each supported format but WebP (RIFF, then WEBP at offset 8).
 _SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -192,6 +205,8 @@ def decode_image(
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
+        if (unsupported := _unsupported_kind(data)) is not None:
+            raise InvalidImage(unsupported) from None
         if (claimed := _claimed_format(data)) is not None:
             raise InvalidImage(
                 f"the upload starts as a {claimed} image does, but its header is corrupt or "
@@ -282,6 +297,52 @@ def _orient(image: Image.Image) -> Image.Image:
         )
         return image
     return image if method is None else image.transpose(method)
+
+
+def _unsupported_kind(data: bytes) -> str | None:
+    """Why an image Pillow will not open here is refused, when it is of a kind people send
+    that is not accepted (HEIC, AVIF, JPEG 2000, a JPEG of other than 8-bit samples)."""
+    accepted = f"send a {_FORMAT_NAMES} image (convert it first)"
+    if data[4:8] == b"ftyp":
+        box_end = min(int.from_bytes(data[:4], "big"), len(data), 4096)
+        brands = {data[start : start + 4] for start in range(8, box_end - 3, 4)}
+        for family, name in (
+            (_AVIF_BRANDS, "AVIF"),
+            (_HEIC_BRANDS, "HEIC"),
+            (_HEIF_BRANDS, "HEIF"),
+        ):
+            if brands & family:
+                return f"the upload is an {name} image, which is not accepted; {accepted}"
+    for magic, name in _OTHER_SIGNATURES:
+        if data.startswith(magic):
+            return f"the upload is a {name} file, which is not accepted; {accepted}"
+    if data.startswith(JPEG_SIGNATURE) and (frame := _jpeg_frame(data)) is not None:
+        marker, precision = frame
+        if marker == JPEG_LS_FRAME:
+            return f"the JPEG is coded in JPEG-LS, which is not accepted; {accepted}"
+        if precision != 8:
+            return (
+                f"the JPEG has {precision}-bit samples; only 8-bit JPEGs are accepted: "
+                "convert it to 8 bits a sample"
+            )
+    return None
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """The marker and sample precision of a JPEG's frame header, walking the segments
+    before it; None if it has none there."""
+    position = len(JPEG_SIGNATURE)
+    while position + 4 < len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_FRAME_MARKERS or marker == JPEG_LS_FRAME:
+            return marker, data[position + 4]
+        if marker in (0xD9, 0xDA):  # the end, or a scan, before any frame
+            return None
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
 
 
 def _claimed_format(data: bytes) -> str | None:

@@ -511,6 +511,54 @@ def test_unsupported_format_is_refused() -> None:
         decode_image(images.encode(images.gradient(), "PPM"), max_pixels=MAX_PIXELS)
 
 
+def _with_sample_precision(jpeg: bytes, precision: int) -> bytes:
+    """``jpeg`` with its frame header's sample precision changed."""
+    position = 2
+    while jpeg[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + int.from_bytes(jpeg[position + 2 : position + 4], "big")
+    return jpeg[: position + 4] + bytes([precision]) + jpeg[position + 5 :]
+
+
+def _iso_media_header(*brands: bytes) -> bytes:
+    """The ``ftyp`` box an ISO media file (HEIF, AVIF) starts with, then some data."""
+    box = b"ftyp" + brands[0] + b"\x00\x00\x00\x00" + b"".join(brands)
+    return (len(box) + 4).to_bytes(4, "big") + box + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_iso_media_header(b"heic", b"mif1", b"heic"), "an HEIC image, which is not accepted"),
+        (_iso_media_header(b"mif1", b"mif1", b"heic"), "an HEIC image, which is not accepted"),
+        (_iso_media_header(b"mif1", b"mif1", b"miaf"), "an HEIF image, which is not accepted"),
+        (_iso_media_header(b"avif", b"mif1", b"miaf"), "an AVIF image, which is not accepted"),
+        (_iso_media_header(b"mif1", b"mif1", b"avif"), "an AVIF image, which is not accepted"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64), "a JPEG 2000 file, which is not accepted"),
+        (b"%PDF-1.7\n" + bytes(64), "a PDF file, which is not accepted"),
+    ],
+)
+def test_formats_people_send_that_are_not_accepted_are_named(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidImage, match=f"{message}; send a JPEG, PNG, GIF, WebP"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+
+
+def test_an_avif_pillow_could_open_is_refused_by_name() -> None:
+    with pytest.raises(InvalidImage, match="an AVIF image, which is not accepted"):
+        decode_image(images.encode(images.gradient(), "AVIF"), max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("precision", [12, 16])
+def test_a_jpeg_of_more_than_8_bits_a_sample_is_named_so(
+    photos: list[Path], precision: int
+) -> None:
+    """Pillow reads 8-bit JPEGs only; the refusal says why, not that the file is corrupt."""
+    data = _with_sample_precision(photos[0].read_bytes(), precision)
+    with pytest.raises(InvalidImage, match=f"the JPEG has {precision}-bit samples; only 8-bit"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+    # Set back to 8 bits, the same file decodes.
+    assert decode_image(_with_sample_precision(data, 8), max_pixels=MAX_PIXELS).size[0] > 0
+
+
 @pytest.mark.parametrize("bomb", [images.png_bomb, images.gif_bomb])
 def test_decompression_bombs_are_refused_before_pixels_are_allocated(bomb: object) -> None:
     assert callable(bomb)
