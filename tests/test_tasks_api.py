@@ -2710,3 +2710,34 @@ async def test_a_form_field_that_is_not_utf8_is_400_not_read_as_latin1(photos: l
         body = multipart([("file", "a.jpg", data, "image/jpeg"), ("note", None, b"\xff", None)])
         response = await served.client.post("/cls", content=body, headers=multipart_headers(body))
         assert response.status_code == 400, response.text
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+async def test_reduced_jpeg_decode_reaches_every_decode(
+    reduced: bool, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``REDUCED_JPEG_DECODE`` holds for small and large uploads of /cls and /cls/batch,
+    and for a task's check at submission and its decode when it runs."""
+    seen: list[bool] = []
+    real_preprocess = main.preprocess
+
+    def recording(data: bytes, *, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:
+        seen.append(reduced_jpeg)
+        return real_preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
+
+    monkeypatch.setattr(main, "preprocess", recording)
+    small = photos[0].read_bytes()
+    large = images.encode(images.photo(photos[0]).resize((1200, 900)), "PNG")
+    assert len(large) > main.SMALL_UPLOAD_MAX_BYTES
+    async with running_app(make_settings(reduced_jpeg_decode=reduced)) as served:
+        for data in (small, large):
+            response = await served.client.post("/cls", files=upload(data))
+            assert response.status_code == 200, response.text
+        batch = await served.client.post(
+            "/cls/batch", files=[("file", ("a.jpg", small)), ("file", ("b.png", large))]
+        )
+        assert [entry["status"] for entry in batch.json()["results"]] == [200, 200]
+        accepted = await submit(served.client, large)
+        assert (await finished(served.client, accepted["task_id"]))["status"] == "succeeded"
+    assert len(seen) >= 6
+    assert set(seen) == {reduced}
