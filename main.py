@@ -1298,7 +1298,8 @@ async def submit_task(
         and not (isinstance(value, StarletteUploadFile) and not value.size)
     ]:
         raise InvalidTaskField(
-            f"unknown form field {unknown[0][:64]!r}; a task takes {', '.join(TASK_FORM_FIELDS)}"
+            f"unknown form field {_shortened(unknown[0], 64)!r}; "
+            f"a task takes {', '.join(TASK_FORM_FIELDS)}"
         )
     for name in ("callback_url", "metadata"):
         if (sent := len(form.getlist(name))) > 1:

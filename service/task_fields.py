@@ -58,7 +58,7 @@ def idempotency_key_in(sent: list[str]) -> str | None:
     if not sent:
         return None
     if len(sent) > 1:
-        raise InvalidTaskField(f"Idempotency-Key was sent {len(sent)} times; send it once")
+        raise InvalidTaskField(f"Idempotency-Key was sent {len(sent)} times; send it at most once")
     key = sent[0].strip(" \t")
     if not _VALID_IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidTaskField(

@@ -1633,7 +1633,7 @@ async def test_an_idempotency_key_sent_twice_is_422(served: RunningApp, photos: 
         headers=[("Idempotency-Key", "order-19"), ("Idempotency-Key", "order-20")],
     )
     assert response.status_code == 422
-    assert response.json()["detail"] == "Idempotency-Key was sent 2 times; send it once"
+    assert response.json()["detail"] == "Idempotency-Key was sent 2 times; send it at most once"
     assert stored_rows(served, "tasks") == 0
 
 
