@@ -1422,7 +1422,7 @@ def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, s
     for error_type, status in _ERROR_STATUS.items():
         if isinstance(error, error_type):
             if error_type is DeadlineExceeded:
-                timeout_ms = f"{settings.request_timeout_ms:g} ms"
+                timeout_ms = f"{settings.request_timeout_ms:.15g} ms"
                 return (
                     status,
                     f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms})",

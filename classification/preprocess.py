@@ -38,7 +38,7 @@ _FORMAT_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
 # is plain. HEIF-family files are ISO media files whose ``ftyp`` box lists brands.
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
-_HEIF_BRANDS = frozenset({b"mif1", b"msf1"})
+_HEIF_BRANDS = frozenset({b"mif1", b"mif2", b"msf1"})
 _OTHER_SIGNATURES = (
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
     (b"\xff\x4f\xff\x51", "JPEG 2000"),
@@ -76,6 +76,9 @@ JPEG_MAX_SCANS = 256
 # Pillow reads a JPEG's segments before its first scan in Python; real files have a few
 # dozen.
 JPEG_MAX_SEGMENTS = 65_536
+# ... and skips the bytes between segments (fill bytes, junk) one at a time: 0.3 µs each, so
+# 10 MB of them held a decode thread for 3.4 s. Real files have none, or a few.
+JPEG_MAX_STRAY_BYTES = 65_536
 JPEG_SIGNATURE = b"\xff\xd8"
 JPEG_START_OF_SCAN, JPEG_END_OF_IMAGE = 0xDA, 0xD9
 JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM, SOI (restarts are not candidates)
@@ -304,8 +307,10 @@ def _unsupported_kind(data: bytes) -> str | None:
     that is not accepted (HEIC, AVIF, JPEG 2000, a JPEG of other than 8-bit samples)."""
     accepted = f"send a {_FORMAT_NAMES} image (convert it first)"
     if data[4:8] == b"ftyp":
-        box_end = min(int.from_bytes(data[:4], "big"), len(data), 4096)
-        brands = {data[start : start + 4] for start in range(8, box_end - 3, 4)}
+        # The major brand, then (past the minor version) the compatible ones; a size of 0
+        # runs to the end of the file.
+        box_end = min(int.from_bytes(data[:4], "big") or len(data), len(data), 4096)
+        brands = {data[8:12]} | {data[start : start + 4] for start in range(16, box_end - 3, 4)}
         for family, name in (
             (_AVIF_BRANDS, "AVIF"),
             (_HEIC_BRANDS, "HEIC"),
@@ -320,7 +325,7 @@ def _unsupported_kind(data: bytes) -> str | None:
         marker, precision = frame
         if marker == JPEG_LS_FRAME:
             return f"the JPEG is coded in JPEG-LS, which is not accepted; {accepted}"
-        if precision != 8:
+        if precision in (12, 16):  # what encoders write beside 8; others are damage
             return (
                 f"the JPEG has {precision}-bit samples; only 8-bit JPEGs are accepted: "
                 "convert it to 8 bits a sample"
@@ -409,9 +414,19 @@ def _jpeg_scan_count(data: bytes) -> int:
         offset = int(rest.argmax()) if rest.size else 0  # the first True, or 0 if none
         return start + offset if rest.size and rest[offset] else -1
 
-    scans = segments = 0
-    position = first_candidate(len(JPEG_SIGNATURE))
-    while position >= 0:
+    scans = segments = stray = 0
+    next_start = len(JPEG_SIGNATURE)
+    position = first_candidate(next_start)
+    while True:
+        if scans == 0:
+            stray += (position if position >= 0 else len(data)) - next_start
+            if stray > JPEG_MAX_STRAY_BYTES:
+                raise InvalidImage(
+                    f"the JPEG holds more than {JPEG_MAX_STRAY_BYTES} bytes between its "
+                    "segments before its first scan, where markers belong"
+                )
+        if position < 0:
+            break
         marker = data[position + 1]
         if marker == JPEG_END_OF_IMAGE:
             break

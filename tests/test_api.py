@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 
 import main
 import service.settings
-from batching import BatchProcessor, Priority
+from batching import BatchProcessor, DeadlineExceeded, Priority
 from classification import DeviceFailed, ImageTooLarge, Prediction
 from service import logs, metrics
 from service.settings import Settings
@@ -1022,6 +1022,16 @@ async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: l
         model.release.set()
         statuses = [r.status_code for r in await asyncio.gather(running, *burst)]
         assert sorted(statuses) == [200] * 3 + [503] * 6
+
+
+@pytest.mark.parametrize("timeout_ms", [86_400_000, 1_234_567, 2.5])
+def test_a_504_names_the_request_timeout_as_set(timeout_ms: float) -> None:
+    settings = make_settings(request_timeout_ms=timeout_ms)
+    status, detail = main._status_and_detail(DeadlineExceeded("late"), settings)
+    assert (status, detail) == (
+        504,
+        f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms} ms)",
+    )
 
 
 async def test_deadline_is_504_while_the_model_is_busy(

@@ -531,9 +531,17 @@ def _iso_media_header(*brands: bytes) -> bytes:
         (_iso_media_header(b"heic", b"mif1", b"heic"), "an HEIC image, which is not accepted"),
         (_iso_media_header(b"mif1", b"mif1", b"heic"), "an HEIC image, which is not accepted"),
         (_iso_media_header(b"mif1", b"mif1", b"miaf"), "an HEIF image, which is not accepted"),
+        (_iso_media_header(b"msf1", b"msf1", b"hevc"), "an HEIC image, which is not accepted"),
+        (_iso_media_header(b"heix", b"mif1"), "an HEIC image, which is not accepted"),
+        # A box size of 0 runs to the end of the file.
+        (
+            bytes(4) + _iso_media_header(b"mif1", b"avif")[4:],
+            "an AVIF image, which is not accepted",
+        ),
         (_iso_media_header(b"avif", b"mif1", b"miaf"), "an AVIF image, which is not accepted"),
         (_iso_media_header(b"mif1", b"mif1", b"avif"), "an AVIF image, which is not accepted"),
         (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64), "a JPEG 2000 file, which is not accepted"),
+        (b"\xff\x4f\xff\x51" + bytes(64), "a JPEG 2000 file, which is not accepted"),
         (b"%PDF-1.7\n" + bytes(64), "a PDF file, which is not accepted"),
     ],
 )
@@ -557,6 +565,49 @@ def test_a_jpeg_of_more_than_8_bits_a_sample_is_named_so(
         decode_image(data, max_pixels=MAX_PIXELS)
     # Set back to 8 bits, the same file decodes.
     assert decode_image(_with_sample_precision(data, 8), max_pixels=MAX_PIXELS).size[0] > 0
+
+
+@pytest.mark.parametrize("precision", [0, 3, 255])
+def test_a_jpeg_frame_of_no_real_precision_is_called_corrupt(
+    photos: list[Path], precision: int
+) -> None:
+    data = _with_sample_precision(photos[0].read_bytes(), precision)
+    with pytest.raises(InvalidImage, match="header is corrupt or truncated"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+
+
+def test_a_jpeg_ls_file_is_named_so(photos: list[Path]) -> None:
+    data = photos[0].read_bytes()
+    position = 2
+    while data[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    jpeg_ls = data[: position + 1] + b"\xf7" + data[position + 2 :]
+    with pytest.raises(InvalidImage, match="the JPEG is coded in JPEG-LS, which is not accepted"):
+        decode_image(jpeg_ls, max_pixels=MAX_PIXELS)
+
+
+def _with_bytes_after_first_segment(jpeg: bytes, stray: bytes) -> bytes:
+    end = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:end] + stray + jpeg[end:]
+
+
+@pytest.mark.parametrize("stray", [b"\xff" * (10 << 20), b"\x00" * (10 << 20)])
+def test_a_jpeg_padded_between_its_segments_is_refused_before_pillow_walks_it(
+    photos: list[Path], stray: bytes
+) -> None:
+    """Pillow skips such bytes one at a time in Python: 3.4 s for 10 MB of fill bytes."""
+    data = _with_bytes_after_first_segment(photos[0].read_bytes(), stray)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="bytes between its segments before its first scan"):
+        decode_image(data, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("stray", [b"\xff" * 100, b"\x00" * 100])
+def test_a_few_bytes_between_a_jpegs_segments_are_skipped(photos: list[Path], stray: bytes) -> None:
+    data = photos[0].read_bytes()
+    padded = decode_image(_with_bytes_after_first_segment(data, stray), max_pixels=MAX_PIXELS)
+    assert np.array_equal(np.asarray(padded), np.asarray(decode_image(data, max_pixels=MAX_PIXELS)))
 
 
 @pytest.mark.parametrize("bomb", [images.png_bomb, images.gif_bomb])
