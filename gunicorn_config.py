@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gunicorn import glogging
+
 from service import logs, memory
 from service.protocol import raise_open_file_limit
 from service.settings import (
@@ -122,6 +124,18 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = settings.log_level
+
+
+class MaskedEnvironmentLogger(glogging.Logger):
+    """gunicorn's logger, but for the values of ``-e NAME=value`` (secrets among them),
+    which its configuration dump at debug level would show."""
+
+    def setup(self, cfg: Config) -> None:
+        super().setup(cfg)
+        self.error_log.addFilter(logs.EnvironmentValuesMasked())
+
+
+logger_class = MaskedEnvironmentLogger
 if settings.log_format == "json":
     # gunicorn's own lines, and uvicorn's (its worker writes them through gunicorn's
     # handlers), in the service's JSON, so that a log collector reads every line.

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -91,6 +92,24 @@ class LingeringQueue:
                 self._wake.wait()
         self._linger = True
         return self._records.popleft()
+
+
+class EnvironmentValuesMasked(logging.Filter):
+    """Leaves out the values of gunicorn's ``raw_env`` (``-e NAME=value``, ``API_KEY`` and
+    ``WEBHOOK_SECRET`` among them) from the configuration gunicorn logs at debug level."""
+
+    _NAME = re.compile(r"""(?<=['"])([^'"=]+)=""")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Current configuration:"):
+            lines = message.split("\n")
+            for index, line in enumerate(lines):
+                if line.startswith("  raw_env: "):
+                    names = ", ".join(self._NAME.findall(line))
+                    lines[index] = f"  raw_env: [{names}] (values not logged)"
+            record.msg, record.args = "\n".join(lines), None
+        return True
 
 
 class RequestIdLogFilter(logging.Filter):

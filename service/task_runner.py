@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from service import tasks
+from service import logs, tasks
 from service.tasks import (
     DELETE_STEP_TASKS,
     ClaimedTask,
@@ -123,6 +123,13 @@ def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
     error = None if writing.cancelled() else writing.exception()
     if error is not None:
         logger.error("storing %s failed as the worker stopped: %s", what, error)
+
+
+def _listed(ids: list[str], most: int = 16) -> str:
+    """``ids`` for a log line, the first ``most`` of them: a line written to a pipe stays
+    whole up to 4 KiB, and gunicorn's workers share one."""
+    shown = ", ".join(ids[:most])
+    return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
 
 
 def _log_delivery_taken_over(task_id: str) -> None:
@@ -595,8 +602,8 @@ class TaskRunner:
             "took over %d task(s) from a worker whose lease ran out (TASK_LEASE_S): %s; "
             "run again after entering the model before: %s",
             len(taken),
-            ", ".join(task.id for task in taken),
-            ", ".join(rerun) or "none",
+            _listed([task.id for task in taken]),
+            _listed(rerun) or "none",
         )
 
     async def _renew_leases_forever(self) -> None:
@@ -661,7 +668,9 @@ class TaskRunner:
 
     async def _run(self, task: ClaimedTask) -> None:
         try:
-            await self._run_once(task)
+            # What the run logs (the model's traceback too) names the task.
+            with logs.request_id_bound(f"task:{task.id}"):
+                await self._run_once(task)
         except Exception:
             # Its lease is no longer renewed: it runs out, and the task is run again (up
             # to TASK_MAX_ATTEMPTS), after a pause that a persistent fault cannot spin.
@@ -694,6 +703,8 @@ class TaskRunner:
         if record is None:
             logger.warning("task %s was taken over by another worker; result dropped", task.id)
             return
+        if error is not None:
+            logger.warning("task %s failed: %s", task.id, error)
         self._record_finished(record)
         # The claim loop, which this run's end wakes, claims its delivery.
 

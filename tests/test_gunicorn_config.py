@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gunicorn.config import Config
 from prometheus_client.mmap_dict import MmapedDict
 
 import service.settings
@@ -625,3 +626,25 @@ def test_under_an_unlimited_hard_limit_the_open_file_limit_is_raised_below_the_k
     tried.clear()
     assert protocol.raise_open_file_limit() is None
     assert tried == []
+
+
+def test_the_configuration_gunicorn_logs_at_debug_level_leaves_out_environment_values(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-e API_KEY=...`` is a way to pass settings; gunicorn's dump of its configuration
+    at debug level must not write the key to the log."""
+    config = load(monkeypatch, tmp_path, LOG_LEVEL="debug")
+    cfg = Config()
+    cfg.set("loglevel", config["loglevel"])
+    cfg.set("raw_env", ["API_KEY=leaked-key", "WEBHOOK_SECRET=it's leaked"])
+    logger_class = config["logger_class"]
+    assert isinstance(logger_class, type)
+    logger = logger_class(cfg)
+    # As gunicorn's arbiter writes it as it starts.
+    settings = sorted(cfg.settings.items(), key=lambda item: item[1])
+    lines = [f"  {name}: {setting.value}" for name, setting in settings]
+    logger.debug("Current configuration:\n" + "\n".join(lines))
+    logged = capsys.readouterr().err
+    assert "raw_env: [API_KEY, WEBHOOK_SECRET] (values not logged)" in logged
+    assert "leaked" not in logged
+    assert "loglevel: debug" in logged

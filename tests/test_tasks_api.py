@@ -31,7 +31,7 @@ import pytest
 
 import main
 from classification import Prediction
-from service import task_runner, tasks
+from service import logs, task_runner, tasks
 from service.settings import Settings, load_settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME
@@ -531,17 +531,28 @@ async def test_a_result_that_is_no_json_fails_its_task_at_once(
         assert runs == 1
 
 
-async def test_a_failing_batch_fails_the_task_with_a_public_error(photos: list[Path]) -> None:
+async def test_a_failing_batch_fails_the_task_with_a_public_error(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task's error says the log has the cause: the log names the task there."""
+    caplog.handler.addFilter(logs.RequestIdLogFilter())
     async with running_app(make_settings()) as served:
         before = (await served.client.get("/metrics")).text
         model = GatedModel(served)
         model.fail_next = True
         model.release.set()
-        accepted = await submit(served.client, photos[0].read_bytes())
-        task = await finished(served.client, accepted["task_id"])
+        with caplog.at_level(logging.WARNING):
+            accepted = await submit(served.client, photos[0].read_bytes())
+            task = await finished(served.client, accepted["task_id"])
 
         assert task["status"] == "failed"
         assert task["error"] == "inference failed; the error is logged on the server"
+        task_id = accepted["task_id"]
+        messages = [(r.request_id, r.getMessage()) for r in caplog.records]  # type: ignore[attr-defined]
+        assert (f"task:{task_id}", f"task {task_id} failed: {task['error']}") in messages
+        tracebacks = [r for r in caplog.records if r.exc_info is not None]
+        assert tracebacks
+        assert {r.request_id for r in tracebacks} == {f"task:{task_id}"}  # type: ignore[attr-defined]
         assert "prediction" not in task
         assert stored_rows(served, "task_images") == 0
         after = (await served.client.get("/metrics")).text
@@ -2105,6 +2116,15 @@ async def test_tasks_taken_over_from_a_dead_worker_are_logged_with_those_run_aga
     assert ids["waiting"] in taken
     assert ids["queued"] not in line
     assert rerun == ids["in_model"]
+
+
+def test_a_log_line_lists_at_most_sixteen_task_ids() -> None:
+    """A line written to a pipe stays whole up to 4 KiB: a take-over of 128 tasks would not."""
+    ids = [str(uuid.uuid4()) for _ in range(128)]
+    line = task_runner._listed(ids)
+    assert line == ", ".join(ids[:16]) + " and 112 more"
+    assert len(line) < 1024
+    assert task_runner._listed(ids[:16]) == ", ".join(ids[:16])
 
 
 async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:
