@@ -135,6 +135,13 @@ def end_request(token: contextvars.Token[str]) -> None:
     _access_fields.set(None)
 
 
+def listed(ids: list[str], most: int = 16) -> str:
+    """``ids`` for a log line, the first ``most`` of them: a line written to a pipe stays
+    whole up to 4 KiB, and gunicorn's workers share one."""
+    shown = ", ".join(ids[:most])
+    return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
+
+
 @contextmanager
 def request_id_bound(request_id: str) -> Iterator[None]:
     """Bind ``request_id`` to the log lines written inside, where no request's context is

@@ -125,13 +125,6 @@ def _log_abandoned_write(what: str, writing: asyncio.Future[object]) -> None:
         logger.error("storing %s failed as the worker stopped: %s", what, error)
 
 
-def _listed(ids: list[str], most: int = 16) -> str:
-    """``ids`` for a log line, the first ``most`` of them: a line written to a pipe stays
-    whole up to 4 KiB, and gunicorn's workers share one."""
-    shown = ", ".join(ids[:most])
-    return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
-
-
 def _log_delivery_taken_over(task_id: str) -> None:
     # Its lease ran out (this worker stalled) and another worker claimed it: that one's
     # attempts are counted and stored, not this one's.
@@ -602,8 +595,8 @@ class TaskRunner:
             "took over %d task(s) from a worker whose lease ran out (TASK_LEASE_S): %s; "
             "run again after entering the model before: %s",
             len(taken),
-            _listed([task.id for task in taken]),
-            _listed(rerun) or "none",
+            logs.listed([task.id for task in taken]),
+            logs.listed(rerun) or "none",
         )
 
     async def _renew_leases_forever(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import shutil
 import sqlite3
 import time
@@ -20,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
+
+from service import logs
+
+logger = logging.getLogger(__name__)
 
 # Raised only for a change that servers of the version before cannot work with: columns
 # added with a default are not one, so that a server rolled back, or one still serving
@@ -807,19 +812,30 @@ class TaskStore:
                 "SELECT id FROM tasks WHERE webhook_status = ? AND lease_until IS NULL LIMIT ?",
                 (WebhookStatus.PENDING, limit),
             ).fetchall()
-            due += db.execute(
-                "SELECT id FROM tasks WHERE webhook_status = ? AND lease_until <= ? "
+            expired = db.execute(
+                "SELECT id, lease_owner FROM tasks WHERE webhook_status = ? AND lease_until <= ? "
                 "AND (? OR lease_owner IS NULL) ORDER BY lease_until LIMIT ?",
                 (WebhookStatus.PENDING, now, take_over, limit - len(due)),
             ).fetchall()
+            due += expired
             chosen = [row["id"] for row in due]
+            # Held by a worker whose lease ran out: it may have begun an attempt.
+            taken = [row["id"] for row in expired if row["lease_owner"] is not None]
             if chosen:
                 marks = ",".join("?" * len(chosen))
                 db.execute(
                     f"UPDATE tasks SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
                     (owner, now + lease_s, *chosen),
                 )
-            return [self._get(task_id) for task_id in chosen]
+            claimed = [self._get(task_id) for task_id in chosen]
+        if taken:
+            logger.warning(
+                "took over the webhook deliveries of %d task(s) from a worker whose lease ran "
+                "out (TASK_LEASE_S): %s; an attempt it had begun may reach its receiver again",
+                len(taken),
+                logs.listed(taken),
+            )
+        return claimed
 
     def has_delivery_due_by(self, when: float) -> bool:
         """Whether a pending delivery that nobody holds is due by ``when``."""

@@ -2121,10 +2121,10 @@ async def test_tasks_taken_over_from_a_dead_worker_are_logged_with_those_run_aga
 def test_a_log_line_lists_at_most_sixteen_task_ids() -> None:
     """A line written to a pipe stays whole up to 4 KiB: a take-over of 128 tasks would not."""
     ids = [str(uuid.uuid4()) for _ in range(128)]
-    line = task_runner._listed(ids)
+    line = logs.listed(ids)
     assert line == ", ".join(ids[:16]) + " and 112 more"
     assert len(line) < 1024
-    assert task_runner._listed(ids[:16]) == ", ".join(ids[:16])
+    assert logs.listed(ids[:16]) == ", ".join(ids[:16])
 
 
 async def test_a_locked_task_store_never_holds_up_cls(photos: list[Path]) -> None:

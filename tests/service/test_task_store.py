@@ -6,6 +6,7 @@ Every call takes ``now`` explicitly, so these tests move time by passing it, nev
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -478,6 +479,29 @@ def test_without_take_over_expired_work_stays_with_its_holder(store: TaskStore) 
     assert [r.id for r in store.fail_abandoned(1, now=later)] == ["held"]
     deliveries = store.claim_webhooks("B", 5, lease_s=LEASE_S, now=later)
     assert sorted(r.id for r in deliveries) == ["delivery", "held"]
+
+
+def test_deliveries_taken_over_from_a_holder_whose_lease_ran_out_are_logged(
+    store: TaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its holder may have begun an attempt: the receiver may hear twice, and the log says
+    which deliveries. One waiting after a failed attempt, held by nobody, is not named."""
+    for task_id in ("taken", "waiting", "new"):
+        add(store, task_id, at=T0, callback_url=CALLBACK)
+        running(store, task_id, "A", at=T0)
+        store.finish(task_id, "A", prediction=[], now=T0 + 1)
+    assert {r.id for r in store.claim_webhooks("A", 2, lease_s=LEASE_S, now=T0 + 1)} == {
+        "taken",
+        "waiting",
+    }
+    store.defer_webhook("waiting", "A", attempts=1, error="callback answered 500", retry_at=T0 + 2)
+
+    with caplog.at_level(logging.WARNING, logger="service.tasks"):
+        claimed = store.claim_webhooks("B", 5, lease_s=LEASE_S, now=T0 + 1 + LEASE_S + 1)
+    assert sorted(r.id for r in claimed) == ["new", "taken", "waiting"]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("took over the webhook deliveries of 1 task(s)")
+    assert ": taken; an attempt it had begun may reach its receiver again" in line
 
 
 def test_renewed_lease_keeps_the_task(store: TaskStore) -> None:
