@@ -84,6 +84,7 @@ from service.protocol import (
 )
 from service.schemas import (
     BATCH_HEADERS,
+    READY_PROBE_HEADERS,
     TASK_ACCEPTED_HEADERS,
     BatchEntry,
     BatchResponse,
@@ -92,6 +93,7 @@ from service.schemas import (
     ProbeOut,
     TaskAccepted,
     TaskOut,
+    describe_uploads_as_files,
     document_the_api_key,
     documentation_paths,
     error_responses,
@@ -1763,7 +1765,15 @@ def create_app(settings: Settings) -> FastAPI:
             probe,
             methods=["GET"],
             response_model=ProbeOut,
-            responses={503: {"model": ProbeOut, "description": "Not live, or not ready"}},
+            responses={
+                503: {
+                    "model": ProbeOut,
+                    "description": "Not live, or not ready",
+                    # A not-ready worker says when to try again; a failed liveness probe
+                    # is for the orchestrator to act on.
+                    **({"headers": READY_PROBE_HEADERS} if path == "/readyz" else {}),
+                }
+            },
             tags=["operations"],
         )
         # Some load balancers probe with HEAD; one documented operation is enough.
@@ -1820,6 +1830,7 @@ def create_app(settings: Settings) -> FastAPI:
         in_flight_limit_bytes=settings.max_uploads_in_flight_bytes,
         in_flight=uploads,
     )
+    describe_uploads_as_files(app)
     if settings.api_key is not None:
         document_the_api_key(app, OPEN_PATHS)
         app.add_middleware(

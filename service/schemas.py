@@ -133,6 +133,52 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
+READY_PROBE_HEADERS = {"Retry-After": _RETRY_AFTER}
+
+
+def describe_uploads_as_files(app: FastAPI) -> None:
+    """Upload fields typed as files in the OpenAPI schema, as client generators read it.
+
+    FastAPI's OpenAPI 3.1 schema gives a file only a ``contentMediaType``, which generators
+    take for text (sent as a plain field, which the service refuses): ``format: binary``
+    makes it a file. A field an operation's ``openapi_extra`` requires beside the body's
+    ``$ref`` (``/cls/batch``'s ``file``, optional to FastAPI) goes unread by generators: it
+    is required in the body's own schema instead, without the null FastAPI allows.
+    """
+    build_schema = app.openapi
+
+    def schema_with_files() -> dict[str, Any]:
+        built = app.openapi_schema is not None
+        schema = build_schema()
+        if not built:
+            components = schema.get("components", {}).get("schemas", {})
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    content = operation.get("requestBody", {}).get("content", {})
+                    body = content.get("multipart/form-data", {}).get("schema", {})
+                    if "$ref" in body:
+                        _describe_form(components[body["$ref"].rsplit("/", 1)[-1]], body)
+        return schema
+
+    app.openapi = schema_with_files  # type: ignore[method-assign]
+
+
+def _describe_form(form: dict[str, Any], body: dict[str, Any]) -> None:
+    properties = form["properties"]
+    for name in body.pop("required", []):
+        if name not in form.setdefault("required", []):
+            form["required"].append(name)
+        field = properties[name]
+        branches = [b for b in field.pop("anyOf", [field]) if b.get("type") != "null"]
+        field.update(branches[0])
+        if field.get("type") == "array":
+            field["minItems"] = 1
+    for field in properties.values():
+        for schema in (field, field.get("items", {})):
+            if schema.get("contentMediaType") == "application/octet-stream":
+                schema["format"] = "binary"
+
+
 def document_the_api_key(app: FastAPI, open_paths: frozenset[str]) -> None:
     """With API_KEY set, the OpenAPI schema says which routes need it, how to send it, and
     their 401."""

@@ -2019,9 +2019,22 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
         p for p in schema["paths"]["/tasks"]["post"]["parameters"] if p["name"] == "idempotency-key"
     )
     assert idempotency_key["schema"]["maxLength"] == 255
-    batch_body = schema["paths"]["/cls/batch"]["post"]["requestBody"]
-    assert batch_body["required"] is True
-    assert batch_body["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
+    # Uploads are files to a client generator (format: binary; a string alone is sent as a
+    # plain field), and /cls/batch's files are required in its form's own schema.
+    forms = schema["components"]["schemas"]
+    for path in ("/cls", "/cls/batch", "/tasks"):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["required"] is True
+        reference = body["content"]["multipart/form-data"]["schema"]
+        assert set(reference) == {"$ref"}, path
+        form = forms[reference["$ref"].rsplit("/", 1)[-1]]
+        assert form["required"] == ["file"], path
+        file = form["properties"]["file"]
+        upload = file["items"] if path == "/cls/batch" else file
+        assert upload["format"] == "binary", path
+    assert forms["Body_classify_batch_cls_batch_post"]["properties"]["file"]["minItems"] == 1
+    assert "anyOf" not in forms["Body_classify_batch_cls_batch_post"]["properties"]["file"]
+    assert set(schema["paths"]["/readyz"]["get"]["responses"]["503"]["headers"]) == {"Retry-After"}
     # Every error is {"detail": "..."}, 422 included, and each route lists its own.
     assert "HTTPValidationError" not in json.dumps(schema)
     error = {"$ref": "#/components/schemas/ErrorOut"}
