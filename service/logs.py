@@ -264,7 +264,9 @@ def unconfigured_line(message: str) -> str:
     """``message`` as a critical line in the format that ``LOG_FORMAT`` asks for, read from
     the environment: for a start-up that fails before the settings, and so the logging,
     could be set up. A log collector that reads JSON lines must not miss why."""
-    if os.environ.get("LOG_FORMAT", "").strip().lower() != "json":
+    # Read in any case, as the settings are (log_format=json).
+    formats = [value for name, value in os.environ.items() if name.upper() == "LOG_FORMAT"]
+    if not any(value.strip().lower() == "json" for value in formats):
         return message
     record = logging.LogRecord("service", logging.CRITICAL, __file__, 0, message, None, None)
     return json_formatter().format(record)

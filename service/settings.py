@@ -356,8 +356,20 @@ class Settings(BaseSettings):
     @field_validator("log_level", "log_format", "dtype", "batch_policy", "device", mode="before")
     @classmethod
     def _keywords_in_any_case(cls, value: object) -> object:
-        # As names are: DTYPE=FLOAT16 is as clear as float16.
-        return value.lower() if isinstance(value, str) else value
+        # As names are: DTYPE=FLOAT16 is as clear as float16; blanks around it, as WEIGHTS's.
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator(
+        "channels_last",
+        "fill_spare_slots",
+        "reduced_jpeg_decode",
+        "access_log",
+        "webhook_allow_private",
+        mode="before",
+    )
+    @classmethod
+    def _switches_without_blanks(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _backoff_cap_covers_the_first_wait(self) -> Settings:
@@ -454,7 +466,8 @@ def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
             lines.append(f"{key} is no setting, and is ignored: did you mean {' or '.join(near)}?")
         elif upper == "HOST" and (host := _listening_host(value)) is not None:
             # Other servers' word for it; a shell's HOST (tcsh) holds the machine's name.
-            port = environ.get("PORT", "").strip() or "5001"
+            ports = (v.strip() for k, v in environ.items() if k.upper() == "PORT" and v.strip())
+            port = next(ports, "5001")
             lines.append(
                 f"{key} is no setting, and is ignored: the address to listen on is BIND under "
                 f"gunicorn (BIND={host}:{port}), --host under uvicorn"
@@ -500,6 +513,8 @@ def load_settings() -> Settings:
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]).upper()
             message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "bool_parsing":  # pydantic names none of the words it reads
+                message = "takes true or false (also 1 or 0, yes or no, on or off)"
             # As given, under the name given (any case is read): pydantic's input may be
             # converted already (TASK_TTL's seconds), and a secret's is not shown.
             name, given = next(

@@ -3,6 +3,7 @@ a setting takes."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def test_a_value_of_blanks_alone_is_refused(
         ("DEVICE", "gpu", "must be auto, cpu, cuda or cuda:N"),
         ("DEVICE", "cuda:01", "must be auto, cpu, cuda or cuda:N"),
         ("GOMP_SPINCOUNT", "lots", "must be a count, with an optional k, M, G or T"),
+        ("CHANNELS_LAST", "maybe", "takes true or false (also 1 or 0, yes or no, on or off)"),
+        ("FILL_SPARE_SLOTS", "2", "takes true or false (also 1 or 0, yes or no, on or off)"),
     ],
 )
 def test_a_refusal_says_what_the_setting_takes_not_a_pattern(
@@ -105,10 +108,15 @@ def test_values_the_setting_takes_are_kept(
         ("DEVICE", "CUDA:1", "cuda:1"),
         ("LOG_FORMAT", "JSON", "json"),
         ("LOG_LEVEL", "WARNING", "warning"),
+        # Blanks around a keyword or a switch, as around WEIGHTS's words.
+        ("DEVICE", " cpu ", "cpu"),
+        ("DTYPE", " float32\n", "float32"),
+        ("REDUCED_JPEG_DECODE", " off ", False),
+        ("ACCESS_LOG", " yes", True),
     ],
 )
 def test_keywords_are_read_in_any_case_as_names_are(
-    name: str, value: str, read: str, monkeypatch: pytest.MonkeyPatch
+    name: str, value: str, read: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(name, value)
     assert getattr(load_settings(), name.lower()) == read
@@ -272,6 +280,21 @@ def test_host_set_to_an_address_is_said_to_be_bind(host: str, port: str | None, 
         f"(BIND={bind}), --host under uvicorn"
     ]
     assert misspelt_settings({"HOST": "build-box-7"}) == []
+
+
+def test_the_host_hint_reads_the_port_in_any_case() -> None:
+    [line] = misspelt_settings({"HOST": "127.0.0.1", "port": "6000"})
+    assert "(BIND=127.0.0.1:6000)" in line
+
+
+def test_a_refusal_is_json_for_log_format_set_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log collector reading JSON lines must not miss why the server did not start."""
+    monkeypatch.setenv("log_format", "json")
+    monkeypatch.setenv("MAX_QUEUE", "0")
+    line = refusal(monkeypatch, capsys)
+    assert json.loads(line)["message"].startswith("invalid configuration: MAX_QUEUE='0'")
 
 
 def test_a_worker_s_model_threads_share_the_cores_on_a_cpu_and_are_one_on_a_gpu(
