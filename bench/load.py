@@ -260,9 +260,15 @@ def loadgen_pool(processes: int) -> Iterator[LoadgenPool]:
     # Spawned, not forked: the caller may hold a CUDA context, which a fork cannot share.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as executor:
-        # A task for each, long enough for every process to start and import this module.
-        list(executor.map(time.sleep, [1.0] * processes))
+        # A task for each, long enough for every process to start, of this module, so that
+        # each imports it (aiohttp and the rest) now: a second or more on a busy machine,
+        # which in a step's first task would start its callers late.
+        list(executor.map(_started, [1.0] * processes))
         yield LoadgenPool(executor, processes)
+
+
+def _started(wait_s: float) -> None:
+    time.sleep(wait_s)
 
 
 async def closed_loop_in_processes(
