@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, BinaryIO, TypeVar
 
@@ -189,6 +189,8 @@ class ClassifyJob:
     pixels: np.ndarray
     top_k: int
     task_id: str | None = None  # for a stored task, not a /cls request
+    # Its request's (or task run's) id, for lines about it written in the batch's own task.
+    request_id: str = field(default_factory=logs.request_id_var.get)
 
 
 @dataclass(frozen=True, slots=True)
@@ -927,12 +929,14 @@ class Service:
             else BatchFailed("inference failed")
             for each in predictions
         ]
-        if not_finite := sum(isinstance(each, BatchFailed) for each in results):
-            logger.error(
-                "the model scored %d of %d images with NaN or infinity; they fail",
-                not_finite,
-                len(jobs),
-            )
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, BatchFailed):
+                with logs.request_id_bound(job.request_id):
+                    logger.error(
+                        "the model scored the image with NaN or infinity (in a batch of %d); "
+                        "it fails",
+                        len(jobs),
+                    )
         return results
 
     def _device_failed(self, error: DeviceFailed) -> None:

@@ -1340,7 +1340,11 @@ async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
         assert responses[2].json() == {
             "detail": "inference failed; the error is logged on the server"
         }
-        assert "the model scored 1 of 3 images with NaN or infinity; they fail" in caplog.text
+        [failure] = [r for r in caplog.records if "NaN or infinity" in r.getMessage()]
+        assert failure.getMessage() == (
+            "the model scored the image with NaN or infinity (in a batch of 3); it fails"
+        )
+        assert failure.request_id == responses[2].headers["x-request-id"]
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = (await served.client.post("/cls", files=upload(image))).json()["prediction"]
             batched = response.json()["prediction"]
