@@ -37,6 +37,7 @@ from bench.load import Payload, StepResult, closed_loop, encode_payloads, open_l
 from bench.report import MAX_PAIR_DRIFT
 from bench.server import Server, ServerNotStarted, start
 from classification import ImageTooLarge, InvalidImage, preprocess
+from classification.model import cpu_computes_bfloat16
 from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, Settings, available_cores
 
@@ -128,9 +129,9 @@ def commit() -> str | None:
     return (commit + ("+changes" if dirty else "")) or None
 
 
-def bare_rss_bytes(max_batch_size: int, threads: int) -> int:
+def bare_rss_bytes(max_batch_size: int, threads: int, dtype: str) -> int:
     output = subprocess.run(
-        [sys.executable, "-m", "bench.bare", str(max_batch_size), str(threads)],
+        [sys.executable, "-m", "bench.bare", str(max_batch_size), str(threads), dtype],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -589,6 +590,14 @@ def main() -> None:
         "default: %(default)s)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the server's DTYPE, and the one the in-process limits are measured in "
+        "(bfloat16 needs a CPU with AMX or AVX512-BF16; with --url, give the running "
+        "server's; default: %(default)s)",
+    )
+    parser.add_argument(
         "--workers",
         type=positive,
         default=1,
@@ -638,6 +647,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "WEIGHTS": "random",
         "WORKERS": str(args.workers),
         "MAX_BATCH_SIZE": str(args.max_batch_size),
+        "DTYPE": args.dtype,
     }
     # Against the service's own bounds, and nothing else: the server it starts takes no
     # setting from this environment.
@@ -654,6 +664,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "--workers sets the server it starts; with --url none is started, and the limits "
             "are measured for one worker"
         )
+    if args.dtype == "bfloat16" and not cpu_computes_bfloat16():
+        parser.error("--dtype bfloat16 needs a CPU with AMX or AVX512-BF16, which this one lacks")
     if args.api_key is not None and not args.url:
         parser.error("--api-key is for a server given by --url; the one it starts has no key")
     headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
@@ -677,12 +689,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     results["machine"]["busy_before_run"] = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100
     with tqdm(total=total_steps, unit="step") as progress, contextlib.ExitStack() as servers:
         progress.set_description("in-process limits")
-        lim = limits.Limits(images, threads)
+        lim = limits.Limits(images, threads, args.dtype)
         results["limits"] = lim.measure(args.max_batch_size, mode["limit_s"])
         progress.update()
         progress.set_description("bare model process")
         memory: dict[str, float] = {
-            "bare_model_process_rss": bare_rss_bytes(args.max_batch_size, threads)
+            "bare_model_process_rss": bare_rss_bytes(args.max_batch_size, threads, args.dtype)
         }
         progress.update()
 
@@ -739,7 +751,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if warning is not None:
         results["warning"] = warning
 
-    prefix = args.out / f"{results['machine']['device']}-{mode_name}"
+    # float32 runs keep the names their records have always had.
+    dtype_part = "" if args.dtype == "float32" else f"-{args.dtype}"
+    prefix = args.out / f"{results['machine']['device']}{dtype_part}-{mode_name}"
     report.write_json(prefix.with_suffix(".json"), results)
     plots = report.write_plots(prefix, results)
     report.write_markdown(prefix.with_suffix(".md"), results, plots)

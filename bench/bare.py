@@ -18,11 +18,14 @@ from service.settings import PROJECT_ROOT
 
 
 def main() -> None:
-    max_batch_size, threads = int(sys.argv[1]), int(sys.argv[2])
+    max_batch_size, threads, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(threads)
     memory.keep_freed_memory()
     classifier = load_classifier(
-        weights="random", labels_file=PROJECT_ROOT / "imagenet_classes.txt", device="cpu"
+        weights="random",
+        labels_file=PROJECT_ROOT / "imagenet_classes.txt",
+        device="cpu",
+        dtype=dtype,
     )
     classifier.warm_up(sorted({1, max_batch_size}))
     trim = memory.malloc_trim()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from classification import build_network, fold_batchnorm, load_classifier, preprocess
+from classification.model import DTYPES
 from service import memory
 from service.settings import PROJECT_ROOT, Settings
 
@@ -35,14 +36,18 @@ def timed_runs(work: Callable[[], object], min_seconds: float, min_runs: int = 3
 
 
 class Limits:
-    """The model and preprocessing on this machine, with one server worker's thread count."""
+    """The model and preprocessing on this machine, with one server worker's thread count,
+    the model in one ``DTYPE``."""
 
-    def __init__(self, images: list[Path], threads: int) -> None:
+    def __init__(self, images: list[Path], threads: int, dtype: str = "float32") -> None:
         torch.set_num_threads(threads)
         # The allocator as a worker has it: its forward passes reuse their memory too.
         memory.keep_freed_memory()
         self.payloads = [path.read_bytes() for path in images]
-        self.classifier = load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu")
+        self.dtype = DTYPES[dtype]
+        self.classifier = load_classifier(
+            weights="random", labels_file=LABELS_FILE, device="cpu", dtype=dtype
+        )
         self.classifier.warm_up([1])
         eager, _ = build_network("random", 1000)
         served, _ = build_network("random", 1000)
@@ -56,8 +61,10 @@ class Limits:
     def forward_images_per_s(self, kind: str, batch_size: int, seconds: float) -> float:
         """Images per second of the bare network (no preprocessing, no serving)."""
         memory_format = torch.contiguous_format if kind == "plain" else torch.channels_last
-        network = self.networks[kind].to(memory_format=memory_format)
-        batch = torch.randn(batch_size, 3, 224, 224).to(memory_format=memory_format)
+        network = self.networks[kind].to(dtype=self.dtype, memory_format=memory_format)
+        batch = torch.randn(batch_size, 3, 224, 224).to(
+            dtype=self.dtype, memory_format=memory_format
+        )
         with torch.inference_mode():
             for _ in range(2):
                 network(batch)

@@ -452,6 +452,14 @@ def fold_batchnorm(network: ResNet) -> ResNet:
     return network
 
 
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX, or AVX512-BF16), with which oneDNN
+    runs bfloat16 convolutions natively. Without them torch emulates bfloat16, more slowly
+    than it computes float32."""
+    # torch's own checks, as its compiler uses them; there is no public API for these.
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def use_full_float32_on_cuda() -> None:
     """Make cuDNN's float32 convolutions IEEE float32, in this process.
 
@@ -484,9 +492,15 @@ class Classifier:
         channels_last: bool = False,
         weights_description: str = "",
     ) -> None:
-        if dtype != torch.float32 and device.type != "cuda":
+        if device.type == "cpu" and dtype == torch.float16:
             raise ModelLoadError(
-                f"DTYPE={_dtype_name(dtype)} needs a CUDA device; use DTYPE=float32 on {device}"
+                "DTYPE=float16 needs a CUDA device; on the CPU use DTYPE=float32, or "
+                "bfloat16 where the CPU has AMX or AVX512-BF16"
+            )
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_computes_bfloat16():
+            raise ModelLoadError(
+                "DTYPE=bfloat16 on the CPU needs AMX or AVX512-BF16 instructions, which this "
+                "CPU lacks (bfloat16 would be emulated, slower than float32); use DTYPE=float32"
             )
         self.labels = list(labels)
         self.device = device

@@ -38,6 +38,7 @@ from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
 from classification import preprocess
+from classification.model import cpu_computes_bfloat16
 from service.settings import PROJECT_ROOT
 from service.siblings import Siblings, run_directory
 from service.tasks import TaskStore
@@ -517,6 +518,19 @@ def test_target_1_divides_by_the_fastest_form_of_the_network(
     assert "0.97 of the unfolded network's best, 70.0 images/s" in throughput["note"]
 
 
+@pytest.mark.skipif(not cpu_computes_bfloat16(), reason="needs a CPU with AMX or AVX512-BF16")
+def test_the_limits_of_a_bfloat16_server_are_measured_in_bfloat16() -> None:
+    """Its network, the pipeline's classifier and the bare process's, as the server runs it."""
+    measured = limits.Limits(sorted(IMAGES_DIR.glob("*.jpg"))[:1], threads=1, dtype="bfloat16")
+    assert measured.classifier.dtype == torch.bfloat16
+    for kind, network in measured.networks.items():
+        assert measured.forward_images_per_s(kind, 1, seconds=0.01) > 0
+        assert {p.dtype for p in network.parameters()} == {torch.bfloat16}
+    assert measured.pipeline_ms(seconds=0.01) > 0
+    rss = bench_main.bare_rss_bytes(max_batch_size=2, threads=1, dtype="bfloat16")
+    assert rss > 0
+
+
 def test_a_lone_request_faster_than_the_model_alone_is_no_measurement() -> None:
     """A machine that slowed down for the pipeline's measurements and not the server's
     would make target 2 pass on a ratio no server can reach."""
@@ -896,6 +910,7 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
             ["--max-batch-size", "2000", "--images", str(IMAGES_DIR)],
             "--max-batch-size 2000: input should be less than or equal to 1024",
         ),
+        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_measurement(

@@ -507,9 +507,39 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
         resolve_device("cuda")
 
 
-def test_half_precision_needs_cuda() -> None:
-    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+def test_float16_needs_cuda() -> None:
+    with pytest.raises(ModelLoadError, match=r"^DTYPE=float16 needs a CUDA device"):
         load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu", dtype="float16")
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Emulated, bfloat16 would be slower than float32: the start stops saying so."""
+    monkeypatch.setattr(classification.model, "cpu_computes_bfloat16", lambda: False)
+    with pytest.raises(ModelLoadError, match=r"^DTYPE=bfloat16 on the CPU needs AMX or AVX512"):
+        load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu", dtype="bfloat16")
+
+
+native_bfloat16 = pytest.mark.skipif(
+    not classification.model.cpu_computes_bfloat16(), reason="needs a CPU with AMX or AVX512-BF16"
+)
+
+
+@native_bfloat16
+def test_bfloat16_on_the_cpu_scores_as_float32_does(
+    classifier: Classifier, photos: list[Path]
+) -> None:
+    in_bfloat16 = load_classifier(
+        weights="random", labels_file=LABELS_FILE, device="cpu", dtype="bfloat16", seed=SEED
+    )
+    pixels = [preprocess(p.read_bytes(), max_pixels=MAX_PIXELS) for p in photos]
+    for ours, reference in zip(
+        in_bfloat16.classify(pixels, [5] * len(pixels)),
+        classifier.classify(pixels, [5] * len(pixels)),
+        strict=True,
+    ):
+        assert [p.score for p in ours] == pytest.approx([p.score for p in reference], rel=5e-2)
 
 
 def test_channels_last_gives_the_same_answers(classifier: Classifier, photos: list[Path]) -> None:

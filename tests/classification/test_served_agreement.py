@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from classification import Prediction
+from classification.model import cpu_computes_bfloat16
 from tests import images
 from tests.discriminative import NUM_CLASSES, discriminative_resnet18, random_crop
 from tests.support import SEED, RunningApp, make_settings, photo_paths, running_app
@@ -65,6 +66,9 @@ AGREEMENT = {
     "bfloat16": Agreement(top1=0.90, top5_set=0.75, near_tie=0.6),
 }
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+native_bfloat16 = pytest.mark.skipif(
+    not cpu_computes_bfloat16(), reason="needs a CPU with AMX or AVX512-BF16"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +288,7 @@ def test_reference_model_tells_the_variants_apart(reference: dict[str, Answer]) 
     ("device", "dtype"),
     [
         ("cpu", "float32"),
+        pytest.param("cpu", "bfloat16", marks=native_bfloat16),
         pytest.param("cuda", "float32", marks=cuda),
         pytest.param("cuda", "float16", marks=cuda),
         pytest.param("cuda", "bfloat16", marks=cuda),
