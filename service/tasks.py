@@ -326,6 +326,7 @@ class TaskStore:
         except (OSError, sqlite3.Error) as exc:
             raise self._unavailable(exc) from None
         try:
+            self._refuse_another_programs_database()
             self._configure()
             self._file = _file_identity(self.path)
             self._migrate()
@@ -353,6 +354,24 @@ class TaskStore:
             )
             and not _is_damaged_file(cause),
         )
+
+    def _refuse_another_programs_database(self) -> None:
+        """Refuse, before anything changes it (its journal mode, tables of this schema
+        added), a database with tables but no schema version: another program's. This
+        schema's tables come with its version, in one transaction."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
+        if version == 0 and tables:
+            raise TaskStoreUnavailable(
+                f"{self.path} is not a task store of this service: it holds another "
+                f"program's tables ({logs.listed(tables, most=4)}); move it away, or set "
+                "DATA_DIR to another directory"
+            )
 
     def _configure(self) -> None:
         self._db.row_factory = sqlite3.Row

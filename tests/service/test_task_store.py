@@ -1124,6 +1124,27 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_another_programs_database_is_refused_untouched(tmp_path: Path) -> None:
+    """A database at the store's path with tables of its own, but no schema version, is
+    not taken for a new store: not switched to WAL, no table added."""
+    path = tmp_path / DATABASE_NAME
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, foo TEXT)")
+        db.commit()
+    before = path.read_bytes()
+
+    with pytest.raises(TaskStoreUnavailable) as error:
+        TaskStore(tmp_path)
+
+    assert str(error.value) == (
+        f"{path} is not a task store of this service: it holds another program's tables "
+        "(tasks); move it away, or set DATA_DIR to another directory"
+    )
+    assert not error.value.for_now
+    assert path.read_bytes() == before
+    assert not (tmp_path / f"{DATABASE_NAME}-wal").exists()
+
+
 def test_a_store_written_before_tasks_carried_their_mark_gains_it_in_place(
     tmp_path: Path,
 ) -> None:
