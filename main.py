@@ -255,6 +255,7 @@ class Service:
         self._lookup_pool = ThreadPoolExecutor(
             CALLBACK_LOOKUP_THREADS, thread_name_prefix="callback-lookup"
         )
+        self._pools_shut_down = False  # by ``stop``: a pool's refusal is then no fault
         self._lookups: dict[str, asyncio.Future[None]] = {}  # by host name, while under way
 
     async def start(self) -> None:
@@ -500,6 +501,7 @@ class Service:
                 if tasks is not None:
                     await tasks.stop(grace_s=TASK_STOP_GRACE_S)
             finally:
+                self._pools_shut_down = True
                 for pool in (
                     self._decode_pool,
                     self._large_decode_pool,
@@ -611,8 +613,15 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             future = pool.submit(contextvars.copy_context().run, work, *args)
-        except RuntimeError:  # ``stop`` has shut the pool down
-            raise self._not_ready() from None
+        except RuntimeError as exc:
+            if self._pools_shut_down:
+                raise self._not_ready() from None
+            # The pool had to start a thread and could not: the worker is at its limit of
+            # threads (ulimit -u, a container's pids.max) or of memory.
+            logger.error("a thread for the upload's decode could not be started: %s", exc)
+            raise NotReady(
+                "the server could not start a thread for the upload for now; retry"
+            ) from None
         self._threads_working += 1
         future.add_done_callback(partial(_call_soon, loop, self._thread_done))
         try:
@@ -1475,17 +1484,26 @@ def _has_route(app: FastAPI, path: str) -> bool:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
-    if exc.status_code == 400 and isinstance(exc.__cause__, OSError):
-        # FastAPI calls any failure to parse the body the client's; this one is the
-        # server's: a large part could not be spooled to the temporary directory.
+    cause = exc.__cause__
+    # FastAPI calls any failure to parse the body the client's; these are the server's.
+    if exc.status_code == 400 and isinstance(cause, OSError):
+        # A large part could not be spooled to the temporary directory.
         logger.error(
             "an upload could not be stored in the temporary directory %s: %s",
             tempfile.gettempdir(),
-            exc.__cause__,
+            cause,
         )
-        reason = exc.__cause__.strerror or type(exc.__cause__).__name__
+        reason = cause.strerror or type(cause).__name__
         return JSONResponse(
             {"detail": f"the server could not store the upload for now ({reason}); retry"},
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    if exc.status_code == 400 and isinstance(cause, MemoryError | RuntimeError):
+        # Out of memory, or of threads: a large part is spooled to disk on a worker thread.
+        logger.error("an upload could not be read: %s: %s", type(cause).__name__, cause)
+        return JSONResponse(
+            {"detail": "the server could not read the upload for now; retry"},
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_S},
         )
@@ -1843,6 +1861,7 @@ def create_app(settings: Settings) -> FastAPI:
             # The API's documentation too: a browser opening it sends no key, and its
             # "Authorize" button is how a reader then tries the routes that need one.
             open_paths=OPEN_PATHS | documentation_paths(app),
+            short_body_bytes=MAX_OTHER_BODY_BYTES,
         )
     if settings.cors_origin_list:
         # Outside the key check: browsers send preflight requests without credentials.

@@ -75,7 +75,7 @@ class RequestContextMiddleware:
 
         try:
             try:
-                if (problem := _host_problem(scope)) is not None:
+                if (problem := _header_problem(scope)) is not None:
                     response = JSONResponse(
                         {"detail": problem}, status_code=400, headers=_UNREAD_BODY
                     )
@@ -134,15 +134,22 @@ class RequestContextMiddleware:
             metrics.record_request(_route_label(scope), scope["method"], status, elapsed_s)
 
 
-def _host_problem(scope: Scope) -> str | None:
-    """What is wrong with the request's Host headers, if anything. HTTP/1.1 requires one
-    (RFC 9112, 3.2): two may name different hosts to a proxy and to this server, which
-    builds the URLs it answers (``status_url``, ``Location``) from the one it reads."""
+def _header_problem(scope: Scope) -> str | None:
+    """What is wrong with the request's Host or Content-Type headers, if anything.
+
+    HTTP/1.1 requires one Host (RFC 9112, 3.2): two may name different hosts to a proxy and
+    to this server, which builds the URLs it answers (``status_url``, ``Location``) from
+    the one it reads. Content-Type takes one value (RFC 9110, 8.3): a proxy that read
+    another boundary than this server's parser would inspect other parts than it serves.
+    """
     hosts = sum(1 for name, _ in scope["headers"] if name == b"host")
     if hosts > 1:
         return f"a request carries one Host header; this one has {hosts}"
     if hosts == 0 and scope["http_version"] == "1.1":
         return "an HTTP/1.1 request carries a Host header; this one has none"
+    content_types = sum(1 for name, _ in scope["headers"] if name == b"content-type")
+    if content_types > 1:
+        return f"a request carries at most one Content-Type header; this one has {content_types}"
     return None
 
 
@@ -235,16 +242,10 @@ class BodyLimitsMiddleware:
         # "/cls/" has the limit of "/cls", so that its body reaches the 404 that names the
         # route rather than a 413 about its size.
         limit = self.limit_bytes_by_path.get(scope["path"].rstrip("/"), self.default_limit_bytes)
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length", "")
-        # A body left unread that the server would otherwise read to its end, discarding:
-        # one that may never come (the client waits for 100 Continue) or that may be long.
-        # A short one, as some clients send to every route, is read, and the connection kept.
-        close_if_unread = (
-            headers.get("expect", "").lower() == "100-continue"
-            or "transfer-encoding" in headers
-            or (declared.isdigit() and int(declared) > self.default_limit_bytes)
-        )
+        declared = Headers(scope=scope).get("content-length", "")
+        close_if_unread = _closes_if_unread(scope, self.default_limit_bytes)
+        # What an answer before the body is read adds: a short body is read and dropped.
+        unread = _UNREAD_BODY if close_if_unread else {}
         if declared.isdigit() and int(declared) > limit and self.routed(scope):
             response = JSONResponse(
                 {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
@@ -253,7 +254,7 @@ class BodyLimitsMiddleware:
             return
         if (coding := _unread_coding(scope)) is not None and self.routed(scope):
             status, detail = coding
-            response = JSONResponse({"detail": detail}, status_code=status, headers=_UNREAD_BODY)
+            response = JSONResponse({"detail": detail}, status_code=status, headers=unread)
             await response(scope, receive, send)
             return
         if (charset := _foreign_charset(scope)) is not None and self.routed(scope):
@@ -263,14 +264,14 @@ class BodyLimitsMiddleware:
                 f"multipart/form-data with charset={charset} is not supported: send the "
                 "part headers and fields as UTF-8 (charset=utf-8, or none)"
             )
-            response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
+            response = JSONResponse({"detail": detail}, status_code=400, headers=unread)
             await response(scope, receive, send)
             return
 
         boundary = _multipart_boundary(scope)
         if boundary == b"" and self.routed(scope) and _has_body(scope):
             # The parser would look for lines of "--" alone: no part, or a misleading 400.
-            response = JSONResponse({"detail": NO_BOUNDARY}, status_code=400, headers=_UNREAD_BODY)
+            response = JSONResponse({"detail": NO_BOUNDARY}, status_code=400, headers=unread)
             await response(scope, receive, send)
             return
         if boundary is not None and len(boundary) > MAX_BOUNDARY_LENGTH:
@@ -281,7 +282,7 @@ class BodyLimitsMiddleware:
                     f"the multipart boundary is {len(boundary)} characters long; at most "
                     f"{MAX_BOUNDARY_LENGTH} are read (RFC 2046 asks for at most 70)"
                 )
-                response = JSONResponse({"detail": detail}, status_code=400, headers=_UNREAD_BODY)
+                response = JSONResponse({"detail": detail}, status_code=400, headers=unread)
                 await response(scope, receive, send)
                 return
             boundary = None
@@ -489,6 +490,20 @@ def _has_body(scope: Scope) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
+def _closes_if_unread(scope: Scope, short_body_bytes: int) -> bool:
+    """Whether an answer that leaves the body unread closes the connection: the server
+    would otherwise read it to its end, discarding it, and it may never come (the client
+    waits for 100 Continue) or be long (chunked, or over ``short_body_bytes``). A short one,
+    as some clients send to every route, is read, and the connection kept."""
+    headers = Headers(scope=scope)
+    declared = headers.get("content-length", "")
+    return (
+        headers.get("expect", "").lower() == "100-continue"
+        or "transfer-encoding" in headers
+        or (declared.isdigit() and int(declared) > short_body_bytes)
+    )
+
+
 def _unread_coding(scope: Scope) -> tuple[int, str] | None:
     """The status and detail for a body in a coding the service does not undo (it would
     reach the multipart parser still compressed): a transfer coding other than chunked
@@ -557,7 +572,9 @@ class ShedWhileFullMiddleware:
         if scope["type"] == "http" and scope["method"] == "POST":
             detail = self.refusal(scope["path"])
             if detail is not None:
-                headers = {"Retry-After": RETRY_AFTER_S, **_UNREAD_BODY}
+                # Inside BodyLimitsMiddleware, which closes the connection if the body left
+                # unread is long.
+                headers = {"Retry-After": RETRY_AFTER_S}
                 response = JSONResponse({"detail": detail}, status_code=503, headers=headers)
                 await response(scope, receive, send)
                 return
@@ -571,10 +588,13 @@ class ApiKeyMiddleware:
     compared in constant time, so response timing does not reveal how much of it matched.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, open_paths: frozenset[str], short_body_bytes: int
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode()
         self.open_paths = open_paths
+        self.short_body_bytes = short_body_bytes  # read and dropped after a 401, unlike longer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self._allowed(scope):
@@ -584,7 +604,10 @@ class ApiKeyMiddleware:
         response = JSONResponse(
             {"detail": detail},
             status_code=401,
-            headers={"WWW-Authenticate": "Bearer", **(_UNREAD_BODY if _has_body(scope) else {})},
+            headers={
+                "WWW-Authenticate": "Bearer",
+                **(_UNREAD_BODY if _closes_if_unread(scope, self.short_body_bytes) else {}),
+            },
         )
         await response(scope, receive, send)
 

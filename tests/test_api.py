@@ -39,7 +39,7 @@ from service.settings import Settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME, WebhookStatus
 from tests import images
-from tests.corpus import multipart, multipart_headers
+from tests.corpus import BOUNDARY, multipart, multipart_headers
 from tests.support import (
     GatedModel,
     HeldDecode,
@@ -1783,6 +1783,70 @@ async def test_a_full_temporary_directory_is_the_servers_503_not_the_clients_400
     assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+@pytest.mark.parametrize("error", [RuntimeError("can't start new thread"), MemoryError()])
+async def test_an_upload_the_server_has_no_thread_or_memory_to_read_is_its_503(
+    error: BaseException,
+    served: RunningApp,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A large part is spooled on a worker thread: at a limit of threads (ulimit -u, a
+    container's pids.max) or of memory, that fails, which FastAPI answers as the client's
+    400. It is the server's 503, with an ERROR line."""
+    data = images.encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
+        "PNG",
+    )
+
+    async def fails(self: object, data: bytes) -> None:
+        raise error
+
+    monkeypatch.setattr(StarletteUploadFile, "write", fails)
+    with caplog.at_level(logging.ERROR, logger="main"):
+        refused = await served.client.post("/cls", files=upload(data))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {"detail": "the server could not read the upload for now; retry"}
+    assert f"an upload could not be read: {type(error).__name__}" in caplog.text
+    monkeypatch.undo()
+    assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
+async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
+    served: RunningApp,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a limit of threads, a pool that must start one to decode fails: a 503 that says
+    so and an ERROR line, not the 503 of a model that is not ready; then served again."""
+
+    def no_thread(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    service = served.service
+    for pool in (service._decode_pool, service._large_decode_pool, service._bulk_decode_pool):
+        monkeypatch.setattr(pool, "submit", no_thread)
+    # Over 128 KiB: not decoded on the model's thread, as a small one finding it idle is.
+    data = images.encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)),
+        "PNG",
+    )
+    assert len(data) > 128 * 1024
+    with caplog.at_level(logging.ERROR, logger="main"):
+        refused = await served.client.post("/cls", files=upload(data))
+        entries = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {
+        "detail": "the server could not start a thread for the upload for now; retry"
+    }
+    assert entries.status_code == 503, entries.text
+    assert "a thread for the upload's decode could not be started: can't start" in caplog.text
+    assert (await served.client.get("/readyz")).status_code == 200
+    monkeypatch.undo()
+    assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
 async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
     served: RunningApp,
     photos: list[Path],
@@ -2119,6 +2183,38 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_gets_its_404_or_4
 
 
 @pytest.mark.parametrize(
+    ("name", "headers", "status"),
+    [
+        ("gzip", {"Content-Encoding": "gzip"}, 415),
+        (
+            "charset",
+            {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}; charset=latin-1"},
+            400,
+        ),
+        ("no boundary", {"Content-Type": "multipart/form-data; boundary="}, 400),
+        ("long boundary", {"Content-Type": "multipart/form-data; boundary=" + "b" * 300}, 400),
+    ],
+)
+async def test_a_short_body_refused_before_it_is_read_keeps_the_connection(
+    served: RunningApp, name: str, headers: dict[str, str], status: int
+) -> None:
+    """As for a 404: the server reads a short body and drops it, and the connection serves
+    the next request; a long one, left unread, closes it."""
+    short = multipart([("file", "a.jpg", b"x" * 100, "image/jpeg")])
+    refused = await served.client.post(
+        "/cls", content=short, headers={**multipart_headers(short), **headers}
+    )
+    assert refused.status_code == status, (name, refused.text)
+    assert "connection" not in refused.headers, name
+    long = multipart([("file", "a.jpg", b"x" * (main.MAX_OTHER_BODY_BYTES + 1), "image/jpeg")])
+    refused = await served.client.post(
+        "/cls", content=long, headers={**multipart_headers(long), **headers}
+    )
+    assert refused.status_code == status, (name, refused.text)
+    assert refused.headers["connection"] == "close", name
+
+
+@pytest.mark.parametrize(
     ("http_version", "hosts", "status"),
     [("1.1", 0, 400), ("1.1", 2, 400), ("1.0", 2, 400), ("1.1", 1, 200), ("1.0", 0, 200)],
 )
@@ -2149,6 +2245,32 @@ async def test_an_http_1_1_request_carries_exactly_one_host(
             else "an HTTP/1.1 request carries a Host header; this one has none"
         )
         assert (b"connection", b"close") in sent[0]["headers"]
+
+
+async def test_a_request_with_two_content_types_is_refused(served: RunningApp) -> None:
+    """A proxy reading the last one and the service the first would see other parts."""
+    body = multipart([("file", "a.jpg", b"x" * 100, "image/jpeg")])
+    request = httpx.Request("POST", "http://test/cls", content=body)
+    scope = {**http_scope(request), "method": "POST"}
+    scope["headers"] = [
+        *scope["headers"],  # type: ignore[misc]
+        (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+        (b"content-type", b"multipart/form-data; boundary=other"),
+    ]
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive() -> dict[str, object]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await served.app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["detail"] == (
+        "a request carries at most one Content-Type header; this one has 2"
+    )
 
 
 class LeavingClient:

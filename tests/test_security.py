@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from main import OPEN_PATHS
+from main import MAX_OTHER_BODY_BYTES, OPEN_PATHS
 from service.settings import Settings
 from tests.support import make_settings, running_app
 
@@ -36,6 +36,18 @@ async def test_without_api_key_setting_no_key_is_needed(photos: list[Path]) -> N
     assert response.status_code == 200
 
 
+async def test_a_401_closes_the_connection_only_for_a_long_body_it_left_unread() -> None:
+    """A short body is read and dropped, and the connection serves the next request, as
+    after a 404; a long one ends it (lingering, so the client gets the 401)."""
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        short = await served.client.post("/cls", files={"file": ("a.jpg", b"x" * 100)})
+        long_data = b"x" * (MAX_OTHER_BODY_BYTES + 1)
+        long = await served.client.post("/cls", files={"file": ("a.jpg", long_data)})
+    assert short.status_code == long.status_code == 401
+    assert "connection" not in short.headers
+    assert long.headers["connection"] == "close"
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -56,8 +68,6 @@ async def test_a_missing_or_wrong_key_gets_401_before_the_body_is_read(
         after = await served_so_far(served.client)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    # The body is left unread: the connection ends (lingering, so the client gets this).
-    assert response.headers["connection"] == "close"
     assert "API key" in response.json()["detail"]
     assert API_KEY not in response.text
     assert response.headers["x-request-id"]
