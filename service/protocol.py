@@ -701,7 +701,8 @@ def raise_open_file_limit() -> str | None:
         return None
     shown_hard = "unlimited" if hard == unlimited else hard
     return (
-        f"the open-file limit is {soft} (its hard limit {shown_hard}): each worker holds at "
-        "most about that many connections, and past it connections are closed unanswered; "
-        "raise it (ulimit -n, compose's ulimits: nofile, LimitNOFILE= in systemd)"
+        f"the open-file limit is {soft} (its hard limit {shown_hard}): each worker holds "
+        "that many connections less the 25 to 40 files it keeps open itself (task store, "
+        "metrics, pipes), and past it connections are closed unanswered; raise it "
+        "(ulimit -n, compose's ulimits: nofile, LimitNOFILE= in systemd)"
     )
