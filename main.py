@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -611,17 +611,7 @@ class Service:
         meanwhile.
         """
         loop = asyncio.get_running_loop()
-        try:
-            future = pool.submit(contextvars.copy_context().run, work, *args)
-        except RuntimeError as exc:
-            if self._pools_shut_down:
-                raise self._not_ready() from None
-            # The pool had to start a thread and could not: the worker is at its limit of
-            # threads (ulimit -u, a container's pids.max) or of memory.
-            logger.error("a thread for the upload's decode could not be started: %s", exc)
-            raise NotReady(
-                "the server could not start a thread for the upload for now; retry"
-            ) from None
+        future = self._submit(pool, work, *args)
         self._threads_working += 1
         future.add_done_callback(partial(_call_soon, loop, self._thread_done))
         try:
@@ -632,6 +622,26 @@ class Service:
                 raise  # the caller is cancelled (a timeout, the client gone)
             # ``stop`` dropped the work while it waited for a thread.
             raise self._not_ready() from None
+
+    def _submit(self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: object) -> Future[T]:
+        """``work(*args)`` submitted to ``pool``, to run in the caller's context.
+
+        Raises:
+            NotReady: ``stop`` has shut the pool down, or the pool had to start a thread
+                and could not: the worker is at its limit of threads (ulimit -u, a
+                container's pids.max) or of memory, which may pass.
+        """
+        try:
+            return pool.submit(contextvars.copy_context().run, work, *args)
+        except RuntimeError as exc:
+            if self._pools_shut_down:
+                raise self._not_ready() from None
+            logger.error(
+                "a thread could not be started (at a limit of the worker's threads, such as "
+                "ulimit -u or a container's pids.max, or of its memory): %s",
+                exc,
+            )
+            raise NotReady("the server could not start a thread for now; retry") from None
 
     def _thread_done(self) -> None:
         self._threads_working -= 1
@@ -745,13 +755,10 @@ class Service:
             # never answers, sent again and again, holds one thread, not all of them. Not
             # work in progress, as _in_thread's is: a hung one must not hold off the memory
             # trimmer.
-            try:
-                work = self._lookup_pool.submit(
-                    contextvars.copy_context().run,
-                    partial(check_callback_url, url, allow_private=allow_private),
-                )
-            except RuntimeError:  # ``stop`` has shut the pool down
-                raise self._not_ready() from None
+            work = self._submit(
+                self._lookup_pool,
+                partial(check_callback_url, url, allow_private=allow_private),
+            )
             lookup = asyncio.wrap_future(work)
             self._lookups[host] = lookup
             lookup.add_done_callback(partial(self._lookup_done, host))

@@ -1837,11 +1837,10 @@ async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
         entries = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1"
-    assert refused.json() == {
-        "detail": "the server could not start a thread for the upload for now; retry"
-    }
+    assert refused.json() == {"detail": "the server could not start a thread for now; retry"}
     assert entries.status_code == 503, entries.text
-    assert "a thread for the upload's decode could not be started: can't start" in caplog.text
+    assert "a thread could not be started (at a limit of the worker's threads" in caplog.text
+    assert "): can't start new thread" in caplog.text
     assert (await served.client.get("/readyz")).status_code == 200
     monkeypatch.undo()
     assert (await served.client.post("/cls", files=upload(data))).status_code == 200

@@ -299,6 +299,30 @@ async def test_with_every_lookup_thread_held_a_callback_is_taken_on_its_form(
         assert stored_rows(served, "tasks") == 1
 
 
+async def test_a_lookup_thread_that_cannot_start_is_a_503_and_stores_nothing(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At a limit of the worker's threads, the callback's lookup cannot run: the submission
+    is refused for now, with an ERROR line, and the next one, threads free again, stored."""
+    image = photos[0].read_bytes()
+    async with running_app(make_settings(webhook_allow_private=True)) as served:
+
+        def no_thread(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(served.service._lookup_pool, "submit", no_thread)
+        with caplog.at_level(logging.ERROR):
+            refused = await submit_with_callback(served, image, "https://somewhere.example/d")
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json() == {"detail": "the server could not start a thread for now; retry"}
+        assert "a thread could not be started" in caplog.text
+        assert stored_rows(served, "tasks") == 0
+        monkeypatch.undo()
+        stored = await submit_with_callback(served, image, f"http://localhost:{free_port()}/d")
+        assert stored.status_code == 202, stored.text
+
+
 async def test_submissions_naming_a_host_whose_lookup_hangs_share_one_lookup(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
