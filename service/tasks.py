@@ -358,14 +358,14 @@ class TaskStore:
     def _refuse_another_programs_database(self) -> None:
         """Refuse, before anything changes it (its journal mode, tables of this schema
         added), a database with tables but no schema version: another program's. This
-        schema's tables come with its version, in one transaction."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = [
-            row[0]
-            for row in self._db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
-            )
-        ]
+        schema's tables come with its version, in one transaction; both are read in one
+        statement, one snapshot, as another worker may be creating them."""
+        version, names = self._db.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version), "
+            "(SELECT group_concat(name, char(10)) FROM "
+            "(SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name))"
+        ).fetchone()
+        tables = names.split("\n") if names else []
         if version == 0 and tables:
             raise TaskStoreUnavailable(
                 f"{self.path} is not a task store of this service: it holds another "

@@ -1247,6 +1247,32 @@ def test_writes_that_waited_for_the_lock_are_stamped_once_they_hold_it(tmp_path:
         submitter.close()
 
 
+def test_stores_opened_together_on_new_directories_are_never_taken_for_anothers(
+    tmp_path: Path,
+) -> None:
+    """A worker that reads a new store while another creates its tables sees both the
+    tables and their schema version, or neither: never tables without a version, which
+    it would refuse as another program's database."""
+    refused: list[str] = []
+    for index in range(100):
+        directory = tmp_path / str(index)
+        start = threading.Barrier(2)
+
+        def open_store(directory: Path = directory, start: threading.Barrier = start) -> None:
+            start.wait(timeout=10)
+            try:
+                TaskStore(directory).close()
+            except TaskStoreUnavailable as error:
+                refused.append(str(error))
+
+        threads = [threading.Thread(target=open_store) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert refused == []
+
+
 def test_two_stores_opened_together_on_one_directory_both_work(tmp_path: Path) -> None:
     """Two workers starting at the same moment on a fresh directory both open the store,
     and each sees what the other writes."""
