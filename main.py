@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -631,9 +632,20 @@ class Service:
                 and could not: the worker is at its limit of threads (ulimit -u, a
                 container's pids.max) or of memory, which may pass.
         """
+        context = contextvars.copy_context()
+        refused = threading.Event()
+
+        def run() -> T:
+            if refused.is_set():
+                # A pool queues the work before it starts a thread: the next thread it
+                # starts would otherwise decode for nobody, ahead of the next request.
+                raise RuntimeError("its submission was refused")
+            return context.run(work, *args)
+
         try:
-            return pool.submit(contextvars.copy_context().run, work, *args)
+            return pool.submit(run)
         except RuntimeError as exc:
+            refused.set()
             if self._pools_shut_down:
                 raise self._not_ready() from None
             logger.error(
@@ -1484,6 +1496,12 @@ def _shortened(text: str, length: int) -> str:
     return text if len(text) <= length else text[:length] + "..."
 
 
+def _no_thread(error: BaseException | None) -> bool:
+    """Whether ``error`` is Python's for a thread the system would not start (at a limit
+    of threads or memory), not another RuntimeError: a bug's keeps its 400 and traceback."""
+    return isinstance(error, RuntimeError) and str(error) == "can't start new thread"
+
+
 def _has_route(app: FastAPI, path: str) -> bool:
     return matching_route(app, {"type": "http", "path": path, "method": "GET"}) is not None
 
@@ -1506,7 +1524,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_S},
         )
-    if exc.status_code == 400 and isinstance(cause, MemoryError | RuntimeError):
+    if exc.status_code == 400 and (isinstance(cause, MemoryError) or _no_thread(cause)):
         # Out of memory, or of threads: a large part is spooled to disk on a worker thread.
         logger.error("an upload could not be read: %s: %s", type(cause).__name__, cause)
         return JSONResponse(

@@ -245,7 +245,7 @@ class BodyLimitsMiddleware:
         declared = Headers(scope=scope).get("content-length", "")
         close_if_unread = _closes_if_unread(scope, self.default_limit_bytes)
         # What an answer before the body is read adds: a short body is read and dropped.
-        unread = _UNREAD_BODY if close_if_unread else {}
+        early_headers = _UNREAD_BODY if close_if_unread else {}
         if declared.isdigit() and int(declared) > limit and self.routed(scope):
             response = JSONResponse(
                 {"detail": self.describe(limit)}, status_code=413, headers=_UNREAD_BODY
@@ -254,7 +254,7 @@ class BodyLimitsMiddleware:
             return
         if (coding := _unread_coding(scope)) is not None and self.routed(scope):
             status, detail = coding
-            response = JSONResponse({"detail": detail}, status_code=status, headers=unread)
+            response = JSONResponse({"detail": detail}, status_code=status, headers=early_headers)
             await response(scope, receive, send)
             return
         if (charset := _foreign_charset(scope)) is not None and self.routed(scope):
@@ -264,14 +264,14 @@ class BodyLimitsMiddleware:
                 f"multipart/form-data with charset={charset} is not supported: send the "
                 "part headers and fields as UTF-8 (charset=utf-8, or none)"
             )
-            response = JSONResponse({"detail": detail}, status_code=400, headers=unread)
+            response = JSONResponse({"detail": detail}, status_code=400, headers=early_headers)
             await response(scope, receive, send)
             return
 
         boundary = _multipart_boundary(scope)
         if boundary == b"" and self.routed(scope) and _has_body(scope):
             # The parser would look for lines of "--" alone: no part, or a misleading 400.
-            response = JSONResponse({"detail": NO_BOUNDARY}, status_code=400, headers=unread)
+            response = JSONResponse({"detail": NO_BOUNDARY}, status_code=400, headers=early_headers)
             await response(scope, receive, send)
             return
         if boundary is not None and len(boundary) > MAX_BOUNDARY_LENGTH:
@@ -282,7 +282,7 @@ class BodyLimitsMiddleware:
                     f"the multipart boundary is {len(boundary)} characters long; at most "
                     f"{MAX_BOUNDARY_LENGTH} are read (RFC 2046 asks for at most 70)"
                 )
-                response = JSONResponse({"detail": detail}, status_code=400, headers=unread)
+                response = JSONResponse({"detail": detail}, status_code=400, headers=early_headers)
                 await response(scope, receive, send)
                 return
             boundary = None

@@ -17,6 +17,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -947,8 +948,13 @@ async def test_a_full_queue_refuses_an_upload_before_reading_it(
             )
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
-        assert refused.headers["connection"] == "close"
+        assert refused.headers["connection"] == "close"  # 68 KB, over the 64 KiB read
         assert refused.json()["detail"] == "the queue is full; MAX_QUEUE allows 1"
+        # A short body, sent whole, is read and dropped: the connection is kept.
+        short = multipart([("file", "photo.jpg", data[:100], "image/jpeg")])
+        kept = await served.client.post(path, content=short, headers=multipart_headers(short))
+        assert kept.status_code == 503, kept.text
+        assert "connection" not in kept.headers
         model.release.set()
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200, 200]
 
@@ -1812,38 +1818,77 @@ async def test_an_upload_the_server_has_no_thread_or_memory_to_read_is_its_503(
     assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+async def test_another_error_reading_the_upload_stays_the_parsers_400(
+    served: RunningApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a thread that could not start, or memory, is the server's 503 to retry."""
+
+    async def fails(self: object, data: bytes) -> None:
+        raise RuntimeError("Stream consumed")
+
+    monkeypatch.setattr(StarletteUploadFile, "write", fails)
+    data = images.encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
+        "PNG",
+    )
+    refused = await served.client.post("/cls", files=upload(data))
+    assert refused.status_code == 400, refused.text
+
+
 async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
     served: RunningApp,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At a limit of threads, a pool that must start one to decode fails: a 503 that says
-    so and an ERROR line, not the 503 of a model that is not ready; then served again."""
-
-    def no_thread(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("can't start new thread")
-
+    so and an ERROR line, not the 503 of a model that is not ready. The pool had queued the
+    refused decode: the thread it starts next does not run it ahead of the next request."""
     service = served.service
-    for pool in (service._decode_pool, service._large_decode_pool, service._bulk_decode_pool):
-        monkeypatch.setattr(pool, "submit", no_thread)
+    pools = [ThreadPoolExecutor(1, thread_name_prefix="no-thread-yet") for _ in range(3)]
+    names = ("_decode_pool", "_large_decode_pool", "_bulk_decode_pool")
+    for name, pool in zip(names, pools, strict=True):
+        monkeypatch.setattr(service, name, pool)
+    real_start = threading.Thread.start
+    threads_start = True
+
+    def start(thread: threading.Thread) -> None:
+        if not threads_start and thread.name.startswith("no-thread-yet"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    decodes: list[object] = []
+    real_decode = main._read_and_preprocess
+
+    def counted_decode(*args: Any) -> Any:
+        decodes.append(args)
+        return real_decode(*args)
+
+    monkeypatch.setattr(main, "_read_and_preprocess", counted_decode)
     # Over 128 KiB: not decoded on the model's thread, as a small one finding it idle is.
     data = images.encode(
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)),
         "PNG",
     )
     assert len(data) > 128 * 1024
-    with caplog.at_level(logging.ERROR, logger="main"):
-        refused = await served.client.post("/cls", files=upload(data))
-        entries = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
-    assert refused.status_code == 503, refused.text
-    assert refused.headers["retry-after"] == "1"
-    assert refused.json() == {"detail": "the server could not start a thread for now; retry"}
-    assert entries.status_code == 503, entries.text
-    assert "a thread could not be started (at a limit of the worker's threads" in caplog.text
-    assert "): can't start new thread" in caplog.text
-    assert (await served.client.get("/readyz")).status_code == 200
-    monkeypatch.undo()
-    assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+    try:
+        threads_start = False
+        with caplog.at_level(logging.ERROR, logger="main"):
+            refused = await served.client.post("/cls", files=upload(data))
+            entries = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json() == {"detail": "the server could not start a thread for now; retry"}
+        assert entries.status_code == 503, entries.text
+        assert "a thread could not be started (at a limit of the worker's threads" in caplog.text
+        assert "): can't start new thread" in caplog.text
+        assert (await served.client.get("/readyz")).status_code == 200
+        threads_start = True
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        assert len(decodes) == 1, "the refused request's decode ran"
+    finally:
+        for pool in pools:
+            pool.shutdown()
 
 
 async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
