@@ -36,8 +36,7 @@ from bench import limits, queueing, report
 from bench.load import Payload, StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.report import MAX_PAIR_DRIFT
 from bench.server import Server, ServerNotStarted, start
-from classification import ImageTooLarge, InvalidImage, preprocess
-from classification.model import cpu_computes_bfloat16
+from classification import ImageTooLarge, InvalidImage, cpu_computes_bfloat16, preprocess
 from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, Settings, available_cores
 
@@ -507,6 +506,18 @@ def positive(text: str) -> int:
     return value
 
 
+def cpu_dtype(text: str) -> str:
+    """``--dtype``, in any case, as the service reads ``DTYPE``."""
+    dtype = text.strip().lower()
+    if dtype == "float16":
+        raise argparse.ArgumentTypeError(
+            "float16 runs on a GPU only (python -m bench.gpu); on the CPU, float32 or bfloat16"
+        )
+    if dtype not in ("float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"must be float32 or bfloat16, not {text!r}")
+    return dtype
+
+
 def recorded_command(module: str, argv: list[str]) -> str:
     """The command line as the report shows it, an API key in it masked: reports are kept."""
     shown, hide_next = [], False
@@ -591,7 +602,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
+        type=cpu_dtype,
         default="float32",
         help="the server's DTYPE, and the one the in-process limits are measured in "
         "(bfloat16 needs a CPU with AMX or AVX512-BF16; with --url, give the running "

@@ -12,8 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from classification import build_network, fold_batchnorm, load_classifier, preprocess
-from classification.model import DTYPES
+from classification import (
+    DTYPES,
+    build_network,
+    fold_batchnorm,
+    load_classifier,
+    preprocess,
+)
 from service import memory
 from service.settings import PROJECT_ROOT, Settings
 

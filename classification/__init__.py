@@ -7,11 +7,13 @@ a list of inputs to a list of outputs.
 """
 
 from classification.model import (
+    DTYPES,
     Classifier,
     DeviceFailed,
     ModelLoadError,
     Prediction,
     build_network,
+    cpu_computes_bfloat16,
     fold_batchnorm,
     load_classifier,
     load_labels,
@@ -26,6 +28,7 @@ from classification.preprocess import (
 )
 
 __all__ = [
+    "DTYPES",
     "Classifier",
     "DeviceFailed",
     "ImageTooLarge",
@@ -33,6 +36,7 @@ __all__ = [
     "ModelLoadError",
     "Prediction",
     "build_network",
+    "cpu_computes_bfloat16",
     "decode_image",
     "fold_batchnorm",
     "load_classifier",

@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import pickle
 import socket
 import time
@@ -33,6 +34,11 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# oneDNN's instruction sets below AVX512_CORE_BF16: no bfloat16 arithmetic.
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+CPU_BFLOAT16_CHECKS = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
 IMAGENET_WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
 # A download of the weights that receives nothing for this long fails, with the line that
 # says what to do; torch hub would wait for ever, until gunicorn's timeout killed the
@@ -453,11 +459,15 @@ def fold_batchnorm(network: ResNet) -> ResNet:
 
 
 def cpu_computes_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AMX, or AVX512-BF16), with which oneDNN
-    runs bfloat16 convolutions natively. Without them torch emulates bfloat16, more slowly
-    than it computes float32."""
+    """Whether this CPU has bfloat16 instructions (AMX, or AVX512-BF16) and oneDNN may use
+    them (``ONEDNN_MAX_CPU_ISA`` can cap it below): it then runs bfloat16 convolutions
+    natively. Without them torch emulates bfloat16, more slowly than it computes float32."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if capped.strip().upper() in ONEDNN_ISAS_WITHOUT_BFLOAT16:
+        return False
     # torch's own checks, as its compiler uses them; there is no public API for these.
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    checks = [getattr(torch.cpu, name, None) for name in CPU_BFLOAT16_CHECKS]
+    return any(check is not None and check() for check in checks)
 
 
 def use_full_float32_on_cuda() -> None:
@@ -500,7 +510,8 @@ class Classifier:
         if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_computes_bfloat16():
             raise ModelLoadError(
                 "DTYPE=bfloat16 on the CPU needs AMX or AVX512-BF16 instructions, which this "
-                "CPU lacks (bfloat16 would be emulated, slower than float32); use DTYPE=float32"
+                "CPU lacks or ONEDNN_MAX_CPU_ISA rules out (bfloat16 would be emulated, slower "
+                "than float32); use DTYPE=float32"
             )
         self.labels = list(labels)
         self.device = device

@@ -910,7 +910,8 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
             ["--max-batch-size", "2000", "--images", str(IMAGES_DIR)],
             "--max-batch-size 2000: input should be less than or equal to 1024",
         ),
-        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["--dtype", "Float16"], "--dtype: float16 runs on a GPU only (python -m bench.gpu)"),
+        (["--dtype", "bf16"], "--dtype: must be float32 or bfloat16, not 'bf16'"),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_measurement(

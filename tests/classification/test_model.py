@@ -526,6 +526,23 @@ native_bfloat16 = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_bfloat16_is_refused_where_onednn_is_capped_below_its_instructions(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capped at AVX512_CORE, oneDNN emulates bfloat16 (3-4 times slower than float32 on an
+    AMX CPU) whatever the CPU has; a cap at or above AMX leaves it to the CPU."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    by_the_cpu = classification.model.cpu_computes_bfloat16()
+    monkeypatch.setenv(variable, " avx512_core ")
+    assert not classification.model.cpu_computes_bfloat16()
+    with pytest.raises(ModelLoadError, match="ONEDNN_MAX_CPU_ISA rules out"):
+        load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu", dtype="bfloat16")
+    monkeypatch.setenv(variable, "AVX512_CORE_AMX")
+    assert classification.model.cpu_computes_bfloat16() == by_the_cpu
+
+
 @native_bfloat16
 def test_bfloat16_on_the_cpu_scores_as_float32_does(
     classifier: Classifier, photos: list[Path]
