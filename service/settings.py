@@ -380,6 +380,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _float16_needs_cuda(self) -> Settings:
+        # Refused here, once, before a port is bound; the model's loader refuses it too,
+        # and DEVICE=auto without CUDA, which only torch can tell.
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError(
+                "DTYPE=float16 needs a CUDA device; on DEVICE=cpu use DTYPE=float32, or "
+                "bfloat16 where the CPU has AMX or AVX512-BF16"
+            )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _batch_files_default_within_the_queue(cls, values: object) -> object:

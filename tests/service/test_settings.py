@@ -172,6 +172,18 @@ def test_a_small_queue_alone_is_a_valid_choice(monkeypatch: pytest.MonkeyPatch) 
         load_settings()
 
 
+def test_float16_on_the_cpu_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once, in the master, not per worker once each has loaded the model."""
+    monkeypatch.setenv("DEVICE", "CPU")
+    monkeypatch.setenv("DTYPE", " Float16")
+    line = refusal(monkeypatch, capsys)
+    assert "DTYPE=float16 needs a CUDA device; on DEVICE=cpu use DTYPE=float32" in line
+    monkeypatch.setenv("DTYPE", "bfloat16")
+    assert load_settings().dtype == "bfloat16"  # the CPU's instructions decide, at load
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
