@@ -644,7 +644,7 @@ class Service:
 
         try:
             return pool.submit(run)
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             refused.set()
             if self._pools_shut_down:
                 raise self._not_ready() from None

@@ -605,7 +605,7 @@ def main() -> None:
         type=cpu_dtype,
         default="float32",
         help="the server's DTYPE, and the one the in-process limits are measured in "
-        "(bfloat16 needs a CPU with AMX or AVX512-BF16; with --url, give the running "
+        "(bfloat16 needs a CPU with AMX; with --url, give the running "
         "server's; default: %(default)s)",
     )
     parser.add_argument(
@@ -676,7 +676,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "are measured for one worker"
         )
     if args.dtype == "bfloat16" and not cpu_computes_bfloat16():
-        parser.error("--dtype bfloat16 needs a CPU with AMX or AVX512-BF16, which this one lacks")
+        parser.error("--dtype bfloat16 needs a CPU with AMX, which this one lacks")
     if args.api_key is not None and not args.url:
         parser.error("--api-key is for a server given by --url; the one it starts has no key")
     headers = {} if args.api_key is None else {"X-API-Key": args.api_key}

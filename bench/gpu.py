@@ -290,7 +290,10 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; --device cpu runs the steps on the CPU")
     if device.type == "cpu" and args.dtype != "float32":
-        parser.error("the CPU serves in float32 only: add --dtype float32")
+        parser.error(
+            "on the CPU this benchmark runs float32: add --dtype float32 (python -m bench "
+            "--dtype bfloat16 measures a CPU server in bfloat16)"
+        )
     if args.loadgen_processes < 1:
         parser.error("--loadgen-processes must be 1 or more")
     if not args.images.is_dir():

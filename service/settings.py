@@ -387,7 +387,7 @@ class Settings(BaseSettings):
         if self.dtype == "float16" and self.device == "cpu":
             raise ValueError(
                 "DTYPE=float16 needs a CUDA device; on DEVICE=cpu use DTYPE=float32, or "
-                "bfloat16 where the CPU has AMX or AVX512-BF16"
+                "bfloat16 where the CPU has AMX"
             )
         return self
 

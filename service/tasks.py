@@ -357,21 +357,27 @@ class TaskStore:
 
     def _refuse_another_programs_database(self) -> None:
         """Refuse, before anything changes it (its journal mode, tables of this schema
-        added), a database with tables but no schema version: another program's. This
-        schema's tables come with its version, in one transaction; both are read in one
-        statement, one snapshot, as another worker may be creating them."""
+        added), a database that another program wrote: one with tables, views or the like
+        but no schema version, or a version but no task table. This schema's tables come
+        with its version, in one transaction; both are read in one statement, one
+        snapshot, as another worker may be creating them."""
         version, names = self._db.execute(
             "SELECT (SELECT user_version FROM pragma_user_version), "
-            "(SELECT group_concat(name, char(10)) FROM "
-            "(SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name))"
+            "(SELECT json_group_array(name) FROM "
+            "(SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name))"
         ).fetchone()
-        tables = names.split("\n") if names else []
-        if version == 0 and tables:
-            raise TaskStoreUnavailable(
-                f"{self.path} is not a task store of this service: it holds another "
-                f"program's tables ({logs.listed(tables, most=4)}); move it away, or set "
-                "DATA_DIR to another directory"
-            )
+        schema = json.loads(names)
+        if version == 0 and schema:
+            named = logs.listed([repr(name) for name in schema], most=4)
+            problem = f"it holds another program's tables or views ({named})"
+        elif version != 0 and "tasks" not in schema:
+            problem = f"it has a schema version ({version}) but no tasks table"
+        else:
+            return
+        raise TaskStoreUnavailable(
+            f"{self.path} is not a task store of this service: {problem}; move it away, or "
+            "set DATA_DIR to another directory"
+        )
 
     def _configure(self) -> None:
         self._db.row_factory = sqlite3.Row

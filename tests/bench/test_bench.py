@@ -518,7 +518,7 @@ def test_target_1_divides_by_the_fastest_form_of_the_network(
     assert "0.97 of the unfolded network's best, 70.0 images/s" in throughput["note"]
 
 
-@pytest.mark.skipif(not cpu_computes_bfloat16(), reason="needs a CPU with AMX or AVX512-BF16")
+@pytest.mark.skipif(not cpu_computes_bfloat16(), reason="needs a CPU with AMX")
 def test_the_limits_of_a_bfloat16_server_are_measured_in_bfloat16() -> None:
     """Its network, the pipeline's classifier and the bare process's, as the server runs it."""
     measured = limits.Limits(sorted(IMAGES_DIR.glob("*.jpg"))[:1], threads=1, dtype="bfloat16")

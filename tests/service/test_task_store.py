@@ -1124,21 +1124,42 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_another_programs_database_is_refused_untouched(tmp_path: Path) -> None:
-    """A database at the store's path with tables of its own, but no schema version, is
-    not taken for a new store: not switched to WAL, no table added."""
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        (["CREATE TABLE tasks (id INTEGER PRIMARY KEY, foo TEXT)"], "('tasks')"),
+        (
+            ["CREATE TABLE a (x)", "CREATE VIEW b AS SELECT x FROM a", 'CREATE TABLE "c\nd" (y)'],
+            "('a', 'b', 'c\\nd')",
+        ),
+        (["CREATE VIEW only_a_view AS SELECT 1"], "('only_a_view')"),
+        (
+            ["CREATE TABLE accounts (id)", "PRAGMA user_version = 1"],
+            "it has a schema version (1) but no tasks table",
+        ),
+        (["PRAGMA user_version = 1"], "it has a schema version (1) but no tasks table"),
+    ],
+)
+def test_another_programs_database_is_refused_untouched(
+    schema: list[str], problem: str, tmp_path: Path
+) -> None:
+    """A database at the store's path with another schema, and no version or no task
+    table, is not taken for a new store: not switched to WAL, nothing added."""
     path = tmp_path / DATABASE_NAME
     with closing(sqlite3.connect(path)) as db:
-        db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, foo TEXT)")
+        for statement in schema:
+            db.execute(statement)
         db.commit()
     before = path.read_bytes()
 
     with pytest.raises(TaskStoreUnavailable) as error:
         TaskStore(tmp_path)
 
+    if problem.startswith("("):
+        problem = f"it holds another program's tables or views {problem}"
     assert str(error.value) == (
-        f"{path} is not a task store of this service: it holds another program's tables "
-        "(tasks); move it away, or set DATA_DIR to another directory"
+        f"{path} is not a task store of this service: {problem}; move it away, or set "
+        "DATA_DIR to another directory"
     )
     assert not error.value.for_now
     assert path.read_bytes() == before
