@@ -1440,6 +1440,8 @@ _ERROR_STATUS: dict[type[Exception], int] = {
     NotReady: 503,
     Stopped: 503,
     RunnerStopped: 503,
+    # At the worker's memory limit (a container's, ulimit -v): it may pass.
+    MemoryError: 503,
     DeadlineExceeded: 504,
     BatchFailed: 500,
     # nginx's convention for "client closed request"; only metrics and logs see it.
@@ -1449,10 +1451,13 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
     Stopped: SHUTTING_DOWN,
     RunnerStopped: SHUTTING_DOWN,
     BatchFailed: "inference failed; the error is logged on the server",
+    MemoryError: "the server had no memory for the request for now; retry",
 }
 
 
 def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, str]:
+    if isinstance(error, MemoryError):
+        logger.error("no memory for a request (the worker is at its memory limit)")
     for error_type, status in _ERROR_STATUS.items():
         if isinstance(error, error_type):
             if error_type is DeadlineExceeded:

@@ -216,6 +216,8 @@ def decode_image(
                 "truncated"
             ) from None
         raise InvalidImage(f"the upload is not a {_FORMAT_NAMES} image") from None
+    except MemoryError:
+        raise  # the server's, not the image's: no memory for it now
     except Exception as exc:
         raise InvalidImage(_png_metadata_problem(exc) or "the image header is corrupt") from None
 
@@ -243,6 +245,8 @@ def decode_image(
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
         return _to_rgb(_orient(image), colour_key)
+    except MemoryError:
+        raise
     except Exception as exc:
         # Pillow raises many types for bad data (OSError, ValueError, SyntaxError, ...).
         message = _png_metadata_problem(exc) or "the image data is corrupt or truncated"

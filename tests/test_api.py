@@ -1818,6 +1818,34 @@ async def test_an_upload_the_server_has_no_thread_or_memory_to_read_is_its_503(
     assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+async def test_no_memory_to_decode_an_upload_is_the_servers_503(
+    served: RunningApp,
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At the worker's memory limit a good image gets a 503 to retry, with an ERROR line,
+    where it was a 400 ("corrupt") or a 500; a /cls/batch entry too."""
+
+    def no_memory(*args: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(main, "_preprocess", no_memory)
+    data = photos[0].read_bytes()
+    with caplog.at_level(logging.ERROR):
+        refused = await served.client.post("/cls", files=upload(data))
+        batch = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))])
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {"detail": "the server had no memory for the request for now; retry"}
+    assert batch.status_code == 200, batch.text
+    [entry] = batch.json()["results"]
+    assert (entry["status"], entry["detail"]) == (503, refused.json()["detail"])
+    assert "no memory for a request" in caplog.text
+    monkeypatch.undo()
+    assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
 async def test_another_error_reading_the_upload_stays_the_parsers_400(
     served: RunningApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:

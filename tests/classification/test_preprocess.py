@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 from torchvision import transforms
 
 from classification import (
@@ -902,3 +902,18 @@ def test_pixel_limit_is_configurable() -> None:
     with pytest.raises(ImageTooLarge, match="MAX_IMAGE_PIXELS allows 1000"):
         decode_image(data, max_pixels=1000)
     assert decode_image(data, max_pixels=320 * 240).size == (320, 240)
+
+
+def test_no_memory_to_decode_is_the_servers_error_not_a_corrupt_image(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the worker's memory limit a good image is no bad one: its MemoryError passes, to
+    be answered 503 to retry, not 400 "corrupt"."""
+
+    def no_memory(self: object) -> None:
+        raise MemoryError
+
+    data = photos[0].read_bytes()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(MemoryError):
+        preprocess(data, max_pixels=MAX_PIXELS)
