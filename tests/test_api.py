@@ -72,6 +72,13 @@ def http_scope(request: httpx.Request) -> dict[str, object]:
     }
 
 
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels, which compresses to no less than its raw size (800 px: over
+    1 MiB, spooled to disk; 300 px: over 128 KiB, decoded off the model's thread)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
+    return images.encode(Image.fromarray(pixels), "PNG")
+
+
 def upload(data: bytes, name: str = "image.jpg") -> dict[str, tuple[str, bytes, str]]:
     return {"file": (name, data, "application/octet-stream")}
 
@@ -1760,10 +1767,7 @@ async def test_a_full_temporary_directory_is_the_servers_503_not_the_clients_400
 ) -> None:
     """An upload's part that cannot be spooled to disk is no fault of the request: 503 with
     Retry-After and the reason, and an ERROR line naming the directory for the operator."""
-    data = images.encode(
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
-        "PNG",
-    )
+    data = noise_png(800)
     assert len(data) > 1024 * 1024  # past what the parser keeps in memory
 
     async def disk_full(self: object, data: bytes) -> None:
@@ -1799,10 +1803,7 @@ async def test_an_upload_the_server_has_no_thread_or_memory_to_read_is_its_503(
     """A large part is spooled on a worker thread: at a limit of threads (ulimit -u, a
     container's pids.max) or of memory, that fails, which FastAPI answers as the client's
     400. It is the server's 503, with an ERROR line."""
-    data = images.encode(
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
-        "PNG",
-    )
+    data = noise_png(800)
 
     async def fails(self: object, data: bytes) -> None:
         raise error
@@ -1855,10 +1856,7 @@ async def test_another_error_reading_the_upload_stays_the_parsers_400(
         raise RuntimeError("Stream consumed")
 
     monkeypatch.setattr(StarletteUploadFile, "write", fails)
-    data = images.encode(
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), np.uint8)),
-        "PNG",
-    )
+    data = noise_png(800)
     refused = await served.client.post("/cls", files=upload(data))
     assert refused.status_code == 400, refused.text
 
@@ -1894,10 +1892,7 @@ async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
 
     monkeypatch.setattr(main, "_read_and_preprocess", counted_decode)
     # Over 128 KiB: not decoded on the model's thread, as a small one finding it idle is.
-    data = images.encode(
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)),
-        "PNG",
-    )
+    data = noise_png(300)
     assert len(data) > 128 * 1024
     try:
         threads_start = False
