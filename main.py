@@ -1457,7 +1457,10 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
 
 def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, str]:
     if isinstance(error, MemoryError):
-        logger.error("no memory for a request (the worker is at its memory limit)")
+        logger.error(
+            "no memory for a request (the worker is at its memory limit): %s",
+            str(error) or "MemoryError",
+        )
     for error_type, status in _ERROR_STATUS.items():
         if isinstance(error, error_type):
             if error_type is DeadlineExceeded:

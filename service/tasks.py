@@ -364,7 +364,8 @@ class TaskStore:
         version, names = self._db.execute(
             "SELECT (SELECT user_version FROM pragma_user_version), "
             "(SELECT json_group_array(name) FROM "
-            "(SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name))"
+            "(SELECT name FROM sqlite_master WHERE substr(name, 1, 7) <> 'sqlite_' "
+            "ORDER BY name))"
         ).fetchone()
         schema = json.loads(names)
         if version == 0 and schema:

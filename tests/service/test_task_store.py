@@ -1133,6 +1133,7 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
             "('a', 'b', 'c\\nd')",
         ),
         (["CREATE VIEW only_a_view AS SELECT 1"], "('only_a_view')"),
+        (["CREATE TABLE SQLiteBackup (x)"], "('SQLiteBackup')"),
         (
             ["CREATE TABLE accounts (id)", "PRAGMA user_version = 1"],
             "it has a schema version (1) but no tasks table",
