@@ -53,6 +53,7 @@ from classification import (
     ImageTooLarge,
     InvalidImage,
     ModelLoadError,
+    OutOfMemory,
     Prediction,
     load_classifier,
     preprocess,
@@ -169,6 +170,11 @@ TASK_STORE_RETRY_S = 5.0
 # taken on its form alone. A lookup that hangs holds its thread until the system's resolver
 # gives up, whatever the request's time limit.
 CALLBACK_LOOKUP_THREADS = 16
+# A worker whose model has run out of memory on lone images this many times in a row, for
+# at least this long, with no batch run since, is replaced: its memory will not come back
+# by itself (a leak, a fragmented heap), and until then it would answer only 503s.
+OUT_OF_MEMORY_LONE_FAILURES = 3
+OUT_OF_MEMORY_PERSISTS_S = 5.0
 
 
 class UploadTooLarge(Exception):
@@ -181,6 +187,15 @@ class ClientDisconnected(Exception):
 
 class NotReady(Exception):
     """The model is not loaded yet, or the worker has shut down."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFailure:
+    """Why the model can run nothing more in this worker, until it is restarted."""
+
+    status: str  # /healthz's status
+    summary: str  # what a refused request is told
+    reason: str  # the detail, for /readyz and the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +235,11 @@ class Service:
         self.processor: BatchProcessor[ClassifyJob, ClassifyResult] | None = None
         self.ready = False  # the model is loaded and warm, and ``stop`` has not run
         self.draining = False  # the server's shutdown has begun: ready for no new work
-        self.device_failure: str | None = None  # why the model's device cannot run again
+        self.model_failure: ModelFailure | None = None
+        # Lone images the model has run out of memory on since it last ran a batch, and
+        # when the first of them did.
+        self._lone_memory_failures = 0
+        self._memory_failing_since = 0.0
         self._decodes_in_progress = 0
         self._threads_working = 0  # decodes running or waiting for a thread
         self._submissions_in_progress = 0
@@ -418,7 +437,8 @@ class Service:
             config,
             execute=self.run_task,
             describe_error=lambda error: _status_and_detail(error, settings)[1],
-            requeue_on=(Stopped, QueueFull, NotReady),
+            # Out of memory: the model could not run the task's image for now.
+            requeue_on=(Stopped, QueueFull, NotReady, OutOfMemory),
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
             may_claim=lambda: self.liveness_problem() is None,
@@ -847,14 +867,14 @@ class Service:
         return None
 
     def liveness_problem(self) -> str | None:
-        """Why this worker cannot serve until it is restarted ("device failed", "batching
-        stopped", or "stalled": a batch has run longer than ``STALL_TIMEOUT_S``); None while
-        it can."""
+        """Why this worker cannot serve until it is restarted ("device failed", "out of
+        memory", "batching stopped", or "stalled": a batch has run longer than
+        ``STALL_TIMEOUT_S``); None while it can."""
         processor = self.processor
         if processor is None:
             return None
-        if self.device_failure is not None:
-            return "device failed"
+        if self.model_failure is not None:
+            return self.model_failure.status
         if processor.failure is not None:
             return "batching stopped"
         if processor.oldest_batch_age_s() > self.settings.stall_timeout_s:
@@ -877,8 +897,8 @@ class Service:
     def failure(self) -> str | None:
         """What failed so that this worker can classify nothing more until it is restarted;
         None while nothing has."""
-        if self.device_failure is not None:
-            return "the model's device failed"
+        if self.model_failure is not None:
+            return self.model_failure.summary
         if self.processor is not None and self.processor.failure is not None:
             return "the batch processor stopped"
         return None
@@ -917,7 +937,7 @@ class Service:
     async def _count_task_attempts(self, jobs: list[ClassifyJob]) -> None:
         """Record that the tasks among ``jobs`` enter the model, before they do, so that
         one that kills its worker there is charged for it."""
-        if self.device_failure is not None:
+        if self.model_failure is not None:
             return  # the batch will not run (``_run_batch``): its tasks have no attempt
         # Once per run of a task: a failed batch's halves come back here.
         task_ids = [
@@ -934,8 +954,8 @@ class Service:
 
     async def _run_batch(self, jobs: list[ClassifyJob]) -> list[ClassifyResult | BatchFailed]:
         assert self.classifier is not None
-        if self.device_failure is not None:
-            raise Stopped(self.device_failure)  # the batcher is stopping; nothing runs
+        if self.model_failure is not None:
+            raise Stopped(self.model_failure.reason)  # the batcher is stopping; nothing runs
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,
@@ -944,11 +964,18 @@ class Service:
                 [job.top_k for job in jobs],
             )
         except DeviceFailed as exc:
-            self._device_failed(exc)
+            # torch's CUDA errors go on with lines of debugging hints.
+            reason = str(exc).strip().splitlines()[0]
+            self._model_failed(ModelFailure("device failed", "the model's device failed", reason))
             # Fails the batch whole, unsplit: no request in it is at fault.
             raise Stopped(str(exc)) from exc
+        except OutOfMemory as exc:
+            if len(jobs) == 1:
+                self._ran_out_of_memory_alone(exc)
+            raise  # a larger batch is split (its halves may fit); a lone image's caller retries
         finally:
             self._last_batch_end = time.monotonic()
+        self._lone_memory_failures = 0
         # JSON has no number for NaN or infinity, and such a score ranks nothing: those
         # images fail alone, and the others of the batch are answered.
         results: list[ClassifyResult | BatchFailed] = [
@@ -967,17 +994,34 @@ class Service:
                     )
         return results
 
-    def _device_failed(self, error: DeviceFailed) -> None:
+    def _ran_out_of_memory_alone(self, error: OutOfMemory) -> None:
+        """Count a lone image the model had no memory for; replace the worker once that
+        has gone on, with no batch run between, for too many images and long enough."""
+        now = time.monotonic()
+        if self._lone_memory_failures == 0:
+            self._memory_failing_since = now
+        self._lone_memory_failures += 1
+        failing_for_s = now - self._memory_failing_since
+        if (
+            self._lone_memory_failures >= OUT_OF_MEMORY_LONE_FAILURES
+            and failing_for_s >= OUT_OF_MEMORY_PERSISTS_S
+        ):
+            reason = (
+                f"{error} (the model has run out of memory on {self._lone_memory_failures} "
+                f"images in a row, each alone, for {failing_for_s:.1f} s)"
+            )
+            self._model_failed(
+                ModelFailure("out of memory", "the model runs out of memory", reason)
+            )
+
+    def _model_failed(self, failure: ModelFailure) -> None:
         """Take no more work: every batch would fail. Requests queued or arriving get a 503
         to retry elsewhere, tasks go back to the store, and liveness fails, so the worker is
         replaced."""
-        if self.device_failure is not None:
+        if self.model_failure is not None:
             return
-        # torch's CUDA errors go on with lines of debugging hints.
-        self.device_failure = str(error).strip().splitlines()[0]
-        logger.critical(
-            "%s; this worker takes no more work until it is restarted", self.device_failure
-        )
+        self.model_failure = failure
+        logger.critical("%s; this worker takes no more work until it is restarted", failure.reason)
         self._take_no_more_work()
         if self._ending_drain is None:
             self._end_drain()
@@ -1396,8 +1440,8 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready"})
     if service.draining:
         detail = "the server is shutting down"
-    elif service.device_failure is not None:
-        detail = f"the model's device failed: {service.device_failure}"
+    elif service.model_failure is not None:
+        detail = f"{service.model_failure.summary}: {service.model_failure.reason}"
     elif (failure := service.failure()) is not None:
         detail = failure
     elif stalled:
@@ -1456,7 +1500,9 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
 
 
 def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, str]:
-    if isinstance(error, MemoryError):
+    if isinstance(error, OutOfMemory):
+        logger.error("no memory for a request: %s", error)  # names the device
+    elif isinstance(error, MemoryError):
         logger.error(
             "no memory for a request (the worker is at its memory limit): %s",
             str(error) or "MemoryError",

@@ -393,6 +393,8 @@ class BatchProcessor(Generic[In, Out]):
     When it raises, or returns an output list of the wrong length, the batch's halves are
     handed to it again apart, down to single items, so only the items it fails on alone
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
+    A ``MemoryError`` on a single item is no fault of the item: its caller gets that error
+    itself, to retry later (smaller batches, tried first, may have fitted).
     (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
     A handler that raises ``Stopped`` can run nothing more: its batch fails whole with that
     error, unsplit, as no item is at fault.
@@ -961,6 +963,10 @@ class BatchProcessor(Generic[In, Out]):
                 _fail(entry.future, error)
             return
         if len(entries) == 1:
+            if isinstance(error, MemoryError):
+                # The machine's, not the item's: its caller may retry (and logs it).
+                _fail(entries[0].future, error)
+                return
             entries[0].context.run(logger.error, "batch of 1 failed", exc_info=error)
             _fail(entries[0].future, BatchFailed("inference failed"))
             return

@@ -66,6 +66,15 @@ class DeviceFailed(RuntimeError):
     than running out of memory leaves the process's CUDA context unusable."""
 
 
+class OutOfMemory(MemoryError):
+    """The device had no memory for a batch (the GPU's, or the process's at its limit on
+    the CPU). No image is at fault, and a smaller batch, or the same one later, may fit."""
+
+
+# How torch's CPU allocator words a failed allocation (a RuntimeError, not MemoryError).
+_CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """One class of a top-k answer."""
@@ -334,6 +343,13 @@ def _load_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {_shortened(_first_line(error), 160)}"
 
 
+def _free_memory(device: torch.device) -> str:
+    """Where a model's memory comes from, in an error message."""
+    if device.type == "cpu":
+        return "the memory this process may allocate"
+    return f"{device}'s free memory"
+
+
 def _first_line(error: BaseException) -> str:
     """An error's message cut to one line, for start-up errors that must fit on one."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -591,9 +607,9 @@ class Classifier:
                     self.classify(dummy, [1] * size)
                     durations.append(time.perf_counter() - started)
                 run_times[size] = min(durations)
-        except torch.OutOfMemoryError:
+        except OutOfMemory:
             raise ModelLoadError(
-                f"a batch of {max(batch_sizes)} does not fit in {self.device}'s free memory; "
+                f"a batch of {max(batch_sizes)} does not fit in {_free_memory(self.device)}; "
                 "lower MAX_BATCH_SIZE, or WORKERS"
             ) from None
         except DeviceFailed as exc:
@@ -619,13 +635,22 @@ class Classifier:
             score_rows, index_rows = self._top_scores(images, max(top_k))
         except torch.AcceleratorError as exc:
             raise DeviceFailed(f"{self.device} failed: {exc}") from exc
-        return [
-            [
-                Prediction(index, self.labels[index], score)
-                for index, score in zip(index_row[:k], score_row[:k], strict=True)
+        except (RuntimeError, MemoryError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            # Without the "[enforce fail at alloc_cpu.cpp:...] err == 0." of torch's CPU check.
+            reason = _first_line(exc).partition("] err == 0. ")[2] or _first_line(exc)
+        else:
+            return [
+                [
+                    Prediction(index, self.labels[index], score)
+                    for index, score in zip(index_row[:k], score_row[:k], strict=True)
+                ]
+                for index_row, score_row, k in zip(index_rows, score_rows, top_k, strict=True)
             ]
-            for index_row, score_row, k in zip(index_rows, score_rows, top_k, strict=True)
-        ]
+        # Raised past the handler, whose error's traceback holds the batch's tensors: they
+        # are freed before anything tries again.
+        raise OutOfMemory(f"{self.device} ran out of memory for a batch of {len(images)}: {reason}")
 
     def _top_scores(
         self, images: Sequence[np.ndarray], k: int
@@ -653,6 +678,21 @@ class Classifier:
             self._gpu_done.synchronize()  # a failure of the batch's kernels raises here
         # Into pageable memory, which holds no CUDA event: after the wait, a short copy.
         return scores.cpu().tolist(), indices.cpu().tolist()
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether torch failed to allocate: on CUDA, or on the CPU (its allocator's
+    RuntimeError, or a MemoryError from a C++ ``std::bad_alloc``)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return any(words in str(error) for words in _CPU_ALLOCATION_FAILED)
+
+
+def _free_memory(device: torch.device) -> str:
+    """Where a model's memory comes from, in an error message."""
+    if device.type == "cpu":
+        return "the memory this process may allocate"
+    return f"{device}'s free memory"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -687,12 +727,15 @@ def load_classifier(
             channels_last=channels_last,
             weights_description=description,
         )
-    except torch.OutOfMemoryError:
-        raise ModelLoadError(
-            f"the model does not fit in {target}'s free memory; lower WORKERS, or free the GPU"
-        ) from None
     except torch.AcceleratorError as exc:
         raise ModelLoadError(_cannot_run_on(target, exc)) from None
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        remedy = "lower WORKERS, or free the GPU" if target.type == "cuda" else "raise its limit"
+        raise ModelLoadError(
+            f"the model does not fit in {_free_memory(target)}; {remedy}"
+        ) from None
     logger.info(
         "model ready: resnet18 weights=%s device=%s dtype=%s channels_last=%s",
         description,

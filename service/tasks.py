@@ -698,14 +698,15 @@ class TaskStore:
     ) -> list[TaskRecord]:
         """Fail tasks out of attempts: (with ``take_over``) running ones whose lease expired
         after ``max_attempts`` attempts, and queued ones a shutdown cut off in the model on
-        their last attempt.
+        their last attempt, or that the model had no memory for on it.
 
         A task that takes its worker down every time it runs must not take down every
         worker in turn, forever.
         """
         error = (
             f"the task was interrupted {max_attempts} time{'s' if max_attempts > 1 else ''} "
-            "(its worker stopped while the model ran it); TASK_MAX_ATTEMPTS allows that many"
+            "(its worker stopped, or had no memory for it, while the model ran it); "
+            "TASK_MAX_ATTEMPTS allows that many"
         )
         with self._transaction() as db:
             rows = db.execute(

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp
 import main
 import service.settings
 from batching import BatchProcessor, DeadlineExceeded, Priority
-from classification import DeviceFailed, ImageTooLarge, Prediction
+from classification import DeviceFailed, ImageTooLarge, OutOfMemory, Prediction
 from service import logs, metrics
 from service.settings import Settings
 from service.siblings import Siblings
@@ -1552,6 +1552,154 @@ async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
 
             await wait_for(lambda: stored()[0] != "running")
             assert stored() == ("queued", 0)
+
+
+class TightMemory:
+    """Stands in for the model at its memory limit: a batch of more than ``fits`` images
+    raises ``OutOfMemory`` as torch's allocator would, smaller ones run on the real model.
+    With ``held``, the first call waits for ``release``."""
+
+    def __init__(self, served: RunningApp, fits: int, *, held: bool = False) -> None:
+        classifier = served.service.classifier
+        assert classifier is not None
+        self.real = classifier.classify
+        self.fits = fits
+        self.calls: list[int] = []  # the size of each batch that reached the model
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not held:
+            self.release.set()
+        classifier.classify = self.classify  # type: ignore[method-assign]
+
+    def classify(
+        self, pixels: Sequence[np.ndarray], top_k: Sequence[int]
+    ) -> list[list[Prediction]]:
+        self.calls.append(len(pixels))
+        self.entered.set()
+        self.release.wait(10)
+        if len(pixels) > self.fits:
+            raise OutOfMemory(
+                f"cpu ran out of memory for a batch of {len(pixels)}: DefaultCPUAllocator: "
+                "can't allocate memory"
+            )
+        return self.real(pixels, top_k)
+
+
+NO_MEMORY = "the server had no memory for the request for now; retry"
+
+
+async def test_a_batch_out_of_memory_is_split_and_every_request_answered(
+    photos: list[Path],
+) -> None:
+    """A batch the model has no memory for is no request's fault: its halves run, and fit."""
+    async with running_app(make_settings()) as served:
+        processor = served.service.processor
+        assert processor is not None
+        model = TightMemory(served, fits=2, held=True)
+        data = [path.read_bytes() for path in photos]
+        first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = [
+            asyncio.create_task(served.client.post("/cls", files=upload(data[i % len(data)])))
+            for i in range(4)
+        ]
+        await wait_for(lambda: processor.queue_depth == 4)
+        model.release.set()
+        responses = await asyncio.gather(first, *queued)
+        assert [response.status_code for response in responses] == [200] * 5
+        assert model.calls == [1, 4, 2, 2]
+        assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_a_lone_image_the_model_has_no_memory_for_is_a_503_to_retry(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a 500 ("inference failed"), as though the image were at fault: the worker is at
+    its memory limit, and the same request may pass later, or on another worker."""
+    async with running_app(make_settings()) as served:
+        model = TightMemory(served, fits=0)
+        data = photos[0].read_bytes()
+        with caplog.at_level(logging.ERROR):
+            refused = await served.client.post("/cls", files=upload(data))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json() == {"detail": NO_MEMORY}
+        assert "no memory for a request: cpu ran out of memory for a batch of 1" in caplog.text
+        assert "inference failed" not in caplog.text
+        model.fits = 16
+        assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+        assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lone images failing for memory, again and again with nothing run between, mean the
+    worker's memory will not come back (a leak, a fragmented heap): it fails liveness, so
+    it is replaced, rather than answer 503 for ever. A batch that runs between failures
+    starts the count again, and so does a short spell of them."""
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.3)
+    async with running_app(make_settings(drain_timeout_s=1)) as served:
+        model = TightMemory(served, fits=0)
+        data = photos[0].read_bytes()
+
+        async def status() -> int:
+            return (await served.client.post("/cls", files=upload(data))).status_code
+
+        assert [await status() for _ in range(2)] == [503, 503]
+        model.fits = 1
+        assert await status() == 200
+        model.fits = 0
+        assert [await status() for _ in range(4)] == [503] * 4  # within 0.3 s
+        assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+        await asyncio.sleep(0.3)
+        with caplog.at_level(logging.CRITICAL):
+            assert await status() == 503
+        health = await served.client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "out of memory"
+        ready = (await served.client.get("/readyz")).json()
+        assert re.fullmatch(
+            r"the model runs out of memory: cpu ran out of memory for a batch of 1: "
+            r"DefaultCPUAllocator: can't allocate memory \(the model has run out of memory on "
+            r"5 images in a row, each alone, for 0\.\d s\)",
+            ready["detail"],
+        ), ready
+        assert "this worker takes no more work until it is restarted" in caplog.text
+        calls = len(model.calls)
+        refused = await served.client.post("/cls", files=upload(data))
+        assert refused.status_code == 503
+        assert refused.json()["detail"] == (
+            "the model runs out of memory; retry (this worker is to be restarted)"
+        )
+        assert len(model.calls) == calls  # refused before the model
+
+
+async def test_a_task_the_model_had_no_memory_for_is_run_again(photos: list[Path]) -> None:
+    """A task is not failed for the worker's memory: it goes back to the queue, charged the
+    attempt, and runs again."""
+    settings = make_settings(task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        model = TightMemory(served, fits=0)
+        task_id = (await served.client.post("/tasks", files=upload(photos[0].read_bytes()))).json()[
+            "task_id"
+        ]
+        await wait_for(lambda: len(model.calls) >= 1)
+        model.fits = 16
+
+        async def done() -> dict[str, Any]:
+            while True:
+                record: dict[str, Any] = (await served.client.get(f"/task-status/{task_id}")).json()
+                if record["status"] not in ("queued", "running"):
+                    return record
+                await asyncio.sleep(0.02)
+
+        record = await asyncio.wait_for(done(), 10)
+        assert record["status"] == "succeeded", record
+        assert len(record["prediction"]) == 5
+        with contextlib.closing(sqlite3.connect(settings.data_dir / DATABASE_NAME)) as store:
+            query = "SELECT attempts FROM tasks WHERE id = ?"
+            assert store.execute(query, (task_id,)).fetchone() == (len(model.calls),)
+        assert len(model.calls) >= 2
 
 
 async def test_stuck_model_turns_healthz_unhealthy_and_readyz_not_ready(

@@ -392,34 +392,45 @@ def test_a_first_worker_stuck_loading_its_model_stops_the_server_after_worker_ti
 
 
 @pytest.mark.parametrize(
-    ("app", "first_status", "problem", "refusal"),
+    ("app", "first_statuses", "problem", "refusal"),
     [
         (
             "tests.stuck_model_app:app",
-            504,
+            [504],
             "stalled",
             "a batch has run longer than STALL_TIMEOUT_S",
         ),
-        ("tests.failed_device_app:app", 503, "device failed", "the model's device failed"),
+        ("tests.failed_device_app:app", [503], "device failed", "the model's device failed"),
+        (
+            "tests.out_of_memory_app:app",
+            [503, 503, 503],
+            "out of memory",
+            "the model runs out of memory",
+        ),
     ],
-    ids=["model stuck", "device failed"],
+    ids=["model stuck", "device failed", "out of memory"],
 )
 def test_a_worker_that_cannot_serve_is_replaced(
-    tmp_path: Path, photos: list[Path], app: str, first_status: int, problem: str, refusal: str
+    tmp_path: Path,
+    photos: list[Path],
+    app: str,
+    first_statuses: list[int],
+    problem: str,
+    refusal: str,
 ) -> None:
     """/healthz answers for whichever worker takes the probe, so with several workers it
-    cannot single out one whose model is stuck (past STALL_TIMEOUT_S) or whose device
-    failed: the worker stops its heartbeat, and gunicorn replaces it after
-    WORKER_TIMEOUT_S. Meanwhile it refuses new requests at once, rather than let them wait
-    for their deadline."""
+    cannot single out one whose model is stuck (past STALL_TIMEOUT_S), whose device
+    failed, or whose model finds no memory even for lone images, time after time: the
+    worker stops its heartbeat, and gunicorn replaces it after WORKER_TIMEOUT_S. Meanwhile
+    it refuses new requests at once, rather than let them wait for their deadline."""
     port = free_port()
     command = gunicorn_command(port)
     command[command.index("main:app")] = app
     env = server_env(tmp_path, STALL_TIMEOUT_S="1", WORKER_TIMEOUT_S="10", REQUEST_TIMEOUT_MS="500")
     with running_server(tmp_path, command, env) as server:
         photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
-        first = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
-        assert first.status_code == first_status
+        first = [httpx.post(f"{server.url}/cls", files=photo, timeout=30) for _ in first_statuses]
+        assert [response.status_code for response in first] == first_statuses
         deadline = time.monotonic() + 10
         while httpx.get(f"{server.url}/healthz", timeout=5).status_code != 503:
             assert time.monotonic() < deadline, f"/healthz never turned 503 ({problem})"

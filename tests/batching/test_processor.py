@@ -1180,6 +1180,39 @@ async def test_an_item_the_handler_fails_on_fails_alone(
     assert handler.batches == [[0], [1, -1, 2, 3], [1, -1], [1], [-1], [2, 3], [4, 5], [6]]
 
 
+async def test_a_batch_out_of_memory_runs_in_halves_and_a_lone_item_gets_the_memory_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Running out of memory is no item's fault: the halves of a batch that did not fit
+    run (and may fit); an item that does not fit even alone gets the ``MemoryError`` itself,
+    for its caller to answer "retry", not ``BatchFailed``, and no ERROR line is written
+    here for it."""
+    no_room = MemoryError("no room for the batch")
+
+    def fits_two(items: list[int]) -> list[int]:
+        if len(items) > 2 or 99 in items:
+            raise no_room
+        return [item * 2 for item in items]
+
+    handler = FakeHandler(held=True, outputs=fits_two)
+    async with running(handler, BatchConfig()) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        batch = spawn(processor, 1, 2, 3, 99)
+        await wait_until(lambda: processor.queue_depth == 4)
+        with caplog.at_level(logging.WARNING, logger="batching.processor"):
+            handler.release_all()
+            outcomes = await bounded(asyncio.gather(*batch, return_exceptions=True))
+        assert outcomes[:3] == [2, 4, 6]
+        assert outcomes[3] is no_room
+        assert await results(first) == [0]
+        assert await results(spawn(processor, 4)) == [8]
+
+    assert handler.batches == [[0], [1, 2, 3, 99], [1, 2], [3, 99], [3], [99], [4]]
+    assert "batch of 4 failed (MemoryError('no room for the batch'))" in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 async def test_an_item_the_handler_marks_failed_fails_alone_and_nothing_runs_again() -> None:
     handler = FakeHandler(held=True, outputs=fail_negatives_alone)
     async with running(handler, BatchConfig()) as processor:

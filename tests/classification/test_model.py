@@ -25,6 +25,7 @@ from classification import (
     Classifier,
     DeviceFailed,
     ModelLoadError,
+    OutOfMemory,
     build_network,
     fold_batchnorm,
     load_classifier,
@@ -768,12 +769,84 @@ def test_a_device_error_is_a_device_failure_that_names_the_device() -> None:
     assert raised.value.__cause__ is error
 
 
-def test_other_errors_of_a_batch_are_not_device_failures() -> None:
-    oom = torch.OutOfMemoryError("CUDA out of memory")
-    failing = Classifier(_FailingNetwork(oom), ["a", "b"], device=torch.device("cpu"))
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), None),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 8 bytes. Error code 12 (Cannot "
+                "allocate memory)"
+            ),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes. "
+            "Error code 12 (Cannot allocate memory)",
+        ),
+        (MemoryError("std::bad_alloc"), None),
+        (MemoryError(), "MemoryError"),
+    ],
+    ids=["cuda", "cpu allocator", "bad_alloc", "bare"],
+)
+def test_running_out_of_memory_is_out_of_memory_not_a_device_failure(
+    error: Exception, reason: str | None
+) -> None:
+    """No image is at fault, and the device goes on working: the batch processor splits the
+    batch, and a lone image's caller is told to retry."""
+    failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
 
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(OutOfMemory) as raised:
+        failing.classify([_crop(), _crop()], [1, 1])
+    first_line = reason or str(error).splitlines()[0]
+    assert str(raised.value) == f"cpu ran out of memory for a batch of 2: {first_line}"
+    assert not isinstance(raised.value, DeviceFailed)
+
+
+def test_other_errors_of_a_batch_pass_as_they_are() -> None:
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
+
+    with pytest.raises(RuntimeError) as raised:
         failing.classify([_crop()], [1])
+    assert raised.value is error
+
+
+ALLOCATION_FAILS = """
+import resource, numpy as np, torch
+from classification import OutOfMemory, load_classifier
+from pathlib import Path
+labels = Path("imagenet_classes.txt")
+classifier = load_classifier(weights="random", labels_file=labels, device="cpu")
+crop = np.zeros((224, 224, 3), np.uint8)
+classifier.classify([crop], [1])
+with open("/proc/self/status") as status:
+    vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+limit = (vm_kib << 10) + (256 << 20)  # room for batches of one, not for 64 images
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+try:
+    classifier.classify([crop] * 64, [1] * 64)
+except OutOfMemory as error:
+    print("OutOfMemory:", error)
+print("then:", [p[0].label for p in classifier.classify([crop, crop], [1, 1])])
+"""
+
+
+def test_a_batch_the_process_cannot_allocate_fails_as_out_of_memory_and_the_next_runs() -> None:
+    """Torch's CPU allocator at the process's memory limit (ulimit -v), for real: the batch
+    fails as ``OutOfMemory``, and with its tensors freed a smaller batch then runs."""
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATION_FAILS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(
+        "OutOfMemory: cpu ran out of memory for a batch of 64: DefaultCPUAllocator: can't "
+        "allocate memory: you tried to allocate "
+    ), result.stdout + result.stderr
+    assert lines[1].startswith("then: ['"), result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
@@ -786,7 +859,8 @@ def test_other_errors_of_a_batch_are_not_device_failures() -> None:
         ),
         (
             torch.OutOfMemoryError("CUDA out of memory"),
-            r"^a batch of 8 does not fit in cpu's free memory; lower MAX_BATCH_SIZE, or WORKERS$",
+            r"^a batch of 8 does not fit in the memory this process may allocate; lower "
+            r"MAX_BATCH_SIZE, or WORKERS$",
         ),
     ],
 )
@@ -819,18 +893,34 @@ def test_weights_that_overflow_once_batchnorm_is_folded_stop_the_warm_up(tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    ("device", "error", "message"),
+    [
+        (
+            "cuda:0",
+            torch.OutOfMemoryError("CUDA out of memory"),
+            "the model does not fit in cuda:0's free memory; lower WORKERS, or free the GPU",
+        ),
+        (
+            "cpu",
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9"),
+            "the model does not fit in the memory this process may allocate; raise its limit",
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
 def test_a_model_that_does_not_fit_at_load_says_what_to_lower(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, device: str, error: Exception, message: str
 ) -> None:
-    """Several workers share a GPU: running out of its memory is not a GPU torch cannot use."""
+    """Several workers share a GPU: running out of its memory is not a GPU torch cannot use.
+    On the CPU, the process's own limit (ulimit -v) is what stops it."""
 
     def no_room(*args: object, **kwargs: object) -> Classifier:
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     monkeypatch.setattr(classification.model, "Classifier", no_room)
+    monkeypatch.setattr(classification.model, "resolve_device", lambda _: torch.device(device))
 
     with pytest.raises(ModelLoadError) as refused:
-        load_classifier(weights="random", labels_file=LABELS_FILE, device="cpu")
-    assert str(refused.value) == (
-        "the model does not fit in cpu's free memory; lower WORKERS, or free the GPU"
-    )
+        load_classifier(weights="random", labels_file=LABELS_FILE, device=device)
+    assert str(refused.value) == message
