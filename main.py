@@ -437,8 +437,11 @@ class Service:
             config,
             execute=self.run_task,
             describe_error=lambda error: _status_and_detail(error, settings)[1],
-            # Out of memory: the model could not run the task's image for now.
-            requeue_on=(Stopped, QueueFull, NotReady, OutOfMemory),
+            requeue_on=(Stopped, QueueFull, NotReady),
+            # Out of memory: retried once the worker may have it, or once another worker
+            # may have taken the task, should this one be replaced for it.
+            retry_later_on=(OutOfMemory,),
+            retry_pause_s=OUT_OF_MEMORY_PERSISTS_S,
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
             may_claim=lambda: self.liveness_problem() is None,
@@ -1313,12 +1316,13 @@ async def classify_batch(
         ),
     )
     # Nothing of it was taken in (the queue was full, the batcher stopped as the drain's
-    # time ran out, or the device or the batcher failed, which NotReady says): refused
-    # whole, as /cls is, so a client or proxy that reads only the status retries it.
+    # time ran out, or the device or the batcher failed, which NotReady says), or nothing
+    # found memory: refused whole, as /cls is, so a client or proxy that reads only the
+    # status retries it.
     if all(isinstance(outcome, Stopped | NotReady) for outcome in outcomes):
         raise next((o for o in outcomes if isinstance(o, NotReady)), NotReady(SHUTTING_DOWN))
-    if all(isinstance(outcome, QueueFull | Stopped | NotReady) for outcome in outcomes):
-        raise next(outcome for outcome in outcomes if isinstance(outcome, QueueFull))
+    if all(isinstance(o, QueueFull | Stopped | NotReady | MemoryError) for o in outcomes):
+        raise next(o for o in outcomes if isinstance(o, QueueFull | MemoryError))
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):

@@ -971,9 +971,10 @@ class BatchProcessor(Generic[In, Out]):
             _fail(entries[0].future, BatchFailed("inference failed"))
             return
         logger.warning(
-            "batch of %d failed (%r); running its halves apart to find the item at fault",
+            "batch of %d failed (%r); running its halves apart %s",
             len(entries),
             error,
+            "(they may fit)" if isinstance(error, MemoryError) else "to find the item at fault",
         )
         wanted = self._still_wanted(entries)
         half = (len(wanted) + 1) // 2

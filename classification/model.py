@@ -71,8 +71,17 @@ class OutOfMemory(MemoryError):
     the CPU). No image is at fault, and a smaller batch, or the same one later, may fit."""
 
 
-# How torch's CPU allocator words a failed allocation (a RuntimeError, not MemoryError).
-_CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
+# How a failed allocation is worded where it comes as a RuntimeError: torch's CPU
+# allocator (two wordings), oneDNN creating the kernels of a batch size not run before
+# (its out-of-memory status has no message of its own), and CUDA's libraries' workspaces.
+_ALLOCATION_FAILED = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "could not create a primitive",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+    "CUDA error: out of memory",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,13 +350,6 @@ def _load_failure(error: BaseException) -> str:
     if not str(error).strip():
         return type(error).__name__
     return f"{type(error).__name__}: {_shortened(_first_line(error), 160)}"
-
-
-def _free_memory(device: torch.device) -> str:
-    """Where a model's memory comes from, in an error message."""
-    if device.type == "cpu":
-        return "the memory this process may allocate"
-    return f"{device}'s free memory"
 
 
 def _first_line(error: BaseException) -> str:
@@ -628,15 +630,19 @@ class Classifier:
 
         Returns:
             For each image, its ``top_k`` predictions sorted by descending score.
+
+        Raises:
+            OutOfMemory: The device had no memory for the batch; a smaller one may fit.
+            DeviceFailed: The device can run nothing more in this process.
         """
         if len(images) != len(top_k):
             raise ValueError(f"{len(images)} images but {len(top_k)} top_k values")
         try:
             score_rows, index_rows = self._top_scores(images, max(top_k))
-        except torch.AcceleratorError as exc:
-            raise DeviceFailed(f"{self.device} failed: {exc}") from exc
         except (RuntimeError, MemoryError) as exc:
             if not _out_of_memory(exc):
+                if isinstance(exc, torch.AcceleratorError):
+                    raise DeviceFailed(f"{self.device} failed: {exc}") from exc
                 raise
             # Without the "[enforce fail at alloc_cpu.cpp:...] err == 0." of torch's CPU check.
             reason = _first_line(exc).partition("] err == 0. ")[2] or _first_line(exc)
@@ -681,11 +687,12 @@ class Classifier:
 
 
 def _out_of_memory(error: BaseException) -> bool:
-    """Whether torch failed to allocate: on CUDA, or on the CPU (its allocator's
-    RuntimeError, or a MemoryError from a C++ ``std::bad_alloc``)."""
+    """Whether torch failed to allocate: on CUDA, or on the CPU (a RuntimeError, or a
+    MemoryError from a C++ ``std::bad_alloc``). CUDA's own "out of memory" error leaves the
+    device usable, unlike its other errors."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return any(words in str(error) for words in _CPU_ALLOCATION_FAILED)
+    return any(words in str(error) for words in _ALLOCATION_FAILED)
 
 
 def _free_memory(device: torch.device) -> str:
@@ -727,10 +734,10 @@ def load_classifier(
             channels_last=channels_last,
             weights_description=description,
         )
-    except torch.AcceleratorError as exc:
-        raise ModelLoadError(_cannot_run_on(target, exc)) from None
     except (RuntimeError, MemoryError) as exc:
         if not _out_of_memory(exc):
+            if isinstance(exc, torch.AcceleratorError):
+                raise ModelLoadError(_cannot_run_on(target, exc)) from None
             raise
         remedy = "lower WORKERS, or free the GPU" if target.type == "cuda" else "raise its limit"
         raise ModelLoadError(

@@ -182,6 +182,9 @@ class TaskRunner:
         describe_error: The public text of an error ``execute`` raised.
         requeue_on: Errors that mean "not now" (the server is stopping, the lane is full):
             the task goes back to the queue instead of failing.
+        retry_later_on: Errors of an attempt that may pass later (the model had no memory):
+            the task goes back to the queue after ``retry_pause_s`` (at once if this worker
+            stops claiming), or fails on its last attempt.
         sender: Delivers webhooks; closed by ``stop``.
         observer: Receives events for metrics.
     """
@@ -196,6 +199,8 @@ class TaskRunner:
         sender: WebhookSender,
         observer: TaskObserver,
         may_claim: Callable[[], bool] = lambda: True,
+        retry_later_on: tuple[type[BaseException], ...] = (),
+        retry_pause_s: float = 5.0,
     ) -> None:
         self._config = config
         # Whether the model may take more tasks now: not while it is stuck on a batch.
@@ -203,6 +208,9 @@ class TaskRunner:
         self._execute = execute
         self._describe_error = describe_error
         self._requeue_on = requeue_on
+        self._retry_later_on = retry_later_on
+        self._retry_pause_s = retry_pause_s
+        self._stopped_claiming = asyncio.Event()  # ends the pauses before a retry
         self._sender = sender
         self._observer = observer
         # Unique per process start: a restarted worker never mistakes old leases for its own.
@@ -436,8 +444,10 @@ class TaskRunner:
 
     def stop_claiming(self) -> None:
         """Take no more tasks; what this worker holds keeps running, and webhooks are still
-        delivered, those of the tasks it finishes included, until ``stop``."""
+        delivered, those of the tasks it finishes included, until ``stop``. Tasks waiting
+        to be retried go back to the queue at once, for other workers."""
         self._claiming = False
+        self._stopped_claiming.set()
 
     def expect_stop(self, grace_ends_at: float) -> None:
         """The worker is stopping, its stop's grace to end by ``grace_ends_at``
@@ -682,6 +692,23 @@ class TaskRunner:
                 f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
             )
             return
+        except self._retry_later_on as exc:
+            attempt, allowed = task.attempts + 1, self._config.max_attempts
+            if attempt < allowed:
+                logger.warning(
+                    "task %s: %s; it goes back to the queue in %g s (attempt %d of %d)",
+                    *(task.id, exc, self._retry_pause_s, attempt, allowed),
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._retry_pause_s):
+                        await self._stopped_claiming.wait()
+                await self._until_stored(
+                    f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
+                )
+                return
+            logger.warning("task %s: %s", task.id, exc)
+            description = self._describe_error(exc)
+            prediction, error = None, f"{description} (attempt {attempt} of {allowed})"
         except Exception as exc:
             prediction, error = None, self._describe_error(exc)
         record = await self._until_stored(

@@ -238,6 +238,7 @@ class ClaimedTask:
     interrupted: bool
     # Claimed from a worker whose lease ran out (it died or stalled), not from the queue.
     taken_over: bool = False
+    attempts: int = 0  # counted before this claim
 
 
 # SQLite's primary result codes for a disk that is full, failing or read-only.
@@ -665,18 +666,20 @@ class TaskStore:
                     (TaskStatus.RUNNING, now, owner, now + lease_s, interrupted, row["id"]),
                 )
                 taken_over = row["status"] == TaskStatus.RUNNING
-                taken.append((row["id"], row["top_k"], interrupted, taken_over))
+                taken.append((row["id"], row["top_k"], interrupted, taken_over, row["attempts"]))
         # The images are read once the claim is committed, with the write lock free: tens
         # of MiB read under it would hold up every other worker's writes, their lease
         # renewals among them. The tasks are this owner's now: none deletes their images.
         # (Should the read fail, their leases run out unrenewed, and they are claimed again.)
         claimed = []
         with self._reading() as db:
-            for task_id, top_k, interrupted, taken_over in taken:
+            for task_id, top_k, interrupted, taken_over, attempts in taken:
                 (image,) = db.execute(
                     "SELECT data FROM task_images WHERE task_id = ?", (task_id,)
                 ).fetchone()
-                claimed.append(ClaimedTask(task_id, top_k, bytes(image), interrupted, taken_over))
+                claimed.append(
+                    ClaimedTask(task_id, top_k, bytes(image), interrupted, taken_over, attempts)
+                )
         return claimed
 
     def count_attempts(self, owner: str, task_ids: Collection[str]) -> None:
@@ -698,15 +701,14 @@ class TaskStore:
     ) -> list[TaskRecord]:
         """Fail tasks out of attempts: (with ``take_over``) running ones whose lease expired
         after ``max_attempts`` attempts, and queued ones a shutdown cut off in the model on
-        their last attempt, or that the model had no memory for on it.
+        their last attempt.
 
         A task that takes its worker down every time it runs must not take down every
         worker in turn, forever.
         """
         error = (
             f"the task was interrupted {max_attempts} time{'s' if max_attempts > 1 else ''} "
-            "(its worker stopped, or had no memory for it, while the model ran it); "
-            "TASK_MAX_ATTEMPTS allows that many"
+            "(its worker stopped while the model ran it); TASK_MAX_ATTEMPTS allows that many"
         )
         with self._transaction() as db:
             rows = db.execute(

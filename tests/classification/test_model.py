@@ -784,8 +784,12 @@ def test_a_device_error_is_a_device_failure_that_names_the_device() -> None:
         ),
         (MemoryError("std::bad_alloc"), None),
         (MemoryError(), "MemoryError"),
+        (RuntimeError("could not create a primitive"), None),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"), None),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY"), None),
+        (torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors..."), None),
     ],
-    ids=["cuda", "cpu allocator", "bad_alloc", "bare"],
+    ids=["cuda", "cpu allocator", "bad_alloc", "bare", "onednn", "cublas", "cudnn", "cuda error"],
 )
 def test_running_out_of_memory_is_out_of_memory_not_a_device_failure(
     error: Exception, reason: str | None
