@@ -702,6 +702,19 @@ def _free_memory(device: torch.device) -> str:
     return f"{device}'s free memory"
 
 
+def _load_error(device: torch.device, error: BaseException) -> ModelLoadError | None:
+    """The ``ModelLoadError`` that says what to do when building or placing the model on
+    ``device`` failed for want of memory, or because torch cannot run there; else None."""
+    if isinstance(error, ModelLoadError):
+        return None
+    if _out_of_memory(error):
+        remedy = "lower WORKERS, or free the GPU" if device.type == "cuda" else "raise its limit"
+        return ModelLoadError(f"the model does not fit in {_free_memory(device)}; {remedy}")
+    if isinstance(error, torch.AcceleratorError):
+        return ModelLoadError(_cannot_run_on(device, error))
+    return None
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
@@ -724,10 +737,17 @@ def load_classifier(
         raise ModelLoadError(f"DTYPE={dtype!r} is not one of {', '.join(DTYPES)}")
     labels = load_labels(labels_file)
     target = resolve_device(device)
-    network, description = build_network(weights, len(labels), seed)
+    cpu = torch.device("cpu")
+    try:  # built on the CPU, whatever the device
+        network, description = build_network(weights, len(labels), seed)
+        network = fold_batchnorm(network)
+    except (RuntimeError, MemoryError) as exc:
+        if (load_error := _load_error(cpu, exc)) is None:
+            raise
+        raise load_error from None
     try:
         classifier = Classifier(
-            fold_batchnorm(network),
+            network,
             labels,
             device=target,
             dtype=DTYPES[dtype],
@@ -735,14 +755,9 @@ def load_classifier(
             weights_description=description,
         )
     except (RuntimeError, MemoryError) as exc:
-        if not _out_of_memory(exc):
-            if isinstance(exc, torch.AcceleratorError):
-                raise ModelLoadError(_cannot_run_on(target, exc)) from None
+        if (load_error := _load_error(target, exc)) is None:
             raise
-        remedy = "lower WORKERS, or free the GPU" if target.type == "cuda" else "raise its limit"
-        raise ModelLoadError(
-            f"the model does not fit in {_free_memory(target)}; {remedy}"
-        ) from None
+        raise load_error from None
     logger.info(
         "model ready: resnet18 weights=%s device=%s dtype=%s channels_last=%s",
         description,

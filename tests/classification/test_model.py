@@ -897,6 +897,31 @@ def test_weights_that_overflow_once_batchnorm_is_folded_stop_the_warm_up(tmp_pat
     )
 
 
+def test_a_model_the_cpu_cannot_build_says_so_whatever_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The network is built on the CPU before it moves to its device: the process's own
+    memory limit is what stopped it, even with a GPU."""
+
+    def no_room(*args: object) -> tuple[torch.nn.Module, str]:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")
+
+    monkeypatch.setattr(classification.model, "build_network", no_room)
+    monkeypatch.setattr(classification.model, "resolve_device", lambda _: torch.device("cuda:0"))
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_classifier(weights="random", labels_file=LABELS_FILE, device="cuda")
+    assert str(refused.value) == (
+        "the model does not fit in the memory this process may allocate; raise its limit"
+    )
+
+
+def test_a_weights_error_at_build_keeps_its_own_words(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="WEIGHTS=") as refused:
+        load_classifier(weights=str(tmp_path / "missing.pth"), labels_file=LABELS_FILE)
+    assert "does not fit in" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("device", "error", "message"),
     [
