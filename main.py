@@ -438,9 +438,10 @@ class Service:
             execute=self.run_task,
             describe_error=lambda error: _status_and_detail(error, settings)[1],
             requeue_on=(Stopped, QueueFull, NotReady),
-            # Out of memory: retried once the worker may have it, or once another worker
-            # may have taken the task, should this one be replaced for it.
-            retry_later_on=(OutOfMemory,),
+            # Out of memory (the model's, or the decode's): retried once the worker may
+            # have it, or once another worker may have taken the task, should this one be
+            # replaced for it.
+            retry_later_on=(MemoryError,),
             retry_pause_s=OUT_OF_MEMORY_PERSISTS_S,
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
@@ -746,13 +747,20 @@ class Service:
         charges no attempt to the tasks beside it."""
         if self.processor is None:
             raise self._not_ready()
-        pixels = await self._in_thread(
-            self._task_decode_pool,
-            _preprocess,
-            task.image,
-            self.settings.max_image_pixels,
-            self.settings.reduced_jpeg_decode,
-        )
+        try:
+            pixels = await self._in_thread(
+                self._task_decode_pool,
+                _preprocess,
+                task.image,
+                self.settings.max_image_pixels,
+                self.settings.reduced_jpeg_decode,
+            )
+        except MemoryError:
+            # Retried later, as when the model has no memory for it; charged an attempt,
+            # so that an image this worker can never decode fails in the end.
+            if self.tasks is not None:
+                await self.tasks.count_attempts([task.id], wait_s=ATTEMPT_RECORD_WAIT_S)
+            raise
         try:
             result = await self.processor.submit(
                 ClassifyJob(pixels, task.top_k, task.id),

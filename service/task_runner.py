@@ -110,6 +110,11 @@ def _request_hash(
     return digest.hexdigest()
 
 
+def _describe(error: BaseException) -> str:
+    """An error in a log line: its message, or its type where it has none (MemoryError)."""
+    return str(error) or type(error).__name__
+
+
 def _log_count_failure(task_ids: list[str], counted: asyncio.Future[None]) -> None:
     error = None if counted.cancelled() else counted.exception()
     if isinstance(error, TaskStoreBusy | TaskStoreFailed):  # a full or failing disk, a lock
@@ -697,7 +702,7 @@ class TaskRunner:
             if attempt < allowed:
                 logger.warning(
                     "task %s: %s; it goes back to the queue in %g s (attempt %d of %d)",
-                    *(task.id, exc, self._retry_pause_s, attempt, allowed),
+                    *(task.id, _describe(exc), self._retry_pause_s, attempt, allowed),
                 )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._retry_pause_s):
@@ -706,7 +711,7 @@ class TaskRunner:
                     f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
                 )
                 return
-            logger.warning("task %s: %s", task.id, exc)
+            logger.warning("task %s: %s", task.id, _describe(exc))
             description = self._describe_error(exc)
             prediction, error = None, f"{description} (attempt {attempt} of {allowed})"
         except Exception as exc:

@@ -1725,6 +1725,39 @@ async def test_a_task_the_model_had_no_memory_for_is_run_again_after_a_pause(
         ) in caplog.text
 
 
+async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_pause(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As for the model's memory; the attempt is charged though the image never reached the
+    model, so that one this worker can never decode fails in the end, not retried for
+    ever."""
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.2)
+    decoded = main._preprocess
+    calls: list[float] = []
+
+    def no_memory_at_first(*args: Any) -> np.ndarray:
+        calls.append(time.monotonic())
+        if len(calls) == 2:  # the first run's, after the submission's check
+            raise MemoryError
+        return decoded(*args)
+
+    monkeypatch.setattr(main, "_preprocess", no_memory_at_first)
+    settings = make_settings(task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+        with caplog.at_level(logging.WARNING):
+            task_id = (
+                await served.client.post("/tasks", files=upload(photos[0].read_bytes()))
+            ).json()["task_id"]
+            record = await task_outcome(served, task_id)
+        assert record["status"] == "succeeded", record
+        assert len(calls) == 3  # the submission's check, then the two runs
+        assert calls[2] - calls[1] >= 0.2
+        assert stored_task(settings, task_id) == ("succeeded", 2)
+        assert (
+            f"task {task_id}: MemoryError; it goes back to the queue in 0.2 s (attempt 1 of 3)"
+        ) in caplog.text
+
+
 async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
