@@ -1330,7 +1330,11 @@ async def classify_batch(
     if all(isinstance(outcome, Stopped | NotReady) for outcome in outcomes):
         raise next((o for o in outcomes if isinstance(o, NotReady)), NotReady(SHUTTING_DOWN))
     if all(isinstance(o, QueueFull | Stopped | NotReady | MemoryError) for o in outcomes):
-        raise next(o for o in outcomes if isinstance(o, QueueFull | MemoryError))
+        # A full queue says when to retry, a worker that failed where to (elsewhere).
+        for kind in (QueueFull, NotReady, MemoryError):
+            refusal = next((o for o in outcomes if isinstance(o, kind)), None)
+            if refusal is not None:
+                raise refusal
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):

@@ -72,16 +72,21 @@ class OutOfMemory(MemoryError):
 
 
 # How a failed allocation is worded where it comes as a RuntimeError: torch's CPU
-# allocator (two wordings), oneDNN creating the kernels of a batch size not run before
-# (its out-of-memory status has no message of its own), and CUDA's libraries' workspaces.
+# allocator, CUDA's own error, and the workspaces of cuBLAS and cuDNN (9's two statuses,
+# and 8's).
 _ALLOCATION_FAILED = (
     "DefaultCPUAllocator: can't allocate memory",
-    "DefaultCPUAllocator: not enough memory",
-    "could not create a primitive",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
     "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
 )
+# oneDNN's whole message when it cannot create the kernels of a batch size not run before,
+# which is how its out-of-memory status reaches torch (it says no more, and other failed
+# creations read the same); its "could not create a primitive descriptor ..." errors, a
+# setup it has no kernel for, are not memory.
+_ONEDNN_CREATION_FAILED = "could not create a primitive"
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,7 +697,10 @@ def _out_of_memory(error: BaseException) -> bool:
     device usable, unlike its other errors."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return any(words in str(error) for words in _ALLOCATION_FAILED)
+    message = str(error)
+    return message.strip() == _ONEDNN_CREATION_FAILED or any(
+        words in message for words in _ALLOCATION_FAILED
+    )
 
 
 def _free_memory(device: torch.device) -> str:

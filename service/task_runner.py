@@ -708,7 +708,11 @@ class TaskRunner:
                     async with asyncio.timeout(self._retry_pause_s):
                         await self._stopped_claiming.wait()
                 await self._until_stored(
-                    f"the requeue of task {task.id}", self.store.requeue, task.id, self.owner
+                    f"the requeue of task {task.id}",
+                    self.store.requeue,
+                    task.id,
+                    self.owner,
+                    attempts=attempt,
                 )
                 return
             logger.warning("task %s: %s", task.id, _describe(exc))

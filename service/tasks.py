@@ -787,14 +787,16 @@ class TaskStore:
         )
         db.execute("DELETE FROM task_images WHERE task_id = ?", (task_id,))
 
-    def requeue(self, task_id: str, owner: str) -> None:
-        """Put a task ``owner`` holds back in the queue, as if this claim never happened."""
+    def requeue(self, task_id: str, owner: str, *, attempts: int = 0) -> None:
+        """Put a task ``owner`` holds back in the queue, as if this claim never happened;
+        charged at least ``attempts`` attempts (those it is known to have made, should
+        their count have failed to land)."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE tasks SET status = ?, started_at = NULL, "
-                "lease_owner = NULL, lease_until = NULL "
+                "lease_owner = NULL, lease_until = NULL, attempts = max(attempts, ?) "
                 "WHERE id = ? AND lease_owner = ? AND status = ?",
-                (TaskStatus.QUEUED, task_id, owner, TaskStatus.RUNNING),
+                (TaskStatus.QUEUED, attempts, task_id, owner, TaskStatus.RUNNING),
             )
 
     def release(

@@ -38,7 +38,7 @@ from classification import DeviceFailed, ImageTooLarge, OutOfMemory, Prediction
 from service import logs, metrics
 from service.settings import Settings
 from service.siblings import Siblings
-from service.tasks import DATABASE_NAME, WebhookStatus
+from service.tasks import DATABASE_NAME, TaskStoreFailed, WebhookStatus
 from tests import images
 from tests.corpus import BOUNDARY, multipart, multipart_headers
 from tests.support import (
@@ -1773,6 +1773,48 @@ async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
         assert record["error"] == f"{NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
         assert stored_task(settings, task_id) == ("failed", 2)
+
+
+async def test_a_task_retried_for_memory_ends_at_its_last_attempt_if_a_count_is_lost(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempts charged as the task enters the model may fail to land (a store failing
+    for now): the requeue charges them, so the task still fails on its last attempt."""
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.05)
+    settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
+    async with running_app(settings) as served:
+        runner = served.service.tasks
+        assert runner is not None
+
+        def lost(*args: object) -> None:
+            raise TaskStoreFailed("the disk is full")
+
+        monkeypatch.setattr(runner.store, "count_attempts", lost)
+        model = TightMemory(served, fits=0)
+        task_id = (await served.client.post("/tasks", files=upload(photos[0].read_bytes()))).json()[
+            "task_id"
+        ]
+        record = await task_outcome(served, task_id)
+        assert record["status"] == "failed", record
+        assert record["error"] == f"{NO_MEMORY} (attempt 2 of 2)"
+        assert model.calls == [1, 1]
+        assert stored_task(settings, task_id) == ("failed", 1)
+
+
+async def test_a_batch_refused_whole_as_its_worker_fails_says_so(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some files found no memory, and the worker then failed for it, refusing the rest:
+    the answer says the worker is to be restarted (retry elsewhere), not just "no memory"."""
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.0)
+    async with running_app(make_settings(drain_timeout_s=1)) as served:
+        TightMemory(served, fits=0)
+        data = photos[0].read_bytes()
+        batch = await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 5)
+        assert batch.status_code == 503, batch.text
+        assert batch.json() == {
+            "detail": "the model runs out of memory; retry (this worker is to be restarted)"
+        }
 
 
 async def test_a_task_waiting_to_be_retried_goes_back_at_once_when_its_worker_stops_claiming(

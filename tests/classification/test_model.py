@@ -786,10 +786,15 @@ def test_a_device_error_is_a_device_failure_that_names_the_device() -> None:
         (MemoryError(), "MemoryError"),
         (RuntimeError("could not create a primitive"), None),
         (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"), None),
-        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY"), None),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"), None),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"), None),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), None),
         (torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors..."), None),
     ],
-    ids=["cuda", "cpu allocator", "bad_alloc", "bare", "onednn", "cublas", "cudnn", "cuda error"],
+    ids=[
+        *("cuda", "cpu allocator", "bad_alloc", "bare", "onednn", "cublas"),
+        *("cudnn device", "cudnn host", "cudnn 8", "cuda error"),
+    ],
 )
 def test_running_out_of_memory_is_out_of_memory_not_a_device_failure(
     error: Exception, reason: str | None
@@ -805,8 +810,20 @@ def test_running_out_of_memory_is_out_of_memory_not_a_device_failure(
     assert not isinstance(raised.value, DeviceFailed)
 
 
-def test_other_errors_of_a_batch_pass_as_they_are() -> None:
-    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+@pytest.mark.parametrize(
+    "message",
+    [
+        "mat1 and mat2 shapes cannot be multiplied",
+        "could not create a primitive descriptor for a convolution forward propagation "
+        "primitive. Run workload with environment variable ONEDNN_VERBOSE=all to get "
+        "additional diagnostic information.",
+    ],
+    ids=["shapes", "onednn descriptor"],
+)
+def test_other_errors_of_a_batch_pass_as_they_are(message: str) -> None:
+    """Not memory: oneDNN's "descriptor" errors say it has no kernel for the setup, which
+    fails the same way every time."""
+    error = RuntimeError(message)
     failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
 
     with pytest.raises(RuntimeError) as raised:

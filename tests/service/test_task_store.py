@@ -805,6 +805,20 @@ def test_requeue_undoes_the_claim(store: TaskStore) -> None:
     assert get(store, "t1").attempts == 1
 
 
+def test_requeue_charges_at_least_the_attempts_known_to_have_been_made(store: TaskStore) -> None:
+    """Should an attempt's count not have landed, the requeue charges it: a task retried
+    for want of memory cannot go past TASK_MAX_ATTEMPTS, attempt 1 of 3 for ever."""
+    add(store, "t1")
+    running(store, "t1", "A", at=T0)
+    store.requeue("t1", "A", attempts=2)
+    assert get(store, "t1").attempts == 2
+    claim(store, "A", at=T0 + 1)
+    store.count_attempts("A", ["t1"])
+    store.count_attempts("A", ["t1"])
+    store.requeue("t1", "A", attempts=1)  # never lowers the count
+    assert get(store, "t1").attempts == 4
+
+
 def test_requeue_by_a_non_owner_changes_nothing(store: TaskStore) -> None:
     """Only the worker holding a task can put it back."""
     add(store, "t1")
