@@ -175,6 +175,9 @@ CALLBACK_LOOKUP_THREADS = 16
 # by itself (a leak, a fragmented heap), and until then it would answer only 503s.
 OUT_OF_MEMORY_LONE_FAILURES = 3
 OUT_OF_MEMORY_PERSISTS_S = 5.0
+# How long a task that found no memory waits before it goes back to the queue: time for
+# the memory to come back, or for this worker to be replaced should it not.
+OUT_OF_MEMORY_RETRY_PAUSE_S = 5.0
 
 
 class UploadTooLarge(Exception):
@@ -436,13 +439,13 @@ class Service:
         return TaskRunner(
             config,
             execute=self.run_task,
-            describe_error=lambda error: _status_and_detail(error, settings)[1],
+            describe_error=lambda error: _task_error(error, settings),
             requeue_on=(Stopped, QueueFull, NotReady),
             # Out of memory (the model's, or the decode's): retried once the worker may
             # have it, or once another worker may have taken the task, should this one be
             # replaced for it.
             retry_later_on=(MemoryError,),
-            retry_pause_s=OUT_OF_MEMORY_PERSISTS_S,
+            retry_pause_s=OUT_OF_MEMORY_RETRY_PAUSE_S,
             sender=sender,
             observer=metrics.PrometheusTaskObserver(),
             may_claim=lambda: self.liveness_problem() is None,
@@ -1534,6 +1537,14 @@ def _status_and_detail(error: BaseException, settings: Settings) -> tuple[int, s
             return status, _PUBLIC_DETAIL.get(error_type, str(error))
     logger.error("unexpected error", exc_info=error)
     return 500, "internal server error"
+
+
+def _task_error(error: BaseException, settings: Settings) -> str:
+    """A failed task's stored error: as a request's, but for a shortage of memory, which
+    fails a task only on its last attempt (its runner logs it), to submit again later."""
+    if isinstance(error, MemoryError):
+        return "the server had no memory for the task's image; submit it again later"
+    return _status_and_detail(error, settings)[1]
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:

@@ -262,6 +262,8 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
         ) from None
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise  # not the file's fault: ``load_classifier`` says to raise the limit
         if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             raise ModelLoadError(
                 f"WEIGHTS={path} holds Python objects besides tensors (a whole pickled "
@@ -439,6 +441,8 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
             # lists every key, a line each: 96 for a ResNet34's), and raised.
             loaded = network.load_state_dict(state, strict=False)
         except Exception as exc:  # a file's tensors can fail a copy in ways of their own
+            if _out_of_memory(exc):
+                raise
             raise ModelLoadError(
                 f"{source} does not fit ResNet18 ({_first_line(exc)}){mend}"
             ) from None
@@ -615,9 +619,11 @@ class Classifier:
                     durations.append(time.perf_counter() - started)
                 run_times[size] = min(durations)
         except OutOfMemory:
+            # Workers share a GPU's memory; on the CPU the limit is each process's own.
+            lower = "MAX_BATCH_SIZE, or WORKERS" if self.device.type == "cuda" else "MAX_BATCH_SIZE"
             raise ModelLoadError(
                 f"a batch of {max(batch_sizes)} does not fit in {_free_memory(self.device)}; "
-                "lower MAX_BATCH_SIZE, or WORKERS"
+                f"lower {lower}"
             ) from None
         except DeviceFailed as exc:
             raise ModelLoadError(_cannot_run_on(self.device, exc.__cause__)) from None
@@ -710,7 +716,7 @@ def _free_memory(device: torch.device) -> str:
     return f"{device}'s free memory"
 
 
-def _load_error(device: torch.device, error: BaseException) -> ModelLoadError | None:
+def _as_load_error(device: torch.device, error: BaseException) -> ModelLoadError | None:
     """The ``ModelLoadError`` that says what to do when building or placing the model on
     ``device`` failed for want of memory, or because torch cannot run there; else None."""
     if isinstance(error, ModelLoadError):
@@ -750,7 +756,7 @@ def load_classifier(
         network, description = build_network(weights, len(labels), seed)
         network = fold_batchnorm(network)
     except (RuntimeError, MemoryError) as exc:
-        if (load_error := _load_error(cpu, exc)) is None:
+        if (load_error := _as_load_error(cpu, exc)) is None:
             raise
         raise load_error from None
     try:
@@ -763,7 +769,7 @@ def load_classifier(
             weights_description=description,
         )
     except (RuntimeError, MemoryError) as exc:
-        if (load_error := _load_error(target, exc)) is None:
+        if (load_error := _as_load_error(target, exc)) is None:
             raise
         raise load_error from None
     logger.info(

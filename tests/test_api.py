@@ -1585,6 +1585,7 @@ class TightMemory:
 
 
 NO_MEMORY = "the server had no memory for the request for now; retry"
+TASK_NO_MEMORY = "the server had no memory for the task's image; submit it again later"
 
 
 async def test_a_batch_out_of_memory_is_split_and_every_request_answered(
@@ -1702,7 +1703,7 @@ async def test_a_task_the_model_had_no_memory_for_is_run_again_after_a_pause(
     """A task is not failed for the worker's memory: it goes back to the queue, charged the
     attempt, after a pause that gives the memory time to come back (an immediate retry
     would spend its attempts within milliseconds), and runs again."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.3)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.3)
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         model = TightMemory(served, fits=0)
@@ -1731,7 +1732,7 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
     """As for the model's memory; the attempt is charged though the image never reached the
     model, so that one this worker can never decode fails in the end, not retried for
     ever."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.2)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.2)
     decoded = main._preprocess
     calls: list[float] = []
 
@@ -1761,7 +1762,7 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
 async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.1)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.1)
     settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
     async with running_app(settings) as served:
         model = TightMemory(served, fits=0)
@@ -1770,7 +1771,7 @@ async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
         ]
         record = await task_outcome(served, task_id)
         assert record["status"] == "failed", record
-        assert record["error"] == f"{NO_MEMORY} (attempt 2 of 2)"
+        assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
         assert stored_task(settings, task_id) == ("failed", 2)
 
@@ -1780,7 +1781,7 @@ async def test_a_task_retried_for_memory_ends_at_its_last_attempt_if_a_count_is_
 ) -> None:
     """Attempts charged as the task enters the model may fail to land (a store failing
     for now): the requeue charges them, so the task still fails on its last attempt."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.05)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.05)
     settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
     async with running_app(settings) as served:
         runner = served.service.tasks
@@ -1796,7 +1797,7 @@ async def test_a_task_retried_for_memory_ends_at_its_last_attempt_if_a_count_is_
         ]
         record = await task_outcome(served, task_id)
         assert record["status"] == "failed", record
-        assert record["error"] == f"{NO_MEMORY} (attempt 2 of 2)"
+        assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
         assert stored_task(settings, task_id) == ("failed", 1)
 
@@ -1822,7 +1823,7 @@ async def test_a_task_waiting_to_be_retried_goes_back_at_once_when_its_worker_st
 ) -> None:
     """A worker about to be replaced (or stopping) does not sit on a task through its
     pause: the task goes back to the queue for the other workers."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 60.0)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 60.0)
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         runner = served.service.tasks

@@ -881,7 +881,7 @@ def test_a_batch_the_process_cannot_allocate_fails_as_out_of_memory_and_the_next
         (
             torch.OutOfMemoryError("CUDA out of memory"),
             r"^a batch of 8 does not fit in the memory this process may allocate; lower "
-            r"MAX_BATCH_SIZE, or WORKERS$",
+            r"MAX_BATCH_SIZE$",
         ),
     ],
 )
@@ -928,6 +928,26 @@ def test_a_model_the_cpu_cannot_build_says_so_whatever_the_device(
 
     with pytest.raises(ModelLoadError) as refused:
         load_classifier(weights="random", labels_file=LABELS_FILE, device="cuda")
+    assert str(refused.value) == (
+        "the model does not fit in the memory this process may allocate; raise its limit"
+    )
+
+
+def test_a_weights_file_with_no_memory_to_load_is_not_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a good file at the process's memory limit: the limit is what to raise, not
+    the file to replace."""
+    path = tmp_path / "weights.pth"
+    torch.save(build_network("random", 1000)[0].state_dict(), path)
+
+    def no_room(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")
+
+    monkeypatch.setattr(torch, "load", no_room)
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
     assert str(refused.value) == (
         "the model does not fit in the memory this process may allocate; raise its limit"
     )
