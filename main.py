@@ -984,6 +984,7 @@ class Service:
             # Fails the batch whole, unsplit: no request in it is at fault.
             raise Stopped(str(exc)) from exc
         except OutOfMemory as exc:
+            metrics.MODEL_OUT_OF_MEMORY.inc()
             if len(jobs) == 1:
                 self._ran_out_of_memory_alone(exc)
             raise  # a larger batch is split (its halves may fit); a lone image's caller retries

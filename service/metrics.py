@@ -98,6 +98,10 @@ for _outcome in Outcome:
 for _run_outcome in ("ok", "failed"):
     BATCH_RUN.labels(outcome=_run_outcome)
 TASK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
+MODEL_OUT_OF_MEMORY = Counter(
+    "model_out_of_memory",
+    "Forward passes the model had no memory for (a batch's halves are passes of their own)",
+)
 TASKS_SUCCEEDED = Counter(
     "image_task_success", "Asynchronous tasks that finished with a prediction"
 )

@@ -1596,6 +1596,8 @@ async def test_a_batch_out_of_memory_is_split_and_every_request_answered(
         processor = served.service.processor
         assert processor is not None
         model = TightMemory(served, fits=2, held=True)
+        out_of_memory = "model_out_of_memory_total"
+        before = metric_value((await served.client.get("/metrics")).text, out_of_memory)
         data = [path.read_bytes() for path in photos]
         first = asyncio.create_task(served.client.post("/cls", files=upload(data[0])))
         await asyncio.to_thread(model.entered.wait, 10)
@@ -1609,6 +1611,8 @@ async def test_a_batch_out_of_memory_is_split_and_every_request_answered(
         assert [response.status_code for response in responses] == [200] * 5
         assert model.calls == [1, 4, 2, 2]
         assert (await served.client.get("/healthz")).json() == {"status": "ok"}
+        after = metric_value((await served.client.get("/metrics")).text, out_of_memory)
+        assert after - before == 1  # the batch of 4; its halves fitted
 
 
 async def test_a_lone_image_the_model_has_no_memory_for_is_a_503_to_retry(
