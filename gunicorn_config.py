@@ -408,7 +408,8 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
     elif worker.aborted:
         server.log.critical(
             "worker %s was silent for WORKER_TIMEOUT_S=%s s while it served and was "
-            "restarted: its model was stuck past STALL_TIMEOUT_S (its line before says so), "
+            "restarted: it could not serve (its model stuck past STALL_TIMEOUT_S, out of "
+            "memory, or its device or batch processor failed: its line before says which), "
             "its event loop was blocked, or the process was stopped",
             worker.pid,
             settings.worker_timeout_s,

@@ -170,6 +170,8 @@ TASK_STORE_RETRY_S = 5.0
 # taken on its form alone. A lookup that hangs holds its thread until the system's resolver
 # gives up, whatever the request's time limit.
 CALLBACK_LOOKUP_THREADS = 16
+# How long a pool's threads, started together at start-up, wait for one another.
+THREAD_START_WAIT_S = 30.0
 # A worker whose model has run out of memory on lone images this many times in a row, for
 # at least this long, with no batch run since, is replaced: its memory will not come back
 # by itself (a leak, a fragmented heap), and until then it would answer only 503s.
@@ -190,6 +192,10 @@ class ClientDisconnected(Exception):
 
 class NotReady(Exception):
     """The model is not loaded yet, or the worker has shut down."""
+
+
+class ThreadsUnavailable(Exception):
+    """The worker could not start the threads it serves with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +287,37 @@ class Service:
         self._pools_shut_down = False  # by ``stop``: a pool's refusal is then no fault
         self._lookups: dict[str, asyncio.Future[None]] = {}  # by host name, while under way
 
+    async def _start_decode_threads(self) -> None:
+        """Start every decode thread now. Started on first use, at a limit of memory or of
+        threads (``ulimit -v``, ``-u``), a thread that cannot be started would refuse its
+        pool's requests (every ``/cls/batch``, every task) for good, while the worker served
+        ``/cls`` and looked healthy; a pool's threads, once started, stay.
+
+        Raises:
+            ThreadsUnavailable: A thread could not be started.
+        """
+        decode_threads = self.settings.effective_decode_threads
+        for pool, count in (
+            (self._decode_pool, decode_threads),
+            (self._large_decode_pool, decode_threads),
+            (self._bulk_decode_pool, decode_threads),
+            (self._task_decode_pool, 1),
+        ):
+            # Each call holds its thread until all have one: none is reused for the next.
+            everyone_started = threading.Barrier(count)
+            started = []
+            try:
+                for _ in range(count):
+                    started.append(pool.submit(everyone_started.wait, THREAD_START_WAIT_S))
+            except (RuntimeError, MemoryError) as exc:
+                everyone_started.abort()
+                raise ThreadsUnavailable(
+                    f"the worker's decode threads could not be started "
+                    f"({exc or type(exc).__name__}); raise the limit on threads or memory "
+                    "(ulimit -u, -v, a container's pids.max)"
+                ) from None
+            await asyncio.gather(*map(asyncio.wrap_future, started))
+
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then start batching."""
         settings = self.settings
@@ -337,6 +374,7 @@ class Service:
                 STALL_MARGIN,
                 full_batch_s * 1000,
             )
+        await self._start_decode_threads()
         self.classifier = classifier
         if settings.task_lease_s < BUSY_TIMEOUT_MS / 1000:
             logger.warning(
@@ -1759,7 +1797,7 @@ def create_app(settings: Settings) -> FastAPI:
         setattr(app.state, LIVENESS_STATE, service.liveness_problem)
         try:
             await service.start()
-        except (ModelLoadError, TaskStoreUnavailable) as exc:
+        except (ModelLoadError, TaskStoreUnavailable, ThreadsUnavailable) as exc:
             # One line that says what to change, not a traceback. Exit code 3 tells gunicorn
             # to stop rather than restart the worker in a loop, unless other workers serve.
             others_serve = siblings is not None and siblings.others_serving()

@@ -1588,6 +1588,70 @@ NO_MEMORY = "the server had no memory for the request for now; retry"
 TASK_NO_MEMORY = "the server had no memory for the task's image; submit it again later"
 
 
+async def test_a_worker_that_can_start_no_more_threads_still_serves_every_route(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a limit of threads or memory reached after start-up, no decode pool is left
+    without its threads: each is started as the worker starts, where one started on first
+    use refused every /cls/batch or task for good while the worker looked healthy."""
+    settings = make_settings(task_poll_interval_s=0.05)
+    async with running_app(settings) as served:
+
+        def no_thread(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        try:
+            data = [path.read_bytes() for path in photos[:2]]
+            batch = await served.client.post(
+                "/cls/batch", files=[("file", ("a.jpg", each)) for each in data]
+            )
+            assert batch.status_code == 200, batch.text
+            assert [entry["status"] for entry in batch.json()["results"]] == [200, 200]
+            # Over SMALL_IMAGE_MAX_PIXELS (the large-image threads), under the 1 MiB past
+            # which an upload is spooled to disk on a thread that Starlette starts on demand.
+            large = io.BytesIO()
+            Image.open(photos[0]).convert("RGB").resize((1000, 800)).save(large, "JPEG")
+            assert len(large.getvalue()) < 2**20
+            answer = await served.client.post("/cls", files=upload(large.getvalue()))
+            assert answer.status_code == 200, answer.text
+            submitted = await served.client.post("/tasks", files=upload(data[0]))
+            assert submitted.status_code == 202, submitted.text
+            record = await task_outcome(served, submitted.json()["task_id"])
+            assert record["status"] == "succeeded", record
+        finally:
+            monkeypatch.undo()
+
+
+def test_a_worker_that_cannot_start_its_decode_threads_stops_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = threading.Thread.start
+    pools_started: list[str] = []
+
+    def limited(self: threading.Thread) -> None:
+        if self.name.startswith("decode-bulk"):
+            raise RuntimeError("can't start new thread")
+        pools_started.append(self.name)
+        started(self)
+
+    async def start() -> None:
+        service = main.Service(make_settings())
+        monkeypatch.setattr(threading.Thread, "start", limited)
+        try:
+            with pytest.raises(main.ThreadsUnavailable) as refused:
+                await service._start_decode_threads()
+        finally:
+            monkeypatch.undo()
+            await service.stop()
+        assert str(refused.value) == (
+            "the worker's decode threads could not be started (can't start new thread); "
+            "raise the limit on threads or memory (ulimit -u, -v, a container's pids.max)"
+        )
+
+    asyncio.run(start())
+
+
 async def test_a_batch_out_of_memory_is_split_and_every_request_answered(
     photos: list[Path],
 ) -> None:
