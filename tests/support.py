@@ -106,6 +106,30 @@ async def running_app(
             yield RunningApp(app, client)
 
 
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+async def submit(client: httpx.AsyncClient, data: bytes, **fields: str) -> dict[str, str]:
+    """Submit ``data`` as a task; its 202 answer."""
+    files = {"file": ("image.jpg", data, "application/octet-stream")}
+    response = await client.post("/tasks", files=files, data=fields)
+    assert response.status_code == 202, response.text
+    body: dict[str, str] = response.json()
+    return body
+
+
+async def finished(client: httpx.AsyncClient, task_id: str, timeout_s: float = 30) -> dict:
+    """Poll the task's status until it has finished."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            response = await client.get(f"/task-status/{task_id}")
+            assert response.status_code == 200, response.text
+            body: dict = response.json()
+            if body["status"] in FINISHED:
+                return body
+            await asyncio.sleep(0.02)
+
+
 def metric_value(text: str, sample: str) -> float:
     """The value of one exposition line, e.g. ``batch_size_count``; 0 if absent."""
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)

@@ -46,9 +46,11 @@ from tests.support import (
     HeldDecode,
     Reference,
     RunningApp,
+    finished,
     make_settings,
     metric_value,
     running_app,
+    submit,
     wait_for,
 )
 
@@ -1538,7 +1540,7 @@ async def test_a_task_queued_behind_a_failed_device_is_charged_no_attempt(
         data = photos[0].read_bytes()
         first = asyncio.create_task(served.client.post("/cls", files=upload(data)))
         await asyncio.to_thread(device.entered.wait, 10)
-        task_id = (await served.client.post("/tasks", files=upload(data))).json()["task_id"]
+        task_id = (await submit(served.client, data))["task_id"]
         await wait_for(lambda: processor.queue_depth == 1)
         with caplog.at_level(logging.CRITICAL):
             device.release.set()
@@ -1615,9 +1617,8 @@ async def test_a_worker_that_can_start_no_more_threads_still_serves_every_route(
             assert len(large.getvalue()) < 2**20
             answer = await served.client.post("/cls", files=upload(large.getvalue()))
             assert answer.status_code == 200, answer.text
-            submitted = await served.client.post("/tasks", files=upload(data[0]))
-            assert submitted.status_code == 202, submitted.text
-            record = await task_outcome(served, submitted.json()["task_id"])
+            task_id = (await submit(served.client, data[0]))["task_id"]
+            record = await finished(served.client, task_id)
             assert record["status"] == "succeeded", record
         finally:
             monkeypatch.undo()
@@ -1747,16 +1748,6 @@ async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
         assert len(model.calls) == calls  # refused before the model
 
 
-async def task_outcome(served: RunningApp, task_id: str) -> dict[str, Any]:
-    """The task's record once it has finished."""
-    async with asyncio.timeout(10):
-        while True:
-            record: dict[str, Any] = (await served.client.get(f"/task-status/{task_id}")).json()
-            if record["status"] not in ("queued", "running"):
-                return record
-            await asyncio.sleep(0.02)
-
-
 def stored_task(settings: Settings, task_id: str) -> tuple[str, int]:
     with contextlib.closing(sqlite3.connect(settings.data_dir / DATABASE_NAME)) as store:
         row: tuple[str, int] = store.execute(
@@ -1776,13 +1767,11 @@ async def test_a_task_the_model_had_no_memory_for_is_run_again_after_a_pause(
     async with running_app(settings) as served:
         model = TightMemory(served, fits=0)
         with caplog.at_level(logging.WARNING):
-            task_id = (
-                await served.client.post("/tasks", files=upload(photos[0].read_bytes()))
-            ).json()["task_id"]
+            task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
             await wait_for(lambda: len(model.calls) == 1)
             failed_at = time.monotonic()
             model.fits = 16
-            record = await task_outcome(served, task_id)
+            record = await finished(served.client, task_id)
         assert time.monotonic() - failed_at >= 0.3
         assert record["status"] == "succeeded", record
         assert len(record["prediction"]) == 5
@@ -1814,10 +1803,8 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         with caplog.at_level(logging.WARNING):
-            task_id = (
-                await served.client.post("/tasks", files=upload(photos[0].read_bytes()))
-            ).json()["task_id"]
-            record = await task_outcome(served, task_id)
+            task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
+            record = await finished(served.client, task_id)
         assert record["status"] == "succeeded", record
         assert len(calls) == 3  # the submission's check, then the two runs
         assert calls[2] - calls[1] >= 0.2
@@ -1834,10 +1821,8 @@ async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
     settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
     async with running_app(settings) as served:
         model = TightMemory(served, fits=0)
-        task_id = (await served.client.post("/tasks", files=upload(photos[0].read_bytes()))).json()[
-            "task_id"
-        ]
-        record = await task_outcome(served, task_id)
+        task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
+        record = await finished(served.client, task_id)
         assert record["status"] == "failed", record
         assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
@@ -1860,10 +1845,8 @@ async def test_a_task_retried_for_memory_ends_at_its_last_attempt_if_a_count_is_
 
         monkeypatch.setattr(runner.store, "count_attempts", lost)
         model = TightMemory(served, fits=0)
-        task_id = (await served.client.post("/tasks", files=upload(photos[0].read_bytes()))).json()[
-            "task_id"
-        ]
-        record = await task_outcome(served, task_id)
+        task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
+        record = await finished(served.client, task_id)
         assert record["status"] == "failed", record
         assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
@@ -1897,9 +1880,7 @@ async def test_a_task_waiting_to_be_retried_goes_back_at_once_when_its_worker_st
         runner = served.service.tasks
         assert runner is not None
         model = TightMemory(served, fits=0)
-        task_id = (await served.client.post("/tasks", files=upload(photos[0].read_bytes()))).json()[
-            "task_id"
-        ]
+        task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
         await wait_for(lambda: len(model.calls) == 1)
         await asyncio.sleep(0.2)
         assert stored_task(settings, task_id) == ("running", 1)

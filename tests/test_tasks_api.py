@@ -43,37 +43,18 @@ from tests.support import (
     HeldDecode,
     Reference,
     RunningApp,
+    finished,
     make_settings,
     metric_value,
     running_app,
+    submit,
     wait_for,
 )
 from tests.webhook_receiver import STALL, receiving
 
-FINISHED = {"succeeded", "failed", "cancelled"}
-
 
 def upload(data: bytes, name: str = "image.jpg") -> dict[str, tuple[str, bytes, str]]:
     return {"file": (name, data, "application/octet-stream")}
-
-
-async def submit(client: httpx.AsyncClient, data: bytes, **fields: str) -> dict[str, str]:
-    response = await client.post("/tasks", files=upload(data), data=fields)
-    assert response.status_code == 202, response.text
-    body: dict[str, str] = response.json()
-    return body
-
-
-async def finished(client: httpx.AsyncClient, task_id: str, timeout_s: float = 30) -> dict:
-    """Poll the task's status until it has finished."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            response = await client.get(f"/task-status/{task_id}")
-            assert response.status_code == 200, response.text
-            body: dict = response.json()
-            if body["status"] in FINISHED:
-                return body
-            await asyncio.sleep(0.02)
 
 
 def stored_rows(served: RunningApp, table: str) -> int:
