@@ -1814,43 +1814,32 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
         ) in caplog.text
 
 
+@pytest.mark.parametrize("count_lost", [False, True], ids=["counted", "count lost"])
 async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
-    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, count_lost: bool
 ) -> None:
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.1)
-    settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
-    async with running_app(settings) as served:
-        model = TightMemory(served, fits=0)
-        task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
-        record = await finished(served.client, task_id)
-        assert record["status"] == "failed", record
-        assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
-        assert model.calls == [1, 1]
-        assert stored_task(settings, task_id) == ("failed", 2)
-
-
-async def test_a_task_retried_for_memory_ends_at_its_last_attempt_if_a_count_is_lost(
-    photos: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Attempts charged as the task enters the model may fail to land (a store failing
-    for now): the requeue charges them, so the task still fails on its last attempt."""
+    """Also where the attempts charged as the task enters the model fail to land (a store
+    failing for now): the requeue charges them, so the task still fails on its last
+    attempt."""
     monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.05)
     settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
     async with running_app(settings) as served:
         runner = served.service.tasks
         assert runner is not None
+        if count_lost:
 
-        def lost(*args: object) -> None:
-            raise TaskStoreFailed("the disk is full")
+            def lost(*args: object) -> None:
+                raise TaskStoreFailed("the disk is full")
 
-        monkeypatch.setattr(runner.store, "count_attempts", lost)
+            monkeypatch.setattr(runner.store, "count_attempts", lost)
         model = TightMemory(served, fits=0)
         task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
         record = await finished(served.client, task_id)
         assert record["status"] == "failed", record
         assert record["error"] == f"{TASK_NO_MEMORY} (attempt 2 of 2)"
         assert model.calls == [1, 1]
-        assert stored_task(settings, task_id) == ("failed", 1)
+        # Lost, the last attempt's count is never charged: the task fails without a requeue.
+        assert stored_task(settings, task_id) == ("failed", 1 if count_lost else 2)
 
 
 async def test_a_batch_refused_whole_as_its_worker_fails_says_so(
