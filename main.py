@@ -1668,7 +1668,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                 f"({match[1]}) per request"
             )
         else:
-            detail = _takes_one_file(request.url.path)
+            # Empty file parts count toward the limit: the form may hold a single image.
+            one_file = _takes_one_file(request.url.path)
+            detail = f"more than {match[1]} file parts, empty ones included; {one_file}"
     if exc.status_code == 400 and (match := _TOO_MANY_FIELDS.fullmatch(str(detail))):
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):

@@ -251,8 +251,10 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 torch.serialization.safe_globals([argparse.Namespace]),
                 path.open("rb") as file,
             ):
-                # A sparse tensor is refused below; its scan's warning would be a second line.
+                # A sparse tensor is refused below, and a file that is no state dict (a
+                # plain pickle) too: their warnings would be a second line.
                 warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
+                warnings.filterwarnings("ignore", "Detected pickle protocol")
                 # From a file object: torch.load reads a path named *.safetensors as one.
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
     except ModelLoadError:

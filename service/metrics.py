@@ -118,7 +118,11 @@ TASK_QUEUE_DEPTH = Gauge(
     multiprocess_mode="mostrecent",
 )
 WEBHOOKS_DELIVERED = Counter("webhook_success", "Webhook deliveries the receiver accepted")
-WEBHOOKS_FAILED = Counter("webhook_failure", "Webhook deliveries given up after their last attempt")
+WEBHOOKS_FAILED = Counter(
+    "webhook_failure",
+    "Webhook deliveries ended without success: attempts used up, or the receiver answered "
+    "3xx or 4xx (not 408 or 429), which is not retried",
+)
 WEBHOOK_LATENCY = Histogram(
     "webhook_latency_seconds",
     "Time of one webhook HTTP attempt, successful or not",

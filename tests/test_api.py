@@ -655,6 +655,14 @@ async def test_one_image_beside_an_empty_file_input_is_served_and_a_second_image
     response = await served.client.post(route, content=body, headers=multipart_headers(body))
     assert response.status_code == 422, response.text
     assert response.json()["detail"].startswith("image: a file under another name than 'file'")
+    # Past the form's limit of file parts, empty ones count: the answer says so.
+    empty = [(f"extra{i}", "", b"", "text/plain") for i in range(8)]
+    body = multipart([("file", "a.jpg", data, "image/jpeg"), *empty])
+    response = await served.client.post(route, content=body, headers=multipart_headers(body))
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith(
+        f"more than 8 file parts, empty ones included; {route} takes one file"
+    )
 
 
 async def test_task_fields_sent_as_files_even_empty_are_told_to_be_plain_fields(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -233,6 +234,12 @@ def save(value: object, path: Path) -> bytes:
         (b"not a checkpoint", r"is not a file written by torch.save; expected a file written by"),
         (b"plain text\nof two lines\n", "is not a file written by torch.save;"),
         ("whole model", "holds Python objects besides tensors"),
+        pytest.param(
+            # A plain pickle, of a protocol torch.save does not write: torch warns of it.
+            pickle.dumps({"fc.weight": object()}, protocol=4),
+            r"not a loadable state dict \(it holds Python objects besides tensors, or is not",
+            id="pickle-protocol-4",
+        ),
         ({"fc.weight": [1.0, 2.0]}, "'fc.weight' is not a tensor"),
         ("truncated", r"not a loadable state dict \(RuntimeError: .+\); expected a file"),
         (
