@@ -264,7 +264,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
         ) from None
     except Exception as exc:
-        if _out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise  # not the file's fault: ``load_classifier`` says to raise the limit
         if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             raise ModelLoadError(
@@ -443,7 +443,7 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
             # lists every key, a line each: 96 for a ResNet34's), and raised.
             loaded = network.load_state_dict(state, strict=False)
         except Exception as exc:  # a file's tensors can fail a copy in ways of their own
-            if _out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise
             raise ModelLoadError(
                 f"{source} does not fit ResNet18 ({_first_line(exc)}){mend}"
@@ -653,7 +653,7 @@ class Classifier:
         try:
             score_rows, index_rows = self._top_scores(images, max(top_k))
         except (RuntimeError, MemoryError) as exc:
-            if not _out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 if isinstance(exc, torch.AcceleratorError):
                     raise DeviceFailed(f"{self.device} failed: {exc}") from exc
                 raise
@@ -699,10 +699,11 @@ class Classifier:
         return scores.cpu().tolist(), indices.cpu().tolist()
 
 
-def _out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     """Whether torch failed to allocate: on CUDA, or on the CPU (a RuntimeError, or a
     MemoryError from a C++ ``std::bad_alloc``). CUDA's own "out of memory" error leaves the
-    device usable, unlike its other errors."""
+    device usable, unlike its other errors. A model's ``classify`` raises ``OutOfMemory``
+    for such an error, which the batcher and ``main.py`` tell from a failed image."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     message = str(error)
@@ -723,7 +724,7 @@ def _as_load_error(device: torch.device, error: BaseException) -> ModelLoadError
     ``device`` failed for want of memory, or because torch cannot run there; else None."""
     if isinstance(error, ModelLoadError):
         return None
-    if _out_of_memory(error):
+    if is_out_of_memory(error):
         remedy = "lower WORKERS, or free the GPU" if device.type == "cuda" else "raise its limit"
         return ModelLoadError(f"the model does not fit in {_free_memory(device)}; {remedy}")
     if isinstance(error, torch.AcceleratorError):

@@ -1,27 +1,39 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by the whole suite.
+
+``tests.support`` (torch, the app, the model) is imported only when a fixture of it is
+used: the batching tests run without the model side, as ``batching/`` does.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import Reference, RunningApp, make_settings, photo_paths, running_app
+if TYPE_CHECKING:
+    from tests.support import Reference, RunningApp
 
 
 @pytest.fixture(scope="session")
 def reference() -> Reference:
+    from tests.support import Reference
+
     return Reference()
 
 
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
+    from tests.support import photo_paths
+
     return photo_paths()
 
 
 @pytest.fixture
 async def served() -> AsyncIterator[RunningApp]:
     """The app with default test settings (random weights), lifespan running."""
+    from tests.support import make_settings, running_app
+
     async with running_app(make_settings()) as running:
         yield running

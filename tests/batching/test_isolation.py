@@ -110,3 +110,50 @@ def test_batching_source_imports_only_the_standard_library() -> None:
         if module.partition(".")[0] not in sys.stdlib_module_names | {"batching"}
     ]
     assert not offenders, "\n".join(offenders)
+
+
+# pytest's run of this folder with the model side and the web stack unimportable: argv[1] is
+# the project root, the rest are the blocked packages.
+BLOCKED_COLLECTION_SCRIPT = """
+import importlib.abc
+import sys
+
+import pytest
+
+root, blocked = sys.argv[1], frozenset(sys.argv[2:])
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ImportError(f"{name} is blocked: the batching tests must not need it")
+        return None
+
+
+sys.meta_path.insert(0, Block())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"{root}/tests/batching"]))
+"""
+
+
+def test_the_batching_tests_need_no_model_side() -> None:
+    """Another model replaces ``classification/``; the tests of ``batching/`` still load, the
+    suite's shared fixtures included, with neither it nor torch nor the app importable."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKED_COLLECTION_SCRIPT,
+            str(PROJECT_ROOT),
+            *BLOCKED,
+            "classification",
+            "main",
+            "service",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "test_processor.py::" in completed.stdout
