@@ -231,14 +231,29 @@ def _escape_unprintable(text: str) -> str:
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
+def _utc_time(record: logging.LogRecord) -> str:
+    """ISO 8601 in UTC, which log collectors read without a format of their own, and which
+    lines up with gunicorn's own lines (which carry their offset) whatever the host's zone."""
+    created = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return created.isoformat(timespec="milliseconds")
+
+
+class TextLines(logging.Formatter):
+    """``TEXT_FORMAT``, its time in UTC."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return _utc_time(record)
+
+
 class _JsonLines(JsonFormatter):
     """JSON lines alike for every logger: "-" where no request is (gunicorn's and uvicorn's
     lines carry no id), and without uvicorn's copy of each message in terminal colours."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
-        """ISO 8601 in UTC, which log collectors read without a format of their own."""
-        created = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-        return created.isoformat(timespec="milliseconds")
+        return _utc_time(record)
 
     def add_fields(
         self,
@@ -291,7 +306,7 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     """Route the service's loggers through one background writer, as text or JSON lines."""
     global _access_log_on
     stop_writer()
-    formatter = json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = json_formatter() if log_format == "json" else TextLines()
     global _direct, _queued
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)

@@ -99,7 +99,7 @@ def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
 
     (line,) = access_lines
     json_line = logs.json_formatter().format(line)
-    text_line = logging.Formatter(logs.TEXT_FORMAT).format(line)
+    text_line = logs.TextLines().format(line)
     assert len(json_line.encode()) < 4096
     assert len(text_line.encode()) < 4096
     written = json.loads(json_line)
@@ -438,3 +438,14 @@ def test_stopping_the_writer_keeps_the_handlers_added_beside_it() -> None:
         assert len(service.handlers) == 2
     finally:
         service.removeHandler(beside)
+
+
+def test_text_lines_carry_their_time_in_utc() -> None:
+    """As JSON lines do: gunicorn's own lines carry their offset, and a host in another zone
+    would otherwise write times that do not line up with them."""
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "started", None, None)
+    record.created = 86_400 * 365 + 0.25  # 1971-01-01, a quarter of a second past midnight UTC
+    record.request_id = "-"
+    assert logs.TextLines().format(record) == (
+        f"1971-01-01T00:00:00.250+00:00 [{record.process}] INFO service [-] started"
+    )
