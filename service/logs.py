@@ -43,6 +43,9 @@ JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(m
 # written twice on a JSON line, a character escaped to up to 12, and a longer path (64 KiB
 # fit in a request line) would interleave with other workers' lines.
 ACCESS_PATH_MAX_CHARS = 64
+# An error answer's detail on its access line, in characters as JSON writes it: written
+# twice on a JSON line as well, so it is bounded after escaping.
+ACCESS_DETAIL_MAX_CHARS = 200
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # Fields the handling of the current request adds to its access line (e.g. batch sizes).
@@ -195,11 +198,15 @@ def log_access(
             extra["batch_size"] = sizes[0]
         else:
             extra["batch_sizes"] = sizes
+    if isinstance(detail := fields.get("detail"), str):
+        extra["detail"] = _cut_escaped(detail, ACCESS_DETAIL_MAX_CHARS)
     shown = "".join(
         f" {key}={_shown_client(str(value)) if key == 'client' else value}"
         for key, value in extra.items()
         if key == "client" or key.startswith("batch")
     )
+    if "detail" in extra:  # what the caller was told, quoted: it may quote the caller
+        shown += f" detail={json.dumps(extra['detail'])}"
     logging.getLogger(ACCESS_LOGGER).log(
         logging.WARNING if server_error else logging.INFO,
         "%s %s answered %d after %.1f ms%s",
@@ -210,6 +217,17 @@ def log_access(
         shown,
         extra=extra,
     )
+
+
+def _cut_escaped(text: str, most: int) -> str:
+    """``text``, cut (and ended with "...") so that JSON writes it in at most ``most``
+    characters, escapes included."""
+    if len(json.dumps(text)) <= most + 2:
+        return text
+    cut = text[:most]
+    while cut and len(json.dumps(cut + "...")) > most + 2:
+        cut = cut[:-1]
+    return cut + "..."
 
 
 def _shown_client(client: str) -> str:

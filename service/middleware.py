@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hmac
+import json
 import logging
 import re
 import time
@@ -38,6 +39,9 @@ RETRY_AFTER_S = "1"
 # Sent with an answer given before the body was read to its end: the client may still be
 # sending it, and whatever it sends next on this connection would be read as more body.
 _UNREAD_BODY = {"Connection": "close"}
+# An error answer is read this far for its access line's detail; every JSON error this
+# service writes fits.
+ERROR_BODY_READ_BYTES = 8192
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +68,16 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})[REQUEST_ID_STATE] = request_id
         status = 500
         response_started = False
+        error_body = b""  # an error answer's first bytes, for its access line's detail
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, error_body
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            elif status >= 400 and len(error_body) < ERROR_BODY_READ_BYTES:
+                error_body += message.get("body", b"")[:ERROR_BODY_READ_BYTES]
             await send(message)
 
         try:
@@ -122,6 +129,8 @@ class RequestContextMiddleware:
         finally:
             elapsed_s = time.perf_counter() - started
             client = scope.get("client")
+            if error_body:
+                access_fields["detail"] = _detail_of(error_body)
             logs.log_access(
                 scope["method"],
                 scope["path"],
@@ -132,6 +141,15 @@ class RequestContextMiddleware:
             )
             logs.end_request(token)
             metrics.record_request(_route_label(scope), scope["method"], status, elapsed_s)
+
+
+def _detail_of(body: bytes) -> str | None:
+    """The ``detail`` of a JSON error answer, if it is one: what the caller was told."""
+    try:
+        detail = json.loads(body)["detail"]
+    except (ValueError, TypeError, KeyError):
+        return None  # not JSON, or cut at ERROR_BODY_READ_BYTES: not worth guessing
+    return detail if isinstance(detail, str) else json.dumps(detail)[:ERROR_BODY_READ_BYTES]
 
 
 def _header_problem(scope: Scope) -> str | None:

@@ -93,6 +93,8 @@ def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
     """Workers share one pipe, which keeps a write whole only up to PIPE_BUF (4 KiB); a
     request line may carry a 64 KiB path, here of characters that escape the longest."""
     token, fields = logs.begin_request("r" * 128)
+    # The answer's detail may quote the caller (a field's name, say).
+    fields["detail"] = "\U0001f600" * 10_000
     # With a client that a proxy trusted with "*" passes on from X-Forwarded-For.
     logs.log_access("GET", "/" + "\U0001f600" * 65_000, 404, 0.001, fields, client="\xe9" * 200)
     logs.end_request(token)
@@ -105,6 +107,36 @@ def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
     written = json.loads(json_line)
     assert written["path"] == "/" + "\U0001f600" * (logs.ACCESS_PATH_MAX_CHARS - 1) + "..."
     assert written["status"] == 404
+
+
+async def test_an_error_answer_s_access_line_says_what_the_caller_was_told(
+    access_lines: list[logging.LogRecord],
+) -> None:
+    async with running_app(make_settings()) as served:
+        refused = await served.client.post("/cls", files={"file": ("a.txt", b"plain text")})
+        answered = await served.client.get("/healthz")
+    assert refused.status_code == 400
+    told = refused.json()["detail"]
+    assert told.startswith("the upload is not a JPEG")
+    refusal, answer = (
+        next(vars(line) for line in access_lines if line.path == path)  # type: ignore[attr-defined]
+        for path in ("/cls", "/healthz")
+    )
+    assert refusal["detail"] == told
+    assert refusal["msg"] % refusal["args"] == (
+        f"POST /cls answered 400 after {refusal['duration_ms']:.1f} ms "
+        f"client=127.0.0.1 detail={json.dumps(told)}"
+    )
+    assert answered.status_code == 200
+    assert "detail" not in answer
+
+
+def test_a_long_detail_is_cut_where_json_writes_it_within_its_bound() -> None:
+    for detail in ("x" * 500, "\U0001f600" * 100, '"' * 150, "a" * 198):
+        cut = logs._cut_escaped(detail, logs.ACCESS_DETAIL_MAX_CHARS)
+        assert len(json.dumps(cut)) <= logs.ACCESS_DETAIL_MAX_CHARS + 2
+        assert cut == detail or (cut.endswith("...") and detail.startswith(cut[:-3]))
+    assert logs._cut_escaped("a" * 198, 200) == "a" * 198
 
 
 def test_a_forwarded_client_address_cannot_forge_fields_of_the_line(
