@@ -21,25 +21,31 @@ BLOCKED = (
     "prometheus_client",
 )
 
-# Run in a fresh interpreter: argv[1] is the project root, the rest are the blocked packages.
-BLOCKED_IMPORT_SCRIPT = """
-import asyncio
+# The start of a script run in a fresh interpreter: argv[1] is the project root, the rest
+# are the packages it cannot import.
+BLOCKER = """
 import importlib.abc
 import sys
 
 root, blocked = sys.argv[1], frozenset(sys.argv[2:])
 
 
-class BlockThirdParty(importlib.abc.MetaPathFinder):
+class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in blocked:
-            raise ImportError(f"{name} is blocked: batching must need the standard library only")
+            raise ImportError(f"{name} is blocked")
         return None
+"""
+
+BLOCKED_IMPORT_SCRIPT = (
+    BLOCKER
+    + """
+import asyncio
 
 
 already = sorted(name for name in sys.modules if name.partition(".")[0] in blocked)
 assert not already, f"imported before the check began: {already}"
-sys.meta_path.insert(0, BlockThirdParty())
+sys.meta_path.insert(0, Block())
 sys.path.insert(0, root)
 
 try:
@@ -68,6 +74,7 @@ leaked = sorted(name for name in sys.modules if name.partition(".")[0] in blocke
 assert not leaked, f"imported despite the block: {leaked}"
 print("batching ran with", ", ".join(sorted(blocked)), "blocked")
 """
+)
 
 
 def test_batching_runs_with_third_party_packages_blocked() -> None:
@@ -112,27 +119,16 @@ def test_batching_source_imports_only_the_standard_library() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-# pytest's run of this folder with the model side and the web stack unimportable: argv[1] is
-# the project root, the rest are the blocked packages.
-BLOCKED_COLLECTION_SCRIPT = """
-import importlib.abc
-import sys
-
+# pytest's collection of this folder with the model side and the web stack unimportable.
+BLOCKED_COLLECTION_SCRIPT = (
+    BLOCKER
+    + """
 import pytest
-
-root, blocked = sys.argv[1], frozenset(sys.argv[2:])
-
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in blocked:
-            raise ImportError(f"{name} is blocked: the batching tests must not need it")
-        return None
-
 
 sys.meta_path.insert(0, Block())
 sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"{root}/tests/batching"]))
 """
+)
 
 
 def test_the_batching_tests_need_no_model_side() -> None:
