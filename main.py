@@ -1592,7 +1592,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         # The logs name the file where the operator put it; a client is not told where.
         store_path = _service(request).settings.data_dir / DATABASE_NAME
         detail = detail.replace(str(store_path), f"DATA_DIR's {DATABASE_NAME}")
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    retry_after = str(exc.retry_after_s) if isinstance(exc, TaskQueueFull) else RETRY_AFTER_S
+    headers = {"Retry-After": retry_after} if status == 503 else None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 

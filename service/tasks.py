@@ -45,6 +45,10 @@ WAL_SIZE_LIMIT_BYTES = 16 * 2**20
 # accepted already still need room for their results, and their writes for the journal.
 # On a full disk they would wait, shown as running, until space was freed by hand.
 DISK_RESERVE_BYTES = 64 * 2**20
+# Room comes back when someone frees space, or the clean-up deletes expired tasks: not
+# within the second a full queue takes to free a place. A client that waits as told does
+# not send its upload again each second meanwhile.
+DISK_FULL_RETRY_AFTER_S = 60
 
 # Image bytes live apart from the rows, so status reads never page through them. A lease
 # is who holds a running task or a delivery, and until when. A pending delivery that
@@ -119,7 +123,15 @@ class TaskStoreUnavailable(RuntimeError):
 
 
 class TaskQueueFull(Exception):
-    """``TASK_MAX_QUEUED`` tasks are already waiting, or the disk has no room for another."""
+    """``TASK_MAX_QUEUED`` tasks are already waiting, or the disk has no room for another.
+
+    Attributes:
+        retry_after_s: When to try again, for the answer's ``Retry-After``.
+    """
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def check_room(queued: int, max_queued: int) -> None:
@@ -143,7 +155,8 @@ def check_disk_room(directory: Path, incoming_bytes: int = 0) -> None:
         raise TaskQueueFull(
             f"the disk holding DATA_DIR has {free / 2**20:.1f} MiB free{left}; new tasks are "
             f"taken while {DISK_RESERVE_BYTES // 2**20} MiB would stay free, room for the "
-            "results of the tasks already taken: free some space"
+            "results of the tasks already taken: free some space",
+            retry_after_s=DISK_FULL_RETRY_AFTER_S,
         )
 
 
