@@ -1748,7 +1748,12 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # runs this outside it, so the request id is bound again.
     request_id = getattr(request.state, REQUEST_ID_STATE, None)
     with logs.request_id_bound(request_id or "-"):
-        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        logger.error(
+            "unhandled error on %s %s",
+            request.method,
+            logs.shown_path(request.url.path),
+            exc_info=exc,
+        )
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)
 

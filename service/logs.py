@@ -211,7 +211,7 @@ def log_access(
         logging.WARNING if server_error else logging.INFO,
         "%s %s answered %d after %.1f ms%s",
         method,
-        _escape_unprintable(path),
+        shown_path(path),
         status,
         duration_s * 1000,
         shown,
@@ -241,12 +241,13 @@ def _shown_client(client: str) -> str:
     return client
 
 
-def _escape_unprintable(text: str) -> str:
-    """``text`` with newlines and other unprintable characters escaped: a path is
-    percent-decoded, and "/x%0aFORGED" must not start a line of its own in a text log."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+def shown_path(path: str) -> str:
+    """A request's path on a text line: as it is, or quoted where it holds a blank, a quote
+    or an unprintable character. It arrives percent-decoded: "/x%0aFORGED" must not start
+    a line of its own, nor "/x%20answered%20200%20after%201%20ms" pass for other fields."""
+    if path.isprintable() and " " not in path and '"' not in path:
+        return path
+    return json.dumps(path)
 
 
 def _utc_time(record: logging.LogRecord) -> str:

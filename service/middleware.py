@@ -120,7 +120,9 @@ class RequestContextMiddleware:
             # A bug: logged once, here, where the request's id is bound. Passed on,
             # Starlette would answer it and raise it again for the server to log a
             # second traceback, without the id.
-            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            logger.exception(
+                "unhandled error on %s %s", scope["method"], logs.shown_path(scope["path"])
+            )
             if response_started:
                 raise  # the server closes the connection mid-response
             await JSONResponse({"detail": "internal server error"}, status_code=500)(

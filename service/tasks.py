@@ -12,11 +12,12 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,7 +330,13 @@ class TaskStore:
         # own waits for another process's write lock no later than this.
         self.writes_due_by: float | None = None
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            # The store holds uploads, results, metadata and callback URLs (tokens in their
+            # queries): readable by this user only, whatever the umask. SQLite gives its
+            # -wal and -shm files the database's mode. A directory or file that exists keeps
+            # the mode it has.
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with suppress(OSError):  # sqlite3.connect says what is wrong
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
             self._db = sqlite3.connect(
                 self.path,

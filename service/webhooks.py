@@ -43,6 +43,9 @@ USER_AGENT = "resnet18-service-webhook/1"
 SIGNATURE_HEADER = "X-Signature-256"
 # The error stored for an attempt that a stopping worker cut off before its answer.
 CUT_OFF_ERROR = "cut off by a shutdown before the callback answered"
+# A failed attempt's text, shown in the task's status and logged: an exception's message
+# can quote what the receiver sent, at any length.
+DESCRIBED_ERROR_MAX_CHARS = 200
 
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 # RFC 6052 NAT64 prefix: `ipaddress` calls it global, yet a NAT64 gateway forwards it to the
@@ -548,11 +551,20 @@ def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
         if isinstance(cause, socket.gaierror):
             return "host name does not resolve"
         cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.RemoteProtocolError):
+        # h11 quotes the bytes it could not parse after a colon ("illegal header line:
+        # bytearray(b'...')"): what the receiver sent stays out of the task's status, which
+        # its submitter reads.
+        message = message.partition(":")[0]
     if message:
-        return f"{type(exc).__name__}: {message}"
+        return f"{type(exc).__name__}: {_cut(message, DESCRIBED_ERROR_MAX_CHARS)}"
     if isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError):
         return f"{type(exc).__name__}: the receiver closed or reset the connection"
     return type(exc).__name__
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -75,16 +75,22 @@ def test_an_access_line_carries_the_request_and_its_batch(
 def test_a_path_cannot_forge_a_line_of_the_text_log(
     access_lines: list[logging.LogRecord],
 ) -> None:
-    """Paths arrive percent-decoded: "/x%0aFORGED LINE" holds a real newline."""
+    """Paths arrive percent-decoded: "/x%0aFORGED LINE" holds a real newline, and
+    "/x%20answered%20200" blanks that would make it read as other fields."""
     token, fields = logs.begin_request("req-1")
     logs.log_access("GET", "/x\nFORGED LINE\r\u2028\x1b[31m", 404, 0.001, fields)
+    logs.log_access("GET", "/x answered 200 after 0.1 ms client=10.9.9.9", 401, 0.001, fields)
+    logs.log_access("GET", '/x"quoted"', 404, 0.001, fields)
+    logs.log_access("GET", "/caf\xe9/\U0001f600", 404, 0.001, fields)
     logs.end_request(token)
 
-    (line,) = access_lines
-    message = line.getMessage()
-    assert message.startswith("GET /x\\nFORGED LINE\\r\\u2028\\x1b[31m answered 404")
-    assert message.isprintable()
-    assert vars(line)["path"] == "/x\nFORGED LINE\r\u2028\x1b[31m"  # JSON escapes it itself
+    forged, spaced, quoted, plain = (line.getMessage() for line in access_lines)
+    assert forged.startswith('GET "/x\\nFORGED LINE\\r\\u2028\\u001b[31m" answered 404')
+    assert forged.isprintable()
+    assert vars(access_lines[0])["path"] == "/x\nFORGED LINE\r\u2028\x1b[31m"  # JSON escapes it
+    assert spaced.startswith('GET "/x answered 200 after 0.1 ms client=10.9.9.9" answered 401')
+    assert quoted.startswith('GET "/x\\"quoted\\"" answered 404')
+    assert plain.startswith("GET /caf\xe9/\U0001f600 answered 404")  # printable, no blank: as is
 
 
 def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
@@ -95,8 +101,10 @@ def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
     token, fields = logs.begin_request("r" * 128)
     # The answer's detail may quote the caller (a field's name, say).
     fields["detail"] = "\U0001f600" * 10_000
-    # With a client that a proxy trusted with "*" passes on from X-Forwarded-For.
-    logs.log_access("GET", "/" + "\U0001f600" * 65_000, 404, 0.001, fields, client="\xe9" * 200)
+    # A blank has the path quoted on a text line, each character then escaped to 12; and a
+    # client that a proxy trusted with "*" passes on from X-Forwarded-For.
+    path = "/ " + "\U0001f600" * 65_000
+    logs.log_access("GET", path, 404, 0.001, fields, client="\xe9" * 200)
     logs.end_request(token)
 
     (line,) = access_lines
@@ -105,7 +113,7 @@ def test_a_long_path_is_cut_so_that_a_line_stays_one_pipe_write(
     assert len(json_line.encode()) < 4096
     assert len(text_line.encode()) < 4096
     written = json.loads(json_line)
-    assert written["path"] == "/" + "\U0001f600" * (logs.ACCESS_PATH_MAX_CHARS - 1) + "..."
+    assert written["path"] == "/ " + "\U0001f600" * (logs.ACCESS_PATH_MAX_CHARS - 2) + "..."
     assert written["status"] == 404
 
 

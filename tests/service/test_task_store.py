@@ -10,8 +10,10 @@ import logging
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
+import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -121,6 +123,30 @@ def test_a_store_not_to_be_created_is_refused_when_missing(tmp_path: Path) -> No
     assert not data_dir.exists()
     TaskStore(data_dir).close()
     TaskStore(data_dir, create=False).close()
+
+
+def test_a_new_store_is_readable_by_its_user_only(tmp_path: Path) -> None:
+    """It holds uploads, results and callback URLs: not for other users of the machine,
+    whatever the umask; a directory that exists keeps its mode."""
+    previous = os.umask(0o022)
+    try:
+        data_dir = tmp_path / "new" / "data"
+        store = TaskStore(data_dir)
+        store.create("a", b"image", top_k=5, metadata=None, callback_url=None, max_queued=10)
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared").chmod(0o755)  # as an operator left it
+        existing = TaskStore(tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    try:
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        names = ("tasks.sqlite3", "tasks.sqlite3-wal", "tasks.sqlite3-shm")
+        modes = {name: stat.S_IMODE((data_dir / name).stat().st_mode) for name in names}
+        assert modes == dict.fromkeys(names, 0o600)
+        assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o755
+    finally:
+        store.close()
+        existing.close()
 
 
 def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:

@@ -278,6 +278,28 @@ async def test_a_receiver_that_resets_the_connection_is_named_in_the_error(
     assert "the receiver closed or reset the connection" in attempt.error
 
 
+@pytest.mark.parametrize("header_line", [b"secret-data-12345", b"x" * 12_000])
+async def test_what_a_malformed_answer_holds_stays_out_of_the_error(
+    make_sender: Callable[..., WebhookSender], header_line: bytes
+) -> None:
+    """The error is shown in the task's status, which its submitter reads: a receiver on a
+    private address (with WEBHOOK_ALLOW_PRIVATE) must not have its bytes read back so."""
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 200 OK\r\nX: a\r\n" + header_line + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        attempt = await make_sender(max_attempts=3).attempt(f"http://127.0.0.1:{port}/", PAYLOAD)
+
+    assert not attempt.delivered
+    assert attempt.error == "RemoteProtocolError: illegal header line"
+
+
 async def test_an_https_receiver_of_a_private_ca_is_trusted_with_webhook_ca_file(
     tmp_path: Path, make_sender: Callable[..., WebhookSender]
 ) -> None:
