@@ -75,7 +75,11 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                # An error's detail can quote the request: no browser is to take an answer
+                # for anything but the type it is labelled with.
+                headers["X-Content-Type-Options"] = "nosniff"
             elif status >= 400 and len(error_body) < ERROR_BODY_READ_BYTES:
                 error_body += message.get("body", b"")[:ERROR_BODY_READ_BYTES]
             await send(message)

@@ -161,6 +161,25 @@ async def test_probes_metrics_and_the_documentation_stay_open() -> None:
             assert ("401" in operation["responses"]) == (path not in OPEN_PATHS), path
 
 
+async def test_every_answer_tells_browsers_not_to_sniff_its_type(photos: list[Path]) -> None:
+    """An error's detail can quote the request ("no task <id>"): labelled JSON, it must not
+    be read as HTML."""
+    async with running_app(make_settings(api_key=API_KEY)) as served:
+        client = served.client
+        key = {"X-API-Key": API_KEY}
+        answers = [
+            await client.post(
+                "/cls", files={"file": ("a.jpg", photos[0].read_bytes())}, headers=key
+            ),
+            await client.get("/task-status/<script>", headers=key),
+            await client.get("/nowhere"),  # 401
+            await client.get("/docs"),
+            await client.get("/metrics"),
+        ]
+    assert [answer.status_code for answer in answers] == [200, 404, 401, 200, 200]
+    assert all(answer.headers["x-content-type-options"] == "nosniff" for answer in answers)
+
+
 async def test_task_routes_need_the_key(photos: list[Path]) -> None:
     """Submitting, polling and cancelling tasks are all behind the key."""
     async with running_app(make_settings(api_key=API_KEY)) as served:
