@@ -363,32 +363,39 @@ async def open_loop(
     """
     rng = random.Random(seed)
     async with open_session(server, 512) as client:
+        await asyncio.to_thread(server.reset_peak_rss)  # as the step starts, as in the others
         start = time.perf_counter()
         recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
         before, after = _Snapshot(server), _Snapshot(server)
         pending: set[asyncio.Task[None]] = set()
+        latest_send_s = 0.0
 
         async def one(scheduled: float, payload: Payload) -> None:
+            nonlocal latest_send_s
+            if scheduled >= recorder.measure_from:
+                # As the request starts on its way, not as the loop woke to schedule it.
+                latest_send_s = max(latest_send_s, time.perf_counter() - scheduled)
             status = await post_image(client, payload)
             recorder.record(scheduled, time.perf_counter(), status)
 
         async def take_snapshot() -> None:
-            # In a thread beside the arrivals, which it must not hold up.
+            # In a thread beside the arrivals, which it must not hold up; at the window's
+            # edges, as in the closed loop, so that the CPU and batch figures cover the
+            # window the throughput does, not the tail of answers after it.
             await asyncio.sleep(warmup_s)
-            await asyncio.to_thread(server.reset_peak_rss)
             await asyncio.to_thread(before.take)
+            await asyncio.sleep(max(0.0, recorder.measure_until - time.perf_counter()))
+            await asyncio.to_thread(after.take)
 
         snapshot = asyncio.create_task(take_snapshot())
         scheduled = start
         sent = sent_in_window = 0
-        latest_send_s = 0.0
         while True:
             scheduled += rng.expovariate(rate_per_s)
             if scheduled > recorder.measure_until:
                 break
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             if scheduled >= recorder.measure_from:
-                latest_send_s = max(latest_send_s, time.perf_counter() - scheduled)
                 sent_in_window += 1
             task = asyncio.create_task(one(scheduled, payloads[sent % len(payloads)]))
             pending.add(task)
@@ -398,7 +405,6 @@ async def open_loop(
         if pending:
             await asyncio.wait(pending)
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
-    await asyncio.to_thread(after.take)
     result = _result(f"open-{label}", "open", rate_per_s, recorder, before, after, peak_bytes)
     result.extra["sent_per_s"] = sent_in_window / duration_s
     result.extra["latest_send_ms"] = latest_send_s * 1000

@@ -60,11 +60,19 @@ def step_rows(steps: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def verdict(target: dict[str, Any], verdicts: dict[bool | None, str], unreliable: str) -> str:
+    """Met, not met or not measured; ``unreliable`` for a ratio within its bound whose A
+    drifted past MAX_PAIR_DRIFT, which does not count as met."""
+    if target.get("within_bound") and target.get("unreliable") and not target.get("implausible"):
+        return unreliable
+    return verdicts[target["met"]]
+
+
 def target_rows(targets: list[dict[str, Any]]) -> list[str]:
     verdicts = {True: "yes", False: "**no**", None: "not measured"}
     return [
         f"| {target['name']} | {_figure(target['value'], places=3)} | {target['bound']} "
-        f"| {verdicts[target['met']]} | {target['note']} |"
+        f"| {verdict(target, verdicts, 'unreliable')} | {target['note']} |"
         for target in targets
     ]
 

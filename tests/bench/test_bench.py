@@ -1189,3 +1189,38 @@ def test_overload_refuses_options_it_cannot_honour_in_one_line() -> None:
         assert finished.returncode == 2, finished.stderr
         assert says in finished.stderr
         assert "Traceback" not in finished.stderr
+
+
+def test_a_target_within_its_bound_whose_pair_drifted_is_not_met() -> None:
+    """A lone request's ratio within 1.10 while the pipeline it divides by moved 13 % across
+    its pair says too little: the reports call it unreliable, not met."""
+    results = _results_for_targets(60.0)
+    results["paired"]["single_image_pipeline_ms"] = [20.5, 23.5]  # 13.6 % apart
+    results["paired"]["lone_request"]["latency_ms"]["p50"] = 22.0
+    lone = targets(results, max_batch_size=16, workers=1)[1]
+    assert lone["value"] == pytest.approx(1.0)
+    assert (lone["within_bound"], lone["unreliable"], lone["met"]) == (True, True, False)
+    (row,) = report.target_rows([lone])
+    assert "| unreliable |" in row
+    results["paired"]["single_image_pipeline_ms"] = [22.0, 22.0]
+    steady = targets(results, max_batch_size=16, workers=1)[1]
+    assert (steady["unreliable"], steady["met"]) == (False, True)
+    assert "| yes |" in report.target_rows([steady])[0]
+
+
+def test_batching_steps_one_batch_apart_have_not_drifted() -> None:
+    """A saturated step's throughput counts whole batches in its window: 64.0 and 60.0
+    images/s in 4 s windows are one batch of 16 apart, the finest the two can differ."""
+    results = _results_for_targets(60.0)
+    results["baseline"] = [{"throughput_per_s": 40.0}]
+    for apart, drifted in ((4.0, False), (8.0, True)):
+        results["paired"]["saturated"] = {"throughput_per_s": 60.0 + apart, "duration_s": 4.0}
+        results["paired"]["saturated_after_baseline"] = {
+            "throughput_per_s": 60.0,
+            "duration_s": 4.0,
+        }
+        batching = targets(results, max_batch_size=16, workers=1)[2]
+        assert batching["name"].startswith("3.")
+        assert batching["unreliable"] is drifted
+        assert "beyond one batch per window" in batching["note"]
+    assert batching["pair_drift"] == pytest.approx(4.0 / 64.0)
