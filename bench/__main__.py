@@ -240,7 +240,7 @@ def run_paired(
         closed_loop(server, payloads, saturating_clients, mode["step_s"], mode["warmup_s"])
     )
     saturated.name += "-paired"
-    forward_after = lim.forward_limit(max_batch_size, seconds)
+    forward_after = lim.forward_limit(max_batch_size, seconds, served_first=True)
     progress.update()
     return {
         "single_image_pipeline_ms": [pipeline_before, pipeline_after],

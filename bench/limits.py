@@ -76,14 +76,23 @@ class Limits:
             durations = timed_runs(lambda: network(batch), seconds)
         return batch_size / statistics.median(durations)
 
-    def forward_limit(self, batch_size: int, seconds: float) -> dict[str, float]:
+    def forward_limit(
+        self, batch_size: int, seconds: float, *, served_first: bool = False
+    ) -> dict[str, float]:
         """The forward-only throughputs at ``batch_size``. The limit is the best of them:
         the network as torchvision builds it, plain or channels_last, or as the server runs
         it, its BatchNorm folded, which is faster. Divided by the eager network's alone,
-        target 1 would count what folding gains as if serving cost nothing."""
-        plain = self.forward_images_per_s("plain", batch_size, seconds)
-        channels_last = self.forward_images_per_s("channels_last", batch_size, seconds)
-        served = self.forward_images_per_s("served", batch_size, seconds)
+        target 1 would count what folding gains as if serving cost nothing.
+
+        Measured after a served step, ``served_first`` puts the served network next to it,
+        as it is last before one: the two measurements of an A-B-A pair lie equally far
+        from B, and a steady drift cancels."""
+        kinds = ["plain", "channels_last", "served"]
+        speeds = {
+            kind: self.forward_images_per_s(kind, batch_size, seconds)
+            for kind in (reversed(kinds) if served_first else kinds)
+        }
+        plain, channels_last, served = (speeds[kind] for kind in kinds)
         return {
             "forward_plain_images_per_s": plain,
             "forward_channels_last_images_per_s": channels_last,

@@ -518,6 +518,25 @@ def test_target_1_divides_by_the_fastest_form_of_the_network(
     assert "0.97 of the unfolded network's best, 70.0 images/s" in throughput["note"]
 
 
+def test_after_the_saturated_step_the_served_network_is_measured_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Target 1 divides by the served network's limit, measured last before the saturated
+    step and first after it: equally far from the step on either side."""
+    order: list[str] = []
+
+    def measure(self: limits.Limits, kind: str, *args: object) -> float:
+        order.append(kind)
+        return {"plain": 60.0, "channels_last": 70.0, "served": 80.0}[kind]
+
+    monkeypatch.setattr(limits.Limits, "forward_images_per_s", measure)
+    measured = limits.Limits.__new__(limits.Limits)
+    before = measured.forward_limit(16, 1.0)
+    after = measured.forward_limit(16, 1.0, served_first=True)
+    assert order == ["plain", "channels_last", "served", "served", "channels_last", "plain"]
+    assert before == after
+
+
 @pytest.mark.skipif(not cpu_computes_bfloat16(), reason="needs a CPU with AMX")
 def test_the_limits_of_a_bfloat16_server_are_measured_in_bfloat16() -> None:
     """Its network, the pipeline's classifier and the bare process's, as the server runs it."""
