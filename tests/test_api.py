@@ -1296,10 +1296,13 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         assert classifier is not None
         real_classify = classifier.classify
 
+        failed_calls: list[bool] = []
+
         def fail_on_black(
             pixels: Sequence[np.ndarray], top_k: Sequence[int]
         ) -> list[list[Prediction]]:
-            if any(not crop.any() for crop in pixels):
+            failed_calls.append(any(not crop.any() for crop in pixels))
+            if failed_calls[-1]:
                 raise RuntimeError("the model cannot take a black image")
             return real_classify(pixels, top_k)
 
@@ -1320,10 +1323,18 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         assert model.batch_sizes[:2] == [1, 3]
         assert sum(model.batch_sizes) > 4, "the failed batch's halves ran again"
         assert [r.status_code for r in responses] == [200, 200, 500, 200]
-        # Every forward pass is in the metrics, the halves run again included.
+        # Every forward pass is in the metrics, the halves run again included; which
+        # half the black image lands in depends on the order the three were decoded in.
         after = (await served.client.get("/metrics")).text
         growth = [metric_value(after, s) - metric_value(before, s) for s in counted]
-        assert growth == [len(model.batch_sizes), sum(model.batch_sizes), 3, 3]
+        failed = sum(failed_calls)
+        assert failed >= 2, "the batch of 3 and the black image alone"
+        assert growth == [
+            len(model.batch_sizes),
+            sum(model.batch_sizes),
+            len(failed_calls) - failed,
+            failed,
+        ]
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = await served.client.post("/cls", files=upload(image))
             assert response.json() == alone.json()
