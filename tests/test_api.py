@@ -1004,7 +1004,9 @@ async def test_a_batch_with_refused_entries_says_when_to_retry(photos: list[Path
 async def test_single_images_go_ahead_of_queued_batch_files(photos: list[Path]) -> None:
     """A /cls request rides the next batch however many /cls/batch files wait: they are
     bulk work, and one client's 32 files must not hold up everyone's single images."""
-    async with running_app(make_settings(max_batch_size=4)) as served:
+    # The files wait on however slow the machine is, never long enough to be let ahead.
+    settings = make_settings(max_batch_size=4, lower_lane_max_wait_ms=60_000)
+    async with running_app(settings) as served:
         data = photos[0].read_bytes()
         model = GatedModel(served)
         processor = served.service.processor
@@ -1288,6 +1290,16 @@ async def test_model_failure_is_500_for_that_batch_only(photos: list[Path]) -> N
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
+def assert_same_prediction(batched: httpx.Response, alone: httpx.Response) -> None:
+    """The same classes in the same order, and the same scores up to float rounding: a
+    batch's convolutions may add up in another order than a lone image's."""
+    batched_top, alone_top = (r.json()["prediction"] for r in (batched, alone))
+    assert [p["index"] for p in batched_top] == [p["index"] for p in alone_top]
+    assert [p["score"] for p in batched_top] == pytest.approx(
+        [p["score"] for p in alone_top], abs=1e-5
+    )
+
+
 async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list[Path]) -> None:
     """One image in a batch makes the model raise: it alone gets the 500, and the photos
     batched with it get the answers they get alone."""
@@ -1337,7 +1349,7 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         ]
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = await served.client.post("/cls", files=upload(image))
-            assert response.json() == alone.json()
+            assert_same_prediction(response, alone)
 
 
 async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
@@ -1380,13 +1392,8 @@ async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
         )
         assert failure.request_id == responses[2].headers["x-request-id"]
         for image, response in ((first, responses[1]), (second, responses[3])):
-            alone = (await served.client.post("/cls", files=upload(image))).json()["prediction"]
-            batched = response.json()["prediction"]
-            assert [p["index"] for p in batched] == [p["index"] for p in alone]
-            # Computed in a batch of three, not alone: equal up to float rounding.
-            assert [p["score"] for p in batched] == pytest.approx(
-                [p["score"] for p in alone], abs=1e-5
-            )
+            alone = await served.client.post("/cls", files=upload(image))
+            assert_same_prediction(response, alone)
 
 
 async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
@@ -1730,7 +1737,7 @@ async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
     worker's memory will not come back (a leak, a fragmented heap): it fails liveness, so
     it is replaced, rather than answer 503 for ever. A batch that runs between failures
     starts the count again, and so does a short spell of them."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.3)
+    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 1.5)
     async with running_app(make_settings(drain_timeout_s=1)) as served:
         model = TightMemory(served, fits=0)
         data = photos[0].read_bytes()
@@ -1742,9 +1749,9 @@ async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
         model.fits = 1
         assert await status() == 200
         model.fits = 0
-        assert [await status() for _ in range(4)] == [503] * 4  # within 0.3 s
+        assert [await status() for _ in range(4)] == [503] * 4  # within 1.5 s
         assert (await served.client.get("/healthz")).json() == {"status": "ok"}
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.5)
         with caplog.at_level(logging.CRITICAL):
             assert await status() == 503
         health = await served.client.get("/healthz")
@@ -1754,7 +1761,7 @@ async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
         assert re.fullmatch(
             r"the model runs out of memory: cpu ran out of memory for a batch of 1: "
             r"DefaultCPUAllocator: can't allocate memory \(the model has run out of memory on "
-            r"5 images in a row, each alone, for 0\.\d s\)",
+            r"5 images in a row, each alone, for \d+\.\d s\)",
             ready["detail"],
         ), ready
         assert "this worker takes no more work until it is restarted" in caplog.text
@@ -1890,6 +1897,8 @@ async def test_a_task_waiting_to_be_retried_goes_back_at_once_when_its_worker_st
         model = TightMemory(served, fits=0)
         task_id = (await submit(served.client, photos[0].read_bytes()))["task_id"]
         await wait_for(lambda: len(model.calls) == 1)
+        # Its failed attempt is stored, and it stays claimed for the pause.
+        await wait_for(lambda: stored_task(settings, task_id) == ("running", 1), timeout_s=5)
         await asyncio.sleep(0.2)
         assert stored_task(settings, task_id) == ("running", 1)
         runner.stop_claiming()
@@ -2026,7 +2035,7 @@ async def test_the_drain_counts_from_the_servers_shutdown_not_the_apps(
     finally:
         model.release.set()
         await app.__aexit__(None, None, None)
-    assert stopped_in_s < 1.0  # not another DRAIN_TIMEOUT_S
+    assert stopped_in_s < 1.5  # not another DRAIN_TIMEOUT_S
     assert (await queued).status_code == 503
     await running
 

@@ -471,8 +471,11 @@ def test_clients_that_hang_up_while_queued_cost_no_model_time(
     """Over real sockets: clients that close their connection while queued leave the queue
     without reaching the model, and the clients that stay are all served."""
     photo = photos[0].read_bytes()
-    # One image per forward: the kept requests ahead keep the model busy for a second or two.
+    # One image per forward, each at least 50 ms: the kept requests ahead keep the model
+    # busy for 1.6 s at least, however fast the machine decodes the abandoned ones.
     env = server_env(tmp_path, MAX_BATCH_SIZE="1")
+    command = gunicorn_command(free_port())
+    command[command.index("main:app")] = "tests.slow_model_app:app"
     kept_count, abandoned = 32, 12
     ok = 'batch_requests_total{outcome="ok"}'
     figures: dict[str, float] = {}
@@ -506,7 +509,7 @@ def test_clients_that_hang_up_while_queued_cost_no_model_time(
             await asyncio.gather(*left, return_exceptions=True)
             return list(await asyncio.gather(*kept))
 
-    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+    with running_server(tmp_path, command, env) as server:
         before = httpx.get(f"{server.url}/metrics").text
         kept = asyncio.run(send_and_abandon(server.url, metric_value(before, ok)))
         # The kept requests are answered; the queue is empty once their counts land.

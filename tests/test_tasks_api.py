@@ -456,11 +456,18 @@ async def test_only_a_task_that_has_not_started_can_be_cancelled(photos: list[Pa
         tasks = [(await submit(served.client, data))["task_id"] for _ in range(5)]
         await wait_for(model.entered.is_set)
 
-        statuses = {
-            task_id: (await served.client.get(f"/task-status/{task_id}")).json()["status"]
-            for task_id in tasks
-        }
-        assert list(statuses.values()) == ["running", "running", "queued", "queued", "queued"]
+        async def statuses() -> list[str]:
+            return [
+                (await served.client.get(f"/task-status/{task_id}")).json()["status"]
+                for task_id in tasks
+            ]
+
+        # The second claim may land a moment after the first task reached the model.
+        async with asyncio.timeout(10):
+            while (await statuses()).count("running") < 2:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert await statuses() == ["running", "running", "queued", "queued", "queued"]
         queued_id, running_id = tasks[3], tasks[0]
 
         cancelled = await served.client.delete(f"/tasks/{queued_id}")

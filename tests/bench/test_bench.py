@@ -109,7 +109,7 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
 
     assert result.statuses == {"200": 4 * CLIENTS}
     assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
-    assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+    assert SERVICE_S * 1000 <= result.latency_ms["p50"] < SERVICE_S * 1000 + 60
     assert result.peak_worker_rss_bytes == 7 * 2**20
 
 
@@ -125,7 +125,7 @@ async def test_callers_spread_over_processes_are_counted_as_one_step(slow_server
     assert (result.name, result.offered) == (f"closed-{CLIENTS}", CLIENTS)
     assert result.statuses == {"200": 4 * CLIENTS}
     assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
-    assert result.latency_ms["p50"] == pytest.approx(SERVICE_S * 1000, rel=0.1)
+    assert SERVICE_S * 1000 <= result.latency_ms["p50"] < SERVICE_S * 1000 + 60
     assert result.peak_worker_rss_bytes == 7 * 2**20
     assert 0 < result.loadgen_cpu_cores < 2
 
@@ -202,7 +202,7 @@ async def test_the_open_loop_measures_its_window_after_a_warm_up() -> None:
     assert result.statuses == {"200": in_window}
     assert answered > in_window  # the warm-up's were sent too
     assert result.extra["sent_per_s"] == pytest.approx(in_window / duration_s)
-    assert result.extra["latest_send_ms"] < 100
+    assert result.extra["latest_send_ms"] < 250  # a fifth of the rate's mean gap at most
     assert result.mean_batch_size == 1.0
     assert service_s * 1000 <= result.latency_ms["p50"] < service_s * 1000 + 100
     assert result.latency_ms["p50"] <= result.latency_ms["p90"] <= result.latency_ms["p99"]
