@@ -155,7 +155,7 @@ def _detail_of(body: bytes) -> str | None:
         detail = json.loads(body)["detail"]
     except (ValueError, TypeError, KeyError):
         return None  # not JSON, or cut at ERROR_BODY_READ_BYTES: not worth guessing
-    return detail if isinstance(detail, str) else json.dumps(detail)[:ERROR_BODY_READ_BYTES]
+    return detail if isinstance(detail, str) else json.dumps(detail)  # the log line cuts it
 
 
 def _header_problem(scope: Scope) -> str | None:
