@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help run dev test test-fast soak check-deploy deploy-tools lint format lock audit bench bench-full bench-gpu bench-overload clean
@@ -10,7 +11,8 @@ STAMP := $(VENV)/.installed-stamp
 # upgraded or removed), is out of date whatever the requirements' times: made anew below.
 VENV_PYTHON_OK := $(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo yes)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt $(if $(VENV_PYTHON_OK),,FORCE)
+# What serving needs (`make run`, `make dev`).
+$(RUNTIME_STAMP): requirements.txt constraints.txt $(if $(VENV_PYTHON_OK),,FORCE)
 	@# A venv left by another interpreter, whose interpreter is gone, or without pip (venv
 	@# failed in ensurepip) is made anew; a working one is installed into again as it is,
 	@# whichever Python $(PYTHON) names now.
@@ -24,6 +26,11 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(if $(VENV_PYTH
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	touch $(RUNTIME_STAMP)
+
+# What testing, linting and benchmarking need beside it.
+$(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
@@ -34,12 +41,12 @@ help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 ## run: serve on 0.0.0.0:$PORT (5001) with gunicorn + uvicorn workers; settings from the environment
-run: $(STAMP)
+run: $(RUNTIME_STAMP)
 	$(BIN)/gunicorn main:app -c gunicorn_config.py
 
 ## dev: auto-reloading development server on 127.0.0.1:$PORT (5001); BIND, WORKERS and
 ##   KEEPALIVE_S are gunicorn's, and do not apply
-dev: $(STAMP)
+dev: $(RUNTIME_STAMP)
 	$(BIN)/uvicorn main:app --reload --port $${PORT:-$${port:-5001}} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
 ## test: the whole suite (random weights, no network needed)
@@ -78,7 +85,7 @@ lock:
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all | grep -vE '^(pip|setuptools|wheel)=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
-	touch $(STAMP)
+	touch $(RUNTIME_STAMP) $(STAMP)
 
 ## audit: look every pinned package (constraints.txt) up in the PyPI vulnerability database (needs network)
 audit: $(STAMP)

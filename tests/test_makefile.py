@@ -64,7 +64,8 @@ def test_a_venv_whose_interpreter_is_gone_is_made_anew(tmp_path: Path) -> None:
     bin_dir.mkdir(parents=True)
 
     def would_make() -> str:
-        (tmp_path / ".venv" / ".installed-stamp").touch()
+        for stamp in (".runtime-stamp", ".installed-stamp"):
+            (tmp_path / ".venv" / stamp).touch()
         return subprocess.run(
             ["make", "-n", "-f", MAKEFILE, ".venv/.installed-stamp"],
             cwd=tmp_path,
@@ -89,7 +90,8 @@ def test_a_working_venv_is_installed_into_again_whatever_python_names(tmp_path: 
     old_python.chmod(0o755)
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (tmp_path / ".venv" / ".installed-stamp").touch()
+    for stamp in (".runtime-stamp", ".installed-stamp"):
+        (tmp_path / ".venv" / stamp).touch()
     venv_python = bin_dir / "python"
     venv_python.write_text(
         '#!/bin/sh\ncase "$*" in *version_info*) exit 0 ;; esac\necho "$*" >> calls.log\n'
@@ -108,6 +110,7 @@ def test_a_working_venv_is_installed_into_again_whatever_python_names(tmp_path: 
     assert made.returncode == 0, made.stderr
     assert "unexpected call" not in made.stderr
     calls = (tmp_path / "calls.log").read_text()
+    assert "-m pip install --quiet -r requirements.txt -c constraints.txt" in calls
     assert "-m pip install --quiet -r requirements-dev.txt -c constraints.txt" in calls
     assert "-m venv" not in made.stdout
 
@@ -139,3 +142,36 @@ def test_a_venv_without_pip_is_made_anew(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "-m venv .venv" in (tmp_path / "made.log").read_text()
+
+
+def test_serving_installs_the_runtime_requirements_and_testing_adds_the_dev_ones(
+    tmp_path: Path,
+) -> None:
+    """`make run` and `make dev` install what serving needs, not the test, lint, benchmark
+    and deployment-check tools; `make test` installs those beside it."""
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+        (tmp_path / name).touch()
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+
+    def would_run(target: str) -> str:
+        return subprocess.run(
+            ["make", "-n", "-f", MAKEFILE, target],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    for target in ("run", "dev"):
+        commands = would_run(target)
+        assert "-r requirements.txt -c constraints.txt" in commands
+        assert "requirements-dev.txt" not in commands
+    assert "-r requirements-dev.txt -c constraints.txt" in would_run("test")
+    (tmp_path / ".venv" / ".runtime-stamp").touch()
+    assert "pip install" not in would_run("run")
+    commands = would_run("test")
+    assert "-r requirements.txt" not in commands
+    assert "-r requirements-dev.txt -c constraints.txt" in commands
