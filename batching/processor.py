@@ -317,12 +317,17 @@ class _RunTimes:
         self._known_s: dict[int, float] | None = None  # estimates' base; None: stale
 
     def record(self, size: int, run_s: float, *, warm_up: bool = False) -> None:
-        self._known_s = None
         self._runs += 1
         self._last_run[size] = self._runs
         mean_s = self._mean_s.get(size)
         if mean_s is None:
-            self._mean_s[size] = run_s
+            # A size's first run (or first since it was forgotten) counts as at most
+            # MAX_STEP times what the sizes around it predict, as a later run counts
+            # against its mean: estimates grow with size, so one outlier would make every
+            # larger size seem as slow, and no larger batch would run until it was
+            # forgotten. Beyond the sizes known, extrapolations are too rough to bound it.
+            expected_s = None if warm_up else self._interpolated_s(size)
+            self._mean_s[size] = min(run_s, self.MAX_STEP * expected_s) if expected_s else run_s
         else:
             error = min(abs(run_s - mean_s) / mean_s, self.MAX_STEP - 1) if mean_s > 0 else 0.0
             self._deviation += self.SMOOTHING * (error - self._deviation)
@@ -335,6 +340,7 @@ class _RunTimes:
             n for n, last in self._last_run.items() if self._runs - last > self.FORGET_AFTER_RUNS
         ]:
             del self._mean_s[stale], self._last_run[stale]
+        self._known_s = None
 
     def estimate_s(self, size: int) -> float:
         return self._mean_estimate_s(size) * (1 + self.DEVIATIONS * self._deviation)
@@ -364,6 +370,14 @@ class _RunTimes:
                 slowest_s = known[size] = max(slowest_s, known[size])
             self._known_s = known
         return self._known_s
+
+    def _interpolated_s(self, size: int) -> float | None:
+        """The mean estimate of ``size`` where known sizes lie on both sides of it (or it is
+        known itself); None where it would be extrapolated."""
+        times = self._known()
+        if size in times or (min(times, default=size) < size < max(times, default=size)):
+            return self._mean_estimate_s(size)
+        return None
 
     def _mean_estimate_s(self, size: int) -> float:
         times = self._known()

@@ -793,6 +793,36 @@ def test_one_outlier_moves_an_estimate_a_little_and_not_for_long() -> None:
     assert times.estimate_s(8) < 1.1 * (0.8 * 1.2)  # the mean still remembers the outlier
 
 
+def test_a_slow_first_run_of_a_size_does_not_make_every_larger_size_seem_as_slow() -> None:
+    """A first batch of 3 that meets a pause (0.6 s where the warm-up's sizes 1 and 16
+    predict 10 ms) would be the floor of every larger size's estimate: batches cut to 2
+    under a 150 ms deadline until size 3 was forgotten. It counts as at most twice what
+    the sizes around it predict, as a later run counts against its mean."""
+    times = _RunTimes()
+    times.record(1, 0.010, warm_up=True)
+    times.record(16, 0.013, warm_up=True)
+    times.record(3, 0.6)
+    assert times.estimate_s(3) == pytest.approx(2 * 0.0104)
+    assert times.estimate_s(16) == pytest.approx(2 * 0.0104)
+    for _ in range(30):
+        times.record(3, 0.6)  # a size that is that slow, run after run, is learnt
+    assert times.estimate_s(3) > 0.5
+
+
+def test_a_first_run_beyond_the_sizes_known_is_taken_as_it_is() -> None:
+    """Above the largest size known, or below the smallest, an extrapolation is too rough
+    to bound a run by (a batch of 16 takes nine times one of 1 on a CPU, and about as long
+    on a GPU): the first run's time is taken as it is."""
+    on_a_cpu = _RunTimes()
+    on_a_cpu.record(1, 0.023)
+    on_a_cpu.record(16, 0.211)
+    assert on_a_cpu.estimate_s(16) == pytest.approx(0.211)
+    on_a_gpu = _RunTimes()
+    on_a_gpu.record(64, 0.0017)
+    on_a_gpu.record(1, 0.001)  # scaled down from 64, 1 would take 0.03 ms
+    assert on_a_gpu.estimate_s(1) == pytest.approx(0.001)
+
+
 def test_a_size_not_run_for_long_is_forgotten() -> None:
     """An estimate too high for its size ever to be chosen again would never be corrected;
     once that size has not run for a while it is extrapolated from the sizes that did."""
