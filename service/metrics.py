@@ -9,7 +9,7 @@ is imported (gunicorn_config.py does it), so every worker writes its samples to 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from prometheus_client import (
@@ -22,9 +22,11 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from batching import Outcome
-from service.settings import prepare_metrics_dir
+from service.settings import METRIC_FILE, prepare_metrics_dir
 
 if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
     # gunicorn_config.py prepares it for gunicorn's workers. Under plain uvicorn (the
@@ -209,10 +211,23 @@ def record_refused_by_server(status: int) -> None:
     HTTP_REQUESTS.labels(route="unmatched", method="-", status=str(status)).inc()
 
 
+class _WorkersFiles(Collector):
+    """The workers' samples, merged from their files as prometheus_client's multiprocess
+    collector does, but from its files alone: the directory may hold others, ``.db`` ones
+    too, and that collector fails the whole scrape on any it cannot read as its own."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(file) for file in self._path.glob("*.db") if METRIC_FILE.fullmatch(file.name)]
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for ``/metrics`` and its content type, merged across workers."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if path := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_WorkersFiles(Path(path)))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -44,7 +44,7 @@ _INTEGER = TypeAdapter(int)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # The files prometheus_client writes in multiprocess mode: "<type>_<pid>.db", a gauge's
 # type with its mode ("gauge_livesum").
-_METRIC_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
+METRIC_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
 # A host name or IPv4 address, as gunicorn reads the host of HOST:PORT.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 # An Origin header's parts: a scheme, a host (a name, or IPv6 in brackets), a port.
@@ -132,7 +132,7 @@ def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
         if remove_stale:
             for stale in path.glob("*.db"):
-                if _METRIC_FILE.fullmatch(stale.name):
+                if METRIC_FILE.fullmatch(stale.name):
                     stale.unlink()
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:

@@ -105,3 +105,30 @@ def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
         assert f'batch_requests_total{{outcome="{outcome.value}"}} 0.0' in text
     for outcome in ("ok", "failed"):
         assert f'batch_inference_seconds_count{{outcome="{outcome}"}} 0.0' in text
+
+
+def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -> None:
+    """A directory set by hand may hold others' files, ``.db`` ones too (a SQLite
+    database, a copy of a metric file under another name): prometheus_client's collector
+    read every ``*.db`` and failed the whole scrape on them, a 500 for every scrape."""
+    (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + bytes(4080))
+    (tmp_path / "notes.db").write_bytes(b"")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    record_and_render = (
+        "import shutil; from pathlib import Path; from service import metrics; "
+        "metrics.record_request('/cls', 'POST', 200, 0.02); "
+        f"[shutil.copy(f, Path({str(tmp_path)!r}) / 'backup.db') "
+        f"for f in Path({str(tmp_path)!r}).glob('counter_*.db')]; "
+        "print(metrics.render()[0].decode())"
+    )
+    rendered = subprocess.run(
+        [sys.executable, "-c", record_and_render],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert 'http_requests_total{method="POST",route="/cls",status="200"} 1.0' in rendered.stdout
+    assert (tmp_path / "backup.db").exists()
