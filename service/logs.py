@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,17 @@ class RequestIdLogFilter(logging.Filter):
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get()
         return True
+
+
+# Echo a caller's id only when it is safe to put into headers and logs, and holds a letter
+# or digit: "-" alone is what log lines outside any request carry.
+_VALID_REQUEST_ID = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id_for(supplied: str | None) -> str:
+    """A request's id: the caller's ``X-Request-ID`` where it can go into headers and log
+    lines as it is, a new one otherwise."""
+    return supplied if supplied and _VALID_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
 
 
 def begin_request(request_id: str) -> tuple[contextvars.Token[str], dict[str, object]]:

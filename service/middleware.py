@@ -7,9 +7,7 @@ import codecs
 import hmac
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -28,12 +26,9 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
+from service.protocol import REFUSED_STATE, REQUEST_ID_STATE
 
 REQUEST_ID_HEADER = "x-request-id"
-REQUEST_ID_STATE = "request_id"
-# Echo a caller's id only when it is safe to put into headers and logs, and holds a letter
-# or digit: "-" alone is what log lines outside any request carry.
-_VALID_REQUEST_ID = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9._:/+=-]{1,128}")
 # Seconds a client told that the server is busy (503) waits before it tries again.
 RETRY_AFTER_S = "1"
 # Sent with an answer given before the body was read to its end: the client may still be
@@ -59,13 +54,16 @@ class RequestContextMiddleware:
             return
 
         started = time.perf_counter()
-        supplied = Headers(scope=scope).get(REQUEST_ID_HEADER)
-        request_id = (
-            supplied if supplied and _VALID_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        # The HTTP protocol may have answered already (bytes of the body it could not
+        # parse), under the id it chose.
+        request_id = state.get(REQUEST_ID_STATE) or logs.request_id_for(
+            Headers(scope=scope).get(REQUEST_ID_HEADER)
         )
         token, access_fields = logs.begin_request(request_id)
-        # For the handler of unexpected errors, which Starlette runs outside this middleware.
-        scope.setdefault("state", {})[REQUEST_ID_STATE] = request_id
+        # For the handler of unexpected errors, which Starlette runs outside this
+        # middleware, and for the HTTP protocol, should it refuse the body.
+        state[REQUEST_ID_STATE] = request_id
         status = 500
         response_started = False
         error_body = b""  # an error answer's first bytes, for its access line's detail
@@ -135,7 +133,10 @@ class RequestContextMiddleware:
         finally:
             elapsed_s = time.perf_counter() - started
             client = scope.get("client")
-            if error_body:
+            if (refused := state.get(REFUSED_STATE)) is not None:
+                # What the caller was told, not the disconnect the app saw as it closed.
+                status, access_fields["detail"] = refused
+            elif error_body:
                 access_fields["detail"] = _detail_of(error_body)
             logs.log_access(
                 scope["method"],

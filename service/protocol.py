@@ -58,6 +58,12 @@ MAX_URL_BYTES = 65535
 # down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
 # own shutdown starts, and the app's drain counts from this moment.
 SHUTDOWN_HOOK = "on_server_shutdown"
+# Keys of a request's ASGI scope state: the id it is answered with, and, when this protocol
+# refused its body (bytes it could not parse) while the app was reading it, the status and
+# detail it answered: service.middleware then counts and logs the request so, once, not as
+# the disconnect the app sees.
+REQUEST_ID_STATE = "request_id"
+REFUSED_STATE = "refused_by_server"
 # Below this open-file limit, a worker's connections may run out of descriptors under load.
 LOW_OPEN_FILE_LIMIT = 4096
 # What the soft limit is raised to under an unlimited hard one, and the lower try: macOS
@@ -476,23 +482,41 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             self.pipeline.remove(queued[0])
         elif cycle is None or cycle.more_body or cycle.response_complete:
             # Nothing before the refused bytes is still being answered.
-            self._refuse(status, detail)
+            in_app = cycle is not None and cycle.more_body and not cycle.response_started
+            self._refuse(status, detail, of_request_in_app=in_app)
             return
         if self._pending_refusal is None:
             self._pending_refusal = (status, detail)
         self.flow.pause_reading()
 
-    def _refuse(self, status: int, detail: str) -> None:
-        """Answer ``status`` with a JSON detail and close: the connection cannot go on."""
+    def _refuse(self, status: int, detail: str, *, of_request_in_app: bool = False) -> None:
+        """Answer ``status`` with a JSON detail and close: the connection cannot go on.
+        ``of_request_in_app``: the refused bytes are the body of the request the app is
+        reading (or is about to), which the app's middleware counts and logs."""
         self._cancel_head_timer()
-        request_id = uuid.uuid4().hex
-        with logs.request_id_bound(request_id):
-            logger.warning("answered %d before a request reached the app: %s", status, detail)
-        # Imported here: gunicorn's master imports this module to find the worker class,
-        # and metrics must be created only in workers (their multiprocess files).
-        from service import metrics
+        if of_request_in_app and self.cycle is not None:
+            state = self.cycle.scope.setdefault("state", {})
+            if REQUEST_ID_STATE not in state:  # the app has not begun the request yet
+                supplied = next(
+                    (
+                        value
+                        for name, value in self.cycle.scope["headers"]
+                        if name == b"x-request-id"
+                    ),
+                    b"",
+                )
+                state[REQUEST_ID_STATE] = logs.request_id_for(supplied.decode("latin-1"))
+            request_id = state[REQUEST_ID_STATE]
+            state[REFUSED_STATE] = (status, detail)
+        else:
+            request_id = uuid.uuid4().hex
+            with logs.request_id_bound(request_id):
+                logger.warning("answered %d before a request reached the app: %s", status, detail)
+            # Imported here: gunicorn's master imports this module to find the worker
+            # class, and metrics must be created only in workers (their multiprocess files).
+            from service import metrics
 
-        metrics.record_refused_by_server(status)
+            metrics.record_refused_by_server(status)
         body = json.dumps({"detail": detail}).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

@@ -116,6 +116,46 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
         assert response.status_code == 200, response.text
 
 
+def test_a_body_the_parser_refuses_is_one_request_answered_under_the_callers_id(
+    tmp_path: Path,
+) -> None:
+    """A chunked upload whose framing breaks while /cls reads it: the protocol answers
+    400, and the app, reading on, saw the connection close. That was counted twice (a 400
+    of no route, a 499 of /cls), logged as a client that disconnected, and answered under
+    a new id, whether the app had begun the request or not (all sent in one write)."""
+    head = (
+        b"POST /cls HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nX-Request-ID: %s\r\n\r\n"
+        b"5\r\n--b\r\n\r\n"
+    )
+    port = free_port()
+    with running_server(tmp_path, gunicorn_command(port), server_env(tmp_path)) as server:
+        for request_id, pause_s in ((b"split-1", 0.5), (b"whole-1", 0.0)):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+                connection.sendall(head % request_id + (b"" if pause_s else b"zz\r\n"))
+                if pause_s:
+                    time.sleep(pause_s)  # the app is reading the body
+                    connection.sendall(b"zz\r\n")
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+            answer_head = answer.partition(b"\r\n\r\n")[0].lower()
+            assert answer_head.startswith(b"http/1.1 400 "), answer
+            assert b"x-request-id: " + request_id + b"\r\n" in answer_head + b"\r\n", answer
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        cls_400 = 'http_requests_total{method="POST",route="/cls",status="400"}'
+        assert metric_value(metrics, cls_400) == 2
+        assert 'route="/cls",status="499"' not in metrics
+        assert (
+            metric_value(metrics, 'http_requests_total{method="-",route="unmatched",status="400"}')
+            == 0
+        )
+    log = server.log()
+    for request_id in ("split-1", "whole-1"):
+        assert re.search(rf"\[{request_id}\] POST /cls answered 400 .*not valid HTTP/1.1", log), log
+    assert "answered 499" not in log
+
+
 def test_with_json_logs_every_line_of_the_server_is_json(tmp_path: Path) -> None:
     """gunicorn's and uvicorn's own lines too, once each, and no second access line; and
     what a C library behind Pillow reports about an upload, with the request's id."""
