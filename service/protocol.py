@@ -140,6 +140,12 @@ class _NoRepeats(logging.Filter):
 _NO_REPEATS = _NoRepeats()
 
 
+def _request_id_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first ``X-Request-ID`` among a parsed head's headers, if any."""
+    value = next((value for name, value in headers if name == b"x-request-id"), None)
+    return None if value is None else value.decode("latin-1")
+
+
 class JsonErrorsHttpProtocol(HttpToolsProtocol):
     """httptools' protocol (uvicorn's default), bounding request heads, with JSON errors."""
 
@@ -150,7 +156,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._messages_begun = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        self._pending_refusal: tuple[int, str] | None = None
+        self._pending_refusal: tuple[int, str, str | None] | None = None
         self._message_open = False
         self._body_read = False
         self._idle_deadline: float | None = None
@@ -360,6 +366,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
                 429,
                 f"more than {MAX_PIPELINED_REQUESTS} requests were sent on this connection "
                 "ahead of their answers; read the answers before sending more",
+                # Its head was read whole: it is answered under the caller's id.
+                request_id=logs.request_id_for(_request_id_header(self.headers)),
             )
             return
         if self.parser.get_http_version() == "1.0":
@@ -468,7 +476,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             f"the request's line and headers did not arrive within {REQUEST_HEAD_TIMEOUT_S:g} s",
         )
 
-    def _refuse_in_turn(self, status: int, detail: str) -> None:
+    def _refuse_in_turn(self, status: int, detail: str, request_id: str | None = None) -> None:
         """Refuse the request being read, once the whole requests before it are answered.
 
         A client's bad request must not cost it the answers it is owed. Nothing more is
@@ -483,33 +491,34 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         elif cycle is None or cycle.more_body or cycle.response_complete:
             # Nothing before the refused bytes is still being answered.
             in_app = cycle is not None and cycle.more_body and not cycle.response_started
-            self._refuse(status, detail, of_request_in_app=in_app)
+            self._refuse(status, detail, request_id, of_request_in_app=in_app)
             return
         if self._pending_refusal is None:
-            self._pending_refusal = (status, detail)
+            self._pending_refusal = (status, detail, request_id)
         self.flow.pause_reading()
 
-    def _refuse(self, status: int, detail: str, *, of_request_in_app: bool = False) -> None:
+    def _refuse(
+        self,
+        status: int,
+        detail: str,
+        request_id: str | None = None,
+        *,
+        of_request_in_app: bool = False,
+    ) -> None:
         """Answer ``status`` with a JSON detail and close: the connection cannot go on.
-        ``of_request_in_app``: the refused bytes are the body of the request the app is
-        reading (or is about to), which the app's middleware counts and logs."""
+        ``request_id``: the caller's, where the refused request's head was read; a new one
+        otherwise. ``of_request_in_app``: the refused bytes are the body of the request the
+        app is reading (or is about to), which the app's middleware counts and logs."""
         self._cancel_head_timer()
         if of_request_in_app and self.cycle is not None:
             state = self.cycle.scope.setdefault("state", {})
             if REQUEST_ID_STATE not in state:  # the app has not begun the request yet
-                supplied = next(
-                    (
-                        value
-                        for name, value in self.cycle.scope["headers"]
-                        if name == b"x-request-id"
-                    ),
-                    b"",
-                )
-                state[REQUEST_ID_STATE] = logs.request_id_for(supplied.decode("latin-1"))
+                supplied = _request_id_header(self.cycle.scope["headers"])
+                state[REQUEST_ID_STATE] = logs.request_id_for(supplied)
             request_id = state[REQUEST_ID_STATE]
             state[REFUSED_STATE] = (status, detail)
         else:
-            request_id = uuid.uuid4().hex
+            request_id = request_id or uuid.uuid4().hex
             with logs.request_id_bound(request_id):
                 logger.warning("answered %d before a request reached the app: %s", status, detail)
             # Imported here: gunicorn's master imports this module to find the worker
@@ -526,6 +535,8 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
                 b"content-type: application/json\r\n",
                 b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
                 b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
+                # As service.middleware labels every answer of the app's.
+                b"x-content-type-options: nosniff\r\n",
                 b"connection: close\r\n",
                 b"\r\n",
             ]

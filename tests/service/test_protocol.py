@@ -156,6 +156,8 @@ def json_error(answer: bytes, status: int) -> str:
     assert "content-type: application/json" in lines, head
     assert "connection: close" in lines, head
     assert any(line.startswith("x-request-id: ") for line in lines), head
+    # As the app's answers are: a detail may quote the request, and is not to be sniffed.
+    assert "x-content-type-options: nosniff" in lines, head
     detail: str = json.loads(body)["detail"]
     return detail
 
@@ -200,6 +202,18 @@ def test_requests_sent_far_ahead_of_their_answers_are_refused_past_a_bound(
     assert ok_lengths(answered) == [length] * len(answers)
     detail = json_error(b"HTTP/1.1 " + refusal, 429)
     assert detail.startswith("more than 32 requests were sent on this connection ahead of")
+
+
+def test_a_request_refused_past_the_pipelining_bound_keeps_the_callers_id(port: int) -> None:
+    """Its head was read whole, as the requests' answered before it were: its refusal
+    carries the X-Request-ID it was sent with, as theirs do."""
+    sent = request("/", extra_headers="X-Request-ID: mine-123\r\n")
+    with connect(port) as connection:
+        connection.sendall(sent * 40)
+        answer = read_to_close(connection)
+    refusal = b"HTTP/1.1 " + answer.split(b"HTTP/1.1 ")[-1]
+    json_error(refusal, 429)
+    assert b"\r\nx-request-id: mine-123\r\n" in refusal
 
 
 def test_bytes_that_are_not_http_get_a_json_400(
