@@ -141,8 +141,8 @@ class BatchObserver(Protocol):
     def queue_depth_changed(self, depth: int) -> None:
         """``depth`` items now wait for a batch, in every lane."""
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        """A batch formed, of ``size`` items that waited ``queue_waits_s`` in the queue."""
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
+        """A batch formed, of ``size`` items: each one's lane, and how long it waited there."""
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         """One call of the handler ended: a batch, or a part of a failed one run again."""
@@ -157,7 +157,7 @@ class NullObserver:
     def queue_depth_changed(self, depth: int) -> None:
         pass
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
         pass
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
@@ -180,7 +180,7 @@ class _GuardedObserver:
     def queue_depth_changed(self, depth: int) -> None:
         self._call(self._inner.queue_depth_changed, depth)
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
         self._call(self._inner.batch_started, size, queue_waits_s)
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
@@ -942,7 +942,7 @@ class BatchProcessor(Generic[In, Out]):
             # Inside the try: even an observer's KeyboardInterrupt answers the callers and
             # frees the slot.
             self._observer.batch_started(
-                len(entries), [batch.started_at - e.enqueued_at for e in entries]
+                len(entries), [(e.priority, batch.started_at - e.enqueued_at) for e in entries]
             )
             await self._run_isolating_failures(batch, entries)
         except asyncio.CancelledError:

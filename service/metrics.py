@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from batching import Outcome
+from batching import Outcome, Priority
 from service.settings import METRIC_FILE, prepare_metrics_dir
 
 if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
@@ -81,7 +81,8 @@ QUEUE_DEPTH = Gauge(
 BATCH_SIZE = Histogram("batch_size", "Requests per model forward pass", buckets=BATCH_SIZE_BUCKETS)
 QUEUE_WAIT = Histogram(
     "batch_queue_wait_seconds",
-    "Time a request waited in the queue before its batch started",
+    "Time a request waited in the queue before its batch started, by lane",
+    ["lane"],
     buckets=LATENCY_BUCKETS_S,
 )
 BATCH_RUN = Histogram(
@@ -150,9 +151,10 @@ class PrometheusObserver:
     def queue_depth_changed(self, depth: int) -> None:
         QUEUE_DEPTH.set(depth)
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        for wait_s in queue_waits_s:
-            QUEUE_WAIT.observe(wait_s)
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
+        # Apart, as they are meant to wait apart: a task may wait for minutes behind /cls.
+        for priority, wait_s in queue_waits_s:
+            QUEUE_WAIT.labels(lane=priority.name.lower()).observe(wait_s)
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
         # Each forward pass, the halves of a failed batch run again included.

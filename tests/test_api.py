@@ -2391,7 +2391,7 @@ async def test_metrics_report_requests_batches_and_model(
         'http_request_duration_seconds_count{method="POST",route="/cls",status_class="4xx"}',
         "batch_size_count",
         "batch_size_sum",
-        "batch_queue_wait_seconds_count",
+        'batch_queue_wait_seconds_count{lane="interactive"}',
         'batch_inference_seconds_count{outcome="ok"}',
         'batch_requests_total{outcome="ok"}',
     )
@@ -2412,7 +2412,7 @@ async def test_metrics_report_requests_batches_and_model(
         'http_request_duration_seconds_count{method="POST",route="/cls",status_class="4xx"}': 1,
         "batch_size_count": 1,
         "batch_size_sum": 1,
-        "batch_queue_wait_seconds_count": 1,
+        'batch_queue_wait_seconds_count{lane="interactive"}': 1,
         'batch_inference_seconds_count{outcome="ok"}': 1,
         'batch_requests_total{outcome="ok"}': 1,
     }

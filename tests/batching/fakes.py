@@ -110,14 +110,14 @@ class RecordingObserver:
     """An observer that keeps every event it receives."""
 
     depths: list[int] = field(default_factory=list)
-    started: list[tuple[int, list[float]]] = field(default_factory=list)
+    started: list[tuple[int, list[tuple[Priority, float]]]] = field(default_factory=list)
     finished: list[tuple[int, float, bool]] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
 
     def queue_depth_changed(self, depth: int) -> None:
         self.depths.append(depth)
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
         self.started.append((size, list(queue_waits_s)))
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:

@@ -1699,13 +1699,14 @@ async def test_timeout_policy_dispatches_queued_items_at_stop() -> None:
 
 
 async def test_observer_sees_queue_depth_and_batches() -> None:
-    """The observer gets every depth change, each batch's size and queue waits, and its result."""
+    """The observer gets every depth change, each batch's size, each item's lane and queue
+    wait, and its result."""
     observer = RecordingObserver()
     handler = FakeHandler(held=True, outputs=fail_on_negative)
     async with running(handler, BatchConfig(), observer) as processor:
         first = spawn(processor, 0)
         await handler.next_started()
-        queued = spawn(processor, 1, 2)
+        queued = spawn(processor, 1) + spawn(processor, 2, priority=Priority.BACKGROUND)
         await wait_until(lambda: processor.queue_depth == 2)
         # Let the queued items wait a measurable time before they are taken.
         await asyncio.sleep(0.05)
@@ -1717,8 +1718,15 @@ async def test_observer_sees_queue_depth_and_batches() -> None:
     assert [size for size, _ in observer.started] == [1, 2, 1]
     for size, waits_s in observer.started:
         assert len(waits_s) == size
-        assert all(wait_s >= 0.0 for wait_s in waits_s)
-    assert min(observer.started[1][1]) >= 0.04
+        assert all(wait_s >= 0.0 for _, wait_s in waits_s)
+    lanes = [lane for _, waits_s in observer.started for lane, _ in waits_s]
+    assert lanes == [
+        Priority.INTERACTIVE,
+        Priority.INTERACTIVE,
+        Priority.BACKGROUND,
+        Priority.INTERACTIVE,
+    ]
+    assert min(wait_s for _, wait_s in observer.started[1][1]) >= 0.04
     assert [(size, ok) for size, _, ok in observer.finished] == [(1, True), (2, True), (1, False)]
     assert all(run_s >= 0.0 for _, run_s, _ in observer.finished)
     assert 2 in observer.depths
@@ -1861,7 +1869,7 @@ class ExplodingObserver(RecordingObserver):
     def queue_depth_changed(self, depth: int) -> None:
         raise RuntimeError("metrics backend down")
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
         raise RuntimeError("metrics backend down")
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
@@ -1898,7 +1906,7 @@ class RaisingObserver(NullObserver):
         if self.every_event:
             raise self.error
 
-    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+    def batch_started(self, size: int, queue_waits_s: Sequence[tuple[Priority, float]]) -> None:
         raise self.error
 
     def handler_finished(self, size: int, run_s: float, ok: bool) -> None:
