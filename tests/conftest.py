@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     from tests.support import Reference, RunningApp
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A run of tests that need the real photos stops before any test runs when they are
+    missing, with one line, rather than failing each of those tests with it."""
+    if any("photos" in getattr(item, "fixturenames", ()) for item in items):
+        from tests.support import photo_paths
+
+        try:
+            photo_paths()
+        except AssertionError as missing:
+            pytest.exit(str(missing).partition("\n")[0], returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 @pytest.fixture(scope="session")
 def reference() -> Reference:
     from tests.support import Reference

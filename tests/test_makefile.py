@@ -3,9 +3,12 @@ with the wrong interpreter."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from service.settings import PROJECT_ROOT
 
@@ -175,3 +178,26 @@ def test_serving_installs_the_runtime_requirements_and_testing_adds_the_dev_ones
     commands = would_run("test")
     assert "-r requirements.txt" not in commands
     assert "-r requirements-dev.txt -c constraints.txt" in commands
+
+
+def test_a_run_without_the_photos_stops_as_it_collects_with_one_line(tmp_path: Path) -> None:
+    """As the README says: not an error for each test that needs them. Tests that need none
+    run."""
+
+    def pytest_run(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *arguments],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "TEST_IMAGES_DIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    needing = pytest_run("tests/classification/test_preprocess.py")
+    assert needing.returncode == pytest.ExitCode.USAGE_ERROR, needing.stdout
+    assert f"no test photos in {tmp_path}" in needing.stdout
+    assert "set TEST_IMAGES_DIR" in needing.stdout
+    assert "no tests ran" in needing.stdout
+    not_needing = pytest_run("tests/test_makefile.py", "-k", "help_names")
+    assert not_needing.returncode == 0, not_needing.stdout
