@@ -1232,9 +1232,10 @@ def _top_k(request: Request, requested: int | None) -> int:
         message = f"must be a whole number in digits only; got {written[:20]!r}"
         raise RequestValidationError([{"loc": ("query", "top_k"), "msg": message}])
     for name in request.query_params:
-        if name != "top_k" and name.lower().replace("-", "").replace("_", "") == "topk":
+        # TOP_K, top-k, and top_k[] as clients that send arrays spell it.
+        if name != "top_k" and "".join(filter(str.isalnum, name.lower())) == "topk":
             # Ignored, it would answer with the default number of classes without a word.
-            message = "is not a parameter of this route; did you mean top_k (lower case)?"
+            message = "is not a parameter of this route; did you mean top_k?"
             raise RequestValidationError([{"loc": ("query", _shortened(name, 64)), "msg": message}])
     return _service(request).top_k(requested)
 
