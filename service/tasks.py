@@ -138,9 +138,8 @@ class TaskQueueFull(Exception):
 def check_room(queued: int, max_queued: int) -> None:
     """Raise ``TaskQueueFull`` when ``queued`` tasks leave no room for another."""
     if queued >= max_queued:
-        raise TaskQueueFull(
-            f"{queued} tasks are already waiting; TASK_MAX_QUEUED allows {max_queued}"
-        )
+        waiting = "1 task is" if queued == 1 else f"{queued} tasks are"
+        raise TaskQueueFull(f"{waiting} already waiting; TASK_MAX_QUEUED allows {max_queued}")
 
 
 def check_disk_room(directory: Path, incoming_bytes: int = 0) -> None:

@@ -36,6 +36,7 @@ from service.tasks import (
     TaskStoreFailed,
     TaskStoreUnavailable,
     WebhookStatus,
+    check_room,
 )
 
 T0 = 1_700_000_000.0
@@ -1506,3 +1507,13 @@ def test_the_largest_upload_allowed_fits_in_a_task_row(store: TaskStore) -> None
     with pytest.raises(sqlite3.DataError):
         create(b"x" * row_limit)  # the limit does bite
     assert create(b"x" * (row_limit - room)).id == task_id
+
+
+@pytest.mark.parametrize(
+    ("queued", "said"), [(1, "1 task is already waiting"), (3, "3 tasks are already waiting")]
+)
+def test_a_full_task_queue_says_how_many_wait_and_the_setting(queued: int, said: str) -> None:
+    with pytest.raises(TaskQueueFull) as full:
+        check_room(queued, queued)
+    assert str(full.value) == f"{said}; TASK_MAX_QUEUED allows {queued}"
+    check_room(queued - 1, queued)
