@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,7 +85,9 @@ from service.protocol import (
     restart_pause_s,
 )
 from service.schemas import (
+    ANY_OTHER_ERROR,
     BATCH_HEADERS,
+    METRICS_RESPONSES,
     READY_PROBE_HEADERS,
     TASK_ACCEPTED_HEADERS,
     BatchEntry,
@@ -1948,7 +1950,8 @@ def create_app(settings: Settings) -> FastAPI:
                     # A not-ready worker says when to try again; a failed liveness probe
                     # is for the orchestrator to act on.
                     **({"headers": READY_PROBE_HEADERS} if path == "/readyz" else {}),
-                }
+                },
+                "default": ANY_OTHER_ERROR,
             },
             tags=["operations"],
         )
@@ -1957,10 +1960,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route(
         "/metrics",
         prometheus_metrics,
-        methods=["GET", "HEAD"],
+        methods=["GET"],
+        response_class=PlainTextResponse,
+        responses=METRICS_RESPONSES,
         tags=["operations"],
-        include_in_schema=False,
     )
+    app.add_api_route("/metrics", prometheus_metrics, methods=["HEAD"], include_in_schema=False)
 
     for error_type in _ERROR_STATUS:
         app.add_exception_handler(error_type, _domain_error)

@@ -129,8 +129,25 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses[503]["headers"] = {"Retry-After": _RETRY_AFTER}
     # The rest (500, and the 408 and 431 of a request that never reached the app) have the
     # same body; declared, it also keeps FastAPI from adding a 422 of another shape.
-    responses["default"] = {"model": ErrorOut, "description": "Any other error"}
+    responses["default"] = ANY_OTHER_ERROR
     return responses
+
+
+# Every route can answer errors it does not list (a 405, a 413 for a body where none is
+# taken, the HTTP protocol's 400): each has the body every error has.
+ANY_OTHER_ERROR: dict[str, Any] = {"model": ErrorOut, "description": "Any other error"}
+# The Prometheus text exposition, as /metrics answers it.
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format, merged across workers",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    # Written out: as the model of a route whose answer is text, it would be labelled so.
+    "default": {
+        "description": ANY_OTHER_ERROR["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    },
+}
 
 
 READY_PROBE_HEADERS = {"Retry-After": _RETRY_AFTER}

@@ -2499,10 +2499,17 @@ async def test_a_trailing_slash_is_a_404_that_names_the_route(photos: list[Path]
 async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert (await served.client.get("/docs")).status_code == 200
     schema = (await served.client.get("/openapi.json")).json()
-    assert {"/cls", "/cls/batch", "/healthz", "/readyz"} <= set(schema["paths"])
-    for probe in ("/healthz", "/readyz"):
+    assert {"/cls", "/cls/batch", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    for probe in ("/healthz", "/readyz", "/metrics"):
         answers = schema["paths"][probe]["get"]["responses"]
-        assert {"200", "503"} <= set(answers), probe
+        assert {"200", "default"} <= set(answers), probe
+        # A probe's 405 or 413 too is {"detail": ...}, in JSON.
+        assert answers["default"]["content"] == {"application/json": {"schema": error}}, probe
+    for probe in ("/healthz", "/readyz"):
+        assert "503" in schema["paths"][probe]["get"]["responses"], probe
+    exposition = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(exposition) == {"text/plain"}
     idempotency_key = next(
         p for p in schema["paths"]["/tasks"]["post"]["parameters"] if p["name"] == "idempotency-key"
     )
@@ -2525,7 +2532,6 @@ async def test_openapi_documents_the_routes(served: RunningApp) -> None:
     assert set(schema["paths"]["/readyz"]["get"]["responses"]["503"]["headers"]) == {"Retry-After"}
     # Every error is {"detail": "..."}, 422 included, and each route lists its own.
     assert "HTTPValidationError" not in json.dumps(schema)
-    error = {"$ref": "#/components/schemas/ErrorOut"}
     assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
     routes = {  # no 401: API_KEY is not set here
         ("/cls", "post"): {"400", "413", "422", "503", "504", "default"},
