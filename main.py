@@ -1808,9 +1808,12 @@ def create_app(settings: Settings) -> FastAPI:
         setattr(app.state, LIVENESS_STATE, service.liveness_problem)
         try:
             await service.start()
-        except (ModelLoadError, TaskStoreUnavailable, ThreadsUnavailable) as exc:
-            # One line that says what to change, not a traceback. Exit code 3 tells gunicorn
+        except Exception as exc:
+            # One line that says what to change, not a traceback (but for a failure nobody
+            # foresaw, a bug: its traceback is what mends it). Exit code 3 tells gunicorn
             # to stop rather than restart the worker in a loop, unless other workers serve.
+            foreseen = isinstance(exc, (ModelLoadError, TaskStoreUnavailable, ThreadsUnavailable))
+            reason = exc if foreseen else f"an unexpected error ({_shortened(repr(exc), 300)})"
             others_serve = siblings is not None and siblings.others_serving()
             pause_s = 0.0
             if siblings is not None and others_serve:
@@ -1818,11 +1821,12 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.critical(
                     "cannot start: %s; gunicorn starts this worker again in %g s, and the "
                     "other workers serve meanwhile",
-                    exc,
+                    reason,
                     pause_s,
+                    exc_info=not foreseen,
                 )
             else:
-                logger.critical("cannot start: %s", exc)
+                logger.critical("cannot start: %s", reason, exc_info=not foreseen)
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             if pause_s:

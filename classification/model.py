@@ -181,7 +181,14 @@ def _check_published(cached: Path) -> None:
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     cached = _imagenet_cache()
-    downloading = not cached.is_file()
+    try:
+        downloading = not cached.is_file()
+    except OSError as exc:  # a cache folder this user cannot enter, say
+        raise ModelLoadError(
+            f"the ResNet18 ImageNet weights' cache {cached} cannot be read "
+            f"({exc.strerror or exc}); let this user read it (TORCH_HOME says where it is), "
+            "or set WEIGHTS=/path/to/state_dict.pth to load a local file"
+        ) from None
     if not downloading:
         _check_published(cached)
     default_timeout = socket.getdefaulttimeout()
@@ -235,10 +242,10 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     expected = (
         "expected a file written by torch.save(model.state_dict(), path), or a safetensors file"
     )
-    if path.is_dir():
-        raise ModelLoadError(f"WEIGHTS={path} is a directory; {expected}")
     safetensors_file = False
     try:
+        if path.is_dir():
+            raise ModelLoadError(f"WEIGHTS={path} is a directory; {expected}")
         if path.is_file() and path.stat().st_size == 0:
             raise ModelLoadError(f"WEIGHTS={path} is an empty file; {expected}")
         if safetensors_file := _is_safetensors(path):
@@ -262,6 +269,13 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ModelLoadError(
             f"WEIGHTS={path} does not exist; give a state-dict file, 'imagenet' or 'random'"
+        ) from None
+    except OSError as exc:
+        # Not a file's content, but where it is: a file without read permission, one in a
+        # folder this user cannot enter, a path through a file or a link loop.
+        raise ModelLoadError(
+            f"WEIGHTS={path} cannot be read ({exc.strerror or exc}); give a state-dict file "
+            "this user can read, 'imagenet' or 'random'"
         ) from None
     except Exception as exc:
         if is_out_of_memory(exc):

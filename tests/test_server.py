@@ -568,6 +568,35 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
     assert "Traceback" not in log
 
 
+def test_a_replacement_worker_failing_to_start_by_a_bug_leaves_the_others_serving(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """An error nobody foresaw, where a known one says what to change: the worker logs it
+    with its traceback, a bug's, and is started again while the other serves, as for a
+    known one. (Left to uvicorn, it exited with gunicorn's boot error, which halted the
+    whole server.)"""
+    mark = tmp_path / "start-bug"
+    env = server_env(tmp_path, WORKERS="2", START_BUG_MARK=str(mark))
+    command = gunicorn_command(free_port())
+    command[command.index("main:app")] = "tests.start_bug_app:app"
+    photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    with running_server(tmp_path, command, env) as server:
+        mark.touch()
+        first, _ = psutil.Process(server.process.pid).children()
+        first.kill()
+        deadline = time.monotonic() + 90
+        while server.log().count("gunicorn starts this worker again") < 2:
+            assert time.monotonic() < deadline, server.log()
+            assert server.process.poll() is None, server.log()
+            time.sleep(0.2)
+        for _ in range(4):
+            assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        log = server.log()
+    assert "cannot start: an unexpected error (RuntimeError('a bug in the start-up'))" in log
+    assert "Traceback" in log
+    assert "Reason: Worker failed to boot." not in log
+
+
 def test_a_worker_that_cannot_start_with_no_other_serving_stops_the_server(
     tmp_path: Path,
 ) -> None:

@@ -225,6 +225,26 @@ def save(value: object, path: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.parametrize("where", ["below a file", "a link loop", "a name too long"])
+def test_a_weights_path_that_cannot_be_read_stops_start_up_with_one_line(
+    tmp_path: Path, where: str
+) -> None:
+    """Where the file is, not what it holds: each raised from pathlib or open, once in the
+    first check and again in the handler that looked at the file's first bytes, a
+    traceback in place of the line (a file without read permission, or in a folder the
+    server's user cannot enter, alike)."""
+    if where == "below a file":
+        (tmp_path / "weights.pth").write_bytes(b"x")
+        path = tmp_path / "weights.pth" / "resnet18.pth"
+    elif where == "a link loop":
+        path = tmp_path / "loop"
+        path.symlink_to(tmp_path / "loop")
+    else:
+        path = tmp_path / ("w" * 300)
+    with pytest.raises(ModelLoadError, match=r"cannot be read \(.+\); give a state-dict file"):
+        load_classifier(weights=str(path), labels_file=LABELS_FILE, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -440,6 +460,21 @@ def test_imagenet_weights_offline_name_both_alternatives(
     assert "WEIGHTS=/path/to/state_dict.pth" in message
     assert "WEIGHTS=random" in message
     assert capsys.readouterr() == ("", "")  # torch hub's "Downloading: ..." is not shown
+
+
+def test_a_weights_cache_that_cannot_be_read_stops_start_up_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking for the cached file raises where its folder cannot be entered (a HOME of
+    another user's, mode 0700, left set) or its path cannot be looked up at all."""
+    torch_home = tmp_path / ("t" * 300)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with pytest.raises(ModelLoadError) as error:
+        load_classifier(weights="imagenet", labels_file=LABELS_FILE, device="cpu")
+    message = str(error.value)
+    assert message.startswith(f"the ResNet18 ImageNet weights' cache {torch_home}/")
+    assert "cannot be read (File name too long); let this user read it" in message
+    assert "WEIGHTS=/path/to/state_dict.pth" in message
 
 
 def test_a_download_that_stalls_fails_with_the_line_that_says_what_to_do(
