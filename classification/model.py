@@ -10,9 +10,11 @@ import logging
 import math
 import os
 import pickle
+import re
 import socket
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +264,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 # plain pickle) too: their warnings would be a second line.
                 warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
                 warnings.filterwarnings("ignore", "Detected pickle protocol")
+                warnings.filterwarnings("ignore", ".* looks like a TorchScript archive")
                 # From a file object: torch.load reads a path named *.safetensors as one.
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
     except ModelLoadError:
@@ -296,6 +299,19 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(
                 f"WEIGHTS={path} is not a file written by torch.save; {expected}"
             ) from None
+        if _is_torchscript(path):
+            # torch's own words point at weights_only, which would not load it either.
+            raise ModelLoadError(
+                f"WEIGHTS={path} is a TorchScript archive (torch.jit.save), code besides the "
+                "weights; save the network's state_dict() with torch.save and point WEIGHTS "
+                "at that file"
+            ) from None
+        if damage := _ZIP_READ_FAILURE.search(str(exc)):
+            # torch's words go on about its zip library's internals.
+            raise ModelLoadError(
+                f"WEIGHTS={path} is a torch.save file whose zip archive cannot be read "
+                f"({damage.group(1)}): truncated or damaged?"
+            ) from None
         raise ModelLoadError(
             f"WEIGHTS={path} is not a loadable state dict ({_load_failure(exc)}); {expected}"
         ) from None
@@ -320,6 +336,20 @@ def _is_safetensors(path: Path) -> bool:
         start = file.read(9)
     header_bytes = int.from_bytes(start[:8], "little")
     return len(start) == 9 and start[8:] == b"{" and header_bytes <= SAFETENSORS_MAX_HEADER_BYTES
+
+
+# How torch says that the zip archive torch.save writes cannot be read, and why.
+_ZIP_READ_FAILURE = re.compile(r"failed reading zip archive: ([^.]+)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether the file is a zip archive as torch.jit.save writes, which holds the
+    network's code (``code/``) and its constants beside the weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _starts_as_torch_file(path: Path) -> bool:

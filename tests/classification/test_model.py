@@ -261,7 +261,16 @@ def test_a_weights_path_that_cannot_be_read_stops_start_up_with_one_line(
             id="pickle-protocol-4",
         ),
         ({"fc.weight": [1.0, 2.0]}, "'fc.weight' is not a tensor"),
-        ("truncated", r"not a loadable state dict \(RuntimeError: .+\); expected a file"),
+        (
+            "truncated",
+            r"is a torch.save file whose zip archive cannot be read \(failed finding central "
+            r"directory\): truncated or damaged\?$",
+        ),
+        (
+            "torchscript",
+            r"is a TorchScript archive \(torch.jit.save\), code besides the weights; save the "
+            r"network's state_dict\(\) with torch.save",
+        ),
         (
             "truncated safetensors",
             r"is a safetensors file that cannot be read \(\w+: .+\): truncated or damaged\?$",
@@ -302,6 +311,10 @@ def test_bad_weights_files_stop_start_up_with_one_line(
         save(network, path)
     elif content == "truncated":
         path.write_bytes(save(network.state_dict(), path)[:100_000])
+    elif content == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated
+            torch.jit.save(torch.jit.script(network), path)
     elif content == "truncated safetensors":
         safetensors.torch.save_file(network.state_dict(), path)
         path.write_bytes(path.read_bytes()[:100_000])
