@@ -29,6 +29,7 @@ from service.settings import (
     load_settings,
     misspelt_settings,
     prepare_metrics_dir,
+    settings_without_effect,
 )
 from service.siblings import (
     RUN_DIRECTORY_PREFIX,
@@ -165,7 +166,8 @@ def on_starting(server: Arbiter) -> None:
     _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
     _halt_once_for_workers_that_cannot_start(server)
-    for line in misspelt_settings():  # gunicorn's -e values are in the environment by now
+    # gunicorn's -e values are in the environment by now.
+    for line in [*misspelt_settings(), *settings_without_effect(settings)]:
         server.log.warning(line)
     # gunicorn's default worker count, which platforms set by machine size; not refused, so
     # that such a platform still starts, but this file's WORKERS is what runs.

@@ -103,7 +103,7 @@ from service.schemas import (
     error_responses,
     task_response,
 )
-from service.settings import Settings, load_settings, misspelt_settings
+from service.settings import Settings, load_settings, misspelt_settings, settings_without_effect
 from service.siblings import Siblings
 from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
@@ -1794,6 +1794,8 @@ def create_app(settings: Settings) -> FastAPI:
             # WORKERS is gunicorn's: a process of uvicorn's shares the cores with the workers
             # its command line started, if any.
             own = settings.model_copy(update={"workers": uvicorn_workers()})
+            for line in settings_without_effect(own):
+                logger.warning("%s", line)
             if own.workers > 1:
                 logger.warning(
                     "uvicorn runs %d workers here, which know nothing of each other: /metrics "

@@ -486,6 +486,28 @@ def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
     return lines
 
 
+def settings_without_effect(
+    settings: Settings, environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """A line for each setting given whose value changes nothing, or slows the service
+    where its user would expect it to help: valid values, so they are not refused."""
+    given = {key.upper() for key, value in environ.items() if value.strip()}
+    lines = []
+    if "MAX_WAIT_MS" in given and settings.batch_policy != BatchPolicy.TIMEOUT:
+        lines.append(
+            f"MAX_WAIT_MS applies to BATCH_POLICY=timeout only, and is ignored: the "
+            f"{settings.batch_policy} policy never waits for a batch to fill"
+        )
+    threads = (settings.torch_threads or 0) * settings.workers
+    if threads > (cores := available_cores()):
+        lines.append(
+            f"TORCH_THREADS={settings.torch_threads} in each of {settings.workers} worker(s) is "
+            f"{threads} threads for the {cores} cores the service may use: they take turns on "
+            "the cores, and every batch slows (left unset, the cores are shared out)"
+        )
+    return lines
+
+
 def _listening_host(value: str) -> str | None:
     """``value`` as BIND's host part, if it is an address or localhost; else None."""
     text = value.strip()

@@ -11,7 +11,13 @@ import pytest
 import trustme
 
 import service.settings
-from service.settings import PROJECT_ROOT, load_settings, misspelt_settings
+from service.settings import (
+    PROJECT_ROOT,
+    Settings,
+    load_settings,
+    misspelt_settings,
+    settings_without_effect,
+)
 
 SET_EMPTY = (
     "TORCH_THREADS",
@@ -321,3 +327,25 @@ def test_a_worker_s_model_threads_share_the_cores_on_a_cpu_and_are_one_on_a_gpu(
     monkeypatch.setenv("TORCH_THREADS", "3")  # as given, on either
     settings = load_settings()
     assert settings.torch_threads_on("cpu") == settings.torch_threads_on("cuda") == 3
+
+
+def test_valid_settings_that_change_nothing_or_slow_the_service_are_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAX_WAIT_MS under the adaptive policy, which never waits for a batch to fill, and
+    more torch threads than cores (1024 on 2: a batch of one took 488 ms against 18 ms)."""
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
+    lines = settings_without_effect(
+        Settings(torch_threads=1024), {"MAX_WAIT_MS": "500", "TORCH_THREADS": "1024"}
+    )
+    assert lines == [
+        "MAX_WAIT_MS applies to BATCH_POLICY=timeout only, and is ignored: the adaptive "
+        "policy never waits for a batch to fill",
+        "TORCH_THREADS=1024 in each of 1 worker(s) is 1024 threads for the 2 cores the service "
+        "may use: they take turns on the cores, and every batch slows (left unset, the cores "
+        "are shared out)",
+    ]
+    assert settings_without_effect(Settings(workers=2, torch_threads=2), {}) != []
+    timeout = Settings(batch_policy="timeout", torch_threads=1, workers=2)
+    assert settings_without_effect(timeout, {"max_wait_ms": "50"}) == []
+    assert settings_without_effect(Settings(), {"MAX_WAIT_MS": " "}) == []
