@@ -698,7 +698,7 @@ class Classifier:
             score_rows, index_rows = self._top_scores(images, max(top_k))
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
-                if isinstance(exc, torch.AcceleratorError):
+                if isinstance(exc, torch.AcceleratorError) or self._device_failed():
                     raise DeviceFailed(f"{self.device} failed: {exc}") from exc
                 raise
             # Without the "[enforce fail at alloc_cpu.cpp:...] err == 0." of torch's CPU check.
@@ -714,6 +714,18 @@ class Classifier:
         # Raised past the handler, whose error's traceback holds the batch's tensors: they
         # are freed before anything tries again.
         raise OutOfMemory(f"{self.device} ran out of memory for a batch of {len(images)}: {reason}")
+
+    def _device_failed(self) -> bool:
+        """Whether the device itself failed, where a batch's error does not say so: a GPU
+        whose context broke shows it first in cuDNN's or cuBLAS's own error (a plain
+        RuntimeError) as often as in CUDA's, and from then on in every CUDA call."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError:
+            return True
+        return False
 
     def _top_scores(
         self, images: Sequence[np.ndarray], k: int

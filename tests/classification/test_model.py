@@ -824,6 +824,49 @@ def test_a_device_error_is_a_device_failure_that_names_the_device() -> None:
     assert raised.value.__cause__ is error
 
 
+@pytest.mark.parametrize("context_failed", [True, False], ids=["context failed", "context ok"])
+def test_a_cudnn_error_is_a_device_failure_when_the_device_can_no_longer_run(
+    monkeypatch: pytest.MonkeyPatch, context_failed: bool
+) -> None:
+    """A broken GPU context often shows first in cuDNN's or cuBLAS's own error, a plain
+    RuntimeError: told apart by asking the device, it fails the worker (503, replaced), not
+    the batch (500, the device called again on its halves). A cuDNN error of one batch on a
+    device that still runs stays the batch's. (The device is a stand-in: no GPU here.)"""
+    error = RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED_CUDART")
+    failing = Classifier(_FailingNetwork(error), ["a", "b"], device=torch.device("cpu"))
+    failing.device = torch.device("cuda", 0)
+    waited = []
+
+    def synchronize(device: torch.device) -> None:
+        waited.append(device)
+        if context_failed:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    if context_failed:
+        with pytest.raises(DeviceFailed, match="cuda:0 failed: cuDNN error: CUDNN_STATUS_EXEC"):
+            failing.classify([_crop()], [1])
+    else:
+        with pytest.raises(RuntimeError, match="CUDNN_STATUS_EXECUTION_FAILED") as raised:
+            failing.classify([_crop()], [1])
+        assert not isinstance(raised.value, DeviceFailed)
+    assert waited == [torch.device("cuda", 0)]
+
+
+def test_a_batch_error_on_the_cpu_asks_no_device_whether_it_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_cuda(device: torch.device) -> None:
+        raise AssertionError("CUDA called on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
+    failing = Classifier(
+        _FailingNetwork(RuntimeError("bad")), ["a", "b"], device=torch.device("cpu")
+    )
+    with pytest.raises(RuntimeError, match=r"^bad$"):
+        failing.classify([_crop()], [1])
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
