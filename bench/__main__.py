@@ -664,6 +664,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"{exc}" + (" (the default; give a folder with --images)" if default else ""))
     settings = {
         "WEIGHTS": "random",
+        # What the in-process limits are measured on: left at auto, a GPU would serve.
+        "DEVICE": "cpu",
         "WORKERS": str(args.workers),
         "MAX_BATCH_SIZE": str(args.max_batch_size),
         "DTYPE": args.dtype,

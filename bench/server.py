@@ -149,9 +149,11 @@ class Server:
 
 def server_environment(settings: dict[str, str]) -> dict[str, str]:
     """This process's environment without what would configure the server, and
-    ``settings``: the server runs with those, every other setting at its default."""
+    ``settings``: the server runs with those, every other setting at its default, but
+    ``DEVICE``, the CPU unless given: left at auto, a GPU present would serve what a CPU
+    benchmark measures (``bench.gpu`` names its device)."""
     inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SERVER_ENVIRONMENT}
-    return inherited | settings
+    return inherited | {"DEVICE": "cpu"} | settings
 
 
 def start(

@@ -247,6 +247,11 @@ def test_a_started_server_takes_no_setting_from_the_callers_environment(
     assert (environment["WEIGHTS"], environment["WORKERS"]) == ("random", "2")
     for dropped in ("API_KEY", "torch_threads", "GUNICORN_CMD_ARGS", "OMP_NUM_THREADS"):
         assert dropped not in environment
+    # The CPU, unless a benchmark names its device: at auto, a GPU present would serve.
+    monkeypatch.setenv("DEVICE", "cuda")
+    assert environment["DEVICE"] == "cpu"
+    assert bench_server.server_environment({})["DEVICE"] == "cpu"
+    assert bench_server.server_environment({"DEVICE": "cuda:1"})["DEVICE"] == "cuda:1"
 
 
 def test_a_started_server_has_a_task_store_of_its_own(
