@@ -53,6 +53,7 @@ from bench.limits import MAX_PIXELS, timed_runs
 from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
 from bench.server import ServerNotStarted, start
 from classification import build_network, fold_batchnorm, preprocess
+from classification.model import use_full_float32_on_cuda
 from classification.preprocess import CROP_SIZE, RESIZE_SIZE
 from service.settings import PROJECT_ROOT, available_cores
 
@@ -83,6 +84,8 @@ def forward_images_per_s(
     device: torch.device, dtype: torch.dtype, batch_sizes: list[int], seconds: float
 ) -> dict[int, float]:
     """The served network's forward-only throughput at each batch size."""
+    if device.type == "cuda" and dtype == torch.float32:
+        use_full_float32_on_cuda()  # as the service runs DTYPE=float32: not in TF32
     network, _ = build_network("random", 1000)
     served = fold_batchnorm(network).to(device, dtype, memory_format=torch.channels_last)
     served.eval()
