@@ -556,6 +556,10 @@ def cpu_computes_bfloat16() -> bool:
     return has_amx is not None and bool(has_amx())
 
 
+# The first GPUs whose tensor cores compute bfloat16 (Ampere); older ones emulate it.
+BFLOAT16_CUDA_CAPABILITY = (8, 0)
+
+
 def use_full_float32_on_cuda() -> None:
     """Make cuDNN's float32 convolutions IEEE float32, in this process.
 
@@ -598,6 +602,16 @@ class Classifier:
                 "DTYPE=bfloat16 on the CPU needs AMX (Intel Xeon since Sapphire Rapids), which "
                 "this CPU lacks or ONEDNN_MAX_CPU_ISA rules out (without it, bfloat16 runs more "
                 "slowly than float32); use DTYPE=float32"
+            )
+        if (
+            device.type == "cuda"
+            and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) < BFLOAT16_CUDA_CAPABILITY
+        ):
+            raise ModelLoadError(
+                f"DTYPE=bfloat16 needs a GPU that computes it (compute capability 8.0 or newer, "
+                f"since Ampere); {device} would emulate it, more slowly than float16: use "
+                "DTYPE=float16"
             )
         self.labels = list(labels)
         self.device = device

@@ -853,6 +853,17 @@ def test_a_cudnn_error_is_a_device_failure_when_the_device_can_no_longer_run(
     assert waited == [torch.device("cuda", 0)]
 
 
+def test_bfloat16_on_a_gpu_that_would_emulate_it_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before Ampere (compute capability 8.0), a GPU has no bfloat16 arithmetic of its own:
+    float16 is the 16-bit choice there. (The GPU is a stand-in: none here.)"""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    network, _ = build_network("random", 2)
+    with pytest.raises(ModelLoadError, match=r"^DTYPE=bfloat16 needs a GPU that computes it"):
+        Classifier(network, ["a", "b"], device=torch.device("cuda", 0), dtype=torch.bfloat16)
+
+
 def test_a_batch_error_on_the_cpu_asks_no_device_whether_it_failed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
