@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import select
 import signal
 import socket
 import sys
 import threading
 import uuid
+from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httptools
@@ -611,6 +613,17 @@ class BacklogDrainingServer(Server):
     closing the socket would reset them unanswered, and a proxy does not resend such a
     request. Taken in, they are served as the drain serves every open connection.
     """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.started:
+            # Stopped while it starts: loading and warming up the model, which nothing
+            # interrupts, may outlast gunicorn's graceful_timeout, which would then SIGKILL
+            # the worker ("Perhaps out of memory?"). Nothing is served yet: nothing to drain.
+            logger.info("stopped by %s while starting", signal.Signals(sig).name)
+            logs.stop_writer()  # os._exit skips atexit: write the line out first
+            sys.stderr.flush()
+            os._exit(0)
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()

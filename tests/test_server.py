@@ -680,6 +680,40 @@ def test_a_second_server_on_the_same_port_leaves_the_first_untouched(
         assert set((tmp_path / "tmp").iterdir()) == temporary
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl+C"])
+def test_a_server_stopped_while_its_worker_starts_stops_at_once(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Loading and warming up the model, which nothing interrupts, may take minutes (a
+    download, a large MAX_BATCH_SIZE): the worker waited its start-up out, and gunicorn
+    SIGKILLed it at graceful_timeout (DRAIN_TIMEOUT_S + 10 s), blaming its memory. Nothing
+    is served yet, so nothing is drained: it stops at once."""
+    command = gunicorn_command(free_port())
+    command[command.index("main:app")] = "tests.slow_start_app:app"
+    env = server_env(tmp_path, SLOW_START_S="120")
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Started server process" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        process.send_signal(stop)
+        stopped_at = time.monotonic()
+        process.wait(timeout=60)
+        stopped_in_s = time.monotonic() - stopped_at
+    finally:
+        process.kill()
+    log = log_path.read_text()
+    assert stopped_in_s < 10, log
+    assert f"stopped by {signal.SIGTERM.name} while starting" in log
+    assert "SIGKILL" not in log
+    assert "Traceback" not in log
+
+
 def has_reported(worker_pid: int) -> bool:
     """Whether a gunicorn worker has reported to its master once: gunicorn times out only a
     worker that has (until then its heartbeat file holds a wall-clock time, which the
