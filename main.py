@@ -1815,6 +1815,8 @@ def create_app(settings: Settings) -> FastAPI:
             # foresaw, a bug: its traceback is what mends it). Exit code 3 tells gunicorn
             # to stop rather than restart the worker in a loop, unless other workers serve.
             foreseen = isinstance(exc, (ModelLoadError, TaskStoreUnavailable, ThreadsUnavailable))
+            if not foreseen and siblings is None:
+                raise  # uvicorn, or a test, shows it with its traceback as it stops
             reason = exc if foreseen else f"an unexpected error ({_shortened(repr(exc), 300)})"
             others_serve = siblings is not None and siblings.others_serving()
             pause_s = 0.0

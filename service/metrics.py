@@ -98,6 +98,8 @@ BATCH_ITEMS = Counter(
 # seen shows no data rather than none happening.
 for _outcome in Outcome:
     BATCH_ITEMS.labels(outcome=_outcome.value)
+for _priority in Priority:
+    QUEUE_WAIT.labels(lane=_priority.name.lower())
 for _run_outcome in ("ok", "failed"):
     BATCH_RUN.labels(outcome=_run_outcome)
 TASK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
@@ -222,6 +224,8 @@ class _WorkersFiles(Collector):
         self._path = path
 
     def collect(self) -> Iterable[Metric]:
+        if not self._path.is_dir():  # removed by a cleaner of /tmp, say: no scrape passes
+            raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={self._path} is not a directory")
         files = [str(file) for file in self._path.glob("*.db") if METRIC_FILE.fullmatch(file.name)]
         return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
 

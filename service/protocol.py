@@ -490,6 +490,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         queued = [entry for entry in self.pipeline if entry[0] is cycle and cycle.more_body]
         if queued:
             self.pipeline.remove(queued[0])
+            # Its head was read whole: it is answered under the caller's id.
+            request_id = request_id or logs.request_id_for(
+                _request_id_header(cycle.scope["headers"])
+            )
         elif cycle is None or cycle.more_body or cycle.response_complete:
             # Nothing before the refused bytes is still being answered.
             in_app = cycle is not None and cycle.more_body and not cycle.response_started

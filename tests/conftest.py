@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from tests.support import Reference, RunningApp
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A run of tests that need the real photos stops before any test runs when they are
     missing, with one line, rather than failing each of those tests with it."""

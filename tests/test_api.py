@@ -1650,6 +1650,22 @@ async def test_a_worker_that_can_start_no_more_threads_still_serves_every_route(
             monkeypatch.undo()
 
 
+async def test_a_start_that_fails_by_a_bug_outside_gunicorn_raises_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under uvicorn, or in a test, the error is raised for what runs the app to show: a
+    worker's exit to be restarted is gunicorn's, and in a test it ended the run silently."""
+
+    async def bug(self: main.Service) -> None:
+        raise RuntimeError("a bug in the start-up")
+
+    monkeypatch.setattr(main.Service, "start", bug)
+    app = main.create_app(make_settings())
+    with pytest.raises(RuntimeError, match="a bug in the start-up"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
 def test_a_worker_that_cannot_start_its_decode_threads_stops_with_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

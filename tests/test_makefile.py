@@ -201,3 +201,6 @@ def test_a_run_without_the_photos_stops_as_it_collects_with_one_line(tmp_path: P
     assert "no tests ran" in needing.stdout
     not_needing = pytest_run("tests/test_makefile.py", "-k", "help_names")
     assert not_needing.returncode == 0, not_needing.stdout
+    # Those -k leaves out do not count.
+    selected = pytest_run("tests/classification/test_preprocess.py", "-k", "composited_on_white")
+    assert selected.returncode == 0, selected.stdout

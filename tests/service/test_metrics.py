@@ -105,6 +105,8 @@ def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
         assert f'batch_requests_total{{outcome="{outcome.value}"}} 0.0' in text
     for outcome in ("ok", "failed"):
         assert f'batch_inference_seconds_count{{outcome="{outcome}"}} 0.0' in text
+    for lane in ("interactive", "bulk", "background"):
+        assert f'batch_queue_wait_seconds_count{{lane="{lane}"}} 0.0' in text
 
 
 def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -> None:
@@ -132,3 +134,26 @@ def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -
     assert rendered.returncode == 0, rendered.stderr
     assert 'http_requests_total{method="POST",route="/cls",status="200"} 1.0' in rendered.stdout
     assert (tmp_path / "backup.db").exists()
+
+
+def test_a_metrics_dir_removed_under_the_server_fails_the_scrape(tmp_path: Path) -> None:
+    """By a cleaner of /tmp, say: an empty 200 would leave Prometheus with the target up and
+    every series gone, no alert able to fire."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    remove_and_render = (
+        "import shutil; from service import metrics; "
+        "metrics.record_request('/cls', 'POST', 200, 0.02); "
+        f"shutil.rmtree({str(metrics_dir)!r}); metrics.render()"
+    )
+    rendered = subprocess.run(
+        [sys.executable, "-c", remove_and_render],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode != 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={metrics_dir} is not a directory" in rendered.stderr

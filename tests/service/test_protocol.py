@@ -216,6 +216,19 @@ def test_a_request_refused_past_the_pipelining_bound_keeps_the_callers_id(port: 
     assert b"\r\nx-request-id: mine-123\r\n" in refusal
 
 
+def test_a_bad_chunk_in_a_queued_request_is_answered_under_its_callers_id(port: int) -> None:
+    chunked = (
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Request-ID: second-2\r\n\r\n3\r\nabc\r\nzz\r\n"
+    )
+    with connect(port) as connection:
+        connection.sendall(request("/slow", b"ab") + chunked)
+        answer = read_to_close(connection)
+    refusal = b"HTTP/1.1 400 " + answer.rpartition(b"HTTP/1.1 400 ")[2]
+    json_error(refusal, 400)
+    assert b"\r\nx-request-id: second-2\r\n" in refusal
+
+
 def test_bytes_that_are_not_http_get_a_json_400(
     port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
