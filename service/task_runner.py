@@ -826,9 +826,10 @@ class TaskRunner:
         self._observer.webhook_finished(attempt.delivered)
         if not attempt.delivered:
             logger.warning(
-                "webhook for task %s given up after %d attempts: %s",
+                "webhook for task %s given up after %d attempt%s: %s",
                 task_id,
                 attempt.attempts,
+                "" if attempt.attempts == 1 else "s",
                 attempt.error,
             )
 

@@ -1440,7 +1440,9 @@ async def test_webhook_retries_through_errors_and_timeouts(
     assert len({r.body for r in receiver.received}) == 1, "every attempt sends the same body"
 
 
-async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> None:
+async def test_webhook_gives_up_after_the_attempt_limit(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     settings = make_settings(webhook_max_attempts=3, **WEBHOOK_SETTINGS)
     async with receiving() as receiver, running_app(settings) as served:
         receiver.then = 500
@@ -1463,6 +1465,8 @@ async def test_webhook_gives_up_after_the_attempt_limit(photos: list[Path]) -> N
     assert len(receiver.received) == 3
     for sample, growth in (("webhook_failure_total", 1), ("webhook_success_total", 0)):
         assert metric_value(after, sample) - metric_value(before, sample) == growth
+    given_up = f"webhook for task {accepted['task_id']} given up after 3 attempts: callback"
+    assert given_up in caplog.text
 
 
 async def test_a_store_that_fails_at_shutdown_still_releases_everything(
