@@ -159,6 +159,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._messages_begun = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: tuple[int, str, str | None] | None = None
+        self._message_began_at: float | None = None  # the latest message's first byte
         self._message_open = False
         self._body_read = False
         self._idle_deadline: float | None = None
@@ -333,6 +334,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._message_began_at = self.loop.time()
         self._messages_begun += 1
         self._in_head = True
         self._head_bytes = 0
@@ -525,8 +527,18 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             state[REFUSED_STATE] = (status, detail)
         else:
             request_id = request_id or uuid.uuid4().hex
+            began_at = self._message_began_at
             with logs.request_id_bound(request_id):
-                logger.warning("answered %d before a request reached the app: %s", status, detail)
+                # Its access line, as the app writes one for each request it answers: the
+                # method and path are not read, or not to be trusted.
+                logs.log_access(
+                    "-",
+                    "-",
+                    status,
+                    self.loop.time() - began_at if began_at is not None else 0.0,
+                    {"detail": detail},
+                    client=self.client[0] if self.client else None,
+                )
             # Imported here: gunicorn's master imports this module to find the worker
             # class, and metrics must be created only in workers (their multiprocess files).
             from service import metrics

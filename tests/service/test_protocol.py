@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
-from service import protocol
+from service import logs, protocol
 from tests.server import free_port
 
 HEAD_TIMEOUT_S = 1.0
@@ -233,13 +233,21 @@ def test_bytes_that_are_not_http_get_a_json_400(
     port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     counted = refused_by_server(400)
-    with caplog.at_level(logging.WARNING, logger="uvicorn.error"), connect(port) as connection:
+    with (
+        caplog.at_level(logging.WARNING, logger="uvicorn.error"),
+        caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER),
+        connect(port) as connection,
+    ):
         connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n")
         answer = read_to_close(connection)
     assert "not valid HTTP/1.1" in json_error(answer, 400)
     assert refused_by_server(400) == counted + 1  # in the metrics, as app answers are
-    # One line per refusal, the service's, with its id and reason; not uvicorn's too.
+    # One line per refusal, the service's access line, as for every request the app
+    # answers (what counts 4xx from access lines counts it); not uvicorn's too.
     assert not [r for r in caplog.records if r.name == "uvicorn.error"], caplog.records
+    [line] = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
+    assert line.getMessage().startswith("- - answered 400 after ")
+    assert line.__dict__["detail"] == protocol.UNPARSABLE
 
 
 def test_bytes_that_are_not_http_after_whole_requests_are_refused_after_their_answers(
