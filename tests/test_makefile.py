@@ -21,6 +21,18 @@ exit 2
 """
 
 
+def would_make(directory: Path, target: str) -> str:
+    """What ``make target`` would run in ``directory`` (``make -n``)."""
+    return subprocess.run(
+        ["make", "-n", "-f", MAKEFILE, target],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
 def test_an_interpreter_older_than_3_11_is_refused_in_one_line_before_any_venv(
     tmp_path: Path,
 ) -> None:
@@ -66,23 +78,16 @@ def test_a_venv_whose_interpreter_is_gone_is_made_anew(tmp_path: Path) -> None:
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
 
-    def would_make() -> str:
+    def would_install() -> str:
         for stamp in (".runtime-stamp", ".installed-stamp"):
             (tmp_path / ".venv" / stamp).touch()
-        return subprocess.run(
-            ["make", "-n", "-f", MAKEFILE, ".venv/.installed-stamp"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
+        return would_make(tmp_path, ".venv/.installed-stamp")
 
     (bin_dir / "python").symlink_to(sys.executable)
-    assert "is up to date" in would_make()
+    assert "is up to date" in would_install()
     (bin_dir / "python").unlink()
     (bin_dir / "python").symlink_to("/nonexistent/python3.11")
-    assert "-m venv .venv" in would_make()
+    assert "-m venv .venv" in would_install()
 
 
 def test_a_working_venv_is_installed_into_again_whatever_python_names(tmp_path: Path) -> None:
@@ -158,24 +163,14 @@ def test_serving_installs_the_runtime_requirements_and_testing_adds_the_dev_ones
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").symlink_to(sys.executable)
 
-    def would_run(target: str) -> str:
-        return subprocess.run(
-            ["make", "-n", "-f", MAKEFILE, target],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-
     for target in ("run", "dev"):
-        commands = would_run(target)
+        commands = would_make(tmp_path, target)
         assert "-r requirements.txt -c constraints.txt" in commands
         assert "requirements-dev.txt" not in commands
-    assert "-r requirements-dev.txt -c constraints.txt" in would_run("test")
+    assert "-r requirements-dev.txt -c constraints.txt" in would_make(tmp_path, "test")
     (tmp_path / ".venv" / ".runtime-stamp").touch()
-    assert "pip install" not in would_run("run")
-    commands = would_run("test")
+    assert "pip install" not in would_make(tmp_path, "run")
+    commands = would_make(tmp_path, "test")
     assert "-r requirements.txt" not in commands
     assert "-r requirements-dev.txt -c constraints.txt" in commands
 

@@ -529,6 +529,16 @@ def test_a_worker_silent_for_less_than_worker_timeout_is_not_killed(
     assert "WORKER TIMEOUT" not in log
 
 
+def wait_for_restarts_while_serving(server: ServerProcess, restarts: int) -> None:
+    """Until a worker that cannot start has said ``restarts`` times that gunicorn starts
+    it again, the server up throughout."""
+    deadline = time.monotonic() + 90
+    while server.log().count("gunicorn starts this worker again") < restarts:
+        assert time.monotonic() < deadline, server.log()
+        assert server.process.poll() is None, server.log()
+        time.sleep(0.2)
+
+
 def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
     tmp_path: Path, photos: list[Path]
 ) -> None:
@@ -546,17 +556,14 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
         master = psutil.Process(server.process.pid)
         first, second = master.children()
         first.kill()
-        deadline = time.monotonic() + 90
-        while server.log().count("gunicorn starts this worker again") < 2:
-            assert time.monotonic() < deadline, server.log()
-            assert server.process.poll() is None, server.log()
-            time.sleep(0.2)
+        wait_for_restarts_while_serving(server, 2)
         # Each replacement waits longer before it exits, not to take a core in a loop.
         pauses = re.findall(r"gunicorn starts this worker again in (\S+) s", server.log())
         assert pauses[:2] == ["1", "2"], server.log()
         for _ in range(4):  # every one of them reaches the worker still serving
             assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
         weights.write_bytes(good)
+        deadline = time.monotonic() + 90
         while len([w for w in master.children() if w.pid != second.pid]) != 1 or (
             server.log().count("model ready") < 3
         ):
@@ -584,11 +591,7 @@ def test_a_replacement_worker_failing_to_start_by_a_bug_leaves_the_others_servin
         mark.touch()
         first, _ = psutil.Process(server.process.pid).children()
         first.kill()
-        deadline = time.monotonic() + 90
-        while server.log().count("gunicorn starts this worker again") < 2:
-            assert time.monotonic() < deadline, server.log()
-            assert server.process.poll() is None, server.log()
-            time.sleep(0.2)
+        wait_for_restarts_while_serving(server, 2)
         for _ in range(4):
             assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
         log = server.log()

@@ -13,17 +13,22 @@ from service import metrics
 from service.settings import PROJECT_ROOT
 
 
-def import_metrics(metrics_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Import the metrics module in a new process, as a plain uvicorn run does."""
+def run_with_metrics_dir(metrics_dir: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new process whose metrics go to ``metrics_dir``, as a worker's do."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     return subprocess.run(
-        [sys.executable, "-c", "import service.metrics"],
+        [sys.executable, "-c", code],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def import_metrics(metrics_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Import the metrics module in a new process, as a plain uvicorn run does."""
+    return run_with_metrics_dir(metrics_dir, "import service.metrics")
 
 
 def test_a_metrics_dir_named_but_missing_is_made_outside_gunicorn(tmp_path: Path) -> None:
@@ -90,17 +95,10 @@ def test_a_gpus_forward_pass_is_timed_within_a_factor_of_three(seconds: float) -
 
 def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
     """A panel or a rate() over an outcome not seen yet would show no data, not 0."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     render = "from service import metrics; print(metrics.render()[0].decode())"
-    text = subprocess.run(
-        [sys.executable, "-c", render],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    rendered = run_with_metrics_dir(tmp_path, render)
+    assert rendered.returncode == 0, rendered.stderr
+    text = rendered.stdout
     for outcome in Outcome:
         assert f'batch_requests_total{{outcome="{outcome.value}"}} 0.0' in text
     for outcome in ("ok", "failed"):
@@ -115,7 +113,6 @@ def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -
     read every ``*.db`` and failed the whole scrape on them, a 500 for every scrape."""
     (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + bytes(4080))
     (tmp_path / "notes.db").write_bytes(b"")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     record_and_render = (
         "import shutil; from pathlib import Path; from service import metrics; "
         "metrics.record_request('/cls', 'POST', 200, 0.02); "
@@ -123,14 +120,7 @@ def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -
         f"for f in Path({str(tmp_path)!r}).glob('counter_*.db')]; "
         "print(metrics.render()[0].decode())"
     )
-    rendered = subprocess.run(
-        [sys.executable, "-c", record_and_render],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    rendered = run_with_metrics_dir(tmp_path, record_and_render)
     assert rendered.returncode == 0, rendered.stderr
     assert 'http_requests_total{method="POST",route="/cls",status="200"} 1.0' in rendered.stdout
     assert (tmp_path / "backup.db").exists()
@@ -141,19 +131,11 @@ def test_a_metrics_dir_removed_under_the_server_fails_the_scrape(tmp_path: Path)
     every series gone, no alert able to fire."""
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     remove_and_render = (
         "import shutil; from service import metrics; "
         "metrics.record_request('/cls', 'POST', 200, 0.02); "
         f"shutil.rmtree({str(metrics_dir)!r}); metrics.render()"
     )
-    rendered = subprocess.run(
-        [sys.executable, "-c", remove_and_render],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    rendered = run_with_metrics_dir(metrics_dir, remove_and_render)
     assert rendered.returncode != 0
     assert f"PROMETHEUS_MULTIPROC_DIR={metrics_dir} is not a directory" in rendered.stderr
