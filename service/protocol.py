@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -66,6 +67,8 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 # the disconnect the app sees.
 REQUEST_ID_STATE = "request_id"
 REFUSED_STATE = "refused_by_server"
+# Another: when the request's last byte arrived (``time.monotonic()``).
+UPLOAD_END_STATE = "upload_ended_at"
 # Below this open-file limit, a worker's connections may run out of descriptors under load.
 LOW_OPEN_FILE_LIMIT = 4096
 # What the soft limit is raised to under an unlimited hard one, and the lower try: macOS
@@ -393,6 +396,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._head_to_replay is None and not self._pipeline_full:
             super().on_message_complete()
+            if self.cycle is not None:
+                # REQUEST_TIMEOUT_MS counts from here: the app reads the request later, by
+                # as long as the event loop is busy (or the requests before it on the
+                # connection run), and a deadline counted from then would fire that late.
+                self.cycle.scope.setdefault("state", {})[UPLOAD_END_STATE] = time.monotonic()
         self._message_open = False
 
     def on_response_complete(self) -> None:

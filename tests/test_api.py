@@ -29,6 +29,7 @@ import torchvision
 from PIL import Image, PngImagePlugin
 from prometheus_client import REGISTRY
 from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.requests import Request
 from starlette.types import ASGIApp
 
 import main
@@ -36,6 +37,7 @@ import service.settings
 from batching import BatchProcessor, DeadlineExceeded, Priority
 from classification import DeviceFailed, ImageTooLarge, OutOfMemory, Prediction
 from service import logs, metrics
+from service.protocol import UPLOAD_END_STATE
 from service.settings import Settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME, TaskStoreFailed, WebhookStatus
@@ -1648,6 +1650,20 @@ async def test_a_worker_that_can_start_no_more_threads_still_serves_every_route(
             assert record["status"] == "succeeded", record
         finally:
             monkeypatch.undo()
+
+
+def test_the_deadline_counts_from_the_end_of_the_upload_where_the_protocol_says() -> None:
+    """As REQUEST_TIMEOUT_MS is documented: from the upload's last byte, which the HTTP
+    protocol notes; a handler a busy event loop reached late would otherwise give its
+    request that much more time, and its 504 would come that much late. Without the note
+    (an in-process transport), from now."""
+    service = main.Service(make_settings(request_timeout_ms=10_000))
+    ended_at = time.monotonic() - 4.0
+    noted = Request({"type": "http", "state": {UPLOAD_END_STATE: ended_at}})
+    assert main._deadline(noted, service) == pytest.approx(ended_at + 10.0)
+    before = time.monotonic()
+    unnoted = main._deadline(Request({"type": "http"}), service)
+    assert before + 10.0 <= unnoted <= time.monotonic() + 10.0
 
 
 async def test_a_start_that_fails_by_a_bug_outside_gunicorn_raises_with_its_traceback(

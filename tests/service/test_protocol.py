@@ -51,6 +51,7 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     without reading the body, closing the connection, as a limit, a missing API key or a full
     queue is answered."""
     assert scope["type"] == "http"
+    started_at = time.monotonic()
     STARTED_PATHS.append(scope["path"])
     if scope["path"] in ("/early", "/nowhere"):
         # /nowhere: an answer that keeps the connection, as a 404 to a body does.
@@ -68,7 +69,10 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW_APP_S)
     names = [name.decode("latin-1") for name, _ in scope["headers"]]
-    body = json.dumps({"length": length, "headers": names}).encode()
+    answer: dict[str, object] = {"length": length, "headers": names}
+    if (ended_at := scope.get("state", {}).get(protocol.UPLOAD_END_STATE)) is not None:
+        answer["read_after_s"] = started_at - ended_at
+    body = json.dumps(answer).encode()
     if scope["path"] == "/big":
         body = b" " * BIG_ANSWER_BYTES + body  # still JSON
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -214,6 +218,20 @@ def test_a_request_refused_past_the_pipelining_bound_keeps_the_callers_id(port: 
     refusal = b"HTTP/1.1 " + answer.split(b"HTTP/1.1 ")[-1]
     json_error(refusal, 429)
     assert b"\r\nx-request-id: mine-123\r\n" in refusal
+
+
+def test_a_request_says_when_its_last_byte_arrived_not_when_the_app_read_it(port: int) -> None:
+    """REQUEST_TIMEOUT_MS counts from the end of the upload: a request that waits behind
+    another on its connection (or for a busy event loop) has its time running meanwhile;
+    counted from when the app got to it, its deadline fired that much late."""
+    with connect(port) as connection:
+        connection.sendall(request("/slow", b"ab") + request("/", b"xyz", "Connection: close\r\n"))
+        answer = read_to_close(connection)
+    first, second = (
+        json.loads(part.partition(b"\r\n\r\n")[2]) for part in answer.split(b"HTTP/1.1 ")[1:]
+    )
+    assert 0 <= first["read_after_s"] < 0.5
+    assert second["read_after_s"] >= SLOW_APP_S * 0.9  # it waited for /slow's answer
 
 
 def test_a_bad_chunk_in_a_queued_request_is_answered_under_its_callers_id(port: int) -> None:
