@@ -329,13 +329,8 @@ class TaskStore:
         # own waits for another process's write lock no later than this.
         self.writes_due_by: float | None = None
         try:
-            # The store holds uploads, results, metadata and callback URLs (tokens in their
-            # queries): readable by this user only, whatever the umask. SQLite gives its
-            # -wal and -shm files the database's mode. A directory or file that exists keeps
-            # the mode it has.
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with suppress(OSError):  # sqlite3.connect says what is wrong
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            existed = self.path.exists()
             # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
             self._db = sqlite3.connect(
                 self.path,
@@ -345,6 +340,16 @@ class TaskStore:
             )
         except (OSError, sqlite3.Error) as exc:
             raise self._unavailable(exc) from None
+        if not existed:
+            # The store holds uploads, results, metadata and callback URLs (tokens in their
+            # queries): readable by this user only, whatever the umask. Made so before its
+            # first write, as SQLite gives its -wal and -shm files the database's mode. A
+            # directory or file that exists keeps the mode it has. Not by opening the file
+            # here: closing any descriptor of it drops the locks this process's connections
+            # hold on it (POSIX), and another process, finding itself the last one
+            # connected, would then delete the write-ahead log these still write to.
+            with suppress(OSError):
+                os.chmod(self.path, 0o600)
         try:
             self._refuse_another_programs_database()
             self._configure()

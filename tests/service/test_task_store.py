@@ -14,6 +14,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1517,3 +1519,47 @@ def test_a_full_task_queue_says_how_many_wait_and_the_setting(queued: int, said:
         check_room(queued, queued)
     assert str(full.value) == f"{said}; TASK_MAX_QUEUED allows {queued}"
     check_room(queued - 1, queued)
+
+
+def test_another_process_closing_the_store_leaves_the_write_ahead_log_to_those_open(
+    tmp_path: Path,
+) -> None:
+    """Each worker opens several stores, and an operator may query the file (sqlite3, a
+    backup): none of that may cost a task. A store once opened the file beside SQLite,
+    closing it again, which drops every lock this process's connections held on it; the
+    next other process to close its connection, finding no one else connected,
+    checkpointed the write-ahead log and deleted it, while the open stores went on writing
+    to the deleted file: tasks acknowledged after that were gone at the next start."""
+    first = TaskStore(tmp_path)
+    second = TaskStore(tmp_path)  # as a worker's runner and its API each open one
+    try:
+        add(first, "before")
+        with closing(sqlite3.connect(first.path)) as outside:  # another process's, in effect
+            assert outside.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
+        # Run in a process of its own: SQLite shares one set of locks per file among a
+        # process's connections, which the dropped locks would not show.
+        query = (
+            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+            "print(db.execute('SELECT count(*) FROM tasks').fetchone()[0]); db.close()"
+        )
+        counted = subprocess.run(
+            [sys.executable, "-c", query, str(first.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert counted.stdout.strip() == "1"
+        assert (tmp_path / "tasks.sqlite3-wal").exists(), "the log was deleted under the stores"
+        add(second, "after")
+        counted = subprocess.run(
+            [sys.executable, "-c", query, str(first.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert counted.stdout.strip() == "2", "a task acknowledged by the store is lost"
+    finally:
+        first.close()
+        second.close()
