@@ -29,6 +29,7 @@ from service.settings import (
     load_settings,
     misspelt_settings,
     prepare_metrics_dir,
+    refuse_metrics_path_of_a_file,
     settings_without_effect,
 )
 from service.siblings import (
@@ -165,6 +166,8 @@ def on_starting(server: Arbiter) -> None:
     # would pass for a dead master's. And gunicorn's -e values are in the environment now.
     _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
+    # Before the port is bound; whether the directory takes files is found in when_ready.
+    refuse_metrics_path_of_a_file(PROMETHEUS_DIR)
     _halt_once_for_workers_that_cannot_start(server)
     # gunicorn's -e values are in the environment by now.
     for line in [*misspelt_settings(), *settings_without_effect(settings)]:

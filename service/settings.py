@@ -116,18 +116,23 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
+def refuse_metrics_path_of_a_file(path: Path) -> None:
+    """Stop start-up with one line where ``path`` is a file: no worker could write there."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
+                "metrics: it is a file, not a directory; point it at a directory, or unset it"
+            )
+        )
+
+
 def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
     """Make ``path`` for prometheus_client's multiprocess files and check that it takes
     them, or stop start-up with one line. ``remove_stale``: first delete the metric files
     an earlier run left (``counter_<pid>.db`` and the like), and nothing else: it may be a
     mount, or hold others' files, their own ``.db`` ones among them."""
-    if path.exists() and not path.is_dir():
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"PROMETHEUS_MULTIPROC_DIR={path} cannot hold the metrics: it is a file, "
-                "not a directory"
-            )
-        )
+    refuse_metrics_path_of_a_file(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         if remove_stale:
@@ -308,6 +313,24 @@ class Settings(BaseSettings):
         # A value of blanks alone is a slip (a quoted space), not a name or a secret.
         if isinstance(value, str) and value and not value.strip():
             raise ValueError("is only blanks; leave it unset or empty for the default")
+        return value
+
+    # Checked here as well as where the file is read, so that gunicorn's master stops with
+    # one line before it binds the port and boots workers that would each fail alike.
+    @field_validator("weights")
+    @classmethod
+    def _weights_file_exists(cls, value: str) -> str:
+        if value.strip().lower() not in ("imagenet", "random") and (
+            problem := _not_a_file(Path(value).expanduser())
+        ):
+            raise ValueError(f"{problem}; give a state-dict file, 'imagenet' or 'random'")
+        return value
+
+    @field_validator("labels_file")
+    @classmethod
+    def _labels_file_exists(cls, value: Path) -> Path:
+        if problem := _not_a_file(value):
+            raise ValueError(f"{problem}; give a text file with one class name a line")
         return value
 
     @field_validator("api_key")
@@ -498,6 +521,15 @@ def settings_without_effect(
             f"MAX_WAIT_MS applies to BATCH_POLICY=timeout only, and is ignored: the "
             f"{settings.batch_policy} policy never waits for a batch to fill"
         )
+    if (
+        settings.batch_policy == BatchPolicy.TIMEOUT
+        and settings.max_wait_ms >= settings.request_timeout_ms
+    ):
+        lines.append(
+            f"MAX_WAIT_MS={settings.max_wait_ms:g} is not shorter than REQUEST_TIMEOUT_MS="
+            f"{settings.request_timeout_ms:g}: a lone request waits until just before its "
+            "deadline, and gets a 504 whenever its batch runs slower than expected"
+        )
     threads = (settings.torch_threads or 0) * settings.workers
     if threads > (cores := available_cores()):
         lines.append(
@@ -516,6 +548,19 @@ def _listening_host(value: str) -> str | None:
     except ValueError:
         return text if text.lower() == "localhost" else None
     return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What is wrong where ``path`` should be a file, if plainly so; None where it may be
+    one (a permission error is left to the reader of the file, which says so)."""
+    try:
+        is_directory = path.is_dir()
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError:
+        return None
+    return "is a directory" if is_directory else None
 
 
 def load_settings() -> Settings:

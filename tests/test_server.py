@@ -792,8 +792,22 @@ def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: P
     assert output.count("Reason: Worker failed to boot.") == 1
 
 
-def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> None:
-    env = server_env(tmp_path, MAX_BATCH_SIZE="0", DEVICE="gpu")
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE='0'"),
+        ("DEVICE", "gpu", "DEVICE='gpu'"),
+        ("WEIGHTS", "{tmp}/missing.pth", "does not exist; give a state-dict file"),
+        ("LABELS_FILE", "{tmp}/missing.txt", "does not exist; give a text file"),
+        ("PROMETHEUS_MULTIPROC_DIR", "{tmp}/a-file", "it is a file, not a directory"),
+    ],
+)
+def test_invalid_settings_stop_gunicorn_before_it_listens(
+    setting: str, value: str, says: str, tmp_path: Path
+) -> None:
+    """One line, before the port is bound and workers boot, each to fail alike."""
+    (tmp_path / "a-file").write_text("a file")
+    env = server_env(tmp_path, **{setting: value.format(tmp=tmp_path)})
     result = subprocess.run(
         gunicorn_command(free_port()),
         cwd=PROJECT_ROOT,
@@ -802,10 +816,11 @@ def test_invalid_settings_stop_gunicorn_with_a_clear_message(tmp_path: Path) -> 
         text=True,
         timeout=60,
     )
-    assert result.returncode != 0
-    assert "invalid configuration" in result.stderr
-    assert "MAX_BATCH_SIZE='0'" in result.stderr
-    assert "DEVICE='gpu'" in result.stderr
+    assert result.returncode == 1, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
+    assert setting in line
+    assert says in line
+    assert "Listening at" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -44,8 +44,8 @@ def test_a_metrics_dir_that_cannot_be_made_is_one_line_outside_gunicorn(tmp_path
     imported = import_metrics(tmp_path / "taken")
     assert imported.returncode != 0
     assert imported.stderr.strip().splitlines() == [
-        f"PROMETHEUS_MULTIPROC_DIR={tmp_path / 'taken'} cannot hold the metrics: it is a file, "
-        "not a directory"
+        f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={tmp_path / 'taken'} cannot hold the "
+        "metrics: it is a file, not a directory; point it at a directory, or unset it"
     ]
 
 

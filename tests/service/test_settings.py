@@ -349,3 +349,56 @@ def test_valid_settings_that_change_nothing_or_slow_the_service_are_warned_of(
     timeout = Settings(batch_policy="timeout", torch_threads=1, workers=2)
     assert settings_without_effect(timeout, {"max_wait_ms": "50"}) == []
     assert settings_without_effect(Settings(), {"MAX_WAIT_MS": " "}) == []
+
+
+def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
+    """Under the timeout policy a lone request then waits until just before its deadline:
+    a batch slower than its estimate (threads gone cold over the wait) made it a 504 after
+    the model had run it."""
+    waits_out = Settings(batch_policy="timeout", max_wait_ms=2000, request_timeout_ms=600)
+    assert settings_without_effect(waits_out, {"MAX_WAIT_MS": "2000"}) == [
+        "MAX_WAIT_MS=2000 is not shorter than REQUEST_TIMEOUT_MS=600: a lone request waits "
+        "until just before its deadline, and gets a 504 whenever its batch runs slower than "
+        "expected"
+    ]
+    shorter = Settings(batch_policy="timeout", max_wait_ms=50, request_timeout_ms=600)
+    assert settings_without_effect(shorter, {"MAX_WAIT_MS": "50"}) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "says"),
+    [
+        (
+            "WEIGHTS",
+            "missing.pth",
+            "does not exist; give a state-dict file, 'imagenet' or 'random'",
+        ),
+        ("WEIGHTS", ".", "is a directory; give a state-dict file"),
+        (
+            "LABELS_FILE",
+            "missing.txt",
+            "does not exist; give a text file with one class name a line",
+        ),
+        ("LABELS_FILE", ".", "is a directory; give a text file"),
+    ],
+)
+def test_a_file_setting_that_names_no_file_is_refused(
+    name: str,
+    path: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, str(tmp_path / path))
+    line = refusal(monkeypatch, capsys)
+    assert f"{name}='{tmp_path / path}': {says}" in line
+
+
+def test_a_weights_file_that_exists_is_left_to_the_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether it holds weights, and can be read, is the model loader's to say."""
+    (tmp_path / "weights.pth").write_bytes(b"not checked here")
+    monkeypatch.setenv("WEIGHTS", str(tmp_path / "weights.pth"))
+    assert load_settings().weights == str(tmp_path / "weights.pth")
