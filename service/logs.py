@@ -36,6 +36,10 @@ SERVICE_LOGGERS = ("service", "batching", "classification")
 # warnings (Pillow's about a corrupt EXIF block) and python-multipart's about a malformed
 # body. Warnings and above only: their debug lines are of no use to an operator.
 LIBRARY_LOGGERS = ("py.warnings", "python_multipart")
+# Of those, the ones whose warnings are a caller's mistake that the answer's access line
+# already gives (a malformed body): written at LOG_LEVEL=debug only, so that no client can
+# fill the log with WARNING lines.
+CALLERS_MISTAKES_LOGGERS = ("python_multipart",)
 # The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(message)s"
@@ -353,9 +357,12 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
         named = logging.getLogger(name)
         named.handlers = [handler]
         service_level = logging.getLevelNamesMapping()[level.upper()]
-        named.setLevel(
-            service_level if name in SERVICE_LOGGERS else max(service_level, logging.WARNING)
-        )
+        if name in SERVICE_LOGGERS:
+            named.setLevel(service_level)
+        elif name in CALLERS_MISTAKES_LOGGERS and service_level > logging.DEBUG:
+            named.setLevel(logging.ERROR)
+        else:
+            named.setLevel(max(service_level, logging.WARNING))
         named.propagate = False
     # Independent of LOG_LEVEL: ACCESS_LOG alone turns the access lines off.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)

@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
-from service.protocol import REFUSED_STATE, REQUEST_ID_STATE
+from service.protocol import REFUSED_STATE, REQUEST_ID_STATE, REQUEST_START_STATE
 
 REQUEST_ID_HEADER = "x-request-id"
 # Seconds a client told that the server is busy (503) waits before it tries again.
@@ -53,8 +53,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        started = time.perf_counter()
         state = scope.setdefault("state", {})
+        # From the request's first byte where the HTTP protocol noted it (not under plain
+        # uvicorn's own).
+        started = state.get(REQUEST_START_STATE, time.monotonic())
         # The HTTP protocol may have answered already (bytes of the body it could not
         # parse), under the id it chose.
         request_id = state.get(REQUEST_ID_STATE) or logs.request_id_for(
@@ -131,7 +133,7 @@ class RequestContextMiddleware:
                 scope, receive, send_with_id
             )
         finally:
-            elapsed_s = time.perf_counter() - started
+            elapsed_s = time.monotonic() - started
             client = scope.get("client")
             if (refused := state.get(REFUSED_STATE)) is not None:
                 # What the caller was told, not the disconnect the app saw as it closed.
@@ -378,6 +380,14 @@ class BodyLimitsMiddleware:
                         raise HTTPException(
                             413, self.describe_part(self.part_limit_bytes), headers=unread
                         )
+                    if parts.unnamed:
+                        raise HTTPException(
+                            400,
+                            "a part of the multipart body has no name in its "
+                            "Content-Disposition header; send the image as the form field "
+                            "'file' (curl -F file=@photo.jpg)",
+                            headers=unread,
+                        )
                     if parts.not_utf8 is not None:
                         raise HTTPException(
                             400,
@@ -430,6 +440,8 @@ class _PartSizes:
         self.malformed = False
         # The name of a plain field whose value is not UTF-8, once one is met.
         self.not_utf8: str | None = None
+        # A part with no name in its Content-Disposition, once one is met.
+        self.unnamed = False
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
@@ -453,7 +465,13 @@ class _PartSizes:
         self._parser.logger = _UNLOGGED
 
     def feed(self, chunk: bytes) -> None:
-        if self.ended or self.malformed or self.too_large or self.not_utf8 is not None:
+        if (
+            self.ended
+            or self.malformed
+            or self.too_large
+            or self.unnamed
+            or self.not_utf8 is not None
+        ):
             return
         try:
             self._parser.write(chunk)
@@ -483,6 +501,11 @@ class _PartSizes:
         # text; "file" sent so is an image the app answers for (send it as a file).
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("latin-1")
+        if not name:
+            # Found here, so that the answer says so whatever the part's bytes: the app's
+            # parser says it of the ASCII ones only, and its message names no fix.
+            self.unnamed = True
+            return
         if b"filename" not in options and b"filename*" not in options and name != "file":
             self._text = codecs.getincrementaldecoder("utf-8")()
             self._field_name = name

@@ -67,7 +67,8 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 # the disconnect the app sees.
 REQUEST_ID_STATE = "request_id"
 REFUSED_STATE = "refused_by_server"
-# Another: when the request's last byte arrived (``time.monotonic()``).
+# Others: when the request's first byte and its last arrived (``time.monotonic()``).
+REQUEST_START_STATE = "request_started_at"
 UPLOAD_END_STATE = "upload_ended_at"
 # Below this open-file limit, a worker's connections may run out of descriptors under load.
 LOW_OPEN_FILE_LIMIT = 4096
@@ -163,6 +164,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._pending_refusal: tuple[int, str, str | None] | None = None
         self._message_began_at: float | None = None  # the latest message's first byte
+        self._request_started_at = 0.0  # the same, by time.monotonic()
         self._message_open = False
         self._body_read = False
         self._idle_deadline: float | None = None
@@ -338,6 +340,7 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_began_at = self.loop.time()
+        self._request_started_at = time.monotonic()
         self._messages_begun += 1
         self._in_head = True
         self._head_bytes = 0
@@ -383,6 +386,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = False
         super().on_headers_complete()
         if self.cycle is not None:
+            # A request's duration counts from here, not from when a busy event loop, or
+            # the requests before it on the connection, let the app begin it.
+            self.cycle.scope.setdefault("state", {})[REQUEST_START_STATE] = self._request_started_at
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
             if self._last_request:
                 self.cycle.keep_alive = False

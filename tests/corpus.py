@@ -456,6 +456,24 @@ def build_corpus(photo_path: Path) -> list[Case]:
             [("file", f"{i}.jpg", b"x", "image/jpeg") for i in range(MANY_PARTS)],
         ),
         raw_multipart("no-parts", 422, "file: Field required", []),
+        # The image's bytes are no UTF-8: once read as a plain field of no name.
+        Case(
+            "part-without-content-disposition",
+            400,
+            "a part of the multipart body has no name in its Content-Disposition header",
+            content=(
+                unnamed := f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+                + jpeg
+                + f"\r\n--{BOUNDARY}--\r\n".encode()
+            ),
+            headers=multipart_headers(unnamed),
+        ),
+        raw_multipart(
+            "part-with-empty-name",
+            400,
+            "has no name in its Content-Disposition header; send the image as the form field",
+            [("", "photo.jpg", jpeg, "image/jpeg")],
+        ),
         # FastAPI's own message here names a Python type ("<class 'str'>"); the service's does not.
         raw_multipart(
             "file-as-plain-field", 422, "plain form field", [("file", None, b"hi", None)]
