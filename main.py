@@ -33,6 +33,7 @@ import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1635,6 +1636,20 @@ def _has_route(app: FastAPI, path: str) -> bool:
     return matching_route(app, {"type": "http", "path": path, "method": "GET"}) is not None
 
 
+def _routes_taking_ids(app: FastAPI, prefix: str) -> list[str]:
+    """The routes whose path is ``prefix`` followed by a parameter, as /task-status/{task_id}."""
+    paths = (route.path for route in app.routes if isinstance(route, APIRoute))
+    return list(
+        dict.fromkeys(  # a path served for GET and HEAD is two routes
+            path
+            for path in paths
+            if path.startswith(prefix)
+            and path[len(prefix) :].startswith("{")
+            and "/" not in path[len(prefix) :]
+        )
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
@@ -1667,6 +1682,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"no route {shown}"
         if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
             detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
+        elif (
+            len(path) <= 200
+            and path.endswith("/")
+            and (taking := _routes_taking_ids(request.app, path))
+        ):
+            # /task-status/ with the id left out.
+            detail += f"; the route is {' or '.join(taking)}"
     if exc.status_code == 400 and str(detail) in _MULTIPART_ERRORS:
         detail = _MULTIPART_ERRORS[str(detail)]
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):

@@ -2521,6 +2521,11 @@ async def test_a_trailing_slash_is_a_404_that_names_the_route(photos: list[Path]
         assert response.json()["detail"].endswith(
             f"the route is /task-status/{task_id}, without the trailing slash"
         )
+        response = await served.client.get("/task-status/")
+        assert response.status_code == 404
+        assert response.json() == {
+            "detail": "no route /task-status/; the route is /task-status/{task_id}"
+        }
         response = await served.client.get("/nowhere")
         assert response.json() == {"detail": "no route /nowhere"}
         response = await served.client.get(f"/task-status/{'a' * 60_000}/")
