@@ -30,7 +30,7 @@ from service.settings import (
     misspelt_settings,
     prepare_metrics_dir,
     refuse_metrics_path_of_a_file,
-    settings_without_effect,
+    settings_to_warn_of,
 )
 from service.siblings import (
     RUN_DIRECTORY_PREFIX,
@@ -39,6 +39,7 @@ from service.siblings import (
     process_alive,
     run_directory,
 )
+from service.task_runner import STOP_AFTER_DRAIN_MAX_S
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -117,7 +118,8 @@ timeout = settings.worker_timeout_s
 # SIGTERM: stop accepting, let accepted requests finish (DRAIN_TIMEOUT_S), hand running
 # tasks back (up to 9 s with the task store locked by another process), then exit; the
 # margin covers that and the worker's own exit.
-graceful_timeout = math.ceil(settings.drain_timeout_s) + 10
+SHUTDOWN_MARGIN_S = math.ceil(STOP_AFTER_DRAIN_MAX_S) + 1
+graceful_timeout = math.ceil(settings.drain_timeout_s) + SHUTDOWN_MARGIN_S
 # A reverse proxy's upstream keepalive timeout must be shorter than this, so the proxy
 # never sends a request on a connection the service is closing.
 keepalive = settings.keepalive_s
@@ -170,7 +172,7 @@ def on_starting(server: Arbiter) -> None:
     refuse_metrics_path_of_a_file(PROMETHEUS_DIR)
     _halt_once_for_workers_that_cannot_start(server)
     # gunicorn's -e values are in the environment by now.
-    for line in [*misspelt_settings(), *settings_without_effect(settings)]:
+    for line in [*misspelt_settings(), *settings_to_warn_of(settings)]:
         server.log.warning(line)
     # gunicorn's default worker count, which platforms set by machine size; not refused, so
     # that such a platform still starts, but this file's WORKERS is what runs.
@@ -214,7 +216,7 @@ def _refuse_flags_that_override_settings(cfg: Config) -> None:
             cfg.graceful_timeout,
             graceful_timeout,
             "DRAIN_TIMEOUT_S",
-            " (the graceful timeout is DRAIN_TIMEOUT_S + 10 s)",
+            f" (the graceful timeout is DRAIN_TIMEOUT_S + {SHUTDOWN_MARGIN_S} s)",
         ),
     )
     overridden = [

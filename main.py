@@ -105,7 +105,7 @@ from service.schemas import (
     error_responses,
     task_response,
 )
-from service.settings import Settings, load_settings, misspelt_settings, settings_without_effect
+from service.settings import Settings, load_settings, misspelt_settings, settings_to_warn_of
 from service.siblings import Siblings
 from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
@@ -115,9 +115,8 @@ from service.task_fields import (
     parse_metadata,
     valid_task_id,
 )
-from service.task_runner import RunnerConfig, RunnerStopped, TaskRunner
+from service.task_runner import TASK_STOP_GRACE_S, RunnerConfig, RunnerStopped, TaskRunner
 from service.tasks import (
-    BUSY_TIMEOUT_MS,
     DATABASE_NAME,
     ClaimedTask,
     IdempotencyKeyReused,
@@ -147,6 +146,7 @@ T = TypeVar("T")
 # The model's routes: a model served in classification's place renames them here.
 CLASSIFY_ROUTE = "/cls"
 CLASSIFY_BATCH_ROUTE = "/cls/batch"
+TASKS_ROUTE = "/tasks"
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
@@ -154,8 +154,6 @@ SHUTTING_DOWN = "the server is shutting down; retry"
 DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# After the batcher drained, how long running tasks get to store their results.
-TASK_STOP_GRACE_S = 5.0
 # How long a batch of tasks waits for their attempts to be on disk before the model runs
 # them: a few milliseconds normally (one fsync); bounded, for a store locked by another
 # process, since /cls requests queue behind the batch.
@@ -380,15 +378,6 @@ class Service:
             )
         await self._start_decode_threads()
         self.classifier = classifier
-        if settings.task_lease_s < BUSY_TIMEOUT_MS / 1000:
-            logger.warning(
-                "TASK_LEASE_S=%g is shorter than the %g s a write may wait for another "
-                "process's lock on the task store: while the store is busy (large images "
-                "submitted to several workers), a live worker's tasks may be taken over and "
-                "run twice",
-                settings.task_lease_s,
-                BUSY_TIMEOUT_MS / 1000,
-            )
         metrics.record_model(
             "resnet18",
             str(classifier.device),
@@ -441,7 +430,8 @@ class Service:
         if trim is not None:
             await asyncio.to_thread(trim)  # what the warm-up's batches freed
             self._trimmer = asyncio.create_task(
-                memory.IdleTrimmer(self._idle_for_trimming, trim).run()
+                memory.IdleTrimmer(self._idle_for_trimming, trim).run(),
+                name="returning freed memory when idle",
             )
             self._trimmer.add_done_callback(_log_failure)
         if self.failure() is None:
@@ -918,7 +908,7 @@ class Service:
             if full is not None and path == CLASSIFY_ROUTE:
                 self._observer.item_finished(Outcome.REJECTED)
             return full
-        if path == "/tasks" and self._submissions_in_progress >= self.settings.max_queue:
+        if path == TASKS_ROUTE and self._submissions_in_progress >= self.settings.max_queue:
             return self._submissions_full()
         return None
 
@@ -1021,7 +1011,8 @@ class Service:
             )
         except DeviceFailed as exc:
             # torch's CUDA errors go on with lines of debugging hints.
-            reason = str(exc).strip().splitlines()[0]
+            # The first line, or the error's name: another model package's may be empty.
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             self._model_failed(ModelFailure("device failed", "the model's device failed", reason))
             # Fails the batch whole, unsplit: no request in it is at fault.
             raise Stopped(str(exc)) from exc
@@ -1150,9 +1141,8 @@ def _preprocess_if_small(file: BinaryIO, max_pixels: int, reduced_jpeg: bool) ->
     try:
         return _preprocess(data, SMALL_IMAGE_MAX_PIXELS, reduced_jpeg)
     except ImageTooLarge as exc:
-        # Another model package's ImageTooLarge may not say how many pixels it needs: then
-        # the decode threads for large images decode it, and refuse it if it is too large.
-        if getattr(exc, "pixels_needed", 0) > max_pixels:
+        # pixels_needed is infinite where no pixel limit would let the image pass.
+        if exc.pixels_needed > max_pixels:
             # Refused whatever thread decodes it: refused now, from its header, with the
             # message for MAX_IMAGE_PIXELS, not after large images' decodes at its deadline.
             return _preprocess(data, max_pixels, reduced_jpeg)
@@ -1182,17 +1172,13 @@ async def _one_file_named_file(request: Request) -> None:
     An empty file part under another name (a browser form's file input left empty) is no
     image, and is ignored. Runs before the form's fields are validated."""
     form = await request.form()  # parsed already, with the route's limits, and kept
-    if request.url.path == "/tasks" and any(
+    if request.url.path == TASKS_ROUTE and any(
         name in ("metadata", "callback_url") and isinstance(part, StarletteUploadFile)
         for name, part in form.multi_items()
     ):  # even empty: the advice to send them as plain fields is the answer
         raise StarletteHTTPException(400, _takes_one_file(request.url.path))
     entries = form.getlist("file")
-    images_elsewhere = [
-        name
-        for name, part in form.multi_items()
-        if name != "file" and isinstance(part, StarletteUploadFile) and part.size
-    ]
+    images_elsewhere = _images_not_named_file(form)
     images_named_file = sum(
         isinstance(entry, StarletteUploadFile) and bool(entry.size) for entry in entries
     )
@@ -1208,15 +1194,25 @@ async def _one_file_named_file(request: Request) -> None:
         raise RequestValidationError([{"loc": ("body", "file"), "msg": message}])
     if images_elsewhere:  # and no image named "file"
         message = "a file under another name than 'file'; send the image as a part named 'file'"
-        name = _shortened(images_elsewhere[0], 64)
+        name = logs.shortened(images_elsewhere[0], 64)
         raise RequestValidationError([{"loc": ("body", name), "msg": message}])
+
+
+def _images_not_named_file(form: FormData) -> list[str]:
+    """The names of the form's non-empty file parts not named ``file`` (an empty one is a
+    browser form's file input left empty, no image)."""
+    return [
+        name
+        for name, part in form.multi_items()
+        if name != "file" and isinstance(part, StarletteUploadFile) and part.size
+    ]
 
 
 def _takes_one_file(path: str) -> str:
     """What /cls and /tasks say to a form of several images."""
-    if path == "/tasks":
+    if path == TASKS_ROUTE:
         return (
-            "/tasks takes one file, the `file` part (submit a task for each image); "
+            f"{TASKS_ROUTE} takes one file, the `file` part (submit a task for each image); "
             "send `metadata` and `callback_url` as plain fields, not files "
             "(curl -F 'metadata=<m.json', not -F metadata=@m.json)"
         )
@@ -1240,7 +1236,9 @@ def _top_k(request: Request, requested: int | None) -> int:
         if name != "top_k" and "".join(filter(str.isalnum, name.lower())) == "topk":
             # Ignored, it would answer with the default number of classes without a word.
             message = "is not a parameter of this route; did you mean top_k?"
-            raise RequestValidationError([{"loc": ("query", _shortened(name, 64)), "msg": message}])
+            raise RequestValidationError(
+                [{"loc": ("query", logs.shortened(name, 64)), "msg": message}]
+            )
     return _service(request).top_k(requested)
 
 
@@ -1312,8 +1310,8 @@ def _refuse_what_the_form_would_ignore(form: FormData) -> None:
         if encoding not in ("binary", "8bit", "7bit"):
             raise StarletteHTTPException(
                 400,
-                f"the part '{_shortened(name, 64)}' is sent with Content-Transfer-Encoding "
-                f"{_shortened(encoding, 32)}, which is not decoded: send the file's bytes as "
+                f"the part '{logs.shortened(name, 64)}' is sent with Content-Transfer-Encoding "
+                f"{logs.shortened(encoding, 32)}, which is not decoded: send the file's bytes as "
                 "they are, with no such header (RFC 7578)",
             )
 
@@ -1351,14 +1349,11 @@ async def classify_batch(
     form = await request.form()  # parsed already, for ``file``
     _refuse_what_the_form_would_ignore(form)
     # Any would be left out of the answer, and the caller miss an image it sent.
-    stray = [
-        name
-        for name, part in form.multi_items()
-        if name != "file" and isinstance(part, StarletteUploadFile) and part.size
-    ]
-    if stray:
+    if stray := _images_not_named_file(form):
         message = "a file under another name than 'file'; send each image as a part named 'file'"
-        raise RequestValidationError([{"loc": ("body", _shortened(stray[0], 64)), "msg": message}])
+        raise RequestValidationError(
+            [{"loc": ("body", logs.shortened(stray[0], 64)), "msg": message}]
+        )
     uploads = [part for part in form.getlist("file") if isinstance(part, StarletteUploadFile)]
     if not uploads:
         raise RequestValidationError(
@@ -1443,7 +1438,7 @@ async def submit_task(
         and not (isinstance(value, StarletteUploadFile) and not value.size)
     ]:
         raise InvalidTaskField(
-            f"unknown form field {_shortened(unknown[0], 64)!r}; "
+            f"unknown form field {logs.shortened(unknown[0], 64)!r}; "
             f"a task takes {', '.join(TASK_FORM_FIELDS)}"
         )
     for name in ("callback_url", "metadata"):
@@ -1621,11 +1616,6 @@ _MULTIPART_ERRORS = {
 }
 
 
-def _shortened(text: str, length: int) -> str:
-    """``text`` as an error message quotes it: a client's path or header may be long."""
-    return text if len(text) <= length else text[:length] + "..."
-
-
 def _no_thread(error: BaseException | None) -> bool:
     """Whether ``error`` is Python's for a thread the system would not start (at a limit
     of threads or memory), not another RuntimeError: a bug's keeps its 400 and traceback."""
@@ -1678,7 +1668,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     if exc.status_code == 404 and detail == "Not Found":
         path = request.url.path
-        shown = _shortened(path, 200)
+        shown = logs.shortened(path, 200)
         detail = f"no route {shown}"
         if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
             detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
@@ -1709,7 +1699,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             # bytes read as many fields.
             detail = f"file: Field required; {_send_as_multipart(content_type)}"
             return JSONResponse({"detail": detail}, status_code=422)
-        takes = "file, callback_url and metadata" if request.url.path == "/tasks" else "file"
+        takes = "file"
+        if request.url.path == TASKS_ROUTE:
+            takes = f"{', '.join(TASK_FORM_FIELDS[:-1])} and {TASK_FORM_FIELDS[-1]}"
         detail = (
             f"more than {match[1]} plain form fields; {request.url.path} takes {takes} "
             "(top_k is a query parameter)"
@@ -1721,7 +1713,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         allowed = ", ".join(sorted(_allowed_methods(request)))
         headers = {**(headers or {}), "Allow": allowed}
         path = request.url.path
-        shown = _shortened(path, 200)
+        shown = logs.shortened(path, 200)
         detail = f"{request.method} is not allowed on {shown}; it takes {allowed}"
         if shown == path and path.startswith("/tasks/") and request.method in ("GET", "HEAD"):
             detail += f"; a task's status is at /task-status/{path.removeprefix('/tasks/')}"
@@ -1754,7 +1746,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _send_as_multipart(content_type: str) -> str:
-    shown = _shortened(content_type, 100)
+    shown = logs.shortened(content_type, 100)
     return (
         "send the image as a multipart/form-data part named 'file' "
         f"(curl -F file=@image.jpg), not as a body of type {shown or '(none)'}"
@@ -1821,7 +1813,7 @@ def create_app(settings: Settings) -> FastAPI:
             # WORKERS is gunicorn's: a process of uvicorn's shares the cores with the workers
             # its command line started, if any.
             own = settings.model_copy(update={"workers": uvicorn_workers()})
-            for line in settings_without_effect(own):
+            for line in settings_to_warn_of(own):
                 logger.warning("%s", line)
             if own.workers > 1:
                 logger.warning(
@@ -1844,7 +1836,7 @@ def create_app(settings: Settings) -> FastAPI:
             foreseen = isinstance(exc, (ModelLoadError, TaskStoreUnavailable, ThreadsUnavailable))
             if not foreseen and siblings is None:
                 raise  # uvicorn, or a test, shows it with its traceback as it stops
-            reason = exc if foreseen else f"an unexpected error ({_shortened(repr(exc), 300)})"
+            reason = exc if foreseen else f"an unexpected error ({logs.shortened(repr(exc), 300)})"
             others_serve = siblings is not None and siblings.others_serving()
             pause_s = 0.0
             if siblings is not None and others_serve:
@@ -1885,12 +1877,12 @@ def create_app(settings: Settings) -> FastAPI:
     body_limits = {
         CLASSIFY_ROUTE: upload_limit,
         CLASSIFY_BATCH_ROUTE: upload_limit * settings.max_batch_files,
-        "/tasks": upload_limit + settings.task_metadata_max_bytes + webhooks.MAX_URL_CHARS,
+        TASKS_ROUTE: upload_limit + settings.task_metadata_max_bytes + webhooks.MAX_URL_CHARS,
     }
     # Starlette caps a plain form field at 1 MiB by default, answering 400 with a message
     # that names no setting. The body limits bound a field already, so a field too long, or
     # of the wrong kind, gets the answer that names what is wrong with it.
-    max_part_bytes = max(body_limits[CLASSIFY_ROUTE], body_limits["/tasks"])
+    max_part_bytes = max(body_limits[CLASSIFY_ROUTE], body_limits[TASKS_ROUTE])
     # /cls and /tasks: empty file parts beside the image are let through, and ignored; a
     # second image is refused by their dependency.
     one_image_form = {"max_files": 8, "max_fields": 8, "max_part_size": max_part_bytes}
@@ -1938,7 +1930,7 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["classification"],
     )
     app.add_api_route(
-        "/tasks",
+        TASKS_ROUTE,
         submit_task,
         methods=["POST"],
         status_code=202,

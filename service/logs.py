@@ -257,6 +257,12 @@ def _shown_client(client: str) -> str:
     return client
 
 
+def shortened(text: str, most: int) -> str:
+    """``text`` as a message quotes it, cut to ``most`` characters and "...": a client's
+    path or header, or another server's answer, may be long."""
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def shown_path(path: str) -> str:
     """A request's path on a text line: as it is, or quoted where it holds a blank, a quote
     or an unprintable character. It arrives percent-decoded: "/x%0aFORGED" must not start

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batching import BatchConfig, BatchPolicy
 from service import logs
+from service.tasks import BUSY_TIMEOUT_MS, network_file_system_warning
 
 SQLITE_MAX_LENGTH = 1_000_000_000
 # Room for the rest of a task image's row: its id, and SQLite's record header.
@@ -509,11 +510,10 @@ def misspelt_settings(environ: Mapping[str, str] = os.environ) -> list[str]:
     return lines
 
 
-def settings_without_effect(
-    settings: Settings, environ: Mapping[str, str] = os.environ
-) -> list[str]:
-    """A line for each setting given whose value changes nothing, or slows the service
-    where its user would expect it to help: valid values, so they are not refused."""
+def settings_to_warn_of(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each setting given whose value changes nothing, slows the service where
+    its user would expect it to help, or puts tasks at risk: valid values, so they are not
+    refused."""
     given = {key.upper() for key, value in environ.items() if value.strip()}
     lines = []
     if "MAX_WAIT_MS" in given and settings.batch_policy != BatchPolicy.TIMEOUT:
@@ -530,6 +530,15 @@ def settings_without_effect(
             f"{settings.request_timeout_ms:g}: a lone request waits until just before its "
             "deadline, and gets a 504 whenever its batch runs slower than expected"
         )
+    if settings.task_lease_s < BUSY_TIMEOUT_MS / 1000:
+        lines.append(
+            f"TASK_LEASE_S={settings.task_lease_s:g} is shorter than the "
+            f"{BUSY_TIMEOUT_MS / 1000:g} s a write may wait for another process's lock on the "
+            "task store: while the store is busy (large images submitted to several workers), "
+            "a live worker's tasks may be taken over and run twice"
+        )
+    if (warning := network_file_system_warning(settings.data_dir)) is not None:
+        lines.append(warning)
     threads = (settings.torch_threads or 0) * settings.workers
     if threads > (cores := available_cores()):
         lines.append(

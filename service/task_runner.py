@@ -54,6 +54,10 @@ WRITE_ANSWER_MARGIN_S = 1.0
 # worker hands back what it holds, or logs that it could not, before it is killed.
 WRITES_AFTER_GRACE_S = 1.5
 HAND_BACK_LOCK_WAIT_S = 2.5
+# After the batcher drained, how long running tasks get to store their results.
+TASK_STOP_GRACE_S = 5.0
+# The longest a worker's stop takes after its drain: gunicorn's graceful_timeout covers it.
+STOP_AFTER_DRAIN_MAX_S = TASK_STOP_GRACE_S + WRITES_AFTER_GRACE_S + HAND_BACK_LOCK_WAIT_S
 # The clean-up's pause between its writes: longer than SQLite's busy handler sleeps between
 # tries for the lock (100 ms at most), so each process waiting for it gets in.
 CLEAN_UP_PAUSE_S = 0.15

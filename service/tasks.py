@@ -142,6 +142,42 @@ def check_room(queued: int, max_queued: int) -> None:
         raise TaskQueueFull(f"{waiting} already waiting; TASK_MAX_QUEUED allows {max_queued}")
 
 
+# File systems whose locks SQLite cannot rely on: processes sharing a store on one may
+# both write, or delete the write-ahead log under each other.
+NETWORK_FILE_SYSTEMS = frozenset(
+    {
+        *("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "afs"),
+        *("fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.glusterfs", "fuse.rclone"),
+    }
+)
+
+
+def network_file_system_warning(
+    data_dir: Path, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> str | None:
+    """A line to warn with where ``data_dir`` (or, before it is made, the nearest folder
+    above it) is on a network file system; None elsewhere, or where Linux does not say."""
+    existing = data_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        device = existing.stat().st_dev
+        mounts = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for mount in mounts:
+        fields, _, described = mount.partition(" - ")
+        if fields.split()[2:3] == [wanted] and described:
+            file_system = described.split()[0]
+            if file_system in NETWORK_FILE_SYSTEMS:
+                return (
+                    f"DATA_DIR={data_dir} is on a network file system ({file_system}), whose locks "
+                    "SQLite cannot rely on: tasks may be lost or run twice; use a local disk"
+                )
+    return None
+
+
 def check_disk_room(directory: Path, incoming_bytes: int = 0) -> None:
     """Raise ``TaskQueueFull`` when storing ``incoming_bytes`` would leave less than
     ``DISK_RESERVE_BYTES`` free on the disk holding ``directory``."""

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from service import logs
+
 MAX_URL_CHARS = 2048
 # One per delivery a worker runs at once (``RunnerConfig.webhook_capacity``), started as
 # needed: a host whose lookups hang holds up other receivers' deliveries only while more
@@ -557,14 +559,10 @@ def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
         # its submitter reads.
         message = message.partition(":")[0]
     if message:
-        return f"{type(exc).__name__}: {_cut(message, DESCRIBED_ERROR_MAX_CHARS)}"
+        return f"{type(exc).__name__}: {logs.shortened(message, DESCRIBED_ERROR_MAX_CHARS)}"
     if isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError):
         return f"{type(exc).__name__}: the receiver closed or reset the connection"
     return type(exc).__name__
-
-
-def _cut(text: str, most: int) -> str:
-    return text if len(text) <= most else text[:most] + "..."
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -519,7 +519,11 @@ def test_a_metrics_dir_that_cannot_be_made_stops_start_up_with_one_line(
     line = str(stopped.value)
     assert "\n" not in line
     message = json.loads(line)["message"] if log_format == "json" else line
-    assert re.match(r"PROMETHEUS_MULTIPROC_DIR=.+ cannot hold the metrics: it is a file", message)
+    assert re.match(
+        r"invalid configuration: PROMETHEUS_MULTIPROC_DIR=.+ cannot hold the metrics: it is a "
+        r"file, not a directory; point it at a directory",
+        message,
+    )
 
 
 def test_a_batch_request_must_fit_the_queue(

@@ -16,7 +16,7 @@ from service.settings import (
     Settings,
     load_settings,
     misspelt_settings,
-    settings_without_effect,
+    settings_to_warn_of,
 )
 
 SET_EMPTY = (
@@ -335,7 +335,7 @@ def test_valid_settings_that_change_nothing_or_slow_the_service_are_warned_of(
     """MAX_WAIT_MS under the adaptive policy, which never waits for a batch to fill, and
     more torch threads than cores (1024 on 2: a batch of one took 488 ms against 18 ms)."""
     monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
-    lines = settings_without_effect(
+    lines = settings_to_warn_of(
         Settings(torch_threads=1024), {"MAX_WAIT_MS": "500", "TORCH_THREADS": "1024"}
     )
     assert lines == [
@@ -345,10 +345,10 @@ def test_valid_settings_that_change_nothing_or_slow_the_service_are_warned_of(
         "may use: they take turns on the cores, and every batch slows (left unset, the cores "
         "are shared out)",
     ]
-    assert settings_without_effect(Settings(workers=2, torch_threads=2), {}) != []
+    assert settings_to_warn_of(Settings(workers=2, torch_threads=2), {}) != []
     timeout = Settings(batch_policy="timeout", torch_threads=1, workers=2)
-    assert settings_without_effect(timeout, {"max_wait_ms": "50"}) == []
-    assert settings_without_effect(Settings(), {"MAX_WAIT_MS": " "}) == []
+    assert settings_to_warn_of(timeout, {"max_wait_ms": "50"}) == []
+    assert settings_to_warn_of(Settings(), {"MAX_WAIT_MS": " "}) == []
 
 
 def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
@@ -356,13 +356,13 @@ def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
     a batch slower than its estimate (threads gone cold over the wait) made it a 504 after
     the model had run it."""
     waits_out = Settings(batch_policy="timeout", max_wait_ms=2000, request_timeout_ms=600)
-    assert settings_without_effect(waits_out, {"MAX_WAIT_MS": "2000"}) == [
+    assert settings_to_warn_of(waits_out, {"MAX_WAIT_MS": "2000"}) == [
         "MAX_WAIT_MS=2000 is not shorter than REQUEST_TIMEOUT_MS=600: a lone request waits "
         "until just before its deadline, and gets a 504 whenever its batch runs slower than "
         "expected"
     ]
     shorter = Settings(batch_policy="timeout", max_wait_ms=50, request_timeout_ms=600)
-    assert settings_without_effect(shorter, {"MAX_WAIT_MS": "50"}) == []
+    assert settings_to_warn_of(shorter, {"MAX_WAIT_MS": "50"}) == []
 
 
 @pytest.mark.parametrize(

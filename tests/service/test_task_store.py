@@ -1563,3 +1563,28 @@ def test_another_process_closing_the_store_leaves_the_write_ahead_log_to_those_o
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize(("file_system", "warned"), [("nfs4", True), ("ext4", False)])
+def test_a_data_dir_on_a_network_file_system_is_warned_of(
+    tmp_path: Path, file_system: str, warned: bool
+) -> None:
+    """SQLite's locks do not hold there: processes sharing the store could lose tasks. The
+    folder need not exist yet: the one above it says where it will be."""
+    device = tmp_path.stat().st_dev
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
+        f"36 35 {os.major(device)}:{os.minor(device)} / /srv rw,relatime shared:1 - "
+        f"{file_system} server:/export rw,vers=4.2\n"
+    )
+    data_dir = tmp_path / "not" / "made"
+    warning = tasks.network_file_system_warning(data_dir, mountinfo)
+    if warned:
+        assert warning == (
+            f"DATA_DIR={data_dir} is on a network file system (nfs4), whose locks SQLite "
+            "cannot rely on: tasks may be lost or run twice; use a local disk"
+        )
+    else:
+        assert warning is None
+    assert tasks.network_file_system_warning(data_dir, tmp_path / "no-mountinfo") is None
