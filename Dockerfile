@@ -11,11 +11,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 COPY requirements.txt constraints.txt /tmp/
 # The CPU wheels come from PyTorch's CPU index and are a tenth of the size of the default
-# CUDA build; requirements.txt then finds torch and torchvision already satisfied, and
-# constraints.txt brings every other package to the version the tests ran with.
+# CUDA build, at the versions requirements.txt pins; it then finds torch and torchvision
+# already satisfied, and constraints.txt brings every other package to the version the
+# tests ran with.
 RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
-        pip install --index-url https://download.pytorch.org/whl/cpu \
-            torch==2.14.1 torchvision==0.29.1; \
+        grep -E '^torch(vision)?==' /tmp/requirements.txt > /tmp/torch.txt \
+        && pip install --index-url https://download.pytorch.org/whl/cpu -r /tmp/torch.txt; \
     fi \
     && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt
 ENV TORCH_HOME=/opt/torch
