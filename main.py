@@ -1670,15 +1670,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         path = request.url.path
         shown = logs.shortened(path, 200)
         detail = f"no route {shown}"
-        if len(path) <= 200 and path.endswith("/") and _has_route(request.app, path.rstrip("/")):
-            detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
-        elif (
-            len(path) <= 200
-            and path.endswith("/")
-            and (taking := _routes_taking_ids(request.app, path))
-        ):
-            # /task-status/ with the id left out.
-            detail += f"; the route is {' or '.join(taking)}"
+        if len(path) <= 200 and path.endswith("/"):
+            if _has_route(request.app, path.rstrip("/")):
+                detail += f"; the route is {path.rstrip('/')}, without the trailing slash"
+            elif taking := _routes_taking_ids(request.app, path):  # the id left out
+                detail += f"; the route is {' or '.join(taking)}"
     if exc.status_code == 400 and str(detail) in _MULTIPART_ERRORS:
         detail = _MULTIPART_ERRORS[str(detail)]
     if exc.status_code == 400 and (match := _TOO_MANY_FILES.fullmatch(str(detail))):
