@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -117,8 +118,17 @@ def commit() -> str | None:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
         ).stdout.strip()
+        # The results this benchmark writes by default are no change to the code.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!docs/benchmarks",
+            ],
             cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
@@ -194,27 +204,28 @@ def idle_step(
 
 def _saturating_clients(
     sweep: list[StepResult], max_batch_size: int, *, by_url: bool = False
-) -> int:
+) -> tuple[int, str | None]:
     """The fewest clients of the sweep that kept every batch full: the server saturated at
     the maximum batch, as the forward-only limit is measured. (The best throughput of the
-    sweep may come from fewer clients and half-full batches, by the minute's drift.)"""
+    sweep may come from fewer clients and half-full batches, by the minute's drift.) And a
+    warning where no step filled them."""
     closed = sorted((s for s in sweep if s.kind == "closed"), key=lambda s: s.offered)
     full = [s for s in closed if s.mean_batch_size >= max_batch_size - 0.5]
-    if not full:
-        largest = max(s.mean_batch_size for s in closed)
-        advice = (
-            "give the server's MAX_BATCH_SIZE as --max-batch-size"
-            if by_url
-            else f"the sweep's {closed[-1].offered:g} clients did not fill them, so its "
-            "throughput is that of smaller batches"
-        )
-        print(
-            f"warning: no step kept batches of {max_batch_size} full (the largest mean batch "
-            f"was {largest:.1f}); target 1 compares with the forward-only limit at "
-            f"{max_batch_size}: {advice}",
-            file=sys.stderr,
-        )
-    return int((full[0] if full else closed[-1]).offered)
+    if full:
+        return int(full[0].offered), None
+    largest = max(s.mean_batch_size for s in closed)
+    advice = (
+        "give the server's MAX_BATCH_SIZE as --max-batch-size"
+        if by_url
+        else f"the sweep's {closed[-1].offered:g} clients did not fill them, so its "
+        "throughput is that of smaller batches"
+    )
+    warning = (
+        f"no step kept batches of {max_batch_size} full (the largest mean batch was "
+        f"{largest:.1f}); target 1 compares with the forward-only limit at {max_batch_size}: "
+        f"{advice}"
+    )
+    return int(closed[-1].offered), warning
 
 
 def run_paired(
@@ -344,6 +355,7 @@ def targets(
     found: list[dict[str, Any]] = [
         {
             "name": "1. saturated throughput / forward-only limit",
+            "steps": [paired["saturated"]],
             "value": saturated / forward_limit,
             "bound": ">= 0.90",
             "note": f"{saturated:.1f} / {forward_limit:.1f} images/s{each}, the best of "
@@ -354,6 +366,7 @@ def targets(
         },
         {
             "name": "2. lone request p50 / in-process single-image pipeline",
+            "steps": [paired["lone_request"]],
             "value": _ratio(lone_p50, pipeline_ms),
             "bound": "<= 1.10",
             "note": f"{_ms(lone_p50)} / {pipeline_ms:.1f} ms"
@@ -377,6 +390,7 @@ def targets(
         found.append(
             {
                 "name": TARGET_3,
+                "steps": [*batching_steps, results["baseline"][0]],
                 "value": _ratio(statistics.mean(batching), baseline),
                 "bound": ">= 1.15",
                 "note": f"{statistics.mean(batching):.1f} / {baseline:.1f} images/s"
@@ -392,6 +406,7 @@ def targets(
         drift = 0.0 if idle_p50 is None else _drift(*idle_p50s)
         target: dict[str, Any] = {
             "name": f"4. open-loop p99 at {TARGET_4_FRACTION:.0%} capacity / idle p50",
+            "steps": [at_75, *idle],
             "value": _ratio(at_75["latency_ms"]["p99"], idle_p50),
             "bound": "<= 4",
             "note": f"{_ms(at_75['latency_ms']['p99'])} / {_ms(idle_p50)} ms" + _drift_note(drift),
@@ -440,9 +455,20 @@ def targets(
             "speed changed during the run, run it again"
         )
         lone["implausible"] = True
+    busy = other_load_warning(results["machine"]) is not None
     for target in found:
         if target.get("not_measured"):
             continue
+        # A throughput counts 200s only, and latencies time them only: requests answered
+        # otherwise, or not at all, would leave the figures better than the service was.
+        failed = _failed_requests(target.pop("steps", []))
+        if failed:
+            target["failed_requests"] = failed
+            target["note"] += (
+                f"; {sum(failed.values())} requests of its steps not answered 200 ("
+                + ", ".join(f"{count} {_status_name(status)}" for status, count in failed.items())
+                + ")"
+            )
         bound = target["bound"]
         limit = float(bound.split()[1])
         value = target["value"]
@@ -451,17 +477,37 @@ def targets(
         )
         # A ratio whose A moved more than the drift allowed says too little to count as
         # met: the run is to be made again.
-        target["unreliable"] = target.get("pair_drift", 0.0) > MAX_PAIR_DRIFT
+        # Other processes' load shifts A and B alike, which no pair shows.
+        target["unreliable"] = busy or target.get("pair_drift", 0.0) > MAX_PAIR_DRIFT
         target["met"] = (
-            target["within_bound"] and not target.get("implausible") and not target["unreliable"]
+            target["within_bound"]
+            and not target.get("implausible")
+            and not target["unreliable"]
+            and not failed
         )
     return found
+
+
+def _failed_requests(steps: list[dict[str, Any]]) -> dict[str, int]:
+    """The statuses other than 200 the steps were answered with, and their counts; "0"
+    for requests that got no answer (a timeout, a closed connection)."""
+    failed: Counter[str] = Counter()
+    for step in steps:
+        failed.update({status: n for status, n in step["statuses"].items() if status != "200"})
+    return dict(sorted(failed.items()))
+
+
+def _status_name(status: str) -> str:
+    return "unanswered" if status == "0" else status
 
 
 DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].default
 # What the service accepts (classification.preprocess), by file name.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (
+    *(".jpg", ".jpeg", ".jpe", ".jfif"),
+    *(".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"),
+)
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -706,6 +752,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "server_settings": settings if not args.url else {"url": args.url},
         "images": [p.name for p in images],
     }
+    warnings: list[str] = []  # written into the report as well as to stderr
     # Other processes' load slows A and B alike for the whole run, which no pair shows.
     results["machine"]["busy_before_run"] = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100
     with tqdm(total=total_steps, unit="step") as progress, contextlib.ExitStack() as servers:
@@ -745,7 +792,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             progress.set_description("worker at rest")
             time.sleep(worker_memory.IDLE_S + 2)
             memory["worker_rss_at_rest_after_load"] = server.worker_rss_bytes()
-        saturating_clients = _saturating_clients(sweep, args.max_batch_size, by_url=bool(args.url))
+        saturating_clients, warning = _saturating_clients(
+            sweep, args.max_batch_size, by_url=bool(args.url)
+        )
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+            warnings.append(warning)
         results["paired"] = run_paired(
             server, payloads, lim, mode, saturating_clients, args.max_batch_size, progress
         )
@@ -768,9 +820,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     results["machine"]["busy_after_run"] = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100
     results["memory"] = memory
     results["targets"] = targets(results, args.max_batch_size, None if args.url else args.workers)
-    warning = other_load_warning(results["machine"])
-    if warning is not None:
-        results["warning"] = warning
+    busy = other_load_warning(results["machine"])
+    if busy is not None:
+        warnings.append(busy)
+    results["warnings"] = warnings
 
     # float32 runs keep the names their records have always had.
     dtype_part = "" if args.dtype == "float32" else f"-{args.dtype}"
@@ -788,12 +841,17 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if target["value"] is None
             else f"{target['value']:.3f}"
         )
+        why = (
+            f"A drifted {target['pair_drift']:.1%}"
+            if target.get("pair_drift", 0.0) > MAX_PAIR_DRIFT
+            else "the machine was busy"
+        )
         print(
             f"{verdict:3} {target['name']}: {value} ({target['bound']})"
-            + (f"; unreliable, A drifted {target['pair_drift']:.1%}" if unreliable else "")
+            + (f"; unreliable, {why}" if unreliable else "")
         )
     print(f"wrote {prefix}.json, {prefix}.md and plots")
-    if warning is not None:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)  # last, where it is seen
 
 

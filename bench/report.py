@@ -43,10 +43,10 @@ def step_rows(steps: list[dict[str, Any]]) -> list[str]:
             "spaced": f"{step['offered'] * 1000:.0f} ms apart",
         }.get(step["kind"], f"{step['offered']:.1f}/s")
         if "sent_per_s" in step["extra"]:
-            # Poisson arrivals over a few seconds stray from their rate; and a load
-            # generator that falls behind sends late.
+            # Poisson arrivals over a few seconds stray from their rate; each is sent, and
+            # a load generator that falls behind sends late.
             offered += (
-                f" (sent {step['extra']['sent_per_s']:.1f}/s, the latest "
+                f" (arrivals {step['extra']['sent_per_s']:.1f}/s, the latest sent "
                 f"{step['extra']['latest_send_ms']:.0f} ms late)"
             )
         rows.append(
@@ -90,7 +90,7 @@ def write_markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> No
         f"- server: {results['server_settings']}",
         f"- code: {results.get('commit') or 'unknown'}",
         f"- other processes' load: {_busy(machine)}",
-        *([f"- **warning: {results['warning']}**"] if results.get("warning") else []),
+        *(f"- **warning: {warning}**" for warning in results.get("warnings", [])),
         "",
         "## Targets",
         "",

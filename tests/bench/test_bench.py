@@ -441,25 +441,27 @@ def test_saturation_is_measured_with_full_batches() -> None:
         _closed_step(32, 63.0, 16.0),
         _closed_step(64, 62.0, 16.0),
     ]
-    assert _saturating_clients(sweep, max_batch_size=16) == 32
-    assert _saturating_clients(sweep[:2], max_batch_size=16) == 16
+    assert _saturating_clients(sweep, max_batch_size=16) == (32, None)
+    assert _saturating_clients(sweep[:2], max_batch_size=16)[0] == 16
 
 
-def test_a_sweep_that_never_filled_its_batches_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_sweep_that_never_filled_its_batches_says_so() -> None:
     """Against a server whose MAX_BATCH_SIZE is not --max-batch-size, target 1 would compare
-    with a limit at the wrong batch: the benchmark warns rather than keeping quiet."""
+    with a limit at the wrong batch: the benchmark warns rather than keeping quiet (and the
+    report carries the warning, as its terminal does)."""
     filled = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 16.0)]
-    _saturating_clients(filled, max_batch_size=16)
-    assert capsys.readouterr().err == ""
+    assert _saturating_clients(filled, max_batch_size=16)[1] is None
 
     half_full = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 8.0)]
-    assert _saturating_clients(half_full, max_batch_size=16, by_url=True) == 32
-    warning = capsys.readouterr().err
+    clients, warning = _saturating_clients(half_full, max_batch_size=16, by_url=True)
+    assert clients == 32
+    assert warning is not None
     assert "no step kept batches of 16 full (the largest mean batch was 8.0)" in warning
     assert "give the server's MAX_BATCH_SIZE as --max-batch-size" in warning
     # A server started here has the benchmark's --max-batch-size: nothing to give.
-    assert _saturating_clients(half_full, max_batch_size=16) == 32
-    warning = capsys.readouterr().err
+    clients, warning = _saturating_clients(half_full, max_batch_size=16)
+    assert clients == 32
+    assert warning is not None
     assert "no step kept batches of 16 full" in warning
     assert "the sweep's 32 clients did not fill them" in warning
     assert "--url" not in warning
@@ -491,12 +493,13 @@ def _paired_results(
 ) -> dict[str, Any]:
     """What targets 1 and 2 are computed from, with ``forward`` on both sides of its pair."""
     return {
+        "machine": {"busy_before_run": 0.0, "busy_after_run": 0.0},
         "steps": [],
         "memory": {},
         "paired": {
             "forward": [forward, forward],
-            "saturated": {"throughput_per_s": saturated},
-            "lone_request": {"latency_ms": {"p50": lone_p50}},
+            "saturated": {"throughput_per_s": saturated, "statuses": {"200": 200}},
+            "lone_request": {"latency_ms": {"p50": lone_p50}, "statuses": {"200": 40}},
             "single_image_pipeline_ms": pipeline_ms,
         },
     }
@@ -609,16 +612,8 @@ def test_a_ratio_whose_pair_drifted_is_flagged() -> None:
     """Targets 1 and 2 divide by the mean of two in-process measurements taken either side
     of the served one; when those two differ by more than 5 %, the ratio says so."""
     forward = {"forward_limit_images_per_s": 70.0, "forward_served_images_per_s": 77.0}
-    results = {
-        "steps": [],
-        "memory": {},
-        "paired": {
-            "forward": [forward, {**forward, "forward_limit_images_per_s": 71.0}],
-            "saturated": {"throughput_per_s": 64.0},
-            "lone_request": {"latency_ms": {"p50": 24.2}},
-            "single_image_pipeline_ms": [23.8, 21.7],
-        },
-    }
+    results = _paired_results(forward, 64.0, 24.2, [23.8, 21.7])
+    results["paired"]["forward"][1] = {**forward, "forward_limit_images_per_s": 71.0}
     throughput, lone = targets(results, max_batch_size=16, workers=1)
     assert throughput["pair_drift"] == pytest.approx(1 / 70.5)
     assert "unreliable" not in throughput["note"]
@@ -657,20 +652,27 @@ def test_forward_times_between_and_beyond_measured_batch_sizes() -> None:
 
 def _results_for_targets(offered_at_75: float) -> dict[str, Any]:
     """A run's figures, as ``targets`` reads them: target 4's step between two idle ones."""
-    idle = {"latency_ms": {"p50": 20.0}}
+    answered = {"statuses": {"200": 40}}
+    idle = {"latency_ms": {"p50": 20.0}, **answered}
     return {
+        "machine": {"busy_before_run": 0.0, "busy_after_run": 0.0},
         "steps": [
             {"name": "closed-1", "latency_ms": {"p50": 99.0}},  # not beside the open step
             {"name": "closed-1-before-open", **idle},
-            {"name": "open-75%", "offered": offered_at_75, "latency_ms": {"p99": 200.0}},
-            {"name": "closed-1-after", "latency_ms": {"p50": 30.0}},
+            {
+                "name": "open-75%",
+                "offered": offered_at_75,
+                "latency_ms": {"p99": 200.0},
+                **answered,
+            },
+            {"name": "closed-1-after", "latency_ms": {"p50": 30.0}, **answered},
         ],
         "memory": {},
         "paired": {
             "forward": [{"forward_limit_images_per_s": 70.0, "forward_served_images_per_s": 77.0}]
             * 2,
-            "saturated": {"throughput_per_s": 64.0},
-            "lone_request": {"latency_ms": {"p50": 24.0}},
+            "saturated": {"throughput_per_s": 64.0, **answered},
+            "lone_request": {"latency_ms": {"p50": 24.0}, **answered},
             "single_image_pipeline_ms": [22.0, 22.0],
         },
         "limits": {
@@ -752,8 +754,8 @@ def test_a_target_whose_step_had_no_answer_has_no_value_and_is_not_met() -> None
     results = _results_for_targets(60.0)
     results["paired"]["lone_request"]["latency_ms"]["p50"] = None
     results["steps"][2]["latency_ms"]["p99"] = None
-    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 0.0}
-    results["baseline"] = [{"throughput_per_s": 40.0}]
+    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 0.0, "statuses": {}}
+    results["baseline"] = [{"throughput_per_s": 40.0, "statuses": {"200": 160}}]
     found = targets(results, max_batch_size=16, workers=1)
     lone, batching, open_loop = found[1], found[2], found[3]
     assert (lone["value"], lone["met"]) == (None, False)
@@ -767,8 +769,8 @@ def test_batching_pays_is_a_ratio_between_two_measurements_of_the_batching_serve
     """Target 3: the batching server's saturated throughput before and after the
     batching-off one, and how far it moved between the two."""
     results = _results_for_targets(60.0)
-    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 56.0}
-    results["baseline"] = [{"throughput_per_s": 40.0}]
+    results["paired"]["saturated_after_baseline"] = {"throughput_per_s": 56.0, "statuses": {}}
+    results["baseline"] = [{"throughput_per_s": 40.0, "statuses": {"200": 160}}]
     batching = targets(results, max_batch_size=16, workers=1)[2]
     assert batching["value"] == pytest.approx(60.0 / 40.0)
     assert batching["pair_drift"] == pytest.approx(8.0 / 60.0)
@@ -1236,15 +1238,50 @@ def test_batching_steps_one_batch_apart_have_not_drifted() -> None:
     """A saturated step's throughput counts whole batches in its window: 64.0 and 60.0
     images/s in 4 s windows are one batch of 16 apart, the finest the two can differ."""
     results = _results_for_targets(60.0)
-    results["baseline"] = [{"throughput_per_s": 40.0}]
+    results["baseline"] = [{"throughput_per_s": 40.0, "statuses": {"200": 160}}]
     for apart, drifted in ((4.0, False), (8.0, True)):
-        results["paired"]["saturated"] = {"throughput_per_s": 60.0 + apart, "duration_s": 4.0}
+        results["paired"]["saturated"] = {
+            "throughput_per_s": 60.0 + apart,
+            "duration_s": 4.0,
+            "statuses": {},
+        }
         results["paired"]["saturated_after_baseline"] = {
             "throughput_per_s": 60.0,
             "duration_s": 4.0,
+            "statuses": {},
         }
         batching = targets(results, max_batch_size=16, workers=1)[2]
         assert batching["name"].startswith("3.")
         assert batching["unreliable"] is drifted
         assert "beyond one batch per window" in batching["note"]
     assert batching["pair_drift"] == pytest.approx(4.0 / 64.0)
+
+
+def test_a_target_whose_steps_had_errors_says_so_and_is_not_met() -> None:
+    """A throughput counts 200s, and latencies time them: 504s or requests that got no
+    answer would leave the figures better than the service was (a run with 36-megapixel
+    images had 18 of 25 requests of its saturated step answered 504, unseen in target 1)."""
+    results = _results_for_targets(60.0)
+    results["paired"]["saturated"]["statuses"] = {"200": 7, "504": 18}
+    results["steps"][2]["statuses"] = {"200": 30, "0": 2}
+    results["paired"]["lone_request"]["latency_ms"]["p50"] = 22.0  # within its bound
+    results["paired"]["lone_request"]["statuses"] = {"200": 39, "503": 1}
+    saturated, lone, open_loop = targets(results, max_batch_size=16, workers=1)[:3]
+    assert saturated["note"].endswith("; 18 requests of its steps not answered 200 (18 504)")
+    assert open_loop["note"].endswith("; 2 requests of its steps not answered 200 (2 unanswered)")
+    assert lone["failed_requests"] == {"503": 1}
+    assert (lone["within_bound"], lone["met"]) == (True, False)
+    results["paired"]["lone_request"]["statuses"] = {"200": 40}
+    assert targets(results, max_batch_size=16, workers=1)[1]["met"] is True
+
+
+def test_a_run_on_a_busy_machine_meets_no_target() -> None:
+    """Other processes' load slows A and B of every pair alike, which no pair's drift
+    shows: a run found busy is unreliable, however its ratios came out."""
+    results = _results_for_targets(60.0)
+    results["paired"]["lone_request"]["latency_ms"]["p50"] = 22.0
+    assert targets(results, max_batch_size=16, workers=1)[1]["met"] is True
+    results["machine"]["busy_after_run"] = 0.52
+    lone = targets(results, max_batch_size=16, workers=1)[1]
+    assert (lone["within_bound"], lone["unreliable"], lone["met"]) == (True, True, False)
+    assert "| unreliable |" in report.target_rows([lone])[0]
