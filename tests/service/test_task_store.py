@@ -1521,6 +1521,24 @@ def test_a_full_task_queue_says_how_many_wait_and_the_setting(queued: int, said:
     check_room(queued - 1, queued)
 
 
+def count_from_another_process(path: Path) -> int:
+    """The tasks a process of its own counts, connecting and closing as an operator's
+    query does. Not in this one: SQLite shares one set of locks per file among a process's
+    connections, which would not show the locks this process lost."""
+    query = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+        "print(db.execute('SELECT count(*) FROM tasks').fetchone()[0]); db.close()"
+    )
+    counted = subprocess.run(
+        [sys.executable, "-c", query, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(counted.stdout)
+
+
 def test_another_process_closing_the_store_leaves_the_write_ahead_log_to_those_open(
     tmp_path: Path,
 ) -> None:
@@ -1534,32 +1552,10 @@ def test_another_process_closing_the_store_leaves_the_write_ahead_log_to_those_o
     second = TaskStore(tmp_path)  # as a worker's runner and its API each open one
     try:
         add(first, "before")
-        with closing(sqlite3.connect(first.path)) as outside:  # another process's, in effect
-            assert outside.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
-        # Run in a process of its own: SQLite shares one set of locks per file among a
-        # process's connections, which the dropped locks would not show.
-        query = (
-            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
-            "print(db.execute('SELECT count(*) FROM tasks').fetchone()[0]); db.close()"
-        )
-        counted = subprocess.run(
-            [sys.executable, "-c", query, str(first.path)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        assert counted.stdout.strip() == "1"
+        assert count_from_another_process(first.path) == 1
         assert (tmp_path / "tasks.sqlite3-wal").exists(), "the log was deleted under the stores"
         add(second, "after")
-        counted = subprocess.run(
-            [sys.executable, "-c", query, str(first.path)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        assert counted.stdout.strip() == "2", "a task acknowledged by the store is lost"
+        assert count_from_another_process(first.path) == 2, "an acknowledged task is lost"
     finally:
         first.close()
         second.close()
