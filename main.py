@@ -1141,8 +1141,10 @@ def _preprocess_if_small(file: BinaryIO, max_pixels: int, reduced_jpeg: bool) ->
     try:
         return _preprocess(data, SMALL_IMAGE_MAX_PIXELS, reduced_jpeg)
     except ImageTooLarge as exc:
-        # pixels_needed is infinite where no pixel limit would let the image pass.
-        if exc.pixels_needed > max_pixels:
+        # Another model package's ImageTooLarge may not say how many pixels it needs: then
+        # the decode threads for large images decode it, and refuse it if it is too large.
+        # (classification's says infinity where no pixel limit would let the image pass.)
+        if getattr(exc, "pixels_needed", 0) > max_pixels:
             # Refused whatever thread decodes it: refused now, from its header, with the
             # message for MAX_IMAGE_PIXELS, not after large images' decodes at its deadline.
             return _preprocess(data, max_pixels, reduced_jpeg)
