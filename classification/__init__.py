@@ -1,9 +1,9 @@
 """ResNet18 image classification: preprocessing, labels and the model. No asyncio, no HTTP.
 
-Another model or task takes this package's place in ``main.py`` and the response models of
-``service/schemas.py`` (reusing its image decoding, errors and device helpers; README.md,
-"Another model or task", lists the rest); the batching side only sees a function that maps
-a list of inputs to a list of outputs.
+Another model or task takes this package's place in ``service/core.py``, ``main.py`` and the
+response models of ``service/schemas.py`` (reusing its image decoding, errors and device
+helpers; README.md, "Another model or task", lists the rest); the batching side only sees a
+function that maps a list of inputs to a list of outputs.
 """
 
 from classification.model import (

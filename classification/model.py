@@ -773,7 +773,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether torch failed to allocate: on CUDA, or on the CPU (a RuntimeError, or a
     MemoryError from a C++ ``std::bad_alloc``). CUDA's own "out of memory" error leaves the
     device usable, unlike its other errors. A model's ``classify`` raises ``OutOfMemory``
-    for such an error, which the batcher and ``main.py`` tell from a failed image."""
+    for such an error, which the batcher and the service tell from a failed image."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     message = str(error)

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from classification import Prediction
 from service.tasks import TaskRecord, TaskStatus
 
 
@@ -270,3 +271,7 @@ def task_response(record: TaskRecord) -> JSONResponse:
 
 def _utc(timestamp: float | None) -> datetime | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def predictions_out(predictions: list[Prediction]) -> list[PredictionOut]:
+    return [PredictionOut(index=p.index, label=p.label, score=p.score) for p in predictions]

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 import main
+from service import core
 
-_start = main.Service.start
-main.OUT_OF_MEMORY_PERSISTS_S = 0.0  # replaced at the third failure in a row
+_start = core.Service.start
+core.OUT_OF_MEMORY_PERSISTS_S = 0.0  # replaced at the third failure in a row
 
 
 class _NoMemory(torch.nn.Module):
@@ -20,11 +21,11 @@ class _NoMemory(torch.nn.Module):
         )
 
 
-async def _start_then_run_out_of_memory(self: main.Service) -> None:
+async def _start_then_run_out_of_memory(self: core.Service) -> None:
     await _start(self)  # loads and warms up the real model
     assert self.classifier is not None
     self.classifier._network = _NoMemory()
 
 
-main.Service.start = _start_then_run_out_of_memory  # type: ignore[method-assign]
+core.Service.start = _start_then_run_out_of_memory  # type: ignore[method-assign]
 app = main.app

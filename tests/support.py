@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from PIL import Image
 from torchvision.models import ResNet18_Weights, resnet18
 
-import main
 from classification import Prediction
 from main import Service, create_app
+from service import core
 from service.protocol import SIBLINGS_STATE
 from service.settings import PROJECT_ROOT, Settings
 from service.siblings import Siblings
@@ -177,8 +177,8 @@ class HeldDecode:
         self.started = threading.Event()
         self.release = threading.Event()
         self.calls = 0
-        self._real = main.preprocess
-        monkeypatch.setattr(main, "preprocess", self._preprocess)
+        self._real = core.preprocess
+        monkeypatch.setattr(core, "preprocess", self._preprocess)
 
     def _preprocess(self, data: bytes, *, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:
         self.calls += 1

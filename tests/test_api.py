@@ -36,7 +36,7 @@ import main
 import service.settings
 from batching import BatchProcessor, DeadlineExceeded, Priority
 from classification import DeviceFailed, ImageTooLarge, OutOfMemory, Prediction
-from service import logs, metrics
+from service import core, errors, logs, metrics
 from service.protocol import UPLOAD_END_STATE
 from service.settings import Settings
 from service.siblings import Siblings
@@ -485,7 +485,7 @@ def test_reading_an_upload_sets_aside_its_size_not_the_limit() -> None:
         assert spooled._rolled  # type: ignore[attr-defined]  # on disk, as a large upload is
         tracemalloc.start()
         try:
-            read, crop = main._read_and_preprocess(spooled, 1_000_000_000, 40_000_000, True)
+            read, crop = core._read_and_preprocess(spooled, 1_000_000_000, 40_000_000, True)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -740,7 +740,7 @@ async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
         assert classifier is not None
         calls: list[tuple[str, str]] = []
         real_classify = classifier.classify
-        real_preprocess = main._preprocess
+        real_preprocess = core._preprocess
 
         def wake_threads() -> None:
             calls.append(("wake", threading.current_thread().name))
@@ -755,7 +755,7 @@ async def test_an_idle_model_wakes_its_threads_and_decodes_on_its_own_thread(
 
         classifier.wake_threads = wake_threads  # type: ignore[method-assign]
         classifier.classify = classify  # type: ignore[method-assign]
-        monkeypatch.setattr(main, "_preprocess", preprocess)
+        monkeypatch.setattr(core, "_preprocess", preprocess)
         data = [p.read_bytes() for p in photos]
         response = await served.client.post("/cls", files=upload(data[0]))
         assert response.status_code == 200
@@ -778,20 +778,20 @@ async def test_an_idle_model_leaves_a_long_file_to_the_decode_threads(
 ) -> None:
     """A file over SMALL_UPLOAD_MAX_BYTES may declare few pixels and still take long
     to read (thousands of PNG chunks, a TIFF strip table): the model's thread never opens it."""
-    padding = [(f"note{i}", "x" * 100) for i in range(main.SMALL_UPLOAD_MAX_BYTES // 100)]
+    padding = [(f"note{i}", "x" * 100) for i in range(core.SMALL_UPLOAD_MAX_BYTES // 100)]
     info = PngImagePlugin.PngInfo()
     for key, value in padding:
         info.add_text(key, value)
     data = images.encode(images.gradient(64, 48), "PNG", pnginfo=info)
-    assert len(data) > main.SMALL_UPLOAD_MAX_BYTES
+    assert len(data) > core.SMALL_UPLOAD_MAX_BYTES
     threads: list[str] = []
-    real_preprocess = main._preprocess
+    real_preprocess = core._preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
         threads.append(threading.current_thread().name.split("_")[0])
         return real_preprocess(data, max_pixels, reduced_jpeg)
 
-    monkeypatch.setattr(main, "_preprocess", preprocess)
+    monkeypatch.setattr(core, "_preprocess", preprocess)
     response = await served.client.post("/cls", files=upload(data))
     assert response.status_code == 200, response.text
     assert threads == ["decode-large"]
@@ -803,11 +803,11 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
     """Decoding an image over SMALL_IMAGE_MAX_PIXELS would hold the model from the
     requests arriving meanwhile: only its header is read on the model's thread, and it
     decodes on a decode thread with the configured limit, answered as any other."""
-    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
+    side = math.isqrt(core.SMALL_IMAGE_MAX_PIXELS) + 1
     data = images.encode(images.photo(photos[0]).resize((side, side)), "JPEG", quality=80)
-    assert len(data) <= main.SMALL_UPLOAD_MAX_BYTES
+    assert len(data) <= core.SMALL_UPLOAD_MAX_BYTES
     decodes: list[tuple[str, int, bool]] = []
-    real_preprocess = main._preprocess
+    real_preprocess = core._preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
         try:
@@ -818,12 +818,12 @@ async def test_an_idle_model_leaves_a_large_image_to_the_decode_threads(
         decodes.append((threading.current_thread().name, max_pixels, True))
         return pixels
 
-    monkeypatch.setattr(main, "_preprocess", preprocess)
+    monkeypatch.setattr(core, "_preprocess", preprocess)
     response = await served.client.post("/cls", files=upload(data))
     assert response.status_code == 200
     limit = served.service.settings.max_image_pixels
     assert [(thread.split("_")[0], pixels, ok) for thread, pixels, ok in decodes] == [
-        ("inference", main.SMALL_IMAGE_MAX_PIXELS, False),
+        ("inference", core.SMALL_IMAGE_MAX_PIXELS, False),
         ("decode-large", limit, True),
     ]
     indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
@@ -840,7 +840,7 @@ async def test_a_model_packages_own_image_too_large_error_needs_no_pixel_count(
     class OwnImageTooLarge(ValueError):
         pass
 
-    real_preprocess = main._preprocess
+    real_preprocess = core._preprocess
 
     decodes: list[tuple[str, int]] = []
 
@@ -851,17 +851,17 @@ async def test_a_model_packages_own_image_too_large_error_needs_no_pixel_count(
         except ImageTooLarge as exc:
             raise OwnImageTooLarge(str(exc)) from None
 
-    monkeypatch.setattr(main, "ImageTooLarge", OwnImageTooLarge)
-    monkeypatch.setattr(main, "_preprocess", preprocess)
-    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
+    monkeypatch.setattr(core, "ImageTooLarge", OwnImageTooLarge)
+    monkeypatch.setattr(core, "_preprocess", preprocess)
+    side = math.isqrt(core.SMALL_IMAGE_MAX_PIXELS) + 1
     data = images.encode(images.photo(photos[0]).resize((side, side)), "JPEG", quality=80)
-    assert len(data) <= main.SMALL_UPLOAD_MAX_BYTES
+    assert len(data) <= core.SMALL_UPLOAD_MAX_BYTES
     response = await served.client.post("/cls", files=upload(data))
     assert response.status_code == 200, response.text
     indices, _ = reference.top_k(Image.open(io.BytesIO(data)).convert("RGB"), 5)
     assert [p["index"] for p in response.json()["prediction"]] == indices
     limit = served.service.settings.max_image_pixels
-    assert decodes == [("inference", main.SMALL_IMAGE_MAX_PIXELS), ("decode-large", limit)]
+    assert decodes == [("inference", core.SMALL_IMAGE_MAX_PIXELS), ("decode-large", limit)]
 
 
 async def test_a_small_upload_over_the_pixel_limit_does_not_wait_behind_large_decodes(
@@ -871,19 +871,19 @@ async def test_a_small_upload_over_the_pixel_limit_does_not_wait_behind_large_de
     MAX_IMAGE_PIXELS, not a 504 at its deadline from the queue for large images' decodes."""
     large_decode_started = threading.Event()
     release = threading.Event()
-    real_read_and_preprocess = main._read_and_preprocess
+    real_read_and_preprocess = core._read_and_preprocess
 
     def held(*args: Any) -> tuple[bytes, np.ndarray]:
         large_decode_started.set()
         release.wait(10)
         return real_read_and_preprocess(*args)
 
-    monkeypatch.setattr(main, "_read_and_preprocess", held)
-    side = math.isqrt(main.SMALL_IMAGE_MAX_PIXELS) + 1
+    monkeypatch.setattr(core, "_read_and_preprocess", held)
+    side = math.isqrt(core.SMALL_IMAGE_MAX_PIXELS) + 1
     limit = 2 * side * side
     within = images.encode(Image.new("RGB", (side, side), (90, 120, 200)), "PNG")
     over = images.encode(Image.new("RGB", (2 * side, side + 1), (90, 120, 200)), "PNG")
-    assert max(len(within), len(over)) <= main.SMALL_UPLOAD_MAX_BYTES
+    assert max(len(within), len(over)) <= core.SMALL_UPLOAD_MAX_BYTES
     settings = make_settings(max_image_pixels=limit, decode_threads=1, drain_timeout_s=2)
     async with running_app(settings) as served:
         waiting = asyncio.create_task(served.client.post("/cls", files=upload(within)))
@@ -1054,7 +1054,7 @@ async def test_uploads_read_back_from_disk_are_held_to_the_queue_limit(photos: l
 @pytest.mark.parametrize("timeout_ms", [86_400_000, 1_234_567, 2.5])
 def test_a_504_names_the_request_timeout_as_set(timeout_ms: float) -> None:
     settings = make_settings(request_timeout_ms=timeout_ms)
-    status, detail = main._status_and_detail(DeadlineExceeded("late"), settings)
+    status, detail = errors.status_and_detail(DeadlineExceeded("late"), settings)
     assert (status, detail) == (
         504,
         f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms} ms)",
@@ -1092,7 +1092,7 @@ async def test_a_cls_decode_never_waits_behind_batch_files_decodes(
     slow = photos[1].read_bytes()
     release = threading.Event()
     held: list[int] = []
-    real_preprocess = main.preprocess
+    real_preprocess = core.preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
         if data == slow:
@@ -1100,7 +1100,7 @@ async def test_a_cls_decode_never_waits_behind_batch_files_decodes(
             release.wait(10)
         return real_preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
 
-    monkeypatch.setattr(main, "preprocess", preprocess)
+    monkeypatch.setattr(core, "preprocess", preprocess)
     async with running_app(make_settings(decode_threads=2, drain_timeout_s=2)) as served:
         files = [("file", (f"{i}.jpg", slow, "image/jpeg")) for i in range(6)]
         batch = asyncio.create_task(served.client.post("/cls/batch", files=files))
@@ -1178,19 +1178,19 @@ async def test_a_small_image_never_waits_behind_large_decodes(
     their own: a small one arriving meanwhile is decoded at once."""
     large_decoding = threading.Event()
     release_large = threading.Event()
-    real_preprocess = main.preprocess
+    real_preprocess = core.preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
-        if len(data) > main.SMALL_UPLOAD_MAX_BYTES:
+        if len(data) > core.SMALL_UPLOAD_MAX_BYTES:
             large_decoding.set()
             release_large.wait(10)
         return real_preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
 
-    monkeypatch.setattr(main, "preprocess", preprocess)
+    monkeypatch.setattr(core, "preprocess", preprocess)
     noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     large = images.encode(Image.fromarray(noise), "PNG")
     small = photos[0].read_bytes()
-    assert len(small) <= main.SMALL_UPLOAD_MAX_BYTES < len(large)
+    assert len(small) <= core.SMALL_UPLOAD_MAX_BYTES < len(large)
     async with running_app(make_settings(decode_threads=1, drain_timeout_s=2)) as served:
         try:
             waiting = [
@@ -1430,13 +1430,13 @@ async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(
         assert ready.json()["detail"] == "the batch processor stopped"
         assert tasks._claiming is False
         decodes: list[int] = []
-        real_preprocess = main.preprocess
+        real_preprocess = core.preprocess
 
         def counted(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
             decodes.append(len(data))
             return real_preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
 
-        monkeypatch.setattr(main, "preprocess", counted)
+        monkeypatch.setattr(core, "preprocess", counted)
         refused = [
             await served.client.post("/cls", files=upload(data)),
             await served.client.post("/cls/batch", files=[("file", ("a.jpg", data))] * 2),
@@ -1657,7 +1657,7 @@ def test_the_deadline_counts_from_the_end_of_the_upload_where_the_protocol_says(
     protocol notes; a handler a busy event loop reached late would otherwise give its
     request that much more time, and its 504 would come that much late. Without the note
     (an in-process transport), from now."""
-    service = main.Service(make_settings(request_timeout_ms=10_000))
+    service = core.Service(make_settings(request_timeout_ms=10_000))
     ended_at = time.monotonic() - 4.0
     noted = Request({"type": "http", "state": {UPLOAD_END_STATE: ended_at}})
     assert main._deadline(noted, service) == pytest.approx(ended_at + 10.0)
@@ -1672,10 +1672,10 @@ async def test_a_start_that_fails_by_a_bug_outside_gunicorn_raises_with_its_trac
     """Under uvicorn, or in a test, the error is raised for what runs the app to show: a
     worker's exit to be restarted is gunicorn's, and in a test it ended the run silently."""
 
-    async def bug(self: main.Service) -> None:
+    async def bug(self: core.Service) -> None:
         raise RuntimeError("a bug in the start-up")
 
-    monkeypatch.setattr(main.Service, "start", bug)
+    monkeypatch.setattr(core.Service, "start", bug)
     app = main.create_app(make_settings())
     with pytest.raises(RuntimeError, match="a bug in the start-up"):
         async with app.router.lifespan_context(app):
@@ -1695,10 +1695,10 @@ def test_a_worker_that_cannot_start_its_decode_threads_stops_with_one_line(
         started(self)
 
     async def start() -> None:
-        service = main.Service(make_settings())
+        service = core.Service(make_settings())
         monkeypatch.setattr(threading.Thread, "start", limited)
         try:
-            with pytest.raises(main.ThreadsUnavailable) as refused:
+            with pytest.raises(errors.ThreadsUnavailable) as refused:
                 await service._start_decode_threads()
         finally:
             monkeypatch.undo()
@@ -1769,7 +1769,7 @@ async def test_a_model_that_stays_out_of_memory_has_its_worker_replaced(
     worker's memory will not come back (a leak, a fragmented heap): it fails liveness, so
     it is replaced, rather than answer 503 for ever. A batch that runs between failures
     starts the count again, and so does a short spell of them."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 1.5)
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_PERSISTS_S", 1.5)
     async with running_app(make_settings(drain_timeout_s=1)) as served:
         model = TightMemory(served, fits=0)
         data = photos[0].read_bytes()
@@ -1820,7 +1820,7 @@ async def test_a_task_the_model_had_no_memory_for_is_run_again_after_a_pause(
     """A task is not failed for the worker's memory: it goes back to the queue, charged the
     attempt, after a pause that gives the memory time to come back (an immediate retry
     would spend its attempts within milliseconds), and runs again."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.3)
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.3)
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         model = TightMemory(served, fits=0)
@@ -1847,8 +1847,8 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
     """As for the model's memory; the attempt is charged though the image never reached the
     model, so that one this worker can never decode fails in the end, not retried for
     ever."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.2)
-    decoded = main._preprocess
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.2)
+    decoded = core._preprocess
     calls: list[float] = []
 
     def no_memory_at_first(*args: Any) -> np.ndarray:
@@ -1857,7 +1857,7 @@ async def test_a_task_with_no_memory_to_decode_is_charged_and_run_again_after_a_
             raise MemoryError
         return decoded(*args)
 
-    monkeypatch.setattr(main, "_preprocess", no_memory_at_first)
+    monkeypatch.setattr(core, "_preprocess", no_memory_at_first)
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         with caplog.at_level(logging.WARNING):
@@ -1879,7 +1879,7 @@ async def test_a_task_the_model_never_has_memory_for_fails_on_its_last_attempt(
     """Also where the attempts charged as the task enters the model fail to land (a store
     failing for now): the requeue charges them, so the task still fails on its last
     attempt."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.05)
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_RETRY_PAUSE_S", 0.05)
     settings = make_settings(task_poll_interval_s=0.05, task_max_attempts=2)
     async with running_app(settings) as served:
         runner = served.service.tasks
@@ -1905,7 +1905,7 @@ async def test_a_batch_refused_whole_as_its_worker_fails_says_so(
 ) -> None:
     """Some files found no memory, and the worker then failed for it, refusing the rest:
     the answer says the worker is to be restarted (retry elsewhere), not just "no memory"."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_PERSISTS_S", 0.0)
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_PERSISTS_S", 0.0)
     async with running_app(make_settings(drain_timeout_s=1)) as served:
         TightMemory(served, fits=0)
         data = photos[0].read_bytes()
@@ -1921,7 +1921,7 @@ async def test_a_task_waiting_to_be_retried_goes_back_at_once_when_its_worker_st
 ) -> None:
     """A worker about to be replaced (or stopping) does not sit on a task through its
     pause: the task goes back to the queue for the other workers."""
-    monkeypatch.setattr(main, "OUT_OF_MEMORY_RETRY_PAUSE_S", 60.0)
+    monkeypatch.setattr(core, "OUT_OF_MEMORY_RETRY_PAUSE_S", 60.0)
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
         runner = served.service.tasks
@@ -2216,7 +2216,7 @@ async def test_no_memory_to_decode_an_upload_is_the_servers_503(
     def no_memory(*args: object) -> None:
         raise MemoryError
 
-    monkeypatch.setattr(main, "_preprocess", no_memory)
+    monkeypatch.setattr(core, "_preprocess", no_memory)
     data = photos[0].read_bytes()
     with caplog.at_level(logging.ERROR):
         refused = await served.client.post("/cls", files=upload(data))
@@ -2269,13 +2269,13 @@ async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
 
     monkeypatch.setattr(threading.Thread, "start", start)
     decodes: list[object] = []
-    real_decode = main._read_and_preprocess
+    real_decode = core._read_and_preprocess
 
     def counted_decode(*args: Any) -> Any:
         decodes.append(args)
         return real_decode(*args)
 
-    monkeypatch.setattr(main, "_read_and_preprocess", counted_decode)
+    monkeypatch.setattr(core, "_read_and_preprocess", counted_decode)
     # Over 128 KiB: not decoded on the model's thread, as a small one finding it idle is.
     data = noise_png(300)
     assert len(data) > 128 * 1024
@@ -2331,16 +2331,16 @@ async def test_a_worker_reports_its_memory_while_its_model_loads(
     """Another worker's /metrics shows this one from its start: a resident size of 0 read
     as a worker with no memory, on the dashboard and to any alert on it."""
     loading, loaded = threading.Event(), threading.Event()
-    real_load = main.load_classifier
+    real_load = core.load_classifier
 
     def slow_load(**options: Any) -> object:
         loading.set()
         loaded.wait(30)
         return real_load(**options)
 
-    monkeypatch.setattr(main, "load_classifier", slow_load)
+    monkeypatch.setattr(core, "load_classifier", slow_load)
     metrics.WORKER_RESIDENT.set(0)
-    service = main.Service(make_settings(data_dir=tmp_path))
+    service = core.Service(make_settings(data_dir=tmp_path))
     starting = asyncio.create_task(service.start())
     try:
         assert await asyncio.to_thread(loading.wait, 30)
@@ -2357,17 +2357,17 @@ async def test_a_worker_with_its_model_on_a_gpu_runs_one_torch_thread(
 ) -> None:
     """Set before the model loads, for the device DEVICE resolves to (here ``auto``, taken
     for a GPU): threads idle beside a GPU's forward would spin for a core each."""
-    real_load = main.load_classifier
+    real_load = core.load_classifier
     loaded_with: dict[str, object] = {}
 
     def load_as_on_a_gpu(**options: Any) -> object:
         loaded_with.update(device=options["device"], threads=torch.get_num_threads())
         return real_load(**(options | {"device": "cpu"}))
 
-    monkeypatch.setattr(main, "resolve_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(main, "load_classifier", load_as_on_a_gpu)
+    monkeypatch.setattr(core, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(core, "load_classifier", load_as_on_a_gpu)
     threads = torch.get_num_threads()
-    service = main.Service(make_settings(data_dir=tmp_path, device="auto", torch_threads=None))
+    service = core.Service(make_settings(data_dir=tmp_path, device="auto", torch_threads=None))
     try:
         await service.start()
         assert loaded_with == {"device": "cuda", "threads": 1}
@@ -2392,14 +2392,14 @@ async def test_workers_share_the_cores_only_under_gunicorn(
     but the workers of uvicorn --workers share the cores."""
     monkeypatch.setattr(service.settings, "available_cores", lambda: 4)
     monkeypatch.setattr(main, "uvicorn_workers", lambda: uvicorn_workers)
-    real_load = main.load_classifier
+    real_load = core.load_classifier
     threads_at_load: list[int] = []
 
     def load_counting_threads(**options: Any) -> object:
         threads_at_load.append(torch.get_num_threads())
         return real_load(**options)
 
-    monkeypatch.setattr(main, "load_classifier", load_counting_threads)
+    monkeypatch.setattr(core, "load_classifier", load_counting_threads)
     siblings = Siblings(tmp_path / "siblings") if under_gunicorn else None
     if siblings is not None:
         siblings.directory.mkdir()

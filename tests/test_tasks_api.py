@@ -29,9 +29,8 @@ import httpx
 import numpy as np
 import pytest
 
-import main
 from classification import Prediction
-from service import logs, task_runner, tasks
+from service import core, logs, task_runner, tasks
 from service.settings import Settings, load_settings
 from service.siblings import Siblings
 from service.tasks import DATABASE_NAME
@@ -249,7 +248,7 @@ async def test_lookups_that_hang_hold_up_no_callback_written_as_an_address(
 ) -> None:
     """An address needs no lookup, and waits for no thread: with every lookup thread held
     by a resolver that never answers, such a callback_url is accepted at once."""
-    monkeypatch.setattr(main, "CALLBACK_LOOKUP_THREADS", 1)
+    monkeypatch.setattr(core, "CALLBACK_LOOKUP_THREADS", 1)
     settings = make_settings(webhook_timeout_s=0.5, webhook_allow_private=True)
     image = photos[0].read_bytes()
     async with running_app(settings) as served:
@@ -268,7 +267,7 @@ async def test_with_every_lookup_thread_held_a_callback_is_taken_on_its_form(
     """Names whose DNS never answers, one a thread, would otherwise have every other
     callback submission wait for a thread and be refused: it is accepted on its form, as a
     resent submission is, and its delivery checks what it connects to."""
-    monkeypatch.setattr(main, "CALLBACK_LOOKUP_THREADS", 1)
+    monkeypatch.setattr(core, "CALLBACK_LOOKUP_THREADS", 1)
     image = photos[0].read_bytes()
     async with running_app(make_settings(webhook_timeout_s=0.3)) as served:
         with a_resolver_that_never_answers(monkeypatch) as looked_up:
@@ -1195,7 +1194,7 @@ async def test_a_retry_due_late_in_the_grace_is_left_for_later_not_begun_and_cut
     """Deliveries are claimed in the first half of the grace only: an attempt begun near its
     end would be cut off, counted, perhaps never sent."""
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 2.0)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_backoff_s": 3.0, "webhook_backoff_max_s": 3.0}
     )
@@ -1230,7 +1229,7 @@ async def test_a_stop_while_another_process_holds_the_write_lock_ends_in_time(
     queued, and says what it could not hand back. (Each waiting its full busy timeout in
     turn, four results and the hand-back took 15 s here, the worker killed silently.)"""
     monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 3000)
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     monkeypatch.setattr(task_runner, "WRITES_AFTER_GRACE_S", 0.3)
     monkeypatch.setattr(task_runner, "HAND_BACK_LOCK_WAIT_S", 0.3)
     data = photos[0].read_bytes()
@@ -1267,7 +1266,7 @@ async def test_a_submission_during_a_shutdown_waits_for_a_held_lock_only_until_t
     longer than the task runner's own writes: the stop waits for its thread, and a wait of
     the full busy timeout took the worker past graceful_timeout."""
     monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 5000)
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     monkeypatch.setattr(task_runner, "WRITES_AFTER_GRACE_S", 0.3)
     data = photos[0].read_bytes()
     async with running_app(make_settings(drain_timeout_s=0)) as served:
@@ -1293,7 +1292,7 @@ async def test_a_delivery_claim_that_ends_late_in_the_grace_begins_no_attempt(
     """A claim begun in the first half of the grace that waits for another process's lock
     into the second half hands back what it took, rather than begin attempts there."""
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 2.0)
     settings = make_settings(
         **WEBHOOK_SETTINGS
         | {
@@ -1323,7 +1322,7 @@ async def test_an_attempt_whose_record_waits_for_the_store_at_the_cut_off_is_sti
 ) -> None:
     """The attempts timed out, but their records wait for another process's lock when the
     grace runs out: written all the same, before the hand-back, so they count."""
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 2.0)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 2.0)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_timeout_s": 1.2, "webhook_max_attempts": 1}
     )
@@ -1349,7 +1348,7 @@ async def test_an_attempt_cut_off_at_the_end_of_the_grace_is_counted(
 ) -> None:
     """The receiver may have it: counted, so that a receiver gets no more POSTs than
     WEBHOOK_MAX_ATTEMPTS, and tried again after a backoff, not at once."""
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     settings = make_settings(**WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0})
     async with receiving() as receiver, running_app(settings) as served:
         receiver.script = [STALL]
@@ -1372,7 +1371,7 @@ async def test_the_last_allowed_attempt_cut_off_is_counted_and_made_again_after_
     """With WEBHOOK_MAX_ATTEMPTS=1, an attempt cut off by a stop is counted (the receiver
     may have it) and made again by the next worker (it may not): ``attempts`` is always
     the number of POSTs the receiver may have had."""
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_timeout_s": 30.0, "webhook_max_attempts": 1}
     )
@@ -1922,7 +1921,7 @@ async def test_a_delivery_waiting_to_retry_holds_no_slot_of_its_worker(
     """A receiver that is down must not hold up the webhooks of other receivers: between
     attempts the delivery waits in the store, held by no worker, so with a single delivery
     slot another task's webhook goes out at once."""
-    monkeypatch.setattr(main, "RunnerConfig", partial(task_runner.RunnerConfig, webhook_capacity=1))
+    monkeypatch.setattr(core, "RunnerConfig", partial(task_runner.RunnerConfig, webhook_capacity=1))
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_backoff_s": 30.0, "webhook_backoff_max_s": 30.0}
@@ -1979,7 +1978,7 @@ async def test_a_delivery_waiting_at_shutdown_is_retried_when_due_after_the_rest
     """Its wait, beyond the tasks' grace at the shutdown, is stored: the next start neither
     sends it early nor starts its count over."""
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
-    monkeypatch.setattr(main, "TASK_STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.2)
     settings = make_settings(
         **WEBHOOK_SETTINGS | {"webhook_backoff_s": 1.5, "webhook_backoff_max_s": 1.5}
     )
@@ -2076,15 +2075,15 @@ async def test_a_task_whose_worker_died_in_the_model_runs_in_a_batch_of_its_own(
     store.close()
 
     batches: list[list[int]] = []
-    real_classify = main.Classifier.classify
+    real_classify = core.Classifier.classify
 
-    def recording(self: main.Classifier, pixels: Any, top_k: Sequence[int]) -> Any:
+    def recording(self: core.Classifier, pixels: Any, top_k: Sequence[int]) -> Any:
         if set(top_k) != {1}:  # not a warm-up's
             batches.append(list(top_k))
         time.sleep(0.02)  # long enough for the next tasks to queue behind each batch
         return real_classify(self, pixels, top_k)
 
-    monkeypatch.setattr(main.Classifier, "classify", recording)
+    monkeypatch.setattr(core.Classifier, "classify", recording)
     async with running_app(settings) as served:
         everything = [task_id for ids in kinds.values() for task_id in ids]
         results = [await finished(served.client, task_id) for task_id in everything]
@@ -2508,7 +2507,7 @@ async def test_a_store_that_fails_for_now_at_a_restart_leaves_cls_serving(
             super().__init__(data_dir, **options)
 
     monkeypatch.setattr(task_runner, "TaskStore", StoreOnAFullDisk)
-    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    monkeypatch.setattr(core, "TASK_STORE_RETRY_S", 0.05)
     async with running_app(settings) as served:
         assert (await served.client.get("/readyz")).status_code == 200
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
@@ -2608,7 +2607,7 @@ async def test_a_worker_restarting_on_a_store_whose_schema_is_damaged_serves_cls
         file.seek(100)  # past the file's header: the schema's table
         file.write(bytes(range(256)) * 15)
 
-    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    monkeypatch.setattr(core, "TASK_STORE_RETRY_S", 0.05)
     with caplog.at_level(logging.CRITICAL, logger="main"):
         async with running_app(settings) as served:
             assert (await served.client.get("/readyz")).status_code == 200
@@ -2653,7 +2652,7 @@ async def test_a_shutdown_while_the_store_cannot_open_closes_the_runner_it_was_s
         await submit(served.client, photos[0].read_bytes())
     monkeypatch.setattr(task_runner, "TaskStore", StoreOnAFullDisk)
     monkeypatch.setattr(task_runner.TaskRunner, "stop", stop)
-    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    monkeypatch.setattr(core, "TASK_STORE_RETRY_S", 0.05)
     async with running_app(settings) as served:
         service = served.service
         assert service._store_reopener is not None
@@ -2684,7 +2683,7 @@ async def test_a_store_retry_that_fails_unexpectedly_is_logged_and_stop_still_ru
     async with running_app(settings) as served:  # the store exists: a restart
         await submit(served.client, photos[0].read_bytes())
     monkeypatch.setattr(task_runner, "TaskStore", StoreThatBreaks)
-    monkeypatch.setattr(main, "TASK_STORE_RETRY_S", 0.05)
+    monkeypatch.setattr(core, "TASK_STORE_RETRY_S", 0.05)
     async with running_app(settings) as served:
         await wait_for(lambda: "reopening the task store stopped" in caplog.text)
         assert "a bug in the store" in caplog.text
@@ -2756,16 +2755,16 @@ async def test_reduced_jpeg_decode_reaches_every_decode(
     """``REDUCED_JPEG_DECODE`` holds for small and large uploads of /cls and /cls/batch,
     and for a task's check at submission and its decode when it runs."""
     seen: list[bool] = []
-    real_preprocess = main.preprocess
+    real_preprocess = core.preprocess
 
     def recording(data: bytes, *, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:
         seen.append(reduced_jpeg)
         return real_preprocess(data, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg)
 
-    monkeypatch.setattr(main, "preprocess", recording)
+    monkeypatch.setattr(core, "preprocess", recording)
     small = photos[0].read_bytes()
     large = images.encode(images.photo(photos[0]).resize((1200, 900)), "PNG")
-    assert len(large) > main.SMALL_UPLOAD_MAX_BYTES
+    assert len(large) > core.SMALL_UPLOAD_MAX_BYTES
     async with running_app(make_settings(reduced_jpeg_decode=reduced)) as served:
         for data in (small, large):
             response = await served.client.post("/cls", files=upload(data))
