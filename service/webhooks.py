@@ -688,6 +688,7 @@ class WebhookSender:
                 ) as response:
                     status = response.status_code
                     retry_after_s = _retry_after_s(response.headers.get("retry-after"))
+                    location = response.headers.get("location")
         except TimeoutError:
             return _Outcome(f"timed out after {timeout_s} s", retryable=True)
         except httpx.TransportError as exc:
@@ -700,8 +701,16 @@ class WebhookSender:
         if 200 <= status < 300:
             return _Outcome(None, retryable=False)
         retryable = status >= 500 or status in (408, 429)
+        error = f"callback answered {status}"
+        if 300 <= status < 400 and location:
+            # Not followed (its address would escape the checks made on callback_url's), so
+            # the error says where to point callback_url: http:// sent to https://, say.
+            with contextlib.suppress(httpx.InvalidURL):
+                location = str(httpx.URL(url).join(location))  # a relative one made whole
+            target = logs.shortened(location, DESCRIBED_ERROR_MAX_CHARS)
+            error += f", redirecting to {target}; redirects are not followed: give that address"
         return _Outcome(
-            f"callback answered {status}",
+            error,
             retryable=retryable,
             retry_after_s=retry_after_s if status in (429, 503) else None,
         )

@@ -235,7 +235,7 @@ async def test_no_attempt_is_made_once_the_limit_is_spent(
     assert receiver.received == []
 
 
-@pytest.mark.parametrize("status", [400, 404, 410, 302])
+@pytest.mark.parametrize("status", [400, 404, 410])
 async def test_other_statuses_end_the_delivery(
     status: int, receiver: Receiver, make_sender: Callable[..., WebhookSender]
 ) -> None:
@@ -244,7 +244,34 @@ async def test_other_statuses_end_the_delivery(
     attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
     assert attempt == Attempt(attempts=1, error=f"callback answered {status}", retry_in_s=None)
-    assert len(receiver.received) == 1  # a redirect is not followed either
+    assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("location", "target"),
+    [
+        ("http://127.0.0.1:9/elsewhere", "http://127.0.0.1:9/elsewhere"),
+        ("/hook/", "{origin}/hook/"),  # relative: made whole from callback_url
+        ("x" * 300, ("{origin}/" + "x" * 300)),
+    ],
+)
+async def test_a_redirect_ends_the_delivery_and_says_where_it_pointed(
+    location: str, target: str, receiver: Receiver, make_sender: Callable[..., WebhookSender]
+) -> None:
+    receiver.then = 307
+    receiver.headers["Location"] = location
+
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
+
+    target = target.format(origin=f"http://127.0.0.1:{receiver.port}")
+    shown = target if len(target) <= 200 else target[:200] + "..."
+    assert attempt == Attempt(
+        attempts=1,
+        error=f"callback answered 307, redirecting to {shown}; redirects are not followed: "
+        "give that address",
+        retry_in_s=None,
+    )
+    assert len(receiver.received) == 1  # not followed
 
 
 async def test_a_refused_connection_is_tried_again_and_reported(
