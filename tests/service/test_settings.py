@@ -15,6 +15,7 @@ from service.settings import (
     PROJECT_ROOT,
     Settings,
     load_settings,
+    longest_webhook_delivery_s,
     misspelt_settings,
     settings_to_warn_of,
 )
@@ -74,6 +75,8 @@ def test_a_value_of_blanks_alone_is_refused(
         ("GOMP_SPINCOUNT", "lots", "must be a count, with an optional k, M, G or T"),
         ("CHANNELS_LAST", "maybe", "takes true or false (also 1 or 0, yes or no, on or off)"),
         ("FILL_SPARE_SLOTS", "2", "takes true or false (also 1 or 0, yes or no, on or off)"),
+        ("MAX_UPLOAD_BYTES", "1e9", "takes a whole number in digits (10485760, not 1e7 or 10.5)"),
+        ("WORKER_TIMEOUT_S", "5.5", "takes a whole number in digits (10485760, not 1e7 or 10.5)"),
     ],
 )
 def test_a_refusal_says_what_the_setting_takes_not_a_pattern(
@@ -363,6 +366,21 @@ def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
     ]
     shorter = Settings(batch_policy="timeout", max_wait_ms=50, request_timeout_ms=600)
     assert settings_to_warn_of(shorter, {"MAX_WAIT_MS": "50"}) == []
+
+
+def test_a_task_ttl_shorter_than_a_webhook_delivery_is_warned_of() -> None:
+    """A task whose delivery still fails when its TTL is over is deleted as its delivery
+    ends: its status never shows the delivery's failure."""
+    assert longest_webhook_delivery_s(Settings()) == 511 + 5 * 300 + 15 * 10
+    short = Settings(task_ttl=600, webhook_max_attempts=3, webhook_timeout_s=400)
+    assert settings_to_warn_of(short, {}) == [
+        "TASK_TTL (600 s) is shorter than a webhook's delivery may last (1203 s: "
+        "WEBHOOK_MAX_ATTEMPTS attempts of up to WEBHOOK_TIMEOUT_S each, and the backoff's "
+        "waits): a task whose delivery ends after its TTL is deleted then, and how the "
+        "delivery ended cannot be read"
+    ]
+    assert settings_to_warn_of(Settings(task_ttl=2161), {}) == []
+    assert settings_to_warn_of(Settings(task_ttl=2160), {}) != []
 
 
 @pytest.mark.parametrize(
