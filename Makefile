@@ -49,7 +49,7 @@ run: $(RUNTIME_STAMP)
 dev: $(RUNTIME_STAMP)
 	$(BIN)/uvicorn main:app --reload --port $${PORT:-$${port:-5001}} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
-## test: the whole suite (random weights, no network needed)
+## test: the suite but soak and deployment checks (random weights, no network needed)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 

@@ -320,8 +320,9 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             return
         if self._in_head:
             # A read counts when all of it continued the head being read. The read that
-            # began the head may also have ended an earlier request's body, so it goes
-            # uncounted: a head may pass the limit by one read (at most 256 KiB).
+            # began the head may also have ended an earlier request's body, and the one
+            # that ends it may carry the body too, so both go uncounted: a head may pass
+            # the limit by those two reads (at most 256 KiB each).
             if self._messages_begun == begun:
                 self._head_bytes += len(data)
         elif self._message_open and not self._body_read:
