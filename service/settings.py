@@ -537,13 +537,6 @@ def settings_to_warn_of(settings: Settings, environ: Mapping[str, str] = os.envi
             "task store: while the store is busy (large images submitted to several workers), "
             "a live worker's tasks may be taken over and run twice"
         )
-    if settings.task_ttl.total_seconds() < (delivery_s := longest_webhook_delivery_s(settings)):
-        lines.append(
-            f"TASK_TTL ({settings.task_ttl.total_seconds():g} s) is shorter than a webhook's "
-            f"delivery may last ({delivery_s:g} s: WEBHOOK_MAX_ATTEMPTS attempts of up to "
-            "WEBHOOK_TIMEOUT_S each, and the backoff's waits): a task whose delivery ends "
-            "after its TTL is deleted then, and how the delivery ended cannot be read"
-        )
     if (warning := network_file_system_warning(settings.data_dir)) is not None:
         lines.append(warning)
     threads = (settings.torch_threads or 0) * settings.workers
@@ -554,16 +547,6 @@ def settings_to_warn_of(settings: Settings, environ: Mapping[str, str] = os.envi
             "the cores, and every batch slows (left unset, the cores are shared out)"
         )
     return lines
-
-
-def longest_webhook_delivery_s(settings: Settings) -> float:
-    """How long one task's webhook delivery may last, from its first attempt to its last:
-    every attempt up to WEBHOOK_TIMEOUT_S, every wait at its backoff ceiling."""
-    waits_s = sum(
-        min(settings.webhook_backoff_max_s, settings.webhook_backoff_s * 2**attempt)
-        for attempt in range(settings.webhook_max_attempts - 1)
-    )
-    return waits_s + settings.webhook_max_attempts * settings.webhook_timeout_s
 
 
 def _listening_host(value: str) -> str | None:

@@ -58,6 +58,8 @@ DISK_FULL_RETRY_AFTER_S = 60
 # One handed back at a shutdown has none: it is due at once, first of all.
 # ``interrupted``: a worker died while the model ran the task, so the task may be what
 # killed it; the mark outlives a graceful shutdown that hands the task back.
+# ``webhook_ended_at``: when its delivery ended (delivered or failed); a task is kept for
+# TASK_TTL after that too, so that its status shows how a long delivery ended.
 _SCHEMA = """
 CREATE TABLE tasks (
     id                  TEXT PRIMARY KEY,
@@ -77,6 +79,7 @@ CREATE TABLE tasks (
     webhook_status      TEXT,
     webhook_attempts    INTEGER NOT NULL DEFAULT 0,
     webhook_last_error  TEXT,
+    webhook_ended_at    REAL,
     idempotency_key     TEXT,
     request_hash        TEXT
 );
@@ -497,11 +500,15 @@ class TaskStore:
                     "later one: its tasks and results are in this file (a new DATA_DIR would "
                     "start without them)"
                 )
+            # Columns added since version 1, to a store written before them. The version
+            # stays 1: a server that knows none of them still opens the store.
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(tasks)")}
-            if "interrupted" not in columns:  # a store written before tasks carried the mark
+            if "interrupted" not in columns:
                 self._db.execute(
                     "ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0"
                 )
+            if "webhook_ended_at" not in columns:
+                self._db.execute("ALTER TABLE tasks ADD COLUMN webhook_ended_at REAL")
 
     @contextmanager
     def _transaction(self, lock_deadline: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -978,7 +985,14 @@ class TaskStore:
         )
 
     def finish_webhook(
-        self, task_id: str, owner: str, *, delivered: bool, attempts: int, error: str | None
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        delivered: bool,
+        attempts: int,
+        error: str | None,
+        now: float | None = None,
     ) -> bool:
         """Record the delivery's end and give up its lease; False if ``owner`` no longer
         holds it (as for ``defer_webhook``)."""
@@ -987,9 +1001,9 @@ class TaskStore:
             return (
                 db.execute(
                     "UPDATE tasks SET webhook_status = ?, webhook_attempts = ?, "
-                    "webhook_last_error = ?, lease_owner = NULL, lease_until = NULL "
-                    "WHERE id = ? AND lease_owner = ? AND webhook_status = ?",
-                    (status, attempts, error, task_id, owner, WebhookStatus.PENDING),
+                    "webhook_last_error = ?, webhook_ended_at = ?, lease_owner = NULL, "
+                    "lease_until = NULL WHERE id = ? AND lease_owner = ? AND webhook_status = ?",
+                    (status, attempts, error, _stamp(now), task_id, owner, WebhookStatus.PENDING),
                 ).rowcount
                 > 0
             )
@@ -998,13 +1012,15 @@ class TaskStore:
 
     def delete_expired(self, finished_before: float, *, most: int = DELETE_STEP_TASKS) -> int:
         """Delete up to ``most`` tasks that finished before ``finished_before`` (their
-        results expired), except those whose webhook is still being delivered; how many
-        were deleted. One short write: call again while it deletes ``most``."""
+        results expired), except those whose webhook is still being delivered or whose
+        delivery ended since; how many were deleted. One short write: call again while it
+        deletes ``most``."""
         with self._transaction() as db:
             return db.execute(
                 "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE finished_at < ? "
-                "AND (webhook_status IS NULL OR webhook_status != ?) LIMIT ?)",
-                (finished_before, WebhookStatus.PENDING, most),
+                "AND (webhook_status IS NULL OR webhook_status != ?) "
+                "AND (webhook_ended_at IS NULL OR webhook_ended_at < ?) LIMIT ?)",
+                (finished_before, WebhookStatus.PENDING, finished_before, most),
             ).rowcount
 
     def return_free_pages(self) -> bool:
@@ -1031,7 +1047,8 @@ def _stamp(now: float | None) -> float:
 
 def _keyed_task(db: sqlite3.Connection, idempotency_key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = db.execute(
-        "SELECT id, request_hash, finished_at, webhook_status FROM tasks WHERE idempotency_key = ?",
+        "SELECT id, request_hash, finished_at, webhook_status, webhook_ended_at FROM tasks "
+        "WHERE idempotency_key = ?",
         (idempotency_key,),
     ).fetchone()
     return row
@@ -1039,12 +1056,15 @@ def _keyed_task(db: sqlite3.Connection, idempotency_key: str) -> sqlite3.Row | N
 
 def _expired(row: sqlite3.Row, expired_before: float | None) -> bool:
     """Whether the task finished before ``expired_before`` and its webhook, if any, is no
-    longer being delivered: as ``delete_expired`` keeps such a task, its status (with the
-    delivery's attempts) and its Idempotency-Key are kept too."""
+    longer being delivered and ended its delivery before then too: as ``delete_expired``
+    keeps such a task, its status (with the delivery's attempts) and its Idempotency-Key
+    are kept too."""
     finished_at = row["finished_at"]
+    webhook_ended_at = row["webhook_ended_at"]
     return (
         finished_at is not None
         and expired_before is not None
         and finished_at < expired_before
         and row["webhook_status"] != WebhookStatus.PENDING
+        and (webhook_ended_at is None or webhook_ended_at < expired_before)
     )

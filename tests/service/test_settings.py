@@ -15,7 +15,6 @@ from service.settings import (
     PROJECT_ROOT,
     Settings,
     load_settings,
-    longest_webhook_delivery_s,
     misspelt_settings,
     settings_to_warn_of,
 )
@@ -366,21 +365,6 @@ def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
     ]
     shorter = Settings(batch_policy="timeout", max_wait_ms=50, request_timeout_ms=600)
     assert settings_to_warn_of(shorter, {"MAX_WAIT_MS": "50"}) == []
-
-
-def test_a_task_ttl_shorter_than_a_webhook_delivery_is_warned_of() -> None:
-    """A task whose delivery still fails when its TTL is over is deleted as its delivery
-    ends: its status never shows the delivery's failure."""
-    assert longest_webhook_delivery_s(Settings()) == 511 + 5 * 300 + 15 * 10
-    short = Settings(task_ttl=600, webhook_max_attempts=3, webhook_timeout_s=400)
-    assert settings_to_warn_of(short, {}) == [
-        "TASK_TTL (600 s) is shorter than a webhook's delivery may last (1203 s: "
-        "WEBHOOK_MAX_ATTEMPTS attempts of up to WEBHOOK_TIMEOUT_S each, and the backoff's "
-        "waits): a task whose delivery ends after its TTL is deleted then, and how the "
-        "delivery ended cannot be read"
-    ]
-    assert settings_to_warn_of(Settings(task_ttl=2161), {}) == []
-    assert settings_to_warn_of(Settings(task_ttl=2160), {}) != []
 
 
 @pytest.mark.parametrize(

@@ -1067,7 +1067,7 @@ def test_delete_expired_removes_only_old_finished_tasks(store: TaskStore) -> Non
     store.finish("old-pending-webhook", "A", prediction=[], now=T0 + 10)
     store.finish("old-delivered", "A", prediction=[], now=T0 + 10)
     store.claim_webhooks("A", 2, lease_s=LEASE_S, now=T0 + 10)
-    store.finish_webhook("old-delivered", "A", delivered=True, attempts=1, error=None)
+    store.finish_webhook("old-delivered", "A", delivered=True, attempts=1, error=None, now=T0 + 11)
     store.finish("recent", "A", prediction=[], now=T0 + 15)
 
     # At most as many as asked each time, in order to keep each write short.
@@ -1213,10 +1213,10 @@ def test_another_programs_database_is_refused_untouched(
 def test_a_store_written_before_tasks_carried_their_mark_gains_it_in_place(
     tmp_path: Path,
 ) -> None:
-    """A task store written by the server version before (no "interrupted" column) opens
-    with its tasks, which are claimed as before; the schema version stays, so that a
-    server of that version can still open the store (rolled back, or beside this one
-    during an upgrade)."""
+    """A task store written by a server version before (no "interrupted" column, nor
+    "webhook_ended_at") opens with its tasks, which are claimed as before; the schema
+    version stays, so that a server of that version can still open the store (rolled
+    back, or beside this one during an upgrade)."""
     with closing(TaskStore(tmp_path)) as store:
         add(store, "in-model")
         add(store, "queued", at=T0 + 1)
@@ -1224,6 +1224,7 @@ def test_a_store_written_before_tasks_carried_their_mark_gains_it_in_place(
         store.count_attempts("A", ["in-model"])
     with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
         db.execute("ALTER TABLE tasks DROP COLUMN interrupted")
+        db.execute("ALTER TABLE tasks DROP COLUMN webhook_ended_at")
         db.commit()
 
     with closing(TaskStore(tmp_path)) as store:
@@ -1233,6 +1234,15 @@ def test_a_store_written_before_tasks_carried_their_mark_gains_it_in_place(
             ("queued", False),
         ]
         assert get(store, "in-model").attempts == 1
+        add(store, "delivering", at=T0 + 12, callback_url=CALLBACK)
+        store.claim("B", 1, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS, now=T0 + 12)
+        store.finish("delivering", "B", prediction=[], now=T0 + 12)
+        store.claim_webhooks("B", 1, lease_s=LEASE_S, now=T0 + 12)
+        assert store.finish_webhook(
+            "delivering", "B", delivered=True, attempts=1, error=None, now=T0 + 13
+        )
+        assert store.get("delivering", expired_before=T0 + 13) is not None
+        assert store.get("delivering", expired_before=T0 + 14) is None
     with closing(sqlite3.connect(tmp_path / DATABASE_NAME)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
 
@@ -1409,8 +1419,28 @@ def test_an_expired_task_is_gone_before_the_clean_up_deletes_it(store: TaskStore
         assert store.get(unfinished, expired_before=T0 + 100) is not None, unfinished
     assert store.get("done") is not None, "still stored until the clean-up runs"
     store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 10)
-    store.finish_webhook("delivering", "A", delivered=False, attempts=15, error="500")
-    assert store.get("delivering", expired_before=T0 + 6) is None
+    store.finish_webhook("delivering", "A", delivered=False, attempts=15, error="500", now=T0 + 10)
+    assert store.get("delivering", expired_before=T0 + 10) is not None
+    assert store.get("delivering", expired_before=T0 + 11) is None
+
+
+def test_a_task_whose_delivery_ended_after_its_ttl_is_kept_for_a_ttl_after_that(
+    store: TaskStore,
+) -> None:
+    """A delivery that fails for longer than TASK_TTL: once it ends, the task's status
+    still shows how, for as long as any finished task's would."""
+    add(store, "t1", callback_url=CALLBACK)
+    claim(store, "A", at=T0 + 1)
+    store.finish("t1", "A", prediction=[], now=T0 + 2)
+    store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 3)
+    store.finish_webhook("t1", "A", delivered=False, attempts=15, error="500", now=T0 + 100)
+
+    # TASK_TTL of 10 s: expired 10 s after it finished, but kept 10 s after its delivery.
+    assert get(store, "t1").webhook_status is WebhookStatus.FAILED
+    assert store.get("t1", expired_before=T0 + 90) is not None
+    assert store.delete_expired(T0 + 90) == 0
+    assert store.get("t1", expired_before=T0 + 101) is None
+    assert store.delete_expired(T0 + 101) == 1
 
 
 def submit_keyed(
@@ -1465,9 +1495,10 @@ def test_a_task_still_delivering_its_webhook_keeps_its_idempotency_key(store: Ta
     assert store.holds_key("k1", expired_before=T0 + 3)
     assert submit("b", at=T0 + 4, expired_before=T0 + 3) == "a"
     store.claim_webhooks("A", 1, lease_s=LEASE_S, now=T0 + 5)
-    store.finish_webhook("a", "A", delivered=True, attempts=1, error=None)
-    assert not store.holds_key("k1", expired_before=T0 + 3)
-    assert submit("c", at=T0 + 6, expired_before=T0 + 3) == "c"
+    store.finish_webhook("a", "A", delivered=True, attempts=1, error=None, now=T0 + 5)
+    assert store.holds_key("k1", expired_before=T0 + 5)
+    assert not store.holds_key("k1", expired_before=T0 + 6)
+    assert submit("c", at=T0 + 7, expired_before=T0 + 6) == "c"
 
 
 def test_a_write_past_its_lock_deadline_still_tries_the_lock_once(
