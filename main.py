@@ -357,6 +357,7 @@ async def classify_batch(
             results.append(BatchEntry(index=index, status=status, detail=detail))
         else:
             results.append(BatchEntry(index=index, status=200, prediction=predictions_out(outcome)))
+    metrics.record_batch_files(entry.status for entry in results)
     if any(entry.status == 503 for entry in results):
         # The answer is 200 as a whole; a client retrying its refused entries needs the wait.
         response.headers["Retry-After"] = RETRY_AFTER_S

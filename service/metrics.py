@@ -73,6 +73,13 @@ HTTP_LATENCY = Histogram(
     ["route", "method", "status_class"],
     buckets=LATENCY_BUCKETS_S,
 )
+# /cls/batch answers 200 as a whole, with each file's own status in its entry: counted here,
+# a file refused (a bad image, 400) or lost (503, 504, 500) would show nowhere.
+BATCH_FILES = Counter(
+    "classify_batch_files_total",
+    "Files of /cls/batch requests answered, by the status of each one's entry",
+    ["status"],
+)
 QUEUE_DEPTH = Gauge(
     "batch_queue_depth",
     "Requests and claimed tasks waiting for a batch",
@@ -98,6 +105,8 @@ BATCH_ITEMS = Counter(
 # seen shows no data rather than none happening.
 for _outcome in Outcome:
     BATCH_ITEMS.labels(outcome=_outcome.value)
+for _status in (200, 400, 413, 500, 503, 504):
+    BATCH_FILES.labels(status=str(_status))
 for _priority in Priority:
     QUEUE_WAIT.labels(lane=_priority.name.lower())
 for _run_outcome in ("ok", "failed"):
@@ -207,6 +216,12 @@ def record_request(route: str, method: str, status: int, duration_s: float) -> N
     HTTP_LATENCY.labels(route=route, method=method, status_class=f"{status // 100}xx").observe(
         duration_s
     )
+
+
+def record_batch_files(statuses: Iterable[int]) -> None:
+    """Count the files of one answered /cls/batch request, by their entries' statuses."""
+    for status in statuses:
+        BATCH_FILES.labels(status=str(status)).inc()
 
 
 def record_refused_by_server(status: int) -> None:

@@ -573,6 +573,8 @@ async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list
             ("file", "d.jpg", photos[1].read_bytes(), "image/jpeg"),
         ]
     )
+    files = ('classify_batch_files_total{status="200"}', 'classify_batch_files_total{status="400"}')
+    before = (await served.client.get("/metrics")).text
     response = await served.client.post(
         "/cls/batch", params={"top_k": 2}, content=body, headers=multipart_headers(body)
     )
@@ -580,6 +582,9 @@ async def test_batch_answers_each_file_in_order(served: RunningApp, photos: list
     results = response.json()["results"]
     assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
     assert [r["status"] for r in results] == [200, 400, 400, 400, 200]
+    # The request is one 200; its files are counted by their own statuses.
+    after = (await served.client.get("/metrics")).text
+    assert [metric_value(after, f) - metric_value(before, f) for f in files] == [2, 3]
     assert "prediction" not in results[1]
     assert "not a JPEG" in results[1]["detail"]
     assert "empty" in results[2]["detail"]

@@ -105,6 +105,8 @@ def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
         assert f'batch_inference_seconds_count{{outcome="{outcome}"}} 0.0' in text
     for lane in ("interactive", "bulk", "background"):
         assert f'batch_queue_wait_seconds_count{{lane="{lane}"}} 0.0' in text
+    for status in (200, 400, 413, 500, 503, 504):
+        assert f'classify_batch_files_total{{status="{status}"}} 0.0' in text
 
 
 def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -> None:
