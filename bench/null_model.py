@@ -15,8 +15,9 @@ import numpy as np
 
 import main
 from classification import Classifier, Prediction
+from service import core
 
-_load_classifier = main.load_classifier
+_load_classifier = core.load_classifier
 
 
 def _load_with_an_instant_model(**options: object) -> Classifier:
@@ -34,5 +35,5 @@ def _load_with_an_instant_model(**options: object) -> Classifier:
     return classifier
 
 
-main.load_classifier = _load_with_an_instant_model  # type: ignore[assignment]
+core.load_classifier = _load_with_an_instant_model  # type: ignore[attr-defined]
 app = main.app
