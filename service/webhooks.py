@@ -48,6 +48,12 @@ CUT_OFF_ERROR = "cut off by a shutdown before the callback answered"
 # A failed attempt's text, shown in the task's status and logged: an exception's message
 # can quote what the receiver sent, at any length.
 DESCRIBED_ERROR_MAX_CHARS = 200
+# httpx builds the request a redirect would send even when not following it, and raises
+# RemoteProtocolError, starting so, for a Location it cannot make a URL of.
+INVALID_LOCATION = "Invalid URL in location header"
+INVALID_REDIRECT = (
+    "callback answered a redirect to an address that is not a valid URL (its Location header)"
+)
 
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 # RFC 6052 NAT64 prefix: `ipaddress` calls it global, yet a NAT64 gateway forwards it to the
@@ -565,6 +571,21 @@ def _describe(exc: httpx.TransportError, timeout_s: float) -> str:
     return type(exc).__name__
 
 
+def _redirect_described(target: httpx.URL) -> str:
+    """Where a redirect not followed points, for the delivery's error: the address to give
+    as callback_url instead (http:// sent to https://, say). Without credentials, query or
+    fragment, which may hold the receiver's secrets: the error shows in the task's status
+    and the logs."""
+    if target.scheme not in ("http", "https"):
+        return f"a redirect to a {logs.shortened(target.scheme, 16)!r} URL, which is not followed"
+    bare = target.copy_with(username=None, password=None, query=None, fragment=None)
+    left_out = " (its query left out)" if target.query else ""
+    return (
+        f"a redirect to {logs.shortened(str(bare), DESCRIBED_ERROR_MAX_CHARS)}{left_out}, "
+        "which is not followed: give the address it redirects to as callback_url"
+    )
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """A Retry-After header's wait in seconds (a number of seconds or an HTTP date), or None
     for none or one that does not parse."""
@@ -688,27 +709,28 @@ class WebhookSender:
                 ) as response:
                     status = response.status_code
                     retry_after_s = _retry_after_s(response.headers.get("retry-after"))
-                    location = response.headers.get("location")
+                    # Built by httpx for a redirect (301, 302, 303, 307, 308 with a
+                    # Location), and not followed.
+                    redirect = response.next_request
         except TimeoutError:
             return _Outcome(f"timed out after {timeout_s} s", retryable=True)
         except httpx.TransportError as exc:
+            if str(exc).startswith(INVALID_LOCATION):
+                return _Outcome(INVALID_REDIRECT, retryable=False)
             transient = httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
             if _is_refused_address(exc):
                 return _Outcome(_describe(exc, timeout_s), retryable=False, sent=False)
             return _Outcome(_describe(exc, timeout_s), retryable=isinstance(exc, transient))
         except httpx.InvalidURL as exc:
-            return _Outcome(f"callback_url is not a valid URL: {exc}", retryable=False)
+            # callback_url was made a request of when it was submitted: what httpx could
+            # not make a URL of is the answer's Location, made whole from it.
+            return _Outcome(f"{INVALID_REDIRECT} ({exc})", retryable=False)
         if 200 <= status < 300:
             return _Outcome(None, retryable=False)
         retryable = status >= 500 or status in (408, 429)
         error = f"callback answered {status}"
-        if 300 <= status < 400 and location:
-            # Not followed (its address would escape the checks made on callback_url's), so
-            # the error says where to point callback_url: http:// sent to https://, say.
-            with contextlib.suppress(httpx.InvalidURL):
-                location = str(httpx.URL(url).join(location))  # a relative one made whole
-            target = logs.shortened(location, DESCRIBED_ERROR_MAX_CHARS)
-            error += f", redirecting to {target}; redirects are not followed: give that address"
+        if redirect is not None:
+            error += f", {_redirect_described(redirect.url)}"
         return _Outcome(
             error,
             retryable=retryable,

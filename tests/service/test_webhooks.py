@@ -25,6 +25,7 @@ import trustme
 
 from service import webhooks
 from service.webhooks import (
+    INVALID_REDIRECT,
     Attempt,
     CallbackLookupFailed,
     InvalidCallbackUrl,
@@ -248,30 +249,70 @@ async def test_other_statuses_end_the_delivery(
 
 
 @pytest.mark.parametrize(
-    ("location", "target"),
+    ("status", "location", "target"),
     [
-        ("http://127.0.0.1:9/elsewhere", "http://127.0.0.1:9/elsewhere"),
-        ("/hook/", "{origin}/hook/"),  # relative: made whole from callback_url
-        ("x" * 300, ("{origin}/" + "x" * 300)),
+        (307, "http://127.0.0.1:9/elsewhere", "http://127.0.0.1:9/elsewhere"),
+        (308, "/hook/", "{origin}/hook/"),  # made whole from callback_url
+        (301, "//example.org/x", "http://example.org/x"),
+        # What may be the receiver's secrets stays out of the task's status and the logs.
+        (
+            302,
+            "https://user:secret@example.org/h?token=abc#f",
+            "https://example.org/h (its query left out)",
+        ),
+        (303, "/" + "x" * 300, "{origin}/" + "x" * 300),  # cut to 200 characters
     ],
 )
 async def test_a_redirect_ends_the_delivery_and_says_where_it_pointed(
-    location: str, target: str, receiver: Receiver, make_sender: Callable[..., WebhookSender]
+    status: int,
+    location: str,
+    target: str,
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
 ) -> None:
-    receiver.then = 307
+    receiver.then = status
     receiver.headers["Location"] = location
 
     attempt = await make_sender().attempt(receiver.url, PAYLOAD)
 
-    target = target.format(origin=f"http://127.0.0.1:{receiver.port}")
+    target = target.replace("{origin}", f"http://127.0.0.1:{receiver.port}")
     shown = target if len(target) <= 200 else target[:200] + "..."
     assert attempt == Attempt(
         attempts=1,
-        error=f"callback answered 307, redirecting to {shown}; redirects are not followed: "
-        "give that address",
+        error=f"callback answered {status}, a redirect to {shown}, which is not followed: give "
+        "the address it redirects to as callback_url",
         retry_in_s=None,
     )
     assert len(receiver.received) == 1  # not followed
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "error"),
+    [
+        (
+            302,
+            "ftp://example.org/x",
+            "callback answered 302, a redirect to a 'ftp' URL, which is not followed",
+        ),
+        (304, "/elsewhere", "callback answered 304"),  # not a redirect
+        (302, "http://[::1/x", INVALID_REDIRECT),
+    ],
+)
+async def test_a_redirect_that_cannot_be_given_instead_ends_the_delivery_saying_so(
+    status: int,
+    location: str,
+    error: str,
+    receiver: Receiver,
+    make_sender: Callable[..., WebhookSender],
+) -> None:
+    """Not tried again, and not blamed on callback_url: the answer was the receiver's."""
+    receiver.then = status
+    receiver.headers["Location"] = location
+
+    attempt = await make_sender().attempt(receiver.url, PAYLOAD)
+
+    assert attempt == Attempt(attempts=1, error=error, retry_in_s=None)
+    assert len(receiver.received) == 1
 
 
 async def test_a_refused_connection_is_tried_again_and_reported(
