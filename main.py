@@ -39,7 +39,7 @@ from classification import (
     ModelLoadError,
 )
 from service import logs, metrics, webhooks
-from service.core import DEFAULT_TOP_K, Service
+from service.core import Service
 from service.errors import (
     ERROR_STATUS,
     SHUTTING_DOWN,
@@ -52,6 +52,7 @@ from service.middleware import (
     NO_BOUNDARY,
     REQUEST_ID_HEADER,
     REQUEST_ID_STATE,
+    REQUEST_TIMEOUT_HEADER,
     RETRY_AFTER_S,
     ApiKeyMiddleware,
     BodyLimitsMiddleware,
@@ -119,6 +120,7 @@ TASKS_ROUTE = "/tasks"
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_OTHER_BODY_BYTES = 64 * 1024
+DEFAULT_TOP_K = 5
 # Probes and scrapers reach these without the API key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -193,8 +195,10 @@ def _takes_one_file(path: str) -> str:
 
 
 def _top_k(request: Request, requested: int | None) -> int:
-    """The route's ``top_k``, as ``Service.top_k``, and sent at most once: FastAPI takes the
-    last of repeated values, which would answer another question than the one asked."""
+    """How many classes to return: as requested, at most the model's class count, and sent
+    at most once (FastAPI takes the last of repeated values, which would answer another
+    question than the one asked); DEFAULT_TOP_K (or every class of a model with fewer)
+    when not asked."""
     if (sent := len(request.query_params.getlist("top_k"))) > 1:
         raise RequestValidationError(
             [{"loc": ("query", "top_k"), "msg": f"was sent {sent} times; send it at most once"}]
@@ -212,15 +216,36 @@ def _top_k(request: Request, requested: int | None) -> int:
             raise RequestValidationError(
                 [{"loc": ("query", logs.shortened(name, 64)), "msg": message}]
             )
-    return _service(request).top_k(requested)
+    classes = _service(request).num_classes()
+    if requested is None:
+        return min(DEFAULT_TOP_K, classes)
+    if requested > classes:
+        message = f"must be at most {classes}, the model's class count; got {requested}"
+        raise RequestValidationError([{"loc": ("query", "top_k"), "msg": message}])
+    return requested
 
 
-def _deadline(request: Request, service: Service) -> float:
-    """REQUEST_TIMEOUT_MS from the end of the upload: from when its last byte arrived,
-    where the HTTP protocol says (not in a test's in-process transport), not from when the
-    handler got to it, which a busy event loop delays."""
+def _deadline(request: Request, service: Service, own_timeout_ms: float | None = None) -> float:
+    """REQUEST_TIMEOUT_MS, or the request's own time limit where shorter, from the end of
+    the upload: from when its last byte arrived, where the HTTP protocol says (not in a
+    test's in-process transport), not from when the handler got to it, which a busy event
+    loop delays."""
+    if (sent := len(request.headers.getlist(REQUEST_TIMEOUT_HEADER))) > 1:
+        # One of them would be taken and the others ignored, unseen.
+        message = f"was sent {sent} times; send it at most once"
+        raise RequestValidationError([{"loc": ("header", REQUEST_TIMEOUT_HEADER), "msg": message}])
     ended_at = request.scope.get("state", {}).get(UPLOAD_END_STATE, time.monotonic())
-    return float(ended_at) + service.settings.request_timeout_ms / 1000
+    timeout_ms = service.settings.request_timeout_ms
+    if own_timeout_ms is not None and own_timeout_ms < timeout_ms:
+        timeout_ms = own_timeout_ms
+        request.state.own_timeout_ms = own_timeout_ms  # for its 504's message
+    return float(ended_at) + timeout_ms / 1000
+
+
+def _own_timeout_ms(request: Request) -> float | None:
+    """The request's own time limit, where it set one shorter than REQUEST_TIMEOUT_MS."""
+    own_timeout_ms: float | None = getattr(request.state, "own_timeout_ms", None)
+    return own_timeout_ms
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -260,6 +285,17 @@ TopK = Annotated[
     ),
 ]
 
+RequestTimeout = Annotated[
+    float | None,
+    Header(
+        alias=REQUEST_TIMEOUT_HEADER,
+        gt=0,
+        allow_inf_nan=False,
+        description="This request's own time limit in milliseconds, counted as "
+        "REQUEST_TIMEOUT_MS is, from the end of the upload; the shorter of the two applies",
+    ),
+]
+
 
 # The form fields of POST /tasks.
 TASK_FORM_FIELDS = ("file", "callback_url", "metadata")
@@ -289,13 +325,14 @@ async def classify(
     request: Request,
     file: ImageFile,
     top_k: TopK = None,
+    timeout_ms: RequestTimeout = None,
 ) -> ClassifyResponse:
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
     top_k = _top_k(request, top_k)
     _refuse_what_the_form_would_ignore(await request.form())
     predictions = await _unless_disconnected(
-        request, service.classify(file, top_k, _deadline(request, service))
+        request, service.classify(file, top_k, _deadline(request, service, timeout_ms))
     )
     return ClassifyResponse(prediction=predictions_out(predictions))
 
@@ -310,11 +347,12 @@ async def classify_batch(
         list[UploadFile] | None, File(description="One or more images, as repeated parts")
     ] = None,
     top_k: TopK = None,
+    timeout_ms: RequestTimeout = None,
 ) -> BatchResponse:
     """Classify several images; one entry per file, in order, each with its own status."""
     service = _service(request)
     top_k = _top_k(request, top_k)
-    deadline = _deadline(request, service)
+    deadline = _deadline(request, service, timeout_ms)
     form = await request.form()  # parsed already, for ``file``
     _refuse_what_the_form_would_ignore(form)
     # Any would be left out of the answer, and the caller miss an image it sent.
@@ -353,7 +391,9 @@ async def classify_batch(
     results = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):
-            status, detail = status_and_detail(outcome, service.settings)
+            status, detail = status_and_detail(
+                outcome, service.settings, own_timeout_ms=_own_timeout_ms(request)
+            )
             results.append(BatchEntry(index=index, status=status, detail=detail))
         else:
             results.append(BatchEntry(index=index, status=200, prediction=predictions_out(outcome)))
@@ -499,7 +539,9 @@ async def prometheus_metrics() -> Response:
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    status, detail = status_and_detail(exc, _service(request).settings)
+    status, detail = status_and_detail(
+        exc, _service(request).settings, own_timeout_ms=_own_timeout_ms(request)
+    )
     if isinstance(exc, TaskStoreFailed):
         # The logs name the file where the operator put it; a client is not told where.
         store_path = _service(request).settings.data_dir / DATABASE_NAME
@@ -961,7 +1003,13 @@ def create_app(settings: Settings) -> FastAPI:
             JsonCorsMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Idempotency-Key"],
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "X-Request-ID",
+                "Idempotency-Key",
+                REQUEST_TIMEOUT_HEADER,
+            ],
             expose_headers=["X-Request-ID", "Retry-After", "Location", "Idempotent-Replayed"],
         )
     # Added last, so outermost: 401s and 413s get request ids and metrics too.

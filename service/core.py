@@ -21,7 +21,6 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 import torch
 from fastapi import UploadFile
-from fastapi.exceptions import RequestValidationError
 
 from batching import (
     BatchFailed,
@@ -78,7 +77,6 @@ logger = logging.getLogger("service")
 STALL_MARGIN = 3
 T = TypeVar("T")
 
-DEFAULT_TOP_K = 5
 # How long a batch of tasks waits for their attempts to be on disk before the model runs
 # them: a few milliseconds normally (one fsync); bounded, for a store locked by another
 # process, since /cls requests queue behind the batch.
@@ -880,18 +878,11 @@ class Service:
         if upload.size is not None and upload.size > self.settings.max_upload_bytes:
             raise _too_large(upload.size, self.settings.max_upload_bytes)
 
-    def top_k(self, requested: int | None) -> int:
-        """How many classes to return: as requested, at most the model's class count;
-        DEFAULT_TOP_K (or every class of a model with fewer) when not asked."""
+    def num_classes(self) -> int:
+        """How many classes the model tells apart."""
         if self.classifier is None:
             raise self._not_ready()
-        classes = self.classifier.num_classes
-        if requested is None:
-            return min(DEFAULT_TOP_K, classes)
-        if requested > classes:
-            msg = f"must be at most {classes}, the model's class count; got {requested}"
-            raise RequestValidationError([{"loc": ("query", "top_k"), "msg": msg}])
-        return requested
+        return self.classifier.num_classes
 
     async def _count_task_attempts(self, jobs: list[ClassifyJob]) -> None:
         """Record that the tasks among ``jobs`` enter the model, before they do, so that

@@ -7,6 +7,7 @@ import logging
 
 from batching import BatchFailed, DeadlineExceeded, QueueFull, Stopped
 from classification import ImageTooLarge, InvalidImage, OutOfMemory
+from service.middleware import REQUEST_TIMEOUT_HEADER
 from service.settings import Settings
 from service.task_fields import InvalidTaskField, TaskNotFound
 from service.task_runner import RunnerStopped
@@ -73,7 +74,11 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
 }
 
 
-def status_and_detail(error: BaseException, settings: Settings) -> tuple[int, str]:
+def status_and_detail(
+    error: BaseException, settings: Settings, *, own_timeout_ms: float | None = None
+) -> tuple[int, str]:
+    """The status and public detail for ``error``; ``own_timeout_ms``: the request's own
+    time limit, where it set one shorter than REQUEST_TIMEOUT_MS, which its 504 names."""
     if isinstance(error, OutOfMemory):
         logger.error("no memory for a request: %s", error)  # names the device
     elif isinstance(error, MemoryError):
@@ -84,11 +89,11 @@ def status_and_detail(error: BaseException, settings: Settings) -> tuple[int, st
     for error_type, status in ERROR_STATUS.items():
         if isinstance(error, error_type):
             if error_type is DeadlineExceeded:
-                timeout_ms = f"{settings.request_timeout_ms:.15g} ms"
-                return (
-                    status,
-                    f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms})",
-                )
+                if own_timeout_ms is not None:
+                    limit = f"its {REQUEST_TIMEOUT_HEADER} ({own_timeout_ms:.15g} ms)"
+                else:
+                    limit = f"REQUEST_TIMEOUT_MS ({settings.request_timeout_ms:.15g} ms)"
+                return status, f"the request was not served within {limit}"
             return status, _PUBLIC_DETAIL.get(error_type, str(error))
     logger.error("unexpected error", exc_info=error)
     return 500, "internal server error"

@@ -29,6 +29,8 @@ from service import logs, metrics
 from service.protocol import REFUSED_STATE, REQUEST_ID_STATE, REQUEST_START_STATE
 
 REQUEST_ID_HEADER = "x-request-id"
+# A request's own time limit in milliseconds, when shorter than REQUEST_TIMEOUT_MS.
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Seconds a client told that the server is busy (503) waits before it tries again.
 RETRY_AFTER_S = "1"
 # Sent with an answer given before the body was read to its end: the client may still be

@@ -1064,6 +1064,8 @@ def test_a_504_names_the_request_timeout_as_set(timeout_ms: float) -> None:
         504,
         f"the request was not served within REQUEST_TIMEOUT_MS ({timeout_ms} ms)",
     )
+    own = errors.status_and_detail(DeadlineExceeded("late"), settings, own_timeout_ms=0.5)
+    assert own == (504, "the request was not served within its X-Request-Timeout-Ms (0.5 ms)")
 
 
 async def test_deadline_is_504_while_the_model_is_busy(
@@ -1087,6 +1089,66 @@ async def test_deadline_is_504_while_the_model_is_busy(
         [line] = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
         assert (line.status, line.batch_size) == (504, 1)
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
+
+
+async def test_a_request_s_own_shorter_time_limit_is_its_deadline(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """X-Request-Timeout-Ms: a client with a deadline of its own gets its 504 then, naming
+    the header, rather than at REQUEST_TIMEOUT_MS; the request beside it, without one, waits
+    for the model and is served."""
+    async with running_app(make_settings(request_timeout_ms=20_000, drain_timeout_s=2)) as served:
+        model = GatedModel(served)
+        data = photos[0].read_bytes()
+        try:
+            patient = asyncio.create_task(served.client.post("/cls", files=upload(data)))
+            started = asyncio.get_running_loop().time()
+            hurried = await served.client.post(
+                "/cls", files=upload(data), headers={"X-Request-Timeout-Ms": "400"}
+            )
+            elapsed = asyncio.get_running_loop().time() - started
+            assert hurried.status_code == 504
+            assert hurried.json()["detail"] == (
+                "the request was not served within its X-Request-Timeout-Ms (400 ms)"
+            )
+            assert 0.35 < elapsed < 5
+            batch = multipart([("file", "a.jpg", data, "image/jpeg")])
+            hurried_batch = await served.client.post(
+                "/cls/batch",
+                content=batch,
+                headers={**multipart_headers(batch), "X-Request-Timeout-Ms": "300"},
+            )
+            [entry] = hurried_batch.json()["results"]
+            assert (entry["status"], entry["detail"]) == (
+                504,
+                "the request was not served within its X-Request-Timeout-Ms (300 ms)",
+            )
+            assert not patient.done()
+        finally:
+            model.release.set()
+        assert (await patient).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        (["0"], "Input should be greater than 0"),
+        (["-5"], "Input should be greater than 0"),
+        (["soon"], "Input should be a valid number"),
+        (["inf"], "Input should be a finite number"),
+        (["nan"], "Input should be a finite number"),
+        (["100", "5000"], "was sent 2 times; send it at most once"),
+    ],
+)
+async def test_a_time_limit_that_is_no_positive_number_or_sent_twice_is_422(
+    values: list[str], says: str, served: RunningApp, photos: list[Path]
+) -> None:
+    headers = [("X-Request-Timeout-Ms", value) for value in values]
+    response = await served.client.post(
+        "/cls", files=upload(photos[0].read_bytes()), headers=headers
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(f"header.X-Request-Timeout-Ms: {says}")
 
 
 async def test_a_cls_decode_never_waits_behind_batch_files_decodes(
@@ -1664,11 +1726,14 @@ def test_the_deadline_counts_from_the_end_of_the_upload_where_the_protocol_says(
     (an in-process transport), from now."""
     service = core.Service(make_settings(request_timeout_ms=10_000))
     ended_at = time.monotonic() - 4.0
-    noted = Request({"type": "http", "state": {UPLOAD_END_STATE: ended_at}})
+    noted = Request({"type": "http", "headers": [], "state": {UPLOAD_END_STATE: ended_at}})
     assert main._deadline(noted, service) == pytest.approx(ended_at + 10.0)
     before = time.monotonic()
-    unnoted = main._deadline(Request({"type": "http"}), service)
+    unnoted = main._deadline(Request({"type": "http", "headers": []}), service)
     assert before + 10.0 <= unnoted <= time.monotonic() + 10.0
+    # A request's own time limit counts from the same point, where it is the shorter.
+    assert main._deadline(noted, service, 2_500) == pytest.approx(ended_at + 2.5)
+    assert main._deadline(noted, service, 60_000) == pytest.approx(ended_at + 10.0)
 
 
 async def test_a_start_that_fails_by_a_bug_outside_gunicorn_raises_with_its_traceback(

@@ -264,6 +264,19 @@ async def test_cors_preflight_allows_cancelling_tasks_with_an_idempotency_key() 
     assert submit.status_code == 200, submit.text
 
 
+async def test_cors_preflight_allows_a_request_s_own_time_limit() -> None:
+    async with running_app(make_settings(cors_origins=ORIGIN)) as served:
+        preflight = await served.client.options(
+            "/cls",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-request-timeout-ms",
+            },
+        )
+    assert preflight.status_code == 200, preflight.text
+
+
 async def test_a_refused_cors_preflight_is_a_json_error() -> None:
     async with running_app(make_settings(cors_origins=ORIGIN)) as served:
         foreign = await served.client.options(
