@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import math
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gunicorn import glogging
+from gunicorn import util as gunicorn_util
 
 from service import logs, memory
 from service.protocol import raise_open_file_limit
@@ -162,12 +165,47 @@ if settings.log_format == "json":
     }
 
 
+def _refuse_addresses_not_free(addresses: list[tuple[str, int] | str | bytes]) -> None:
+    """Stop with one line when a TCP address cannot be listened on (another process holds
+    the port, or the host is not this machine's), rather than gunicorn's five tries a
+    second apart, two lines each, none naming the setting."""
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
+        return  # listening sockets inherited (USR2's new master, systemd): bound already
+    for address in addresses:
+        if not isinstance(address, tuple):
+            continue  # a unix socket's path: gunicorn replaces a stale one
+        host, port = address
+        # As gunicorn binds it: SO_REUSEADDR, IPv6 only for an IPv6 address.
+        family = socket.AF_INET6 if gunicorn_util.is_ipv6(host) else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as exc:
+            setting = "BIND" if settings.bind else "PORT"
+            if exc.errno == errno.EADDRINUSE:
+                fix = f"another process listens there: stop it, or set {setting} to a free port"
+            elif exc.errno == errno.EACCES:
+                fix = f"a port under 1024 needs privileges: set {setting} to a higher one"
+            else:
+                fix = "not an address of this host: set BIND to one of its own (0.0.0.0: all)"
+            shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            raise SystemExit(
+                logs.unconfigured_line(
+                    f"cannot start: cannot listen on {shown} ({exc.strerror or exc}); {fix}"
+                )
+            ) from None
+
+
 def on_starting(server: Arbiter) -> None:
     # Named again in the master: with --daemon, gunicorn forked twice since it read this
     # file, and directories named by the pid of the process that did, which has exited,
     # would pass for a dead master's. And gunicorn's -e values are in the environment now.
     _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
+    _refuse_addresses_not_free(server.cfg.address)
     # Before the port is bound; whether the directory takes files is found in when_ready.
     refuse_metrics_path_of_a_file(PROMETHEUS_DIR)
     _halt_once_for_workers_that_cannot_start(server)

@@ -2378,10 +2378,10 @@ async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
     """A bug's 500 says nothing of it; the answer and the traceback's log line carry the
     request's id, so a caller's report leads to the traceback."""
 
-    def fail(requested: int | None) -> int:
+    def fail() -> int:
         raise RuntimeError("bug at /srv/secret/path.py")
 
-    monkeypatch.setattr(served.service, "top_k", fail)
+    monkeypatch.setattr(served.service, "num_classes", fail)
     # The client raises what the app raises: nothing reaches the server, which would log
     # the traceback a second time, without the request's id.
     with caplog.at_level(logging.ERROR):

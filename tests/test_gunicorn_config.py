@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import runpy
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,12 +88,13 @@ def master(
     config: dict[str, object], log: object = None, **command_line: object
 ) -> SimpleNamespace:
     """gunicorn's arbiter, as the hooks use it, with the file's values in its configuration
-    but for those given on the ``command_line`` (workers=2: -w 2)."""
+    but for those given on the ``command_line`` (workers=2: -w 2), and no address to listen
+    on (tried by a test of its own)."""
     cfg = {name: config[name] for name in ("workers", "timeout", "keepalive", "graceful_timeout")}
     return SimpleNamespace(
         reap_workers=lambda: None,
         log=log or QuietLog(),
-        cfg=SimpleNamespace(**{**cfg, **command_line}),
+        cfg=SimpleNamespace(address=[], **{**cfg, **command_line}),
     )
 
 
@@ -652,3 +655,38 @@ def test_the_configuration_gunicorn_logs_at_debug_level_leaves_out_environment_v
     assert "raw_env: [API_KEY, WEBHOOK_SECRET] (values not logged)" in logged
     assert "leaked" not in logged
     assert "loglevel: debug" in logged
+
+
+def test_an_address_that_cannot_be_listened_on_stops_the_start_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Rather than gunicorn's five tries a second apart, two lines each, none naming the
+    setting; sockets inherited (a USR2 re-exec, systemd) are not tried."""
+    refuse = load(monkeypatch, tmp_path, BIND="")["_refuse_addresses_not_free"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as in_use:
+            refuse([("127.0.0.1", port), "/tmp/unix.sock"])
+        assert str(in_use.value) == (
+            f"cannot start: cannot listen on 127.0.0.1:{port} (Address already in use); "
+            "another process listens there: stop it, or set PORT to a free port"
+        )
+        monkeypatch.setenv("LISTEN_FDS", "1")
+        refuse([("127.0.0.1", port)])
+        monkeypatch.delenv("LISTEN_FDS")
+    refuse([("127.0.0.1", port)])  # free again
+    with pytest.raises(SystemExit) as elsewhere:
+        refuse([("192.0.2.1", port)])  # TEST-NET-1: no host's own address
+    assert "; not an address of this host: set BIND to one of its own" in str(elsewhere.value)
+
+    def refused_to_the_unprivileged(self: socket.socket, address: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refused_to_the_unprivileged)
+    with pytest.raises(SystemExit) as privileged:
+        refuse([("0.0.0.0", 80)])
+    assert str(privileged.value).endswith(
+        "(Permission denied); a port under 1024 needs privileges: set PORT to a higher one"
+    )
