@@ -42,6 +42,7 @@ from service import logs, metrics, webhooks
 from service.core import Service
 from service.errors import (
     ERROR_STATUS,
+    INTERNAL_ERROR,
     SHUTTING_DOWN,
     ClientDisconnected,
     NotReady,
@@ -723,7 +724,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
             exc_info=exc,
         )
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse({"detail": "internal server error"}, status_code=500, headers=headers)
+    return JSONResponse({"detail": INTERNAL_ERROR}, status_code=500, headers=headers)
 
 
 def uvicorn_workers() -> int:

@@ -23,6 +23,7 @@ from service.webhooks import CallbackLookupFailed, InvalidCallbackUrl
 logger = logging.getLogger("service")
 
 SHUTTING_DOWN = "the server is shutting down; retry"
+INTERNAL_ERROR = "internal server error"  # all a client is told of a bug
 
 
 class UploadTooLarge(Exception):
@@ -96,7 +97,7 @@ def status_and_detail(
                 return status, f"the request was not served within {limit}"
             return status, _PUBLIC_DETAIL.get(error_type, str(error))
     logger.error("unexpected error", exc_info=error)
-    return 500, "internal server error"
+    return 500, INTERNAL_ERROR
 
 
 def task_error(error: BaseException, settings: Settings) -> str:
