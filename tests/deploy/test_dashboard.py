@@ -36,6 +36,7 @@ REQUIRED_SAMPLES = {
     "queue wait": "batch_queue_wait_seconds_bucket",
     "inference time": "batch_inference_seconds_bucket",
     "batcher outcomes": "batch_requests_total",
+    "/cls/batch files by status": "classify_batch_files_total",
     "tasks succeeded": "image_task_success_total",
     "tasks failed": "image_task_failure_total",
     "task latency": "image_task_latency_seconds_bucket",
