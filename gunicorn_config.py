@@ -165,13 +165,18 @@ if settings.log_format == "json":
     }
 
 
-def _refuse_addresses_not_free(addresses: list[tuple[str, int] | str | bytes]) -> None:
+def _refuse_addresses_not_free(cfg: Config) -> None:
     """Stop with one line when a TCP address cannot be listened on (another process holds
     the port, or the host is not this machine's), rather than gunicorn's five tries a
     second apart, two lines each, none naming the setting."""
     if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
         return  # listening sockets inherited (USR2's new master, systemd): bound already
-    for address in addresses:
+    if cfg.reuse_port:
+        return  # --reuse-port: a port other processes listen on too is taken as well
+    setting = "BIND" if settings.bind else "PORT"
+    if cfg.bind != [bind]:
+        setting = "gunicorn's --bind"
+    for address in cfg.address:
         if not isinstance(address, tuple):
             continue  # a unix socket's path: gunicorn replaces a stale one
         host, port = address
@@ -184,13 +189,12 @@ def _refuse_addresses_not_free(addresses: list[tuple[str, int] | str | bytes]) -
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
         except OSError as exc:
-            setting = "BIND" if settings.bind else "PORT"
             if exc.errno == errno.EADDRINUSE:
                 fix = f"another process listens there: stop it, or set {setting} to a free port"
             elif exc.errno == errno.EACCES:
                 fix = f"a port under 1024 needs privileges: set {setting} to a higher one"
             else:
-                fix = "not an address of this host: set BIND to one of its own (0.0.0.0: all)"
+                fix = f"not an address of this host: set {setting} to one of its own (0.0.0.0: all)"
             shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
             raise SystemExit(
                 logs.unconfigured_line(
@@ -205,7 +209,7 @@ def on_starting(server: Arbiter) -> None:
     # would pass for a dead master's. And gunicorn's -e values are in the environment now.
     _name_run_directories()
     _refuse_flags_that_override_settings(server.cfg)
-    _refuse_addresses_not_free(server.cfg.address)
+    _refuse_addresses_not_free(server.cfg)
     # Before the port is bound; whether the directory takes files is found in when_ready.
     refuse_metrics_path_of_a_file(PROMETHEUS_DIR)
     _halt_once_for_workers_that_cannot_start(server)

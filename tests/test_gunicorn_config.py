@@ -94,7 +94,9 @@ def master(
     return SimpleNamespace(
         reap_workers=lambda: None,
         log=log or QuietLog(),
-        cfg=SimpleNamespace(address=[], **{**cfg, **command_line}),
+        cfg=SimpleNamespace(
+            bind=[config["bind"]], address=[], reuse_port=False, **{**cfg, **command_line}
+        ),
     )
 
 
@@ -662,31 +664,45 @@ def test_an_address_that_cannot_be_listened_on_stops_the_start_in_one_line(
 ) -> None:
     """Rather than gunicorn's five tries a second apart, two lines each, none naming the
     setting; sockets inherited (a USR2 re-exec, systemd) are not tried."""
-    refuse = load(monkeypatch, tmp_path, BIND="")["_refuse_addresses_not_free"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        config = load(monkeypatch, tmp_path, PORT=str(port))
+        refuse = config["_refuse_addresses_not_free"]
+
+        def gunicorn_cfg(*addresses: str, reuse_port: bool = False) -> Config:
+            cfg = Config()
+            cfg.set("bind", list(addresses or [config["bind"]]))
+            cfg.set("reuse_port", reuse_port)
+            return cfg
+
         with pytest.raises(SystemExit) as in_use:
-            refuse([("127.0.0.1", port), "/tmp/unix.sock"])
+            refuse(gunicorn_cfg())
         assert str(in_use.value) == (
-            f"cannot start: cannot listen on 127.0.0.1:{port} (Address already in use); "
+            f"cannot start: cannot listen on 0.0.0.0:{port} (Address already in use); "
             "another process listens there: stop it, or set PORT to a free port"
         )
+        with pytest.raises(SystemExit) as by_flag:
+            refuse(gunicorn_cfg(f"127.0.0.1:{port}", "unix:/tmp/unix.sock"))
+        assert str(by_flag.value).endswith("set gunicorn's --bind to a free port")
+        refuse(gunicorn_cfg(reuse_port=True))  # shared on purpose: gunicorn's to bind
         monkeypatch.setenv("LISTEN_FDS", "1")
-        refuse([("127.0.0.1", port)])
+        refuse(gunicorn_cfg())
         monkeypatch.delenv("LISTEN_FDS")
-    refuse([("127.0.0.1", port)])  # free again
+    refuse(gunicorn_cfg())  # free again
+    config = load(monkeypatch, tmp_path, BIND=f"192.0.2.1:{port}")  # TEST-NET-1: no host's
     with pytest.raises(SystemExit) as elsewhere:
-        refuse([("192.0.2.1", port)])  # TEST-NET-1: no host's own address
+        config["_refuse_addresses_not_free"](gunicorn_cfg(config["bind"]))
     assert "; not an address of this host: set BIND to one of its own" in str(elsewhere.value)
+    refuse = config["_refuse_addresses_not_free"]
 
     def refused_to_the_unprivileged(self: socket.socket, address: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(socket.socket, "bind", refused_to_the_unprivileged)
     with pytest.raises(SystemExit) as privileged:
-        refuse([("0.0.0.0", 80)])
+        refuse(gunicorn_cfg(config["bind"]))
     assert str(privileged.value).endswith(
-        "(Permission denied); a port under 1024 needs privileges: set PORT to a higher one"
+        "(Permission denied); a port under 1024 needs privileges: set BIND to a higher one"
     )
