@@ -226,21 +226,35 @@ def _top_k(request: Request, requested: int | None) -> int:
     return requested
 
 
-def _deadline(request: Request, service: Service, own_timeout_ms: float | None = None) -> float:
-    """REQUEST_TIMEOUT_MS, or the request's own time limit where shorter, from the end of
-    the upload: from when its last byte arrived, where the HTTP protocol says (not in a
-    test's in-process transport), not from when the handler got to it, which a busy event
-    loop delays."""
+def _deadline(request: Request, service: Service, own_timeout: str | None = None) -> float:
+    """REQUEST_TIMEOUT_MS, or the request's own time limit (``own_timeout``, its header's
+    value) where shorter, from the end of the upload: from when its last byte arrived,
+    where the HTTP protocol says (not in a test's in-process transport), not from when the
+    handler got to it, which a busy event loop delays."""
+    ended_at = request.scope.get("state", {}).get(UPLOAD_END_STATE, time.monotonic())
+    timeout_ms = service.settings.request_timeout_ms
+    if own_timeout is not None:
+        own_timeout_ms = _milliseconds(request, own_timeout)
+        if own_timeout_ms < timeout_ms:
+            timeout_ms = own_timeout_ms
+            request.state.own_timeout_ms = own_timeout_ms  # for its 504's message
+    return float(ended_at) + timeout_ms / 1000
+
+
+def _milliseconds(request: Request, written: str) -> float:
+    """The request's own time limit, as its header gives it once, in digits, above 0."""
+    message = None
     if (sent := len(request.headers.getlist(REQUEST_TIMEOUT_HEADER))) > 1:
         # One of them would be taken and the others ignored, unseen.
         message = f"was sent {sent} times; send it at most once"
+    elif not MILLISECONDS.fullmatch(written) or float(written) == 0:
+        message = (
+            "must be a number of milliseconds above 0, in digits (250 or 12.5); "
+            f"got {logs.shortened(written, 20)!r}"
+        )
+    if message is not None:
         raise RequestValidationError([{"loc": ("header", REQUEST_TIMEOUT_HEADER), "msg": message}])
-    ended_at = request.scope.get("state", {}).get(UPLOAD_END_STATE, time.monotonic())
-    timeout_ms = service.settings.request_timeout_ms
-    if own_timeout_ms is not None and own_timeout_ms < timeout_ms:
-        timeout_ms = own_timeout_ms
-        request.state.own_timeout_ms = own_timeout_ms  # for its 504's message
-    return float(ended_at) + timeout_ms / 1000
+    return float(written)
 
 
 def _own_timeout_ms(request: Request) -> float | None:
@@ -286,14 +300,16 @@ TopK = Annotated[
     ),
 ]
 
+# Milliseconds in digits, up to a microsecond's precision: no sign, exponent, "_" or "inf",
+# which Python's float() would read too.
+MILLISECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,3})?")
 RequestTimeout = Annotated[
-    float | None,
+    str | None,
     Header(
         alias=REQUEST_TIMEOUT_HEADER,
-        gt=0,
-        allow_inf_nan=False,
-        description="This request's own time limit in milliseconds, counted as "
+        description="This request's own time limit in milliseconds (250, 12.5), counted as "
         "REQUEST_TIMEOUT_MS is, from the end of the upload; the shorter of the two applies",
+        json_schema_extra={"pattern": MILLISECONDS.pattern, "examples": ["250"]},
     ),
 ]
 
