@@ -579,7 +579,12 @@ def _redirect_described(target: httpx.URL) -> str:
     if target.scheme not in ("http", "https"):
         return f"a redirect to a {logs.shortened(target.scheme, 16)!r} URL, which is not followed"
     bare = target.copy_with(username=None, password=None, query=None, fragment=None)
-    left_out = " (its query left out)" if target.query else ""
+    parts = {"credentials": target.userinfo, "query": target.query, "fragment": target.fragment}
+    if dropped := [name for name, value in parts.items() if value]:
+        named = ", ".join(dropped[:-1]) + " and " + dropped[-1] if len(dropped) > 1 else dropped[0]
+        left_out = f" (its {named} left out)"
+    else:
+        left_out = ""
     return (
         f"a redirect to {logs.shortened(str(bare), DESCRIBED_ERROR_MAX_CHARS)}{left_out}, "
         "which is not followed: give the address it redirects to as callback_url"

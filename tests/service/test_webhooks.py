@@ -258,9 +258,10 @@ async def test_other_statuses_end_the_delivery(
         (
             302,
             "https://user:secret@example.org/h?token=abc#f",
-            "https://example.org/h (its query left out)",
+            "https://example.org/h (its credentials, query and fragment left out)",
         ),
         (303, "/" + "x" * 300, "{origin}/" + "x" * 300),  # cut to 200 characters
+        (307, "/p?token=abc", "{origin}/p (its query left out)"),
     ],
 )
 async def test_a_redirect_ends_the_delivery_and_says_where_it_pointed(
