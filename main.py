@@ -247,10 +247,11 @@ def _milliseconds(request: Request, written: str) -> float:
     if (sent := len(request.headers.getlist(REQUEST_TIMEOUT_HEADER))) > 1:
         # One of them would be taken and the others ignored, unseen.
         message = f"was sent {sent} times; send it at most once"
-    elif not MILLISECONDS.fullmatch(written) or float(written) == 0:
+    elif not MILLISECONDS.fullmatch(written := written.strip(" \t")) or float(written) == 0:
+        # (httptools leaves blanks at a field value's end, which HTTP does not count.)
         message = (
-            "must be a number of milliseconds above 0, in digits (250 or 12.5); "
-            f"got {logs.shortened(written, 20)!r}"
+            "must be a number of milliseconds above 0, in digits (250 or 12.5; at most 12 "
+            f"before the point and 9 after); got {logs.shortened(written, 20)!r}"
         )
     if message is not None:
         raise RequestValidationError([{"loc": ("header", REQUEST_TIMEOUT_HEADER), "msg": message}])
@@ -300,9 +301,9 @@ TopK = Annotated[
     ),
 ]
 
-# Milliseconds in digits, up to a microsecond's precision: no sign, exponent, "_" or "inf",
-# which Python's float() would read too.
-MILLISECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,3})?")
+# Milliseconds in digits: no sign, exponent, "_" or "inf", which Python's float() would
+# read too.
+MILLISECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 RequestTimeout = Annotated[
     str | None,
     Header(

@@ -1129,7 +1129,10 @@ async def test_a_request_s_own_shorter_time_limit_is_its_deadline(
         assert (await patient).status_code == 200
 
 
-NOT_MILLISECONDS = "must be a number of milliseconds above 0, in digits (250 or 12.5); got "
+NOT_MILLISECONDS = (
+    "must be a number of milliseconds above 0, in digits (250 or 12.5; at most 12 before the "
+    "point and 9 after); got "
+)
 
 
 @pytest.mark.parametrize(
@@ -1144,6 +1147,8 @@ NOT_MILLISECONDS = "must be a number of milliseconds above 0, in digits (250 or 
         (["soon"], f"{NOT_MILLISECONDS}'soon'"),
         (["inf"], f"{NOT_MILLISECONDS}'inf'"),
         (["9" * 400], f"{NOT_MILLISECONDS}'{'9' * 20}...'"),
+        (["1.0000000001"], f"{NOT_MILLISECONDS}'1.0000000001'"),
+        ([".5"], f"{NOT_MILLISECONDS}'.5'"),
         (["100", "5000"], "was sent 2 times; send it at most once"),
     ],
 )
@@ -1741,6 +1746,7 @@ def test_the_deadline_counts_from_the_end_of_the_upload_where_the_protocol_says(
     # A request's own time limit counts from the same point, where it is the shorter.
     assert main._deadline(noted, service, "2500") == pytest.approx(ended_at + 2.5)
     assert main._deadline(noted, service, "12.5") == pytest.approx(ended_at + 0.0125)
+    assert main._deadline(noted, service, "12.5000 ") == pytest.approx(ended_at + 0.0125)
     assert main._deadline(noted, service, "60000") == pytest.approx(ended_at + 10.0)
 
 
