@@ -49,9 +49,10 @@ run: $(RUNTIME_STAMP)
 dev: $(RUNTIME_STAMP)
 	$(BIN)/uvicorn main:app --reload --port $${PORT:-$${port:-5001}} --http service.protocol:JsonErrorsHttpProtocol --ws none
 
-## test: the suite but soak and deployment checks (random weights, no network needed)
+## test: the suite but soak and deployment checks (random weights, no network needed);
+##   TESTS=tests/service/test_settings.py (files, ::names, -k ...) runs those alone
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TESTS)
 
 ## test-fast: the suite without the tests that start server processes
 test-fast: $(STAMP)
