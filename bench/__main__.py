@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from bench import limits, queueing, report
 from bench.load import Payload, StepResult, closed_loop, encode_payloads, open_loop, spaced
 from bench.report import MAX_PAIR_DRIFT
-from bench.server import Server, ServerNotStarted, start
+from bench.server import Server, ServerNotStarted, scrape, start
 from classification import ImageTooLarge, InvalidImage, cpu_computes_bfloat16, preprocess
 from service import memory as worker_memory
 from service.settings import PROJECT_ROOT, Settings, available_cores
@@ -587,14 +588,25 @@ def recorded_command(module: str, argv: list[str]) -> str:
 
 
 def check_url(
-    parser: argparse.ArgumentParser, url: str, headers: dict[str, str], image: Path
+    parser: argparse.ArgumentParser, url: str, headers: dict[str, str], image: Path, dtype: str
 ) -> None:
     """Refuse, before any measurement, a server that is not ready or would refuse every
-    request: the sweep would measure nothing but its errors."""
+    request (the sweep would measure nothing but its errors), or that serves in another
+    dtype than the in-process limits would be measured in."""
     try:
         ready = httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         if not ready:
             parser.error(f"--url {url} is not ready (/readyz)")
+        served = {
+            match.group(1)
+            for name in scrape(url)
+            if (match := re.match(r'model_info\{.*\bdtype="([^"]+)"', name))
+        }
+        if served and dtype not in served:
+            parser.error(
+                f"--url {url} serves in {', '.join(sorted(served))} (model_info on its "
+                f"/metrics), not --dtype {dtype}: give its DTYPE as --dtype"
+            )
         answer = httpx.post(
             f"{url}/cls",
             files={"file": (image.name, image.read_bytes())},
@@ -738,7 +750,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     headers = {} if args.api_key is None else {"X-API-Key": args.api_key}
     if args.url:
         args.url = args.url.rstrip("/")
-        check_url(parser, args.url, headers, images[0])
+        check_url(parser, args.url, headers, images[0], args.dtype)
     threads = max(1, available_cores() // args.workers)
     payloads = encode_payloads(images)
     # Start-up 3, the sweep (closed, open, idle twice, spaced), paired 2, batching off 1.
@@ -749,7 +761,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit(),
         "machine": machine(),
-        "server_settings": settings if not args.url else {"url": args.url},
+        # For a server at --url, what it was said to run with.
+        "server_settings": (
+            settings
+            if not args.url
+            else {"url": args.url, "MAX_BATCH_SIZE": str(args.max_batch_size), "DTYPE": args.dtype}
+        ),
         "images": [p.name for p in images],
     }
     warnings: list[str] = []  # written into the report as well as to stderr

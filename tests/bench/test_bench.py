@@ -960,10 +960,19 @@ def test_a_bad_argument_is_one_line_before_any_measurement(
 
 
 class _KeyedServer(BaseHTTPRequestHandler):
-    """Ready, and answers /cls 401 without the key "right"."""
+    """Ready, serving in the dtype its server's ``dtype`` names (float32 by default), and
+    answers /cls 401 without the key "right"."""
 
     def do_GET(self) -> None:
-        self._answer(200)
+        if self.path != "/metrics":
+            self._answer(200)
+            return
+        dtype = getattr(self.server, "dtype", "float32")
+        body = f'model_info{{device="cpu",dtype="{dtype}",model="resnet18"}} 1.0\n'.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -979,16 +988,24 @@ class _KeyedServer(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize(
-    ("key", "message"),
+    ("key", "served", "message"),
     [
-        ([], "answers 401: give its API_KEY with --api-key"),
-        (["--api-key", "wrong"], "answers 401: --api-key is not its API_KEY"),
+        ([], "float32", "answers 401: give its API_KEY with --api-key"),
+        (["--api-key", "wrong"], "float32", "answers 401: --api-key is not its API_KEY"),
+        # The in-process limits would be measured in another dtype than it serves in.
+        (
+            ["--api-key", "right"],
+            "float16",
+            "serves in float16 (model_info on its /metrics), not --dtype float32: give its "
+            "DTYPE as --dtype",
+        ),
     ],
 )
 def test_a_url_that_refuses_the_benchmarks_requests_is_one_line_before_any_measurement(
-    key: list[str], message: str
+    key: list[str], served: str, message: str
 ) -> None:
     keyed = ThreadingHTTPServer(("127.0.0.1", 0), _KeyedServer)
+    keyed.dtype = served  # type: ignore[attr-defined]
     threading.Thread(target=keyed.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{keyed.server_address[1]}"
     try:
