@@ -682,7 +682,7 @@ def test_a_second_server_on_the_same_port_leaves_the_first_untouched(
             assert "Connection in use" not in second.stderr
             [refusal] = [line for line in second.stderr.splitlines() if "cannot listen" in line]
             assert "(Address already in use)" in refusal
-            assert "set PORT to a free port" in refusal
+            assert "set gunicorn's --bind to a free port" in refusal  # as the command gave it
         assert counted in httpx.get(f"{server.url}/metrics").text
         assert set((tmp_path / "tmp").iterdir()) == temporary
 
