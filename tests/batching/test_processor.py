@@ -952,6 +952,103 @@ async def test_a_batch_leaves_out_an_item_without_time_for_it() -> None:
     assert handler.batches == [[1], [3]]
 
 
+async def urgent_behind(
+    processor: BatchProcessor[int, int],
+    handler: FakeHandler,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    patient: Sequence[int],
+    patient_deadline_s: float | None,
+    urgent_deadline_s: float,
+) -> tuple[list[asyncio.Task[int]], asyncio.Task[int]]:
+    """Queue ``patient`` items, then 2 with a shorter deadline, behind a running batch
+    of [1]; with the run times expected below, 2 has time for a batch of 3 at most."""
+    blocker = spawn(processor, 1)
+    await handler.next_started()
+    expect_run_times(processor, {1: 1.0, 4: 4.0})
+    # Kept as set: the fake's own runs, which take no time, would change them.
+    monkeypatch.setattr(processor._run_times, "record", lambda *args, **kwargs: None)
+    now = time.monotonic()
+    deadline = None if patient_deadline_s is None else now + patient_deadline_s
+    waiting = [asyncio.create_task(processor.submit(item, deadline=deadline)) for item in patient]
+    urgent = asyncio.create_task(processor.submit(2, deadline=now + urgent_deadline_s))
+    await wait_until(lambda: processor.queue_depth == len(patient) + 1)
+    return [*blocker, *waiting], urgent
+
+
+@pytest.mark.parametrize("patient", [(10, 11, 12), (10, 11, 12, 13)], ids=["3", "4"])
+async def test_an_item_with_a_short_deadline_goes_first_where_the_others_have_time(
+    patient: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item left out of the largest batch in time (3 items beside it fit its deadline,
+    not 4), or queued behind a full batch, would expire waiting behind that batch: a
+    smaller batch led by it runs first, as the items without a deadline can wait, and
+    everyone is answered."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        others, urgent = await urgent_behind(
+            processor,
+            handler,
+            monkeypatch,
+            patient=patient,
+            patient_deadline_s=None,
+            urgent_deadline_s=3.5,
+        )
+        handler.release_all()
+        handler.held = False
+
+        assert await results([*others, urgent]) == [2, *(2 * item for item in patient), 4]
+
+    assert handler.batches[:2] == [[1], [2, 10, 11]]
+    assert sorted(handler.seen) == sorted([1, 2, *patient])
+
+
+async def test_an_item_with_a_short_deadline_does_not_go_first_at_others_expense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run first, the item with the short deadline would push the full batch's items past
+    theirs: the full batch runs first."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        others, urgent = await urgent_behind(
+            processor,
+            handler,
+            monkeypatch,
+            patient=(10, 11, 12, 13),
+            patient_deadline_s=4.5,
+            urgent_deadline_s=3.5,
+        )
+        handler.release_next()
+
+        assert await handler.next_started() == [10, 11, 12, 13]
+        handler.release_all()
+        handler.held = False
+        await results([*others, urgent])
+
+
+async def test_under_a_deeper_queue_an_item_with_a_short_deadline_waits_its_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With more than two batches waiting, full batches go in arrival order: smaller ones
+    ahead of them would make more items expire behind them."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4)) as processor:
+        others, urgent = await urgent_behind(
+            processor,
+            handler,
+            monkeypatch,
+            patient=tuple(range(10, 18)),
+            patient_deadline_s=None,
+            urgent_deadline_s=3.5,
+        )
+        handler.release_next()
+
+        assert await handler.next_started() == [10, 11, 12, 13]
+        handler.release_all()
+        handler.held = False
+        assert await results([*others, urgent]) == [2, *(2 * item for item in range(10, 18)), 4]
+
+
 async def test_when_no_item_is_expected_in_time_they_still_run_latest_deadline_first() -> None:
     """An estimate is no reason to leave the model idle: with no item expected in time, the
     one with the latest deadline runs alone, then the next; here the model is faster than
