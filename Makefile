@@ -100,7 +100,7 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(BIN)/python -m bench --full
 
-## bench-gpu: the GPU benchmark (float16, batches up to 256, 4 and 8 workers on the GPU)
+## bench-gpu: the GPU benchmark (float16 and bfloat16, batches up to 256, 4 and 8 workers on the GPU)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.gpu
 

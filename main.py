@@ -237,7 +237,8 @@ def _deadline(request: Request, service: Service, own_timeout: str | None = None
         own_timeout_ms = _milliseconds(request, own_timeout)
         if own_timeout_ms < timeout_ms:
             timeout_ms = own_timeout_ms
-            request.state.own_timeout_ms = own_timeout_ms  # for its 504's message
+            # For its 504's message, as sent: a float would print 0.000000001 as 1e-09.
+            request.state.own_timeout = own_timeout.strip(" \t")
     return float(ended_at) + timeout_ms / 1000
 
 
@@ -258,10 +259,11 @@ def _milliseconds(request: Request, written: str) -> float:
     return float(written)
 
 
-def _own_timeout_ms(request: Request) -> float | None:
-    """The request's own time limit, where it set one shorter than REQUEST_TIMEOUT_MS."""
-    own_timeout_ms: float | None = getattr(request.state, "own_timeout_ms", None)
-    return own_timeout_ms
+def _own_timeout(request: Request) -> str | None:
+    """The request's own time limit in milliseconds, as sent, where it set one shorter
+    than REQUEST_TIMEOUT_MS."""
+    own_timeout: str | None = getattr(request.state, "own_timeout", None)
+    return own_timeout
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -410,7 +412,7 @@ async def classify_batch(
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):
             status, detail = status_and_detail(
-                outcome, service.settings, own_timeout_ms=_own_timeout_ms(request)
+                outcome, service.settings, own_timeout=_own_timeout(request)
             )
             results.append(BatchEntry(index=index, status=status, detail=detail))
         else:
@@ -558,7 +560,7 @@ async def prometheus_metrics() -> Response:
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status, detail = status_and_detail(
-        exc, _service(request).settings, own_timeout_ms=_own_timeout_ms(request)
+        exc, _service(request).settings, own_timeout=_own_timeout(request)
     )
     if isinstance(exc, TaskStoreFailed):
         # The logs name the file where the operator put it; a client is not told where.

@@ -11,6 +11,7 @@ from batching.processor import (
     NullObserver,
     Outcome,
     Priority,
+    timeout_at_deadline,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "Priority",
     "QueueFull",
     "Stopped",
+    "timeout_at_deadline",
 ]

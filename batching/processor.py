@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -258,6 +258,31 @@ def _expire_at_deadline(entry: _Pending[In, Out]) -> None:
                 "the request's deadline passed before it was served", entry.batch_size
             ),
         )
+
+
+@contextlib.asynccontextmanager
+async def timeout_at_deadline(deadline: float) -> AsyncIterator[None]:
+    """As ``asyncio.timeout``, expiring at ``deadline`` (a ``time.monotonic()`` time) and
+    never before it: uvloop's timers run in whole milliseconds and fire up to one early,
+    so one that fires early is set again, as an entry's own deadline is."""
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+    async with asyncio.timeout(None) as timeout:
+
+        def expire_if_due() -> None:
+            nonlocal timer
+            left_s = deadline - time.monotonic()
+            if left_s > 0:
+                timer = loop.call_later(left_s, expire_if_due)
+            else:
+                timeout.reschedule(loop.time())  # expires now
+
+        expire_if_due()
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:

@@ -30,6 +30,7 @@ from batching import (
     Priority,
     QueueFull,
     Stopped,
+    timeout_at_deadline,
 )
 from classification import (
     Classifier,
@@ -501,7 +502,7 @@ class Service:
         try:
             # A decompression-heavy image must not outlive its deadline either; its thread
             # finishes the decode, but nobody waits for it.
-            async with asyncio.timeout(deadline - time.monotonic()):
+            async with timeout_at_deadline(deadline):
                 pixels = await self._decode(upload, model_idle, priority)
         except TimeoutError:
             self._observer.item_finished(Outcome.EXPIRED)

@@ -76,10 +76,11 @@ _PUBLIC_DETAIL: dict[type[Exception], str] = {
 
 
 def status_and_detail(
-    error: BaseException, settings: Settings, *, own_timeout_ms: float | None = None
+    error: BaseException, settings: Settings, *, own_timeout: str | None = None
 ) -> tuple[int, str]:
-    """The status and public detail for ``error``; ``own_timeout_ms``: the request's own
-    time limit, where it set one shorter than REQUEST_TIMEOUT_MS, which its 504 names."""
+    """The status and public detail for ``error``; ``own_timeout``: the request's own time
+    limit in milliseconds, as sent, where it set one shorter than REQUEST_TIMEOUT_MS, which
+    its 504 names."""
     if isinstance(error, OutOfMemory):
         logger.error("no memory for a request: %s", error)  # names the device
     elif isinstance(error, MemoryError):
@@ -90,8 +91,8 @@ def status_and_detail(
     for error_type, status in ERROR_STATUS.items():
         if isinstance(error, error_type):
             if error_type is DeadlineExceeded:
-                if own_timeout_ms is not None:
-                    limit = f"its {REQUEST_TIMEOUT_HEADER} ({own_timeout_ms:.15g} ms)"
+                if own_timeout is not None:
+                    limit = f"its {REQUEST_TIMEOUT_HEADER} ({own_timeout} ms)"
                 else:
                     limit = f"REQUEST_TIMEOUT_MS ({settings.request_timeout_ms:.15g} ms)"
                 return status, f"the request was not served within {limit}"

@@ -327,6 +327,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{problem}; give a state-dict file, 'imagenet' or 'random'")
         return value
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_can_be_a_directory(cls, value: Path) -> Path:
+        # Else every worker loads its model, then fails to open the task store.
+        existing = next((path for path in (value, *value.parents) if path.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "" if existing == value else f" ({existing} is)"
+            raise ValueError(
+                f"is a file, not a directory{where}; set DATA_DIR to a writable directory "
+                "on a local disk"
+            )
+        return value
+
     @field_validator("labels_file")
     @classmethod
     def _labels_file_exists(cls, value: Path) -> Path:

@@ -27,6 +27,7 @@ from batching import (
     Priority,
     QueueFull,
     Stopped,
+    timeout_at_deadline,
 )
 from batching import processor as processor_module
 from batching.processor import _Pending, _RunningBatch, _RunTimes
@@ -2241,6 +2242,42 @@ def test_a_deadline_never_fires_early_under_uvloop() -> None:
         early_s = runner.run(scenario())
     assert len(early_s) == 200
     assert max(early_s) <= 0, f"expired {max(early_s) * 1000:.2f} ms before its deadline"
+
+
+def test_a_timeout_at_a_deadline_never_expires_before_it_under_uvloop() -> None:
+    """What the batcher's callers wait for outside it (an image's decode) expires at its
+    deadline, as the batcher's own entries do: uvloop's ``asyncio.timeout`` fired up to
+    0.6 ms before it."""
+
+    async def scenario() -> list[float]:
+        rng = random.Random(5)
+        early_s: list[float] = []
+
+        async def expire() -> None:
+            deadline = time.monotonic() + rng.uniform(0.002, 0.012)
+            with pytest.raises(TimeoutError):
+                async with timeout_at_deadline(deadline):
+                    await asyncio.sleep(1)
+            early_s.append(deadline - time.monotonic())
+
+        await asyncio.gather(*(expire() for _ in range(200)))
+        return early_s
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        early_s = runner.run(scenario())
+    assert len(early_s) == 200
+    assert max(early_s) <= 0, f"expired {max(early_s) * 1000:.2f} ms before its deadline"
+
+
+async def test_a_timeout_at_a_deadline_lets_what_ends_in_time_end_and_a_past_one_expire() -> None:
+    async with timeout_at_deadline(time.monotonic() + 5):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.02)  # a timer left behind would cancel this task now
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with timeout_at_deadline(started - 1):
+            await asyncio.sleep(1)
+    assert time.monotonic() - started < 0.5
 
 
 # --- Randomised stress -----------------------------------------------------------------------

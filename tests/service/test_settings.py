@@ -397,6 +397,35 @@ def test_a_file_setting_that_names_no_file_is_refused(
     assert f"{name}='{tmp_path / path}': {says}" in line
 
 
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("file", "is a file, not a directory; set DATA_DIR to a writable directory"),
+        ("file/tasks", "is a file, not a directory ({file} is); set DATA_DIR"),
+    ],
+)
+def test_a_data_dir_that_is_a_file_is_refused(
+    path: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Refused as the settings are read, before gunicorn binds the port: every worker
+    would load its model, then fail to open the task store."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / path))
+    line = refusal(monkeypatch, capsys)
+    assert f"DATA_DIR='{tmp_path / path}': {says.format(file=tmp_path / 'file')}" in line
+
+
+def test_a_data_dir_yet_to_be_made_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "not" / "yet"))
+    assert load_settings().data_dir == tmp_path / "not" / "yet"
+
+
 def test_a_weights_file_that_exists_is_left_to_the_loader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
