@@ -36,6 +36,11 @@ DEADLINE_MARGIN_S = 0.02
 # per batch. No queue of the default size comes near it.
 TAKE_SCAN_LIMIT = 4096
 
+# A batch made smaller so that a request with a short deadline goes first costs the model
+# one batch's fixed time, and a stream of such requests would keep every batch small: while
+# the model has work waiting, at most one batch in this many is one (see ``_urgent_first``).
+URGENT_FIRST_EVERY = 8
+
 
 class BatchPolicy(enum.StrEnum):
     """How a batch is formed once the handler has capacity.
@@ -477,6 +482,7 @@ class BatchProcessor(Generic[In, Out]):
         self._arrivals = itertools.count()
         # An item to run alone that a batch ended before: the next batch is its own.
         self._alone_next: _Pending[In, Out] | None = None
+        self._batches_since_urgent_first = URGENT_FIRST_EVERY
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -737,6 +743,8 @@ class BatchProcessor(Generic[In, Out]):
     async def _collect_batch(self) -> list[_Pending[In, Out]]:
         while True:
             while not self.queue_depth:
+                # An idle model has time to spare for a batch run early (``_urgent_first``).
+                self._batches_since_urgent_first = URGENT_FIRST_EVERY
                 self._arrived.clear()
                 await self._arrived.wait()
             if (
@@ -787,6 +795,7 @@ class BatchProcessor(Generic[In, Out]):
                 self._put_back(entries)
                 entries = self._isolate(self._take_in_time(limit, now))
             entries = self._urgent_first(entries, limit, now)
+        self._batches_since_urgent_first += 1
         for entry in _turn_takers(entries):
             self._last_turn_at[entry.priority] = now
         for priority in Priority:
@@ -930,10 +939,19 @@ class BatchProcessor(Generic[In, Out]):
         A request with a short time limit of its own, among requests with time to spare,
         is left out of the largest batch in time and would expire waiting behind it,
         where a smaller batch led by it first serves everyone. Only while what waits in
-        the lane fits in two batches: under a deeper queue full batches serve the most
-        requests, and smaller ones ahead would make more expire behind them, and so on.
+        the lane fits in two batches (under a deeper queue full batches serve the most
+        requests, and smaller ones ahead would make more expire behind them), for one
+        batch in ``URGENT_FIRST_EVERY`` at most since the model was last idle (each costs a
+        batch's fixed time), and with one batch at a time (with more, a free slot takes the
+        entry left out).
         """
-        if not chosen or self._alone_next is not None or any(e.alone for e in chosen):
+        if (
+            not chosen
+            or self._batches_since_urgent_first < URGENT_FIRST_EVERY
+            or self._config.max_concurrent_batches > 1
+            or self._alone_next is not None
+            or any(e.alone for e in chosen)
+        ):
             return chosen
         lane = self._lanes[chosen[0].priority]
         room = 2 * limit - len(chosen)
@@ -955,19 +973,29 @@ class BatchProcessor(Generic[In, Out]):
         )
         if urgent is None:
             return chosen
+        # The largest batch led by it that ends in time (a smaller one only makes the rest
+        # larger): beside it, the chosen entries of the highest lanes, earliest deadline first.
+        size = max(
+            n
+            for n in range(1, min(limit, len(chosen) + 1) + 1)
+            if n == 1 or now + estimate_s(n) <= (urgent.deadline or 0.0)
+        )
+        by_urgency = sorted(
+            chosen, key=lambda e: (e.priority, math.inf if e.deadline is None else e.deadline)
+        )
+        lead = [urgent, *by_urgency[: size - 1]]
+        # The rest in the order later batches take them: lane by lane, first come first.
         others = [e for e in waiting if e is not urgent]
+        rest = sorted([*by_urgency[size - 1 :], *others], key=lambda e: (e.priority, e.seq))
         in_time_first = self._in_time_in_turn([chosen, *self._batches_of(others, limit)], now)
-        by_deadline = sorted(chosen, key=lambda e: math.inf if e.deadline is None else e.deadline)
-        for size in range(min(limit, len(chosen) + 1), 0, -1):
-            lead = [urgent, *by_deadline[: size - 1]]
-            rest = sorted([*by_deadline[size - 1 :], *others], key=lambda e: e.seq)
-            in_time = self._in_time_in_turn([lead, *self._batches_of(rest, limit)], now)
-            if urgent in in_time and in_time_first <= in_time:
-                self._put_back(by_deadline[size - 1 :])
-                urgent.queued = False
-                lane.remove(urgent)
-                return lead
-        return chosen
+        in_time = self._in_time_in_turn([lead, *self._batches_of(rest, limit)], now)
+        if urgent not in in_time or not in_time_first <= in_time:
+            return chosen
+        self._put_back(by_urgency[size - 1 :])
+        urgent.queued = False
+        lane.remove(urgent)
+        self._batches_since_urgent_first = 0
+        return lead
 
     @staticmethod
     def _batches_of(entries: list[_Pending[In, Out]], limit: int) -> list[list[_Pending[In, Out]]]:

@@ -288,6 +288,7 @@ async def three_queued_behind_a_running_batch(
 # --- Priority lanes --------------------------------------------------------------------------
 
 BACKGROUND = Priority.BACKGROUND
+BULK = Priority.BULK
 
 
 async def test_interactive_items_go_first_and_background_fills_spare_slots() -> None:
@@ -1048,6 +1049,56 @@ async def test_under_a_deeper_queue_an_item_with_a_short_deadline_waits_its_turn
         handler.release_all()
         handler.held = False
         assert await results([*others, urgent]) == [2, *(2 * item for item in range(10, 18)), 4]
+
+
+async def test_a_batch_run_first_for_a_short_deadline_keeps_to_the_lanes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beside the item with the short deadline go the higher lane's items, not a lower
+    lane's that filled the batch it replaces: no BULK item runs ahead of INTERACTIVE ones."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=4, fill_from_lower_lanes=True)
+    async with running(handler, config) as processor:
+        blocker = spawn(processor, 1)
+        await handler.next_started()
+        expect_run_times(processor, {1: 1.0, 4: 4.0})
+        monkeypatch.setattr(processor._run_times, "record", lambda *args, **kwargs: None)
+        now = time.monotonic()
+        bulk = asyncio.create_task(processor.submit(20, deadline=now + 5.5, priority=BULK))
+        patient = spawn(processor, 10, 11, 12)
+        urgent = asyncio.create_task(processor.submit(2, deadline=now + 2.5))
+        await wait_until(lambda: processor.queue_depth == 5)
+        handler.release_all()
+        handler.held = False
+
+        assert await results([*blocker, *patient, urgent, bulk]) == [2, 20, 22, 24, 4, 40]
+
+    assert handler.batches[1] == [2, 10]
+
+
+async def test_a_stream_of_short_deadlines_leaves_most_batches_full() -> None:
+    """Two callers with a short deadline among 24 without: a batch run first for one of them
+    costs a batch's fixed time, and at most one batch in URGENT_FIRST_EVERY is one, so the
+    others' batches stay full (one for each short request would shrink them to 3 or 4)."""
+    handler = TimedHandler(run_s=0.01, per_item_s=0.005)
+    config = BatchConfig(max_batch_size=16)
+    async with running(handler, config) as processor:
+        for size in (1, 16):
+            processor.record_run_time(size, 0.01 + 0.005 * size)
+        stop_at = time.monotonic() + 2.0
+
+        async def client(deadline_s: float | None) -> None:
+            while time.monotonic() < stop_at:
+                deadline = None if deadline_s is None else time.monotonic() + deadline_s
+                with contextlib.suppress(DeadlineExceeded):
+                    await processor.submit(0, deadline=deadline)
+
+        await bounded(
+            asyncio.gather(*(client(None) for _ in range(24)), *(client(0.06) for _ in range(2)))
+        )
+
+    sizes = [len(batch) for batch in handler.batches]
+    assert sum(sizes) / len(sizes) >= 12, sizes
 
 
 async def test_when_no_item_is_expected_in_time_they_still_run_latest_deadline_first() -> None:
