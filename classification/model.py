@@ -361,8 +361,8 @@ def _starts_as_torch_file(path: Path) -> bool:
 
 
 def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
-    if not isinstance(loaded, dict) or "fc.weight" not in loaded:
-        raise ModelLoadError(f"{source} is not a ResNet18 state dict (no 'fc.weight')")
+    if not isinstance(loaded, dict) or not loaded:
+        raise ModelLoadError(f"{source} is not a ResNet18 state dict (not a dict of tensors)")
     for name, value in loaded.items():
         if not isinstance(value, torch.Tensor):
             raise ModelLoadError(
@@ -386,8 +386,8 @@ def _checked_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
                 f"{source} is not a ResNet18 state dict ({name!r} is a {kind} tensor, "
                 "not a dense one)"
             )
-    classifier_weight = loaded["fc.weight"]
-    if classifier_weight.dim() != 2:
+    classifier_weight = loaded.get("fc.weight")  # without it, listed with the missing keys
+    if classifier_weight is not None and classifier_weight.dim() != 2:
         raise ModelLoadError(
             f"{source} does not fit ResNet18: 'fc.weight' has shape "
             f"{tuple(classifier_weight.shape)}, expected (classes, 512)"
@@ -466,7 +466,8 @@ def build_network(weights: str, num_labels: int, seed: int = 0) -> tuple[nn.Modu
         raise ModelLoadError(
             f"{source} holds a negative variance in {negative!r}; the file is corrupt{mend}"
         )
-    num_classes = int(state["fc.weight"].shape[0])
+    # A state dict without its classifier is refused below, its keys listed as missing.
+    num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else num_labels
     if num_classes != num_labels:
         raise ModelLoadError(
             f"WEIGHTS={weights} has {num_classes} classes but LABELS_FILE has {num_labels} "

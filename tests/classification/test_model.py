@@ -285,6 +285,12 @@ def test_a_weights_path_that_cannot_be_read_stops_start_up_with_one_line(
             r"layer4.0.bn1.weight, layer4.0.bn1.bias, \.\.\.\)\): weights of another network\?$",
         ),
         (
+            "no classifier",
+            r"does not fit ResNet18 \(2 missing keys \(fc.weight, fc.bias\)\): weights of another "
+            r"network\?$",
+        ),
+        ({}, r"is not a ResNet18 state dict \(not a dict of tensors\)$"),
+        (
             "wide conv1",
             r"does not fit ResNet18 \(1 tensor of another shape \(conv1.weight\)\)",
         ),
@@ -321,6 +327,8 @@ def test_bad_weights_files_stop_start_up_with_one_line(
     elif content == "safetensors cut in its header":
         safetensors.torch.save_file(network.state_dict(), path)
         path.write_bytes(path.read_bytes()[:200])
+    elif content == "no classifier":
+        save({k: v for k, v in network.state_dict().items() if not k.startswith("fc.")}, path)
     elif content == "no layer4":
         save({k: v for k, v in network.state_dict().items() if "layer4" not in k}, path)
     elif content == "nan":
