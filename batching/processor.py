@@ -36,11 +36,6 @@ DEADLINE_MARGIN_S = 0.02
 # per batch. No queue of the default size comes near it.
 TAKE_SCAN_LIMIT = 4096
 
-# A batch made smaller so that a request with a short deadline goes first costs the model
-# one batch's fixed time, and a stream of such requests would keep every batch small: while
-# the model has work waiting, at most one batch in this many is one (see ``_urgent_first``).
-URGENT_FIRST_EVERY = 8
-
 
 class BatchPolicy(enum.StrEnum):
     """How a batch is formed once the handler has capacity.
@@ -482,7 +477,9 @@ class BatchProcessor(Generic[In, Out]):
         self._arrivals = itertools.count()
         # An item to run alone that a batch ended before: the next batch is its own.
         self._alone_next: _Pending[In, Out] | None = None
-        self._batches_since_urgent_first = URGENT_FIRST_EVERY
+        # Whether a batch may be run early for a short deadline (``_urgent_first``): once
+        # each time the model has been idle.
+        self._urgent_first_allowed = True
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[_RunningBatch[In, Out]] = set()
@@ -744,7 +741,7 @@ class BatchProcessor(Generic[In, Out]):
         while True:
             while not self.queue_depth:
                 # An idle model has time to spare for a batch run early (``_urgent_first``).
-                self._batches_since_urgent_first = URGENT_FIRST_EVERY
+                self._urgent_first_allowed = True
                 self._arrived.clear()
                 await self._arrived.wait()
             if (
@@ -795,7 +792,6 @@ class BatchProcessor(Generic[In, Out]):
                 self._put_back(entries)
                 entries = self._isolate(self._take_in_time(limit, now))
             entries = self._urgent_first(entries, limit, now)
-        self._batches_since_urgent_first += 1
         for entry in _turn_takers(entries):
             self._last_turn_at[entry.priority] = now
         for priority in Priority:
@@ -939,22 +935,23 @@ class BatchProcessor(Generic[In, Out]):
         A request with a short time limit of its own, among requests with time to spare,
         is left out of the largest batch in time and would expire waiting behind it,
         where a smaller batch led by it first serves everyone. Only while what waits in
-        the lane fits in two batches (under a deeper queue full batches serve the most
-        requests, and smaller ones ahead would make more expire behind them), for one
-        batch in ``URGENT_FIRST_EVERY`` at most since the model was last idle (each costs a
-        batch's fixed time), and with one batch at a time (with more, a free slot takes the
-        entry left out).
+        the lane fits in ``chosen`` and one place more: with more waiting, full batches
+        serve the most requests, and the time a smaller one ahead costs would be paid by
+        those behind and those yet to come. Once each time the model has been idle: each
+        costs a batch's fixed time, which then comes out of time the model had to spare,
+        where a stream of short deadlines would otherwise keep every batch small. And with
+        one batch at a time (with more, a free slot takes the entry left out).
         """
         if (
             not chosen
-            or self._batches_since_urgent_first < URGENT_FIRST_EVERY
+            or not self._urgent_first_allowed
             or self._config.max_concurrent_batches > 1
             or self._alone_next is not None
             or any(e.alone for e in chosen)
         ):
             return chosen
         lane = self._lanes[chosen[0].priority]
-        room = 2 * limit - len(chosen)
+        room = limit + 1 - len(chosen)
         waiting = list(itertools.islice(self._live(lane, now), room + 1))
         if not waiting or len(waiting) > room:
             return chosen
@@ -994,7 +991,7 @@ class BatchProcessor(Generic[In, Out]):
         self._put_back(by_urgency[size - 1 :])
         urgent.queued = False
         lane.remove(urgent)
-        self._batches_since_urgent_first = 0
+        self._urgent_first_allowed = False
         return lead
 
     @staticmethod

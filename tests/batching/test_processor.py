@@ -1031,15 +1031,16 @@ async def test_an_item_with_a_short_deadline_does_not_go_first_at_others_expense
 async def test_under_a_deeper_queue_an_item_with_a_short_deadline_waits_its_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With more than two batches waiting, full batches go in arrival order: smaller ones
-    ahead of them would make more items expire behind them."""
+    """With more waiting than a full batch and one place more, full batches go in arrival
+    order: the time a smaller one ahead costs would be paid by the items behind it, and by
+    those yet to come."""
     handler = FakeHandler(held=True)
     async with running(handler, BatchConfig(max_batch_size=4)) as processor:
         others, urgent = await urgent_behind(
             processor,
             handler,
             monkeypatch,
-            patient=tuple(range(10, 18)),
+            patient=tuple(range(10, 15)),
             patient_deadline_s=None,
             urgent_deadline_s=3.5,
         )
@@ -1048,7 +1049,7 @@ async def test_under_a_deeper_queue_an_item_with_a_short_deadline_waits_its_turn
         assert await handler.next_started() == [10, 11, 12, 13]
         handler.release_all()
         handler.held = False
-        assert await results([*others, urgent]) == [2, *(2 * item for item in range(10, 18)), 4]
+        assert await results([*others, urgent]) == [2, *(2 * item for item in range(10, 15)), 4]
 
 
 async def test_a_batch_run_first_for_a_short_deadline_keeps_to_the_lanes(
@@ -1076,13 +1077,13 @@ async def test_a_batch_run_first_for_a_short_deadline_keeps_to_the_lanes(
     assert handler.batches[1] == [2, 10]
 
 
-async def test_a_stream_of_short_deadlines_leaves_most_batches_full() -> None:
-    """Two callers with a short deadline among 24 without: a batch run first for one of them
-    costs a batch's fixed time, and at most one batch in URGENT_FIRST_EVERY is one, so the
-    others' batches stay full (one for each short request would shrink them to 3 or 4)."""
+async def test_a_stream_of_short_deadlines_leaves_the_batches_full() -> None:
+    """Two callers with a short deadline among 12 without, all in one batch's room: a batch
+    run first for one of them costs a batch's fixed time, once each time the model has been
+    idle. Run first each time one would expire, the batches shrank to 4 items on average,
+    and the model answered three quarters as many a second."""
     handler = TimedHandler(run_s=0.01, per_item_s=0.005)
-    config = BatchConfig(max_batch_size=16)
-    async with running(handler, config) as processor:
+    async with running(handler, BatchConfig(max_batch_size=16)) as processor:
         for size in (1, 16):
             processor.record_run_time(size, 0.01 + 0.005 * size)
         stop_at = time.monotonic() + 2.0
@@ -1094,11 +1095,11 @@ async def test_a_stream_of_short_deadlines_leaves_most_batches_full() -> None:
                     await processor.submit(0, deadline=deadline)
 
         await bounded(
-            asyncio.gather(*(client(None) for _ in range(24)), *(client(0.06) for _ in range(2)))
+            asyncio.gather(*(client(None) for _ in range(12)), *(client(0.06) for _ in range(2)))
         )
 
     sizes = [len(batch) for batch in handler.batches]
-    assert sum(sizes) / len(sizes) >= 12, sizes
+    assert sum(sizes) / len(sizes) >= 9, sizes
 
 
 async def test_when_no_item_is_expected_in_time_they_still_run_latest_deadline_first() -> None:
