@@ -935,9 +935,10 @@ class BatchProcessor(Generic[In, Out]):
         A request with a short time limit of its own, among requests with time to spare,
         is left out of the largest batch in time and would expire waiting behind it,
         where a smaller batch led by it first serves everyone. Only while what waits in
-        the lane fits in ``chosen`` and one place more: with more waiting, full batches
-        serve the most requests, and the time a smaller one ahead costs would be paid by
-        those behind and those yet to come. Once each time the model has been idle: each
+        the lane fits in ``chosen`` and one place more, and nothing waits in a lower lane
+        or to run alone: with more waiting, full batches serve the most requests, and the
+        time a smaller one ahead costs would be paid by those behind and those yet to
+        come. Once each time the model has been idle: each
         costs a batch's fixed time, which then comes out of time the model had to spare,
         where a stream of short deadlines would otherwise keep every batch small. And with
         one batch at a time (with more, a free slot takes the entry left out).
@@ -953,7 +954,13 @@ class BatchProcessor(Generic[In, Out]):
         lane = self._lanes[chosen[0].priority]
         room = limit + 1 - len(chosen)
         waiting = list(itertools.islice(self._live(lane, now), room + 1))
-        if not waiting or len(waiting) > room:
+        if (
+            not waiting
+            or len(waiting) > room
+            or any(e.alone for e in waiting)
+            # Their batches would start later too, and nothing here weighs them.
+            or any(any(self._live(self._lanes[p], now)) for p in Priority if p > chosen[0].priority)
+        ):
             return chosen
         estimate_s = self._run_times.estimate_s
         behind_chosen = now + estimate_s(len(chosen)) + estimate_s(1)
