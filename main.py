@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -237,8 +238,8 @@ def _deadline(request: Request, service: Service, own_timeout: str | None = None
         own_timeout_ms = _milliseconds(request, own_timeout)
         if own_timeout_ms < timeout_ms:
             timeout_ms = own_timeout_ms
-            # For its 504's message, as sent: a float would print 0.000000001 as 1e-09.
-            request.state.own_timeout = own_timeout.strip(" \t")
+            # For its 504's message, in plain digits: a float prints 0.000000001 as 1e-09.
+            request.state.own_timeout = format(Decimal(own_timeout.strip(" \t")).normalize(), "f")
     return float(ended_at) + timeout_ms / 1000
 
 

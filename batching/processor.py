@@ -964,25 +964,20 @@ class BatchProcessor(Generic[In, Out]):
             return chosen
         estimate_s = self._run_times.estimate_s
         behind_chosen = now + estimate_s(len(chosen)) + estimate_s(1)
-        urgent = min(
-            (
-                e
-                for e in waiting
-                if e.deadline is not None
-                and not e.alone
-                and now + estimate_s(1) <= e.deadline < behind_chosen
-            ),
-            key=lambda e: e.deadline or 0.0,
-            default=None,
-        )
-        if urgent is None:
+        deadlines = {
+            e: e.deadline
+            for e in waiting
+            if e.deadline is not None and now + estimate_s(1) <= e.deadline < behind_chosen
+        }
+        if not deadlines:
             return chosen
+        urgent = min(deadlines, key=deadlines.__getitem__)
         # The largest batch led by it that ends in time (a smaller one only makes the rest
         # larger): beside it, the chosen entries of the highest lanes, earliest deadline first.
         size = max(
             n
             for n in range(1, min(limit, len(chosen) + 1) + 1)
-            if n == 1 or now + estimate_s(n) <= (urgent.deadline or 0.0)
+            if now + estimate_s(n) <= deadlines[urgent]
         )
         by_urgency = sorted(
             chosen, key=lambda e: (e.priority, math.inf if e.deadline is None else e.deadline)

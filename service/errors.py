@@ -79,8 +79,8 @@ def status_and_detail(
     error: BaseException, settings: Settings, *, own_timeout: str | None = None
 ) -> tuple[int, str]:
     """The status and public detail for ``error``; ``own_timeout``: the request's own time
-    limit in milliseconds, as sent, where it set one shorter than REQUEST_TIMEOUT_MS, which
-    its 504 names."""
+    limit in milliseconds, in digits, where it set one shorter than REQUEST_TIMEOUT_MS,
+    which its 504 names."""
     if isinstance(error, OutOfMemory):
         logger.error("no memory for a request: %s", error)  # names the device
     elif isinstance(error, MemoryError):

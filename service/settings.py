@@ -8,6 +8,7 @@ import math
 import os
 import re
 import ssl
+import stat
 import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
@@ -330,14 +331,22 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _data_dir_can_be_a_directory(cls, value: Path) -> Path:
-        # Else every worker loads its model, then fails to open the task store.
-        existing = next((path for path in (value, *value.parents) if path.exists()), None)
-        if existing is not None and not existing.is_dir():
-            where = "" if existing == value else f" ({existing} is)"
-            raise ValueError(
-                f"is a file, not a directory{where}; set DATA_DIR to a writable directory "
-                "on a local disk"
-            )
+        # Else every worker loads its model, then fails to open the task store. A path
+        # that cannot be looked into (no permission) is left to the store, which says so.
+        advice = "set DATA_DIR to a writable directory on a local disk"
+        for path in (value, *value.parents):
+            try:
+                is_directory = stat.S_ISDIR(path.stat().st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                if path.is_symlink():
+                    raise ValueError(f"{path} is a symbolic link to nothing; {advice}") from None
+                continue
+            except OSError:
+                return value
+            if is_directory:
+                return value
+            where = "is not a directory" if path == value else f"is under {path}, not a directory"
+            raise ValueError(f"{where}; {advice}")
         return value
 
     @field_validator("labels_file")

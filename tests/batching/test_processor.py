@@ -1109,8 +1109,8 @@ async def test_a_batch_run_first_for_a_short_deadline_waits_for_lower_lanes(
 async def test_a_stream_of_short_deadlines_leaves_the_batches_full() -> None:
     """Two callers with a short deadline among 12 without, all in one batch's room: a batch
     run first for one of them costs a batch's fixed time, once each time the model has been
-    idle. Run first each time one would expire, the batches shrank to 4 items on average,
-    and the model answered three quarters as many a second."""
+    idle. Run first each time one would expire, the batches would average about 4 items,
+    and the model answer three quarters as many a second."""
     handler = TimedHandler(run_s=0.01, per_item_s=0.005)
     async with running(handler, BatchConfig(max_batch_size=16)) as processor:
         for size in (1, 16):

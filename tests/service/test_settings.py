@@ -400,8 +400,10 @@ def test_a_file_setting_that_names_no_file_is_refused(
 @pytest.mark.parametrize(
     ("path", "says"),
     [
-        ("file", "is a file, not a directory; set DATA_DIR to a writable directory"),
-        ("file/tasks", "is a file, not a directory ({file} is); set DATA_DIR"),
+        ("file", "is not a directory; set DATA_DIR to a writable directory"),
+        ("file/tasks", "is under {file}, not a directory; set DATA_DIR"),
+        ("dangling", "{dangling} is a symbolic link to nothing; set DATA_DIR"),
+        ("dangling/tasks", "{dangling} is a symbolic link to nothing; set DATA_DIR"),
     ],
 )
 def test_a_data_dir_that_is_a_file_is_refused(
@@ -414,9 +416,11 @@ def test_a_data_dir_that_is_a_file_is_refused(
     """Refused as the settings are read, before gunicorn binds the port: every worker
     would load its model, then fail to open the task store."""
     (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     monkeypatch.setenv("DATA_DIR", str(tmp_path / path))
     line = refusal(monkeypatch, capsys)
-    assert f"DATA_DIR='{tmp_path / path}': {says.format(file=tmp_path / 'file')}" in line
+    said = says.format(file=tmp_path / "file", dangling=tmp_path / "dangling")
+    assert f"DATA_DIR='{tmp_path / path}': {said}" in line
 
 
 def test_a_data_dir_yet_to_be_made_is_taken(
@@ -424,6 +428,10 @@ def test_a_data_dir_yet_to_be_made_is_taken(
 ) -> None:
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "not" / "yet"))
     assert load_settings().data_dir == tmp_path / "not" / "yet"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "link"))
+    assert load_settings().data_dir == tmp_path / "link"
 
 
 def test_a_weights_file_that_exists_is_left_to_the_loader(
