@@ -339,7 +339,8 @@ class Settings(BaseSettings):
                 is_directory = stat.S_ISDIR(path.stat().st_mode)
             except (FileNotFoundError, NotADirectoryError):
                 if path.is_symlink():
-                    raise ValueError(f"{path} is a symbolic link to nothing; {advice}") from None
+                    where = "is" if path == value else f"is under {path},"
+                    raise ValueError(f"{where} a symbolic link to nothing; {advice}") from None
                 continue
             except OSError:
                 return value

@@ -402,8 +402,8 @@ def test_a_file_setting_that_names_no_file_is_refused(
     [
         ("file", "is not a directory; set DATA_DIR to a writable directory"),
         ("file/tasks", "is under {file}, not a directory; set DATA_DIR"),
-        ("dangling", "{dangling} is a symbolic link to nothing; set DATA_DIR"),
-        ("dangling/tasks", "{dangling} is a symbolic link to nothing; set DATA_DIR"),
+        ("dangling", "is a symbolic link to nothing; set DATA_DIR"),
+        ("dangling/tasks", "is under {dangling}, a symbolic link to nothing; set DATA_DIR"),
     ],
 )
 def test_a_data_dir_that_is_a_file_is_refused(
