@@ -938,10 +938,10 @@ class BatchProcessor(Generic[In, Out]):
         the lane fits in ``chosen`` and one place more, and nothing waits in a lower lane
         or to run alone: with more waiting, full batches serve the most requests, and the
         time a smaller one ahead costs would be paid by those behind and those yet to
-        come. Once each time the model has been idle: each
-        costs a batch's fixed time, which then comes out of time the model had to spare,
-        where a stream of short deadlines would otherwise keep every batch small. And with
-        one batch at a time (with more, a free slot takes the entry left out).
+        come. Once each time the model has been idle: each costs a batch's fixed time,
+        which then comes out of time the model had to spare, where a stream of short
+        deadlines would otherwise keep every batch small. And with one batch at a time
+        (with more, a free slot takes the entry left out).
         """
         if (
             not chosen
@@ -983,11 +983,10 @@ class BatchProcessor(Generic[In, Out]):
             chosen, key=lambda e: (e.priority, math.inf if e.deadline is None else e.deadline)
         )
         lead = [urgent, *by_urgency[: size - 1]]
-        # The rest in the order later batches take them: lane by lane, first come first.
+        # What waits fits in ``chosen`` and one place more: the rest, in one batch next.
         others = [e for e in waiting if e is not urgent]
-        rest = sorted([*by_urgency[size - 1 :], *others], key=lambda e: (e.priority, e.seq))
-        in_time_first = self._in_time_in_turn([chosen, *self._batches_of(others, limit)], now)
-        in_time = self._in_time_in_turn([lead, *self._batches_of(rest, limit)], now)
+        in_time_first = self._in_time_in_turn([chosen, others], now)
+        in_time = self._in_time_in_turn([lead, [*by_urgency[size - 1 :], *others]], now)
         if urgent not in in_time or not in_time_first <= in_time:
             return chosen
         self._put_back(by_urgency[size - 1 :])
@@ -996,17 +995,14 @@ class BatchProcessor(Generic[In, Out]):
         self._urgent_first_allowed = False
         return lead
 
-    @staticmethod
-    def _batches_of(entries: list[_Pending[In, Out]], limit: int) -> list[list[_Pending[In, Out]]]:
-        return [entries[i : i + limit] for i in range(0, len(entries), limit)]
-
     def _in_time_in_turn(
         self, batches: list[list[_Pending[In, Out]]], now: float
     ) -> set[_Pending[In, Out]]:
-        """The entries expected to end in time when ``batches`` run one after another."""
+        """The entries expected to end in time when ``batches`` (the empty ones left out)
+        run one after another."""
         in_time: set[_Pending[In, Out]] = set()
         end = now
-        for batch in batches:
+        for batch in filter(None, batches):
             end += self._run_times.estimate_s(len(batch))
             in_time.update(e for e in batch if _ends_after(e, end))
         return in_time
