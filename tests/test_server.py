@@ -768,11 +768,18 @@ def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) ->
     assert "WEIGHTS=random" in error
 
 
+def symbolic_link_loop(tmp_path: Path) -> Path:
+    """A DATA_DIR that the settings leave to the task store (which cannot open it)."""
+    (tmp_path / "data").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(tmp_path / "data")
+    return tmp_path / "data"
+
+
 def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    """DATA_DIR that cannot hold the task store (here, a file) stops the worker with one
-    line naming the setting, not a traceback and not a restart loop."""
-    not_a_directory = tmp_path / "data"
-    not_a_directory.write_text("a file, not a directory")
+    """DATA_DIR that cannot hold the task store (here, a symbolic link loop, which opening
+    the store finds) stops the worker with one line naming the setting, not a traceback and
+    not a restart loop."""
+    not_a_directory = symbolic_link_loop(tmp_path)
     env = server_env(tmp_path, DATA_DIR=str(not_a_directory), LOG_LEVEL="debug")
     output, errors = failed_start(
         [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], env
@@ -786,10 +793,8 @@ def test_an_unusable_data_dir_stops_start_up_with_one_line(tmp_path: Path) -> No
 def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: Path) -> None:
     """Each of several workers says in one line why it cannot start; the master halts once,
     with the boot error's status."""
-    not_a_directory = tmp_path / "data"
-    not_a_directory.write_text("a file, not a directory")
     # Found before the model loads: both workers fail about together.
-    env = server_env(tmp_path, WORKERS="2", DATA_DIR=str(not_a_directory))
+    env = server_env(tmp_path, WORKERS="2", DATA_DIR=str(symbolic_link_loop(tmp_path)))
     output, errors = failed_start(gunicorn_command(free_port()), env)
     assert 1 <= len(errors) <= 2, output
     assert all("DATA_DIR" in line for line in errors)
@@ -804,6 +809,7 @@ def test_workers_that_cannot_start_stop_gunicorn_without_a_traceback(tmp_path: P
         ("WEIGHTS", "{tmp}/missing.pth", "does not exist; give a state-dict file"),
         ("LABELS_FILE", "{tmp}/missing.txt", "does not exist; give a text file"),
         ("PROMETHEUS_MULTIPROC_DIR", "{tmp}/a-file", "it is a file, not a directory"),
+        ("DATA_DIR", "{tmp}/a-file", "is not a directory; set DATA_DIR to a writable"),
     ],
 )
 def test_invalid_settings_stop_gunicorn_before_it_listens(
