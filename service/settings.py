@@ -331,8 +331,9 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _data_dir_can_be_a_directory(cls, value: Path) -> Path:
-        # Else every worker loads its model, then fails to open the task store. A path
-        # that cannot be looked into (no permission) is left to the store, which says so.
+        # Else gunicorn binds the port and every worker starts, to stop as it opens the task
+        # store. A path that cannot be looked into (no permission) is left to the store,
+        # which says so.
         advice = "set DATA_DIR to a writable directory on a local disk"
         for path in (value, *value.parents):
             try:
