@@ -290,10 +290,15 @@ def _ends_after(entry: _Pending[In, Out], moment: float) -> bool:
     return entry.deadline is None or entry.deadline >= moment
 
 
+def _runs_alone(entries: list[_Pending[In, Out]]) -> bool:
+    """Whether ``entries`` are an item's run alone."""
+    return len(entries) == 1 and entries[0].alone
+
+
 def _turn_takers(entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
     """The entries whose lanes have a turn in their batch: none in an item's run alone,
     which its lane's other items must not wait a turn for each time."""
-    return [] if len(entries) == 1 and entries[0].alone else entries
+    return [] if _runs_alone(entries) else entries
 
 
 def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
@@ -587,7 +592,9 @@ class BatchProcessor(Generic[In, Out]):
             alone: Run the item in a batch of its own: for one suspected of taking the
                 process down with it (it was in the handler when the process died), so
                 that should it do so again, nothing else is lost with it. A batch that
-                reaches it in line ends before it, and it runs next, by itself.
+                reaches it in line ends before it, and it runs next, by itself: with
+                ``max_concurrent_batches`` above 1, once the batches running have ended,
+                and none starts until it has.
 
         Raises:
             ValueError: The deadline is NaN, or the priority is not a ``Priority``.
@@ -728,6 +735,7 @@ class BatchProcessor(Generic[In, Out]):
         while True:
             await self._slots.acquire()
             try:
+                await self._alone_ended()
                 entries = await self._collect_batch()
             except BaseException:
                 self._slots.release()
@@ -736,6 +744,16 @@ class BatchProcessor(Generic[In, Out]):
             self._running.add(batch)
             batch.task = asyncio.create_task(self._run_batch(batch))
             batch.task.add_done_callback(_log_unexpected_end)
+
+    async def _alone_ended(self) -> None:
+        """Wait while an item runs alone: with slots for more batches, none starts beside it."""
+        while alone := [b.task for b in self._running if b.task and _runs_alone(b.entries)]:
+            await asyncio.wait(alone)
+
+    async def _others_ended(self, batch: _RunningBatch[In, Out]) -> None:
+        """Wait for every batch running beside ``batch`` to end."""
+        while others := [b.task for b in self._running if b.task and b is not batch]:
+            await asyncio.wait(others)
 
     async def _collect_batch(self) -> list[_Pending[In, Out]]:
         while True:
@@ -1052,6 +1070,10 @@ class BatchProcessor(Generic[In, Out]):
     async def _run_batch(self, batch: _RunningBatch[In, Out]) -> None:
         entries = batch.entries
         try:
+            if _runs_alone(entries) and self._config.max_concurrent_batches > 1:
+                # Should it take the process down again, no other batch goes with it.
+                await self._others_ended(batch)
+                batch.started_at = time.monotonic()
             # Inside the try: even an observer's KeyboardInterrupt answers the callers and
             # frees the slot.
             self._observer.batch_started(

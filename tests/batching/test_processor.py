@@ -399,6 +399,30 @@ async def test_an_item_to_run_alone_has_a_batch_of_its_own_in_its_place_in_line(
     assert handler.batches == [[0], [1, 2], [3], [4, 5]]
 
 
+async def test_an_item_to_run_alone_has_the_handler_to_itself_with_slots_to_spare() -> None:
+    """With room for batches to overlap, an item to run alone waits for those running to
+    end, and the items behind it wait for it: if it takes the process down, it goes alone."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=2, max_concurrent_batches=3)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 1, 2)
+        assert await handler.next_started() == [1, 2]
+        lone = asyncio.create_task(processor.submit(100, alone=True))
+        after = spawn(processor, 3, 4)
+        await wait_until(lambda: processor.in_flight == 3 and processor.queue_depth == 2)
+        assert handler.batches == [[1, 2]]
+
+        handler.release_next()
+        assert await handler.next_started() == [100]
+        await asyncio.sleep(0.05)  # slots are free, yet nothing starts beside it
+        assert handler.batches == [[1, 2], [100]]
+
+        handler.release_all()
+        assert await results([*first, lone, *after]) == [2, 4, 200, 6, 8]
+
+    assert handler.batches == [[1, 2], [100], [3, 4]]
+
+
 async def test_an_item_to_run_alone_in_a_lower_lane_fills_no_spare_slot() -> None:
     """Filling puts lower lanes' items beside higher lanes'; one to run alone waits until it
     leads, and the items behind it in its lane then follow in a batch of their own."""
