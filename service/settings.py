@@ -317,13 +317,20 @@ class Settings(BaseSettings):
             raise ValueError("is only blanks; leave it unset or empty for the default")
         return value
 
+    @field_validator("data_dir", "labels_file", "webhook_ca_file")
+    @classmethod
+    def _home_directory_expanded(cls, value: Path | None) -> Path | None:
+        # As a shell would: a ~ in a compose file's or a unit's environment, where none
+        # expands it, is no folder named "~" under the working directory.
+        return None if value is None else _home_expanded(value)
+
     # Checked here as well as where the file is read, so that gunicorn's master stops with
     # one line before it binds the port and boots workers that would each fail alike.
     @field_validator("weights")
     @classmethod
     def _weights_file_exists(cls, value: str) -> str:
         if value.strip().lower() not in ("imagenet", "random") and (
-            problem := _not_a_file(Path(value).expanduser())
+            problem := _not_a_file(_home_expanded(Path(value)))
         ):
             raise ValueError(f"{problem}; give a state-dict file, 'imagenet' or 'random'")
         return value
@@ -581,6 +588,16 @@ def _listening_host(value: str) -> str | None:
     except ValueError:
         return text if text.lower() == "localhost" else None
     return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _home_expanded(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` made that home directory."""
+    try:
+        return path.expanduser()
+    except RuntimeError:  # no such user, or no home directory known
+        raise ValueError(
+            f"starts with {path.parts[0]}, a home directory not known here; give a full path"
+        ) from None
 
 
 def _not_a_file(path: Path) -> str | None:

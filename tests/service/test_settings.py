@@ -441,3 +441,31 @@ def test_a_weights_file_that_exists_is_left_to_the_loader(
     (tmp_path / "weights.pth").write_bytes(b"not checked here")
     monkeypatch.setenv("WEIGHTS", str(tmp_path / "weights.pth"))
     assert load_settings().weights == str(tmp_path / "weights.pth")
+
+
+def test_a_leading_tilde_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a shell would expand it: a compose file or a systemd unit passes ``~`` as is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    (tmp_path / "weights.pth").write_bytes(b"not checked here")
+    monkeypatch.setenv("DATA_DIR", "~/tasks")
+    monkeypatch.setenv("LABELS_FILE", "~/labels.txt")
+    monkeypatch.setenv("WEIGHTS", "~/weights.pth")
+    settings = load_settings()
+    assert settings.data_dir == tmp_path / "tasks"
+    assert settings.labels_file == tmp_path / "labels.txt"
+    assert settings.weights == "~/weights.pth"  # the loader expands it alike
+
+
+@pytest.mark.parametrize("name", ["DATA_DIR", "LABELS_FILE", "WEIGHTS", "WEBHOOK_CA_FILE"])
+def test_a_home_directory_not_known_is_refused(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(name, "~no-such-user-here/file")
+    line = refusal(monkeypatch, capsys)
+    assert (
+        f"{name}='~no-such-user-here/file': starts with ~no-such-user-here, a home directory "
+        "not known here; give a full path"
+    ) in line
