@@ -208,6 +208,7 @@ def on_starting(server: Arbiter) -> None:
     # file, and directories named by the pid of the process that did, which has exited,
     # would pass for a dead master's. And gunicorn's -e values are in the environment now.
     _name_run_directories()
+    _refuse_settings_given_too_late()
     _refuse_flags_that_override_settings(server.cfg)
     _refuse_addresses_not_free(server.cfg)
     # Before the port is bound; whether the directory takes files is found in when_ready.
@@ -241,6 +242,29 @@ def on_starting(server: Arbiter) -> None:
     # before the workers are forked, so that none of their threads has an arena of its own,
     # and once gunicorn has put its -e/raw_env values in the environment, so they count.
     memory.keep_freed_memory()
+
+
+def _refuse_settings_given_too_late() -> None:
+    """Stop with one line where gunicorn's -e (or raw_env, or -e in GUNICORN_CMD_ARGS)
+    changed a setting: gunicorn puts those values in the environment after it has read
+    this file, so the master would run by the environment's (its workers, timeouts, port)
+    and the workers, which read the settings again, by -e's. An invalid value is refused
+    here, before the port is bound, as one from the environment is."""
+    given = load_settings()
+    late = [
+        name.upper()
+        for name, value in given
+        # Only put in the environment, for libgomp: -e does that itself.
+        if name != "gomp_spincount" and value != getattr(settings, name)
+    ]
+    if late:
+        raise SystemExit(
+            logs.unconfigured_line(
+                f"invalid configuration: gunicorn's -e sets {', '.join(late)} after "
+                "gunicorn_config.py has read the settings for gunicorn's master, which would "
+                "run by the values before it: set them in the environment instead"
+            )
+        )
 
 
 def _refuse_flags_that_override_settings(cfg: Config) -> None:

@@ -133,6 +133,38 @@ def test_gunicorn_flags_that_override_a_setting_stop_the_start(
     assert "\n" not in str(stopped.value).strip()
 
 
+def test_settings_given_with_gunicorns_e_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gunicorn puts -e values in the environment after it has read this file: the master
+    ran one worker with a 30 s graceful timeout while that worker sized its threads as one
+    of -e WORKERS=2 and planned -e DRAIN_TIMEOUT_S=100's drain."""
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    config = load(monkeypatch, tmp_path, DRAIN_TIMEOUT_S="30")
+    monkeypatch.setenv("WORKERS", "2")  # as gunicorn's -e sets them, before on_starting
+    monkeypatch.setenv("DRAIN_TIMEOUT_S", "100")
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](master(config))
+    assert str(stopped.value).strip() == (
+        "invalid configuration: gunicorn's -e sets WORKERS, DRAIN_TIMEOUT_S after "
+        "gunicorn_config.py has read the settings for gunicorn's master, which would run by "
+        "the values before it: set them in the environment instead"
+    )
+
+    # The same values, or GOMP_SPINCOUNT, which the master only passes on to the workers
+    # (as -e does itself), start.
+    monkeypatch.setenv("WORKERS", "1")
+    monkeypatch.setenv("DRAIN_TIMEOUT_S", "30")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    config["on_starting"](master(config))
+
+    # An invalid one is refused here, before the port is bound.
+    monkeypatch.setenv("MAX_BATCH_SIZE", "0")
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](master(config))
+    assert "MAX_BATCH_SIZE='0'" in str(stopped.value)
+
+
 class QuietLog:
     """gunicorn's logger, as the hooks use it: keeps the warnings."""
 

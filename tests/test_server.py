@@ -834,6 +834,33 @@ def test_invalid_settings_stop_gunicorn_before_it_listens(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (["-e", "WORKERS=2"], "gunicorn's -e sets WORKERS after gunicorn_config.py"),
+        (["-e", "MAX_BATCH_SIZE=0"], "MAX_BATCH_SIZE='0'"),
+    ],
+)
+def test_settings_given_with_gunicorns_e_stop_it_before_it_listens(
+    given: list[str], says: str, tmp_path: Path
+) -> None:
+    """gunicorn applies -e after reading its configuration file: its master would run by
+    the environment's values, its workers by -e's."""
+    result = subprocess.run(
+        [*gunicorn_command(free_port()), *given],
+        cwd=PROJECT_ROOT,
+        env=server_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
+    assert says in line
+    assert "Listening at" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_daemonized_master_keeps_its_directories_until_it_exits(tmp_path: Path) -> None:
     """With --daemon, gunicorn reads its configuration in a process that exits once it has
     forked the master. Directories named by that process's pid passed for a dead master's
