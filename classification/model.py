@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from classification.preprocess import CROP_SIZE, normalize_batch
 
@@ -521,11 +521,17 @@ def _misfits(missing: list[str], unexpected: list[str], misshapen: list[str]) ->
 
 
 def fold_batchnorm(network: ResNet) -> ResNet:
-    """Fold every BatchNorm of an eval-mode ResNet into the convolution before it.
+    """Fold every BatchNorm of an eval-mode torchvision ResNet into the convolution before
+    it.
 
-    The same function up to float rounding, with twenty fewer passes over the activations:
-    10-20 % faster forwards on CPU. Changes ``network`` in place and returns it.
+    The same function up to float rounding, with twenty fewer passes over the activations
+    in ResNet18: 10-20 % faster forwards on CPU. Changes ``network`` in place and returns it.
+
+    Raises:
+        TypeError: ``network`` is no torchvision ResNet (whose layout this knows).
     """
+    if not isinstance(network, ResNet):
+        raise TypeError(f"fold_batchnorm folds a torchvision ResNet's, not a {type(network)}'s")
 
     def fold(owner: nn.Module, conv_name: str, norm_name: str) -> None:
         conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
@@ -535,9 +541,11 @@ def fold_batchnorm(network: ResNet) -> ResNet:
     network.eval()
     fold(network, "conv1", "bn1")
     for block in network.modules():
-        if isinstance(block, BasicBlock):
+        if isinstance(block, BasicBlock | Bottleneck):
             fold(block, "conv1", "bn1")
             fold(block, "conv2", "bn2")
+            if isinstance(block, Bottleneck):
+                fold(block, "conv3", "bn3")
             if block.downsample is not None:
                 fold(block.downsample, "0", "1")
     return network

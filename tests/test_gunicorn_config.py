@@ -672,8 +672,9 @@ def test_under_an_unlimited_hard_limit_the_open_file_limit_is_raised_below_the_k
 def test_the_configuration_gunicorn_logs_at_debug_level_leaves_out_environment_values(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``-e API_KEY=...`` is a way to pass settings; gunicorn's dump of its configuration
-    at debug level must not write the key to the log."""
+    """``-e API_KEY=...`` (refused at start where the environment holds another value)
+    is in gunicorn's dump of its configuration at debug level, written before: it must not
+    write the key to the log."""
     config = load(monkeypatch, tmp_path, LOG_LEVEL="debug")
     cfg = Config()
     cfg.set("loglevel", config["loglevel"])
