@@ -145,8 +145,9 @@ def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
     except OSError as error:
         raise SystemExit(
             logs.unconfigured_line(
-                f"PROMETHEUS_MULTIPROC_DIR={path} cannot hold the metrics: "
-                f"{error.strerror or error}"
+                f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
+                f"metrics: {error.strerror or error}; point it at a directory this user can "
+                "write to, or unset it"
             )
         ) from None
 

@@ -370,6 +370,13 @@ class TaskStore:
         try:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             existed = self.path.exists()
+            if existed and not self.path.is_file():
+                # SQLite says only that it cannot open it, as of a disk that may mend.
+                raise TaskStoreUnavailable(
+                    f"cannot open the task store {self.path}: it is not a file; move it "
+                    "away to start an empty store, or set DATA_DIR to another directory",
+                    for_now=False,
+                )
             # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.
             self._db = sqlite3.connect(
                 self.path,

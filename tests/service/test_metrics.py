@@ -54,7 +54,10 @@ def test_a_metrics_dir_that_cannot_be_written_is_one_line_outside_gunicorn() -> 
     imported = import_metrics(Path("/sys/kernel"))
     assert imported.returncode != 0
     [line] = imported.stderr.strip().splitlines()
-    assert line.startswith("PROMETHEUS_MULTIPROC_DIR=/sys/kernel cannot hold the metrics: ")
+    assert line.startswith(
+        "invalid configuration: PROMETHEUS_MULTIPROC_DIR=/sys/kernel cannot hold the metrics: "
+    )
+    assert line.endswith("; point it at a directory this user can write to, or unset it")
 
 
 def test_methods_the_api_does_not_take_are_counted_as_other() -> None:

@@ -256,6 +256,21 @@ def test_a_file_that_is_no_store_or_is_damaged_is_refused_as_not_mending_by_itse
     assert refused.value.for_now is False
 
 
+def test_a_directory_where_the_store_should_be_is_refused_as_not_mending_by_itself(
+    tmp_path: Path,
+) -> None:
+    """SQLite's "unable to open database file" is also what a failing disk gives, which
+    may mend; a directory in the file's place will not."""
+    (tmp_path / DATABASE_NAME).mkdir()
+    with pytest.raises(TaskStoreUnavailable) as refused:
+        TaskStore(tmp_path)
+    assert str(refused.value) == (
+        f"cannot open the task store {tmp_path / DATABASE_NAME}: it is not a file; move it "
+        "away to start an empty store, or set DATA_DIR to another directory"
+    )
+    assert refused.value.for_now is False
+
+
 @pytest.mark.parametrize("change", ["deleted", "replaced"])
 def test_a_file_deleted_or_replaced_under_an_open_store_is_refused(
     tmp_path: Path, change: str
