@@ -212,9 +212,16 @@ def _saturating_clients(
     warning where no step filled them."""
     closed = sorted((s for s in sweep if s.kind == "closed"), key=lambda s: s.offered)
     full = [s for s in closed if s.mean_batch_size >= max_batch_size - 0.5]
+    largest = max(s.mean_batch_size for s in closed)
+    if largest > max_batch_size + 0.5:
+        # Only a server given by --url can: one started here runs --max-batch-size.
+        return int(full[0].offered), (
+            f"the server ran batches of {largest:.1f} on average, more than --max-batch-size "
+            f"{max_batch_size}; target 1 compares with the forward-only limit at "
+            f"{max_batch_size}: give the server's MAX_BATCH_SIZE as --max-batch-size"
+        )
     if full:
         return int(full[0].offered), None
-    largest = max(s.mean_batch_size for s in closed)
     advice = (
         "give the server's MAX_BATCH_SIZE as --max-batch-size"
         if by_url

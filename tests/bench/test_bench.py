@@ -467,6 +467,16 @@ def test_a_sweep_that_never_filled_its_batches_says_so() -> None:
     assert "--url" not in warning
     assert "--max-batch-size" not in warning
 
+    # A server given by --url that runs larger batches than --max-batch-size says.
+    larger = [_closed_step(16, 64.0, 8.0), _closed_step(32, 63.0, 15.9)]
+    clients, warning = _saturating_clients(larger, max_batch_size=8, by_url=True)
+    assert clients == 16
+    assert warning == (
+        "the server ran batches of 15.9 on average, more than --max-batch-size 8; target 1 "
+        "compares with the forward-only limit at 8: give the server's MAX_BATCH_SIZE as "
+        "--max-batch-size"
+    )
+
 
 def test_peak_rss_is_the_workers_high_water_mark_since_the_reset() -> None:
     """A worker that touched 64 MiB and let it go shows that peak until the window is reset."""
