@@ -8,6 +8,7 @@ import logging
 from batching import BatchFailed, DeadlineExceeded, QueueFull, Stopped
 from classification import ImageTooLarge, InvalidImage, OutOfMemory
 from service.middleware import REQUEST_TIMEOUT_HEADER
+from service.protocol import SHUTTING_DOWN
 from service.settings import Settings
 from service.task_fields import InvalidTaskField, TaskNotFound
 from service.task_runner import RunnerStopped
@@ -22,7 +23,6 @@ from service.webhooks import CallbackLookupFailed, InvalidCallbackUrl
 
 logger = logging.getLogger("service")
 
-SHUTTING_DOWN = "the server is shutting down; retry"
 INTERNAL_ERROR = "internal server error"  # all a client is told of a bug
 
 

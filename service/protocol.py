@@ -43,6 +43,7 @@ from service.siblings import Siblings
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application
+    from uvicorn.config import Config
 
 # nginx's default (large_client_header_buffers) allows 32 KiB; twice that leaves room for
 # large cookies or tokens while bounding what one connection can make a worker buffer.
@@ -82,6 +83,12 @@ UNREAD_REQUEST_WAIT_S = 0.05
 # At shutdown, how long the worker goes on taking in the connections waiting in its
 # listening socket's backlog, should more keep coming.
 BACKLOG_ACCEPT_S = 1.0
+# What a request that the server stops before serving is told (service.errors answers the
+# app's so too).
+SHUTTING_DOWN = "the server is shutting down; retry"
+# Stopped while it starts, the most a worker waits for a waiting connection's request
+# head, and then for its client to close, as it answers it 503.
+UNSERVED_ANSWER_WAIT_S = 0.2
 # After an answer given before its request's bytes were all read (an early 413, 401 or 503,
 # a refusal), how long the connection goes on reading and dropping what the client still
 # sends: closed at once, the bytes left unread make the kernel reset the connection, and a
@@ -642,8 +649,19 @@ class BacklogDrainingServer(Server):
 
     Their clients connected, and may have sent a whole request, before the shutdown began;
     closing the socket would reset them unanswered, and a proxy does not resend such a
-    request. Taken in, they are served as the drain serves every open connection.
+    request. Taken in, they are served as the drain serves every open connection; by a
+    worker stopped while it starts, with no other to serve them, answered 503, to retry.
     """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[socket.socket] | None = None,
+        siblings: Siblings | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._listeners = listeners or []
+        self._siblings = siblings
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.started:
@@ -651,6 +669,12 @@ class BacklogDrainingServer(Server):
             # interrupts, may outlast gunicorn's graceful_timeout, which would then SIGKILL
             # the worker ("Perhaps out of memory?"). Nothing is served yet: nothing to drain.
             logger.info("stopped by %s while starting", signal.Signals(sig).name)
+            # With no other worker to take them, the connections waiting for this one would
+            # be reset as the master closes its sockets; a proxy does not resend such a
+            # request. Each gets an answer instead.
+            others_serve = self._siblings is not None and self._siblings.others_serving()
+            if not others_serve and (answered := _answer_unserved_connections(self._listeners)):
+                logger.info("answered %d waiting connections 503: %s", answered, SHUTTING_DOWN)
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             os._exit(0)
@@ -669,6 +693,68 @@ class BacklogDrainingServer(Server):
 def _any_connection_waiting(listening: list[int]) -> bool:
     ready, _, _ = select.select(listening, [], [], 0)
     return bool(ready)
+
+
+def _answer_unserved_connections(listeners: list[socket.socket]) -> int:
+    """Take in the connections waiting in ``listeners``' backlogs for up to
+    ``BACKLOG_ACCEPT_S``, and answer each 503, to retry; how many were."""
+    answered = 0
+    deadline = time.monotonic() + BACKLOG_ACCEPT_S
+    while time.monotonic() < deadline and _any_connection_waiting([s.fileno() for s in listeners]):
+        for listener in listeners:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # another worker took it, or the socket is not one to accept on
+                continue
+            with connection:
+                _answer_unserved(connection)
+            answered += 1
+    return answered
+
+
+def _answer_unserved(connection: socket.socket) -> None:
+    """Answer 503 on ``connection`` once its request head has come (or has not within
+    ``UNSERVED_ANSWER_WAIT_S``), then read and drop what still comes for as long again, or
+    until the client closes: closed with bytes unread, the connection would be reset, and
+    the answer lost with it."""
+    body = json.dumps({"detail": SHUTTING_DOWN}).encode()
+    answer = b"".join(
+        [
+            STATUS_LINE[503],
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            b"retry-after: 1\r\n",
+            b"x-request-id: " + uuid.uuid4().hex.encode("ascii") + b"\r\n",
+            b"x-content-type-options: nosniff\r\n",
+            b"connection: close\r\n",
+            b"\r\n",
+            body,
+        ]
+    )
+    try:
+        _read_for(connection, UNSERVED_ANSWER_WAIT_S, until_head_end=True)
+        connection.settimeout(UNSERVED_ANSWER_WAIT_S)
+        connection.sendall(answer)
+        connection.shutdown(socket.SHUT_WR)
+        _read_for(connection, UNSERVED_ANSWER_WAIT_S, until_head_end=False)
+    except OSError:  # the client left: nothing more to do for it
+        pass
+
+
+def _read_for(connection: socket.socket, wait_s: float, *, until_head_end: bool) -> None:
+    """Read and drop what ``connection`` receives for at most ``wait_s``, until its client
+    closes or, with ``until_head_end``, a request head has ended."""
+    deadline = time.monotonic() + wait_s
+    last = b""
+    while (left_s := deadline - time.monotonic()) > 0:
+        connection.settimeout(left_s)
+        try:
+            chunk = connection.recv(65536)
+        except TimeoutError:
+            return
+        if not chunk or (until_head_end and b"\r\n\r\n" in last + chunk):
+            return
+        last = chunk[-3:]
 
 
 class JsonErrorsUvicornWorker(UvicornWorker):
@@ -693,7 +779,9 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         siblings = Siblings.from_environment()
         if (state := getattr(self.wsgi, "state", None)) is not None:
             setattr(state, SIBLINGS_STATE, siblings)
-        server = BacklogDrainingServer(config=self.config)
+        server = BacklogDrainingServer(
+            self.config, [listener.sock for listener in self.sockets], siblings
+        )
         self._install_sigquit_handler()
         # The sockets themselves, not gunicorn's wrappers: uvloop detaches a socket whose
         # descriptor it closes, but closes a wrapper a second time, which could close a

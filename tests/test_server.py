@@ -721,6 +721,58 @@ def test_a_server_stopped_while_its_worker_starts_stops_at_once(
     assert "Traceback" not in log
 
 
+def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
+    tmp_path: Path,
+) -> None:
+    """With no worker serving (the first start, or one worker reloaded by SIGHUP), requests
+    wait on the listening socket; stopped then, the worker exited at once, the master closed
+    the socket, and every one was reset unanswered, which a proxy does not resend."""
+    port = free_port()
+    command = gunicorn_command(port)
+    command[command.index("main:app")] = "tests.slow_start_app:app"
+    env = server_env(tmp_path, SLOW_START_S="120")
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while "Started server process" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        body = b"not read: the worker answers before it"
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", port), timeout=30)
+            client.sendall(
+                b"POST /cls HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                b"boundary=b\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            clients.append(client)
+        process.send_signal(signal.SIGTERM)
+        answers = []
+        for client in clients:
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+            answers.append(received)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        for client in clients:
+            client.close()
+    log = log_path.read_text()
+    for answer in answers:
+        head, _, answer_body = answer.partition(b"\r\n\r\n")
+        status, *header_lines = head.split(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 503 "), (answer, log)
+        assert {b"retry-after: 1", b"connection: close"} <= set(header_lines)
+        assert json.loads(answer_body) == {"detail": "the server is shutting down; retry"}
+    assert "answered 3 waiting connections 503" in log
+    assert "Traceback" not in log
+
+
 def has_reported(worker_pid: int) -> bool:
     """Whether a gunicorn worker has reported to its master once: gunicorn times out only a
     worker that has (until then its heartbeat file holds a wall-clock time, which the
