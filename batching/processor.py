@@ -1074,6 +1074,10 @@ class BatchProcessor(Generic[In, Out]):
                 # Should it take the process down again, no other batch goes with it.
                 await self._others_ended(batch)
                 batch.started_at = time.monotonic()
+                # Its caller may have left, or its deadline passed, while it waited: one
+                # suspected of taking the process down is not run for nobody.
+                if not self._still_wanted(entries):
+                    return
             # Inside the try: even an observer's KeyboardInterrupt answers the callers and
             # frees the slot.
             self._observer.batch_started(

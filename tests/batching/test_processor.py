@@ -423,6 +423,33 @@ async def test_an_item_to_run_alone_has_the_handler_to_itself_with_slots_to_spar
     assert handler.batches == [[1, 2], [100], [3, 4]]
 
 
+@pytest.mark.parametrize("gone", ["cancelled", "expired"])
+async def test_an_item_to_run_alone_whose_caller_left_while_it_waited_is_not_run(
+    gone: str,
+) -> None:
+    """Taken to run alone, it waits for the batches running beside it; a caller that left
+    meanwhile (cancelled, or its deadline passed) leaves nothing to run it for."""
+    handler = FakeHandler(held=True)
+    config = BatchConfig(max_batch_size=2, max_concurrent_batches=3)
+    async with running(handler, config) as processor:
+        first = spawn(processor, 1, 2)
+        assert await handler.next_started() == [1, 2]
+        deadline = time.monotonic() + 0.2 if gone == "expired" else None
+        lone = asyncio.create_task(processor.submit(100, alone=True, deadline=deadline))
+        await wait_until(lambda: processor.in_flight == 3)  # taken, waiting for [1, 2]
+        if gone == "cancelled":
+            lone.cancel()
+        with pytest.raises(asyncio.CancelledError if gone == "cancelled" else DeadlineExceeded):
+            await bounded(lone)
+
+        handler.release_all()
+        assert await results(first) == [2, 4]
+        await wait_until(lambda: processor.in_flight == 0)
+        assert await bounded(processor.submit(3)) == 6
+
+    assert handler.batches == [[1, 2], [3]]
+
+
 async def test_an_item_to_run_alone_in_a_lower_lane_fills_no_spare_slot() -> None:
     """Filling puts lower lanes' items beside higher lanes'; one to run alone waits until it
     leads, and the items behind it in its lane then follow in a batch of their own."""
