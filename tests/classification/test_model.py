@@ -664,6 +664,9 @@ def test_folding_batchnorm_keeps_the_function(architecture: str, photos: list[Pa
         # Rounding grows with depth: within 1e-4 of the largest logit.
         scale = float(expected.abs().max())
         torch.testing.assert_close(folded(batch), expected, rtol=1e-4, atol=1e-4 * scale)
+        # Folded again, it stays as it is.
+        once = folded(batch)
+        torch.testing.assert_close(fold_batchnorm(folded)(batch), once, rtol=0, atol=0)
 
 
 def test_folding_batchnorm_refuses_a_network_it_does_not_know() -> None:
@@ -671,6 +674,15 @@ def test_folding_batchnorm_refuses_a_network_it_does_not_know() -> None:
     attribute."""
     with pytest.raises(TypeError, match="folds a torchvision ResNet's, not a"):
         fold_batchnorm(torchvision.models.mobilenet_v3_small().eval())  # type: ignore[arg-type]
+    grouped = torchvision.models.resnet18(
+        norm_layer=lambda channels: torch.nn.GroupNorm(8, channels)
+    ).eval()
+    before = {name: tensor.clone() for name, tensor in grouped.state_dict().items()}
+    with pytest.raises(TypeError, match="folds BatchNorms, not a GroupNorm"):
+        fold_batchnorm(grouped)
+    after = grouped.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
