@@ -337,6 +337,15 @@ def _file_identity(path: Path) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
+def _leads_to_a_directory(link: Path) -> bool:
+    """Whether the file symbolic ``link`` names (which does not exist) could be made: its
+    directory exists."""
+    try:
+        return link.resolve().parent.is_dir()
+    except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13)
+        return False
+
+
 def _is_locked(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
@@ -370,11 +379,17 @@ class TaskStore:
         try:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             existed = self.path.exists()
+            # SQLite says only that it cannot open it, as of a disk that may mend.
             if existed and not self.path.is_file():
-                # SQLite says only that it cannot open it, as of a disk that may mend.
+                problem = "it is not a file"
+            elif not existed and self.path.is_symlink() and not _leads_to_a_directory(self.path):
+                problem = "it is a symbolic link to a directory that does not exist, or a loop"
+            else:
+                problem = None
+            if problem is not None:
                 raise TaskStoreUnavailable(
-                    f"cannot open the task store {self.path}: it is not a file; move it "
-                    "away to start an empty store, or set DATA_DIR to another directory",
+                    f"cannot open the task store {self.path}: {problem}; move it away to "
+                    "start an empty store, or set DATA_DIR to another directory",
                     for_now=False,
                 )
             # Autocommit mode: transactions are explicit ``BEGIN IMMEDIATE`` blocks below.

@@ -256,19 +256,41 @@ def test_a_file_that_is_no_store_or_is_damaged_is_refused_as_not_mending_by_itse
     assert refused.value.for_now is False
 
 
-def test_a_directory_where_the_store_should_be_is_refused_as_not_mending_by_itself(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("in_its_place", "problem"),
+    [
+        ("directory", "it is not a file"),
+        ("link to nowhere", "it is a symbolic link to a directory that does not exist, or a loop"),
+        ("link loop", "it is a symbolic link to a directory that does not exist, or a loop"),
+    ],
+)
+def test_what_cannot_be_the_store_in_its_place_is_refused_as_not_mending_by_itself(
+    tmp_path: Path, in_its_place: str, problem: str
 ) -> None:
     """SQLite's "unable to open database file" is also what a failing disk gives, which
-    may mend; a directory in the file's place will not."""
-    (tmp_path / DATABASE_NAME).mkdir()
+    may mend; a directory in the file's place, or a link no file can be made at, will not."""
+    path = tmp_path / DATABASE_NAME
+    if in_its_place == "directory":
+        path.mkdir()
+    elif in_its_place == "link to nowhere":
+        path.symlink_to(tmp_path / "missing" / "tasks.db")
+    else:
+        path.symlink_to(path)
     with pytest.raises(TaskStoreUnavailable) as refused:
         TaskStore(tmp_path)
     assert str(refused.value) == (
-        f"cannot open the task store {tmp_path / DATABASE_NAME}: it is not a file; move it "
-        "away to start an empty store, or set DATA_DIR to another directory"
+        f"cannot open the task store {path}: {problem}; move it away to start an empty "
+        "store, or set DATA_DIR to another directory"
     )
     assert refused.value.for_now is False
+
+
+def test_a_store_made_through_a_symbolic_link_opens(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / DATABASE_NAME).symlink_to(tmp_path / "elsewhere" / "tasks.db")
+    with closing(TaskStore(tmp_path)) as store:
+        assert store.count_queued() == 0
+    assert (tmp_path / "elsewhere" / "tasks.db").is_file()
 
 
 @pytest.mark.parametrize("change", ["deleted", "replaced"])
