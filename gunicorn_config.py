@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from gunicorn.workers.base import Worker
 
 settings = load_settings()
+# Read as this file loads, with the settings: the home directory (a ~ in a setting's path)
+# and the temporary one (uploads spooled, the run directories), which Python keeps.
+_READ_WITH_THE_SETTINGS = {name: os.environ.get(name) for name in ("HOME", "TMPDIR")}
 
 # Names the default metrics directory a master chose, so that a master started from its
 # environment (USR2, after a SIGHUP made gunicorn copy it) chooses its own: the old one
@@ -250,13 +253,17 @@ def _refuse_settings_given_too_late() -> None:
     this file, so the master would run by the environment's (its workers, timeouts, port)
     and the workers, which read the settings again, by -e's. An invalid value is refused
     here, before the port is bound, as one from the environment is."""
-    given = load_settings()
     late = [
-        name.upper()
-        for name, value in given
-        # Only put in the environment, for libgomp: -e does that itself.
-        if name != "gomp_spincount" and value != getattr(settings, name)
+        name for name, value in _READ_WITH_THE_SETTINGS.items() if os.environ.get(name) != value
     ]
+    if not late:
+        given = load_settings()
+        late = [
+            name.upper()
+            for name, value in given
+            # Only put in the environment, for libgomp: -e does that itself.
+            if name != "gomp_spincount" and value != getattr(settings, name)
+        ]
     if late:
         raise SystemExit(
             logs.unconfigured_line(

@@ -163,6 +163,15 @@ def test_settings_given_with_gunicorns_e_stop_the_start(
     with pytest.raises(SystemExit) as stopped:
         config["on_starting"](master(config))
     assert "MAX_BATCH_SIZE='0'" in str(stopped.value)
+    monkeypatch.delenv("MAX_BATCH_SIZE")
+
+    # As are the home directory (a ~ in a setting's path) and the temporary one, which
+    # Python keeps as it first reads it: named themselves, not as what they change.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](master(config))
+    assert "gunicorn's -e sets TMPDIR after gunicorn_config.py" in str(stopped.value)
 
 
 class QuietLog:
