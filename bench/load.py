@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import io
 import mimetypes
 import multiprocessing
@@ -173,11 +174,22 @@ def _result(
     )
 
 
+def _steady_heap() -> None:
+    """Collect the garbage there is, and take what is left out of the collector's full
+    passes, as a step starts. In a process that holds torch (the in-process limits), a full
+    pass stops the load generator's loop for about 0.2 s, and every answer that came
+    meanwhile would be timed that much late."""
+    gc.collect()
+    gc.freeze()
+
+
 async def closed_loop(
     server: Server, payloads: list[Payload], clients: int, duration_s: float, warmup_s: float
 ) -> StepResult:
     """``clients`` callers, each sending its next request as soon as the last one returns."""
     async with open_session(server, clients) as client:
+        _steady_heap()
+        await asyncio.to_thread(server.reset_peak_rss)
         start = time.perf_counter()
         recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
         before, after = _Snapshot(server), _Snapshot(server)
@@ -196,7 +208,6 @@ async def closed_loop(
                 recorder.record(started, time.perf_counter(), status)
                 sent += clients
 
-        await asyncio.to_thread(server.reset_peak_rss)
         await asyncio.gather(take_snapshots(), *(caller(i) for i in range(clients)))
     peak_bytes = await asyncio.to_thread(server.peak_worker_rss_bytes)
     return _result(f"closed-{clients}", "closed", clients, recorder, before, after, peak_bytes)
@@ -221,6 +232,7 @@ def _callers_in_this_process(
     start, measure_from, measure_until = times
     recorder = _Recorder(measure_from, measure_until)
     cpu_at: list[float] = []
+    _steady_heap()
 
     async def callers() -> None:
         async with open_session(Server(url, headers=headers), clients) as client:
@@ -332,6 +344,7 @@ async def spaced(
         before = _Snapshot(server)
         await asyncio.to_thread(before.take)
         await asyncio.to_thread(server.reset_peak_rss)
+        _steady_heap()
         # The window is the whole step, closed after the last answer: every request counts.
         recorder = _Recorder(time.perf_counter(), float("inf"))
         for sent in range(requests):
@@ -364,6 +377,7 @@ async def open_loop(
     rng = random.Random(seed)
     async with open_session(server, 512) as client:
         await asyncio.to_thread(server.reset_peak_rss)  # as the step starts, as in the others
+        _steady_heap()
         start = time.perf_counter()
         recorder = _Recorder(start + warmup_s, start + warmup_s + duration_s)
         before, after = _Snapshot(server), _Snapshot(server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -111,6 +112,35 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
     assert result.throughput_per_s == pytest.approx(CLIENTS / SERVICE_S, rel=0.05)
     assert SERVICE_S * 1000 <= result.latency_ms["p50"] < SERVICE_S * 1000 + 60
     assert result.peak_worker_rss_bytes == 7 * 2**20
+
+
+async def test_a_large_heap_does_not_stop_the_load_generator_in_a_step() -> None:
+    """The benchmark holds torch (the in-process limits): some 400,000 objects, which a
+    full pass of the garbage collector took 0.2 s to go over, stopping the load generator's
+    loop and timing every answer that came meanwhile that much late. Here the server, in
+    the same process, makes a full pass at each request, as one may come at any time."""
+    heap = [[index] for index in range(1_000_000)]  # as long-lived as torch's
+    passes_s: list[float] = []
+
+    async def classify(request: web.Request) -> web.Response:
+        await request.read()
+        began = time.perf_counter()
+        gc.collect()
+        passes_s.append(time.perf_counter() - began)
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
+
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    try:
+        async with fake_service(classify, metrics) as url:
+            result = await closed_loop(RssSeries(url), [payload], 1, duration_s=0.5, warmup_s=0.0)
+    finally:
+        gc.unfreeze()
+    del heap
+    assert result.statuses["200"] >= 5
+    assert max(passes_s) < 0.05, f"a full pass took {max(passes_s) * 1000:.0f} ms"
 
 
 async def test_callers_spread_over_processes_are_counted_as_one_step(slow_server: Server) -> None:
