@@ -217,6 +217,7 @@ def on_starting(server: Arbiter) -> None:
     # Before the port is bound; whether the directory takes files is found in when_ready.
     refuse_metrics_path_of_a_file(PROMETHEUS_DIR)
     _halt_once_for_workers_that_cannot_start(server)
+    _mark_stopping_as_the_server_stops(server)
     # gunicorn's -e values are in the environment by now.
     for line in [*misspelt_settings(), *settings_to_warn_of(settings)]:
         server.log.warning(line)
@@ -379,6 +380,20 @@ def _halt_once_for_workers_that_cannot_start(server: Arbiter) -> None:
             raise
 
     server.reap_workers = reap_workers_halting_once
+
+
+def _mark_stopping_as_the_server_stops(server: Arbiter) -> None:
+    """Tell the workers, before they get their signal, that the server stops: one stopped
+    while it starts then answers the requests waiting for it (service/protocol.py), which no
+    other worker will serve, where one stopped by a reload or TTOU leaves them to the worker
+    that replaces it."""
+    stop = server.stop
+
+    def stop_marking_it(graceful: bool = True) -> None:
+        SIBLINGS.mark_stopping()
+        stop(graceful)
+
+    server.stop = stop_marking_it  # type: ignore[method-assign]
 
 
 def post_fork(server: Arbiter, worker: Worker) -> None:

@@ -14,10 +14,12 @@ select the protocol with ``--http service.protocol:JsonErrorsHttpProtocol``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import select
+import selectors
 import signal
 import socket
 import sys
@@ -86,9 +88,9 @@ BACKLOG_ACCEPT_S = 1.0
 # What a request that the server stops before serving is told (service.errors answers the
 # app's so too).
 SHUTTING_DOWN = "the server is shutting down; retry"
-# Stopped while it starts, the most a worker waits for a waiting connection's request
-# head, and then for its client to close, as it answers it 503.
-UNSERVED_ANSWER_WAIT_S = 0.2
+# Stopped while it starts, with the server, how long a worker goes on reading what the
+# connections it answered 503 still send, for their clients to read the answer and close.
+UNSERVED_LINGER_S = 0.5
 # After an answer given before its request's bytes were all read (an early 413, 401 or 503,
 # a refusal), how long the connection goes on reading and dropping what the client still
 # sends: closed at once, the bytes left unread make the kernel reset the connection, and a
@@ -662,18 +664,28 @@ class BacklogDrainingServer(Server):
         super().__init__(config)
         self._listeners = listeners or []
         self._siblings = siblings
+        self._exiting = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.started:
             # Stopped while it starts: loading and warming up the model, which nothing
             # interrupts, may outlast gunicorn's graceful_timeout, which would then SIGKILL
             # the worker ("Perhaps out of memory?"). Nothing is served yet: nothing to drain.
+            if self._exiting:
+                return  # a second signal, in the middle of the first one's handling
+            self._exiting = True
             logger.info("stopped by %s while starting", signal.Signals(sig).name)
-            # With no other worker to take them, the connections waiting for this one would
-            # be reset as the master closes its sockets; a proxy does not resend such a
-            # request. Each gets an answer instead.
-            others_serve = self._siblings is not None and self._siblings.others_serving()
-            if not others_serve and (answered := _answer_unserved_connections(self._listeners)):
+            # As the server stops, with no other worker to take them, the connections
+            # waiting for this one would be reset as the master closes its sockets; a proxy
+            # does not resend such a request. Each gets an answer instead. (Stopped by a
+            # reload, the worker that replaces it serves them.)
+            siblings = self._siblings
+            if (
+                siblings is not None
+                and siblings.server_stopping()
+                and not siblings.others_serving()
+                and (answered := _answer_unserved_connections(self._listeners))
+            ):
                 logger.info("answered %d waiting connections 503: %s", answered, SHUTTING_DOWN)
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
@@ -696,29 +708,50 @@ def _any_connection_waiting(listening: list[int]) -> bool:
 
 
 def _answer_unserved_connections(listeners: list[socket.socket]) -> int:
-    """Take in the connections waiting in ``listeners``' backlogs for up to
-    ``BACKLOG_ACCEPT_S``, and answer each 503, to retry; how many were."""
-    answered = 0
+    """Take in the connections waiting in ``listeners``' backlogs, for up to
+    ``BACKLOG_ACCEPT_S`` should more keep coming, and answer each 503, to retry; how many
+    were. Each is answered at once, its request read or not (an answer may come early),
+    then all are read from and dropped together until their clients close, for up to
+    ``UNSERVED_LINGER_S``: closed with bytes unread, a connection is reset, and its answer
+    lost with it."""
+    connections: list[socket.socket] = []
     deadline = time.monotonic() + BACKLOG_ACCEPT_S
     while time.monotonic() < deadline and _any_connection_waiting([s.fileno() for s in listeners]):
         for listener in listeners:
             try:
                 connection, _ = listener.accept()
-            except OSError:  # another worker took it, or the socket is not one to accept on
+            except OSError:  # another worker took it, or nothing waits here
                 continue
-            with connection:
-                _answer_unserved(connection)
-            answered += 1
-    return answered
+            connection.setblocking(False)
+            with contextlib.suppress(OSError):  # the client left already
+                connection.send(_unserved_answer())
+                connection.shutdown(socket.SHUT_WR)
+            connections.append(connection)
+    with selectors.DefaultSelector() as selector:
+        for connection in connections:
+            selector.register(connection, selectors.EVENT_READ)
+        linger_until = time.monotonic() + UNSERVED_LINGER_S
+        while selector.get_map() and (left_s := linger_until - time.monotonic()) > 0:
+            for key, _ in selector.select(left_s):
+                connection = key.fileobj
+                assert isinstance(connection, socket.socket)
+                try:
+                    if connection.recv(65536):
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                selector.unregister(connection)  # the client closed, or reset it
+                connection.close()
+    for connection in connections:
+        connection.close()
+    return len(connections)
 
 
-def _answer_unserved(connection: socket.socket) -> None:
-    """Answer 503 on ``connection`` once its request head has come (or has not within
-    ``UNSERVED_ANSWER_WAIT_S``), then read and drop what still comes for as long again, or
-    until the client closes: closed with bytes unread, the connection would be reset, and
-    the answer lost with it."""
+def _unserved_answer() -> bytes:
     body = json.dumps({"detail": SHUTTING_DOWN}).encode()
-    answer = b"".join(
+    return b"".join(
         [
             STATUS_LINE[503],
             b"content-type: application/json\r\n",
@@ -731,30 +764,6 @@ def _answer_unserved(connection: socket.socket) -> None:
             body,
         ]
     )
-    try:
-        _read_for(connection, UNSERVED_ANSWER_WAIT_S, until_head_end=True)
-        connection.settimeout(UNSERVED_ANSWER_WAIT_S)
-        connection.sendall(answer)
-        connection.shutdown(socket.SHUT_WR)
-        _read_for(connection, UNSERVED_ANSWER_WAIT_S, until_head_end=False)
-    except OSError:  # the client left: nothing more to do for it
-        pass
-
-
-def _read_for(connection: socket.socket, wait_s: float, *, until_head_end: bool) -> None:
-    """Read and drop what ``connection`` receives for at most ``wait_s``, until its client
-    closes or, with ``until_head_end``, a request head has ended."""
-    deadline = time.monotonic() + wait_s
-    last = b""
-    while (left_s := deadline - time.monotonic()) > 0:
-        connection.settimeout(left_s)
-        try:
-            chunk = connection.recv(65536)
-        except TimeoutError:
-            return
-        if not chunk or (until_head_end and b"\r\n\r\n" in last + chunk):
-            return
-        last = chunk[-3:]
 
 
 class JsonErrorsUvicornWorker(UvicornWorker):

@@ -3,7 +3,8 @@
 The master makes a directory for the run (``gunicorn_config.py``, named by ``SIBLINGS_DIR``
 in the workers' environment). A worker that has started marks it twice: ``started``, kept
 for the whole run, and ``ready-<pid>``, which the master removes as that worker exits. A
-worker that could not start marks ``failed-<pid>``, until one starts.
+worker that could not start marks ``failed-<pid>``, until one starts. The master marks
+``stopping`` as it stops the server (not as a reload or TTOU stops a worker).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SIBLINGS_DIR = "SERVICE_SIBLINGS_DIR"
 _STARTED = "started"
 _READY_PREFIX = "ready-"
 _FAILED_PREFIX = "failed-"
+_STOPPING = "stopping"
 # A run's directory, in the temporary directory: this, then its master's pid.
 RUN_DIRECTORY_PREFIX = "service-siblings-"
 
@@ -55,6 +57,15 @@ class Siblings:
         with contextlib.suppress(OSError):
             (self.directory / f"{_FAILED_PREFIX}{os.getpid()}").touch()
         return max(1, len(list(self.directory.glob(f"{_FAILED_PREFIX}*"))))
+
+    def mark_stopping(self) -> None:
+        """Called by the master as it stops the server: no worker will serve again."""
+        with contextlib.suppress(OSError):
+            (self.directory / _STOPPING).touch()
+
+    def server_stopping(self) -> bool:
+        """Whether the master is stopping the server."""
+        return (self.directory / _STOPPING).exists()
 
     def server_started(self) -> bool:
         """Whether a worker of this run has started before: its task store exists, or did."""

@@ -21,7 +21,7 @@ from prometheus_client.mmap_dict import MmapedDict
 import service.settings
 from service import memory, protocol
 from service.settings import PROJECT_ROOT
-from service.siblings import SIBLINGS_DIR
+from service.siblings import SIBLINGS_DIR, Siblings
 
 CONFIG = PROJECT_ROOT / "gunicorn_config.py"
 
@@ -93,6 +93,7 @@ def master(
     cfg = {name: config[name] for name in ("workers", "timeout", "keepalive", "graceful_timeout")}
     return SimpleNamespace(
         reap_workers=lambda: None,
+        stop=lambda graceful=True: None,
         log=log or QuietLog(),
         cfg=SimpleNamespace(
             bind=[config["bind"]], address=[], reuse_port=False, **{**cfg, **command_line}
@@ -172,6 +173,25 @@ def test_settings_given_with_gunicorns_e_stop_the_start(
     with pytest.raises(SystemExit) as stopped:
         config["on_starting"](master(config))
     assert "gunicorn's -e sets TMPDIR after gunicorn_config.py" in str(stopped.value)
+
+
+def test_the_master_marks_the_server_stopping_before_it_stops_the_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker stopped while it starts answers the requests waiting for it only as the
+    server stops: by a reload (SIGHUP) or TTOU, the worker replacing it serves them."""
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
+    config = load(monkeypatch, tmp_path)
+    stopped: list[bool] = []
+    server = master(config)
+    server.stop = lambda graceful=True: stopped.append(siblings.server_stopping())
+    config["on_starting"](server)
+    siblings = config["SIBLINGS"]
+    assert isinstance(siblings, Siblings)
+    siblings.directory.mkdir()  # as when_ready makes it
+    assert not siblings.server_stopping()
+    server.stop(graceful=True)
+    assert stopped == [True]
 
 
 class QuietLog:

@@ -726,7 +726,8 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
 ) -> None:
     """With no worker serving (the first start, or one worker reloaded by SIGHUP), requests
     wait on the listening socket; stopped then, the worker exited at once, the master closed
-    the socket, and every one was reset unanswered, which a proxy does not resend."""
+    the socket, and every one was reset unanswered, which a proxy does not resend. A reload
+    meanwhile leaves them waiting for the worker that replaces the one it stops."""
     port = free_port()
     command = gunicorn_command(port)
     command[command.index("main:app")] = "tests.slow_start_app:app"
@@ -742,6 +743,9 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
         while "Started server process" not in log_path.read_text():
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
+        # Connections that send nothing (a browser's preconnect) first: answered together
+        # with the rest, they keep none waiting for its turn.
+        clients.extend(socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4))
         body = b"not read: the worker answers before it"
         for _ in range(3):
             client = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -750,6 +754,19 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
                 b"boundary=b\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             clients.append(client)
+        process.send_signal(signal.SIGHUP)
+        # The new worker loading its model (past importing the app, when its server's
+        # signal handlers are in place).
+        while log_path.read_text().count("Started server process") < 2:
+            assert time.monotonic() < deadline + 60, log_path.read_text()
+            time.sleep(0.1)
+        assert "stopped by SIGTERM while starting" in log_path.read_text()
+        time.sleep(1)  # what an answer would take
+        for client in clients:
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):  # neither answered nor closed
+                client.recv(1)
+            client.setblocking(True)
         process.send_signal(signal.SIGTERM)
         answers = []
         for client in clients:
@@ -769,7 +786,8 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
         assert status.startswith(b"HTTP/1.1 503 "), (answer, log)
         assert {b"retry-after: 1", b"connection: close"} <= set(header_lines)
         assert json.loads(answer_body) == {"detail": "the server is shutting down; retry"}
-    assert "answered 3 waiting connections 503" in log
+    assert len(answers) == 7
+    assert "answered 7 waiting connections 503" in log
     assert "Traceback" not in log
 
 
