@@ -45,6 +45,7 @@ from classification import (
 from service import logs, memory, metrics
 from service.errors import (
     SHUTTING_DOWN,
+    EmptyUpload,
     NotReady,
     ThreadsUnavailable,
     UploadTooLarge,
@@ -491,12 +492,13 @@ class Service:
         self.refuse_unless_classifying()
         assert self.processor is not None
         processor = self.processor
+        # An upload that could never be served is told so, not to retry later.
+        self._check_size(upload)
         # Refuse at once when the queue is full rather than spend a decode on the request.
         if (full := self._queue_full()) is not None:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(full)
-        self._check_size(upload)
         model_idle = self._idle_for() > 0
         self._decodes_in_progress += 1
         try:
@@ -646,9 +648,9 @@ class Service:
         up to ``WEBHOOK_TIMEOUT_S``, and not for a resend (see ``TaskRunner.check_room``).
         """
         self.refuse_unless_ready()
+        self._check_size(upload)
         if self._submissions_in_progress >= self.settings.max_queue:
             raise QueueFull(self._submissions_full())
-        self._check_size(upload)
         self._submissions_in_progress += 1
         try:
             resent = await tasks.check_room(idempotency_key)
@@ -875,7 +877,10 @@ class Service:
         return NotReady("the model is not ready")
 
     def _check_size(self, upload: UploadFile) -> None:
-        """Refuse an upload over MAX_UPLOAD_BYTES before it waits for a decode thread."""
+        """Refuse an empty upload, or one over MAX_UPLOAD_BYTES, before it waits for a
+        decode thread, a deadline or room in the queue."""
+        if upload.size == 0:
+            raise EmptyUpload("the uploaded file is empty")
         if upload.size is not None and upload.size > self.settings.max_upload_bytes:
             raise _too_large(upload.size, self.settings.max_upload_bytes)
 

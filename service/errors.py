@@ -30,6 +30,10 @@ class UploadTooLarge(Exception):
     """One uploaded file is larger than ``MAX_UPLOAD_BYTES``."""
 
 
+class EmptyUpload(Exception):
+    """One uploaded file has no bytes."""
+
+
 class ClientDisconnected(Exception):
     """The client went away while its request waited; nobody will read the answer."""
 
@@ -46,6 +50,7 @@ class ThreadsUnavailable(Exception):
 ERROR_STATUS: dict[type[Exception], int] = {
     InvalidImage: 400,
     ImageTooLarge: 400,
+    EmptyUpload: 400,
     TaskNotFound: 404,
     TaskNotCancellable: 409,
     UploadTooLarge: 413,

@@ -316,6 +316,25 @@ async def test_bad_images_are_400_with_a_clear_message(
     assert "/" not in detail
 
 
+async def test_an_empty_upload_is_400_even_once_its_deadline_has_passed(
+    served: RunningApp, photos: list[Path]
+) -> None:
+    """An empty file could never be served: a 504, or a 503, would have the client send it
+    again. Its deadline passes before any decode here, as a photo's 504 shows."""
+    passed = {"X-Request-Timeout-Ms": "0.000001"}
+    photo = await served.client.post("/cls", files=upload(photos[0].read_bytes()), headers=passed)
+    assert photo.status_code == 504, photo.text
+    empty = await served.client.post("/cls", files=upload(b""), headers=passed)
+    assert empty.status_code == 400, empty.text
+    assert empty.json() == {"detail": "the uploaded file is empty"}
+    files = [("file", ("a.jpg", b"", "image/jpeg")), ("file", ("b.jpg", b"x", "image/jpeg"))]
+    batch = await served.client.post("/cls/batch", files=files, headers=passed)
+    assert batch.status_code == 200, batch.text
+    entries = batch.json()["results"]
+    assert entries[0] == {"index": 0, "status": 400, "detail": "the uploaded file is empty"}
+    assert entries[1]["status"] == 504
+
+
 async def test_truncated_jpeg_is_400(served: RunningApp, photos: list[Path]) -> None:
     data = photos[0].read_bytes()
     response = await served.client.post("/cls", files=upload(data[: len(data) // 2]))
