@@ -76,6 +76,8 @@ def _name_run_directories() -> None:
     # clean-up below would delete.
     if not given or given == os.environ.get(_DEFAULTED):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_DEFAULTED] = str(_DEFAULT_METRICS_DIR)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = given  # as the workers' metrics read it
     PROMETHEUS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     os.environ[SIBLINGS_DIR] = str(run_directory(pid))
     SIBLINGS = Siblings(Path(os.environ[SIBLINGS_DIR]))

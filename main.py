@@ -782,7 +782,7 @@ def create_app(settings: Settings) -> FastAPI:
             own = settings.model_copy(update={"workers": uvicorn_workers()})
             for line in settings_to_warn_of(own):
                 logger.warning("%s", line)
-            if own.workers > 1:
+            if own.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 logger.warning(
                     "uvicorn runs %d workers here, which know nothing of each other: /metrics "
                     "counts one worker's requests; serve several workers with gunicorn "
@@ -817,6 +817,8 @@ def create_app(settings: Settings) -> FastAPI:
                 )
             else:
                 logger.critical("cannot start: %s", reason, exc_info=not foreseen)
+            if siblings is None:
+                metrics.forget_this_process()
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             if pause_s:
@@ -836,6 +838,8 @@ def create_app(settings: Settings) -> FastAPI:
             try:
                 await service.stop()
             finally:
+                if siblings is None:
+                    metrics.forget_this_process()
                 # uvicorn ends a worker stopped by a signal with that signal once the server
                 # is down, so no atexit hook writes out what is still queued.
                 logs.stop_writer()

@@ -8,9 +8,15 @@ is imported (gunicorn_config.py does it), so every worker writes its samples to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+# Blanks around the path are dropped, and a blank one means unset, as under gunicorn:
+# prometheus_client, once imported, would write to " /x/counter_1.db", or "/counter_1.db".
+if (_given := os.environ.pop("PROMETHEUS_MULTIPROC_DIR", "").strip()) != "":
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _given
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,7 +34,7 @@ from prometheus_client.registry import Collector
 from batching import Outcome, Priority
 from service.settings import METRIC_FILE, prepare_metrics_dir
 
-if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # gunicorn_config.py prepares it for gunicorn's workers. Under plain uvicorn (the
     # container image names one) the first metric below would fail on it with a traceback.
     prepare_metrics_dir(Path(_MULTIPROCESS_DIR))
@@ -241,8 +247,30 @@ class _WorkersFiles(Collector):
     def collect(self) -> Iterable[Metric]:
         if not self._path.is_dir():  # removed by a cleaner of /tmp, say: no scrape passes
             raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={self._path} is not a directory")
-        files = [str(file) for file in self._path.glob("*.db") if METRIC_FILE.fullmatch(file.name)]
-        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+        # gunicorn_config.py's child_exit deletes the files of a worker that counted
+        # nothing, which may come between listing the files and reading them: list again.
+        for _ in range(2):
+            with contextlib.suppress(FileNotFoundError):
+                return multiprocess.MultiProcessCollector.merge(self._files(), accumulate=True)
+        return multiprocess.MultiProcessCollector.merge(self._files(), accumulate=True)
+
+    def _files(self) -> list[str]:
+        """The metric files, but any a worker has only just created: empty until it sizes
+        it, it would fail the scrape, and it holds no sample yet."""
+        files = []
+        for file in self._path.glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):
+                if METRIC_FILE.fullmatch(file.name) and file.stat().st_size > 0:
+                    files.append(str(file))
+        return files
+
+
+def forget_this_process() -> None:
+    """Remove this process's live gauges from ``PROMETHEUS_MULTIPROC_DIR`` as it stops,
+    where no gunicorn master does it (``child_exit``): the process that follows it there,
+    after uvicorn's ``--reload`` say, would report them beside its own."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
 
 
 def render() -> tuple[bytes, str]:

@@ -570,6 +570,9 @@ def test_a_master_started_from_another_masters_environment_has_its_own_metrics_d
     assert (
         str(load(monkeypatch, tmp_path, PROMETHEUS_MULTIPROC_DIR=given)["PROMETHEUS_DIR"]) == given
     )
+    # Blanks around it are not part of it, for the master or its workers' metrics.
+    padded = load(monkeypatch, tmp_path, PROMETHEUS_MULTIPROC_DIR=f"  {given} ")
+    assert str(padded["PROMETHEUS_DIR"]) == os.environ["PROMETHEUS_MULTIPROC_DIR"] == given
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

@@ -116,6 +116,29 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
         assert response.status_code == 200, response.text
 
 
+def test_uvicorn_with_a_metrics_dir_drops_its_live_gauges_as_it_stops(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """The container image names a PROMETHEUS_MULTIPROC_DIR, which a plain uvicorn run
+    shares with the process before it (uvicorn's --reload starts another): that one's
+    memory gauge would stay beside the new one's, as a worker that no longer exists."""
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    env = server_env(tmp_path, PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    with running_server(tmp_path, uvicorn_command(port), env) as server:
+        photo = photos[0].read_bytes()
+        response = httpx.post(
+            f"{server.url}/cls", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        scraped = httpx.get(f"{server.url}/metrics", timeout=30).text
+        pid = server.process.pid
+        assert f'worker_resident_memory_bytes{{pid="{pid}"}}' in scraped
+        assert list(metrics_dir.glob(f"gauge_live*_{pid}.db"))
+    assert "Application shutdown complete" in server.log()
+    assert not list(metrics_dir.glob("gauge_live*"))
+    assert list(metrics_dir.glob(f"counter_{pid}.db"))  # the totals stay
+
+
 def test_a_body_the_parser_refuses_is_one_request_answered_under_the_callers_id(
     tmp_path: Path,
 ) -> None:

@@ -144,3 +144,80 @@ def test_a_metrics_dir_removed_under_the_server_fails_the_scrape(tmp_path: Path)
     rendered = run_with_metrics_dir(metrics_dir, remove_and_render)
     assert rendered.returncode != 0
     assert f"PROMETHEUS_MULTIPROC_DIR={metrics_dir} is not a directory" in rendered.stderr
+
+
+def test_worker_files_deleted_or_just_created_during_a_scrape_leave_it_whole(
+    tmp_path: Path,
+) -> None:
+    """gunicorn's master deletes the files of a worker that counted nothing as it exits,
+    which may come between the scrape listing them and reading them; and a worker that
+    has just created its file has not sized it yet. Neither fails the scrape."""
+    code = f"""
+import shutil
+from pathlib import Path
+from prometheus_client import multiprocess
+from service import metrics
+
+directory = Path({str(tmp_path)!r})
+metrics.record_request("/cls", "POST", 200, 0.02)
+[counter] = directory.glob("counter_*.db")
+shutil.copy(counter, directory / "counter_999999.db")  # a worker about to exit
+(directory / "histogram_999998.db").touch()  # a worker starting
+read = multiprocess.MmapedDict.read_all_values_from_file
+
+def read_after_the_exit(path):
+    if path.endswith("counter_999999.db"):
+        Path(path).unlink(missing_ok=True)
+    return read(path)
+
+multiprocess.MmapedDict.read_all_values_from_file = staticmethod(read_after_the_exit)
+print(metrics.render()[0].decode())
+"""
+    rendered = run_with_metrics_dir(tmp_path, code)
+    assert rendered.returncode == 0, rendered.stderr
+    assert 'http_requests_total{method="POST",route="/cls",status="200"} 1.0' in rendered.stdout
+
+
+@pytest.mark.parametrize("given", [" ", "  {}  "])
+def test_a_metrics_dir_with_blanks_around_it_or_blank_is_read_without_them(
+    tmp_path: Path, given: str
+) -> None:
+    """As gunicorn_config.py reads it: blank is unset, a path with blanks around it is the
+    path, not a directory whose name begins with a blank."""
+    code = (
+        "import os; from service import metrics; "
+        "metrics.record_request('/cls', 'POST', 200, 0.02); "
+        "print(repr(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))); "
+        "print(metrics.render()[0].decode())"
+    )
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": given.format(tmp_path),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    rendered = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    first, text = rendered.stdout.split("\n", 1)
+    assert first == ("None" if given == " " else repr(str(tmp_path)))
+    assert 'http_requests_total{method="POST",route="/cls",status="200"} 1.0' in text
+    # Unset: nothing written; else written where the path without its blanks leads.
+    assert bool(list(tmp_path.glob("counter_*.db"))) is (given != " ")
+
+
+def test_a_process_outside_gunicorn_drops_its_live_gauges_as_it_stops(tmp_path: Path) -> None:
+    """After uvicorn's --reload, say, the next process would report them beside its own."""
+    code = (
+        "from service import metrics; metrics.record_resident_memory(123); "
+        "metrics.forget_this_process(); print(metrics.render()[0].decode())"
+    )
+    rendered = run_with_metrics_dir(tmp_path, code)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "worker_resident_memory_bytes{" not in rendered.stdout
+    assert not list(tmp_path.glob("gauge_live*"))
