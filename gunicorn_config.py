@@ -33,6 +33,7 @@ from service.settings import (
     misspelt_settings,
     prepare_metrics_dir,
     refuse_metrics_path_of_a_file,
+    refuse_to_start,
     settings_to_warn_of,
 )
 from service.siblings import (
@@ -268,12 +269,10 @@ def _refuse_settings_given_too_late() -> None:
             if name != "gomp_spincount" and value != getattr(settings, name)
         ]
     if late:
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"invalid configuration: gunicorn's -e sets {', '.join(late)} after "
-                "gunicorn_config.py has read the settings for gunicorn's master, which would "
-                "run by the values before it: set them in the environment instead"
-            )
+        refuse_to_start(
+            f"invalid configuration: gunicorn's -e sets {', '.join(late)} after "
+            "gunicorn_config.py has read the settings for gunicorn's master, which would "
+            "run by the values before it: set them in the environment instead"
         )
 
 
@@ -301,7 +300,7 @@ def _refuse_flags_that_override_settings(cfg: Config) -> None:
         if given != ours
     ]
     if overridden:
-        raise SystemExit(logs.unconfigured_line("invalid configuration: " + "; ".join(overridden)))
+        refuse_to_start("invalid configuration: " + "; ".join(overridden))
 
 
 def when_ready(server: Arbiter) -> None:
@@ -333,12 +332,10 @@ def _claim_private_directory(path: Path) -> None:
         path.chmod(0o700)  # left by this user's earlier run, perhaps with a looser umask
         return
     what = "a link" if stat.S_ISLNK(found.st_mode) else f"owned by uid {found.st_uid}"
-    raise SystemExit(
-        logs.unconfigured_line(
-            f"{path} exists and is {what}, not a directory of this user's, who could read "
-            "or forge what the workers write there: remove it, or set TMPDIR to a "
-            "directory only this user can write to"
-        )
+    refuse_to_start(
+        f"{path} exists and is {what}, not a directory of this user's, who could read "
+        "or forge what the workers write there: remove it, or set TMPDIR to a "
+        "directory only this user can write to"
     )
 
 

@@ -9,11 +9,12 @@ import os
 import re
 import ssl
 import stat
+import sys
 import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from pydantic import (
     Field,
@@ -28,6 +29,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from batching import BatchConfig, BatchPolicy
 from service import logs
 from service.tasks import BUSY_TIMEOUT_MS, network_file_system_warning
+
+# The exit status of a start refused for its configuration: gunicorn's for a worker that
+# cannot boot, and the one on which uvicorn's --workers stops rather than start the worker
+# again, for ever, to be refused the same way.
+EXIT_REFUSED = 3
+
+
+class StartRefused(SystemExit):
+    """The start is refused with ``line``, written already; the process exits with
+    ``EXIT_REFUSED``."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.code = EXIT_REFUSED
+
+
+def refuse_to_start(message: str) -> NoReturn:
+    """Stop start-up with ``message``, one line in ``LOG_FORMAT``, and ``EXIT_REFUSED``."""
+    line = logs.unconfigured_line(message)
+    print(line, file=sys.stderr, flush=True)
+    raise StartRefused(line)
+
 
 SQLITE_MAX_LENGTH = 1_000_000_000
 # Room for the rest of a task image's row: its id, and SQLite's record header.
@@ -121,11 +144,9 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
 def refuse_metrics_path_of_a_file(path: Path) -> None:
     """Stop start-up with one line where ``path`` is a file: no worker could write there."""
     if path.exists() and not path.is_dir():
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
-                "metrics: it is a file, not a directory; point it at a directory, or unset it"
-            )
+        refuse_to_start(
+            f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
+            "metrics: it is a file, not a directory; point it at a directory, or unset it"
         )
 
 
@@ -143,13 +164,11 @@ def prepare_metrics_dir(path: Path, *, remove_stale: bool = False) -> None:
                     stale.unlink()
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
-                f"metrics: {error.strerror or error}; point it at a directory this user can "
-                "write to, or unset it"
-            )
-        ) from None
+        refuse_to_start(
+            f"invalid configuration: PROMETHEUS_MULTIPROC_DIR={path} cannot hold the "
+            f"metrics: {error.strerror or error}; point it at a directory this user can "
+            "write to, or unset it"
+        )
 
 
 class Settings(BaseSettings):
@@ -629,11 +648,9 @@ def load_settings() -> Settings:
     if conflicts:
         # Names are read in any case; which of two values would win is an accident of
         # the environment's order.
-        raise SystemExit(
-            logs.unconfigured_line(
-                "invalid configuration: "
-                + "; ".join(f"{names} are set to different values; set one" for names in conflicts)
-            )
+        refuse_to_start(
+            "invalid configuration: "
+            + "; ".join(f"{names} are set to different values; set one" for names in conflicts)
         )
     try:
         settings = Settings()
@@ -656,16 +673,12 @@ def load_settings() -> Settings:
                 given = "***"
             # Errors about a combination of settings name them in the message itself.
             problems.append(f"{name}={given!r}: {message}" if name else message)
-        raise SystemExit(
-            logs.unconfigured_line("invalid configuration: " + "; ".join(problems))
-        ) from None
+        refuse_to_start("invalid configuration: " + "; ".join(problems))
     temporary = os.environ.get("TMPDIR")
     if temporary and os.path.realpath(tempfile.gettempdir()) != os.path.realpath(temporary):
         # Python would spool uploads to /tmp instead, saying nothing.
-        raise SystemExit(
-            logs.unconfigured_line(
-                f"invalid configuration: TMPDIR={temporary!r}: not a directory this process "
-                "can write to (uploads over 1 MiB are spooled there); create it, or unset TMPDIR"
-            )
+        refuse_to_start(
+            f"invalid configuration: TMPDIR={temporary!r}: not a directory this process "
+            "can write to (uploads over 1 MiB are spooled there); create it, or unset TMPDIR"
         )
     return settings

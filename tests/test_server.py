@@ -861,6 +861,25 @@ def test_offline_imagenet_weights_stop_start_up_with_one_line(tmp_path: Path) ->
     assert "WEIGHTS=random" in error
 
 
+def test_invalid_settings_stop_uvicorns_workers_rather_than_restart_them(tmp_path: Path) -> None:
+    """uvicorn's --workers starts again a worker that exits, but for one that could not
+    start (exit status 3): an invalid setting would print its line every few seconds, for
+    ever, and nothing be served."""
+    env = server_env(tmp_path, MAX_BATCH_SIZE="abc")
+    command = [str(BIN / "uvicorn"), "main:app", "--workers", "2", "--port", str(free_port())]
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    refusals = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
+    assert refusals, result.stderr
+    assert set(refusals) == {
+        "invalid configuration: MAX_BATCH_SIZE='abc': takes a whole number in digits "
+        "(10485760, not 1e7 or 10.5)"
+    }
+    assert len(refusals) <= 2, result.stderr  # once a worker, none started again
+    assert "Traceback" not in result.stderr
+
+
 def symbolic_link_loop(tmp_path: Path) -> Path:
     """A DATA_DIR that the settings leave to the task store (which cannot open it)."""
     (tmp_path / "data").symlink_to(tmp_path / "loop")
@@ -937,7 +956,7 @@ def refusal_before_listening(command: list[str], env: dict[str, str]) -> str:
     result = subprocess.run(
         command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 3, result.stderr
     [line] = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
     assert "Listening at" not in result.stderr
     assert "Traceback" not in result.stderr

@@ -455,7 +455,7 @@ def test_invalid_settings_are_one_line_in_the_asked_format(
     monkeypatch.setenv("MAX_BATCH_SIZE", "0")
     with pytest.raises(SystemExit) as stopped:
         load_settings()
-    line = str(stopped.value.code)
+    line = str(stopped.value)
     assert "\n" not in line
     if log_format.lower() == "json":
         record = json.loads(line)

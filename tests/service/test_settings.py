@@ -36,9 +36,13 @@ def no_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def refusal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """The line ``load_settings`` writes as it stops start-up, with uvicorn's and gunicorn's
+    exit status for a worker that cannot start: uvicorn's --workers would start it again."""
     with pytest.raises(SystemExit) as stopped:
         load_settings()
-    line = str(stopped.value.code or "") + capsys.readouterr().err
+    assert stopped.value.code == 3
+    line = str(stopped.value)
+    assert capsys.readouterr().err == line + "\n"
     assert "invalid configuration" in line
     return line
 
