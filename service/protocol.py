@@ -167,6 +167,10 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         logging.getLogger("uvicorn.error").addFilter(_NO_REPEATS)  # once: a no-op after
+        if self.config.timeout_graceful_shutdown is None:
+            # Plain uvicorn, whose command line set no bound: bounded as under gunicorn
+            # (JsonErrorsUvicornWorker), or an upload trickling in would hold the process.
+            self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
         self._head_bytes = 0
         self._in_head = False
         self._messages_begun = 0

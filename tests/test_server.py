@@ -279,13 +279,17 @@ def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
     assert "SIGKILL" not in server.log()
 
 
-def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", [gunicorn_command, uvicorn_command], ids=["gunicorn", "uvicorn"])
+def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(
+    tmp_path: Path, start: Callable[[int], list[str]]
+) -> None:
     """An upload that trickles on past SIGTERM (within BODY_IDLE_TIMEOUT_S between chunks)
-    held the worker until the master SIGKILLed it, before the app's own shutdown ran. Once
-    DRAIN_TIMEOUT_S is up it is answered 503, and the worker shuts down cleanly."""
+    held the worker until the master SIGKILLed it, before the app's own shutdown ran, and
+    plain uvicorn until the upload ended. Once DRAIN_TIMEOUT_S is up it is answered 503,
+    and the worker shuts down cleanly."""
     port = free_port()
-    env = server_env(tmp_path, DRAIN_TIMEOUT_S="2")
-    with running_server(tmp_path, gunicorn_command(port), env) as server:
+    env = server_env(tmp_path, DRAIN_TIMEOUT_S="2", PORT=str(port))
+    with running_server(tmp_path, start(port), env) as server:
         head = (
             "POST /cls HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
             "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
