@@ -84,7 +84,7 @@ lint: $(STAMP)
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all | grep -vE '^(pip|setuptools|wheel)=='; } > constraints.txt.new
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all | grep -vE '^(pip|wheel)=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	touch $(RUNTIME_STAMP) $(STAMP)
 

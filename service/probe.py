@@ -38,7 +38,18 @@ def connection_to(bind: str) -> http.client.HTTPConnection:
         return _UnixConnection(bind.removeprefix("unix:"))
     host, _, port = bind.removeprefix("tcp://").rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    return http.client.HTTPConnection(_LOOPBACK.get(host, host), int(port), timeout=TIMEOUT_S)
+    return http.client.HTTPConnection(_LOOPBACK.get(host, host), _port(port), timeout=TIMEOUT_S)
+
+
+def _port(written: str) -> int:
+    """The port as the settings read it, which take 5001.0 for 5001 too."""
+    try:
+        return int(written)
+    except ValueError:
+        number = float(written)
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def probe(path: str, environ: dict[str, str]) -> int:

@@ -105,6 +105,9 @@ def test_the_constraints_pin_what_the_requirements_pin_and_the_venv_holds() -> N
         if name in installed and installed[name] != version
     }
     assert not drifted, f"constraint, installed: {drifted}"
+    # setuptools too, which torch needs at run time; pip and wheel only install.
+    unpinned = sorted(set(installed) - set(constraints) - {"pip", "wheel"})
+    assert not unpinned, f"installed, not in constraints.txt: {unpinned}"
 
 
 def test_the_image_installs_with_the_constraints() -> None:

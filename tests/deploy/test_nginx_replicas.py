@@ -251,7 +251,8 @@ def lose_the_first_of_each_path() -> Answer:
 @contextmanager
 def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
     """``count`` HTTP/1.1 servers answering every request as ``answer`` says (a 503 with
-    ``Retry-After: 1``, as the service's); yields their host:port."""
+    ``Retry-After: 1``, as the service's), echoing the ``X-Request-ID`` they get; yields
+    their host:port."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -267,6 +268,8 @@ def stand_in_replicas(count: int, answer: Answer) -> Iterator[list[str]]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if request_id := self.headers.get("X-Request-ID"):
+                self.send_header("X-Request-ID", request_id)  # as the service does
             if status == 503:
                 self.send_header("Retry-After", "1")
             self.end_headers()
@@ -328,6 +331,48 @@ def test_heads_the_service_takes_pass_and_longer_ones_get_json(tmp_path: Path) -
     assert head.startswith(b"HTTP/1.1 414 "), too_long_a_url[:300]
     assert b"content-type: application/json" in head.lower()
     assert "over the proxy's 64 KiB" in json.loads(body)["detail"]
+
+
+NGINX_REFUSES = {
+    "TRACE, which nginx never passes on": (b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    "a transfer coding it does not know": (
+        b"POST /cls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+    ),
+    "an HTTP version it does not speak": (b"GET /healthz HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+}
+
+
+@pytest.mark.parametrize("case", NGINX_REFUSES)
+def test_what_nginx_refuses_itself_is_json_with_a_request_id(tmp_path: Path, case: str) -> None:
+    """As the service's own errors are: a client that parses the body as JSON got HTML."""
+    request, status = NGINX_REFUSES[case]
+    with (
+        stand_in_replicas(2, always(200)) as addresses,
+        running_nginx(tmp_path, addresses) as proxy,
+    ):
+        answer = raw_exchange(proxy.url, request)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    assert b"x-request-id: " in head.lower(), head
+    assert json.loads(body)["detail"]
+
+
+def test_a_request_id_without_a_letter_or_digit_is_replaced_as_the_service_would(
+    tmp_path: Path,
+) -> None:
+    """The service makes its own id for such a one ("----"), so nginx's log line, under the
+    id the caller sent, would match none of the service's."""
+    with (
+        stand_in_replicas(2, always(200)) as addresses,
+        running_nginx(tmp_path, addresses) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=30) as client,
+    ):
+        kept = client.get("/healthz", headers={"X-Request-ID": "a-client.1"})
+        replaced = client.get("/healthz", headers={"X-Request-ID": "----"})
+    assert kept.headers["x-request-id"] == "a-client.1"
+    assert replaced.headers["x-request-id"] not in ("", "----")
 
 
 def test_a_request_without_a_host_names_the_address_it_reached(tmp_path: Path) -> None:

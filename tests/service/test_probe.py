@@ -57,6 +57,9 @@ def test_it_asks_the_port_on_the_loopback_interface() -> None:
             assert probe("/healthz", {"BIND": bind, "PORT": "1"}) == 0, bind
         # The settings read names whatever their case, so gunicorn binds where these say.
         assert probe("/healthz", {"port": port}) == 0
+        # And as they read numbers: gunicorn binds PORT=5001.0 on 5001.
+        for written in (f"{port}.0", f" {port} "):
+            assert probe("/healthz", {"PORT": written}) == 0, written
         assert probe("/healthz", {"bind": f"127.0.0.1:{port}", "PORT": "1"}) == 0
 
 
