@@ -709,9 +709,8 @@ def main() -> None:
     try:
         run(parser, args)
     except KeyboardInterrupt as interruption:
-        exit_interrupted(
-            interruption, "interrupted; the servers it started are stopped; no results written"
-        )
+        stopped = "" if args.url else "the servers it started are stopped; "
+        exit_interrupted(interruption, f"interrupted; {stopped}no results written")
     except httpx.HTTPError as exc:
         sys.exit(f"the server stopped answering as it should ({exc}); no results written")
     except ServerNotStarted as exc:
@@ -852,9 +851,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # float32 runs keep the names their records have always had.
     dtype_part = "" if args.dtype == "float32" else f"-{args.dtype}"
     prefix = args.out / f"{results['machine']['device']}{dtype_part}-{mode_name}"
-    report.write_json(prefix.with_suffix(".json"), results)
-    plots = report.write_plots(prefix, results)
-    report.write_markdown(prefix.with_suffix(".md"), results, plots)
+    write_results(prefix, results)
     for target in results["targets"]:
         verdict = report.verdict(target, {True: "ok", False: "NO", None: "--"}, "??")
         unreliable = target.get("unreliable", False)
@@ -877,6 +874,19 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     print(f"wrote {prefix}.json, {prefix}.md and plots")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)  # last, where it is seen
+
+
+def write_results(prefix: Path, results: dict[str, Any]) -> None:
+    """The JSON, the Markdown report and the plots, named from ``prefix``. Written aside,
+    then renamed in together: a run stopped as it writes (the plots take a second or two)
+    leaves the previous results whole, as it says."""
+    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".writing-") as staging:
+        staged = Path(staging) / prefix.name
+        report.write_json(staged.with_suffix(".json"), results)
+        plots = report.write_plots(staged, results)
+        report.write_markdown(staged.with_suffix(".md"), results, plots)
+        for written in sorted(Path(staging).iterdir()):
+            written.replace(prefix.parent / written.name)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def open_session(server: Server, connections: int) -> aiohttp.ClientSession:
     # aiohttp parses HTTP in C: a third of httpx's CPU per request, so the load generator
     # takes as little as possible of the cores the server is measured on.
     return aiohttp.ClientSession(
-        server.url,
+        # With its trailing slash, a base URL may hold a path (a server behind a proxy's
+        # prefix), which the relative paths of the requests then keep.
+        f"{server.url}/",
         connector=aiohttp.TCPConnector(limit=connections),
         timeout=aiohttp.ClientTimeout(total=120),
         headers=server.headers,
@@ -110,7 +112,7 @@ async def post_image(session: aiohttp.ClientSession, payload: Payload) -> int:
     # aiohttp writes a body over 1 MiB given as bytes in one piece, holding up the loop.
     data = io.BytesIO(body) if len(body) > 1024 * 1024 else body
     try:
-        async with session.post("/cls", data=data, headers=headers) as response:
+        async with session.post("cls", data=data, headers=headers) as response:
             await response.read()
             return response.status
     except (aiohttp.ClientError, TimeoutError):

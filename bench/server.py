@@ -136,15 +136,23 @@ class Server:
         self.stop()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
+        try:
+            if self.process is not None and self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        except BaseException:
+            # Interrupted as it waits (a second Ctrl-C): the server goes at once.
+            if self.process is not None and self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
-        if self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
+        finally:
+            if self.data_dir is not None:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def server_environment(settings: dict[str, str]) -> dict[str, str]:

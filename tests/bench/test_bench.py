@@ -68,11 +68,12 @@ async def slow_server() -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def fake_service(classify: Handler, metrics: Handler) -> AsyncIterator[str]:
-    """A loopback HTTP server answering /cls and /metrics with these handlers; its URL."""
+async def fake_service(classify: Handler, metrics: Handler, prefix: str = "") -> AsyncIterator[str]:
+    """A loopback HTTP server answering /cls and /metrics, under ``prefix``, with these
+    handlers; its URL."""
     app = web.Application()
-    app.router.add_post("/cls", classify)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_post(f"{prefix}/cls", classify)
+    app.router.add_get(f"{prefix}/metrics", metrics)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -200,6 +201,24 @@ async def test_a_step_of_only_errors_has_no_latency_and_no_server_figures_by_url
     # Status 0 is the load generator's for a request that got no answer at all.
     [row] = report.step_rows([asdict(result) | {"statuses": {"0": 2, "503": 1}}])[2:]
     assert "{'no answer': 2, '503': 1}" in row
+
+
+async def test_a_server_behind_a_proxys_path_prefix_is_driven_under_it() -> None:
+    """--url http://proxy/api: the requests go to /api/cls, as the checks before them."""
+
+    async def classify(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"prediction": []})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text="batch_size_count 0\nbatch_size_sum 0\n")
+
+    payload = (b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"})
+    async with fake_service(classify, metrics, prefix="/api") as url:
+        result = await closed_loop(
+            Server(f"{url}/api"), [payload], 2, duration_s=0.3, warmup_s=0.05
+        )
+    assert set(result.statuses) == {"200"}
 
 
 async def test_the_open_loop_measures_its_window_after_a_warm_up() -> None:
@@ -1342,3 +1361,73 @@ def test_a_run_on_a_busy_machine_meets_no_target() -> None:
     lone = targets(results, max_batch_size=16, workers=1)[1]
     assert (lone["within_bound"], lone["unreliable"], lone["met"]) == (True, True, False)
     assert "| unreliable |" in report.target_rows([lone])[0]
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["written", "stopped as it writes"])
+def test_results_are_written_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: bool
+) -> None:
+    """A run stopped while it writes says "no results written": the previous run's files
+    stay as they were, not a new JSON beside the old report and plots."""
+    for suffix in (".json", ".md", "-latency.png"):
+        (tmp_path / f"cpu-quick{suffix}").write_text("the previous run")
+
+    def plots(prefix: Path, results: dict[str, Any]) -> list[Path]:
+        plot = prefix.with_name(prefix.name + "-latency.png")
+        plot.write_text("new")
+        return [plot]
+
+    def markdown(path: Path, results: dict[str, Any], plots: list[Path]) -> None:
+        if stopped:
+            raise KeyboardInterrupt
+        path.write_text("new")
+
+    monkeypatch.setattr(report, "write_plots", plots)
+    monkeypatch.setattr(report, "write_markdown", markdown)
+    with contextlib.suppress(KeyboardInterrupt):
+        bench_main.write_results(tmp_path / "cpu-quick", {"figure": 1})
+    contents = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    names = ("cpu-quick.json", "cpu-quick.md", "cpu-quick-latency.png")
+    assert set(contents) == set(names)  # nothing left aside
+    if stopped:
+        assert all(contents[name] == "the previous run" for name in names)
+    else:
+        assert json.loads(contents["cpu-quick.json"]) == {"figure": 1}
+        assert contents["cpu-quick.md"] == contents["cpu-quick-latency.png"] == "new"
+
+
+def test_a_second_interrupt_as_a_server_stops_kills_it_and_removes_its_data(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C twice: the wait for the server's drain is cut short, the server is killed
+    rather than left running, and its task store removed all the same."""
+    ignoring_sigterm = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", ignoring_sigterm], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"ready\n"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    waits = 0
+    wait = process.wait
+
+    def interrupted_once(timeout: float | None = None) -> int:
+        nonlocal waits
+        waits += 1
+        if waits == 1:
+            raise KeyboardInterrupt
+        return wait(timeout)
+
+    process.wait = interrupted_once  # type: ignore[method-assign]
+    server = bench_server.Server("http://127.0.0.1:1", process, tmp_path / "log", data_dir)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.stop()
+        assert process.returncode == -signal.SIGKILL
+        assert not data_dir.exists()
+    finally:
+        process.kill()
+        wait()
+        process.stdout.close()
