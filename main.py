@@ -8,6 +8,7 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or ``make d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -66,6 +67,7 @@ from service.middleware import (
     serves,
 )
 from service.protocol import (
+    DRAIN_TIMEOUT_STATE,
     EXIT_BOOT_ERROR,
     EXIT_RESTART,
     LIVENESS_STATE,
@@ -95,7 +97,13 @@ from service.schemas import (
     predictions_out,
     task_response,
 )
-from service.settings import Settings, load_settings, misspelt_settings, settings_to_warn_of
+from service.settings import (
+    Settings,
+    StartRefused,
+    load_settings,
+    misspelt_settings,
+    settings_to_warn_of,
+)
 from service.siblings import Siblings
 from service.task_fields import (
     IDEMPOTENCY_KEY_SCHEMA,
@@ -832,7 +840,10 @@ def create_app(settings: Settings) -> FastAPI:
         gc.collect()
         gc.freeze()
         try:
-            yield {SHUTDOWN_HOOK: service.begin_shutdown}
+            yield {
+                SHUTDOWN_HOOK: service.begin_shutdown,
+                DRAIN_TIMEOUT_STATE: settings.drain_timeout_s,
+            }
         finally:
             gc.unfreeze()
             try:
@@ -1042,6 +1053,41 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-settings = load_settings()
+def _settings_or_restart() -> Settings:
+    """The settings; refused, the one line and exit status 3, but in a gunicorn worker
+    started while others serve: what the master found valid no longer is (a file the
+    settings name removed since), and that worker exits to be started again after a pause,
+    as one whose model cannot load does (the lifespan), rather than stop the server and
+    the workers that serve with it."""
+    try:
+        return load_settings()
+    except StartRefused:
+        siblings = Siblings.from_environment()
+        if siblings is None or not siblings.others_serving():
+            raise
+        pause_s = restart_pause_s(siblings.failed_to_start(), _worker_timeout_s())
+        print(
+            logs.unconfigured_line(
+                f"gunicorn starts this worker again in {pause_s:g} s, and the other workers "
+                "serve meanwhile"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+        pause_unless_stopped(pause_s)
+        os._exit(EXIT_RESTART)
+
+
+def _worker_timeout_s() -> float:
+    """WORKER_TIMEOUT_S as set (in any case), or its default, where the settings as a
+    whole were refused."""
+    for name, value in os.environ.items():
+        if name.upper() == "WORKER_TIMEOUT_S":
+            with contextlib.suppress(ValueError):
+                return float(value)
+    return float(Settings.model_fields["worker_timeout_s"].default)
+
+
+settings = _settings_or_restart()
 logs.configure_logging(settings.log_level, settings.log_format, settings.access_log)
 app = create_app(settings)

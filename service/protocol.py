@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,8 @@ MAX_URL_BYTES = 65535
 # down: the server then waits for open requests (up to DRAIN_TIMEOUT_S) before the app's
 # own shutdown starts, and the app's drain counts from this moment.
 SHUTDOWN_HOOK = "on_server_shutdown"
+# The lifespan state's DRAIN_TIMEOUT_S, which bounds plain uvicorn's shutdown too.
+DRAIN_TIMEOUT_STATE = "drain_timeout_s"
 # Keys of a request's ASGI scope state: the id it is answered with, and, when this protocol
 # refused its body (bytes it could not parse) while the app was reading it, the status and
 # detail it answered: service.middleware then counts and logs the request so, once, not as
@@ -167,10 +170,11 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         logging.getLogger("uvicorn.error").addFilter(_NO_REPEATS)  # once: a no-op after
-        if self.config.timeout_graceful_shutdown is None:
+        drain_timeout_s = self.app_state.get(DRAIN_TIMEOUT_STATE)
+        if self.config.timeout_graceful_shutdown is None and drain_timeout_s is not None:
             # Plain uvicorn, whose command line set no bound: bounded as under gunicorn
             # (JsonErrorsUvicornWorker), or an upload trickling in would hold the process.
-            self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
+            self.config.timeout_graceful_shutdown = max(drain_timeout_s, 0.01)
         self._head_bytes = 0
         self._in_head = False
         self._messages_begun = 0
@@ -782,7 +786,7 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         # tasks back) has run. Requests still open after the drain time are cancelled
         # instead, and answered 503 (RequestContextMiddleware). A bound of 0 would report
         # a timeout even with nothing open (asyncio.wait_for gives the wait no turn).
-        self.config.timeout_graceful_shutdown = max(load_settings().drain_timeout_s, 0.01)
+        self.config.timeout_graceful_shutdown = max(_drain_timeout_s(), 0.01)
         self.config.timeout_notify = min(HEARTBEAT_INTERVAL_S, self.timeout)
         self._heart_stopped = False
 
@@ -836,6 +840,14 @@ class JsonErrorsUvicornWorker(UvicornWorker):
             # only on SIGINT and SIGTERM: the worker would serve on until the master
             # SIGKILLs it at graceful_timeout, without draining. Stop as on SIGTERM.
             signal.raise_signal(signal.SIGTERM)
+
+
+@functools.cache
+def _drain_timeout_s() -> float:
+    """DRAIN_TIMEOUT_S, read once: gunicorn's master makes each worker object before it
+    forks it, and a check of the settings that failed there (a weights file replaced just
+    then) would end the master, leaving its workers without it."""
+    return load_settings().drain_timeout_s
 
 
 def restart_pause_s(failures: int, worker_timeout_s: float) -> float:

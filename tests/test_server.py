@@ -566,20 +566,25 @@ def wait_for_restarts_while_serving(server: ServerProcess, restarts: int) -> Non
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("change", ["overwritten", "removed"])
 def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
-    tmp_path: Path, photos: list[Path]
+    tmp_path: Path, photos: list[Path], change: str
 ) -> None:
     """The weights file changed on disk after the start: a worker started to replace
     another says why it cannot start and is started again, while the other worker serves
     on. (Exiting with gunicorn's boot error, it halted the whole server.) Once the file is
-    mended, the next attempt starts."""
+    mended, the next attempt starts. A file removed is found by the settings, before the
+    model: the same holds."""
     weights = tmp_path / "weights.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     env = server_env(tmp_path, WORKERS="2", WEIGHTS=str(weights))
     photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         good = weights.read_bytes()
-        weights.write_bytes(b"not a state dict")
+        if change == "removed":
+            weights.unlink()
+        else:
+            weights.write_bytes(b"not a state dict")
         master = psutil.Process(server.process.pid)
         first, second = master.children()
         first.kill()

@@ -1089,7 +1089,7 @@ def test_a_server_that_cannot_start_says_why_from_its_log(tmp_path: Path) -> Non
     with pytest.raises(bench_server.ServerNotStarted) as refused:
         bench_server.start({"WORKERS": "0"}, tmp_path / "logs", timeout_s=30)
 
-    assert str(refused.value).startswith("the server exited with status 1 as it started; ")
+    assert str(refused.value).startswith("the server exited with status 3 as it started; ")
     assert "WORKERS='0': Input should be greater than or equal to 1" in str(refused.value)
     assert set(Path(tempfile.gettempdir()).glob("bench-tasks-*")) == data_dirs_before
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import select
 import socket
 import struct
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -22,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
 from service import logs, protocol
+from service.settings import PROJECT_ROOT
 from tests.server import free_port
 
 HEAD_TIMEOUT_S = 1.0
@@ -951,3 +954,38 @@ def test_100_continue_is_sent_only_to_http_1_1_clients(
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert b"100 Continue" not in answer
     assert ok_lengths(answer) == [3]
+
+
+def test_gunicorns_master_makes_workers_without_checking_the_settings_again(
+    tmp_path: Path,
+) -> None:
+    """The master makes each worker object before it forks it: a check of the settings
+    there, finding the weights file replaced at that moment, ended the master itself,
+    its workers left running without it."""
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"checked by the settings only for being there")
+    code = f"""
+import os
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
+from service.protocol import JsonErrorsUvicornWorker
+
+config = Config()
+def make():
+    return JsonErrorsUvicornWorker(1, os.getpid(), [], None, 30, config, Logger(config))
+
+make()
+os.remove({str(weights)!r})
+print(make().config.timeout_graceful_shutdown)
+"""
+    env = {**os.environ, "WEIGHTS": str(weights), "DRAIN_TIMEOUT_S": "7", "DEVICE": "cpu"}
+    made = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == "7.0"
