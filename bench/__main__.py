@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import os
 import platform
 import re
 import shlex
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -518,6 +520,18 @@ IMAGE_SUFFIXES = (
 )
 
 
+def _files_under(folder: Path) -> Iterator[Path]:
+    """The files under ``folder``, through links to folders too (which ``Path.rglob``
+    does not follow before Python 3.13), each folder once, a link loop included."""
+    seen = set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(root)) in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in names)
+
+
 def images_in(folder: Path) -> list[Path]:
     """The images under ``folder``, each checked to be one the service classifies.
 
@@ -528,7 +542,7 @@ def images_in(folder: Path) -> list[Path]:
         raise ValueError(f"--images {folder} is not a folder")
     images = sorted(
         path
-        for path in folder.rglob("*")
+        for path in _files_under(folder)
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
     )
     if not images:
@@ -581,7 +595,8 @@ def cpu_dtype(text: str) -> str:
 
 
 def recorded_command(module: str, argv: list[str]) -> str:
-    """The command line as the report shows it, an API key in it masked: reports are kept."""
+    """The command line as the report shows it, an API key or a password in a URL in it
+    masked: reports are kept."""
     shown, hide_next = [], False
     for argument in argv:
         if hide_next:
@@ -590,8 +605,13 @@ def recorded_command(module: str, argv: list[str]) -> str:
             hide_next = True
         elif argument.startswith("--api-key="):
             argument = "--api-key=***"
-        shown.append(argument)
+        shown.append(without_password(argument))
     return shlex.join(["python", "-m", module, *shown])
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of a URL in it (``http://user:password@host``) masked."""
+    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
 
 
 def check_url(
@@ -771,7 +791,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "server_settings": (
             settings
             if not args.url
-            else {"url": args.url, "MAX_BATCH_SIZE": str(args.max_batch_size), "DTYPE": args.dtype}
+            else {
+                "url": without_password(args.url),
+                "MAX_BATCH_SIZE": str(args.max_batch_size),
+                "DTYPE": args.dtype,
+            }
         ),
         "images": [p.name for p in images],
     }

@@ -647,6 +647,10 @@ def test_the_recorded_command_hides_the_api_key() -> None:
     shown = bench_main.recorded_command("bench", argv)
     assert shown == "python -m bench --url http://h:5001 --api-key '***' --full '--api-key=***'"
     assert "s3cret" not in shown
+    # Nor a password in the URL, a proxy's basic authentication.
+    argv = ["--url", "http://me:s3cret@h:5001/api", "--url=https://me:p%40ss@h"]
+    shown = bench_main.recorded_command("bench", argv)
+    assert shown == "python -m bench --url 'http://me:***@h:5001/api' '--url=https://me:***@h'"
 
 
 def test_a_run_on_a_busy_machine_says_its_figures_are_unreliable() -> None:
@@ -962,6 +966,18 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
     photo.save(tmp_path / "b.bmp")
     (tmp_path / "notes.txt").write_text("not an image, and not named as one")
     assert images_in(tmp_path) == [tmp_path / "b.bmp", tmp_path / "sub" / "a.webp"]
+    # Through a link to a folder elsewhere, and a link loop, which is read once.
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    photo.save(elsewhere / "d.png")
+    (tmp_path / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(tmp_path)
+    assert images_in(tmp_path) == [
+        tmp_path / "b.bmp",
+        tmp_path / "linked" / "d.png",
+        tmp_path / "sub" / "a.webp",
+    ]
+    (tmp_path / "linked").unlink()
     (tmp_path / "c.jpg").write_bytes(b"text named as a JPEG")
     with pytest.raises(ValueError, match=r"c\.jpg: the upload is not a JPEG, PNG"):
         images_in(tmp_path)
