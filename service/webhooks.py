@@ -66,6 +66,13 @@ _DOCUMENTATION = tuple(
     for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
 )
 _BENCHMARKING = ipaddress.IPv4Network("198.18.0.0/15")
+# Cloud metadata services outside link-local, inside ranges WEBHOOK_ALLOW_PRIVATE opens:
+# AWS's IPv6 instance metadata and EKS Pod Identity, Google Cloud's IPv6 metadata server,
+# Alibaba Cloud's metadata (in carrier-grade NAT space).
+_CLOUD_METADATA = frozenset(
+    ipaddress.ip_address(address)
+    for address in ("fd00:ec2::254", "fd00:ec2::23", "fd20:ce::254", "100.100.100.200")
+)
 # The networks of RFC 1918 and RFC 4193 (unique local): what a local network uses. Python's
 # is_private holds special-purpose ranges besides (0.0.0.0/8, Teredo, ORCHID, IPv6
 # benchmarking), which no receiver is reached at.
@@ -129,6 +136,8 @@ def _address_kind(ip: _IPAddress) -> str | None:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return _address_kind(embedded)
+    if ip in _CLOUD_METADATA:
+        return "a cloud metadata service's"
     if ip.is_loopback:
         return _LOOPBACK
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated

@@ -550,6 +550,13 @@ def test_private_targets_are_accepted_when_allowed(url: str) -> None:
         ("http://169.254.169.254/latest/meta-data/", "link-local"),
         ("http://[::ffff:169.254.169.254]/", "link-local"),
         ("http://[fe80::1]/", "link-local"),
+        # Metadata services at addresses of ranges the setting opens: AWS IPv6 and EKS Pod
+        # Identity, Google Cloud IPv6, Alibaba Cloud (carrier-grade NAT).
+        ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+        ("http://[fd00:ec2::23]/", "cloud metadata"),
+        ("http://[fd20:ce::254]/", "cloud metadata"),
+        ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
+        ("http://[::ffff:100.100.100.200]/", "cloud metadata"),
         ("http://224.0.0.1/", "multicast"),
         ("http://0.0.0.0/", "unspecified"),
         ("http://240.0.0.1/", "reserved"),
