@@ -33,13 +33,16 @@ ACCESS_LOGGER = "service.access"
 # The service's own loggers; uvicorn and gunicorn keep their handlers.
 SERVICE_LOGGERS = ("service", "batching", "classification")
 # What libraries say while a request is served, in the same format and with its id: Python
-# warnings (Pillow's about a corrupt EXIF block) and python-multipart's about a malformed
-# body. Warnings and above only: their debug lines are of no use to an operator.
-LIBRARY_LOGGERS = ("py.warnings", "python_multipart")
-# Of those, the ones whose warnings are a caller's mistake that the answer's access line
-# already gives (a malformed body): written at LOG_LEVEL=debug only, so that no client can
-# fill the log with WARNING lines.
-CALLERS_MISTAKES_LOGGERS = ("python_multipart",)
+# warnings, python-multipart's about a malformed body, Pillow's about a damaged image.
+# Warnings and above only: their debug lines are of no use to an operator.
+LIBRARY_LOGGERS = ("py.warnings", "python_multipart", "PIL")
+# Of those, the ones that speak of a caller's mistake that the answer's access line
+# already gives (a malformed body, a damaged image): written at LOG_LEVEL=debug only, so
+# that no client can fill the log with lines. So are Pillow's warnings (see
+# configure_logging).
+CALLERS_MISTAKES_LOGGERS = ("python_multipart", "PIL")
+# Where Pillow's warnings come from: the module the warnings module names for them.
+_PILLOW_MODULES = r"PIL(\.|$)"
 # The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(message)s"
@@ -359,14 +362,20 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     _queued = handler
     _start_writer(QueueListener(records, stream))
     warnings.showwarning = _log_warning
+    service_level = logging.getLevelNamesMapping()[level.upper()]
+    # Pillow warns once for each problem it finds in an upload's metadata (an EXIF tag it
+    # cannot read: tens of thousands in one crafted file, each message new, and each kept
+    # in the warnings registry for good): the client's, shown at LOG_LEVEL=debug only, and
+    # otherwise ignored before the registry keeps it.
+    pillow = "default" if service_level <= logging.DEBUG else "ignore"
+    warnings.filterwarnings(pillow, module=_PILLOW_MODULES)
     for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
         named = logging.getLogger(name)
         named.handlers = [handler]
-        service_level = logging.getLevelNamesMapping()[level.upper()]
         if name in SERVICE_LOGGERS:
             named.setLevel(service_level)
         elif name in CALLERS_MISTAKES_LOGGERS and service_level > logging.DEBUG:
-            named.setLevel(logging.ERROR)
+            named.setLevel(logging.CRITICAL)
         else:
             named.setLevel(max(service_level, logging.WARNING))
         named.propagate = False
