@@ -261,11 +261,20 @@ def _milliseconds(request: Request, written: str) -> float:
         # (httptools leaves blanks at a field value's end, which HTTP does not count.)
         message = (
             "must be a number of milliseconds above 0, in digits (250 or 12.5; at most 12 "
-            f"before the point and 9 after); got {logs.shortened(written, 20)!r}"
+            f"before the point and 9 after); got {logs.shortened(_as_written(written), 20)!r}"
         )
     if message is not None:
         raise RequestValidationError([{"loc": ("header", REQUEST_TIMEOUT_HEADER), "msg": message}])
     return float(written)
+
+
+def _as_written(header_value: str) -> str:
+    """A header's value as its client wrote it, where that was UTF-8: its bytes are read as
+    Latin-1, which would echo Arabic-Indic digits back as mojibake."""
+    try:
+        return header_value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header_value
 
 
 def _own_timeout(request: Request) -> str | None:

@@ -1176,12 +1176,14 @@ NOT_MILLISECONDS = (
         (["1.0000000001"], f"{NOT_MILLISECONDS}'1.0000000001'"),
         ([".5"], f"{NOT_MILLISECONDS}'.5'"),
         (["100", "5000"], "was sent 2 times; send it at most once"),
+        # As written, in UTF-8, not as the Latin-1 the header's bytes are read as.
+        (["\u0661\u0662"], f"{NOT_MILLISECONDS}'\u0661\u0662'"),
     ],
 )
 async def test_a_time_limit_that_is_no_positive_number_or_sent_twice_is_422(
     values: list[str], says: str, served: RunningApp, photos: list[Path]
 ) -> None:
-    headers = [("X-Request-Timeout-Ms", value) for value in values]
+    headers = [("X-Request-Timeout-Ms", value.encode()) for value in values]
     response = await served.client.post(
         "/cls", files=upload(photos[0].read_bytes()), headers=headers
     )
