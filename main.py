@@ -8,7 +8,6 @@ Run it with ``gunicorn main:app -c gunicorn_config.py`` (production) or ``make d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import multiprocessing
@@ -77,6 +76,7 @@ from service.protocol import (
     pause_unless_stopped,
     raise_open_file_limit,
     restart_pause_s,
+    restart_while_others_serve,
 )
 from service.schemas import (
     ANY_OTHER_ERROR,
@@ -1064,37 +1064,12 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _settings_or_restart() -> Settings:
     """The settings; refused, the one line and exit status 3, but in a gunicorn worker
-    started while others serve: what the master found valid no longer is (a file the
-    settings name removed since), and that worker exits to be started again after a pause,
-    as one whose model cannot load does (the lifespan), rather than stop the server and
-    the workers that serve with it."""
+    started while others serve (``restart_while_others_serve``)."""
     try:
         return load_settings()
     except StartRefused:
-        siblings = Siblings.from_environment()
-        if siblings is None or not siblings.others_serving():
-            raise
-        pause_s = restart_pause_s(siblings.failed_to_start(), _worker_timeout_s())
-        print(
-            logs.unconfigured_line(
-                f"gunicorn starts this worker again in {pause_s:g} s, and the other workers "
-                "serve meanwhile"
-            ),
-            file=sys.stderr,
-            flush=True,
-        )
-        pause_unless_stopped(pause_s)
-        os._exit(EXIT_RESTART)
-
-
-def _worker_timeout_s() -> float:
-    """WORKER_TIMEOUT_S as set (in any case), or its default, where the settings as a
-    whole were refused."""
-    for name, value in os.environ.items():
-        if name.upper() == "WORKER_TIMEOUT_S":
-            with contextlib.suppress(ValueError):
-                return float(value)
-    return float(Settings.model_fields["worker_timeout_s"].default)
+        restart_while_others_serve()
+        raise
 
 
 settings = _settings_or_restart()

@@ -32,12 +32,17 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from batching import Outcome, Priority
-from service.settings import METRIC_FILE, prepare_metrics_dir
+from service.protocol import restart_while_others_serve
+from service.settings import METRIC_FILE, StartRefused, prepare_metrics_dir
 
 if _MULTIPROCESS_DIR := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # gunicorn_config.py prepares it for gunicorn's workers. Under plain uvicorn (the
     # container image names one) the first metric below would fail on it with a traceback.
-    prepare_metrics_dir(Path(_MULTIPROCESS_DIR))
+    try:
+        prepare_metrics_dir(Path(_MULTIPROCESS_DIR))
+    except StartRefused:
+        restart_while_others_serve()  # unusable since the server started
+        raise
 
 # From half a millisecond, a GPU's forward pass (about 2 ms for 64 images on an H200) and
 # a queue wait at low load, up to a minute, so requests cut off by REQUEST_TIMEOUT_MS or

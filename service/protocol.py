@@ -41,7 +41,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service import logs
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from service.siblings import Siblings
 
 if TYPE_CHECKING:
@@ -854,6 +854,38 @@ def restart_pause_s(failures: int, worker_timeout_s: float) -> float:
     """How long a worker that could not start waits before it exits to be started again."""
     doubled = RESTART_PAUSE_S * 2 ** min(failures - 1, 16)
     return min(doubled, MAX_RESTART_PAUSE_S, worker_timeout_s / 4)
+
+
+def restart_while_others_serve() -> None:
+    """In a gunicorn worker started while others serve, whose start is refused for its
+    configuration: what the master found valid no longer is (a file a setting names
+    removed since), and the worker exits to be started again after a pause, as one whose
+    model cannot load does (the lifespan), rather than stop the server, and the workers
+    that serve, with exit status 3. Returns anywhere else."""
+    siblings = Siblings.from_environment()
+    if siblings is None or not siblings.others_serving():
+        return
+    pause_s = restart_pause_s(siblings.failed_to_start(), _worker_timeout_s())
+    print(
+        logs.unconfigured_line(
+            f"gunicorn starts this worker again in {pause_s:g} s, and the other workers "
+            "serve meanwhile"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
+    pause_unless_stopped(pause_s)
+    os._exit(EXIT_RESTART)
+
+
+def _worker_timeout_s() -> float:
+    """WORKER_TIMEOUT_S as set (in any case), or its default, where the settings as a
+    whole were refused."""
+    for name, value in os.environ.items():
+        if name.upper() == "WORKER_TIMEOUT_S":
+            with contextlib.suppress(ValueError):
+                return float(value)
+    return float(Settings.model_fields["worker_timeout_s"].default)
 
 
 def pause_unless_stopped(seconds: float) -> None:

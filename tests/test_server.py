@@ -607,6 +607,36 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
     assert "Traceback" not in log
 
 
+def test_a_replacement_worker_without_its_metrics_dir_leaves_the_others_serving(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR unusable since the start (here a file in its place): a
+    worker started to replace another cannot start, and is started again after a pause
+    while the other serves, as for its weights, rather than halt the server."""
+    metrics_dir = tmp_path / "metrics"
+    env = server_env(tmp_path, WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        metrics_dir.rename(tmp_path / "moved")
+        metrics_dir.write_text("a file where the directory was")
+        master = psutil.Process(server.process.pid)
+        master.children()[0].kill()
+        wait_for_restarts_while_serving(server, 2)
+        assert "PROMETHEUS_MULTIPROC_DIR" in server.log()
+        for _ in range(4):
+            assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        metrics_dir.unlink()
+        (tmp_path / "moved").rename(metrics_dir)
+        deadline = time.monotonic() + 90
+        while server.log().count("model ready") < 3:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        wait_until_ready(server)
+        log = server.log()
+    assert "Reason: Worker failed to boot." not in log
+    assert "Traceback" not in log
+
+
 def test_a_replacement_worker_failing_to_start_by_a_bug_leaves_the_others_serving(
     tmp_path: Path, photos: list[Path]
 ) -> None:
