@@ -611,7 +611,7 @@ def recorded_command(module: str, argv: list[str]) -> str:
 
 def without_password(text: str) -> str:
     """``text`` with the password of a URL in it (``http://user:password@host``) masked."""
-    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
+    return re.sub(r"(://[^/@:\s]*:)[^/\s]*@", r"\1***@", text)  # up to the host's @
 
 
 def check_url(

@@ -37,6 +37,7 @@ from bench.__main__ import (
     images_in,
     positive,
     recorded_command,
+    without_password,
 )
 from bench.load import Payload, encode_payloads, open_session, post_image
 from bench.server import Server, ServerNotStarted, scrape, start
@@ -153,7 +154,7 @@ def main() -> None:
             {
                 "command": recorded_command("bench.overload", sys.argv[1:]),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "server_settings": settings if not args.url else {"url": args.url},
+                "server_settings": ({"url": without_password(args.url)} if args.url else settings),
                 "steps": steps,
             },
         )

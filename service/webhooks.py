@@ -129,6 +129,10 @@ def _refusal_hint(reason: str, allow_private: bool) -> str:
 
 def _address_kind(ip: _IPAddress) -> str | None:
     """What kind of address `ip` is, or None when it is globally routable."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # A zone id changes nothing but a link-local address's interface (the kernel
+        # ignores it otherwise), yet makes the address unequal to the same one without it.
+        ip = ipaddress.IPv6Address(int(ip))
     if isinstance(ip, ipaddress.IPv6Address):
         # An address that embeds an IPv4 one reaches that IPv4 address: judge that instead.
         embedded = ip.ipv4_mapped or ip.sixtofour

@@ -648,9 +648,12 @@ def test_the_recorded_command_hides_the_api_key() -> None:
     assert shown == "python -m bench --url http://h:5001 --api-key '***' --full '--api-key=***'"
     assert "s3cret" not in shown
     # Nor a password in the URL, a proxy's basic authentication.
-    argv = ["--url", "http://me:s3cret@h:5001/api", "--url=https://me:p%40ss@h"]
+    argv = ["--url", "http://me:s3cret@h:5001/api", "--url=https://me:p%40ss@h", "http://me:p@ss@h"]
     shown = bench_main.recorded_command("bench", argv)
-    assert shown == "python -m bench --url 'http://me:***@h:5001/api' '--url=https://me:***@h'"
+    assert shown == (
+        "python -m bench --url 'http://me:***@h:5001/api' '--url=https://me:***@h' "
+        "'http://me:***@h'"
+    )
 
 
 def test_a_run_on_a_busy_machine_says_its_figures_are_unreliable() -> None:

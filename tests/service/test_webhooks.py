@@ -553,6 +553,7 @@ def test_private_targets_are_accepted_when_allowed(url: str) -> None:
         # Metadata services at addresses of ranges the setting opens: AWS IPv6 and EKS Pod
         # Identity, Google Cloud IPv6, Alibaba Cloud (carrier-grade NAT).
         ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+        ("http://[fd00:ec2::254%251]/latest/meta-data/", "cloud metadata"),  # a zone id
         ("http://[fd00:ec2::23]/", "cloud metadata"),
         ("http://[fd20:ce::254]/", "cloud metadata"),
         ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
