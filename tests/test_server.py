@@ -617,6 +617,11 @@ def test_a_replacement_worker_without_its_metrics_dir_leaves_the_others_serving(
     env = server_env(tmp_path, WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        # Both started: one still warming up would write its first samples after the move.
+        deadline = time.monotonic() + 90
+        while server.log().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
         metrics_dir.rename(tmp_path / "moved")
         metrics_dir.write_text("a file where the directory was")
         master = psutil.Process(server.process.pid)
