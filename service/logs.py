@@ -232,7 +232,7 @@ def log_access(
         method,
         shown_path(path),
         status,
-        extra["duration_ms"],  # as the JSON field has it: 2.1549 ms is 2.15, not 2.2
+        extra["duration_ms"],  # rounded as the JSON field is, so the two never disagree
         shown,
         extra=extra,
     )
