@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +116,14 @@ def wait_until_ready(server: ServerProcess) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"server not ready after {START_TIMEOUT_S} s:\n{server.log()}")
+
+
+def wait_until(done: Callable[[], bool], log: Callable[[], str], timeout_s: float = 90) -> None:
+    """Until ``done()``; past ``timeout_s``, fail with what ``log()`` then says."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, log()
+        time.sleep(0.1)
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 40) -> int:

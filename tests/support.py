@@ -1,13 +1,16 @@
-"""Test helpers: the photos, an in-process torchvision reference and a running app."""
+"""Test helpers: the photos, an in-process torchvision reference, a running app and a
+Python process of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +131,25 @@ async def finished(client: httpx.AsyncClient, task_id: str, timeout_s: float = 3
             if body["status"] in FINISHED:
                 return body
             await asyncio.sleep(0.02)
+
+
+def run_python(
+    code: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = PROJECT_ROOT,
+    timeout_s: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` with ``args`` in a new Python process (this environment's unless given
+    ``env``), from the project's root unless given ``cwd``: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def metric_value(text: str, sample: str) -> float:

@@ -34,6 +34,7 @@ from tests.server import (
     server_env,
     stop,
     uvicorn_command,
+    wait_until,
     wait_until_ready,
 )
 from tests.support import Reference, metric_value
@@ -498,10 +499,11 @@ def test_a_worker_that_cannot_serve_is_replaced(
         photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
         first = [httpx.post(f"{server.url}/cls", files=photo, timeout=30) for _ in first_statuses]
         assert [response.status_code for response in first] == first_statuses
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{server.url}/healthz", timeout=5).status_code != 503:
-            assert time.monotonic() < deadline, f"/healthz never turned 503 ({problem})"
-            time.sleep(0.2)
+        wait_until(
+            lambda: httpx.get(f"{server.url}/healthz", timeout=5).status_code == 503,
+            lambda: f"/healthz never turned 503 ({problem})",
+            timeout_s=10,
+        )
         refused = httpx.post(f"{server.url}/cls", files=photo, timeout=30)
         assert refused.status_code == 503, refused.text
         assert refusal in refused.json()["detail"]
@@ -595,12 +597,13 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
         for _ in range(4):  # every one of them reaches the worker still serving
             assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
         weights.write_bytes(good)
-        deadline = time.monotonic() + 90
-        while len([w for w in master.children() if w.pid != second.pid]) != 1 or (
-            server.log().count("model ready") < 3
-        ):
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
+        wait_until(
+            lambda: (
+                len([w for w in master.children() if w.pid != second.pid]) == 1
+                and server.log().count("model ready") >= 3
+            ),
+            server.log,
+        )
         wait_until_ready(server)
         log = server.log()
     assert "Reason: Worker failed to boot." not in log
@@ -618,10 +621,7 @@ def test_a_replacement_worker_without_its_metrics_dir_leaves_the_others_serving(
     photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
         # Both started: one still warming up would write its first samples after the move.
-        deadline = time.monotonic() + 90
-        while server.log().count("Application startup complete") < 2:
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
+        wait_until(lambda: server.log().count("Application startup complete") >= 2, server.log)
         metrics_dir.rename(tmp_path / "moved")
         metrics_dir.write_text("a file where the directory was")
         master = psutil.Process(server.process.pid)
@@ -632,10 +632,7 @@ def test_a_replacement_worker_without_its_metrics_dir_leaves_the_others_serving(
             assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
         metrics_dir.unlink()
         (tmp_path / "moved").rename(metrics_dir)
-        deadline = time.monotonic() + 90
-        while server.log().count("model ready") < 3:
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
+        wait_until(lambda: server.log().count("model ready") >= 3, server.log)
         wait_until_ready(server)
         log = server.log()
     assert "Reason: Worker failed to boot." not in log
@@ -771,10 +768,7 @@ def test_a_server_stopped_while_its_worker_starts_stops_at_once(
             command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 60
-        while "Started server process" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: "Started server process" in log_path.read_text(), log_path.read_text)
         process.send_signal(stop)
         stopped_at = time.monotonic()
         process.wait(timeout=60)
@@ -806,10 +800,7 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
         )
     clients: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 60
-        while "Started server process" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_until(lambda: "Started server process" in log_path.read_text(), log_path.read_text)
         # Connections that send nothing (a browser's preconnect) first: answered together
         # with the rest, they keep none waiting for its turn.
         clients.extend(socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4))
@@ -824,9 +815,9 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
         process.send_signal(signal.SIGHUP)
         # The new worker loading its model (past importing the app, when its server's
         # signal handlers are in place).
-        while log_path.read_text().count("Started server process") < 2:
-            assert time.monotonic() < deadline + 60, log_path.read_text()
-            time.sleep(0.1)
+        wait_until(
+            lambda: log_path.read_text().count("Started server process") >= 2, log_path.read_text
+        )
         assert "stopped by SIGTERM while starting" in log_path.read_text()
         time.sleep(1)  # what an answer would take
         for client in clients:

@@ -7,8 +7,6 @@ import logging
 import os
 import pickle
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import warnings
@@ -37,7 +35,7 @@ from classification import (
 )
 from service.settings import PROJECT_ROOT
 from tests import images
-from tests.support import SEED, Reference
+from tests.support import SEED, Reference, run_python
 
 LABELS_FILE = PROJECT_ROOT / "imagenet_classes.txt"
 MAX_PIXELS = 40_000_000
@@ -746,14 +744,7 @@ def test_waiting_for_the_gpu_leaves_the_cpu_core_free() -> None:
 def _output_in_a_process_of_its_own(script: str) -> str:
     """Run ``script`` in a Python process of its own (a failed CUDA context cannot be
     mended), which must exit 0: what it printed."""
-    finished = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    finished = run_python(script, timeout_s=300)
     assert finished.returncode == 0, finished.stderr
     return finished.stdout
 
@@ -995,14 +986,8 @@ print("then:", [p[0].label for p in classifier.classify([crop, crop], [1, 1])])
 def test_a_batch_the_process_cannot_allocate_fails_as_out_of_memory_and_the_next_runs() -> None:
     """Torch's CPU allocator at the process's memory limit (ulimit -v), for real: the batch
     fails as ``OutOfMemory``, and with its tensors freed a smaller batch then runs."""
-    result = subprocess.run(
-        [sys.executable, "-c", ALLOCATION_FAILS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=PROJECT_ROOT,
-    )
+    result = run_python(ALLOCATION_FAILS, timeout_s=120)
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(
         "OutOfMemory: cpu ran out of memory for a batch of 64: DefaultCPUAllocator: can't "

@@ -7,8 +7,6 @@ import asyncio
 import gc
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +16,8 @@ import pytest
 
 from service import memory
 from tests.images import encode, gradient
-from tests.server import PROJECT_ROOT, free_port, gunicorn_command, running_server, server_env
-from tests.support import make_settings, running_app
+from tests.server import free_port, gunicorn_command, running_server, server_env
+from tests.support import make_settings, run_python, running_app
 
 MiB = 2**20
 
@@ -130,10 +128,9 @@ before = memory.resident_bytes()
 memory.malloc_trim()()
 print(before, memory.resident_bytes())
 """
-    output = subprocess.run(
-        [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    before, after = map(int, output.split())
+    trimmed = run_python(script)
+    assert trimmed.returncode == 0, trimmed.stderr
+    before, after = map(int, trimmed.stdout.split())
     assert before - after > 150 * MiB
 
 
@@ -167,15 +164,11 @@ def _without_allocator_settings(environment: dict[str, str]) -> dict[str, str]:
 def _reuse(mode: str, **environment: str) -> tuple[bool, int]:
     """In a new process: whether ``keep_freed_memory`` applied, and the most page faults
     of a repeat of a thread's allocations."""
-    output = subprocess.run(
-        [sys.executable, "-c", _REUSE_SCRIPT, mode],
-        cwd=PROJECT_ROOT,
-        env={**_without_allocator_settings(dict(os.environ)), **environment},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    kept, faults = output.split()
+    reused = run_python(
+        _REUSE_SCRIPT, mode, env={**_without_allocator_settings(dict(os.environ)), **environment}
+    )
+    assert reused.returncode == 0, reused.stderr
+    kept, faults = reused.stdout.split()
     return kept == "True", int(faults)
 
 

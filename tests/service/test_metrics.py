@@ -13,12 +13,19 @@ from service import metrics
 from service.settings import PROJECT_ROOT
 
 
-def run_with_metrics_dir(metrics_dir: Path, code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a new process whose metrics go to ``metrics_dir``, as a worker's do."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+def run_with_metrics_dir(
+    metrics_dir: Path | str, code: str, cwd: Path = PROJECT_ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new process, in ``cwd``, whose metrics go to ``metrics_dir`` as a
+    worker's do."""
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
     return subprocess.run(
         [sys.executable, "-c", code],
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -190,19 +197,7 @@ def test_a_metrics_dir_with_blanks_around_it_or_blank_is_read_without_them(
         "print(repr(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))); "
         "print(metrics.render()[0].decode())"
     )
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": given.format(tmp_path),
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
-    rendered = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    rendered = run_with_metrics_dir(given.format(tmp_path), code, cwd=tmp_path)
     assert rendered.returncode == 0, rendered.stderr
     first, text = rendered.stdout.split("\n", 1)
     assert first == ("None" if given == " " else repr(str(tmp_path)))

@@ -9,8 +9,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
 from service import logs, protocol
-from service.settings import PROJECT_ROOT
 from tests.server import free_port
+from tests.support import run_python
 
 HEAD_TIMEOUT_S = 1.0
 # The documented limit, not the module's constant: a change to the constant must show.
@@ -929,9 +927,8 @@ def test_uvicorns_repeated_lines_are_dropped_only_where_this_protocol_serves() -
         "    protocol.JsonErrorsHttpProtocol(config, ServerState(), {})\n"
         "print(len(log.filters))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "1"]
 
 
@@ -979,13 +976,6 @@ os.remove({str(weights)!r})
 print(make().config.timeout_graceful_shutdown)
 """
     env = {**os.environ, "WEIGHTS": str(weights), "DRAIN_TIMEOUT_S": "7", "DEVICE": "cpu"}
-    made = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    made = run_python(code, env=env)
     assert made.returncode == 0, made.stderr
     assert made.stdout.strip() == "7.0"
