@@ -762,10 +762,13 @@ class BatchProcessor(Generic[In, Out]):
                 self._urgent_first_allowed = True
                 self._arrived.clear()
                 await self._arrived.wait()
+            # A lane holds at most max_queue: past that, waiting for a fuller batch would only
+            # refuse arrivals while the model idles.
+            fills_at = min(self._config.max_batch_size, self._config.max_queue)
             if (
                 self._config.policy is BatchPolicy.TIMEOUT
                 and self._accepting
-                and self.queue_depth < self._config.max_batch_size
+                and self.queue_depth < fills_at
                 and not self._alone_leads()
             ):
                 now = time.monotonic()

@@ -247,6 +247,7 @@ class Service:
             await loop.run_in_executor(None, lambda: TaskStore(settings.data_dir).close())
         classifier = await loop.run_in_executor(
             self._inference_pool,
+            _no_stop_iteration,
             lambda: load_classifier(
                 weights=settings.weights,
                 labels_file=settings.labels_file,
@@ -260,7 +261,7 @@ class Service:
         # The last line before a warm-up that outlasts WORKER_TIMEOUT_S says what was slow.
         logger.info("warming up with batches of %s", " and ".join(map(str, warm_up_sizes)))
         run_times = await loop.run_in_executor(
-            self._inference_pool, classifier.warm_up, warm_up_sizes
+            self._inference_pool, _no_stop_iteration, classifier.warm_up, warm_up_sizes
         )
         logger.info(
             "warm: %s",
@@ -609,7 +610,7 @@ class Service:
                 # A pool queues the work before it starts a thread: the next thread it
                 # starts would otherwise decode for nobody, ahead of the next request.
                 raise RuntimeError("its submission was refused")
-            return context.run(work, *args)
+            return context.run(_no_stop_iteration, work, *args)
 
         try:
             return pool.submit(run)
@@ -915,6 +916,7 @@ class Service:
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,
+                _no_stop_iteration,
                 self.classifier.classify,
                 [job.pixels for job in jobs],
                 [job.top_k for job in jobs],
@@ -934,6 +936,8 @@ class Service:
         finally:
             self._last_batch_end = time.monotonic()
         self._lone_memory_failures = 0
+        if len(predictions) != len(jobs):  # another model package's bug: the batch is split
+            raise RuntimeError(f"the model answered {len(predictions)} of {len(jobs)} images")
         # JSON has no number for NaN or infinity, and such a score ranks nothing: those
         # images fail alone, and the others of the batch are answered.
         results: list[ClassifyResult | BatchFailed] = [
@@ -1020,6 +1024,17 @@ class Service:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("%s stopped", task.get_name(), exc_info=task.exception())
+
+
+def _no_stop_iteration(work: Callable[..., T], *args: object) -> T:
+    """``work(*args)``, for a pool's thread. A StopIteration from it (a model package's
+    ``next()`` of an empty iterator) would never reach the coroutine awaiting it: asyncio
+    cannot set one on a future, which then waits for ever. It is raised as the
+    RuntimeError a coroutine turns one into."""
+    try:
+        return work(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{work!r} raised StopIteration") from exc
 
 
 def _preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:

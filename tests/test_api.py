@@ -1410,10 +1410,14 @@ def assert_same_prediction(batched: httpx.Response, alone: httpx.Response) -> No
     )
 
 
-async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list[Path]) -> None:
+@pytest.mark.parametrize("error", [RuntimeError, StopIteration])
+async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(
+    photos: list[Path], error: type[Exception]
+) -> None:
     """One image in a batch makes the model raise: it alone gets the 500, and the photos
-    batched with it get the answers they get alone."""
-    async with running_app(make_settings(drain_timeout_s=2)) as served:
+    batched with it get the answers they get alone. Even a StopIteration (a ``next()`` of
+    an empty iterator), which asyncio cannot set on the future awaiting the model."""
+    async with running_app(make_settings(drain_timeout_s=2, request_timeout_ms=20_000)) as served:
         classifier = served.service.classifier
         assert classifier is not None
         real_classify = classifier.classify
@@ -1425,7 +1429,7 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(photos: list
         ) -> list[list[Prediction]]:
             failed_calls.append(any(not crop.any() for crop in pixels))
             if failed_calls[-1]:
-                raise RuntimeError("the model cannot take a black image")
+                raise error("the model cannot take a black image")
             return real_classify(pixels, top_k)
 
         classifier.classify = fail_on_black  # type: ignore[method-assign]
@@ -1504,6 +1508,54 @@ async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
         for image, response in ((first, responses[1]), (second, responses[3])):
             alone = await served.client.post("/cls", files=upload(image))
             assert_same_prediction(response, alone)
+
+
+async def test_a_model_answering_for_fewer_images_than_its_batch_fails_it_and_it_is_split(
+    photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another model package's bug: a batch answered short is split, and said as it is."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        real_classify = classifier.classify
+
+        def one_short(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[list[Prediction]]:
+            results = real_classify(pixels, top_k)
+            return results[:-1] if len(results) > 1 else results
+
+        classifier.classify = one_short  # type: ignore[method-assign]
+        data = [p.read_bytes() for p in photos[:2]]
+        model, responses = await send_while_the_model_is_held(served, data, queued=3)
+        assert [r.status_code for r in responses] == [200] * 4
+        assert model.batch_sizes[:2] == [1, 3]
+        assert "batch of 3 failed (RuntimeError('the model answered 2 of 3 images'))" in caplog.text
+        assert "NaN" not in caplog.text
+
+
+async def test_a_decode_raising_stop_iteration_answers_500_at_once(
+    served: RunningApp, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model package's preprocess raising StopIteration, which asyncio cannot set on the
+    future awaiting the decode thread: a 500 at once for /cls and /tasks, not a 504 at the
+    deadline, nor a submission that never ends."""
+    real_preprocess = core._preprocess
+
+    def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
+        if data.startswith(b"\x89PNG"):
+            next(iter([]))
+        return real_preprocess(data, max_pixels, reduced_jpeg)
+
+    monkeypatch.setattr(core, "_preprocess", preprocess)
+    png = images.encode(images.gradient(64, 48), "PNG")
+    async with asyncio.timeout(10):
+        answers = [
+            await served.client.post("/cls", files=upload(png)),
+            await served.client.post("/tasks", files=upload(png)),
+            await served.client.post("/cls", files=upload(photos[0].read_bytes())),
+        ]
+    assert [a.status_code for a in answers] == [500, 500, 200]
+    assert answers[0].json() == answers[1].json()
+    assert (await served.client.get("/healthz")).status_code == 200
 
 
 async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(

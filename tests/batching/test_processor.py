@@ -83,6 +83,21 @@ async def test_timeout_policy_dispatches_a_full_batch_at_once() -> None:
     assert elapsed_s < 1.0  # max_wait_s is 10 s
 
 
+async def test_timeout_policy_dispatches_at_once_a_batch_as_full_as_the_queue_allows() -> None:
+    """With ``max_queue`` below ``max_batch_size`` the batch can grow no further: waiting
+    out ``max_wait_s`` would only refuse arrivals while the handler idles."""
+    handler = FakeHandler()
+    config = BatchConfig(max_batch_size=4, max_queue=2, max_wait_s=10.0, policy=TIMEOUT)
+    async with running(handler, config) as processor:
+        began = time.monotonic()
+        outputs = await results(spawn(processor, 1, 2))
+        elapsed_s = time.monotonic() - began
+
+    assert outputs == [2, 4]
+    assert handler.batches == [[1, 2]]
+    assert elapsed_s < 1.0  # max_wait_s is 10 s
+
+
 async def test_timeout_policy_flushes_a_lone_item_after_max_wait() -> None:
     """Under TIMEOUT a lone item waits about ``max_wait_s``, then goes out alone."""
     max_wait_s = 0.3
