@@ -301,6 +301,16 @@ def _turn_takers(entries: list[_Pending[In, Out]]) -> list[_Pending[In, Out]]:
     return [] if _runs_alone(entries) else entries
 
 
+def _described(error: BaseException, most: int = 300) -> str:
+    """``repr(error)``, cut to ``most`` characters: a handler's error may quote a whole
+    input, and a failed batch is logged again at each split."""
+    try:
+        text = repr(error)
+    except Exception:  # a handler's own error class may fail even at that
+        text = f"<{type(error).__name__} that cannot be shown>"
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def _log_unexpected_end(batch_task: asyncio.Task[None]) -> None:
     # Only GeneratorExit from a handler, or KeyboardInterrupt or SystemExit from an
     # observer, gets this far; its callers have their answer.
@@ -1127,9 +1137,9 @@ class BatchProcessor(Generic[In, Out]):
             _fail(entries[0].future, BatchFailed("inference failed"))
             return
         logger.warning(
-            "batch of %d failed (%r); running its halves apart %s",
+            "batch of %d failed (%s); running its halves apart %s",
             len(entries),
-            error,
+            _described(error),
             "(they may fit)" if isinstance(error, MemoryError) else "to find the item at fault",
         )
         wanted = self._still_wanted(entries)

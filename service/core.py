@@ -5,6 +5,7 @@ puts routes in front of it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import io
@@ -12,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -247,7 +248,7 @@ class Service:
             await loop.run_in_executor(None, lambda: TaskStore(settings.data_dir).close())
         classifier = await loop.run_in_executor(
             self._inference_pool,
-            _no_stop_iteration,
+            _contained,
             lambda: load_classifier(
                 weights=settings.weights,
                 labels_file=settings.labels_file,
@@ -261,7 +262,7 @@ class Service:
         # The last line before a warm-up that outlasts WORKER_TIMEOUT_S says what was slow.
         logger.info("warming up with batches of %s", " and ".join(map(str, warm_up_sizes)))
         run_times = await loop.run_in_executor(
-            self._inference_pool, _no_stop_iteration, classifier.warm_up, warm_up_sizes
+            self._inference_pool, _contained, classifier.warm_up, warm_up_sizes
         )
         logger.info(
             "warm: %s",
@@ -508,6 +509,8 @@ class Service:
             async with timeout_at_deadline(deadline):
                 pixels = await self._decode(upload, model_idle, priority)
         except TimeoutError:
+            if time.monotonic() < deadline:
+                raise  # the decode's own error (the timer never fires early), not the deadline
             self._observer.item_finished(Outcome.EXPIRED)
             raise DeadlineExceeded("the deadline passed while the image decoded") from None
         except asyncio.CancelledError:
@@ -610,7 +613,7 @@ class Service:
                 # A pool queues the work before it starts a thread: the next thread it
                 # starts would otherwise decode for nobody, ahead of the next request.
                 raise RuntimeError("its submission was refused")
-            return context.run(_no_stop_iteration, work, *args)
+            return context.run(_contained, work, *args)
 
         try:
             return pool.submit(run)
@@ -916,7 +919,7 @@ class Service:
         try:
             predictions = await asyncio.get_running_loop().run_in_executor(
                 self._inference_pool,
-                _no_stop_iteration,
+                _contained,
                 self.classifier.classify,
                 [job.pixels for job in jobs],
                 [job.top_k for job in jobs],
@@ -938,23 +941,7 @@ class Service:
         self._lone_memory_failures = 0
         if len(predictions) != len(jobs):  # another model package's bug: the batch is split
             raise RuntimeError(f"the model answered {len(predictions)} of {len(jobs)} images")
-        # JSON has no number for NaN or infinity, and such a score ranks nothing: those
-        # images fail alone, and the others of the batch are answered.
-        results: list[ClassifyResult | BatchFailed] = [
-            ClassifyResult(each, len(jobs))
-            if all(math.isfinite(p.score) for p in each)
-            else BatchFailed("inference failed")
-            for each in predictions
-        ]
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, BatchFailed):
-                with logs.request_id_bound(job.request_id):
-                    logger.error(
-                        "the model scored the image with NaN or infinity (in a batch of %d); "
-                        "it fails",
-                        len(jobs),
-                    )
-        return results
+        return [_result(job, each, len(jobs)) for job, each in zip(jobs, predictions, strict=True)]
 
     def _ran_out_of_memory_alone(self, error: OutOfMemory) -> None:
         """Count a lone image the model had no memory for; replace the worker once that
@@ -1026,15 +1013,52 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         logger.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
-def _no_stop_iteration(work: Callable[..., T], *args: object) -> T:
-    """``work(*args)``, for a pool's thread. A StopIteration from it (a model package's
-    ``next()`` of an empty iterator) would never reach the coroutine awaiting it: asyncio
-    cannot set one on a future, which then waits for ever. It is raised as the
-    RuntimeError a coroutine turns one into."""
+def _result(
+    job: ClassifyJob, predictions: Iterable[Prediction], batch_size: int
+) -> ClassifyResult | BatchFailed:
+    """One image's answer, or its failure where the model's answer cannot be sent: not a
+    list of predictions of the right types, a label that is not Unicode text (a lone
+    surrogate), a score of NaN or infinity (JSON has no number for it, and it ranks
+    nothing). The images batched with it are answered, without running again."""
+    try:
+        answer = list(predictions)  # a generator would be empty when the answer is sent
+        served = predictions_out(answer)
+        for each in served:
+            each.label.encode()
+    except Exception as exc:  # whatever another model package returned
+        problem = f"an answer that cannot be sent ({logs.shortened(repr(exc), 300)})"
+    else:
+        if all(math.isfinite(each.score) for each in served):
+            return ClassifyResult(answer, batch_size)
+        problem = "NaN or infinity"
+    with logs.request_id_bound(job.request_id):
+        logger.error(
+            "the model scored the image with %s (in a batch of %d); it fails", problem, batch_size
+        )
+    return BatchFailed("inference failed")
+
+
+def _contained(work: Callable[..., T], *args: object) -> T:
+    """``work(*args)``, for a pool's thread, with what asyncio treats as control flow
+    raised as a RuntimeError, as a coroutine turns a StopIteration into one. From a model
+    package's code, a StopIteration (a ``next()`` of an empty iterator) never reaches the
+    coroutine awaiting it (a future cannot hold one, and waits for ever); a cancellation
+    reads as the caller's; GeneratorExit as the batcher's task closing; and SystemExit or
+    KeyboardInterrupt would stop the event loop, and with it every request of the worker."""
     try:
         return work(*args)
-    except StopIteration as exc:
-        raise RuntimeError(f"{work!r} raised StopIteration") from exc
+    except _CONTROL_FLOW as exc:
+        raise RuntimeError(f"{work!r} raised {exc!r}") from exc
+
+
+_CONTROL_FLOW = (
+    StopIteration,
+    GeneratorExit,
+    SystemExit,
+    KeyboardInterrupt,
+    asyncio.CancelledError,
+    concurrent.futures.CancelledError,
+)
 
 
 def _preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool) -> np.ndarray:

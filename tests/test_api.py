@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import io
@@ -1410,13 +1411,16 @@ def assert_same_prediction(batched: httpx.Response, alone: httpx.Response) -> No
     )
 
 
-@pytest.mark.parametrize("error", [RuntimeError, StopIteration])
+@pytest.mark.parametrize(
+    "error", [RuntimeError, StopIteration, GeneratorExit, SystemExit, KeyboardInterrupt]
+)
 async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(
-    photos: list[Path], error: type[Exception]
+    photos: list[Path], error: type[BaseException]
 ) -> None:
     """One image in a batch makes the model raise: it alone gets the 500, and the photos
-    batched with it get the answers they get alone. Even a StopIteration (a ``next()`` of
-    an empty iterator), which asyncio cannot set on the future awaiting the model."""
+    batched with it get the answers they get alone. Even what asyncio treats as control
+    flow: a StopIteration (a ``next()`` of an empty iterator), which a future cannot hold,
+    or a GeneratorExit, which read as the batcher's task closing and failed the batch whole."""
     async with running_app(make_settings(drain_timeout_s=2, request_timeout_ms=20_000)) as served:
         classifier = served.service.classifier
         assert classifier is not None
@@ -1532,17 +1536,34 @@ async def test_a_model_answering_for_fewer_images_than_its_batch_fails_it_and_it
         assert "NaN" not in caplog.text
 
 
-async def test_a_decode_raising_stop_iteration_answers_500_at_once(
-    served: RunningApp, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "error",
+    [
+        StopIteration,
+        SystemExit,
+        KeyboardInterrupt,
+        GeneratorExit,
+        asyncio.CancelledError,
+        concurrent.futures.CancelledError,
+        TimeoutError,
+    ],
+)
+async def test_a_decode_raising_what_asyncio_treats_as_control_flow_answers_500_at_once(
+    served: RunningApp,
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[BaseException],
 ) -> None:
-    """A model package's preprocess raising StopIteration, which asyncio cannot set on the
-    future awaiting the decode thread: a 500 at once for /cls and /tasks, not a 504 at the
-    deadline, nor a submission that never ends."""
+    """A model package's preprocess raising what asyncio treats as control flow: a
+    StopIteration, which a future cannot hold (never answered); SystemExit or
+    KeyboardInterrupt, which stopped the event loop; a cancellation, read as the server's
+    (503 "not ready"); a TimeoutError, read as the deadline (504). Each is the decode's
+    error: a 500 at once for /cls and /tasks, and the server serves on."""
     real_preprocess = core._preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
         if data.startswith(b"\x89PNG"):
-            next(iter([]))
+            raise error("a bug in the model package")
         return real_preprocess(data, max_pixels, reduced_jpeg)
 
     monkeypatch.setattr(core, "_preprocess", preprocess)
@@ -1556,6 +1577,75 @@ async def test_a_decode_raising_stop_iteration_answers_500_at_once(
     assert [a.status_code for a in answers] == [500, 500, 200]
     assert answers[0].json() == answers[1].json()
     assert (await served.client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Prediction(1, "\udcff", 0.5),
+        Prediction(1, None, 0.5),  # type: ignore[arg-type]
+        Prediction("first", "tench", 0.5),  # type: ignore[arg-type]
+        Prediction(1, "tench", "high"),  # type: ignore[arg-type]
+        None,
+    ],
+    ids=["a lone surrogate", "no label", "a word for an index", "a word for a score", "None"],
+)
+async def test_an_answer_that_cannot_be_sent_fails_its_image_alone(
+    photos: list[Path], caplog: pytest.LogCaptureFixture, bad: Prediction | None
+) -> None:
+    """Another model package's answer that the response could not hold failed the whole
+    /cls/batch request, or was stored as a task's result that every read of its status
+    then failed on: that image alone fails, the others of its batch are answered."""
+    async with running_app(make_settings(drain_timeout_s=2)) as served:
+        classifier = served.service.classifier
+        assert classifier is not None
+        real_classify = classifier.classify
+
+        def bad_for_black(
+            pixels: Sequence[np.ndarray], top_k: Sequence[int]
+        ) -> list[list[Prediction]]:
+            results = real_classify(pixels, top_k)
+            return [
+                [bad] if not crop.any() else each  # type: ignore[list-item]
+                for crop, each in zip(pixels, results, strict=True)
+            ]
+
+        classifier.classify = bad_for_black  # type: ignore[method-assign]
+        black = images.encode(Image.new("RGB", (64, 64)), "PNG")
+        first, second = (p.read_bytes() for p in photos[:2])
+        model, responses = await send_while_the_model_is_held(
+            served, [first, black, second], queued=3
+        )
+        assert model.batch_sizes == [1, 3], "the images batched with it ran once"
+        assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        [failure] = [r for r in caplog.records if "cannot be sent" in r.getMessage()]
+        assert failure.request_id == responses[2].headers["x-request-id"]
+
+        files = [("file", ("a.jpg", first, "image/jpeg")), ("file", ("b.png", black, "image/png"))]
+        batch = await served.client.post("/cls/batch", files=files)
+        assert batch.status_code == 200, batch.text
+        assert [entry["status"] for entry in batch.json()["results"]] == [200, 500]
+
+        task = await finished(served.client, (await submit(served.client, black))["task_id"])
+        assert task["status"] == "failed"
+        assert (await served.client.get(f"/task-status/{task['task_id']}")).status_code == 200
+
+
+async def test_a_model_answering_with_generators_is_answered_whole(served: RunningApp) -> None:
+    """A generator for each image's answer was read once to check it: the response then
+    held no predictions."""
+    classifier = served.service.classifier
+    assert classifier is not None
+    real_classify = classifier.classify
+
+    def generators(pixels: Sequence[np.ndarray], top_k: Sequence[int]) -> list[Any]:
+        return [(p for p in each) for each in real_classify(pixels, top_k)]
+
+    classifier.classify = generators  # type: ignore[method-assign]
+    png = images.encode(images.gradient(64, 48), "PNG")
+    response = await served.client.post("/cls", files=upload(png))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["prediction"]) == 5
 
 
 async def test_a_batch_processor_that_stopped_turns_healthz_unhealthy(

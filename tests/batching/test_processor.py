@@ -1748,6 +1748,37 @@ async def test_a_handler_raising_a_base_exception_fails_its_item_and_the_loop_go
     assert answers[2:] == [4, 6]
 
 
+class Unshowable(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("a repr that fails")
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (ValueError("x" * 1_000_000), "ValueError('" + "x" * 288 + "..."),
+        (Unshowable(), "<Unshowable that cannot be shown>"),
+    ],
+    ids=["a message of a megabyte", "a repr that fails"],
+)
+async def test_a_failed_batch_is_logged_short_at_each_split(
+    caplog: pytest.LogCaptureFixture, error: Exception, shown: str
+) -> None:
+    """A handler's error may quote a whole input, and each split logged it again whole."""
+
+    def outputs(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise error
+        return [item * 2 for item in items]
+
+    answers = await answers_around_a_failing_batch(outputs)
+    assert answers[2:] == [4, 6]
+    [split] = [r.getMessage() for r in caplog.records if "running its halves" in r.getMessage()]
+    assert split == (
+        f"batch of 2 failed ({shown}); running its halves apart to find the item at fault"
+    )
+
+
 async def test_a_full_queue_rejects_at_once() -> None:
     """With ``max_queue`` items waiting, one more submit raises QueueFull without waiting."""
     handler = FakeHandler(held=True)
