@@ -28,6 +28,7 @@ from gunicorn import util as gunicorn_util
 from service import logs, memory
 from service.protocol import raise_open_file_limit
 from service.settings import (
+    Settings,
     available_cores,
     load_settings,
     misspelt_settings,
@@ -54,6 +55,18 @@ settings = load_settings()
 # Read as this file loads, with the settings: the home directory (a ~ in a setting's path)
 # and the temporary one (uploads spooled, the run directories), which Python keeps.
 _READ_WITH_THE_SETTINGS = {name: os.environ.get(name) for name in ("HOME", "TMPDIR")}
+
+
+def _setting_values() -> dict[str, str]:
+    """The environment's values of settings, by field name (they are read in any case)."""
+    return {
+        key.lower(): value
+        for key, value in os.environ.items()
+        if key.lower() in Settings.model_fields
+    }
+
+
+_SETTINGS_AS_READ = _setting_values()
 
 # Names the default metrics directory a master chose, so that a master started from its
 # environment (USR2, after a SIGHUP made gunicorn copy it) chooses its own: the old one
@@ -262,12 +275,17 @@ def _refuse_settings_given_too_late() -> None:
     ]
     if not late:
         given = load_settings()
-        late = [
-            name.upper()
+        changed = [
+            name
             for name, value in given
             # Only put in the environment, for libgomp: -e does that itself.
             if name != "gomp_spincount" and value != getattr(settings, name)
         ]
+        # Those -e named: MAX_QUEUE changes MAX_BATCH_FILES, which follows it.
+        named = [
+            name for name in changed if _setting_values().get(name) != _SETTINGS_AS_READ.get(name)
+        ]
+        late = [name.upper() for name in named or changed]
     if late:
         refuse_to_start(
             f"invalid configuration: gunicorn's -e sets {', '.join(late)} after "
@@ -299,6 +317,19 @@ def _refuse_flags_that_override_settings(cfg: Config) -> None:
         for flag, given, ours, setting, how in checks
         if given != ours
     ]
+    if cfg.worker_class_str != worker_class:
+        # uvicorn's own (FastAPI's docs name it) starts and serves, without them.
+        overridden.append(
+            f"gunicorn's --worker-class {cfg.worker_class_str} replaces the service's worker, "
+            "which applies DRAIN_TIMEOUT_S, WORKER_TIMEOUT_S and STALL_TIMEOUT_S: remove it"
+        )
+    if cfg.preload_app:
+        # The app imported in the master: its log writer's thread, not forked, would leave
+        # every worker's lines queued for ever.
+        overridden.append(
+            "gunicorn's --preload imports the app in the master, where each worker must "
+            "start its own (its model, its threads, its log writer): remove it"
+        )
     if overridden:
         refuse_to_start("invalid configuration: " + "; ".join(overridden))
 

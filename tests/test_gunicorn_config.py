@@ -91,6 +91,7 @@ def master(
     but for those given on the ``command_line`` (workers=2: -w 2), and no address to listen
     on (tried by a test of its own)."""
     cfg = {name: config[name] for name in ("workers", "timeout", "keepalive", "graceful_timeout")}
+    cfg.update(worker_class_str=config["worker_class"], preload_app=config["preload_app"])
     return SimpleNamespace(
         reap_workers=lambda: None,
         stop=lambda graceful=True: None,
@@ -115,16 +116,29 @@ def master(
             "gunicorn's --graceful-timeout 15 overrides DRAIN_TIMEOUT_S: set DRAIN_TIMEOUT_S "
             "instead (the graceful timeout is DRAIN_TIMEOUT_S + 10 s)",
         ),
+        (
+            {"worker_class_str": "uvicorn.workers.UvicornWorker"},
+            "gunicorn's --worker-class uvicorn.workers.UvicornWorker replaces the service's "
+            "worker, which applies DRAIN_TIMEOUT_S, WORKER_TIMEOUT_S and STALL_TIMEOUT_S: "
+            "remove it",
+        ),
+        (
+            {"preload_app": True},
+            "gunicorn's --preload imports the app in the master, where each worker must start "
+            "its own (its model, its threads, its log writer): remove it",
+        ),
     ],
 )
 def test_gunicorn_flags_that_override_a_setting_stop_the_start(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    command_line: dict[str, int],
+    command_line: dict[str, object],
     line: str,
 ) -> None:
     """The workers go by the settings: --timeout 3 killed them at 3 s while the service
-    said WORKER_TIMEOUT_S=120, and -w 2 left each with every core's threads."""
+    said WORKER_TIMEOUT_S=120, and -w 2 left each with every core's threads. uvicorn's own
+    worker (-k) served without the drain's and the start's time limits, and --preload
+    left every worker without its log writer's thread, its lines queued for ever."""
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
     config = load(monkeypatch, tmp_path)
     config["on_starting"](master(config))  # the file's own values
@@ -151,6 +165,15 @@ def test_settings_given_with_gunicorns_e_stop_the_start(
         "gunicorn_config.py has read the settings for gunicorn's master, which would run by "
         "the values before it: set them in the environment instead"
     )
+
+    # Only what -e names: MAX_BATCH_FILES follows MAX_QUEUE.
+    monkeypatch.setenv("WORKERS", "1")
+    monkeypatch.setenv("DRAIN_TIMEOUT_S", "30")
+    monkeypatch.setenv("MAX_QUEUE", "5")
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](master(config))
+    assert "gunicorn's -e sets MAX_QUEUE after" in str(stopped.value)
+    monkeypatch.delenv("MAX_QUEUE")
 
     # The same values, or GOMP_SPINCOUNT, which the master only passes on to the workers
     # (as -e does itself), start.

@@ -975,6 +975,8 @@ def test_invalid_settings_stop_gunicorn_before_it_listens(
     [
         (["-e", "WORKERS=2"], "gunicorn's -e sets WORKERS after gunicorn_config.py"),
         (["-e", "MAX_BATCH_SIZE=0"], "MAX_BATCH_SIZE='0'"),
+        (["--preload"], "gunicorn's --preload imports the app in the master"),
+        (["-k", "uvicorn.workers.UvicornWorker"], "replaces the service's worker"),
     ],
 )
 def test_settings_given_with_gunicorns_e_stop_it_before_it_listens(
