@@ -157,6 +157,10 @@ class MaskedEnvironmentLogger(glogging.Logger):
     which its configuration dump at debug level would show."""
 
     def setup(self, cfg: Config) -> None:
+        if cfg.errorlog != "-":
+            # The service writes its lines (access lines among them) to standard error:
+            # --error-logfile takes them all, and USR1 reopens it for them too.
+            cfg.set("capture_output", True)
         super().setup(cfg)
         self.error_log.addFilter(logs.EnvironmentValuesMasked())
 
@@ -304,6 +308,7 @@ def _refuse_flags_that_override_settings(cfg: Config) -> None:
         ("--workers", cfg.workers, workers, "WORKERS", ""),
         ("--timeout", cfg.timeout, timeout, "WORKER_TIMEOUT_S", ""),
         ("--keep-alive", cfg.keepalive, keepalive, "KEEPALIVE_S", ""),
+        ("--log-level", cfg.loglevel.lower(), loglevel, "LOG_LEVEL", ""),
         (
             "--graceful-timeout",
             cfg.graceful_timeout,
@@ -322,6 +327,12 @@ def _refuse_flags_that_override_settings(cfg: Config) -> None:
         overridden.append(
             f"gunicorn's --worker-class {cfg.worker_class_str} replaces the service's worker, "
             "which applies DRAIN_TIMEOUT_S, WORKER_TIMEOUT_S and STALL_TIMEOUT_S: remove it"
+        )
+    if cfg.accesslog is not None:
+        overridden.append(
+            f"gunicorn's --access-logfile {cfg.accesslog}: the service writes its access "
+            "lines itself, with its other lines (ACCESS_LOG=false turns them off), to "
+            "standard error or to gunicorn's --error-logfile: remove it"
         )
     if cfg.preload_app:
         # The app imported in the master: its log writer's thread, not forked, would leave

@@ -27,8 +27,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import httptools
 from gunicorn.arbiter import Arbiter
@@ -682,22 +683,7 @@ class BacklogDrainingServer(Server):
             if self._exiting:
                 return  # a second signal, in the middle of the first one's handling
             self._exiting = True
-            logger.info("stopped by %s while starting", signal.Signals(sig).name)
-            # As the server stops, with no other worker to take them, the connections
-            # waiting for this one would be reset as the master closes its sockets; a proxy
-            # does not resend such a request. Each gets an answer instead. (Stopped by a
-            # reload, the worker that replaces it serves them.)
-            siblings = self._siblings
-            if (
-                siblings is not None
-                and siblings.server_stopping()
-                and not siblings.others_serving()
-                and (answered := _answer_unserved_connections(self._listeners))
-            ):
-                logger.info("answered %d waiting connections 503: %s", answered, SHUTTING_DOWN)
-            logs.stop_writer()  # os._exit skips atexit: write the line out first
-            sys.stderr.flush()
-            os._exit(0)
+            _exit_while_starting(sig, self._listeners, self._siblings, logger.info)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -708,6 +694,29 @@ class BacklogDrainingServer(Server):
         while _any_connection_waiting(listening) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         await super().shutdown(sockets)
+
+
+def _exit_while_starting(
+    sig: int,
+    listeners: list[socket.socket],
+    siblings: Siblings | None,
+    say: Callable[..., object],
+) -> NoReturn:
+    """Exit a worker stopped by ``sig`` before it serves. As the server stops, with no
+    other worker to take them, the connections waiting for this one would be reset as the
+    master closes its sockets; a proxy does not resend such a request. Each gets an answer
+    instead. (Stopped by a reload, the worker that replaces it serves them.)"""
+    say("stopped by %s while starting", signal.Signals(sig).name)
+    if (
+        siblings is not None
+        and siblings.server_stopping()
+        and not siblings.others_serving()
+        and (answered := _answer_unserved_connections(listeners))
+    ):
+        say("answered %d waiting connections 503: %s", answered, SHUTTING_DOWN)
+    logs.stop_writer()  # os._exit skips atexit: write the line out first
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _any_connection_waiting(listening: list[int]) -> bool:
@@ -721,7 +730,7 @@ def _answer_unserved_connections(listeners: list[socket.socket]) -> int:
     were. Each is answered at once, its request read or not (an answer may come early),
     then all are read from and dropped together until their clients close, for up to
     ``UNSERVED_LINGER_S``: closed with bytes unread, a connection is reset, and its answer
-    lost with it."""
+    lost with it. ``listeners`` are closed meanwhile."""
     connections: list[socket.socket] = []
     deadline = time.monotonic() + BACKLOG_ACCEPT_S
     while time.monotonic() < deadline and _any_connection_waiting([s.fileno() for s in listeners]):
@@ -735,6 +744,10 @@ def _answer_unserved_connections(listeners: list[socket.socket]) -> int:
                 connection.send(_unserved_answer())
                 connection.shutdown(socket.SHUT_WR)
             connections.append(connection)
+    for listener in listeners:
+        # Closed by the master already: a client that connects again is refused, not
+        # queued for a worker about to exit and then reset, its request sent or not.
+        listener.close()
     with selectors.DefaultSelector() as selector:
         for connection in connections:
             selector.register(connection, selectors.EVENT_READ)
@@ -807,6 +820,19 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         if not server.started:
             others_serve = siblings is not None and siblings.others_serving()
             sys.exit(EXIT_RESTART if others_serve else EXIT_BOOT_ERROR)
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # Until uvicorn's server sets its own, past importing the app (seconds, torch's
+        # among them), a stop would end the worker by the signal's default action.
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(stop, self._stopped_while_importing)
+
+    def _stopped_while_importing(self, sig: int, frame: FrameType | None) -> None:
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(stop, signal.SIG_IGN)  # another, while this one is handled
+        listeners = [listener.sock for listener in self.sockets]
+        _exit_while_starting(sig, listeners, Siblings.from_environment(), self.log.info)
 
     def init_process(self) -> None:
         # Until a worker first reports, its heartbeat file holds the wall-clock time it was

@@ -91,7 +91,12 @@ def master(
     but for those given on the ``command_line`` (workers=2: -w 2), and no address to listen
     on (tried by a test of its own)."""
     cfg = {name: config[name] for name in ("workers", "timeout", "keepalive", "graceful_timeout")}
-    cfg.update(worker_class_str=config["worker_class"], preload_app=config["preload_app"])
+    cfg.update(
+        worker_class_str=config["worker_class"],
+        preload_app=config["preload_app"],
+        loglevel=config["loglevel"],
+        accesslog=config["accesslog"],
+    )
     return SimpleNamespace(
         reap_workers=lambda: None,
         stop=lambda graceful=True: None,
@@ -121,6 +126,16 @@ def master(
             "gunicorn's --worker-class uvicorn.workers.UvicornWorker replaces the service's "
             "worker, which applies DRAIN_TIMEOUT_S, WORKER_TIMEOUT_S and STALL_TIMEOUT_S: "
             "remove it",
+        ),
+        (
+            {"loglevel": "DEBUG"},
+            "gunicorn's --log-level debug overrides LOG_LEVEL: set LOG_LEVEL instead",
+        ),
+        (
+            {"accesslog": "access.log"},
+            "gunicorn's --access-logfile access.log: the service writes its access lines "
+            "itself, with its other lines (ACCESS_LOG=false turns them off), to standard "
+            "error or to gunicorn's --error-logfile: remove it",
         ),
         (
             {"preload_app": True},

@@ -849,6 +849,75 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
     assert "Traceback" not in log
 
 
+def test_requests_waiting_for_a_worker_stopped_while_it_imports_the_app_are_answered_503(
+    tmp_path: Path,
+) -> None:
+    """Before uvicorn's server sets its signal handlers, past importing the app (seconds,
+    torch's among them), a stopped worker ended by the signal's default action, and every
+    request waiting for it was reset. A client connecting again is refused, not queued for
+    the exiting worker and reset."""
+    port = free_port()
+    command = gunicorn_command(port)
+    command[command.index("main:app")] = "tests.slow_import_app:app"
+    env = server_env(tmp_path, SLOW_IMPORT_S="120")
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    clients: list[socket.socket] = []
+    try:
+        wait_until(lambda: "Booting worker" in log_path.read_text(), log_path.read_text)
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", port), timeout=30)
+            client.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+        time.sleep(1)  # the worker's handlers in place: it has slept in the import since
+        process.send_signal(signal.SIGTERM)
+        answers = []
+        for client in clients:
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+            answers.append(received)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        for client in clients:
+            client.close()
+    log = log_path.read_text()
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [
+        b"HTTP/1.1 503 Service Unavailable"
+    ] * 3, log
+    assert "stopped by SIGTERM while starting" in log
+    assert "answered 3 waiting connections 503" in log
+    assert process.returncode == 0, log
+
+
+def test_gunicorns_error_logfile_holds_every_line_and_usr1_reopens_it(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """The service writes its lines to standard error: --error-logfile had gunicorn's
+    alone, the access lines, the model's and every error went elsewhere."""
+    port = free_port()
+    logfile = tmp_path / "error.log"
+    command = [*gunicorn_command(port)[:-2], "--error-logfile", str(logfile), "--bind"]
+    command.append(f"127.0.0.1:{port}")
+    photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
+    with running_server(tmp_path, command, server_env(tmp_path)) as server:
+        assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        wait_until(lambda: "POST /cls answered 200" in logfile.read_text(), logfile.read_text)
+        assert "model ready" in logfile.read_text()
+        logfile.rename(tmp_path / "error.log.1")
+        server.process.send_signal(signal.SIGUSR1)
+        wait_until(logfile.exists, lambda: "no new error.log")
+        time.sleep(1)  # the workers reopen it after the master
+        assert httpx.post(f"{server.url}/cls", files=photo, timeout=30).status_code == 200
+        wait_until(lambda: "POST /cls answered 200" in logfile.read_text(), logfile.read_text)
+
+
 def has_reported(worker_pid: int) -> bool:
     """Whether a gunicorn worker has reported to its master once: gunicorn times out only a
     worker that has (until then its heartbeat file holds a wall-clock time, which the
