@@ -812,6 +812,10 @@ class JsonErrorsUvicornWorker(UvicornWorker):
         server = BacklogDrainingServer(
             self.config, [listener.sock for listener in self.sockets], siblings
         )
+        # The app imported: the server handles a stop from here. uvicorn puts back the
+        # handlers it finds as its shutdown ends, and raises the signal again for them.
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(stop, signal.SIG_DFL)
         self._install_sigquit_handler()
         # The sockets themselves, not gunicorn's wrappers: uvloop detaches a socket whose
         # descriptor it closes, but closes a wrapper a second time, which could close a
