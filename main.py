@@ -73,7 +73,7 @@ from service.protocol import (
     SHUTDOWN_HOOK,
     SIBLINGS_STATE,
     UPLOAD_END_STATE,
-    pause_unless_stopped,
+    pause_then_restart,
     raise_open_file_limit,
     restart_pause_s,
     restart_while_others_serve,
@@ -839,7 +839,7 @@ def create_app(settings: Settings) -> FastAPI:
             logs.stop_writer()  # os._exit skips atexit: write the line out first
             sys.stderr.flush()
             if pause_s:
-                pause_unless_stopped(pause_s)
+                pause_then_restart(pause_s)
             os._exit(EXIT_RESTART if others_serve else EXIT_BOOT_ERROR)
         if siblings is not None:
             siblings.mark_ready()

@@ -904,8 +904,7 @@ def restart_while_others_serve() -> None:
         file=sys.stderr,
         flush=True,
     )
-    pause_unless_stopped(pause_s)
-    os._exit(EXIT_RESTART)
+    pause_then_restart(pause_s)
 
 
 def _worker_timeout_s() -> float:
@@ -918,13 +917,15 @@ def _worker_timeout_s() -> float:
     return float(Settings.model_fields["worker_timeout_s"].default)
 
 
-def pause_unless_stopped(seconds: float) -> None:
-    """Sleep ``seconds``, or until the master stops the worker (SIGTERM, SIGINT, SIGQUIT):
-    a worker that could not start has nothing to drain."""
+def pause_then_restart(seconds: float) -> NoReturn:
+    """Sleep ``seconds``, then exit for gunicorn to start the worker again; exit 0 at once
+    if the master stops it meanwhile (SIGTERM, SIGINT, SIGQUIT): a worker that could not
+    start has nothing to drain, nor to start again, and gunicorn logs any other exit
+    status as an error."""
     stopped = threading.Event()
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, lambda *_: stopped.set())
-    stopped.wait(seconds)
+    os._exit(0 if stopped.wait(seconds) else EXIT_RESTART)
 
 
 def raise_open_file_limit() -> str | None:

@@ -610,6 +610,29 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("change", ["overwritten", "removed"])
+def test_a_stop_while_a_replacement_worker_pauses_logs_no_error(
+    tmp_path: Path, change: str
+) -> None:
+    """The pausing worker, stopped, exited with the status that asks gunicorn to start it
+    again, which gunicorn logs as an error ("Worker exited with code 1") in a clean stop."""
+    weights = tmp_path / "weights.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    env = server_env(tmp_path, WORKERS="2", WEIGHTS=str(weights))
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        if change == "removed":
+            weights.unlink()
+        else:
+            weights.write_bytes(b"not a state dict")
+        psutil.Process(server.process.pid).children()[0].kill()
+        wait_for_restarts_while_serving(server, 1)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    log = server.log()
+    assert "exited with code" not in log, log
+    assert "Traceback" not in log
+
+
 def test_a_replacement_worker_without_its_metrics_dir_leaves_the_others_serving(
     tmp_path: Path, photos: list[Path]
 ) -> None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.protocol import restart_pause_s
+from service.protocol import EXIT_RESTART, restart_pause_s
 from service.settings import PROJECT_ROOT
 from service.siblings import Siblings
 
@@ -52,13 +52,28 @@ def test_a_failing_worker_pauses_longer_each_time_within_its_timeout() -> None:
     assert restart_pause_s(10, worker_timeout_s=20) == 5  # no heartbeat while it pauses
 
 
+def test_a_pause_not_stopped_ends_in_the_exit_status_to_start_again() -> None:
+    paused = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from service.protocol import pause_then_restart\npause_then_restart(0.1)",
+        ],
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
+    assert paused.returncode == EXIT_RESTART
+
+
 def test_a_pause_ends_when_the_master_stops_the_worker() -> None:
+    """With exit status 0: nothing to start again, and gunicorn logs any other status as
+    an error ("Worker exited with code 1") in a clean stop or reload."""
     pausing = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "from service.protocol import pause_unless_stopped\n"
-            "print('pausing', flush=True)\npause_unless_stopped(60)",
+            "from service.protocol import pause_then_restart\n"
+            "print('pausing', flush=True)\npause_then_restart(60)",
         ],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
