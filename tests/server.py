@@ -58,10 +58,10 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def gunicorn_command(port: int) -> list[str]:
+def gunicorn_command(port: int, app: str = "main:app") -> list[str]:
     return [
         str(BIN / "gunicorn"),
-        "main:app",
+        app,
         "-c",
         "gunicorn_config.py",
         "--bind",
@@ -92,16 +92,24 @@ def running_server(
     """Start ``command``, wait until /readyz answers 200, stop it with SIGTERM afterwards."""
     port = int(command[-1].rsplit(":", 1)[-1]) if "--bind" in command else int(env["PORT"])
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    process = start_logged(command, env, log_path)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
         wait_until_ready(server)
         yield server
     finally:
         stop(process)
+
+
+def start_logged(
+    command: list[str], env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` from the project's root, its output and errors written to
+    ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def wait_until_ready(server: ServerProcess) -> None:

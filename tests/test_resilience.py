@@ -474,8 +474,7 @@ def test_clients_that_hang_up_while_queued_cost_no_model_time(
     # One image per forward, each at least 50 ms: the kept requests ahead keep the model
     # busy for 1.6 s at least, however fast the machine decodes the abandoned ones.
     env = server_env(tmp_path, MAX_BATCH_SIZE="1")
-    command = gunicorn_command(free_port())
-    command[command.index("main:app")] = "tests.slow_model_app:app"
+    command = gunicorn_command(free_port(), "tests.slow_model_app:app")
     kept_count, abandoned = 32, 12
     ok = 'batch_requests_total{outcome="ok"}'
     figures: dict[str, float] = {}

@@ -32,6 +32,7 @@ from tests.server import (
     gunicorn_command,
     running_server,
     server_env,
+    start_logged,
     stop,
     uvicorn_command,
     wait_until,
@@ -492,8 +493,7 @@ def test_a_worker_that_cannot_serve_is_replaced(
     worker stops its heartbeat, and gunicorn replaces it after WORKER_TIMEOUT_S. Meanwhile
     it refuses new requests at once, rather than let them wait for their deadline."""
     port = free_port()
-    command = gunicorn_command(port)
-    command[command.index("main:app")] = app
+    command = gunicorn_command(port, app)
     env = server_env(tmp_path, STALL_TIMEOUT_S="1", WORKER_TIMEOUT_S="10", REQUEST_TIMEOUT_MS="500")
     with running_server(tmp_path, command, env) as server:
         photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
@@ -671,8 +671,7 @@ def test_a_replacement_worker_failing_to_start_by_a_bug_leaves_the_others_servin
     whole server.)"""
     mark = tmp_path / "start-bug"
     env = server_env(tmp_path, WORKERS="2", START_BUG_MARK=str(mark))
-    command = gunicorn_command(free_port())
-    command[command.index("main:app")] = "tests.start_bug_app:app"
+    command = gunicorn_command(free_port(), "tests.start_bug_app:app")
     photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
     with running_server(tmp_path, command, env) as server:
         mark.touch()
@@ -716,10 +715,7 @@ def test_a_first_worker_killed_before_it_started_leaves_the_store_to_its_replace
     env = server_env(tmp_path, WORKERS="1", WORKER_TIMEOUT_S="10")
     port = free_port()
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            gunicorn_command(port), cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    process = start_logged(gunicorn_command(port), env, log_path)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
         deadline = time.monotonic() + 30
@@ -782,14 +778,10 @@ def test_a_server_stopped_while_its_worker_starts_stops_at_once(
     download, a large MAX_BATCH_SIZE): the worker waited its start-up out, and gunicorn
     SIGKILLed it at graceful_timeout (DRAIN_TIMEOUT_S + 10 s), blaming its memory. Nothing
     is served yet, so nothing is drained: it stops at once."""
-    command = gunicorn_command(free_port())
-    command[command.index("main:app")] = "tests.slow_start_app:app"
+    command = gunicorn_command(free_port(), "tests.slow_start_app:app")
     env = server_env(tmp_path, SLOW_START_S="120")
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    process = start_logged(command, env, log_path)
     try:
         wait_until(lambda: "Started server process" in log_path.read_text(), log_path.read_text)
         process.send_signal(stop)
@@ -813,14 +805,10 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
     the socket, and every one was reset unanswered, which a proxy does not resend. A reload
     meanwhile leaves them waiting for the worker that replaces the one it stops."""
     port = free_port()
-    command = gunicorn_command(port)
-    command[command.index("main:app")] = "tests.slow_start_app:app"
+    command = gunicorn_command(port, "tests.slow_start_app:app")
     env = server_env(tmp_path, SLOW_START_S="120")
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    process = start_logged(command, env, log_path)
     clients: list[socket.socket] = []
     try:
         wait_until(lambda: "Started server process" in log_path.read_text(), log_path.read_text)
@@ -880,14 +868,10 @@ def test_requests_waiting_for_a_worker_stopped_while_it_imports_the_app_are_answ
     request waiting for it was reset. A client connecting again is refused, not queued for
     the exiting worker and reset."""
     port = free_port()
-    command = gunicorn_command(port)
-    command[command.index("main:app")] = "tests.slow_import_app:app"
+    command = gunicorn_command(port, "tests.slow_import_app:app")
     env = server_env(tmp_path, SLOW_IMPORT_S="120")
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    process = start_logged(command, env, log_path)
     clients: list[socket.socket] = []
     try:
         wait_until(lambda: "Booting worker" in log_path.read_text(), log_path.read_text)
