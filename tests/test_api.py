@@ -1355,8 +1355,9 @@ async def test_a_batch_file_whose_decode_is_cancelled_is_503_not_500(
         with caplog.at_level(logging.ERROR):
             response = await answer
     assert response.status_code == 200
-    # One decode thread for batch files: the first decodes, the two behind it are cancelled.
-    assert [entry["status"] for entry in response.json()["results"]] == [200, 503, 503]
+    # One decode thread for batch files: the file it took first decodes, the two behind it
+    # are cancelled (which file that is depends on the order their uploads were handed over).
+    assert sorted(entry["status"] for entry in response.json()["results"]) == [200, 503, 503]
     assert "unexpected error" not in caplog.text
 
 
