@@ -2388,7 +2388,8 @@ async def test_callers_leaving_a_long_queue_in_any_order_cost_little() -> None:
         handler.release_all()
         assert await results([*first, *kept]) == [-2, 0, 2]
     assert handler.batches == [[-1], [0, 1]]
-    assert max(newest_first_s, random_order_s) < 3 * oldest_first_s + 0.2, (
+    # Generous, for a shared machine's pauses: a scan of the lane cost thirty times as much.
+    assert max(newest_first_s, random_order_s) < 5 * oldest_first_s + 0.5, (
         oldest_first_s,
         newest_first_s,
         random_order_s,
