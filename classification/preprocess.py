@@ -244,6 +244,8 @@ def decode_image(
         if scale > 1:
             image.draft(None, (width // scale, height // scale))  # a no-op but for JPEG
         image.load()
+        if image.format == "BMP" and image.mode == "RGBA":
+            image = _bmp_unused_alpha_dropped(image)
         return _to_rgb(_orient(image), colour_key)
     except MemoryError:
         raise
@@ -580,6 +582,15 @@ def _png_colour_key(image: Image.Image) -> int | tuple[int, ...] | None:
     if raw_mode in ("L;1", "L;2", "L;4"):
         return int(key) * 255 // (2 ** int(raw_mode[2:]) - 1)  # as Pillow stretches them
     return int(key)
+
+
+def _bmp_unused_alpha_dropped(image: Image.Image) -> Image.Image:
+    """A 32-bit BMP whose alpha bytes are all 0 (as Photoshop and others write them) is
+    opaque, as Windows and browsers show it: its alpha was never set, and compositing it
+    would leave a blank white image."""
+    if image.getchannel("A").getextrema() == (0, 0):
+        return image.convert("RGB")
+    return image
 
 
 def _to_rgb(image: Image.Image, colour_key: int | tuple[int, ...] | None = None) -> Image.Image:

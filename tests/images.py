@@ -113,6 +113,18 @@ def rle8_bmp(width: int, height: int, idle_codes: int = 0) -> bytes:
     )
 
 
+def bitfields_bmp(pixels: np.ndarray) -> bytes:
+    """A 32-bit BMP with a BITMAPV5 header whose masks give it an alpha channel, as
+    Photoshop writes one, of ``pixels`` (height x width x RGBA)."""
+    height, width, _ = pixels.shape
+    data = np.ascontiguousarray(pixels[::-1][..., [2, 1, 0, 3]]).tobytes()  # bottom-up BGRA
+    info = struct.pack("<IiiHHIIiiII", 124, width, height, 1, 32, 3, len(data), 2835, 2835, 0, 0)
+    info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    info += bytes(124 - len(info))
+    offset = 14 + len(info)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + data
+
+
 def gif_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     """A tiny GIF whose logical screen and single frame declare a huge size."""
     screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0)

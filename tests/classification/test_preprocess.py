@@ -139,6 +139,21 @@ def test_partial_transparency_blends_as_alpha_compositing_over_white(mode: str) 
     assert np.array_equal(np.asarray(decoded), np.asarray(expected))
 
 
+def test_a_bmp_whose_alpha_is_all_zero_is_opaque_and_one_with_alpha_is_composited() -> None:
+    """Photoshop writes 32-bit BMPs with an alpha channel left at 0, which viewers show
+    opaque: composited through it, the photo became a blank white image."""
+    rgb = np.asarray(images.gradient(48, 32))
+    unset = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    decoded = decode_image(images.bitfields_bmp(unset), max_pixels=MAX_PIXELS)
+    assert np.array_equal(np.asarray(decoded), rgb)
+
+    used = unset.copy()
+    used[:, 24:, 3] = 255  # the left half transparent, the right half opaque
+    decoded = np.asarray(decode_image(images.bitfields_bmp(used), max_pixels=MAX_PIXELS))
+    assert (decoded[:, :24] == 255).all()
+    assert np.array_equal(decoded[:, 24:], rgb[:, 24:])
+
+
 def test_palette_with_transparency() -> None:
     palette_image = Image.new("P", (16, 16), 0)
     palette_image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
