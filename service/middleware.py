@@ -394,7 +394,8 @@ class BodyLimitsMiddleware:
                         raise HTTPException(
                             400,
                             f"the form field '{parts.not_utf8}' is not UTF-8 text; send form "
-                            "fields as UTF-8",
+                            "fields as UTF-8, and the image as a file part named 'file' "
+                            "(curl -F file=@photo.jpg)",
                             headers=unread,
                         )
                     if body_complete and received and not (parts.ended or parts.malformed):

@@ -2737,7 +2737,8 @@ async def test_a_form_field_that_is_not_utf8_is_400_not_read_as_latin1(photos: l
             )
             assert response.status_code == 400, response.text
             assert response.json()["detail"] == (
-                f"the form field '{field}' is not UTF-8 text; send form fields as UTF-8"
+                f"the form field '{field}' is not UTF-8 text; send form fields as UTF-8, and "
+                "the image as a file part named 'file' (curl -F file=@photo.jpg)"
             )
         accepted = await submit(served.client, data, metadata='{"a": "é ✓"}')
         task = (await served.client.get(accepted["status_url"])).json()
@@ -2746,6 +2747,12 @@ async def test_a_form_field_that_is_not_utf8_is_400_not_read_as_latin1(photos: l
         body = multipart([("file", "a.jpg", data, "image/jpeg"), ("note", None, b"\xff", None)])
         response = await served.client.post("/cls", content=body, headers=multipart_headers(body))
         assert response.status_code == 400, response.text
+        # The image itself sent as a plain field under another name (curl -F "image=<a.jpg"):
+        # the answer says where an image goes.
+        body = multipart([("image", None, data, None)])
+        response = await served.client.post("/cls", content=body, headers=multipart_headers(body))
+        assert response.status_code == 400, response.text
+        assert "the image as a file part named 'file'" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("reduced", [False, True])
