@@ -41,6 +41,8 @@ LIBRARY_LOGGERS = ("py.warnings", "python_multipart", "PIL")
 # that no client can fill the log with lines. So are Pillow's warnings (see
 # configure_logging).
 CALLERS_MISTAKES_LOGGERS = ("python_multipart", "PIL")
+# uvicorn's lines but its access lines (which the service's replace).
+UVICORN_LOGGER = "uvicorn.error"
 # Where Pillow's warnings come from: the module the warnings module names for them.
 _PILLOW_MODULES = r"PIL(\.|$)"
 # The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
@@ -64,6 +66,7 @@ _listener: QueueListener | None = None
 _direct: logging.Handler | None = None  # what the writer thread writes to
 _queued: logging.Handler | None = None  # what hands records to the writer thread
 _access_log_on = True
+_uvicorn_lines_taken = False  # plain uvicorn's lines written by the service's handler
 # How long the writer waits for more records once it has written all it had.
 WRITER_LINGER_S = 0.1
 
@@ -386,7 +389,15 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     # would repeat the service's, without its id or batch, whatever ACCESS_LOG says; its
     # other lines follow LOG_LEVEL.
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("uvicorn.error").setLevel(level.upper())
+    uvicorn_lines = logging.getLogger(UVICORN_LOGGER)
+    uvicorn_lines.setLevel(level.upper())
+    # Plain uvicorn writes its lines as its own text (gunicorn's workers hand them gunicorn's
+    # handlers, in the service's format already): a JSON log must hold JSON lines only.
+    global _uvicorn_lines_taken
+    if uvicorn_lines.propagate or _uvicorn_lines_taken:
+        _uvicorn_lines_taken = log_format == "json"
+        uvicorn_lines.handlers = [handler] if _uvicorn_lines_taken else []
+        uvicorn_lines.propagate = not _uvicorn_lines_taken
 
 
 def _start_writer(listener: QueueListener) -> None:
@@ -403,7 +414,7 @@ def stop_writer() -> None:
         _listener.stop()
         _listener = None
         # Only the hand-off is swapped: a handler added beside it (a test's) stays.
-        for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS):
+        for name in (*SERVICE_LOGGERS, *LIBRARY_LOGGERS, UVICORN_LOGGER):
             named = logging.getLogger(name)
             named.handlers = [_direct if h is _queued else h for h in named.handlers]
 

@@ -319,6 +319,27 @@ def test_under_plain_uvicorn_the_settings_rule_uvicorns_lines_too(
         assert f" [{server.process.pid}] INFO service.access [dev-request] " in line
 
 
+def test_under_plain_uvicorn_json_logs_hold_uvicorns_lines_as_json(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """uvicorn wrote its own lines (started, startup complete, shutting down) as text
+    among the JSON ones, which a collector of JSON lines cannot read."""
+    port = free_port()
+    env = server_env(tmp_path, PORT=str(port), LOG_FORMAT="json")
+    with running_server(tmp_path, uvicorn_command(port), env) as server:
+        answered = httpx.post(
+            f"{server.url}/cls", files={"file": ("p.jpg", photos[0].read_bytes())}, timeout=30
+        )
+        assert answered.status_code == 200
+    lines = server.log().splitlines()
+    assert all(line.startswith("{") for line in lines), lines
+    uvicorn = [json.loads(line) for line in lines if '"uvicorn.error"' in line]
+    said = " ".join(line["message"] for line in uvicorn)
+    assert "Application startup complete" in said
+    assert "Shutting down" in said
+    assert all(line["request_id"] == "-" for line in uvicorn), uvicorn
+
+
 @pytest.mark.slow
 def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> None:
     """``LOG_FORMAT=json``: the service's lines are JSON objects; each request's access line
