@@ -28,4 +28,11 @@ class Stopped(BatchingError):
 
 
 class BatchFailed(BatchingError):
-    """The handler failed on the batch that held this item."""
+    """The handler failed on the batch that held this item.
+
+    ``batch_size`` is the size of the batch it failed in; None when it is not known.
+    """
+
+    def __init__(self, message: str, batch_size: int | None = None) -> None:
+        super().__init__(message)
+        self.batch_size = batch_size

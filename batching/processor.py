@@ -1134,7 +1134,7 @@ class BatchProcessor(Generic[In, Out]):
                 _fail(entries[0].future, error)
                 return
             entries[0].context.run(logger.error, "batch of 1 failed", exc_info=error)
-            _fail(entries[0].future, BatchFailed("inference failed"))
+            _fail(entries[0].future, BatchFailed("inference failed", batch_size=1))
             return
         logger.warning(
             "batch of %d failed (%s); running its halves apart %s",
@@ -1188,6 +1188,8 @@ class BatchProcessor(Generic[In, Out]):
         self._run_times.record(len(entries), run_s)
         for entry, output in zip(entries, outputs, strict=True):
             if isinstance(output, BatchFailed):
+                if output.batch_size is None:
+                    output.batch_size = len(entries)
                 _fail(entry.future, output)
             else:
                 _resolve(entry.future, output)

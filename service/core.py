@@ -529,8 +529,8 @@ class Service:
             if self.failure() is not None:
                 raise self._not_ready() from None  # the failure's 503, not the shutdown's
             raise
-        except DeadlineExceeded as exc:
-            if exc.batch_size is not None:  # it passed while the model ran the request
+        except (DeadlineExceeded, BatchFailed) as exc:
+            if exc.batch_size is not None:  # the model ran the request
                 logs.record_batch_size(exc.batch_size)
             raise
         logs.record_batch_size(result.batch_size)

@@ -1497,11 +1497,17 @@ async def test_an_image_the_model_scores_with_nan_fails_alone_in_its_batch(
         classifier.classify = nan_for_black  # type: ignore[method-assign]
         black = images.encode(Image.new("RGB", (64, 64)), "PNG")
         first, second = (p.read_bytes() for p in photos[:2])
-        model, responses = await send_while_the_model_is_held(
-            served, [first, black, second], queued=3
-        )
+        with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+            model, responses = await send_while_the_model_is_held(
+                served, [first, black, second], queued=3
+            )
         assert model.batch_sizes == [1, 3], "the images batched with it ran once"
         assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        # The model ran it: its access line names the batch it failed in, as a 200's does.
+        access = {
+            r.request_id: r.batch_size for r in caplog.records if r.name == logs.ACCESS_LOGGER
+        }
+        assert [access[r.headers["x-request-id"]] for r in responses] == [1, 3, 3, 3]
         assert responses[2].json() == {
             "detail": "inference failed; the error is logged on the server"
         }
@@ -1623,9 +1629,16 @@ async def test_an_answer_that_cannot_be_sent_fails_its_image_alone(
         assert failure.request_id == responses[2].headers["x-request-id"]
 
         files = [("file", ("a.jpg", first, "image/jpeg")), ("file", ("b.png", black, "image/png"))]
-        batch = await served.client.post("/cls/batch", files=files)
+        with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+            batch = await served.client.post("/cls/batch", files=files)
         assert batch.status_code == 200, batch.text
         assert [entry["status"] for entry in batch.json()["results"]] == [200, 500]
+        [line] = [
+            r
+            for r in caplog.records
+            if r.name == logs.ACCESS_LOGGER and r.request_id == batch.headers["x-request-id"]
+        ]
+        assert len(line.batch_sizes) == 2, "both files reached the model"
 
         task = await finished(served.client, (await submit(served.client, black))["task_id"])
         assert task["status"] == "failed"

@@ -1450,6 +1450,7 @@ async def test_an_item_the_handler_fails_on_fails_alone(
             outcomes = await bounded(asyncio.gather(*batch, return_exceptions=True))
         assert [outcomes[0], *outcomes[2:]] == [2, 4, 6]
         assert isinstance(outcomes[1], BatchFailed)
+        assert outcomes[1].batch_size == 1, "it failed alone, its halves run apart"
         assert "batch of 4 failed" in caplog.text
         assert "batch of 1 failed" in caplog.text
 
@@ -1508,6 +1509,7 @@ async def test_an_item_the_handler_marks_failed_fails_alone_and_nothing_runs_aga
         assert [outcomes[0], outcomes[2]] == [2, 4]
         assert isinstance(outcomes[1], BatchFailed)
         assert str(outcomes[1]) == "a negative item"
+        assert outcomes[1].batch_size == 3, "the size of the batch it failed in"
         assert await results(first) == [0]
 
     assert handler.batches == [[0], [1, -1, 2]]
