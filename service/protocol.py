@@ -70,8 +70,9 @@ SHUTDOWN_HOOK = "on_server_shutdown"
 DRAIN_TIMEOUT_STATE = "drain_timeout_s"
 # Keys of a request's ASGI scope state: the id it is answered with, and, when this protocol
 # refused its body (bytes it could not parse) while the app was reading it, the status and
-# detail it answered: service.middleware then counts and logs the request so, once, not as
-# the disconnect the app sees.
+# detail it answered (or, for an answer its client read nothing of, 499 and why it reset
+# the connection): service.middleware then counts and logs the request so, once, not as
+# the disconnect, or the answer sent into the void, that the app sees.
 REQUEST_ID_STATE = "request_id"
 REFUSED_STATE = "refused_by_server"
 # Others: when the request's first byte and its last arrived (``time.monotonic()``).
@@ -304,6 +305,14 @@ class JsonErrorsHttpProtocol(HttpToolsProtocol):
             "a client read nothing of its answer for %g s; its connection is reset",
             SEND_TIMEOUT_S,
         )
+        answering = self._answering
+        if answering is not None and not answering.response_complete:
+            # Its app's writes return as if read: not a 200 the client got.
+            answering.scope.setdefault("state", {})[REFUSED_STATE] = (
+                499,
+                f"the client read nothing of its answer for {SEND_TIMEOUT_S:g} s; its "
+                "connection was reset",
+            )
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:

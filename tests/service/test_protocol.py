@@ -44,6 +44,8 @@ BIG_ANSWER_BYTES = 64 * 2**20
 
 # Every request the app has begun to serve, by path.
 STARTED_PATHS: list[str] = []
+# What the protocol noted on each request it refused, once its app had ended.
+REFUSALS: list[tuple[int, str]] = []
 
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,6 +83,8 @@ async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+    if (refused := scope.get("state", {}).get(protocol.REFUSED_STATE)) is not None:
+        REFUSALS.append(refused)
 
 
 @contextmanager
@@ -797,6 +801,20 @@ def test_a_client_that_reads_nothing_of_a_large_answer_is_reset_after_the_send_t
         time.sleep(SEND_TIMEOUT_S + 1.5)
         received = read_to_close(connection)
     assert 0 < len(received) < BIG_ANSWER_BYTES / 2
+
+
+def test_an_answer_cut_off_by_the_send_timeout_is_not_counted_as_sent(port: int) -> None:
+    """The request queued behind a large answer begins its own while the client reads
+    nothing: its writes, after the reset, returned as if read, and it was counted and
+    logged as a 200 nobody got."""
+    refused = len(REFUSALS)
+    with connect(port) as connection:
+        connection.sendall(request("/big", b"a") + request("/", b"b"))
+        time.sleep(SEND_TIMEOUT_S + 1.5)
+        read_to_close(connection)
+    assert REFUSALS[refused:] == [
+        (499, "the client read nothing of its answer for 1 s; its connection was reset")
+    ]
 
 
 def test_a_client_that_reads_a_large_answer_slowly_gets_all_of_it(port: int) -> None:
