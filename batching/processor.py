@@ -447,6 +447,7 @@ class BatchProcessor(Generic[In, Out]):
     When it raises, or returns an output list of the wrong length, the batch's halves are
     handed to it again apart, down to single items, so only the items it fails on alone
     fail (with ``BatchFailed``); it must therefore be safe to call again on the same items.
+    (An item whose deadline leaves no time for a half's expected run is left out of it.)
     A ``MemoryError`` on a single item is no fault of the item: its caller gets that error
     itself, to retry later (smaller batches, tried first, may have fitted).
     (``GeneratorExit``, how a coroutine is closed, fails the whole batch and is passed on.)
@@ -1145,10 +1146,12 @@ class BatchProcessor(Generic[In, Out]):
         wanted = self._still_wanted(entries)
         half = (len(wanted) + 1) // 2
         for part in (wanted[:half], wanted[half:]):
-            # Callers may have left while the first half ran.
+            # Callers may have left while the first half ran. Those without time left for
+            # the half's run are left out, as from a new batch: their own timers answer them.
             still_wanted = self._still_wanted(part)
-            if still_wanted:
-                await self._run_isolating_failures(batch, still_wanted)
+            in_time = self._largest_in_time(still_wanted, len(still_wanted), time.monotonic())
+            if in_time:
+                await self._run_isolating_failures(batch, in_time)
 
     async def _call_handler(self, entries: list[_Pending[In, Out]]) -> BaseException | None:
         """Hand ``entries`` to the handler and resolve their futures; the handler's error."""

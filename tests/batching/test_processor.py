@@ -1497,6 +1497,34 @@ async def test_a_batch_out_of_memory_runs_in_halves_and_a_lone_item_gets_the_mem
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+async def test_a_failed_batch_s_halves_leave_out_callers_without_time_for_their_run() -> None:
+    """As a new batch does: run again with too little time left, a caller only gets its
+    504 from inside a forward pass spent on nobody. It gets it from its own timer."""
+
+    def fail_on_negative(items: list[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise ValueError("negative")
+        return [item * 2 for item in items]
+
+    handler = TimedHandler(run_s=0.3)
+    handler.outputs = fail_on_negative
+    async with running(handler, BatchConfig()) as processor:
+        for _ in range(20):  # runs of 0.3 s whatever the size, as learnt from batches
+            processor._run_times.record(1, 0.3)
+            processor._run_times.record(2, 0.3)
+        run_s = processor._run_times.estimate_s(2)
+        # Time for the batch of two, not for a half after it: the batch fails at 0.3 s.
+        deadline = time.monotonic() + run_s + 0.1
+        tight = asyncio.create_task(processor.submit(2, deadline=deadline))
+        faulty = asyncio.create_task(processor.submit(-1))
+        with pytest.raises(DeadlineExceeded):
+            await bounded(tight)
+        assert time.monotonic() >= deadline
+        with pytest.raises(BatchFailed):
+            await bounded(faulty)
+    assert handler.batches == [[2, -1], [-1]]
+
+
 async def test_an_item_the_handler_marks_failed_fails_alone_and_nothing_runs_again() -> None:
     handler = FakeHandler(held=True, outputs=fail_negatives_alone)
     async with running(handler, BatchConfig()) as processor:
