@@ -755,6 +755,9 @@ class BatchProcessor(Generic[In, Out]):
             self._running.add(batch)
             batch.task = asyncio.create_task(self._run_batch(batch))
             batch.task.add_done_callback(_log_unexpected_end)
+            # Not kept while the next batch is awaited: its items (images) are freed once
+            # answered, not when another batch comes.
+            del batch, entries
 
     async def _alone_ended(self) -> None:
         """Wait while an item runs alone: with slots for more batches, none starts beside it."""
