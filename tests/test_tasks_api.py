@@ -606,6 +606,9 @@ async def test_task_metrics_count_successes_latency_and_the_waiting_queue(
     assert grew("image_task_failure_total") == 0
     assert grew("image_task_latency_seconds_count") == 5
     assert grew("image_task_latency_seconds_sum") > 0
+    # Each ran in the background lane, behind any /cls request.
+    assert grew('batch_queue_wait_seconds_count{lane="background"}') == 5
+    assert grew('batch_queue_wait_seconds_count{lane="interactive"}') == 0
 
 
 async def test_finished_tasks_expire_after_the_ttl(photos: list[Path]) -> None:

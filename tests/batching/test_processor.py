@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import gc
 import logging
 import math
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -1313,12 +1315,51 @@ async def test_a_batch_from_a_huge_queue_is_chosen_from_its_head(
 async def test_a_past_deadline_raises_at_once() -> None:
     """An item whose deadline has already passed is refused without being queued."""
     handler = FakeHandler()
-    async with running(handler, BatchConfig()) as processor:
-        with pytest.raises(DeadlineExceeded):
+    observer = RecordingObserver()
+    async with running(handler, BatchConfig(), observer) as processor:
+        with pytest.raises(DeadlineExceeded, match="before the request was queued"):
             await bounded(processor.submit(1, deadline=time.monotonic() - 1.0), limit_s=1.0)
         assert processor.queue_depth == 0
-
+        assert observer.depths == [], "never in the queue"
     assert handler.batches == []
+
+
+async def test_an_item_whose_deadline_passed_while_the_loop_was_held_is_not_run() -> None:
+    """Its own timer and the collector are woken in the same turn once the loop is free:
+    the collector checks the deadline again rather than hand the model a late item."""
+    handler = FakeHandler()
+    async with running(handler, BatchConfig()) as processor:
+        await loop_turns(3)  # the collector waits for an arrival
+        late = asyncio.create_task(processor.submit(1, deadline=time.monotonic() + 0.05))
+        await asyncio.sleep(0)  # queued, and the collector woken
+        time.sleep(0.1)  # noqa: ASYNC251 (the event loop held past the deadline on purpose)
+        with pytest.raises(DeadlineExceeded):
+            await bounded(late)
+    assert handler.batches == []
+
+
+async def test_an_answered_item_is_not_held_by_the_processor() -> None:
+    """Its deadline's timer is cancelled, and the collector keeps no batch it handed on:
+    each would hold an image's crop for as long as the deadline or the next batch."""
+
+    class Crop:
+        pass
+
+    async def answer(items: list[Crop]) -> list[int]:
+        return [1 for _ in items]
+
+    processor: BatchProcessor[Crop, int] = BatchProcessor(answer, BatchConfig())
+    processor.start()
+    try:
+        crop = Crop()
+        held = weakref.ref(crop)
+        assert await bounded(processor.submit(crop, deadline=time.monotonic() + 60)) == 1
+        del crop
+        await loop_turns(3)  # the batch's task ends
+        gc.collect()
+        assert held() is None
+    finally:
+        await processor.stop(1)
 
 
 async def test_a_deadline_that_is_not_a_number_is_refused() -> None:
@@ -1497,15 +1538,52 @@ async def test_a_batch_out_of_memory_runs_in_halves_and_a_lone_item_gets_the_mem
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+async def test_the_queue_depth_stays_exact_when_a_batch_skips_a_caller_that_left() -> None:
+    """A batch taken past a caller that left counts it as gone: the depth would otherwise
+    stay one short, in the metric and against max_queue."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=2, max_queue=5)) as processor:
+        first = spawn(processor, 0)
+        await handler.next_started()
+        queued = spawn(processor, 1, 2, 3, 4, 5)
+        await wait_until(lambda: processor.queue_depth == 5)
+        queued[1].cancel()
+        await asyncio.gather(queued[1], return_exceptions=True)
+        handler.release_next()
+        assert await handler.next_started() == [1, 3]
+        assert processor.queue_depth == 2
+        more = spawn(processor, 6, 7, 8)
+        await wait_until(lambda: processor.queue_depth == 5)
+        with pytest.raises(QueueFull):
+            await bounded(processor.submit(9))
+        handler.release_all()
+        assert await results([*first, *queued[:1], *queued[2:], *more]) == [
+            0, 2, 6, 8, 10, 12, 14, 16
+        ]  # fmt: skip
+
+
+async def test_callers_that_left_behind_a_waiting_one_do_not_stay_in_its_lane() -> None:
+    """Removed from the head only, 200 callers gone behind one still waiting would be
+    walked past at every batch, and held, until it is taken."""
+    handler = FakeHandler(held=True)
+    async with running(handler, BatchConfig(max_batch_size=4, max_queue=1000)) as processor:
+        first = spawn(processor, -1)
+        await handler.next_started()
+        kept = spawn(processor, 0)
+        leaving = spawn(processor, *range(1, 201))
+        await wait_until(lambda: processor.queue_depth == 201)
+        for caller in leaving:
+            caller.cancel()
+        await asyncio.gather(*leaving, return_exceptions=True)
+        assert processor.queue_depth == 1
+        assert len(processor._lanes[Priority.INTERACTIVE]) <= 3
+        handler.release_all()
+        assert await results(first + kept) == [-2, 0]
+
+
 async def test_a_failed_batch_s_halves_leave_out_callers_without_time_for_their_run() -> None:
     """As a new batch does: run again with too little time left, a caller only gets its
     504 from inside a forward pass spent on nobody. It gets it from its own timer."""
-
-    def fail_on_negative(items: list[int]) -> list[int]:
-        if any(item < 0 for item in items):
-            raise ValueError("negative")
-        return [item * 2 for item in items]
-
     handler = TimedHandler(run_s=0.3)
     handler.outputs = fail_on_negative
     async with running(handler, BatchConfig()) as processor:
