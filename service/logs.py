@@ -391,13 +391,18 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     uvicorn_lines = logging.getLogger(UVICORN_LOGGER)
     uvicorn_lines.setLevel(level.upper())
-    # Plain uvicorn writes its lines as its own text (gunicorn's workers hand them gunicorn's
-    # handlers, in the service's format already): a JSON log must hold JSON lines only.
+    # Plain uvicorn writes its lines through its parent logger, as its own text: a JSON log
+    # must hold JSON lines only. Handlers of their own (gunicorn's workers hand them
+    # gunicorn's, in the service's format already; a --log-config's) are left as they are.
     global _uvicorn_lines_taken
-    if uvicorn_lines.propagate or _uvicorn_lines_taken:
-        _uvicorn_lines_taken = log_format == "json"
-        uvicorn_lines.handlers = [handler] if _uvicorn_lines_taken else []
-        uvicorn_lines.propagate = not _uvicorn_lines_taken
+    if _uvicorn_lines_taken:  # given back as they were found
+        uvicorn_lines.handlers = []
+        uvicorn_lines.propagate = True
+        _uvicorn_lines_taken = False
+    if log_format == "json" and not uvicorn_lines.handlers and uvicorn_lines.propagate:
+        uvicorn_lines.handlers = [handler]
+        uvicorn_lines.propagate = False
+        _uvicorn_lines_taken = True
 
 
 def _start_writer(listener: QueueListener) -> None:

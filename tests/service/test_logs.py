@@ -340,6 +340,24 @@ def test_under_plain_uvicorn_json_logs_hold_uvicorns_lines_as_json(
     assert all(line["request_id"] == "-" for line in uvicorn), uvicorn
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_uvicorns_lines_keep_handlers_of_their_own(log_format: str) -> None:
+    """A --log-config that writes uvicorn's lines somewhere keeps them there: they were
+    dropped, or taken into the service's log."""
+    recorder = Recorder()
+    uvicorn_lines = logging.getLogger(logs.UVICORN_LOGGER)
+    uvicorn_lines.addHandler(recorder)
+    try:
+        logs.configure_logging("info", log_format, access_log=True)
+        uvicorn_lines.info("Started server process [%d]", 7)
+        assert uvicorn_lines.handlers == [recorder]
+        assert uvicorn_lines.propagate
+    finally:
+        uvicorn_lines.removeHandler(recorder)
+        logs.configure_logging("info", "text", access_log=True)
+    assert [r.getMessage() for r in recorder.records] == ["Started server process [7]"]
+
+
 @pytest.mark.slow
 def test_json_logs_from_the_real_server(tmp_path: Path, photos: list[Path]) -> None:
     """``LOG_FORMAT=json``: the service's lines are JSON objects; each request's access line
