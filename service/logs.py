@@ -41,7 +41,7 @@ LIBRARY_LOGGERS = ("py.warnings", "python_multipart", "PIL")
 # that no client can fill the log with lines. So are Pillow's warnings (see
 # configure_logging).
 CALLERS_MISTAKES_LOGGERS = ("python_multipart", "PIL")
-# uvicorn's lines but its access lines (which the service's replace).
+# uvicorn's lines other than its access lines (which the service's replace).
 UVICORN_LOGGER = "uvicorn.error"
 # Where Pillow's warnings come from: the module the warnings module names for them.
 _PILLOW_MODULES = r"PIL(\.|$)"
