@@ -624,6 +624,13 @@ def check_url(
         ready = httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         if not ready:
             parser.error(f"--url {url} is not ready (/readyz)")
+        metrics = httpx.get(f"{url}/metrics", timeout=10).status_code
+        if metrics != 200:
+            # The proxy in deploy/nginx hides it: each replica's is its own.
+            parser.error(
+                f"--url {url} answers {metrics} for /metrics, where the benchmark reads the "
+                "batch sizes: give one server's own address, not a proxy's"
+            )
         served = {
             match.group(1)
             for name in scrape(url)

@@ -1038,14 +1038,15 @@ def test_a_bad_argument_is_one_line_before_any_measurement(
 
 
 class _KeyedServer(BaseHTTPRequestHandler):
-    """Ready, serving in the dtype its server's ``dtype`` names (float32 by default), and
-    answers /cls 401 without the key "right"."""
+    """Ready, serving in the dtype its server's ``dtype`` names (float32 by default; None:
+    its /metrics is 404, as through the proxy in deploy/nginx), and answers /cls 401
+    without the key "right"."""
 
     def do_GET(self) -> None:
-        if self.path != "/metrics":
-            self._answer(200)
-            return
         dtype = getattr(self.server, "dtype", "float32")
+        if self.path != "/metrics" or dtype is None:
+            self._answer(200 if self.path != "/metrics" else 404)
+            return
         body = f'model_info{{device="cpu",dtype="{dtype}",model="resnet18"}} 1.0\n'.encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -1077,10 +1078,16 @@ class _KeyedServer(BaseHTTPRequestHandler):
             "serves in float16 (model_info on its /metrics), not --dtype float32: give its "
             "DTYPE as --dtype",
         ),
+        (
+            ["--api-key", "right"],
+            None,
+            "answers 404 for /metrics, where the benchmark reads the batch sizes: give one "
+            "server's own address, not a proxy's",
+        ),
     ],
 )
 def test_a_url_that_refuses_the_benchmarks_requests_is_one_line_before_any_measurement(
-    key: list[str], served: str, message: str
+    key: list[str], served: str | None, message: str
 ) -> None:
     keyed = ThreadingHTTPServer(("127.0.0.1", 0), _KeyedServer)
     keyed.dtype = served  # type: ignore[attr-defined]
