@@ -25,6 +25,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from classification import Prediction
 from classification.model import cpu_computes_bfloat16
+from classification.preprocess import MAX_EXACT_RESIZE, RESIZE_SIZE
 from tests import images
 from tests.discriminative import NUM_CLASSES, discriminative_resnet18, random_crop
 from tests.support import SEED, RunningApp, make_settings, photo_paths, running_app
@@ -146,8 +147,9 @@ def _geometric_variants(
         if rng.random() < 0.5:
             image = _flip(image)
         yield f"crop+rotate{angle:.1f}+scale{longer_side}", _scale_to(image, longer_side)
-    # Wider than 4:1: the service resamples only the cropped region there (see README).
-    yield "strip", random_crop(photo, rng, min_area=0.1, max_area=0.2, min_aspect=4.5, max_aspect=6)
+    # Wider than 16:1: the service resamples only the cropped region there (see README).
+    strip = random_crop(photo, rng, min_area=0.04, max_area=0.06, min_aspect=20, max_aspect=28)
+    yield "strip", strip
 
 
 def _crop(photo: Image.Image, rng: random.Random) -> Image.Image:
@@ -274,8 +276,12 @@ def test_variants_are_many_and_distinct(variants: list[Variant]) -> None:
             assert image.mode == "RGB"
             assert 0x0112 not in image.getexif()
             sizes.append(max(image.size))
+            if "/strip " in variant.name:  # past the aspect ratio resized whole
+                resized_longer_side = int(RESIZE_SIZE * max(image.size) / min(image.size))
+                assert resized_longer_side > MAX_EXACT_RESIZE
     assert min(sizes) <= 64
     assert max(sizes) >= 4000
+    assert sum("/strip " in variant.name for variant in variants) == len(photo_paths())
 
 
 def test_reference_model_tells_the_variants_apart(reference: dict[str, Answer]) -> None:
