@@ -514,8 +514,9 @@ def _status_name(status: str) -> str:
 DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].default
 # What the service accepts (classification.preprocess), by file name.
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 IMAGE_SUFFIXES = (
-    *(".jpg", ".jpeg", ".jpe", ".jfif"),
+    *JPEG_SUFFIXES,
     *(".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"),
 )
 
@@ -561,8 +562,21 @@ def images_in(folder: Path) -> list[Path]:
     return images
 
 
+def jpegs_in(folder: Path) -> list[Path]:
+    """The JPEGs among ``images_in(folder)``, for a benchmark that decodes JPEG only.
+
+    Raises:
+        ValueError: As ``images_in``, or the folder holds no JPEG.
+    """
+    jpegs = [path for path in images_in(folder) if path.suffix.lower() in JPEG_SUFFIXES]
+    if not jpegs:
+        raise ValueError(f"no JPEG images in {folder} ({', '.join(JPEG_SUFFIXES)})")
+    return jpegs
+
+
 def add_images_argument(parser: argparse.ArgumentParser) -> None:
-    """``--images``, as every benchmark that sends photos takes it (read by ``images_in``)."""
+    """``--images``, as every benchmark that sends photos takes it (read by ``images_in``
+    or ``jpegs_in``)."""
     parser.add_argument(
         "--images",
         type=Path,
@@ -879,7 +893,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         warnings.append(busy)
     results["warnings"] = warnings
 
-    # float32 runs keep the names their records have always had.
+    # float32, the default, is named without a dtype part: cpu-quick, cpu-full.
     dtype_part = "" if args.dtype == "float32" else f"-{args.dtype}"
     prefix = args.out / f"{results['machine']['device']}{dtype_part}-{mode_name}"
     write_results(prefix, results)

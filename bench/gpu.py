@@ -48,7 +48,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as tv
 
 from bench import report
-from bench.__main__ import commit, exit_interrupted, exit_on_signal, machine
+from bench.__main__ import (
+    add_images_argument,
+    commit,
+    exit_interrupted,
+    exit_on_signal,
+    jpegs_in,
+    machine,
+)
 from bench.limits import MAX_PIXELS, timed_runs
 from bench.load import closed_loop_in_processes, encode_payloads, loadgen_pool
 from bench.server import ServerNotStarted, start
@@ -285,7 +292,7 @@ def main() -> None:
         help="processes the clients are spread over (default: a quarter of the cores)",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each step")
-    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    add_images_argument(parser)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
 
@@ -299,11 +306,10 @@ def main() -> None:
         )
     if args.loadgen_processes < 1:
         parser.error("--loadgen-processes must be 1 or more")
-    if not args.images.is_dir():
-        parser.error(f"no folder {args.images}; --images names one with JPEG photos")
-    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not images:
-        parser.error(f"no JPEG images in {args.images}")
+    try:
+        images = jpegs_in(args.images)
+    except ValueError as exc:
+        parser.error(str(exc))
     payloads = [path.read_bytes() for path in images]
     processes = available_cores()
     batch_sizes = [2**power for power in range(args.max_batch_size.bit_length())]

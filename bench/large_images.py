@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.__main__ import add_images_argument, jpegs_in
 from bench.load import Payload, encode_payloads, open_session, post_image
 from bench.server import Server, start
 from service.settings import PROJECT_ROOT
@@ -95,12 +96,13 @@ def main() -> None:
     parser.add_argument("--decode-threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15.0, help="per step")
-    parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared" / "images")
+    add_images_argument(parser)
     args = parser.parse_args()
 
-    photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not photos:
-        parser.error(f"no JPEG images in {args.images}")
+    try:
+        photos = jpegs_in(args.images)
+    except ValueError as exc:
+        parser.error(str(exc))
     small, large = encode_payloads(photos), large_payloads(photos[0])
     print(
         "| round | DECODE_THREADS | small p50 / p90 ms, beside large | large answered "

@@ -43,7 +43,8 @@ def free_port() -> int:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The unlabelled samples and a few labelled ones of ``/metrics``, by name."""
+    """The samples of ``/metrics`` by name, labels included, except those with a blank in
+    a label's value, which the pattern does not read."""
     response = httpx.get(f"{url}/metrics", timeout=10)
     response.raise_for_status()  # a 401 or 404 page would read as no batches at all
     text = response.text
@@ -62,7 +63,6 @@ class Server:
     log_path: Path | None = None
     data_dir: Path | None = None  # its own task store, removed as it stops
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request
-    _cpu_marks: dict[int, float] = field(default_factory=dict)
 
     def workers(self) -> list[psutil.Process]:
         if self.process is None:

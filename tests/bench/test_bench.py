@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bench import __main__ as bench_main
 from bench import gpu, large_images, limits, load, overload, report, task_cleanup
 from bench import server as bench_server
-from bench.__main__ import _saturating_clients, images_in, run_sweep, targets
+from bench.__main__ import _saturating_clients, images_in, jpegs_in, run_sweep, targets
 from bench.load import StepResult, closed_loop, spaced
 from bench.queueing import forward_ms, ideal_latencies_ms
 from bench.server import Server
@@ -117,9 +117,10 @@ async def test_closed_loop_counts_the_answers_inside_its_window(slow_server: Ser
 
 async def test_a_large_heap_does_not_stop_the_load_generator_in_a_step() -> None:
     """The benchmark holds torch (the in-process limits): some 400,000 objects, which a
-    full pass of the garbage collector took 0.2 s to go over, stopping the load generator's
-    loop and timing every answer that came meanwhile that much late. Here the server, in
-    the same process, makes a full pass at each request, as one may come at any time."""
+    full pass of the garbage collector takes 0.2 s to go over; in a step, it would stop the
+    load generator's loop and time every answer that came meanwhile that much late. Here the
+    server, in the same process, makes a full pass at each request, as one may come at any
+    time."""
     heap = [[index] for index in range(1_000_000)]  # as long-lived as torch's
     passes_s: list[float] = []
 
@@ -994,6 +995,21 @@ def test_the_images_are_found_in_subfolders_in_every_format_the_service_reads(
         images_in(tmp_path)
 
 
+def test_the_jpeg_benchmarks_take_the_jpegs_among_the_images(tmp_path: Path) -> None:
+    """The GPU and large-image benchmarks decode JPEG only: they read the folder as the
+    others do, subfolders included, and keep its JPEGs."""
+    photo = Image.open(next(IMAGES_DIR.glob("*.jpg"))).convert("RGB")
+    photo.save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="no JPEG images in"):
+        jpegs_in(tmp_path)
+    (tmp_path / "sub").mkdir()
+    photo.save(tmp_path / "sub" / "b.JPEG")
+    photo.save(tmp_path / "c.jfif", "JPEG")
+    assert jpegs_in(tmp_path) == [tmp_path / "c.jfif", tmp_path / "sub" / "b.JPEG"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        jpegs_in(tmp_path / "missing")
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -1361,8 +1377,8 @@ def test_batching_steps_one_batch_apart_have_not_drifted() -> None:
 
 def test_a_target_whose_steps_had_errors_says_so_and_is_not_met() -> None:
     """A throughput counts 200s, and latencies time them: 504s or requests that got no
-    answer would leave the figures better than the service was (a run with 36-megapixel
-    images had 18 of 25 requests of its saturated step answered 504, unseen in target 1)."""
+    answer would leave the figures better than the service is (18 of 25 requests of a
+    saturated step of 36-megapixel images can be answered 504, unseen in target 1)."""
     results = _results_for_targets(60.0)
     results["paired"]["saturated"]["statuses"] = {"200": 7, "504": 18}
     results["steps"][2]["statuses"] = {"200": 30, "0": 2}
