@@ -43,17 +43,15 @@ from service import logs, metrics, webhooks
 from service.core import Service
 from service.errors import (
     ERROR_STATUS,
-    INTERNAL_ERROR,
-    SHUTTING_DOWN,
     ClientDisconnected,
     NotReady,
     ThreadsUnavailable,
     status_and_detail,
 )
 from service.middleware import (
+    INTERNAL_ERROR,
     NO_BOUNDARY,
     REQUEST_ID_HEADER,
-    REQUEST_ID_STATE,
     REQUEST_TIMEOUT_HEADER,
     RETRY_AFTER_S,
     ApiKeyMiddleware,
@@ -70,7 +68,9 @@ from service.protocol import (
     EXIT_BOOT_ERROR,
     EXIT_RESTART,
     LIVENESS_STATE,
+    REQUEST_ID_STATE,
     SHUTDOWN_HOOK,
+    SHUTTING_DOWN,
     SIBLINGS_STATE,
     UPLOAD_END_STATE,
     pause_then_restart,
@@ -363,14 +363,14 @@ async def classify(
     request: Request,
     file: ImageFile,
     top_k: TopK = None,
-    timeout_ms: RequestTimeout = None,
+    timeout_header: RequestTimeout = None,
 ) -> ClassifyResponse:
     """Classify one image; the top ``top_k`` ImageNet classes, best first."""
     service = _service(request)
     top_k = _top_k(request, top_k)
     _refuse_what_the_form_would_ignore(await request.form())
     predictions = await _unless_disconnected(
-        request, service.classify(file, top_k, _deadline(request, service, timeout_ms))
+        request, service.classify(file, top_k, _deadline(request, service, timeout_header))
     )
     return ClassifyResponse(prediction=predictions_out(predictions))
 
@@ -385,12 +385,12 @@ async def classify_batch(
         list[UploadFile] | None, File(description="One or more images, as repeated parts")
     ] = None,
     top_k: TopK = None,
-    timeout_ms: RequestTimeout = None,
+    timeout_header: RequestTimeout = None,
 ) -> BatchResponse:
     """Classify several images; one entry per file, in order, each with its own status."""
     service = _service(request)
     top_k = _top_k(request, top_k)
-    deadline = _deadline(request, service, timeout_ms)
+    deadline = _deadline(request, service, timeout_header)
     form = await request.form()  # parsed already, for ``file``
     _refuse_what_the_form_would_ignore(form)
     # Any would be left out of the answer, and the caller miss an image it sent.

@@ -252,12 +252,13 @@ def _expire_at_deadline(entry: _Pending[In, Out]) -> None:
         entry.timer = asyncio.get_running_loop().call_later(left_s, _expire_at_deadline, entry)
     else:
         entry.timer = None
-        _fail(
-            entry.future,
-            DeadlineExceeded(
-                "the request's deadline passed before it was served", entry.batch_size
-            ),
-        )
+        _fail(entry.future, _deadline_passed(entry))
+
+
+def _deadline_passed(entry: _Pending[In, Out]) -> DeadlineExceeded:
+    """The error of an entry whose deadline passed, with the size of the batch it was in,
+    if any."""
+    return DeadlineExceeded("the item's deadline passed before its output", entry.batch_size)
 
 
 @contextlib.asynccontextmanager
@@ -637,7 +638,7 @@ class BatchProcessor(Generic[In, Out]):
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             self._observer.item_finished(Outcome.EXPIRED)
-            raise DeadlineExceeded("the deadline passed before the request was queued")
+            raise DeadlineExceeded("the deadline passed before the item was queued")
 
         entry: _Pending[In, Out] = _Pending(
             item=item,
@@ -912,7 +913,7 @@ class BatchProcessor(Generic[In, Out]):
         if entry.future.done():
             return False
         if entry.deadline is not None and entry.deadline <= now:
-            _fail(entry.future, DeadlineExceeded("the request's deadline passed before its answer"))
+            _fail(entry.future, _deadline_passed(entry))
             return False
         return True
 

@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 import torch
-from fastapi import UploadFile
 
 from batching import (
     BatchFailed,
@@ -45,7 +44,6 @@ from classification import (
 )
 from service import logs, memory, metrics
 from service.errors import (
-    SHUTTING_DOWN,
     EmptyUpload,
     NotReady,
     ThreadsUnavailable,
@@ -55,6 +53,7 @@ from service.errors import (
 from service.middleware import (
     UploadsInFlight,
 )
+from service.protocol import SHUTTING_DOWN
 from service.schemas import predictions_out
 from service.settings import Settings
 from service.task_runner import TASK_STOP_GRACE_S, RunnerConfig, TaskRunner
@@ -108,6 +107,17 @@ OUT_OF_MEMORY_PERSISTS_S = 5.0
 # How long a task that found no memory waits before it goes back to the queue: time for
 # the memory to come back, or for this worker to be replaced should it not.
 OUT_OF_MEMORY_RETRY_PAUSE_S = 5.0
+
+
+class Upload(Protocol):
+    """What the service reads of an uploaded file: Starlette's ``UploadFile`` (FastAPI's
+    too), whose body is spooled to a temporary file."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def file(self) -> BinaryIO: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +351,7 @@ class Service:
         if trim is not None:
             await asyncio.to_thread(trim)  # what the warm-up's batches freed
             self._trimmer = asyncio.create_task(
-                memory.IdleTrimmer(self._idle_for_trimming, trim).run(),
+                memory.IdleTrimmer(self._idle_for_trimming_s, trim).run(),
                 name="returning freed memory when idle",
             )
             self._trimmer.add_done_callback(_log_failure)
@@ -485,7 +495,7 @@ class Service:
 
     async def classify(
         self,
-        upload: UploadFile,
+        upload: Upload,
         top_k: int,
         deadline: float,
         priority: Priority = Priority.INTERACTIVE,
@@ -501,7 +511,7 @@ class Service:
             # Counted like the batcher's own refusals, so the metric sees every one.
             self._observer.item_finished(Outcome.REJECTED)
             raise QueueFull(full)
-        model_idle = self._idle_for() > 0
+        model_idle = self._idle_for_s() > 0
         self._decodes_in_progress += 1
         try:
             # A decompression-heavy image must not outlive its deadline either; its thread
@@ -536,7 +546,7 @@ class Service:
         logs.record_batch_size(result.batch_size)
         return result.predictions
 
-    async def _decode(self, upload: UploadFile, model_idle: bool, priority: Priority) -> np.ndarray:
+    async def _decode(self, upload: Upload, model_idle: bool, priority: Priority) -> np.ndarray:
         # The upload is read on the thread that decodes it: until then its bytes stay in
         # the request's spooled file (on disk past 1 MiB), so the requests waiting for a
         # decode thread do not each hold a copy in memory.
@@ -633,7 +643,7 @@ class Service:
 
     async def submit_task(
         self,
-        upload: UploadFile,
+        upload: Upload,
         tasks: TaskRunner,
         *,
         top_k: int,
@@ -880,7 +890,7 @@ class Service:
             )
         return NotReady("the model is not ready")
 
-    def _check_size(self, upload: UploadFile) -> None:
+    def _check_size(self, upload: Upload) -> None:
         """Refuse an empty upload, or one over MAX_UPLOAD_BYTES, before it waits for a
         decode thread, a deadline or room in the queue."""
         if upload.size == 0:
@@ -987,7 +997,7 @@ class Service:
             if runner is not None:
                 runner.stop_claiming()
 
-    def _idle_for(self) -> float:
+    def _idle_for_s(self) -> float:
         """Seconds since the model last ran, or 0 while images decode (those of requests
         that stopped waiting included) or requests wait or run in the batcher."""
         processor = self.processor
@@ -1001,11 +1011,11 @@ class Service:
             return 0.0
         return time.monotonic() - self._last_batch_end
 
-    def _idle_for_trimming(self) -> float:
-        """As ``_idle_for``, and 0 while requests' bodies arrive or are held: a trim beside
+    def _idle_for_trimming_s(self) -> float:
+        """As ``_idle_for_s``, and 0 while requests' bodies arrive or are held: a trim beside
         them would take the heap's size with them for its resting size, and never return
         what they free once they end."""
-        return 0.0 if self._uploads.held_bytes else self._idle_for()
+        return 0.0 if self._uploads.held_bytes else self._idle_for_s()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -7,7 +7,7 @@ import logging
 
 from batching import BatchFailed, DeadlineExceeded, QueueFull, Stopped
 from classification import ImageTooLarge, InvalidImage, OutOfMemory
-from service.middleware import REQUEST_TIMEOUT_HEADER
+from service.middleware import INTERNAL_ERROR, REQUEST_TIMEOUT_HEADER
 from service.protocol import SHUTTING_DOWN
 from service.settings import Settings
 from service.task_fields import InvalidTaskField, TaskNotFound
@@ -23,8 +23,6 @@ from service.webhooks import CallbackLookupFailed, InvalidCallbackUrl
 
 logger = logging.getLogger("service")
 
-INTERNAL_ERROR = "internal server error"  # all a client is told of a bug
-
 
 class UploadTooLarge(Exception):
     """One uploaded file is larger than ``MAX_UPLOAD_BYTES``."""
@@ -39,7 +37,9 @@ class ClientDisconnected(Exception):
 
 
 class NotReady(Exception):
-    """The model is not loaded yet, or the worker has shut down."""
+    """The worker cannot take this work now (503): its model is not loaded yet, it is
+    shutting down, its model or batch processor failed, a batch has stalled, or a thread
+    could not be started."""
 
 
 class ThreadsUnavailable(Exception):

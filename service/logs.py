@@ -48,11 +48,12 @@ _PILLOW_MODULES = r"PIL(\.|$)"
 # The process id tells workers apart, as gunicorn's own lines (a WORKER TIMEOUT) name them.
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(process)d %(levelname)s %(name)s %(request_id)s %(message)s"
-# A path is cut to this many characters on an access line, and a client to 64: every
+# A path and a client are each cut to this many characters on an access line: every
 # worker writes to one pipe, which keeps a line whole only up to PIPE_BUF (4 KiB). Each is
 # written twice on a JSON line, a character escaped to up to 12, and a longer path (64 KiB
 # fit in a request line) would interleave with other workers' lines.
 ACCESS_PATH_MAX_CHARS = 64
+ACCESS_CLIENT_MAX_CHARS = 64
 # An error answer's detail on its access line, in characters as JSON writes it: written
 # twice on a JSON line as well, so it is bounded after escaping.
 ACCESS_DETAIL_MAX_CHARS = 200
@@ -204,8 +205,7 @@ def log_access(
     server_error = status >= 500 and status != 503
     if not (server_error or _access_log_on):
         return
-    if len(path) > ACCESS_PATH_MAX_CHARS:
-        path = path[:ACCESS_PATH_MAX_CHARS] + "..."
+    path = shortened(path, ACCESS_PATH_MAX_CHARS)  # in the message too
     extra: dict[str, object] = {
         "method": method,
         "path": path,
@@ -213,7 +213,7 @@ def log_access(
         "duration_ms": round(duration_s * 1000, 2),
     }
     if client is not None:
-        extra["client"] = client if len(client) <= 64 else client[:64] + "..."
+        extra["client"] = shortened(client, ACCESS_CLIENT_MAX_CHARS)
     sizes = fields.get("batch_sizes")
     if isinstance(sizes, list) and sizes:
         if len(sizes) == 1:

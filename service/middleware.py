@@ -33,6 +33,7 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # Seconds a client told that the server is busy (503) waits before it tries again.
 RETRY_AFTER_S = "1"
+INTERNAL_ERROR = "internal server error"  # all a client is told of a bug
 # Sent with an answer given before the body was read to its end: the client may still be
 # sending it, and whatever it sends next on this connection would be read as more body.
 _UNREAD_BODY = {"Connection": "close"}
@@ -131,7 +132,7 @@ class RequestContextMiddleware:
             )
             if response_started:
                 raise  # the server closes the connection mid-response
-            await JSONResponse({"detail": "internal server error"}, status_code=500)(
+            await JSONResponse({"detail": INTERNAL_ERROR}, status_code=500)(
                 scope, receive, send_with_id
             )
         finally:

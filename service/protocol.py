@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # Requests a client may send ahead of their answers on one connection, each waiting parsed
 # (its head, and its body up to uvicorn's 64 KiB): one that sent 20,000 a write without
-# reading the answers had a worker hold gigabytes. The next is refused, in its turn.
+# reading the answers would have a worker hold gigabytes. The next is refused, in its turn.
 MAX_PIPELINED_REQUESTS = 32
 # From a head's first byte to its last. A connection with no request under way is closed
 # after KEEPALIVE_S, on a new connection as after an answer.

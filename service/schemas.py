@@ -96,9 +96,11 @@ _ERROR_DOCS = {
     409: "The task is running or finished",
     413: "A file over MAX_UPLOAD_BYTES",
     422: "A missing, repeated or malformed field or parameter",
-    503: "The queue is full, the server is shutting down, the worker's GPU failed, or the task "
-    "store is unavailable; retry after Retry-After",
-    504: "Not answered within REQUEST_TIMEOUT_MS",
+    503: "The queue or the room for uploads is full, the server is shutting down, the worker "
+    "is out of memory or threads, its model failed or a batch stalled, the task store is "
+    "unavailable or its disk nearly full, or a callback_url's host could not be looked up; "
+    "retry after Retry-After",
+    504: "Not answered within REQUEST_TIMEOUT_MS, or the request's own X-Request-Timeout-Ms",
 }
 
 
@@ -274,4 +276,5 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 
 def predictions_out(predictions: list[Prediction]) -> list[PredictionOut]:
+    """The model's predictions as the API answers them."""
     return [PredictionOut(index=p.index, label=p.label, score=p.score) for p in predictions]

@@ -502,8 +502,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_decode_threads(self) -> int:
-        """Threads decoding uploads, in each of the pools for small and for large images;
-        decoding overlaps inference, so one per core."""
+        """Threads decoding uploads, in each of the three pools (small `/cls` images, small
+        `/cls/batch` files, large images); decoding overlaps inference, so one per core."""
         return self.decode_threads or self._cores_per_worker()
 
     def _cores_per_worker(self) -> int:

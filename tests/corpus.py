@@ -368,7 +368,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
             headers={"Content-Type": "multipart/form-data"},
         ),
         # A body cut off (a client or proxy that gave up) parses as one without its last
-        # part: without the check it was answered as a missing "file" field.
+        # part: without the check it would be answered as a missing "file" field.
         *(
             Case(
                 f"multipart-cut-off-{where}",
@@ -456,7 +456,7 @@ def build_corpus(photo_path: Path) -> list[Case]:
             [("file", f"{i}.jpg", b"x", "image/jpeg") for i in range(MANY_PARTS)],
         ),
         raw_multipart("no-parts", 422, "file: Field required", []),
-        # The image's bytes are no UTF-8: once read as a plain field of no name.
+        # Read as a plain field of no name, the part would fail on the image's bytes: no UTF-8.
         Case(
             "part-without-content-disposition",
             400,

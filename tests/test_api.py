@@ -421,8 +421,8 @@ def test_uvicorns_own_workers_are_counted_from_its_command_line(
 async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A 1 s lease is valid, and with large images submitted to two workers it handed a
-    live worker's tasks to the other, which ran them again (3 to 15 of 60 tasks of 9 MiB):
+    """A 1 s lease is valid, but with large images submitted to two workers it can hand a
+    live worker's tasks to the other, which runs them again (3 to 15 of 60 tasks of 9 MiB):
     the start says so."""
     for lease_s, warned in ((2.0, True), (30.0, False)):
         lines = await warnings_at_start(caplog, make_settings(task_lease_s=lease_s))
@@ -437,8 +437,8 @@ async def test_a_task_lease_shorter_than_a_write_may_wait_is_warned_of(
 async def test_a_stall_timeout_close_to_a_full_batchs_time_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """STALL_TIMEOUT_S=0.1 against batches of 200 ms is valid, and /healthz answered 503
-    to a third of the probes of a worker serving under load."""
+    """STALL_TIMEOUT_S=0.1 against batches of 200 ms is valid, but /healthz would answer 503
+    to a third of the probes of a worker serving under load: the start says so."""
     for stall_s, warned in ((0.001, True), (60.0, False)):
         lines = await warnings_at_start(
             caplog, make_settings(stall_timeout_s=stall_s, max_batch_size=4)
@@ -495,8 +495,8 @@ async def test_an_upload_of_exactly_the_limit_is_accepted(photos: list[Path]) ->
 
 
 def test_reading_an_upload_sets_aside_its_size_not_the_limit() -> None:
-    """An upload over 1 MiB is spooled to disk; read back with read(limit + 1), Python set
-    aside the whole limit first: with a large MAX_UPLOAD_BYTES, a MemoryError (500) for
+    """An upload over 1 MiB is spooled to disk; read back with read(limit + 1), Python would
+    set aside the whole limit first: with a large MAX_UPLOAD_BYTES, a MemoryError (500) for
     every such upload."""
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
     data = images.encode(Image.fromarray(noise), "PNG")
@@ -1115,9 +1115,7 @@ async def test_deadline_is_504_while_the_model_is_busy(
         assert (await served.client.post("/cls", files=upload(data))).status_code == 200
 
 
-async def test_a_request_s_own_shorter_time_limit_is_its_deadline(
-    photos: list[Path], caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_request_s_own_shorter_time_limit_is_its_deadline(photos: list[Path]) -> None:
     """X-Request-Timeout-Ms: a client with a deadline of its own gets its 504 then, naming
     the header, rather than at REQUEST_TIMEOUT_MS; the request beside it, without one, waits
     for the model and is served."""
@@ -1332,10 +1330,10 @@ async def test_a_decode_that_outlives_its_request_keeps_the_worker_busy(
             response = await served.client.post("/cls", files=upload(photos[0].read_bytes()))
             assert response.status_code == 504
             assert held.started.is_set()
-            assert service._idle_for() == 0
+            assert service._idle_for_s() == 0
         finally:
             held.release.set()
-        await wait_for(lambda: service._idle_for() > 0)
+        await wait_for(lambda: service._idle_for_s() > 0)
 
 
 async def test_a_batch_file_whose_decode_is_cancelled_is_503_not_500(
@@ -1425,7 +1423,8 @@ async def test_an_image_the_model_fails_on_fails_alone_in_its_batch(
     """One image in a batch makes the model raise: it alone gets the 500, and the photos
     batched with it get the answers they get alone. Even what asyncio treats as control
     flow: a StopIteration (a ``next()`` of an empty iterator), which a future cannot hold,
-    or a GeneratorExit, which read as the batcher's task closing and failed the batch whole."""
+    or a GeneratorExit, which would read as the batcher's task closing and fail the batch
+    whole."""
     async with running_app(make_settings(drain_timeout_s=2, request_timeout_ms=20_000)) as served:
         classifier = served.service.classifier
         assert classifier is not None
@@ -1567,9 +1566,9 @@ async def test_a_decode_raising_what_asyncio_treats_as_control_flow_answers_500_
 ) -> None:
     """A model package's preprocess raising what asyncio treats as control flow: a
     StopIteration, which a future cannot hold (never answered); SystemExit or
-    KeyboardInterrupt, which stopped the event loop; a cancellation, read as the server's
-    (503 "not ready"); a TimeoutError, read as the deadline (504). Each is the decode's
-    error: a 500 at once for /cls and /tasks, and the server serves on."""
+    KeyboardInterrupt, which would stop the event loop; a cancellation, which would read as
+    the server's (503 "not ready"); a TimeoutError, as the deadline (504). Each is the
+    decode's error: a 500 at once for /cls and /tasks, and the server serves on."""
     real_preprocess = core._preprocess
 
     def preprocess(data: bytes, max_pixels: int, reduced_jpeg: bool = True) -> np.ndarray:
@@ -1604,8 +1603,8 @@ async def test_a_decode_raising_what_asyncio_treats_as_control_flow_answers_500_
 async def test_an_answer_that_cannot_be_sent_fails_its_image_alone(
     photos: list[Path], caplog: pytest.LogCaptureFixture, bad: Prediction | None
 ) -> None:
-    """Another model package's answer that the response could not hold failed the whole
-    /cls/batch request, or was stored as a task's result that every read of its status
+    """Another model package's answer that the response cannot hold would fail the whole
+    /cls/batch request, or be stored as a task's result that every read of its status
     then failed on: that image alone fails, the others of its batch are answered."""
     async with running_app(make_settings(drain_timeout_s=2)) as served:
         classifier = served.service.classifier
@@ -1650,8 +1649,8 @@ async def test_an_answer_that_cannot_be_sent_fails_its_image_alone(
 
 
 async def test_a_model_answering_with_generators_is_answered_whole(served: RunningApp) -> None:
-    """A generator for each image's answer was read once to check it: the response then
-    held no predictions."""
+    """A generator for each image's answer is read once only: checked first and then sent,
+    the response would hold no predictions."""
     classifier = served.service.classifier
     assert classifier is not None
     real_classify = classifier.classify
@@ -1891,7 +1890,7 @@ async def test_a_worker_that_can_start_no_more_threads_still_serves_every_route(
 ) -> None:
     """At a limit of threads or memory reached after start-up, no decode pool is left
     without its threads: each is started as the worker starts, where one started on first
-    use refused every /cls/batch or task for good while the worker looked healthy."""
+    use would refuse every /cls/batch or task for good while the worker looked healthy."""
     settings = make_settings(task_poll_interval_s=0.05)
     async with running_app(settings) as served:
 
@@ -1943,7 +1942,8 @@ async def test_a_start_that_fails_by_a_bug_outside_gunicorn_raises_with_its_trac
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Under uvicorn, or in a test, the error is raised for what runs the app to show: a
-    worker's exit to be restarted is gunicorn's, and in a test it ended the run silently."""
+    worker's exit to be restarted is gunicorn's, and in a test it would end the run
+    silently."""
 
     async def bug(self: core.Service) -> None:
         raise RuntimeError("a bug in the start-up")
@@ -2483,8 +2483,8 @@ async def test_no_memory_to_decode_an_upload_is_the_servers_503(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At the worker's memory limit a good image gets a 503 to retry, with an ERROR line,
-    where it was a 400 ("corrupt") or a 500; a /cls/batch whose every file found no memory
-    too, whole (a 200 of refused entries would look like success)."""
+    not a 400 ("corrupt") or a 500; a /cls/batch whose every file found no memory too,
+    whole (a 200 of refused entries would look like success)."""
 
     def no_memory(*args: object) -> None:
         raise MemoryError
@@ -2525,8 +2525,9 @@ async def test_a_decode_thread_that_cannot_start_is_the_servers_503(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At a limit of threads, a pool that must start one to decode fails: a 503 that says
-    so and an ERROR line, not the 503 of a model that is not ready. The pool had queued the
-    refused decode: the thread it starts next does not run it ahead of the next request."""
+    so and an ERROR line, not the 503 of a model that is not ready. The pool keeps the
+    refused decode queued: the thread it starts next does not run it ahead of the next
+    request."""
     service = served.service
     pools = [ThreadPoolExecutor(1, thread_name_prefix="no-thread-yet") for _ in range(3)]
     names = ("_decode_pool", "_large_decode_pool", "_bulk_decode_pool")
@@ -2601,8 +2602,8 @@ async def test_an_unexpected_error_is_a_generic_500_with_its_request_id(
 async def test_a_worker_reports_its_memory_while_its_model_loads(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Another worker's /metrics shows this one from its start: a resident size of 0 read
-    as a worker with no memory, on the dashboard and to any alert on it."""
+    """Another worker's /metrics shows this one from its start: a resident size of 0 would
+    read as a worker with no memory, on the dashboard and to any alert on it."""
     loading, loaded = threading.Event(), threading.Event()
     real_load = core.load_classifier
 

@@ -150,10 +150,10 @@ def test_gunicorn_flags_that_override_a_setting_stop_the_start(
     command_line: dict[str, object],
     line: str,
 ) -> None:
-    """The workers go by the settings: --timeout 3 killed them at 3 s while the service
-    said WORKER_TIMEOUT_S=120, and -w 2 left each with every core's threads. uvicorn's own
-    worker (-k) served without the drain's and the start's time limits, and --preload
-    left every worker without its log writer's thread, its lines queued for ever."""
+    """The workers go by the settings: --timeout 3 would kill them at 3 s while the service
+    says WORKER_TIMEOUT_S=120, and -w 2 leave each with every core's threads. uvicorn's own
+    worker (-k) would serve without the drain's and the start's time limits, and --preload
+    leave every worker without its log writer's thread, its lines queued for ever."""
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
     config = load(monkeypatch, tmp_path)
     config["on_starting"](master(config))  # the file's own values
@@ -167,8 +167,8 @@ def test_settings_given_with_gunicorns_e_stop_the_start(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """gunicorn puts -e values in the environment after it has read this file: the master
-    ran one worker with a 30 s graceful timeout while that worker sized its threads as one
-    of -e WORKERS=2 and planned -e DRAIN_TIMEOUT_S=100's drain."""
+    would run one worker with a 30 s graceful timeout while that worker sized its threads as
+    one of -e WORKERS=2 and planned -e DRAIN_TIMEOUT_S=100's drain."""
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: None)
     config = load(monkeypatch, tmp_path, DRAIN_TIMEOUT_S="30")
     monkeypatch.setenv("WORKERS", "2")  # as gunicorn's -e sets them, before on_starting
@@ -351,7 +351,7 @@ def test_everything_comes_from_the_environment(
         ("TASK_MAX_ATTEMPTS", str(10**19)),
         ("TASK_MAX_QUEUED", str(10**19)),
         ("KEEPALIVE_S", "0"),
-        # Accepted, this reached file.read() as an index too large: every /tasks was a 500.
+        # Accepted, this would reach file.read() as an index too large: every /tasks a 500.
         ("MAX_UPLOAD_BYTES", str(2**63 - 1)),
         ("WEBHOOK_TIMEOUT_S", "1e30"),
         # A lease shorter than a write can stall hands a live worker's tasks to others.
@@ -435,9 +435,10 @@ def test_metrics_hooks_start_clean_and_forget_dead_workers(
 def test_a_worker_that_counted_nothing_leaves_no_metric_files(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A worker failing to start every 30 s left three files each time: a day of that and a
-    scrape took 0.76 s instead of 5 ms. One that counted anything keeps its counts, whether
-    or not its ready mark is still there (a cleaner may empty the temporary directory)."""
+    """A worker failing to start every 30 s would leave three files each time: a day of that
+    and a scrape would take 0.76 s instead of 5 ms. One that counted anything keeps its
+    counts, whether or not its ready mark is still there (a cleaner may empty the temporary
+    directory)."""
     config = load(monkeypatch, tmp_path)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -468,7 +469,7 @@ def test_the_directories_of_a_master_killed_outright_are_removed_at_the_next_sta
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A SIGKILLed master runs no on_exit: its default metrics and siblings directories
-    stayed in the temporary directory for good, one pair per such restart."""
+    would stay in the temporary directory for good, one pair per such restart."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))

@@ -453,7 +453,7 @@ async def read_dripped(
 
 async def test_a_body_that_arrives_too_slowly_is_cut_off() -> None:
     """A byte now and then resets the idle timeout for ever: one client holding hundreds of
-    such uploads used up the worker's file descriptors, and every other request failed.
+    such uploads would use up the worker's file descriptors, and every other request fail.
     Past the idle timeout, the body must keep up BODY_MIN_BYTES_PER_S, with at most the
     idle timeout's worth of waiting in hand."""
     started = time.monotonic()
@@ -515,8 +515,8 @@ def with_header_line(body: bytes, line: bytes) -> bytes:
 async def test_parts_are_measured_as_the_apps_parser_finds_them(case: str) -> None:
     """Part sizes and the body's end are found by a parser of the app's kind, not by looking
     for the boundary's text: what merely resembles a boundary neither starts a new part
-    (which reset the count, so one part could fill the body's whole limit) nor closes the
-    body (which turned both checks off)."""
+    (which would reset the count, so one part could fill the body's whole limit) nor closes
+    the body (which would turn both checks off)."""
     boundary = "" if case == "an-empty-boundary" else BOUNDARY
     like_a_boundary = f"\r\n--{BOUNDARY}X".encode()
     data = b"x" * 400 + like_a_boundary + b"y" * 400 + like_a_boundary + b"z" * 400

@@ -145,9 +145,9 @@ def test_a_body_the_parser_refuses_is_one_request_answered_under_the_callers_id(
     tmp_path: Path,
 ) -> None:
     """A chunked upload whose framing breaks while /cls reads it: the protocol answers
-    400, and the app, reading on, saw the connection close. That was counted twice (a 400
-    of no route, a 499 of /cls), logged as a client that disconnected, and answered under
-    a new id, whether the app had begun the request or not (all sent in one write)."""
+    400, and the app, reading on, sees the connection close. That must not count twice (a
+    400 of no route, a 499 of /cls), nor log a client that disconnected, nor answer under a
+    new id, whether the app had begun the request or not (all sent in one write)."""
     head = (
         b"POST /cls HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Type: multipart/form-data; boundary=b\r\nX-Request-ID: %s\r\n\r\n"
@@ -270,7 +270,8 @@ def test_sigint_to_the_master_alone_drains_the_worker_and_exits_promptly(
     tmp_path: Path,
 ) -> None:
     """gunicorn's master passes SIGINT (and SIGQUIT) on as SIGQUIT, which uvicorn's worker
-    ignored until the master SIGKILLed it at graceful_timeout (30 s), without its drain."""
+    would ignore until the master SIGKILLed it at graceful_timeout (30 s), without its
+    drain."""
     with running_server(tmp_path, gunicorn_command(free_port()), server_env(tmp_path)) as server:
         started = time.monotonic()
         server.process.send_signal(signal.SIGINT)
@@ -286,8 +287,8 @@ def test_a_request_still_open_when_the_drain_time_is_up_gets_a_json_503(
     tmp_path: Path, start: Callable[[int], list[str]]
 ) -> None:
     """An upload that trickles on past SIGTERM (within BODY_IDLE_TIMEOUT_S between chunks)
-    held the worker until the master SIGKILLed it, before the app's own shutdown ran, and
-    plain uvicorn until the upload ended. Once DRAIN_TIMEOUT_S is up it is answered 503,
+    would hold the worker until the master SIGKILLed it, before the app's own shutdown ran,
+    and plain uvicorn until the upload ended. Once DRAIN_TIMEOUT_S is up it is answered 503,
     and the worker shuts down cleanly."""
     port = free_port()
     env = server_env(tmp_path, DRAIN_TIMEOUT_S="2", PORT=str(port))
@@ -421,10 +422,10 @@ def test_a_first_worker_stuck_loading_its_model_stops_the_server_after_worker_ti
 ) -> None:
     """A weights file that never finishes reading (a FIFO nobody writes to) holds the worker
     in start-up: WORKER_TIMEOUT_S counts from the worker's start, and the master aborts it.
-    No worker of the server has started, so each started again times out the same way, for
-    as long as the master runs (it did, for good): after three rounds, the server stops,
-    with one line that names the setting, and the status of a worker that cannot boot.
-    Workers that time out together, warming up at once, are one round."""
+    No worker of the server has started, so each started again times out the same way,
+    which left to gunicorn goes on for as long as the master runs: after three rounds, the
+    server stops, with one line that names the setting, and the status of a worker that
+    cannot boot. Workers that time out together, warming up at once, are one round."""
     weights = tmp_path / "weights.pth"
     os.mkfifo(weights)
     env = server_env(tmp_path, WEIGHTS=str(weights), WORKER_TIMEOUT_S="10", WORKERS="2")
@@ -534,9 +535,9 @@ def test_a_worker_silent_for_less_than_worker_timeout_is_not_killed(
     tmp_path: Path, photos: list[Path]
 ) -> None:
     """A serving worker reports to the master every second, so that WORKER_TIMEOUT_S is the
-    silence that gets it killed. It reported every half of that (gunicorn's own timeout
-    for a worker): one stopped (a blocked event loop, a paused process) for 7 s of a
-    10 s WORKER_TIMEOUT_S was killed when its last report was over 3 s old."""
+    silence that gets it killed. Were it to report only every half of that (gunicorn's own
+    timeout for a worker), a worker stopped (a blocked event loop, a paused process) for
+    7 s of a 10 s WORKER_TIMEOUT_S would be killed when its last report was over 3 s old."""
     env = server_env(tmp_path, WORKER_TIMEOUT_S="10")
     photo = {"file": ("photo.jpg", photos[0].read_bytes(), "image/jpeg")}
     with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
@@ -574,7 +575,7 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
 ) -> None:
     """The weights file changed on disk after the start: a worker started to replace
     another says why it cannot start and is started again, while the other worker serves
-    on. (Exiting with gunicorn's boot error, it halted the whole server.) Once the file is
+    on. (Exiting with gunicorn's boot error, it would halt the whole server.) Once the file is
     mended, the next attempt starts. A file removed is found by the settings, before the
     model: the same holds."""
     weights = tmp_path / "weights.pth"
@@ -614,8 +615,9 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_others_serving(
 def test_a_stop_while_a_replacement_worker_pauses_logs_no_error(
     tmp_path: Path, change: str
 ) -> None:
-    """The pausing worker, stopped, exited with the status that asks gunicorn to start it
-    again, which gunicorn logs as an error ("Worker exited with code 1") in a clean stop."""
+    """The pausing worker, stopped, does not exit with the status that asks gunicorn to
+    start it again, which gunicorn would log as an error ("Worker exited with code 1") in a
+    clean stop."""
     weights = tmp_path / "weights.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     env = server_env(tmp_path, WORKERS="2", WEIGHTS=str(weights))
@@ -667,7 +669,7 @@ def test_a_replacement_worker_failing_to_start_by_a_bug_leaves_the_others_servin
 ) -> None:
     """An error nobody foresaw, where a known one says what to change: the worker logs it
     with its traceback, a bug's, and is started again while the other serves, as for a
-    known one. (Left to uvicorn, it exited with gunicorn's boot error, which halted the
+    known one. (Left to uvicorn, it would exit with gunicorn's boot error, which halts the
     whole server.)"""
     mark = tmp_path / "start-bug"
     env = server_env(tmp_path, WORKERS="2", START_BUG_MARK=str(mark))
@@ -775,9 +777,9 @@ def test_a_server_stopped_while_its_worker_starts_stops_at_once(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
     """Loading and warming up the model, which nothing interrupts, may take minutes (a
-    download, a large MAX_BATCH_SIZE): the worker waited its start-up out, and gunicorn
-    SIGKILLed it at graceful_timeout (DRAIN_TIMEOUT_S + 10 s), blaming its memory. Nothing
-    is served yet, so nothing is drained: it stops at once."""
+    download, a large MAX_BATCH_SIZE): the worker would wait its start-up out, and gunicorn
+    SIGKILL it at graceful_timeout (DRAIN_TIMEOUT_S + 10 s), blaming its memory. Nothing is
+    served yet, so nothing is drained: it stops at once."""
     command = gunicorn_command(free_port(), "tests.slow_start_app:app")
     env = server_env(tmp_path, SLOW_START_S="120")
     log_path = tmp_path / "server.log"
@@ -801,9 +803,9 @@ def test_requests_waiting_for_a_worker_stopped_while_it_starts_are_answered_503(
     tmp_path: Path,
 ) -> None:
     """With no worker serving (the first start, or one worker reloaded by SIGHUP), requests
-    wait on the listening socket; stopped then, the worker exited at once, the master closed
-    the socket, and every one was reset unanswered, which a proxy does not resend. A reload
-    meanwhile leaves them waiting for the worker that replaces the one it stops."""
+    wait on the listening socket; were the worker stopped then to exit at once, the master
+    would close the socket and every one be reset unanswered, which a proxy does not resend.
+    A reload meanwhile leaves them waiting for the worker that replaces the one it stops."""
     port = free_port()
     command = gunicorn_command(port, "tests.slow_start_app:app")
     env = server_env(tmp_path, SLOW_START_S="120")
@@ -864,9 +866,9 @@ def test_requests_waiting_for_a_worker_stopped_while_it_imports_the_app_are_answ
     tmp_path: Path,
 ) -> None:
     """Before uvicorn's server sets its signal handlers, past importing the app (seconds,
-    torch's among them), a stopped worker ended by the signal's default action, and every
-    request waiting for it was reset. A client connecting again is refused, not queued for
-    the exiting worker and reset."""
+    torch's among them), a stopped worker would end by the signal's default action, and
+    every request waiting for it be reset. A client connecting again is refused, not queued
+    for the exiting worker and reset."""
     port = free_port()
     command = gunicorn_command(port, "tests.slow_import_app:app")
     env = server_env(tmp_path, SLOW_IMPORT_S="120")
@@ -906,8 +908,8 @@ def test_requests_waiting_for_a_worker_stopped_while_it_imports_the_app_are_answ
 def test_gunicorns_error_logfile_holds_every_line_and_usr1_reopens_it(
     tmp_path: Path, photos: list[Path]
 ) -> None:
-    """The service writes its lines to standard error: --error-logfile had gunicorn's
-    alone, the access lines, the model's and every error went elsewhere."""
+    """The service writes its lines to standard error: --error-logfile takes them all (the
+    access lines, the model's, every error), not gunicorn's alone."""
     port = free_port()
     logfile = tmp_path / "error.log"
     command = [*gunicorn_command(port)[:-2], "--error-logfile", str(logfile), "--bind"]
@@ -1078,9 +1080,9 @@ def refusal_before_listening(command: list[str], env: dict[str, str]) -> str:
 
 def test_a_daemonized_master_keeps_its_directories_until_it_exits(tmp_path: Path) -> None:
     """With --daemon, gunicorn reads its configuration in a process that exits once it has
-    forked the master. Directories named by that process's pid passed for a dead master's
-    and the master removed them as it started: its workers' ready marks went with them,
-    and their metrics landed in a directory anyone could read."""
+    forked the master. Directories named by that process's pid would pass for a dead
+    master's, and the master remove them as it started: its workers' ready marks would go
+    with them, and their metrics land in a directory anyone could read."""
     port = free_port()
     env = server_env(tmp_path, WORKERS="1")
     temporary, pid_file = Path(env["TMPDIR"]), tmp_path / "gunicorn.pid"

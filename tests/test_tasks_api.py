@@ -495,7 +495,7 @@ async def test_only_a_task_that_has_not_started_can_be_cancelled(photos: list[Pa
 async def test_a_task_the_model_scores_with_nan_fails_and_its_status_reads(
     photos: list[Path],
 ) -> None:
-    """Stored as a success, a NaN score made every read of the task's status a 500."""
+    """Stored as a success, a NaN score would make every read of the task's status a 500."""
     async with running_app(make_settings()) as served:
         classifier = served.service.classifier
         assert classifier is not None
@@ -521,8 +521,9 @@ async def test_a_task_the_model_scores_with_nan_fails_and_its_status_reads(
 async def test_a_result_that_is_no_json_fails_its_task_at_once(
     photos: list[Path], unstorable: object
 ) -> None:
-    """Another model's result that JSON cannot hold was retried as if its worker had died,
-    up to TASK_MAX_ATTEMPTS, and failed as "interrupted"."""
+    """Another model's result that JSON cannot hold fails its task at once: retried as if
+    its worker had died, it would run up to TASK_MAX_ATTEMPTS times and fail as
+    "interrupted"."""
     async with running_app(make_settings()) as served:
         runner = served.service.tasks
         assert runner is not None
@@ -628,8 +629,8 @@ async def test_the_clean_up_deletes_in_short_writes_with_the_lock_free_between_t
 ) -> None:
     """Expired tasks go a few at a time, each write its own transaction, and the write lock
     is left free between writes for longer than SQLite's busy handler sleeps between its
-    tries (100 ms at most): deleting a million in one write took 28 s, in which every other
-    process's submissions and lease renewals waited or failed."""
+    tries (100 ms at most): deleting a million in one write would take 28 s, in which every
+    other process's submissions and lease renewals would wait or fail."""
     monkeypatch.setattr(task_runner, "DELETE_STEP_TASKS", 10)
     tasks.TaskStore(tmp_path).close()
     finished_at = time.time() - 3600
@@ -811,7 +812,7 @@ async def test_the_task_queue_limit_is_503_with_retry_after(
 async def test_submissions_stop_before_the_disk_fills_so_accepted_tasks_can_finish(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a full disk, tasks accepted already could not store their results: they showed
+    """On a full disk, tasks accepted already could not store their results: they would show
     as running until space was freed by hand. Submissions stop while a reserve is left."""
     free = {"bytes": 10 * tasks.DISK_RESERVE_BYTES}
     real_disk_usage = shutil.disk_usage
@@ -940,7 +941,7 @@ async def test_a_submission_that_stop_overtakes_is_refused_not_failed(
         await stopping
 
 
-async def test_a_room_check_that_stop_overtakes_is_refused_not_failed(photos: list[Path]) -> None:
+async def test_a_room_check_that_stop_overtakes_is_refused_not_failed() -> None:
     """A keyed submission's room check reads the store twice (its key, then the count):
     ``stop`` may close the store in between, and the second read is refused."""
     async with running_app(make_settings()) as served:
@@ -1230,7 +1231,8 @@ async def test_a_stop_while_another_process_holds_the_write_lock_ends_in_time(
     after the stop's grace, and the hand-back after them its own short while: the stop
     ends before gunicorn's graceful_timeout would kill the worker, however many writes
     queued, and says what it could not hand back. (Each waiting its full busy timeout in
-    turn, four results and the hand-back took 15 s here, the worker killed silently.)"""
+    turn, four results and the hand-back would take 15 s here, the worker killed
+    silently.)"""
     monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 3000)
     monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     monkeypatch.setattr(task_runner, "WRITES_AFTER_GRACE_S", 0.3)
@@ -1267,7 +1269,7 @@ async def test_a_submission_during_a_shutdown_waits_for_a_held_lock_only_until_t
 ) -> None:
     """Once the shutdown has begun, a request's write waits for another process's lock no
     longer than the task runner's own writes: the stop waits for its thread, and a wait of
-    the full busy timeout took the worker past graceful_timeout."""
+    the full busy timeout would take the worker past graceful_timeout."""
     monkeypatch.setattr(tasks, "BUSY_TIMEOUT_MS", 5000)
     monkeypatch.setattr(core, "TASK_STOP_GRACE_S", 0.5)
     monkeypatch.setattr(task_runner, "WRITES_AFTER_GRACE_S", 0.3)
@@ -1700,9 +1702,9 @@ async def test_a_result_that_could_not_be_stored_is_computed_again_after_the_lea
 async def test_leases_are_renewed_while_the_workers_other_store_work_waits(
     photos: list[Path],
 ) -> None:
-    """Renewals queued behind the worker's claims, results and clean-up (seconds, once
-    large images are freed) came after their lease ran out, and another worker ran the
-    task again beside this one. They have a connection and thread of their own."""
+    """Queued behind the worker's claims, results and clean-up (seconds, once large images
+    are freed), renewals would come after their lease ran out, and another worker run the
+    task again beside this one: they have a connection and thread of their own."""
     lease_s = 1.0
     settings = make_settings(task_lease_s=lease_s, task_poll_interval_s=0.05)
     async with running_app(settings) as served:

@@ -270,7 +270,7 @@ async def test_in_flight_and_batch_age_follow_the_running_batch() -> None:
 async def test_a_failed_batch_run_again_in_halves_is_aged_from_each_call() -> None:
     """Each part of a failed batch is a handler call of its own, which may take as long as
     the batch: aged from the first, splitting a full batch (about three times its run time
-    on a CPU) passed for a stuck handler."""
+    on a CPU) would pass for a stuck handler."""
 
     def fail_on_negative_once_held(items: list[int]) -> list[int]:
         if any(item < 0 for item in items):
@@ -866,7 +866,7 @@ def test_one_outlier_moves_an_estimate_a_little_and_not_for_long() -> None:
 def test_a_slow_first_run_of_a_size_does_not_make_every_larger_size_seem_as_slow() -> None:
     """A first batch of 3 that meets a pause (0.6 s where the warm-up's sizes 1 and 16
     predict 10 ms) would be the floor of every larger size's estimate: batches cut to 2
-    under a 150 ms deadline until size 3 was forgotten. It counts as at most twice what
+    under a 150 ms deadline until size 3 is forgotten. It counts as at most twice what
     the sizes around it predict, as a later run counts against its mean."""
     times = _RunTimes()
     times.record(1, 0.010, warm_up=True)
@@ -1317,7 +1317,7 @@ async def test_a_past_deadline_raises_at_once() -> None:
     handler = FakeHandler()
     observer = RecordingObserver()
     async with running(handler, BatchConfig(), observer) as processor:
-        with pytest.raises(DeadlineExceeded, match="before the request was queued"):
+        with pytest.raises(DeadlineExceeded, match="before the item was queued"):
             await bounded(processor.submit(1, deadline=time.monotonic() - 1.0), limit_s=1.0)
         assert processor.queue_depth == 0
         assert observer.depths == [], "never in the queue"
@@ -1874,7 +1874,8 @@ class Unshowable(Exception):
 async def test_a_failed_batch_is_logged_short_at_each_split(
     caplog: pytest.LogCaptureFixture, error: Exception, shown: str
 ) -> None:
-    """A handler's error may quote a whole input, and each split logged it again whole."""
+    """A handler's error may quote a whole input: each split logs it cut short, where
+    logged whole it would repeat the input at every split."""
 
     def outputs(items: list[int]) -> list[int]:
         if any(item < 0 for item in items):
@@ -2465,10 +2466,10 @@ async def test_a_caller_that_left_the_queue_no_longer_holds_its_item() -> None:
 
 
 async def test_callers_leaving_a_long_queue_in_any_order_cost_little() -> None:
-    """Each caller that left used to be removed from the middle of its lane, a scan of it:
-    20,000 leaving newest first held the event loop for 8 s, thirty times as long as
-    oldest first. They are marked and dropped as they reach the head, or all at once when
-    they are half the lane: any order costs about the same."""
+    """Callers that leave are marked and dropped as they reach the head of their lane, or
+    all at once when they are half the lane: any order costs about the same. Were each
+    removed from the middle of its lane (a scan of it), 20,000 callers leaving newest first
+    would hold the event loop for 8 s, thirty times as long as oldest first."""
     count = 20_000
     handler = FakeHandler(held=True)
     config = BatchConfig(max_batch_size=4, max_queue=count + 2)
@@ -2496,7 +2497,7 @@ async def test_callers_leaving_a_long_queue_in_any_order_cost_little() -> None:
         handler.release_all()
         assert await results([*first, *kept]) == [-2, 0, 2]
     assert handler.batches == [[-1], [0, 1]]
-    # Generous, for a shared machine's pauses: a scan of the lane cost thirty times as much.
+    # Generous, for a shared machine's pauses: a scan of the lane would cost thirty times more.
     assert max(newest_first_s, random_order_s) < 5 * oldest_first_s + 0.5, (
         oldest_first_s,
         newest_first_s,
@@ -2505,8 +2506,9 @@ async def test_callers_leaving_a_long_queue_in_any_order_cost_little() -> None:
 
 
 def test_a_deadline_never_fires_early_under_uvloop() -> None:
-    """uvloop, which the server runs on, keeps timers in whole milliseconds and fired up to
-    1.4 ms before the deadline (a 504 sent before REQUEST_TIMEOUT_MS): never before it."""
+    """uvloop, which the server runs on, keeps timers in whole milliseconds: left to it, a
+    deadline would fire up to 1.4 ms early (a 504 sent before REQUEST_TIMEOUT_MS). It never
+    fires before its time."""
 
     async def scenario() -> list[float]:
         handler = FakeHandler(held=True)
@@ -2535,8 +2537,8 @@ def test_a_deadline_never_fires_early_under_uvloop() -> None:
 
 def test_a_timeout_at_a_deadline_never_expires_before_it_under_uvloop() -> None:
     """What the batcher's callers wait for outside it (an image's decode) expires at its
-    deadline, as the batcher's own entries do: uvloop's ``asyncio.timeout`` fired up to
-    0.6 ms before it."""
+    deadline, as the batcher's own entries do, never before it: uvloop's ``asyncio.timeout``
+    would fire up to 0.6 ms early."""
 
     async def scenario() -> list[float]:
         rng = random.Random(5)

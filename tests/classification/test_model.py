@@ -227,10 +227,10 @@ def save(value: object, path: Path) -> bytes:
 def test_a_weights_path_that_cannot_be_read_stops_start_up_with_one_line(
     tmp_path: Path, where: str
 ) -> None:
-    """Where the file is, not what it holds: each raised from pathlib or open, once in the
-    first check and again in the handler that looked at the file's first bytes, a
-    traceback in place of the line (a file without read permission, or in a folder the
-    server's user cannot enter, alike)."""
+    """Where the file is, not what it holds: each is raised from pathlib or open, in the
+    first check and again in the handler that looks at the file's first bytes, and would
+    give a traceback in place of the line (a file without read permission, or in a folder
+    the server's user cannot enter, alike)."""
     if where == "below a file":
         (tmp_path / "weights.pth").write_bytes(b"x")
         path = tmp_path / "weights.pth" / "resnet18.pth"
@@ -500,7 +500,7 @@ def test_a_download_that_stalls_fails_with_the_line_that_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch hub's download has no timeout of its own: from a host that stops sending it
-    would wait until gunicorn's timeout killed the worker, and the next worker waited
+    would wait until gunicorn's timeout killed the worker, and the next worker wait
     again, the line saying what to do never shown."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(classification.model, "DOWNLOAD_STALL_S", 0.5)

@@ -345,7 +345,8 @@ NGINX_REFUSES = {
 
 @pytest.mark.parametrize("case", NGINX_REFUSES)
 def test_what_nginx_refuses_itself_is_json_with_a_request_id(tmp_path: Path, case: str) -> None:
-    """As the service's own errors are: a client that parses the body as JSON got HTML."""
+    """As the service's own errors are: a client that parses the body as JSON would otherwise
+    get HTML."""
     request, status = NGINX_REFUSES[case]
     with (
         stand_in_replicas(2, always(200)) as addresses,

@@ -322,8 +322,8 @@ def test_under_plain_uvicorn_the_settings_rule_uvicorns_lines_too(
 def test_under_plain_uvicorn_json_logs_hold_uvicorns_lines_as_json(
     tmp_path: Path, photos: list[Path]
 ) -> None:
-    """uvicorn wrote its own lines (started, startup complete, shutting down) as text
-    among the JSON ones, which a collector of JSON lines cannot read."""
+    """uvicorn's own lines (started, startup complete, shutting down) are JSON too: as text
+    among the JSON ones, a collector of JSON lines could not read them."""
     port = free_port()
     env = server_env(tmp_path, PORT=str(port), LOG_FORMAT="json")
     with running_server(tmp_path, uvicorn_command(port), env) as server:
@@ -342,8 +342,8 @@ def test_under_plain_uvicorn_json_logs_hold_uvicorns_lines_as_json(
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_uvicorns_lines_keep_handlers_of_their_own(log_format: str) -> None:
-    """A --log-config that writes uvicorn's lines somewhere keeps them there: they were
-    dropped, or taken into the service's log."""
+    """A --log-config that writes uvicorn's lines somewhere keeps them there: they are
+    neither dropped nor taken into the service's log."""
     recorder = Recorder()
     uvicorn_lines = logging.getLogger(logs.UVICORN_LOGGER)
     uvicorn_lines.addHandler(recorder)
@@ -450,7 +450,7 @@ async def test_library_warnings_are_lines_of_the_log_with_the_request_id(
     a malformed body (on the event loop), and Pillow logs an error about a damaged TIFF:
     each is written as the service's own lines are, with the request's id, not bare on
     stderr, and only at LOG_LEVEL=debug: a caller's image or body is theirs to mend, which
-    the answer's access line says, and one crafted image held 65,000 such warnings."""
+    the answer's access line says, and one crafted image can hold 65,000 such warnings."""
     written = io.StringIO()
     logs.configure_logging(level, log_format, access_log=True)
     try:
@@ -516,7 +516,7 @@ def test_invalid_settings_are_one_line_in_the_asked_format(
 
 def test_stopping_the_writer_keeps_the_handlers_added_beside_it() -> None:
     """Shutdown swaps the hand-off to the writer thread for direct writes, and nothing else:
-    a test's capture handler, dropped, lost every later line of the test process."""
+    a test's capture handler, dropped, would lose every later line of the test process."""
     logs.configure_logging("info", "text", access_log=True)
     service = logging.getLogger("service")
     beside = logging.NullHandler()

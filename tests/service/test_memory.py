@@ -205,12 +205,12 @@ def test_glibc_settings_of_the_operator_stand(environment: dict[str, str]) -> No
 
 @pytest.mark.slow
 def test_forward_passes_reuse_the_memory_of_the_last(tmp_path: Path, photos: list[Path]) -> None:
-    """A worker's forward passes had their memory mapped and zeroed anew each time: about
-    7,500 page faults a request here for lone requests, a quarter of their latency, and
-    1,100 a request in batches of 16, a sixth of the throughput."""
+    """A worker's forward passes reuse the memory of the last: mapped and zeroed anew each
+    time, it would cost about 7,500 page faults a request here for lone requests, a quarter
+    of their latency, and 1,100 a request in batches of 16, a sixth of the throughput."""
     uploads = [(photo.name, photo.read_bytes()) for photo in photos]
     # Whether glibc's own thresholds do it depends on how the heap was laid out before: with
-    # DEVICE's default here, they did; with DEVICE=cpu, they happened not to.
+    # DEVICE's default here, they do; with DEVICE=cpu, they happen not to.
     env = _without_allocator_settings(
         server_env(tmp_path, TORCH_THREADS="2", DEVICE="auto", MAX_BATCH_SIZE="16")
     )
@@ -252,7 +252,7 @@ def _minor_faults(pid: int) -> int:
 
 @pytest.mark.slow
 def test_the_worker_shrinks_back_after_a_burst(tmp_path: Path, photos: list[Path]) -> None:
-    """Bursts at several concurrencies (so batches of many sizes) grew the worker by about
+    """Bursts at several concurrencies (so batches of many sizes) grow the worker by about
     200 MiB here, which stays resident, for reuse, until the worker has been idle for a
     second."""
 

@@ -122,7 +122,7 @@ def test_every_batch_outcome_is_a_series_from_the_start(tmp_path: Path) -> None:
 def test_other_files_in_the_metrics_dir_leave_the_scrape_whole(tmp_path: Path) -> None:
     """A directory set by hand may hold others' files, ``.db`` ones too (a SQLite
     database, a copy of a metric file under another name): prometheus_client's collector
-    read every ``*.db`` and failed the whole scrape on them, a 500 for every scrape."""
+    reads every ``*.db`` and would fail the whole scrape on them, a 500 for every scrape."""
     (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + bytes(4080))
     (tmp_path / "notes.db").write_bytes(b"")
     record_and_render = (

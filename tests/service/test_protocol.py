@@ -193,7 +193,7 @@ def refused_by_server(status: int) -> float:
         (request("/"), 0),
         (request("/", b"x" * 100), 100),
         # Each parsed again after its head, one after another (a thousand from within each
-        # other ran out of Python's stack).
+        # other would run out of Python's stack).
         (b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", 0),
     ],
     ids=["no body", "bodies", "upgrades"],
@@ -201,9 +201,10 @@ def refused_by_server(status: int) -> float:
 def test_requests_sent_far_ahead_of_their_answers_are_refused_past_a_bound(
     port: int, sent: bytes, length: int
 ) -> None:
-    """Each request queued behind the one being answered waits parsed: a client that sent
-    20,000 a write without reading had a worker hold gigabytes. Those within the bound are
-    answered, each with its own body, then the next is refused and the connection closed."""
+    """Each request queued behind the one being answered waits parsed: a client that sends
+    20,000 a write without reading would have a worker hold gigabytes. Those within the bound
+    are answered, each with its own body, then the next is refused and the connection
+    closed."""
     with connect(port) as connection:
         connection.sendall(sent * 2000)
         answer = read_to_close(connection)
@@ -233,7 +234,7 @@ def test_a_request_says_when_its_first_and_last_byte_arrived_not_when_the_app_re
     """REQUEST_TIMEOUT_MS counts from the end of the upload, and a request's duration from
     its first byte: a request that waits behind another on its connection (or for a busy
     event loop) has its time running meanwhile; counted from when the app got to it, its
-    deadline fired that much late, and its duration left the wait out."""
+    deadline would fire that much late, and its duration leave the wait out."""
     with connect(port) as connection:
         connection.sendall(request("/slow", b"ab") + request("/", b"xyz", "Connection: close\r\n"))
         answer = read_to_close(connection)
@@ -305,8 +306,8 @@ def test_uvicorns_line_on_requests_cut_off_at_shutdown_is_kept_only_when_it_cut_
 def test_an_upgrade_request_is_served_as_the_plain_request_it_is(
     port: int, upgrade: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The service has no WebSocket route: uvicorn answered such a request with a plain-text
-    403 or 400, past the app (no request id, no JSON, not counted)."""
+    """The service has no WebSocket route: left to uvicorn, such a request would get a
+    plain-text 403 or 400, past the app (no request id, no JSON, not counted)."""
     head = (
         f"GET /x HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -331,9 +332,9 @@ UPGRADE_H2C = (
 def test_an_upgrade_request_keeps_its_body_and_the_requests_behind_it(
     port: int, split: str
 ) -> None:
-    """The parser skips an upgrade request's body and leaves what follows unread: a
-    ``curl --http2`` upload reached the app with no body (422 "file: Field required"), and
-    a request sent behind one was never answered."""
+    """The parser skips an upgrade request's body and leaves what follows unread: else a
+    ``curl --http2`` upload would reach the app with no body (422 "file: Field required"),
+    and a request sent behind one never be answered."""
     body = b"x" * 5000
     if split == "chunked":
         head = f"POST /a HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n{UPGRADE_H2C}"
@@ -355,7 +356,7 @@ def test_an_upgrade_request_keeps_its_body_and_the_requests_behind_it(
 
 def test_a_read_of_many_upgrade_requests_answers_them_all(port: int) -> None:
     """Each is parsed again after its head: one after another, not each from within the
-    last, which ran out of Python's stack (at a thousand) and dropped the connection
+    last, which would run out of Python's stack (at a thousand) and drop the connection
     unanswered. As many as may wait behind the first."""
     count = protocol.MAX_PIPELINED_REQUESTS
     upgrade = b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
@@ -547,7 +548,8 @@ async def test_a_request_sent_as_the_shutdown_begins_is_answered_then_closed(
     read_before_shutdown: int,
 ) -> None:
     """A request in an idle connection's socket buffer, not read yet, or whose head has
-    begun to arrive: uvicorn closed the connection under it (a reset, or no answer)."""
+    begun to arrive: uvicorn's own protocol would close the connection under it (a reset,
+    or no answer)."""
     config = uvicorn.Config(echo_length, lifespan="off", **protocol.UVICORN_CONFIG)
     http = protocol.JsonErrorsHttpProtocol(config, ServerState(), {})
     transport = RecordingTransport(http)
@@ -805,7 +807,7 @@ def test_a_client_that_reads_nothing_of_a_large_answer_is_reset_after_the_send_t
 
 def test_an_answer_cut_off_by_the_send_timeout_is_not_counted_as_sent(port: int) -> None:
     """The request queued behind a large answer begins its own while the client reads
-    nothing: its writes, after the reset, returned as if read, and it was counted and
+    nothing: its writes, after the reset, return as if read, yet it is neither counted nor
     logged as a 200 nobody got."""
     refused = len(REFUSALS)
     with connect(port) as connection:
@@ -975,7 +977,7 @@ def test_gunicorns_master_makes_workers_without_checking_the_settings_again(
     tmp_path: Path,
 ) -> None:
     """The master makes each worker object before it forks it: a check of the settings
-    there, finding the weights file replaced at that moment, ended the master itself,
+    there, finding the weights file replaced at that moment, would end the master itself,
     its workers left running without it."""
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"checked by the settings only for being there")

@@ -152,7 +152,7 @@ def test_one_setting_under_two_spellings_with_different_values_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Which would win is an accident of the environment's order (and the refusal of one
-    quoted the other): both are named, secrets' values never shown."""
+    would quote the other): both are named, secrets' values never shown."""
     monkeypatch.setenv("WORKERS", "3")
     monkeypatch.setenv("workers", "3")
     assert load_settings().workers == 3
@@ -268,8 +268,8 @@ def test_a_webhook_ca_file_of_certificates_is_kept(
 
 
 def test_names_close_to_a_settings_are_named_with_the_setting_meant() -> None:
-    """Names that are no setting are ignored: WORKER=2 started one worker, and nothing said
-    why."""
+    """Names that are no setting are ignored: WORKER=2 would start one worker, without a
+    word of why."""
     environ = {
         "WORKER": "2",
         "max_batch": "8",
@@ -359,8 +359,8 @@ def test_valid_settings_that_change_nothing_or_slow_the_service_are_warned_of(
 
 def test_a_batch_wait_as_long_as_the_deadline_is_warned_of() -> None:
     """Under the timeout policy a lone request then waits until just before its deadline:
-    a batch slower than its estimate (threads gone cold over the wait) made it a 504 after
-    the model had run it."""
+    a batch slower than its estimate (threads gone cold over the wait) would make it a 504
+    after the model had run it."""
     waits_out = Settings(batch_policy="timeout", max_wait_ms=2000, request_timeout_ms=600)
     assert settings_to_warn_of(waits_out, {"MAX_WAIT_MS": "2000"}) == [
         "MAX_WAIT_MS=2000 is not shorter than REQUEST_TIMEOUT_MS=600: a lone request waits "

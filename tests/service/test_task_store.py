@@ -405,8 +405,8 @@ def test_second_owner_claims_the_next_tasks_never_the_same(store: TaskStore) -> 
 
 
 def test_a_claim_reads_the_images_with_the_write_lock_free(store: TaskStore) -> None:
-    """Tens of MiB of images read under the write lock held up every other worker's writes,
-    their lease renewals among them, until another took their work over."""
+    """Tens of MiB of images read under the write lock would hold up every other worker's
+    writes, their lease renewals among them, until another took their work over."""
     add_many(store, 3)
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
@@ -680,8 +680,8 @@ def test_a_task_handed_back_on_its_last_attempt_is_failed_not_run_again(
     store: TaskStore,
 ) -> None:
     """A graceful shutdown that cuts a task off in the model charges the attempt, and hands
-    the task back to the queue: out of attempts, it fails rather than run again. (Restarts
-    with DRAIN_TIMEOUT_S=0 ran tasks up to twice TASK_MAX_ATTEMPTS.)"""
+    the task back to the queue: out of attempts, it fails rather than run again. (Else
+    restarts with DRAIN_TIMEOUT_S=0 would run tasks up to twice TASK_MAX_ATTEMPTS.)"""
     add(store, "spent", at=T0)
     add(store, "fresh", at=T0 + 1)
     claim(store, "A", limit=2, at=T0 + 2)
@@ -1611,11 +1611,11 @@ def test_another_process_closing_the_store_leaves_the_write_ahead_log_to_those_o
     tmp_path: Path,
 ) -> None:
     """Each worker opens several stores, and an operator may query the file (sqlite3, a
-    backup): none of that may cost a task. A store once opened the file beside SQLite,
-    closing it again, which drops every lock this process's connections held on it; the
-    next other process to close its connection, finding no one else connected,
-    checkpointed the write-ahead log and deleted it, while the open stores went on writing
-    to the deleted file: tasks acknowledged after that were gone at the next start."""
+    backup): none of that may cost a task. A store that opened the file beside SQLite,
+    closing it again, would drop every lock this process's connections held on it; the
+    next other process to close its connection, finding no one else connected, would
+    checkpoint the write-ahead log and delete it while the open stores went on writing to
+    the deleted file: tasks acknowledged after that would be gone at the next start."""
     first = TaskStore(tmp_path)
     second = TaskStore(tmp_path)  # as a worker's runner and its API each open one
     try:

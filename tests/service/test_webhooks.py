@@ -154,8 +154,8 @@ async def test_a_receiver_that_says_when_to_come_back_is_not_tried_sooner(
     receiver: Receiver,
     make_sender: Callable[..., WebhookSender],
 ) -> None:
-    """A rate-limited receiver (429 with Retry-After: 30) was retried within seconds, and
-    the webhook lost after WEBHOOK_MAX_ATTEMPTS quick tries."""
+    """Retried within seconds, a rate-limited receiver's webhook (429 with Retry-After: 30)
+    would be lost after WEBHOOK_MAX_ATTEMPTS quick tries."""
     receiver.then = status
     receiver.headers = {"Retry-After": retry_after}
 
