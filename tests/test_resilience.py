@@ -126,10 +126,14 @@ class OverloadRun:
         counts = self.counts
         answered = counts.get("200", 0) + counts.get("503", 0) + counts.get("504", 0)
         accepted_s = self.latencies_s.get("200", []) + self.latencies_s.get("504", [])
+        refused_s = self.latencies_s.get("503")
+        refusals = "no 503"
+        if refused_s:
+            refusals = f"503 p50 {statistics.median(refused_s) * 1000:.0f} ms"
         return (
             f"\n{name}: sent {self.sent}, {counts}, lost {self.sent - answered}; server counted "
-            f"{self.counted_by_server}; 503 p50 "
-            f"{statistics.median(self.latencies_s['503']) * 1000:.0f} ms; accepted max "
+            f"{self.counted_by_server}; {refusals}; accepted p50 "
+            f"{statistics.median(accepted_s):.2f} s, max "
             f"{max(accepted_s):.2f} s; probes max {max(self.probe_s) * 1000:.0f} ms; worker RSS "
             f"{self.rss_before / 2**20:.0f} -> peak {max(self.rss_samples) / 2**20:.0f} MiB; lone "
             f"request {self.idle_before_s * 1000:.0f} ms before, {self.idle_after_s * 1000:.0f} "
@@ -209,22 +213,28 @@ def overload(server: ServerProcess, photo_path: Path, clients: int, seconds: flo
     )
 
 
-def assert_overload_handled(run: OverloadRun, request_timeout_s: float) -> None:
+def assert_overload_handled(
+    run: OverloadRun, request_timeout_s: float, *, mostly_refused: bool = True
+) -> None:
+    """What 10x capacity must leave true; ``mostly_refused`` where the queue is too short
+    to hold the clients."""
     counts = run.counts
     # Every request got an answer, and only the documented ones: nothing lost.
     assert set(counts) <= {"200", "503", "504"}, counts
     assert run.counted_by_server == run.sent, "the server must have answered every request sent"
     assert counts["200"] > 0
-    assert counts["503"] > counts["200"], "10x capacity must be mostly refused"
+    if mostly_refused:
+        assert counts["503"] > counts["200"], "10x capacity must be mostly refused"
     assert run.missing_retry_after == 0
     # Refusals are immediate, not queued: far below the request deadline.
-    assert statistics.median(run.latencies_s["503"]) < request_timeout_s / 5
+    if "503" in counts:
+        assert statistics.median(run.latencies_s["503"]) < request_timeout_s / 5
     # Accepted requests finish (200) or give up (504) by their deadline, plus transfer and
     # scheduling slack.
     accepted_s = run.latencies_s["200"] + run.latencies_s.get("504", [])
     assert max(accepted_s) < request_timeout_s + 2.0
     assert max(run.probe_s) < 2.0
-    # Queue and upload limits bound memory: 32 queued crops are a few MiB.
+    # Queue and upload limits bound memory: a queued crop is 147 KiB, 256 of them 37 MiB.
     assert max(run.rss_samples) - run.rss_before < 300 * 2**20
     # Back to normal without a restart.
     assert run.idle_after_s < 3 * run.idle_before_s + 0.05
@@ -242,6 +252,22 @@ def test_ten_times_capacity_is_refused_fast_and_the_server_recovers(
         assert server.process.poll() is None, "the server must survive the load"
     print(run.summary("overload"))
     assert_overload_handled(run, request_timeout_s=5.0)
+
+
+def test_ten_times_capacity_at_the_default_settings_is_answered_in_time(
+    tmp_path: Path, photos: list[Path]
+) -> None:
+    """256 clients against the defaults (MAX_QUEUE 256 per lane, REQUEST_TIMEOUT_MS 10000,
+    the worker's threads as it sizes them): the queue holds every client, so each waits its
+    turn and is answered within its deadline, or given its 504 at it; nothing is lost, the
+    probes stay prompt, memory bounded, and the server is back to normal at once."""
+    env = server_env(tmp_path)
+    del env["TORCH_THREADS"]
+    with running_server(tmp_path, gunicorn_command(free_port()), env) as server:
+        run = overload(server, photos[0], clients=256, seconds=12)
+        assert server.process.poll() is None, "the server must survive the load"
+    print(run.summary("overload at the default settings"))
+    assert_overload_handled(run, request_timeout_s=10.0, mostly_refused=False)
 
 
 @pytest.mark.soak
