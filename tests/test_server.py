@@ -526,9 +526,18 @@ def heartbeat_times(worker: psutil.Process) -> Callable[[], float]:
     worker's heartbeat file, an unlinked file the worker holds open."""
     descriptors = Path(f"/proc/{worker.pid}/fd")
     (heartbeat,) = [
-        fd for fd in descriptors.iterdir() if Path(os.readlink(fd)).name.startswith("wgunicorn-")
+        fd for fd in descriptors.iterdir() if Path(_opened(fd)).name.startswith("wgunicorn-")
     ]
     return lambda: os.stat(heartbeat).st_mtime
+
+
+def _opened(descriptor: Path) -> str:
+    """What a process's descriptor (a link under /proc/PID/fd) names; "" for one closed
+    since its folder was listed."""
+    try:
+        return os.readlink(descriptor)
+    except FileNotFoundError:
+        return ""
 
 
 def test_a_worker_silent_for_less_than_worker_timeout_is_not_killed(
